@@ -1,0 +1,160 @@
+#include "cli.hpp"
+
+#include <fmt/format.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <unistd.h>
+
+namespace qcowmap::cli {
+
+int report(std::string_view file, std::string_view message, int code) {
+    fmt::print(stderr, "qcowmap: {}: {}\n", file, message);
+    return code;
+}
+
+void ImageArgs::add_to(CLI::App& command) {
+    command.add_option("IMAGE", path, "qcow2 image file")->required();
+    command
+        .add_option("--backing", backing,
+                    "follow: read through the backing file (default); none: read only this image, "
+                    "unallocated ranges read as zeros")
+        ->check(CLI::IsMember({"follow", "none"}));
+}
+
+OpenOptions ImageArgs::open_options() const {
+    OpenOptions options;
+    options.backing = backing == "none" ? BackingMode::none : BackingMode::follow;
+    return options;
+}
+
+std::optional<Image> open_or_report(const ImageArgs& args) {
+    auto image = Image::open(args.path, args.open_options());
+    if (!image) {
+        report(args.path, image.error().message, kExitImageError);
+        return std::nullopt;
+    }
+    return std::move(*image);
+}
+
+std::optional<std::uint64_t> parse_size(std::string_view text) {
+    if (text.empty()) {
+        return std::nullopt;
+    }
+    std::uint64_t value = 0;
+    std::size_t i = 0;
+    for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
+        std::uint64_t digit = static_cast<std::uint64_t>(text[i] - '0');
+        if (value > (UINT64_MAX - digit) / 10) {
+            return std::nullopt;
+        }
+        value = value * 10 + digit;
+    }
+    if (i == 0) {
+        return std::nullopt;
+    }
+    std::string_view suffix = text.substr(i);
+    unsigned shift = 0;
+    if (suffix.empty() || suffix == "B" || suffix == "b") {
+        shift = 0;
+    } else if (suffix.size() <= 3) {
+        switch (suffix[0]) {
+        case 'k': case 'K': shift = 10; break;
+        case 'm': case 'M': shift = 20; break;
+        case 'g': case 'G': shift = 30; break;
+        case 't': case 'T': shift = 40; break;
+        case 'p': case 'P': shift = 50; break;
+        case 'e': case 'E': shift = 60; break;
+        default: return std::nullopt;
+        }
+        std::string_view rest = suffix.substr(1);
+        if (!(rest.empty() || rest == "B" || rest == "iB" || rest == "i")) {
+            return std::nullopt;
+        }
+    } else {
+        return std::nullopt;
+    }
+    if (shift && value > (UINT64_MAX >> shift)) {
+        return std::nullopt;
+    }
+    return value << shift;
+}
+
+std::string json_string(std::string_view text) {
+    std::string out = "\"";
+    for (char c : text) {
+        auto u = static_cast<unsigned char>(c);
+        switch (c) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        default:
+            if (u < 0x20) {
+                out += fmt::format("\\u{:04x}", u);
+            } else {
+                out += c;
+            }
+        }
+    }
+    out += '"';
+    return out;
+}
+
+std::string human_size(std::uint64_t bytes) {
+    static constexpr const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    if (bytes < 1024) {
+        return fmt::format("{} B", bytes);
+    }
+    double value = static_cast<double>(bytes);
+    int unit = 0;
+    while (value >= 1024 && unit < 6) {
+        value /= 1024;
+        ++unit;
+    }
+    // qemu-img prints three significant digits: "1 MiB", "1.5 GiB", "100 KiB".
+    std::string text = fmt::format("{:.3g}", value);
+    return fmt::format("{} {}", text, units[unit]);
+}
+
+Progress::Progress(bool enabled, std::uint64_t total) : enabled_(enabled), total_(total) {
+    update(0);
+}
+
+void Progress::update(std::uint64_t done) {
+    if (!enabled_) {
+        return;
+    }
+    int hundredths = total_ == 0 ? 10000 : static_cast<int>(static_cast<long double>(done) * 10000 / total_);
+    if (hundredths == last_hundredths_) {
+        return;
+    }
+    last_hundredths_ = hundredths;
+    fmt::print(stderr, "\r    ({}.{:02}/100%)", hundredths / 100, hundredths % 100);
+    std::fflush(stderr);
+}
+
+void Progress::finish() {
+    if (enabled_) {
+        update(total_);
+        fmt::print(stderr, "\n");
+    }
+}
+
+bool write_all(int fd, const void* data, std::size_t length) {
+    const char* p = static_cast<const char*>(data);
+    while (length > 0) {
+        ssize_t n = ::write(fd, p, length);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return false;
+        }
+        p += n;
+        length -= static_cast<std::size_t>(n);
+    }
+    return true;
+}
+
+} // namespace qcowmap::cli

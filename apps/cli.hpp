@@ -1,0 +1,73 @@
+// Shared pieces of the qcowmap command-line tool: exit codes, the one-line error format,
+// opening images, size parsing, JSON strings and progress.
+#pragma once
+
+#include <qcowmap/image.hpp>
+
+#include <CLI/CLI.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace qcowmap::cli {
+
+/// Exit codes (documented in README.md).
+enum ExitCode : int {
+    kExitOk = 0,
+    kExitImageError = 1,  ///< the image could not be opened, validated or read
+    kExitUsage = 2,       ///< bad command line
+    kExitOutputError = 3, ///< the output could not be written (or exists without --force)
+};
+
+/// Prints `qcowmap: FILE: message` on stderr and returns `code`.
+int report(std::string_view file, std::string_view message, int code);
+
+/// Options shared by commands that open an image.
+struct ImageArgs {
+    std::string path;
+    std::string backing = "follow";
+    void add_to(CLI::App& command);
+    OpenOptions open_options() const;
+};
+
+/// Opens the image or prints the error line; returns nullopt on failure.
+std::optional<Image> open_or_report(const ImageArgs& args);
+
+/// Parses "4096", "64k", "1M", "2G", "1T" (binary units) into bytes.
+std::optional<std::uint64_t> parse_size(std::string_view text);
+
+/// A JSON string literal for `text` (quotes included, control characters escaped).
+std::string json_string(std::string_view text);
+
+/// "1 MiB" style sizes, as qemu-img prints them.
+std::string human_size(std::uint64_t bytes);
+
+/// Progress on stderr ("    (42.00/100%)" redrawn in place), like qemu-img -p.
+class Progress {
+  public:
+    Progress(bool enabled, std::uint64_t total);
+    void update(std::uint64_t done);
+    void finish();
+
+  private:
+    bool enabled_;
+    std::uint64_t total_;
+    int last_hundredths_ = -1;
+};
+
+/// Writes all of `data` to `fd` (retrying short writes); false with errno set on failure.
+bool write_all(int fd, const void* data, std::size_t length);
+
+/// A subcommand and the function that runs it once the command line is parsed.
+struct Command {
+    CLI::App* parser;
+    std::function<int()> run;
+};
+Command add_info(CLI::App& app);
+Command add_map(CLI::App& app);
+Command add_cat(CLI::App& app);
+Command add_convert(CLI::App& app);
+
+} // namespace qcowmap::cli

@@ -1,0 +1,107 @@
+// qcowmap convert: a sparse raw copy of the virtual disk.
+#include "cli.hpp"
+
+#include <fmt/format.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace qcowmap::cli {
+
+extern const std::byte kZeroChunk[1 << 20];
+
+namespace {
+
+bool pwrite_all(int fd, const std::byte* data, std::uint64_t length, std::uint64_t offset) {
+    while (length > 0) {
+        // Bounded chunks keep progress responsive and stay below the kernel's per-call cap.
+        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
+        ssize_t n = ::pwrite(fd, data, chunk, static_cast<off_t>(offset));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return false;
+        }
+        data += n;
+        offset += static_cast<std::uint64_t>(n);
+        length -= static_cast<std::uint64_t>(n);
+    }
+    return true;
+}
+
+} // namespace
+
+Command add_convert(CLI::App& app) {
+    auto* command = app.add_subcommand(
+        "convert", "Write the virtual disk to a raw file; zero runs become holes (sparse)");
+    auto args = std::make_shared<ImageArgs>();
+    auto output = std::make_shared<std::string>();
+    auto progress = std::make_shared<bool>(false);
+    auto force = std::make_shared<bool>(false);
+    args->add_to(*command);
+    command->add_option("OUTPUT", *output, "raw output file (or block device)")->required();
+    command->add_flag("-p,--progress", *progress, "Show progress on stderr");
+    command->add_flag("-f,--force", *force, "Overwrite OUTPUT if it exists");
+    return {command, [=] {
+                auto image = open_or_report(*args);
+                if (!image) return static_cast<int>(kExitImageError);
+                int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (*force ? O_TRUNC : O_EXCL);
+                int fd = ::open(output->c_str(), flags, 0644);
+                if (fd < 0) {
+                    std::string why = errno == EEXIST
+                                          ? "already exists (use --force to overwrite)"
+                                          : std::strerror(errno);
+                    return report(*output, why, kExitOutputError);
+                }
+                struct stat st {};
+                ::fstat(fd, &st);
+                // A regular file gets its size up front so that zero runs stay holes; a device
+                // (or a pipe-like target) must be given the zeros explicitly.
+                const bool sparse = S_ISREG(st.st_mode);
+                auto fail_output = [&](const std::string& why) {
+                    ::close(fd);
+                    return report(*output, why, kExitOutputError);
+                };
+                if (sparse && ::ftruncate(fd, static_cast<off_t>(image->size())) != 0) {
+                    return fail_output(std::strerror(errno));
+                }
+                Progress meter(*progress, image->size());
+                bool write_failed = false;
+                auto result = image->visit_runs(
+                    0, UINT64_MAX,
+                    [&](std::uint64_t offset, std::uint64_t length,
+                        std::span<const std::byte> bytes) -> Result<void> {
+                        bool ok = true;
+                        if (!bytes.empty()) {
+                            ok = pwrite_all(fd, bytes.data(), bytes.size(), offset);
+                        } else if (!sparse) {
+                            for (std::uint64_t done = 0; ok && done < length;) {
+                                std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeroChunk);
+                                ok = pwrite_all(fd, kZeroChunk, n, offset + done);
+                                done += n;
+                            }
+                        }
+                        if (!ok) {
+                            write_failed = true;
+                            return Error{ErrorCode::io_error, std::strerror(errno)};
+                        }
+                        meter.update(offset + length);
+                        return {};
+                    });
+                if (!result) {
+                    ::close(fd);
+                    return write_failed
+                               ? report(*output, result.error().message, kExitOutputError)
+                               : report(args->path, result.error().message, kExitImageError);
+                }
+                if (::close(fd) != 0) {
+                    return report(*output, std::strerror(errno), kExitOutputError);
+                }
+                meter.finish();
+                return static_cast<int>(kExitOk);
+            }};
+}
+
+} // namespace qcowmap::cli

@@ -1,0 +1,101 @@
+// qcowmap — the one error type of the library.
+#pragma once
+
+#include <cassert>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+
+namespace qcowmap {
+
+/// What went wrong, coarsely; the message says exactly what and names the offending value.
+enum class ErrorCode {
+    io_error,            ///< the file could not be opened, mapped or written (errno-style cause)
+    not_qcow2,           ///< the file is not a qcow2 image (bad magic, empty, a directory...)
+    unsupported_version, ///< a version this build cannot read
+    invalid_header,      ///< a header field or header extension breaks the spec or qemu's limits
+    unsupported_feature, ///< a valid image using a feature this build does not read
+    encrypted,           ///< encrypted images are not supported
+    invalid_table,       ///< an L1/L2/refcount/snapshot/bitmap table is malformed or out of the file
+    invalid_cluster,     ///< a cluster descriptor is malformed (unaligned, reserved bits, past EOF)
+    compressed_data,     ///< a compressed cluster could not be decompressed to exactly one cluster
+    out_of_range,        ///< a requested virtual offset lies beyond the end of the disk
+    invalid_argument,    ///< an argument given by the caller is not acceptable
+};
+
+/// A stable, lowercase name for an error code ("invalid_header"...), for JSON and logs.
+std::string_view to_string(ErrorCode code);
+
+/// An error: a code to branch on and a one-line human message.
+struct Error {
+    ErrorCode code;
+    std::string message;
+};
+
+/// The result of an operation that can fail: either a T or an Error.
+///
+/// Shaped like C++23's std::expected (which g++ 12 lacks in C++20): test with `if (result)`,
+/// read with `*result` / `result->`, and on failure read `result.error()`.
+template <typename T> class [[nodiscard]] Result {
+  public:
+    Result(T value) : storage_(std::in_place_index<0>, std::move(value)) {}
+    Result(Error error) : storage_(std::in_place_index<1>, std::move(error)) {}
+
+    bool has_value() const { return storage_.index() == 0; }
+    explicit operator bool() const { return has_value(); }
+
+    T& value() & {
+        assert(has_value());
+        return std::get<0>(storage_);
+    }
+    const T& value() const& {
+        assert(has_value());
+        return std::get<0>(storage_);
+    }
+    T&& value() && {
+        assert(has_value());
+        return std::get<0>(std::move(storage_));
+    }
+    T& operator*() & { return value(); }
+    const T& operator*() const& { return value(); }
+    T&& operator*() && { return std::move(*this).value(); }
+    T* operator->() { return &value(); }
+    const T* operator->() const { return &value(); }
+
+    const Error& error() const& {
+        assert(!has_value());
+        return std::get<1>(storage_);
+    }
+    Error&& error() && {
+        assert(!has_value());
+        return std::get<1>(std::move(storage_));
+    }
+
+  private:
+    std::variant<T, Error> storage_;
+};
+
+/// Result of an operation that yields nothing but may fail.
+template <> class [[nodiscard]] Result<void> {
+  public:
+    Result() = default;
+    Result(Error error) : error_(std::move(error)), failed_(true) {}
+
+    bool has_value() const { return !failed_; }
+    explicit operator bool() const { return has_value(); }
+    const Error& error() const& {
+        assert(failed_);
+        return error_;
+    }
+    Error&& error() && {
+        assert(failed_);
+        return std::move(error_);
+    }
+
+  private:
+    Error error_{ErrorCode::io_error, {}};
+    bool failed_ = false;
+};
+
+} // namespace qcowmap

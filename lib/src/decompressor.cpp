@@ -1,0 +1,122 @@
+// Compressed clusters (spec "Compressed Clusters Descriptor"; qemu block/qcow2-threads.c).
+// zlib clusters are raw deflate streams; zstd clusters are zstd frames. Either way decoding
+// must yield exactly one cluster: qemu accepts a stream whose input runs on past that point
+// (the descriptor only knows the size to 512-byte precision) and so do we.
+#include "image_state.hpp"
+
+#include <vector>
+#include <zlib.h>
+#include <zstd.h>
+
+namespace qcowmap {
+
+struct Decompressor::Impl {
+    std::vector<std::byte> cluster;
+    const detail::ImageState* cached_image = nullptr;
+    std::uint64_t cached_host_offset = 0;
+    bool cached = false;
+    z_stream zlib{};
+    bool zlib_ready = false;
+    ZSTD_DCtx* zstd = nullptr;
+
+    ~Impl() {
+        if (zlib_ready) {
+            inflateEnd(&zlib);
+        }
+        ZSTD_freeDCtx(zstd);
+    }
+
+    // Fills `cluster` completely from `input`; returns an empty string on success.
+    std::string inflate_cluster(std::span<const std::byte> input) {
+        if (!zlib_ready) {
+            // Raw deflate (negative window bits): qcow2 stores no zlib header.
+            if (inflateInit2(&zlib, -15) != Z_OK) {
+                return "cannot initialise zlib";
+            }
+            zlib_ready = true;
+        } else if (inflateReset(&zlib) != Z_OK) {
+            return "cannot reset zlib";
+        }
+        zlib.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(input.data()));
+        zlib.avail_in = static_cast<uInt>(input.size());
+        zlib.next_out = reinterpret_cast<Bytef*>(cluster.data());
+        zlib.avail_out = static_cast<uInt>(cluster.size());
+        int ret = inflate(&zlib, Z_FINISH);
+        if ((ret == Z_STREAM_END || ret == Z_BUF_ERROR) && zlib.avail_out == 0) {
+            return {};
+        }
+        if (ret == Z_STREAM_END || ret == Z_BUF_ERROR) {
+            return fmt::format("zlib stream ended after {} of {} bytes",
+                               cluster.size() - zlib.avail_out, cluster.size());
+        }
+        return fmt::format("zlib error {}: {}", ret, zlib.msg ? zlib.msg : "corrupt stream");
+    }
+
+    std::string unzstd_cluster(std::span<const std::byte> input) {
+        if (!zstd) {
+            zstd = ZSTD_createDCtx();
+            if (!zstd) {
+                return "cannot create a zstd context";
+            }
+        }
+        ZSTD_DCtx_reset(zstd, ZSTD_reset_session_only);
+        ZSTD_inBuffer in{input.data(), input.size(), 0};
+        ZSTD_outBuffer out{cluster.data(), cluster.size(), 0};
+        std::size_t ret = 0;
+        while (out.pos < out.size) {
+            std::size_t last_in = in.pos;
+            std::size_t last_out = out.pos;
+            ret = ZSTD_decompressStream(zstd, &out, &in);
+            if (ZSTD_isError(ret)) {
+                return fmt::format("zstd error: {}", ZSTD_getErrorName(ret));
+            }
+            if (in.pos <= last_in && out.pos <= last_out) {
+                return fmt::format("zstd stream ended after {} of {} bytes", out.pos, out.size);
+            }
+        }
+        // The frame must end with the cluster: more output means the stream is not ours.
+        if (ret > 0) {
+            return fmt::format("zstd frame holds more than one cluster ({} bytes)", out.size);
+        }
+        return {};
+    }
+};
+
+Decompressor::Decompressor() : impl_(std::make_unique<Impl>()) {}
+Decompressor::~Decompressor() = default;
+Decompressor::Decompressor(Decompressor&&) noexcept = default;
+Decompressor& Decompressor::operator=(Decompressor&&) noexcept = default;
+
+Result<std::span<const std::byte>> Decompressor::decompress(const Image& image,
+                                                             const Extent& extent) {
+    const detail::ImageState& state = *image.state_;
+    if (extent.kind != ExtentKind::compressed ||
+        extent.offset_in_cluster + extent.length > state.cluster_size) {
+        return Error{ErrorCode::invalid_argument, "extent is not a compressed extent"};
+    }
+    Impl& impl = *impl_;
+    if (!(impl.cached && impl.cached_image == &state &&
+          impl.cached_host_offset == extent.compressed_host_offset &&
+          impl.cluster.size() == state.cluster_size)) {
+        impl.cached = false;
+        impl.cluster.resize(state.cluster_size);
+        std::string problem = state.info.compression_type == CompressionType::zstd
+                                  ? impl.unzstd_cluster(extent.bytes)
+                                  : impl.inflate_cluster(extent.bytes);
+        if (!problem.empty()) {
+            std::uint64_t cluster_start = extent.offset - extent.offset_in_cluster;
+            return Error{ErrorCode::compressed_data,
+                         fmt::format("compressed cluster for virtual offset {:#x} at host offset "
+                                     "{:#x} (+{:#x}): {}",
+                                     cluster_start, extent.compressed_host_offset,
+                                     extent.bytes.size(), problem)};
+        }
+        impl.cached = true;
+        impl.cached_image = &state;
+        impl.cached_host_offset = extent.compressed_host_offset;
+    }
+    return std::span<const std::byte>(impl.cluster)
+        .subspan(extent.offset_in_cluster, extent.length);
+}
+
+} // namespace qcowmap

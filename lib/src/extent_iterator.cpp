@@ -1,0 +1,239 @@
+// The extent iterator: walks L1/L2 in place in the mapping and merges runs.
+// Spec: docs/interop/qcow2.txt, "Cluster mapping" and "Extended L2 Entries".
+#include "image_state.hpp"
+
+namespace qcowmap {
+
+using detail::Bytes;
+using detail::ImageState;
+using detail::load_be64;
+using detail::slice;
+
+namespace {
+
+/// One classified run starting at the requested position: at most one cluster for allocated
+/// clusters, a run of like subclusters inside one cluster, or the rest of an L2 table's range
+/// when its L1 entry is empty.
+struct Run {
+    ExtentKind kind = ExtentKind::zero;
+    bool present = false;
+    std::optional<std::uint64_t> host_offset;
+    std::uint64_t length = 0;
+    // compressed only
+    std::uint64_t compressed_host_offset = 0;
+    std::uint64_t compressed_size = 0;
+    std::uint64_t offset_in_cluster = 0;
+};
+
+Error cluster_error(std::string message) {
+    return Error{ErrorCode::invalid_cluster, std::move(message)};
+}
+
+Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
+    const std::uint64_t cluster_mask = s.cluster_size - 1;
+    const std::uint64_t l1_index = pos >> (s.l2_bits + s.cluster_bits);
+    // parse_image checked that L1 covers the whole virtual size and lies inside the file.
+    const std::uint64_t l1_entry = load_be64(s.l1_table.data() + l1_index * 8);
+    if (l1_entry & detail::kL1ReservedMask) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("L1 entry {} ({:#018x}) has reserved bits set", l1_index,
+                                 l1_entry)};
+    }
+    const std::uint64_t l2_offset = l1_entry & detail::kL1OffsetMask;
+    if (l2_offset == 0) {
+        // No L2 table: everything it would describe is unallocated.
+        std::uint64_t table_end = (pos | (s.l2_coverage() - 1)) + 1;
+        Run run;
+        run.length = std::min(limit, table_end == 0 ? limit : table_end) - pos;
+        return run;
+    }
+    if (l2_offset & cluster_mask) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("L2 table offset {:#x} (L1 index {}) is not aligned to the "
+                                 "cluster size {:#x}",
+                                 l2_offset, l1_index, s.cluster_size)};
+    }
+    auto l2_table = slice(s.bytes, l2_offset, s.cluster_size, "L2 table");
+    if (!l2_table) {
+        return std::move(l2_table).error();
+    }
+    const std::uint64_t l2_index = (pos >> s.cluster_bits) & ((std::uint64_t{1} << s.l2_bits) - 1);
+    const std::byte* entry_bytes = l2_table->data() + l2_index * s.l2_entry_bytes;
+    const std::uint64_t entry = load_be64(entry_bytes);
+    const std::uint64_t bitmap = s.info.extended_l2 ? load_be64(entry_bytes + 8) : 0;
+    const std::uint64_t cluster_start = pos & ~cluster_mask;
+    const std::uint64_t in_cluster = pos - cluster_start;
+    const std::uint64_t cluster_run_end = std::min(limit, cluster_start + s.cluster_size);
+
+    Run run;
+    if (entry & detail::kL2CompressedFlag) {
+        if (bitmap != 0) {
+            return cluster_error(fmt::format(
+                "compressed L2 entry for virtual offset {:#x} has a non-zero subcluster bitmap "
+                "{:#018x}",
+                cluster_start, bitmap));
+        }
+        const std::uint64_t coffset = entry & s.coffset_mask;
+        const std::uint64_t sectors = ((entry >> s.csize_shift) & s.csize_mask) + 1;
+        const std::uint64_t csize =
+            sectors * detail::kCompressedSectorSize - (coffset & (detail::kCompressedSectorSize - 1));
+        if (coffset >= s.bytes.size()) {
+            return cluster_error(fmt::format(
+                "compressed cluster for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies "
+                "beyond end of file ({:#x})",
+                cluster_start, coffset, csize, s.bytes.size()));
+        }
+        run.kind = ExtentKind::compressed;
+        run.present = true;
+        run.length = cluster_run_end - pos;
+        run.compressed_host_offset = coffset;
+        // The last sector may be cut short by the end of the file; qemu reads such a tail as
+        // zeros, and decompression stops once a cluster is produced.
+        run.compressed_size = std::min<std::uint64_t>(csize, s.bytes.size() - coffset);
+        run.offset_in_cluster = in_cluster;
+        return run;
+    }
+
+    const std::uint64_t reserved_mask =
+        detail::kL2StandardReservedMask | (s.info.extended_l2 ? detail::kL2ZeroFlag : 0);
+    if (entry & reserved_mask) {
+        return cluster_error(fmt::format("L2 entry for virtual offset {:#x} ({:#018x}) has "
+                                         "reserved bits set",
+                                         cluster_start, entry));
+    }
+    const std::uint64_t host = entry & detail::kL2OffsetMask;
+    if (host & cluster_mask) {
+        return cluster_error(fmt::format("L2 entry for virtual offset {:#x} has host offset {:#x} "
+                                         "not aligned to the cluster size {:#x}",
+                                         cluster_start, host, s.cluster_size));
+    }
+    std::optional<std::uint64_t> host_here;
+    if (host != 0) {
+        host_here = host + in_cluster;
+    }
+
+    if (!s.info.extended_l2) {
+        run.length = cluster_run_end - pos;
+        if (entry & detail::kL2ZeroFlag) {
+            if (s.info.version < 3) {
+                return cluster_error(fmt::format(
+                    "zero cluster at virtual offset {:#x} in a version 2 image", cluster_start));
+            }
+            run.kind = ExtentKind::zero;
+            run.present = true;
+            run.host_offset = host_here;
+        } else if (host == 0) {
+            run.kind = ExtentKind::zero;
+            run.present = false;
+        } else {
+            run.kind = ExtentKind::data;
+            run.present = true;
+            run.host_offset = host_here;
+        }
+        return run;
+    }
+
+    // Extended L2: bits 0-31 allocated, bits 32-63 reads-as-zero, one bit per subcluster.
+    const auto allocated = static_cast<std::uint32_t>(bitmap);
+    const auto zero = static_cast<std::uint32_t>(bitmap >> 32);
+    if (allocated & zero) {
+        return cluster_error(fmt::format("L2 entry for virtual offset {:#x}: subcluster bitmap "
+                                         "{:#018x} marks subclusters both allocated and zero",
+                                         cluster_start, bitmap));
+    }
+    if (host == 0 && allocated != 0) {
+        return cluster_error(fmt::format("L2 entry for virtual offset {:#x}: subclusters are "
+                                         "allocated (bitmap {:#018x}) but the host offset is 0",
+                                         cluster_start, bitmap));
+    }
+    auto type_of = [&](unsigned index) {
+        std::uint32_t bit = std::uint32_t{1} << index;
+        return (zero & bit) ? 2 : (allocated & bit) ? 1 : 0;
+    };
+    unsigned first = static_cast<unsigned>(in_cluster >> s.subcluster_bits);
+    int type = type_of(first);
+    unsigned last = first + 1;
+    while (last < detail::kSubclustersPerCluster && type_of(last) == type) {
+        ++last;
+    }
+    std::uint64_t run_end = std::min(cluster_run_end, cluster_start + (std::uint64_t{last}
+                                                                       << s.subcluster_bits));
+    run.length = run_end - pos;
+    run.host_offset = host_here;
+    run.kind = type == 1 ? ExtentKind::data : ExtentKind::zero;
+    run.present = type != 0;
+    return run;
+}
+
+bool mergeable(const Extent& current, const Run& next) {
+    if (current.kind != next.kind || current.kind == ExtentKind::compressed ||
+        current.present != next.present) {
+        return false;
+    }
+    if (current.host_offset.has_value() != next.host_offset.has_value()) {
+        return false;
+    }
+    return !current.host_offset || *current.host_offset + current.length == *next.host_offset;
+}
+
+} // namespace
+
+ExtentIterator::ExtentIterator(std::shared_ptr<const ImageState> state, std::uint64_t start,
+                               std::uint64_t end)
+    : state_(std::move(state)), position_(start), end_(std::min(end, state_->info.virtual_size)) {}
+
+bool ExtentIterator::fail(Error error) {
+    error_ = std::move(error);
+    position_ = end_;
+    return false;
+}
+
+bool ExtentIterator::next(Extent& out) {
+    if (error_ || position_ >= end_) {
+        return false;
+    }
+    const ImageState& s = *state_;
+    auto first = classify(s, position_, end_);
+    if (!first) {
+        return fail(std::move(first).error());
+    }
+    Extent extent;
+    extent.offset = position_;
+    extent.length = first->length;
+    extent.kind = first->kind;
+    extent.present = first->present;
+    extent.host_offset = first->host_offset;
+    if (first->kind == ExtentKind::compressed) {
+        extent.bytes = s.bytes.subspan(first->compressed_host_offset, first->compressed_size);
+        extent.compressed_host_offset = first->compressed_host_offset;
+        extent.offset_in_cluster = first->offset_in_cluster;
+    } else {
+        std::uint64_t cursor = position_ + first->length;
+        while (cursor < end_) {
+            auto run = classify(s, cursor, end_);
+            if (!run) {
+                return fail(std::move(run).error());
+            }
+            if (!mergeable(extent, *run)) {
+                break;
+            }
+            extent.length += run->length;
+            cursor += run->length;
+        }
+        if (extent.kind == ExtentKind::data) {
+            auto bytes = slice(s.bytes, *extent.host_offset, extent.length, "", ErrorCode::invalid_cluster);
+            if (!bytes) {
+                return fail(cluster_error(fmt::format(
+                    "data for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies beyond end "
+                    "of file ({:#x})",
+                    extent.offset, *extent.host_offset, extent.length, s.bytes.size())));
+            }
+            extent.bytes = *bytes;
+        }
+    }
+    position_ += extent.length;
+    out = extent;
+    return true;
+}
+
+} // namespace qcowmap

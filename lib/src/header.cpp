@@ -1,0 +1,484 @@
+// Header, header extensions and active L1 table: decoded once at open, validated like qemu's
+// qcow2_do_open (block/qcow2.c) and the spec (docs/interop/qcow2.txt, "Header").
+#include "image_state.hpp"
+
+#include <algorithm>
+#include <array>
+#include <string>
+
+namespace qcowmap {
+
+std::string ImageInfo::feature_name(FeatureName::Type type, unsigned bit) const {
+    for (const FeatureName& f : feature_names) {
+        if (f.type == type && f.bit == bit && !f.name.empty()) {
+            return f.name;
+        }
+    }
+    static constexpr std::array<const char*, 5> incompatible = {
+        "dirty bit", "corrupt bit", "external data file", "compression type", "extended L2 entries"};
+    static constexpr std::array<const char*, 1> compatible = {"lazy refcounts"};
+    static constexpr std::array<const char*, 2> autoclear = {"bitmaps", "raw external data"};
+    switch (type) {
+    case FeatureName::Type::incompatible:
+        if (bit < incompatible.size()) return incompatible[bit];
+        break;
+    case FeatureName::Type::compatible:
+        if (bit < compatible.size()) return compatible[bit];
+        break;
+    case FeatureName::Type::autoclear:
+        if (bit < autoclear.size()) return autoclear[bit];
+        break;
+    }
+    return fmt::format("bit {}", bit);
+}
+
+} // namespace qcowmap
+
+namespace qcowmap::detail {
+namespace {
+
+constexpr std::uint32_t kMagic = 0x514649fb; // "QFI\xfb"
+constexpr unsigned kMinClusterBits = 9;
+constexpr unsigned kMaxClusterBits = 21;
+constexpr unsigned kMinExtendedL2ClusterBits = 14;
+constexpr std::uint32_t kV2HeaderLength = 72;
+constexpr std::uint32_t kMinV3HeaderLength = 104;
+constexpr std::uint64_t kMaxL1Bytes = 32 * 1024 * 1024;       // QCOW_MAX_L1_SIZE
+constexpr std::uint64_t kMaxRefcountTableBytes = 8 * 1024 * 1024; // QCOW_MAX_REFTABLE_SIZE
+constexpr std::uint32_t kMaxSnapshots = 65536;                 // QCOW_MAX_SNAPSHOTS
+constexpr std::uint32_t kMaxBitmaps = 65535;                   // QCOW2_MAX_BITMAPS
+constexpr std::uint64_t kMaxBitmapDirectorySize = 1024ULL * kMaxBitmaps;
+constexpr std::uint32_t kMaxBackingNameLength = 1023;
+constexpr std::uint64_t kKnownIncompatible = kIncompatDirty | kIncompatCorrupt |
+                                             kIncompatDataFile | kIncompatCompressionType |
+                                             kIncompatExtendedL2;
+
+// Header extension types (spec "Header extensions").
+constexpr std::uint32_t kExtEnd = 0x00000000;
+constexpr std::uint32_t kExtBackingFormat = 0xe2792aca;
+constexpr std::uint32_t kExtFeatureNames = 0x6803f857;
+constexpr std::uint32_t kExtBitmaps = 0x23852875;
+constexpr std::uint32_t kExtEncryption = 0x0537be77;
+constexpr std::uint32_t kExtDataFile = 0x44415441;
+
+constexpr std::size_t kFeatureNameEntrySize = 48;
+constexpr std::size_t kBitmapsExtensionSize = 24;
+constexpr std::size_t kBitmapDirectoryEntryHeader = 24;
+
+bool is_aligned(std::uint64_t value, std::uint64_t alignment) {
+    return (value & (alignment - 1)) == 0;
+}
+std::uint64_t align_up8(std::uint64_t value) { return (value + 7) & ~std::uint64_t{7}; }
+
+Error header_error(std::string message) { return Error{ErrorCode::invalid_header, std::move(message)}; }
+
+std::string trim_feature_name(Bytes name) {
+    auto text = as_text(name);
+    return std::string(text.substr(0, text.find('\0')));
+}
+
+Result<void> parse_bitmap_directory(const ImageState& state, BitmapsExtension& ext) {
+    auto directory = slice(state.bytes, ext.directory_offset, ext.directory_size,
+                           "bitmap directory");
+    if (!directory) {
+        return std::move(directory).error();
+    }
+    std::uint64_t at = 0;
+    for (std::uint32_t i = 0; i < ext.count; ++i) {
+        auto entry = slice(*directory, at, kBitmapDirectoryEntryHeader, "bitmap directory entry");
+        if (!entry) {
+            return Error{ErrorCode::invalid_table,
+                         fmt::format("bitmap directory entry {} at {:#x} runs past the directory "
+                                     "size {:#x}",
+                                     i, ext.directory_offset + at, ext.directory_size)};
+        }
+        std::uint16_t name_size = load_be16(*entry, 18);
+        std::uint32_t extra_size = load_be32(*entry, 20);
+        std::uint64_t name_at = at + kBitmapDirectoryEntryHeader + extra_size;
+        auto name = slice(*directory, name_at, name_size, "bitmap name");
+        if (!name || name_size > kMaxBackingNameLength) {
+            return Error{ErrorCode::invalid_table,
+                         fmt::format("bitmap directory entry {}: name of {} bytes after {} bytes "
+                                     "of extra data runs past the directory size {:#x}",
+                                     i, name_size, extra_size, ext.directory_size)};
+        }
+        ext.names.emplace_back(as_text(*name));
+        at = align_up8(name_at + name_size);
+    }
+    return {};
+}
+
+Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint64_t end) {
+    ImageInfo& info = state.info;
+    std::uint64_t at = start;
+    while (at < end) {
+        auto head = slice(state.bytes, at, 8, "header extension", ErrorCode::invalid_header);
+        if (!head || end - at < 8) {
+            return header_error(fmt::format(
+                "header extension at {:#x} is cut off (extension area ends at {:#x})", at, end));
+        }
+        std::uint32_t type = load_be32(*head, 0);
+        std::uint32_t length = load_be32(*head, 4);
+        at += 8;
+        if (type == kExtEnd) {
+            break;
+        }
+        if (length > end - at) {
+            return header_error(fmt::format("header extension {:#010x} at {:#x} has length {} "
+                                            "which runs past the extension area end {:#x}",
+                                            type, at - 8, length, end));
+        }
+        auto data = slice(state.bytes, at, length, "header extension data",
+                          ErrorCode::invalid_header);
+        if (!data) {
+            return std::move(data).error();
+        }
+        for (const HeaderExtension& seen : info.extensions) {
+            if (seen.type == type && type != kExtFeatureNames) {
+                return header_error(
+                    fmt::format("header extension {:#010x} appears more than once", type));
+            }
+        }
+        info.extensions.push_back({type, length, at});
+        switch (type) {
+        case kExtBackingFormat:
+            if (length > 15) { // qemu keeps the format name in char[16]
+                return header_error(
+                    fmt::format("backing file format name is {} bytes long (at most 15)", length));
+            }
+            info.backing_format = std::string(as_text(*data));
+            break;
+        case kExtDataFile:
+            info.data_file = std::string(as_text(*data));
+            break;
+        case kExtFeatureNames:
+            if (length % kFeatureNameEntrySize != 0) {
+                return header_error(fmt::format(
+                    "feature name table length {} is not a multiple of {}", length,
+                    kFeatureNameEntrySize));
+            }
+            for (std::size_t i = 0; i < length; i += kFeatureNameEntrySize) {
+                auto entry = data->subspan(i, kFeatureNameEntrySize);
+                std::uint8_t kind = load_u8(entry, 0);
+                std::uint8_t bit = load_u8(entry, 1);
+                if (kind > 2 || bit > 63) {
+                    // Unknown table kinds are for future readers; keep what we understand.
+                    continue;
+                }
+                info.feature_names.push_back({static_cast<FeatureName::Type>(kind), bit,
+                                              trim_feature_name(entry.subspan(2, 46))});
+            }
+            break;
+        case kExtBitmaps: {
+            if (length != kBitmapsExtensionSize) {
+                return header_error(fmt::format(
+                    "bitmaps extension has length {} (expected {})", length,
+                    kBitmapsExtensionSize));
+            }
+            BitmapsExtension ext;
+            ext.count = load_be32(*data, 0);
+            std::uint32_t reserved = load_be32(*data, 4);
+            ext.directory_size = load_be64(*data, 8);
+            ext.directory_offset = load_be64(*data, 16);
+            if (ext.count == 0 || ext.count > kMaxBitmaps) {
+                return header_error(fmt::format("bitmaps extension names {} bitmaps (1..{})",
+                                                ext.count, kMaxBitmaps));
+            }
+            if (reserved != 0) {
+                return header_error(fmt::format(
+                    "bitmaps extension reserved field is {:#x} (must be zero)", reserved));
+            }
+            if (ext.directory_size > kMaxBitmapDirectorySize) {
+                return header_error(fmt::format("bitmap directory size {:#x} exceeds qemu's "
+                                                "limit {:#x}",
+                                                ext.directory_size, kMaxBitmapDirectorySize));
+            }
+            if (!is_aligned(ext.directory_offset, state.cluster_size)) {
+                return header_error(fmt::format(
+                    "bitmap directory offset {:#x} is not aligned to the cluster size {:#x}",
+                    ext.directory_offset, state.cluster_size));
+            }
+            info.bitmaps = std::move(ext);
+            break;
+        }
+        case kExtEncryption:
+            if (length != 16) {
+                return header_error(fmt::format(
+                    "full disk encryption header pointer has length {} (expected 16)", length));
+            }
+            info.encryption_header_offset = load_be64(*data, 0);
+            break;
+        default:
+            break; // unknown extensions may be safely ignored (spec)
+        }
+        // Each extension's data is padded to a multiple of 8.
+        std::uint64_t padded = align_up8(length);
+        if (padded > end - at) {
+            break;
+        }
+        at += padded;
+    }
+    return {};
+}
+
+} // namespace
+
+Result<void> parse_image(ImageState& state, const OpenOptions& options) {
+    Bytes file = state.bytes;
+    ImageInfo& info = state.info;
+    info.file_size = file.size();
+
+    if (file.size() < 4 || load_be32(file.data()) != kMagic) {
+        return Error{ErrorCode::not_qcow2, "not a qcow2 image (bad magic)"};
+    }
+    if (file.size() < 8) {
+        return header_error(fmt::format("file is truncated: {} bytes, shorter than the header",
+                                        file.size()));
+    }
+    info.version = load_be32(file, 4);
+    if (info.version == 1) {
+        return Error{ErrorCode::unsupported_version, "qcow version 1 images are not supported"};
+    }
+    if (info.version != 2 && info.version != 3) {
+        return Error{ErrorCode::unsupported_version,
+                     fmt::format("unsupported qcow2 version {} (2 and 3 are known)", info.version)};
+    }
+    std::uint32_t min_length = info.version == 2 ? kV2HeaderLength : kMinV3HeaderLength;
+    auto header = slice(file, 0, min_length, "header", ErrorCode::invalid_header);
+    if (!header) {
+        return header_error(fmt::format(
+            "file is truncated: {} bytes, shorter than the {}-byte version {} header",
+            file.size(), min_length, info.version));
+    }
+    Bytes h = *header;
+    std::uint64_t backing_file_offset = load_be64(h, 8);
+    std::uint32_t backing_file_size = load_be32(h, 16);
+    info.cluster_bits = load_be32(h, 20);
+    info.virtual_size = load_be64(h, 24);
+    info.crypt_method = load_be32(h, 32);
+    info.l1_size = load_be32(h, 36);
+    info.l1_table_offset = load_be64(h, 40);
+    info.refcount_table_offset = load_be64(h, 48);
+    info.refcount_table_clusters = load_be32(h, 56);
+    info.snapshot_count = load_be32(h, 60);
+    info.snapshots_offset = load_be64(h, 64);
+
+    if (info.cluster_bits < kMinClusterBits || info.cluster_bits > kMaxClusterBits) {
+        return header_error(fmt::format("cluster_bits {} is outside {}..{}", info.cluster_bits,
+                                        kMinClusterBits, kMaxClusterBits));
+    }
+    info.cluster_size = std::uint64_t{1} << info.cluster_bits;
+    state.cluster_bits = info.cluster_bits;
+    state.cluster_size = info.cluster_size;
+
+    if (info.version == 3) {
+        info.incompatible_features = load_be64(h, 72);
+        info.compatible_features = load_be64(h, 80);
+        info.autoclear_features = load_be64(h, 88);
+        info.refcount_order = load_be32(h, 96);
+        info.header_length = load_be32(h, 100);
+        if (info.header_length < kMinV3HeaderLength) {
+            return header_error(fmt::format("header_length {} is less than {}",
+                                            info.header_length, kMinV3HeaderLength));
+        }
+        if (info.header_length % 8 != 0) {
+            return header_error(
+                fmt::format("header_length {} is not a multiple of 8", info.header_length));
+        }
+        if (info.header_length > info.cluster_size) {
+            return header_error(fmt::format("header_length {} is larger than the cluster size {}",
+                                            info.header_length, info.cluster_size));
+        }
+        if (info.header_length > file.size()) {
+            return header_error(fmt::format("header_length {} runs past the end of the file "
+                                            "({} bytes)",
+                                            info.header_length, file.size()));
+        }
+        if (info.header_length > 104) {
+            info.compression_type = static_cast<CompressionType>(load_u8(file, 104));
+        }
+    }
+
+    if (info.refcount_order > 6) {
+        return header_error(
+            fmt::format("refcount_order {} is larger than 6", info.refcount_order));
+    }
+    if (info.crypt_method > 2) {
+        return header_error(fmt::format("crypt_method {} is unknown", info.crypt_method));
+    }
+
+    // Header extensions end where the backing file name starts, else at the end of the first
+    // cluster (qcow2_read_extensions).
+    std::uint64_t extensions_start = info.version == 2 ? kV2HeaderLength : info.header_length;
+    std::uint64_t extensions_end =
+        backing_file_offset != 0 ? std::min<std::uint64_t>(backing_file_offset, info.cluster_size)
+                                 : info.cluster_size;
+    extensions_end = std::min<std::uint64_t>(extensions_end, file.size());
+    if (auto ok = parse_extensions(state, extensions_start, extensions_end); !ok) {
+        return ok;
+    }
+
+    // Unknown incompatible bits are checked after the extensions so that the feature-name
+    // table can name them.
+
+    if (std::uint64_t unknown = info.incompatible_features & ~kKnownIncompatible) {
+        std::string names;
+        for (unsigned bit = 0; bit < 64; ++bit) {
+            if (unknown & (std::uint64_t{1} << bit)) {
+                if (!names.empty()) names += ", ";
+                std::string name = info.feature_name(FeatureName::Type::incompatible, bit);
+                names += name.starts_with("bit ") ? name : fmt::format("{} (bit {})", name, bit);
+            }
+        }
+        return Error{ErrorCode::unsupported_feature,
+                     fmt::format("unsupported incompatible feature(s): {}", names)};
+    }
+    bool compression_bit = (info.incompatible_features & kIncompatCompressionType) != 0;
+    auto compression_value = static_cast<unsigned>(info.compression_type);
+    if (compression_bit && compression_value == 0) {
+        return header_error("compression type bit is set but compression_type is 0 (zlib)");
+    }
+    if (!compression_bit && compression_value != 0) {
+        return header_error(fmt::format(
+            "compression_type is {} but the compression type bit is not set", compression_value));
+    }
+    if (compression_value > 1) {
+        return header_error(fmt::format("unknown compression_type {}", compression_value));
+    }
+
+    if (info.crypt_method != 0) {
+        return Error{ErrorCode::encrypted,
+                     fmt::format("encrypted images are not supported (crypt_method {}: {})",
+                                 info.crypt_method, info.crypt_method == 1 ? "AES" : "LUKS")};
+    }
+
+    info.extended_l2 = (info.incompatible_features & kIncompatExtendedL2) != 0;
+    if (info.extended_l2 && info.cluster_bits < kMinExtendedL2ClusterBits) {
+        return header_error(fmt::format("extended L2 entries need cluster_bits >= {}, got {}",
+                                        kMinExtendedL2ClusterBits, info.cluster_bits));
+    }
+    state.l2_entry_bytes = info.extended_l2 ? 16 : 8;
+    state.l2_bits = info.cluster_bits - (info.extended_l2 ? 4 : 3);
+    state.subcluster_bits = info.extended_l2 ? info.cluster_bits - 5 : info.cluster_bits;
+    state.csize_shift = 62 - (info.cluster_bits - 8);
+    state.csize_mask = (std::uint64_t{1} << (info.cluster_bits - 8)) - 1;
+    state.coffset_mask = (std::uint64_t{1} << state.csize_shift) - 1;
+
+    if (info.incompatible_features & kIncompatDataFile) {
+        return Error{ErrorCode::unsupported_feature,
+                     fmt::format("external data files are not supported yet (data file '{}')",
+                                 info.data_file.value_or(""))};
+    }
+
+    // Backing file name: inside the first cluster and at most 1023 bytes (qcow2_do_open).
+    if (backing_file_offset != 0) {
+        if (backing_file_offset > info.cluster_size ||
+            backing_file_size > std::min<std::uint64_t>(kMaxBackingNameLength,
+                                                        info.cluster_size - backing_file_offset)) {
+            return header_error(fmt::format(
+                "backing file name at {:#x} of {} bytes does not fit in the first cluster or "
+                "exceeds {} bytes",
+                backing_file_offset, backing_file_size, kMaxBackingNameLength));
+        }
+        auto name = slice(file, backing_file_offset, backing_file_size, "backing file name",
+                          ErrorCode::invalid_header);
+        if (!name) {
+            return std::move(name).error();
+        }
+        info.backing_file = std::string(as_text(*name));
+        if (options.backing == BackingMode::follow) {
+            return Error{ErrorCode::unsupported_feature,
+                         fmt::format("backing files are not supported yet (backing file '{}'); "
+                                     "open with backing=none to read only this layer",
+                                     *info.backing_file)};
+        }
+    }
+
+    // Refcount table (qcow2_do_open / validate_table_offset).
+    if (info.refcount_table_clusters == 0) {
+        return Error{ErrorCode::invalid_table, "image has no refcount table (0 clusters)"};
+    }
+    std::uint64_t refcount_table_bytes =
+        std::uint64_t{info.refcount_table_clusters} << info.cluster_bits;
+    if (refcount_table_bytes > kMaxRefcountTableBytes) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("refcount table of {} clusters ({:#x} bytes) exceeds qemu's limit "
+                                 "of {:#x} bytes",
+                                 info.refcount_table_clusters, refcount_table_bytes,
+                                 kMaxRefcountTableBytes)};
+    }
+    if (!is_aligned(info.refcount_table_offset, info.cluster_size) ||
+        info.refcount_table_offset == 0) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("refcount table offset {:#x} is not a non-zero multiple of the "
+                                 "cluster size {:#x}",
+                                 info.refcount_table_offset, info.cluster_size)};
+    }
+    if (auto t = slice(file, info.refcount_table_offset, refcount_table_bytes, "refcount table");
+        !t) {
+        return std::move(t).error();
+    }
+
+    // Snapshot table: only located here; its entries are variable-length.
+    if (info.snapshot_count > kMaxSnapshots) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("{} snapshots exceed qemu's limit of {}", info.snapshot_count,
+                                 kMaxSnapshots)};
+    }
+    if (info.snapshot_count > 0) {
+        if (!is_aligned(info.snapshots_offset, info.cluster_size) || info.snapshots_offset == 0) {
+            return Error{ErrorCode::invalid_table,
+                         fmt::format("snapshot table offset {:#x} is not a non-zero multiple of "
+                                     "the cluster size {:#x}",
+                                     info.snapshots_offset, info.cluster_size)};
+        }
+        // Each entry has a fixed 40-byte part.
+        if (auto t = slice(file, info.snapshots_offset, std::uint64_t{info.snapshot_count} * 40,
+                           "snapshot table");
+            !t) {
+            return std::move(t).error();
+        }
+    }
+
+    // Bitmap directory (names only; the bitmaps themselves are not read yet).
+    if (info.bitmaps) {
+        if (auto ok = parse_bitmap_directory(state, *info.bitmaps); !ok) {
+            return ok;
+        }
+    }
+
+    // Active L1 table: no larger than qemu allows, large enough for the virtual size.
+    std::uint64_t l1_bytes = std::uint64_t{info.l1_size} * 8;
+    if (l1_bytes > kMaxL1Bytes) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("L1 table of {} entries ({:#x} bytes) exceeds qemu's limit of "
+                                 "{:#x} bytes",
+                                 info.l1_size, l1_bytes, kMaxL1Bytes)};
+    }
+    std::uint64_t clusters = (info.virtual_size >> info.cluster_bits) +
+                             ((info.virtual_size & (info.cluster_size - 1)) != 0);
+    std::uint64_t l1_needed =
+        (clusters >> state.l2_bits) + ((clusters & ((std::uint64_t{1} << state.l2_bits) - 1)) != 0);
+    if (l1_needed > info.l1_size) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("L1 table of {} entries is too small for the virtual size {} "
+                                 "(needs {})",
+                                 info.l1_size, info.virtual_size, l1_needed)};
+    }
+    if (info.l1_size > 0) {
+        if (!is_aligned(info.l1_table_offset, info.cluster_size) || info.l1_table_offset == 0) {
+            return Error{ErrorCode::invalid_table,
+                         fmt::format("L1 table offset {:#x} is not a non-zero multiple of the "
+                                     "cluster size {:#x}",
+                                     info.l1_table_offset, info.cluster_size)};
+        }
+        auto l1 = slice(file, info.l1_table_offset, l1_bytes, "L1 table");
+        if (!l1) {
+            return std::move(l1).error();
+        }
+        state.l1_table = *l1;
+    }
+    return {};
+}
+
+} // namespace qcowmap::detail

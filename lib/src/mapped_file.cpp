@@ -1,0 +1,60 @@
+#include "mapped_file.hpp"
+
+#include <boost/iostreams/device/mapped_file.hpp>
+#include <fmt/format.h>
+
+#include <cerrno>
+#include <cstring>
+#include <exception>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace qcowmap::detail {
+
+struct MappedFile::Impl {
+    boost::iostreams::mapped_file_source source;
+};
+
+MappedFile::MappedFile(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {
+    bytes_ = {reinterpret_cast<const std::byte*>(impl_->source.data()), impl_->source.size()};
+}
+MappedFile::MappedFile(MappedFile&&) noexcept = default;
+MappedFile& MappedFile::operator=(MappedFile&&) noexcept = default;
+MappedFile::~MappedFile() = default;
+
+Result<MappedFile> MappedFile::open(const std::filesystem::path& path) {
+    // Open and stat first: Boost's exceptions carry vague messages, and it throws on empty files.
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return Error{ErrorCode::io_error, std::strerror(errno)};
+    }
+    struct stat st {};
+    int stat_result = ::fstat(fd, &st);
+    int stat_errno = errno;
+    ::close(fd);
+    if (stat_result != 0) {
+        return Error{ErrorCode::io_error, std::strerror(stat_errno)};
+    }
+    if (S_ISDIR(st.st_mode)) {
+        return Error{ErrorCode::not_qcow2, "is a directory, not an image file"};
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+        return Error{ErrorCode::not_qcow2, "not a regular file"};
+    }
+    if (S_ISREG(st.st_mode) && st.st_size == 0) {
+        return Error{ErrorCode::not_qcow2, "file is empty (0 bytes), not a qcow2 image"};
+    }
+    auto impl = std::make_unique<Impl>();
+    try {
+        impl->source.open(path.string());
+    } catch (const std::exception& e) {
+        return Error{ErrorCode::io_error, fmt::format("cannot map file: {}", e.what())};
+    }
+    if (!impl->source.is_open() || impl->source.size() == 0) {
+        return Error{ErrorCode::io_error, "cannot map file"};
+    }
+    return MappedFile(std::move(impl));
+}
+
+} // namespace qcowmap::detail

@@ -1,0 +1,33 @@
+// The one owner of an image file's mapping; the only place that touches Boost.Iostreams.
+#pragma once
+
+#include <qcowmap/result.hpp>
+
+#include <cstddef>
+#include <filesystem>
+#include <memory>
+#include <span>
+
+namespace qcowmap::detail {
+
+/// A whole file mapped read-only. Move-only; the span lives as long as the object.
+class MappedFile {
+  public:
+    /// Maps `path`. Errors (io_error / not_qcow2) name the path's problem: missing, unreadable,
+    /// a directory, not a regular file, or empty (which cannot be mapped).
+    static Result<MappedFile> open(const std::filesystem::path& path);
+
+    MappedFile(MappedFile&&) noexcept;
+    MappedFile& operator=(MappedFile&&) noexcept;
+    ~MappedFile();
+
+    std::span<const std::byte> bytes() const { return bytes_; }
+
+  private:
+    struct Impl;
+    explicit MappedFile(std::unique_ptr<Impl> impl);
+    std::unique_ptr<Impl> impl_;
+    std::span<const std::byte> bytes_;
+};
+
+} // namespace qcowmap::detail
