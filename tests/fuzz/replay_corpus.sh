@@ -1,0 +1,45 @@
+#!/bin/sh
+# Builds a seed corpus of small images of every kind with qemu-img/qemu-io (plus byte-flipped
+# variants of each), then replays it and the checked-in regression inputs through a fuzz
+# target's replay driver.
+set -eu
+driver=$1
+srcdir=$2
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+
+io() { img=$1; shift; for c in "$@"; do set -- "$@" -c "$c"; shift; done; qemu-io -f qcow2 "$@" "$img" >/dev/null; }
+n=0
+mk() { # mk OPTIONS SIZE [qemu-io commands...]
+  n=$((n + 1)); img="$dir/seed$n.qcow2"; opts=$1; size=$2; shift 2
+  qemu-img create -q -f qcow2 ${opts:+-o "$opts"} "$img" "$size"
+  [ $# -eq 0 ] || io "$img" "$@"
+}
+mk "" 1M "write -P 0xab 64k 4k" "write -z 256k 64k" "discard 512k 64k"
+mk "compat=0.10,cluster_size=4k" 1M "write -P 1 0 8k"
+mk "cluster_size=512" 256k "write -P 2 1k 3k" "write -z 8k 4k"
+mk "extended_l2=on,cluster_size=64k" 1M "write -P 3 4k 4k" "write -z 16k 2k"
+mk "cluster_size=4k" 1M "write -c -P 4 0 4k" "write -c -P 5 64k 8k"
+mk "compression_type=zstd,cluster_size=4k" 1M "write -c -P 6 0 4k"
+mk "preallocation=metadata,cluster_size=4k" 256k "write -P 7 8k 4k"
+mk "refcount_bits=1" 1M "write -P 8 0 64k"
+mk "" 1000
+
+mkdir -p "$dir/flipped"
+for seed in "$dir"/seed*.qcow2; do
+  # Keep seeds small: the metadata lives in the first clusters.
+  head -c 262144 "$seed" > "$seed.head"
+  size=$(wc -c < "$seed.head")
+  i=0
+  while [ $i -lt 24 ]; do
+    out="$dir/flipped/$(basename "$seed").$i"
+    cp "$seed.head" "$out"
+    off=$(( (i * 2654435761 + 97) % (size < 4096 ? size : 4096) ))
+    printf '\377' | dd of="$out" bs=1 seek=$off conv=notrunc status=none
+    i=$((i + 1))
+  done
+done
+
+set -- "$dir"
+[ -d "$srcdir/regressions" ] && set -- "$@" "$srcdir/regressions"
+"$driver" "$@"

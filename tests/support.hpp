@@ -1,0 +1,57 @@
+// Test support: temporary directories, running commands (qemu-img, qemu-io, the qcowmap CLI)
+// and reading files. Images are always generated at test time, never shipped.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace qcowmap::test {
+
+/// A fresh directory under $TMPDIR, removed with its contents on destruction.
+class TempDir {
+  public:
+    TempDir();
+    ~TempDir();
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    const std::filesystem::path& path() const { return path_; }
+    std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+  private:
+    std::filesystem::path path_;
+};
+
+struct CommandResult {
+    int exit_code = -1;      ///< exit status, or 128 + signal number when killed by a signal
+    std::string out;         ///< stdout
+    std::string err;         ///< stderr
+};
+
+/// Runs `command` through /bin/sh, capturing stdout and stderr.
+CommandResult run(const std::string& command);
+
+/// Runs `command` and fails the current test (ADD_FAILURE) unless it exits 0. Returns stdout.
+std::string run_ok(const std::string& command);
+
+/// Single-quotes `text` for /bin/sh.
+std::string shell_quote(const std::string& text);
+
+/// The qcowmap CLI built with the tests (env QCOWMAP_BIN, set by meson).
+std::string qcowmap_bin();
+
+/// Whole file contents.
+std::vector<std::byte> read_file(const std::filesystem::path& path);
+void write_file(const std::filesystem::path& path, const std::vector<std::byte>& bytes);
+
+/// `qemu-img convert -O raw IMAGE` into the directory, returned as bytes.
+std::vector<std::byte> qemu_raw(const std::filesystem::path& image, const TempDir& dir);
+
+/// Creates an image with `qemu-img create -f qcow2 -o OPTIONS PATH SIZE` and applies the
+/// qemu-io commands in `io_commands` (each like "write -P 0xab 64k 4k").
+void make_image(const std::filesystem::path& path, const std::string& options,
+                const std::string& size, const std::vector<std::string>& io_commands = {});
+
+} // namespace qcowmap::test
