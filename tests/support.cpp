@@ -108,7 +108,12 @@ void make_image(const std::filesystem::path& path, const std::string& options,
         for (const std::string& c : io_commands) {
             io += " -c " + shell_quote(c);
         }
-        run_ok(io + " " + shell_quote(path.string()) + " >/dev/null");
+        // qemu-io exits 0 even when a command fails: look at what it said.
+        CommandResult r = run(io + " " + shell_quote(path.string()));
+        if (r.exit_code != 0 || r.out.find("failed") != std::string::npos ||
+            r.err.find("failed") != std::string::npos) {
+            ADD_FAILURE() << "qemu-io failed on " << path << ": " << r.out << r.err;
+        }
     }
 }
 

@@ -1,1 +1,273 @@
+// White-box and API unit tests: the bounds check, big-endian loads, Result, and the promises of
+// the public API (zero-copy spans, ranges, read semantics, compressed clusters).
+#include "bytes.hpp"
+#include "support.hpp"
+
+#include <qcowmap/image.hpp>
+#include <qcowmap/map.hpp>
+
 #include <gtest/gtest.h>
+
+#include <array>
+
+namespace qcowmap {
+namespace {
+
+using detail::fits;
+using detail::load_be16;
+using detail::load_be32;
+using detail::load_be64;
+using detail::slice;
+using test::TempDir;
+
+TEST(Bounds, FitsHandlesEdgesWithoutOverflow) {
+    EXPECT_TRUE(fits(100, 0, 100));
+    EXPECT_TRUE(fits(100, 100, 0));
+    EXPECT_FALSE(fits(100, 100, 1));
+    EXPECT_FALSE(fits(100, 101, 0));
+    EXPECT_FALSE(fits(100, 99, 2));
+    // offset + length would wrap around to a small number.
+    EXPECT_FALSE(fits(100, UINT64_MAX, 2));
+    EXPECT_FALSE(fits(100, 2, UINT64_MAX));
+    EXPECT_FALSE(fits(UINT64_MAX, UINT64_MAX - 1, 2));
+    EXPECT_TRUE(fits(UINT64_MAX, UINT64_MAX - 1, 1));
+}
+
+TEST(Bounds, SliceNamesWhatAndWhere) {
+    std::array<std::byte, 16> buffer{};
+    auto ok = slice(buffer, 4, 8, "thing");
+    ASSERT_TRUE(ok);
+    EXPECT_EQ(ok->data(), buffer.data() + 4);
+    EXPECT_EQ(ok->size(), 8u);
+    auto bad = slice(buffer, 12, 0x10, "L2 table");
+    ASSERT_FALSE(bad);
+    EXPECT_EQ(bad.error().code, ErrorCode::invalid_table);
+    EXPECT_EQ(bad.error().message, "L2 table at 0xc (+0x10) lies beyond end of file (0x10)");
+}
+
+TEST(BigEndian, LoadsByShifts) {
+    const std::array<std::byte, 8> b = {std::byte{0x01}, std::byte{0x23}, std::byte{0x45},
+                                        std::byte{0x67}, std::byte{0x89}, std::byte{0xab},
+                                        std::byte{0xcd}, std::byte{0xef}};
+    EXPECT_EQ(load_be16(b.data()), 0x0123u);
+    EXPECT_EQ(load_be32(b.data()), 0x01234567u);
+    EXPECT_EQ(load_be64(b.data()), 0x0123456789abcdefull);
+    EXPECT_EQ(load_be32(std::span<const std::byte>(b), 4), 0x89abcdefu);
+}
+
+TEST(ResultType, CarriesValueOrError) {
+    Result<int> good = 42;
+    ASSERT_TRUE(good);
+    EXPECT_EQ(*good, 42);
+    Result<int> bad = Error{ErrorCode::out_of_range, "too far"};
+    ASSERT_FALSE(bad);
+    EXPECT_EQ(bad.error().code, ErrorCode::out_of_range);
+    EXPECT_EQ(bad.error().message, "too far");
+    Result<void> done;
+    EXPECT_TRUE(done);
+    Result<void> failed = Error{ErrorCode::io_error, "x"};
+    EXPECT_FALSE(failed);
+    EXPECT_EQ(to_string(ErrorCode::invalid_cluster), "invalid_cluster");
+}
+
+class SampleImage : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        path_ = dir_ / "sample.qcow2";
+        test::make_image(path_, "cluster_size=4k", "1M",
+                         {"write -P 0xab 4k 12k", "write -P 0xcd 100k 5000", "write -z 200k 8k",
+                          "write -P 0x11 1020k 4k"});
+        auto image = Image::open(path_);
+        ASSERT_TRUE(image) << image.error().message;
+        image_.emplace(std::move(*image));
+        raw_ = test::qemu_raw(path_, dir_);
+        ASSERT_EQ(raw_.size(), image_->size());
+    }
+    TempDir dir_;
+    std::filesystem::path path_;
+    std::optional<Image> image_;
+    std::vector<std::byte> raw_;
+};
+
+TEST_F(SampleImage, DataExtentsPointIntoTheMapping) {
+    auto file = image_->file_bytes();
+    ExtentIterator it = image_->extents();
+    Extent e;
+    int data_extents = 0;
+    while (it.next(e)) {
+        if (e.kind != ExtentKind::data) {
+            EXPECT_TRUE(e.bytes.empty());
+            continue;
+        }
+        ++data_extents;
+        ASSERT_TRUE(e.host_offset);
+        EXPECT_EQ(e.bytes.size(), e.length);
+        // The span is the mapping itself at the host offset: no copy was made.
+        EXPECT_EQ(e.bytes.data(), file.data() + *e.host_offset);
+        EXPECT_GE(e.bytes.data(), file.data());
+        EXPECT_LE(e.bytes.data() + e.bytes.size(), file.data() + file.size());
+        EXPECT_EQ(0, std::memcmp(e.bytes.data(), raw_.data() + e.offset, e.length));
+    }
+    EXPECT_FALSE(it.failed());
+    EXPECT_GE(data_extents, 3);
+}
+
+TEST_F(SampleImage, ExtentsCoverTheRangeInOrder) {
+    for (auto [start, end] : std::vector<std::pair<std::uint64_t, std::uint64_t>>{
+             {0, UINT64_MAX}, {4097, 4099}, {5000, 110000}, {1000000, 1048576}, {1048576, 2000000}}) {
+        ExtentIterator it = image_->extents(start, end);
+        Extent e;
+        std::uint64_t expected = start;
+        Extent previous;
+        bool first = true;
+        while (it.next(e)) {
+            EXPECT_EQ(e.offset, expected);
+            EXPECT_GT(e.length, 0u);
+            if (!first && previous.kind == e.kind && e.kind == ExtentKind::data) {
+                // Adjacent data extents exist only where the host side is not contiguous.
+                EXPECT_NE(*previous.host_offset + previous.length, *e.host_offset);
+            }
+            expected += e.length;
+            previous = e;
+            first = false;
+        }
+        EXPECT_FALSE(it.failed());
+        EXPECT_EQ(expected, std::max(start, std::min<std::uint64_t>(end, image_->size())));
+    }
+}
+
+TEST_F(SampleImage, UnalignedStartAdjustsHostOffset) {
+    ExtentIterator it = image_->extents(4096 + 100, 4096 + 200);
+    Extent e;
+    ASSERT_TRUE(it.next(e));
+    EXPECT_EQ(e.kind, ExtentKind::data);
+    EXPECT_EQ(e.offset, 4196u);
+    EXPECT_EQ(e.length, 100u);
+    EXPECT_EQ(std::to_integer<int>(e.bytes[0]), 0xab);
+    EXPECT_FALSE(it.next(e));
+    EXPECT_FALSE(it.failed());
+}
+
+TEST_F(SampleImage, ReadSemantics) {
+    std::vector<std::byte> buffer(10000);
+    auto n = image_->read(buffer, 4000);
+    ASSERT_TRUE(n);
+    EXPECT_EQ(*n, 10000u);
+    EXPECT_EQ(0, std::memcmp(buffer.data(), raw_.data() + 4000, 10000));
+    // Short only at the end of the disk.
+    n = image_->read(buffer, image_->size() - 10);
+    ASSERT_TRUE(n);
+    EXPECT_EQ(*n, 10u);
+    EXPECT_EQ(0, std::memcmp(buffer.data(), raw_.data() + raw_.size() - 10, 10));
+    n = image_->read(buffer, image_->size());
+    ASSERT_TRUE(n);
+    EXPECT_EQ(*n, 0u);
+    n = image_->read(buffer, image_->size() + 1);
+    ASSERT_FALSE(n);
+    EXPECT_EQ(n.error().code, ErrorCode::out_of_range);
+    EXPECT_NE(n.error().message.find("0x100001"), std::string::npos) << n.error().message;
+}
+
+TEST_F(SampleImage, VisitRunsReproducesTheDisk) {
+    std::vector<std::byte> rebuilt(image_->size(), std::byte{0x5a});
+    std::uint64_t expected = 0;
+    auto ok = image_->visit_runs(0, UINT64_MAX, [&](std::uint64_t offset, std::uint64_t length,
+                                                    std::span<const std::byte> bytes) {
+        EXPECT_EQ(offset, expected);
+        expected += length;
+        if (bytes.empty()) {
+            std::fill_n(rebuilt.begin() + static_cast<std::ptrdiff_t>(offset), length, std::byte{0});
+        } else {
+            EXPECT_EQ(bytes.size(), length);
+            std::copy(bytes.begin(), bytes.end(), rebuilt.begin() + static_cast<std::ptrdiff_t>(offset));
+        }
+        return Result<void>{};
+    });
+    ASSERT_TRUE(ok) << ok.error().message;
+    EXPECT_EQ(expected, image_->size());
+    EXPECT_TRUE(rebuilt == raw_);
+}
+
+TEST_F(SampleImage, VisitorErrorStopsTheWalk) {
+    int calls = 0;
+    auto ok = image_->visit_runs(0, UINT64_MAX, [&](std::uint64_t, std::uint64_t, std::span<const std::byte>) {
+        ++calls;
+        return Result<void>{Error{ErrorCode::io_error, "stop here"}};
+    });
+    ASSERT_FALSE(ok);
+    EXPECT_EQ(ok.error().message, "stop here");
+    EXPECT_EQ(calls, 1);
+}
+
+TEST_F(SampleImage, ImageCopiesShareTheMapping) {
+    Image copy = *image_;
+    EXPECT_EQ(copy.file_bytes().data(), image_->file_bytes().data());
+    ExtentIterator it = copy.extents();
+    image_.reset(); // the iterator and the copy keep the mapping alive
+    Extent e;
+    std::uint64_t covered = 0;
+    while (it.next(e)) covered += e.length;
+    EXPECT_EQ(covered, copy.size());
+}
+
+TEST_F(SampleImage, RefcountsOfHeaderAndDataClusters) {
+    auto header = refcount_of(*image_, 0);
+    ASSERT_TRUE(header) << header.error().message;
+    EXPECT_EQ(*header, 1u);
+    auto beyond = refcount_of(*image_, 1u << 30);
+    ASSERT_TRUE(beyond);
+    EXPECT_EQ(*beyond, 0u);
+    EXPECT_FALSE(looks_metadata_preallocated(*image_));
+}
+
+struct CompressedCase {
+    const char* name;
+    const char* options;
+};
+
+class Compressed : public ::testing::TestWithParam<CompressedCase> {};
+
+TEST_P(Compressed, ReadsAndExtentsMatchQemu) {
+    TempDir dir;
+    auto path = dir / "c.qcow2";
+    test::make_image(path, GetParam().options, "1M",
+                     // qemu refuses compressed writes over allocated clusters: compress first.
+                     {"write -c -P 0x33 64k 64k", "write -c -P 0x44 256k 64k", "write -P 0x22 0 64k",
+                      "write -P 0x23 128k 128k", "write -z 512k 64k", "discard 768k 64k"});
+    auto image = Image::open(path);
+    ASSERT_TRUE(image) << image.error().message;
+    auto raw = test::qemu_raw(path, dir);
+    int compressed = 0;
+    ExtentIterator it = image->extents();
+    Extent e;
+    Decompressor decompressor;
+    while (it.next(e)) {
+        if (e.kind != ExtentKind::compressed) continue;
+        ++compressed;
+        EXPECT_FALSE(e.host_offset);
+        EXPECT_FALSE(e.bytes.empty());
+        EXPECT_EQ(e.bytes.data(), image->file_bytes().data() + e.compressed_host_offset);
+        auto bytes = decompressor.decompress(*image, e);
+        ASSERT_TRUE(bytes) << bytes.error().message;
+        EXPECT_EQ(0, std::memcmp(bytes->data(), raw.data() + e.offset, e.length));
+    }
+    EXPECT_FALSE(it.failed());
+    EXPECT_GE(compressed, 2);
+    std::vector<std::byte> all(image->size());
+    auto n = image->read(all, 0);
+    ASSERT_TRUE(n) << n.error().message;
+    EXPECT_TRUE(all == raw);
+    // Unaligned reads inside and across compressed clusters.
+    std::vector<std::byte> part(70000);
+    ASSERT_TRUE(image->read(part, 64 * 1024 + 333));
+    EXPECT_EQ(0, std::memcmp(part.data(), raw.data() + 64 * 1024 + 333, part.size()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, Compressed,
+                         ::testing::Values(CompressedCase{"zlib", "cluster_size=64k"},
+                                           CompressedCase{"zstd", "cluster_size=64k,compression_type=zstd"},
+                                           CompressedCase{"zlib4k", "cluster_size=4k"}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+} // namespace
+} // namespace qcowmap

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: install dependencies, then build and run every test
+# twice, once plainly (warnings as errors) and once under AddressSanitizer + UBSan with
+# libstdc++ assertions. The fuzz seed corpus and regression inputs are replayed in both passes.
+# Ends with one line "tests: N passed, N failed" summing both passes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh || exit 1
+
+jobs=$(nproc)
+passed=0
+failed=0
+status=0
+
+run_pass() { # run_pass NAME BUILDDIR MESON-ARGS...
+  local name=$1 dir=$2
+  shift 2
+  echo "=== $name: configure + build ($dir)"
+  if [ ! -d "$dir" ]; then
+    meson setup "$dir" "$@" >/dev/null || { echo "$name: configure failed"; status=1; failed=$((failed + 1)); return; }
+  fi
+  if ! ninja -C "$dir" -j "$jobs" >"$dir.build.log" 2>&1; then
+    tail -50 "$dir.build.log"
+    echo "$name: build failed"
+    status=1; failed=$((failed + 1)); return
+  fi
+  echo "=== $name: meson test"
+  meson test -C "$dir" --num-processes "$jobs" --print-errorlogs 2>&1 | tee "$dir.test.log" | grep -vE '^\s*$' | tail -40
+  local rc=${PIPESTATUS[0]}
+  local ok fail
+  ok=$(grep -E '^Ok:' "$dir.test.log" | awk '{print $2}')
+  fail=$(grep -E '^(Fail|Timeout|Unexpected Pass):' "$dir.test.log" | awk '{s += $NF} END {print s + 0}')
+  passed=$((passed + ${ok:-0}))
+  failed=$((failed + fail))
+  if [ "$rc" -ne 0 ]; then status=1; fi
+}
+
+run_pass plain build-test --buildtype=debugoptimized -Dwerror=true -Dbench=true
+run_pass sanitize build-sanitize --buildtype=debug -Db_sanitize=address,undefined \
+  -Db_lundef=false -Dcpp_args=-D_GLIBCXX_ASSERTIONS -Dbench=false
+
+echo "tests: $passed passed, $failed failed"
+exit $status
