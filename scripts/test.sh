@@ -20,17 +20,17 @@ run_pass() { # run_pass NAME BUILDDIR MESON-ARGS...
   if [ ! -d "$dir" ]; then
     meson setup "$dir" "$@" >/dev/null || { echo "$name: configure failed"; status=1; failed=$((failed + 1)); return; }
   fi
-  if ! ninja -C "$dir" -j "$jobs" >"$dir.build.log" 2>&1; then
-    tail -50 "$dir.build.log"
+  if ! ninja -C "$dir" -j "$jobs" >"$dir/qcowmap-build.log" 2>&1; then
+    tail -50 "$dir/qcowmap-build.log"
     echo "$name: build failed"
     status=1; failed=$((failed + 1)); return
   fi
   echo "=== $name: meson test"
-  meson test -C "$dir" --num-processes "$jobs" --print-errorlogs 2>&1 | tee "$dir.test.log" | grep -vE '^\s*$' | tail -40
+  meson test -C "$dir" --num-processes "$jobs" --print-errorlogs 2>&1 | tee "$dir/qcowmap-test.log" | grep -vE '^\s*$' | tail -40
   local rc=${PIPESTATUS[0]}
   local ok fail
-  ok=$(grep -E '^Ok:' "$dir.test.log" | awk '{print $2}')
-  fail=$(grep -E '^(Fail|Timeout|Unexpected Pass):' "$dir.test.log" | awk '{s += $NF} END {print s + 0}')
+  ok=$(grep -E '^Ok:' "$dir/qcowmap-test.log" | awk '{print $2}')
+  fail=$(grep -E '^(Fail|Timeout|Unexpected Pass):' "$dir/qcowmap-test.log" | awk '{s += $NF} END {print s + 0}')
   passed=$((passed + ${ok:-0}))
   failed=$((failed + fail))
   if [ "$rc" -ne 0 ]; then status=1; fi
