@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <thread>
 #include <unistd.h>
 
 namespace qcowmap::cli {
@@ -141,6 +142,11 @@ void Progress::finish() {
         update(total_);
         fmt::print(stderr, "\n");
     }
+}
+
+unsigned worker_threads() {
+    unsigned cores = std::thread::hardware_concurrency();
+    return cores == 0 ? 2 : cores;
 }
 
 bool write_all(int fd, const void* data, std::size_t length) {

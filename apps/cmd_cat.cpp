@@ -21,8 +21,8 @@ Command add_cat(CLI::App& app) {
                 auto image = open_or_report(*args);
                 if (!image) return static_cast<int>(kExitImageError);
                 bool write_failed = false;
-                auto result = image->visit_runs(
-                    0, UINT64_MAX,
+                auto result = image->visit_runs_parallel(
+                    0, UINT64_MAX, worker_threads(),
                     [&](std::uint64_t, std::uint64_t length,
                         std::span<const std::byte> bytes) -> Result<void> {
                         if (!bytes.empty()) {

@@ -69,8 +69,8 @@ Command add_convert(CLI::App& app) {
                 }
                 Progress meter(*progress, image->size());
                 bool write_failed = false;
-                auto result = image->visit_runs(
-                    0, UINT64_MAX,
+                auto result = image->visit_runs_parallel(
+                    0, UINT64_MAX, worker_threads(),
                     [&](std::uint64_t offset, std::uint64_t length,
                         std::span<const std::byte> bytes) -> Result<void> {
                         bool ok = true;

@@ -64,13 +64,17 @@ void print_json(const std::string& path, const ImageInfo& info) {
     std::vector<std::string> bitmaps = info.bitmaps ? info.bitmaps->names : std::vector<std::string>{};
     fmt::print("{{\n");
     fmt::print("    \"filename\": {},\n", json_string(path));
-    fmt::print("    \"format\": \"qcow2\",\n");
+    fmt::print("    \"format\": \"{}\",\n", info.version == 1 ? "qcow" : "qcow2");
     fmt::print("    \"version\": {},\n", info.version);
     fmt::print("    \"virtual-size\": {},\n", info.virtual_size);
     fmt::print("    \"actual-size\": {},\n", disk_usage(path));
     fmt::print("    \"file-size\": {},\n", info.file_size);
     fmt::print("    \"cluster-size\": {},\n", info.cluster_size);
-    fmt::print("    \"refcount-bits\": {},\n", info.refcount_bits());
+    if (info.version == 1) {
+        fmt::print("    \"refcount-bits\": null,\n");
+    } else {
+        fmt::print("    \"refcount-bits\": {},\n", info.refcount_bits());
+    }
     fmt::print("    \"compression-type\": \"{}\",\n",
                info.compression_type == CompressionType::zstd ? "zstd" : "zlib");
     fmt::print("    \"extended-l2\": {},\n", info.extended_l2);
@@ -99,8 +103,9 @@ std::string joined(const std::vector<std::string>& items) {
 void print_human(const std::string& path, const ImageInfo& info) {
     FeatureList features = named_features(info);
     fmt::print("image: {}\n", path);
-    fmt::print("file format: qcow2\n");
-    fmt::print("version: {} ({})\n", info.version, info.version == 2 ? "compat 0.10" : "compat 1.1");
+    fmt::print("file format: {}\n", info.version == 1 ? "qcow" : "qcow2");
+    fmt::print("version: {}{}\n", info.version,
+               info.version == 2 ? " (compat 0.10)" : info.version == 3 ? " (compat 1.1)" : "");
     fmt::print("virtual size: {} ({} bytes)\n", human_size(info.virtual_size), info.virtual_size);
     fmt::print("disk size: {}\n", human_size(disk_usage(path)));
     fmt::print("file size: {} bytes\n", info.file_size);
@@ -110,7 +115,7 @@ void print_human(const std::string& path, const ImageInfo& info) {
         if (info.backing_format) fmt::print("backing file format: {}\n", *info.backing_format);
     }
     if (info.data_file) fmt::print("data file: {}\n", *info.data_file);
-    fmt::print("refcount bits: {}\n", info.refcount_bits());
+    if (info.version != 1) fmt::print("refcount bits: {}\n", info.refcount_bits());
     fmt::print("compression type: {}\n",
                info.compression_type == CompressionType::zstd ? "zstd" : "zlib");
     fmt::print("extended l2: {}\n", info.extended_l2);

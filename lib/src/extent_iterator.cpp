@@ -29,7 +29,56 @@ Error cluster_error(std::string message) {
     return Error{ErrorCode::invalid_cluster, std::move(message)};
 }
 
+Run unallocated_to_table_end(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
+    std::uint64_t table_end = (pos | (s.l2_coverage() - 1)) + 1;
+    Run run;
+    run.length = std::min(limit, table_end == 0 ? limit : table_end) - pos;
+    return run;
+}
+
+/// qcow version 1 (block/qcow.c get_cluster_offset): plain offsets, no flags but bit 63.
+Result<Run> classify_v1(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
+    const std::uint64_t l1_index = pos >> (s.l2_bits + s.cluster_bits);
+    const std::uint64_t l2_offset = load_be64(s.l1_table.data() + l1_index * 8);
+    if (l2_offset == 0) {
+        return unallocated_to_table_end(s, pos, limit);
+    }
+    auto l2_table = slice(s.bytes, l2_offset, s.l2_table_bytes, "L2 table");
+    if (!l2_table) {
+        return std::move(l2_table).error();
+    }
+    const std::uint64_t l2_index = (pos >> s.cluster_bits) & ((std::uint64_t{1} << s.l2_bits) - 1);
+    const std::uint64_t entry = load_be64(l2_table->data() + l2_index * 8);
+    const std::uint64_t cluster_start = pos & ~(s.cluster_size - 1);
+    Run run;
+    run.length = std::min(limit, cluster_start + s.cluster_size) - pos;
+    if (entry & detail::kV1CompressedFlag) {
+        const std::uint64_t csize = (entry >> s.csize_shift) & s.csize_mask;
+        const std::uint64_t coffset = entry & s.coffset_mask;
+        auto stream = slice(s.bytes, coffset, csize, "", ErrorCode::invalid_cluster);
+        if (!stream) {
+            return cluster_error(fmt::format(
+                "compressed cluster for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies "
+                "beyond end of file ({:#x})",
+                cluster_start, coffset, csize, s.bytes.size()));
+        }
+        run.kind = ExtentKind::compressed;
+        run.present = true;
+        run.compressed_host_offset = coffset;
+        run.compressed_size = csize;
+        run.offset_in_cluster = pos - cluster_start;
+    } else if (entry != 0) {
+        run.kind = ExtentKind::data;
+        run.present = true;
+        run.host_offset = entry + (pos - cluster_start);
+    }
+    return run;
+}
+
 Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
+    if (s.info.version == 1) {
+        return classify_v1(s, pos, limit);
+    }
     const std::uint64_t cluster_mask = s.cluster_size - 1;
     const std::uint64_t l1_index = pos >> (s.l2_bits + s.cluster_bits);
     // parse_image checked that L1 covers the whole virtual size and lies inside the file.
@@ -42,10 +91,7 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
     const std::uint64_t l2_offset = l1_entry & detail::kL1OffsetMask;
     if (l2_offset == 0) {
         // No L2 table: everything it would describe is unallocated.
-        std::uint64_t table_end = (pos | (s.l2_coverage() - 1)) + 1;
-        Run run;
-        run.length = std::min(limit, table_end == 0 ? limit : table_end) - pos;
-        return run;
+        return unallocated_to_table_end(s, pos, limit);
     }
     if (l2_offset & cluster_mask) {
         return Error{ErrorCode::invalid_table,

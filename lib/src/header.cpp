@@ -237,7 +237,7 @@ Result<void> parse_image(ImageState& state, const OpenOptions& options) {
     }
     info.version = load_be32(file, 4);
     if (info.version == 1) {
-        return Error{ErrorCode::unsupported_version, "qcow version 1 images are not supported"};
+        return parse_v1_image(state, options);
     }
     if (info.version != 2 && info.version != 3) {
         return Error{ErrorCode::unsupported_version,
@@ -358,6 +358,7 @@ Result<void> parse_image(ImageState& state, const OpenOptions& options) {
                                         kMinExtendedL2ClusterBits, info.cluster_bits));
     }
     state.l2_entry_bytes = info.extended_l2 ? 16 : 8;
+    state.l2_table_bytes = info.cluster_size;
     state.l2_bits = info.cluster_bits - (info.extended_l2 ? 4 : 3);
     state.subcluster_bits = info.extended_l2 ? info.cluster_bits - 5 : info.cluster_bits;
     state.csize_shift = 62 - (info.cluster_bits - 8);

@@ -18,6 +18,7 @@ inline constexpr std::uint64_t kL2StandardReservedMask = 0x3f000000000001feULL; 
 inline constexpr std::uint64_t kL2ZeroFlag = 1ULL << 0;
 inline constexpr std::uint64_t kL2CompressedFlag = 1ULL << 62;
 inline constexpr std::uint64_t kL2CopiedFlag = 1ULL << 63;
+inline constexpr std::uint64_t kV1CompressedFlag = 1ULL << 63; // qcow version 1 L2 entries
 inline constexpr std::uint64_t kCompressedSectorSize = 512;
 inline constexpr unsigned kSubclustersPerCluster = 32;
 
@@ -33,6 +34,7 @@ struct ImageState {
     unsigned l2_entry_bytes = 8;   // 16 with extended L2 entries
     unsigned l2_bits = 13;         // log2(entries per L2 table)
     unsigned subcluster_bits = 16; // log2(subcluster size); == cluster_bits without extended L2
+    std::uint64_t l2_table_bytes = 0; // one cluster, except in qcow version 1
     Bytes l1_table;                // the active L1 table, already bounds-checked
 
     // Compressed cluster descriptor layout (spec "Compressed Clusters Descriptor").
@@ -42,6 +44,9 @@ struct ImageState {
 
     std::uint64_t l2_coverage() const { return std::uint64_t{1} << (l2_bits + cluster_bits); }
 };
+
+/// Parses and validates the header and L1 table of a qcow version 1 image (block/qcow.c).
+Result<void> parse_v1_image(ImageState& state, const OpenOptions& options);
 
 /// Parses and validates the header, extensions and active L1 table of `state.bytes` into
 /// `state` (everything but `file`/`path`).

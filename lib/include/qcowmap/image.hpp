@@ -60,7 +60,8 @@ struct BitmapsExtension {
 
 /// Everything the header and its extensions say, decoded and validated at open.
 struct ImageInfo {
-    std::uint32_t version = 0;
+    std::uint32_t version = 0; ///< 1 (legacy qcow), 2 or 3
+    std::uint32_t mtime = 0;   ///< qcow version 1 only: modification time of the backing file
     std::uint64_t virtual_size = 0;
     std::uint32_t cluster_bits = 0;
     std::uint64_t cluster_size = 0;
@@ -183,6 +184,13 @@ class Image {
     /// bytes. Errors: those of the extent walk and of decompression, or the visitor's own.
     Result<void> visit_runs(std::uint64_t start, std::uint64_t end,
                             const RunVisitor& visitor) const;
+
+    /// Like `visit_runs`, but the extent walk and decompression of compressed clusters run
+    /// ahead on `threads` worker threads, chunk by chunk, while the visitor is called on the
+    /// calling thread in disk order. Memory stays bounded (a few chunks of decompressed data,
+    /// whatever the image size). `threads` 0 or 1 means `visit_runs`.
+    Result<void> visit_runs_parallel(std::uint64_t start, std::uint64_t end, unsigned threads,
+                                     const RunVisitor& visitor) const;
 
   private:
     explicit Image(std::shared_ptr<const detail::ImageState> state);

@@ -1,0 +1,103 @@
+// Legacy qcow version 1 (qemu block/qcow.c): a 48-byte header, an L1 table of plain offsets and
+// L2 tables of (1 << l2_bits) entries; bit 63 of an L2 entry marks a zlib-compressed cluster
+// whose size in bytes sits in the bits just below it.
+#include "image_state.hpp"
+
+namespace qcowmap::detail {
+namespace {
+
+constexpr std::size_t kV1HeaderLength = 48;
+constexpr std::uint32_t kV1MaxBackingNameLength = 1023;
+
+Error header_error(std::string message) { return Error{ErrorCode::invalid_header, std::move(message)}; }
+
+} // namespace
+
+Result<void> parse_v1_image(ImageState& state, const OpenOptions& options) {
+    ImageInfo& info = state.info;
+    auto header = slice(state.bytes, 0, kV1HeaderLength, "header", ErrorCode::invalid_header);
+    if (!header) {
+        return header_error(fmt::format(
+            "file is truncated: {} bytes, shorter than the 48-byte qcow version 1 header",
+            state.bytes.size()));
+    }
+    Bytes h = *header;
+    const std::uint64_t backing_file_offset = load_be64(h, 8);
+    const std::uint32_t backing_file_size = load_be32(h, 16);
+    info.mtime = load_be32(h, 20);
+    info.virtual_size = load_be64(h, 24);
+    info.cluster_bits = load_u8(h, 32);
+    const unsigned l2_bits = load_u8(h, 33);
+    info.crypt_method = load_be32(h, 36);
+    info.l1_table_offset = load_be64(h, 40);
+    info.header_length = kV1HeaderLength;
+    info.refcount_order = 0;
+
+    if (info.virtual_size <= 1) {
+        return header_error(fmt::format("virtual size {} is too small (at least 2 bytes)",
+                                        info.virtual_size));
+    }
+    if (info.cluster_bits < 9 || info.cluster_bits > 16) {
+        return header_error(
+            fmt::format("cluster_bits {} is outside 9..16 (qcow version 1)", info.cluster_bits));
+    }
+    // l2_bits counts 8-byte entries: the table is 2^(l2_bits + 3) bytes, 512 B to 64 KiB.
+    if (l2_bits < 6 || l2_bits > 13) {
+        return header_error(fmt::format("l2_bits {} is outside 6..13 (qcow version 1)", l2_bits));
+    }
+    if (info.crypt_method > 1) {
+        return header_error(fmt::format("crypt_method {} is unknown", info.crypt_method));
+    }
+    if (info.crypt_method != 0) {
+        return Error{ErrorCode::encrypted,
+                     "encrypted images are not supported (qcow version 1, crypt_method 1: AES)"};
+    }
+    info.cluster_size = std::uint64_t{1} << info.cluster_bits;
+    state.cluster_bits = info.cluster_bits;
+    state.cluster_size = info.cluster_size;
+    state.l2_bits = l2_bits;
+    state.l2_entry_bytes = 8;
+    state.l2_table_bytes = std::uint64_t{8} << l2_bits;
+    state.subcluster_bits = info.cluster_bits;
+    // Compressed entries: size in bits (63 - cluster_bits)..62, offset below.
+    state.csize_shift = 63 - info.cluster_bits;
+    state.csize_mask = info.cluster_size - 1;
+    state.coffset_mask = (std::uint64_t{1} << state.csize_shift) - 1;
+
+    const unsigned shift = info.cluster_bits + l2_bits;
+    const std::uint64_t l1_size =
+        (info.virtual_size >> shift) + ((info.virtual_size & ((std::uint64_t{1} << shift) - 1)) != 0);
+    if (l1_size > INT32_MAX / 8) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("virtual size {} needs an L1 table of {} entries (too large)",
+                                 info.virtual_size, l1_size)};
+    }
+    info.l1_size = static_cast<std::uint32_t>(l1_size);
+    auto l1 = slice(state.bytes, info.l1_table_offset, l1_size * 8, "L1 table");
+    if (!l1) {
+        return std::move(l1).error();
+    }
+    state.l1_table = *l1;
+
+    if (backing_file_offset != 0) {
+        if (backing_file_size > kV1MaxBackingNameLength) {
+            return header_error(fmt::format("backing file name of {} bytes exceeds {} bytes",
+                                            backing_file_size, kV1MaxBackingNameLength));
+        }
+        auto name = slice(state.bytes, backing_file_offset, backing_file_size,
+                          "backing file name", ErrorCode::invalid_header);
+        if (!name) {
+            return std::move(name).error();
+        }
+        info.backing_file = std::string(as_text(*name));
+        if (options.backing == BackingMode::follow) {
+            return Error{ErrorCode::unsupported_feature,
+                         fmt::format("backing files are not supported yet (backing file '{}'); "
+                                     "open with backing=none to read only this layer",
+                                     *info.backing_file)};
+        }
+    }
+    return {};
+}
+
+} // namespace qcowmap::detail
