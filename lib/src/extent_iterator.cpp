@@ -123,7 +123,12 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
         const std::uint64_t sectors = ((entry >> s.csize_shift) & s.csize_mask) + 1;
         const std::uint64_t csize =
             sectors * detail::kCompressedSectorSize - (coffset & (detail::kCompressedSectorSize - 1));
-        if (coffset >= s.bytes.size()) {
+        // The descriptor counts whole 512-byte sectors; only the file's last, partial sector
+        // may be cut short by the end of the file (qemu writes compressed data byte-exact).
+        const std::uint64_t sectors_in_file =
+            (s.bytes.size() + detail::kCompressedSectorSize - 1) / detail::kCompressedSectorSize;
+        if (!detail::fits(sectors_in_file * detail::kCompressedSectorSize, coffset, csize) ||
+            coffset >= s.bytes.size()) {
             return cluster_error(fmt::format(
                 "compressed cluster for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies "
                 "beyond end of file ({:#x})",

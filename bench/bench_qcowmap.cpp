@@ -1,0 +1,564 @@
+// qcowmap benchmarks: the extent walk, map_image, read(), visit_runs / visit_runs_parallel to
+// /dev/null, through a pipe and into a sparse raw file, on images built at startup with
+// qemu-img/qemu-io: dense (256 MiB, one data run), fragmented (1 GiB, 16384 runs), compressed
+// (64 MiB, zlib) and sparse (1 TiB, 64 scattered clusters).
+//
+// Images live in $QCOWMAP_BENCH_DIR when it is set (kept afterwards and reused by later runs when
+// they still look right), else in a fresh mkdtemp directory under /var/tmp removed at exit.
+// Everything runs warm: the image files stay in the page cache, and the long-lived Image of each
+// benchmark has its mapping populated before timing starts (open_read_1MiB maps afresh each time).
+#include <qcowmap/image.hpp>
+#include <qcowmap/map.hpp>
+
+#include <benchmark/benchmark.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+using qcowmap::Extent;
+using qcowmap::ExtentKind;
+using qcowmap::Image;
+using qcowmap::Result;
+
+constexpr std::uint64_t kKiB = 1024;
+constexpr std::uint64_t kMiB = 1024 * kKiB;
+constexpr std::uint64_t kGiB = 1024 * kMiB;
+
+/// Zeros for zero runs, written in chunks as `qcowmap cat` does (never materialised per run).
+alignas(4096) const std::byte kZeros[1 << 20] = {};
+
+/// The temporary directory this process made, removed on exit (also by `die`).
+fs::path g_owned_dir;
+
+void remove_owned_dir() {
+    if (!g_owned_dir.empty()) {
+        std::error_code ec;
+        fs::remove_all(g_owned_dir, ec);
+        g_owned_dir.clear();
+    }
+}
+
+[[noreturn]] void die(const std::string& message) {
+    fmt::print(stderr, "bench_qcowmap: {}\n", message);
+    remove_owned_dir();
+    std::exit(2);
+}
+
+std::string quote(const std::string& s) {
+    std::string out = "'";
+    for (char c : s) {
+        out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    }
+    return out + "'";
+}
+
+void run(const std::string& command) {
+    int status = std::system(command.c_str());
+    if (status == -1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        die(fmt::format("command failed (status {}): {}", status, command));
+    }
+}
+
+bool write_all(int fd, const std::byte* data, std::uint64_t length) {
+    while (length > 0) {
+        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
+        ssize_t n = ::write(fd, data, chunk);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return false;
+        }
+        data += n;
+        length -= static_cast<std::uint64_t>(n);
+    }
+    return true;
+}
+
+/// One benchmark image: how to build it and what it must look like once built.
+struct ImageSpec {
+    std::string name; ///< short name used in benchmark names
+    std::string file; ///< file name inside the bench directory
+    std::uint64_t virtual_size;
+    std::uint64_t extents; ///< expected number of extents (sanity check of the build)
+    /// Too big to push every virtual byte through user space (read(), a pipe) per iteration.
+    bool huge;
+    std::function<void(const fs::path& dir, const fs::path& out)> build;
+};
+
+std::uint64_t count_extents(const Image& image) {
+    auto it = image.extents();
+    Extent e;
+    std::uint64_t n = 0;
+    while (it.next(e)) ++n;
+    if (it.failed())
+        die(fmt::format("{}: extent walk failed: {}", image.path().string(), it.error().message));
+    return n;
+}
+
+/// Opens `path` and checks it against `spec`; nullopt (with a reason on stderr) if it does not fit.
+std::optional<Image> open_checked(const fs::path& path, const ImageSpec& spec, bool quiet) {
+    auto image = Image::open(path);
+    if (!image) {
+        if (!quiet) fmt::print(stderr, "{}: {}\n", path.string(), image.error().message);
+        return std::nullopt;
+    }
+    std::uint64_t n = count_extents(*image);
+    if (image->size() != spec.virtual_size || n != spec.extents) {
+        if (!quiet) {
+            fmt::print(stderr, "{}: size {} / {} extents, expected {} / {}\n", path.string(),
+                       image->size(), n, spec.virtual_size, spec.extents);
+        }
+        return std::nullopt;
+    }
+    return std::move(*image);
+}
+
+// DENSE: 256 MiB, every byte written in one go (one long data run).
+constexpr std::uint64_t kDenseSize = 256 * kMiB;
+// FRAGMENTED: 1 GiB of 64 KiB clusters, every other cluster written, in a scrambled order so the
+// host file does not follow the virtual order: 8192 data + 8192 unallocated extents.
+constexpr std::uint64_t kFragSize = 1 * kGiB;
+constexpr std::uint64_t kFragCluster = 64 * kKiB;
+constexpr std::uint64_t kFragDataClusters = kFragSize / kFragCluster / 2;
+// COMPRESSED: 64 MiB of low-entropy bytes through `qemu-img convert -c`, one extent per cluster.
+constexpr std::uint64_t kCompressedSize = 64 * kMiB;
+// SPARSE: 1 TiB with 64 clusters of 64 KiB written, spread out and never adjacent nor at either
+// end: 64 data extents between 65 unallocated ones. Almost all metadata is empty L1 entries.
+constexpr std::uint64_t kSparseSize = 1024 * kGiB;
+constexpr std::uint64_t kSparseWrites = 64;
+
+void build_dense(const fs::path&, const fs::path& out) {
+    run(fmt::format("qemu-img create -q -f qcow2 {} {}", quote(out), kDenseSize));
+    run(fmt::format("qemu-io -t unsafe -f qcow2 -c 'write -P 0xab 0 {}' {} >/dev/null", kDenseSize,
+                    quote(out)));
+}
+
+void build_fragmented(const fs::path& dir, const fs::path& out) {
+    // qemu-io reads its commands from stdin when given no -c; one process for all 8192 writes.
+    fs::path script = dir / "frag-commands.txt";
+    {
+        std::string text;
+        for (std::uint64_t i = 0; i < kFragDataClusters; ++i) {
+            // 5003 is prime, so i -> i * 5003 mod 8192 is a permutation.
+            std::uint64_t j = (i * 5003) % kFragDataClusters;
+            text += fmt::format("write -P {:#x} {} {}\n", 0x10 + j % 0xe0, 2 * j * kFragCluster,
+                                kFragCluster);
+        }
+        std::FILE* f = std::fopen(script.c_str(), "w");
+        if (!f || std::fwrite(text.data(), 1, text.size(), f) != text.size() || std::fclose(f)) {
+            die(fmt::format("cannot write {}", script.string()));
+        }
+    }
+    run(fmt::format("qemu-img create -q -f qcow2 -o cluster_size={} {} {}", kFragCluster,
+                    quote(out), kFragSize));
+    run(fmt::format("qemu-io -t unsafe -f qcow2 {} <{} >/dev/null", quote(out), quote(script)));
+    fs::remove(script);
+}
+
+void build_compressed(const fs::path& dir, const fs::path& out) {
+    fs::path raw = dir / "compressed-source.raw";
+    {
+        // 16 symbols, xorshift-chosen: compresses about 2:1, so zlib does real work.
+        std::vector<std::uint8_t> data(kCompressedSize);
+        std::uint64_t x = 0x9e3779b97f4a7c15ull;
+        for (auto& b : data) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b = static_cast<std::uint8_t>('a' + (x & 15));
+        }
+        std::FILE* f = std::fopen(raw.c_str(), "w");
+        if (!f || std::fwrite(data.data(), 1, data.size(), f) != data.size() || std::fclose(f)) {
+            die(fmt::format("cannot write {}", raw.string()));
+        }
+    }
+    run(fmt::format("qemu-img convert -c -f raw -O qcow2 {} {}", quote(raw), quote(out)));
+    fs::remove(raw);
+}
+
+void build_sparse(const fs::path&, const fs::path& out) {
+    std::string commands;
+    const std::uint64_t clusters = kSparseSize / kFragCluster;
+    for (std::uint64_t i = 0; i < kSparseWrites; ++i) {
+        // Evenly spaced slots with a jitter well below the slot width.
+        std::uint64_t cluster = 1 + i * (clusters / kSparseWrites) + (i * 7919) % 100000;
+        commands += fmt::format(" -c 'write -P {:#x} {} {}'", 0x40 + i, cluster * kFragCluster,
+                                kFragCluster);
+    }
+    run(fmt::format("qemu-img create -q -f qcow2 {} {}", quote(out), kSparseSize));
+    run(fmt::format("qemu-io -t unsafe -f qcow2{} {} >/dev/null", commands, quote(out)));
+}
+
+std::vector<ImageSpec> image_specs() {
+    return {
+        {"dense", "dense-256M.qcow2", kDenseSize, 1, false, build_dense},
+        {"fragmented", "fragmented-1G.qcow2", kFragSize, 2 * kFragDataClusters, false,
+         build_fragmented},
+        {"compressed", "compressed-64M.qcow2", kCompressedSize, kCompressedSize / kFragCluster,
+         false, build_compressed},
+        {"sparse", "sparse-1T.qcow2", kSparseSize, 2 * kSparseWrites + 1, true, build_sparse},
+    };
+}
+
+struct BenchImage {
+    std::string name;
+    fs::path path;
+    Image image;
+    std::uint64_t extents;
+    bool huge;
+};
+
+/// How a benchmark runs: 0 threads means visit_runs, more means visit_runs_parallel with that
+/// many workers (as the CLI's cat and convert do).
+struct Setup {
+    fs::path dir;
+    unsigned threads = 0;
+};
+
+Result<void> visit(const Image& image, unsigned threads, const Image::RunVisitor& visitor) {
+    return threads == 0 ? image.visit_runs(0, UINT64_MAX, visitor)
+                        : image.visit_runs_parallel(0, UINT64_MAX, threads, visitor);
+}
+
+struct BenchDir {
+    fs::path dir;
+    std::vector<BenchImage> images;
+
+    ~BenchDir() { remove_owned_dir(); }
+};
+
+void prepare(BenchDir& bench) {
+    if (const char* env = std::getenv("QCOWMAP_BENCH_DIR"); env && *env) {
+        bench.dir = env;
+        fs::create_directories(bench.dir);
+    } else {
+        std::string tmpl = "/var/tmp/qcowmap-bench-XXXXXX";
+        if (!::mkdtemp(tmpl.data())) die(fmt::format("mkdtemp: {}", std::strerror(errno)));
+        bench.dir = tmpl;
+        g_owned_dir = bench.dir;
+    }
+    for (const ImageSpec& spec : image_specs()) {
+        fs::path path = bench.dir / spec.file;
+        std::optional<Image> image;
+        if (fs::exists(path)) {
+            image = open_checked(path, spec, /*quiet=*/false);
+            if (image) fmt::print(stderr, "reusing {}\n", path.string());
+        }
+        if (!image) {
+            fmt::print(stderr, "building {}\n", path.string());
+            fs::path tmp = path;
+            tmp += ".tmp";
+            fs::remove(tmp);
+            spec.build(bench.dir, tmp);
+            fs::rename(tmp, path);
+            image = open_checked(path, spec, /*quiet=*/false);
+            if (!image) die(fmt::format("{} does not have the expected layout", path.string()));
+        }
+        // Touch every page of the data once so that benchmarks on this long-lived Image start
+        // with a populated mapping (open_read_1MiB measures a fresh mapping each iteration).
+        std::uint64_t touched = 0;
+        auto warm = image->visit_runs(
+            0, UINT64_MAX,
+            [&](std::uint64_t, std::uint64_t, std::span<const std::byte> bytes) -> Result<void> {
+                for (std::size_t i = 0; i < bytes.size(); i += 4096) {
+                    touched += std::to_integer<std::uint8_t>(bytes[i]);
+                }
+                return {};
+            });
+        if (!warm) die(fmt::format("{}: {}", path.string(), warm.error().message));
+        benchmark::DoNotOptimize(touched);
+        bench.images.push_back({spec.name, path, std::move(*image), spec.extents, spec.huge});
+    }
+}
+
+void set_rates(benchmark::State& state, const BenchImage& b) {
+    const auto iterations = static_cast<std::int64_t>(state.iterations());
+    state.SetBytesProcessed(iterations * static_cast<std::int64_t>(b.image.size()));
+    state.SetItemsProcessed(iterations * static_cast<std::int64_t>(b.extents));
+    state.counters["extents"] = static_cast<double>(b.extents);
+}
+
+/// Walks the extents and sums their lengths: metadata only, no data bytes touched.
+void bm_iterate(benchmark::State& state, const BenchImage& b, const Setup&) {
+    for (auto _ : state) {
+        auto it = b.image.extents();
+        Extent e;
+        std::uint64_t n = 0, covered = 0;
+        while (it.next(e)) {
+            ++n;
+            covered += e.length;
+        }
+        benchmark::DoNotOptimize(covered);
+        if (it.failed() || n != b.extents || covered != b.image.size()) {
+            state.SkipWithError("extent walk gave a wrong result");
+            break;
+        }
+    }
+    set_rates(state, b);
+}
+
+/// Samples a few bytes of a buffer just written, so the copy has an observable consumer.
+std::uint64_t sample(const std::byte* p, std::size_t n) {
+    std::uint64_t sum = 0;
+    for (std::size_t i = 0; i < n; i += 64 * kKiB) {
+        sum += std::to_integer<std::uint8_t>(p[i]);
+    }
+    return sum + (n ? std::to_integer<std::uint8_t>(p[n - 1]) : 0);
+}
+
+std::uint64_t read_whole(const Image& image, std::vector<std::byte>& buffer,
+                         benchmark::State& state) {
+    std::uint64_t checksum = 0;
+    for (std::uint64_t offset = 0; offset < image.size();) {
+        auto got = image.read(buffer, offset);
+        if (!got || *got == 0) {
+            state.SkipWithError("read failed");
+            return 0;
+        }
+        checksum += sample(buffer.data(), *got);
+        offset += *got;
+    }
+    return checksum;
+}
+
+/// read() into a 1 MiB buffer over the whole disk, on an Image opened once (mapping warm).
+void bm_read(benchmark::State& state, const BenchImage& b, const Setup&) {
+    std::vector<std::byte> buffer(1 * kMiB);
+    for (auto _ : state) {
+        std::uint64_t checksum = read_whole(b.image, buffer, state);
+        benchmark::DoNotOptimize(checksum);
+        benchmark::ClobberMemory();
+    }
+    set_rates(state, b);
+}
+
+/// Image::open + read() of the whole disk per iteration: includes mapping the file and the page
+/// faults on it, which is what every CLI invocation pays (page cache warm).
+void bm_open_read(benchmark::State& state, const BenchImage& b, const Setup&) {
+    std::vector<std::byte> buffer(1 * kMiB);
+    for (auto _ : state) {
+        auto image = Image::open(b.path);
+        if (!image) {
+            state.SkipWithError("open failed");
+            break;
+        }
+        std::uint64_t checksum = read_whole(*image, buffer, state);
+        benchmark::DoNotOptimize(checksum);
+        benchmark::ClobberMemory();
+    }
+    set_rates(state, b);
+}
+
+/// visit_runs (or visit_runs_parallel) writing every run to `fd`; zero runs from the static zero
+/// buffer. Returns the bytes written, or nullopt on failure.
+std::optional<std::uint64_t> cat_to(const Image& image, unsigned threads, int fd) {
+    std::uint64_t written = 0;
+    auto result = visit(
+        image, threads,
+        [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes) -> Result<void> {
+            if (!bytes.empty()) {
+                if (!write_all(fd, bytes.data(), bytes.size())) {
+                    return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
+                }
+                written += bytes.size();
+                return {};
+            }
+            while (length > 0) {
+                std::size_t n =
+                    static_cast<std::size_t>(std::min<std::uint64_t>(length, sizeof kZeros));
+                if (!write_all(fd, kZeros, n)) {
+                    return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
+                }
+                written += n;
+                length -= n;
+            }
+            return {};
+        });
+    if (!result) return std::nullopt;
+    return written;
+}
+
+/// `qcowmap cat IMG >/dev/null`: the extent walk (and decompression) plus one write(2) per run or
+/// zero chunk. /dev/null never reads the bytes, so data runs of the mapping are not copied.
+void bm_cat_devnull(benchmark::State& state, const BenchImage& b, const Setup& setup) {
+    int fd = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+        state.SkipWithError("cannot open /dev/null");
+        return;
+    }
+    for (auto _ : state) {
+        auto written = cat_to(b.image, setup.threads, fd);
+        if (!written || *written != b.image.size()) {
+            state.SkipWithError("cat to /dev/null failed");
+            break;
+        }
+        benchmark::DoNotOptimize(*written);
+    }
+    ::close(fd);
+    set_rates(state, b);
+}
+
+/// `qcowmap cat IMG | consumer`: every byte goes through a 1 MiB pipe to a reader thread that
+/// reads it into a buffer and samples it, so the data is really copied out of the mapping.
+void bm_cat_pipe(benchmark::State& state, const BenchImage& b, const Setup& setup) {
+    std::vector<std::byte> buffer(1 * kMiB);
+    for (auto _ : state) {
+        int fds[2];
+        if (::pipe2(fds, O_CLOEXEC) != 0) {
+            state.SkipWithError("pipe failed");
+            break;
+        }
+        ::fcntl(fds[1], F_SETPIPE_SZ, static_cast<int>(1 * kMiB)); // best effort
+        std::uint64_t received = 0, checksum = 0;
+        std::thread reader([&] {
+            for (;;) {
+                ssize_t n = ::read(fds[0], buffer.data(), buffer.size());
+                if (n < 0 && errno == EINTR) continue;
+                if (n <= 0) break;
+                checksum += sample(buffer.data(), static_cast<std::size_t>(n));
+                received += static_cast<std::uint64_t>(n);
+            }
+        });
+        auto written = cat_to(b.image, setup.threads, fds[1]);
+        ::close(fds[1]);
+        reader.join();
+        ::close(fds[0]);
+        if (!written || received != b.image.size()) {
+            state.SkipWithError("cat through a pipe failed");
+            break;
+        }
+        benchmark::DoNotOptimize(checksum);
+    }
+    set_rates(state, b);
+}
+
+/// `qcowmap convert IMG OUT`: a sparse raw file in the bench directory, data runs written with
+/// pwrite(2) straight from the mapping, zero runs left as holes. The output is unlinked between
+/// iterations, outside the timed part.
+void bm_convert_file(benchmark::State& state, const BenchImage& b, const Setup& setup) {
+    const fs::path out = setup.dir / fmt::format("convert-{}.raw", b.name);
+    std::uint64_t written = 0;
+    for (auto _ : state) {
+        int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(b.image.size())) != 0) {
+            state.SkipWithError("cannot create the output file");
+            if (fd >= 0) ::close(fd);
+            break;
+        }
+        written = 0;
+        auto result = visit(
+            b.image, setup.threads,
+            [&](std::uint64_t offset, std::uint64_t,
+                std::span<const std::byte> bytes) -> Result<void> {
+                for (std::uint64_t done = 0; done < bytes.size();) {
+                    ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done,
+                                         static_cast<off_t>(offset + done));
+                    if (n < 0 && errno == EINTR) continue;
+                    if (n <= 0)
+                        return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
+                    done += static_cast<std::uint64_t>(n);
+                }
+                written += bytes.size();
+                return {};
+            });
+        bool closed = ::close(fd) == 0;
+        state.PauseTiming();
+        fs::remove(out);
+        state.ResumeTiming();
+        if (!result || !closed) {
+            state.SkipWithError("convert to a file failed");
+            break;
+        }
+        benchmark::DoNotOptimize(written);
+    }
+    set_rates(state, b);
+    state.counters["data_bytes"] = static_cast<double>(written);
+}
+
+/// map_image as `qcowmap map` calls it, without the JSON formatting; items are map entries.
+void bm_map(benchmark::State& state, const BenchImage& b, const Setup&) {
+    std::uint64_t entries = 0;
+    for (auto _ : state) {
+        std::uint64_t n = 0, covered = 0;
+        auto result =
+            qcowmap::map_image(b.image, {}, [&](const qcowmap::MapEntry& e) -> Result<void> {
+                ++n;
+                covered += e.length;
+                return {};
+            });
+        benchmark::DoNotOptimize(covered);
+        if (!result || covered != b.image.size()) {
+            state.SkipWithError("map_image failed");
+            break;
+        }
+        entries = n;
+    }
+    const auto iterations = static_cast<std::int64_t>(state.iterations());
+    state.SetBytesProcessed(iterations * static_cast<std::int64_t>(b.image.size()));
+    state.SetItemsProcessed(iterations * static_cast<std::int64_t>(entries));
+    state.counters["entries"] = static_cast<double>(entries);
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+
+    BenchDir bench;
+    prepare(bench);
+
+    using Fn = void (*)(benchmark::State&, const BenchImage&, const Setup&);
+    struct Entry {
+        const char* name;
+        Fn fn;
+        bool parallel;   ///< run with visit_runs_parallel and the CLI's worker count
+        bool every_byte; ///< moves every virtual byte through user space: not on huge images
+    };
+    const Entry entries[] = {
+        {"iterate", bm_iterate, false, false},
+        {"map", bm_map, false, false},
+        {"read_1MiB", bm_read, false, true},
+        {"open_read_1MiB", bm_open_read, false, true},
+        {"cat_devnull", bm_cat_devnull, false, false},
+        {"cat_devnull_parallel", bm_cat_devnull, true, false},
+        {"cat_pipe", bm_cat_pipe, false, true},
+        {"cat_pipe_parallel", bm_cat_pipe, true, true},
+        {"convert_file", bm_convert_file, false, false},
+        {"convert_file_parallel", bm_convert_file, true, false},
+    };
+    // The CLI's worker_threads(): one per core.
+    const unsigned cores = std::max(2u, std::thread::hardware_concurrency());
+    for (const Entry& entry : entries) {
+        const Fn fn = entry.fn;
+        const Setup setup{bench.dir, entry.parallel ? cores : 0};
+        for (const BenchImage& b : bench.images) {
+            if (entry.every_byte && b.huge) continue;
+            std::string full = fmt::format("{}/{}", entry.name, b.name);
+            benchmark::RegisterBenchmark(
+                full.c_str(), [fn, &b, setup](benchmark::State& state) { fn(state, b, setup); })
+                ->Unit(benchmark::kMillisecond)
+                ->UseRealTime();
+        }
+    }
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+    return 0;
+}
