@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <vector>
 
 namespace qcowmap::cli {
 
@@ -61,6 +62,45 @@ bool pwrite_sparse(int fd, const std::byte* data, std::uint64_t length, std::uin
     return !pending_length || pwrite_all(fd, data + pending_start, pending_length, offset + pending_start);
 }
 
+/// Copies a data run that lies at `host_offset` in the image file `in`. Writing straight from
+/// the mapping is slow on Linux (every page of the source is faulted in inside the write path),
+/// so data goes through the kernel: copy_file_range when no zero detection is wanted (it can
+/// even share blocks), else pread into a buffer, which the zero check then reads warm.
+bool copy_run(int in, std::uint64_t host_offset, int out, std::uint64_t offset,
+              std::uint64_t length, std::uint64_t zero_block, std::vector<std::byte>& buffer) {
+    if (zero_block == 0) {
+        std::uint64_t done = 0;
+        while (done < length) {
+            loff_t from = static_cast<loff_t>(host_offset + done);
+            loff_t to = static_cast<loff_t>(offset + done);
+            ssize_t n = ::copy_file_range(in, &from, out, &to,
+                                          static_cast<std::size_t>(std::min<std::uint64_t>(length - done, 1u << 30)), 0);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) break; // not supported here (or EOF): finish with pread/pwrite
+            done += static_cast<std::uint64_t>(n);
+        }
+        host_offset += done;
+        offset += done;
+        length -= done;
+    }
+    while (length > 0) {
+        std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(length, buffer.size()));
+        ssize_t n = ::pread(in, buffer.data(), want, static_cast<off_t>(host_offset));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            if (n == 0) errno = EIO; // the file shrank under us
+            return false;
+        }
+        if (!pwrite_sparse(out, buffer.data(), static_cast<std::uint64_t>(n), offset, zero_block)) {
+            return false;
+        }
+        host_offset += static_cast<std::uint64_t>(n);
+        offset += static_cast<std::uint64_t>(n);
+        length -= static_cast<std::uint64_t>(n);
+    }
+    return true;
+}
+
 } // namespace
 
 Command add_convert(CLI::App& app) {
@@ -108,6 +148,12 @@ Command add_convert(CLI::App& app) {
                 if (sparse && ::ftruncate(fd, static_cast<off_t>(image->size())) != 0) {
                     return fail_output(std::strerror(errno));
                 }
+                int in = ::open(image->path().c_str(), O_RDONLY | O_CLOEXEC);
+                if (in < 0) {
+                    return report(args->path, std::strerror(errno), kExitImageError);
+                }
+                const auto mapping = image->file_bytes();
+                std::vector<std::byte> buffer(1u << 20);
                 Progress meter(*progress, image->size());
                 bool write_failed = false;
                 auto result = image->visit_runs_parallel(
@@ -115,9 +161,15 @@ Command add_convert(CLI::App& app) {
                     [&](std::uint64_t offset, std::uint64_t length,
                         std::span<const std::byte> bytes) -> Result<void> {
                         bool ok = true;
-                        if (!bytes.empty()) {
-                            ok = pwrite_sparse(fd, bytes.data(), bytes.size(), offset,
-                                               sparse ? *zero_block : 0);
+                        const std::uint64_t block = sparse ? *zero_block : 0;
+                        const bool in_mapping = !bytes.empty() && bytes.data() >= mapping.data() &&
+                                                bytes.data() < mapping.data() + mapping.size();
+                        if (in_mapping) {
+                            // A data run: its place in the image file is its place in the mapping.
+                            std::uint64_t host = static_cast<std::uint64_t>(bytes.data() - mapping.data());
+                            ok = copy_run(in, host, fd, offset, length, block, buffer);
+                        } else if (!bytes.empty()) {
+                            ok = pwrite_sparse(fd, bytes.data(), bytes.size(), offset, block);
                         } else if (!sparse) {
                             for (std::uint64_t done = 0; ok && done < length;) {
                                 std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeroChunk);
@@ -132,6 +184,7 @@ Command add_convert(CLI::App& app) {
                         meter.update(offset + length);
                         return {};
                     });
+                ::close(in);
                 if (!result) {
                     ::close(fd);
                     return write_failed

@@ -27,7 +27,7 @@ struct Decompressor::Impl {
     }
 
     // Fills `cluster` completely from `input`; returns an empty string on success.
-    std::string inflate_cluster(std::span<const std::byte> input) {
+    std::string inflate_cluster(std::span<const std::byte> input, std::span<std::byte> cluster) {
         if (!zlib_ready) {
             // Raw deflate (negative window bits): qcow2 stores no zlib header.
             if (inflateInit2(&zlib, -15) != Z_OK) {
@@ -52,7 +52,7 @@ struct Decompressor::Impl {
         return fmt::format("zlib error {}: {}", ret, zlib.msg ? zlib.msg : "corrupt stream");
     }
 
-    std::string unzstd_cluster(std::span<const std::byte> input) {
+    std::string unzstd_cluster(std::span<const std::byte> input, std::span<std::byte> cluster) {
         if (!zstd) {
             zstd = ZSTD_createDCtx();
             if (!zstd) {
@@ -87,29 +87,42 @@ Decompressor::~Decompressor() = default;
 Decompressor::Decompressor(Decompressor&&) noexcept = default;
 Decompressor& Decompressor::operator=(Decompressor&&) noexcept = default;
 
+Result<void> Decompressor::decompress_cluster(const Image& image, const Extent& extent,
+                                              std::span<std::byte> cluster) {
+    const detail::ImageState& state = *image.state_;
+    if (extent.kind != ExtentKind::compressed ||
+        extent.offset_in_cluster + extent.length > state.cluster_size ||
+        cluster.size() != state.cluster_size) {
+        return Error{ErrorCode::invalid_argument,
+                     "not a compressed extent of this image, or the buffer is not one cluster"};
+    }
+    Impl& impl = *impl_;
+    std::string problem = state.info.compression_type == CompressionType::zstd
+                              ? impl.unzstd_cluster(extent.bytes, cluster)
+                              : impl.inflate_cluster(extent.bytes, cluster);
+    if (!problem.empty()) {
+        std::uint64_t cluster_start = extent.offset - extent.offset_in_cluster;
+        return Error{ErrorCode::compressed_data,
+                     fmt::format("compressed cluster for virtual offset {:#x} at host offset "
+                                 "{:#x} (+{:#x}): {}",
+                                 cluster_start, extent.compressed_host_offset, extent.bytes.size(),
+                                 problem)};
+    }
+    return {};
+}
+
 Result<std::span<const std::byte>> Decompressor::decompress(const Image& image,
                                                              const Extent& extent) {
     const detail::ImageState& state = *image.state_;
-    if (extent.kind != ExtentKind::compressed ||
-        extent.offset_in_cluster + extent.length > state.cluster_size) {
-        return Error{ErrorCode::invalid_argument, "extent is not a compressed extent"};
-    }
     Impl& impl = *impl_;
+    // read() may visit one cluster in several calls: keep the last cluster produced.
     if (!(impl.cached && impl.cached_image == &state &&
           impl.cached_host_offset == extent.compressed_host_offset &&
           impl.cluster.size() == state.cluster_size)) {
         impl.cached = false;
         impl.cluster.resize(state.cluster_size);
-        std::string problem = state.info.compression_type == CompressionType::zstd
-                                  ? impl.unzstd_cluster(extent.bytes)
-                                  : impl.inflate_cluster(extent.bytes);
-        if (!problem.empty()) {
-            std::uint64_t cluster_start = extent.offset - extent.offset_in_cluster;
-            return Error{ErrorCode::compressed_data,
-                         fmt::format("compressed cluster for virtual offset {:#x} at host offset "
-                                     "{:#x} (+{:#x}): {}",
-                                     cluster_start, extent.compressed_host_offset,
-                                     extent.bytes.size(), problem)};
+        if (auto ok = decompress_cluster(image, extent, impl.cluster); !ok) {
+            return std::move(ok).error();
         }
         impl.cached = true;
         impl.cached_image = &state;

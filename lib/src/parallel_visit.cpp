@@ -1,7 +1,10 @@
-// Ordered parallel production of byte runs: workers walk and decompress fixed-size chunks of
-// the virtual disk into a bounded ring of slots; the calling thread consumes them in order.
-// Data and zero runs are never copied (a slot holds spans into the mapping); only compressed
-// clusters are materialised, in the slot's own buffer.
+// Ordered visit with compressed clusters decompressed ahead on worker threads.
+//
+// The calling thread walks the extents and calls the visitor in order. When it meets the first
+// compressed extent it starts a second iterator from there that runs ahead, queueing the next
+// compressed extents into a bounded ring of jobs; workers decompress each job into the job's
+// own one-cluster buffer. Both iterators walk the same extents in the same order, so the k-th
+// compressed extent the caller meets is the k-th job. Data and zero runs are never copied.
 #include "image_state.hpp"
 
 #include <condition_variable>
@@ -12,143 +15,172 @@
 namespace qcowmap {
 namespace {
 
-constexpr std::uint64_t kChunkBytes = 8ull << 20;
-
-struct PendingRun {
-    std::uint64_t offset;
-    std::uint64_t length;
-    const std::byte* data;       // into the mapping; null for zero or produced runs
-    std::size_t produced_at;     // offset into the slot buffer when `produced`
-    bool produced;
+struct Job {
+    Extent extent;
+    std::vector<std::byte> cluster;
+    std::optional<Error> error;
+    enum class State { free, queued, working, done } state = State::free;
 };
 
-struct Slot {
-    std::uint64_t index = UINT64_MAX; // chunk held, UINT64_MAX while free
-    bool ready = false;
-    std::vector<PendingRun> runs;
-    std::vector<std::byte> buffer;
-    std::optional<Error> error;
+class Prefetcher {
+  public:
+    Prefetcher(const Image& image, std::uint64_t start, std::uint64_t end, unsigned threads)
+        : image_(image), ahead_(image.extents(start, end)), jobs_(4 * threads) {
+        for (Job& job : jobs_) {
+            job.cluster.resize(image.info().cluster_size);
+        }
+        for (unsigned i = 0; i < threads; ++i) {
+            workers_.emplace_back([this] { work(); });
+        }
+    }
+
+    ~Prefetcher() {
+        {
+            std::lock_guard lock(mutex_);
+            stopping_ = true;
+        }
+        changed_.notify_all();
+        for (std::thread& worker : workers_) {
+            worker.join();
+        }
+    }
+
+    /// Waits for the next compressed cluster in disk order; the span lives until `release()`.
+    Result<std::span<const std::byte>> next(const Extent& expected) {
+        top_up();
+        Job& job = jobs_[consumed_ % jobs_.size()];
+        std::unique_lock lock(mutex_);
+        if (job.state == Job::State::free) {
+            // The look-ahead iterator failed or ended before reaching this extent.
+            return ahead_.failed() ? ahead_.error()
+                                   : Error{ErrorCode::invalid_argument, "prefetch lost its place"};
+        }
+        changed_.wait(lock, [&] { return job.state == Job::State::done; });
+        if (job.extent.offset != expected.offset ||
+            job.extent.compressed_host_offset != expected.compressed_host_offset) {
+            return Error{ErrorCode::invalid_argument, "prefetch lost its place"};
+        }
+        if (job.error) {
+            return *job.error;
+        }
+        return std::span<const std::byte>(job.cluster).subspan(expected.offset_in_cluster,
+                                                               expected.length);
+    }
+
+    void release() {
+        {
+            std::lock_guard lock(mutex_);
+            jobs_[consumed_ % jobs_.size()].state = Job::State::free;
+        }
+        ++consumed_;
+    }
+
+  private:
+    // Queues compressed extents from the look-ahead iterator into free jobs.
+    void top_up() {
+        bool queued = false;
+        while (queued_ < consumed_ + jobs_.size()) {
+            Extent e;
+            bool found = false;
+            while (ahead_.next(e)) {
+                if (e.kind == ExtentKind::compressed) {
+                    found = true;
+                    break;
+                }
+            }
+            if (!found) {
+                break;
+            }
+            Job& job = jobs_[queued_ % jobs_.size()];
+            {
+                std::lock_guard lock(mutex_);
+                job.extent = e;
+                job.error.reset();
+                job.state = Job::State::queued;
+            }
+            ++queued_;
+            queued = true;
+        }
+        if (queued) {
+            changed_.notify_all();
+        }
+    }
+
+    void work() {
+        Decompressor decompressor;
+        std::size_t scan = 0;
+        std::unique_lock lock(mutex_);
+        for (;;) {
+            Job* job = nullptr;
+            changed_.wait(lock, [&] {
+                if (stopping_) return true;
+                for (std::size_t i = 0; i < jobs_.size(); ++i) {
+                    Job& candidate = jobs_[(scan + i) % jobs_.size()];
+                    if (candidate.state == Job::State::queued) {
+                        job = &candidate;
+                        scan = (scan + i + 1) % jobs_.size();
+                        return true;
+                    }
+                }
+                return false;
+            });
+            if (stopping_) return;
+            job->state = Job::State::working;
+            lock.unlock();
+            auto ok = decompressor.decompress_cluster(image_, job->extent, job->cluster);
+            lock.lock();
+            if (!ok) job->error = std::move(ok).error();
+            job->state = Job::State::done;
+            changed_.notify_all();
+        }
+    }
+
+    const Image& image_;
+    ExtentIterator ahead_;
+    std::vector<Job> jobs_;
+    std::vector<std::thread> workers_;
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    std::uint64_t queued_ = 0;   // jobs handed to workers (caller thread only)
+    std::uint64_t consumed_ = 0; // jobs handed to the visitor (caller thread only)
+    bool stopping_ = false;
 };
 
 } // namespace
 
 Result<void> Image::visit_runs_parallel(std::uint64_t start, std::uint64_t end, unsigned threads,
                                         const RunVisitor& visitor) const {
-    end = std::min(end, size());
-    if (threads <= 1 || start >= end) {
+    if (threads <= 1) {
         return visit_runs(start, end, visitor);
     }
-    const std::uint64_t chunk = std::max<std::uint64_t>(kChunkBytes, state_->cluster_size);
-    // Chunk i covers [boundary(i), boundary(i + 1)), with chunk-aligned inner boundaries so
-    // that no compressed cluster straddles two chunks.
-    const std::uint64_t first_boundary = (start / chunk + 1) * chunk;
-    const std::uint64_t chunk_count =
-        first_boundary >= end ? 1 : 2 + (end - 1 - first_boundary) / chunk;
-    auto chunk_start = [&](std::uint64_t i) {
-        return i == 0 ? start : std::min(end, first_boundary + (i - 1) * chunk);
-    };
-
-    std::vector<Slot> slots(2 * threads + 2);
-    std::mutex mutex;
-    std::condition_variable changed;
-    std::uint64_t next_chunk = 0;
-    std::uint64_t consumed = 0; // chunks fully handed to the visitor
-    bool stop = false;
-
-    auto work = [&] {
-        Decompressor decompressor;
-        for (;;) {
-            std::uint64_t index;
-            Slot* slot;
-            {
-                std::unique_lock lock(mutex);
-                if (stop || next_chunk >= chunk_count) return;
-                index = next_chunk++;
-                // Wait for the slot this chunk will use to be consumed.
-                changed.wait(lock, [&] { return stop || index < consumed + slots.size(); });
-                if (stop) return;
-                slot = &slots[index % slots.size()];
-                slot->index = index;
-                slot->ready = false;
+    ExtentIterator it = extents(start, end);
+    std::optional<Prefetcher> prefetcher;
+    Extent extent;
+    while (it.next(extent)) {
+        if (extent.kind != ExtentKind::compressed) {
+            auto bytes = extent.kind == ExtentKind::data ? extent.bytes : std::span<const std::byte>{};
+            if (auto ok = visitor(extent.offset, extent.length, bytes); !ok) {
+                return ok;
             }
-            slot->runs.clear();
-            slot->buffer.clear();
-            slot->error.reset();
-            ExtentIterator it = extents(chunk_start(index), chunk_start(index + 1));
-            Extent e;
-            while (it.next(e)) {
-                PendingRun run{e.offset, e.length, nullptr, 0, false};
-                if (e.kind == ExtentKind::data) {
-                    run.data = e.bytes.data();
-                } else if (e.kind == ExtentKind::compressed) {
-                    auto bytes = decompressor.decompress(*this, e);
-                    if (!bytes) {
-                        slot->error = std::move(bytes).error();
-                        break;
-                    }
-                    run.produced = true;
-                    run.produced_at = slot->buffer.size();
-                    slot->buffer.insert(slot->buffer.end(), bytes->begin(), bytes->end());
-                }
-                slot->runs.push_back(run);
-            }
-            if (it.failed() && !slot->error) {
-                slot->error = it.error();
-            }
-            {
-                std::lock_guard lock(mutex);
-                slot->ready = true;
-            }
-            changed.notify_all();
+            continue;
         }
-    };
-
-    std::vector<std::thread> workers;
-    workers.reserve(threads);
-    for (unsigned i = 0; i < threads; ++i) {
-        workers.emplace_back(work);
+        if (!prefetcher) {
+            prefetcher.emplace(*this, extent.offset, end, threads);
+        }
+        auto bytes = prefetcher->next(extent);
+        if (!bytes) {
+            return std::move(bytes).error();
+        }
+        auto ok = visitor(extent.offset, extent.length, *bytes);
+        prefetcher->release();
+        if (!ok) {
+            return ok;
+        }
     }
-
-    Result<void> result;
-    for (std::uint64_t index = 0; index < chunk_count && result; ++index) {
-        Slot& slot = slots[index % slots.size()];
-        {
-            std::unique_lock lock(mutex);
-            changed.wait(lock, [&] { return slot.index == index && slot.ready; });
-        }
-        if (slot.error) {
-            result = *slot.error;
-            break;
-        }
-        for (const PendingRun& run : slot.runs) {
-            std::span<const std::byte> bytes;
-            if (run.data) {
-                bytes = {run.data, static_cast<std::size_t>(run.length)};
-            } else if (run.produced) {
-                bytes = {slot.buffer.data() + run.produced_at, static_cast<std::size_t>(run.length)};
-            }
-            if (auto ok = visitor(run.offset, run.length, bytes); !ok) {
-                result = std::move(ok);
-                break;
-            }
-        }
-        {
-            std::lock_guard lock(mutex);
-            slot.index = UINT64_MAX;
-            slot.ready = false;
-            consumed = index + 1;
-        }
-        changed.notify_all();
+    if (it.failed()) {
+        return it.error();
     }
-    {
-        std::lock_guard lock(mutex);
-        stop = true;
-    }
-    changed.notify_all();
-    for (std::thread& worker : workers) {
-        worker.join();
-    }
-    return result;
+    return {};
 }
 
 } // namespace qcowmap

@@ -185,10 +185,11 @@ class Image {
     Result<void> visit_runs(std::uint64_t start, std::uint64_t end,
                             const RunVisitor& visitor) const;
 
-    /// Like `visit_runs`, but the extent walk and decompression of compressed clusters run
-    /// ahead on `threads` worker threads, chunk by chunk, while the visitor is called on the
-    /// calling thread in disk order. Memory stays bounded (a few chunks of decompressed data,
-    /// whatever the image size). `threads` 0 or 1 means `visit_runs`.
+    /// Like `visit_runs`, but compressed clusters are decompressed ahead of the visitor on
+    /// `threads` worker threads, while the visitor is called on the calling thread in disk
+    /// order. Workers start only when a compressed cluster is met, so images without any cost
+    /// nothing extra. Memory stays bounded (4 × threads clusters in flight, whatever the image
+    /// size). `threads` 0 or 1 means `visit_runs`.
     Result<void> visit_runs_parallel(std::uint64_t start, std::uint64_t end, unsigned threads,
                                      const RunVisitor& visitor) const;
 
@@ -211,6 +212,12 @@ class Decompressor {
     /// `extent.length` bytes starting at `extent.offset_in_cluster`. The span lives until the
     /// next call. Errors: compressed_data (decoder error, output short of or past one cluster).
     Result<std::span<const std::byte>> decompress(const Image& image, const Extent& extent);
+
+    /// Decompresses the whole cluster of a compressed `extent` into `cluster`, which must be
+    /// exactly one cluster long (the extent's bytes then start at `extent.offset_in_cluster`).
+    /// Errors: compressed_data, invalid_argument for a wrong extent or buffer size.
+    Result<void> decompress_cluster(const Image& image, const Extent& extent,
+                                    std::span<std::byte> cluster);
 
   private:
     struct Impl;
