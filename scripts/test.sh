@@ -40,5 +40,26 @@ run_pass plain build-test --buildtype=debugoptimized -Dwerror=true -Dbench=true
 run_pass sanitize build-sanitize --buildtype=debug -Db_sanitize=address,undefined \
   -Db_lundef=false -Dcpp_args=-D_GLIBCXX_ASSERTIONS -Dbench=false
 
+# ThreadSanitizer over the tests that read one Image from several threads at once (plain
+# reads, and the parallel decompression that cat/convert use).
+echo "=== thread: ThreadSanitizer on the concurrency tests (build-tsan)"
+if [ -d build-tsan ] || meson setup build-tsan --buildtype=debugoptimized -Db_sanitize=thread \
+     -Dbench=false >/dev/null; then
+  if ninja -C build-tsan -j "$jobs" apps/qcowmap tests/test_compressed tests/test_oracle \
+       >build-tsan/qcowmap-build.log 2>&1; then
+    for suite in compressed oracle; do
+      QCOWMAP_BIN=$PWD/build-tsan/apps/qcowmap TSAN_OPTIONS=halt_on_error=1 \
+        "build-tsan/tests/test_$suite" --gtest_filter='*Concurrency*' >"build-tsan/tsan-$suite.log" 2>&1
+      rc=$?
+      tail -3 "build-tsan/tsan-$suite.log"
+      if [ "$rc" -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); status=1; fi
+    done
+  else
+    tail -50 build-tsan/qcowmap-build.log; echo "thread: build failed"; failed=$((failed + 1)); status=1
+  fi
+else
+  echo "thread: configure failed"; failed=$((failed + 1)); status=1
+fi
+
 echo "tests: $passed passed, $failed failed"
 exit $status
