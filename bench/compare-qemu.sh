@@ -12,6 +12,9 @@
 #   frag-4G.qcow2    4 GiB virtual, 64 KiB clusters, every 4th cluster written: 1 GiB of data in
 #                    16384 data runs separated by 16384 unallocated runs
 #   sparse-1T.qcow2  1 TiB virtual, 256 writes of 16 KiB at scattered offsets (a few MiB of data)
+#   zlib-1G.qcow2, zstd-1G.qcow2
+#                    `qemu-img convert -c` (64 KiB clusters) of a 1 GiB raw file mixing, MiB by
+#                    MiB, random bytes, text, zeros and runs of one byte
 # Everything runs warm: one untimed run of each command comes first and nothing is dropped from
 # the page cache, for either tool.
 set -euo pipefail
@@ -83,6 +86,47 @@ SPARSE=$WORKDIR/sparse-1T.qcow2
 build_image "$FRAG" 4G 64k frag_commands $((1 << 30))
 build_image "$SPARSE" 1T 64k sparse_commands $((256 * 16384))
 
+# The compressed images: made from one mixed 1 GiB raw file, deleted once both exist.
+build_compressed() { # $1 image, $2 compression type
+    local image=$1 type=$2 source=$WORKDIR/mixed-1G.raw
+    if [[ -f $image && -f $image.done ]]; then
+        echo "reusing $image"
+        return
+    fi
+    if [[ ! -f $source ]]; then
+        echo "building $source ..."
+        python3 - "$source" <<'PY'
+import os, random, sys
+random.seed(7)
+text = b"The quick brown fox jumps over the lazy dog. qcow2 clusters, L2 tables, refcounts. " * 13000
+with open(sys.argv[1], "wb") as f:
+    for mib in range(1024):
+        kind = mib % 4
+        if kind == 0:
+            f.write(random.randbytes(1 << 20))
+        elif kind == 1:
+            f.write(text[mib % 97:][: 1 << 20])
+        elif kind == 2:
+            f.write(bytes(1 << 20))
+        else:
+            block = bytearray([mib % 251 + 1]) * (1 << 20)
+            for _ in range(256):
+                block[random.randrange(1 << 20)] = random.randrange(256)
+            f.write(block)
+PY
+    fi
+    echo "building $image ..."
+    qemu-img convert -c -O qcow2 -o cluster_size=64k,compression_type="$type" "$source" "$image.tmp"
+    qemu-img compare -q -f raw -F qcow2 "$source" "$image.tmp" || die "$image.tmp differs from its source"
+    mv "$image.tmp" "$image"
+    touch "$image.done"
+}
+ZLIB=$WORKDIR/zlib-1G.qcow2
+ZSTD=$WORKDIR/zstd-1G.qcow2
+build_compressed "$ZLIB" zlib
+build_compressed "$ZSTD" zstd
+rm -f "$WORKDIR/mixed-1G.raw"
+
 now() { date +%s.%N; }
 
 # Prints the wall time of "$@" in seconds (stdout of the command goes to /dev/null).
@@ -147,11 +191,11 @@ compare() {
 
 echo "qcowmap: $QCOWMAP"
 echo "qemu-img: $(qemu-img --version | head -n1)"
-for image in "$FRAG" "$SPARSE"; do
+for image in "$FRAG" "$SPARSE" "$ZLIB" "$ZSTD"; do
     check_image "$image"
 done
 echo "timing, $RUNS runs each (seconds):"
-for image in "$FRAG" "$SPARSE"; do
+for image in "$FRAG" "$SPARSE" "$ZLIB" "$ZSTD"; do
     compare map "$image" map_qcowmap map_qemu
     compare convert "$image" convert_qcowmap convert_qemu
 done

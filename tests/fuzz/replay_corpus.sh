@@ -24,6 +24,9 @@ mk "compression_type=zstd,cluster_size=4k" 1M "write -c -P 6 0 4k"
 mk "preallocation=metadata,cluster_size=4k" 256k "write -P 7 8k 4k"
 mk "refcount_bits=1" 1M "write -P 8 0 64k"
 mk "" 1000
+# Legacy qcow version 1, plain and compressed clusters (compressed writes are one cluster).
+n=$((n + 1)); qemu-img create -q -f qcow "$dir/seed$n.qcow2" 1M
+qemu-io -f qcow -c "write -P 9 4k 8k" -c "write -c -P 10 64k 4k" "$dir/seed$n.qcow2" >/dev/null
 
 mkdir -p "$dir/flipped"
 for seed in "$dir"/seed*.qcow2; do
