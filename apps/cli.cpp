@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <thread>
@@ -15,18 +16,26 @@ int report(std::string_view file, std::string_view message, int code) {
     return code;
 }
 
-void ImageArgs::add_to(CLI::App& command) {
+void ImageArgs::add_to(CLI::App& command, bool contents) {
     command.add_option("IMAGE", path, "qcow2 image file")->required();
     command
         .add_option("--backing", backing,
-                    "follow: read through the backing file (default); none: read only this image, "
-                    "unallocated ranges read as zeros")
+                    "follow: read through the backing chain (default); none: read only this "
+                    "image, unallocated ranges read as zeros")
         ->check(CLI::IsMember({"follow", "none"}));
+    if (contents) {
+        command.add_option("--data-file", data_file,
+                           "External data file to use instead of the one the image names");
+        command.add_option("--snapshot", snapshot,
+                           "Read this internal snapshot (ID or name) instead of the active disk");
+    }
 }
 
 OpenOptions ImageArgs::open_options() const {
     OpenOptions options;
     options.backing = backing == "none" ? BackingMode::none : BackingMode::follow;
+    if (!data_file.empty()) options.data_file = data_file;
+    if (!snapshot.empty()) options.snapshot = snapshot;
     return options;
 }
 
@@ -105,19 +114,12 @@ std::string json_string(std::string_view text) {
 }
 
 std::string human_size(std::uint64_t bytes) {
-    static constexpr const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
-    if (bytes < 1024) {
-        return fmt::format("{} B", bytes);
-    }
-    double value = static_cast<double>(bytes);
-    int unit = 0;
-    while (value >= 1024 && unit < 6) {
-        value /= 1024;
-        ++unit;
-    }
-    // qemu-img prints three significant digits: "1 MiB", "1.5 GiB", "100 KiB".
-    std::string text = fmt::format("{:.3g}", value);
-    return fmt::format("{} {}", text, units[unit]);
+    static constexpr const char* prefixes[] = {"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"};
+    int exponent = 0;
+    std::frexp(static_cast<double>(bytes) / (1000.0 / 1024.0), &exponent);
+    int unit = std::clamp((exponent - 1) / 10, 0, 6);
+    double value = static_cast<double>(bytes) / static_cast<double>(std::uint64_t{1} << (unit * 10));
+    return fmt::format("{} {}B", fmt::format("{:.3g}", value), prefixes[unit]);
 }
 
 Progress::Progress(bool enabled, std::uint64_t total) : enabled_(enabled), total_(total) {

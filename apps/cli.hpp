@@ -28,7 +28,11 @@ int report(std::string_view file, std::string_view message, int code);
 struct ImageArgs {
     std::string path;
     std::string backing = "follow";
-    void add_to(CLI::App& command);
+    std::string data_file;
+    std::string snapshot;
+    /// Adds IMAGE and --backing; `contents` adds the options of commands that read the disk
+    /// (--data-file, --snapshot).
+    void add_to(CLI::App& command, bool contents = true);
     OpenOptions open_options() const;
 };
 
@@ -41,7 +45,7 @@ std::optional<std::uint64_t> parse_size(std::string_view text);
 /// A JSON string literal for `text` (quotes included, control characters escaped).
 std::string json_string(std::string_view text);
 
-/// "1 MiB" style sizes, as qemu-img prints them.
+/// "1 MiB" style sizes, as qemu-img prints them (qemu's size_to_str: "%0.3g", 1000 B → KiB).
 std::string human_size(std::uint64_t bytes);
 
 /// Progress on stderr ("    (42.00/100%)" redrawn in place), like qemu-img -p.

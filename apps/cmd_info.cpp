@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <ctime>
 #include <sys/stat.h>
 
 namespace qcowmap::cli {
@@ -55,42 +56,87 @@ std::uint64_t disk_usage(const std::string& path) {
     return ::stat(path.c_str(), &st) == 0 ? static_cast<std::uint64_t>(st.st_blocks) * 512 : 0;
 }
 
-void print_json(const std::string& path, const ImageInfo& info) {
+std::string json_snapshots(const std::vector<Snapshot>& snapshots) {
+    std::string out = "[";
+    for (std::size_t i = 0; i < snapshots.size(); ++i) {
+        const Snapshot& sn = snapshots[i];
+        out += fmt::format(
+            "{}\n        {{ \"id\": {}, \"name\": {}, \"vm-state-size\": {}, \"date-sec\": {}, "
+            "\"date-nsec\": {}, \"vm-clock-sec\": {}, \"vm-clock-nsec\": {}, \"icount\": {}, "
+            "\"virtual-size\": {}, \"l1-size\": {} }}",
+            i ? "," : "", json_string(sn.id), json_string(sn.name), sn.vm_state_size,
+            sn.date_seconds, sn.date_nanoseconds, sn.vm_clock_nanoseconds / 1000000000,
+            sn.vm_clock_nanoseconds % 1000000000,
+            sn.icount ? std::to_string(*sn.icount) : std::string("null"), sn.virtual_size,
+            sn.l1_size);
+    }
+    return out + (snapshots.empty() ? "]" : "\n    ]");
+}
+
+std::string json_object(const std::string& path, const ImageInfo& info) {
+    std::string o = "{\n";
+    auto field = [&](std::string_view key, const std::string& value) {
+        o += fmt::format("    \"{}\": {},\n", key, value);
+    };
+    field("filename", json_string(path));
+    field("format", info.version == 1 ? "\"qcow\"" : "\"qcow2\"");
+    field("version", std::to_string(info.version));
+    field("virtual-size", std::to_string(info.virtual_size));
+    field("actual-size", std::to_string(disk_usage(path)));
+    field("file-size", std::to_string(info.file_size));
+    field("cluster-size", std::to_string(info.cluster_size));
+    field("refcount-bits", info.version == 1 ? "null" : std::to_string(info.refcount_bits()));
+    field("compression-type",
+          info.compression_type == CompressionType::zstd ? "\"zstd\"" : "\"zlib\"");
+    field("extended-l2", info.extended_l2 ? "true" : "false");
+    field("lazy-refcounts", (info.compatible_features & kCompatLazyRefcounts) ? "true" : "false");
+    field("dirty", (info.incompatible_features & kIncompatDirty) ? "true" : "false");
+    field("corrupt", (info.incompatible_features & kIncompatCorrupt) ? "true" : "false");
     FeatureList features = named_features(info);
+    field("incompatible-features", json_list(features.incompatible));
+    field("compatible-features", json_list(features.compatible));
+    field("autoclear-features", json_list(features.autoclear));
     std::vector<std::string> extensions;
     for (const HeaderExtension& e : info.extensions) {
         extensions.push_back(extension_name(e.type));
     }
-    std::vector<std::string> bitmaps = info.bitmaps ? info.bitmaps->names : std::vector<std::string>{};
-    fmt::print("{{\n");
-    fmt::print("    \"filename\": {},\n", json_string(path));
-    fmt::print("    \"format\": \"{}\",\n", info.version == 1 ? "qcow" : "qcow2");
-    fmt::print("    \"version\": {},\n", info.version);
-    fmt::print("    \"virtual-size\": {},\n", info.virtual_size);
-    fmt::print("    \"actual-size\": {},\n", disk_usage(path));
-    fmt::print("    \"file-size\": {},\n", info.file_size);
-    fmt::print("    \"cluster-size\": {},\n", info.cluster_size);
-    if (info.version == 1) {
-        fmt::print("    \"refcount-bits\": null,\n");
-    } else {
-        fmt::print("    \"refcount-bits\": {},\n", info.refcount_bits());
+    field("header-extensions", json_list(extensions));
+    field("backing-filename", json_optional(info.backing_file));
+    field("backing-filename-format", json_optional(info.backing_format));
+    field("data-file", json_optional(info.data_file));
+    field("data-file-raw", (info.autoclear_features & kAutoclearDataFileRaw) ? "true" : "false");
+    field("snapshot-count", std::to_string(info.snapshot_count));
+    field("snapshots", json_snapshots(info.snapshots));
+    o += fmt::format("    \"bitmaps\": {}\n}}", json_list(info.bitmaps ? info.bitmaps->names
+                                                                      : std::vector<std::string>{}));
+    return o;
+}
+
+std::string json_raw_object(const LayerInfo& layer) {
+    return fmt::format("{{\n    \"filename\": {},\n    \"format\": \"raw\",\n    \"virtual-size\": {},\n"
+                       "    \"actual-size\": {}\n}}",
+                       json_string(layer.path.string()), layer.virtual_size,
+                       disk_usage(layer.path.string()));
+}
+
+/// qemu-img's snapshot table (block/qapi.c bdrv_snapshot_dump), dates in local time.
+void print_snapshot_table(const std::vector<Snapshot>& snapshots) {
+    fmt::print("Snapshot list:\n");
+    fmt::print("{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+               "ICOUNT");
+    for (const Snapshot& sn : snapshots) {
+        std::time_t when = sn.date_seconds;
+        std::tm local{};
+        ::localtime_r(&when, &local);
+        char date[32];
+        std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S", &local);
+        std::uint64_t secs = sn.vm_clock_nanoseconds / 1000000000;
+        std::string clock = fmt::format("{:02}:{:02}:{:02}.{:03}", secs / 3600, (secs / 60) % 60,
+                                        secs % 60, (sn.vm_clock_nanoseconds / 1000000) % 1000);
+        fmt::print("{:<9} {:<16} {:>8}{:>20}{:>13}{:>11}\n", sn.id, sn.name,
+                   human_size(sn.vm_state_size), date, clock,
+                   sn.icount ? std::to_string(*sn.icount) : std::string());
     }
-    fmt::print("    \"compression-type\": \"{}\",\n",
-               info.compression_type == CompressionType::zstd ? "zstd" : "zlib");
-    fmt::print("    \"extended-l2\": {},\n", info.extended_l2);
-    fmt::print("    \"lazy-refcounts\": {},\n", (info.compatible_features & kCompatLazyRefcounts) != 0);
-    fmt::print("    \"dirty\": {},\n", (info.incompatible_features & kIncompatDirty) != 0);
-    fmt::print("    \"corrupt\": {},\n", (info.incompatible_features & kIncompatCorrupt) != 0);
-    fmt::print("    \"incompatible-features\": {},\n", json_list(features.incompatible));
-    fmt::print("    \"compatible-features\": {},\n", json_list(features.compatible));
-    fmt::print("    \"autoclear-features\": {},\n", json_list(features.autoclear));
-    fmt::print("    \"header-extensions\": {},\n", json_list(extensions));
-    fmt::print("    \"backing-filename\": {},\n", json_optional(info.backing_file));
-    fmt::print("    \"backing-filename-format\": {},\n", json_optional(info.backing_format));
-    fmt::print("    \"data-file\": {},\n", json_optional(info.data_file));
-    fmt::print("    \"snapshot-count\": {},\n", info.snapshot_count);
-    fmt::print("    \"bitmaps\": {}\n", json_list(bitmaps));
-    fmt::print("}}\n");
 }
 
 std::string joined(const std::vector<std::string>& items) {
@@ -127,8 +173,18 @@ void print_human(const std::string& path, const ImageInfo& info) {
     std::vector<std::string> extensions;
     for (const HeaderExtension& e : info.extensions) extensions.push_back(extension_name(e.type));
     fmt::print("header extensions: {}\n", joined(extensions));
-    fmt::print("snapshots: {}\n", info.snapshot_count);
     fmt::print("bitmaps: {}\n", info.bitmaps ? joined(info.bitmaps->names) : "none");
+    fmt::print("snapshots: {}\n", info.snapshot_count);
+    if (!info.snapshots.empty()) {
+        print_snapshot_table(info.snapshots);
+    }
+}
+
+void print_raw_human(const LayerInfo& layer) {
+    fmt::print("image: {}\n", layer.path.string());
+    fmt::print("file format: raw\n");
+    fmt::print("virtual size: {} ({} bytes)\n", human_size(layer.virtual_size), layer.virtual_size);
+    fmt::print("disk size: {}\n", human_size(disk_usage(layer.path.string())));
 }
 
 } // namespace
@@ -137,18 +193,45 @@ Command add_info(CLI::App& app) {
     auto* command = app.add_subcommand("info", "Show what the image header says (like qemu-img info)");
     auto args = std::make_shared<ImageArgs>();
     auto json = std::make_shared<bool>(false);
-    args->add_to(*command);
-    command->add_flag("--json", *json, "Print a JSON object instead of text");
-    return {command, [args, json] {
-                // info describes the top image: its backing file is named, not opened.
-                ImageArgs top = *args;
-                top.backing = "none";
-                auto image = open_or_report(top);
-                if (!image) return static_cast<int>(kExitImageError);
-                if (*json) {
-                    print_json(args->path, image->info());
+    auto chain = std::make_shared<bool>(false);
+    args->add_to(*command, /*contents=*/false);
+    command->add_flag("--json", *json, "Print a JSON object (an array with --backing-chain)");
+    command->add_flag("--backing-chain", *chain,
+                      "Describe every layer of the backing chain, top first");
+    return {command, [args, json, chain] {
+                std::vector<LayerInfo> layers;
+                if (*chain && args->backing != "none") {
+                    // Open the whole chain once: this checks it (loops, missing files) and
+                    // resolves every layer's path as reads would.
+                    auto image = open_or_report(*args);
+                    if (!image) return static_cast<int>(kExitImageError);
+                    layers = image->layers();
                 } else {
-                    print_human(args->path, image->info());
+                    layers.push_back({args->path, "qcow2", 0});
+                }
+                std::string out;
+                for (std::size_t i = 0; i < layers.size(); ++i) {
+                    const LayerInfo& layer = layers[i];
+                    if (layer.format == "raw") {
+                        if (*json) out += (i ? ",\n" : "") + json_raw_object(layer);
+                        else { if (i) fmt::print("\n"); print_raw_human(layer); }
+                        continue;
+                    }
+                    // Each qcow2 layer describes itself: its backing file is named, not opened.
+                    ImageArgs one = *args;
+                    one.path = layer.path.string();
+                    one.backing = "none";
+                    auto image = open_or_report(one);
+                    if (!image) return static_cast<int>(kExitImageError);
+                    if (*json) {
+                        out += (i ? ",\n" : "") + json_object(one.path, image->info());
+                    } else {
+                        if (i) fmt::print("\n");
+                        print_human(one.path, image->info());
+                    }
+                }
+                if (*json) {
+                    fmt::print("{}\n", *chain ? "[" + out + "]" : out);
                 }
                 return static_cast<int>(kExitOk);
             }};

@@ -89,7 +89,11 @@ Decompressor& Decompressor::operator=(Decompressor&&) noexcept = default;
 
 Result<void> Decompressor::decompress_cluster(const Image& image, const Extent& extent,
                                               std::span<std::byte> cluster) {
-    const detail::ImageState& state = *image.state_;
+    const detail::ImageState* layer = detail::layer_at(*image.state_, extent.depth);
+    if (!layer || layer->format != detail::LayerFormat::qcow2) {
+        return Error{ErrorCode::invalid_argument, "extent does not come from a qcow2 layer"};
+    }
+    const detail::ImageState& state = *layer;
     if (extent.kind != ExtentKind::compressed ||
         extent.offset_in_cluster + extent.length > state.cluster_size ||
         cluster.size() != state.cluster_size) {
@@ -113,7 +117,11 @@ Result<void> Decompressor::decompress_cluster(const Image& image, const Extent& 
 
 Result<std::span<const std::byte>> Decompressor::decompress(const Image& image,
                                                              const Extent& extent) {
-    const detail::ImageState& state = *image.state_;
+    const detail::ImageState* layer = detail::layer_at(*image.state_, extent.depth);
+    if (!layer) {
+        return Error{ErrorCode::invalid_argument, "extent does not come from this image"};
+    }
+    const detail::ImageState& state = *layer;
     Impl& impl = *impl_;
     // read() may visit one cluster in several calls: keep the last cluster produced.
     if (!(impl.cached && impl.cached_image == &state &&

@@ -2,6 +2,9 @@
 // Spec: docs/interop/qcow2.txt, "Cluster mapping" and "Extended L2 Entries".
 #include "image_state.hpp"
 
+#include <cerrno>
+#include <unistd.h>
+
 namespace qcowmap {
 
 using detail::Bytes;
@@ -23,6 +26,9 @@ struct Run {
     std::uint64_t compressed_host_offset = 0;
     std::uint64_t compressed_size = 0;
     std::uint64_t offset_in_cluster = 0;
+    // The layer that supplied the run and its depth in the chain (set by classify_chain).
+    const ImageState* layer = nullptr;
+    std::uint32_t depth = 0;
 };
 
 Error cluster_error(std::string message) {
@@ -113,6 +119,11 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
 
     Run run;
     if (entry & detail::kL2CompressedFlag) {
+        if (s.has_data_file()) {
+            return cluster_error(fmt::format("compressed cluster at virtual offset {:#x} in an "
+                                             "image with an external data file",
+                                             cluster_start));
+        }
         if (bitmap != 0) {
             return cluster_error(fmt::format(
                 "compressed L2 entry for virtual offset {:#x} has a non-zero subcluster bitmap "
@@ -158,8 +169,11 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
                                          "not aligned to the cluster size {:#x}",
                                          cluster_start, host, s.cluster_size));
     }
+    // Offset 0 means unallocated, except with an external data file, where bit 63 marks a
+    // cluster allocated at data file offset 0 (qcow2_get_cluster_type).
+    const bool host_valid = host != 0 || (s.has_data_file() && (entry & detail::kL2CopiedFlag));
     std::optional<std::uint64_t> host_here;
-    if (host != 0) {
+    if (host_valid) {
         host_here = host + in_cluster;
     }
 
@@ -173,7 +187,7 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
             run.kind = ExtentKind::zero;
             run.present = true;
             run.host_offset = host_here;
-        } else if (host == 0) {
+        } else if (!host_valid) {
             run.kind = ExtentKind::zero;
             run.present = false;
         } else {
@@ -192,7 +206,7 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
                                          "{:#018x} marks subclusters both allocated and zero",
                                          cluster_start, bitmap));
     }
-    if (host == 0 && allocated != 0) {
+    if (!host_valid && allocated != 0) {
         return cluster_error(fmt::format("L2 entry for virtual offset {:#x}: subclusters are "
                                          "allocated (bitmap {:#018x}) but the host offset is 0",
                                          cluster_start, bitmap));
@@ -216,9 +230,62 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
     return run;
 }
 
+/// A raw layer: data where the file has data, zeros in its holes (qemu's file-posix block
+/// status, SEEK_DATA/SEEK_HOLE), both present and with a host offset equal to the position.
+Run classify_raw(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
+    Run run;
+    run.present = true;
+    run.host_offset = pos;
+    run.kind = ExtentKind::data;
+    run.length = limit - pos;
+    const int fd = s.fd();
+    if (fd < 0) {
+        return run;
+    }
+    const off_t data = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
+    if (data < 0) {
+        if (errno == ENXIO) {
+            run.kind = ExtentKind::zero; // only a hole remains up to the end of the file
+        }
+        return run;
+    }
+    if (static_cast<std::uint64_t>(data) > pos) {
+        run.kind = ExtentKind::zero;
+        run.length = std::min<std::uint64_t>(static_cast<std::uint64_t>(data), limit) - pos;
+        return run;
+    }
+    const off_t hole = ::lseek(fd, static_cast<off_t>(pos), SEEK_HOLE);
+    if (hole > static_cast<off_t>(pos)) {
+        run.length = std::min<std::uint64_t>(static_cast<std::uint64_t>(hole), limit) - pos;
+    }
+    return run;
+}
+
+/// Classifies `pos` through the chain from `s` (at `depth`) down: unallocated ranges fall
+/// through to the backing layer, as qemu's bdrv_co_block_status does. Ranges past the end of
+/// a shorter backing layer read as zeros and report the depth of the layer above it.
+Result<Run> classify_chain(const ImageState& s, std::uint32_t depth, std::uint64_t pos,
+                           std::uint64_t limit) {
+    Result<Run> run = s.format == detail::LayerFormat::raw ? Result<Run>(classify_raw(s, pos, limit))
+                                                            : classify(s, pos, limit);
+    if (!run) {
+        return run;
+    }
+    run->layer = &s;
+    run->depth = depth;
+    if (run->present || !s.backing) {
+        return run;
+    }
+    const ImageState& below = *s.backing;
+    if (pos >= below.disk_size) {
+        return run; // zeros beyond the backing file's end, not present
+    }
+    return classify_chain(below, depth + 1, pos, std::min(pos + run->length, below.disk_size));
+}
+
 bool mergeable(const Extent& current, const Run& next) {
     if (current.kind != next.kind || current.kind == ExtentKind::compressed ||
-        current.present != next.present) {
+        current.present != next.present || current.depth != next.depth) {
         return false;
     }
     if (current.host_offset.has_value() != next.host_offset.has_value()) {
@@ -231,7 +298,7 @@ bool mergeable(const Extent& current, const Run& next) {
 
 ExtentIterator::ExtentIterator(std::shared_ptr<const ImageState> state, std::uint64_t start,
                                std::uint64_t end)
-    : state_(std::move(state)), position_(start), end_(std::min(end, state_->info.virtual_size)) {}
+    : state_(std::move(state)), position_(start), end_(std::min(end, state_->disk_size)) {}
 
 bool ExtentIterator::fail(Error error) {
     error_ = std::move(error);
@@ -243,16 +310,18 @@ bool ExtentIterator::next(Extent& out) {
     if (error_ || position_ >= end_) {
         return false;
     }
-    const ImageState& s = *state_;
-    auto first = classify(s, position_, end_);
+    const ImageState& top = *state_;
+    auto first = classify_chain(top, 0, position_, end_);
     if (!first) {
         return fail(std::move(first).error());
     }
+    const ImageState& s = *first->layer;
     Extent extent;
     extent.offset = position_;
     extent.length = first->length;
     extent.kind = first->kind;
     extent.present = first->present;
+    extent.depth = first->depth;
     extent.host_offset = first->host_offset;
     if (first->kind == ExtentKind::compressed) {
         extent.bytes = s.bytes.subspan(first->compressed_host_offset, first->compressed_size);
@@ -261,23 +330,25 @@ bool ExtentIterator::next(Extent& out) {
     } else {
         std::uint64_t cursor = position_ + first->length;
         while (cursor < end_) {
-            auto run = classify(s, cursor, end_);
+            auto run = classify_chain(top, 0, cursor, end_);
             if (!run) {
                 return fail(std::move(run).error());
             }
-            if (!mergeable(extent, *run)) {
+            if (run->layer != first->layer || !mergeable(extent, *run)) {
                 break;
             }
             extent.length += run->length;
             cursor += run->length;
         }
         if (extent.kind == ExtentKind::data) {
-            auto bytes = slice(s.bytes, *extent.host_offset, extent.length, "", ErrorCode::invalid_cluster);
+            auto bytes = slice(s.data_bytes, *extent.host_offset, extent.length, "",
+                               ErrorCode::invalid_cluster);
             if (!bytes) {
                 return fail(cluster_error(fmt::format(
                     "data for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies beyond end "
-                    "of file ({:#x})",
-                    extent.offset, *extent.host_offset, extent.length, s.bytes.size())));
+                    "of {} ({:#x})",
+                    extent.offset, *extent.host_offset, extent.length,
+                    s.data_file ? "the data file" : "file", s.data_bytes.size())));
             }
             extent.bytes = *bytes;
         }

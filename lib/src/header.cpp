@@ -108,6 +108,97 @@ Result<void> parse_bitmap_directory(const ImageState& state, BitmapsExtension& e
     return {};
 }
 
+/// An L1 table (the active one or a snapshot's): within qemu's size cap, large enough for
+/// `disk_size`, cluster-aligned and inside the file.
+Result<Bytes> l1_table(const ImageState& state, std::uint64_t offset, std::uint32_t entries,
+                       std::uint64_t disk_size, std::string_view what) {
+    const std::uint64_t cluster_size = state.cluster_size;
+    const std::uint64_t bytes = std::uint64_t{entries} * 8;
+    if (bytes > kMaxL1Bytes) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("{} of {} entries ({:#x} bytes) exceeds qemu's limit of {:#x} "
+                                 "bytes",
+                                 what, entries, bytes, kMaxL1Bytes)};
+    }
+    const std::uint64_t clusters =
+        (disk_size >> state.cluster_bits) + ((disk_size & (cluster_size - 1)) != 0);
+    const std::uint64_t needed =
+        (clusters >> state.l2_bits) + ((clusters & ((std::uint64_t{1} << state.l2_bits) - 1)) != 0);
+    if (needed > entries) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("{} of {} entries is too small for the virtual size {} (needs {})",
+                                 what, entries, disk_size, needed)};
+    }
+    if (entries == 0) {
+        return Bytes{};
+    }
+    if (!is_aligned(offset, cluster_size) || offset == 0) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("{} offset {:#x} is not a non-zero multiple of the cluster size "
+                                 "{:#x}",
+                                 what, offset, cluster_size)};
+    }
+    return slice(state.bytes, offset, bytes, what);
+}
+
+/// The snapshot table (qcow2-snapshot.c qcow2_do_read_snapshots): variable-length entries,
+/// each 8-byte aligned, at most 64 MiB in all, extra data at most 1 KiB per entry.
+Result<void> parse_snapshot_table(ImageState& state) {
+    ImageInfo& info = state.info;
+    constexpr std::uint64_t kMaxSnapshotTableBytes = 64ull << 20; // QCOW_MAX_SNAPSHOTS_SIZE
+    constexpr std::uint32_t kMaxExtraData = 1024;                 // QCOW_MAX_SNAPSHOT_EXTRA_DATA
+    std::uint64_t at = info.snapshots_offset;
+    info.snapshots.reserve(info.snapshot_count);
+    for (std::uint32_t i = 0; i < info.snapshot_count; ++i) {
+        at = align_up8(at);
+        auto fixed = slice(state.bytes, at, 40, fmt::format("snapshot table entry {}", i));
+        if (!fixed) {
+            return std::move(fixed).error();
+        }
+        Snapshot snap;
+        snap.l1_table_offset = load_be64(*fixed, 0);
+        snap.l1_size = load_be32(*fixed, 8);
+        const std::uint16_t id_size = load_be16(*fixed, 12);
+        const std::uint16_t name_size = load_be16(*fixed, 14);
+        snap.date_seconds = load_be32(*fixed, 16);
+        snap.date_nanoseconds = load_be32(*fixed, 20);
+        snap.vm_clock_nanoseconds = load_be64(*fixed, 24);
+        snap.vm_state_size = load_be32(*fixed, 32);
+        snap.extra_data_size = load_be32(*fixed, 36);
+        snap.virtual_size = info.virtual_size;
+        if (snap.extra_data_size > kMaxExtraData) {
+            return Error{ErrorCode::invalid_table,
+                         fmt::format("snapshot table entry {} has {} bytes of extra data (at most "
+                                     "{})",
+                                     i, snap.extra_data_size, kMaxExtraData)};
+        }
+        auto extra = slice(state.bytes, at + 40, snap.extra_data_size,
+                           fmt::format("snapshot table entry {} extra data", i));
+        if (!extra) {
+            return std::move(extra).error();
+        }
+        if (snap.extra_data_size >= 8) snap.vm_state_size = load_be64(*extra, 0);
+        if (snap.extra_data_size >= 16) snap.virtual_size = load_be64(*extra, 8);
+        if (snap.extra_data_size >= 24) snap.icount = load_be64(*extra, 16);
+        const std::uint64_t strings_at = at + 40 + snap.extra_data_size;
+        auto strings = slice(state.bytes, strings_at, std::uint64_t{id_size} + name_size,
+                             fmt::format("snapshot table entry {} ID and name", i));
+        if (!strings) {
+            return std::move(strings).error();
+        }
+        snap.id = std::string(as_text(strings->subspan(0, id_size)));
+        snap.name = std::string(as_text(strings->subspan(id_size, name_size)));
+        at = strings_at + id_size + name_size;
+        if (at - info.snapshots_offset > kMaxSnapshotTableBytes) {
+            return Error{ErrorCode::invalid_table,
+                         fmt::format("snapshot table is larger than qemu's limit of {:#x} bytes",
+                                     kMaxSnapshotTableBytes)};
+        }
+        info.snapshots.push_back(std::move(snap));
+    }
+    return {};
+}
+
 Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint64_t end) {
     ImageInfo& info = state.info;
     std::uint64_t at = start;
@@ -223,7 +314,7 @@ Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint6
 
 } // namespace
 
-Result<void> parse_image(ImageState& state, const OpenOptions& options) {
+Result<void> parse_image(ImageState& state) {
     Bytes file = state.bytes;
     ImageInfo& info = state.info;
     info.file_size = file.size();
@@ -237,7 +328,7 @@ Result<void> parse_image(ImageState& state, const OpenOptions& options) {
     }
     info.version = load_be32(file, 4);
     if (info.version == 1) {
-        return parse_v1_image(state, options);
+        return parse_v1_image(state);
     }
     if (info.version != 2 && info.version != 3) {
         return Error{ErrorCode::unsupported_version,
@@ -365,10 +456,9 @@ Result<void> parse_image(ImageState& state, const OpenOptions& options) {
     state.csize_mask = (std::uint64_t{1} << (info.cluster_bits - 8)) - 1;
     state.coffset_mask = (std::uint64_t{1} << state.csize_shift) - 1;
 
-    if (info.incompatible_features & kIncompatDataFile) {
-        return Error{ErrorCode::unsupported_feature,
-                     fmt::format("external data files are not supported yet (data file '{}')",
-                                 info.data_file.value_or(""))};
+    if ((info.autoclear_features & kAutoclearDataFileRaw) &&
+        !(info.incompatible_features & kIncompatDataFile)) {
+        return header_error("raw external data bit is set without the external data file bit");
     }
 
     // Backing file name: inside the first cluster and at most 1023 bytes (qcow2_do_open).
@@ -387,12 +477,6 @@ Result<void> parse_image(ImageState& state, const OpenOptions& options) {
             return std::move(name).error();
         }
         info.backing_file = std::string(as_text(*name));
-        if (options.backing == BackingMode::follow) {
-            return Error{ErrorCode::unsupported_feature,
-                         fmt::format("backing files are not supported yet (backing file '{}'); "
-                                     "open with backing=none to read only this layer",
-                                     *info.backing_file)};
-        }
     }
 
     // Refcount table (qcow2_do_open / validate_table_offset).
@@ -433,11 +517,8 @@ Result<void> parse_image(ImageState& state, const OpenOptions& options) {
                                      "the cluster size {:#x}",
                                      info.snapshots_offset, info.cluster_size)};
         }
-        // Each entry has a fixed 40-byte part.
-        if (auto t = slice(file, info.snapshots_offset, std::uint64_t{info.snapshot_count} * 40,
-                           "snapshot table");
-            !t) {
-            return std::move(t).error();
+        if (auto ok = parse_snapshot_table(state); !ok) {
+            return ok;
         }
     }
 
@@ -449,36 +530,40 @@ Result<void> parse_image(ImageState& state, const OpenOptions& options) {
     }
 
     // Active L1 table: no larger than qemu allows, large enough for the virtual size.
-    std::uint64_t l1_bytes = std::uint64_t{info.l1_size} * 8;
-    if (l1_bytes > kMaxL1Bytes) {
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("L1 table of {} entries ({:#x} bytes) exceeds qemu's limit of "
-                                 "{:#x} bytes",
-                                 info.l1_size, l1_bytes, kMaxL1Bytes)};
+    auto l1 = l1_table(state, info.l1_table_offset, info.l1_size, info.virtual_size, "L1 table");
+    if (!l1) {
+        return std::move(l1).error();
     }
-    std::uint64_t clusters = (info.virtual_size >> info.cluster_bits) +
-                             ((info.virtual_size & (info.cluster_size - 1)) != 0);
-    std::uint64_t l1_needed =
-        (clusters >> state.l2_bits) + ((clusters & ((std::uint64_t{1} << state.l2_bits) - 1)) != 0);
-    if (l1_needed > info.l1_size) {
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("L1 table of {} entries is too small for the virtual size {} "
-                                 "(needs {})",
-                                 info.l1_size, info.virtual_size, l1_needed)};
-    }
-    if (info.l1_size > 0) {
-        if (!is_aligned(info.l1_table_offset, info.cluster_size) || info.l1_table_offset == 0) {
-            return Error{ErrorCode::invalid_table,
-                         fmt::format("L1 table offset {:#x} is not a non-zero multiple of the "
-                                     "cluster size {:#x}",
-                                     info.l1_table_offset, info.cluster_size)};
+    state.l1_table = *l1;
+    state.disk_size = info.virtual_size;
+    return {};
+}
+
+Result<void> select_snapshot(ImageState& state, const std::string& wanted) {
+    const Snapshot* found = nullptr;
+    for (const Snapshot& snap : state.info.snapshots) {
+        if (snap.id == wanted) {
+            found = &snap;
+            break;
         }
-        auto l1 = slice(file, info.l1_table_offset, l1_bytes, "L1 table");
-        if (!l1) {
-            return std::move(l1).error();
-        }
-        state.l1_table = *l1;
     }
+    for (const Snapshot& snap : state.info.snapshots) {
+        if (!found && snap.name == wanted) {
+            found = &snap;
+        }
+    }
+    if (!found) {
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("no snapshot with ID or name '{}' ({} snapshots)", wanted,
+                                 state.info.snapshots.size())};
+    }
+    auto l1 = l1_table(state, found->l1_table_offset, found->l1_size, found->virtual_size,
+                       fmt::format("L1 table of snapshot '{}'", found->name));
+    if (!l1) {
+        return std::move(l1).error();
+    }
+    state.l1_table = *l1;
+    state.disk_size = found->virtual_size;
     return {};
 }
 

@@ -13,7 +13,7 @@ Error header_error(std::string message) { return Error{ErrorCode::invalid_header
 
 } // namespace
 
-Result<void> parse_v1_image(ImageState& state, const OpenOptions& options) {
+Result<void> parse_v1_image(ImageState& state) {
     ImageInfo& info = state.info;
     auto header = slice(state.bytes, 0, kV1HeaderLength, "header", ErrorCode::invalid_header);
     if (!header) {
@@ -78,6 +78,7 @@ Result<void> parse_v1_image(ImageState& state, const OpenOptions& options) {
         return std::move(l1).error();
     }
     state.l1_table = *l1;
+    state.disk_size = info.virtual_size;
 
     if (backing_file_offset != 0) {
         if (backing_file_size > kV1MaxBackingNameLength) {
@@ -90,12 +91,6 @@ Result<void> parse_v1_image(ImageState& state, const OpenOptions& options) {
             return std::move(name).error();
         }
         info.backing_file = std::string(as_text(*name));
-        if (options.backing == BackingMode::follow) {
-            return Error{ErrorCode::unsupported_feature,
-                         fmt::format("backing files are not supported yet (backing file '{}'); "
-                                     "open with backing=none to read only this layer",
-                                     *info.backing_file)};
-        }
     }
     return {};
 }

@@ -23,31 +23,186 @@ std::string_view to_string(ErrorCode code) {
 
 Image::Image(std::shared_ptr<const detail::ImageState> state) : state_(std::move(state)) {}
 
-Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
-    auto file = detail::MappedFile::open(path);
+const detail::ImageState& detail_state(const Image& image) { return *image.state_; }
+
+namespace {
+
+constexpr std::uint32_t kQcowMagic = 0x514649fb; // "QFI\xfb", qcow2 and qcow version 1
+
+/// What one `open` has visited so far: the files of the chain, to refuse loops.
+struct ChainWalk {
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> identities;
+    std::vector<std::string> names;
+};
+
+std::filesystem::path relative_to_image(const std::filesystem::path& image,
+                                        const std::string& name) {
+    std::filesystem::path named(name);
+    // qemu resolves a relative backing file name against the directory of the image naming it.
+    return named.is_absolute() ? named : image.parent_path() / named;
+}
+
+Result<std::shared_ptr<detail::ImageState>>
+open_layer(const std::filesystem::path& path, std::optional<std::string> format,
+           const OpenOptions& options, bool top, ChainWalk& walk);
+
+/// Opens a backing layer; problems with the file itself name it ("backing file PATH: ..."),
+/// problems further down the chain come back as they are.
+Result<std::shared_ptr<detail::ImageState>>
+open_backing(const std::filesystem::path& path, std::optional<std::string> format,
+             const OpenOptions& options, ChainWalk& walk) {
+    const std::size_t depth = walk.names.size();
+    auto layer = open_layer(path, std::move(format), options, false, walk);
+    if (!layer && walk.names.size() <= depth + 1 &&
+        !layer.error().message.starts_with("backing chain")) {
+        return Error{layer.error().code,
+                     fmt::format("backing file {}: {}", path.string(), layer.error().message)};
+    }
+    return layer;
+}
+
+Result<std::shared_ptr<detail::ImageState>>
+open_layer(const std::filesystem::path& path, std::optional<std::string> format,
+           const OpenOptions& options, bool top, ChainWalk& walk) {
+    if (format && *format != "raw" && *format != "qcow2" && *format != "qcow") {
+        return Error{ErrorCode::unsupported_feature,
+                     fmt::format("backing file format '{}' is not supported (raw and qcow2 are)",
+                                 *format)};
+    }
+    const bool raw_requested = format && *format == "raw";
+    auto file = detail::MappedFile::open(path, /*allow_empty=*/!top);
     if (!file) {
         return std::move(file).error();
     }
+    std::string name = path.string();
+    for (std::size_t i = 0; i < walk.identities.size(); ++i) {
+        if (walk.identities[i] == file->identity()) {
+            std::string chain;
+            for (const std::string& n : walk.names) chain += n + " -> ";
+            return Error{ErrorCode::invalid_table,
+                         fmt::format("backing chain loops: {}{}", chain, name)};
+        }
+    }
+    if (walk.identities.size() >= kMaxChainLayers) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("backing chain is deeper than {} layers", kMaxChainLayers)};
+    }
+    walk.identities.push_back(file->identity());
+    walk.names.push_back(name);
+
     auto state = std::make_shared<detail::ImageState>();
-    state->bytes = file->bytes();
-    state->file.emplace(std::move(*file));
+    auto mapped = std::make_shared<const detail::MappedFile>(std::move(*file));
+    state->bytes = mapped->bytes();
+    state->data_bytes = state->bytes;
+    state->file = std::move(mapped);
     state->path = path;
-    if (auto ok = detail::parse_image(*state, options); !ok) {
+
+    const bool looks_qcow = state->bytes.size() >= 4 && detail::load_be32(state->bytes.data()) == kQcowMagic;
+    if (raw_requested || (!format && !looks_qcow && !top)) {
+        // A raw layer: every byte of the file is guest data (holes read as zeros).
+        state->format = detail::LayerFormat::raw;
+        state->disk_size = state->bytes.size();
+        state->info.virtual_size = state->disk_size;
+        state->info.file_size = state->disk_size;
+        return state;
+    }
+    if (auto ok = detail::parse_image(*state); !ok) {
         return std::move(ok).error();
     }
-    return Image(std::move(state));
+    const ImageInfo& info = state->info;
+    if (top && options.snapshot) {
+        if (info.version == 1) {
+            return Error{ErrorCode::invalid_argument, "qcow version 1 images have no snapshots"};
+        }
+        if (auto ok = detail::select_snapshot(*state, *options.snapshot); !ok) {
+            return std::move(ok).error();
+        }
+    }
+    if (state->has_data_file()) {
+        std::optional<std::filesystem::path> data_path;
+        if (top && options.data_file) {
+            data_path = *options.data_file;
+        } else if (info.data_file) {
+            data_path = relative_to_image(path, *info.data_file);
+        }
+        if (!data_path) {
+            return Error{ErrorCode::invalid_header,
+                         "the external data file bit is set but the image names no data file "
+                         "(give one with --data-file)"};
+        }
+        auto data = detail::MappedFile::open(*data_path, /*allow_empty=*/true);
+        if (!data) {
+            return Error{data.error().code, fmt::format("data file {}: {}", data_path->string(),
+                                                        data.error().message)};
+        }
+        auto data_file = std::make_shared<const detail::MappedFile>(std::move(*data));
+        state->data_bytes = data_file->bytes();
+        state->data_file = std::move(data_file);
+    }
+    const bool has_backing = info.backing_file || (top && options.backing_file);
+    if (has_backing && options.backing == BackingMode::follow) {
+        std::filesystem::path backing_path = top && options.backing_file
+                                                 ? *options.backing_file
+                                                 : relative_to_image(path, *info.backing_file);
+        std::optional<std::string> backing_format =
+            top && options.backing_format ? options.backing_format : info.backing_format;
+        auto backing = open_backing(backing_path, backing_format, options, walk);
+        if (!backing) {
+            return std::move(backing).error();
+        }
+        state->backing = std::move(*backing);
+    }
+    return state;
+}
+
+} // namespace
+
+Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
+    ChainWalk walk;
+    auto state = open_layer(path, std::nullopt, options, true, walk);
+    if (!state) {
+        return std::move(state).error();
+    }
+    return Image(std::move(*state));
 }
 
 Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions& options) {
     auto state = std::make_shared<detail::ImageState>();
     state->bytes = bytes;
-    if (auto ok = detail::parse_image(*state, options); !ok) {
+    state->data_bytes = bytes;
+    if (auto ok = detail::parse_image(*state); !ok) {
         return std::move(ok).error();
+    }
+    if (options.snapshot) {
+        if (auto ok = detail::select_snapshot(*state, *options.snapshot); !ok) {
+            return std::move(ok).error();
+        }
+    }
+    if (state->has_data_file()) {
+        return Error{ErrorCode::unsupported_feature,
+                     "an image in memory cannot use an external data file"};
+    }
+    if (state->info.backing_file && options.backing == BackingMode::follow) {
+        return Error{ErrorCode::unsupported_feature,
+                     fmt::format("backing file '{}' cannot be opened for an image in memory "
+                                 "(open with BackingMode::none)",
+                                 *state->info.backing_file)};
     }
     return Image(std::move(state));
 }
 
-std::uint64_t Image::size() const { return state_->info.virtual_size; }
+std::vector<LayerInfo> Image::layers() const {
+    std::vector<LayerInfo> result;
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
+        std::string format = layer->format == detail::LayerFormat::raw ? "raw"
+                             : layer->info.version == 1                ? "qcow"
+                                                                       : "qcow2";
+        result.push_back({layer->path, format, layer->disk_size});
+    }
+    return result;
+}
+
+std::uint64_t Image::size() const { return state_->disk_size; }
 const ImageInfo& Image::info() const { return state_->info; }
 const std::filesystem::path& Image::path() const { return state_->path; }
 std::span<const std::byte> Image::file_bytes() const { return state_->bytes; }

@@ -22,11 +22,27 @@ inline constexpr std::uint64_t kV1CompressedFlag = 1ULL << 63; // qcow version 1
 inline constexpr std::uint64_t kCompressedSectorSize = 512;
 inline constexpr unsigned kSubclustersPerCluster = 32;
 
+enum class LayerFormat { qcow2, raw };
+
+/// One layer of a chain: a qcow2/qcow image or a raw file, with the layer below it.
 struct ImageState {
-    std::optional<MappedFile> file; // absent for open_bytes
+    LayerFormat format = LayerFormat::qcow2;
+    std::shared_ptr<const MappedFile> file; // null for open_bytes
     Bytes bytes;
     std::filesystem::path path;
     ImageInfo info;
+    /// Size of the disk this layer presents: the header's, or the opened snapshot's, or the
+    /// raw file's size.
+    std::uint64_t disk_size = 0;
+    /// Where guest data clusters live: `bytes`, or the external data file's mapping.
+    std::shared_ptr<const MappedFile> data_file;
+    Bytes data_bytes;
+    /// The layer below (null at the bottom of the chain or with BackingMode::none).
+    std::shared_ptr<const ImageState> backing;
+
+    bool has_data_file() const { return (info.incompatible_features & kIncompatDataFile) != 0; }
+    int fd() const { return file ? file->fd() : -1; }
+    int data_fd() const { return data_file ? data_file->fd() : fd(); }
 
     // Derived geometry.
     unsigned cluster_bits = 16;
@@ -45,11 +61,28 @@ struct ImageState {
     std::uint64_t l2_coverage() const { return std::uint64_t{1} << (l2_bits + cluster_bits); }
 };
 
+/// The layer `depth` steps below `top` (0 is `top` itself), or null.
+inline const ImageState* layer_at(const ImageState& top, std::uint32_t depth) {
+    const ImageState* layer = &top;
+    while (layer && depth-- > 0) {
+        layer = layer->backing.get();
+    }
+    return layer;
+}
+
+/// Points the state at snapshot `wanted` (ID first, then name): its L1 table and size.
+Result<void> select_snapshot(ImageState& state, const std::string& wanted);
+
 /// Parses and validates the header and L1 table of a qcow version 1 image (block/qcow.c).
-Result<void> parse_v1_image(ImageState& state, const OpenOptions& options);
+Result<void> parse_v1_image(ImageState& state);
 
 /// Parses and validates the header, extensions and active L1 table of `state.bytes` into
 /// `state` (everything but `file`/`path`).
-Result<void> parse_image(ImageState& state, const OpenOptions& options);
+Result<void> parse_image(ImageState& state);
 
 } // namespace qcowmap::detail
+
+namespace qcowmap {
+/// The state behind an Image, for the library's own modules (map, parallel visit).
+const detail::ImageState& detail_state(const Image& image);
+} // namespace qcowmap

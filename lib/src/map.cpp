@@ -39,26 +39,16 @@ MapEntry entry_of(const Extent& e) {
     return m;
 }
 
-class FileDescriptor {
-  public:
-    explicit FileDescriptor(const std::filesystem::path& path)
-        : fd_(path.empty() ? -1 : ::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {}
-    ~FileDescriptor() {
-        if (fd_ >= 0) ::close(fd_);
-    }
-    FileDescriptor(const FileDescriptor&) = delete;
-    FileDescriptor& operator=(const FileDescriptor&) = delete;
-    int get() const { return fd_; }
-
-  private:
-    int fd_;
-};
-
 } // namespace
 
-Result<std::uint64_t> refcount_of(const Image& image, std::uint64_t cluster_index) {
-    const ImageInfo& info = image.info();
-    const auto bytes = image.file_bytes();
+namespace {
+
+Result<std::uint64_t> layer_refcount(const detail::ImageState& layer, std::uint64_t cluster_index) {
+    const ImageInfo& info = layer.info;
+    const auto bytes = layer.bytes;
+    if (layer.format != detail::LayerFormat::qcow2 || info.version < 2) {
+        return std::uint64_t{0}; // raw files and qcow v1 keep no refcounts
+    }
     const unsigned order = info.refcount_order;
     // Entries per refcount block: cluster_size * 8 / refcount_bits.
     const unsigned block_bits = info.cluster_bits + 3 - order;
@@ -102,15 +92,13 @@ Result<std::uint64_t> refcount_of(const Image& image, std::uint64_t cluster_inde
     }
 }
 
-bool looks_metadata_preallocated(const Image& image) {
-    if (image.path().empty()) {
-        return false;
-    }
+bool layer_preallocated(const detail::ImageState& layer) {
     struct stat st {};
-    if (::stat(image.path().c_str(), &st) != 0) {
+    if (layer.format != detail::LayerFormat::qcow2 || layer.fd() < 0 ||
+        ::fstat(layer.fd(), &st) != 0) {
         return false;
     }
-    const ImageInfo& info = image.info();
+    const ImageInfo& info = layer.info;
     const std::uint64_t real_clusters =
         static_cast<std::uint64_t>(st.st_blocks) * 512 / info.cluster_size;
     const std::uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
@@ -118,7 +106,7 @@ bool looks_metadata_preallocated(const Image& image) {
         (info.file_size + info.cluster_size - 1) >> info.cluster_bits;
     std::uint64_t referenced = 0;
     for (std::uint64_t i = 0; i < file_clusters && referenced < threshold; ++i) {
-        auto refcount = refcount_of(image, i);
+        auto refcount = layer_refcount(layer, i);
         if (!refcount) {
             return false; // qemu ignores detection errors
         }
@@ -127,16 +115,31 @@ bool looks_metadata_preallocated(const Image& image) {
     return referenced >= threshold;
 }
 
+} // namespace
+
+Result<std::uint64_t> refcount_of(const Image& image, std::uint64_t cluster_index) {
+    return layer_refcount(detail_state(image), cluster_index);
+}
+
+bool looks_metadata_preallocated(const Image& image) {
+    return layer_preallocated(detail_state(image));
+}
+
 Result<void> map_image(const Image& image, const MapOptions& options,
                        const std::function<Result<void>(const MapEntry&)>& sink) {
     const std::uint64_t start = std::min(options.start, image.size());
     const std::uint64_t end =
         options.length > image.size() - start ? image.size() : start + options.length;
-    const bool probe = options.probe_host_holes && looks_metadata_preallocated(image);
-    std::optional<FileDescriptor> fd;
-    if (probe) {
-        fd.emplace(image.path());
-    }
+    // Whether each layer looks metadata-preallocated, worked out when first needed.
+    std::vector<std::optional<bool>> preallocated;
+    auto probe_layer = [&](std::uint32_t depth) -> const detail::ImageState* {
+        if (!options.probe_host_holes) return nullptr;
+        const detail::ImageState* layer = detail::layer_at(detail_state(image), depth);
+        if (!layer) return nullptr;
+        if (preallocated.size() <= depth) preallocated.resize(depth + 1);
+        if (!preallocated[depth]) preallocated[depth] = layer_preallocated(*layer);
+        return *preallocated[depth] && layer->data_fd() >= 0 ? layer : nullptr;
+    };
 
     MapEntry current;
     current.start = start;
@@ -158,7 +161,9 @@ Result<void> map_image(const Image& image, const MapOptions& options,
     Extent extent;
     while (it.next(extent)) {
         MapEntry entry = entry_of(extent);
-        if (!(probe && fd->get() >= 0 && extent.kind == ExtentKind::data)) {
+        const detail::ImageState* probed =
+            extent.kind == ExtentKind::data ? probe_layer(extent.depth) : nullptr;
+        if (!probed) {
             if (auto ok = emit(entry); !ok) {
                 return ok;
             }
@@ -168,7 +173,7 @@ Result<void> map_image(const Image& image, const MapOptions& options,
         const std::uint64_t host_end = *extent.host_offset + extent.length;
         std::uint64_t host = *extent.host_offset;
         while (host < host_end) {
-            off_t data_at = ::lseek(fd->get(), static_cast<off_t>(host), SEEK_DATA);
+            off_t data_at = ::lseek(probed->data_fd(), static_cast<off_t>(host), SEEK_DATA);
             bool hole;
             std::uint64_t until;
             if (data_at < 0 || static_cast<std::uint64_t>(data_at) > host) {
@@ -176,7 +181,7 @@ Result<void> map_image(const Image& image, const MapOptions& options,
                 until = data_at < 0 ? host_end
                                     : std::min<std::uint64_t>(host_end, static_cast<std::uint64_t>(data_at));
             } else {
-                off_t hole_at = ::lseek(fd->get(), static_cast<off_t>(host), SEEK_HOLE);
+                off_t hole_at = ::lseek(probed->data_fd(), static_cast<off_t>(host), SEEK_HOLE);
                 hole = false;
                 until = hole_at < 0 ? host_end
                                     : std::min<std::uint64_t>(host_end, static_cast<std::uint64_t>(hole_at));

@@ -14,28 +14,42 @@ namespace qcowmap::detail {
 
 struct MappedFile::Impl {
     boost::iostreams::mapped_file_source source;
+    int fd = -1;
+    std::uint64_t device = 0;
+    std::uint64_t inode = 0;
+    ~Impl() {
+        if (fd >= 0) ::close(fd);
+    }
 };
 
 MappedFile::MappedFile(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {
-    bytes_ = {reinterpret_cast<const std::byte*>(impl_->source.data()), impl_->source.size()};
+    if (impl_->source.is_open()) {
+        bytes_ = {reinterpret_cast<const std::byte*>(impl_->source.data()), impl_->source.size()};
+    }
 }
 MappedFile::MappedFile(MappedFile&&) noexcept = default;
 MappedFile& MappedFile::operator=(MappedFile&&) noexcept = default;
 MappedFile::~MappedFile() = default;
 
-Result<MappedFile> MappedFile::open(const std::filesystem::path& path) {
+int MappedFile::fd() const { return impl_->fd; }
+std::pair<std::uint64_t, std::uint64_t> MappedFile::identity() const {
+    return {impl_->device, impl_->inode};
+}
+
+Result<MappedFile> MappedFile::open(const std::filesystem::path& path, bool allow_empty) {
     // Open and stat first: Boost's exceptions carry vague messages, and it throws on empty files.
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         return Error{ErrorCode::io_error, std::strerror(errno)};
     }
+    auto impl = std::make_unique<Impl>();
+    impl->fd = fd;
     struct stat st {};
-    int stat_result = ::fstat(fd, &st);
-    int stat_errno = errno;
-    ::close(fd);
-    if (stat_result != 0) {
-        return Error{ErrorCode::io_error, std::strerror(stat_errno)};
+    if (::fstat(fd, &st) != 0) {
+        return Error{ErrorCode::io_error, std::strerror(errno)};
     }
+    impl->device = st.st_dev;
+    impl->inode = st.st_ino;
     if (S_ISDIR(st.st_mode)) {
         return Error{ErrorCode::not_qcow2, "is a directory, not an image file"};
     }
@@ -43,9 +57,11 @@ Result<MappedFile> MappedFile::open(const std::filesystem::path& path) {
         return Error{ErrorCode::not_qcow2, "not a regular file"};
     }
     if (S_ISREG(st.st_mode) && st.st_size == 0) {
+        if (allow_empty) {
+            return MappedFile(std::move(impl));
+        }
         return Error{ErrorCode::not_qcow2, "file is empty (0 bytes), not a qcow2 image"};
     }
-    auto impl = std::make_unique<Impl>();
     try {
         impl->source.open(path.string());
     } catch (const std::exception& e) {

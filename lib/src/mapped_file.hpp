@@ -14,14 +14,19 @@ namespace qcowmap::detail {
 class MappedFile {
   public:
     /// Maps `path`. Errors (io_error / not_qcow2) name the path's problem: missing, unreadable,
-    /// a directory, not a regular file, or empty (which cannot be mapped).
-    static Result<MappedFile> open(const std::filesystem::path& path);
+    /// a directory, not a regular file, or empty (which cannot be mapped) unless `allow_empty`,
+    /// which gives an empty span (raw backing files may be empty).
+    static Result<MappedFile> open(const std::filesystem::path& path, bool allow_empty = false);
 
     MappedFile(MappedFile&&) noexcept;
     MappedFile& operator=(MappedFile&&) noexcept;
     ~MappedFile();
 
     std::span<const std::byte> bytes() const { return bytes_; }
+    /// The file, kept open read-only for lseek(SEEK_DATA/SEEK_HOLE) and kernel copies.
+    int fd() const;
+    /// Device and inode, to recognise the same file reached by two names.
+    std::pair<std::uint64_t, std::uint64_t> identity() const;
 
   private:
     struct Impl;

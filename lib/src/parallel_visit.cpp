@@ -26,9 +26,6 @@ class Prefetcher {
   public:
     Prefetcher(const Image& image, std::uint64_t start, std::uint64_t end, unsigned threads)
         : image_(image), ahead_(image.extents(start, end)), jobs_(4 * threads) {
-        for (Job& job : jobs_) {
-            job.cluster.resize(image.info().cluster_size);
-        }
         for (unsigned i = 0; i < threads; ++i) {
             workers_.emplace_back([this] { work(); });
         }
@@ -92,6 +89,9 @@ class Prefetcher {
                 break;
             }
             Job& job = jobs_[queued_ % jobs_.size()];
+            // Layers of a chain may differ in cluster size; the job is free, so no worker
+            // touches its buffer now.
+            job.cluster.resize(detail::layer_at(detail_state(image_), e.depth)->cluster_size);
             {
                 std::lock_guard lock(mutex_);
                 job.extent = e;

@@ -38,8 +38,9 @@ struct Extent {
     /// cluster (possibly covering more than `length` bytes once decompressed). zero: empty.
     std::span<const std::byte> bytes;
     /// Where the run starts in its host file, when there is such a place: always for data, and
-    /// for zero runs that keep a preallocated host cluster. Never for compressed runs (their
-    /// stream offset is `compressed_host_offset`).
+    /// for zero runs that keep a preallocated host cluster or lie in a hole of a raw layer.
+    /// Never for compressed runs (their stream offset is `compressed_host_offset`). The host
+    /// file is the layer's own file, or its external data file when it has one.
     std::optional<std::uint64_t> host_offset;
     /// compressed only: file offset of the compressed stream (not sector-aligned in general).
     std::uint64_t compressed_host_offset = 0;

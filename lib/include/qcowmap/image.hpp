@@ -58,6 +58,21 @@ struct BitmapsExtension {
     std::vector<std::string> names;
 };
 
+/// One entry of the internal snapshot table (spec "Snapshots").
+struct Snapshot {
+    std::string id;   ///< unique ID string
+    std::string name; ///< the snapshot's name (its "tag" in qemu-img snapshot -l)
+    std::uint64_t l1_table_offset = 0;
+    std::uint32_t l1_size = 0;
+    std::uint32_t date_seconds = 0;     ///< when it was taken, seconds since the Epoch
+    std::uint32_t date_nanoseconds = 0; ///< ... and the subsecond part
+    std::uint64_t vm_clock_nanoseconds = 0; ///< guest run time when it was taken
+    std::uint64_t vm_state_size = 0;    ///< 64-bit field from the extra data when present
+    std::uint64_t virtual_size = 0;     ///< from the extra data, else the image's size
+    std::uint32_t extra_data_size = 0;
+    std::optional<std::uint64_t> icount; ///< instruction count (extra data bytes 56-63)
+};
+
 /// Everything the header and its extensions say, decoded and validated at open.
 struct ImageInfo {
     std::uint32_t version = 0; ///< 1 (legacy qcow), 2 or 3
@@ -87,6 +102,7 @@ struct ImageInfo {
     std::optional<std::uint64_t> encryption_header_offset; ///< full disk encryption pointer
     std::vector<FeatureName> feature_names;
     std::vector<HeaderExtension> extensions;
+    std::vector<Snapshot> snapshots;
 
     std::uint32_t refcount_bits() const { return 1u << refcount_order; }
     /// Name of a feature bit: from the image's feature-name table, else the spec's name, else
@@ -96,12 +112,33 @@ struct ImageInfo {
 
 /// What to do with a backing file named in the header.
 enum class BackingMode {
-    follow, ///< read through the backing chain (not yet supported: such images are refused)
+    follow, ///< read through the backing chain: unallocated ranges fall through to the layer below
     none,   ///< read only this image: unallocated ranges read as zeros and are not `present`
 };
 
+/// The deepest backing chain `open` follows (layers, the image itself included).
+inline constexpr unsigned kMaxChainLayers = 64;
+
 struct OpenOptions {
     BackingMode backing = BackingMode::follow;
+    /// Use this file as the top image's backing file instead of the one the header names
+    /// (relative paths are taken as they are, from the current directory).
+    std::optional<std::filesystem::path> backing_file;
+    /// Format of `backing_file` (or of the named one): "qcow2" or "raw". Without it the
+    /// header's backing-format extension decides, else the file's magic.
+    std::optional<std::string> backing_format;
+    /// Use this file as the external data file instead of the one the header names.
+    std::optional<std::filesystem::path> data_file;
+    /// Read this internal snapshot (matched by ID first, then by name) instead of the active
+    /// disk. Backing layers below are read as they are.
+    std::optional<std::string> snapshot;
+};
+
+/// One layer of an opened chain, top first.
+struct LayerInfo {
+    std::filesystem::path path; ///< as opened (relative names resolved against the overlay)
+    std::string format;         ///< "qcow2", "qcow" or "raw"
+    std::uint64_t virtual_size = 0;
 };
 
 class Image;
@@ -148,16 +185,23 @@ class ExtentIterator {
 /// `Image` is alive. The file must not be modified or truncated while it is mapped.
 class Image {
   public:
-    /// Maps and validates the image. Errors: io_error (cannot open/map), not_qcow2,
-    /// unsupported_version, invalid_header, invalid_table, unsupported_feature, encrypted.
+    /// Maps and validates the image, its backing chain and external data file. Errors:
+    /// io_error (cannot open/map; a missing backing or data file names the path it looked
+    /// for), not_qcow2, unsupported_version, invalid_header, invalid_table (including a
+    /// backing chain that loops or is deeper than kMaxChainLayers), unsupported_feature,
+    /// encrypted, invalid_argument (no such snapshot).
     static Result<Image> open(const std::filesystem::path& path, const OpenOptions& options = {});
 
     /// Validates an image already in memory (tests, fuzzing). `bytes` must outlive the Image.
+    /// A backing file or external data file cannot be opened from memory: such images need
+    /// `BackingMode::none` and fail with unsupported_feature otherwise.
     static Result<Image> open_bytes(std::span<const std::byte> bytes,
                                     const OpenOptions& options = {});
 
-    /// Virtual disk size in bytes.
+    /// Virtual disk size in bytes (the snapshot's size when one was opened).
     std::uint64_t size() const;
+    /// The chain as opened: this image first, then each backing layer.
+    std::vector<LayerInfo> layers() const;
     /// The decoded header.
     const ImageInfo& info() const;
     /// The path given to `open` (empty for `open_bytes`).
@@ -197,6 +241,7 @@ class Image {
     explicit Image(std::shared_ptr<const detail::ImageState> state);
     std::shared_ptr<const detail::ImageState> state_;
     friend class Decompressor;
+    friend const detail::ImageState& detail_state(const Image& image);
 };
 
 /// Produces the bytes of compressed extents. Holds a one-cluster buffer and decoder state: own
