@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 
 #include <fmt/format.h>
@@ -51,6 +52,22 @@ inline std::uint8_t load_u8(Bytes b, std::size_t at) {
 inline std::uint16_t load_be16(Bytes b, std::size_t at) { return load_be16(b.subspan(at, 2).data()); }
 inline std::uint32_t load_be32(Bytes b, std::size_t at) { return load_be32(b.subspan(at, 4).data()); }
 inline std::uint64_t load_be64(Bytes b, std::size_t at) { return load_be64(b.subspan(at, 8).data()); }
+
+/// `text` made safe for a one-line message: control bytes and DEL become \xNN, so a name
+/// taken from an image cannot break the line or send terminal escapes.
+inline std::string printable(std::string_view text) {
+    std::string out;
+    out.reserve(text.size());
+    for (char c : text) {
+        auto u = static_cast<unsigned char>(c);
+        if (u < 0x20 || u == 0x7f || c == '\\') {
+            out += fmt::format("\\x{:02x}", u);
+        } else {
+            out += c;
+        }
+    }
+    return out;
+}
 
 /// Text of a not-NUL-terminated on-disk string.
 inline std::string_view as_text(Bytes b) {

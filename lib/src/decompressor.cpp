@@ -12,7 +12,10 @@ namespace qcowmap {
 
 struct Decompressor::Impl {
     std::vector<std::byte> cluster;
-    const detail::ImageState* cached_image = nullptr;
+    // The image whose cluster is cached: a weak reference, so that a later image allocated at
+    // the same address is never mistaken for it.
+    std::weak_ptr<const detail::ImageState> cached_image;
+    std::uint32_t cached_depth = 0;
     std::uint64_t cached_host_offset = 0;
     bool cached = false;
     z_stream zlib{};
@@ -124,7 +127,10 @@ Result<std::span<const std::byte>> Decompressor::decompress(const Image& image,
     const detail::ImageState& state = *layer;
     Impl& impl = *impl_;
     // read() may visit one cluster in several calls: keep the last cluster produced.
-    if (!(impl.cached && impl.cached_image == &state &&
+    const bool same_image = !impl.cached_image.expired() &&
+                            !impl.cached_image.owner_before(image.state_) &&
+                            !image.state_.owner_before(impl.cached_image);
+    if (!(impl.cached && same_image && impl.cached_depth == extent.depth &&
           impl.cached_host_offset == extent.compressed_host_offset &&
           impl.cluster.size() == state.cluster_size)) {
         impl.cached = false;
@@ -133,7 +139,8 @@ Result<std::span<const std::byte>> Decompressor::decompress(const Image& image,
             return std::move(ok).error();
         }
         impl.cached = true;
-        impl.cached_image = &state;
+        impl.cached_image = image.state_;
+        impl.cached_depth = extent.depth;
         impl.cached_host_offset = extent.compressed_host_offset;
     }
     return std::span<const std::byte>(impl.cluster)

@@ -3,6 +3,7 @@
 #include "image_state.hpp"
 
 #include <cerrno>
+#include <utility>
 #include <unistd.h>
 
 namespace qcowmap {
@@ -307,6 +308,9 @@ bool ExtentIterator::fail(Error error) {
 }
 
 bool ExtentIterator::next(Extent& out) {
+    if (deferred_error_) {
+        return fail(*std::exchange(deferred_error_, std::nullopt));
+    }
     if (error_ || position_ >= end_) {
         return false;
     }
@@ -332,7 +336,9 @@ bool ExtentIterator::next(Extent& out) {
         while (cursor < end_) {
             auto run = classify_chain(top, 0, cursor, end_);
             if (!run) {
-                return fail(std::move(run).error());
+                // Hand out the good run gathered so far; the error comes with the next call.
+                deferred_error_ = std::move(run).error();
+                break;
             }
             if (run->layer != first->layer || !mergeable(extent, *run)) {
                 break;

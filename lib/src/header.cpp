@@ -266,6 +266,11 @@ Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint6
                     "bitmaps extension has length {} (expected {})", length,
                     kBitmapsExtensionSize));
             }
+            if (!(info.autoclear_features & kAutoclearBitmaps)) {
+                // The bitmaps were left inconsistent by a writer that does not know them:
+                // qemu ignores the extension, and so do we (spec, autoclear bit 0).
+                break;
+            }
             BitmapsExtension ext;
             ext.count = load_be32(*data, 0);
             std::uint32_t reserved = load_be32(*data, 4);
@@ -319,8 +324,14 @@ Result<void> parse_image(ImageState& state) {
     ImageInfo& info = state.info;
     info.file_size = file.size();
 
-    if (file.size() < 4 || load_be32(file.data()) != kMagic) {
-        return Error{ErrorCode::not_qcow2, "not a qcow2 image (bad magic)"};
+    if (file.size() < 4) {
+        return Error{ErrorCode::not_qcow2,
+                     fmt::format("not a qcow2 image (only {} bytes, no magic)", file.size())};
+    }
+    if (std::uint32_t magic = load_be32(file.data()); magic != kMagic) {
+        return Error{ErrorCode::not_qcow2,
+                     fmt::format("not a qcow2 image (bad magic {:#010x}, expected {:#010x})", magic,
+                                 kMagic)};
     }
     if (file.size() < 8) {
         return header_error(fmt::format("file is truncated: {} bytes, shorter than the header",
@@ -418,7 +429,8 @@ Result<void> parse_image(ImageState& state) {
             if (unknown & (std::uint64_t{1} << bit)) {
                 if (!names.empty()) names += ", ";
                 std::string name = info.feature_name(FeatureName::Type::incompatible, bit);
-                names += name.starts_with("bit ") ? name : fmt::format("{} (bit {})", name, bit);
+                names += name.starts_with("bit ") ? name
+                                                  : fmt::format("{} (bit {})", printable(name), bit);
             }
         }
         return Error{ErrorCode::unsupported_feature,
@@ -476,7 +488,10 @@ Result<void> parse_image(ImageState& state) {
         if (!name) {
             return std::move(name).error();
         }
-        info.backing_file = std::string(as_text(*name));
+        // An empty name means no backing file, as in qemu.
+        if (backing_file_size > 0) {
+            info.backing_file = std::string(as_text(*name));
+        }
     }
 
     // Refcount table (qcow2_do_open / validate_table_offset).
@@ -517,6 +532,13 @@ Result<void> parse_image(ImageState& state) {
                                      "the cluster size {:#x}",
                                      info.snapshots_offset, info.cluster_size)};
         }
+        // Every entry has a fixed 40-byte part: a table that cannot even hold those is
+        // refused before walking it.
+        if (auto t = slice(file, info.snapshots_offset, std::uint64_t{info.snapshot_count} * 40,
+                           "snapshot table");
+            !t) {
+            return std::move(t).error();
+        }
         if (auto ok = parse_snapshot_table(state); !ok) {
             return ok;
         }
@@ -554,11 +576,11 @@ Result<void> select_snapshot(ImageState& state, const std::string& wanted) {
     }
     if (!found) {
         return Error{ErrorCode::invalid_argument,
-                     fmt::format("no snapshot with ID or name '{}' ({} snapshots)", wanted,
+                     fmt::format("no snapshot with ID or name '{}' ({} snapshots)", printable(wanted),
                                  state.info.snapshots.size())};
     }
     auto l1 = l1_table(state, found->l1_table_offset, found->l1_size, found->virtual_size,
-                       fmt::format("L1 table of snapshot '{}'", found->name));
+                       fmt::format("L1 table of snapshot '{}'", printable(found->name)));
     if (!l1) {
         return std::move(l1).error();
     }

@@ -90,7 +90,9 @@ Result<void> parse_v1_image(ImageState& state) {
         if (!name) {
             return std::move(name).error();
         }
-        info.backing_file = std::string(as_text(*name));
+        if (backing_file_size > 0) {
+            info.backing_file = std::string(as_text(*name));
+        }
     }
     return {};
 }

@@ -56,7 +56,8 @@ open_backing(const std::filesystem::path& path, std::optional<std::string> forma
     if (!layer && walk.names.size() <= depth + 1 &&
         !layer.error().message.starts_with("backing chain")) {
         return Error{layer.error().code,
-                     fmt::format("backing file {}: {}", path.string(), layer.error().message)};
+                     fmt::format("backing file {}: {}", detail::printable(path.string()),
+                                 layer.error().message)};
     }
     return layer;
 }
@@ -67,7 +68,7 @@ open_layer(const std::filesystem::path& path, std::optional<std::string> format,
     if (format && *format != "raw" && *format != "qcow2" && *format != "qcow") {
         return Error{ErrorCode::unsupported_feature,
                      fmt::format("backing file format '{}' is not supported (raw and qcow2 are)",
-                                 *format)};
+                                 detail::printable(*format))};
     }
     const bool raw_requested = format && *format == "raw";
     auto file = detail::MappedFile::open(path, /*allow_empty=*/!top);
@@ -78,9 +79,9 @@ open_layer(const std::filesystem::path& path, std::optional<std::string> format,
     for (std::size_t i = 0; i < walk.identities.size(); ++i) {
         if (walk.identities[i] == file->identity()) {
             std::string chain;
-            for (const std::string& n : walk.names) chain += n + " -> ";
+            for (const std::string& n : walk.names) chain += detail::printable(n) + " -> ";
             return Error{ErrorCode::invalid_table,
-                         fmt::format("backing chain loops: {}{}", chain, name)};
+                         fmt::format("backing chain loops: {}{}", chain, detail::printable(name))};
         }
     }
     if (walk.identities.size() >= kMaxChainLayers) {
@@ -132,8 +133,9 @@ open_layer(const std::filesystem::path& path, std::optional<std::string> format,
         }
         auto data = detail::MappedFile::open(*data_path, /*allow_empty=*/true);
         if (!data) {
-            return Error{data.error().code, fmt::format("data file {}: {}", data_path->string(),
-                                                        data.error().message)};
+            return Error{data.error().code,
+                         fmt::format("data file {}: {}", detail::printable(data_path->string()),
+                                     data.error().message)};
         }
         auto data_file = std::make_shared<const detail::MappedFile>(std::move(*data));
         state->data_bytes = data_file->bytes();
@@ -180,13 +182,14 @@ Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOpti
     }
     if (state->has_data_file()) {
         return Error{ErrorCode::unsupported_feature,
-                     "an image in memory cannot use an external data file"};
+                     fmt::format("an image in memory cannot use its external data file '{}'",
+                                 detail::printable(state->info.data_file.value_or("")))};
     }
     if (state->info.backing_file && options.backing == BackingMode::follow) {
         return Error{ErrorCode::unsupported_feature,
                      fmt::format("backing file '{}' cannot be opened for an image in memory "
                                  "(open with BackingMode::none)",
-                                 *state->info.backing_file)};
+                                 detail::printable(*state->info.backing_file))};
     }
     return Image(std::move(state));
 }

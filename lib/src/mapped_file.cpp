@@ -38,7 +38,8 @@ std::pair<std::uint64_t, std::uint64_t> MappedFile::identity() const {
 
 Result<MappedFile> MappedFile::open(const std::filesystem::path& path, bool allow_empty) {
     // Open and stat first: Boost's exceptions carry vague messages, and it throws on empty files.
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below anyway).
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         return Error{ErrorCode::io_error, std::strerror(errno)};
     }

@@ -9,6 +9,7 @@
 
 #include <condition_variable>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -26,8 +27,16 @@ class Prefetcher {
   public:
     Prefetcher(const Image& image, std::uint64_t start, std::uint64_t end, unsigned threads)
         : image_(image), ahead_(image.extents(start, end)), jobs_(4 * threads) {
-        for (unsigned i = 0; i < threads; ++i) {
-            workers_.emplace_back([this] { work(); });
+        try {
+            for (unsigned i = 0; i < threads; ++i) {
+                workers_.emplace_back([this] { work(); });
+            }
+        } catch (const std::system_error&) {
+            // Out of threads (or of memory for them): carry on with those we have; with none,
+            // the caller decompresses on its own thread.
+            if (workers_.empty()) {
+                throw;
+            }
         }
     }
 
@@ -155,6 +164,7 @@ Result<void> Image::visit_runs_parallel(std::uint64_t start, std::uint64_t end, 
     }
     ExtentIterator it = extents(start, end);
     std::optional<Prefetcher> prefetcher;
+    std::optional<Decompressor> single_threaded; // when no thread could be started
     Extent extent;
     while (it.next(extent)) {
         if (extent.kind != ExtentKind::compressed) {
@@ -164,15 +174,21 @@ Result<void> Image::visit_runs_parallel(std::uint64_t start, std::uint64_t end, 
             }
             continue;
         }
-        if (!prefetcher) {
-            prefetcher.emplace(*this, extent.offset, end, threads);
+        if (!prefetcher && !single_threaded) {
+            try {
+                prefetcher.emplace(*this, extent.offset, end, threads);
+            } catch (const std::system_error&) {
+                single_threaded.emplace();
+            }
         }
-        auto bytes = prefetcher->next(extent);
+        auto bytes = prefetcher ? prefetcher->next(extent) : single_threaded->decompress(*this, extent);
         if (!bytes) {
             return std::move(bytes).error();
         }
         auto ok = visitor(extent.offset, extent.length, *bytes);
-        prefetcher->release();
+        if (prefetcher) {
+            prefetcher->release();
+        }
         if (!ok) {
             return ok;
         }

@@ -176,6 +176,7 @@ class ExtentIterator {
     std::uint64_t position_ = 0;
     std::uint64_t end_ = 0;
     std::optional<Error> error_;
+    std::optional<Error> deferred_error_; // met while merging: reported after the good run
 };
 
 /// A qcow2 image opened read-only through a memory mapping.
