@@ -43,6 +43,12 @@ for seed in "$dir"/seed*.qcow2; do
   done
 done
 
+# QCOWMAP_CORPUS_OUT=DIR keeps the generated seeds (heads only) for a libFuzzer run.
+if [ -n "${QCOWMAP_CORPUS_OUT:-}" ]; then
+  mkdir -p "$QCOWMAP_CORPUS_OUT"
+  for seed in "$dir"/seed*.qcow2.head; do cp "$seed" "$QCOWMAP_CORPUS_OUT/"; done
+fi
+
 set -- "$dir"
 [ -d "$srcdir/regressions" ] && set -- "$@" "$srcdir/regressions"
 "$driver" "$@"
