@@ -8,6 +8,7 @@ packages=(
   libboost-iostreams-dev libfmt-dev libcli11-dev zlib1g-dev libzstd-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   qemu-utils time
+  clang libclang-rt-14-dev
 )
 
 missing=()
