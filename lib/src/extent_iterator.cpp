@@ -36,6 +36,13 @@ Error cluster_error(std::string message) {
     return Error{ErrorCode::invalid_cluster, std::move(message)};
 }
 
+Error compressed_past_eof(std::uint64_t cluster_start, std::uint64_t coffset, std::uint64_t csize,
+                          std::uint64_t file_size) {
+    return cluster_error(fmt::format("compressed cluster for virtual offset {:#x} at host offset "
+                                     "{:#x} (+{:#x}) lies beyond end of file ({:#x})",
+                                     cluster_start, coffset, csize, file_size));
+}
+
 Run unallocated_to_table_end(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
     std::uint64_t table_end = (pos | (s.l2_coverage() - 1)) + 1;
     Run run;
@@ -64,10 +71,7 @@ Result<Run> classify_v1(const ImageState& s, std::uint64_t pos, std::uint64_t li
         const std::uint64_t coffset = entry & s.coffset_mask;
         auto stream = slice(s.bytes, coffset, csize, "", ErrorCode::invalid_cluster);
         if (!stream) {
-            return cluster_error(fmt::format(
-                "compressed cluster for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies "
-                "beyond end of file ({:#x})",
-                cluster_start, coffset, csize, s.bytes.size()));
+            return compressed_past_eof(cluster_start, coffset, csize, s.bytes.size());
         }
         run.kind = ExtentKind::compressed;
         run.present = true;
@@ -141,10 +145,7 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
             (s.bytes.size() + detail::kCompressedSectorSize - 1) / detail::kCompressedSectorSize;
         if (!detail::fits(sectors_in_file * detail::kCompressedSectorSize, coffset, csize) ||
             coffset >= s.bytes.size()) {
-            return cluster_error(fmt::format(
-                "compressed cluster for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies "
-                "beyond end of file ({:#x})",
-                cluster_start, coffset, csize, s.bytes.size()));
+            return compressed_past_eof(cluster_start, coffset, csize, s.bytes.size());
         }
         run.kind = ExtentKind::compressed;
         run.present = true;
