@@ -4,8 +4,11 @@
 
 #include <cerrno>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <thread>
 #include <unistd.h>
 
@@ -39,7 +42,40 @@ OpenOptions ImageArgs::open_options() const {
     return options;
 }
 
+namespace {
+
+// The line printed when a mapped file shrinks under us and a read faults (SIGBUS). Prepared
+// before any mapping is touched, because a signal handler may only call write and _exit.
+char g_sigbus_line[4096];
+std::size_t g_sigbus_length = 0;
+
+std::atomic_flag g_sigbus_reported = ATOMIC_FLAG_INIT;
+
+extern "C" void on_sigbus(int) {
+    // Several threads may fault at once (decompression workers): one reports, the others wait
+    // for its _exit.
+    if (g_sigbus_reported.test_and_set()) {
+        for (;;) ::pause();
+    }
+    ssize_t ignored = ::write(STDERR_FILENO, g_sigbus_line, g_sigbus_length);
+    (void)ignored;
+    ::_exit(kExitImageError);
+}
+
+} // namespace
+
+void guard_against_shrinking(std::string_view file) {
+    std::string line = fmt::format("qcowmap: {}: {}\n", file, kImageChanged);
+    g_sigbus_length = std::min(line.size(), sizeof g_sigbus_line);
+    std::memcpy(g_sigbus_line, line.data(), g_sigbus_length);
+    struct sigaction action {};
+    action.sa_handler = on_sigbus;
+    sigemptyset(&action.sa_mask);
+    ::sigaction(SIGBUS, &action, nullptr);
+}
+
 std::optional<Image> open_or_report(const ImageArgs& args) {
+    guard_against_shrinking(args.path);
     auto image = Image::open(args.path, args.open_options());
     if (!image) {
         report(args.path, image.error().message, kExitImageError);

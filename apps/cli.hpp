@@ -36,7 +36,16 @@ struct ImageArgs {
     OpenOptions open_options() const;
 };
 
-/// Opens the image or prints the error line; returns nullopt on failure.
+/// The message for an image file that shrank while it was being read.
+inline constexpr const char* kImageChanged =
+    "image changed while being read (the file shrank under its mapping)";
+
+/// Turns a SIGBUS (a mapped file truncated while we read it: the one fault a bounds check
+/// cannot prevent) into the one-line error "image changed while being read" and exit 1.
+void guard_against_shrinking(std::string_view file);
+
+/// Opens the image (guarded by guard_against_shrinking) or prints the error line; returns
+/// nullopt on failure.
 std::optional<Image> open_or_report(const ImageArgs& args);
 
 /// Parses "4096", "64k", "1M", "2G", "1T" (binary units) into bytes.

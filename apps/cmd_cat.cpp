@@ -27,6 +27,11 @@ Command add_cat(CLI::App& app) {
                         std::span<const std::byte> bytes) -> Result<void> {
                         if (!bytes.empty()) {
                             if (!write_all(STDOUT_FILENO, bytes.data(), bytes.size())) {
+                                // The kernel reading our mapping for write() faults with EFAULT
+                                // when the image was truncated under us.
+                                if (errno == EFAULT) {
+                                    return Error{ErrorCode::io_error, kImageChanged};
+                                }
                                 write_failed = true;
                                 return Error{ErrorCode::io_error, std::strerror(errno)};
                             }

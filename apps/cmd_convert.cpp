@@ -66,8 +66,10 @@ bool pwrite_sparse(int fd, const std::byte* data, std::uint64_t length, std::uin
 /// the mapping is slow on Linux (every page of the source is faulted in inside the write path),
 /// so data goes through the kernel: copy_file_range when no zero detection is wanted (it can
 /// even share blocks), else pread into a buffer, which the zero check then reads warm.
-bool copy_run(int in, std::uint64_t host_offset, int out, std::uint64_t offset,
-              std::uint64_t length, std::uint64_t zero_block, std::vector<std::byte>& buffer) {
+enum class CopyResult { ok, output_failed, source_changed };
+
+CopyResult copy_run(int in, std::uint64_t host_offset, int out, std::uint64_t offset,
+                    std::uint64_t length, std::uint64_t zero_block, std::vector<std::byte>& buffer) {
     if (zero_block == 0) {
         std::uint64_t done = 0;
         while (done < length) {
@@ -88,17 +90,16 @@ bool copy_run(int in, std::uint64_t host_offset, int out, std::uint64_t offset,
         ssize_t n = ::pread(in, buffer.data(), want, static_cast<off_t>(host_offset));
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) {
-            if (n == 0) errno = EIO; // the file shrank under us
-            return false;
+            return CopyResult::source_changed; // the extent walk checked this range: it shrank
         }
         if (!pwrite_sparse(out, buffer.data(), static_cast<std::uint64_t>(n), offset, zero_block)) {
-            return false;
+            return CopyResult::output_failed;
         }
         host_offset += static_cast<std::uint64_t>(n);
         offset += static_cast<std::uint64_t>(n);
         length -= static_cast<std::uint64_t>(n);
     }
-    return true;
+    return CopyResult::ok;
 }
 
 } // namespace
@@ -167,7 +168,11 @@ Command add_convert(CLI::App& app) {
                         if (in_mapping) {
                             // A data run: its place in the image file is its place in the mapping.
                             std::uint64_t host = static_cast<std::uint64_t>(bytes.data() - mapping.data());
-                            ok = copy_run(in, host, fd, offset, length, block, buffer);
+                            CopyResult copied = copy_run(in, host, fd, offset, length, block, buffer);
+                            if (copied == CopyResult::source_changed) {
+                                return Error{ErrorCode::io_error, kImageChanged};
+                            }
+                            ok = copied == CopyResult::ok;
                         } else if (!bytes.empty()) {
                             ok = pwrite_sparse(fd, bytes.data(), bytes.size(), offset, block);
                         } else if (!sparse) {

@@ -154,5 +154,33 @@ TEST_F(Cli, MapHumanListsDataRanges) {
     EXPECT_NE(r.out.find("0x300000        0x100000"), std::string::npos) << r.out;
 }
 
+TEST(CliShrinkingImage, CatReportsTheChangeInsteadOfCrashing) {
+    // A file truncated while mapped: reading a vanished page raises SIGBUS (or EFAULT inside
+    // write()). Either way the CLI must say so in one line and exit 1.
+    for (std::string kind : {"plain", "compressed"}) {
+        TempDir dir;
+        auto image = (dir / "shrinks.qcow2").string();
+        test::make_image(image, "cluster_size=64k", "32M", {"write -P 0x5a 0 32M"});
+        if (kind == "compressed") {
+            auto source = (dir / "source.qcow2").string();
+            std::filesystem::rename(image, source);
+            test::run_ok("qemu-img convert -c -O qcow2 " + shell_quote(source) + " " + shell_quote(image));
+        }
+        auto err = (dir / "err").string();
+        // The reader takes the first 64 KiB (so qcowmap is surely reading), truncates the image,
+        // then drains the rest.
+        CommandResult r = run("{ " + cli() + " cat " + shell_quote(image) + "; echo \"rc=$?\" >&2; } 2>" +
+                              shell_quote(err) + " | { head -c 65536 >/dev/null; truncate -s 300k " +
+                              shell_quote(image) + "; cat >/dev/null; }");
+        EXPECT_EQ(r.exit_code, 0) << kind;
+        std::string stderr_text;
+        for (std::byte b : test::read_file(err)) stderr_text += static_cast<char>(b);
+        EXPECT_EQ(stderr_text, "qcowmap: " + image +
+                                   ": image changed while being read (the file shrank under its "
+                                   "mapping)\nrc=1\n")
+            << kind;
+    }
+}
+
 } // namespace
 } // namespace qcowmap
