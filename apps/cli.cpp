@@ -14,9 +14,33 @@
 
 namespace qcowmap::cli {
 
+std::string printable(std::string_view text) {
+    std::string out;
+    for (char c : text) {
+        auto u = static_cast<unsigned char>(c);
+        if (u < 0x20 || u == 0x7f) {
+            out += fmt::format("\\x{:02x}", u);
+        } else {
+            out += c;
+        }
+    }
+    return out;
+}
+
 int report(std::string_view file, std::string_view message, int code) {
-    fmt::print(stderr, "qcowmap: {}: {}\n", file, message);
+    // Straight to the descriptor: stdio (and fmt's exceptions) must not decide whether an error
+    // is shown, even when stderr is closed.
+    std::string line = fmt::format("qcowmap: {}: {}\n", printable(file), message);
+    ssize_t ignored = ::write(STDERR_FILENO, line.data(), line.size());
+    (void)ignored;
     return code;
+}
+
+int finish_stdout() {
+    if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+        return report("<stdout>", std::strerror(errno ? errno : EIO), kExitOutputError);
+    }
+    return kExitOk;
 }
 
 void ImageArgs::add_to(CLI::App& command, bool contents) {
@@ -138,7 +162,7 @@ std::string json_string(std::string_view text) {
         case '\r': out += "\\r"; break;
         case '\t': out += "\\t"; break;
         default:
-            if (u < 0x20) {
+            if (u < 0x20 || u == 0x7f) {
                 out += fmt::format("\\u{:04x}", u);
             } else {
                 out += c;

@@ -24,6 +24,14 @@ enum ExitCode : int {
 /// Prints `qcowmap: FILE: message` on stderr and returns `code`.
 int report(std::string_view file, std::string_view message, int code);
 
+/// Flushes stdout; a write error (full disk, closed pipe with SIGPIPE ignored) is reported and
+/// gives kExitOutputError.
+int finish_stdout();
+
+/// `text` with control characters shown as \xNN, for one-line messages and terminal output of
+/// names that come from an image.
+std::string printable(std::string_view text);
+
 /// Options shared by commands that open an image.
 struct ImageArgs {
     std::string path;

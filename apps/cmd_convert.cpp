@@ -129,7 +129,9 @@ Command add_convert(CLI::App& app) {
                 }
                 auto image = open_or_report(*args);
                 if (!image) return static_cast<int>(kExitImageError);
-                int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (*force ? O_TRUNC : O_EXCL);
+                // No O_TRUNC: the output may turn out to be the image itself (or one of its
+                // layers), which must be refused before a single byte of it is lost.
+                int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (*force ? 0 : O_EXCL);
                 int fd = ::open(output->c_str(), flags, 0644);
                 if (fd < 0) {
                     std::string why = errno == EEXIST
@@ -138,7 +140,17 @@ Command add_convert(CLI::App& app) {
                     return report(*output, why, kExitOutputError);
                 }
                 struct stat st {};
-                ::fstat(fd, &st);
+                if (::fstat(fd, &st) != 0) {
+                    int error = errno;
+                    ::close(fd);
+                    return report(*output, std::strerror(error), kExitOutputError);
+                }
+                if (image->maps_file(st.st_dev, st.st_ino)) {
+                    ::close(fd);
+                    return report(*output, "is the image being read (or one of its layers or "
+                                           "its data file): refusing to overwrite it",
+                                  kExitOutputError);
+                }
                 // A regular file gets its size up front so that zero runs stay holes; a device
                 // (or a pipe-like target) must be given the zeros explicitly.
                 const bool sparse = S_ISREG(st.st_mode);
@@ -146,7 +158,8 @@ Command add_convert(CLI::App& app) {
                     ::close(fd);
                     return report(*output, why, kExitOutputError);
                 };
-                if (sparse && ::ftruncate(fd, static_cast<off_t>(image->size())) != 0) {
+                if (sparse && (::ftruncate(fd, 0) != 0 ||
+                               ::ftruncate(fd, static_cast<off_t>(image->size())) != 0)) {
                     return fail_output(std::strerror(errno));
                 }
                 int in = ::open(image->path().c_str(), O_RDONLY | O_CLOEXEC);

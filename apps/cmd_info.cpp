@@ -133,7 +133,7 @@ void print_snapshot_table(const std::vector<Snapshot>& snapshots) {
         std::uint64_t secs = sn.vm_clock_nanoseconds / 1000000000;
         std::string clock = fmt::format("{:02}:{:02}:{:02}.{:03}", secs / 3600, (secs / 60) % 60,
                                         secs % 60, (sn.vm_clock_nanoseconds / 1000000) % 1000);
-        fmt::print("{:<9} {:<16} {:>8}{:>20}{:>13}{:>11}\n", sn.id, sn.name,
+        fmt::print("{:<9} {:<16} {:>8}{:>20}{:>13}{:>11}\n", printable(sn.id), printable(sn.name),
                    human_size(sn.vm_state_size), date, clock,
                    sn.icount ? std::to_string(*sn.icount) : std::string());
     }
@@ -142,7 +142,7 @@ void print_snapshot_table(const std::vector<Snapshot>& snapshots) {
 std::string joined(const std::vector<std::string>& items) {
     if (items.empty()) return "none";
     std::string out;
-    for (std::size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + items[i];
+    for (std::size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + printable(items[i]);
     return out;
 }
 
@@ -157,10 +157,10 @@ void print_human(const std::string& path, const ImageInfo& info) {
     fmt::print("file size: {} bytes\n", info.file_size);
     fmt::print("cluster_size: {}\n", info.cluster_size);
     if (info.backing_file) {
-        fmt::print("backing file: {}\n", *info.backing_file);
-        if (info.backing_format) fmt::print("backing file format: {}\n", *info.backing_format);
+        fmt::print("backing file: {}\n", printable(*info.backing_file));
+        if (info.backing_format) fmt::print("backing file format: {}\n", printable(*info.backing_format));
     }
-    if (info.data_file) fmt::print("data file: {}\n", *info.data_file);
+    if (info.data_file) fmt::print("data file: {}\n", printable(*info.data_file));
     if (info.version != 1) fmt::print("refcount bits: {}\n", info.refcount_bits());
     fmt::print("compression type: {}\n",
                info.compression_type == CompressionType::zstd ? "zstd" : "zlib");

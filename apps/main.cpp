@@ -1,6 +1,8 @@
 // qcowmap: read qcow2 images through a memory mapping.
 #include "cli.hpp"
 
+#include <system_error>
+
 int main(int argc, char** argv) {
     using namespace qcowmap::cli;
     CLI::App app{"qcowmap: read qcow2 disk images through a memory mapping, without copying.\n"
@@ -12,11 +14,22 @@ int main(int argc, char** argv) {
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
-        return app.exit(e) == 0 ? kExitOk : kExitUsage;
+        if (e.get_exit_code() == 0) {
+            return app.exit(e); // --help, --version
+        }
+        // One line, like every other error.
+        return report("usage", std::string(e.what()) + " (see qcowmap --help)", kExitUsage);
     }
     for (const Command& command : commands) {
         if (command.parser->parsed()) {
-            return command.run();
+            try {
+                int code = command.run();
+                return code == kExitOk ? finish_stdout() : code;
+            } catch (const std::system_error& e) {
+                return report("<stdout>", e.what(), kExitOutputError); // fmt::print failed
+            } catch (const std::exception& e) {
+                return report(command.parser->get_name(), e.what(), kExitImageError);
+            }
         }
     }
     return kExitUsage;

@@ -103,6 +103,29 @@ TEST_F(Cli, ConvertIsSparseAndRefusesToOverwrite) {
     EXPECT_TRUE(test::read_file(out) == test::read_file(raw));
 }
 
+TEST_F(Cli, ConvertRefusesToOverwriteItsOwnInput) {
+    auto before = test::read_file(image_);
+    CommandResult r = run(cli() + " convert --force " + shell_quote(image_) + " " + shell_quote(image_));
+    EXPECT_EQ(r.exit_code, 3);
+    EXPECT_EQ(r.err, "qcowmap: " + image_ +
+                         ": is the image being read (or one of its layers or its data file): "
+                         "refusing to overwrite it\n");
+    EXPECT_TRUE(test::read_file(image_) == before) << "the image was modified";
+}
+
+TEST_F(Cli, OutputErrorsExitThree) {
+    for (std::string command : {"info", "info --json", "map --output=json", "map", "cat"}) {
+        CommandResult r = run(cli() + " " + command + " " + shell_quote(image_) + " >/dev/full");
+        EXPECT_EQ(r.exit_code, 3) << command << ": " << r.err;
+        EXPECT_EQ(count_lines(r.err), 1) << command << ": " << r.err;
+    }
+    // Closed stderr: the error cannot be shown, but the exit code still says what happened.
+    EXPECT_EQ(run(cli() + " info " + shell_quote((dir_ / "missing").string()) + " 2>&-").exit_code, 1);
+    CommandResult usage = run(cli() + " info");
+    EXPECT_EQ(usage.exit_code, 2);
+    EXPECT_EQ(usage.err, "qcowmap: usage: IMAGE is required (see qcowmap --help)\n");
+}
+
 TEST_F(Cli, ConvertToUnwritablePlaceExitsThree) {
     CommandResult r = run(cli() + " convert " + shell_quote(image_) + " " +
                           shell_quote((dir_ / "no/such/dir/out.raw").string()));

@@ -687,9 +687,15 @@ TEST(CorruptHeader, CryptMethods) {
 TEST(CorruptHeader, RealLuksImageIsEncrypted) {
     qt::TempDir dir;
     auto path = dir / "luks.qcow2";
-    qt::run_ok("qemu-img create -q -f qcow2 --object secret,id=s,data=PASS -o "
-               "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=100 " +
-               qt::shell_quote(path.string()) + " 16M");
+    // qemu-img's LUKS key setup times itself and fails now and then on a loaded machine
+    // ("Unable to get accurate CPU usage"): try a few times.
+    const std::string create = "qemu-img create -q -f qcow2 --object secret,id=s,data=PASS -o "
+                               "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=100 " +
+                               qt::shell_quote(path.string()) + " 16M";
+    int attempts = 0;
+    while (qt::run(create).exit_code != 0 && ++attempts < 5) {
+    }
+    ASSERT_LT(attempts, 5) << "qemu-img could not create a LUKS image";
     EXPECT_TRUE(fails_with(Image::open(path), ErrorCode::encrypted, {"crypt_method 2", "LUKS"}));
 
     auto result = qt::run(qt::qcowmap_bin() + " info " + qt::shell_quote(path.string()));
@@ -1239,15 +1245,21 @@ TEST(CorruptWalk, ExtendedL2AllocatedWithoutHostOffset) {
         {"virtual offset 0x20000", "0x0000000000000003", "host offset is 0"}));
 }
 
-TEST(CorruptWalk, ExtendedL2ZeroFlagIsReserved) {
+TEST(CorruptWalk, ExtendedL2ZeroFlagIsIgnoredLikeQemu) {
+    // The spec calls bit 0 "always 0" with extended L2 entries, but qemu ignores it there (the
+    // subcluster bitmap says what is zero) and reads such images: so do we.
     Buffer b = fixtures().extended_l2;
+    std::vector<std::byte> before(64 * 1024), after(64 * 1024);
+    auto healthy = open(b);
+    ASSERT_TRUE(healthy) << healthy.error().message;
+    ASSERT_TRUE(healthy->read(before, 0));
     const std::size_t entry = l2_entry(b, 0, 16);
-    const std::uint64_t value = get_be64(b, entry) | 1;
-    put_be64(b, entry, value);
+    put_be64(b, entry, get_be64(b, entry) | 1);
     auto image = open(b);
     ASSERT_TRUE(image) << image.error().message;
-    EXPECT_TRUE(every_read_fails_with(*image, ErrorCode::invalid_cluster,
-                                      {fmt::format("({:#018x}) has reserved bits set", value)}));
+    auto n = image->read(after, 0);
+    ASSERT_TRUE(n) << n.error().message;
+    EXPECT_TRUE(before == after);
 }
 
 TEST(CorruptWalk, ExtendedL2CompressedEntryWithABitmap) {

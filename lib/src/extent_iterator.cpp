@@ -158,8 +158,9 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
         return run;
     }
 
-    const std::uint64_t reserved_mask =
-        detail::kL2StandardReservedMask | (s.info.extended_l2 ? detail::kL2ZeroFlag : 0);
+    // With extended L2 entries bit 0 "is always 0" (spec), but qemu ignores it there, and so
+    // do we: the subcluster bitmap says what reads as zero.
+    const std::uint64_t reserved_mask = detail::kL2StandardReservedMask;
     if (entry & reserved_mask) {
         return cluster_error(fmt::format("L2 entry for virtual offset {:#x} ({:#018x}) has "
                                          "reserved bits set",
@@ -304,6 +305,7 @@ ExtentIterator::ExtentIterator(std::shared_ptr<const ImageState> state, std::uin
 
 bool ExtentIterator::fail(Error error) {
     error_ = std::move(error);
+    deferred_error_.reset(); // the first error by position is the one that stays
     position_ = end_;
     return false;
 }

@@ -179,7 +179,10 @@ Result<void> parse_snapshot_table(ImageState& state) {
         }
         if (snap.extra_data_size >= 8) snap.vm_state_size = load_be64(*extra, 0);
         if (snap.extra_data_size >= 16) snap.virtual_size = load_be64(*extra, 8);
-        if (snap.extra_data_size >= 24) snap.icount = load_be64(*extra, 16);
+        // An icount of -1 means none was recorded (qemu writes it outside replay mode).
+        if (snap.extra_data_size >= 24 && load_be64(*extra, 16) != UINT64_MAX) {
+            snap.icount = load_be64(*extra, 16);
+        }
         const std::uint64_t strings_at = at + 40 + snap.extra_data_size;
         auto strings = slice(state.bytes, strings_at, std::uint64_t{id_size} + name_size,
                              fmt::format("snapshot table entry {} ID and name", i));
@@ -224,10 +227,15 @@ Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint6
         if (!data) {
             return std::move(data).error();
         }
-        for (const HeaderExtension& seen : info.extensions) {
-            if (seen.type == type && type != kExtFeatureNames) {
-                return header_error(
-                    fmt::format("header extension {:#010x} appears more than once", type));
+        // Known extensions appear at most once (spec); unknown ones are only remembered, as
+        // qemu does (a linear scan over all of them would make a packed first cluster slow).
+        if (type == kExtBackingFormat || type == kExtBitmaps || type == kExtEncryption ||
+            type == kExtDataFile) {
+            for (const HeaderExtension& seen : info.extensions) {
+                if (seen.type == type) {
+                    return header_error(
+                        fmt::format("header extension {:#010x} appears more than once", type));
+                }
             }
         }
         info.extensions.push_back({type, length, at});

@@ -194,6 +194,17 @@ Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOpti
     return Image(std::move(state));
 }
 
+bool Image::maps_file(std::uint64_t device, std::uint64_t inode) const {
+    const std::pair<std::uint64_t, std::uint64_t> wanted{device, inode};
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
+        if ((layer->file && layer->file->identity() == wanted) ||
+            (layer->data_file && layer->data_file->identity() == wanted)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 std::vector<LayerInfo> Image::layers() const {
     std::vector<LayerInfo> result;
     for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {

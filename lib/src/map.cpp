@@ -176,7 +176,10 @@ Result<void> map_image(const Image& image, const MapOptions& options,
             off_t data_at = ::lseek(probed->data_fd(), static_cast<off_t>(host), SEEK_DATA);
             bool hole;
             std::uint64_t until;
-            if (data_at < 0 || static_cast<std::uint64_t>(data_at) > host) {
+            if (data_at < 0 && errno != ENXIO) {
+                hole = false; // no answer: keep reporting data, as classify_raw does
+                until = host_end;
+            } else if (data_at < 0 || static_cast<std::uint64_t>(data_at) > host) {
                 hole = true;
                 until = data_at < 0 ? host_end
                                     : std::min<std::uint64_t>(host_end, static_cast<std::uint64_t>(data_at));

@@ -7,6 +7,7 @@
 // compressed extent the caller meets is the k-th job. Data and zero runs are never copied.
 #include "image_state.hpp"
 
+#include <algorithm>
 #include <condition_variable>
 #include <mutex>
 #include <system_error>
@@ -15,6 +16,8 @@
 
 namespace qcowmap {
 namespace {
+
+constexpr unsigned kMaxDecompressionThreads = 64;
 
 struct Job {
     Extent extent;
@@ -26,12 +29,14 @@ struct Job {
 class Prefetcher {
   public:
     Prefetcher(const Image& image, std::uint64_t start, std::uint64_t end, unsigned threads)
-        : image_(image), ahead_(image.extents(start, end)), jobs_(4 * threads) {
+        : image_(image), ahead_(image.extents(start, end)),
+          jobs_(4 * static_cast<std::size_t>(threads)) {
         try {
+            workers_.reserve(threads);
             for (unsigned i = 0; i < threads; ++i) {
                 workers_.emplace_back([this] { work(); });
             }
-        } catch (const std::system_error&) {
+        } catch (const std::exception&) {
             // Out of threads (or of memory for them): carry on with those we have; with none,
             // the caller decompresses on its own thread.
             if (workers_.empty()) {
@@ -162,6 +167,8 @@ Result<void> Image::visit_runs_parallel(std::uint64_t start, std::uint64_t end, 
     if (threads <= 1) {
         return visit_runs(start, end, visitor);
     }
+    // More decompressors than this only add memory (4 clusters in flight per thread).
+    threads = std::min(threads, kMaxDecompressionThreads);
     ExtentIterator it = extents(start, end);
     std::optional<Prefetcher> prefetcher;
     std::optional<Decompressor> single_threaded; // when no thread could be started
@@ -177,7 +184,7 @@ Result<void> Image::visit_runs_parallel(std::uint64_t start, std::uint64_t end, 
         if (!prefetcher && !single_threaded) {
             try {
                 prefetcher.emplace(*this, extent.offset, end, threads);
-            } catch (const std::system_error&) {
+            } catch (const std::exception&) {
                 single_threaded.emplace();
             }
         }

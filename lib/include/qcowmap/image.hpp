@@ -203,6 +203,9 @@ class Image {
     std::uint64_t size() const;
     /// The chain as opened: this image first, then each backing layer.
     std::vector<LayerInfo> layers() const;
+    /// True when the file with this device and inode number is mapped by the image: one of
+    /// its layers or an external data file. Lets a writer refuse to overwrite its own input.
+    bool maps_file(std::uint64_t device, std::uint64_t inode) const;
     /// The decoded header.
     const ImageInfo& info() const;
     /// The path given to `open` (empty for `open_bytes`).
