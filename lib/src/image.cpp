@@ -233,33 +233,20 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
                                  offset, disk_size)};
     }
     const std::uint64_t length = std::min<std::uint64_t>(dest.size(), disk_size - offset);
-    ExtentIterator it = extents(offset, offset + length);
-    std::optional<Decompressor> decompressor;
-    Extent extent;
-    while (it.next(extent)) {
-        std::byte* out = dest.data() + (extent.offset - offset);
-        switch (extent.kind) {
-        case ExtentKind::data:
-            std::memcpy(out, extent.bytes.data(), extent.length);
-            break;
-        case ExtentKind::zero:
-            std::memset(out, 0, extent.length);
-            break;
-        case ExtentKind::compressed: {
-            if (!decompressor) {
-                decompressor.emplace();
-            }
-            auto bytes = decompressor->decompress(*this, extent);
-            if (!bytes) {
-                return std::move(bytes).error();
-            }
-            std::memcpy(out, bytes->data(), extent.length);
-            break;
-        }
-        }
-    }
-    if (it.failed()) {
-        return it.error();
+    // A thin layer over visit_runs: the same walk and decompression, copied into `dest`.
+    auto ok = visit_runs(offset, offset + length,
+                         [&](std::uint64_t run_offset, std::uint64_t run_length,
+                             std::span<const std::byte> bytes) -> Result<void> {
+                             std::byte* out = dest.data() + (run_offset - offset);
+                             if (bytes.empty()) {
+                                 std::memset(out, 0, run_length);
+                             } else {
+                                 std::memcpy(out, bytes.data(), run_length);
+                             }
+                             return {};
+                         });
+    if (!ok) {
+        return std::move(ok).error();
     }
     return static_cast<std::size_t>(length);
 }

@@ -5,7 +5,6 @@
 #include <qcowmap/map.hpp>
 
 #include <cerrno>
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
