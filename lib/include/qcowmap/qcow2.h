@@ -1,0 +1,135 @@
+/* qcowmap — C API.
+ *
+ * Part one is a drop-in replacement for the small standalone C qcow2 reader (qcow2.c/qcow2.h:
+ * qcow2_open, qcow2_close, qcow2_get_size, qcow2_read) with the same signatures and behaviour.
+ * Unlike that reader it has no page-size limit on clusters and reads compressed clusters (zlib
+ * and zstd), extended L2 entries, backing chains and external data files.
+ *
+ * Part two (qcowmap_*) is for C callers who want more: open by path with options (internal
+ * snapshot, no backing file), the message of the last error, and the extent iterator with
+ * zero-copy pointers to the data runs.
+ *
+ * Usable from C99 and C++. Link with `pkg-config --libs qcowmap`. No C++ exception crosses
+ * these functions. All functions are thread-safe; one `struct qcow2` may be read from any
+ * number of threads at once (it is immutable after open).
+ */
+#ifndef QCOWMAP_QCOW2_H
+#define QCOWMAP_QCOW2_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** An opened image: the file's read-only mapping and its chain. Opaque. */
+struct qcow2;
+
+/** Opens the qcow2 (or qcow version 1) image open on `fd`.
+ *
+ * On success returns a context and takes ownership of `fd` (the caller must not use it any
+ * more; qcow2_close() closes it), and leaves `*error_ret` unchanged.
+ *
+ * On failure returns NULL, closes `fd`, sets errno (see below) and, when `error_ret` is not
+ * NULL, stores a one-line message in `*error_ret`. The message must not be freed: it lives in
+ * a thread-local buffer that stays valid until the next failing qcow2_open()/qcowmap_open()
+ * on the same thread (or the thread's exit). Copy it if you need it longer.
+ *
+ * errno: EBADF (fd not open), the errno of fstat/readlink, EIO (the file or a backing/data
+ * file could not be opened or mapped), EINVAL (not a qcow image, invalid header or tables),
+ * ENOTSUP (unsupported version or feature, encryption), ENOMEM.
+ *
+ * The image is mapped by its path, found through /proc/self/fd/N; relative backing and data
+ * file names resolve against that path's directory, as qemu does. When the fd has no usable
+ * path (a deleted or anonymous file) the image is mapped through /proc/self/fd/N itself and
+ * relative backing file names cannot be found (the error names the path looked for). */
+struct qcow2 *qcow2_open(int fd, const char **error_ret);
+
+/** Releases `q`: unmaps the image and closes the fd given to qcow2_open(). NULL: no effect. */
+void qcow2_close(struct qcow2 *q);
+
+/** The image's virtual size in bytes (0 for NULL). */
+uint64_t qcow2_get_size(struct qcow2 *q);
+
+/** Copies at most `len` bytes of the virtual disk starting at `offset` into `dest`.
+ *
+ * Returns the bytes copied: `len` unless the image ends first (0 when `offset` is at or past
+ * the end). Never a short read while more data is available. Unallocated ranges read as
+ * zeros (or from the backing file). On error returns -1 and sets errno (EINVAL: NULL `q` or
+ * `dest`; EOVERFLOW: `len` above INT_MAX, which the int result cannot count; EIO: corrupt
+ * tables or compressed data met on the way); the content of `dest` is then unspecified and
+ * qcowmap_last_error() says what was wrong. */
+int qcow2_read(struct qcow2 *q, void *dest, size_t len, uint64_t offset);
+
+/* ---- qcowmap extensions ------------------------------------------------------------------ */
+
+/** Options for qcowmap_open(); zero-initialise, then set what you need. */
+struct qcowmap_open_options {
+    /** Read this internal snapshot (ID first, then name) instead of the active disk, or NULL. */
+    const char *snapshot;
+    /** Non-zero: ignore the backing file; unallocated ranges read as zeros. */
+    int no_backing;
+};
+
+/** Opens the image at `path` (relative backing names resolve against its directory).
+ * `options` may be NULL. Returns NULL on failure, with errno and `*error_ret` as qcow2_open()
+ * (no fd to close). Release with qcow2_close(). */
+struct qcow2 *qcowmap_open(const char *path, const struct qcowmap_open_options *options,
+                           const char **error_ret);
+
+/** The message of the last failure of any function of this API on the calling thread, or ""
+ * when none failed. Same lifetime as the `error_ret` message of qcow2_open(). */
+const char *qcowmap_last_error(void);
+
+/** How the bytes of an extent are obtained. */
+enum qcowmap_extent_kind {
+    QCOWMAP_EXTENT_DATA = 0,      /**< allocated data: `data` points into the mapping */
+    QCOWMAP_EXTENT_ZERO = 1,      /**< reads as zeros: `data` is NULL */
+    QCOWMAP_EXTENT_COMPRESSED = 2 /**< one compressed cluster (or part of it) */
+};
+
+/** One run of the virtual disk `[offset, offset + length)`. */
+struct qcowmap_extent {
+    uint64_t offset; /**< start in the virtual disk */
+    uint64_t length; /**< bytes covered, never 0 */
+    int kind;        /**< enum qcowmap_extent_kind */
+    int present;     /**< 0 where no layer of the chain allocates the range (reads as zeros) */
+    uint32_t depth;  /**< layer that supplied the range: 0 is the image itself */
+    /** DATA: the `length` bytes, straight from the mapping (no copy), valid until the iterator
+     * is freed. COMPRESSED: the `length` decompressed bytes in a buffer owned by the iterator,
+     * valid until the next qcowmap_extents_next() call. ZERO: NULL. */
+    const void *data;
+    /** COMPRESSED: the compressed stream in the mapping (valid until the iterator is freed)
+     * and its length in bytes. Otherwise NULL and 0. */
+    const void *compressed;
+    size_t compressed_length;
+    /** Non-zero when `host_offset` says where the run starts in its host file. */
+    int has_host_offset;
+    uint64_t host_offset;
+};
+
+/** An extent iterator. Opaque. */
+struct qcowmap_extents;
+
+/** Starts a walk over `[start, min(end, size))` of `q` (pass UINT64_MAX as `end` for the rest
+ * of the disk). The iterator keeps the image mapped: it may outlive qcow2_close(q). Returns
+ * NULL with errno EINVAL (NULL `q`) or ENOMEM. */
+struct qcowmap_extents *qcowmap_extents_open(struct qcow2 *q, uint64_t start, uint64_t end);
+
+/** Produces the next extent into `*out`. Returns 1 when it did, 0 at the end of the range,
+ * -1 on error (errno EIO or EINVAL; qcowmap_extents_error() says what). After an error the
+ * iterator stays failed and returns -1 again. */
+int qcowmap_extents_next(struct qcowmap_extents *it, struct qcowmap_extent *out);
+
+/** The error that stopped the walk, or NULL while none did. Owned by the iterator. */
+const char *qcowmap_extents_error(const struct qcowmap_extents *it);
+
+/** Releases the iterator (NULL: no effect). */
+void qcowmap_extents_free(struct qcowmap_extents *it);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QCOWMAP_QCOW2_H */

@@ -1,0 +1,323 @@
+// The C API (qcowmap/qcow2.h): the drop-in qcow2_* reader functions and the qcowmap_* extras,
+// as thin wrappers over Image. Every entry point catches everything: no C++ exception may
+// unwind into C frames (std::bad_alloc is the realistic one; it becomes ENOMEM).
+#include <qcowmap/image.hpp>
+#include <qcowmap/qcow2.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <string>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+struct qcow2 {
+    qcowmap::Image image;
+    int fd; // the caller's fd, closed by qcow2_close (-1 for qcowmap_open)
+};
+
+struct qcowmap_extents {
+    qcowmap::Image image; // keeps the mapping alive for the spans handed out
+    qcowmap::ExtentIterator iterator;
+    qcowmap::Decompressor decompressor;
+    std::string error;
+    bool failed = false;
+};
+
+namespace {
+
+// The message behind `*error_ret` and qcowmap_last_error(). The original reader hands out
+// string literals; ours are built at run time (they name offsets and paths), so they live in
+// one buffer per thread: the caller never frees it, and concurrent failures on other threads
+// cannot overwrite it. It stays valid until the next failure on the same thread.
+thread_local std::string last_error;
+
+const char *remember(std::string message) noexcept {
+    try {
+        last_error = std::move(message);
+    } catch (...) {
+        last_error.clear(); // keeps its old capacity: the assignment of "" cannot throw
+    }
+    return last_error.c_str();
+}
+
+int errno_for(qcowmap::ErrorCode code) {
+    using qcowmap::ErrorCode;
+    switch (code) {
+    case ErrorCode::io_error:
+        return EIO;
+    case ErrorCode::unsupported_version:
+    case ErrorCode::unsupported_feature:
+    case ErrorCode::encrypted:
+        return ENOTSUP;
+    case ErrorCode::invalid_table:
+    case ErrorCode::invalid_cluster:
+    case ErrorCode::compressed_data:
+        return EIO; // what a disk with bad sectors would say
+    case ErrorCode::not_qcow2:
+    case ErrorCode::invalid_header:
+    case ErrorCode::out_of_range:
+    case ErrorCode::invalid_argument:
+        return EINVAL;
+    }
+    return EIO;
+}
+
+/// Sets errno and the thread's message; returns the message for `error_ret`.
+const char *fail(const qcowmap::Error &error) noexcept {
+    const char *message = remember(error.message);
+    errno = errno_for(error.code);
+    return message;
+}
+
+const char *fail_errno(int err, const char *what) noexcept {
+    const char *message = remember(std::string(what) + ": " + std::strerror(err));
+    errno = err;
+    return message;
+}
+
+/// Closes `fd` without disturbing errno (the failure's errno is what the caller wants).
+void close_keep_errno(int fd) {
+    const int saved = errno;
+    if (fd >= 0) {
+        ::close(fd);
+    }
+    errno = saved;
+}
+
+/// Maps the file open on `fd`, whose fstat is `st`.
+qcowmap::Result<qcowmap::Image> open_fd(int fd, const struct stat &st) {
+    // Mapping through the file's own path lets relative backing and data file names resolve
+    // against its directory, as qemu does; /proc/self/fd/N (a magic link that reopens the very
+    // same file) is the fallback for files without a usable path.
+    const std::string proc = "/proc/self/fd/" + std::to_string(fd);
+    std::string target(PATH_MAX, '\0');
+    const ssize_t n = ::readlink(proc.c_str(), target.data(), target.size());
+    std::string path = proc;
+    if (n > 0 && static_cast<std::size_t>(n) < target.size() && target[0] == '/') {
+        target.resize(static_cast<std::size_t>(n));
+        struct stat named {};
+        if (::stat(target.c_str(), &named) == 0 && named.st_dev == st.st_dev &&
+            named.st_ino == st.st_ino) {
+            path = target;
+        }
+    }
+    auto image = qcowmap::Image::open(path);
+    if (image && !image->maps_file(st.st_dev, st.st_ino)) {
+        // The path was replaced by another file between stat and open.
+        image = qcowmap::Image::open(proc);
+    }
+    return image;
+}
+
+} // namespace
+
+extern "C" {
+
+struct qcow2 *qcow2_open(int fd, const char **error_ret) {
+    try {
+        if (fd < 0) {
+            const char *message = fail_errno(EBADF, "qcow2_open");
+            if (error_ret) {
+                *error_ret = message;
+            }
+            return nullptr;
+        }
+        struct stat st {};
+        if (::fstat(fd, &st) != 0) {
+            const int err = errno;
+            const char *message = fail_errno(err, ("fd " + std::to_string(fd)).c_str());
+            if (error_ret) {
+                *error_ret = message;
+            }
+            close_keep_errno(fd);
+            return nullptr;
+        }
+        auto image = open_fd(fd, st);
+        if (!image) {
+            const char *message = fail(image.error());
+            if (error_ret) {
+                *error_ret = message;
+            }
+            close_keep_errno(fd);
+            return nullptr;
+        }
+        return new qcow2{std::move(*image), fd};
+    } catch (...) {
+        const char *message = fail_errno(ENOMEM, "qcow2_open");
+        if (error_ret) {
+            *error_ret = message;
+        }
+        close_keep_errno(fd);
+        return nullptr;
+    }
+}
+
+struct qcow2 *qcowmap_open(const char *path, const struct qcowmap_open_options *options,
+                           const char **error_ret) {
+    try {
+        if (!path) {
+            const char *message = fail_errno(EINVAL, "qcowmap_open: no path");
+            if (error_ret) {
+                *error_ret = message;
+            }
+            return nullptr;
+        }
+        qcowmap::OpenOptions open_options;
+        if (options && options->snapshot) {
+            open_options.snapshot = options->snapshot;
+        }
+        if (options && options->no_backing) {
+            open_options.backing = qcowmap::BackingMode::none;
+        }
+        auto image = qcowmap::Image::open(path, open_options);
+        if (!image) {
+            const char *message = fail(image.error());
+            if (error_ret) {
+                *error_ret = message;
+            }
+            return nullptr;
+        }
+        return new qcow2{std::move(*image), -1};
+    } catch (...) {
+        const char *message = fail_errno(ENOMEM, "qcowmap_open");
+        if (error_ret) {
+            *error_ret = message;
+        }
+        return nullptr;
+    }
+}
+
+void qcow2_close(struct qcow2 *q) {
+    if (!q) {
+        return;
+    }
+    const int fd = q->fd;
+    delete q; // Image's destructor does not throw
+    if (fd >= 0) {
+        ::close(fd);
+    }
+}
+
+uint64_t qcow2_get_size(struct qcow2 *q) {
+    return q ? q->image.size() : 0;
+}
+
+int qcow2_read(struct qcow2 *q, void *dest, size_t len, uint64_t offset) {
+    try {
+        if (!q || (!dest && len > 0)) {
+            fail_errno(EINVAL, "qcow2_read");
+            return -1;
+        }
+        const std::uint64_t size = q->image.size();
+        // Like the original: reads at or past the end copy nothing, reads across it are cut.
+        if (offset >= size) {
+            return 0;
+        }
+        if (len > size - offset) {
+            len = static_cast<size_t>(size - offset);
+        }
+        if (len > static_cast<size_t>(INT_MAX)) {
+            fail_errno(EOVERFLOW, "qcow2_read: more than INT_MAX bytes requested");
+            return -1;
+        }
+        auto copied = q->image.read({static_cast<std::byte *>(dest), len}, offset);
+        if (!copied) {
+            fail(copied.error());
+            return -1;
+        }
+        return static_cast<int>(*copied);
+    } catch (...) {
+        fail_errno(ENOMEM, "qcow2_read");
+        return -1;
+    }
+}
+
+const char *qcowmap_last_error(void) {
+    return last_error.c_str();
+}
+
+struct qcowmap_extents *qcowmap_extents_open(struct qcow2 *q, uint64_t start, uint64_t end) {
+    if (!q) {
+        fail_errno(EINVAL, "qcowmap_extents_open");
+        return nullptr;
+    }
+    try {
+        return new qcowmap_extents{q->image, q->image.extents(start, end), {}, {}, false};
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_extents_open");
+        return nullptr;
+    }
+}
+
+int qcowmap_extents_next(struct qcowmap_extents *it, struct qcowmap_extent *out) {
+    if (!it || !out) {
+        fail_errno(EINVAL, "qcowmap_extents_next");
+        return -1;
+    }
+    try {
+        if (it->failed) {
+            errno = EIO;
+            return -1;
+        }
+        qcowmap::Extent extent;
+        if (!it->iterator.next(extent)) {
+            if (!it->iterator.failed()) {
+                return 0;
+            }
+            it->failed = true;
+            it->error = it->iterator.error().message;
+            fail(it->iterator.error());
+            return -1;
+        }
+        *out = qcowmap_extent{};
+        out->offset = extent.offset;
+        out->length = extent.length;
+        out->present = extent.present ? 1 : 0;
+        out->depth = extent.depth;
+        out->has_host_offset = extent.host_offset ? 1 : 0;
+        out->host_offset = extent.host_offset.value_or(0);
+        switch (extent.kind) {
+        case qcowmap::ExtentKind::data:
+            out->kind = QCOWMAP_EXTENT_DATA;
+            out->data = extent.bytes.data();
+            break;
+        case qcowmap::ExtentKind::zero:
+            out->kind = QCOWMAP_EXTENT_ZERO;
+            break;
+        case qcowmap::ExtentKind::compressed: {
+            out->kind = QCOWMAP_EXTENT_COMPRESSED;
+            out->compressed = extent.bytes.data();
+            out->compressed_length = extent.bytes.size();
+            auto bytes = it->decompressor.decompress(it->image, extent);
+            if (!bytes) {
+                it->failed = true;
+                it->error = bytes.error().message;
+                fail(bytes.error());
+                return -1;
+            }
+            out->data = bytes->data();
+            break;
+        }
+        }
+        return 1;
+    } catch (...) {
+        it->failed = true;
+        it->error = "out of memory";
+        fail_errno(ENOMEM, "qcowmap_extents_next");
+        return -1;
+    }
+}
+
+const char *qcowmap_extents_error(const struct qcowmap_extents *it) {
+    return it && it->failed ? it->error.c_str() : nullptr;
+}
+
+void qcowmap_extents_free(struct qcowmap_extents *it) {
+    delete it;
+}
+
+} // extern "C"
