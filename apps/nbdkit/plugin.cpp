@@ -1,0 +1,240 @@
+// nbdkit-qcowmap-plugin: serves a qcow2 image's virtual disk read-only over NBD.
+//
+//   nbdkit ./nbdkit-qcowmap-plugin.so file=IMAGE.qcow2 [snapshot=ID_OR_NAME] [backing=none]
+//
+// One Image is opened when nbdkit is ready and shared by every connection and every thread:
+// an Image is immutable, so reads need no lock (NBDKIT_THREAD_MODEL_PARALLEL) and all
+// connections see the same bytes (can_multi_conn). Block status comes straight from the extent
+// iterator: zero and unallocated runs are reported as holes that read as zeros.
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include <qcowmap/image.hpp>
+
+#include <cerrno>
+#include <cstring>
+#include <optional>
+#include <string>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+namespace {
+
+std::string file_name;
+qcowmap::OpenOptions options;
+std::optional<qcowmap::Image> image; // set by get_ready, before any connection
+
+int errno_for(qcowmap::ErrorCode code) {
+    switch (code) {
+    case qcowmap::ErrorCode::out_of_range:
+    case qcowmap::ErrorCode::invalid_argument:
+        return EINVAL;
+    default:
+        return EIO;
+    }
+}
+
+void report(const qcowmap::Error &error) {
+    nbdkit_error("%s: %s", file_name.c_str(), error.message.c_str());
+    nbdkit_set_error(errno_for(error.code));
+}
+
+// Every callback catches everything: exceptions must not unwind into nbdkit's C frames.
+#define GUARD_BEGIN try {
+#define GUARD_END(fail_value)                                                                      \
+    }                                                                                              \
+    catch (const std::exception &e) {                                                              \
+        nbdkit_error("qcowmap: %s", e.what());                                                     \
+        nbdkit_set_error(ENOMEM);                                                                  \
+        return fail_value;                                                                         \
+    }                                                                                              \
+    catch (...) {                                                                                  \
+        nbdkit_error("qcowmap: unexpected exception");                                             \
+        nbdkit_set_error(EIO);                                                                     \
+        return fail_value;                                                                         \
+    }
+
+int qcowmap_config(const char *key, const char *value) {
+    GUARD_BEGIN
+    if (std::strcmp(key, "file") == 0) {
+        char *absolute = nbdkit_absolute_path(value); // nbdkit may chdir("/") when daemonising
+        if (!absolute) {
+            return -1;
+        }
+        file_name = absolute;
+        std::free(absolute);
+    } else if (std::strcmp(key, "snapshot") == 0) {
+        options.snapshot = value;
+    } else if (std::strcmp(key, "backing") == 0) {
+        if (std::strcmp(value, "none") == 0) {
+            options.backing = qcowmap::BackingMode::none;
+        } else if (std::strcmp(value, "follow") == 0) {
+            options.backing = qcowmap::BackingMode::follow;
+        } else {
+            nbdkit_error("backing=%s: expected 'none' or 'follow'", value);
+            return -1;
+        }
+    } else {
+        nbdkit_error("unknown parameter '%s'", key);
+        return -1;
+    }
+    return 0;
+    GUARD_END(-1)
+}
+
+int qcowmap_config_complete() {
+    if (file_name.empty()) {
+        nbdkit_error("you must supply the file=IMAGE.qcow2 parameter");
+        return -1;
+    }
+    return 0;
+}
+
+// Opening in get_ready (not config_complete) still happens before nbdkit forks into the
+// background or accepts a connection, so a bad image fails nbdkit's start with our message.
+int qcowmap_get_ready() {
+    GUARD_BEGIN
+    auto opened = qcowmap::Image::open(file_name, options);
+    if (!opened) {
+        report(opened.error());
+        return -1;
+    }
+    image.emplace(std::move(*opened));
+    return 0;
+    GUARD_END(-1)
+}
+
+void qcowmap_unload() {
+    image.reset();
+}
+
+void *qcowmap_open(int /*readonly*/) {
+    // Every connection shares the one Image; the handle only has to be non-NULL.
+    return &*image;
+}
+
+void qcowmap_close(void * /*handle*/) {}
+
+int64_t qcowmap_get_size(void *handle) {
+    return static_cast<int64_t>(static_cast<qcowmap::Image *>(handle)->size());
+}
+
+int qcowmap_can_write(void *) {
+    return 0;
+}
+int qcowmap_can_multi_conn(void *) {
+    return 1;
+}
+int qcowmap_can_extents(void *) {
+    return 1;
+}
+int qcowmap_can_cache(void *) {
+    return NBDKIT_CACHE_NATIVE;
+}
+
+int qcowmap_pread(void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+    GUARD_BEGIN
+    const auto &img = *static_cast<qcowmap::Image *>(handle);
+    auto copied = img.read({static_cast<std::byte *>(buf), count}, offset);
+    if (!copied) {
+        report(copied.error());
+        return -1;
+    }
+    if (*copied != count) { // nbdkit checks bounds first; a short read means a bug here
+        nbdkit_error("%s: short read at %llu", file_name.c_str(),
+                     static_cast<unsigned long long>(offset));
+        nbdkit_set_error(EIO);
+        return -1;
+    }
+    return 0;
+    GUARD_END(-1)
+}
+
+int qcowmap_extents(void *handle, uint32_t count, uint64_t offset, uint32_t flags,
+                    struct nbdkit_extents *extents) {
+    GUARD_BEGIN
+    const auto &img = *static_cast<qcowmap::Image *>(handle);
+    qcowmap::ExtentIterator it = img.extents(offset, offset + count);
+    qcowmap::Extent extent;
+    while (it.next(extent)) {
+        // Like qemu-nbd: what is not data is a hole reading as zeros (unallocated ranges, zero
+        // clusters, holes of raw layers); data and compressed clusters are plain data.
+        const uint32_t type =
+            extent.kind == qcowmap::ExtentKind::zero ? NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO : 0;
+        if (nbdkit_add_extent(extents, extent.offset, extent.length, type) == -1) {
+            return -1;
+        }
+        if (flags & NBDKIT_FLAG_REQ_ONE) {
+            return 0;
+        }
+    }
+    if (it.failed()) {
+        report(it.error());
+        return -1;
+    }
+    return 0;
+    GUARD_END(-1)
+}
+
+// Prefetch: ask the kernel to read ahead the mapped data runs of the range (madvise
+// WILLNEED), so a later pread finds them in the page cache. Zero runs need nothing, and
+// compressed clusters would have to be decompressed anyway; an advice failure is not an error.
+int qcowmap_cache(void *handle, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+    GUARD_BEGIN
+    const auto &img = *static_cast<qcowmap::Image *>(handle);
+    const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+    qcowmap::ExtentIterator it = img.extents(offset, offset + count);
+    qcowmap::Extent extent;
+    while (it.next(extent)) {
+        if (extent.kind != qcowmap::ExtentKind::data || extent.bytes.empty()) {
+            continue;
+        }
+        const auto begin = reinterpret_cast<std::uintptr_t>(extent.bytes.data());
+        const auto aligned = begin & ~(page - 1);
+        (void)madvise(reinterpret_cast<void *>(aligned), begin - aligned + extent.bytes.size(),
+                      MADV_WILLNEED);
+    }
+    if (it.failed()) {
+        report(it.error());
+        return -1;
+    }
+    return 0;
+    GUARD_END(-1)
+}
+
+struct nbdkit_plugin make_plugin() {
+    struct nbdkit_plugin p {};
+    p.name = "qcowmap";
+    p.longname = "qcowmap: qcow2 images through one read-only memory mapping";
+    p.version = "0.1.0";
+    p.description = "Serves the virtual disk of a qcow2 image read-only";
+    p.unload = qcowmap_unload;
+    p.config = qcowmap_config;
+    p.config_complete = qcowmap_config_complete;
+    p.config_help = "file=IMAGE.qcow2    (required) the image to serve\n"
+                    "snapshot=ID|NAME    serve this internal snapshot\n"
+                    "backing=none        ignore the backing file (unallocated reads as zeros)";
+    p.magic_config_key = "file";
+    p.get_ready = qcowmap_get_ready;
+    p.open = qcowmap_open;
+    p.close = qcowmap_close;
+    p.get_size = qcowmap_get_size;
+    p.can_write = qcowmap_can_write;
+    p.can_multi_conn = qcowmap_can_multi_conn;
+    p.can_extents = qcowmap_can_extents;
+    p.can_cache = qcowmap_can_cache;
+    p.pread = qcowmap_pread;
+    p.extents = qcowmap_extents;
+    p.cache = qcowmap_cache;
+    p.errno_is_preserved = 0;
+    return p;
+}
+
+struct nbdkit_plugin plugin = make_plugin();
+
+} // namespace
+
+NBDKIT_REGISTER_PLUGIN(plugin)

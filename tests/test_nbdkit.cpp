@@ -1,0 +1,283 @@
+// The nbdkit plugin (apps/nbdkit): served over a Unix socket by nbdkit in captive mode
+// (`nbdkit -U - PLUGIN file=IMG --run '...'`), the virtual disk copied by nbdcopy must be
+// byte-identical to `qemu-img convert -O raw`, and the block status `nbdinfo --map` shows must
+// match both the extent iterator and what qemu-nbd says about the same image.
+#include "support.hpp"
+
+#include <qcowmap/image.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <regex>
+
+namespace qcowmap {
+namespace {
+
+namespace fs = std::filesystem;
+using test::run;
+using test::run_ok;
+using test::shell_quote;
+using test::TempDir;
+
+std::string q(const fs::path &p) {
+    return shell_quote(p.string());
+}
+
+std::string plugin() {
+    const char *path = std::getenv("NBDKIT_QCOWMAP_PLUGIN");
+    return path ? path : "";
+}
+
+/// `nbdkit -U - PLUGIN ARGS --run COMMAND` (COMMAND sees the server as "$uri").
+test::CommandResult nbdkit(const std::string &args, const std::string &command) {
+    return run("nbdkit -U - " + shell_quote(plugin()) + " " + args + " --run " +
+               shell_quote(command));
+}
+
+struct MapRun {
+    std::uint64_t offset, length;
+    unsigned type;
+    bool operator==(const MapRun &) const = default;
+};
+
+std::ostream &operator<<(std::ostream &os, const MapRun &r) {
+    return os << "{" << r.offset << "+" << r.length << " type " << r.type << "}";
+}
+
+/// Appends a run, merging it with the previous one when the type is the same.
+void add_run(std::vector<MapRun> &runs, MapRun run) {
+    if (!runs.empty() && runs.back().type == run.type &&
+        runs.back().offset + runs.back().length == run.offset) {
+        runs.back().length += run.length;
+    } else {
+        runs.push_back(run);
+    }
+}
+
+/// The runs of `nbdinfo --map --json` output, merged.
+std::vector<MapRun> parse_map(const std::string &json) {
+    static const std::regex line(R"re("offset": ([0-9]+), "length": ([0-9]+), "type": ([0-9]+))re");
+    std::vector<MapRun> runs;
+    for (auto it = std::sregex_iterator(json.begin(), json.end(), line);
+         it != std::sregex_iterator(); ++it) {
+        add_run(runs, {std::stoull((*it)[1]), std::stoull((*it)[2]),
+                       static_cast<unsigned>(std::stoul((*it)[3]))});
+    }
+    return runs;
+}
+
+/// What the plugin should say: the extent iterator's runs, zero ones as hole+zero (3).
+std::vector<MapRun> expected_map(const fs::path &image, const OpenOptions &options = {}) {
+    auto opened = Image::open(image, options);
+    EXPECT_TRUE(opened) << (opened ? "" : opened.error().message);
+    std::vector<MapRun> runs;
+    if (!opened) {
+        return runs;
+    }
+    ExtentIterator it = opened->extents();
+    Extent e;
+    while (it.next(e)) {
+        add_run(runs, {e.offset, e.length, e.kind == ExtentKind::zero ? 3u : 0u});
+    }
+    EXPECT_FALSE(it.failed());
+    return runs;
+}
+
+class Nbdkit : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        if (plugin().empty()) {
+            GTEST_SKIP() << "NBDKIT_QCOWMAP_PLUGIN not set (plugin not built)";
+        }
+    }
+
+    /// nbdcopy's output from our plugin equals `expected` bytes.
+    void expect_copy_equal(const std::string &args, const std::vector<std::byte> &expected,
+                           const std::string &what) {
+        const fs::path out = dir_ / "nbdcopy.raw";
+        fs::remove(out);
+        auto r = nbdkit(args, "nbdcopy \"$uri\" " + q(out));
+        ASSERT_EQ(r.exit_code, 0) << what << ": " << r.err;
+        auto bytes = test::read_file(out);
+        EXPECT_EQ(bytes.size(), expected.size()) << what;
+        EXPECT_TRUE(bytes == expected) << what << ": nbdcopy output differs from the oracle";
+    }
+
+    std::vector<MapRun> plugin_map(const std::string &args) {
+        auto r = nbdkit(args, "nbdinfo --map --json \"$uri\"");
+        EXPECT_EQ(r.exit_code, 0) << r.err;
+        return parse_map(r.out);
+    }
+
+    std::vector<MapRun> qemu_nbd_map(const fs::path &image, const std::string &extra = "") {
+        auto r =
+            run("nbdinfo --map --json -- [ qemu-nbd -r -f qcow2 " + extra + " " + q(image) + " ]");
+        EXPECT_EQ(r.exit_code, 0) << r.err;
+        return parse_map(r.out);
+    }
+
+    TempDir dir_;
+};
+
+const std::vector<std::string> kWorkload = {
+    "write -P 0xab 0 1M", "write -z 2M 1M", "write -P 0x11 3M 64k", "write -P 0x22 5M 10k",
+    "write -P 0 7M 128k", "discard 3M 64k", "write -P 0x33 15M 1M",
+};
+
+TEST_F(Nbdkit, PlainImageBytesAndMap) {
+    const fs::path image = dir_ / "plain.qcow2";
+    test::make_image(image, "", "16M", kWorkload);
+    expect_copy_equal("file=" + q(image), test::qemu_raw(image, dir_), "plain");
+
+    const auto ours = plugin_map("file=" + q(image));
+    EXPECT_EQ(ours, expected_map(image));
+    EXPECT_EQ(ours, qemu_nbd_map(image));
+    ASSERT_GE(ours.size(), 5u);
+    EXPECT_EQ(ours[0], (MapRun{0, 1 << 20, 0}));
+    EXPECT_EQ(ours[1], (MapRun{1 << 20, 4 << 20, 3})); // hole, zero cluster, discarded range
+}
+
+TEST_F(Nbdkit, MagicConfigKeyAndSmallClusters) {
+    const fs::path image = dir_ / "small.qcow2";
+    test::make_image(image, "cluster_size=512", "3M", {"write -P 0x5a 1000 70000"});
+    expect_copy_equal(q(image), test::qemu_raw(image, dir_), "file as a bare argument");
+    EXPECT_EQ(plugin_map(q(image)), qemu_nbd_map(image));
+}
+
+TEST_F(Nbdkit, CompressedImages) {
+    const fs::path source = dir_ / "source.qcow2";
+    test::make_image(source, "", "8M", {"write -P 0x61 0 3M", "write -P 0x62 5M 100k"});
+    for (const char *type : {"zlib", "zstd"}) {
+        const fs::path image = dir_ / (std::string(type) + ".qcow2");
+        run_ok("qemu-img convert -c -O qcow2 -o compression_type=" + std::string(type) + " " +
+               q(source) + " " + q(image));
+        expect_copy_equal("file=" + q(image), test::qemu_raw(image, dir_), type);
+        const auto ours = plugin_map("file=" + q(image));
+        EXPECT_EQ(ours, expected_map(image)) << type;
+        EXPECT_EQ(ours, qemu_nbd_map(image)) << type;
+    }
+}
+
+TEST_F(Nbdkit, BackingChainAndBackingNone) {
+    const fs::path base = dir_ / "base.qcow2";
+    const fs::path top = dir_ / "top.qcow2";
+    test::make_image(base, "", "8M", {"write -P 0x11 0 4M"});
+    run_ok("cd " + q(dir_.path()) + " && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 " +
+           "top.qcow2");
+    run_ok("qemu-io -f qcow2 -c 'write -P 0x22 1M 64k' -c 'write -z 2M 64k' " + q(top) +
+           " >/dev/null");
+    expect_copy_equal("file=" + q(top), test::qemu_raw(top, dir_), "chain");
+    const auto ours = plugin_map("file=" + q(top));
+    EXPECT_EQ(ours, expected_map(top));
+    EXPECT_EQ(ours, qemu_nbd_map(top));
+
+    // backing=none: only the overlay; the oracle is qemu reading it with its backing cut off.
+    const fs::path raw = dir_ / "none.raw";
+    run_ok("qemu-img convert -O raw " +
+           shell_quote("json:{\"driver\": \"qcow2\", \"backing\": null, \"file\": "
+                       "{\"driver\": \"file\", \"filename\": \"" +
+                       top.string() + "\"}}") +
+           " " + q(raw));
+    expect_copy_equal("file=" + q(top) + " backing=none", test::read_file(raw), "backing=none");
+    const auto none = plugin_map("file=" + q(top) + " backing=none");
+    OpenOptions no_backing;
+    no_backing.backing = BackingMode::none;
+    EXPECT_EQ(none, expected_map(top, no_backing));
+    EXPECT_EQ(none, (std::vector<MapRun>{{0, 1 << 20, 3},
+                                         {1 << 20, 64 << 10, 0},
+                                         {(1 << 20) + (64 << 10), (7 << 20) - (64 << 10), 3}}));
+}
+
+TEST_F(Nbdkit, Snapshot) {
+    const fs::path image = dir_ / "snap.qcow2";
+    test::make_image(image, "", "4M", {"write -P 0x44 0 2M"});
+    run_ok("qemu-img snapshot -c before " + q(image));
+    run_ok("qemu-io -f qcow2 -c 'write -P 0x55 0 64k' -c 'write -P 0x66 3M 64k' " + q(image) +
+           " >/dev/null");
+    const fs::path raw = dir_ / "snap.raw";
+    run_ok("qemu-img convert -l snapshot.name=before -O raw " + q(image) + " " + q(raw));
+    expect_copy_equal("file=" + q(image) + " snapshot=before", test::read_file(raw), "snapshot");
+    EXPECT_EQ(plugin_map("file=" + q(image) + " snapshot=before"),
+              (std::vector<MapRun>{{0, 2 << 20, 0}, {2 << 20, 2 << 20, 3}}));
+    expect_copy_equal("file=" + q(image), test::qemu_raw(image, dir_), "active disk");
+}
+
+TEST_F(Nbdkit, ExportFlagsParallelCopyAndCache) {
+    const fs::path image = dir_ / "flags.qcow2";
+    test::make_image(image, "", "24M", {"write -P 0x77 0 6M", "write -P 0x78 16M 4M"});
+    auto r = nbdkit("file=" + q(image), "nbdinfo --json --no-content \"$uri\"");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("\"is_read_only\": true"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("\"can_multi_conn\": true"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("\"can_cache\": true"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("\"base:allocation\""), std::string::npos) << r.out; // extents
+    EXPECT_NE(r.out.find("\"export-size\": 25165824"), std::string::npos) << r.out;
+
+    // Four connections, many requests in flight each: one shared Image, no locks.
+    const auto raw = test::qemu_raw(image, dir_);
+    expect_copy_equal("file=" + q(image) + " --threads 8", raw, "8 threads");
+    const fs::path out = dir_ / "parallel.raw";
+    r = nbdkit("file=" + q(image),
+               "nbdcopy --connections=4 --requests=16 --request-size=65536 \"$uri\" " + q(out));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_TRUE(test::read_file(out) == raw);
+
+    // NBD_CMD_CACHE is accepted (prefetch of the mapped data).
+    r = nbdkit("file=" + q(image), "nbdinfo --can cache \"$uri\"");
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    // A write is refused: the export is read-only.
+    r = nbdkit("file=" + q(image), "nbdinfo --can write \"$uri\"");
+    EXPECT_NE(r.exit_code, 0);
+}
+
+TEST_F(Nbdkit, CorruptClusterIsAnIoError) {
+    const fs::path image = dir_ / "bad.qcow2";
+    test::make_image(image, "", "1M", {"write -P 0x77 0 128k"});
+    auto bytes = test::read_file(image);
+    auto be64 = [&](std::size_t at) {
+        std::uint64_t v = 0;
+        for (int i = 0; i < 8; ++i)
+            v = v << 8 | std::to_integer<std::uint64_t>(bytes[at + i]);
+        return v;
+    };
+    const std::uint64_t l2 = be64(be64(40)) & 0x00fffffffffffe00ull;
+    const std::uint64_t entry = 0x8000000000000000ull | 0x40000000000ull;
+    for (int i = 0; i < 8; ++i) {
+        bytes[l2 + 8 + i] = static_cast<std::byte>(entry >> (56 - 8 * i));
+    }
+    test::write_file(image, bytes);
+    auto r = nbdkit("file=" + q(image), "nbdcopy \"$uri\" " + q(dir_ / "out.raw"));
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("host offset 0x40000000000"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("Input/output error"), std::string::npos) << r.err;
+}
+
+TEST_F(Nbdkit, StartupErrors) {
+    auto r = nbdkit("file=" + q(dir_ / "missing.qcow2"), "true");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("missing.qcow2"), std::string::npos) << r.err;
+
+    test::write_file(dir_ / "text", std::vector<std::byte>(1024, std::byte{'x'}));
+    r = nbdkit("file=" + q(dir_ / "text"), "true");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("not a qcow2 image"), std::string::npos) << r.err;
+
+    const fs::path image = dir_ / "ok.qcow2";
+    test::make_image(image, "", "1M");
+    r = nbdkit("file=" + q(image) + " snapshot=nope", "true");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("nope"), std::string::npos) << r.err;
+    r = nbdkit("file=" + q(image) + " backing=maybe", "true");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("backing=maybe: expected 'none' or 'follow'"), std::string::npos) << r.err;
+    r = nbdkit("colour=blue file=" + q(image), "true");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("unknown parameter 'colour'"), std::string::npos) << r.err;
+    r = run("nbdkit -U - " + shell_quote(plugin()) + " --run true");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("file=IMAGE.qcow2"), std::string::npos) << r.err;
+}
+
+} // namespace
+} // namespace qcowmap
