@@ -1,0 +1,89 @@
+#!/bin/sh
+# Install test: `meson install` into a temporary DESTDIR, then build the README's example
+# programs (C++ and C) out of tree against the installed qcowmap.pc alone, run them on images
+# made by qemu-img and compare their output with qemu-img's.
+#
+#   run.sh MESON BUILD_ROOT SOURCE_ROOT [SANITIZE]
+# SANITIZE is the build's b_sanitize value: a sanitized libqcowmap needs the same -fsanitize
+# flags in the programs that link it.
+set -eu
+meson=$1 build_root=$2 source_root=$3 sanitize=${4:-none}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+
+"$meson" install -C "$build_root" --no-rebuild --destdir "$tmp/root" --quiet
+
+# qcowmap.pc is relocatable (prefix from its own place), so pointing pkg-config at it is all a
+# user of an unpacked install tree needs.
+pc=$(find "$tmp/root" -name qcowmap.pc)
+[ -n "$pc" ] || fail "qcowmap.pc not installed"
+PKG_CONFIG_PATH=$(dirname "$pc")
+export PKG_CONFIG_PATH
+libdir=$(pkg-config --variable=libdir qcowmap)
+includedir=$(pkg-config --variable=includedir qcowmap)
+case $libdir in "$tmp"/root/*) ;; *) fail "libdir $libdir is not inside the install tree" ;; esac
+for f in "$libdir/libqcowmap.so" "$libdir/libqcowmap.a"; do
+  [ -f "$f" ] || fail "$f not installed"
+done
+for h in image.hpp extent.hpp result.hpp map.hpp stream.hpp qcow2.h; do
+  [ -f "$includedir/qcowmap/$h" ] || fail "header qcowmap/$h not installed"
+done
+echo "installed: $(pkg-config --modversion qcowmap), $(pkg-config --cflags --libs qcowmap)"
+
+# Out of tree: copies of the examples, nothing from the source or build tree on any path.
+mkdir "$tmp/out"
+cp "$source_root/examples/read_extents.cpp" "$source_root/examples/gzip_disk.cpp" \
+   "$source_root/examples/read_disk.c" "$tmp/out/"
+cd "$tmp/out"
+extra=
+[ "$sanitize" = none ] || extra="-fsanitize=$sanitize"
+set -x
+c++ -std=c++20 $extra read_extents.cpp $(pkg-config --cflags --libs qcowmap) -o read_extents
+c++ -std=c++20 $extra gzip_disk.cpp $(pkg-config --cflags --libs qcowmap) -lboost_iostreams \
+    -o gzip_disk
+cc -std=c99 -Wall -Wextra -pedantic -Werror $extra read_disk.c \
+   $(pkg-config --cflags --libs qcowmap) -o read_disk
+# Static: the archive, its private dependencies from `pkg-config --static`.
+cc -std=c99 $extra read_disk.c $(pkg-config --cflags qcowmap) \
+   $(pkg-config --static --libs qcowmap | sed 's/-lqcowmap/-l:libqcowmap.a/') -o read_disk_static
+set +x
+if ldd ./read_disk_static | grep -q libqcowmap; then fail "read_disk_static links libqcowmap.so"; fi
+
+qemu-img create -q -f qcow2 disk.qcow2 4M
+qemu-io -f qcow2 -c "write -P 0xab 64k 4k" -c "write -P 0x17 1M 512k" -c "write -z 2M 64k" \
+  -c "write -P 0x5e 4190208 4096" disk.qcow2 >/dev/null
+qemu-img convert -c -O qcow2 disk.qcow2 zip.qcow2
+qemu-img convert -O raw disk.qcow2 disk.raw
+
+export LD_LIBRARY_PATH="$libdir"
+
+# The C++ README example.
+out=$(./read_extents disk.qcow2)
+echo "$out"
+echo "$out" | grep -Eq "65536 [+]65536 +data$" || fail "read_extents: missing data extent"
+echo "$out" | grep -Eq "^ +2097152 [+]65536 +zero$" || fail "read_extents: missing zero cluster"
+echo "$out" | grep -q "read 4096 bytes at offset 0" || fail "read_extents: bad summary"
+
+# The C example, dynamic and static, on a plain and a compressed image.
+for prog in ./read_disk ./read_disk_static; do
+  for image in disk.qcow2 zip.qcow2; do
+    "$prog" "$image" >out.raw 2>err.txt || { cat err.txt; fail "$prog $image failed"; }
+    cmp out.raw disk.raw || fail "$prog $image: bytes differ from qemu-img convert"
+    grep -q "^4194304 bytes" err.txt || { cat err.txt; fail "$prog $image: bad summary"; }
+  done
+done
+grep -q "compressed" err.txt || fail "read_disk: no compressed extent listed for zip.qcow2"
+cat err.txt
+
+# An error goes through error_ret.
+printf 'not an image at all' >bad.img
+if ./read_disk bad.img >/dev/null 2>err.txt; then fail "read_disk accepted a text file"; fi
+grep -q "^bad.img: not a qcow2 image (bad magic" err.txt || { cat err.txt; fail "bad error"; }
+
+# The Boost.Iostreams example: gzip of the virtual disk.
+./gzip_disk disk.qcow2 >disk.raw.gz 2>err.txt || { cat err.txt; fail "gzip_disk failed"; }
+grep -q "size 4194304, last sector starts with 0x5e" err.txt || { cat err.txt; fail "gzip_disk seek"; }
+gunzip -c disk.raw.gz | cmp - disk.raw || fail "gzip_disk: bytes differ"
+
+echo "install test: ok"
