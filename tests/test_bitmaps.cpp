@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <regex>
 #include <string>
@@ -82,7 +83,7 @@ std::vector<Span> nbd_runs(const std::filesystem::path &image, const std::string
 }
 
 std::vector<Span> library_runs(const DirtyBitmap &bitmap, std::uint64_t start = 0,
-                              std::uint64_t end = UINT64_MAX) {
+                               std::uint64_t end = UINT64_MAX) {
     std::vector<Span> runs;
     BitmapRangeIterator it = bitmap.ranges(start, end);
     BitmapRange r;
@@ -174,10 +175,10 @@ TEST(Bitmaps, OneBitmapWritesBeforeAndAfterAdd) {
     while (it.next(r))
         dirty.emplace_back(r.offset, r.length, r.dirty);
     const std::vector<Span> expected = {{65536, 65536, true},
-                                       {2 << 20, 196608, true},
-                                       {5 << 20, 65536, true},
-                                       {10 << 20, 65536, true},
-                                       {63 << 20, 1 << 20, true}};
+                                        {2 << 20, 196608, true},
+                                        {5 << 20, 65536, true},
+                                        {10 << 20, 65536, true},
+                                        {63 << 20, 1 << 20, true}};
     EXPECT_EQ(dirty, expected);
     EXPECT_EQ(b0.dirty_bytes(), 65536u + 196608 + 65536 + 65536 + (1 << 20));
 }
@@ -460,6 +461,36 @@ TEST(Bitmaps, IncrementalSyncRefusals) {
     EXPECT_NE(r.err.find("refusing to overwrite it"), std::string::npos) << r.err;
 }
 
+TEST(Bitmaps, ReadmeIncrementalBackupExample) {
+    // The README's workflow, extracted and run as written (with the built qcowmap on PATH).
+    const char *root = std::getenv("QCOWMAP_SOURCE_ROOT");
+    if (!root)
+        GTEST_SKIP() << "QCOWMAP_SOURCE_ROOT is not set (run through meson test)";
+    const Buffer readme_bytes = qt::read_file(std::filesystem::path(root) / "README.md");
+    const std::string readme(reinterpret_cast<const char *>(readme_bytes.data()),
+                             readme_bytes.size());
+    const auto begin = readme.find("<!-- incremental-backup-example:begin -->\n```sh\n");
+    const auto end = readme.find("```\n<!-- incremental-backup-example:end -->");
+    ASSERT_NE(begin, std::string::npos);
+    ASSERT_NE(end, std::string::npos);
+    const auto body_at = readme.find("```sh\n", begin) + 6;
+    const std::string script = readme.substr(body_at, end - body_at);
+    qt::TempDir dir;
+    Buffer bytes(script.size());
+    std::transform(script.begin(), script.end(), bytes.begin(),
+                   [](char c) { return static_cast<std::byte>(c); });
+    qt::write_file(dir / "example.sh", bytes);
+    const std::string bin_dir = std::filesystem::absolute(qt::qcowmap_bin()).parent_path().string();
+    qt::CommandResult r = qt::run("cd " + q(dir.path()) + " && PATH=" + qt::shell_quote(bin_dir) +
+                                  ":\"$PATH\" sh example.sh");
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    EXPECT_NE(r.out.find("since-full"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(R"({"start": 1048576, "length": 65536, "dirty": true})"),
+              std::string::npos)
+        << r.out;
+    EXPECT_NE(r.out.find("backup.raw is up to date"), std::string::npos) << r.out << r.err;
+}
+
 // ---------------------------------------------------------------------------------------------
 // CLI: info, snapshot, usage
 
@@ -736,7 +767,7 @@ TEST(BitmapsCorrupt, ReservedBits) {
     padding.b.at(padding.directory + 24 + 2) = std::byte{0x41};
     EXPECT_EQ(opened_error(padding),
               "bitmap directory entry 0 ('b0'): padding byte 0x41 is not zero");
-    Patched size; // one entry's worth of bytes more than the entries fill
+    Patched size;                           // one entry's worth of bytes more than the entries fill
     size.b.resize(size.b.size() + 0x10000); // the directory ends the file: give it room
     put_be(size.b, size.ext + 8, get_be(size.b, size.ext + 8, 8) + 8, 8);
     EXPECT_NE(opened_error(size).find("bitmap directory of 2 entries ends at"), std::string::npos);
@@ -794,7 +825,8 @@ TEST(BitmapsCorrupt, UnallocatedTableEntriesReadAsAllZeroOrAllOne) {
     qt::write_file(img, p.b);
     Image cleared = open_ok(img);
     EXPECT_EQ(bitmap_ok(cleared, "b0").dirty_bytes(), 0u);
-    EXPECT_EQ(library_runs(bitmap_ok(cleared, "b0")), (std::vector<Span>{{0, image.size(), false}}));
+    EXPECT_EQ(library_runs(bitmap_ok(cleared, "b0")),
+              (std::vector<Span>{{0, image.size(), false}}));
 }
 
 TEST(BitmapsCorrupt, ExtraDataWithoutTheCompatibleFlag) {
