@@ -6,6 +6,7 @@
 #include <qcowmap/bitmap.hpp>
 
 #include <bit>
+#include <cstring>
 
 namespace qcowmap {
 namespace {
@@ -20,9 +21,10 @@ constexpr std::uint64_t kTableAllOnes = 1ULL << 0;
 /// Eight bytes of bitmap data as one word whose bit i is granule i of the eight bytes: bit 0 of
 /// byte 0 covers the first granule (spec "Bitmap data", bit_offset), i.e. little-endian.
 std::uint64_t load_le64(const std::byte *p) {
-    std::uint64_t v = 0;
-    for (int i = 7; i >= 0; --i) {
-        v = (v << 8) | std::to_integer<std::uint64_t>(p[i]);
+    std::uint64_t v;
+    std::memcpy(&v, p, sizeof v); // one unaligned load; bytes swapped only on big-endian hosts
+    if constexpr (std::endian::native == std::endian::big) {
+        v = __builtin_bswap64(v);
     }
     return v;
 }
