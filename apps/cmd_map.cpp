@@ -139,14 +139,40 @@ Command add_map(CLI::App& app) {
                 };
                 Result<void> result;
                 if (dirty) {
-                    // Only the dirty ranges, each mapped as usual; they never touch, so entries
-                    // of two ranges never merge.
+                    // One map walk from the first dirty byte, its entries clipped to the dirty
+                    // ranges (a merge join of two ordered streams). Clipping a merged entry gives
+                    // what mapping each dirty range on its own would (offsets continue inside an
+                    // entry), without redoing map_image's per-walk setup for every range.
                     BitmapRangeIterator ranges = dirty->dirty_ranges(*start_offset, end);
                     BitmapRange range;
-                    while (result && ranges.next(range)) {
+                    bool have = ranges.next(range);
+                    bool done = !have;
+                    if (have) {
                         options.start = range.offset;
-                        options.length = range.length;
-                        result = map_image(*image, options, sink);
+                        options.length = end - range.offset;
+                        result = map_image(*image, options, [&](const MapEntry& e) -> Result<void> {
+                            const std::uint64_t e_end = e.start + e.length;
+                            while (have && range.offset < e_end) {
+                                const std::uint64_t r_end = range.offset + range.length;
+                                const std::uint64_t from = std::max(range.offset, e.start);
+                                const std::uint64_t to = std::min(r_end, e_end);
+                                if (from < to) {
+                                    MapEntry clipped = e;
+                                    clipped.start = from;
+                                    clipped.length = to - from;
+                                    if (clipped.offset) *clipped.offset += from - e.start;
+                                    if (auto ok = sink(clipped); !ok) return ok;
+                                }
+                                if (r_end > e_end) break;
+                                have = ranges.next(range);
+                            }
+                            if (!have) {
+                                done = true; // nothing dirty is left: stop the walk
+                                return Error{ErrorCode::out_of_range, "end of dirty ranges"};
+                            }
+                            return {};
+                        });
+                        if (!result && done) result = {};
                     }
                 } else {
                     result = map_image(*image, options, sink);
