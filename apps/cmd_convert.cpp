@@ -201,9 +201,10 @@ int convert_incremental(const ImageArgs& args, const std::string& bitmap_name,
     Result<void> result;
     BitmapRangeIterator ranges = bitmap->dirty_ranges();
     BitmapRange range;
+    const unsigned threads = worker_threads(); // reads /sys: once, not per range
     while (result && ranges.next(range)) {
-        result = image->visit_runs_parallel(range.offset, range.offset + range.length,
-                                            worker_threads(), visitor);
+        result = image->visit_runs_parallel(range.offset, range.offset + range.length, threads,
+                                            visitor);
     }
     ::close(in);
     if (!result) {
