@@ -319,6 +319,18 @@ TEST(Bitmaps, RangesOfASubrange) {
     DirtyBitmap b = bitmap_ok(image, "b");
     const std::vector<Span> expected = {{100000, 96608, true}, {196608, 803392, false}};
     EXPECT_EQ(library_runs(b, 100000, 1000000), expected);
+    // The CLI takes the same range from --start-offset/--max-length.
+    EXPECT_EQ(qt::run_ok(cli("map --bitmap=b --bitmap-only --output=json --start-offset=100000 "
+                             "--max-length=900000 " +
+                             q(img))),
+              "[{\"start\": 100000, \"length\": 96608, \"dirty\": true},\n"
+              "{\"start\": 196608, \"length\": 803392, \"dirty\": false}]\n");
+    // map --bitmap inside the range: only [100000, 196608) is dirty there.
+    std::string map = qt::run_ok(cli("map --bitmap=b --output=json --start-offset=100000 "
+                                     "--max-length=900000 " +
+                                     q(img)));
+    EXPECT_EQ(map.rfind("[{ \"start\": 100000, \"length\": 96608, \"depth\": 0, ", 0), 0u) << map;
+    EXPECT_EQ(std::count(map.begin(), map.end(), '\n'), 1) << map;
     EXPECT_TRUE(library_runs(b, 5 << 20, 6 << 20).empty());
     EXPECT_TRUE(library_runs(b, 1000, 1000).empty());
 }
