@@ -93,5 +93,9 @@ Command add_info(CLI::App& app);
 Command add_map(CLI::App& app);
 Command add_cat(CLI::App& app);
 Command add_convert(CLI::App& app);
+Command add_bitmaps(CLI::App& app);
+
+/// One line describing a bitmap (name, granularity, flags, consistency), for `info`.
+std::string describe_bitmap(const BitmapEntry& entry);
 
 } // namespace qcowmap::cli

@@ -1,11 +1,15 @@
 // qcowmap convert: a sparse raw copy of the virtual disk.
 #include "cli.hpp"
 
+#include <qcowmap/bitmap.hpp>
+
 #include <fmt/format.h>
 
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
@@ -102,6 +106,119 @@ CopyResult copy_run(int in, std::uint64_t host_offset, int out, std::uint64_t of
     return CopyResult::ok;
 }
 
+/// Makes `[offset, offset + length)` of `fd` read as zeros: a punched hole where the file
+/// system (or block device) supports it, else written zeros.
+bool zero_out(int fd, std::uint64_t offset, std::uint64_t length) {
+    if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                    static_cast<off_t>(length)) == 0) {
+        return true;
+    }
+    for (std::uint64_t done = 0; done < length;) {
+        std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeroChunk);
+        if (!pwrite_all(fd, kZeroChunk, n, offset + done)) return false;
+        done += n;
+    }
+    return true;
+}
+
+/// `convert --bitmap=NAME IMAGE TARGET`: an incremental sync. Only the ranges the bitmap marks
+/// dirty are applied to TARGET, an existing raw copy of the same size: data runs are written,
+/// zero runs punched (or zero-filled). Everything outside the dirty ranges is left alone.
+int convert_incremental(const ImageArgs& args, const std::string& bitmap_name,
+                        const std::string& output, bool show_progress) {
+    auto image = open_or_report(args);
+    if (!image) return static_cast<int>(kExitImageError);
+    auto bitmap = DirtyBitmap::open(*image, bitmap_name);
+    if (!bitmap) {
+        return report(args.path, bitmap.error().message, kExitImageError);
+    }
+    int fd = ::open(output.c_str(), O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+        std::string why = errno == ENOENT ? "does not exist (convert --bitmap updates an existing "
+                                            "copy of the disk; make one with convert first)"
+                                          : std::strerror(errno);
+        return report(output, why, kExitOutputError);
+    }
+    auto fail_output = [&](const std::string& why) {
+        ::close(fd);
+        return report(output, why, kExitOutputError);
+    };
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        return fail_output(std::strerror(errno));
+    }
+    if (image->maps_file(st.st_dev, st.st_ino)) {
+        return fail_output("is the image being read (or one of its layers or its data file): "
+                           "refusing to overwrite it");
+    }
+    std::uint64_t target_size = static_cast<std::uint64_t>(st.st_size);
+    if (S_ISBLK(st.st_mode) && ::ioctl(fd, BLKGETSIZE64, &target_size) != 0) {
+        return fail_output(std::strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+        return fail_output("is neither a regular file nor a block device");
+    }
+    if (target_size != image->size()) {
+        return fail_output(fmt::format("is {} bytes but the disk is {} bytes: an incremental "
+                                       "update needs a copy of the same size",
+                                       target_size, image->size()));
+    }
+    int in = ::open(image->path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (in < 0) {
+        ::close(fd);
+        return report(args.path, std::strerror(errno), kExitImageError);
+    }
+    const auto mapping = image->file_bytes();
+    std::vector<std::byte> buffer(1u << 20);
+    Progress meter(show_progress, bitmap->dirty_bytes());
+    std::uint64_t done_before = 0;
+    bool write_failed = false;
+    auto visitor = [&](std::uint64_t offset, std::uint64_t length,
+                       std::span<const std::byte> bytes) -> Result<void> {
+        bool ok = true;
+        const bool in_mapping = !bytes.empty() && bytes.data() >= mapping.data() &&
+                                bytes.data() < mapping.data() + mapping.size();
+        if (in_mapping) {
+            std::uint64_t host = static_cast<std::uint64_t>(bytes.data() - mapping.data());
+            CopyResult copied = copy_run(in, host, fd, offset, length, 0, buffer);
+            if (copied == CopyResult::source_changed) {
+                return Error{ErrorCode::io_error, kImageChanged};
+            }
+            ok = copied == CopyResult::ok;
+        } else if (!bytes.empty()) {
+            ok = pwrite_all(fd, bytes.data(), bytes.size(), offset);
+        } else {
+            ok = zero_out(fd, offset, length);
+        }
+        if (!ok) {
+            write_failed = true;
+            return Error{ErrorCode::io_error, std::strerror(errno)};
+        }
+        done_before += length;
+        meter.update(done_before);
+        return {};
+    };
+    Result<void> result;
+    BitmapRangeIterator ranges = bitmap->dirty_ranges();
+    BitmapRange range;
+    const unsigned threads = worker_threads(); // reads /sys: once, not per range
+    while (result && ranges.next(range)) {
+        result = image->visit_runs_parallel(range.offset, range.offset + range.length, threads,
+                                            visitor);
+    }
+    ::close(in);
+    if (!result) {
+        ::close(fd);
+        return write_failed ? report(output, result.error().message, kExitOutputError)
+                            : report(args.path, result.error().message, kExitImageError);
+    }
+    if (::close(fd) != 0) {
+        return report(output, std::strerror(errno), kExitOutputError);
+    }
+    meter.finish();
+    return kExitOk;
+}
+
 } // namespace
 
 Command add_convert(CLI::App& app) {
@@ -119,7 +236,14 @@ Command add_convert(CLI::App& app) {
     command->add_option("-S,--sparse-size", *sparse_size,
                         "Also leave holes for data blocks of this size that hold only zeros "
                         "(like qemu-img convert -S; default 4k, 0 disables)");
+    auto bitmap = std::make_shared<std::string>();
+    command->add_option("--bitmap", *bitmap,
+                        "Incremental sync: apply only the ranges this dirty bitmap marks dirty "
+                        "onto OUTPUT, an existing raw copy of the same size");
     return {command, [=] {
+                if (!bitmap->empty()) {
+                    return convert_incremental(*args, *bitmap, *output, *progress);
+                }
                 auto zero_block = parse_size(*sparse_size);
                 if (!zero_block || *zero_block % 512 != 0) {
                     return report(args->path,

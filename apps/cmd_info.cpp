@@ -73,6 +73,26 @@ std::string json_snapshots(const std::vector<Snapshot>& snapshots) {
     return out + (snapshots.empty() ? "]" : "\n    ]");
 }
 
+/// Like qemu-img info's format-specific "bitmaps": name, granularity, flags; plus whether the
+/// bitmap can be trusted.
+std::string json_bitmaps(const ImageInfo& info) {
+    if (!info.bitmaps || info.bitmaps->entries.empty()) return "[]";
+    std::string out = "[";
+    for (std::size_t i = 0; i < info.bitmaps->entries.size(); ++i) {
+        const BitmapEntry& e = info.bitmaps->entries[i];
+        std::vector<std::string> flags;
+        if (e.in_use()) flags.emplace_back("in-use");
+        if (e.enabled()) flags.emplace_back("auto");
+        if (e.flags & kBitmapExtraDataCompatible) flags.emplace_back("extra-data-compatible");
+        out += fmt::format("{}\n        {{ \"name\": {}, \"granularity\": {}, \"flags\": {}, "
+                           "\"consistent\": {}, \"inconsistent-reason\": {} }}",
+                           i ? "," : "", json_string(e.name), e.granularity(), json_list(flags),
+                           e.consistent(),
+                           e.consistent() ? "null" : json_string(e.inconsistent_reason));
+    }
+    return out + "\n    ]";
+}
+
 std::string json_object(const std::string& path, const ImageInfo& info) {
     std::string o = "{\n";
     auto field = [&](std::string_view key, const std::string& value) {
@@ -107,8 +127,7 @@ std::string json_object(const std::string& path, const ImageInfo& info) {
     field("data-file-raw", (info.autoclear_features & kAutoclearDataFileRaw) ? "true" : "false");
     field("snapshot-count", std::to_string(info.snapshot_count));
     field("snapshots", json_snapshots(info.snapshots));
-    o += fmt::format("    \"bitmaps\": {}\n}}", json_list(info.bitmaps ? info.bitmaps->names
-                                                                      : std::vector<std::string>{}));
+    o += fmt::format("    \"bitmaps\": {}\n}}", json_bitmaps(info));
     return o;
 }
 
@@ -173,7 +192,17 @@ void print_human(const std::string& path, const ImageInfo& info) {
     std::vector<std::string> extensions;
     for (const HeaderExtension& e : info.extensions) extensions.push_back(extension_name(e.type));
     fmt::print("header extensions: {}\n", joined(extensions));
-    fmt::print("bitmaps: {}\n", info.bitmaps ? joined(info.bitmaps->names) : "none");
+    if (!info.bitmaps || info.bitmaps->entries.empty()) {
+        fmt::print("bitmaps: none{}\n",
+                   info.bitmaps && !info.bitmaps->directory_error.empty()
+                       ? " (stale bitmaps extension: " + info.bitmaps->directory_error + ")"
+                       : std::string());
+    } else {
+        fmt::print("bitmaps:\n");
+        for (const BitmapEntry& e : info.bitmaps->entries) {
+            fmt::print("    {}\n", describe_bitmap(e));
+        }
+    }
     fmt::print("snapshots: {}\n", info.snapshot_count);
     if (!info.snapshots.empty()) {
         print_snapshot_table(info.snapshots);

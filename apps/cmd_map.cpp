@@ -1,6 +1,7 @@
 // qcowmap map: the allocation map, in qemu-img map's JSON schema or as a table.
 #include "cli.hpp"
 
+#include <qcowmap/bitmap.hpp>
 #include <qcowmap/map.hpp>
 
 #include <fmt/format.h>
@@ -21,6 +22,35 @@ std::string json_entry(const MapEntry& e) {
     return line;
 }
 
+/// `map --bitmap=NAME --bitmap-only`: the range as merged dirty/clean runs.
+int print_bitmap_ranges(const DirtyBitmap& bitmap, std::uint64_t start, std::uint64_t end,
+                        bool json) {
+    std::string out = json ? "[" : fmt::format("{:<16}{:<16}{}\n", "Offset", "Length", "Dirty");
+    BitmapRangeIterator ranges = bitmap.ranges(start, end);
+    BitmapRange r;
+    bool first = true;
+    while (ranges.next(r)) {
+        if (json) {
+            if (!first) out += ",\n";
+            out += fmt::format("{{\"start\": {}, \"length\": {}, \"dirty\": {}}}", r.offset,
+                               r.length, r.dirty);
+        } else {
+            out += fmt::format("{:<#16x}{:<#16x}{}\n", r.offset, r.length, r.dirty);
+        }
+        first = false;
+        if (out.size() > (1 << 16)) {
+            std::fwrite(out.data(), 1, out.size(), stdout);
+            out.clear();
+        }
+    }
+    if (json) out += "]\n";
+    std::fwrite(out.data(), 1, out.size(), stdout);
+    if (std::fflush(stdout) != 0) {
+        return report("<stdout>", std::strerror(errno), kExitOutputError);
+    }
+    return kExitOk;
+}
+
 } // namespace
 
 Command add_map(CLI::App& app) {
@@ -35,6 +65,13 @@ Command add_map(CLI::App& app) {
         ->check(CLI::IsMember({"human", "json"}));
     command->add_option("--start-offset", *start, "Start of the range (bytes; k/M/G/T suffixes)");
     command->add_option("--max-length", *max_length, "Length of the range (bytes; suffixes)");
+    auto bitmap = std::make_shared<std::string>();
+    auto bitmap_only = std::make_shared<bool>(false);
+    command->add_option("--bitmap", *bitmap,
+                        "Map only the ranges this persistent dirty bitmap marks dirty");
+    command->add_flag("--bitmap-only", *bitmap_only,
+                      "With --bitmap: print the whole range as dirty/clean ranges instead "
+                      "({\"start\", \"length\", \"dirty\"} in JSON)");
     return {command, [=] {
                 auto start_offset = parse_size(*start);
                 if (!start_offset) {
@@ -50,8 +87,25 @@ Command add_map(CLI::App& app) {
                                       kExitUsage);
                     }
                 }
+                if (*bitmap_only && bitmap->empty()) {
+                    return report(args->path, "--bitmap-only needs --bitmap=NAME", kExitUsage);
+                }
                 auto image = open_or_report(*args);
                 if (!image) return static_cast<int>(kExitImageError);
+                std::optional<DirtyBitmap> dirty;
+                if (!bitmap->empty()) {
+                    auto found = DirtyBitmap::open(*image, *bitmap);
+                    if (!found) {
+                        return report(args->path, found.error().message, kExitImageError);
+                    }
+                    dirty = std::move(*found);
+                }
+                const std::uint64_t end = *length > UINT64_MAX - *start_offset
+                                              ? UINT64_MAX
+                                              : *start_offset + *length;
+                if (*bitmap_only) {
+                    return print_bitmap_ranges(*dirty, *start_offset, end, *output == "json");
+                }
                 MapOptions options;
                 options.start = *start_offset;
                 options.length = *length;
@@ -68,7 +122,7 @@ Command add_map(CLI::App& app) {
                     std::fwrite(out.data(), 1, out.size(), stdout);
                     out.clear();
                 };
-                auto result = map_image(*image, options, [&](const MapEntry& e) -> Result<void> {
+                auto sink = [&](const MapEntry& e) -> Result<void> {
                     if (json) {
                         if (!first) out += ",\n";
                         out += json_entry(e);
@@ -82,7 +136,47 @@ Command add_map(CLI::App& app) {
                     first = false;
                     if (out.size() > (1 << 16)) flush();
                     return {};
-                });
+                };
+                Result<void> result;
+                if (dirty) {
+                    // One map walk from the first dirty byte, its entries clipped to the dirty
+                    // ranges (a merge join of two ordered streams). Clipping a merged entry gives
+                    // what mapping each dirty range on its own would (offsets continue inside an
+                    // entry), without redoing map_image's per-walk setup for every range.
+                    BitmapRangeIterator ranges = dirty->dirty_ranges(*start_offset, end);
+                    BitmapRange range;
+                    bool have = ranges.next(range);
+                    bool done = !have;
+                    if (have) {
+                        options.start = range.offset;
+                        options.length = end - range.offset;
+                        result = map_image(*image, options, [&](const MapEntry& e) -> Result<void> {
+                            const std::uint64_t e_end = e.start + e.length;
+                            while (have && range.offset < e_end) {
+                                const std::uint64_t r_end = range.offset + range.length;
+                                const std::uint64_t from = std::max(range.offset, e.start);
+                                const std::uint64_t to = std::min(r_end, e_end);
+                                if (from < to) {
+                                    MapEntry clipped = e;
+                                    clipped.start = from;
+                                    clipped.length = to - from;
+                                    if (clipped.offset) *clipped.offset += from - e.start;
+                                    if (auto ok = sink(clipped); !ok) return ok;
+                                }
+                                if (r_end > e_end) break;
+                                have = ranges.next(range);
+                            }
+                            if (!have) {
+                                done = true; // nothing dirty is left: stop the walk
+                                return Error{ErrorCode::out_of_range, "end of dirty ranges"};
+                            }
+                            return {};
+                        });
+                        if (!result && done) result = {};
+                    }
+                } else {
+                    result = map_image(*image, options, sink);
+                }
                 if (!result) {
                     flush();
                     std::fflush(stdout);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <string>
+#include <unordered_map>
 
 namespace qcowmap {
 
@@ -77,33 +78,168 @@ std::string trim_feature_name(Bytes name) {
     return std::string(text.substr(0, text.find('\0')));
 }
 
+// qemu's limits on a bitmap directory entry (block/qcow2-bitmap.c, BME_*).
+constexpr std::uint32_t kMaxBitmapTableSize = 0x8000000;      // BME_MAX_TABLE_SIZE (entries)
+constexpr std::uint64_t kMaxBitmapPhysicalSize = 0x20000000;  // BME_MAX_PHYS_SIZE (bytes)
+constexpr unsigned kMinGranularityBits = 9;                   // BME_MIN_GRANULARITY_BITS
+constexpr unsigned kMaxGranularityBits = 31;                  // BME_MAX_GRANULARITY_BITS
+constexpr std::uint32_t kMaxBitmapNameSize = 1023;            // BME_MAX_NAME_SIZE
+constexpr std::uint32_t kKnownBitmapFlags = kBitmapInUse | kBitmapAuto | kBitmapExtraDataCompatible;
+constexpr std::uint8_t kDirtyTrackingBitmap = 1;
+
+Error bitmap_error(std::string message) {
+    return Error{ErrorCode::invalid_table, std::move(message)};
+}
+
+/// Entries of the bitmap table needed for a disk of `disk_size` bytes: one bit per granule,
+/// cluster_size * 8 bits per bitmap data cluster (spec "Bitmap data"; qemu's load_bitmap_data
+/// requires exactly this many).
+std::uint64_t bitmap_table_entries(std::uint64_t disk_size, unsigned granularity_bits,
+                                   unsigned cluster_bits) {
+    const std::uint64_t granules =
+        (disk_size >> granularity_bits) +
+        ((disk_size & ((std::uint64_t{1} << granularity_bits) - 1)) != 0);
+    const unsigned bits_per_cluster = cluster_bits + 3;
+    return (granules >> bits_per_cluster) +
+           ((granules & ((std::uint64_t{1} << bits_per_cluster) - 1)) != 0);
+}
+
+/// One bitmap directory entry's fields against the spec and qemu's check_dir_entry.
+Result<void> check_bitmap_entry(const ImageState& state, const BitmapEntry& e) {
+    const std::string name = printable(e.name);
+    if (e.type != kDirtyTrackingBitmap) {
+        return bitmap_error(fmt::format("bitmap '{}' has type {} (only 1, dirty tracking, is "
+                                        "defined)",
+                                        name, e.type));
+    }
+    if (e.granularity_bits < kMinGranularityBits || e.granularity_bits > kMaxGranularityBits) {
+        return bitmap_error(fmt::format("bitmap '{}' has granularity_bits {} (qemu supports "
+                                        "{}..{})",
+                                        name, e.granularity_bits, kMinGranularityBits,
+                                        kMaxGranularityBits));
+    }
+    if (std::uint32_t reserved = e.flags & ~kKnownBitmapFlags) {
+        return bitmap_error(fmt::format("bitmap '{}' has reserved flag bits set ({:#x}; flags "
+                                        "{:#x})",
+                                        name, reserved, e.flags));
+    }
+    if (e.table_offset == 0 || !is_aligned(e.table_offset, state.cluster_size)) {
+        return bitmap_error(fmt::format("bitmap '{}' table offset {:#x} is not a non-zero "
+                                        "multiple of the cluster size {:#x}",
+                                        name, e.table_offset, state.cluster_size));
+    }
+    if (e.table_size == 0 || e.table_size > kMaxBitmapTableSize ||
+        std::uint64_t{e.table_size} * state.cluster_size > kMaxBitmapPhysicalSize) {
+        return bitmap_error(fmt::format("bitmap '{}' table of {} entries is empty or exceeds "
+                                        "qemu's limits ({:#x} entries, {:#x} bytes of bitmap "
+                                        "data)",
+                                        name, e.table_size, kMaxBitmapTableSize,
+                                        kMaxBitmapPhysicalSize));
+    }
+    if (auto table = slice(state.bytes, e.table_offset, std::uint64_t{e.table_size} * 8,
+                           fmt::format("bitmap '{}' table", name));
+        !table) {
+        return std::move(table).error();
+    }
+    const std::uint64_t expected = bitmap_table_entries(state.info.virtual_size,
+                                                        e.granularity_bits, state.cluster_bits);
+    if (expected != 0 && e.table_size != expected) {
+        return bitmap_error(fmt::format("bitmap '{}' table has {} entries, but a virtual size of "
+                                        "{} at granularity {} needs {}",
+                                        name, e.table_size, state.info.virtual_size,
+                                        e.granularity(), expected));
+    }
+    return {};
+}
+
+/// The bitmap directory (spec "Bitmap directory"; qemu's bitmap_list_load): `count` entries,
+/// each 8-byte aligned with zero padding, filling exactly `directory_size` bytes, names unique.
 Result<void> parse_bitmap_directory(const ImageState& state, BitmapsExtension& ext) {
     auto directory = slice(state.bytes, ext.directory_offset, ext.directory_size,
                            "bitmap directory");
     if (!directory) {
         return std::move(directory).error();
     }
+    ext.entries.reserve(ext.count);
+    std::unordered_map<std::string_view, std::uint32_t> seen;
     std::uint64_t at = 0;
     for (std::uint32_t i = 0; i < ext.count; ++i) {
-        auto entry = slice(*directory, at, kBitmapDirectoryEntryHeader, "bitmap directory entry");
-        if (!entry) {
-            return Error{ErrorCode::invalid_table,
-                         fmt::format("bitmap directory entry {} at {:#x} runs past the directory "
-                                     "size {:#x}",
-                                     i, ext.directory_offset + at, ext.directory_size)};
+        auto fixed = slice(*directory, at, kBitmapDirectoryEntryHeader, "bitmap directory entry");
+        if (!fixed) {
+            return bitmap_error(fmt::format("bitmap directory entry {} at {:#x} runs past the "
+                                            "directory size {:#x}",
+                                            i, ext.directory_offset + at, ext.directory_size));
         }
-        std::uint16_t name_size = load_be16(*entry, 18);
-        std::uint32_t extra_size = load_be32(*entry, 20);
-        std::uint64_t name_at = at + kBitmapDirectoryEntryHeader + extra_size;
+        BitmapEntry e;
+        e.table_offset = load_be64(*fixed, 0);
+        e.table_size = load_be32(*fixed, 8);
+        e.flags = load_be32(*fixed, 12);
+        e.type = load_u8(*fixed, 16);
+        e.granularity_bits = load_u8(*fixed, 17);
+        const std::uint16_t name_size = load_be16(*fixed, 18);
+        e.extra_data_size = load_be32(*fixed, 20);
+        if (name_size == 0) {
+            return bitmap_error(fmt::format("bitmap directory entry {} has an empty name", i));
+        }
+        if (name_size > kMaxBitmapNameSize) {
+            return bitmap_error(fmt::format("bitmap directory entry {}: name of {} bytes exceeds "
+                                            "qemu's limit of {} bytes",
+                                            i, name_size, kMaxBitmapNameSize));
+        }
+        const std::uint64_t name_at = at + kBitmapDirectoryEntryHeader + e.extra_data_size;
         auto name = slice(*directory, name_at, name_size, "bitmap name");
-        if (!name || name_size > kMaxBackingNameLength) {
-            return Error{ErrorCode::invalid_table,
-                         fmt::format("bitmap directory entry {}: name of {} bytes after {} bytes "
-                                     "of extra data runs past the directory size {:#x}",
-                                     i, name_size, extra_size, ext.directory_size)};
+        if (!name) {
+            return bitmap_error(fmt::format("bitmap directory entry {}: name of {} bytes after {} "
+                                            "bytes of extra data runs past the directory size "
+                                            "{:#x}",
+                                            i, name_size, e.extra_data_size, ext.directory_size));
         }
-        ext.names.emplace_back(as_text(*name));
-        at = align_up8(name_at + name_size);
+        e.name = std::string(as_text(*name));
+        const std::uint64_t name_end = name_at + name_size;
+        const std::uint64_t next = align_up8(name_end);
+        auto padding = slice(*directory, name_end, next - name_end, "bitmap entry padding");
+        if (!padding) {
+            return bitmap_error(fmt::format("bitmap directory entry {} ('{}'): its padding to {} "
+                                            "bytes runs past the directory size {:#x}",
+                                            i, printable(e.name), next - at, ext.directory_size));
+        }
+        for (std::byte b : *padding) {
+            if (b != std::byte{0}) {
+                return bitmap_error(fmt::format("bitmap directory entry {} ('{}'): padding byte "
+                                                "{:#04x} is not zero",
+                                                i, printable(e.name), std::to_integer<unsigned>(b)));
+            }
+        }
+        if (auto ok = check_bitmap_entry(state, e); !ok) {
+            return ok;
+        }
+        // Names must be unique (spec); views into the mapping avoid copying each name again.
+        auto [where, inserted] = seen.emplace(as_text(*name), i);
+        if (!inserted) {
+            return bitmap_error(fmt::format("bitmap directory entries {} and {} are both named "
+                                            "'{}' (names must be unique)",
+                                            where->second, i, printable(e.name)));
+        }
+        if (!ext.consistent) {
+            e.inconsistent_reason = "autoclear bit 0 (bitmaps) is clear: a program that does not "
+                                    "know bitmaps may have written to the image since they were "
+                                    "saved";
+        } else if (e.in_use()) {
+            e.inconsistent_reason = "flag in_use is set: it was not saved cleanly (qemu still has "
+                                    "it open, or crashed) and may be out of date";
+        } else if (e.extra_data_size != 0 && !(e.flags & kBitmapExtraDataCompatible)) {
+            e.inconsistent_reason = fmt::format("it has {} bytes of unknown extra data and flag "
+                                                "extra_data_compatible is clear",
+                                                e.extra_data_size);
+        }
+        ext.names.push_back(e.name);
+        ext.entries.push_back(std::move(e));
+        at = next;
+    }
+    if (at != ext.directory_size) {
+        return bitmap_error(fmt::format("bitmap directory of {} entries ends at {:#x}, but its "
+                                        "size is {:#x}",
+                                        ext.count, at, ext.directory_size));
     }
     return {};
 }
@@ -274,33 +410,36 @@ Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint6
                     "bitmaps extension has length {} (expected {})", length,
                     kBitmapsExtensionSize));
             }
-            if (!(info.autoclear_features & kAutoclearBitmaps)) {
-                // The bitmaps were left inconsistent by a writer that does not know them:
-                // qemu ignores the extension, and so do we (spec, autoclear bit 0).
-                break;
-            }
+            // With autoclear bit 0 clear the extension may be stale (spec): its bitmaps are
+            // listed as inconsistent, and a directory that no longer parses is remembered as
+            // the reason instead of refusing the image (qemu ignores the extension then).
             BitmapsExtension ext;
+            ext.consistent = (info.autoclear_features & kAutoclearBitmaps) != 0;
             ext.count = load_be32(*data, 0);
             std::uint32_t reserved = load_be32(*data, 4);
             ext.directory_size = load_be64(*data, 8);
             ext.directory_offset = load_be64(*data, 16);
+            std::optional<Error> problem;
             if (ext.count == 0 || ext.count > kMaxBitmaps) {
-                return header_error(fmt::format("bitmaps extension names {} bitmaps (1..{})",
-                                                ext.count, kMaxBitmaps));
-            }
-            if (reserved != 0) {
-                return header_error(fmt::format(
+                problem = header_error(fmt::format("bitmaps extension names {} bitmaps (1..{})",
+                                                   ext.count, kMaxBitmaps));
+            } else if (reserved != 0) {
+                problem = header_error(fmt::format(
                     "bitmaps extension reserved field is {:#x} (must be zero)", reserved));
-            }
-            if (ext.directory_size > kMaxBitmapDirectorySize) {
-                return header_error(fmt::format("bitmap directory size {:#x} exceeds qemu's "
-                                                "limit {:#x}",
-                                                ext.directory_size, kMaxBitmapDirectorySize));
-            }
-            if (!is_aligned(ext.directory_offset, state.cluster_size)) {
-                return header_error(fmt::format(
+            } else if (ext.directory_size > kMaxBitmapDirectorySize) {
+                problem = header_error(fmt::format("bitmap directory size {:#x} exceeds qemu's "
+                                                   "limit {:#x}",
+                                                   ext.directory_size, kMaxBitmapDirectorySize));
+            } else if (!is_aligned(ext.directory_offset, state.cluster_size)) {
+                problem = header_error(fmt::format(
                     "bitmap directory offset {:#x} is not aligned to the cluster size {:#x}",
                     ext.directory_offset, state.cluster_size));
+            }
+            if (problem) {
+                if (ext.consistent) {
+                    return std::move(*problem);
+                }
+                ext.directory_error = std::move(problem->message);
             }
             info.bitmaps = std::move(ext);
             break;
@@ -552,10 +691,16 @@ Result<void> parse_image(ImageState& state) {
         }
     }
 
-    // Bitmap directory (names only; the bitmaps themselves are not read yet).
-    if (info.bitmaps) {
-        if (auto ok = parse_bitmap_directory(state, *info.bitmaps); !ok) {
-            return ok;
+    // Bitmap directory: every entry validated; the bitmap data is read only when used.
+    if (info.bitmaps && info.bitmaps->directory_error.empty()) {
+        BitmapsExtension& ext = *info.bitmaps;
+        if (auto ok = parse_bitmap_directory(state, ext); !ok) {
+            if (ext.consistent) {
+                return ok;
+            }
+            ext.directory_error = ok.error().message;
+            ext.entries.clear();
+            ext.names.clear();
         }
     }
 

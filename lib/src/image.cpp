@@ -118,6 +118,7 @@ open_layer(const std::filesystem::path& path, std::optional<std::string> format,
         if (auto ok = detail::select_snapshot(*state, *options.snapshot); !ok) {
             return std::move(ok).error();
         }
+        state->snapshot = *options.snapshot;
     }
     if (state->has_data_file()) {
         std::optional<std::filesystem::path> data_path;
@@ -179,6 +180,7 @@ Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOpti
         if (auto ok = detail::select_snapshot(*state, *options.snapshot); !ok) {
             return std::move(ok).error();
         }
+        state->snapshot = *options.snapshot;
     }
     if (state->has_data_file()) {
         return Error{ErrorCode::unsupported_feature,

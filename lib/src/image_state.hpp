@@ -39,6 +39,8 @@ struct ImageState {
     Bytes data_bytes;
     /// The layer below (null at the bottom of the chain or with BackingMode::none).
     std::shared_ptr<const ImageState> backing;
+    /// The internal snapshot opened instead of the active disk (name or ID as asked), if any.
+    std::optional<std::string> snapshot;
 
     bool has_data_file() const { return (info.incompatible_features & kIncompatDataFile) != 0; }
     int fd() const { return file ? file->fd() : -1; }

@@ -50,12 +50,45 @@ struct HeaderExtension {
     std::uint64_t file_offset; ///< where its data starts in the file
 };
 
+/// Bitmap directory entry flags (spec "Bitmap directory", bytes 12-15).
+inline constexpr std::uint32_t kBitmapInUse = 1u << 0;
+inline constexpr std::uint32_t kBitmapAuto = 1u << 1;
+inline constexpr std::uint32_t kBitmapExtraDataCompatible = 1u << 2;
+
+/// One entry of the bitmap directory (spec "Bitmap directory"), validated at open.
+struct BitmapEntry {
+    std::string name;
+    std::uint64_t table_offset = 0; ///< file offset of the bitmap table
+    std::uint32_t table_size = 0;   ///< entries in the bitmap table
+    std::uint32_t flags = 0;        ///< kBitmapInUse | kBitmapAuto | kBitmapExtraDataCompatible
+    std::uint8_t type = 0;          ///< 1: dirty tracking bitmap (the only type)
+    std::uint8_t granularity_bits = 0;
+    std::uint32_t extra_data_size = 0;
+    /// Empty when the bitmap can be used; else why it must not be trusted (in_use set, the
+    /// autoclear bit clear, unknown extra data without extra_data_compatible).
+    std::string inconsistent_reason;
+
+    std::uint64_t granularity() const { return std::uint64_t{1} << granularity_bits; }
+    bool in_use() const { return (flags & kBitmapInUse) != 0; }
+    /// The "auto" flag: the bitmap is enabled (qemu keeps tracking writes into it).
+    bool enabled() const { return (flags & kBitmapAuto) != 0; }
+    bool consistent() const { return inconsistent_reason.empty(); }
+};
+
 /// The bitmaps header extension, and the names found in its bitmap directory.
 struct BitmapsExtension {
     std::uint32_t count = 0;
     std::uint64_t directory_size = 0;
     std::uint64_t directory_offset = 0;
     std::vector<std::string> names;
+    /// The directory entries, in directory order (same order as `names`).
+    std::vector<BitmapEntry> entries;
+    /// False when autoclear bit 0 is clear: the extension may be stale and every bitmap is
+    /// inconsistent (spec "autoclear_features").
+    bool consistent = true;
+    /// When the autoclear bit is clear and the stale directory could not even be parsed: why.
+    /// `entries` is then empty.
+    std::string directory_error;
 };
 
 /// One entry of the internal snapshot table (spec "Snapshots").
