@@ -93,5 +93,7 @@ Command add_info(CLI::App& app);
 Command add_map(CLI::App& app);
 Command add_cat(CLI::App& app);
 Command add_convert(CLI::App& app);
+Command add_hash(CLI::App& app);
+Command add_compare(CLI::App& app);
 
 } // namespace qcowmap::cli

@@ -132,6 +132,10 @@ struct OpenOptions {
     /// Read this internal snapshot (matched by ID first, then by name) instead of the active
     /// disk. Backing layers below are read as they are.
     std::optional<std::string> snapshot;
+    /// Format of the image itself: "qcow2" (qcow version 1 included) or "raw" (every byte of
+    /// the file is disk content; holes read as zeros). Unset: qcow2, and a file that is not
+    /// one is refused with not_qcow2 (callers that probe, like `compare`, pass "raw").
+    std::optional<std::string> format;
 };
 
 /// One layer of an opened chain, top first.
