@@ -12,7 +12,9 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <sys/mman.h>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 namespace qcowmap {
@@ -42,6 +44,47 @@ unsigned resolve_threads(unsigned threads) {
     unsigned cores = std::thread::hardware_concurrency();
     return cores == 0 ? 1 : cores;
 }
+
+/// Drops the pages of hashed file data from the process once they are consumed, so that the
+/// resident set stays a few MiB whatever the disk size (the pages stay in the page cache; a
+/// later access re-faults them). Only spans inside the image's file mappings qualify:
+/// decompressed runs live in heap buffers whose contents MADV_DONTNEED would destroy.
+class PageReleaser {
+  public:
+    explicit PageReleaser(const Image &image) : image_(image) {}
+    ~PageReleaser() { flush(); }
+
+    void consumed(std::span<const std::byte> bytes) {
+        auto begin = reinterpret_cast<std::uintptr_t>(bytes.data());
+        auto end = begin + bytes.size();
+        if (bytes.empty() || !image_.maps_bytes(bytes))
+            return;
+        if (begin != end_) { // not contiguous with the batch
+            flush();
+            begin_ = begin;
+        }
+        end_ = end;
+        if (end_ - begin_ >= kBatch)
+            flush();
+    }
+
+    void flush() {
+        static const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+        // Only whole pages inside the batch: neighbours may still be needed.
+        std::uintptr_t lo = (begin_ + page - 1) / page * page;
+        std::uintptr_t hi = end_ / page * page;
+        if (hi > lo) {
+            ::madvise(reinterpret_cast<void *>(lo), hi - lo, MADV_DONTNEED);
+        }
+        begin_ = end_ = 0;
+    }
+
+  private:
+    static constexpr std::uintptr_t kBatch = 8u << 20;
+    const Image &image_;
+    std::uintptr_t begin_ = 0;
+    std::uintptr_t end_ = 0;
+};
 
 } // namespace
 
@@ -198,6 +241,7 @@ Result<Digest> hash_image(const Image &image, const HashOptions &options) {
     auto hasher = Hasher::create(options.algorithm);
     if (!hasher)
         return std::move(hasher).error();
+    PageReleaser releaser(image);
     // visit_runs_parallel only starts workers once it meets a compressed cluster.
     auto ok = image.visit_runs_parallel(
         0, UINT64_MAX, resolve_threads(options.threads),
@@ -205,7 +249,13 @@ Result<Digest> hash_image(const Image &image, const HashOptions &options) {
             if (bytes.empty()) {
                 hasher->update_zeros(length);
             } else {
-                hasher->update(bytes);
+                // In pieces, so that a run of hundreds of MiB is released as it goes.
+                constexpr std::size_t kPiece = 4u << 20;
+                for (std::size_t done = 0; done < bytes.size(); done += kPiece) {
+                    auto piece = bytes.subspan(done, std::min(kPiece, bytes.size() - done));
+                    hasher->update(piece);
+                    releaser.consumed(piece);
+                }
             }
             return {};
         });
@@ -223,7 +273,7 @@ class BlockHasher {
     BlockHasher(const Image &image, const BlockHashOptions &options, Hasher hasher,
                 const Digest &full_zero, const Digest &tail_zero)
         : image_(image), options_(options), hasher_(std::move(hasher)), full_zero_(full_zero),
-          tail_zero_(tail_zero) {}
+          tail_zero_(tail_zero), releaser_(image) {}
 
     Result<void> run(std::uint64_t first_block, std::uint64_t count,
                      std::vector<BlockDigest> &out) {
@@ -252,6 +302,7 @@ class BlockHasher {
                             hasher_.update_zeros(pending_zeros_);
                         }
                         hasher_.update(bytes.first(static_cast<std::size_t>(n)));
+                        releaser_.consumed(bytes.first(static_cast<std::size_t>(n)));
                         bytes = bytes.subspan(static_cast<std::size_t>(n));
                     }
                     offset += n;
@@ -266,6 +317,7 @@ class BlockHasher {
                 }
                 return {};
             });
+        releaser_.flush();
         return ok;
     }
 
@@ -298,6 +350,7 @@ class BlockHasher {
     Hasher hasher_;
     const Digest &full_zero_;
     const Digest &tail_zero_;
+    PageReleaser releaser_;
     BlockDigest current_;
     bool has_data_ = false;
     std::uint64_t pending_zeros_ = 0;

@@ -213,6 +213,21 @@ bool Image::maps_file(std::uint64_t device, std::uint64_t inode) const {
     return false;
 }
 
+bool Image::maps_bytes(std::span<const std::byte> bytes) const {
+    auto inside = [&](const std::shared_ptr<const detail::MappedFile>& file) {
+        if (!file) return false;
+        auto mapped = file->bytes();
+        // Compare as integers: the spans may belong to different objects.
+        auto lo = reinterpret_cast<std::uintptr_t>(mapped.data());
+        auto p = reinterpret_cast<std::uintptr_t>(bytes.data());
+        return p >= lo && bytes.size() <= mapped.size() && p - lo <= mapped.size() - bytes.size();
+    };
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
+        if (inside(layer->file) || inside(layer->data_file)) return true;
+    }
+    return false;
+}
+
 std::vector<LayerInfo> Image::layers() const {
     std::vector<LayerInfo> result;
     for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {

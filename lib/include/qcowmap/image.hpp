@@ -210,6 +210,12 @@ class Image {
     /// True when the file with this device and inode number is mapped by the image: one of
     /// its layers or an external data file. Lets a writer refuse to overwrite its own input.
     bool maps_file(std::uint64_t device, std::uint64_t inode) const;
+    /// True when `bytes` lie wholly inside the file mapping of one of the image's layers or
+    /// data files (as data extents and `visit_runs` data runs do; decompressed runs do not).
+    /// Such bytes are immutable while the Image lives, so they may be handed to the kernel by
+    /// reference (vmsplice) or their pages dropped from the process (MADV_DONTNEED) and
+    /// re-faulted from the page cache. False for images opened from memory.
+    bool maps_bytes(std::span<const std::byte> bytes) const;
     /// The decoded header.
     const ImageInfo& info() const;
     /// The path given to `open` (empty for `open_bytes`).
