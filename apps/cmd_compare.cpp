@@ -20,11 +20,10 @@ constexpr int kCompareReadError = 4;
 
 /// "qcow2" when the file starts with the qcow magic ("QFI\xfb", versions 1-3), else "raw":
 /// qemu-img probes the same way and falls back to raw.
-std::string probe_format(const std::string &path) {
+std::string probe_format(const std::string& path) {
     unsigned char magic[4] = {};
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return "qcow2"; // let open() name the problem
+    if (fd < 0) return "qcow2"; // let open() name the problem
     ssize_t n = ::read(fd, magic, sizeof magic);
     ::close(fd);
     const bool qcow =
@@ -39,7 +38,7 @@ struct CompareArgs {
     bool quiet = false;
 };
 
-std::optional<Image> open_side(const std::string &path, const std::string &format) {
+std::optional<Image> open_side(const std::string& path, const std::string& format) {
     ImageArgs args;
     args.path = path;
     OpenOptions options = args.open_options();
@@ -55,8 +54,8 @@ std::optional<Image> open_side(const std::string &path, const std::string &forma
 
 } // namespace
 
-Command add_compare(CLI::App &app) {
-    auto *command = app.add_subcommand(
+Command add_compare(CLI::App& app) {
+    auto* command = app.add_subcommand(
         "compare", "Compare two disks like qemu-img compare (exit 0 identical, 1 different, "
                    "2 open error, 3 allocation-check error, 4 read error)");
     auto args = std::make_shared<CompareArgs>();
@@ -72,23 +71,20 @@ Command add_compare(CLI::App &app) {
     return {
         command, [args] {
             auto a = open_side(args->first, args->format1);
-            if (!a)
-                return kCompareOpenError;
+            if (!a) return kCompareOpenError;
             auto b = open_side(args->second, args->format2);
-            if (!b)
-                return kCompareOpenError;
+            if (!b) return kCompareOpenError;
             CompareOptions options;
             options.strict = args->strict;
             CompareError detail;
             auto result = compare_images(*a, *b, options, &detail);
             if (!result) {
-                const std::string &path = detail.image == 0 ? args->first : args->second;
+                const std::string& path = detail.image == 0 ? args->first : args->second;
                 return report(path, result.error().message,
                               detail.read_error ? kCompareReadError : kCompareAllocationError);
             }
-            auto say = [&](const std::string &line) {
-                if (!args->quiet)
-                    fmt::print("{}\n", line);
+            auto say = [&](const std::string& line) {
+                if (!args->quiet) fmt::print("{}\n", line);
             };
             using Outcome = CompareResult::Outcome;
             if (result->outcome == Outcome::size_mismatch) {
@@ -99,8 +95,7 @@ Command add_compare(CLI::App &app) {
                 say(fmt::format("Strict mode: Offset {} block status mismatch!", result->offset));
                 return kCompareDifferent;
             }
-            if (result->size_warning)
-                say("Warning: Image size mismatch!");
+            if (result->size_warning) say("Warning: Image size mismatch!");
             if (result->outcome == Outcome::content_mismatch) {
                 say(fmt::format("Content mismatch at offset {}!", result->offset));
                 return kCompareDifferent;

@@ -24,8 +24,7 @@ class Out {
   public:
     std::string text;
     void flush_if_big() {
-        if (text.size() > (1 << 16))
-            flush();
+        if (text.size() > (1 << 16)) flush();
     }
     void flush() {
         std::fwrite(text.data(), 1, text.size(), stdout);
@@ -33,13 +32,12 @@ class Out {
     }
 };
 
-int hash_whole(const HashArgs &args, HashAlgorithm algorithm) {
+int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
     Out out;
     int status = kExitOk;
-    if (args.json)
-        out.text += "[";
+    if (args.json) out.text += "[";
     bool first = true;
-    for (const std::string &path : args.images) {
+    for (const std::string& path : args.images) {
         ImageArgs image_args = args.open;
         image_args.path = path;
         auto image = open_or_report(image_args);
@@ -68,18 +66,16 @@ int hash_whole(const HashArgs &args, HashAlgorithm algorithm) {
         first = false;
         out.flush(); // one line per image as soon as it is known
     }
-    if (args.json)
-        out.text += "\n]\n";
+    if (args.json) out.text += "\n]\n";
     out.flush();
     return status;
 }
 
-int hash_manifest(const HashArgs &args, HashAlgorithm algorithm, std::uint64_t block_size) {
+int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t block_size) {
     Out out;
-    if (args.json)
-        out.text += "[";
+    if (args.json) out.text += "[";
     bool first_image = true;
-    for (const std::string &path : args.images) {
+    for (const std::string& path : args.images) {
         ImageArgs image_args = args.open;
         image_args.path = path;
         auto image = open_or_report(image_args);
@@ -105,7 +101,7 @@ int hash_manifest(const HashArgs &args, HashAlgorithm algorithm, std::uint64_t b
         options.algorithm = algorithm;
         options.block_size = block_size;
         options.threads = args.threads;
-        auto result = hash_blocks(*image, options, [&](const BlockDigest &b) -> Result<void> {
+        auto result = hash_blocks(*image, options, [&](const BlockDigest& b) -> Result<void> {
             if (args.json) {
                 out.text += fmt::format("{}\n{{\"index\": {}, \"offset\": {}, \"length\": {}, "
                                         "\"digest\": \"{}\", \"zero\": {}}}",
@@ -123,19 +119,17 @@ int hash_manifest(const HashArgs &args, HashAlgorithm algorithm, std::uint64_t b
             std::fflush(stdout);
             return report(path, result.error().message, kExitImageError);
         }
-        if (args.json)
-            out.text += "\n]}";
+        if (args.json) out.text += "\n]}";
     }
-    if (args.json)
-        out.text += "\n]\n";
+    if (args.json) out.text += "\n]\n";
     out.flush();
     return kExitOk;
 }
 
 } // namespace
 
-Command add_hash(CLI::App &app) {
-    auto *command = app.add_subcommand(
+Command add_hash(CLI::App& app) {
+    auto* command = app.add_subcommand(
         "hash", "Digest of the whole virtual disk (as sha256sum of qemu-img convert -O raw "
                 "output), or one digest per block with --block-size");
     auto args = std::make_shared<HashArgs>();
@@ -165,8 +159,7 @@ Command add_hash(CLI::App &app) {
                     return report("usage", fmt::format("unknown --algo '{}'", args->algorithm),
                                   kExitUsage);
                 }
-                if (args->block_size.empty())
-                    return hash_whole(*args, *algorithm);
+                if (args->block_size.empty()) return hash_whole(*args, *algorithm);
                 auto size = parse_size(args->block_size);
                 if (!size || *size < kMinHashBlockSize || (*size & (*size - 1)) != 0) {
                     return report("usage",

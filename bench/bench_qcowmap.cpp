@@ -58,13 +58,13 @@ void remove_owned_dir() {
     }
 }
 
-[[noreturn]] void die(const std::string &message) {
+[[noreturn]] void die(const std::string& message) {
     fmt::print(stderr, "bench_qcowmap: {}\n", message);
     remove_owned_dir();
     std::exit(2);
 }
 
-std::string quote(const std::string &s) {
+std::string quote(const std::string& s) {
     std::string out = "'";
     for (char c : s) {
         out += c == '\'' ? std::string("'\\''") : std::string(1, c);
@@ -72,20 +72,19 @@ std::string quote(const std::string &s) {
     return out + "'";
 }
 
-void run(const std::string &command) {
+void run(const std::string& command) {
     int status = std::system(command.c_str());
     if (status == -1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
         die(fmt::format("command failed (status {}): {}", status, command));
     }
 }
 
-bool write_all(int fd, const std::byte *data, std::uint64_t length) {
+bool write_all(int fd, const std::byte* data, std::uint64_t length) {
     while (length > 0) {
         std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
         ssize_t n = ::write(fd, data, chunk);
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
+            if (errno == EINTR) continue;
             return false;
         }
         data += n;
@@ -102,10 +101,10 @@ struct ImageSpec {
     std::uint64_t extents; ///< expected number of extents (sanity check of the build)
     /// Too big to push every virtual byte through user space (read(), a pipe) per iteration.
     bool huge;
-    std::function<void(const fs::path &dir, const fs::path &out)> build;
+    std::function<void(const fs::path& dir, const fs::path& out)> build;
 };
 
-std::uint64_t count_extents(const Image &image) {
+std::uint64_t count_extents(const Image& image) {
     auto it = image.extents();
     Extent e;
     std::uint64_t n = 0;
@@ -117,11 +116,10 @@ std::uint64_t count_extents(const Image &image) {
 }
 
 /// Opens `path` and checks it against `spec`; nullopt (with a reason on stderr) if it does not fit.
-std::optional<Image> open_checked(const fs::path &path, const ImageSpec &spec, bool quiet) {
+std::optional<Image> open_checked(const fs::path& path, const ImageSpec& spec, bool quiet) {
     auto image = Image::open(path);
     if (!image) {
-        if (!quiet)
-            fmt::print(stderr, "{}: {}\n", path.string(), image.error().message);
+        if (!quiet) fmt::print(stderr, "{}: {}\n", path.string(), image.error().message);
         return std::nullopt;
     }
     std::uint64_t n = count_extents(*image);
@@ -149,13 +147,13 @@ constexpr std::uint64_t kCompressedSize = 64 * kMiB;
 constexpr std::uint64_t kSparseSize = 1024 * kGiB;
 constexpr std::uint64_t kSparseWrites = 64;
 
-void build_dense(const fs::path &, const fs::path &out) {
+void build_dense(const fs::path&, const fs::path& out) {
     run(fmt::format("qemu-img create -q -f qcow2 {} {}", quote(out), kDenseSize));
     run(fmt::format("qemu-io -t unsafe -f qcow2 -c 'write -P 0xab 0 {}' {} >/dev/null", kDenseSize,
                     quote(out)));
 }
 
-void build_fragmented(const fs::path &dir, const fs::path &out) {
+void build_fragmented(const fs::path& dir, const fs::path& out) {
     // qemu-io reads its commands from stdin when given no -c; one process for all 8192 writes.
     fs::path script = dir / "frag-commands.txt";
     {
@@ -166,7 +164,7 @@ void build_fragmented(const fs::path &dir, const fs::path &out) {
             text += fmt::format("write -P {:#x} {} {}\n", 0x10 + j % 0xe0, 2 * j * kFragCluster,
                                 kFragCluster);
         }
-        std::FILE *f = std::fopen(script.c_str(), "w");
+        std::FILE* f = std::fopen(script.c_str(), "w");
         if (!f || std::fwrite(text.data(), 1, text.size(), f) != text.size() || std::fclose(f)) {
             die(fmt::format("cannot write {}", script.string()));
         }
@@ -177,19 +175,19 @@ void build_fragmented(const fs::path &dir, const fs::path &out) {
     fs::remove(script);
 }
 
-void build_compressed(const fs::path &dir, const fs::path &out) {
+void build_compressed(const fs::path& dir, const fs::path& out) {
     fs::path raw = dir / "compressed-source.raw";
     {
         // 16 symbols, xorshift-chosen: compresses about 2:1, so zlib does real work.
         std::vector<std::uint8_t> data(kCompressedSize);
         std::uint64_t x = 0x9e3779b97f4a7c15ull;
-        for (auto &b : data) {
+        for (auto& b : data) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             b = static_cast<std::uint8_t>('a' + (x & 15));
         }
-        std::FILE *f = std::fopen(raw.c_str(), "w");
+        std::FILE* f = std::fopen(raw.c_str(), "w");
         if (!f || std::fwrite(data.data(), 1, data.size(), f) != data.size() || std::fclose(f)) {
             die(fmt::format("cannot write {}", raw.string()));
         }
@@ -198,7 +196,7 @@ void build_compressed(const fs::path &dir, const fs::path &out) {
     fs::remove(raw);
 }
 
-void build_sparse(const fs::path &, const fs::path &out) {
+void build_sparse(const fs::path&, const fs::path& out) {
     std::string commands;
     const std::uint64_t clusters = kSparseSize / kFragCluster;
     for (std::uint64_t i = 0; i < kSparseWrites; ++i) {
@@ -237,7 +235,7 @@ struct Setup {
     unsigned threads = 0;
 };
 
-Result<void> visit(const Image &image, unsigned threads, const Image::RunVisitor &visitor) {
+Result<void> visit(const Image& image, unsigned threads, const Image::RunVisitor& visitor) {
     return threads == 0 ? image.visit_runs(0, UINT64_MAX, visitor)
                         : image.visit_runs_parallel(0, UINT64_MAX, threads, visitor);
 }
@@ -249,24 +247,22 @@ struct BenchDir {
     ~BenchDir() { remove_owned_dir(); }
 };
 
-void prepare(BenchDir &bench) {
-    if (const char *env = std::getenv("QCOWMAP_BENCH_DIR"); env && *env) {
+void prepare(BenchDir& bench) {
+    if (const char* env = std::getenv("QCOWMAP_BENCH_DIR"); env && *env) {
         bench.dir = env;
         fs::create_directories(bench.dir);
     } else {
         std::string tmpl = "/var/tmp/qcowmap-bench-XXXXXX";
-        if (!::mkdtemp(tmpl.data()))
-            die(fmt::format("mkdtemp: {}", std::strerror(errno)));
+        if (!::mkdtemp(tmpl.data())) die(fmt::format("mkdtemp: {}", std::strerror(errno)));
         bench.dir = tmpl;
         g_owned_dir = bench.dir;
     }
-    for (const ImageSpec &spec : image_specs()) {
+    for (const ImageSpec& spec : image_specs()) {
         fs::path path = bench.dir / spec.file;
         std::optional<Image> image;
         if (fs::exists(path)) {
             image = open_checked(path, spec, /*quiet=*/false);
-            if (image)
-                fmt::print(stderr, "reusing {}\n", path.string());
+            if (image) fmt::print(stderr, "reusing {}\n", path.string());
         }
         if (!image) {
             fmt::print(stderr, "building {}\n", path.string());
@@ -276,8 +272,7 @@ void prepare(BenchDir &bench) {
             spec.build(bench.dir, tmp);
             fs::rename(tmp, path);
             image = open_checked(path, spec, /*quiet=*/false);
-            if (!image)
-                die(fmt::format("{} does not have the expected layout", path.string()));
+            if (!image) die(fmt::format("{} does not have the expected layout", path.string()));
         }
         // Touch every page of the data once so that benchmarks on this long-lived Image start
         // with a populated mapping (open_read_1MiB measures a fresh mapping each iteration).
@@ -290,14 +285,13 @@ void prepare(BenchDir &bench) {
                 }
                 return {};
             });
-        if (!warm)
-            die(fmt::format("{}: {}", path.string(), warm.error().message));
+        if (!warm) die(fmt::format("{}: {}", path.string(), warm.error().message));
         benchmark::DoNotOptimize(touched);
         bench.images.push_back({spec.name, path, std::move(*image), spec.extents, spec.huge});
     }
 }
 
-void set_rates(benchmark::State &state, const BenchImage &b) {
+void set_rates(benchmark::State& state, const BenchImage& b) {
     const auto iterations = static_cast<std::int64_t>(state.iterations());
     state.SetBytesProcessed(iterations * static_cast<std::int64_t>(b.image.size()));
     state.SetItemsProcessed(iterations * static_cast<std::int64_t>(b.extents));
@@ -305,7 +299,7 @@ void set_rates(benchmark::State &state, const BenchImage &b) {
 }
 
 /// Walks the extents and sums their lengths: metadata only, no data bytes touched.
-void bm_iterate(benchmark::State &state, const BenchImage &b, const Setup &) {
+void bm_iterate(benchmark::State& state, const BenchImage& b, const Setup&) {
     for (auto _ : state) {
         auto it = b.image.extents();
         Extent e;
@@ -324,7 +318,7 @@ void bm_iterate(benchmark::State &state, const BenchImage &b, const Setup &) {
 }
 
 /// Samples a few bytes of a buffer just written, so the copy has an observable consumer.
-std::uint64_t sample(const std::byte *p, std::size_t n) {
+std::uint64_t sample(const std::byte* p, std::size_t n) {
     std::uint64_t sum = 0;
     for (std::size_t i = 0; i < n; i += 64 * kKiB) {
         sum += std::to_integer<std::uint8_t>(p[i]);
@@ -332,8 +326,8 @@ std::uint64_t sample(const std::byte *p, std::size_t n) {
     return sum + (n ? std::to_integer<std::uint8_t>(p[n - 1]) : 0);
 }
 
-std::uint64_t read_whole(const Image &image, std::vector<std::byte> &buffer,
-                         benchmark::State &state) {
+std::uint64_t read_whole(const Image& image, std::vector<std::byte>& buffer,
+                         benchmark::State& state) {
     std::uint64_t checksum = 0;
     for (std::uint64_t offset = 0; offset < image.size();) {
         auto got = image.read(buffer, offset);
@@ -348,7 +342,7 @@ std::uint64_t read_whole(const Image &image, std::vector<std::byte> &buffer,
 }
 
 /// read() into a 1 MiB buffer over the whole disk, on an Image opened once (mapping warm).
-void bm_read(benchmark::State &state, const BenchImage &b, const Setup &) {
+void bm_read(benchmark::State& state, const BenchImage& b, const Setup&) {
     std::vector<std::byte> buffer(1 * kMiB);
     for (auto _ : state) {
         std::uint64_t checksum = read_whole(b.image, buffer, state);
@@ -360,7 +354,7 @@ void bm_read(benchmark::State &state, const BenchImage &b, const Setup &) {
 
 /// Image::open + read() of the whole disk per iteration: includes mapping the file and the page
 /// faults on it, which is what every CLI invocation pays (page cache warm).
-void bm_open_read(benchmark::State &state, const BenchImage &b, const Setup &) {
+void bm_open_read(benchmark::State& state, const BenchImage& b, const Setup&) {
     std::vector<std::byte> buffer(1 * kMiB);
     for (auto _ : state) {
         auto image = Image::open(b.path);
@@ -377,7 +371,7 @@ void bm_open_read(benchmark::State &state, const BenchImage &b, const Setup &) {
 
 /// visit_runs (or visit_runs_parallel) writing every run to `fd`; zero runs from the static zero
 /// buffer. Returns the bytes written, or nullopt on failure.
-std::optional<std::uint64_t> cat_to(const Image &image, unsigned threads, int fd) {
+std::optional<std::uint64_t> cat_to(const Image& image, unsigned threads, int fd) {
     std::uint64_t written = 0;
     auto result = visit(
         image, threads,
@@ -400,14 +394,13 @@ std::optional<std::uint64_t> cat_to(const Image &image, unsigned threads, int fd
             }
             return {};
         });
-    if (!result)
-        return std::nullopt;
+    if (!result) return std::nullopt;
     return written;
 }
 
 /// `qcowmap cat IMG >/dev/null`: the extent walk (and decompression) plus one write(2) per run or
 /// zero chunk. /dev/null never reads the bytes, so data runs of the mapping are not copied.
-void bm_cat_devnull(benchmark::State &state, const BenchImage &b, const Setup &setup) {
+void bm_cat_devnull(benchmark::State& state, const BenchImage& b, const Setup& setup) {
     int fd = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
     if (fd < 0) {
         state.SkipWithError("cannot open /dev/null");
@@ -427,7 +420,7 @@ void bm_cat_devnull(benchmark::State &state, const BenchImage &b, const Setup &s
 
 /// `qcowmap cat IMG | consumer`: every byte goes through a 1 MiB pipe to a reader thread that
 /// reads it into a buffer and samples it, so the data is really copied out of the mapping.
-void bm_cat_pipe(benchmark::State &state, const BenchImage &b, const Setup &setup) {
+void bm_cat_pipe(benchmark::State& state, const BenchImage& b, const Setup& setup) {
     std::vector<std::byte> buffer(1 * kMiB);
     for (auto _ : state) {
         int fds[2];
@@ -440,10 +433,8 @@ void bm_cat_pipe(benchmark::State &state, const BenchImage &b, const Setup &setu
         std::thread reader([&] {
             for (;;) {
                 ssize_t n = ::read(fds[0], buffer.data(), buffer.size());
-                if (n < 0 && errno == EINTR)
-                    continue;
-                if (n <= 0)
-                    break;
+                if (n < 0 && errno == EINTR) continue;
+                if (n <= 0) break;
                 checksum += sample(buffer.data(), static_cast<std::size_t>(n));
                 received += static_cast<std::uint64_t>(n);
             }
@@ -464,15 +455,14 @@ void bm_cat_pipe(benchmark::State &state, const BenchImage &b, const Setup &setu
 /// `qcowmap convert IMG OUT`: a sparse raw file in the bench directory, data runs written with
 /// pwrite(2) straight from the mapping, zero runs left as holes. The output is unlinked between
 /// iterations, outside the timed part.
-void bm_convert_file(benchmark::State &state, const BenchImage &b, const Setup &setup) {
+void bm_convert_file(benchmark::State& state, const BenchImage& b, const Setup& setup) {
     const fs::path out = setup.dir / fmt::format("convert-{}.raw", b.name);
     std::uint64_t written = 0;
     for (auto _ : state) {
         int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(b.image.size())) != 0) {
             state.SkipWithError("cannot create the output file");
-            if (fd >= 0)
-                ::close(fd);
+            if (fd >= 0) ::close(fd);
             break;
         }
         written = 0;
@@ -483,8 +473,7 @@ void bm_convert_file(benchmark::State &state, const BenchImage &b, const Setup &
                 for (std::uint64_t done = 0; done < bytes.size();) {
                     ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done,
                                          static_cast<off_t>(offset + done));
-                    if (n < 0 && errno == EINTR)
-                        continue;
+                    if (n < 0 && errno == EINTR) continue;
                     if (n <= 0)
                         return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
                     done += static_cast<std::uint64_t>(n);
@@ -507,12 +496,12 @@ void bm_convert_file(benchmark::State &state, const BenchImage &b, const Setup &
 }
 
 /// map_image as `qcowmap map` calls it, without the JSON formatting; items are map entries.
-void bm_map(benchmark::State &state, const BenchImage &b, const Setup &) {
+void bm_map(benchmark::State& state, const BenchImage& b, const Setup&) {
     std::uint64_t entries = 0;
     for (auto _ : state) {
         std::uint64_t n = 0, covered = 0;
         auto result =
-            qcowmap::map_image(b.image, {}, [&](const qcowmap::MapEntry &e) -> Result<void> {
+            qcowmap::map_image(b.image, {}, [&](const qcowmap::MapEntry& e) -> Result<void> {
                 ++n;
                 covered += e.length;
                 return {};
@@ -533,7 +522,7 @@ void bm_map(benchmark::State &state, const BenchImage &b, const Setup &) {
 /// hash_image, sha256 and xxh3-128: whole-disk digests straight from the mapping (zero runs
 /// from a static zero block, so huge sparse disks are skipped: they cost their virtual size).
 template <qcowmap::HashAlgorithm algorithm>
-void bm_hash(benchmark::State &state, const BenchImage &b, const Setup &setup) {
+void bm_hash(benchmark::State& state, const BenchImage& b, const Setup& setup) {
     for (auto _ : state) {
         qcowmap::HashOptions options;
         options.algorithm = algorithm;
@@ -550,14 +539,14 @@ void bm_hash(benchmark::State &state, const BenchImage &b, const Setup &setup) {
 
 /// hash_blocks, sha256 with 64 KiB blocks, on setup.threads workers (1 when 0): the manifest
 /// scaling figure (2 threads vs 1).
-void bm_hash_blocks(benchmark::State &state, const BenchImage &b, const Setup &setup) {
+void bm_hash_blocks(benchmark::State& state, const BenchImage& b, const Setup& setup) {
     for (auto _ : state) {
         qcowmap::BlockHashOptions options;
         options.block_size = 65536;
         options.threads = std::max(1u, setup.threads);
         std::uint64_t blocks = 0;
         auto ok = qcowmap::hash_blocks(b.image, options,
-                                       [&](const qcowmap::BlockDigest &) -> Result<void> {
+                                       [&](const qcowmap::BlockDigest&) -> Result<void> {
                                            ++blocks;
                                            return {};
                                        });
@@ -572,7 +561,7 @@ void bm_hash_blocks(benchmark::State &state, const BenchImage &b, const Setup &s
 
 /// compare_images of the image against a second opening of the same file: both extent walks
 /// and the same-file shortcut, no data read (compare-qemu.sh times a real copy).
-void bm_compare_self(benchmark::State &state, const BenchImage &b, const Setup &) {
+void bm_compare_self(benchmark::State& state, const BenchImage& b, const Setup&) {
     auto other = qcowmap::Image::open(b.path);
     if (!other) {
         state.SkipWithError("cannot reopen the image");
@@ -590,17 +579,16 @@ void bm_compare_self(benchmark::State &state, const BenchImage &b, const Setup &
 
 } // namespace
 
-int main(int argc, char **argv) {
+int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
-    if (benchmark::ReportUnrecognizedArguments(argc, argv))
-        return 1;
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
 
     BenchDir bench;
     prepare(bench);
 
-    using Fn = void (*)(benchmark::State &, const BenchImage &, const Setup &);
+    using Fn = void (*)(benchmark::State&, const BenchImage&, const Setup&);
     struct Entry {
-        const char *name;
+        const char* name;
         Fn fn;
         bool parallel;   ///< run with visit_runs_parallel and the CLI's worker count
         bool every_byte; ///< moves every virtual byte through user space: not on huge images
@@ -624,15 +612,14 @@ int main(int argc, char **argv) {
     };
     // The CLI's worker_threads(): one per core.
     const unsigned cores = std::max(2u, std::thread::hardware_concurrency());
-    for (const Entry &entry : entries) {
+    for (const Entry& entry : entries) {
         const Fn fn = entry.fn;
         const Setup setup{bench.dir, entry.parallel ? cores : 0};
-        for (const BenchImage &b : bench.images) {
-            if (entry.every_byte && b.huge)
-                continue;
+        for (const BenchImage& b : bench.images) {
+            if (entry.every_byte && b.huge) continue;
             std::string full = fmt::format("{}/{}", entry.name, b.name);
             benchmark::RegisterBenchmark(
-                full.c_str(), [fn, &b, setup](benchmark::State &state) { fn(state, b, setup); })
+                full.c_str(), [fn, &b, setup](benchmark::State& state) { fn(state, b, setup); })
                 ->Unit(benchmark::kMillisecond)
                 ->UseRealTime();
         }

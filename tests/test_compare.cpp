@@ -23,13 +23,13 @@ std::string cli() {
 
 class Compare : public ::testing::Test {
   protected:
-    fs::path image(const std::string &name, const std::string &options, const std::string &size,
-                   const std::vector<std::string> &io = {}) {
+    fs::path image(const std::string& name, const std::string& options, const std::string& size,
+                   const std::vector<std::string>& io = {}) {
         fs::path p = dir_ / name;
         test::make_image(p, options, size, io);
         return p;
     }
-    fs::path raw_of(const fs::path &img) {
+    fs::path raw_of(const fs::path& img) {
         fs::path raw = img;
         raw.replace_extension(".raw");
         run_ok("qemu-img convert -O raw " + shell_quote(img.string()) + " " +
@@ -39,12 +39,12 @@ class Compare : public ::testing::Test {
 
     /// qcowmap compare and qemu-img compare agree on A vs B (and B vs A), strict and not.
     /// Returns qemu-img's non-strict output for further checks.
-    std::string expect_agree(const fs::path &a, const fs::path &b) {
+    std::string expect_agree(const fs::path& a, const fs::path& b) {
         std::string first;
         for (std::string flags : {"", "-s"}) {
             for (int swap = 0; swap < 2; ++swap) {
-                const fs::path &x = swap ? b : a;
-                const fs::path &y = swap ? a : b;
+                const fs::path& x = swap ? b : a;
+                const fs::path& y = swap ? a : b;
                 std::string args =
                     flags + " " + shell_quote(x.string()) + " " + shell_quote(y.string());
                 CommandResult qemu = run("qemu-img compare " + args);
@@ -52,8 +52,7 @@ class Compare : public ::testing::Test {
                 EXPECT_EQ(ours.exit_code, qemu.exit_code) << args << "\n" << qemu.out << ours.out;
                 EXPECT_EQ(ours.out, qemu.out) << args;
                 EXPECT_EQ(ours.err, "") << args;
-                if (first.empty())
-                    first = qemu.out;
+                if (first.empty()) first = qemu.out;
             }
         }
         return first;

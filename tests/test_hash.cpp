@@ -27,7 +27,7 @@ std::string cli() {
 }
 
 /// The first whitespace-separated word of `text` (the digest of a `*sum` line).
-std::string first_word(const std::string &text) {
+std::string first_word(const std::string& text) {
     std::istringstream in(text);
     std::string word;
     in >> word;
@@ -35,21 +35,17 @@ std::string first_word(const std::string &text) {
 }
 
 /// The digest the reference tool prints for `file`.
-std::string oracle_digest(const std::string &algo, const fs::path &file) {
+std::string oracle_digest(const std::string& algo, const fs::path& file) {
     const std::string f = shell_quote(file.string());
-    if (algo == "sha256")
-        return first_word(run_ok("sha256sum " + f));
-    if (algo == "sha512")
-        return first_word(run_ok("openssl dgst -sha512 -r " + f));
-    if (algo == "blake2b512")
-        return first_word(run_ok("openssl dgst -blake2b512 -r " + f));
-    if (algo == "xxh3-128")
-        return first_word(run_ok("xxhsum -H2 " + f));
+    if (algo == "sha256") return first_word(run_ok("sha256sum " + f));
+    if (algo == "sha512") return first_word(run_ok("openssl dgst -sha512 -r " + f));
+    if (algo == "blake2b512") return first_word(run_ok("openssl dgst -blake2b512 -r " + f));
+    if (algo == "xxh3-128") return first_word(run_ok("xxhsum -H2 " + f));
     ADD_FAILURE() << "no oracle for " << algo;
     return {};
 }
 
-const char *const kAlgorithms[] = {"sha256", "sha512", "blake2b512", "xxh3-128"};
+const char* const kAlgorithms[] = {"sha256", "sha512", "blake2b512", "xxh3-128"};
 
 /// One image under test: how to build it, and how qemu-img / qcowmap select what to read.
 struct Case {
@@ -63,7 +59,7 @@ struct Case {
 class Hash : public ::testing::Test {
   protected:
     /// Raw bytes of the case as qemu-img sees them, written to a file.
-    fs::path raw_of(const Case &c) {
+    fs::path raw_of(const Case& c) {
         fs::path raw = dir_ / (c.name + ".raw");
         run_ok("qemu-img convert " + c.convert_extra + " -O raw " + shell_quote(c.image.string()) +
                " " + shell_quote(raw.string()));
@@ -119,7 +115,7 @@ class Hash : public ::testing::Test {
 };
 
 TEST_F(Hash, WholeDiskEqualsReferenceToolsOnQemuRawOutput) {
-    for (const Case &c : cases()) {
+    for (const Case& c : cases()) {
         fs::path raw = raw_of(c);
         for (std::string algo : kAlgorithms) {
             std::string expected = oracle_digest(algo, raw);
@@ -146,8 +142,8 @@ TEST_F(Hash, WholeDiskEqualsReferenceToolsOnQemuRawOutput) {
 
 /// Digests of each `block_size` piece of `raw`, computed by the reference tool over files
 /// made by split(1).
-std::vector<std::string> oracle_blocks(const TempDir &dir, const fs::path &raw,
-                                       const std::string &algo, std::uint64_t block_size) {
+std::vector<std::string> oracle_blocks(const TempDir& dir, const fs::path& raw,
+                                       const std::string& algo, std::uint64_t block_size) {
     fs::path pieces = dir / ("pieces-" + raw.stem().string());
     fs::create_directories(pieces);
     run_ok("split -a 6 -d -b " + std::to_string(block_size) + " " + shell_quote(raw.string()) +
@@ -168,7 +164,7 @@ std::vector<std::string> oracle_blocks(const TempDir &dir, const fs::path &raw,
 }
 
 TEST_F(Hash, BlockManifestEqualsReferenceToolsPerBlock) {
-    for (const Case &c : cases()) {
+    for (const Case& c : cases()) {
         fs::path raw = raw_of(c);
         const std::uint64_t block_size = c.name == "subcluster" ? 4096 : 65536;
         for (std::string algo : {"sha256", "xxh3-128"}) {
@@ -182,7 +178,7 @@ TEST_F(Hash, BlockManifestEqualsReferenceToolsPerBlock) {
                 options.block_size = block_size;
                 options.threads = threads;
                 std::vector<BlockDigest> got;
-                auto ok = hash_blocks(*image, options, [&](const BlockDigest &b) -> Result<void> {
+                auto ok = hash_blocks(*image, options, [&](const BlockDigest& b) -> Result<void> {
                     got.push_back(b);
                     return {};
                 });
@@ -231,7 +227,7 @@ TEST_F(Hash, ZeroBlocksAreRecognisedFromTheMap) {
     BlockHashOptions options;
     options.block_size = 65536;
     std::vector<BlockDigest> got;
-    ASSERT_TRUE(hash_blocks(*image, options, [&](const BlockDigest &b) -> Result<void> {
+    ASSERT_TRUE(hash_blocks(*image, options, [&](const BlockDigest& b) -> Result<void> {
         got.push_back(b);
         return {};
     }));
@@ -272,7 +268,7 @@ TEST_F(Hash, ShortLastBlock) {
     ASSERT_TRUE(image);
     std::vector<BlockDigest> got;
     BlockHashOptions options;
-    ASSERT_TRUE(hash_blocks(*image, options, [&](const BlockDigest &b) -> Result<void> {
+    ASSERT_TRUE(hash_blocks(*image, options, [&](const BlockDigest& b) -> Result<void> {
         got.push_back(b);
         return {};
     }));
@@ -294,9 +290,8 @@ TEST_F(Hash, SinkErrorStopsTheWalk) {
         options.block_size = 4096;
         options.threads = threads;
         int seen = 0;
-        auto ok = hash_blocks(*image, options, [&](const BlockDigest &) -> Result<void> {
-            if (++seen == 10)
-                return Error{ErrorCode::io_error, "enough"};
+        auto ok = hash_blocks(*image, options, [&](const BlockDigest&) -> Result<void> {
+            if (++seen == 10) return Error{ErrorCode::io_error, "enough"};
             return {};
         });
         ASSERT_FALSE(ok);
@@ -334,7 +329,7 @@ TEST_F(Hash, BadBlockSizes) {
         BlockHashOptions options;
         options.block_size = bs;
         auto ok =
-            hash_blocks(*image, options, [](const BlockDigest &) -> Result<void> { return {}; });
+            hash_blocks(*image, options, [](const BlockDigest&) -> Result<void> { return {}; });
         ASSERT_FALSE(ok) << bs;
         EXPECT_EQ(ok.error().code, ErrorCode::invalid_argument);
         EXPECT_EQ(ok.error().message,

@@ -24,23 +24,18 @@ namespace {
 // over and over, large enough that the per-call cost of the hash is nothing.
 alignas(4096) const std::byte kZeroBlock[64 * 1024] = {};
 
-const char *evp_name(HashAlgorithm algorithm) {
+const char* evp_name(HashAlgorithm algorithm) {
     switch (algorithm) {
-    case HashAlgorithm::sha256:
-        return "SHA256";
-    case HashAlgorithm::sha512:
-        return "SHA512";
-    case HashAlgorithm::blake2b512:
-        return "BLAKE2B-512";
-    case HashAlgorithm::xxh3_128:
-        break;
+    case HashAlgorithm::sha256: return "SHA256";
+    case HashAlgorithm::sha512: return "SHA512";
+    case HashAlgorithm::blake2b512: return "BLAKE2B-512";
+    case HashAlgorithm::xxh3_128: break;
     }
     return nullptr;
 }
 
 unsigned resolve_threads(unsigned threads) {
-    if (threads != 0)
-        return threads;
+    if (threads != 0) return threads;
     unsigned cores = std::thread::hardware_concurrency();
     return cores == 0 ? 1 : cores;
 }
@@ -51,21 +46,19 @@ unsigned resolve_threads(unsigned threads) {
 /// decompressed runs live in heap buffers whose contents MADV_DONTNEED would destroy.
 class PageReleaser {
   public:
-    explicit PageReleaser(const Image &image) : image_(image) {}
+    explicit PageReleaser(const Image& image) : image_(image) {}
     ~PageReleaser() { flush(); }
 
     void consumed(std::span<const std::byte> bytes) {
         auto begin = reinterpret_cast<std::uintptr_t>(bytes.data());
         auto end = begin + bytes.size();
-        if (bytes.empty() || !image_.maps_bytes(bytes))
-            return;
+        if (bytes.empty() || !image_.maps_bytes(bytes)) return;
         if (begin != end_) { // not contiguous with the batch
             flush();
             begin_ = begin;
         }
         end_ = end;
-        if (end_ - begin_ >= kBatch)
-            flush();
+        if (end_ - begin_ >= kBatch) flush();
     }
 
     void flush() {
@@ -74,14 +67,14 @@ class PageReleaser {
         std::uintptr_t lo = (begin_ + page - 1) / page * page;
         std::uintptr_t hi = end_ / page * page;
         if (hi > lo) {
-            ::madvise(reinterpret_cast<void *>(lo), hi - lo, MADV_DONTNEED);
+            ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
         }
         begin_ = end_ = 0;
     }
 
   private:
     static constexpr std::uintptr_t kBatch = 8u << 20;
-    const Image &image_;
+    const Image& image_;
     std::uintptr_t begin_ = 0;
     std::uintptr_t end_ = 0;
 };
@@ -90,14 +83,10 @@ class PageReleaser {
 
 std::string_view to_string(HashAlgorithm algorithm) {
     switch (algorithm) {
-    case HashAlgorithm::sha256:
-        return "sha256";
-    case HashAlgorithm::sha512:
-        return "sha512";
-    case HashAlgorithm::blake2b512:
-        return "blake2b512";
-    case HashAlgorithm::xxh3_128:
-        return "xxh3-128";
+    case HashAlgorithm::sha256: return "sha256";
+    case HashAlgorithm::sha512: return "sha512";
+    case HashAlgorithm::blake2b512: return "blake2b512";
+    case HashAlgorithm::xxh3_128: return "xxh3-128";
     }
     return "unknown";
 }
@@ -105,22 +94,17 @@ std::string_view to_string(HashAlgorithm algorithm) {
 std::optional<HashAlgorithm> parse_hash_algorithm(std::string_view name) {
     for (HashAlgorithm a : {HashAlgorithm::sha256, HashAlgorithm::sha512, HashAlgorithm::blake2b512,
                             HashAlgorithm::xxh3_128}) {
-        if (to_string(a) == name)
-            return a;
+        if (to_string(a) == name) return a;
     }
     return std::nullopt;
 }
 
 std::size_t digest_size(HashAlgorithm algorithm) {
     switch (algorithm) {
-    case HashAlgorithm::sha256:
-        return 32;
-    case HashAlgorithm::sha512:
-        return 64;
-    case HashAlgorithm::blake2b512:
-        return 64;
-    case HashAlgorithm::xxh3_128:
-        return 16;
+    case HashAlgorithm::sha256: return 32;
+    case HashAlgorithm::sha512: return 64;
+    case HashAlgorithm::blake2b512: return 64;
+    case HashAlgorithm::xxh3_128: return 16;
     }
     return 0;
 }
@@ -137,37 +121,34 @@ std::string Digest::hex() const {
 
 struct Hasher::Impl {
     HashAlgorithm algorithm;
-    EVP_MD *md = nullptr; // fetched once: an implicit fetch per init costs more than a 4k block
-    EVP_MD_CTX *ctx = nullptr;
-    XXH3_state_t *xxh = nullptr;
+    EVP_MD* md = nullptr; // fetched once: an implicit fetch per init costs more than a 4k block
+    EVP_MD_CTX* ctx = nullptr;
+    XXH3_state_t* xxh = nullptr;
     bool failed = false;
 
     ~Impl() {
         EVP_MD_CTX_free(ctx);
         EVP_MD_free(md);
-        if (xxh)
-            XXH3_freeState(xxh);
+        if (xxh) XXH3_freeState(xxh);
     }
 
     bool start() {
-        if (xxh)
-            return XXH3_128bits_reset(xxh) == XXH_OK;
+        if (xxh) return XXH3_128bits_reset(xxh) == XXH_OK;
         return EVP_DigestInit_ex2(ctx, md, nullptr) == 1;
     }
 };
 
 Hasher::Hasher(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Hasher::~Hasher() = default;
-Hasher::Hasher(Hasher &&) noexcept = default;
-Hasher &Hasher::operator=(Hasher &&) noexcept = default;
+Hasher::Hasher(Hasher&&) noexcept = default;
+Hasher& Hasher::operator=(Hasher&&) noexcept = default;
 
 Result<Hasher> Hasher::create(HashAlgorithm algorithm) {
     auto impl = std::make_unique<Impl>();
     impl->algorithm = algorithm;
     if (algorithm == HashAlgorithm::xxh3_128) {
         impl->xxh = XXH3_createState();
-        if (!impl->xxh)
-            return Error{ErrorCode::io_error, "cannot allocate an XXH3 state"};
+        if (!impl->xxh) return Error{ErrorCode::io_error, "cannot allocate an XXH3 state"};
     } else {
         impl->md = EVP_MD_fetch(nullptr, evp_name(algorithm), nullptr);
         impl->ctx = EVP_MD_CTX_new();
@@ -188,8 +169,7 @@ HashAlgorithm Hasher::algorithm() const {
 }
 
 void Hasher::update(std::span<const std::byte> bytes) {
-    if (bytes.empty())
-        return;
+    if (bytes.empty()) return;
     if (impl_->xxh) {
         impl_->failed |= XXH3_128bits_update(impl_->xxh, bytes.data(), bytes.size()) != XXH_OK;
     } else {
@@ -231,16 +211,14 @@ Result<Digest> Hasher::finish() {
 
 Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length) {
     auto hasher = Hasher::create(algorithm);
-    if (!hasher)
-        return std::move(hasher).error();
+    if (!hasher) return std::move(hasher).error();
     hasher->update_zeros(length);
     return hasher->finish();
 }
 
-Result<Digest> hash_image(const Image &image, const HashOptions &options) {
+Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     auto hasher = Hasher::create(options.algorithm);
-    if (!hasher)
-        return std::move(hasher).error();
+    if (!hasher) return std::move(hasher).error();
     PageReleaser releaser(image);
     // visit_runs_parallel only starts workers once it meets a compressed cluster.
     auto ok = image.visit_runs_parallel(
@@ -259,8 +237,7 @@ Result<Digest> hash_image(const Image &image, const HashOptions &options) {
             }
             return {};
         });
-    if (!ok)
-        return std::move(ok).error();
+    if (!ok) return std::move(ok).error();
     return hasher->finish();
 }
 
@@ -270,13 +247,13 @@ namespace {
 /// the disk with its own iterator. A block only ever touched by zero runs is not hashed.
 class BlockHasher {
   public:
-    BlockHasher(const Image &image, const BlockHashOptions &options, Hasher hasher,
-                const Digest &full_zero, const Digest &tail_zero)
+    BlockHasher(const Image& image, const BlockHashOptions& options, Hasher hasher,
+                const Digest& full_zero, const Digest& tail_zero)
         : image_(image), options_(options), hasher_(std::move(hasher)), full_zero_(full_zero),
           tail_zero_(tail_zero), releaser_(image) {}
 
     Result<void> run(std::uint64_t first_block, std::uint64_t count,
-                     std::vector<BlockDigest> &out) {
+                     std::vector<BlockDigest>& out) {
         out.clear();
         const std::uint64_t bs = options_.block_size;
         const std::uint64_t size = image_.size();
@@ -308,8 +285,7 @@ class BlockHasher {
                     offset += n;
                     length -= n;
                     if (offset == current_.offset + current_.length) {
-                        if (auto done = end_block(out); !done)
-                            return done;
+                        if (auto done = end_block(out); !done) return done;
                         if (offset < end) {
                             begin_block(current_.index + 1, std::min(bs, size - offset));
                         }
@@ -331,11 +307,10 @@ class BlockHasher {
         pending_zeros_ = 0;
     }
 
-    Result<void> end_block(std::vector<BlockDigest> &out) {
+    Result<void> end_block(std::vector<BlockDigest>& out) {
         if (has_data_) {
             auto digest = hasher_.finish();
-            if (!digest)
-                return std::move(digest).error();
+            if (!digest) return std::move(digest).error();
             current_.digest = *digest;
         } else {
             current_.zero = true;
@@ -345,11 +320,11 @@ class BlockHasher {
         return {};
     }
 
-    const Image &image_;
-    const BlockHashOptions &options_;
+    const Image& image_;
+    const BlockHashOptions& options_;
     Hasher hasher_;
-    const Digest &full_zero_;
-    const Digest &tail_zero_;
+    const Digest& full_zero_;
+    const Digest& tail_zero_;
     PageReleaser releaser_;
     BlockDigest current_;
     bool has_data_ = false;
@@ -371,8 +346,8 @@ struct Chunk {
 
 } // namespace
 
-Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
-                         const BlockDigestSink &sink) {
+Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
+                         const BlockDigestSink& sink) {
     const std::uint64_t bs = options.block_size;
     if (bs < kMinHashBlockSize || (bs & (bs - 1)) != 0) {
         return Error{ErrorCode::invalid_argument,
@@ -380,15 +355,12 @@ Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
                                  kMinHashBlockSize)};
     }
     const std::uint64_t size = image.size();
-    if (size == 0)
-        return {};
+    if (size == 0) return {};
     const std::uint64_t blocks = size / bs + (size % bs != 0);
     auto full_zero = zero_digest(options.algorithm, bs);
-    if (!full_zero)
-        return std::move(full_zero).error();
+    if (!full_zero) return std::move(full_zero).error();
     auto tail_zero = zero_digest(options.algorithm, size % bs == 0 ? bs : size % bs);
-    if (!tail_zero)
-        return std::move(tail_zero).error();
+    if (!tail_zero) return std::move(tail_zero).error();
 
     const std::uint64_t per_chunk = blocks_per_chunk(bs);
     const std::uint64_t chunks = blocks / per_chunk + (blocks % per_chunk != 0);
@@ -397,23 +369,19 @@ Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
 
     auto make_worker = [&]() -> Result<BlockHasher> {
         auto hasher = Hasher::create(options.algorithm);
-        if (!hasher)
-            return std::move(hasher).error();
+        if (!hasher) return std::move(hasher).error();
         return BlockHasher(image, options, std::move(*hasher), *full_zero, *tail_zero);
     };
 
     if (threads <= 1) {
         auto worker = make_worker();
-        if (!worker)
-            return std::move(worker).error();
+        if (!worker) return std::move(worker).error();
         std::vector<BlockDigest> digests;
         for (std::uint64_t c = 0; c < chunks; ++c) {
             auto ok = worker->run(c * per_chunk, per_chunk, digests);
-            if (!ok)
-                return ok;
-            for (const BlockDigest &d : digests) {
-                if (auto sunk = sink(d); !sunk)
-                    return sunk;
+            if (!ok) return ok;
+            for (const BlockDigest& d : digests) {
+                if (auto sunk = sink(d); !sunk) return sunk;
             }
         }
         return {};
@@ -435,17 +403,15 @@ Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
             changed.wait(lock, [&] {
                 return stopping || next_chunk >= chunks || next_chunk < emitted + ring.size();
             });
-            if (stopping || next_chunk >= chunks)
-                return;
+            if (stopping || next_chunk >= chunks) return;
             const std::uint64_t number = next_chunk++;
             lock.unlock();
             auto ok = worker.run(number * per_chunk, per_chunk, digests);
             lock.lock();
-            Chunk &slot = ring[number % ring.size()];
+            Chunk& slot = ring[number % ring.size()];
             slot.number = number;
             slot.digests.swap(digests);
-            if (!ok)
-                slot.error = std::move(ok).error();
+            if (!ok) slot.error = std::move(ok).error();
             slot.done = true;
             changed.notify_all();
         }
@@ -461,7 +427,7 @@ Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
         }
         try {
             pool.emplace_back(work, std::move(*worker));
-        } catch (const std::exception &) {
+        } catch (const std::exception&) {
             break; // out of threads: carry on with those that started
         }
     }
@@ -472,7 +438,7 @@ Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
     while (result && emitted < chunks) {
         {
             std::unique_lock lock(mutex);
-            Chunk &slot = ring[emitted % ring.size()];
+            Chunk& slot = ring[emitted % ring.size()];
             changed.wait(lock, [&] { return slot.done && slot.number == emitted; });
             if (slot.error) {
                 result = std::move(*slot.error);
@@ -484,7 +450,7 @@ Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
             ++emitted;
         }
         changed.notify_all();
-        for (const BlockDigest &d : ready) {
+        for (const BlockDigest& d : ready) {
             if (auto sunk = sink(d); !sunk) {
                 result = std::move(sunk);
                 break;
@@ -496,7 +462,7 @@ Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
         stopping = true;
     }
     changed.notify_all();
-    for (std::thread &t : pool)
+    for (std::thread& t : pool)
         t.join();
     return result;
 }

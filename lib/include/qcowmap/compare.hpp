@@ -46,8 +46,8 @@ struct CompareError {
 /// reads as zeros. Both extent iterators are walked together: ranges that are zero on both
 /// sides, and data ranges that are the same bytes of the same file, are skipped without
 /// reading; data is compared straight from the mappings. Errors: see CompareError.
-Result<CompareResult> compare_images(const Image &a, const Image &b,
-                                     const CompareOptions &options = {},
-                                     CompareError *error_detail = nullptr);
+Result<CompareResult> compare_images(const Image& a, const Image& b,
+                                     const CompareOptions& options = {},
+                                     CompareError* error_detail = nullptr);
 
 } // namespace qcowmap

@@ -43,7 +43,7 @@ struct Digest {
     std::span<const std::uint8_t> view() const { return {bytes.data(), size}; }
     /// Lowercase hex, as sha256sum and xxhsum print it.
     std::string hex() const;
-    bool operator==(const Digest &) const = default;
+    bool operator==(const Digest&) const = default;
 };
 
 /// An incremental digest of one algorithm. Own one per thread; it is reusable: `finish()`
@@ -53,8 +53,8 @@ class Hasher {
     /// Errors: io_error when libcrypto cannot provide the algorithm (message names it).
     static Result<Hasher> create(HashAlgorithm algorithm);
     ~Hasher();
-    Hasher(Hasher &&) noexcept;
-    Hasher &operator=(Hasher &&) noexcept;
+    Hasher(Hasher&&) noexcept;
+    Hasher& operator=(Hasher&&) noexcept;
 
     HashAlgorithm algorithm() const;
     /// Feeds `bytes`.
@@ -85,7 +85,7 @@ struct HashOptions {
 /// Data runs are fed straight from the mapping, compressed clusters from a per-thread
 /// decompression buffer, zero runs from one static zero page (never materialised).
 /// Errors: those of the extent walk and decompression, or of the hasher.
-Result<Digest> hash_image(const Image &image, const HashOptions &options = {});
+Result<Digest> hash_image(const Image& image, const HashOptions& options = {});
 
 /// The smallest block size `hash_blocks` accepts.
 inline constexpr std::uint64_t kMinHashBlockSize = 4096;
@@ -113,14 +113,14 @@ struct BlockDigest {
 };
 
 /// Receives each block's digest, in block order, on the calling thread. Return an error to stop.
-using BlockDigestSink = std::function<Result<void>(const BlockDigest &)>;
+using BlockDigestSink = std::function<Result<void>(const BlockDigest&)>;
 
 /// Streams the digest of every block of the virtual disk to `sink`, in order. Blocks are hashed
 /// on `options.threads` workers (each walks its own range of the disk with its own iterator and
 /// decompressor); memory stays bounded by a window of a few MiB per worker, whatever the disk
 /// size. Errors: invalid_argument for a bad block size; those of the extent walk,
 /// decompression and the hasher; or the sink's own.
-Result<void> hash_blocks(const Image &image, const BlockHashOptions &options,
-                         const BlockDigestSink &sink);
+Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
+                         const BlockDigestSink& sink);
 
 } // namespace qcowmap
