@@ -97,5 +97,7 @@ Command add_bitmaps(CLI::App& app);
 
 /// One line describing a bitmap (name, granularity, flags, consistency), for `info`.
 std::string describe_bitmap(const BitmapEntry& entry);
+Command add_hash(CLI::App& app);
+Command add_compare(CLI::App& app);
 
 } // namespace qcowmap::cli

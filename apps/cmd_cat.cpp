@@ -5,6 +5,9 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 namespace qcowmap::cli {
@@ -12,6 +15,48 @@ namespace qcowmap::cli {
 /// One page of zeros reused for every zero run (never materialised per run).
 extern const std::byte kZeroChunk[1 << 20];
 alignas(4096) const std::byte kZeroChunk[1 << 20] = {};
+
+namespace {
+
+/// Writes to stdout. Into a pipe, bytes that stay unchanged while we run (the image's mapping,
+/// the zero chunk) are vmspliced: the pipe takes references to the pages instead of a copy,
+/// which saves one of the two copies a pipe costs. Everything else, and any other kind of
+/// stdout, goes through write().
+class Output {
+  public:
+    Output() {
+        struct stat st {};
+        splice_ = ::fstat(STDOUT_FILENO, &st) == 0 && S_ISFIFO(st.st_mode);
+        if (splice_) {
+            // A bigger pipe means fewer round trips with the reader; refused is fine.
+            (void)::fcntl(STDOUT_FILENO, F_SETPIPE_SZ, 1 << 20);
+        }
+    }
+
+    /// False with errno set on failure.
+    bool put(std::span<const std::byte> bytes, bool immutable) {
+        if (!(splice_ && immutable)) return write_all(STDOUT_FILENO, bytes.data(), bytes.size());
+        while (!bytes.empty()) {
+            iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
+            ssize_t n = ::vmsplice(STDOUT_FILENO, &iov, 1, 0);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EINVAL || errno == ENOSYS) { // not splice-able after all
+                    splice_ = false;
+                    return write_all(STDOUT_FILENO, bytes.data(), bytes.size());
+                }
+                return false;
+            }
+            bytes = bytes.subspan(static_cast<std::size_t>(n));
+        }
+        return true;
+    }
+
+  private:
+    bool splice_ = false;
+};
+
+} // namespace
 
 Command add_cat(CLI::App& app) {
     auto* command = app.add_subcommand("cat", "Write the whole virtual disk, raw, to stdout");
@@ -21,12 +66,13 @@ Command add_cat(CLI::App& app) {
                 auto image = open_or_report(*args);
                 if (!image) return static_cast<int>(kExitImageError);
                 bool write_failed = false;
+                Output output;
                 auto result = image->visit_runs_parallel(
                     0, UINT64_MAX, worker_threads(),
                     [&](std::uint64_t, std::uint64_t length,
                         std::span<const std::byte> bytes) -> Result<void> {
                         if (!bytes.empty()) {
-                            if (!write_all(STDOUT_FILENO, bytes.data(), bytes.size())) {
+                            if (!output.put(bytes, image->maps_bytes(bytes))) {
                                 // The kernel reading our mapping for write() faults with EFAULT
                                 // when the image was truncated under us.
                                 if (errno == EFAULT) {
@@ -39,7 +85,7 @@ Command add_cat(CLI::App& app) {
                         }
                         while (length > 0) {
                             std::size_t n = std::min<std::uint64_t>(length, sizeof kZeroChunk);
-                            if (!write_all(STDOUT_FILENO, kZeroChunk, n)) {
+                            if (!output.put({kZeroChunk, n}, true)) {
                                 write_failed = true;
                                 return Error{ErrorCode::io_error, std::strerror(errno)};
                             }

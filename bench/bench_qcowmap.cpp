@@ -7,6 +7,8 @@
 // they still look right), else in a fresh mkdtemp directory under /var/tmp removed at exit.
 // Everything runs warm: the image files stay in the page cache, and the long-lived Image of each
 // benchmark has its mapping populated before timing starts (open_read_1MiB maps afresh each time).
+#include <qcowmap/compare.hpp>
+#include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/map.hpp>
 
@@ -106,7 +108,8 @@ std::uint64_t count_extents(const Image& image) {
     auto it = image.extents();
     Extent e;
     std::uint64_t n = 0;
-    while (it.next(e)) ++n;
+    while (it.next(e))
+        ++n;
     if (it.failed())
         die(fmt::format("{}: extent walk failed: {}", image.path().string(), it.error().message));
     return n;
@@ -516,6 +519,64 @@ void bm_map(benchmark::State& state, const BenchImage& b, const Setup&) {
     state.counters["entries"] = static_cast<double>(entries);
 }
 
+/// hash_image, sha256 and xxh3-128: whole-disk digests straight from the mapping (zero runs
+/// from a static zero block, so huge sparse disks are skipped: they cost their virtual size).
+template <qcowmap::HashAlgorithm algorithm>
+void bm_hash(benchmark::State& state, const BenchImage& b, const Setup& setup) {
+    for (auto _ : state) {
+        qcowmap::HashOptions options;
+        options.algorithm = algorithm;
+        options.threads = std::max(1u, setup.threads);
+        auto digest = qcowmap::hash_image(b.image, options);
+        if (!digest) {
+            state.SkipWithError("hash_image failed");
+            break;
+        }
+        benchmark::DoNotOptimize(digest->bytes);
+    }
+    set_rates(state, b);
+}
+
+/// hash_blocks, sha256 with 64 KiB blocks, on setup.threads workers (1 when 0): the manifest
+/// scaling figure (2 threads vs 1).
+void bm_hash_blocks(benchmark::State& state, const BenchImage& b, const Setup& setup) {
+    for (auto _ : state) {
+        qcowmap::BlockHashOptions options;
+        options.block_size = 65536;
+        options.threads = std::max(1u, setup.threads);
+        std::uint64_t blocks = 0;
+        auto ok = qcowmap::hash_blocks(b.image, options,
+                                       [&](const qcowmap::BlockDigest&) -> Result<void> {
+                                           ++blocks;
+                                           return {};
+                                       });
+        if (!ok) {
+            state.SkipWithError("hash_blocks failed");
+            break;
+        }
+        benchmark::DoNotOptimize(blocks);
+    }
+    set_rates(state, b);
+}
+
+/// compare_images of the image against a second opening of the same file: both extent walks
+/// and the same-file shortcut, no data read (compare-qemu.sh times a real copy).
+void bm_compare_self(benchmark::State& state, const BenchImage& b, const Setup&) {
+    auto other = qcowmap::Image::open(b.path);
+    if (!other) {
+        state.SkipWithError("cannot reopen the image");
+        return;
+    }
+    for (auto _ : state) {
+        auto r = qcowmap::compare_images(b.image, *other);
+        if (!r || r->outcome != qcowmap::CompareResult::Outcome::identical) {
+            state.SkipWithError("compare_images failed");
+            break;
+        }
+    }
+    set_rates(state, b);
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -543,6 +604,11 @@ int main(int argc, char** argv) {
         {"cat_pipe_parallel", bm_cat_pipe, true, true},
         {"convert_file", bm_convert_file, false, false},
         {"convert_file_parallel", bm_convert_file, true, false},
+        {"hash_sha256", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true},
+        {"hash_xxh3_128", bm_hash<qcowmap::HashAlgorithm::xxh3_128>, true, true},
+        {"hash_blocks_1thread", bm_hash_blocks, false, true},
+        {"hash_blocks_parallel", bm_hash_blocks, true, true},
+        {"compare_self", bm_compare_self, false, false},
     };
     // The CLI's worker_threads(): one per core.
     const unsigned cores = std::max(2u, std::thread::hardware_concurrency());

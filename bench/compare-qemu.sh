@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Times the qcowmap CLI against qemu-img on the same images and prints median wall times and
-# their ratio (qemu-img / qcowmap: above 1 means qcowmap is faster).
+# Times the qcowmap CLI against qemu's tools on the same images and prints median wall times and
+# their ratio (peer / qcowmap: above 1 means qcowmap is faster):
+#   map      vs qemu-img map --output=json
+#   convert  vs qemu-img convert -O raw
+#   hash     (sha256) vs qemu-img convert -O raw to a temp file + sha256sum, and vs
+#            nbdcopy -- [ qemu-nbd -r -f qcow2 IMG ] - | sha256sum
+#   compare  vs qemu-img compare (each image against a copy of itself, so every data byte is read)
+# then openssl speed -evp sha256 against qcowmap hash's throughput on dense data, peak RSS of
+# hash and convert, and block-manifest scaling (--threads=1 vs 2).
 #
 # usage: bench/compare-qemu.sh [QCOWMAP_CLI] [WORKDIR]
 #   QCOWMAP_CLI  the qcowmap executable (default ./build/apps/qcowmap)
@@ -9,6 +16,7 @@
 # env: RUNS  timed runs per tool and operation (default 5), taken alternately qcowmap/qemu-img
 #
 # Images:
+#   dense-1G.qcow2   1 GiB virtual, every byte written (64 writes of 16 MiB)
 #   frag-4G.qcow2    4 GiB virtual, 64 KiB clusters, every 4th cluster written: 1 GiB of data in
 #                    16384 data runs separated by 16384 unallocated runs
 #   sparse-1T.qcow2  1 TiB virtual, 256 writes of 16 KiB at scattered offsets (a few MiB of data)
@@ -28,7 +36,7 @@ die() { echo "compare-qemu.sh: $*" >&2; exit 1; }
 
 [[ -x $QCOWMAP ]] || die "qcowmap CLI '$QCOWMAP' is not an executable (build it, or pass its path)"
 QCOWMAP=$(realpath "$QCOWMAP")
-for tool in qemu-img qemu-io awk sort; do
+for tool in qemu-img qemu-io qemu-nbd nbdcopy sha256sum openssl awk sort; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer, not '$RUNS'"
@@ -37,7 +45,8 @@ script_start=$(date +%s.%N)
 mkdir -p "$WORKDIR"
 OUT=$WORKDIR/out.raw
 OUT_QEMU=$WORKDIR/out-qemu.raw
-trap 'rm -f "$OUT" "$OUT_QEMU"' EXIT
+COPY=$WORKDIR/copy.qcow2
+trap 'rm -f "$OUT" "$OUT_QEMU" "$COPY"' EXIT
 
 # Bytes of the image that qemu-img map reports as data.
 data_bytes() {
@@ -81,8 +90,14 @@ sparse_commands() {
                      printf "write -P 0x%x %.0f 16k\n", i % 255 + 1, page * 4096 } }'
 }
 
+dense_commands() {
+    awk 'BEGIN { for (i = 0; i < 64; i++) printf "write -P 0x%x %.0f 16M\n", i % 255 + 1, i * 16 * 1048576 }'
+}
+
 FRAG=$WORKDIR/frag-4G.qcow2
 SPARSE=$WORKDIR/sparse-1T.qcow2
+DENSE=$WORKDIR/dense-1G.qcow2
+build_image "$DENSE" 1G 64k dense_commands $((1 << 30))
 build_image "$FRAG" 4G 64k frag_commands $((1 << 30))
 build_image "$SPARSE" 1T 64k sparse_commands $((256 * 16384))
 
@@ -149,6 +164,12 @@ map_qcowmap() { "$QCOWMAP" map --output=json "$1"; }
 map_qemu() { qemu-img map -f qcow2 --output=json "$1"; }
 convert_qcowmap() { "$QCOWMAP" convert --force "$1" "$OUT"; }
 convert_qemu() { qemu-img convert -f qcow2 -O raw "$1" "$OUT"; }
+hash_qcowmap() { "$QCOWMAP" hash --algo=sha256 "$1"; }
+hash_qemu_convert() { qemu-img convert -f qcow2 -O raw "$1" "$OUT" && sha256sum "$OUT"; }
+hash_nbdcopy() { nbdcopy -- [ qemu-nbd -r -f qcow2 "$1" ] - | sha256sum; }
+# compare: the image against $COPY, a byte copy of it made before the timed runs.
+compare_qcowmap() { "$QCOWMAP" compare "$1" "$COPY"; }
+compare_qemu() { qemu-img compare -f qcow2 -F qcow2 "$1" "$COPY"; }
 
 # One-time correctness check, which also serves as the warm-up: same entry count from both maps,
 # and raw outputs that qemu-img compare finds identical (it skips holes, so 1 TiB is quick).
@@ -167,9 +188,9 @@ check_image() {
 }
 
 rows=()
-# $1 operation label, $2 image, $3 qcowmap function, $4 qemu-img function
+# $1 operation label, $2 image, $3 qcowmap function, $4 peer function, $5 peer label
 compare() {
-    local label=$1 image=$2 ours=$3 theirs=$4 i
+    local label=$1 image=$2 ours=$3 theirs=$4 peer=${5:-qemu-img} i
     local -a t_ours=() t_qemu=()
     for ((i = 0; i < RUNS; i++)); do
         # Alternate which tool goes first so neither always runs right after the other.
@@ -185,37 +206,81 @@ compare() {
     m_ours=$(median "${t_ours[@]}")
     m_qemu=$(median "${t_qemu[@]}")
     ratio=$(awk -v a="$m_ours" -v b="$m_qemu" 'BEGIN { printf (a > 0 ? "%.2f" : "inf"), (a > 0 ? b / a : 0) }')
-    echo "  $label $(basename "$image"): qcowmap [${t_ours[*]}] qemu-img [${t_qemu[*]}]"
-    rows+=("$(printf '%-10s %-18s %12s %12s %8s' "$label" "$(basename "$image")" "$m_ours" "$m_qemu" "$ratio")")
+    echo "  $label $(basename "$image"): qcowmap [${t_ours[*]}] $peer [${t_qemu[*]}]"
+    rows+=("$(printf '%-10s %-16s %10s  %-22s %10s %8s' "$label" "$(basename "$image")" "$m_ours" "$peer" "$m_qemu" "$ratio")")
+    last_ours=$m_ours
 }
 
 echo "qcowmap: $QCOWMAP"
 echo "qemu-img: $(qemu-img --version | head -n1)"
-for image in "$FRAG" "$SPARSE" "$ZLIB" "$ZSTD"; do
+for image in "$DENSE" "$FRAG" "$SPARSE" "$ZLIB" "$ZSTD"; do
     check_image "$image"
 done
+# hash and compare agree with the qemu way (also the warm-up); 1 TiB is not hashed: every tool
+# must feed 1 TiB of zeros to sha256 (minutes), so the sparse image is only mapped, converted
+# and compared.
+for image in "$DENSE" "$FRAG" "$ZLIB" "$ZSTD"; do
+    ours=$(hash_qcowmap "$image" | awk '{ print $1 }')
+    theirs=$(hash_nbdcopy "$image" | awk '{ print $1 }')
+    [[ $ours == "$theirs" ]] || die "$image: qcowmap hash $ours, nbdcopy | sha256sum $theirs"
+    echo "checked $(basename "$image"): sha256 $ours"
+done
 echo "timing, $RUNS runs each (seconds):"
-for image in "$FRAG" "$SPARSE" "$ZLIB" "$ZSTD"; do
+for image in "$DENSE" "$FRAG" "$SPARSE" "$ZLIB" "$ZSTD"; do
     compare map "$image" map_qcowmap map_qemu
     compare convert "$image" convert_qcowmap convert_qemu
+    if [[ $image != "$SPARSE" ]]; then
+        compare hash "$image" hash_qcowmap hash_qemu_convert "convert+sha256sum"
+        [[ $image == "$DENSE" ]] && hash_dense=$last_ours
+        compare hash "$image" hash_qcowmap hash_nbdcopy "nbdcopy|sha256sum"
+    fi
+    cp "$image" "$COPY"
+    "$QCOWMAP" compare "$image" "$COPY" >/dev/null || die "$image: qcowmap compare says the copy differs"
+    compare compare "$image" compare_qcowmap compare_qemu
+    rm -f "$COPY"
 done
 
 echo
 echo "median wall time over $RUNS alternating runs; page cache warm for both tools (nothing dropped)"
-echo "ratio = qemu-img / qcowmap (> 1: qcowmap faster)"
-printf '%-10s %-18s %12s %12s %8s\n' operation image "qcowmap s" "qemu-img s" ratio
+echo "ratio = peer / qcowmap (> 1: qcowmap faster); hash is sha256 of the whole virtual disk"
+printf '%-10s %-16s %10s  %-22s %10s %8s\n' operation image "qcowmap s" peer "peer s" ratio
 printf '%s\n' "${rows[@]}"
 
 echo
+# sha256 throughput: openssl's in-cache figure against qcowmap hash of the dense image.
+openssl_kbs=$(openssl speed -evp sha256 -bytes 1048576 -seconds 3 2>/dev/null |
+    awk '$1 == "sha256" { sub(/k$/, "", $2); print $2 }')
+awk -v k="$openssl_kbs" -v t="$hash_dense" 'BEGIN {
+    ours = 1073741824 / t / 1e6; theirs = k * 1000 / 1e6
+    printf "sha256 throughput: openssl speed -evp sha256 -bytes 1048576 %.0f MB/s, qcowmap hash dense-1G %.0f MB/s (%.2fx)\n", theirs, ours, ours / theirs }'
+
+# Block manifests: one thread against two.
+manifest() { "$QCOWMAP" hash --block-size=64k --threads="$2" "$1"; }
+for image in "$DENSE" "$ZSTD"; do
+    t1=() t2=()
+    for ((i = 0; i < RUNS; i++)); do
+        t1+=("$(time_it manifest "$image" 1)")
+        t2+=("$(time_it manifest "$image" 2)")
+    done
+    m1=$(median "${t1[@]}")
+    m2=$(median "${t2[@]}")
+    awk -v a="$m1" -v b="$m2" -v n="$(basename "$image")" 'BEGIN {
+        printf "block manifest (sha256, 64 KiB blocks) %s: --threads=1 %.3f s, --threads=2 %.3f s, %.2fx\n", n, a, b, a / b }'
+done
+
 if [[ -x /usr/bin/time ]]; then
     rss() { # peak RSS in MiB of "$@"
         /usr/bin/time -v "$@" 2>&1 >/dev/null |
             awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }'
     }
-    rss_ours=$(rss "$QCOWMAP" convert --force "$FRAG" "$OUT"); rm -f "$OUT"
-    rss_qemu=$(rss qemu-img convert -f qcow2 -O raw "$FRAG" "$OUT"); rm -f "$OUT"
-    echo "peak RSS, convert $(basename "$FRAG"): qcowmap ${rss_ours} MiB, qemu-img ${rss_qemu} MiB"
-    echo "  (qcowmap's figure counts the page-cache pages of its read-only mapping it touched)"
+    for image in "$DENSE" "$FRAG"; do
+        rss_ours=$(rss "$QCOWMAP" convert --force "$image" "$OUT"); rm -f "$OUT"
+        rss_qemu=$(rss qemu-img convert -f qcow2 -O raw "$image" "$OUT"); rm -f "$OUT"
+        rss_hash=$(rss "$QCOWMAP" hash "$image")
+        rss_manifest=$(rss "$QCOWMAP" hash --block-size=64k "$image")
+        echo "peak RSS $(basename "$image"): qcowmap convert ${rss_ours} MiB (qemu-img convert ${rss_qemu} MiB), qcowmap hash ${rss_hash} MiB, hash --block-size=64k ${rss_manifest} MiB"
+    done
+    echo "  (mapped page-cache pages count while touched; hash drops them once hashed)"
 else
     echo "peak RSS: skipped, /usr/bin/time is missing (apt-get install time)"
 fi

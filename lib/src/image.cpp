@@ -71,7 +71,7 @@ open_layer(const std::filesystem::path& path, std::optional<std::string> format,
                                  detail::printable(*format))};
     }
     const bool raw_requested = format && *format == "raw";
-    auto file = detail::MappedFile::open(path, /*allow_empty=*/!top);
+    auto file = detail::MappedFile::open(path, /*allow_empty=*/!top || raw_requested);
     if (!file) {
         return std::move(file).error();
     }
@@ -162,7 +162,15 @@ open_layer(const std::filesystem::path& path, std::optional<std::string> format,
 
 Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
     ChainWalk walk;
-    auto state = open_layer(path, std::nullopt, options, true, walk);
+    if (options.format && *options.format != "raw" && *options.format != "qcow2") {
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("image format '{}' is not supported (raw and qcow2 are)",
+                                 detail::printable(*options.format))};
+    }
+    // A raw top image is opened as a raw layer: open_layer's format argument is "raw" only then.
+    std::optional<std::string> top_format;
+    if (options.format == "raw") top_format = "raw";
+    auto state = open_layer(path, top_format, options, true, walk);
     if (!state) {
         return std::move(state).error();
     }
@@ -203,6 +211,21 @@ bool Image::maps_file(std::uint64_t device, std::uint64_t inode) const {
             (layer->data_file && layer->data_file->identity() == wanted)) {
             return true;
         }
+    }
+    return false;
+}
+
+bool Image::maps_bytes(std::span<const std::byte> bytes) const {
+    auto inside = [&](const std::shared_ptr<const detail::MappedFile>& file) {
+        if (!file) return false;
+        auto mapped = file->bytes();
+        // Compare as integers: the spans may belong to different objects.
+        auto lo = reinterpret_cast<std::uintptr_t>(mapped.data());
+        auto p = reinterpret_cast<std::uintptr_t>(bytes.data());
+        return p >= lo && bytes.size() <= mapped.size() && p - lo <= mapped.size() - bytes.size();
+    };
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
+        if (inside(layer->file) || inside(layer->data_file)) return true;
     }
     return false;
 }

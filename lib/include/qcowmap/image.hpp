@@ -165,6 +165,10 @@ struct OpenOptions {
     /// Read this internal snapshot (matched by ID first, then by name) instead of the active
     /// disk. Backing layers below are read as they are.
     std::optional<std::string> snapshot;
+    /// Format of the image itself: "qcow2" (qcow version 1 included) or "raw" (every byte of
+    /// the file is disk content; holes read as zeros). Unset: qcow2, and a file that is not
+    /// one is refused with not_qcow2 (callers that probe, like `compare`, pass "raw").
+    std::optional<std::string> format;
 };
 
 /// One layer of an opened chain, top first.
@@ -239,6 +243,12 @@ class Image {
     /// True when the file with this device and inode number is mapped by the image: one of
     /// its layers or an external data file. Lets a writer refuse to overwrite its own input.
     bool maps_file(std::uint64_t device, std::uint64_t inode) const;
+    /// True when `bytes` lie wholly inside the file mapping of one of the image's layers or
+    /// data files (as data extents and `visit_runs` data runs do; decompressed runs do not).
+    /// Such bytes are immutable while the Image lives, so they may be handed to the kernel by
+    /// reference (vmsplice) or their pages dropped from the process (MADV_DONTNEED) and
+    /// re-faulted from the page cache. False for images opened from memory.
+    bool maps_bytes(std::span<const std::byte> bytes) const;
     /// The decoded header.
     const ImageInfo& info() const;
     /// The path given to `open` (empty for `open_bytes`).

@@ -1,0 +1,53 @@
+// qcowmap — compare two virtual disks the way `qemu-img compare` does.
+#pragma once
+
+#include <qcowmap/image.hpp>
+#include <qcowmap/result.hpp>
+
+#include <cstdint>
+
+namespace qcowmap {
+
+struct CompareOptions {
+    /// Like `qemu-img compare -s`: the sizes must be equal and, range by range, the allocation
+    /// status too (allocated or not, zero or data, readable at a host offset or not, and
+    /// whether the range runs to the end of the disk — qemu compares its block-status flags,
+    /// BDRV_BLOCK_EOF included).
+    bool strict = false;
+};
+
+/// What `compare_images` found.
+struct CompareResult {
+    enum class Outcome {
+        identical,        ///< "Images are identical."
+        content_mismatch, ///< "Content mismatch at offset N!"
+        size_mismatch,    ///< strict only: "Strict mode: Image size mismatch!"
+        status_mismatch,  ///< strict only: "Strict mode: Offset N block status mismatch!"
+    };
+    Outcome outcome = Outcome::identical;
+    /// content_mismatch: start of the first differing 512-byte sector, as qemu-img reports it.
+    /// status_mismatch: start of the first range whose status differs.
+    std::uint64_t offset = 0;
+    /// The sizes differ and the common part matched (qemu-img then prints
+    /// "Warning: Image size mismatch!" before checking that the longer disk's tail is zero).
+    bool size_warning = false;
+};
+
+/// Which image an error of `compare_images` came from, and what kind it was (qemu-img compare
+/// exits 3 for an allocation-check error, 4 for a read error).
+struct CompareError {
+    Error error;
+    int image = 0;           ///< 0: the first image, 1: the second
+    bool read_error = false; ///< a compressed cluster could not be read (else: the map walk)
+};
+
+/// Compares the disks of `a` and `b` like `qemu-img compare`: by default unallocated and zero
+/// ranges compare equal to zeros, and a size difference is fine when the longer disk's tail
+/// reads as zeros. Both extent iterators are walked together: ranges that are zero on both
+/// sides, and data ranges that are the same bytes of the same file, are skipped without
+/// reading; data is compared straight from the mappings. Errors: see CompareError.
+Result<CompareResult> compare_images(const Image& a, const Image& b,
+                                     const CompareOptions& options = {},
+                                     CompareError* error_detail = nullptr);
+
+} // namespace qcowmap

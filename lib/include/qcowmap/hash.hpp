@@ -1,0 +1,126 @@
+// qcowmap — digests of the virtual disk, whole or per block, fed straight from the mapping.
+#pragma once
+
+#include <qcowmap/image.hpp>
+#include <qcowmap/result.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+
+namespace qcowmap {
+
+/// The digest algorithms `hash_image` and `hash_blocks` offer. SHA-2 and BLAKE2 come from
+/// OpenSSL's libcrypto (EVP, which uses SHA-NI where the CPU has it); xxh3-128 from libxxhash.
+enum class HashAlgorithm : std::uint8_t {
+    sha256,     ///< as `sha256sum`
+    sha512,     ///< as `sha512sum` / `openssl dgst -sha512`
+    blake2b512, ///< as `openssl dgst -blake2b512` / `b2sum`
+    xxh3_128,   ///< as `xxhsum -H2` (XXH3 128-bit, canonical big-endian byte order)
+};
+
+/// "sha256", "sha512", "blake2b512", "xxh3-128".
+std::string_view to_string(HashAlgorithm algorithm);
+
+/// The algorithm named `name` (the names `to_string` gives), or nullopt.
+std::optional<HashAlgorithm> parse_hash_algorithm(std::string_view name);
+
+/// Bytes of a digest of `algorithm`: 32, 64, 64 or 16.
+std::size_t digest_size(HashAlgorithm algorithm);
+
+/// A digest of up to 64 bytes.
+struct Digest {
+    std::array<std::uint8_t, 64> bytes{};
+    std::size_t size = 0;
+
+    /// The digest bytes.
+    std::span<const std::uint8_t> view() const { return {bytes.data(), size}; }
+    /// Lowercase hex, as sha256sum and xxhsum print it.
+    std::string hex() const;
+    bool operator==(const Digest&) const = default;
+};
+
+/// An incremental digest of one algorithm. Own one per thread; it is reusable: `finish()`
+/// returns the digest and starts afresh.
+class Hasher {
+  public:
+    /// Errors: io_error when libcrypto cannot provide the algorithm (message names it).
+    static Result<Hasher> create(HashAlgorithm algorithm);
+    ~Hasher();
+    Hasher(Hasher&&) noexcept;
+    Hasher& operator=(Hasher&&) noexcept;
+
+    HashAlgorithm algorithm() const;
+    /// Feeds `bytes`.
+    void update(std::span<const std::byte> bytes);
+    /// Feeds `length` zero bytes from one static zero page (nothing is allocated).
+    void update_zeros(std::uint64_t length);
+    /// The digest of everything fed since the last `finish()` (or creation); starts afresh.
+    /// Errors: io_error if libcrypto failed on any update or on finalisation.
+    Result<Digest> finish();
+
+  private:
+    struct Impl;
+    explicit Hasher(std::unique_ptr<Impl> impl);
+    std::unique_ptr<Impl> impl_;
+};
+
+/// The digest of `length` zero bytes (computed once per call; cheap next to hashing data).
+Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length);
+
+struct HashOptions {
+    HashAlgorithm algorithm = HashAlgorithm::sha256;
+    /// Threads decompressing compressed clusters ahead of the hash (the hash itself is one
+    /// sequential stream). 0: one per core; 1: everything on the calling thread.
+    unsigned threads = 0;
+};
+
+/// The digest of the whole virtual disk, equal to hashing `qemu-img convert -O raw` output.
+/// Data runs are fed straight from the mapping, compressed clusters from a per-thread
+/// decompression buffer, zero runs from one static zero page (never materialised).
+/// Errors: those of the extent walk and decompression, or of the hasher.
+Result<Digest> hash_image(const Image& image, const HashOptions& options = {});
+
+/// The smallest block size `hash_blocks` accepts.
+inline constexpr std::uint64_t kMinHashBlockSize = 4096;
+
+struct BlockHashOptions {
+    HashAlgorithm algorithm = HashAlgorithm::sha256;
+    /// Bytes per block: a power of two >= kMinHashBlockSize. The last block is shorter when
+    /// the disk size is not a multiple of it.
+    std::uint64_t block_size = 65536;
+    /// Worker threads hashing blocks. 0: one per core; 1: all on the calling thread.
+    unsigned threads = 0;
+};
+
+/// The digest of one block of the virtual disk.
+struct BlockDigest {
+    std::uint64_t index = 0;  ///< block number: covers [index * block_size, + length)
+    std::uint64_t offset = 0; ///< index * block_size
+    std::uint64_t length = 0; ///< block_size, less for a short last block
+    Digest digest;
+    /// True when the allocation map says the whole block reads as zeros (zero clusters,
+    /// unallocated ranges, holes of raw layers): its digest is the precomputed digest of a
+    /// zero block and nothing was hashed. Data clusters that happen to hold zeros are hashed
+    /// and have `zero` false (their digest is the same).
+    bool zero = false;
+};
+
+/// Receives each block's digest, in block order, on the calling thread. Return an error to stop.
+using BlockDigestSink = std::function<Result<void>(const BlockDigest&)>;
+
+/// Streams the digest of every block of the virtual disk to `sink`, in order. Blocks are hashed
+/// on `options.threads` workers (each walks its own range of the disk with its own iterator and
+/// decompressor); memory stays bounded by a window of a few MiB per worker, whatever the disk
+/// size. Errors: invalid_argument for a bad block size; those of the extent walk,
+/// decompression and the hasher; or the sink's own.
+Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
+                         const BlockDigestSink& sink);
+
+} // namespace qcowmap

@@ -1,0 +1,470 @@
+// Digests of the virtual disk. Data reaches the hash straight from the mapping (or from the
+// decompressor's buffer), zero runs from one static zero block; block manifests are hashed by
+// workers that each walk their own slice of the disk, and handed out in order.
+#include <qcowmap/hash.hpp>
+
+#include <fmt/format.h>
+#include <openssl/evp.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <sys/mman.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+namespace qcowmap {
+namespace {
+
+// Zero runs are fed from here, 64 KiB at a time: small enough to stay in L2 while it is hashed
+// over and over, large enough that the per-call cost of the hash is nothing.
+alignas(4096) const std::byte kZeroBlock[64 * 1024] = {};
+
+const char* evp_name(HashAlgorithm algorithm) {
+    switch (algorithm) {
+    case HashAlgorithm::sha256: return "SHA256";
+    case HashAlgorithm::sha512: return "SHA512";
+    case HashAlgorithm::blake2b512: return "BLAKE2B-512";
+    case HashAlgorithm::xxh3_128: break;
+    }
+    return nullptr;
+}
+
+unsigned resolve_threads(unsigned threads) {
+    if (threads != 0) return threads;
+    unsigned cores = std::thread::hardware_concurrency();
+    return cores == 0 ? 1 : cores;
+}
+
+/// Drops the pages of hashed file data from the process once they are consumed, so that the
+/// resident set stays a few MiB whatever the disk size (the pages stay in the page cache; a
+/// later access re-faults them). Only spans inside the image's file mappings qualify:
+/// decompressed runs live in heap buffers whose contents MADV_DONTNEED would destroy.
+class PageReleaser {
+  public:
+    explicit PageReleaser(const Image& image) : image_(image) {}
+    ~PageReleaser() { flush(); }
+
+    void consumed(std::span<const std::byte> bytes) {
+        auto begin = reinterpret_cast<std::uintptr_t>(bytes.data());
+        auto end = begin + bytes.size();
+        if (bytes.empty() || !image_.maps_bytes(bytes)) return;
+        if (begin != end_) { // not contiguous with the batch
+            flush();
+            begin_ = begin;
+        }
+        end_ = end;
+        if (end_ - begin_ >= kBatch) flush();
+    }
+
+    void flush() {
+        static const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+        // Only whole pages inside the batch: neighbours may still be needed.
+        std::uintptr_t lo = (begin_ + page - 1) / page * page;
+        std::uintptr_t hi = end_ / page * page;
+        if (hi > lo) {
+            ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+        }
+        begin_ = end_ = 0;
+    }
+
+  private:
+    static constexpr std::uintptr_t kBatch = 8u << 20;
+    const Image& image_;
+    std::uintptr_t begin_ = 0;
+    std::uintptr_t end_ = 0;
+};
+
+} // namespace
+
+std::string_view to_string(HashAlgorithm algorithm) {
+    switch (algorithm) {
+    case HashAlgorithm::sha256: return "sha256";
+    case HashAlgorithm::sha512: return "sha512";
+    case HashAlgorithm::blake2b512: return "blake2b512";
+    case HashAlgorithm::xxh3_128: return "xxh3-128";
+    }
+    return "unknown";
+}
+
+std::optional<HashAlgorithm> parse_hash_algorithm(std::string_view name) {
+    for (HashAlgorithm a : {HashAlgorithm::sha256, HashAlgorithm::sha512, HashAlgorithm::blake2b512,
+                            HashAlgorithm::xxh3_128}) {
+        if (to_string(a) == name) return a;
+    }
+    return std::nullopt;
+}
+
+std::size_t digest_size(HashAlgorithm algorithm) {
+    switch (algorithm) {
+    case HashAlgorithm::sha256: return 32;
+    case HashAlgorithm::sha512: return 64;
+    case HashAlgorithm::blake2b512: return 64;
+    case HashAlgorithm::xxh3_128: return 16;
+    }
+    return 0;
+}
+
+std::string Digest::hex() const {
+    static constexpr char digits[] = "0123456789abcdef";
+    std::string out(size * 2, '0');
+    for (std::size_t i = 0; i < size; ++i) {
+        out[2 * i] = digits[bytes[i] >> 4];
+        out[2 * i + 1] = digits[bytes[i] & 0xf];
+    }
+    return out;
+}
+
+struct Hasher::Impl {
+    HashAlgorithm algorithm;
+    EVP_MD* md = nullptr; // fetched once: an implicit fetch per init costs more than a 4k block
+    EVP_MD_CTX* ctx = nullptr;
+    XXH3_state_t* xxh = nullptr;
+    bool failed = false;
+
+    ~Impl() {
+        EVP_MD_CTX_free(ctx);
+        EVP_MD_free(md);
+        if (xxh) XXH3_freeState(xxh);
+    }
+
+    bool start() {
+        if (xxh) return XXH3_128bits_reset(xxh) == XXH_OK;
+        return EVP_DigestInit_ex2(ctx, md, nullptr) == 1;
+    }
+};
+
+Hasher::Hasher(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Hasher::~Hasher() = default;
+Hasher::Hasher(Hasher&&) noexcept = default;
+Hasher& Hasher::operator=(Hasher&&) noexcept = default;
+
+Result<Hasher> Hasher::create(HashAlgorithm algorithm) {
+    auto impl = std::make_unique<Impl>();
+    impl->algorithm = algorithm;
+    if (algorithm == HashAlgorithm::xxh3_128) {
+        impl->xxh = XXH3_createState();
+        if (!impl->xxh) return Error{ErrorCode::io_error, "cannot allocate an XXH3 state"};
+    } else {
+        impl->md = EVP_MD_fetch(nullptr, evp_name(algorithm), nullptr);
+        impl->ctx = EVP_MD_CTX_new();
+        if (!impl->md || !impl->ctx) {
+            return Error{ErrorCode::io_error,
+                         fmt::format("libcrypto does not provide {}", evp_name(algorithm))};
+        }
+    }
+    if (!impl->start()) {
+        return Error{ErrorCode::io_error,
+                     fmt::format("cannot start a {} digest", to_string(algorithm))};
+    }
+    return Hasher(std::move(impl));
+}
+
+HashAlgorithm Hasher::algorithm() const {
+    return impl_->algorithm;
+}
+
+void Hasher::update(std::span<const std::byte> bytes) {
+    if (bytes.empty()) return;
+    if (impl_->xxh) {
+        impl_->failed |= XXH3_128bits_update(impl_->xxh, bytes.data(), bytes.size()) != XXH_OK;
+    } else {
+        impl_->failed |= EVP_DigestUpdate(impl_->ctx, bytes.data(), bytes.size()) != 1;
+    }
+}
+
+void Hasher::update_zeros(std::uint64_t length) {
+    while (length > 0) {
+        std::size_t n =
+            static_cast<std::size_t>(std::min<std::uint64_t>(length, sizeof kZeroBlock));
+        update({kZeroBlock, n});
+        length -= n;
+    }
+}
+
+Result<Digest> Hasher::finish() {
+    Digest digest;
+    digest.size = digest_size(impl_->algorithm);
+    bool ok = !impl_->failed;
+    if (impl_->xxh) {
+        // xxhsum prints the canonical (big-endian) form: high 64 bits first.
+        XXH128_canonical_t canonical;
+        XXH128_canonicalFromHash(&canonical, XXH3_128bits_digest(impl_->xxh));
+        std::memcpy(digest.bytes.data(), canonical.digest, sizeof canonical.digest);
+    } else {
+        unsigned int size = 0;
+        ok = ok && EVP_DigestFinal_ex(impl_->ctx, digest.bytes.data(), &size) == 1 &&
+             size == digest.size;
+    }
+    impl_->failed = false;
+    ok = impl_->start() && ok;
+    if (!ok) {
+        return Error{ErrorCode::io_error, fmt::format("{} digest failed in the hash library",
+                                                      to_string(impl_->algorithm))};
+    }
+    return digest;
+}
+
+Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length) {
+    auto hasher = Hasher::create(algorithm);
+    if (!hasher) return std::move(hasher).error();
+    hasher->update_zeros(length);
+    return hasher->finish();
+}
+
+Result<Digest> hash_image(const Image& image, const HashOptions& options) {
+    auto hasher = Hasher::create(options.algorithm);
+    if (!hasher) return std::move(hasher).error();
+    PageReleaser releaser(image);
+    // visit_runs_parallel only starts workers once it meets a compressed cluster.
+    auto ok = image.visit_runs_parallel(
+        0, UINT64_MAX, resolve_threads(options.threads),
+        [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes) -> Result<void> {
+            if (bytes.empty()) {
+                hasher->update_zeros(length);
+            } else {
+                // In pieces, so that a run of hundreds of MiB is released as it goes.
+                constexpr std::size_t kPiece = 4u << 20;
+                for (std::size_t done = 0; done < bytes.size(); done += kPiece) {
+                    auto piece = bytes.subspan(done, std::min(kPiece, bytes.size() - done));
+                    hasher->update(piece);
+                    releaser.consumed(piece);
+                }
+            }
+            return {};
+        });
+    if (!ok) return std::move(ok).error();
+    return hasher->finish();
+}
+
+namespace {
+
+/// Hashes the blocks of `[first_block, first_block + count)` into `out`, walking that slice of
+/// the disk with its own iterator. A block only ever touched by zero runs is not hashed.
+class BlockHasher {
+  public:
+    BlockHasher(const Image& image, const BlockHashOptions& options, Hasher hasher,
+                const Digest& full_zero, const Digest& tail_zero)
+        : image_(image), options_(options), hasher_(std::move(hasher)), full_zero_(full_zero),
+          tail_zero_(tail_zero), releaser_(image) {}
+
+    Result<void> run(std::uint64_t first_block, std::uint64_t count,
+                     std::vector<BlockDigest>& out) {
+        out.clear();
+        const std::uint64_t bs = options_.block_size;
+        const std::uint64_t size = image_.size();
+        const std::uint64_t start = first_block * bs;
+        const std::uint64_t end = std::min(size, (first_block + count) * bs);
+        begin_block(first_block, std::min(bs, size - start));
+        auto ok = image_.visit_runs(
+            start, end,
+            [&](std::uint64_t offset, std::uint64_t length,
+                std::span<const std::byte> bytes) -> Result<void> {
+                while (length > 0) {
+                    const std::uint64_t in_block = current_.offset + current_.length - offset;
+                    const std::uint64_t n = std::min(length, in_block);
+                    if (bytes.empty()) {
+                        if (has_data_) {
+                            hasher_.update_zeros(n);
+                        } else {
+                            pending_zeros_ += n;
+                        }
+                    } else {
+                        if (!has_data_) {
+                            has_data_ = true;
+                            hasher_.update_zeros(pending_zeros_);
+                        }
+                        hasher_.update(bytes.first(static_cast<std::size_t>(n)));
+                        releaser_.consumed(bytes.first(static_cast<std::size_t>(n)));
+                        bytes = bytes.subspan(static_cast<std::size_t>(n));
+                    }
+                    offset += n;
+                    length -= n;
+                    if (offset == current_.offset + current_.length) {
+                        if (auto done = end_block(out); !done) return done;
+                        if (offset < end) {
+                            begin_block(current_.index + 1, std::min(bs, size - offset));
+                        }
+                    }
+                }
+                return {};
+            });
+        releaser_.flush();
+        return ok;
+    }
+
+  private:
+    void begin_block(std::uint64_t index, std::uint64_t length) {
+        current_ = BlockDigest{};
+        current_.index = index;
+        current_.offset = index * options_.block_size;
+        current_.length = length;
+        has_data_ = false;
+        pending_zeros_ = 0;
+    }
+
+    Result<void> end_block(std::vector<BlockDigest>& out) {
+        if (has_data_) {
+            auto digest = hasher_.finish();
+            if (!digest) return std::move(digest).error();
+            current_.digest = *digest;
+        } else {
+            current_.zero = true;
+            current_.digest = current_.length == options_.block_size ? full_zero_ : tail_zero_;
+        }
+        out.push_back(current_);
+        return {};
+    }
+
+    const Image& image_;
+    const BlockHashOptions& options_;
+    Hasher hasher_;
+    const Digest& full_zero_;
+    const Digest& tail_zero_;
+    PageReleaser releaser_;
+    BlockDigest current_;
+    bool has_data_ = false;
+    std::uint64_t pending_zeros_ = 0;
+};
+
+// Blocks per unit of work: about 4 MiB of disk, so a worker's iterator and decompressor are
+// set up rarely, and the in-order window stays a few MiB of digests at most.
+std::uint64_t blocks_per_chunk(std::uint64_t block_size) {
+    return std::max<std::uint64_t>(1, (std::uint64_t{4} << 20) / block_size);
+}
+
+struct Chunk {
+    std::vector<BlockDigest> digests;
+    std::optional<Error> error;
+    std::uint64_t number = 0;
+    bool done = false;
+};
+
+} // namespace
+
+Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
+                         const BlockDigestSink& sink) {
+    const std::uint64_t bs = options.block_size;
+    if (bs < kMinHashBlockSize || (bs & (bs - 1)) != 0) {
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("block size {} is not a power of two of at least {}", bs,
+                                 kMinHashBlockSize)};
+    }
+    const std::uint64_t size = image.size();
+    if (size == 0) return {};
+    const std::uint64_t blocks = size / bs + (size % bs != 0);
+    auto full_zero = zero_digest(options.algorithm, bs);
+    if (!full_zero) return std::move(full_zero).error();
+    auto tail_zero = zero_digest(options.algorithm, size % bs == 0 ? bs : size % bs);
+    if (!tail_zero) return std::move(tail_zero).error();
+
+    const std::uint64_t per_chunk = blocks_per_chunk(bs);
+    const std::uint64_t chunks = blocks / per_chunk + (blocks % per_chunk != 0);
+    unsigned threads =
+        static_cast<unsigned>(std::min<std::uint64_t>(resolve_threads(options.threads), chunks));
+
+    auto make_worker = [&]() -> Result<BlockHasher> {
+        auto hasher = Hasher::create(options.algorithm);
+        if (!hasher) return std::move(hasher).error();
+        return BlockHasher(image, options, std::move(*hasher), *full_zero, *tail_zero);
+    };
+
+    if (threads <= 1) {
+        auto worker = make_worker();
+        if (!worker) return std::move(worker).error();
+        std::vector<BlockDigest> digests;
+        for (std::uint64_t c = 0; c < chunks; ++c) {
+            auto ok = worker->run(c * per_chunk, per_chunk, digests);
+            if (!ok) return ok;
+            for (const BlockDigest& d : digests) {
+                if (auto sunk = sink(d); !sunk) return sunk;
+            }
+        }
+        return {};
+    }
+
+    // A ring of chunk slots: workers claim the next chunk number while it lies within the
+    // window, the calling thread hands finished slots to the sink in order and frees them.
+    std::vector<Chunk> ring(4 * static_cast<std::size_t>(threads));
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::uint64_t next_chunk = 0; // next chunk a worker claims
+    std::uint64_t emitted = 0;    // chunks handed to the sink
+    bool stopping = false;
+
+    auto work = [&](BlockHasher worker) {
+        std::vector<BlockDigest> digests;
+        std::unique_lock lock(mutex);
+        for (;;) {
+            changed.wait(lock, [&] {
+                return stopping || next_chunk >= chunks || next_chunk < emitted + ring.size();
+            });
+            if (stopping || next_chunk >= chunks) return;
+            const std::uint64_t number = next_chunk++;
+            lock.unlock();
+            auto ok = worker.run(number * per_chunk, per_chunk, digests);
+            lock.lock();
+            Chunk& slot = ring[number % ring.size()];
+            slot.number = number;
+            slot.digests.swap(digests);
+            if (!ok) slot.error = std::move(ok).error();
+            slot.done = true;
+            changed.notify_all();
+        }
+    };
+
+    std::vector<std::thread> pool;
+    Result<void> result;
+    for (unsigned i = 0; i < threads; ++i) {
+        auto worker = make_worker();
+        if (!worker) {
+            result = std::move(worker).error();
+            break;
+        }
+        try {
+            pool.emplace_back(work, std::move(*worker));
+        } catch (const std::exception&) {
+            break; // out of threads: carry on with those that started
+        }
+    }
+    if (result && pool.empty()) {
+        result = Error{ErrorCode::io_error, "cannot start a hashing thread"};
+    }
+    std::vector<BlockDigest> ready;
+    while (result && emitted < chunks) {
+        {
+            std::unique_lock lock(mutex);
+            Chunk& slot = ring[emitted % ring.size()];
+            changed.wait(lock, [&] { return slot.done && slot.number == emitted; });
+            if (slot.error) {
+                result = std::move(*slot.error);
+                break;
+            }
+            ready.swap(slot.digests);
+            slot.done = false;
+            slot.error.reset();
+            ++emitted;
+        }
+        changed.notify_all();
+        for (const BlockDigest& d : ready) {
+            if (auto sunk = sink(d); !sunk) {
+                result = std::move(sunk);
+                break;
+            }
+        }
+    }
+    {
+        std::lock_guard lock(mutex);
+        stopping = true;
+    }
+    changed.notify_all();
+    for (std::thread& t : pool)
+        t.join();
+    return result;
+}
+
+} // namespace qcowmap

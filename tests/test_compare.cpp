@@ -1,0 +1,262 @@
+// qcowmap compare against qemu-img compare: same exit code and same output (first differing
+// offset, strict-mode messages) on identical, different and differently-allocated pairs,
+// qcow2 and raw, strict and not; the library API; error exit codes.
+#include "support.hpp"
+
+#include <qcowmap/compare.hpp>
+
+#include <gtest/gtest.h>
+
+namespace qcowmap {
+namespace {
+
+namespace fs = std::filesystem;
+using test::CommandResult;
+using test::run;
+using test::run_ok;
+using test::shell_quote;
+using test::TempDir;
+
+std::string cli() {
+    return shell_quote(test::qcowmap_bin());
+}
+
+class Compare : public ::testing::Test {
+  protected:
+    fs::path image(const std::string& name, const std::string& options, const std::string& size,
+                   const std::vector<std::string>& io = {}) {
+        fs::path p = dir_ / name;
+        test::make_image(p, options, size, io);
+        return p;
+    }
+    fs::path raw_of(const fs::path& img) {
+        fs::path raw = img;
+        raw.replace_extension(".raw");
+        run_ok("qemu-img convert -O raw " + shell_quote(img.string()) + " " +
+               shell_quote(raw.string()));
+        return raw;
+    }
+
+    /// qcowmap compare and qemu-img compare agree on A vs B (and B vs A), strict and not.
+    /// Returns qemu-img's non-strict output for further checks.
+    std::string expect_agree(const fs::path& a, const fs::path& b) {
+        std::string first;
+        for (std::string flags : {"", "-s"}) {
+            for (int swap = 0; swap < 2; ++swap) {
+                const fs::path& x = swap ? b : a;
+                const fs::path& y = swap ? a : b;
+                std::string args =
+                    flags + " " + shell_quote(x.string()) + " " + shell_quote(y.string());
+                CommandResult qemu = run("qemu-img compare " + args);
+                CommandResult ours = run(cli() + " compare " + args);
+                EXPECT_EQ(ours.exit_code, qemu.exit_code) << args << "\n" << qemu.out << ours.out;
+                EXPECT_EQ(ours.out, qemu.out) << args;
+                EXPECT_EQ(ours.err, "") << args;
+                if (first.empty()) first = qemu.out;
+            }
+        }
+        return first;
+    }
+
+    TempDir dir_;
+};
+
+TEST_F(Compare, IdenticalCopies) {
+    fs::path a = image("a.qcow2", "cluster_size=64k", "4M",
+                       {"write -P 0x11 0 100k", "write -z 1M 64k", "write -P 0x22 3M 512"});
+    fs::path b = dir_ / "b.qcow2";
+    fs::copy_file(a, b);
+    EXPECT_EQ(expect_agree(a, b), "Images are identical.\n");
+    EXPECT_EQ(expect_agree(a, a), "Images are identical.\n"); // same file: nothing is read
+}
+
+TEST_F(Compare, OneByteDifferenceAtSectorGranularity) {
+    fs::path a = image("a.qcow2", "cluster_size=64k", "4M", {"write -P 0x11 0 2M"});
+    fs::path b = image("b.qcow2", "cluster_size=64k", "4M",
+                       {"write -P 0x11 0 2M", "write -P 0x12 1234567 1"});
+    EXPECT_EQ(expect_agree(a, b), "Content mismatch at offset 1234432!\n");
+    auto ia = Image::open(a);
+    auto ib = Image::open(b);
+    ASSERT_TRUE(ia && ib);
+    auto r = compare_images(*ia, *ib);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->outcome, CompareResult::Outcome::content_mismatch);
+    EXPECT_EQ(r->offset, 1234432u); // 1234567 rounded down to 512
+}
+
+TEST_F(Compare, DifferentlyAllocatedSameContent) {
+    // Data that is zeros vs a zero cluster vs unallocated: equal, except in strict mode.
+    fs::path a = image("a.qcow2", "cluster_size=64k", "2M", {"write -P 0x33 0 64k"});
+    fs::path b =
+        image("b.qcow2", "cluster_size=64k", "2M", {"write -P 0x33 0 64k", "write -P 0 512k 64k"});
+    fs::path c =
+        image("c.qcow2", "cluster_size=64k", "2M", {"write -P 0x33 0 64k", "write -z 512k 128k"});
+    EXPECT_EQ(expect_agree(a, b), "Images are identical.\n");
+    EXPECT_EQ(expect_agree(a, c), "Images are identical.\n");
+    EXPECT_EQ(expect_agree(b, c), "Images are identical.\n");
+    CommandResult strict =
+        run(cli() + " compare -s " + shell_quote(a.string()) + " " + shell_quote(b.string()));
+    EXPECT_EQ(strict.exit_code, 1);
+    EXPECT_EQ(strict.out, "Strict mode: Offset 65536 block status mismatch!\n");
+}
+
+TEST_F(Compare, DataAgainstUnallocated) {
+    fs::path a = image("a.qcow2", "cluster_size=64k", "2M", {"write -P 0x33 0 64k"});
+    fs::path b = image("b.qcow2", "cluster_size=64k", "2M",
+                       {"write -P 0x33 0 64k", "write -P 0x44 700k 3000"});
+    EXPECT_EQ(expect_agree(a, b), "Content mismatch at offset 716800!\n");
+}
+
+TEST_F(Compare, CompressedAgainstPlain) {
+    fs::path plain = image("p.qcow2", "cluster_size=64k", "2M",
+                           {"write -P 0x51 0 256k", "write -P 0x52 1M 64k"});
+    fs::path packed = dir_ / "c.qcow2";
+    run_ok("qemu-img convert -c -O qcow2 " + shell_quote(plain.string()) + " " +
+           shell_quote(packed.string()));
+    EXPECT_EQ(expect_agree(plain, packed), "Images are identical.\n");
+    fs::path other =
+        image("o.qcow2", "cluster_size=64k", "2M",
+              {"write -P 0x51 0 256k", "write -P 0x52 1M 64k", "write -P 0x53 200000 10"});
+    EXPECT_EQ(expect_agree(packed, other), "Content mismatch at offset 199680!\n");
+}
+
+TEST_F(Compare, RawAgainstQcow2) {
+    fs::path a =
+        image("a.qcow2", "cluster_size=64k", "2M", {"write -P 0x61 0 128k", "write -P 0x62 1M 4k"});
+    fs::path raw = raw_of(a);
+    EXPECT_EQ(expect_agree(a, raw), "Images are identical.\n");
+    fs::path b =
+        image("b.qcow2", "cluster_size=64k", "2M", {"write -P 0x61 0 128k", "write -P 0x63 1M 4k"});
+    EXPECT_EQ(expect_agree(b, raw), "Content mismatch at offset 1048576!\n");
+    // Explicit formats work too.
+    CommandResult r = run(cli() + " compare -f qcow2 -F raw " + shell_quote(a.string()) + " " +
+                          shell_quote(raw.string()));
+    EXPECT_EQ(r.exit_code, 0);
+    EXPECT_EQ(r.out, "Images are identical.\n");
+}
+
+TEST_F(Compare, DifferentSizes) {
+    fs::path small = image("s.qcow2", "cluster_size=64k", "1M", {"write -P 0x71 0 64k"});
+    fs::path big_zero_tail =
+        image("z.qcow2", "cluster_size=64k", "3M", {"write -P 0x71 0 64k", "write -z 2M 64k"});
+    fs::path big_data_tail = image("d.qcow2", "cluster_size=64k", "3M",
+                                   {"write -P 0x71 0 64k", "write -P 0x72 2100000 10"});
+    EXPECT_EQ(expect_agree(small, big_zero_tail),
+              "Warning: Image size mismatch!\nImages are identical.\n");
+    EXPECT_EQ(expect_agree(small, big_data_tail),
+              "Warning: Image size mismatch!\nContent mismatch at offset 2099712!\n");
+    CommandResult strict = run(cli() + " compare -s " + shell_quote(small.string()) + " " +
+                               shell_quote(big_zero_tail.string()));
+    EXPECT_EQ(strict.exit_code, 1);
+    EXPECT_EQ(strict.out, "Strict mode: Image size mismatch!\n");
+}
+
+TEST_F(Compare, BackingChainAgainstItsFlatCopy) {
+    fs::path base = image("base.qcow2", "cluster_size=64k", "2M",
+                          {"write -P 0x01 0 1M", "write -P 0x02 1536k 64k"});
+    fs::path top = dir_ / "top.qcow2";
+    run_ok("qemu-img create -q -f qcow2 -b " + shell_quote(base.string()) + " -F qcow2 " +
+           shell_quote(top.string()));
+    run_ok("qemu-io -f qcow2 -c 'write -P 0x09 128k 64k' -c 'write -z 512k 64k' " +
+           shell_quote(top.string()));
+    fs::path flat = dir_ / "flat.qcow2";
+    run_ok("qemu-img convert -O qcow2 " + shell_quote(top.string()) + " " +
+           shell_quote(flat.string()));
+    EXPECT_EQ(expect_agree(top, flat), "Images are identical.\n");
+    // The overlay against its own base: the shared ranges are the same bytes of the same file.
+    EXPECT_EQ(expect_agree(top, base), "Content mismatch at offset 131072!\n");
+}
+
+TEST_F(Compare, StrictStatusMismatches) {
+    fs::path a = image("a.qcow2", "cluster_size=64k", "1M", {"write -P 1 0 64k"});
+    fs::path b = dir_ / "b.qcow2";
+    fs::copy_file(a, b);
+    run_ok("qemu-io -f qcow2 -c 'write -z 512k 64k' " + shell_quote(b.string()));
+    expect_agree(a, b);
+    fs::path raw = raw_of(a);
+    expect_agree(a, raw);
+    fs::path packed = dir_ / "c.qcow2";
+    run_ok("qemu-img convert -c -O qcow2 " + shell_quote(a.string()) + " " +
+           shell_quote(packed.string()));
+    expect_agree(a, packed);
+    auto ia = Image::open(a);
+    auto ic = Image::open(packed);
+    ASSERT_TRUE(ia && ic);
+    CompareOptions strict;
+    strict.strict = true;
+    auto r = compare_images(*ia, *ic, strict);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->outcome, CompareResult::Outcome::status_mismatch);
+    EXPECT_EQ(r->offset, 0u);
+}
+
+TEST_F(Compare, ErrorsUseQemuImgExitCodes) {
+    fs::path a = image("a.qcow2", "cluster_size=64k", "1M", {"write -P 1 0 64k"});
+    fs::path missing = dir_ / "missing.qcow2";
+    CommandResult r =
+        run(cli() + " compare " + shell_quote(a.string()) + " " + shell_quote(missing.string()));
+    EXPECT_EQ(r.exit_code, 2);
+    EXPECT_EQ(r.err, "qcowmap: " + missing.string() + ": No such file or directory\n");
+    EXPECT_EQ(
+        run("qemu-img compare " + shell_quote(a.string()) + " " + shell_quote(missing.string()))
+            .exit_code,
+        2);
+
+    // An L1 entry pointing beyond the file: an allocation-check error (3).
+    fs::path bad = dir_ / "bad.qcow2";
+    fs::copy_file(a, bad);
+    auto bytes = test::read_file(bad);
+    std::uint64_t l1 = 0;
+    for (int i = 40; i < 48; ++i)
+        l1 = (l1 << 8) | static_cast<std::uint8_t>(bytes[i]);
+    const std::uint8_t entry[8] = {0x80, 0, 0, 0x7f, 0, 0, 0, 0};
+    for (int i = 0; i < 8; ++i)
+        bytes[l1 + i] = std::byte{entry[i]};
+    test::write_file(bad, bytes);
+    r = run(cli() + " compare " + shell_quote(a.string()) + " " + shell_quote(bad.string()));
+    EXPECT_EQ(r.exit_code, 3);
+    EXPECT_TRUE(r.err.starts_with("qcowmap: " + bad.string() + ": L2 table at 0x7f00000000"))
+        << r.err;
+
+    // A compressed cluster whose stream is garbage: a read error (4).
+    fs::path packed = dir_ / "packed.qcow2";
+    run_ok("qemu-img convert -c -O qcow2 " + shell_quote(a.string()) + " " +
+           shell_quote(packed.string()));
+    auto image = Image::open(packed);
+    ASSERT_TRUE(image);
+    Extent e;
+    auto it = image->extents();
+    ASSERT_TRUE(it.next(e));
+    ASSERT_EQ(e.kind, ExtentKind::compressed);
+    auto pbytes = test::read_file(packed);
+    for (std::uint64_t i = 0; i < 64; ++i)
+        pbytes[e.compressed_host_offset + i] = std::byte{0xff};
+    test::write_file(packed, pbytes);
+    r = run(cli() + " compare " + shell_quote(a.string()) + " " + shell_quote(packed.string()));
+    EXPECT_EQ(r.exit_code, 4) << r.err;
+    EXPECT_TRUE(r.err.starts_with("qcowmap: " + packed.string() + ": ")) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1);
+    EXPECT_EQ(
+        run("qemu-img compare " + shell_quote(a.string()) + " " + shell_quote(packed.string()))
+            .exit_code,
+        4);
+
+    // Usage errors.
+    EXPECT_EQ(run(cli() + " compare " + shell_quote(a.string())).exit_code, 2);
+    EXPECT_EQ(
+        run(cli() + " compare -f vmdk " + shell_quote(a.string()) + " " + shell_quote(a.string()))
+            .exit_code,
+        2);
+}
+
+TEST_F(Compare, QuietPrintsNothing) {
+    fs::path a = image("a.qcow2", "", "1M", {"write -P 1 0 4k"});
+    fs::path b = image("b.qcow2", "", "1M", {"write -P 2 0 4k"});
+    CommandResult r =
+        run(cli() + " compare -q " + shell_quote(a.string()) + " " + shell_quote(b.string()));
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_EQ(r.out, "");
+}
+
+} // namespace
+} // namespace qcowmap
