@@ -93,5 +93,6 @@ Command add_info(CLI::App& app);
 Command add_map(CLI::App& app);
 Command add_cat(CLI::App& app);
 Command add_convert(CLI::App& app);
+Command add_check(CLI::App& app);
 
 } // namespace qcowmap::cli
