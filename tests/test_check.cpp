@@ -570,4 +570,55 @@ TEST(CheckLibrary, MemoryIsBoundedByTheFileNotTheHeader) {
     EXPECT_EQ(r->image_end_offset, (b.size() + 4095) / 4096 * 4096);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Bitmap table offsets (the directory itself is validated at open).
+
+TEST(CheckBitmaps, BitmapTableOffsets) {
+    qt::TempDir dir;
+    const auto healthy = dir / "bitmaps.qcow2";
+    qt::make_image(healthy, "", "16M", {"write -P 1 0 1M"});
+    qt::run_ok("qemu-img bitmap --add " + qt::shell_quote(healthy.string()) + " b0");
+    io(healthy, "write -P 2 0 4M"); // gives the bitmap a table and a data cluster
+    const Buffer b = qt::read_file(healthy);
+    // Bitmaps extension (spec "Bitmaps extension"): directory offset at data + 16.
+    std::uint64_t at = get_be(b, 100, 4);
+    while (get_be(b, at, 4) != 0x23852875) {
+        ASSERT_NE(get_be(b, at, 4), 0u) << "no bitmaps extension";
+        at += 8 + ((get_be(b, at + 4, 4) + 7) & ~std::uint64_t{7});
+    }
+    const std::uint64_t directory = get_be(b, at + 8 + 16, 8);
+    const std::uint64_t table = get_be(b, directory, 8);
+    ASSERT_NE(table, 0u);
+    ASSERT_TRUE(agrees_with_qemu(healthy));
+
+    struct Case {
+        const char *name;
+        std::uint64_t offset;
+        const char *message;
+        bool qemu_opens; ///< qemu-img refuses the unaligned and header-overlapping tables
+    };
+    for (const Case &c :
+         {Case{"past-eof", 1ULL << 40, "bitmap table at 0x10000000000", true},
+          Case{"unaligned", table + 512, "bitmap table at", false},
+          Case{"over-header", 0, "ERROR cluster 0 refcount=1 reference=2", false}}) {
+        Buffer damaged = b;
+        put_be(damaged, directory, c.offset, 8);
+        const auto image = dir / (std::string(c.name) + ".qcow2");
+        qt::write_file(image, damaged);
+        auto r = check_image(image);
+        ASSERT_TRUE(r) << c.name << ": " << r.error().message;
+        EXPECT_EQ(r->exit_code(), 2) << c.name;
+        EXPECT_GE(r->corruptions, 1u) << c.name;
+        std::string all;
+        for (const auto &line : r->messages)
+            all += line + "\n";
+        EXPECT_NE(all.find(c.message), std::string::npos) << c.name << ":\n" << all;
+        if (c.qemu_opens) {
+            EXPECT_TRUE(agrees_with_qemu(image));
+        } else {
+            EXPECT_EQ(qemu_check(image).exit_code, 1) << c.name;
+        }
+    }
+}
+
 } // namespace
