@@ -99,5 +99,6 @@ Command add_bitmaps(CLI::App& app);
 std::string describe_bitmap(const BitmapEntry& entry);
 Command add_hash(CLI::App& app);
 Command add_compare(CLI::App& app);
+Command add_check(CLI::App& app);
 
 } // namespace qcowmap::cli

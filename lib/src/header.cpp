@@ -596,7 +596,7 @@ Result<void> parse_image(ImageState& state) {
         return header_error(fmt::format("unknown compression_type {}", compression_value));
     }
 
-    if (info.crypt_method != 0) {
+    if (info.crypt_method != 0 && !state.allow_encrypted) {
         return Error{ErrorCode::encrypted,
                      fmt::format("encrypted images are not supported (crypt_method {}: {})",
                                  info.crypt_method, info.crypt_method == 1 ? "AES" : "LUKS")};

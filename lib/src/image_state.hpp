@@ -60,6 +60,9 @@ struct ImageState {
     std::uint64_t csize_mask = 0;        // additional sector count field
     std::uint64_t coffset_mask = 0;      // host offset field
 
+    /// Parse encrypted images instead of refusing them (check reads only their metadata).
+    bool allow_encrypted = false;
+
     std::uint64_t l2_coverage() const { return std::uint64_t{1} << (l2_bits + cluster_bits); }
 };
 

@@ -28,6 +28,32 @@ mk "" 1000
 n=$((n + 1)); qemu-img create -q -f qcow "$dir/seed$n.qcow2" 1M
 qemu-io -f qcow -c "write -P 9 4k 8k" -c "write -c -P 10 64k 4k" "$dir/seed$n.qcow2" >/dev/null
 
+# Internal snapshots and persistent bitmaps (snapshot table and bitmap directory targets).
+mk "cluster_size=4k" 1M "write -P 11 0 8k"
+qemu-img snapshot -c s1 "$img"; io "$img" "write -P 12 0 4k"; qemu-img snapshot -c second "$img"
+mk "cluster_size=4k" 1M "write -P 13 0 8k"
+qemu-img bitmap --add "$img" b0; qemu-img bitmap --add -g 8192 "$img" b1; io "$img" "write -P 14 64k 64k"
+# Backing chains for the in-memory resolver target: files joined by "\n--\n", named f0, f1...
+# (overlay on qcow2, overlay on raw, a loop f0 -> f1 -> f0 and a self-loop f0 -> f0).
+chain() { # chain OUT FILES...
+  out=$1; shift; first=1; : > "$out"
+  for f in "$@"; do [ $first -eq 1 ] || printf '\n--\n' >> "$out"; first=0; cat "$f" >> "$out"; done
+}
+mkdir -p "$dir/c" && (
+  cd "$dir/c"
+  qemu-img create -q -f qcow2 -o cluster_size=4k f1 256k && qemu-io -f qcow2 -c "write -P 21 0 8k" f1 >/dev/null
+  qemu-img create -q -f qcow2 -o cluster_size=4k -b f1 -F qcow2 f0 256k && qemu-io -f qcow2 -c "write -P 22 4k 4k" f0 >/dev/null
+  head -c 65536 /dev/zero | tr '\0' '\27' > r1
+  qemu-img create -q -f qcow2 -o cluster_size=4k -b f1 -F raw o0 64k
+  qemu-img create -q -f qcow2 -o cluster_size=4k -u -b f1 -F qcow2 l0 256k
+  qemu-img create -q -f qcow2 -o cluster_size=4k -u -b f0 -F qcow2 l1 256k
+  qemu-img create -q -f qcow2 -o cluster_size=4k -u -b f0 -F qcow2 s0 256k
+)
+n=$((n + 1)); chain "$dir/seed$n.qcow2" "$dir/c/f0" "$dir/c/f1"
+n=$((n + 1)); chain "$dir/seed$n.qcow2" "$dir/c/o0" "$dir/c/r1"
+n=$((n + 1)); chain "$dir/seed$n.qcow2" "$dir/c/l0" "$dir/c/l1"
+n=$((n + 1)); chain "$dir/seed$n.qcow2" "$dir/c/s0"
+
 mkdir -p "$dir/flipped"
 for seed in "$dir"/seed*.qcow2; do
   # Keep seeds small: the metadata lives in the first clusters.

@@ -169,6 +169,12 @@ struct OpenOptions {
     /// the file is disk content; holes read as zeros). Unset: qcow2, and a file that is not
     /// one is refused with not_qcow2 (callers that probe, like `compare`, pass "raw").
     std::optional<std::string> format;
+    /// For `open_bytes` only: resolves a backing file name (as stored in the image) to the
+    /// bytes of that file, or nullopt when there is none. The bytes must outlive the Image.
+    /// Lets tests and fuzzers build backing chains in memory; loops (the same bytes twice)
+    /// and chains deeper than kMaxChainLayers are refused as with files.
+    std::function<std::optional<std::span<const std::byte>>(const std::string& name)>
+        backing_resolver;
 };
 
 /// One layer of an opened chain, top first.
@@ -231,8 +237,9 @@ class Image {
     static Result<Image> open(const std::filesystem::path& path, const OpenOptions& options = {});
 
     /// Validates an image already in memory (tests, fuzzing). `bytes` must outlive the Image.
-    /// A backing file or external data file cannot be opened from memory: such images need
-    /// `BackingMode::none` and fail with unsupported_feature otherwise.
+    /// A backing file is found through `options.backing_resolver`; without one such images
+    /// need `BackingMode::none` and fail with unsupported_feature otherwise. An external data
+    /// file cannot be opened from memory (unsupported_feature).
     static Result<Image> open_bytes(std::span<const std::byte> bytes,
                                     const OpenOptions& options = {});
 

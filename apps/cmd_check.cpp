@@ -1,0 +1,117 @@
+// qcowmap check: a read-only consistency check with qemu-img check's counts and exit codes.
+#include "cli.hpp"
+
+#include <qcowmap/check.hpp>
+
+#include <fmt/format.h>
+
+#include <unistd.h>
+
+namespace qcowmap::cli {
+namespace {
+
+// Exit codes of `qemu-img check` (docs/tools/qemu-img.rst), kept for drop-in use.
+constexpr int kCheckClean = 0;
+constexpr int kCheckFailed = 1;
+
+std::string json_report(const std::string &path, const CheckResult &r) {
+    // qemu-img check --output=json's keys (QAPI ImageCheck); qemu omits zero counters, we
+    // print every one so that scripts need no defaults.
+    return fmt::format("{{\n"
+                       "    \"filename\": {},\n"
+                       "    \"format\": \"qcow2\",\n"
+                       "    \"check-errors\": {},\n"
+                       "    \"image-end-offset\": {},\n"
+                       "    \"corruptions\": {},\n"
+                       "    \"leaks\": {},\n"
+                       "    \"total-clusters\": {},\n"
+                       "    \"allocated-clusters\": {},\n"
+                       "    \"fragmented-clusters\": {},\n"
+                       "    \"compressed-clusters\": {}\n"
+                       "}}\n",
+                       json_string(path), r.check_errors, r.image_end_offset, r.corruptions,
+                       r.leaks, r.total_clusters, r.allocated_clusters, r.fragmented_clusters,
+                       r.compressed_clusters);
+}
+
+std::string human_report(const CheckResult &r) {
+    // Worded like qemu-img's dump_human_image_check.
+    std::string out;
+    if (r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0) {
+        out += "No errors were found on the image.\n";
+    } else {
+        if (r.corruptions) {
+            out += fmt::format("\n{} errors were found on the image.\nData may be corrupted, or "
+                               "further writes to the image may corrupt it.\n",
+                               r.corruptions);
+        }
+        if (r.leaks) {
+            out += fmt::format("\n{} leaked clusters were found on the image.\nThis means waste "
+                               "of disk space, but no harm to data.\n",
+                               r.leaks);
+        }
+        if (r.check_errors) {
+            out += fmt::format("\n{} internal errors have occurred during the check.\n",
+                               r.check_errors);
+        }
+    }
+    if (r.total_clusters != 0 && r.allocated_clusters != 0) {
+        const double allocated = static_cast<double>(r.allocated_clusters);
+        out += fmt::format("{}/{} = {:.2f}% allocated, {:.2f}% fragmented, {:.2f}% compressed "
+                           "clusters\n",
+                           r.allocated_clusters, r.total_clusters,
+                           allocated * 100.0 / static_cast<double>(r.total_clusters),
+                           static_cast<double>(r.fragmented_clusters) * 100.0 / allocated,
+                           static_cast<double>(r.compressed_clusters) * 100.0 / allocated);
+    }
+    if (r.image_end_offset) {
+        out += fmt::format("Image end offset: {}\n", r.image_end_offset);
+    }
+    return out;
+}
+
+} // namespace
+
+Command add_check(CLI::App &app) {
+    auto *command = app.add_subcommand(
+        "check", "Check the image's reference counts without changing it (qemu-img check's "
+                 "counts; exit 0 clean, 2 corruptions, 3 leaks only, 1 could not check)");
+    auto path = std::make_shared<std::string>();
+    auto json = std::make_shared<bool>(false);
+    auto output = std::make_shared<std::string>("human");
+    command->add_option("IMAGE", *path, "qcow2 image file")->required();
+    command->add_flag("--json", *json, "Print the counts as JSON (same as --output=json)");
+    command->add_option("--output", *output, "human (default) or json")
+        ->check(CLI::IsMember({"human", "json"}));
+    return {command, [=] {
+                guard_against_shrinking(*path);
+                auto result = check_image(std::filesystem::path(*path));
+                if (!result) {
+                    return report(*path, result.error().message, kCheckFailed);
+                }
+                const CheckResult &r = *result;
+                // Findings go to stderr, one line each, as qemu-img prints them.
+                std::string findings;
+                for (const std::string &line : r.messages)
+                    findings += line + "\n";
+                if (r.messages_dropped) {
+                    findings += fmt::format("... and {} more findings\n", r.messages_dropped);
+                }
+                if (!findings.empty()) {
+                    ssize_t ignored = ::write(STDERR_FILENO, findings.data(), findings.size());
+                    (void)ignored;
+                }
+                const std::string out =
+                    *json || *output == "json" ? json_report(*path, r) : human_report(r);
+                std::fwrite(out.data(), 1, out.size(), stdout);
+                if (int code = finish_stdout(); code != kExitOk)
+                    return code;
+                if (r.check_errors) {
+                    report(*path, "check failed: some reference counts could not be read",
+                           kCheckFailed);
+                }
+                return r.exit_code() == 0 ? kCheckClean : r.exit_code();
+            }};
+}
+
+} // namespace qcowmap::cli

@@ -1,0 +1,76 @@
+// qcowmap — a read-only consistency check of a qcow2 image, counted like `qemu-img check`.
+#pragma once
+
+#include <qcowmap/result.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace qcowmap {
+
+/// What `check_image` found. The counters mean what the same-named fields of
+/// `qemu-img check --output=json` mean (qemu's BdrvCheckResult).
+struct CheckResult {
+    /// Problems that can lose data: a refcount lower than the references to a cluster,
+    /// misaligned or reserved-bit L1/L2/refcount-table entries, refcount overflow, a refcount
+    /// block referenced more than once, unreadable bitmap metadata...
+    std::uint64_t corruptions = 0;
+    /// Clusters whose refcount is higher than the references to them (wasted space only).
+    std::uint64_t leaks = 0;
+    /// Refcounts that could not be read (e.g. through an unaligned refcount block).
+    std::uint64_t check_errors = 0;
+    /// One past the highest cluster that is referenced or has a non-zero refcount, in bytes.
+    std::uint64_t image_end_offset = 0;
+    /// Clusters of the virtual disk (virtual size / cluster size, rounded up).
+    std::uint64_t total_clusters = 0;
+    /// Clusters of the active disk that are allocated (data, preallocated zero, compressed).
+    std::uint64_t allocated_clusters = 0;
+    /// Allocated clusters not directly following the previous one of their L2 table (every
+    /// compressed cluster counts, as in qemu).
+    std::uint64_t fragmented_clusters = 0;
+    /// Compressed clusters of the active disk.
+    std::uint64_t compressed_clusters = 0;
+    /// The first `CheckOptions::max_messages` findings, one line each, worded like qemu's
+    /// ("Leaked cluster 5 refcount=1 reference=0", "ERROR cluster 3 refcount=0 reference=1"...).
+    std::vector<std::string> messages;
+    /// Findings beyond `max_messages` that were counted but not kept.
+    std::uint64_t messages_dropped = 0;
+
+    /// qemu-img check's exit status: 0 clean, 2 corruptions, 3 leaks only, 1 when some
+    /// refcounts could not be read (check_errors).
+    int exit_code() const { return check_errors ? 1 : corruptions ? 2 : leaks ? 3 : 0; }
+};
+
+struct CheckOptions {
+    /// How many finding lines to keep in `CheckResult::messages`.
+    std::size_t max_messages = 1000;
+};
+
+/// Checks a qcow2 image (version 2 or 3) in memory without modifying it: rebuilds the
+/// reference count of every cluster from the header cluster, the active and snapshot L1/L2
+/// tables, the snapshot table, the refcount table and blocks, the bitmap directory, bitmap
+/// tables and bitmap data, and the encryption header area, then compares them with the stored
+/// refcounts (any refcount_order 0..6).
+///
+/// Memory: one counter per cluster of the real file (`bytes.size() / cluster size`) plus a
+/// sparse record of references that point past the end of the file (at most
+/// 1 Mi distinct clusters; more is reported as an error), never sized by header claims.
+/// Encrypted images are checked too (only metadata is read). An external data file is never
+/// needed: its clusters are not refcounted.
+///
+/// Errors (the image could not be checked at all, exit status 1 in qemu-img's terms): those
+/// of `Image::open_bytes` for a header or table that cannot be parsed (not_qcow2,
+/// unsupported_version, invalid_header, invalid_table, unsupported_feature), and
+/// unsupported_feature for qcow version 1 images, which keep no refcounts.
+Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions &options = {});
+
+/// Maps `path` read-only and checks it like the overload above. Errors: also io_error for a
+/// file that cannot be opened or mapped. The file must not be modified while it is checked.
+Result<CheckResult> check_image(const std::filesystem::path &path,
+                                const CheckOptions &options = {});
+
+} // namespace qcowmap

@@ -1,0 +1,602 @@
+// Read-only consistency check, counted the way qemu's qcow2_check_refcounts
+// (block/qcow2-refcount.c) counts: rebuild an in-memory refcount table (IMRT) from every
+// structure that references clusters, then compare it with the refcounts stored in the image.
+// Nothing is written and nothing is repaired.
+#include "image_state.hpp"
+#include "mapped_file.hpp"
+
+#include <qcowmap/check.hpp>
+
+#include <algorithm>
+#include <limits>
+#include <map>
+#include <set>
+
+namespace qcowmap {
+namespace {
+
+using detail::Bytes;
+using detail::fits;
+using detail::ImageState;
+using detail::load_be16;
+using detail::load_be32;
+using detail::load_be64;
+
+// Refcount table entries (spec "Host cluster management"): bits 9-63 offset, 0-8 reserved.
+constexpr std::uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ULL;
+constexpr std::uint64_t kRefcountTableReservedMask = 0x1ffULL;
+constexpr std::uint64_t kMaxL1Entries = (32ULL << 20) / 8; // QCOW_MAX_L1_SIZE / L1E_SIZE
+// Bitmap table entries (spec "Bitmaps"): bits 9-55 offset, bit 0 "all ones", rest reserved.
+constexpr std::uint64_t kBitmapTableOffsetMask = 0x00fffffffffffe00ULL;
+constexpr std::uint64_t kBitmapTableReservedMask = 0xff000000000001feULL;
+constexpr std::uint64_t kBitmapTableAllOnes = 1;
+constexpr std::uint64_t kMaxBitmapTableEntries = 0x8000000; // BME_MAX_TABLE_SIZE
+constexpr std::uint32_t kExtEncryption = 0x0537be77;
+// Extended L2 bitmap: low 32 bits "allocated", high 32 bits "reads as zero" (spec).
+constexpr std::uint64_t kSubclusterAllocMask = 0xffffffffULL;
+// References past the end of the file are kept in a sparse map; more distinct clusters than
+// this and the check gives up on them (an error), so memory stays bounded.
+constexpr std::size_t kMaxClustersPastEnd = std::size_t{1} << 20;
+
+enum class ClusterType { unallocated, zero_plain, zero_alloc, normal, compressed };
+
+class Checker {
+  public:
+    Checker(const ImageState &state, const CheckOptions &options, CheckResult &result)
+        : s_(state), info_(state.info), options_(options), r_(result),
+          file_clusters_((state.bytes.size() >> state.cluster_bits) +
+                         ((state.bytes.size() & (state.cluster_size - 1)) != 0)),
+          counts_(file_clusters_, 0) {
+        const std::uint64_t max = info_.refcount_order == 6
+                                      ? std::numeric_limits<std::uint64_t>::max()
+                                      : (std::uint64_t{1} << info_.refcount_bits()) - 1;
+        refcount_max_ = max;
+        cap_ = std::min<std::uint64_t>(max, std::numeric_limits<std::uint32_t>::max());
+        refcount_table_entries_ =
+            (std::uint64_t{info_.refcount_table_clusters} << info_.cluster_bits) / 8;
+        refblock_bits_ = info_.cluster_bits + 3 - info_.refcount_order;
+    }
+
+    void run() {
+        // qemu's total_sectors is the virtual size in whole 512-byte sectors.
+        const std::uint64_t disk = info_.virtual_size & ~std::uint64_t{511};
+        r_.total_clusters = (disk >> s_.cluster_bits) + ((disk & (s_.cluster_size - 1)) != 0);
+
+        inc(0, s_.cluster_size, "header"); // the header cluster
+        check_l1(info_.l1_table_offset, info_.l1_size, /*active=*/true);
+        check_snapshots();
+        inc(info_.refcount_table_offset,
+            std::uint64_t{info_.refcount_table_clusters} << info_.cluster_bits, "refcount table");
+        check_encryption_header();
+        check_bitmaps();
+        check_refblocks();
+        compare();
+        check_copied_flags();
+    }
+
+  private:
+    template <typename... Args> void finding(fmt::format_string<Args...> format, Args &&...args) {
+        if (r_.messages.size() < options_.max_messages) {
+            r_.messages.push_back(fmt::format(format, std::forward<Args>(args)...));
+        } else {
+            ++r_.messages_dropped;
+        }
+    }
+    template <typename... Args>
+    void corruption(fmt::format_string<Args...> format, Args &&...args) {
+        ++r_.corruptions;
+        finding(format, std::forward<Args>(args)...);
+    }
+
+    /// qcow2_inc_refcounts_imrt: one more reference to every cluster touching
+    /// [offset, offset + size). Callers pass sizes bounded by qemu's table limits.
+    void inc(std::uint64_t offset, std::uint64_t size, const char * /*what*/) {
+        if (size == 0)
+            return;
+        if (offset > UINT64_MAX - (size - 1)) {
+            corruption("ERROR: range at offset={:#x} (+{:#x}) wraps around", offset, size);
+            return;
+        }
+        // qemu 7.2 refuses to count a region that ends a cluster or more past the end of the
+        // file (only the last cluster may be partly allocated) and calls it a corruption.
+        const std::uint64_t file_size = s_.bytes.size();
+        if (offset + size > file_size && offset + size - file_size >= s_.cluster_size) {
+            corruption("ERROR: counting reference for region exceeding the end of the file by "
+                       "one cluster or more: offset {:#x} size {:#x}",
+                       offset, size);
+            return;
+        }
+        const std::uint64_t first = offset >> s_.cluster_bits;
+        const std::uint64_t last = (offset + size - 1) >> s_.cluster_bits;
+        for (std::uint64_t k = first; k <= last; ++k) {
+            std::uint32_t *count = nullptr;
+            if (k < file_clusters_) {
+                count = &counts_[k];
+            } else {
+                auto it = past_end_.find(k);
+                if (it == past_end_.end()) {
+                    if (past_end_.size() >= kMaxClustersPastEnd) {
+                        if (!past_end_overflow_) {
+                            past_end_overflow_ = true;
+                            ++r_.check_errors;
+                            finding("ERROR: more than {} clusters past the end of the file are "
+                                    "referenced; the rest are not counted",
+                                    kMaxClustersPastEnd);
+                        }
+                        return;
+                    }
+                    it = past_end_.emplace(k, 0).first;
+                }
+                count = &it->second;
+            }
+            if (*count == cap_) {
+                if (cap_ == refcount_max_) {
+                    corruption("ERROR: overflow cluster offset={:#x}", k << s_.cluster_bits);
+                }
+                continue;
+            }
+            ++*count;
+        }
+    }
+
+    std::uint64_t computed(std::uint64_t cluster) const {
+        if (cluster < file_clusters_)
+            return counts_[cluster];
+        auto it = past_end_.find(cluster);
+        return it == past_end_.end() ? 0 : it->second;
+    }
+
+    /// An on-disk 64-bit entry; bytes past the end of the file read as zeros, as qemu's
+    /// block layer reads them.
+    std::uint64_t entry_at(std::uint64_t offset) const {
+        return fits(s_.bytes.size(), offset, 8) ? load_be64(s_.bytes.data() + offset) : 0;
+    }
+
+    /// qcow2_get_refcount: the stored refcount, or nullopt when its refcount block is not
+    /// cluster-aligned (qemu fails the read with EIO).
+    std::optional<std::uint64_t> stored(std::uint64_t cluster) const {
+        const std::uint64_t table_index = cluster >> refblock_bits_;
+        if (table_index >= refcount_table_entries_)
+            return 0;
+        const std::uint64_t block =
+            entry_at(info_.refcount_table_offset + table_index * 8) & kRefcountTableOffsetMask;
+        if (block == 0)
+            return 0;
+        if (block & (s_.cluster_size - 1))
+            return std::nullopt;
+        if (!fits(s_.bytes.size(), block, s_.cluster_size))
+            return 0;
+        const std::byte *p = s_.bytes.data() + block;
+        const std::uint64_t index = cluster & ((std::uint64_t{1} << refblock_bits_) - 1);
+        switch (info_.refcount_order) {
+        case 0:
+        case 1:
+        case 2: {
+            // Sub-byte widths: entry 0 is in the least significant bits of byte 0 (spec).
+            const unsigned width = 1u << info_.refcount_order;
+            const std::uint64_t bit = index * width;
+            const unsigned byte = std::to_integer<unsigned>(p[bit / 8]);
+            return std::uint64_t{(byte >> (bit % 8)) & ((1u << width) - 1)};
+        }
+        case 3:
+            return std::uint64_t{std::to_integer<unsigned>(p[index])};
+        case 4:
+            return std::uint64_t{load_be16(p + index * 2)};
+        case 5:
+            return std::uint64_t{load_be32(p + index * 4)};
+        default:
+            return load_be64(p + index * 8);
+        }
+    }
+
+    ClusterType type_of(std::uint64_t entry) const {
+        using namespace detail;
+        if (entry & kL2CompressedFlag)
+            return ClusterType::compressed;
+        const std::uint64_t offset = entry & kL2OffsetMask;
+        if ((entry & kL2ZeroFlag) && !info_.extended_l2) {
+            return offset ? ClusterType::zero_alloc : ClusterType::zero_plain;
+        }
+        if (!offset) {
+            // With an external data file, offset 0 is a valid data cluster (raw data file).
+            return s_.has_data_file() && (entry & kL2CopiedFlag) ? ClusterType::normal
+                                                                 : ClusterType::unallocated;
+        }
+        return ClusterType::normal;
+    }
+
+    /// check_refcounts_l1: the L1 table, its L2 tables and every cluster they reference.
+    void check_l1(std::uint64_t l1_offset, std::uint32_t l1_size, bool active) {
+        using namespace detail;
+        if (l1_size == 0)
+            return;
+        inc(l1_offset, std::uint64_t{l1_size} * 8, "L1 table");
+        for (std::uint64_t i = 0; i < l1_size; ++i) {
+            if (!fits(s_.bytes.size(), l1_offset, (i + 1) * 8))
+                break; // zeros past the end
+            const std::uint64_t entry = entry_at(l1_offset + i * 8);
+            if (entry & kL1ReservedMask) {
+                corruption("ERROR found L1 entry with reserved bits set: {:x}", entry);
+            }
+            const std::uint64_t l2_offset = entry & kL1OffsetMask;
+            if (!l2_offset)
+                continue;
+            inc(l2_offset, s_.cluster_size, "L2 table");
+            if (l2_offset & (s_.cluster_size - 1)) {
+                corruption("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry "
+                           "corrupted",
+                           l2_offset);
+            }
+            check_l2(l2_offset, active);
+        }
+    }
+
+    /// check_refcounts_l2.
+    void check_l2(std::uint64_t l2_offset, bool active) {
+        using namespace detail;
+        const std::uint64_t entries = s_.cluster_size / s_.l2_entry_bytes;
+        std::uint64_t next_contiguous = 0;
+        for (std::uint64_t i = 0; i < entries; ++i) {
+            if (!fits(s_.bytes.size(), l2_offset, (i + 1) * s_.l2_entry_bytes))
+                break;
+            const std::uint64_t at = l2_offset + i * s_.l2_entry_bytes;
+            std::uint64_t entry = entry_at(at);
+            const std::uint64_t bitmap = info_.extended_l2 ? entry_at(at + 8) : 0;
+            const ClusterType type = type_of(entry);
+            if (type != ClusterType::compressed && (entry & kL2StandardReservedMask)) {
+                corruption("ERROR found l2 entry with reserved bits set: {:x}", entry);
+            }
+            switch (type) {
+            case ClusterType::compressed: {
+                if (entry & kL2CopiedFlag) {
+                    corruption("ERROR: coffset={:#x}: copied flag must never be set for "
+                               "compressed clusters",
+                               entry & s_.coffset_mask);
+                    entry &= ~kL2CopiedFlag;
+                }
+                if (s_.has_data_file()) {
+                    corruption("ERROR compressed cluster {} with data file, entry={:#x}", i, entry);
+                    break;
+                }
+                if (bitmap) {
+                    corruption("ERROR compressed cluster {} with non-zero subcluster "
+                               "allocation bitmap, entry={:#x}",
+                               i, entry);
+                    break;
+                }
+                // qcow2_parse_compressed_l2_entry: the stream's sectors, counted from the
+                // first byte (spec "Compressed Clusters Descriptor").
+                const std::uint64_t coffset = entry & s_.coffset_mask;
+                const std::uint64_t sectors = ((entry >> s_.csize_shift) & s_.csize_mask) + 1;
+                inc(coffset, sectors * kCompressedSectorSize - (coffset & 511),
+                    "compressed cluster");
+                if (active) {
+                    ++r_.allocated_clusters;
+                    ++r_.compressed_clusters;
+                    ++r_.fragmented_clusters; // sub-sector data: fragmented by nature (qemu)
+                }
+                break;
+            }
+            case ClusterType::zero_alloc:
+            case ClusterType::normal: {
+                const std::uint64_t offset = entry & kL2OffsetMask;
+                if ((bitmap >> 32) & bitmap) {
+                    corruption("ERROR offset={:x}: Allocated cluster has corrupted subcluster "
+                               "allocation bitmap",
+                               offset);
+                }
+                if (offset & (s_.cluster_size - 1)) {
+                    const bool contains_data = info_.extended_l2
+                                                   ? (bitmap & kSubclusterAllocMask) != 0
+                                                   : !(entry & kL2ZeroFlag);
+                    if (contains_data) {
+                        corruption("ERROR offset={:x}: Data cluster is not properly aligned; "
+                                   "L2 entry corrupted.",
+                                   offset);
+                    } else {
+                        corruption("ERROR offset={:x}: Preallocated cluster is not properly "
+                                   "aligned; L2 entry corrupted.",
+                                   offset);
+                    }
+                }
+                if (active) {
+                    ++r_.allocated_clusters;
+                    if (next_contiguous && offset != next_contiguous) {
+                        ++r_.fragmented_clusters;
+                    }
+                    next_contiguous = offset + s_.cluster_size;
+                }
+                // Clusters in an external data file are not refcounted.
+                if (!s_.has_data_file()) {
+                    inc(offset, s_.cluster_size, "data cluster");
+                }
+                break;
+            }
+            case ClusterType::zero_plain:
+                break;
+            case ClusterType::unallocated:
+                if (bitmap & kSubclusterAllocMask) {
+                    corruption("ERROR: Unallocated cluster has non-zero subcluster allocation "
+                               "map");
+                }
+                break;
+            }
+        }
+    }
+
+    /// Snapshot L1 tables (calculate_refcounts) and the snapshot table itself.
+    void check_snapshots() {
+        std::uint64_t at = info_.snapshots_offset;
+        std::uint32_t index = 0;
+        for (const Snapshot &sn : info_.snapshots) {
+            // The table's extent, as qcow2_read_snapshots measures it (snapshots_size).
+            at = ((at + 7) & ~std::uint64_t{7}) + 40 + sn.extra_data_size + sn.id.size() +
+                 sn.name.size();
+            if (info_.version >= 3 && sn.extra_data_size < 16) {
+                // v3 requires vm_state_size_large and disk_size (qcow2_check_fix_snapshot_table).
+                corruption("ERROR: Snapshot table entry {} has only {} bytes of extra data "
+                           "(version 3 needs 16)",
+                           index, sn.extra_data_size);
+            }
+            ++index;
+            if (sn.l1_table_offset & (s_.cluster_size - 1)) {
+                corruption("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster "
+                           "aligned; snapshot table entry corrupted",
+                           detail::printable(sn.id), detail::printable(sn.name),
+                           sn.l1_table_offset);
+                continue;
+            }
+            if (sn.l1_size > kMaxL1Entries) {
+                corruption("ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; "
+                           "snapshot table entry corrupted",
+                           detail::printable(sn.id), detail::printable(sn.name), sn.l1_size);
+                continue;
+            }
+            check_l1(sn.l1_table_offset, sn.l1_size, /*active=*/false);
+        }
+        if (!info_.snapshots.empty()) {
+            inc(info_.snapshots_offset, at - info_.snapshots_offset, "snapshot table");
+        }
+    }
+
+    /// The LUKS header area named by the full disk encryption header pointer extension.
+    void check_encryption_header() {
+        for (const HeaderExtension &ext : info_.extensions) {
+            if (ext.type != kExtEncryption || ext.length != 16)
+                continue;
+            const std::uint64_t offset = load_be64(s_.bytes.data() + ext.file_offset);
+            const std::uint64_t length = load_be64(s_.bytes.data() + ext.file_offset + 8);
+            if (length == 0)
+                continue;
+            if (!fits(s_.bytes.size(), offset, length)) {
+                corruption("ERROR encryption header at {:#x} (+{:#x}) lies beyond the end of "
+                           "the file ({:#x})",
+                           offset, length, s_.bytes.size());
+                continue;
+            }
+            inc(offset, length, "encryption header");
+        }
+    }
+
+    /// qcow2_check_bitmaps_refcounts: the directory, each bitmap table and its data clusters.
+    void check_bitmaps() {
+        if (!info_.bitmaps)
+            return;
+        const BitmapsExtension &ext = *info_.bitmaps;
+        inc(ext.directory_offset, ext.directory_size, "bitmap directory");
+        auto directory =
+            detail::slice(s_.bytes, ext.directory_offset, ext.directory_size, "bitmap directory");
+        if (!directory) {
+            corruption("ERROR bitmap directory: {}", directory.error().message);
+            return;
+        }
+        std::uint64_t at = 0;
+        for (std::uint32_t i = 0; i < ext.count; ++i) {
+            if (!fits(directory->size(), at, 24)) {
+                corruption("ERROR bitmap directory entry {} runs past the directory", i);
+                return;
+            }
+            const Bytes entry = directory->subspan(at, 24);
+            const std::uint64_t table_offset = load_be64(entry, 0);
+            const std::uint32_t table_entries = load_be32(entry, 8);
+            const std::uint16_t name_size = load_be16(entry, 18);
+            const std::uint32_t extra_size = load_be32(entry, 20);
+            at = (at + 24 + std::uint64_t{extra_size} + name_size + 7) & ~std::uint64_t{7};
+            const std::uint64_t table_bytes = std::uint64_t{table_entries} * 8;
+            if (table_entries > kMaxBitmapTableEntries || (table_offset & (s_.cluster_size - 1)) ||
+                !fits(s_.bytes.size(), table_offset, table_bytes)) {
+                corruption("ERROR bitmap {}: bitmap table at {:#x} of {} entries is unaligned, "
+                           "too large or beyond the end of the file ({:#x})",
+                           i, table_offset, table_entries, s_.bytes.size());
+                continue;
+            }
+            inc(table_offset, table_bytes, "bitmap table");
+            for (std::uint64_t j = 0; j < table_entries; ++j) {
+                const std::uint64_t e = load_be64(s_.bytes.data() + table_offset + j * 8);
+                const std::uint64_t offset = e & kBitmapTableOffsetMask;
+                if ((e & kBitmapTableReservedMask) ||
+                    (offset && ((e & kBitmapTableAllOnes) || (offset & (s_.cluster_size - 1))))) {
+                    corruption("ERROR bitmap {} table entry {}: invalid entry {:#x}", i, j, e);
+                    continue;
+                }
+                if (offset)
+                    inc(offset, s_.cluster_size, "bitmap data");
+            }
+        }
+    }
+
+    std::uint64_t imrt_clusters() const {
+        return past_end_.empty() ? file_clusters_
+                                 : std::max(file_clusters_, past_end_.rbegin()->first + 1);
+    }
+
+    /// check_refblocks: each refcount block must be aligned, inside the image and referenced
+    /// exactly once.
+    void check_refblocks() {
+        for (std::uint64_t i = 0; i < refcount_table_entries_; ++i) {
+            const std::uint64_t raw = entry_at(info_.refcount_table_offset + i * 8);
+            const std::uint64_t offset = raw & kRefcountTableOffsetMask;
+            const std::uint64_t cluster = offset >> s_.cluster_bits;
+            if (raw & kRefcountTableReservedMask) {
+                corruption("ERROR refcount table entry {} has reserved bits set", i);
+                continue;
+            }
+            if (offset & (s_.cluster_size - 1)) {
+                corruption("ERROR refcount block {} is not cluster aligned; refcount table "
+                           "entry corrupted",
+                           i);
+                continue;
+            }
+            if (cluster >= imrt_clusters()) {
+                corruption("ERROR refcount block {} is outside image", i);
+                continue;
+            }
+            if (offset != 0) {
+                inc(offset, s_.cluster_size, "refcount block");
+                if (computed(cluster) != 1) {
+                    corruption("ERROR refcount block {} refcount={}", i, computed(cluster));
+                }
+            }
+        }
+    }
+
+    void compare_one(std::uint64_t i, std::uint64_t &highest) {
+        auto refcount = stored(i);
+        if (!refcount) {
+            ++r_.check_errors;
+            finding("Can't get refcount for cluster {}: Input/output error", i);
+            return;
+        }
+        const std::uint64_t references = computed(i);
+        if (*refcount > 0 || references > 0)
+            highest = i;
+        if (*refcount == references)
+            return;
+        if (*refcount < references) {
+            ++r_.corruptions;
+            finding("ERROR cluster {} refcount={} reference={}", i, *refcount, references);
+        } else {
+            ++r_.leaks;
+            finding("Leaked cluster {} refcount={} reference={}", i, *refcount, references);
+        }
+    }
+
+    /// compare_refcounts over every cluster of the file, then over clusters past its end that
+    /// are referenced or have a stored refcount (qemu grows its table to cover them).
+    void compare() {
+        std::uint64_t highest = 0;
+        for (std::uint64_t i = 0; i < file_clusters_; ++i) {
+            compare_one(i, highest);
+        }
+        const std::uint64_t end = imrt_clusters();
+        if (end > file_clusters_) {
+            // Past the end only referenced clusters and clusters of refcount blocks that lie
+            // inside the file can differ from zero: visit just those.
+            std::set<std::uint64_t> clusters;
+            for (const auto &[k, count] : past_end_)
+                clusters.insert(k);
+            const std::uint64_t per_block = std::uint64_t{1} << refblock_bits_;
+            for (std::uint64_t t = file_clusters_ >> refblock_bits_;
+                 t < refcount_table_entries_ && (t << refblock_bits_) < end; ++t) {
+                const std::uint64_t block =
+                    entry_at(info_.refcount_table_offset + t * 8) & kRefcountTableOffsetMask;
+                if (!block || (block & (s_.cluster_size - 1)) ||
+                    !fits(s_.bytes.size(), block, s_.cluster_size)) {
+                    continue;
+                }
+                for (std::uint64_t j = 0; j < per_block; ++j) {
+                    const std::uint64_t k = (t << refblock_bits_) + j;
+                    if (k >= file_clusters_ && k < end && stored(k).value_or(0) != 0) {
+                        clusters.insert(k);
+                    }
+                }
+            }
+            for (std::uint64_t k : clusters)
+                compare_one(k, highest);
+        }
+        r_.image_end_offset = (highest + 1) << s_.cluster_bits;
+    }
+
+    /// check_oflag_copied: the COPIED flag of active L1 and L2 entries says "refcount is 1".
+    void check_copied_flags() {
+        using namespace detail;
+        const Bytes l1 = s_.l1_table;
+        for (std::size_t i = 0; i + 8 <= l1.size(); i += 8) {
+            const std::uint64_t l1_entry = load_be64(l1, i);
+            const std::uint64_t l2_offset = l1_entry & kL1OffsetMask;
+            if (!l2_offset)
+                continue;
+            auto refcount = stored(l2_offset >> s_.cluster_bits);
+            if (!refcount)
+                continue;
+            if ((*refcount == 1) != ((l1_entry & kL2CopiedFlag) != 0)) {
+                corruption("ERROR OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} "
+                           "refcount={}",
+                           i / 8, l1_entry, *refcount);
+            }
+            const std::uint64_t entries = s_.cluster_size / s_.l2_entry_bytes;
+            for (std::uint64_t j = 0; j < entries; ++j) {
+                if (!fits(s_.bytes.size(), l2_offset, (j + 1) * s_.l2_entry_bytes))
+                    break;
+                const std::uint64_t entry = entry_at(l2_offset + j * s_.l2_entry_bytes);
+                const ClusterType type = type_of(entry);
+                if (type != ClusterType::normal && type != ClusterType::zero_alloc)
+                    continue;
+                std::optional<std::uint64_t> data_refcount = std::uint64_t{1};
+                if (!s_.has_data_file()) {
+                    data_refcount = stored((entry & kL2OffsetMask) >> s_.cluster_bits);
+                    if (!data_refcount)
+                        continue;
+                }
+                if ((*data_refcount == 1) != ((entry & kL2CopiedFlag) != 0)) {
+                    corruption("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={}", entry,
+                               *data_refcount);
+                }
+            }
+        }
+    }
+
+    const ImageState &s_;
+    const ImageInfo &info_;
+    const CheckOptions &options_;
+    CheckResult &r_;
+    std::uint64_t file_clusters_;
+    std::vector<std::uint32_t> counts_;
+    std::map<std::uint64_t, std::uint32_t> past_end_;
+    bool past_end_overflow_ = false;
+    std::uint64_t refcount_max_ = 0;
+    std::uint64_t cap_ = 0;
+    std::uint64_t refcount_table_entries_ = 0;
+    unsigned refblock_bits_ = 0;
+};
+
+} // namespace
+
+Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions &options) {
+    detail::ImageState state;
+    state.bytes = bytes;
+    state.data_bytes = bytes;
+    // Only metadata is read: encrypted images can be checked like any other (qemu too checks
+    // them without the key).
+    state.allow_encrypted = true;
+    if (auto ok = detail::parse_image(state); !ok) {
+        return std::move(ok).error();
+    }
+    if (state.info.version < 2) {
+        return Error{ErrorCode::unsupported_feature,
+                     "qcow version 1 images keep no reference counts; there is nothing to check"};
+    }
+    CheckResult result;
+    Checker(state, options, result).run();
+    return result;
+}
+
+Result<CheckResult> check_image(const std::filesystem::path &path, const CheckOptions &options) {
+    auto file = detail::MappedFile::open(path);
+    if (!file) {
+        return std::move(file).error();
+    }
+    return check_image(file->bytes(), options);
+}
+
+} // namespace qcowmap
