@@ -263,7 +263,12 @@ TEST_F(Nbdkit, CorruptClusterIsAnIoError) {
     EXPECT_NE(r.err.find("Input/output error"), std::string::npos) << r.err;
 }
 
-TEST_F(Nbdkit, StartupErrors) {
+TEST_F(Nbdkit, StartupErrorsFromTheImage) {
+    if (!preload().empty()) {
+        // Seen with nbdkit 1.32: when get_ready fails with the ASan runtime preloaded, nbdkit's
+        // exit(1) deadlocks in libp11-kit's destructor (freelocale); nothing of ours runs there.
+        GTEST_SKIP() << "nbdkit hangs at exit after a failed get_ready under LD_PRELOAD=libasan";
+    }
     auto r = nbdkit("file=" + q(dir_ / "missing.qcow2"), "true");
     EXPECT_NE(r.exit_code, 0);
     EXPECT_NE(r.err.find("missing.qcow2"), std::string::npos) << r.err;
@@ -278,7 +283,12 @@ TEST_F(Nbdkit, StartupErrors) {
     r = nbdkit("file=" + q(image) + " snapshot=nope", "true");
     EXPECT_NE(r.exit_code, 0);
     EXPECT_NE(r.err.find("nope"), std::string::npos) << r.err;
-    r = nbdkit("file=" + q(image) + " backing=maybe", "true");
+}
+
+TEST_F(Nbdkit, StartupErrorsFromParameters) {
+    const fs::path image = dir_ / "ok.qcow2";
+    test::make_image(image, "", "1M");
+    auto r = nbdkit("file=" + q(image) + " backing=maybe", "true");
     EXPECT_NE(r.exit_code, 0);
     EXPECT_NE(r.err.find("backing=maybe: expected 'none' or 'follow'"), std::string::npos) << r.err;
     r = nbdkit("colour=blue file=" + q(image), "true");

@@ -57,7 +57,7 @@ void report(const qcowmap::Error &error) {
         return fail_value;                                                                         \
     }
 
-int qcowmap_config(const char *key, const char *value) {
+int serve_config(const char *key, const char *value) {
     GUARD_BEGIN
     if (std::strcmp(key, "file") == 0) {
         char *absolute = nbdkit_absolute_path(value); // nbdkit may chdir("/") when daemonising
@@ -85,7 +85,7 @@ int qcowmap_config(const char *key, const char *value) {
     GUARD_END(-1)
 }
 
-int qcowmap_config_complete() {
+int serve_config_complete() {
     if (file_name.empty()) {
         nbdkit_error("you must supply the file=IMAGE.qcow2 parameter");
         return -1;
@@ -95,7 +95,7 @@ int qcowmap_config_complete() {
 
 // Opening in get_ready (not config_complete) still happens before nbdkit forks into the
 // background or accepts a connection, so a bad image fails nbdkit's start with our message.
-int qcowmap_get_ready() {
+int serve_get_ready() {
     GUARD_BEGIN
     auto opened = qcowmap::Image::open(file_name, options);
     if (!opened) {
@@ -107,35 +107,35 @@ int qcowmap_get_ready() {
     GUARD_END(-1)
 }
 
-void qcowmap_unload() {
+void serve_unload() {
     image.reset();
 }
 
-void *qcowmap_open(int /*readonly*/) {
+void *serve_open(int /*readonly*/) {
     // Every connection shares the one Image; the handle only has to be non-NULL.
     return &*image;
 }
 
-void qcowmap_close(void * /*handle*/) {}
+void serve_close(void * /*handle*/) {}
 
-int64_t qcowmap_get_size(void *handle) {
+int64_t serve_get_size(void *handle) {
     return static_cast<int64_t>(static_cast<qcowmap::Image *>(handle)->size());
 }
 
-int qcowmap_can_write(void *) {
+int serve_can_write(void *) {
     return 0;
 }
-int qcowmap_can_multi_conn(void *) {
+int serve_can_multi_conn(void *) {
     return 1;
 }
-int qcowmap_can_extents(void *) {
+int serve_can_extents(void *) {
     return 1;
 }
-int qcowmap_can_cache(void *) {
+int serve_can_cache(void *) {
     return NBDKIT_CACHE_NATIVE;
 }
 
-int qcowmap_pread(void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+int serve_pread(void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
     GUARD_BEGIN
     const auto &img = *static_cast<qcowmap::Image *>(handle);
     auto copied = img.read({static_cast<std::byte *>(buf), count}, offset);
@@ -153,8 +153,8 @@ int qcowmap_pread(void *handle, void *buf, uint32_t count, uint64_t offset, uint
     GUARD_END(-1)
 }
 
-int qcowmap_extents(void *handle, uint32_t count, uint64_t offset, uint32_t flags,
-                    struct nbdkit_extents *extents) {
+int serve_extents(void *handle, uint32_t count, uint64_t offset, uint32_t flags,
+                  struct nbdkit_extents *extents) {
     GUARD_BEGIN
     const auto &img = *static_cast<qcowmap::Image *>(handle);
     qcowmap::ExtentIterator it = img.extents(offset, offset + count);
@@ -182,7 +182,7 @@ int qcowmap_extents(void *handle, uint32_t count, uint64_t offset, uint32_t flag
 // Prefetch: ask the kernel to read ahead the mapped data runs of the range (madvise
 // WILLNEED), so a later pread finds them in the page cache. Zero runs need nothing, and
 // compressed clusters would have to be decompressed anyway; an advice failure is not an error.
-int qcowmap_cache(void *handle, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+int serve_cache(void *handle, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
     GUARD_BEGIN
     const auto &img = *static_cast<qcowmap::Image *>(handle);
     const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
@@ -211,24 +211,24 @@ struct nbdkit_plugin make_plugin() {
     p.longname = "qcowmap: qcow2 images through one read-only memory mapping";
     p.version = "0.1.0";
     p.description = "Serves the virtual disk of a qcow2 image read-only";
-    p.unload = qcowmap_unload;
-    p.config = qcowmap_config;
-    p.config_complete = qcowmap_config_complete;
+    p.unload = serve_unload;
+    p.config = serve_config;
+    p.config_complete = serve_config_complete;
     p.config_help = "file=IMAGE.qcow2    (required) the image to serve\n"
                     "snapshot=ID|NAME    serve this internal snapshot\n"
                     "backing=none        ignore the backing file (unallocated reads as zeros)";
     p.magic_config_key = "file";
-    p.get_ready = qcowmap_get_ready;
-    p.open = qcowmap_open;
-    p.close = qcowmap_close;
-    p.get_size = qcowmap_get_size;
-    p.can_write = qcowmap_can_write;
-    p.can_multi_conn = qcowmap_can_multi_conn;
-    p.can_extents = qcowmap_can_extents;
-    p.can_cache = qcowmap_can_cache;
-    p.pread = qcowmap_pread;
-    p.extents = qcowmap_extents;
-    p.cache = qcowmap_cache;
+    p.get_ready = serve_get_ready;
+    p.open = serve_open;
+    p.close = serve_close;
+    p.get_size = serve_get_size;
+    p.can_write = serve_can_write;
+    p.can_multi_conn = serve_can_multi_conn;
+    p.can_extents = serve_can_extents;
+    p.can_cache = serve_can_cache;
+    p.pread = serve_pread;
+    p.extents = serve_extents;
+    p.cache = serve_cache;
     p.errno_is_preserved = 0;
     return p;
 }
