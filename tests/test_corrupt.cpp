@@ -75,45 +75,35 @@ constexpr std::size_t kBackingNameAt = 0x1000; // after qemu's extensions, in th
 // ---------------------------------------------------------------------------------------------
 // Byte patching. `at()` throws on a bad offset, which gtest reports as a test failure.
 
-void put_be(Buffer &b, std::size_t at, std::uint64_t value, unsigned width) {
+void put_be(Buffer& b, std::size_t at, std::uint64_t value, unsigned width) {
     for (unsigned i = 0; i < width; ++i) {
         b.at(at + i) = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
     }
 }
-void put_u8(Buffer &b, std::size_t at, std::uint8_t v) {
-    put_be(b, at, v, 1);
-}
-void put_be32(Buffer &b, std::size_t at, std::uint32_t v) {
-    put_be(b, at, v, 4);
-}
-void put_be64(Buffer &b, std::size_t at, std::uint64_t v) {
-    put_be(b, at, v, 8);
-}
+void put_u8(Buffer& b, std::size_t at, std::uint8_t v) { put_be(b, at, v, 1); }
+void put_be32(Buffer& b, std::size_t at, std::uint32_t v) { put_be(b, at, v, 4); }
+void put_be64(Buffer& b, std::size_t at, std::uint64_t v) { put_be(b, at, v, 8); }
 
-std::uint64_t get_be(const Buffer &b, std::size_t at, unsigned width) {
+std::uint64_t get_be(const Buffer& b, std::size_t at, unsigned width) {
     std::uint64_t value = 0;
     for (unsigned i = 0; i < width; ++i) {
         value = (value << 8) | std::to_integer<std::uint64_t>(b.at(at + i));
     }
     return value;
 }
-std::uint32_t get_be32(const Buffer &b, std::size_t at) {
+std::uint32_t get_be32(const Buffer& b, std::size_t at) {
     return static_cast<std::uint32_t>(get_be(b, at, 4));
 }
-std::uint64_t get_be64(const Buffer &b, std::size_t at) {
-    return get_be(b, at, 8);
-}
+std::uint64_t get_be64(const Buffer& b, std::size_t at) { return get_be(b, at, 8); }
 
 /// Writes `text` at `at`, zero-filling up to `field_size` bytes.
-void put_text(Buffer &b, std::size_t at, std::string_view text, std::size_t field_size) {
+void put_text(Buffer& b, std::size_t at, std::string_view text, std::size_t field_size) {
     for (std::size_t i = 0; i < field_size; ++i) {
         b.at(at + i) = i < text.size() ? static_cast<std::byte>(text[i]) : std::byte{0};
     }
 }
 
-std::string hex(std::uint64_t v) {
-    return fmt::format("{:#x}", v);
-}
+std::string hex(std::uint64_t v) { return fmt::format("{:#x}", v); }
 
 // Header extensions: a chain from the end of the header to a type-0 end marker.
 struct ExtensionAt {
@@ -122,11 +112,11 @@ struct ExtensionAt {
     std::uint32_t length;
 };
 
-std::size_t extensions_start(const Buffer &b) {
+std::size_t extensions_start(const Buffer& b) {
     return get_be32(b, kVersionAt) == 2 ? 72 : get_be32(b, kHeaderLengthAt);
 }
 
-std::vector<ExtensionAt> extensions(const Buffer &b) {
+std::vector<ExtensionAt> extensions(const Buffer& b) {
     std::vector<ExtensionAt> out;
     std::size_t at = extensions_start(b);
     while (std::uint32_t type = get_be32(b, at)) {
@@ -138,22 +128,22 @@ std::vector<ExtensionAt> extensions(const Buffer &b) {
 }
 
 /// Offset of the extension's header (type field); throws when the image has no such extension.
-std::size_t find_extension(const Buffer &b, std::uint32_t type) {
-    for (const ExtensionAt &e : extensions(b)) {
+std::size_t find_extension(const Buffer& b, std::uint32_t type) {
+    for (const ExtensionAt& e : extensions(b)) {
         if (e.type == type)
             return e.header;
     }
     throw std::runtime_error(fmt::format("fixture has no header extension {:#x}", type));
 }
 
-std::size_t end_marker(const Buffer &b) {
+std::size_t end_marker(const Buffer& b) {
     auto list = extensions(b);
     return list.empty() ? extensions_start(b)
                         : list.back().header + 8 + ((list.back().length + 7) & ~std::size_t{7});
 }
 
 /// Adds an extension where the end marker was, followed by a new end marker.
-void append_extension(Buffer &b, std::uint32_t type, std::string_view data) {
+void append_extension(Buffer& b, std::uint32_t type, std::string_view data) {
     std::size_t at = end_marker(b);
     std::size_t padded = (data.size() + 7) & ~std::size_t{7};
     put_be32(b, at, type);
@@ -163,13 +153,9 @@ void append_extension(Buffer &b, std::uint32_t type, std::string_view data) {
 }
 
 // Geometry of the fixtures: one L1 entry (1 MiB disk), 64 KiB clusters.
-std::size_t l1_offset(const Buffer &b) {
-    return get_be64(b, kL1TableOffsetAt);
-}
-std::size_t l2_table(const Buffer &b) {
-    return get_be64(b, l1_offset(b)) & kOffsetMask;
-}
-std::size_t l2_entry(const Buffer &b, unsigned index, unsigned entry_bytes = 8) {
+std::size_t l1_offset(const Buffer& b) { return get_be64(b, kL1TableOffsetAt); }
+std::size_t l2_table(const Buffer& b) { return get_be64(b, l1_offset(b)) & kOffsetMask; }
+std::size_t l2_entry(const Buffer& b, unsigned index, unsigned entry_bytes = 8) {
     return l2_table(b) + std::size_t{index} * entry_bytes;
 }
 
@@ -179,7 +165,7 @@ struct Stream {
     std::uint64_t offset;
     std::uint64_t size;
 };
-Stream compressed_stream(const Buffer &b) {
+Stream compressed_stream(const Buffer& b) {
     std::uint64_t entry = get_be64(b, l2_entry(b, 0));
     std::uint64_t offset = entry & kCoffsetMask;
     std::uint64_t sectors = ((entry >> kCsizeShift) & 0xff) + 1;
@@ -190,7 +176,7 @@ Stream compressed_stream(const Buffer &b) {
 // ---------------------------------------------------------------------------------------------
 // Assertions
 
-testing::AssertionResult error_matches(const Error &error, ErrorCode code,
+testing::AssertionResult error_matches(const Error& error, ErrorCode code,
                                        std::initializer_list<std::string_view> needles) {
     if (error.code != code) {
         return testing::AssertionFailure()
@@ -211,7 +197,7 @@ testing::AssertionResult error_matches(const Error &error, ErrorCode code,
 }
 
 template <typename T>
-testing::AssertionResult fails_with(const Result<T> &result, ErrorCode code,
+testing::AssertionResult fails_with(const Result<T>& result, ErrorCode code,
                                     std::initializer_list<std::string_view> needles) {
     if (result) {
         return testing::AssertionFailure() << "succeeded, expected " << to_string(code);
@@ -225,13 +211,13 @@ OpenOptions no_backing() {
     return options;
 }
 
-Result<Image> open(const Buffer &b, const OpenOptions &options = {}) {
+Result<Image> open(const Buffer& b, const OpenOptions& options = {}) {
     return Image::open_bytes(std::span<const std::byte>(b), options);
 }
 
 /// Walks the whole disk expecting an error; after it, next() must keep returning false and
 /// the error must stay as it was.
-testing::AssertionResult walk_fails_with(const Image &image, ErrorCode code,
+testing::AssertionResult walk_fails_with(const Image& image, ErrorCode code,
                                          std::initializer_list<std::string_view> needles) {
     ExtentIterator it = image.extents();
     Extent extent;
@@ -256,7 +242,7 @@ testing::AssertionResult walk_fails_with(const Image &image, ErrorCode code,
 }
 
 /// The extent walk, read() and visit_runs() over the whole disk all fail with the same error.
-testing::AssertionResult every_read_fails_with(const Image &image, ErrorCode code,
+testing::AssertionResult every_read_fails_with(const Image& image, ErrorCode code,
                                                std::initializer_list<std::string_view> needles) {
     if (auto r = walk_fails_with(image, code, needles); !r) {
         return r << " [extents()]";
@@ -275,7 +261,7 @@ testing::AssertionResult every_read_fails_with(const Image &image, ErrorCode cod
 }
 
 /// Walks and reads the whole disk; true when nothing fails.
-testing::AssertionResult reads_cleanly(const Image &image) {
+testing::AssertionResult reads_cleanly(const Image& image) {
     ExtentIterator it = image.extents();
     Extent extent;
     while (it.next(extent)) {
@@ -293,8 +279,8 @@ testing::AssertionResult reads_cleanly(const Image &image) {
 
 /// Runs `qcowmap ARGS FILE` (after `prefix`, e.g. a ulimit) and checks the error contract:
 /// exit code 1 and exactly one stderr line "qcowmap: FILE: ..." containing `needle`.
-testing::AssertionResult cli_fails(const std::string &args, const std::filesystem::path &file,
-                                   std::string_view needle, const std::string &prefix = "") {
+testing::AssertionResult cli_fails(const std::string& args, const std::filesystem::path& file,
+                                   std::string_view needle, const std::string& prefix = "") {
     const std::string command =
         prefix + qt::qcowmap_bin() + " " + args + " " + qt::shell_quote(file.string());
     qt::CommandResult r = qt::run(command);
@@ -316,8 +302,8 @@ testing::AssertionResult cli_fails(const std::string &args, const std::filesyste
     return testing::AssertionSuccess();
 }
 
-testing::AssertionResult cli_succeeds(const std::string &args, const std::filesystem::path &file,
-                                      const std::string &prefix = "") {
+testing::AssertionResult cli_succeeds(const std::string& args, const std::filesystem::path& file,
+                                      const std::string& prefix = "") {
     const std::string command =
         prefix + qt::qcowmap_bin() + " " + args + " " + qt::shell_quote(file.string());
     qt::CommandResult r = qt::run(command);
@@ -345,8 +331,8 @@ struct Fixtures {
     Buffer v1_compressed;          ///< legacy qcow: cluster 0 compressed (0x11)
 
     Fixtures() {
-        auto make = [&](const std::string &name, const std::string &options,
-                        const std::vector<std::string> &io) {
+        auto make = [&](const std::string& name, const std::string& options,
+                        const std::vector<std::string>& io) {
             auto path = dir / name;
             qt::make_image(path, options, "1M", io);
             return path;
@@ -384,15 +370,15 @@ struct Fixtures {
     }
 };
 
-const Fixtures &fixtures() {
+const Fixtures& fixtures() {
     static Fixtures f;
     return f;
 }
 
 // Every fixture opens and reads cleanly, so each failure below comes from its patch alone.
 TEST(CorruptFixtures, HealthyImagesOpenAndRead) {
-    const Fixtures &f = fixtures();
-    for (const Buffer *b : {&f.v3, &f.v2, &f.zlib, &f.zstd, &f.zlib_many, &f.extended_l2,
+    const Fixtures& f = fixtures();
+    for (const Buffer* b : {&f.v3, &f.v2, &f.zlib, &f.zstd, &f.zlib_many, &f.extended_l2,
                             &f.extended_l2_compressed, &f.bitmaps, &f.v1, &f.v1_compressed}) {
         auto image = open(*b);
         ASSERT_TRUE(image) << image.error().message;
@@ -628,8 +614,8 @@ TEST(CorruptHeader, UnknownIncompatibleBitNamedByFeatureTable) {
 // prints it as its single stderr line), and terminal control characters do not pass through raw.
 TEST(CorruptHeader, NamesFromTheImageDoNotBreakTheOneLineMessage) {
     qt::TempDir dir;
-    auto check = [&](const Buffer &b, ErrorCode code, std::string_view needle,
-                     const std::string &name, const std::string &command = "info") {
+    auto check = [&](const Buffer& b, ErrorCode code, std::string_view needle,
+                     const std::string& name, const std::string& command = "info") {
         auto image = open(b);
         EXPECT_TRUE(fails_with(image, code, {needle})) << name;
         if (!image) {
@@ -1293,7 +1279,7 @@ TEST(CorruptWalk, ExtendedL2CompressedEntryWithABitmap) {
 // Compressed clusters
 
 TEST(CorruptCompressed, DescriptorPastTheEndOfTheFile) {
-    for (const Buffer *fixture : {&fixtures().zlib, &fixtures().zstd}) {
+    for (const Buffer* fixture : {&fixtures().zlib, &fixtures().zstd}) {
         Buffer b = *fixture;
         const std::uint64_t entry = get_be64(b, l2_entry(b, 0));
         put_be64(b, l2_entry(b, 0), (entry & ~kCoffsetMask) | kFarAway);
@@ -1313,7 +1299,7 @@ TEST(CorruptCompressed, DescriptorPastTheEndOfTheFile) {
 }
 
 /// Overwrites the compressed stream of cluster 0 with `value` bytes.
-void fill_stream(Buffer &b, std::uint8_t value) {
+void fill_stream(Buffer& b, std::uint8_t value) {
     const Stream stream = compressed_stream(b);
     std::fill_n(b.begin() + static_cast<std::ptrdiff_t>(stream.offset), stream.size,
                 std::byte{value});
@@ -1321,7 +1307,7 @@ void fill_stream(Buffer &b, std::uint8_t value) {
 
 /// Opens `b` (cluster 0 compressed), checks that the walk itself succeeds and that read(),
 /// visit_runs() and a Decompressor all fail with compressed_data naming the stream.
-void expect_bad_stream(const Buffer &b, std::string_view problem) {
+void expect_bad_stream(const Buffer& b, std::string_view problem) {
     const Stream stream = compressed_stream(b);
     auto image = open(b);
     ASSERT_TRUE(image) << image.error().message;
@@ -1361,7 +1347,7 @@ TEST(CorruptCompressed, DecompressorCacheDoesNotLeakAcrossImages) {
     Buffer bad = fixtures().zlib;
     fill_stream(bad, 0xff);
     Decompressor decompressor;
-    const void *first_state = nullptr;
+    const void* first_state = nullptr;
     {
         auto image = open(good);
         ASSERT_TRUE(image) << image.error().message;
@@ -1397,7 +1383,7 @@ TEST(CorruptCompressed, GarbageZstdStream) {
 }
 
 TEST(CorruptCompressed, ParallelVisitsReportBadStreams) {
-    for (const Buffer *fixture : {&fixtures().zlib, &fixtures().zstd}) {
+    for (const Buffer* fixture : {&fixtures().zlib, &fixtures().zstd}) {
         Buffer b = *fixture;
         fill_stream(b, 0xff);
         const Stream stream = compressed_stream(b);
@@ -1425,7 +1411,7 @@ TEST(CorruptCompressed, VisitsStopAtTheFirstBadClusterInOrder) {
         {"garbage stream", 9, ErrorCode::compressed_data, "virtual offset 0x90000 "},
         {"L2 entry with reserved bits", 12, ErrorCode::invalid_cluster, "virtual offset 0xc0000 "},
     };
-    for (const Case &c : cases) {
+    for (const Case& c : cases) {
         Buffer b = fixtures().zlib_many;
         const std::size_t entry = l2_entry(b, c.bad_cluster);
         if (c.code == ErrorCode::compressed_data) {
@@ -1503,7 +1489,7 @@ constexpr std::size_t kV1L2BitsAt = 33;
 constexpr std::size_t kV1CryptMethodAt = 36;
 constexpr std::size_t kV1L1TableOffsetAt = 40;
 
-std::size_t v1_l2_entry(const Buffer &b, unsigned index) {
+std::size_t v1_l2_entry(const Buffer& b, unsigned index) {
     return get_be64(b, get_be64(b, kV1L1TableOffsetAt)) + std::size_t{index} * 8;
 }
 
@@ -1557,8 +1543,8 @@ TEST(CorruptQcowV1, BackingFileName) {
     Buffer b = fixtures().v1;
     put_be64(b, kBackingFileOffsetAt, 0x100);
     put_be32(b, kBackingFileSizeAt, 1024);
-    EXPECT_TRUE(
-        fails_with(open(b, no_backing()), ErrorCode::invalid_header, {"1024 bytes", "1023"}));
+    EXPECT_TRUE(fails_with(open(b, no_backing()), ErrorCode::invalid_header,
+                           {"1024 bytes", "1023"}));
     put_be64(b, kBackingFileOffsetAt, kFarAway);
     put_be32(b, kBackingFileSizeAt, 4);
     EXPECT_TRUE(fails_with(open(b, no_backing()), ErrorCode::invalid_header,
@@ -1610,7 +1596,7 @@ TEST(CorruptQcowV1, GarbageCompressedStream) {
 // ---------------------------------------------------------------------------------------------
 // The CLI: one line on stderr, exit code 1, never a crash
 
-const char *const kCommands[] = {"info", "cat", "map --output=json", "check"};
+const char* const kCommands[] = {"info", "cat", "map --output=json", "check"};
 
 TEST(CorruptCli, OpenErrorsFailEveryCommand) {
     qt::TempDir dir;
@@ -1649,13 +1635,13 @@ TEST(CorruptCli, OpenErrorsFailEveryCommand) {
         cases.push_back({"huge.qcow2", b, "needs 34359738368"});
     }
     cases.push_back({"empty.qcow2", {}, "empty"});
-    for (const Case &c : cases) {
+    for (const Case& c : cases) {
         qt::write_file(dir / c.name, c.bytes);
-        for (const char *command : kCommands) {
+        for (const char* command : kCommands) {
             EXPECT_TRUE(cli_fails(command, dir / c.name, c.needle));
         }
     }
-    for (const char *command : kCommands) {
+    for (const char* command : kCommands) {
         EXPECT_TRUE(cli_fails(command, dir / "missing.qcow2", "No such file or directory"));
         EXPECT_TRUE(cli_fails(command, dir.path(), "directory"));
     }
@@ -1691,7 +1677,7 @@ TEST(CorruptCli, WalkErrorsFailCatAndMap) {
 
 TEST(CorruptCli, GarbageCompressedStreamFailsCat) {
     qt::TempDir dir;
-    for (const Buffer *fixture : {&fixtures().zlib, &fixtures().zstd}) {
+    for (const Buffer* fixture : {&fixtures().zlib, &fixtures().zstd}) {
         Buffer b = *fixture;
         fill_stream(b, 0xff);
         const auto path = dir / "garbage.qcow2";
@@ -1751,13 +1737,13 @@ TEST(CorruptCli, HugeTablesFailUnderAMemoryLimit) {
         {"snapshots-max", kNbSnapshotsAt, 65536, 4, "(+0x280000)"},
         {"snapshots-huge", kNbSnapshotsAt, 0xffffffff, 4, "4294967295 snapshots"},
     };
-    for (const Case &c : cases) {
+    for (const Case& c : cases) {
         Buffer b = fixtures().v3;
         put_be(b, c.field, c.value, c.width);
         put_be64(b, kSnapshotsOffsetAt, snapshots_at);
         const auto path = dir / (c.name + ".qcow2");
         qt::write_file(path, b);
-        for (const char *command : kCommands) {
+        for (const char* command : kCommands) {
             EXPECT_TRUE(cli_fails(command, path, c.needle, limit)) << c.name;
         }
     }
@@ -1767,7 +1753,7 @@ TEST(CorruptCli, HugeTablesFailUnderAMemoryLimit) {
     put_be64(at.b, at.directory_size(), 1024ULL * 65535);
     const auto bitmaps = dir / "bitmaps-max.qcow2";
     qt::write_file(bitmaps, at.b);
-    for (const char *command : kCommands) {
+    for (const char* command : kCommands) {
         EXPECT_TRUE(cli_fails(command, bitmaps, "bitmap directory at", limit));
     }
 }
@@ -1793,9 +1779,9 @@ TEST(CorruptCli, TightMemoryLimitsNeverCrash) {
                 .exit_code != 0)
             continue;
         ++limits_tried;
-        for (const auto &path : {plain, compressed}) {
+        for (const auto& path : {plain, compressed}) {
             const std::string image = qt::shell_quote(path.string());
-            for (const std::string &command :
+            for (const std::string& command :
                  {"cat " + image, "map --output=json " + image,
                   "convert -f " + image + " " + qt::shell_quote(out.string())}) {
                 if (std::find(crashed.begin(), crashed.end(), command) != crashed.end())
@@ -1823,7 +1809,7 @@ struct MemoryChain {
     OpenOptions options() const {
         OpenOptions o;
         o.backing_resolver =
-            [this](const std::string &name) -> std::optional<std::span<const std::byte>> {
+            [this](const std::string& name) -> std::optional<std::span<const std::byte>> {
             auto it = files.find(name);
             if (it == files.end())
                 return std::nullopt;
@@ -1834,8 +1820,8 @@ struct MemoryChain {
 };
 
 /// A 256 KiB qcow2 image named `name` whose backing file is `backing` (unchecked: -u).
-Buffer overlay(const qt::TempDir &dir, const std::string &name, const std::string &backing,
-               const std::string &format = "qcow2", const std::string &io = "") {
+Buffer overlay(const qt::TempDir& dir, const std::string& name, const std::string& backing,
+               const std::string& format = "qcow2", const std::string& io = "") {
     const auto path = dir / name;
     qt::run_ok("cd " + qt::shell_quote(dir.path().string()) +
                " && qemu-img create -q -f qcow2 -u -b " + qt::shell_quote(backing) + " -F " +

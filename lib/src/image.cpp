@@ -7,37 +7,24 @@ namespace qcowmap {
 
 std::string_view to_string(ErrorCode code) {
     switch (code) {
-    case ErrorCode::io_error:
-        return "io_error";
-    case ErrorCode::not_qcow2:
-        return "not_qcow2";
-    case ErrorCode::unsupported_version:
-        return "unsupported_version";
-    case ErrorCode::invalid_header:
-        return "invalid_header";
-    case ErrorCode::unsupported_feature:
-        return "unsupported_feature";
-    case ErrorCode::encrypted:
-        return "encrypted";
-    case ErrorCode::invalid_table:
-        return "invalid_table";
-    case ErrorCode::invalid_cluster:
-        return "invalid_cluster";
-    case ErrorCode::compressed_data:
-        return "compressed_data";
-    case ErrorCode::out_of_range:
-        return "out_of_range";
-    case ErrorCode::invalid_argument:
-        return "invalid_argument";
+    case ErrorCode::io_error: return "io_error";
+    case ErrorCode::not_qcow2: return "not_qcow2";
+    case ErrorCode::unsupported_version: return "unsupported_version";
+    case ErrorCode::invalid_header: return "invalid_header";
+    case ErrorCode::unsupported_feature: return "unsupported_feature";
+    case ErrorCode::encrypted: return "encrypted";
+    case ErrorCode::invalid_table: return "invalid_table";
+    case ErrorCode::invalid_cluster: return "invalid_cluster";
+    case ErrorCode::compressed_data: return "compressed_data";
+    case ErrorCode::out_of_range: return "out_of_range";
+    case ErrorCode::invalid_argument: return "invalid_argument";
     }
     return "unknown";
 }
 
 Image::Image(std::shared_ptr<const detail::ImageState> state) : state_(std::move(state)) {}
 
-const detail::ImageState &detail_state(const Image &image) {
-    return *image.state_;
-}
+const detail::ImageState& detail_state(const Image& image) { return *image.state_; }
 
 namespace {
 
@@ -49,24 +36,22 @@ struct ChainWalk {
     std::vector<std::string> names;
 };
 
-std::filesystem::path relative_to_image(const std::filesystem::path &image,
-                                        const std::string &name) {
+std::filesystem::path relative_to_image(const std::filesystem::path& image,
+                                        const std::string& name) {
     std::filesystem::path named(name);
     // qemu resolves a relative backing file name against the directory of the image naming it.
     return named.is_absolute() ? named : image.parent_path() / named;
 }
 
-Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::path &path,
-                                                       std::optional<std::string> format,
-                                                       const OpenOptions &options, bool top,
-                                                       ChainWalk &walk);
+Result<std::shared_ptr<detail::ImageState>>
+open_layer(const std::filesystem::path& path, std::optional<std::string> format,
+           const OpenOptions& options, bool top, ChainWalk& walk);
 
 /// Opens a backing layer; problems with the file itself name it ("backing file PATH: ..."),
 /// problems further down the chain come back as they are.
-Result<std::shared_ptr<detail::ImageState>> open_backing(const std::filesystem::path &path,
-                                                         std::optional<std::string> format,
-                                                         const OpenOptions &options,
-                                                         ChainWalk &walk) {
+Result<std::shared_ptr<detail::ImageState>>
+open_backing(const std::filesystem::path& path, std::optional<std::string> format,
+             const OpenOptions& options, ChainWalk& walk) {
     const std::size_t depth = walk.names.size();
     auto layer = open_layer(path, std::move(format), options, false, walk);
     if (!layer && walk.names.size() <= depth + 1 &&
@@ -78,10 +63,9 @@ Result<std::shared_ptr<detail::ImageState>> open_backing(const std::filesystem::
     return layer;
 }
 
-Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::path &path,
-                                                       std::optional<std::string> format,
-                                                       const OpenOptions &options, bool top,
-                                                       ChainWalk &walk) {
+Result<std::shared_ptr<detail::ImageState>>
+open_layer(const std::filesystem::path& path, std::optional<std::string> format,
+           const OpenOptions& options, bool top, ChainWalk& walk) {
     if (format && *format != "raw" && *format != "qcow2" && *format != "qcow") {
         return Error{ErrorCode::unsupported_feature,
                      fmt::format("backing file format '{}' is not supported (raw and qcow2 are)",
@@ -96,8 +80,7 @@ Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::pa
     for (std::size_t i = 0; i < walk.identities.size(); ++i) {
         if (walk.identities[i] == file->identity()) {
             std::string chain;
-            for (const std::string &n : walk.names)
-                chain += detail::printable(n) + " -> ";
+            for (const std::string& n : walk.names) chain += detail::printable(n) + " -> ";
             return Error{ErrorCode::invalid_table,
                          fmt::format("backing chain loops: {}{}", chain, detail::printable(name))};
         }
@@ -116,8 +99,7 @@ Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::pa
     state->file = std::move(mapped);
     state->path = path;
 
-    const bool looks_qcow =
-        state->bytes.size() >= 4 && detail::load_be32(state->bytes.data()) == kQcowMagic;
+    const bool looks_qcow = state->bytes.size() >= 4 && detail::load_be32(state->bytes.data()) == kQcowMagic;
     if (raw_requested || (!format && !looks_qcow && !top)) {
         // A raw layer: every byte of the file is guest data (holes read as zeros).
         state->format = detail::LayerFormat::raw;
@@ -129,7 +111,7 @@ Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::pa
     if (auto ok = detail::parse_image(*state); !ok) {
         return std::move(ok).error();
     }
-    const ImageInfo &info = state->info;
+    const ImageInfo& info = state->info;
     if (top && options.snapshot) {
         if (info.version == 1) {
             return Error{ErrorCode::invalid_argument, "qcow version 1 images have no snapshots"};
@@ -179,7 +161,7 @@ Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::pa
 
 } // namespace
 
-Result<Image> Image::open(const std::filesystem::path &path, const OpenOptions &options) {
+Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
     ChainWalk walk;
     if (options.format && *options.format != "raw" && *options.format != "qcow2") {
         return Error{ErrorCode::invalid_argument,
@@ -203,8 +185,8 @@ namespace {
 /// so far, to refuse loops.
 Result<std::shared_ptr<detail::ImageState>> open_bytes_layer(std::span<const std::byte> bytes,
                                                              std::optional<std::string> format,
-                                                             const OpenOptions &options, bool top,
-                                                             std::vector<const std::byte *> &seen) {
+                                                             const OpenOptions& options, bool top,
+                                                             std::vector<const std::byte*>& seen) {
     if (std::find(seen.begin(), seen.end(), bytes.data()) != seen.end() && !bytes.empty()) {
         return Error{ErrorCode::invalid_table, "backing chain loops (the same bytes twice)"};
     }
@@ -247,7 +229,7 @@ Result<std::shared_ptr<detail::ImageState>> open_bytes_layer(std::span<const std
                                  detail::printable(state->info.data_file.value_or("")))};
     }
     if (state->info.backing_file && options.backing == BackingMode::follow) {
-        const std::string &name = *state->info.backing_file;
+        const std::string& name = *state->info.backing_file;
         if (!options.backing_resolver) {
             return Error{ErrorCode::unsupported_feature,
                          fmt::format("backing file '{}' cannot be opened for an image in memory "
@@ -272,8 +254,8 @@ Result<std::shared_ptr<detail::ImageState>> open_bytes_layer(std::span<const std
 
 } // namespace
 
-Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions &options) {
-    std::vector<const std::byte *> seen;
+Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions& options) {
+    std::vector<const std::byte*> seen;
     auto state = open_bytes_layer(bytes, std::nullopt, options, true, seen);
     if (!state) {
         return std::move(state).error();
@@ -283,7 +265,7 @@ Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOpti
 
 bool Image::maps_file(std::uint64_t device, std::uint64_t inode) const {
     const std::pair<std::uint64_t, std::uint64_t> wanted{device, inode};
-    for (const detail::ImageState *layer = state_.get(); layer; layer = layer->backing.get()) {
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
         if ((layer->file && layer->file->identity() == wanted) ||
             (layer->data_file && layer->data_file->identity() == wanted)) {
             return true;
@@ -309,7 +291,7 @@ bool Image::maps_bytes(std::span<const std::byte> bytes) const {
 
 std::vector<LayerInfo> Image::layers() const {
     std::vector<LayerInfo> result;
-    for (const detail::ImageState *layer = state_.get(); layer; layer = layer->backing.get()) {
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
         std::string format = layer->format == detail::LayerFormat::raw ? "raw"
                              : layer->info.version == 1                ? "qcow"
                                                                        : "qcow2";
@@ -318,18 +300,10 @@ std::vector<LayerInfo> Image::layers() const {
     return result;
 }
 
-std::uint64_t Image::size() const {
-    return state_->disk_size;
-}
-const ImageInfo &Image::info() const {
-    return state_->info;
-}
-const std::filesystem::path &Image::path() const {
-    return state_->path;
-}
-std::span<const std::byte> Image::file_bytes() const {
-    return state_->bytes;
-}
+std::uint64_t Image::size() const { return state_->disk_size; }
+const ImageInfo& Image::info() const { return state_->info; }
+const std::filesystem::path& Image::path() const { return state_->path; }
+std::span<const std::byte> Image::file_bytes() const { return state_->bytes; }
 
 ExtentIterator Image::extents(std::uint64_t start, std::uint64_t end) const {
     return ExtentIterator(state_, start, end);
@@ -347,7 +321,7 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
     auto ok = visit_runs(offset, offset + length,
                          [&](std::uint64_t run_offset, std::uint64_t run_length,
                              std::span<const std::byte> bytes) -> Result<void> {
-                             std::byte *out = dest.data() + (run_offset - offset);
+                             std::byte* out = dest.data() + (run_offset - offset);
                              if (bytes.empty()) {
                                  std::memset(out, 0, run_length);
                              } else {
@@ -362,7 +336,7 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
 }
 
 Result<void> Image::visit_runs(std::uint64_t start, std::uint64_t end,
-                               const RunVisitor &visitor) const {
+                               const RunVisitor& visitor) const {
     ExtentIterator it = extents(start, end);
     std::optional<Decompressor> decompressor;
     Extent extent;

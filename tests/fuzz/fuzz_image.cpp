@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <vector>
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size) {
-    std::span<const std::byte> bytes(reinterpret_cast<const std::byte *>(data), size);
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);
     for (auto backing : {qcowmap::BackingMode::none, qcowmap::BackingMode::follow}) {
         qcowmap::OpenOptions options;
         options.backing = backing;
@@ -30,15 +30,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size
         // The map over the first 64 MiB.
         qcowmap::MapOptions map_options;
         map_options.length = 64ull << 20;
-        (void)qcowmap::map_image(*image, map_options, [&](const qcowmap::MapEntry &e) {
+        (void)qcowmap::map_image(*image, map_options, [&](const qcowmap::MapEntry& e) {
             sink += static_cast<unsigned>(e.length);
             return qcowmap::Result<void>{};
         });
         // Reads: a few windows derived from the input, 256 KiB in all.
         std::vector<std::byte> buffer(64 * 1024);
         for (std::size_t i = 0; i < 4; ++i) {
-            std::uint64_t offset =
-                image->size() == 0 ? 0 : (size * 7919u * (i + 1)) % image->size();
+            std::uint64_t offset = image->size() == 0 ? 0 : (size * 7919u * (i + 1)) % image->size();
             (void)image->read(buffer, offset);
         }
         (void)image->read(buffer, image->size() > buffer.size() ? image->size() - 100 : 0);
