@@ -72,6 +72,7 @@ namespace {
 // before any mapping is touched, because a signal handler may only call write and _exit.
 char g_sigbus_line[4096];
 std::size_t g_sigbus_length = 0;
+int g_sigbus_exit_code = kExitImageError;
 
 std::atomic_flag g_sigbus_reported = ATOMIC_FLAG_INIT;
 
@@ -83,12 +84,13 @@ extern "C" void on_sigbus(int) {
     }
     ssize_t ignored = ::write(STDERR_FILENO, g_sigbus_line, g_sigbus_length);
     (void)ignored;
-    ::_exit(kExitImageError);
+    ::_exit(g_sigbus_exit_code);
 }
 
 } // namespace
 
-void guard_against_shrinking(std::string_view file) {
+void guard_against_shrinking(std::string_view file, int exit_code) {
+    g_sigbus_exit_code = exit_code;
     std::string line = fmt::format("qcowmap: {}: {}\n", file, kImageChanged);
     g_sigbus_length = std::min(line.size(), sizeof g_sigbus_line);
     std::memcpy(g_sigbus_line, line.data(), g_sigbus_length);

@@ -49,8 +49,9 @@ inline constexpr const char* kImageChanged =
     "image changed while being read (the file shrank under its mapping)";
 
 /// Turns a SIGBUS (a mapped file truncated while we read it: the one fault a bounds check
-/// cannot prevent) into the one-line error "image changed while being read" and exit 1.
-void guard_against_shrinking(std::string_view file);
+/// cannot prevent) into the one-line error "image changed while being read" and `exit_code`
+/// (1 by default; compare uses qemu-img's read-error code 4).
+void guard_against_shrinking(std::string_view file, int exit_code = kExitImageError);
 
 /// Opens the image (guarded by guard_against_shrinking) or prints the error line; returns
 /// nullopt on failure.

@@ -43,7 +43,8 @@ std::optional<Image> open_side(const std::string& path, const std::string& forma
     args.path = path;
     OpenOptions options = args.open_options();
     options.format = format.empty() ? probe_format(path) : format;
-    guard_against_shrinking(path);
+    // A file shrinking under its mapping is a read error (4), not "images differ" (1).
+    guard_against_shrinking(path, kCompareReadError);
     auto image = Image::open(path, options);
     if (!image) {
         report(path, image.error().message, kCompareOpenError);
@@ -74,10 +75,17 @@ Command add_compare(CLI::App& app) {
             if (!a) return kCompareOpenError;
             auto b = open_side(args->second, args->format2);
             if (!b) return kCompareOpenError;
+            // From here on a fault may come from either file: name both.
+            guard_against_shrinking(args->first + ", " + args->second, kCompareReadError);
             CompareOptions options;
             options.strict = args->strict;
             CompareError detail;
-            auto result = compare_images(*a, *b, options, &detail);
+            Result<CompareResult> result = Error{ErrorCode::io_error, ""};
+            try {
+                result = compare_images(*a, *b, options, &detail);
+            } catch (const std::exception& e) { // out of memory: a read error, never "different"
+                return report(args->first, e.what(), kCompareReadError);
+            }
             if (!result) {
                 const std::string& path = detail.image == 0 ? args->first : args->second;
                 return report(path, result.error().message,

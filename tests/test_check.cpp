@@ -629,4 +629,25 @@ TEST(CheckBitmaps, BitmapTableOffsets) {
     }
 }
 
+// Autoclear bit 0 clear (a writer that does not know bitmaps touched the image): qemu ignores the
+// stale extension, so the directory, table and data clusters it used are leaks.
+TEST(CheckBitmaps, StaleExtensionClustersAreLeaks) {
+    qt::TempDir dir;
+    const auto image = dir / "stale.qcow2";
+    qt::make_image(image, "", "16M", {"write -P 1 0 1M"});
+    qt::run_ok("qemu-img bitmap --add " + qt::shell_quote(image.string()) + " b0");
+    io(image, "write -P 2 0 4M"); // gives the bitmap a table and a data cluster
+    Buffer b = qt::read_file(image);
+    ASSERT_EQ(get_be(b, 88, 8) & 1, 1u) << "qemu sets autoclear bit 0";
+    put_be(b, 88, get_be(b, 88, 8) & ~std::uint64_t{1}, 8);
+    qt::write_file(image, b);
+    const Report qemu = qemu_check(image);
+    EXPECT_EQ(qemu.exit_code, 3) << qemu.err;
+    EXPECT_TRUE(agrees_with_qemu(image));
+    auto r = check_image(image);
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ(r->corruptions, 0u);
+    EXPECT_GE(r->leaks, 3u); // directory, table, data cluster
+}
+
 } // namespace

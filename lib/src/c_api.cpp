@@ -74,7 +74,12 @@ const char *fail(const qcowmap::Error &error) noexcept {
 }
 
 const char *fail_errno(int err, const char *what) noexcept {
-    const char *message = remember(std::string(what) + ": " + std::strerror(err));
+    const char *message = nullptr;
+    try {
+        message = remember(std::string(what) + ": " + std::strerror(err));
+    } catch (...) { // building the message itself ran out of memory
+        message = remember(std::string());
+    }
     errno = err;
     return message;
 }
@@ -260,6 +265,7 @@ int qcowmap_extents_next(struct qcowmap_extents *it, struct qcowmap_extent *out)
     }
     try {
         if (it->failed) {
+            remember(it->error); // so qcowmap_last_error() describes this iterator's failure
             errno = EIO;
             return -1;
         }
@@ -306,7 +312,10 @@ int qcowmap_extents_next(struct qcowmap_extents *it, struct qcowmap_extent *out)
         return 1;
     } catch (...) {
         it->failed = true;
-        it->error = "out of memory";
+        try {
+            it->error = "out of memory";
+        } catch (...) { // nothing may leave a C function: keep whatever error text is there
+        }
         fail_errno(ENOMEM, "qcowmap_extents_next");
         return -1;
     }

@@ -380,7 +380,9 @@ class Checker {
 
     /// qcow2_check_bitmaps_refcounts: the directory, each bitmap table and its data clusters.
     void check_bitmaps() {
-        if (!info_.bitmaps)
+        // With autoclear bit 0 clear the extension is stale: qemu does not load it
+        // (nb_bitmaps stays 0) and counts nothing for it, so its clusters show up as leaks.
+        if (!info_.bitmaps || !info_.bitmaps->consistent)
             return;
         const BitmapsExtension &ext = *info_.bitmaps;
         inc(ext.directory_offset, ext.directory_size, "bitmap directory");

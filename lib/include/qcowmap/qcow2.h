@@ -33,8 +33,9 @@ struct qcow2;
  *
  * On failure returns NULL, closes `fd`, sets errno (see below) and, when `error_ret` is not
  * NULL, stores a one-line message in `*error_ret`. The message must not be freed: it lives in
- * a thread-local buffer that stays valid until the next failing qcow2_open()/qcowmap_open()
- * on the same thread (or the thread's exit). Copy it if you need it longer.
+ * a thread-local buffer that stays valid until the next failing call of this API (any
+ * qcow2_* or qcowmap_* function) on the same thread, or the thread's exit. Copy it if you need
+ * it longer.
  *
  * errno: EBADF (fd not open), the errno of fstat/readlink, EIO (the file or a backing/data
  * file could not be opened or mapped), EINVAL (not a qcow image, invalid header or tables),
