@@ -650,4 +650,33 @@ TEST(CheckBitmaps, StaleExtensionClustersAreLeaks) {
     EXPECT_GE(r->leaks, 3u); // directory, table, data cluster
 }
 
+// Every L1 entry pointing at one L2 table: qemu-img check rescans that table once per entry
+// (2^40 visits for a 36 MiB file with 2 MiB clusters). Our check stops once the visits exceed
+// what any real image of that size could need, and says it could not check (exit 1).
+TEST(CheckLimits, SharedL2TableDoesNotSpin) {
+    qt::TempDir dir;
+    const auto image = dir / "shared-l2.qcow2";
+    qt::make_image(image, "", "4T", {"write -P 1 0 64k"});
+    Buffer b = qt::read_file(image);
+    const std::uint64_t l1_size = get_be(b, 36, 4);
+    const std::uint64_t l1_offset = get_be(b, 40, 8);
+    ASSERT_EQ(l1_size, 8192u) << "4 TiB at 64 KiB clusters";
+    const std::uint64_t first = get_be(b, l1_offset, 8);
+    ASSERT_NE(first, 0u) << "the write allocated an L2 table";
+    for (std::uint64_t i = 1; i < l1_size; ++i) {
+        put_be(b, l1_offset + i * 8, first, 8);
+    }
+    qt::write_file(image, b);
+    auto r = check_image(image);
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ(r->exit_code(), 1);
+    EXPECT_EQ(r->check_errors, 1u);
+    std::string all;
+    for (const auto &line : r->messages)
+        all += line + "\n";
+    EXPECT_NE(all.find("check stopped"), std::string::npos) << all;
+    qt::CommandResult cli = qt::run(qt::qcowmap_bin() + " check " + qt::shell_quote(image.string()));
+    EXPECT_EQ(cli.exit_code, 1) << cli.err;
+}
+
 } // namespace
