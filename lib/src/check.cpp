@@ -63,8 +63,11 @@ class Checker {
         // a check visits are bounded by (snapshots + 1) x (file size / 8). Crafted metadata
         // can point thousands of L1 entries at one L2 table, which qemu-img check rescans
         // each time (2^40 visits from a 36 MiB file); we stop there instead of spinning.
-        visit_budget_ = (std::uint64_t{info_.snapshot_count} + 1) * (state.bytes.size() / 8) +
-                        kVisitBudgetSlack;
+        const std::uint64_t tables = std::uint64_t{info_.snapshot_count} + 1;
+        const std::uint64_t per_table = state.bytes.size() / 8;
+        visit_budget_ = per_table > (UINT64_MAX - kVisitBudgetSlack) / tables
+                            ? UINT64_MAX // saturate rather than wrap to a small budget
+                            : tables * per_table + kVisitBudgetSlack;
     }
 
     void run() {
