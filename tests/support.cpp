@@ -117,4 +117,21 @@ void make_image(const std::filesystem::path& path, const std::string& options,
     }
 }
 
+void point_cluster_past_eof(const std::filesystem::path& image, std::uint64_t cluster) {
+    std::vector<std::byte> bytes = read_file(image);
+    auto be64 = [&](std::size_t at) {
+        std::uint64_t v = 0;
+        for (int i = 0; i < 8; ++i)
+            v = v << 8 | std::to_integer<std::uint64_t>(bytes.at(at + i));
+        return v;
+    };
+    // Header bytes 40-47: L1 table offset; L1/L2 entries keep their offset in bits 9-55.
+    const std::uint64_t l2 = be64(be64(40)) & 0x00fffffffffffe00ull;
+    const std::uint64_t entry = 0x8000000000000000ull | 0x40000000000ull;
+    for (int i = 0; i < 8; ++i) {
+        bytes.at(l2 + cluster * 8 + i) = static_cast<std::byte>(entry >> (56 - 8 * i));
+    }
+    write_file(image, bytes);
+}
+
 } // namespace qcowmap::test

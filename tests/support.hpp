@@ -46,6 +46,11 @@ std::string qcowmap_bin();
 std::vector<std::byte> read_file(const std::filesystem::path& path);
 void write_file(const std::filesystem::path& path, const std::vector<std::byte>& bytes);
 
+/// Rewrites the active L2 entry of guest cluster `cluster` (its L2 table being the first one
+/// the L1 table names) to a standard, COPIED entry at host offset 0x40000000000: far past the
+/// end of any test image, so reading that cluster must fail with an error naming that offset.
+void point_cluster_past_eof(const std::filesystem::path& image, std::uint64_t cluster);
+
 /// `qemu-img convert -O raw IMAGE` into the directory, returned as bytes.
 std::vector<std::byte> qemu_raw(const std::filesystem::path& image, const TempDir& dir);
 

@@ -244,19 +244,7 @@ TEST_F(Nbdkit, ExportFlagsParallelCopyAndCache) {
 TEST_F(Nbdkit, CorruptClusterIsAnIoError) {
     const fs::path image = dir_ / "bad.qcow2";
     test::make_image(image, "", "1M", {"write -P 0x77 0 128k"});
-    auto bytes = test::read_file(image);
-    auto be64 = [&](std::size_t at) {
-        std::uint64_t v = 0;
-        for (int i = 0; i < 8; ++i)
-            v = v << 8 | std::to_integer<std::uint64_t>(bytes[at + i]);
-        return v;
-    };
-    const std::uint64_t l2 = be64(be64(40)) & 0x00fffffffffffe00ull;
-    const std::uint64_t entry = 0x8000000000000000ull | 0x40000000000ull;
-    for (int i = 0; i < 8; ++i) {
-        bytes[l2 + 8 + i] = static_cast<std::byte>(entry >> (56 - 8 * i));
-    }
-    test::write_file(image, bytes);
+    test::point_cluster_past_eof(image, 1);
     auto r = nbdkit("file=" + q(image), "nbdcopy \"$uri\" " + q(dir_ / "out.raw"));
     EXPECT_NE(r.exit_code, 0);
     EXPECT_NE(r.err.find("host offset 0x40000000000"), std::string::npos) << r.err;

@@ -189,19 +189,7 @@ TEST(Stream, CorruptClusterSetsBadbit) {
     auto path = dir / "bad.qcow2";
     test::make_image(path, "", "1M", {"write -P 0x77 0 128k"});
     // Point the L2 entry of cluster 1 past the end of the file.
-    auto bytes = test::read_file(path);
-    auto be64 = [&](std::size_t at) {
-        std::uint64_t v = 0;
-        for (int i = 0; i < 8; ++i)
-            v = v << 8 | std::to_integer<std::uint64_t>(bytes[at + i]);
-        return v;
-    };
-    const std::uint64_t l2 = be64(be64(40)) & 0x00fffffffffffe00ull;
-    const std::uint64_t entry = 0x8000000000000000ull | 0x40000000000ull;
-    for (int i = 0; i < 8; ++i) {
-        bytes[l2 + 8 + i] = static_cast<std::byte>(entry >> (56 - 8 * i));
-    }
-    test::write_file(path, bytes);
+    test::point_cluster_past_eof(path, 1);
 
     io::stream<Source> in(open_ok(path));
     std::vector<char> buffer(65536);
