@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <thread>
 #include <unistd.h>
 
@@ -64,6 +65,17 @@ OpenOptions ImageArgs::open_options() const {
     if (!data_file.empty()) options.data_file = data_file;
     if (!snapshot.empty()) options.snapshot = snapshot;
     return options;
+}
+
+void add_io_option(CLI::App& command, DataAccess& access) {
+    command
+        .add_option("--io", access,
+                    "How data is taken from the file: read (pread into a small buffer, the "
+                    "default) or mmap (straight from the mapping, no copy)")
+        ->transform(CLI::CheckedTransformer(
+            std::map<std::string, DataAccess>{{"read", DataAccess::read},
+                                              {"mmap", DataAccess::mapping}}))
+        ->option_text("read|mmap");
 }
 
 namespace {

@@ -57,6 +57,11 @@ void guard_against_shrinking(std::string_view file, int exit_code = kExitImageEr
 /// nullopt on failure.
 std::optional<Image> open_or_report(const ImageArgs& args);
 
+/// Adds `--io=read|mmap` to a command that streams disk data: "read" (the default) reads data
+/// runs with pread into a cache-sized buffer, "mmap" consumes them from the mapping with no
+/// copy. Both give the same bytes; which is faster depends on the machine (README).
+void add_io_option(CLI::App& command, DataAccess& access);
+
 /// Parses "4096", "64k", "1M", "2G", "1T" (binary units) into bytes.
 std::optional<std::uint64_t> parse_size(std::string_view text);
 

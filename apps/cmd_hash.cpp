@@ -16,6 +16,7 @@ struct HashArgs {
     std::string block_size;
     bool json = false;
     unsigned threads = 0;
+    DataAccess io = DataAccess::read;
     ImageArgs open; // --backing, --data-file, --snapshot (its path is set per image)
 };
 
@@ -48,6 +49,7 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
         HashOptions options;
         options.algorithm = algorithm;
         options.threads = args.threads;
+        options.data_access = args.io;
         auto digest = hash_image(*image, options);
         if (!digest) {
             report(path, digest.error().message, kExitImageError);
@@ -101,6 +103,7 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
         options.algorithm = algorithm;
         options.block_size = block_size;
         options.threads = args.threads;
+        options.data_access = args.io;
         auto result = hash_blocks(*image, options, [&](const BlockDigest& b) -> Result<void> {
             if (args.json) {
                 out.text += fmt::format("{}\n{{\"index\": {}, \"offset\": {}, \"length\": {}, "
@@ -140,6 +143,7 @@ Command add_hash(CLI::App& app) {
                         "Print a block manifest: one digest per block of this size (a power of "
                         "two >= 4k; k/M/G suffixes)");
     command->add_flag("--json", args->json, "JSON output");
+    add_io_option(*command, args->io);
     command
         ->add_option("--threads", args->threads,
                      "Worker threads (block hashing, decompression); 0 = one per core")

@@ -1,6 +1,7 @@
-// Digests of the virtual disk. Data reaches the hash straight from the mapping (or from the
-// decompressor's buffer), zero runs from one static zero block; block manifests are hashed by
-// workers that each walk their own slice of the disk, and handed out in order.
+// Digests of the virtual disk. Data reaches the hash read into a small buffer or straight from
+// the mapping (HashOptions::data_access), or from the decompressor's buffer, zero runs from one
+// static zero block; block manifests are hashed by workers that each walk their own slice of the
+// disk, and handed out in order.
 #include "image_state.hpp"
 
 #include <qcowmap/hash.hpp>
@@ -258,9 +259,9 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     auto hasher = Hasher::create(options.algorithm);
     if (!hasher) return std::move(hasher).error();
     PageReleaser releaser(image);
-    // visit_runs_parallel only starts workers once it meets a compressed cluster.
-    auto ok = image.visit_runs_parallel(
-        0, UINT64_MAX, resolve_threads(options.threads),
+    // The visit only starts workers once it meets bytes to produce (compressed or read).
+    auto ok = image.visit_runs(
+        0, UINT64_MAX, VisitOptions{resolve_threads(options.threads), options.data_access},
         [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes) -> Result<void> {
             if (bytes.empty()) {
                 hasher->update_zeros(length);
@@ -299,7 +300,7 @@ class BlockHasher {
         const std::uint64_t end = std::min(size, (first_block + count) * bs);
         begin_block(first_block, std::min(bs, size - start));
         auto ok = image_.visit_runs(
-            start, end,
+            start, end, VisitOptions{1, options_.data_access},
             [&](std::uint64_t offset, std::uint64_t length,
                 std::span<const std::byte> bytes) -> Result<void> {
                 while (length > 0) {

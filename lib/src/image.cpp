@@ -275,18 +275,27 @@ bool Image::maps_file(std::uint64_t device, std::uint64_t inode) const {
 }
 
 bool Image::maps_bytes(std::span<const std::byte> bytes) const {
-    auto inside = [&](const std::shared_ptr<const detail::MappedFile>& file) {
-        if (!file) return false;
+    return file_position(bytes).has_value();
+}
+
+std::optional<FilePosition> Image::file_position(std::span<const std::byte> bytes) const {
+    auto locate = [&](const std::shared_ptr<const detail::MappedFile>& file)
+        -> std::optional<FilePosition> {
+        if (!file) return std::nullopt;
         auto mapped = file->bytes();
         // Compare as integers: the spans may belong to different objects.
         auto lo = reinterpret_cast<std::uintptr_t>(mapped.data());
         auto p = reinterpret_cast<std::uintptr_t>(bytes.data());
-        return p >= lo && bytes.size() <= mapped.size() && p - lo <= mapped.size() - bytes.size();
+        if (p >= lo && bytes.size() <= mapped.size() && p - lo <= mapped.size() - bytes.size()) {
+            return FilePosition{file->fd(), p - lo};
+        }
+        return std::nullopt;
     };
     for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
-        if (inside(layer->file) || inside(layer->data_file)) return true;
+        if (auto found = locate(layer->file)) return found;
+        if (auto found = locate(layer->data_file)) return found;
     }
-    return false;
+    return std::nullopt;
 }
 
 std::vector<LayerInfo> Image::layers() const {
@@ -337,31 +346,7 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
 
 Result<void> Image::visit_runs(std::uint64_t start, std::uint64_t end,
                                const RunVisitor& visitor) const {
-    ExtentIterator it = extents(start, end);
-    std::optional<Decompressor> decompressor;
-    Extent extent;
-    while (it.next(extent)) {
-        std::span<const std::byte> bytes;
-        if (extent.kind == ExtentKind::data) {
-            bytes = extent.bytes;
-        } else if (extent.kind == ExtentKind::compressed) {
-            if (!decompressor) {
-                decompressor.emplace();
-            }
-            auto produced = decompressor->decompress(*this, extent);
-            if (!produced) {
-                return std::move(produced).error();
-            }
-            bytes = *produced;
-        }
-        if (auto ok = visitor(extent.offset, extent.length, bytes); !ok) {
-            return ok;
-        }
-    }
-    if (it.failed()) {
-        return it.error();
-    }
-    return {};
+    return visit_runs(start, end, VisitOptions{}, visitor);
 }
 
 } // namespace qcowmap

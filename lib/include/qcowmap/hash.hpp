@@ -76,14 +76,18 @@ Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length);
 
 struct HashOptions {
     HashAlgorithm algorithm = HashAlgorithm::sha256;
-    /// Threads decompressing compressed clusters ahead of the hash (the hash itself is one
-    /// sequential stream). 0: one per core; 1: everything on the calling thread.
+    /// Threads decompressing compressed clusters and reading data ahead of the hash (the hash
+    /// itself is one sequential stream). 0: one per core; 1: everything on the calling thread.
     unsigned threads = 0;
+    /// How data reaches the hash: read into a cache-sized buffer (the default, fastest here)
+    /// or straight from the mapping with no copy at all.
+    DataAccess data_access = DataAccess::read;
 };
 
 /// The digest of the whole virtual disk, equal to hashing `qemu-img convert -O raw` output.
-/// Data runs are fed straight from the mapping, compressed clusters from a per-thread
-/// decompression buffer, zero runs from one static zero page (never materialised).
+/// Data runs are read into a small buffer ahead of the hash (or fed straight from the mapping,
+/// see HashOptions::data_access), compressed clusters come from the decompressing threads,
+/// zero runs from one static zero block (never materialised).
 /// Errors: those of the extent walk and decompression, or of the hasher.
 Result<Digest> hash_image(const Image& image, const HashOptions& options = {});
 
@@ -97,6 +101,8 @@ struct BlockHashOptions {
     std::uint64_t block_size = 65536;
     /// Worker threads hashing blocks. 0: one per core; 1: all on the calling thread.
     unsigned threads = 0;
+    /// How data reaches the hash (see HashOptions::data_access).
+    DataAccess data_access = DataAccess::read;
 };
 
 /// The digest of one block of the virtual disk.

@@ -184,6 +184,38 @@ struct LayerInfo {
     std::uint64_t virtual_size = 0;
 };
 
+/// Where bytes of a mapping live in their file: lets a consumer read them with pread(2) or copy
+/// them inside the kernel (copy_file_range(2), splice(2)) instead of touching the mapping.
+struct FilePosition {
+    int fd = -1;              ///< the layer's (or data file's) descriptor, owned by the Image
+    std::uint64_t offset = 0; ///< file offset of the first byte
+};
+
+/// How `visit_runs` hands data runs that lie in the image's files to the visitor.
+enum class DataAccess : std::uint8_t {
+    /// Spans straight into the mapping: zero copies. The pages are faulted into the process as
+    /// the visitor touches them.
+    mapping,
+    /// pread(2) into a buffer owned by the walk, at most kReadPieceBytes at a time (a long run
+    /// arrives as several visits), read ahead by the visit's threads when it has more than
+    /// one. One copy, made by the kernel from the page cache: on our 2-core VM streaming a
+    /// disk this way beat touching the mapping (README, "Benchmarks"), and a file cut short
+    /// underneath gives an io_error where the mapping raises SIGBUS.
+    read,
+};
+
+/// The largest piece of a data run a `DataAccess::read` visit hands out at once: small enough
+/// to stay in the core's L2 cache between the kernel's copy and the visitor's use.
+inline constexpr std::size_t kReadPieceBytes = 256 * 1024;
+
+/// How `visit_runs` walks.
+struct VisitOptions {
+    /// Threads producing bytes ahead of the visitor: decompressing compressed clusters and,
+    /// with DataAccess::read, reading data pieces. 0 or 1: everything on the calling thread.
+    unsigned threads = 1;
+    DataAccess data_access = DataAccess::mapping;
+};
+
 class Image;
 
 /// Walks the virtual disk in order and yields merged extents.
@@ -256,6 +288,11 @@ class Image {
     /// reference (vmsplice) or their pages dropped from the process (MADV_DONTNEED) and
     /// re-faulted from the page cache. False for images opened from memory.
     bool maps_bytes(std::span<const std::byte> bytes) const;
+    /// The file and offset of `bytes` when they lie wholly inside the file mapping of one of the
+    /// image's layers or data files (see `maps_bytes`); nullopt otherwise. The descriptor stays
+    /// open while the Image lives; use it with positioned calls only (pread, copy_file_range
+    /// with an offset pointer), never move its file position.
+    std::optional<FilePosition> file_position(std::span<const std::byte> bytes) const;
     /// The decoded header.
     const ImageInfo& info() const;
     /// The path given to `open` (empty for `open_bytes`).
@@ -290,6 +327,14 @@ class Image {
     /// size). `threads` 0 or 1 means `visit_runs`.
     Result<void> visit_runs_parallel(std::uint64_t start, std::uint64_t end, unsigned threads,
                                      const RunVisitor& visitor) const;
+
+    /// The general form of the two above: `options.threads` producers ahead of the visitor,
+    /// and data runs from the mapping or read into a buffer (`options.data_access`). With
+    /// DataAccess::read the visitor's `bytes` are valid during the call only, and a run longer
+    /// than kReadPieceBytes arrives in consecutive pieces. Errors: those of `visit_runs`, and
+    /// io_error when reading the file fails or finds it shorter than the mapping.
+    Result<void> visit_runs(std::uint64_t start, std::uint64_t end, const VisitOptions& options,
+                            const RunVisitor& visitor) const;
 
   private:
     explicit Image(std::shared_ptr<const detail::ImageState> state);
