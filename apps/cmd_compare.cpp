@@ -36,6 +36,7 @@ struct CompareArgs {
     std::string format1, format2;
     bool strict = false;
     bool quiet = false;
+    DataAccess io = DataAccess::read;
 };
 
 std::optional<Image> open_side(const std::string& path, const std::string& format) {
@@ -69,6 +70,7 @@ Command add_compare(CLI::App& app) {
     command->add_flag("-s,--strict", args->strict,
                       "Strict: sizes and allocation status must match too");
     command->add_flag("-q,--quiet", args->quiet, "Print nothing; only the exit code tells");
+    add_io_option(*command, args->io);
     return {
         command, [args] {
             auto a = open_side(args->first, args->format1);
@@ -79,6 +81,7 @@ Command add_compare(CLI::App& app) {
             guard_against_shrinking(args->first + ", " + args->second, kCompareReadError);
             CompareOptions options;
             options.strict = args->strict;
+            options.data_access = args->io;
             CompareError detail;
             Result<CompareResult> result = Error{ErrorCode::io_error, ""};
             try {

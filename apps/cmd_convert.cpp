@@ -66,37 +66,37 @@ bool pwrite_sparse(int fd, const std::byte* data, std::uint64_t length, std::uin
     return !pending_length || pwrite_all(fd, data + pending_start, pending_length, offset + pending_start);
 }
 
-/// Copies a data run that lies at `host_offset` in the image file `in`. Writing straight from
-/// the mapping is slow on Linux (every page of the source is faulted in inside the write path),
-/// so data goes through the kernel: copy_file_range when no zero detection is wanted (it can
-/// even share blocks), else pread into a buffer, which the zero check then reads warm.
+/// Copies a data run of the image file inside the kernel (copy_file_range: no user-space copy,
+/// and file systems with reflinks share the blocks), where zero detection is not wanted.
+/// Falls back to pread/pwrite through `buffer` where the kernel cannot copy between the two.
 enum class CopyResult { ok, output_failed, source_changed };
 
-CopyResult copy_run(int in, std::uint64_t host_offset, int out, std::uint64_t offset,
-                    std::uint64_t length, std::uint64_t zero_block, std::vector<std::byte>& buffer) {
-    if (zero_block == 0) {
-        std::uint64_t done = 0;
-        while (done < length) {
-            loff_t from = static_cast<loff_t>(host_offset + done);
-            loff_t to = static_cast<loff_t>(offset + done);
-            ssize_t n = ::copy_file_range(in, &from, out, &to,
-                                          static_cast<std::size_t>(std::min<std::uint64_t>(length - done, 1u << 30)), 0);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) break; // not supported here (or EOF): finish with pread/pwrite
-            done += static_cast<std::uint64_t>(n);
-        }
-        host_offset += done;
-        offset += done;
-        length -= done;
+CopyResult copy_run(const FilePosition& from, int out, std::uint64_t offset, std::uint64_t length,
+                    std::vector<std::byte>& buffer) {
+    std::uint64_t host_offset = from.offset;
+    std::uint64_t done = 0;
+    while (done < length) {
+        loff_t in_at = static_cast<loff_t>(host_offset + done);
+        loff_t out_at = static_cast<loff_t>(offset + done);
+        ssize_t n = ::copy_file_range(
+            from.fd, &in_at, out, &out_at,
+            static_cast<std::size_t>(std::min<std::uint64_t>(length - done, 1u << 30)), 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break; // not supported here (or EOF): finish with pread/pwrite
+        done += static_cast<std::uint64_t>(n);
     }
+    host_offset += done;
+    offset += done;
+    length -= done;
+    if (length > 0 && buffer.empty()) buffer.resize(1u << 20);
     while (length > 0) {
         std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(length, buffer.size()));
-        ssize_t n = ::pread(in, buffer.data(), want, static_cast<off_t>(host_offset));
+        ssize_t n = ::pread(from.fd, buffer.data(), want, static_cast<off_t>(host_offset));
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) {
             return CopyResult::source_changed; // the extent walk checked this range: it shrank
         }
-        if (!pwrite_sparse(out, buffer.data(), static_cast<std::uint64_t>(n), offset, zero_block)) {
+        if (!pwrite_all(out, buffer.data(), static_cast<std::uint64_t>(n), offset)) {
             return CopyResult::output_failed;
         }
         host_offset += static_cast<std::uint64_t>(n);
@@ -104,6 +104,31 @@ CopyResult copy_run(int in, std::uint64_t host_offset, int out, std::uint64_t of
         length -= static_cast<std::uint64_t>(n);
     }
     return CopyResult::ok;
+}
+
+/// Writes one run of the disk to `out` at `offset`. A data run in the image's files is copied
+/// inside the kernel when no zero detection is wanted (`zero_block` 0); otherwise the bytes
+/// the visit produced (read into its buffer, decompressed, or from the mapping with --io=mmap)
+/// are written with holes for all-zero blocks. Zero runs are left to the caller.
+Result<void> write_run(const Image& image, int out, std::uint64_t offset,
+                       std::span<const std::byte> bytes, std::uint64_t zero_block,
+                       std::vector<std::byte>& buffer, bool& write_failed) {
+    if (zero_block == 0) {
+        if (auto from = image.file_position(bytes)) {
+            CopyResult copied = copy_run(*from, out, offset, bytes.size(), buffer);
+            if (copied == CopyResult::source_changed) {
+                return Error{ErrorCode::io_error, kImageChanged};
+            }
+            if (copied == CopyResult::ok) return {};
+            write_failed = true;
+            return Error{ErrorCode::io_error, std::strerror(errno)};
+        }
+    }
+    if (!pwrite_sparse(out, bytes.data(), bytes.size(), offset, zero_block)) {
+        write_failed = true;
+        return Error{ErrorCode::io_error, std::strerror(errno)};
+    }
+    return {};
 }
 
 /// Makes `[offset, offset + length)` of `fd` read as zeros: a punched hole where the file
@@ -163,34 +188,18 @@ int convert_incremental(const ImageArgs& args, const std::string& bitmap_name,
                                        "update needs a copy of the same size",
                                        target_size, image->size()));
     }
-    int in = ::open(image->path().c_str(), O_RDONLY | O_CLOEXEC);
-    if (in < 0) {
-        ::close(fd);
-        return report(args.path, std::strerror(errno), kExitImageError);
-    }
-    const auto mapping = image->file_bytes();
-    std::vector<std::byte> buffer(1u << 20);
+    std::vector<std::byte> buffer;
     Progress meter(show_progress, bitmap->dirty_bytes());
     std::uint64_t done_before = 0;
     bool write_failed = false;
     auto visitor = [&](std::uint64_t offset, std::uint64_t length,
                        std::span<const std::byte> bytes) -> Result<void> {
-        bool ok = true;
-        const bool in_mapping = !bytes.empty() && bytes.data() >= mapping.data() &&
-                                bytes.data() < mapping.data() + mapping.size();
-        if (in_mapping) {
-            std::uint64_t host = static_cast<std::uint64_t>(bytes.data() - mapping.data());
-            CopyResult copied = copy_run(in, host, fd, offset, length, 0, buffer);
-            if (copied == CopyResult::source_changed) {
-                return Error{ErrorCode::io_error, kImageChanged};
+        if (!bytes.empty()) {
+            // Data is copied inside the kernel (mapping mode hands out file positions).
+            if (auto ok = write_run(*image, fd, offset, bytes, 0, buffer, write_failed); !ok) {
+                return ok;
             }
-            ok = copied == CopyResult::ok;
-        } else if (!bytes.empty()) {
-            ok = pwrite_all(fd, bytes.data(), bytes.size(), offset);
-        } else {
-            ok = zero_out(fd, offset, length);
-        }
-        if (!ok) {
+        } else if (!zero_out(fd, offset, length)) {
             write_failed = true;
             return Error{ErrorCode::io_error, std::strerror(errno)};
         }
@@ -206,7 +215,6 @@ int convert_incremental(const ImageArgs& args, const std::string& bitmap_name,
         result = image->visit_runs_parallel(range.offset, range.offset + range.length, threads,
                                             visitor);
     }
-    ::close(in);
     if (!result) {
         ::close(fd);
         return write_failed ? report(output, result.error().message, kExitOutputError)
@@ -236,6 +244,8 @@ Command add_convert(CLI::App& app) {
     command->add_option("-S,--sparse-size", *sparse_size,
                         "Also leave holes for data blocks of this size that hold only zeros "
                         "(like qemu-img convert -S; default 4k, 0 disables)");
+    auto io = std::make_shared<DataAccess>(DataAccess::read);
+    add_io_option(*command, *io);
     auto bitmap = std::make_shared<std::string>();
     command->add_option("--bitmap", *bitmap,
                         "Incremental sync: apply only the ranges this dirty bitmap marks dirty "
@@ -286,47 +296,39 @@ Command add_convert(CLI::App& app) {
                                ::ftruncate(fd, static_cast<off_t>(image->size())) != 0)) {
                     return fail_output(std::strerror(errno));
                 }
-                int in = ::open(image->path().c_str(), O_RDONLY | O_CLOEXEC);
-                if (in < 0) {
-                    return report(args->path, std::strerror(errno), kExitImageError);
-                }
-                const auto mapping = image->file_bytes();
-                std::vector<std::byte> buffer(1u << 20);
+                std::vector<std::byte> buffer;
                 Progress meter(*progress, image->size());
                 bool write_failed = false;
-                auto result = image->visit_runs_parallel(
-                    0, UINT64_MAX, worker_threads(),
+                const std::uint64_t block = sparse ? *zero_block : 0;
+                // Without zero detection data runs are copied inside the kernel, which needs
+                // their file positions (mapping mode); with it, data is read ahead into small
+                // buffers (--io=read, the default) that the zero check and pwrite then find
+                // in the cache.
+                const VisitOptions visit{worker_threads(),
+                                         block == 0 ? DataAccess::mapping : *io};
+                auto result = image->visit_runs(
+                    0, UINT64_MAX, visit,
                     [&](std::uint64_t offset, std::uint64_t length,
                         std::span<const std::byte> bytes) -> Result<void> {
-                        bool ok = true;
-                        const std::uint64_t block = sparse ? *zero_block : 0;
-                        const bool in_mapping = !bytes.empty() && bytes.data() >= mapping.data() &&
-                                                bytes.data() < mapping.data() + mapping.size();
-                        if (in_mapping) {
-                            // A data run: its place in the image file is its place in the mapping.
-                            std::uint64_t host = static_cast<std::uint64_t>(bytes.data() - mapping.data());
-                            CopyResult copied = copy_run(in, host, fd, offset, length, block, buffer);
-                            if (copied == CopyResult::source_changed) {
-                                return Error{ErrorCode::io_error, kImageChanged};
-                            }
-                            ok = copied == CopyResult::ok;
-                        } else if (!bytes.empty()) {
-                            ok = pwrite_sparse(fd, bytes.data(), bytes.size(), offset, block);
+                        if (!bytes.empty()) {
+                            auto ok = write_run(*image, fd, offset, bytes, block, buffer,
+                                                write_failed);
+                            if (!ok) return ok;
                         } else if (!sparse) {
+                            bool ok = true;
                             for (std::uint64_t done = 0; ok && done < length;) {
                                 std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeroChunk);
                                 ok = pwrite_all(fd, kZeroChunk, n, offset + done);
                                 done += n;
                             }
-                        }
-                        if (!ok) {
-                            write_failed = true;
-                            return Error{ErrorCode::io_error, std::strerror(errno)};
+                            if (!ok) {
+                                write_failed = true;
+                                return Error{ErrorCode::io_error, std::strerror(errno)};
+                            }
                         }
                         meter.update(offset + length);
                         return {};
                     });
-                ::close(in);
                 if (!result) {
                     ::close(fd);
                     return write_failed

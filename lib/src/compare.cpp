@@ -1,14 +1,17 @@
 // Two disks compared the way qemu-img compare does (qemu-img.c, img_compare): walk both
-// allocation maps together; ranges zero on both sides need no reading; data is compared straight
-// from the mappings; a mismatch is reported at the start of the first differing 512-byte
+// allocation maps together; ranges zero on both sides need no reading; data is compared in
+// pieces read with pread (or straight from the mappings); a mismatch is reported at the start of the first differing 512-byte
 // sector (compare_buffers / find_nonzero work sector by sector).
 #include "image_state.hpp"
 
 #include <qcowmap/compare.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <optional>
+#include <unistd.h>
+#include <vector>
 
 namespace qcowmap {
 namespace {
@@ -50,7 +53,8 @@ std::optional<std::size_t> first_difference(std::span<const std::byte> a,
 /// One side of the walk: the current extent and, for a compressed one, its bytes.
 class Side {
   public:
-    Side(const Image& image, int index) : image_(image), it_(image.extents()), index_(index) {}
+    Side(const Image& image, int index, DataAccess access)
+        : image_(image), it_(image.extents()), index_(index), access_(access) {}
 
     /// Makes the current extent the one containing `pos`. False at the end or on error.
     bool seek(std::uint64_t pos) {
@@ -91,8 +95,12 @@ class Side {
     Result<std::span<const std::byte>> bytes(std::uint64_t pos, std::uint64_t length) {
         const std::uint64_t skip = pos - extent_.offset;
         if (extent_.kind == ExtentKind::data) {
-            return extent_.bytes.subspan(static_cast<std::size_t>(skip),
-                                         static_cast<std::size_t>(length));
+            auto mapped = extent_.bytes.subspan(static_cast<std::size_t>(skip),
+                                                static_cast<std::size_t>(length));
+            if (access_ == DataAccess::read) {
+                if (auto from = image_.file_position(mapped)) return read(*from, length);
+            }
+            return mapped;
         }
         if (!decompressed_ok_) {
             auto produced = decompressor_.decompress(image_, extent_);
@@ -115,10 +123,38 @@ class Side {
         return std::pair{file->identity(), *extent_.host_offset + (pos - extent_.offset)};
     }
 
+    /// True when data bytes are read into a buffer, at most kReadPieceBytes at a time.
+    bool reads() const { return access_ == DataAccess::read && extent_.kind == ExtentKind::data; }
+
   private:
+    Result<std::span<const std::byte>> read(const FilePosition& from, std::uint64_t length) {
+        buffer_.resize(kReadPieceBytes);
+        std::size_t done = 0;
+        while (done < length) {
+            const ssize_t n = ::pread(from.fd, buffer_.data() + done, length - done,
+                                      static_cast<off_t>(from.offset + done));
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) {
+                return Error{ErrorCode::io_error,
+                             fmt::format("cannot read at file offset {:#x}: {}", from.offset + done,
+                                         std::strerror(errno))};
+            }
+            if (n == 0) {
+                return Error{ErrorCode::io_error,
+                             fmt::format("the file ends before offset {:#x}, inside its mapping "
+                                         "(was it truncated while open?)",
+                                         from.offset + done)};
+            }
+            done += static_cast<std::size_t>(n);
+        }
+        return std::span<const std::byte>(buffer_).first(static_cast<std::size_t>(length));
+    }
+
     const Image& image_;
     ExtentIterator it_;
     int index_;
+    DataAccess access_;
+    std::vector<std::byte> buffer_;
     Extent extent_;
     bool have_ = false;
     Decompressor decompressor_;
@@ -157,21 +193,20 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
         r.outcome = CompareResult::Outcome::size_mismatch;
         return r;
     }
-    Side sa(a, 0);
-    Side sb(b, 1);
+    Side sa(a, 0, options.data_access);
+    Side sb(b, 1, options.data_access);
     const std::uint64_t common = std::min(size_a, size_b);
     std::uint64_t pos = 0;
     while (pos < common) {
         if (!sa.seek(pos)) return walk_error(sa, error_detail);
         if (!sb.seek(pos)) return walk_error(sb, error_detail);
-        const std::uint64_t end = std::min({sa.end(), sb.end(), common});
+        std::uint64_t end = std::min({sa.end(), sb.end(), common});
         if (options.strict && sa.status() != sb.status()) {
             CompareResult r;
             r.outcome = CompareResult::Outcome::status_mismatch;
             r.offset = pos;
             return r;
         }
-        const std::uint64_t length = end - pos;
         if (sa.zero() && sb.zero()) {
             pos = end;
             continue;
@@ -181,6 +216,10 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
             pos = end; // the same bytes of the same file
             continue;
         }
+        if (sa.reads() || sb.reads()) {
+            end = std::min(end, pos + kReadPieceBytes); // one buffer's worth at a time
+        }
+        const std::uint64_t length = end - pos;
         std::optional<std::size_t> diff;
         if (sa.zero() || sb.zero()) {
             Side& data = sa.zero() ? sb : sa;
@@ -203,7 +242,8 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     const std::uint64_t total = std::max(size_a, size_b);
     while (pos < total) {
         if (!longer.seek(pos)) return walk_error(longer, error_detail);
-        const std::uint64_t end = longer.end();
+        std::uint64_t end = longer.end();
+        if (longer.reads()) end = std::min(end, pos + kReadPieceBytes);
         if (!longer.zero()) {
             auto bytes = longer.bytes(pos, end - pos);
             if (!bytes) return read_error(longer, std::move(bytes).error(), error_detail);

@@ -14,6 +14,9 @@ struct CompareOptions {
     /// whether the range runs to the end of the disk — qemu compares its block-status flags,
     /// BDRV_BLOCK_EOF included).
     bool strict = false;
+    /// How data is taken from the files: read in pieces of kReadPieceBytes into buffers (the
+    /// default, fastest here), or compared straight from the mappings.
+    DataAccess data_access = DataAccess::read;
 };
 
 /// What `compare_images` found.
@@ -45,7 +48,8 @@ struct CompareError {
 /// ranges compare equal to zeros, and a size difference is fine when the longer disk's tail
 /// reads as zeros. Both extent iterators are walked together: ranges that are zero on both
 /// sides, and data ranges that are the same bytes of the same file, are skipped without
-/// reading; data is compared straight from the mappings. Errors: see CompareError.
+/// reading; data is compared piece by piece as read (or straight from the mappings, see
+/// `data_access`). Errors: see CompareError.
 Result<CompareResult> compare_images(const Image& a, const Image& b,
                                      const CompareOptions& options = {},
                                      CompareError* error_detail = nullptr);
