@@ -48,10 +48,14 @@ class Compare : public ::testing::Test {
                 std::string args =
                     flags + " " + shell_quote(x.string()) + " " + shell_quote(y.string());
                 CommandResult qemu = run("qemu-img compare " + args);
-                CommandResult ours = run(cli() + " compare " + args);
-                EXPECT_EQ(ours.exit_code, qemu.exit_code) << args << "\n" << qemu.out << ours.out;
-                EXPECT_EQ(ours.out, qemu.out) << args;
-                EXPECT_EQ(ours.err, "") << args;
+                // Data read into buffers (the default) and straight from the mappings.
+                for (std::string io : {"", "--io=mmap "}) {
+                    CommandResult ours = run(cli() + " compare " + io + args);
+                    EXPECT_EQ(ours.exit_code, qemu.exit_code)
+                        << io << args << "\n" << qemu.out << ours.out;
+                    EXPECT_EQ(ours.out, qemu.out) << io << args;
+                    EXPECT_EQ(ours.err, "") << io << args;
+                }
                 if (first.empty()) first = qemu.out;
             }
         }
@@ -78,10 +82,14 @@ TEST_F(Compare, OneByteDifferenceAtSectorGranularity) {
     auto ia = Image::open(a);
     auto ib = Image::open(b);
     ASSERT_TRUE(ia && ib);
-    auto r = compare_images(*ia, *ib);
-    ASSERT_TRUE(r);
-    EXPECT_EQ(r->outcome, CompareResult::Outcome::content_mismatch);
-    EXPECT_EQ(r->offset, 1234432u); // 1234567 rounded down to 512
+    for (DataAccess access : {DataAccess::read, DataAccess::mapping}) {
+        CompareOptions options;
+        options.data_access = access;
+        auto r = compare_images(*ia, *ib, options);
+        ASSERT_TRUE(r);
+        EXPECT_EQ(r->outcome, CompareResult::Outcome::content_mismatch);
+        EXPECT_EQ(r->offset, 1234432u); // 1234567 rounded down to 512, in the 5th read piece
+    }
 }
 
 TEST_F(Compare, DifferentlyAllocatedSameContent) {

@@ -124,17 +124,25 @@ TEST_F(Hash, WholeDiskEqualsReferenceToolsOnQemuRawOutput) {
             std::string out = run_ok(cli() + " hash --algo=" + algo + " " + c.cli_extra + " " +
                                      shell_quote(c.image.string()));
             EXPECT_EQ(out, expected + "  " + c.image.string() + "\n") << c.name << " " << algo;
+            std::string mapped = run_ok(cli() + " hash --io=mmap --algo=" + algo + " " +
+                                        c.cli_extra + " " + shell_quote(c.image.string()));
+            EXPECT_EQ(mapped, out) << c.name << " " << algo << " --io=mmap";
             // Library, single-threaded and with decompression workers.
             auto image = Image::open(c.image, c.open);
             ASSERT_TRUE(image) << image.error().message;
             for (unsigned threads : {1u, 2u}) {
-                HashOptions options;
-                options.algorithm = *parse_hash_algorithm(algo);
-                options.threads = threads;
-                auto digest = hash_image(*image, options);
-                ASSERT_TRUE(digest) << digest.error().message;
-                EXPECT_EQ(digest->hex(), expected) << c.name << " " << algo << " " << threads;
-                EXPECT_EQ(digest->size, digest_size(options.algorithm));
+                for (DataAccess access : {DataAccess::read, DataAccess::mapping}) {
+                    HashOptions options;
+                    options.algorithm = *parse_hash_algorithm(algo);
+                    options.threads = threads;
+                    options.data_access = access;
+                    auto digest = hash_image(*image, options);
+                    ASSERT_TRUE(digest) << digest.error().message;
+                    EXPECT_EQ(digest->hex(), expected)
+                        << c.name << " " << algo << " " << threads << " "
+                        << (access == DataAccess::read ? "read" : "mapping");
+                    EXPECT_EQ(digest->size, digest_size(options.algorithm));
+                }
             }
         }
     }
@@ -177,6 +185,8 @@ TEST_F(Hash, BlockManifestEqualsReferenceToolsPerBlock) {
                 options.algorithm = *parse_hash_algorithm(algo);
                 options.block_size = block_size;
                 options.threads = threads;
+                // Odd thread counts take the data from the mapping, even ones read it.
+                options.data_access = threads % 2 ? DataAccess::mapping : DataAccess::read;
                 std::vector<BlockDigest> got;
                 auto ok = hash_blocks(*image, options, [&](const BlockDigest& b) -> Result<void> {
                     got.push_back(b);

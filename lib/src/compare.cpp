@@ -8,8 +8,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -17,6 +21,76 @@ namespace qcowmap {
 namespace {
 
 constexpr std::uint64_t kSector = 512; // BDRV_SECTOR_SIZE
+
+// Bytes read per side and step when data is read: large enough that handing the second side's
+// read to the helper thread costs little per byte, small enough to stay in the cache for memcmp.
+constexpr std::uint64_t kCompareReadPiece = 1024 * 1024;
+
+/// Runs one task at a time on a thread of its own, so that the two sides of a comparison are
+/// read at once. Started on first use: comparisons that never read both sides pay nothing.
+class SecondReader {
+  public:
+    ~SecondReader() {
+        if (!thread_.joinable()) return;
+        {
+            std::lock_guard lock(mutex_);
+            stopping_ = true;
+        }
+        changed_.notify_all();
+        thread_.join();
+    }
+
+    /// Runs `task` on the helper thread and `here` on this one, and returns once both ran.
+    /// Without a helper thread (it could not be started) both run here.
+    template <typename Here>
+    void run_both(const std::function<void()>& task, Here&& here) {
+        if (!start()) {
+            task();
+            here();
+            return;
+        }
+        {
+            std::lock_guard lock(mutex_);
+            task_ = &task;
+        }
+        changed_.notify_all();
+        here();
+        std::unique_lock lock(mutex_);
+        changed_.wait(lock, [&] { return task_ == nullptr; });
+    }
+
+  private:
+    bool start() {
+        if (thread_.joinable()) return true;
+        if (failed_) return false;
+        try {
+            thread_ = std::thread([this] { work(); });
+        } catch (const std::exception&) {
+            failed_ = true;
+        }
+        return !failed_;
+    }
+
+    void work() {
+        std::unique_lock lock(mutex_);
+        for (;;) {
+            changed_.wait(lock, [&] { return stopping_ || task_ != nullptr; });
+            if (stopping_) return;
+            lock.unlock();
+            (*task_)();
+            lock.lock();
+            task_ = nullptr;
+            changed_.notify_all();
+        }
+    }
+
+    std::thread thread_;
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    const std::function<void()>* task_ = nullptr;
+    bool stopping_ = false;
+    bool failed_ = false;
+};
 
 alignas(4096) const std::byte kZeros[64 * 1024] = {};
 
@@ -123,12 +197,12 @@ class Side {
         return std::pair{file->identity(), *extent_.host_offset + (pos - extent_.offset)};
     }
 
-    /// True when data bytes are read into a buffer, at most kReadPieceBytes at a time.
+    /// True when data bytes are read into a buffer, at most kCompareReadPiece at a time.
     bool reads() const { return access_ == DataAccess::read && extent_.kind == ExtentKind::data; }
 
   private:
     Result<std::span<const std::byte>> read(const FilePosition& from, std::uint64_t length) {
-        buffer_.resize(kReadPieceBytes);
+        buffer_.resize(kCompareReadPiece);
         std::size_t done = 0;
         while (done < length) {
             const ssize_t n = ::pread(from.fd, buffer_.data() + done, length - done,
@@ -195,6 +269,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     }
     Side sa(a, 0, options.data_access);
     Side sb(b, 1, options.data_access);
+    SecondReader second_reader;
     const std::uint64_t common = std::min(size_a, size_b);
     std::uint64_t pos = 0;
     while (pos < common) {
@@ -217,7 +292,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
             continue;
         }
         if (sa.reads() || sb.reads()) {
-            end = std::min(end, pos + kReadPieceBytes); // one buffer's worth at a time
+            end = std::min(end, pos + kCompareReadPiece); // one buffer's worth at a time
         }
         const std::uint64_t length = end - pos;
         std::optional<std::size_t> diff;
@@ -227,9 +302,17 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
             if (!bytes) return read_error(data, std::move(bytes).error(), error_detail);
             diff = first_nonzero(*bytes);
         } else {
-            auto bytes_a = sa.bytes(pos, length);
+            Result<std::span<const std::byte>> bytes_a = std::span<const std::byte>{};
+            Result<std::span<const std::byte>> bytes_b = std::span<const std::byte>{};
+            if (sa.reads() && sb.reads()) {
+                // Both files are read: one on the helper thread, one here.
+                second_reader.run_both([&] { bytes_b = sb.bytes(pos, length); },
+                                       [&] { bytes_a = sa.bytes(pos, length); });
+            } else {
+                bytes_a = sa.bytes(pos, length);
+                if (bytes_a) bytes_b = sb.bytes(pos, length);
+            }
             if (!bytes_a) return read_error(sa, std::move(bytes_a).error(), error_detail);
-            auto bytes_b = sb.bytes(pos, length);
             if (!bytes_b) return read_error(sb, std::move(bytes_b).error(), error_detail);
             diff = first_difference(*bytes_a, *bytes_b);
         }
@@ -243,7 +326,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     while (pos < total) {
         if (!longer.seek(pos)) return walk_error(longer, error_detail);
         std::uint64_t end = longer.end();
-        if (longer.reads()) end = std::min(end, pos + kReadPieceBytes);
+        if (longer.reads()) end = std::min(end, pos + kCompareReadPiece);
         if (!longer.zero()) {
             auto bytes = longer.bytes(pos, end - pos);
             if (!bytes) return read_error(longer, std::move(bytes).error(), error_detail);

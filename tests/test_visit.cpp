@@ -1,0 +1,238 @@
+// visit_runs with VisitOptions: data runs read with pread (DataAccess::read) give the same
+// bytes, in the same order, as data taken from the mapping, for every kind of image and any
+// number of producer threads; Image::file_position names where mapped bytes live; a file cut
+// short under an open image is an io_error in read mode (where the mapping would fault); the
+// CLI's --io option.
+#include "support.hpp"
+
+#include <qcowmap/image.hpp>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <span>
+#include <fcntl.h>
+#include <unistd.h>
+
+namespace qcowmap {
+namespace {
+
+namespace fs = std::filesystem;
+using test::run;
+using test::run_ok;
+using test::shell_quote;
+using test::TempDir;
+
+struct Piece {
+    std::uint64_t offset = 0;
+    std::uint64_t length = 0;
+    bool zero = false;
+};
+
+/// The disk as the visit produced it, and the runs it handed out.
+struct Visited {
+    std::vector<std::byte> disk;
+    std::vector<Piece> pieces;
+};
+
+Visited visit_all(const Image& image, const VisitOptions& options) {
+    Visited v;
+    v.disk.assign(static_cast<std::size_t>(image.size()), std::byte{0x5a});
+    auto ok = image.visit_runs(0, UINT64_MAX, options,
+                               [&](std::uint64_t offset, std::uint64_t length,
+                                   std::span<const std::byte> bytes) -> Result<void> {
+                                   v.pieces.push_back({offset, length, bytes.empty()});
+                                   if (bytes.empty()) {
+                                       std::memset(v.disk.data() + offset, 0, length);
+                                   } else {
+                                       EXPECT_EQ(bytes.size(), length);
+                                       std::memcpy(v.disk.data() + offset, bytes.data(), length);
+                                   }
+                                   return {};
+                               });
+    EXPECT_TRUE(ok) << ok.error().message;
+    return v;
+}
+
+class Visit : public ::testing::Test {
+  protected:
+    /// Images of every kind the read path must handle: runs longer than one read piece,
+    /// compressed clusters between data, a backing chain, an external data file, 512-byte
+    /// clusters and extended L2 entries.
+    std::vector<fs::path> images() {
+        std::vector<fs::path> out;
+        fs::path plain = dir_ / "plain.qcow2";
+        test::make_image(plain, "cluster_size=64k", "6M",
+                         {"write -P 0xab 0 1200k", "write -z 2M 512k", "write -P 0xcd 3M 1M",
+                          "write -P 0x11 6080k 64k"});
+        out.push_back(plain);
+
+        fs::path compressed = dir_ / "compressed.qcow2";
+        test::make_image(compressed, "cluster_size=64k", "4M",
+                         {"write -P 0x21 0 512k", "write -c -P 0x22 512k 128k",
+                          "write -P 0x23 640k 300k", "write -c -P 0x24 2M 64k"});
+        out.push_back(compressed);
+
+        fs::path base = dir_ / "base.qcow2";
+        test::make_image(base, "cluster_size=64k", "4M", {"write -P 0x31 0 3M"});
+        fs::path overlay = dir_ / "overlay.qcow2";
+        run_ok("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 " +
+               shell_quote(overlay.string()));
+        run_ok("qemu-io -c 'write -P 0x32 1M 700k' " + shell_quote(overlay.string()));
+        out.push_back(overlay);
+
+        fs::path external = dir_ / "external.qcow2";
+        run_ok("qemu-img create -q -f qcow2 -o data_file=" +
+               shell_quote((dir_ / "external.data").string()) + " " +
+               shell_quote(external.string()) + " 3M");
+        run_ok("qemu-io -c 'write -P 0x41 100k 1M' " + shell_quote(external.string()));
+        out.push_back(external);
+
+        fs::path small = dir_ / "small-clusters.qcow2";
+        test::make_image(small, "cluster_size=512", "2M",
+                         {"write -P 0x51 0 700k", "write -P 0x52 1M 3k"});
+        out.push_back(small);
+
+        fs::path subclusters = dir_ / "subclusters.qcow2";
+        test::make_image(subclusters, "cluster_size=64k,extended_l2=on", "2M",
+                         {"write -P 0x61 0 400k", "write -P 0x62 600k 6k"});
+        out.push_back(subclusters);
+        return out;
+    }
+
+    TempDir dir_;
+};
+
+TEST_F(Visit, ReadModeGivesTheMappingModesBytesForEveryImageKind) {
+    for (const fs::path& path : images()) {
+        auto image = Image::open(path);
+        ASSERT_TRUE(image) << path << ": " << image.error().message;
+        const std::vector<std::byte> expected = test::qemu_raw(path, dir_);
+        Visited mapped = visit_all(*image, VisitOptions{1, DataAccess::mapping});
+        EXPECT_EQ(mapped.disk, expected) << path;
+        for (unsigned threads : {1u, 2u, 3u}) {
+            Visited read = visit_all(*image, VisitOptions{threads, DataAccess::read});
+            EXPECT_EQ(read.disk, expected) << path << " threads " << threads;
+            // In order, contiguous, no data piece longer than one read buffer.
+            std::uint64_t at = 0;
+            for (const Piece& p : read.pieces) {
+                EXPECT_EQ(p.offset, at) << path;
+                EXPECT_GT(p.length, 0u) << path;
+                if (!p.zero) {
+                    EXPECT_LE(p.length, kReadPieceBytes) << path;
+                }
+                at = p.offset + p.length;
+            }
+            EXPECT_EQ(at, image->size()) << path;
+        }
+    }
+}
+
+TEST_F(Visit, LongRunsArriveInWholeReadPieces) {
+    fs::path path = dir_ / "long.qcow2";
+    test::make_image(path, "cluster_size=64k", "2M", {"write -P 0x71 0 1M", "write -P 0x72 1M 100k"});
+    auto image = Image::open(path);
+    ASSERT_TRUE(image);
+    Visited read = visit_all(*image, VisitOptions{2, DataAccess::read});
+    // One contiguous 1 MiB + 100 KiB data run in the file: four full pieces and the rest.
+    ASSERT_GE(read.pieces.size(), 5u);
+    for (int i = 0; i < 4; ++i) {
+        EXPECT_EQ(read.pieces[i].offset, i * kReadPieceBytes);
+        EXPECT_EQ(read.pieces[i].length, kReadPieceBytes);
+        EXPECT_FALSE(read.pieces[i].zero);
+    }
+}
+
+TEST_F(Visit, FilePositionNamesTheFileAndOffsetOfMappedBytes) {
+    fs::path path = dir_ / "pos.qcow2";
+    test::make_image(path, "cluster_size=64k", "1M",
+                     {"write -P 0x81 64k 128k", "write -c -P 0x82 512k 64k"});
+    auto image = Image::open(path);
+    ASSERT_TRUE(image);
+    ExtentIterator it = image->extents();
+    Extent e;
+    int data_extents = 0;
+    while (it.next(e)) {
+        if (e.kind == ExtentKind::zero) continue;
+        auto pos = image->file_position(e.bytes);
+        ASSERT_TRUE(pos);
+        EXPECT_GE(pos->fd, 0);
+        if (e.kind == ExtentKind::data) {
+            ++data_extents;
+            EXPECT_EQ(pos->offset, *e.host_offset);
+            std::vector<std::byte> via_pread(e.bytes.size());
+            ASSERT_EQ(::pread(pos->fd, via_pread.data(), via_pread.size(),
+                              static_cast<off_t>(pos->offset)),
+                      static_cast<ssize_t>(via_pread.size()));
+            EXPECT_EQ(std::memcmp(via_pread.data(), e.bytes.data(), e.bytes.size()), 0);
+        } else {
+            EXPECT_EQ(pos->offset, e.compressed_host_offset); // compressed stream in the file
+        }
+    }
+    EXPECT_EQ(data_extents, 1);
+    // Bytes outside the mappings (a decompressed cluster, any heap buffer) have no position.
+    std::vector<std::byte> heap(16);
+    EXPECT_FALSE(image->file_position(heap));
+    // An image opened from memory has no file: read mode hands out spans of that memory.
+    std::vector<std::byte> bytes = test::read_file(path);
+    auto in_memory = Image::open_bytes(bytes);
+    ASSERT_TRUE(in_memory);
+    EXPECT_FALSE(in_memory->file_position(in_memory->file_bytes().first(512)));
+    Visited read = visit_all(*in_memory, VisitOptions{2, DataAccess::read});
+    EXPECT_EQ(read.disk, test::qemu_raw(path, dir_));
+}
+
+/// Truncates `path` to `size` bytes.
+void truncate_file(const fs::path& path, std::uint64_t size) {
+    ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(size)), 0) << std::strerror(errno);
+}
+
+TEST_F(Visit, FileCutShortUnderAnOpenImageIsAnIoErrorInReadMode) {
+    fs::path path = dir_ / "shrinks.qcow2";
+    test::make_image(path, "cluster_size=64k", "4M", {"write -P 0x91 0 2M"});
+    auto image = Image::open(path);
+    ASSERT_TRUE(image);
+    // Cut the file inside the data run: its metadata (header, L1, L2, refcounts) comes first.
+    ExtentIterator it = image->extents();
+    Extent data;
+    ASSERT_TRUE(it.next(data));
+    ASSERT_EQ(data.kind, ExtentKind::data);
+    truncate_file(path, *data.host_offset + 300 * 1024);
+    for (unsigned threads : {1u, 2u}) {
+        auto ok = image->visit_runs(0, UINT64_MAX, VisitOptions{threads, DataAccess::read},
+                                    [](std::uint64_t, std::uint64_t, std::span<const std::byte>)
+                                        -> Result<void> { return {}; });
+        ASSERT_FALSE(ok) << threads;
+        EXPECT_EQ(ok.error().code, ErrorCode::io_error);
+        EXPECT_NE(ok.error().message.find("the file ends before offset"), std::string::npos)
+            << ok.error().message;
+    }
+}
+
+TEST_F(Visit, IoOptionIsCheckedAndBothModesGiveTheSameOutput) {
+    fs::path path = dir_ / "io.qcow2";
+    test::make_image(path, "cluster_size=64k", "3M",
+                     {"write -P 0xb1 0 700k", "write -c -P 0xb2 1M 64k", "write -P 0 2M 64k"});
+    const std::string bin = shell_quote(test::qcowmap_bin());
+    const std::string img = shell_quote(path.string());
+    EXPECT_EQ(run_ok(bin + " hash " + img), run_ok(bin + " hash --io=mmap " + img));
+    EXPECT_EQ(run_ok(bin + " hash --block-size=64k " + img),
+              run_ok(bin + " hash --block-size=64k --io=mmap " + img));
+    const std::vector<std::byte> expected = test::qemu_raw(path, dir_);
+    for (std::string io : {"read", "mmap"}) {
+        for (std::string sparse : {"", "-S 0 "}) {
+            fs::path out = dir_ / ("out-" + io + ".raw");
+            run_ok(bin + " convert --force --io=" + io + " " + sparse + img + " " +
+                   shell_quote(out.string()));
+            EXPECT_EQ(test::read_file(out), expected) << io << " " << sparse;
+        }
+    }
+    auto bad = run(bin + " hash --io=fast " + img);
+    EXPECT_EQ(bad.exit_code, 2) << bad.err;
+    EXPECT_NE(bad.err.find("--io"), std::string::npos) << bad.err;
+}
+
+} // namespace
+} // namespace qcowmap
