@@ -1144,6 +1144,31 @@ TEST(CorruptWalk, L2EntryReservedBits) {
     }
 }
 
+// Entries that read like the one before join its run in one loop (extent_iterator.cpp); an
+// entry that would continue the run but carries a reserved bit must still be refused, at its
+// own cluster: after a data entry (next host offset, bit 56 set) and after empty entries.
+TEST(CorruptWalk, EntriesJoiningARunAreStillValidated) {
+    for (std::uint64_t bit : {1ULL << 1, 1ULL << 56}) {
+        Buffer b = fixtures().v3;
+        const std::uint64_t first = get_be64(b, l2_entry(b, 0));
+        ASSERT_NE(first & kOffsetMask, 0u);
+        put_be64(b, l2_entry(b, 1), (first + kCluster) | bit);
+        auto image = open(b);
+        ASSERT_TRUE(image) << image.error().message;
+        EXPECT_TRUE(every_read_fails_with(*image, ErrorCode::invalid_cluster,
+                                          {"virtual offset 0x10000", "reserved bits set"}));
+
+        Buffer c = fixtures().v3;
+        put_be64(c, l2_entry(c, 1), 0);
+        put_be64(c, l2_entry(c, 2), 0);
+        put_be64(c, l2_entry(c, 3), bit);
+        auto sparse = open(c);
+        ASSERT_TRUE(sparse) << sparse.error().message;
+        EXPECT_TRUE(every_read_fails_with(*sparse, ErrorCode::invalid_cluster,
+                                          {"virtual offset 0x30000", "reserved bits set"}));
+    }
+}
+
 TEST(CorruptWalk, ErrorInALaterClusterSparesEarlierRanges) {
     Buffer b = fixtures().v3;
     put_be64(b, l2_entry(b, 2), get_be64(b, l2_entry(b, 2)) | (1ULL << 1));
