@@ -292,7 +292,11 @@ Command add_convert(CLI::App& app) {
                     ::close(fd);
                     return report(*output, why, kExitOutputError);
                 };
-                if (sparse && (::ftruncate(fd, 0) != 0 ||
+                // An existing file is emptied first (its old blocks must not show through the
+                // holes). A new one is not: on ext4 truncating even an empty file arms the
+                // "replace via truncate" heuristic (auto_da_alloc), and close() then starts
+                // writeback of every byte written (+0.3 s per GiB here).
+                if (sparse && ((st.st_size != 0 && ::ftruncate(fd, 0) != 0) ||
                                ::ftruncate(fd, static_cast<off_t>(image->size())) != 0)) {
                     return fail_output(std::strerror(errno));
                 }
