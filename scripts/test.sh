@@ -45,15 +45,17 @@ run_pass sanitize build-sanitize --buildtype=debug -Db_sanitize=address,undefine
   -Db_lundef=false -Dcpp_args=-D_GLIBCXX_ASSERTIONS -Dbench=false
 
 # ThreadSanitizer over the tests that read one Image from several threads at once (plain
-# reads, and the parallel decompression that cat/convert use).
+# reads, the parallel decompression that cat/convert use, the read-ahead of visit_runs in
+# DataAccess::read mode, and compare's second reader).
 echo "=== thread: ThreadSanitizer on the concurrency tests (build-tsan)"
 if [ -d build-tsan ] || meson setup build-tsan --buildtype=debugoptimized -Db_sanitize=thread \
      -Dbench=false >/dev/null; then
   if ninja -C build-tsan -j "$jobs" apps/qcowmap tests/test_compressed tests/test_oracle \
-       >build-tsan/qcowmap-build.log 2>&1; then
-    for suite in compressed oracle; do
+       tests/test_visit tests/test_compare >build-tsan/qcowmap-build.log 2>&1; then
+    for run in compressed:'*Concurrency*' oracle:'*Concurrency*' visit:'*' compare:'*'; do
+      suite=${run%%:*}
       QCOWMAP_BIN=$PWD/build-tsan/apps/qcowmap TSAN_OPTIONS=halt_on_error=1 \
-        "build-tsan/tests/test_$suite" --gtest_filter='*Concurrency*' >"build-tsan/tsan-$suite.log" 2>&1
+        "build-tsan/tests/test_$suite" --gtest_filter="${run#*:}" >"build-tsan/tsan-$suite.log" 2>&1
       rc=$?
       tail -3 "build-tsan/tsan-$suite.log"
       if [ "$rc" -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); status=1; fi
