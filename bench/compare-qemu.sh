@@ -7,7 +7,8 @@
 #            nbdcopy -- [ qemu-nbd -r -f qcow2 IMG ] - | sha256sum
 #   compare  vs qemu-img compare (each image against a copy of itself, so every data byte is read)
 # then openssl speed -evp sha256 against qcowmap hash's throughput on dense data, peak RSS of
-# hash and convert, and block-manifest scaling (--threads=1 vs 2).
+# hash and convert, block-manifest scaling (--threads=1 vs 2), and hash/compare with data read
+# by pread (the default) against data taken from the mapping (--io=mmap).
 #
 # usage: bench/compare-qemu.sh [QCOWMAP_CLI] [WORKDIR]
 #   QCOWMAP_CLI  the qcowmap executable (default ./build/apps/qcowmap)
@@ -264,6 +265,22 @@ fi
 awk -v k="$openssl_kbs" -v t="$hash_dense" -v c="$hash_cpu" 'BEGIN {
     theirs = k * 1000 / 1e6; wall = 1073741824 / t / 1e6; cpu = 1073741824 / c / 1e6
     printf "sha256 throughput: openssl speed -evp sha256 -bytes 1048576 %.0f MB/s (per CPU second); qcowmap hash dense-1G %.0f MB/s per CPU second (%.2fx), %.0f MB/s wall (%.2fx)\n", theirs, cpu, cpu / theirs, wall, wall / theirs }'
+
+# Data through the mapping (--io=mmap, zero copies) against the default pread path, same image.
+for image in "$DENSE" "$FRAG"; do
+    t_read=() t_mmap=() t_cread=() t_cmmap=()
+    for ((i = 0; i < RUNS; i++)); do
+        t_read+=("$(time_it "$QCOWMAP" hash "$image")")
+        t_mmap+=("$(time_it "$QCOWMAP" hash --io=mmap "$image")")
+        cp "$image" "$COPY"
+        t_cread+=("$(time_it "$QCOWMAP" compare "$image" "$COPY")")
+        t_cmmap+=("$(time_it "$QCOWMAP" compare --io=mmap "$image" "$COPY")")
+        rm -f "$COPY"
+    done
+    awk -v a="$(median "${t_read[@]}")" -v b="$(median "${t_mmap[@]}")" \
+        -v c="$(median "${t_cread[@]}")" -v d="$(median "${t_cmmap[@]}")" -v n="$(basename "$image")" 'BEGIN {
+        printf "data access %s: hash --io=read %.3f s, --io=mmap %.3f s (%.2fx); compare --io=read %.3f s, --io=mmap %.3f s (%.2fx)\n", n, a, b, b / a, c, d, d / c }'
+done
 
 # Block manifests: one thread against two.
 manifest() { "$QCOWMAP" hash --block-size=64k --threads="$2" "$1"; }
