@@ -115,6 +115,23 @@ TEST_F(Compare, DataAgainstUnallocated) {
     EXPECT_EQ(expect_agree(a, b), "Content mismatch at offset 716800!\n");
 }
 
+// Both sides compressed (zlib against zstd): their clusters are decompressed at once on two
+// threads; the first difference sits in a late cluster, after many equal ones.
+TEST_F(Compare, CompressedAgainstCompressed) {
+    fs::path a = image("a.qcow2", "cluster_size=64k,compression_type=zlib", "4M");
+    fs::path b = image("b.qcow2", "cluster_size=64k,compression_type=zstd", "4M");
+    run_ok("qemu-io -c 'write -c -P 0x61 0 3M' " + shell_quote(a.string()));
+    // (A compressed write cannot overwrite a compressed cluster: b is written around it.)
+    run_ok("qemu-io -c 'write -c -P 0x61 0 2816k' -c 'write -c -P 0x62 2816k 64k' "
+           "-c 'write -c -P 0x61 2880k 192k' " +
+           shell_quote(b.string()));
+    EXPECT_EQ(expect_agree(a, b), "Content mismatch at offset 2883584!\n");
+    fs::path same = dir_ / "same.qcow2";
+    run_ok("qemu-img convert -c -O qcow2 -o compression_type=zstd " + shell_quote(a.string()) +
+           " " + shell_quote(same.string()));
+    EXPECT_EQ(expect_agree(a, same), "Images are identical.\n");
+}
+
 TEST_F(Compare, CompressedAgainstPlain) {
     fs::path plain = image("p.qcow2", "cluster_size=64k", "2M",
                            {"write -P 0x51 0 256k", "write -P 0x52 1M 64k"});

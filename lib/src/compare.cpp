@@ -7,7 +7,9 @@
 #include <qcowmap/compare.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <exception>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -27,21 +29,24 @@ constexpr std::uint64_t kSector = 512; // BDRV_SECTOR_SIZE
 constexpr std::uint64_t kCompareReadPiece = 1024 * 1024;
 
 /// Runs one task at a time on a thread of its own, so that the two sides of a comparison are
-/// read at once. Started on first use: comparisons that never read both sides pay nothing.
+/// read (or decompressed) at once. Started on first use: comparisons that never produce both
+/// sides pay nothing. Pieces are small (one 64 KiB compressed cluster, say), so both threads
+/// spin a little before sleeping: a futex wake-up per piece cost more than the parallelism won.
 class SecondReader {
   public:
     ~SecondReader() {
         if (!thread_.joinable()) return;
+        stopping_.store(true, std::memory_order_release);
         {
-            std::lock_guard lock(mutex_);
-            stopping_ = true;
+            std::lock_guard lock(mutex_); // pairs with the helper's check under the lock
         }
         changed_.notify_all();
         thread_.join();
     }
 
-    /// Runs `task` on the helper thread and `here` on this one, and returns once both ran.
-    /// Without a helper thread (it could not be started) both run here.
+    /// Runs `task` on the helper thread and `here` on this one, and returns once both ran. An
+    /// exception from `task` is rethrown here. Without a helper thread (it could not be
+    /// started) both run here.
     template <typename Here>
     void run_both(const std::function<void()>& task, Here&& here) {
         if (!start()) {
@@ -49,14 +54,15 @@ class SecondReader {
             here();
             return;
         }
+        done_.store(false, std::memory_order_relaxed);
+        task_.store(&task, std::memory_order_release);
         {
-            std::lock_guard lock(mutex_);
-            task_ = &task;
+            std::lock_guard lock(mutex_); // pairs with the helper's check under the lock
         }
         changed_.notify_all();
         here();
-        std::unique_lock lock(mutex_);
-        changed_.wait(lock, [&] { return task_ == nullptr; });
+        wait_for([&] { return done_.load(std::memory_order_acquire); });
+        if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
     }
 
   private:
@@ -71,15 +77,36 @@ class SecondReader {
         return !failed_;
     }
 
-    void work() {
+    /// Spins for a few microseconds, then sleeps on the condition variable until `ready()`.
+    template <typename Ready>
+    void wait_for(Ready ready) {
+        for (int i = 0; i < 4000; ++i) {
+            if (ready()) return;
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
         std::unique_lock lock(mutex_);
+        changed_.wait(lock, [&] { return ready(); });
+    }
+
+    void work() {
         for (;;) {
-            changed_.wait(lock, [&] { return stopping_ || task_ != nullptr; });
-            if (stopping_) return;
-            lock.unlock();
-            (*task_)();
-            lock.lock();
-            task_ = nullptr;
+            wait_for([&] {
+                return stopping_.load(std::memory_order_acquire) ||
+                       task_.load(std::memory_order_acquire) != nullptr;
+            });
+            if (stopping_.load(std::memory_order_acquire)) return;
+            const std::function<void()>* task = task_.exchange(nullptr, std::memory_order_acq_rel);
+            try {
+                (*task)();
+            } catch (...) {
+                failure_ = std::current_exception(); // read by run_both after done_
+            }
+            done_.store(true, std::memory_order_release);
+            {
+                std::lock_guard lock(mutex_);
+            }
             changed_.notify_all();
         }
     }
@@ -87,8 +114,10 @@ class SecondReader {
     std::thread thread_;
     std::mutex mutex_;
     std::condition_variable changed_;
-    const std::function<void()>* task_ = nullptr;
-    bool stopping_ = false;
+    std::atomic<const std::function<void()>*> task_{nullptr};
+    std::atomic<bool> done_{false};
+    std::exception_ptr failure_;
+    std::atomic<bool> stopping_{false};
     bool failed_ = false;
 };
 
