@@ -71,7 +71,8 @@ void add_io_option(CLI::App& command, DataAccess& access) {
     command
         .add_option("--io", access,
                     "How data is taken from the file: read (pread into a small buffer, the "
-                    "default) or mmap (straight from the mapping, no copy)")
+                    "default) or mmap (straight from the mapping, no copy). convert -S 0 "
+                    "copies inside the kernel either way")
         ->transform(CLI::CheckedTransformer(
             std::map<std::string, DataAccess>{{"read", DataAccess::read},
                                               {"mmap", DataAccess::mapping}}))

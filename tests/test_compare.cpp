@@ -88,7 +88,7 @@ TEST_F(Compare, OneByteDifferenceAtSectorGranularity) {
         auto r = compare_images(*ia, *ib, options);
         ASSERT_TRUE(r);
         EXPECT_EQ(r->outcome, CompareResult::Outcome::content_mismatch);
-        EXPECT_EQ(r->offset, 1234432u); // 1234567 rounded down to 512, in the 5th read piece
+        EXPECT_EQ(r->offset, 1234432u); // 1234567 rounded down to 512, in the 2nd 1 MiB piece
     }
 }
 

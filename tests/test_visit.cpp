@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <set>
 #include <span>
 #include <fcntl.h>
 #include <unistd.h>
@@ -136,12 +137,54 @@ TEST_F(Visit, LongRunsArriveInWholeReadPieces) {
     auto image = Image::open(path);
     ASSERT_TRUE(image);
     Visited read = visit_all(*image, VisitOptions{2, DataAccess::read});
-    // One contiguous 1 MiB + 100 KiB data run in the file: four full pieces and the rest.
+    // One contiguous data run of 1 MiB + two 64 KiB clusters (the 100 KiB write allocates
+    // both) in the file: four full pieces and the rest.
     ASSERT_GE(read.pieces.size(), 5u);
     for (int i = 0; i < 4; ++i) {
         EXPECT_EQ(read.pieces[i].offset, i * kReadPieceBytes);
         EXPECT_EQ(read.pieces[i].length, kReadPieceBytes);
         EXPECT_FALSE(read.pieces[i].zero);
+    }
+    EXPECT_EQ(read.pieces[4].offset, 4 * kReadPieceBytes);
+    EXPECT_EQ(read.pieces[4].length, 128u * 1024);
+    EXPECT_FALSE(read.pieces[4].zero);
+}
+
+TEST_F(Visit, FilePositionOfBackingAndDataFileBytesUsesTheirOwnFiles) {
+    fs::path base = dir_ / "base.qcow2";
+    test::make_image(base, "cluster_size=64k", "1M", {"write -P 0xc1 0 128k"});
+    fs::path overlay = dir_ / "overlay.qcow2";
+    run_ok("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 " + shell_quote(overlay.string()));
+    run_ok("qemu-io -c 'write -P 0xc2 512k 64k' " + shell_quote(overlay.string()));
+    fs::path external = dir_ / "external.qcow2";
+    run_ok("qemu-img create -q -f qcow2 -o data_file=" +
+           shell_quote((dir_ / "external.data").string()) + " " + shell_quote(external.string()) +
+           " 1M");
+    run_ok("qemu-io -c 'write -P 0xc3 192k 64k' " + shell_quote(external.string()));
+    for (const fs::path& path : {overlay, external}) {
+        auto image = Image::open(path);
+        ASSERT_TRUE(image) << image.error().message;
+        const int top_fd = image->file_position(image->file_bytes().first(1))->fd;
+        std::set<int> fds;
+        ExtentIterator it = image->extents();
+        Extent e;
+        while (it.next(e)) {
+            if (e.kind != ExtentKind::data) continue;
+            auto pos = image->file_position(e.bytes);
+            ASSERT_TRUE(pos) << path;
+            fds.insert(pos->fd);
+            std::vector<std::byte> via_pread(e.bytes.size());
+            ASSERT_EQ(::pread(pos->fd, via_pread.data(), via_pread.size(),
+                              static_cast<off_t>(pos->offset)),
+                      static_cast<ssize_t>(via_pread.size()));
+            EXPECT_EQ(std::memcmp(via_pread.data(), e.bytes.data(), e.bytes.size()), 0) << path;
+        }
+        if (path == overlay) {
+            EXPECT_EQ(fds.size(), 2u); // the base's data and the overlay's own
+        } else {
+            ASSERT_EQ(fds.size(), 1u);
+            EXPECT_NE(*fds.begin(), top_fd); // the data file, not the qcow2 file
+        }
     }
 }
 

@@ -60,7 +60,14 @@ class SecondReader {
             std::lock_guard lock(mutex_); // pairs with the helper's check under the lock
         }
         changed_.notify_all();
-        here();
+        try {
+            here();
+        } catch (...) {
+            // The helper still uses `task` and what it captures: let it finish first.
+            wait_for([&] { return done_.load(std::memory_order_acquire); });
+            failure_ = nullptr;
+            throw;
+        }
         wait_for([&] { return done_.load(std::memory_order_acquire); });
         if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
     }

@@ -15,9 +15,10 @@ using detail::slice;
 
 namespace {
 
-/// One classified run starting at the requested position: at most one cluster for allocated
-/// clusters, a run of like subclusters inside one cluster, or the rest of an L2 table's range
-/// when its L1 entry is empty.
+/// One classified run starting at the requested position: a cluster and the following clusters
+/// of its L2 table that read the same way (standard L2 entries), a run of like subclusters
+/// inside one cluster (extended L2 entries), one compressed cluster, or the rest of an L2
+/// table's range when its L1 entry is empty.
 struct Run {
     ExtentKind kind = ExtentKind::zero;
     bool present = false;
@@ -187,7 +188,12 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
         // 1 TiB disk has millions of empty entries. An entry joins only when it equals this
         // one (no host offset) or carries the same flags with the next host offset, so it
         // would classify exactly like this one: same validation outcome, same kind.
-        const std::uint64_t entries_per_table = std::uint64_t{1} << s.l2_bits;
+        // Not for a range that falls through to a backing layer: the layer below would cut the
+        // run short, the next call would rescan the same entries, and a walk over an overlay
+        // of empty tables would turn quadratic.
+        const bool falls_through = !host_valid && !(entry & detail::kL2ZeroFlag) && s.backing;
+        const std::uint64_t entries_per_table =
+            falls_through ? 0 : std::uint64_t{1} << s.l2_bits;
         const std::uint64_t flags = entry & ~detail::kL2OffsetMask;
         std::uint64_t next_host = host + s.cluster_size;
         std::uint64_t next_start = cluster_start + s.cluster_size;

@@ -109,14 +109,13 @@ class Prefetcher {
         std::unique_lock lock(mutex_);
         if (job.state == Job::State::free) {
             // The look-ahead iterator failed or ended before reaching this extent.
-            return ahead_.failed() ? ahead_.error()
-                                   : Error{ErrorCode::invalid_argument, "prefetch lost its place"};
+            return ahead_.failed() ? ahead_.error() : lost_place();
         }
         changed_.wait(lock, [&] { return job.state == Job::State::done; });
         if (job.extent.offset != expected.offset || job.piece_offset != piece_offset ||
             job.piece_length != piece_length ||
             job.extent.compressed_host_offset != expected.compressed_host_offset) {
-            return Error{ErrorCode::invalid_argument, "prefetch lost its place"};
+            return lost_place();
         }
         if (job.error) {
             return *job.error;
@@ -137,6 +136,12 @@ class Prefetcher {
     }
 
   private:
+    /// The two walks of the same metadata disagree: only a file changed under us does that.
+    static Error lost_place() {
+        return Error{ErrorCode::io_error, "image changed while being read (two walks of its "
+                                          "metadata disagree)"};
+    }
+
     // Queues the pieces the look-ahead iterator finds into free jobs.
     void top_up() {
         bool queued = false;
@@ -213,10 +218,16 @@ class Prefetcher {
             if (stopping_) return;
             job->state = Job::State::working;
             lock.unlock();
-            auto ok = job->read_from
-                          ? read_exactly(*job->read_from, std::span<std::byte>(job->buffer).first(
-                                                              job->piece_length))
-                          : decompressor.decompress_cluster(image_, job->extent, job->buffer);
+            Result<void> ok;
+            try {
+                ok = job->read_from
+                         ? read_exactly(*job->read_from,
+                                        std::span<std::byte>(job->buffer).first(job->piece_length))
+                         : decompressor.decompress_cluster(image_, job->extent, job->buffer);
+            } catch (const std::exception& e) {
+                // Out of memory building a message or a decoder: an error, not std::terminate.
+                ok = Error{ErrorCode::io_error, e.what()};
+            }
             lock.lock();
             if (!ok) job->error = std::move(ok).error();
             job->state = Job::State::done;

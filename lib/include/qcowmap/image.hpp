@@ -199,8 +199,9 @@ enum class DataAccess : std::uint8_t {
     /// pread(2) into a buffer owned by the walk, at most kReadPieceBytes at a time (a long run
     /// arrives as several visits), read ahead by the visit's threads when it has more than
     /// one. One copy, made by the kernel from the page cache: on our 2-core VM streaming a
-    /// disk this way beat touching the mapping (README, "Benchmarks"), and a file cut short
-    /// underneath gives an io_error where the mapping raises SIGBUS.
+    /// disk this way beat touching the mapping (README, "Benchmarks"), and a data run cut
+    /// short underneath gives an io_error where the mapping raises SIGBUS (metadata and
+    /// compressed clusters are still read through the mapping).
     read,
 };
 
