@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <charconv>
+#include <type_traits>
 
 namespace qcowmap::cli {
 namespace {
@@ -15,30 +16,25 @@ namespace {
 /// (qemu 8.2+ adds "compressed"). Built with to_chars, not a format call per entry: a
 /// fragmented disk has tens of thousands of entries and this is most of `map`'s own time.
 void append_json_entry(std::string& out, const MapEntry& e) {
-    auto number = [&](std::uint64_t value) {
-        char digits[24];
-        auto end = std::to_chars(digits, digits + sizeof digits, value).ptr;
-        out.append(digits, end);
+    // `key` carries the separator before the name: "{ " first, ", " after.
+    auto field = [&](const char* key, auto value) {
+        out += key;
+        if constexpr (std::is_same_v<decltype(value), bool>) {
+            out += value ? "true" : "false";
+        } else {
+            char digits[24];
+            auto end = std::to_chars(digits, digits + sizeof digits, value).ptr;
+            out.append(digits, end);
+        }
     };
-    auto boolean = [&](bool value) { out += value ? "true" : "false"; };
-    out += "{ \"start\": ";
-    number(e.start);
-    out += ", \"length\": ";
-    number(e.length);
-    out += ", \"depth\": ";
-    number(e.depth);
-    out += ", \"present\": ";
-    boolean(e.present);
-    out += ", \"zero\": ";
-    boolean(e.zero);
-    out += ", \"data\": ";
-    boolean(e.data);
-    out += ", \"compressed\": ";
-    boolean(e.compressed);
-    if (e.offset) {
-        out += ", \"offset\": ";
-        number(*e.offset);
-    }
+    field("{ \"start\": ", e.start);
+    field(", \"length\": ", e.length);
+    field(", \"depth\": ", std::uint64_t{e.depth});
+    field(", \"present\": ", e.present);
+    field(", \"zero\": ", e.zero);
+    field(", \"data\": ", e.data);
+    field(", \"compressed\": ", e.compressed);
+    if (e.offset) field(", \"offset\": ", *e.offset);
     out += "}";
 }
 

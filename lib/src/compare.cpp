@@ -244,25 +244,9 @@ class Side {
   private:
     Result<std::span<const std::byte>> read(const FilePosition& from, std::uint64_t length) {
         buffer_.resize(kCompareReadPiece);
-        std::size_t done = 0;
-        while (done < length) {
-            const ssize_t n = ::pread(from.fd, buffer_.data() + done, length - done,
-                                      static_cast<off_t>(from.offset + done));
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0) {
-                return Error{ErrorCode::io_error,
-                             fmt::format("cannot read at file offset {:#x}: {}", from.offset + done,
-                                         std::strerror(errno))};
-            }
-            if (n == 0) {
-                return Error{ErrorCode::io_error,
-                             fmt::format("the file ends before offset {:#x}, inside its mapping "
-                                         "(was it truncated while open?)",
-                                         from.offset + done)};
-            }
-            done += static_cast<std::size_t>(n);
-        }
-        return std::span<const std::byte>(buffer_).first(static_cast<std::size_t>(length));
+        auto out = std::span<std::byte>(buffer_).first(static_cast<std::size_t>(length));
+        if (auto ok = detail::read_exactly(from, out); !ok) return std::move(ok).error();
+        return std::span<const std::byte>(out);
     }
 
     const Image& image_;

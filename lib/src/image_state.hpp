@@ -75,6 +75,11 @@ inline const ImageState* layer_at(const ImageState& top, std::uint32_t depth) {
     return layer;
 }
 
+/// Reads `out.size()` bytes at `position` with pread, retrying short reads and EINTR. A read
+/// error or the end of the file (a file cut short under its mapping) is an io_error naming
+/// the offset.
+Result<void> read_exactly(const FilePosition& position, std::span<std::byte> out);
+
 /// Points the state at snapshot `wanted` (ID first, then name): its L1 table and size.
 Result<void> select_snapshot(ImageState& state, const std::string& wanted);
 

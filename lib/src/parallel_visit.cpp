@@ -24,30 +24,6 @@ namespace {
 
 constexpr unsigned kMaxProducerThreads = 64;
 
-/// Reads `out.size()` bytes at `position` with pread, retrying short reads and EINTR.
-Result<void> read_exactly(const FilePosition& position, std::span<std::byte> out) {
-    std::size_t done = 0;
-    while (done < out.size()) {
-        const ssize_t n = ::pread(position.fd, out.data() + done, out.size() - done,
-                                  static_cast<off_t>(position.offset + done));
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return Error{ErrorCode::io_error,
-                         fmt::format("cannot read {} bytes at file offset {:#x}: {}",
-                                     out.size() - done, position.offset + done,
-                                     std::strerror(errno))};
-        }
-        if (n == 0) {
-            return Error{ErrorCode::io_error,
-                         fmt::format("the file ends before offset {:#x}, inside its mapping "
-                                     "(was it truncated while open?)",
-                                     position.offset + done)};
-        }
-        done += static_cast<std::size_t>(n);
-    }
-    return {};
-}
-
 /// Where a data extent's bytes are read from in DataAccess::read mode; nullopt when they come
 /// straight from memory (mapping mode, or an image opened from memory).
 std::optional<FilePosition> read_source(const Image& image, const VisitOptions& options,
@@ -221,7 +197,7 @@ class Prefetcher {
             Result<void> ok;
             try {
                 ok = job->read_from
-                         ? read_exactly(*job->read_from,
+                         ? detail::read_exactly(*job->read_from,
                                         std::span<std::byte>(job->buffer).first(job->piece_length))
                          : decompressor.decompress_cluster(image_, job->extent, job->buffer);
             } catch (const std::exception& e) {
@@ -260,7 +236,7 @@ class InlineProducer {
     Result<std::span<const std::byte>> read(const FilePosition& position, std::size_t length) {
         buffer_.resize(kReadPieceBytes);
         auto out = std::span<std::byte>(buffer_).first(length);
-        if (auto ok = read_exactly(position, out); !ok) return std::move(ok).error();
+        if (auto ok = detail::read_exactly(position, out); !ok) return std::move(ok).error();
         return std::span<const std::byte>(out);
     }
 
@@ -270,6 +246,33 @@ class InlineProducer {
 };
 
 } // namespace
+
+namespace detail {
+
+Result<void> read_exactly(const FilePosition& position, std::span<std::byte> out) {
+    std::size_t done = 0;
+    while (done < out.size()) {
+        const ssize_t n = ::pread(position.fd, out.data() + done, out.size() - done,
+                                  static_cast<off_t>(position.offset + done));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return Error{ErrorCode::io_error,
+                         fmt::format("cannot read {} bytes at file offset {:#x}: {}",
+                                     out.size() - done, position.offset + done,
+                                     std::strerror(errno))};
+        }
+        if (n == 0) {
+            return Error{ErrorCode::io_error,
+                         fmt::format("the file ends before offset {:#x}, inside its mapping "
+                                     "(was it truncated while open?)",
+                                     position.offset + done)};
+        }
+        done += static_cast<std::size_t>(n);
+    }
+    return {};
+}
+
+} // namespace detail
 
 Result<void> Image::visit_runs_parallel(std::uint64_t start, std::uint64_t end, unsigned threads,
                                         const RunVisitor& visitor) const {
