@@ -319,7 +319,7 @@ if [[ -x /usr/bin/time ]]; then
         rss_manifest=$(rss "$QCOWMAP" hash --block-size=64k "$image")
         echo "peak RSS $(basename "$image"): qcowmap convert ${rss_ours} MiB (qemu-img convert ${rss_qemu} MiB), qcowmap hash ${rss_hash} MiB, hash --block-size=64k ${rss_manifest} MiB"
     done
-    echo "  (mapped page-cache pages count while touched; hash drops them once hashed)"
+    echo "  (data is read into small buffers; with --io=mmap mapped pages count while touched, hash drops them once hashed)"
 else
     echo "peak RSS: skipped, /usr/bin/time is missing (apt-get install time)"
 fi
