@@ -8,13 +8,17 @@
 
 #include <fmt/format.h>
 #include <openssl/evp.h>
+#include <openssl/opensslv.h>
 #include <xxhash.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <sys/mman.h>
 #include <thread>
 #include <unistd.h>
@@ -26,6 +30,53 @@ namespace {
 // Zero runs are fed from here, 64 KiB at a time: small enough to stay in L2 while it is hashed
 // over and over, large enough that the per-call cost of the hash is nothing.
 alignas(4096) const std::byte kZeroBlock[64 * 1024] = {};
+
+/// OpenSSL's libcrypto, opened on first use instead of linked: loading and relocating it cost
+/// every command ~4 ms of start-up on our VM (of ~13 ms), and only the SHA-2/BLAKE2 digests
+/// need it. The EVP functions are the ones the headers declare; only their addresses are
+/// looked up at run time, from the libcrypto ABI version the headers belong to.
+struct Libcrypto {
+    decltype(&::EVP_MD_fetch) md_fetch = nullptr;
+    decltype(&::EVP_MD_free) md_free = nullptr;
+    decltype(&::EVP_MD_CTX_new) ctx_new = nullptr;
+    decltype(&::EVP_MD_CTX_free) ctx_free = nullptr;
+    decltype(&::EVP_DigestInit_ex2) init = nullptr;
+    decltype(&::EVP_DigestUpdate) update = nullptr;
+    decltype(&::EVP_DigestFinal_ex) finish = nullptr;
+    std::string error; ///< why it is unusable; empty when every function was found
+};
+
+const Libcrypto& libcrypto() {
+    static const Libcrypto lib = [] {
+        Libcrypto l;
+        const std::string name = fmt::format("libcrypto.so.{}", OPENSSL_SHLIB_VERSION);
+        // Never closed: the functions stay in use until the process ends.
+        void* handle = ::dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+        if (!handle) {
+            const char* why = ::dlerror();
+            l.error = fmt::format("cannot load {} (OpenSSL, for SHA-2 and BLAKE2): {}", name,
+                                  why ? why : "unknown error");
+            return l;
+        }
+        auto find = [&](auto& function, const char* symbol) {
+            void* address = ::dlsym(handle, symbol);
+            if (!address && l.error.empty()) {
+                l.error = fmt::format("{} has no {}", name, symbol);
+            }
+            static_assert(sizeof function == sizeof address);
+            std::memcpy(&function, &address, sizeof function); // object to function pointer
+        };
+        find(l.md_fetch, "EVP_MD_fetch");
+        find(l.md_free, "EVP_MD_free");
+        find(l.ctx_new, "EVP_MD_CTX_new");
+        find(l.ctx_free, "EVP_MD_CTX_free");
+        find(l.init, "EVP_DigestInit_ex2");
+        find(l.update, "EVP_DigestUpdate");
+        find(l.finish, "EVP_DigestFinal_ex");
+        return l;
+    }();
+    return lib;
+}
 
 const char* evp_name(HashAlgorithm algorithm) {
     switch (algorithm) {
@@ -166,14 +217,15 @@ struct Hasher::Impl {
     bool failed = false;
 
     ~Impl() {
-        EVP_MD_CTX_free(ctx);
-        EVP_MD_free(md);
+        // Non-null only when libcrypto was loaded.
+        if (ctx) libcrypto().ctx_free(ctx);
+        if (md) libcrypto().md_free(md);
         if (xxh) XXH3_freeState(xxh);
     }
 
     bool start() {
         if (xxh) return XXH3_128bits_reset(xxh) == XXH_OK;
-        return EVP_DigestInit_ex2(ctx, md, nullptr) == 1;
+        return libcrypto().init(ctx, md, nullptr) == 1;
     }
 };
 
@@ -189,8 +241,10 @@ Result<Hasher> Hasher::create(HashAlgorithm algorithm) {
         impl->xxh = XXH3_createState();
         if (!impl->xxh) return Error{ErrorCode::io_error, "cannot allocate an XXH3 state"};
     } else {
-        impl->md = EVP_MD_fetch(nullptr, evp_name(algorithm), nullptr);
-        impl->ctx = EVP_MD_CTX_new();
+        const Libcrypto& lib = libcrypto();
+        if (!lib.error.empty()) return Error{ErrorCode::io_error, lib.error};
+        impl->md = lib.md_fetch(nullptr, evp_name(algorithm), nullptr);
+        impl->ctx = lib.ctx_new();
         if (!impl->md || !impl->ctx) {
             return Error{ErrorCode::io_error,
                          fmt::format("libcrypto does not provide {}", evp_name(algorithm))};
@@ -212,7 +266,7 @@ void Hasher::update(std::span<const std::byte> bytes) {
     if (impl_->xxh) {
         impl_->failed |= XXH3_128bits_update(impl_->xxh, bytes.data(), bytes.size()) != XXH_OK;
     } else {
-        impl_->failed |= EVP_DigestUpdate(impl_->ctx, bytes.data(), bytes.size()) != 1;
+        impl_->failed |= libcrypto().update(impl_->ctx, bytes.data(), bytes.size()) != 1;
     }
 }
 
@@ -236,7 +290,7 @@ Result<Digest> Hasher::finish() {
         std::memcpy(digest.bytes.data(), canonical.digest, sizeof canonical.digest);
     } else {
         unsigned int size = 0;
-        ok = ok && EVP_DigestFinal_ex(impl_->ctx, digest.bytes.data(), &size) == 1 &&
+        ok = ok && libcrypto().finish(impl_->ctx, digest.bytes.data(), &size) == 1 &&
              size == digest.size;
     }
     impl_->failed = false;
