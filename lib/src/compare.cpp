@@ -1,22 +1,20 @@
 // Two disks compared the way qemu-img compare does (qemu-img.c, img_compare): walk both
 // allocation maps together; ranges zero on both sides need no reading; data is compared in
-// pieces read with pread (or straight from the mappings); a mismatch is reported at the start of the first differing 512-byte
-// sector (compare_buffers / find_nonzero work sector by sector).
+// pieces read with pread (or straight from the mappings); a mismatch is reported at the start
+// of the first differing 512-byte sector (compare_buffers / find_nonzero work sector by sector).
 #include "image_state.hpp"
 
 #include <qcowmap/compare.hpp>
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
-#include <exception>
 #include <condition_variable>
+#include <exception>
 #include <cstring>
 #include <functional>
 #include <mutex>
 #include <optional>
 #include <thread>
-#include <unistd.h>
 #include <vector>
 
 namespace qcowmap {

@@ -126,7 +126,8 @@ class Prefetcher {
                 Extent e;
                 bool found = false;
                 while (ahead_.next(e)) {
-                    if (e.kind == ExtentKind::compressed || read_source(image_, options_, e)) {
+                    pending_from_ = read_source(image_, options_, e);
+                    if (e.kind == ExtentKind::compressed || pending_from_) {
                         found = true;
                         break;
                     }
@@ -152,8 +153,7 @@ class Prefetcher {
                 job.piece_offset = pending_next_;
                 job.piece_length = std::min<std::uint64_t>(kReadPieceBytes, e.length - done);
                 job.buffer.resize(kReadPieceBytes);
-                job.read_from = image_.file_position(e.bytes);
-                job.read_from->offset += done;
+                job.read_from = FilePosition{pending_from_->fd, pending_from_->offset + done};
                 pending_next_ += job.piece_length;
                 if (pending_next_ == e.offset + e.length) {
                     pending_.reset();
@@ -220,6 +220,7 @@ class Prefetcher {
     std::condition_variable changed_;
     std::optional<Extent> pending_; // a data extent being cut into pieces (caller thread only)
     std::uint64_t pending_next_ = 0;
+    std::optional<FilePosition> pending_from_; // where pending_'s bytes start in their file
     std::uint64_t queued_ = 0;   // jobs handed to workers (caller thread only)
     std::uint64_t consumed_ = 0; // jobs handed to the visitor (caller thread only)
     bool stopping_ = false;
