@@ -2,9 +2,9 @@
 
 #include <fmt/format.h>
 
-#include <cerrno>
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
@@ -62,8 +62,10 @@ void ImageArgs::add_to(CLI::App& command, bool contents) {
 OpenOptions ImageArgs::open_options() const {
     OpenOptions options;
     options.backing = backing == "none" ? BackingMode::none : BackingMode::follow;
-    if (!data_file.empty()) options.data_file = data_file;
-    if (!snapshot.empty()) options.snapshot = snapshot;
+    if (!data_file.empty())
+        options.data_file = data_file;
+    if (!snapshot.empty())
+        options.snapshot = snapshot;
     return options;
 }
 
@@ -73,9 +75,8 @@ void add_io_option(CLI::App& command, DataAccess& access) {
                     "How data is taken from the file: read (pread into a small buffer, the "
                     "default) or mmap (straight from the mapping, no copy). convert -S 0 "
                     "copies inside the kernel either way")
-        ->transform(CLI::CheckedTransformer(
-            std::map<std::string, DataAccess>{{"read", DataAccess::read},
-                                              {"mmap", DataAccess::mapping}}))
+        ->transform(CLI::CheckedTransformer(std::map<std::string, DataAccess>{
+            {"read", DataAccess::read}, {"mmap", DataAccess::mapping}}))
         ->option_text("read|mmap");
 }
 
@@ -93,7 +94,8 @@ extern "C" void on_sigbus(int) {
     // Several threads may fault at once (decompression workers): one reports, the others wait
     // for its _exit.
     if (g_sigbus_reported.test_and_set()) {
-        for (;;) ::pause();
+        for (;;)
+            ::pause();
     }
     ssize_t ignored = ::write(STDERR_FILENO, g_sigbus_line, g_sigbus_length);
     (void)ignored;
@@ -145,13 +147,32 @@ std::optional<std::uint64_t> parse_size(std::string_view text) {
         shift = 0;
     } else if (suffix.size() <= 3) {
         switch (suffix[0]) {
-        case 'k': case 'K': shift = 10; break;
-        case 'm': case 'M': shift = 20; break;
-        case 'g': case 'G': shift = 30; break;
-        case 't': case 'T': shift = 40; break;
-        case 'p': case 'P': shift = 50; break;
-        case 'e': case 'E': shift = 60; break;
-        default: return std::nullopt;
+        case 'k':
+        case 'K':
+            shift = 10;
+            break;
+        case 'm':
+        case 'M':
+            shift = 20;
+            break;
+        case 'g':
+        case 'G':
+            shift = 30;
+            break;
+        case 't':
+        case 'T':
+            shift = 40;
+            break;
+        case 'p':
+        case 'P':
+            shift = 50;
+            break;
+        case 'e':
+        case 'E':
+            shift = 60;
+            break;
+        default:
+            return std::nullopt;
         }
         std::string_view rest = suffix.substr(1);
         if (!(rest.empty() || rest == "B" || rest == "iB" || rest == "i")) {
@@ -171,11 +192,21 @@ std::string json_string(std::string_view text) {
     for (char c : text) {
         auto u = static_cast<unsigned char>(c);
         switch (c) {
-        case '"': out += "\\\""; break;
-        case '\\': out += "\\\\"; break;
-        case '\n': out += "\\n"; break;
-        case '\r': out += "\\r"; break;
-        case '\t': out += "\\t"; break;
+        case '"':
+            out += "\\\"";
+            break;
+        case '\\':
+            out += "\\\\";
+            break;
+        case '\n':
+            out += "\\n";
+            break;
+        case '\r':
+            out += "\\r";
+            break;
+        case '\t':
+            out += "\\t";
+            break;
         default:
             if (u < 0x20 || u == 0x7f) {
                 out += fmt::format("\\u{:04x}", u);
@@ -193,7 +224,8 @@ std::string human_size(std::uint64_t bytes) {
     int exponent = 0;
     std::frexp(static_cast<double>(bytes) / (1000.0 / 1024.0), &exponent);
     int unit = std::clamp((exponent - 1) / 10, 0, 6);
-    double value = static_cast<double>(bytes) / static_cast<double>(std::uint64_t{1} << (unit * 10));
+    double value =
+        static_cast<double>(bytes) / static_cast<double>(std::uint64_t{1} << (unit * 10));
     return fmt::format("{} {}B", fmt::format("{:.3g}", value), prefixes[unit]);
 }
 
@@ -205,7 +237,8 @@ void Progress::update(std::uint64_t done) {
     if (!enabled_) {
         return;
     }
-    int hundredths = total_ == 0 ? 10000 : static_cast<int>(static_cast<long double>(done) * 10000 / total_);
+    int hundredths =
+        total_ == 0 ? 10000 : static_cast<int>(static_cast<long double>(done) * 10000 / total_);
     if (hundredths == last_hundredths_) {
         return;
     }
@@ -231,7 +264,8 @@ bool write_all(int fd, const void* data, std::size_t length) {
     while (length > 0) {
         ssize_t n = ::write(fd, p, length);
         if (n < 0) {
-            if (errno == EINTR) continue;
+            if (errno == EINTR)
+                continue;
             return false;
         }
         p += n;

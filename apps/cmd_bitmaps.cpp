@@ -8,7 +8,7 @@
 namespace qcowmap::cli {
 namespace {
 
-std::vector<std::string> flag_names(const BitmapEntry &e) {
+std::vector<std::string> flag_names(const BitmapEntry& e) {
     std::vector<std::string> names;
     if (e.flags & kBitmapInUse)
         names.emplace_back("in-use");
@@ -19,9 +19,9 @@ std::vector<std::string> flag_names(const BitmapEntry &e) {
     return names;
 }
 
-std::string json_bitmap(const BitmapSummary &s) {
+std::string json_bitmap(const BitmapSummary& s) {
     std::string flags = "[";
-    for (const std::string &f : flag_names(s.entry)) {
+    for (const std::string& f : flag_names(s.entry)) {
         flags += (flags.size() > 1 ? ", " : "") + json_string(f);
     }
     flags += "]";
@@ -37,18 +37,18 @@ std::string json_bitmap(const BitmapSummary &s) {
 } // namespace
 
 /// The "bitmaps" lines of `qcowmap info` (human form): one line per bitmap.
-std::string describe_bitmap(const BitmapEntry &e) {
+std::string describe_bitmap(const BitmapEntry& e) {
     std::vector<std::string> flags = flag_names(e);
     std::string joined;
-    for (const std::string &f : flags)
+    for (const std::string& f : flags)
         joined += (joined.empty() ? "" : ",") + f;
     return fmt::format("{} (granularity {}, flags {}, {})", printable(e.name), e.granularity(),
                        joined.empty() ? "none" : joined,
                        e.consistent() ? "consistent" : "inconsistent: " + e.inconsistent_reason);
 }
 
-Command add_bitmaps(CLI::App &app) {
-    auto *command = app.add_subcommand(
+Command add_bitmaps(CLI::App& app) {
+    auto* command = app.add_subcommand(
         "bitmaps",
         "List the persistent dirty bitmaps: granularity, flags, consistency, dirty bytes");
     auto args = std::make_shared<ImageArgs>();
@@ -63,7 +63,7 @@ Command add_bitmaps(CLI::App &app) {
                 auto image = open_or_report(*args);
                 if (!image)
                     return static_cast<int>(kExitImageError);
-                const auto &ext = image->info().bitmaps;
+                const auto& ext = image->info().bitmaps;
                 if (ext && !ext->directory_error.empty()) {
                     // Not fatal: qemu too ignores a stale extension (autoclear bit 0 clear).
                     report(args->path,
@@ -83,9 +83,9 @@ Command add_bitmaps(CLI::App &app) {
                 } else {
                     out += fmt::format("{:<24} {:>11} {:<28} {:>14}  {}\n", "NAME", "GRANULARITY",
                                        "FLAGS", "DIRTY", "STATUS");
-                    for (const BitmapSummary &s : bitmaps) {
+                    for (const BitmapSummary& s : bitmaps) {
                         std::string flags;
-                        for (const std::string &f : flag_names(s.entry)) {
+                        for (const std::string& f : flag_names(s.entry)) {
                             flags += (flags.empty() ? "" : ",") + f;
                         }
                         out += fmt::format(

@@ -35,12 +35,14 @@ class Output {
 
     /// False with errno set on failure.
     bool put(std::span<const std::byte> bytes, bool immutable) {
-        if (!(splice_ && immutable)) return write_all(STDOUT_FILENO, bytes.data(), bytes.size());
+        if (!(splice_ && immutable))
+            return write_all(STDOUT_FILENO, bytes.data(), bytes.size());
         while (!bytes.empty()) {
             iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
             ssize_t n = ::vmsplice(STDOUT_FILENO, &iov, 1, 0);
             if (n < 0) {
-                if (errno == EINTR) continue;
+                if (errno == EINTR)
+                    continue;
                 if (errno == EINVAL || errno == ENOSYS) { // not splice-able after all
                     splice_ = false;
                     return write_all(STDOUT_FILENO, bytes.data(), bytes.size());
@@ -64,7 +66,8 @@ Command add_cat(CLI::App& app) {
     args->add_to(*command);
     return {command, [args] {
                 auto image = open_or_report(*args);
-                if (!image) return static_cast<int>(kExitImageError);
+                if (!image)
+                    return static_cast<int>(kExitImageError);
                 bool write_failed = false;
                 Output output;
                 auto result = image->visit_runs_parallel(

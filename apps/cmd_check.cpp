@@ -14,7 +14,7 @@ namespace {
 constexpr int kCheckClean = 0;
 constexpr int kCheckFailed = 1;
 
-std::string json_report(const std::string &path, const CheckResult &r) {
+std::string json_report(const std::string& path, const CheckResult& r) {
     // qemu-img check --output=json's keys (QAPI ImageCheck); qemu omits zero counters, we
     // print every one so that scripts need no defaults.
     return fmt::format("{{\n"
@@ -34,7 +34,7 @@ std::string json_report(const std::string &path, const CheckResult &r) {
                        r.compressed_clusters);
 }
 
-std::string human_report(const CheckResult &r) {
+std::string human_report(const CheckResult& r) {
     // Worded like qemu-img's dump_human_image_check.
     std::string out;
     if (r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0) {
@@ -72,8 +72,8 @@ std::string human_report(const CheckResult &r) {
 
 } // namespace
 
-Command add_check(CLI::App &app) {
-    auto *command = app.add_subcommand(
+Command add_check(CLI::App& app) {
+    auto* command = app.add_subcommand(
         "check", "Check the image's reference counts without changing it (qemu-img check's "
                  "counts; exit 0 clean, 2 corruptions, 3 leaks only, 1 could not check)");
     auto path = std::make_shared<std::string>();
@@ -89,10 +89,10 @@ Command add_check(CLI::App &app) {
                 if (!result) {
                     return report(*path, result.error().message, kCheckFailed);
                 }
-                const CheckResult &r = *result;
+                const CheckResult& r = *result;
                 // Findings go to stderr, one line each, as qemu-img prints them.
                 std::string findings;
-                for (const std::string &line : r.messages)
+                for (const std::string& line : r.messages)
                     findings += line + "\n";
                 if (r.messages_dropped) {
                     findings += fmt::format("... and {} more findings\n", r.messages_dropped);

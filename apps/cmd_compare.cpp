@@ -23,7 +23,8 @@ constexpr int kCompareReadError = 4;
 std::string probe_format(const std::string& path) {
     unsigned char magic[4] = {};
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return "qcow2"; // let open() name the problem
+    if (fd < 0)
+        return "qcow2"; // let open() name the problem
     ssize_t n = ::read(fd, magic, sizeof magic);
     ::close(fd);
     const bool qcow =
@@ -74,9 +75,11 @@ Command add_compare(CLI::App& app) {
     return {
         command, [args] {
             auto a = open_side(args->first, args->format1);
-            if (!a) return kCompareOpenError;
+            if (!a)
+                return kCompareOpenError;
             auto b = open_side(args->second, args->format2);
-            if (!b) return kCompareOpenError;
+            if (!b)
+                return kCompareOpenError;
             // From here on a fault may come from either file: name both.
             guard_against_shrinking(args->first + ", " + args->second, kCompareReadError);
             CompareOptions options;
@@ -95,7 +98,8 @@ Command add_compare(CLI::App& app) {
                               detail.read_error ? kCompareReadError : kCompareAllocationError);
             }
             auto say = [&](const std::string& line) {
-                if (!args->quiet) fmt::print("{}\n", line);
+                if (!args->quiet)
+                    fmt::print("{}\n", line);
             };
             using Outcome = CompareResult::Outcome;
             if (result->outcome == Outcome::size_mismatch) {
@@ -106,7 +110,8 @@ Command add_compare(CLI::App& app) {
                 say(fmt::format("Strict mode: Offset {} block status mismatch!", result->offset));
                 return kCompareDifferent;
             }
-            if (result->size_warning) say("Warning: Image size mismatch!");
+            if (result->size_warning)
+                say("Warning: Image size mismatch!");
             if (result->outcome == Outcome::content_mismatch) {
                 say(fmt::format("Content mismatch at offset {}!", result->offset));
                 return kCompareDifferent;

@@ -26,7 +26,8 @@ bool pwrite_all(int fd, const std::byte* data, std::uint64_t length, std::uint64
         std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
         ssize_t n = ::pwrite(fd, data, chunk, static_cast<off_t>(offset));
         if (n < 0) {
-            if (errno == EINTR) continue;
+            if (errno == EINTR)
+                continue;
             return false;
         }
         data += n;
@@ -53,17 +54,20 @@ bool pwrite_sparse(int fd, const std::byte* data, std::uint64_t length, std::uin
     for (std::uint64_t at = 0; at < length;) {
         std::uint64_t piece = std::min(length - at, block - (offset + at) % block);
         if (all_zero(data + at, static_cast<std::size_t>(piece))) {
-            if (pending_length && !pwrite_all(fd, data + pending_start, pending_length, offset + pending_start)) {
+            if (pending_length &&
+                !pwrite_all(fd, data + pending_start, pending_length, offset + pending_start)) {
                 return false;
             }
             pending_length = 0;
         } else {
-            if (!pending_length) pending_start = at;
+            if (!pending_length)
+                pending_start = at;
             pending_length += piece;
         }
         at += piece;
     }
-    return !pending_length || pwrite_all(fd, data + pending_start, pending_length, offset + pending_start);
+    return !pending_length ||
+           pwrite_all(fd, data + pending_start, pending_length, offset + pending_start);
 }
 
 /// Copies a data run of the image file inside the kernel (copy_file_range: no user-space copy,
@@ -81,18 +85,22 @@ CopyResult copy_run(const FilePosition& from, int out, std::uint64_t offset, std
         ssize_t n = ::copy_file_range(
             from.fd, &in_at, out, &out_at,
             static_cast<std::size_t>(std::min<std::uint64_t>(length - done, 1u << 30)), 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break; // not supported here (or EOF): finish with pread/pwrite
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; // not supported here (or EOF): finish with pread/pwrite
         done += static_cast<std::uint64_t>(n);
     }
     host_offset += done;
     offset += done;
     length -= done;
-    if (length > 0 && buffer.empty()) buffer.resize(1u << 20);
+    if (length > 0 && buffer.empty())
+        buffer.resize(1u << 20);
     while (length > 0) {
         std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(length, buffer.size()));
         ssize_t n = ::pread(from.fd, buffer.data(), want, static_cast<off_t>(host_offset));
-        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EINTR)
+            continue;
         if (n <= 0) {
             return CopyResult::source_changed; // the extent walk checked this range: it shrank
         }
@@ -119,7 +127,8 @@ Result<void> write_run(const Image& image, int out, std::uint64_t offset,
             if (copied == CopyResult::source_changed) {
                 return Error{ErrorCode::io_error, kImageChanged};
             }
-            if (copied == CopyResult::ok) return {};
+            if (copied == CopyResult::ok)
+                return {};
             write_failed = true;
             return Error{ErrorCode::io_error, std::strerror(errno)};
         }
@@ -140,7 +149,8 @@ bool zero_out(int fd, std::uint64_t offset, std::uint64_t length) {
     }
     for (std::uint64_t done = 0; done < length;) {
         std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeroChunk);
-        if (!pwrite_all(fd, kZeroChunk, n, offset + done)) return false;
+        if (!pwrite_all(fd, kZeroChunk, n, offset + done))
+            return false;
         done += n;
     }
     return true;
@@ -152,7 +162,8 @@ bool zero_out(int fd, std::uint64_t offset, std::uint64_t length) {
 int convert_incremental(const ImageArgs& args, const std::string& bitmap_name,
                         const std::string& output, bool show_progress) {
     auto image = open_or_report(args);
-    if (!image) return static_cast<int>(kExitImageError);
+    if (!image)
+        return static_cast<int>(kExitImageError);
     auto bitmap = DirtyBitmap::open(*image, bitmap_name);
     if (!bitmap) {
         return report(args.path, bitmap.error().message, kExitImageError);
@@ -212,8 +223,8 @@ int convert_incremental(const ImageArgs& args, const std::string& bitmap_name,
     BitmapRange range;
     const unsigned threads = worker_threads(); // reads /sys: once, not per range
     while (result && ranges.next(range)) {
-        result = image->visit_runs_parallel(range.offset, range.offset + range.length, threads,
-                                            visitor);
+        result =
+            image->visit_runs_parallel(range.offset, range.offset + range.length, threads, visitor);
     }
     if (!result) {
         ::close(fd);
@@ -250,101 +261,102 @@ Command add_convert(CLI::App& app) {
     command->add_option("--bitmap", *bitmap,
                         "Incremental sync: apply only the ranges this dirty bitmap marks dirty "
                         "onto OUTPUT, an existing raw copy of the same size");
-    return {command, [=] {
-                if (!bitmap->empty()) {
-                    return convert_incremental(*args, *bitmap, *output, *progress);
-                }
-                auto zero_block = parse_size(*sparse_size);
-                if (!zero_block || *zero_block % 512 != 0) {
-                    return report(args->path,
-                                  fmt::format("invalid --sparse-size '{}' (a multiple of 512, or 0)",
-                                              *sparse_size),
-                                  kExitUsage);
-                }
-                auto image = open_or_report(*args);
-                if (!image) return static_cast<int>(kExitImageError);
-                // No O_TRUNC: the output may turn out to be the image itself (or one of its
-                // layers), which must be refused before a single byte of it is lost.
-                int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (*force ? 0 : O_EXCL);
-                int fd = ::open(output->c_str(), flags, 0644);
-                if (fd < 0) {
-                    std::string why = errno == EEXIST
-                                          ? "already exists (use --force to overwrite)"
-                                          : std::strerror(errno);
-                    return report(*output, why, kExitOutputError);
-                }
-                struct stat st {};
-                if (::fstat(fd, &st) != 0) {
-                    int error = errno;
-                    ::close(fd);
-                    return report(*output, std::strerror(error), kExitOutputError);
-                }
-                if (image->maps_file(st.st_dev, st.st_ino)) {
-                    ::close(fd);
-                    return report(*output, "is the image being read (or one of its layers or "
-                                           "its data file): refusing to overwrite it",
-                                  kExitOutputError);
-                }
-                // A regular file gets its size up front so that zero runs stay holes; a device
-                // (or a pipe-like target) must be given the zeros explicitly.
-                const bool sparse = S_ISREG(st.st_mode);
-                auto fail_output = [&](const std::string& why) {
-                    ::close(fd);
-                    return report(*output, why, kExitOutputError);
-                };
-                // An existing file is emptied first (its old blocks must not show through the
-                // holes). A new one is not: on ext4 truncating even an empty file arms the
-                // "replace via truncate" heuristic (auto_da_alloc), and close() then starts
-                // writeback of every byte written (+0.3 s per GiB here).
-                if (sparse && ((st.st_size != 0 && ::ftruncate(fd, 0) != 0) ||
-                               ::ftruncate(fd, static_cast<off_t>(image->size())) != 0)) {
-                    return fail_output(std::strerror(errno));
-                }
-                std::vector<std::byte> buffer;
-                Progress meter(*progress, image->size());
-                bool write_failed = false;
-                const std::uint64_t block = sparse ? *zero_block : 0;
-                // Without zero detection data runs are copied inside the kernel, which needs
-                // their file positions (mapping mode); with it, data is read ahead into small
-                // buffers (--io=read, the default) that the zero check and pwrite then find
-                // in the cache.
-                const VisitOptions visit{worker_threads(),
-                                         block == 0 ? DataAccess::mapping : *io};
-                auto result = image->visit_runs(
-                    0, UINT64_MAX, visit,
-                    [&](std::uint64_t offset, std::uint64_t length,
-                        std::span<const std::byte> bytes) -> Result<void> {
-                        if (!bytes.empty()) {
-                            auto ok = write_run(*image, fd, offset, bytes, block, buffer,
-                                                write_failed);
-                            if (!ok) return ok;
-                        } else if (!sparse) {
-                            bool ok = true;
-                            for (std::uint64_t done = 0; ok && done < length;) {
-                                std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeroChunk);
-                                ok = pwrite_all(fd, kZeroChunk, n, offset + done);
-                                done += n;
-                            }
-                            if (!ok) {
-                                write_failed = true;
-                                return Error{ErrorCode::io_error, std::strerror(errno)};
-                            }
+    return {
+        command, [=] {
+            if (!bitmap->empty()) {
+                return convert_incremental(*args, *bitmap, *output, *progress);
+            }
+            auto zero_block = parse_size(*sparse_size);
+            if (!zero_block || *zero_block % 512 != 0) {
+                return report(args->path,
+                              fmt::format("invalid --sparse-size '{}' (a multiple of 512, or 0)",
+                                          *sparse_size),
+                              kExitUsage);
+            }
+            auto image = open_or_report(*args);
+            if (!image)
+                return static_cast<int>(kExitImageError);
+            // No O_TRUNC: the output may turn out to be the image itself (or one of its
+            // layers), which must be refused before a single byte of it is lost.
+            int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (*force ? 0 : O_EXCL);
+            int fd = ::open(output->c_str(), flags, 0644);
+            if (fd < 0) {
+                std::string why = errno == EEXIST ? "already exists (use --force to overwrite)"
+                                                  : std::strerror(errno);
+                return report(*output, why, kExitOutputError);
+            }
+            struct stat st {};
+            if (::fstat(fd, &st) != 0) {
+                int error = errno;
+                ::close(fd);
+                return report(*output, std::strerror(error), kExitOutputError);
+            }
+            if (image->maps_file(st.st_dev, st.st_ino)) {
+                ::close(fd);
+                return report(*output,
+                              "is the image being read (or one of its layers or "
+                              "its data file): refusing to overwrite it",
+                              kExitOutputError);
+            }
+            // A regular file gets its size up front so that zero runs stay holes; a device
+            // (or a pipe-like target) must be given the zeros explicitly.
+            const bool sparse = S_ISREG(st.st_mode);
+            auto fail_output = [&](const std::string& why) {
+                ::close(fd);
+                return report(*output, why, kExitOutputError);
+            };
+            // An existing file is emptied first (its old blocks must not show through the
+            // holes). A new one is not: on ext4 truncating even an empty file arms the
+            // "replace via truncate" heuristic (auto_da_alloc), and close() then starts
+            // writeback of every byte written (+0.3 s per GiB here).
+            if (sparse && ((st.st_size != 0 && ::ftruncate(fd, 0) != 0) ||
+                           ::ftruncate(fd, static_cast<off_t>(image->size())) != 0)) {
+                return fail_output(std::strerror(errno));
+            }
+            std::vector<std::byte> buffer;
+            Progress meter(*progress, image->size());
+            bool write_failed = false;
+            const std::uint64_t block = sparse ? *zero_block : 0;
+            // Without zero detection data runs are copied inside the kernel, which needs
+            // their file positions (mapping mode); with it, data is read ahead into small
+            // buffers (--io=read, the default) that the zero check and pwrite then find
+            // in the cache.
+            const VisitOptions visit{worker_threads(), block == 0 ? DataAccess::mapping : *io};
+            auto result = image->visit_runs(
+                0, UINT64_MAX, visit,
+                [&](std::uint64_t offset, std::uint64_t length,
+                    std::span<const std::byte> bytes) -> Result<void> {
+                    if (!bytes.empty()) {
+                        auto ok = write_run(*image, fd, offset, bytes, block, buffer, write_failed);
+                        if (!ok)
+                            return ok;
+                    } else if (!sparse) {
+                        bool ok = true;
+                        for (std::uint64_t done = 0; ok && done < length;) {
+                            std::uint64_t n =
+                                std::min<std::uint64_t>(length - done, sizeof kZeroChunk);
+                            ok = pwrite_all(fd, kZeroChunk, n, offset + done);
+                            done += n;
                         }
-                        meter.update(offset + length);
-                        return {};
-                    });
-                if (!result) {
-                    ::close(fd);
-                    return write_failed
-                               ? report(*output, result.error().message, kExitOutputError)
-                               : report(args->path, result.error().message, kExitImageError);
-                }
-                if (::close(fd) != 0) {
-                    return report(*output, std::strerror(errno), kExitOutputError);
-                }
-                meter.finish();
-                return static_cast<int>(kExitOk);
-            }};
+                        if (!ok) {
+                            write_failed = true;
+                            return Error{ErrorCode::io_error, std::strerror(errno)};
+                        }
+                    }
+                    meter.update(offset + length);
+                    return {};
+                });
+            if (!result) {
+                ::close(fd);
+                return write_failed ? report(*output, result.error().message, kExitOutputError)
+                                    : report(args->path, result.error().message, kExitImageError);
+            }
+            if (::close(fd) != 0) {
+                return report(*output, std::strerror(errno), kExitOutputError);
+            }
+            meter.finish();
+            return static_cast<int>(kExitOk);
+        }};
 }
 
 } // namespace qcowmap::cli

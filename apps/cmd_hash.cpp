@@ -25,7 +25,8 @@ class Out {
   public:
     std::string text;
     void flush_if_big() {
-        if (text.size() > (1 << 16)) flush();
+        if (text.size() > (1 << 16))
+            flush();
     }
     void flush() {
         std::fwrite(text.data(), 1, text.size(), stdout);
@@ -36,7 +37,8 @@ class Out {
 int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
     Out out;
     int status = kExitOk;
-    if (args.json) out.text += "[";
+    if (args.json)
+        out.text += "[";
     bool first = true;
     for (const std::string& path : args.images) {
         ImageArgs image_args = args.open;
@@ -68,14 +70,16 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
         first = false;
         out.flush(); // one line per image as soon as it is known
     }
-    if (args.json) out.text += "\n]\n";
+    if (args.json)
+        out.text += "\n]\n";
     out.flush();
     return status;
 }
 
 int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t block_size) {
     Out out;
-    if (args.json) out.text += "[";
+    if (args.json)
+        out.text += "[";
     bool first_image = true;
     for (const std::string& path : args.images) {
         ImageArgs image_args = args.open;
@@ -122,9 +126,11 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
             std::fflush(stdout);
             return report(path, result.error().message, kExitImageError);
         }
-        if (args.json) out.text += "\n]}";
+        if (args.json)
+            out.text += "\n]}";
     }
-    if (args.json) out.text += "\n]\n";
+    if (args.json)
+        out.text += "\n]\n";
     out.flush();
     return kExitOk;
 }
@@ -163,7 +169,8 @@ Command add_hash(CLI::App& app) {
                     return report("usage", fmt::format("unknown --algo '{}'", args->algorithm),
                                   kExitUsage);
                 }
-                if (args->block_size.empty()) return hash_whole(*args, *algorithm);
+                if (args->block_size.empty())
+                    return hash_whole(*args, *algorithm);
                 auto size = parse_size(args->block_size);
                 if (!size || *size < kMinHashBlockSize || (*size & (*size - 1)) != 0) {
                     return report("usage",

@@ -30,12 +30,18 @@ FeatureList named_features(const ImageInfo& info) {
 
 std::string extension_name(std::uint32_t type) {
     switch (type) {
-    case 0xe2792aca: return "backing file format";
-    case 0x6803f857: return "feature name table";
-    case 0x23852875: return "bitmaps";
-    case 0x0537be77: return "full disk encryption header";
-    case 0x44415441: return "external data file";
-    default: return fmt::format("unknown ({:#010x})", type);
+    case 0xe2792aca:
+        return "backing file format";
+    case 0x6803f857:
+        return "feature name table";
+    case 0x23852875:
+        return "bitmaps";
+    case 0x0537be77:
+        return "full disk encryption header";
+    case 0x44415441:
+        return "external data file";
+    default:
+        return fmt::format("unknown ({:#010x})", type);
     }
 }
 
@@ -76,14 +82,18 @@ std::string json_snapshots(const std::vector<Snapshot>& snapshots) {
 /// Like qemu-img info's format-specific "bitmaps": name, granularity, flags; plus whether the
 /// bitmap can be trusted.
 std::string json_bitmaps(const ImageInfo& info) {
-    if (!info.bitmaps || info.bitmaps->entries.empty()) return "[]";
+    if (!info.bitmaps || info.bitmaps->entries.empty())
+        return "[]";
     std::string out = "[";
     for (std::size_t i = 0; i < info.bitmaps->entries.size(); ++i) {
         const BitmapEntry& e = info.bitmaps->entries[i];
         std::vector<std::string> flags;
-        if (e.in_use()) flags.emplace_back("in-use");
-        if (e.enabled()) flags.emplace_back("auto");
-        if (e.flags & kBitmapExtraDataCompatible) flags.emplace_back("extra-data-compatible");
+        if (e.in_use())
+            flags.emplace_back("in-use");
+        if (e.enabled())
+            flags.emplace_back("auto");
+        if (e.flags & kBitmapExtraDataCompatible)
+            flags.emplace_back("extra-data-compatible");
         out += fmt::format("{}\n        {{ \"name\": {}, \"granularity\": {}, \"flags\": {}, "
                            "\"consistent\": {}, \"inconsistent-reason\": {} }}",
                            i ? "," : "", json_string(e.name), e.granularity(), json_list(flags),
@@ -132,10 +142,10 @@ std::string json_object(const std::string& path, const ImageInfo& info) {
 }
 
 std::string json_raw_object(const LayerInfo& layer) {
-    return fmt::format("{{\n    \"filename\": {},\n    \"format\": \"raw\",\n    \"virtual-size\": {},\n"
-                       "    \"actual-size\": {}\n}}",
-                       json_string(layer.path.string()), layer.virtual_size,
-                       disk_usage(layer.path.string()));
+    return fmt::format(
+        "{{\n    \"filename\": {},\n    \"format\": \"raw\",\n    \"virtual-size\": {},\n"
+        "    \"actual-size\": {}\n}}",
+        json_string(layer.path.string()), layer.virtual_size, disk_usage(layer.path.string()));
 }
 
 /// qemu-img's snapshot table (block/qapi.c bdrv_snapshot_dump), dates in local time.
@@ -159,9 +169,11 @@ void print_snapshot_table(const std::vector<Snapshot>& snapshots) {
 }
 
 std::string joined(const std::vector<std::string>& items) {
-    if (items.empty()) return "none";
+    if (items.empty())
+        return "none";
     std::string out;
-    for (std::size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + printable(items[i]);
+    for (std::size_t i = 0; i < items.size(); ++i)
+        out += (i ? ", " : "") + printable(items[i]);
     return out;
 }
 
@@ -170,17 +182,22 @@ void print_human(const std::string& path, const ImageInfo& info) {
     fmt::print("image: {}\n", path);
     fmt::print("file format: {}\n", info.version == 1 ? "qcow" : "qcow2");
     fmt::print("version: {}{}\n", info.version,
-               info.version == 2 ? " (compat 0.10)" : info.version == 3 ? " (compat 1.1)" : "");
+               info.version == 2   ? " (compat 0.10)"
+               : info.version == 3 ? " (compat 1.1)"
+                                   : "");
     fmt::print("virtual size: {} ({} bytes)\n", human_size(info.virtual_size), info.virtual_size);
     fmt::print("disk size: {}\n", human_size(disk_usage(path)));
     fmt::print("file size: {} bytes\n", info.file_size);
     fmt::print("cluster_size: {}\n", info.cluster_size);
     if (info.backing_file) {
         fmt::print("backing file: {}\n", printable(*info.backing_file));
-        if (info.backing_format) fmt::print("backing file format: {}\n", printable(*info.backing_format));
+        if (info.backing_format)
+            fmt::print("backing file format: {}\n", printable(*info.backing_format));
     }
-    if (info.data_file) fmt::print("data file: {}\n", printable(*info.data_file));
-    if (info.version != 1) fmt::print("refcount bits: {}\n", info.refcount_bits());
+    if (info.data_file)
+        fmt::print("data file: {}\n", printable(*info.data_file));
+    if (info.version != 1)
+        fmt::print("refcount bits: {}\n", info.refcount_bits());
     fmt::print("compression type: {}\n",
                info.compression_type == CompressionType::zstd ? "zstd" : "zlib");
     fmt::print("extended l2: {}\n", info.extended_l2);
@@ -190,7 +207,8 @@ void print_human(const std::string& path, const ImageInfo& info) {
     fmt::print("compatible features: {}\n", joined(features.compatible));
     fmt::print("autoclear features: {}\n", joined(features.autoclear));
     std::vector<std::string> extensions;
-    for (const HeaderExtension& e : info.extensions) extensions.push_back(extension_name(e.type));
+    for (const HeaderExtension& e : info.extensions)
+        extensions.push_back(extension_name(e.type));
     fmt::print("header extensions: {}\n", joined(extensions));
     if (!info.bitmaps || info.bitmaps->entries.empty()) {
         fmt::print("bitmaps: none{}\n",
@@ -219,7 +237,8 @@ void print_raw_human(const LayerInfo& layer) {
 } // namespace
 
 Command add_info(CLI::App& app) {
-    auto* command = app.add_subcommand("info", "Show what the image header says (like qemu-img info)");
+    auto* command =
+        app.add_subcommand("info", "Show what the image header says (like qemu-img info)");
     auto args = std::make_shared<ImageArgs>();
     auto json = std::make_shared<bool>(false);
     auto chain = std::make_shared<bool>(false);
@@ -233,7 +252,8 @@ Command add_info(CLI::App& app) {
                     // Open the whole chain once: this checks it (loops, missing files) and
                     // resolves every layer's path as reads would.
                     auto image = open_or_report(*args);
-                    if (!image) return static_cast<int>(kExitImageError);
+                    if (!image)
+                        return static_cast<int>(kExitImageError);
                     layers = image->layers();
                 } else {
                     layers.push_back({args->path, "qcow2", 0});
@@ -242,8 +262,13 @@ Command add_info(CLI::App& app) {
                 for (std::size_t i = 0; i < layers.size(); ++i) {
                     const LayerInfo& layer = layers[i];
                     if (layer.format == "raw") {
-                        if (*json) out += (i ? ",\n" : "") + json_raw_object(layer);
-                        else { if (i) fmt::print("\n"); print_raw_human(layer); }
+                        if (*json)
+                            out += (i ? ",\n" : "") + json_raw_object(layer);
+                        else {
+                            if (i)
+                                fmt::print("\n");
+                            print_raw_human(layer);
+                        }
                         continue;
                     }
                     // Each qcow2 layer describes itself: its backing file is named, not opened.
@@ -251,11 +276,13 @@ Command add_info(CLI::App& app) {
                     one.path = layer.path.string();
                     one.backing = "none";
                     auto image = open_or_report(one);
-                    if (!image) return static_cast<int>(kExitImageError);
+                    if (!image)
+                        return static_cast<int>(kExitImageError);
                     if (*json) {
                         out += (i ? ",\n" : "") + json_object(one.path, image->info());
                     } else {
-                        if (i) fmt::print("\n");
+                        if (i)
+                            fmt::print("\n");
                         print_human(one.path, image->info());
                     }
                 }

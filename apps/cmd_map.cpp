@@ -34,7 +34,8 @@ void append_json_entry(std::string& out, const MapEntry& e) {
     field(", \"zero\": ", e.zero);
     field(", \"data\": ", e.data);
     field(", \"compressed\": ", e.compressed);
-    if (e.offset) field(", \"offset\": ", *e.offset);
+    if (e.offset)
+        field(", \"offset\": ", *e.offset);
     out += "}";
 }
 
@@ -47,7 +48,8 @@ int print_bitmap_ranges(const DirtyBitmap& bitmap, std::uint64_t start, std::uin
     bool first = true;
     while (ranges.next(r)) {
         if (json) {
-            if (!first) out += ",\n";
+            if (!first)
+                out += ",\n";
             out += fmt::format("{{\"start\": {}, \"length\": {}, \"dirty\": {}}}", r.offset,
                                r.length, r.dirty);
         } else {
@@ -59,7 +61,8 @@ int print_bitmap_ranges(const DirtyBitmap& bitmap, std::uint64_t start, std::uin
             out.clear();
         }
     }
-    if (json) out += "]\n";
+    if (json)
+        out += "]\n";
     std::fwrite(out.data(), 1, out.size(), stdout);
     if (std::fflush(stdout) != 0) {
         return report("<stdout>", std::strerror(errno), kExitOutputError);
@@ -107,7 +110,8 @@ Command add_map(CLI::App& app) {
                     return report(args->path, "--bitmap-only needs --bitmap=NAME", kExitUsage);
                 }
                 auto image = open_or_report(*args);
-                if (!image) return static_cast<int>(kExitImageError);
+                if (!image)
+                    return static_cast<int>(kExitImageError);
                 std::optional<DirtyBitmap> dirty;
                 if (!bitmap->empty()) {
                     auto found = DirtyBitmap::open(*image, *bitmap);
@@ -116,9 +120,8 @@ Command add_map(CLI::App& app) {
                     }
                     dirty = std::move(*found);
                 }
-                const std::uint64_t end = *length > UINT64_MAX - *start_offset
-                                              ? UINT64_MAX
-                                              : *start_offset + *length;
+                const std::uint64_t end =
+                    *length > UINT64_MAX - *start_offset ? UINT64_MAX : *start_offset + *length;
                 if (*bitmap_only) {
                     return print_bitmap_ranges(*dirty, *start_offset, end, *output == "json");
                 }
@@ -140,17 +143,19 @@ Command add_map(CLI::App& app) {
                 };
                 auto sink = [&](const MapEntry& e) -> Result<void> {
                     if (json) {
-                        if (!first) out += ",\n";
+                        if (!first)
+                            out += ",\n";
                         append_json_entry(out, e);
                     } else if (e.data && !e.zero) {
                         // Like qemu-img's human output: data ranges and where they live.
-                        std::string where = e.offset ? fmt::format("{:#x}", *e.offset)
-                                                     : std::string("compressed");
+                        std::string where =
+                            e.offset ? fmt::format("{:#x}", *e.offset) : std::string("compressed");
                         out += fmt::format("{:<#16x}{:<#16x}{:<16}{}\n", e.start, e.length, where,
                                            args->path);
                     }
                     first = false;
-                    if (out.size() > (1 << 16)) flush();
+                    if (out.size() > (1 << 16))
+                        flush();
                     return {};
                 };
                 Result<void> result;
@@ -176,10 +181,13 @@ Command add_map(CLI::App& app) {
                                     MapEntry clipped = e;
                                     clipped.start = from;
                                     clipped.length = to - from;
-                                    if (clipped.offset) *clipped.offset += from - e.start;
-                                    if (auto ok = sink(clipped); !ok) return ok;
+                                    if (clipped.offset)
+                                        *clipped.offset += from - e.start;
+                                    if (auto ok = sink(clipped); !ok)
+                                        return ok;
                                 }
-                                if (r_end > e_end) break;
+                                if (r_end > e_end)
+                                    break;
                                 have = ranges.next(range);
                             }
                             if (!have) {
@@ -188,7 +196,8 @@ Command add_map(CLI::App& app) {
                             }
                             return {};
                         });
-                        if (!result && done) result = {};
+                        if (!result && done)
+                            result = {};
                     }
                 } else {
                     result = map_image(*image, options, sink);
@@ -198,7 +207,8 @@ Command add_map(CLI::App& app) {
                     std::fflush(stdout);
                     return report(args->path, result.error().message, kExitImageError);
                 }
-                if (json) out += "]\n";
+                if (json)
+                    out += "]\n";
                 flush();
                 if (std::fflush(stdout) != 0) {
                     return report("<stdout>", std::strerror(errno), kExitOutputError);

@@ -84,7 +84,8 @@ bool write_all(int fd, const std::byte* data, std::uint64_t length) {
         std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
         ssize_t n = ::write(fd, data, chunk);
         if (n < 0) {
-            if (errno == EINTR) continue;
+            if (errno == EINTR)
+                continue;
             return false;
         }
         data += n;
@@ -119,7 +120,8 @@ std::uint64_t count_extents(const Image& image) {
 std::optional<Image> open_checked(const fs::path& path, const ImageSpec& spec, bool quiet) {
     auto image = Image::open(path);
     if (!image) {
-        if (!quiet) fmt::print(stderr, "{}: {}\n", path.string(), image.error().message);
+        if (!quiet)
+            fmt::print(stderr, "{}: {}\n", path.string(), image.error().message);
         return std::nullopt;
     }
     std::uint64_t n = count_extents(*image);
@@ -253,7 +255,8 @@ void prepare(BenchDir& bench) {
         fs::create_directories(bench.dir);
     } else {
         std::string tmpl = "/var/tmp/qcowmap-bench-XXXXXX";
-        if (!::mkdtemp(tmpl.data())) die(fmt::format("mkdtemp: {}", std::strerror(errno)));
+        if (!::mkdtemp(tmpl.data()))
+            die(fmt::format("mkdtemp: {}", std::strerror(errno)));
         bench.dir = tmpl;
         g_owned_dir = bench.dir;
     }
@@ -262,7 +265,8 @@ void prepare(BenchDir& bench) {
         std::optional<Image> image;
         if (fs::exists(path)) {
             image = open_checked(path, spec, /*quiet=*/false);
-            if (image) fmt::print(stderr, "reusing {}\n", path.string());
+            if (image)
+                fmt::print(stderr, "reusing {}\n", path.string());
         }
         if (!image) {
             fmt::print(stderr, "building {}\n", path.string());
@@ -272,7 +276,8 @@ void prepare(BenchDir& bench) {
             spec.build(bench.dir, tmp);
             fs::rename(tmp, path);
             image = open_checked(path, spec, /*quiet=*/false);
-            if (!image) die(fmt::format("{} does not have the expected layout", path.string()));
+            if (!image)
+                die(fmt::format("{} does not have the expected layout", path.string()));
         }
         // Touch every page of the data once so that benchmarks on this long-lived Image start
         // with a populated mapping (open_read_1MiB measures a fresh mapping each iteration).
@@ -285,7 +290,8 @@ void prepare(BenchDir& bench) {
                 }
                 return {};
             });
-        if (!warm) die(fmt::format("{}: {}", path.string(), warm.error().message));
+        if (!warm)
+            die(fmt::format("{}: {}", path.string(), warm.error().message));
         benchmark::DoNotOptimize(touched);
         bench.images.push_back({spec.name, path, std::move(*image), spec.extents, spec.huge});
     }
@@ -394,7 +400,8 @@ std::optional<std::uint64_t> cat_to(const Image& image, unsigned threads, int fd
             }
             return {};
         });
-    if (!result) return std::nullopt;
+    if (!result)
+        return std::nullopt;
     return written;
 }
 
@@ -433,8 +440,10 @@ void bm_cat_pipe(benchmark::State& state, const BenchImage& b, const Setup& setu
         std::thread reader([&] {
             for (;;) {
                 ssize_t n = ::read(fds[0], buffer.data(), buffer.size());
-                if (n < 0 && errno == EINTR) continue;
-                if (n <= 0) break;
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0)
+                    break;
                 checksum += sample(buffer.data(), static_cast<std::size_t>(n));
                 received += static_cast<std::uint64_t>(n);
             }
@@ -462,7 +471,8 @@ void bm_convert_file(benchmark::State& state, const BenchImage& b, const Setup& 
         int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(b.image.size())) != 0) {
             state.SkipWithError("cannot create the output file");
-            if (fd >= 0) ::close(fd);
+            if (fd >= 0)
+                ::close(fd);
             break;
         }
         written = 0;
@@ -473,7 +483,8 @@ void bm_convert_file(benchmark::State& state, const BenchImage& b, const Setup& 
                 for (std::uint64_t done = 0; done < bytes.size();) {
                     ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done,
                                          static_cast<off_t>(offset + done));
-                    if (n < 0 && errno == EINTR) continue;
+                    if (n < 0 && errno == EINTR)
+                        continue;
                     if (n <= 0)
                         return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
                     done += static_cast<std::uint64_t>(n);
@@ -581,7 +592,8 @@ void bm_compare_self(benchmark::State& state, const BenchImage& b, const Setup&)
 
 int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
-    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+    if (benchmark::ReportUnrecognizedArguments(argc, argv))
+        return 1;
 
     BenchDir bench;
     prepare(bench);
@@ -616,7 +628,8 @@ int main(int argc, char** argv) {
         const Fn fn = entry.fn;
         const Setup setup{bench.dir, entry.parallel ? cores : 0};
         for (const BenchImage& b : bench.images) {
-            if (entry.every_byte && b.huge) continue;
+            if (entry.every_byte && b.huge)
+                continue;
             std::string full = fmt::format("{}/{}", entry.name, b.name);
             benchmark::RegisterBenchmark(
                 full.c_str(), [fn, &b, setup](benchmark::State& state) { fn(state, b, setup); })

@@ -13,22 +13,22 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-int main(int argc, char **argv) {
+int main(int argc, char** argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s IMAGE.qcow2 > disk.raw\n", argv[0]);
         return 2;
     }
     int status = 1;
-    struct qcow2 *q = NULL;
-    struct qcowmap_extents *it = NULL;
-    char *buffer = NULL;
+    struct qcow2* q = NULL;
+    struct qcowmap_extents* it = NULL;
+    char* buffer = NULL;
 
     int fd = open(argv[1], O_RDONLY);
     if (fd == -1) {
         perror(argv[1]);
         goto cleanup;
     }
-    const char *error;
+    const char* error;
     q = qcow2_open(fd, &error); /* takes the fd: qcow2_close() closes it */
     if (!q) {
         fprintf(stderr, "%s: %s\n", argv[1], error);
@@ -41,9 +41,9 @@ int main(int argc, char **argv) {
     struct qcowmap_extent e;
     int rc;
     while (it && (rc = qcowmap_extents_next(it, &e)) == 1) {
-        static const char *const kinds[] = {"data", "zero", "compressed"};
-        fprintf(stderr, "%12" PRIu64 " +%-12" PRIu64 " %s%s\n", e.offset, e.length,
-                kinds[e.kind], e.present ? "" : " (unallocated)");
+        static const char* const kinds[] = {"data", "zero", "compressed"};
+        fprintf(stderr, "%12" PRIu64 " +%-12" PRIu64 " %s%s\n", e.offset, e.length, kinds[e.kind],
+                e.present ? "" : " (unallocated)");
         if (e.kind != QCOWMAP_EXTENT_ZERO) {
             data_bytes += e.length;
         }
@@ -60,8 +60,7 @@ int main(int argc, char **argv) {
     for (uint64_t offset = 0; buffer && offset < size;) {
         int n = qcow2_read(q, buffer, chunk, offset);
         if (n <= 0) {
-            fprintf(stderr, "%s: read at %" PRIu64 ": %s\n", argv[1], offset,
-                    qcowmap_last_error());
+            fprintf(stderr, "%s: read at %" PRIu64 ": %s\n", argv[1], offset, qcowmap_last_error());
             goto cleanup;
         }
         if (fwrite(buffer, 1, (size_t)n, stdout) != (size_t)n) {

@@ -43,7 +43,8 @@ CommandResult run(const std::string& command) {
     TempDir scratch;
     std::string out_path = (scratch / "out").string();
     std::string err_path = (scratch / "err").string();
-    std::string full = "{ " + command + " ; } >" + shell_quote(out_path) + " 2>" + shell_quote(err_path);
+    std::string full =
+        "{ " + command + " ; } >" + shell_quote(out_path) + " 2>" + shell_quote(err_path);
     int status = std::system(full.c_str());
     CommandResult result;
     if (status != -1 && WIFEXITED(status)) {
@@ -84,13 +85,15 @@ std::vector<std::byte> read_file(const std::filesystem::path& path) {
 
 void write_file(const std::filesystem::path& path, const std::vector<std::byte>& bytes) {
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    out.write(reinterpret_cast<const char*>(bytes.data()),
+              static_cast<std::streamsize>(bytes.size()));
 }
 
 std::vector<std::byte> qemu_raw(const std::filesystem::path& image, const TempDir& dir) {
     static int counter = 0;
     auto raw = dir / ("qemu-raw-" + std::to_string(counter++) + ".raw");
-    run_ok("qemu-img convert -O raw " + shell_quote(image.string()) + " " + shell_quote(raw.string()));
+    run_ok("qemu-img convert -O raw " + shell_quote(image.string()) + " " +
+           shell_quote(raw.string()));
     auto bytes = read_file(raw);
     std::filesystem::remove(raw);
     return bytes;

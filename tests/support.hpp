@@ -25,9 +25,9 @@ class TempDir {
 };
 
 struct CommandResult {
-    int exit_code = -1;      ///< exit status, or 128 + signal number when killed by a signal
-    std::string out;         ///< stdout
-    std::string err;         ///< stderr
+    int exit_code = -1; ///< exit status, or 128 + signal number when killed by a signal
+    std::string out;    ///< stdout
+    std::string err;    ///< stderr
 };
 
 /// Runs `command` through /bin/sh, capturing stdout and stderr.

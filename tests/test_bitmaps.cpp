@@ -28,23 +28,23 @@ using Buffer = std::vector<std::byte>;
 /// A range as compared with the oracle: start, length, dirty.
 using Span = std::tuple<std::uint64_t, std::uint64_t, bool>;
 
-std::string q(const std::filesystem::path &p) {
+std::string q(const std::filesystem::path& p) {
     return qt::shell_quote(p.string());
 }
 
-std::string cli(const std::string &args) {
+std::string cli(const std::string& args) {
     return qt::shell_quote(qt::qcowmap_bin()) + " " + args;
 }
 
 /// `qemu-img bitmap OPERATIONS IMAGE NAME`, e.g. bitmap_cmd(img, "--add -g 4k", "b0").
-void bitmap_cmd(const std::filesystem::path &image, const std::string &operations,
-                const std::string &name) {
+void bitmap_cmd(const std::filesystem::path& image, const std::string& operations,
+                const std::string& name) {
     qt::run_ok("qemu-img bitmap " + operations + " " + q(image) + " " + qt::shell_quote(name));
 }
 
-void qemu_io(const std::filesystem::path &image, const std::vector<std::string> &commands) {
+void qemu_io(const std::filesystem::path& image, const std::vector<std::string>& commands) {
     std::string io = "qemu-io -f qcow2";
-    for (const std::string &c : commands)
+    for (const std::string& c : commands)
         io += " -c " + qt::shell_quote(c);
     qt::CommandResult r = qt::run(io + " " + q(image));
     ASSERT_TRUE(r.exit_code == 0 && r.out.find("failed") == std::string::npos &&
@@ -53,9 +53,9 @@ void qemu_io(const std::filesystem::path &image, const std::vector<std::string> 
 }
 
 /// Merges adjacent runs of the same state (the oracle may split at request boundaries).
-std::vector<Span> merged(const std::vector<Span> &runs) {
+std::vector<Span> merged(const std::vector<Span>& runs) {
     std::vector<Span> out;
-    for (const Span &r : runs) {
+    for (const Span& r : runs) {
         if (!out.empty() && std::get<2>(out.back()) == std::get<2>(r) &&
             std::get<0>(out.back()) + std::get<1>(out.back()) == std::get<0>(r)) {
             std::get<1>(out.back()) += std::get<1>(r);
@@ -67,7 +67,7 @@ std::vector<Span> merged(const std::vector<Span> &runs) {
 }
 
 /// What qemu-nbd serves as qemu:dirty-bitmap:NAME, read with nbdinfo (type 1 = dirty).
-std::vector<Span> nbd_runs(const std::filesystem::path &image, const std::string &name) {
+std::vector<Span> nbd_runs(const std::filesystem::path& image, const std::string& name) {
     std::string out =
         qt::run_ok("nbdinfo --json --map=qemu:dirty-bitmap:" + name + " -- '[' " +
                    "qemu-nbd -r -f qcow2 -B " + qt::shell_quote(name) + " " + q(image) + " ']'");
@@ -82,7 +82,7 @@ std::vector<Span> nbd_runs(const std::filesystem::path &image, const std::string
     return merged(runs);
 }
 
-std::vector<Span> library_runs(const DirtyBitmap &bitmap, std::uint64_t start = 0,
+std::vector<Span> library_runs(const DirtyBitmap& bitmap, std::uint64_t start = 0,
                                std::uint64_t end = UINT64_MAX) {
     std::vector<Span> runs;
     BitmapRangeIterator it = bitmap.ranges(start, end);
@@ -93,7 +93,7 @@ std::vector<Span> library_runs(const DirtyBitmap &bitmap, std::uint64_t start = 
 }
 
 /// `qcowmap map --bitmap=NAME --bitmap-only --output=json` parsed back.
-std::vector<Span> cli_runs(const std::filesystem::path &image, const std::string &name) {
+std::vector<Span> cli_runs(const std::filesystem::path& image, const std::string& name) {
     std::string out = qt::run_ok(
         cli("map --bitmap=" + qt::shell_quote(name) + " --bitmap-only --output=json " + q(image)));
     static const std::regex entry(
@@ -109,21 +109,21 @@ std::vector<Span> cli_runs(const std::filesystem::path &image, const std::string
     return runs;
 }
 
-std::uint64_t dirty_total(const std::vector<Span> &runs) {
+std::uint64_t dirty_total(const std::vector<Span>& runs) {
     std::uint64_t total = 0;
-    for (const Span &r : runs)
+    for (const Span& r : runs)
         total += std::get<2>(r) ? std::get<1>(r) : 0;
     return total;
 }
 
-Image open_ok(const std::filesystem::path &path, const OpenOptions &options = {}) {
+Image open_ok(const std::filesystem::path& path, const OpenOptions& options = {}) {
     auto image = Image::open(path, options);
     if (!image)
         throw std::runtime_error(image.error().message);
     return std::move(*image);
 }
 
-DirtyBitmap bitmap_ok(const Image &image, const std::string &name) {
+DirtyBitmap bitmap_ok(const Image& image, const std::string& name) {
     auto bitmap = DirtyBitmap::open(image, name);
     if (!bitmap)
         throw std::runtime_error(bitmap.error().message);
@@ -132,7 +132,7 @@ DirtyBitmap bitmap_ok(const Image &image, const std::string &name) {
 
 /// The library's runs, the CLI's and qemu-nbd's are the same, cover the disk, and the dirty
 /// byte count is their sum.
-void expect_matches_qemu(const std::filesystem::path &path, const std::string &name) {
+void expect_matches_qemu(const std::filesystem::path& path, const std::string& name) {
     SCOPED_TRACE(path.filename().string() + " bitmap " + name);
     Image image = open_ok(path);
     DirtyBitmap bitmap = bitmap_ok(image, name);
@@ -191,7 +191,7 @@ TEST(Bitmaps, GranularitiesFrom512BytesTo4MiB) {
     qt::make_image(img, "", std::to_string(size), {"write -P 1 0 8M"});
     const std::vector<std::pair<std::string, std::string>> bitmaps = {
         {"g512", "512"}, {"g4k", "4k"}, {"g64k", "64k"}, {"g1m", "1M"}, {"g4m", "4M"}};
-    for (const auto &[name, g] : bitmaps)
+    for (const auto& [name, g] : bitmaps)
         bitmap_cmd(img, "--add -g " + g, name);
     std::vector<std::string> writes;
     for (int i = 0; i < 40; ++i) {
@@ -203,7 +203,7 @@ TEST(Bitmaps, GranularitiesFrom512BytesTo4MiB) {
     writes.push_back("write -z 20M 3M");
     qemu_io(img, writes);
     Image image = open_ok(img);
-    for (const auto &[name, g] : bitmaps) {
+    for (const auto& [name, g] : bitmaps) {
         expect_matches_qemu(img, name);
         DirtyBitmap b = bitmap_ok(image, name);
         // The last range ends at the virtual size, dirty (the last sector was written).
@@ -249,7 +249,7 @@ TEST(Bitmaps, SeveralBitmapsEnabledAndDisabled) {
     bitmap_cmd(img, "--disable", "late");
     qemu_io(img, {"write -P 4 16M 64k"});
 
-    for (const char *name : {"early", "frozen", "late"})
+    for (const char* name : {"early", "frozen", "late"})
         expect_matches_qemu(img, name);
     Image image = open_ok(img);
     EXPECT_EQ(bitmap_ok(image, "frozen").dirty_bytes(), 0u);
@@ -267,7 +267,7 @@ TEST(Bitmaps, SeveralBitmapsEnabledAndDisabled) {
     EXPECT_EQ(list[2].entry.name, "late");
     EXPECT_EQ(list[0].dirty_bytes, std::optional<std::uint64_t>((64u + 128 + 64) << 10));
     EXPECT_EQ(list[1].dirty_bytes, std::optional<std::uint64_t>(0));
-    for (const auto &s : list)
+    for (const auto& s : list)
         EXPECT_FALSE(s.error) << s.error->message;
 
     std::string json = qt::run_ok(cli("bitmaps --json " + q(img)));
@@ -301,7 +301,7 @@ TEST(Bitmaps, MergedBitmapIsTheUnion) {
     expect_matches_qemu(img, "b");
     Image image = open_ok(img);
     std::vector<Span> dirty;
-    for (const Span &r : library_runs(bitmap_ok(image, "sum")))
+    for (const Span& r : library_runs(bitmap_ok(image, "sum")))
         if (std::get<2>(r))
             dirty.push_back(r);
     const std::vector<Span> expected = {
@@ -397,7 +397,7 @@ TEST(Bitmaps, DirtyExtentsCoverExactlyTheDirtyRangesWithTheRightBytes) {
     // The CLI's map --bitmap: qemu-img map's entries for each dirty range, nothing else.
     std::string ours = qt::run_ok(cli("map --bitmap=b --output=json " + q(img)));
     std::string expected;
-    for (const Span &d : dirty) {
+    for (const Span& d : dirty) {
         std::string part = qt::run_ok(
             fmt::format("qemu-img map --output=json --start-offset={} --max-length={} {}",
                         std::get<0>(d), std::get<1>(d), q(img)));
@@ -475,11 +475,11 @@ TEST(Bitmaps, IncrementalSyncRefusals) {
 
 TEST(Bitmaps, ReadmeIncrementalBackupExample) {
     // The README's workflow, extracted and run as written (with the built qcowmap on PATH).
-    const char *root = std::getenv("QCOWMAP_SOURCE_ROOT");
+    const char* root = std::getenv("QCOWMAP_SOURCE_ROOT");
     if (!root)
         GTEST_SKIP() << "QCOWMAP_SOURCE_ROOT is not set (run through meson test)";
     const Buffer readme_bytes = qt::read_file(std::filesystem::path(root) / "README.md");
-    const std::string readme(reinterpret_cast<const char *>(readme_bytes.data()),
+    const std::string readme(reinterpret_cast<const char*>(readme_bytes.data()),
                              readme_bytes.size());
     const auto begin = readme.find("<!-- incremental-backup-example:begin -->\n```sh\n");
     const auto end = readme.find("```\n<!-- incremental-backup-example:end -->");
@@ -555,11 +555,11 @@ TEST(Bitmaps, SnapshotsAreRefused) {
 // ---------------------------------------------------------------------------------------------
 // Hand-built bad bitmap directories and tables
 
-void put_be(Buffer &b, std::size_t at, std::uint64_t value, unsigned width) {
+void put_be(Buffer& b, std::size_t at, std::uint64_t value, unsigned width) {
     for (unsigned i = 0; i < width; ++i)
         b.at(at + i) = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
 }
-std::uint64_t get_be(const Buffer &b, std::size_t at, unsigned width) {
+std::uint64_t get_be(const Buffer& b, std::size_t at, unsigned width) {
     std::uint64_t v = 0;
     for (unsigned i = 0; i < width; ++i)
         v = (v << 8) | std::to_integer<std::uint64_t>(b.at(at + i));
@@ -578,7 +578,7 @@ struct Patched {
     std::size_t directory = 0; ///< bitmap directory offset
     std::size_t entry1 = 0;    ///< second directory entry
 
-    static const Buffer &pristine() {
+    static const Buffer& pristine() {
         static const Buffer bytes = [] {
             qt::TempDir dir;
             auto img = dir / "good.qcow2";
@@ -604,7 +604,7 @@ struct Patched {
     std::size_t table(std::size_t entry) const { return get_be(b, entry, 8); }
 
     Result<Image> open() const { return Image::open_bytes(b); }
-    Result<DirtyBitmap> bitmap(const std::string &name) const {
+    Result<DirtyBitmap> bitmap(const std::string& name) const {
         auto image = open();
         if (!image)
             return image.error();
@@ -612,7 +612,7 @@ struct Patched {
     }
 };
 
-std::string opened_error(const Patched &p) {
+std::string opened_error(const Patched& p) {
     auto image = p.open();
     if (image)
         return "(opened)";
@@ -635,7 +635,7 @@ TEST(BitmapsCorrupt, InUseIsInconsistent) {
     put_be(p.b, p.directory + 12, get_be(p.b, p.directory + 12, 4) | kBitmapInUse, 4);
     auto image = p.open();
     ASSERT_TRUE(image) << image.error().message; // listed, not fatal
-    const BitmapEntry &e = image->info().bitmaps->entries[0];
+    const BitmapEntry& e = image->info().bitmaps->entries[0];
     EXPECT_TRUE(e.in_use());
     EXPECT_FALSE(e.consistent());
     auto b = DirtyBitmap::open(*image, "b0");
@@ -674,7 +674,7 @@ TEST(BitmapsCorrupt, AutoclearClearMakesEveryBitmapInconsistent) {
     ASSERT_TRUE(image) << image.error().message;
     ASSERT_EQ(image->info().bitmaps->entries.size(), 2u);
     EXPECT_FALSE(image->info().bitmaps->consistent);
-    for (const char *name : {"b0", "b1"}) {
+    for (const char* name : {"b0", "b1"}) {
         auto b = DirtyBitmap::open(*image, name);
         ASSERT_FALSE(b);
         EXPECT_EQ(b.error().code, ErrorCode::invalid_table);
@@ -790,7 +790,7 @@ TEST(BitmapsCorrupt, ReservedBits) {
     EXPECT_NE(opened_error(size).find("bitmap directory of 2 entries ends at"), std::string::npos);
 
     // Bitmap table entries: checked when the bitmap is first used.
-    auto table_error = [](const Patched &p, const std::string &name) {
+    auto table_error = [](const Patched& p, const std::string& name) {
         auto b = p.bitmap(name);
         if (b)
             return std::string("(usable)");
@@ -918,12 +918,12 @@ TEST(BitmapsCorrupt, RandomDamageIsAnErrorOrAConsistentWalk) {
             continue;
         }
         ++opened;
-        for (const BitmapSummary &s : list_bitmaps(*image)) {
+        for (const BitmapSummary& s : list_bitmaps(*image)) {
             if (s.error)
                 continue;
             DirtyBitmap b = bitmap_ok(*image, s.entry.name);
             std::uint64_t at = 0, dirty = 0;
-            for (const Span &r : library_runs(b)) {
+            for (const Span& r : library_runs(b)) {
                 EXPECT_EQ(std::get<0>(r), at);
                 at += std::get<1>(r);
                 dirty += std::get<2>(r) ? std::get<1>(r) : 0;

@@ -28,7 +28,7 @@ static int checks = 0;
 
 static char dir[] = "/tmp/qcowmap-c-api-XXXXXX";
 
-static void sh(const char *format, ...) {
+static void sh(const char* format, ...) {
     char command[4096];
     va_list args;
     va_start(args, format);
@@ -41,17 +41,17 @@ static void sh(const char *format, ...) {
     }
 }
 
-static char *path_of(const char *name) {
+static char* path_of(const char* name) {
     static char paths[8][512];
     static int next = 0;
-    char *p = paths[next++ % 8];
+    char* p = paths[next++ % 8];
     snprintf(p, 512, "%s/%s", dir, name);
     return p;
 }
 
 /* Reads a whole file into memory; sets *size. */
-static unsigned char *slurp(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
+static unsigned char* slurp(const char* path, size_t* size) {
+    FILE* f = fopen(path, "rb");
     if (!f) {
         perror(path);
         exit(1);
@@ -59,7 +59,7 @@ static unsigned char *slurp(const char *path, size_t *size) {
     fseek(f, 0, SEEK_END);
     long n = ftell(f);
     fseek(f, 0, SEEK_SET);
-    unsigned char *bytes = malloc(n > 0 ? (size_t)n : 1);
+    unsigned char* bytes = malloc(n > 0 ? (size_t)n : 1);
     if (n > 0 && fread(bytes, 1, (size_t)n, f) != (size_t)n) {
         perror(path);
         exit(1);
@@ -70,17 +70,17 @@ static unsigned char *slurp(const char *path, size_t *size) {
 }
 
 /* qemu-img's view of the image (`extra` like "-l snapshot.name=s1"), as bytes. */
-static unsigned char *qemu_raw(const char *image, const char *extra, size_t *size) {
-    const char *raw = path_of("oracle.raw");
+static unsigned char* qemu_raw(const char* image, const char* extra, size_t* size) {
+    const char* raw = path_of("oracle.raw");
     sh("qemu-img convert %s -O raw '%s' '%s'", extra, image, raw);
     return slurp(raw, size);
 }
 
-static struct qcow2 *open_path(const char *path) {
+static struct qcow2* open_path(const char* path) {
     int fd = open(path, O_RDONLY);
     CHECK(fd >= 0);
-    const char *error = "unchanged";
-    struct qcow2 *q = qcow2_open(fd, &error);
+    const char* error = "unchanged";
+    struct qcow2* q = qcow2_open(fd, &error);
     CHECK(q != NULL);
     CHECK(strcmp(error, "unchanged") == 0); /* success leaves *error_ret alone */
     if (!q) {
@@ -91,9 +91,9 @@ static struct qcow2 *open_path(const char *path) {
 }
 
 /* The whole disk through qcow2_read in odd-sized pieces equals qemu-img's bytes. */
-static void check_read_matches(struct qcow2 *q, const unsigned char *raw, size_t raw_size) {
+static void check_read_matches(struct qcow2* q, const unsigned char* raw, size_t raw_size) {
     CHECK(qcow2_get_size(q) == raw_size);
-    unsigned char *buffer = malloc(raw_size);
+    unsigned char* buffer = malloc(raw_size);
     size_t step = 12345, done = 0;
     while (done < raw_size) {
         int n = qcow2_read(q, buffer + done, step, done);
@@ -109,9 +109,9 @@ static void check_read_matches(struct qcow2 *q, const unsigned char *raw, size_t
 }
 
 /* The extent API reconstructs the same bytes; returns the number of extents of each kind. */
-static void check_extents_match(struct qcow2 *q, const unsigned char *raw, size_t raw_size,
+static void check_extents_match(struct qcow2* q, const unsigned char* raw, size_t raw_size,
                                 int counts[3]) {
-    struct qcowmap_extents *it = qcowmap_extents_open(q, 0, UINT64_MAX);
+    struct qcowmap_extents* it = qcowmap_extents_open(q, 0, UINT64_MAX);
     CHECK(it != NULL);
     struct qcowmap_extent e;
     uint64_t expect = 0;
@@ -146,14 +146,14 @@ static void check_extents_match(struct qcow2 *q, const unsigned char *raw, size_
 }
 
 static void test_plain(void) {
-    const char *image = path_of("plain.qcow2");
+    const char* image = path_of("plain.qcow2");
     sh("qemu-img create -q -f qcow2 '%s' 1M", image);
     sh("qemu-io -f qcow2 -c 'write -P 0xab 64k 64k' -c 'write -z 256k 64k' -c 'write -P 0x5c "
        "300k 5k' '%s' >/dev/null",
        image);
     size_t raw_size;
-    unsigned char *raw = qemu_raw(image, "", &raw_size);
-    struct qcow2 *q = open_path(image);
+    unsigned char* raw = qemu_raw(image, "", &raw_size);
+    struct qcow2* q = open_path(image);
     CHECK(qcow2_get_size(q) == 1048576);
     check_read_matches(q, raw, raw_size);
 
@@ -175,13 +175,13 @@ static void test_plain(void) {
     CHECK(counts[QCOWMAP_EXTENT_DATA] == 2 && counts[QCOWMAP_EXTENT_COMPRESSED] == 0);
 
     /* The first extents, exactly: a hole, then 64 KiB of 0xab straight from the mapping. */
-    struct qcowmap_extents *it = qcowmap_extents_open(q, 0, 200000);
+    struct qcowmap_extents* it = qcowmap_extents_open(q, 0, 200000);
     struct qcowmap_extent e;
     CHECK(qcowmap_extents_next(it, &e) == 1);
     CHECK(e.offset == 0 && e.length == 65536 && e.kind == QCOWMAP_EXTENT_ZERO && !e.present);
     CHECK(qcowmap_extents_next(it, &e) == 1);
     CHECK(e.offset == 65536 && e.length == 65536 && e.kind == QCOWMAP_EXTENT_DATA && e.present);
-    CHECK(e.depth == 0 && ((const unsigned char *)e.data)[65535] == 0xab);
+    CHECK(e.depth == 0 && ((const unsigned char*)e.data)[65535] == 0xab);
     CHECK(qcowmap_extents_next(it, &e) == 1);
     CHECK(e.offset == 131072 && e.offset + e.length == 200000 && !e.present); /* cut at end */
     CHECK(qcowmap_extents_next(it, &e) == 0);
@@ -192,9 +192,9 @@ static void test_plain(void) {
 }
 
 static void test_big_read_and_holes(void) {
-    const char *image = path_of("big.qcow2");
+    const char* image = path_of("big.qcow2");
     sh("qemu-img create -q -f qcow2 '%s' 3G", image);
-    struct qcow2 *q = open_path(image);
+    struct qcow2* q = open_path(image);
     CHECK(qcow2_get_size(q) == 3ull << 30);
     unsigned char byte = 1;
     errno = 0;
@@ -202,7 +202,7 @@ static void test_big_read_and_holes(void) {
     CHECK(qcow2_read(q, &byte, (size_t)INT_MAX + 1, 0) == -1 && errno == EOVERFLOW);
     CHECK(strstr(qcowmap_last_error(), "INT_MAX") != NULL);
     /* ... unless the end of the disk cuts it first. */
-    unsigned char *tail = malloc(4096);
+    unsigned char* tail = malloc(4096);
     CHECK(qcow2_read(q, tail, (size_t)INT_MAX + 1, (3ull << 30) - 4096) == 4096);
     CHECK(tail[0] == 0 && tail[4095] == 0);
     free(tail);
@@ -210,15 +210,15 @@ static void test_big_read_and_holes(void) {
 }
 
 static void test_compressed(void) {
-    const char *plain = path_of("source.qcow2");
-    const char *image = path_of("compressed.qcow2");
+    const char* plain = path_of("source.qcow2");
+    const char* image = path_of("compressed.qcow2");
     sh("qemu-img create -q -f qcow2 '%s' 2M", plain);
     sh("qemu-io -f qcow2 -c 'write -P 0x61 0 768k' -c 'write -P 0x3 1M 100k' '%s' >/dev/null",
        plain);
     sh("qemu-img convert -c -O qcow2 -o compression_type=zstd '%s' '%s'", plain, image);
     size_t raw_size;
-    unsigned char *raw = qemu_raw(image, "", &raw_size);
-    struct qcow2 *q = open_path(image);
+    unsigned char* raw = qemu_raw(image, "", &raw_size);
+    struct qcow2* q = open_path(image);
     check_read_matches(q, raw, raw_size);
     int counts[3];
     check_extents_match(q, raw, raw_size, counts);
@@ -228,17 +228,17 @@ static void test_compressed(void) {
 }
 
 static void test_backing_chain_by_fd(void) {
-    const char *base = path_of("base.qcow2");
-    const char *overlay = path_of("overlay.qcow2");
+    const char* base = path_of("base.qcow2");
+    const char* overlay = path_of("overlay.qcow2");
     sh("qemu-img create -q -f qcow2 '%s' 1M", base);
     sh("qemu-io -f qcow2 -c 'write -P 0x11 0 512k' '%s' >/dev/null", base);
     /* A relative backing name: found next to the image, whatever the current directory. */
     sh("cd '%s' && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2", dir);
     sh("qemu-io -f qcow2 -c 'write -P 0x22 64k 64k' '%s' >/dev/null", overlay);
     size_t raw_size;
-    unsigned char *raw = qemu_raw(overlay, "", &raw_size);
+    unsigned char* raw = qemu_raw(overlay, "", &raw_size);
     CHECK(chdir("/") == 0);
-    struct qcow2 *q = open_path(overlay);
+    struct qcow2* q = open_path(overlay);
     check_read_matches(q, raw, raw_size);
     int counts[3];
     check_extents_match(q, raw, raw_size, counts);
@@ -256,7 +256,7 @@ static void test_backing_chain_by_fd(void) {
     /* A missing backing file: the error names what was looked for. */
     sh("mv '%s' '%s.moved'", base, base);
     int fd = open(overlay, O_RDONLY);
-    const char *error = NULL;
+    const char* error = NULL;
     errno = 0;
     CHECK(qcow2_open(fd, &error) == NULL);
     CHECK(errno == EIO);
@@ -267,16 +267,16 @@ static void test_backing_chain_by_fd(void) {
 }
 
 static void test_snapshot(void) {
-    const char *image = path_of("snap.qcow2");
+    const char* image = path_of("snap.qcow2");
     sh("qemu-img create -q -f qcow2 '%s' 1M", image);
     sh("qemu-io -f qcow2 -c 'write -P 0x44 0 128k' '%s' >/dev/null", image);
     sh("qemu-img snapshot -c before '%s'", image);
     sh("qemu-io -f qcow2 -c 'write -P 0x55 0 64k' '%s' >/dev/null", image);
     size_t raw_size;
-    unsigned char *raw = qemu_raw(image, "-l snapshot.name=before", &raw_size);
+    unsigned char* raw = qemu_raw(image, "-l snapshot.name=before", &raw_size);
     struct qcowmap_open_options options = {"before", 0};
-    const char *error = "unchanged";
-    struct qcow2 *q = qcowmap_open(image, &options, &error);
+    const char* error = "unchanged";
+    struct qcow2* q = qcowmap_open(image, &options, &error);
     CHECK(q != NULL && strcmp(error, "unchanged") == 0);
     check_read_matches(q, raw, raw_size);
     qcow2_close(q);
@@ -289,10 +289,10 @@ static void test_snapshot(void) {
 }
 
 static void test_open_errors(void) {
-    const char *text = path_of("not-an-image.txt");
+    const char* text = path_of("not-an-image.txt");
     sh("printf 'hello, this is not a disk image\\n' > '%s'", text);
     int fd = open(text, O_RDONLY);
-    const char *error = NULL;
+    const char* error = NULL;
     errno = 0;
     CHECK(qcow2_open(fd, &error) == NULL);
     CHECK(errno == EINVAL);
@@ -316,7 +316,7 @@ static void test_open_errors(void) {
     CHECK(qcow2_open(spare, &error) == NULL && errno == EBADF);
 
     /* An encrypted image is refused with ENOTSUP. */
-    const char *luks = path_of("luks.qcow2");
+    const char* luks = path_of("luks.qcow2");
     /* qemu-img sometimes fails with "Unable to get accurate CPU usage" on a busy machine. */
     sh("for i in 1 2 3 4 5; do qemu-img create -q -f qcow2 --object secret,id=s,data=pass -o "
        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=200 '%s' 1M && exit 0; "
@@ -333,13 +333,13 @@ static void test_open_errors(void) {
     qcowmap_extents_free(NULL);
 }
 
-static void put_be64(unsigned char *p, uint64_t v) {
+static void put_be64(unsigned char* p, uint64_t v) {
     for (int i = 7; i >= 0; --i, v >>= 8) {
         p[i] = (unsigned char)v;
     }
 }
 
-static uint64_t get_be64(const unsigned char *p) {
+static uint64_t get_be64(const unsigned char* p) {
     uint64_t v = 0;
     for (int i = 0; i < 8; ++i) {
         v = v << 8 | p[i];
@@ -350,7 +350,7 @@ static uint64_t get_be64(const unsigned char *p) {
 /* An L2 entry pointing far past the end of the file: open succeeds (L2 tables are read
  * lazily), reads and the extent walk of that cluster fail with EIO and a message. */
 static void test_corrupt_l2(void) {
-    const char *image = path_of("corrupt.qcow2");
+    const char* image = path_of("corrupt.qcow2");
     sh("qemu-img create -q -f qcow2 '%s' 1M", image);
     sh("qemu-io -f qcow2 -c 'write -P 0x77 0 128k' '%s' >/dev/null", image);
     int fd = open(image, O_RDWR);
@@ -363,7 +363,7 @@ static void test_corrupt_l2(void) {
     CHECK(pwrite(fd, entry, 8, (off_t)(l2_offset + 8)) == 8);                /* cluster 1 */
     close(fd);
 
-    struct qcow2 *q = open_path(image);
+    struct qcow2* q = open_path(image);
     unsigned char buffer[4096];
     CHECK(qcow2_read(q, buffer, sizeof buffer, 0) == (int)sizeof buffer && buffer[0] == 0x77);
     errno = 0;
@@ -371,7 +371,7 @@ static void test_corrupt_l2(void) {
     CHECK(strstr(qcowmap_last_error(), "0x40000000000") != NULL);
     printf("corrupt read: %s\n", qcowmap_last_error());
 
-    struct qcowmap_extents *it = qcowmap_extents_open(q, 0, UINT64_MAX);
+    struct qcowmap_extents* it = qcowmap_extents_open(q, 0, UINT64_MAX);
     struct qcowmap_extent e;
     CHECK(qcowmap_extents_next(it, &e) == 1 && e.offset == 0 && e.length == 65536);
     CHECK(qcowmap_extents_error(it) == NULL);

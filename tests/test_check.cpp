@@ -27,13 +27,13 @@ using Buffer = std::vector<std::byte>;
 
 constexpr std::uint64_t kOffsetMask = 0x00fffffffffffe00ULL;
 
-std::uint64_t get_be(const Buffer &b, std::uint64_t at, unsigned width) {
+std::uint64_t get_be(const Buffer& b, std::uint64_t at, unsigned width) {
     std::uint64_t v = 0;
     for (unsigned i = 0; i < width; ++i)
         v = (v << 8) | std::to_integer<std::uint64_t>(b.at(at + i));
     return v;
 }
-void put_be(Buffer &b, std::uint64_t at, std::uint64_t value, unsigned width) {
+void put_be(Buffer& b, std::uint64_t at, std::uint64_t value, unsigned width) {
     for (unsigned i = 0; i < width; ++i) {
         b.at(at + i) = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
     }
@@ -44,25 +44,25 @@ struct Geometry {
     unsigned cluster_bits;
     std::uint64_t cluster_size, l1_offset, refcount_table_offset;
     unsigned refcount_order;
-    explicit Geometry(const Buffer &b)
+    explicit Geometry(const Buffer& b)
         : cluster_bits(static_cast<unsigned>(get_be(b, 20, 4))),
           cluster_size(std::uint64_t{1} << cluster_bits), l1_offset(get_be(b, 40, 8)),
           refcount_table_offset(get_be(b, 48, 8)),
           refcount_order(get_be(b, 4, 4) == 3 ? static_cast<unsigned>(get_be(b, 96, 4)) : 4) {}
-    std::uint64_t l2(const Buffer &b, unsigned l1_index = 0) const {
+    std::uint64_t l2(const Buffer& b, unsigned l1_index = 0) const {
         return get_be(b, l1_offset + 8 * l1_index, 8) & kOffsetMask;
     }
     /// Refcount of `cluster` (widths of 8 bits and more, which these tests use).
-    std::uint64_t entry_at(const Buffer &b, std::uint64_t cluster) const {
+    std::uint64_t entry_at(const Buffer& b, std::uint64_t cluster) const {
         const unsigned bits = cluster_bits + 3 - refcount_order;
         const std::uint64_t block =
             get_be(b, refcount_table_offset + 8 * (cluster >> bits), 8) & ~std::uint64_t{0x1ff};
         return block + (cluster & ((1ULL << bits) - 1)) * ((1u << refcount_order) / 8);
     }
-    std::uint64_t refcount(const Buffer &b, std::uint64_t cluster) const {
+    std::uint64_t refcount(const Buffer& b, std::uint64_t cluster) const {
         return get_be(b, entry_at(b, cluster), (1u << refcount_order) / 8);
     }
-    void set_refcount(Buffer &b, std::uint64_t cluster, std::uint64_t value) const {
+    void set_refcount(Buffer& b, std::uint64_t cluster, std::uint64_t value) const {
         put_be(b, entry_at(b, cluster), value, (1u << refcount_order) / 8);
     }
 };
@@ -73,9 +73,9 @@ const std::vector<std::string> kKeys = {
     "total-clusters", "allocated-clusters", "fragmented-clusters", "compressed-clusters"};
 
 /// The numeric fields of a check JSON report; absent keys (qemu omits zeros) read as 0.
-Counts parse_counts(const std::string &json) {
+Counts parse_counts(const std::string& json) {
     Counts counts;
-    for (const auto &key : kKeys)
+    for (const auto& key : kKeys)
         counts[key] = 0;
     static const std::regex field("\"([a-z-]+)\": ([0-9]+)");
     for (std::sregex_iterator it(json.begin(), json.end(), field), end; it != end; ++it) {
@@ -90,21 +90,21 @@ struct Report {
     std::string err;
 };
 
-Report qemu_check(const std::filesystem::path &image) {
+Report qemu_check(const std::filesystem::path& image) {
     auto r = qt::run("qemu-img check --output=json " + qt::shell_quote(image.string()));
     return {r.exit_code, parse_counts(r.out), r.err};
 }
-Report our_check(const std::filesystem::path &image) {
+Report our_check(const std::filesystem::path& image) {
     auto r = qt::run(qt::qcowmap_bin() + " check --json " + qt::shell_quote(image.string()));
     return {r.exit_code, parse_counts(r.out), r.err};
 }
 
 /// Both tools agree on every count and the exit status; the library agrees with the CLI.
-testing::AssertionResult agrees_with_qemu(const std::filesystem::path &image) {
+testing::AssertionResult agrees_with_qemu(const std::filesystem::path& image) {
     const Report qemu = qemu_check(image);
     const Report ours = our_check(image);
     std::string diff;
-    for (const auto &key : kKeys) {
+    for (const auto& key : kKeys) {
         if (qemu.counts.at(key) != ours.counts.at(key)) {
             diff +=
                 fmt::format(" {}: qemu {} ours {};", key, qemu.counts.at(key), ours.counts.at(key));
@@ -132,17 +132,17 @@ testing::AssertionResult agrees_with_qemu(const std::filesystem::path &image) {
 // Clean images of every kind.
 
 struct CleanCase {
-    const char *name;
-    const char *options;
-    const char *size;
+    const char* name;
+    const char* options;
+    const char* size;
     std::vector<std::string> io;
-    std::function<void(const std::filesystem::path &)> after = {};
+    std::function<void(const std::filesystem::path&)> after = {};
 };
 
-void snapshot(const std::filesystem::path &image, const std::string &args) {
+void snapshot(const std::filesystem::path& image, const std::string& args) {
     qt::run_ok("qemu-img snapshot " + args + " " + qt::shell_quote(image.string()));
 }
-void io(const std::filesystem::path &image, const std::string &command) {
+void io(const std::filesystem::path& image, const std::string& command) {
     qt::run_ok("qemu-io -f qcow2 -c " + qt::shell_quote(command) + " " +
                qt::shell_quote(image.string()) + " >/dev/null");
 }
@@ -191,12 +191,12 @@ std::vector<CleanCase> clean_cases() {
     cases.push_back({"refcount_bits_8", "refcount_bits=8", "8M", {"write -P 1 0 1M"}});
     cases.push_back({"refcount_bits_32", "refcount_bits=32", "8M", {"write -P 1 0 1M"}});
     cases.push_back({"refcount_bits_64", "refcount_bits=64", "8M", {"write -P 1 0 1M"}});
-    cases.push_back({"snapshots", "", "16M", {"write -P 1 0 1M"}, [](const auto &image) {
+    cases.push_back({"snapshots", "", "16M", {"write -P 1 0 1M"}, [](const auto& image) {
                          snapshot(image, "-c s1");
                          io(image, "write -P 2 0 512k");
                          snapshot(image, "-c s2");
                      }});
-    cases.push_back({"snapshot_deleted", "", "16M", {"write -P 1 0 1M"}, [](const auto &image) {
+    cases.push_back({"snapshot_deleted", "", "16M", {"write -P 1 0 1M"}, [](const auto& image) {
                          snapshot(image, "-c s1");
                          io(image, "write -P 2 0 2M");
                          snapshot(image, "-c s2");
@@ -206,12 +206,12 @@ std::vector<CleanCase> clean_cases() {
                      "cluster_size=4k",
                      "4M",
                      {"write -c -P 1 0 64k"},
-                     [](const auto &image) {
+                     [](const auto& image) {
                          snapshot(image, "-c s1");
                          io(image, "write -P 2 0 8k");
                      }});
     cases.push_back(
-        {"bitmaps", "", "16M", {"write -P 1 0 1M"}, [](const auto &image) {
+        {"bitmaps", "", "16M", {"write -P 1 0 1M"}, [](const auto& image) {
              qt::run_ok("qemu-img bitmap --add " + qt::shell_quote(image.string()) + " b0");
              qt::run_ok("qemu-img bitmap --add -g 4096 " + qt::shell_quote(image.string()) + " b1");
              // Bitmaps get data clusters once the image is written through qemu.
@@ -243,7 +243,7 @@ TEST_P(CheckClean, AgreesWithQemuImg) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, CheckClean, testing::Range<std::size_t>(0, clean_cases().size()),
-                         [](const auto &info) { return clean_cases().at(info.param).name; });
+                         [](const auto& info) { return clean_cases().at(info.param).name; });
 
 TEST(CheckClean, CountsOfAKnownImage) {
     // 16 MiB, 64 KiB clusters, 1 MiB written at 0: 16 data clusters of 256, one L2 table.
@@ -306,16 +306,16 @@ TEST(CheckClean, EncryptedImageIsCheckedWithoutTheKey) {
 // Damaged images.
 
 struct Damage {
-    const char *name;
-    const char *options;
+    const char* name;
+    const char* options;
     std::vector<std::string> io;
-    std::function<void(Buffer &, const Geometry &)> patch;
+    std::function<void(Buffer&, const Geometry&)> patch;
     int exit_code;             ///< what both tools must exit with
     std::uint64_t corruptions; ///< what both must count
     std::uint64_t leaks;
 };
 
-std::uint64_t first_data(const Buffer &b, const Geometry &g) {
+std::uint64_t first_data(const Buffer& b, const Geometry& g) {
     return get_be(b, g.l2(b), 8) & kOffsetMask;
 }
 
@@ -323,17 +323,17 @@ std::vector<Damage> damages() {
     const std::vector<std::string> data = {"write -P 1 0 1M"};
     return {
         {"refcount_bumped_on_data_cluster", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              const std::uint64_t c = first_data(b, g) >> g.cluster_bits;
              g.set_refcount(b, c, 2);
          },
          2, 1, 1}, // a leak, and COPIED set on a cluster whose refcount is not 1
         {"refcount_bumped_on_header", "", data,
-         [](Buffer &b, const Geometry &g) { g.set_refcount(b, 0, 2); }, 3, 0, 1},
+         [](Buffer& b, const Geometry& g) { g.set_refcount(b, 0, 2); }, 3, 0, 1},
         {"refcount_set_on_free_cluster",
          "",
          {"write -P 1 0 1M", "discard 64k 64k"},
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              // Discarding freed the data cluster of guest offset 64k: mark it used again.
              const std::uint64_t end = b.size() >> g.cluster_bits;
              for (std::uint64_t c = 1; c < end; ++c) {
@@ -348,83 +348,83 @@ std::vector<Damage> damages() {
          0,
          1},
         {"refcount_zero_on_data_cluster", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              g.set_refcount(b, first_data(b, g) >> g.cluster_bits, 0);
          },
          2, 2, 0}, // refcount < references, and COPIED with refcount 0
         {"refcount_zero_on_l2_table", "", data,
-         [](Buffer &b, const Geometry &g) { g.set_refcount(b, g.l2(b) >> g.cluster_bits, 0); }, 2,
+         [](Buffer& b, const Geometry& g) { g.set_refcount(b, g.l2(b) >> g.cluster_bits, 0); }, 2,
          2, 0},
         {"refcount_zero_on_snapshot_data", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              g.set_refcount(b, first_data(b, g) >> g.cluster_bits, 1);
          },
          2, 2, 0}, // after a snapshot: refcount 1 (and COPIED clear) for a shared cluster
         {"refcount_bumped_8bit", "refcount_bits=8", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              g.set_refcount(b, first_data(b, g) >> g.cluster_bits, 5);
          },
          2, 1, 1},
         {"refcount_zero_64bit", "refcount_bits=64", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              g.set_refcount(b, first_data(b, g) >> g.cluster_bits, 0);
          },
          2, 2, 0},
         {"refcount_zero_32bit", "refcount_bits=32", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              g.set_refcount(b, first_data(b, g) >> g.cluster_bits, 0);
          },
          2, 2, 0},
         {"l2_entry_unaligned", "", data,
-         [](Buffer &b, const Geometry &g) { put_be(b, g.l2(b), get_be(b, g.l2(b), 8) + 512, 8); },
+         [](Buffer& b, const Geometry& g) { put_be(b, g.l2(b), get_be(b, g.l2(b), 8) + 512, 8); },
          2, 2, 0},
         {"l2_entry_reserved_bits", "", data,
-         [](Buffer &b, const Geometry &g) { put_be(b, g.l2(b), get_be(b, g.l2(b), 8) | 2, 8); }, 2,
+         [](Buffer& b, const Geometry& g) { put_be(b, g.l2(b), get_be(b, g.l2(b), 8) | 2, 8); }, 2,
          1, 0},
         {"l1_entry_reserved_bits", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              put_be(b, g.l1_offset, get_be(b, g.l1_offset, 8) | 1, 8);
          },
          2, 1, 0},
         {"l2_entry_past_end_of_file", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              put_be(b, g.l2(b) + 8, (1ULL << 63) | (1ULL << 40), 8);
          },
          2, 2, 1},
         {"two_l2_entries_share_a_cluster", "", data,
-         [](Buffer &b, const Geometry &g) { put_be(b, g.l2(b) + 8, get_be(b, g.l2(b), 8), 8); }, 2,
+         [](Buffer& b, const Geometry& g) { put_be(b, g.l2(b) + 8, get_be(b, g.l2(b), 8), 8); }, 2,
          1, 1},
         {"copied_flag_cleared", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              put_be(b, g.l2(b), get_be(b, g.l2(b), 8) & ~(1ULL << 63), 8);
          },
          2, 1, 0},
         {"compressed_with_copied_flag",
          "cluster_size=64k",
          {"write -c -P 1 0 64k"},
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              put_be(b, g.l2(b), get_be(b, g.l2(b), 8) | (1ULL << 63), 8);
          },
          2,
          1,
          0},
         {"refcount_table_entry_unaligned", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              put_be(b, g.refcount_table_offset, get_be(b, g.refcount_table_offset, 8) + 512, 8);
          },
          1, 1, 0}, // every refcount of the block is unreadable: check errors
         {"refcount_table_entry_reserved_bits", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              put_be(b, g.refcount_table_offset, get_be(b, g.refcount_table_offset, 8) | 1, 8);
          },
          2, 1, 1},
         {"refcount_block_listed_twice", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              put_be(b, g.refcount_table_offset + 8, get_be(b, g.refcount_table_offset, 8), 8);
          },
          2, 2, 0},
         {"refcount_block_outside_image", "", data,
-         [](Buffer &b, const Geometry &g) {
+         [](Buffer& b, const Geometry& g) {
              put_be(b, g.refcount_table_offset + 8, 1ULL << 40, 8);
          },
          2, 1, 0},
@@ -455,7 +455,7 @@ TEST_P(CheckDamaged, AgreesWithQemuImg) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, CheckDamaged, testing::Range<std::size_t>(0, damages().size()),
-                         [](const auto &info) { return damages().at(info.param).name; });
+                         [](const auto& info) { return damages().at(info.param).name; });
 
 // ---------------------------------------------------------------------------------------------
 // The CLI.
@@ -486,11 +486,11 @@ TEST(CheckCli, JsonHasEveryCount) {
     qt::TempDir dir;
     const auto image = dir / "img.qcow2";
     qt::make_image(image, "cluster_size=4k", "1M", {"write -c -P 1 0 8k"});
-    for (const char *flag : {"--json", "--output=json"}) {
+    for (const char* flag : {"--json", "--output=json"}) {
         auto r =
             qt::run(qt::qcowmap_bin() + " check " + flag + " " + qt::shell_quote(image.string()));
         EXPECT_EQ(r.exit_code, 0) << r.err;
-        for (const auto &key : kKeys) {
+        for (const auto& key : kKeys) {
             EXPECT_NE(r.out.find("\"" + key + "\": "), std::string::npos) << key;
         }
         EXPECT_NE(r.out.find("\"compressed-clusters\": 2"), std::string::npos) << r.out;
@@ -592,15 +592,16 @@ TEST(CheckBitmaps, BitmapTableOffsets) {
     ASSERT_TRUE(agrees_with_qemu(healthy));
 
     struct Case {
-        const char *name;
+        const char* name;
         std::uint64_t offset;
-        const char *message;
+        const char* message;
         bool qemu_opens; ///< qemu-img refuses the unaligned and header-overlapping tables
-        const char *open_error = ""; ///< our open error when qemu refuses the image
+        const char* open_error = ""; ///< our open error when qemu refuses the image
     };
-    for (const Case &c :
+    for (const Case& c :
          {Case{"past-eof", 1ULL << 40, "bitmap table at 0x10000000000", true},
-          Case{"unaligned", table + 512, "", false, "is not a non-zero multiple of the cluster size"},
+          Case{"unaligned", table + 512, "", false,
+               "is not a non-zero multiple of the cluster size"},
           Case{"over-header", 0, "", false, "is not a non-zero multiple of the cluster size"}}) {
         Buffer damaged = b;
         put_be(damaged, directory, c.offset, 8);
@@ -613,8 +614,8 @@ TEST(CheckBitmaps, BitmapTableOffsets) {
             EXPECT_NE(r.error().message.find(c.open_error), std::string::npos)
                 << c.name << ": " << r.error().message;
             EXPECT_EQ(qemu_check(image).exit_code, 1) << c.name;
-            qt::CommandResult ours = qt::run(qt::qcowmap_bin() + " check " +
-                                             qt::shell_quote(image.string()));
+            qt::CommandResult ours =
+                qt::run(qt::qcowmap_bin() + " check " + qt::shell_quote(image.string()));
             EXPECT_EQ(ours.exit_code, 1) << c.name;
             continue;
         }
@@ -622,7 +623,7 @@ TEST(CheckBitmaps, BitmapTableOffsets) {
         EXPECT_EQ(r->exit_code(), 2) << c.name;
         EXPECT_GE(r->corruptions, 1u) << c.name;
         std::string all;
-        for (const auto &line : r->messages)
+        for (const auto& line : r->messages)
             all += line + "\n";
         EXPECT_NE(all.find(c.message), std::string::npos) << c.name << ":\n" << all;
         EXPECT_TRUE(agrees_with_qemu(image));
@@ -672,10 +673,11 @@ TEST(CheckLimits, SharedL2TableDoesNotSpin) {
     EXPECT_EQ(r->exit_code(), 1);
     EXPECT_EQ(r->check_errors, 1u);
     std::string all;
-    for (const auto &line : r->messages)
+    for (const auto& line : r->messages)
         all += line + "\n";
     EXPECT_NE(all.find("check stopped"), std::string::npos) << all;
-    qt::CommandResult cli = qt::run(qt::qcowmap_bin() + " check " + qt::shell_quote(image.string()));
+    qt::CommandResult cli =
+        qt::run(qt::qcowmap_bin() + " check " + qt::shell_quote(image.string()));
     EXPECT_EQ(cli.exit_code, 1) << cli.err;
 }
 

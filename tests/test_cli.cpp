@@ -14,7 +14,9 @@ using test::run;
 using test::shell_quote;
 using test::TempDir;
 
-std::string cli() { return shell_quote(test::qcowmap_bin()); }
+std::string cli() {
+    return shell_quote(test::qcowmap_bin());
+}
 
 int count_lines(const std::string& text) {
     return static_cast<int>(std::count(text.begin(), text.end(), '\n'));
@@ -69,7 +71,8 @@ TEST_F(Cli, MissingFileIsOneLineExitOne) {
 
 TEST_F(Cli, CatIntoAPipeMatchesQemu) {
     auto raw = dir_ / "qemu.raw";
-    test::run_ok("qemu-img convert -O raw " + shell_quote(image_) + " " + shell_quote(raw.string()));
+    test::run_ok("qemu-img convert -O raw " + shell_quote(image_) + " " +
+                 shell_quote(raw.string()));
     std::string expected = test::run_ok("sha256sum < " + shell_quote(raw.string()));
     CommandResult ours = run(cli() + " cat " + shell_quote(image_) + " | sha256sum");
     EXPECT_EQ(ours.exit_code, 0) << ours.err;
@@ -80,7 +83,8 @@ TEST_F(Cli, CatIntoAPipeMatchesQemu) {
 TEST_F(Cli, ConvertIsSparseAndRefusesToOverwrite) {
     auto out = (dir_ / "out.raw").string();
     auto raw = dir_ / "qemu.raw";
-    test::run_ok("qemu-img convert -O raw " + shell_quote(image_) + " " + shell_quote(raw.string()));
+    test::run_ok("qemu-img convert -O raw " + shell_quote(image_) + " " +
+                 shell_quote(raw.string()));
     CommandResult first = run(cli() + " convert " + shell_quote(image_) + " " + shell_quote(out));
     ASSERT_EQ(first.exit_code, 0) << first.err;
     EXPECT_TRUE(first.err.empty());
@@ -105,7 +109,8 @@ TEST_F(Cli, ConvertIsSparseAndRefusesToOverwrite) {
 
 TEST_F(Cli, ConvertRefusesToOverwriteItsOwnInput) {
     auto before = test::read_file(image_);
-    CommandResult r = run(cli() + " convert --force " + shell_quote(image_) + " " + shell_quote(image_));
+    CommandResult r =
+        run(cli() + " convert --force " + shell_quote(image_) + " " + shell_quote(image_));
     EXPECT_EQ(r.exit_code, 3);
     EXPECT_EQ(r.err, "qcowmap: " + image_ +
                          ": is the image being read (or one of its layers or its data file): "
@@ -120,7 +125,8 @@ TEST_F(Cli, OutputErrorsExitThree) {
         EXPECT_EQ(count_lines(r.err), 1) << command << ": " << r.err;
     }
     // Closed stderr: the error cannot be shown, but the exit code still says what happened.
-    EXPECT_EQ(run(cli() + " info " + shell_quote((dir_ / "missing").string()) + " 2>&-").exit_code, 1);
+    EXPECT_EQ(run(cli() + " info " + shell_quote((dir_ / "missing").string()) + " 2>&-").exit_code,
+              1);
     CommandResult usage = run(cli() + " info");
     EXPECT_EQ(usage.exit_code, 2);
     EXPECT_EQ(usage.err, "qcowmap: usage: IMAGE is required (see qcowmap --help)\n");
@@ -144,7 +150,8 @@ TEST_F(Cli, InfoJsonAndText) {
     EXPECT_NE(json.out.find("\"backing-filename\": null,"), std::string::npos);
     CommandResult text = run(cli() + " info " + shell_quote(image_));
     ASSERT_EQ(text.exit_code, 0);
-    EXPECT_NE(text.out.find("virtual size: 8 MiB (8388608 bytes)\n"), std::string::npos) << text.out;
+    EXPECT_NE(text.out.find("virtual size: 8 MiB (8388608 bytes)\n"), std::string::npos)
+        << text.out;
     EXPECT_NE(text.out.find("cluster_size: 65536\n"), std::string::npos);
 }
 
@@ -158,8 +165,10 @@ TEST_F(Cli, InfoNamesTheBackingFileAndReadsGoThroughIt) {
     EXPECT_NE(r.out.find("\"backing-filename-format\": \"qcow2\""), std::string::npos);
     // Reading goes through the chain: the overlay reads as its base...
     auto raw = dir_ / "base.raw";
-    test::run_ok("qemu-img convert -O raw " + shell_quote(image_) + " " + shell_quote(raw.string()));
-    CommandResult cat = run(cli() + " cat " + shell_quote(overlay) + " | cmp - " + shell_quote(raw.string()));
+    test::run_ok("qemu-img convert -O raw " + shell_quote(image_) + " " +
+                 shell_quote(raw.string()));
+    CommandResult cat =
+        run(cli() + " cat " + shell_quote(overlay) + " | cmp - " + shell_quote(raw.string()));
     EXPECT_EQ(cat.exit_code, 0) << cat.err << cat.out;
     // ...and --backing=none reads the top layer alone.
     CommandResult map = run(cli() + " map --output=json --backing=none " + shell_quote(overlay));
@@ -187,17 +196,20 @@ TEST(CliShrinkingImage, CatReportsTheChangeInsteadOfCrashing) {
         if (kind == "compressed") {
             auto source = (dir / "source.qcow2").string();
             std::filesystem::rename(image, source);
-            test::run_ok("qemu-img convert -c -O qcow2 " + shell_quote(source) + " " + shell_quote(image));
+            test::run_ok("qemu-img convert -c -O qcow2 " + shell_quote(source) + " " +
+                         shell_quote(image));
         }
         auto err = (dir / "err").string();
         // The reader takes the first 64 KiB (so qcowmap is surely reading), truncates the image,
         // then drains the rest.
-        CommandResult r = run("{ " + cli() + " cat " + shell_quote(image) + "; echo \"rc=$?\" >&2; } 2>" +
-                              shell_quote(err) + " | { head -c 65536 >/dev/null; truncate -s 300k " +
-                              shell_quote(image) + "; cat >/dev/null; }");
+        CommandResult r =
+            run("{ " + cli() + " cat " + shell_quote(image) + "; echo \"rc=$?\" >&2; } 2>" +
+                shell_quote(err) + " | { head -c 65536 >/dev/null; truncate -s 300k " +
+                shell_quote(image) + "; cat >/dev/null; }");
         EXPECT_EQ(r.exit_code, 0) << kind;
         std::string stderr_text;
-        for (std::byte b : test::read_file(err)) stderr_text += static_cast<char>(b);
+        for (std::byte b : test::read_file(err))
+            stderr_text += static_cast<char>(b);
         EXPECT_EQ(stderr_text, "qcowmap: " + image +
                                    ": image changed while being read (the file shrank under its "
                                    "mapping)\nrc=1\n")

@@ -51,12 +51,13 @@ class Compare : public ::testing::Test {
                 // Data read into buffers (the default) and straight from the mappings.
                 for (std::string io : {"", "--io=mmap "}) {
                     CommandResult ours = run(cli() + " compare " + io + args);
-                    EXPECT_EQ(ours.exit_code, qemu.exit_code)
-                        << io << args << "\n" << qemu.out << ours.out;
+                    EXPECT_EQ(ours.exit_code, qemu.exit_code) << io << args << "\n"
+                                                              << qemu.out << ours.out;
                     EXPECT_EQ(ours.out, qemu.out) << io << args;
                     EXPECT_EQ(ours.err, "") << io << args;
                 }
-                if (first.empty()) first = qemu.out;
+                if (first.empty())
+                    first = qemu.out;
             }
         }
         return first;

@@ -20,7 +20,9 @@ using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
 
-std::string q(const std::filesystem::path& p) { return shell_quote(p.string()); }
+std::string q(const std::filesystem::path& p) {
+    return shell_quote(p.string());
+}
 
 /// A raw source mixing random bytes, text, zeros and repeated bytes, 1 MiB of each in turn.
 std::filesystem::path make_mixed_raw(const TempDir& dir, std::size_t mebibytes) {
@@ -37,14 +39,16 @@ std::filesystem::path make_mixed_raw(const TempDir& dir, std::size_t mebibytes) 
             }
             break;
         case 1:
-            for (std::size_t i = 0; i < (1u << 20); ++i) p[i] = std::byte(text[(i + mib) % text.size()]);
+            for (std::size_t i = 0; i < (1u << 20); ++i)
+                p[i] = std::byte(text[(i + mib) % text.size()]);
             break;
         case 2:
             break; // zeros
         case 3:
             std::fill_n(p, 1u << 20, std::byte(mib));
             // ... with a few random bytes sprinkled in so clusters differ
-            for (int k = 0; k < 64; ++k) p[rng() % (1u << 20)] = std::byte(rng());
+            for (int k = 0; k < 64; ++k)
+                p[rng() % (1u << 20)] = std::byte(rng());
             break;
         }
     }
@@ -74,7 +78,8 @@ void expect_matches_qemu(const std::filesystem::path& image_path, const TempDir&
     SCOPED_TRACE(image_path.string());
     auto raw = dir / "oracle.raw";
     std::filesystem::remove(raw);
-    run_ok(std::string("qemu-img convert -f ") + format + " -O raw " + q(image_path) + " " + q(raw));
+    run_ok(std::string("qemu-img convert -f ") + format + " -O raw " + q(image_path) + " " +
+           q(raw));
     auto expected = test::read_file(raw);
 
     auto cat = dir / "cat.raw";
@@ -96,7 +101,8 @@ void expect_matches_qemu(const std::filesystem::path& image_path, const TempDir&
     for (int i = 0; i < 150; ++i) {
         std::uint64_t offset = rng() % expected.size();
         // Up to three clusters, capped so that 2 MiB-cluster images stay quick under ASan.
-        std::size_t length = 1 + rng() % std::min<std::uint64_t>(3 * image->info().cluster_size, 256 * 1024);
+        std::size_t length =
+            1 + rng() % std::min<std::uint64_t>(3 * image->info().cluster_size, 256 * 1024);
         buffer.assign(length, std::byte{0x5a});
         auto n = image->read(buffer, offset);
         ASSERT_TRUE(n) << n.error().message;
@@ -106,18 +112,22 @@ void expect_matches_qemu(const std::filesystem::path& image_path, const TempDir&
             << "read at " << offset << " +" << length;
     }
 
-    std::string ours = run_ok(shell_quote(test::qcowmap_bin()) + " map --output=json " + q(image_path));
-    std::string theirs = run_ok(std::string("qemu-img map -f ") + format + " --output=json " + q(image_path));
+    std::string ours =
+        run_ok(shell_quote(test::qcowmap_bin()) + " map --output=json " + q(image_path));
+    std::string theirs =
+        run_ok(std::string("qemu-img map -f ") + format + " --output=json " + q(image_path));
     EXPECT_EQ(strip_compressed_key(ours), theirs);
 }
 
 int count_compressed(const std::filesystem::path& path) {
     auto image = Image::open(path);
-    if (!image) return -1;
+    if (!image)
+        return -1;
     int count = 0;
     ExtentIterator it = image->extents();
     Extent e;
-    while (it.next(e)) count += e.kind == ExtentKind::compressed;
+    while (it.next(e))
+        count += e.kind == ExtentKind::compressed;
     return it.failed() ? -1 : count;
 }
 
@@ -174,7 +184,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(MixedCase{"zlib", "cluster_size=64k"},
                       MixedCase{"zstd", "cluster_size=64k,compression_type=zstd"},
                       MixedCase{"extended_l2_zlib", "cluster_size=64k,extended_l2=on"},
-                      MixedCase{"extended_l2_zstd", "cluster_size=64k,extended_l2=on,compression_type=zstd"}),
+                      MixedCase{"extended_l2_zstd",
+                                "cluster_size=64k,extended_l2=on,compression_type=zstd"}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(LegacyQcow, WritesByQemuIo) {
@@ -183,7 +194,8 @@ TEST(LegacyQcow, WritesByQemuIo) {
     run_ok("qemu-img create -q -f qcow " + q(image) + " 4M");
     // v1 compressed writes must be exactly one cluster (4 KiB here).
     run_ok("qemu-io -f qcow -c 'write -P 0xab 4k 8k' -c 'write -c -P 0x12 1M 4k' "
-           "-c 'write -c -P 0x13 1028k 4k' -c 'write -P 0xcd 3M 100k' -c 'write -P 0xce 4190000 4304' " +
+           "-c 'write -c -P 0x13 1028k 4k' -c 'write -P 0xcd 3M 100k' -c 'write -P 0xce 4190000 "
+           "4304' " +
            q(image) + " >/dev/null");
     auto opened = Image::open(image);
     ASSERT_TRUE(opened) << opened.error().message;
@@ -227,11 +239,13 @@ struct OneCompressed {
 
 std::uint64_t be64(const std::vector<std::byte>& b, std::uint64_t at) {
     std::uint64_t v = 0;
-    for (int i = 0; i < 8; ++i) v = (v << 8) | std::to_integer<std::uint64_t>(b[at + i]);
+    for (int i = 0; i < 8; ++i)
+        v = (v << 8) | std::to_integer<std::uint64_t>(b[at + i]);
     return v;
 }
 void put_be64(std::vector<std::byte>& b, std::uint64_t at, std::uint64_t v) {
-    for (int i = 7; i >= 0; --i, v >>= 8) b[at + i] = std::byte(v & 0xff);
+    for (int i = 7; i >= 0; --i, v >>= 8)
+        b[at + i] = std::byte(v & 0xff);
 }
 
 OneCompressed make_one_compressed(const TempDir& dir, const std::string& options) {
@@ -252,10 +266,12 @@ OneCompressed make_one_compressed(const TempDir& dir, const std::string& options
 
 Error read_error(const std::vector<std::byte>& bytes) {
     auto image = Image::open_bytes(bytes);
-    if (!image) return image.error();
+    if (!image)
+        return image.error();
     std::vector<std::byte> buffer(64 * 1024);
     auto n = image->read(buffer, 0);
-    if (n) return Error{ErrorCode::invalid_argument, "no error"};
+    if (n)
+        return Error{ErrorCode::invalid_argument, "no error"};
     return n.error();
 }
 
@@ -333,7 +349,8 @@ TEST(Concurrency, TwoThreadsReadOneImage) {
             buffer.resize(length);
             auto n = image->read(buffer, offset);
             std::size_t want = std::min<std::uint64_t>(length, expected.size() - offset);
-            if (!n || *n != want || std::memcmp(buffer.data(), expected.data() + offset, want) != 0) {
+            if (!n || *n != want ||
+                std::memcmp(buffer.data(), expected.data() + offset, want) != 0) {
                 ++mismatches;
             }
         }
@@ -345,16 +362,16 @@ TEST(Concurrency, TwoThreadsReadOneImage) {
     // The parallel producer too, from two threads at once.
     auto whole = [&](std::vector<std::byte>& out) {
         out.assign(expected.size(), std::byte{0x33});
-        return image->visit_runs_parallel(0, UINT64_MAX, 2,
-                                          [&](std::uint64_t offset, std::uint64_t length,
-                                              std::span<const std::byte> bytes) {
-                                              if (bytes.empty()) {
-                                                  std::memset(out.data() + offset, 0, length);
-                                              } else {
-                                                  std::memcpy(out.data() + offset, bytes.data(), length);
-                                              }
-                                              return Result<void>{};
-                                          });
+        return image->visit_runs_parallel(
+            0, UINT64_MAX, 2,
+            [&](std::uint64_t offset, std::uint64_t length, std::span<const std::byte> bytes) {
+                if (bytes.empty()) {
+                    std::memset(out.data() + offset, 0, length);
+                } else {
+                    std::memcpy(out.data() + offset, bytes.data(), length);
+                }
+                return Result<void>{};
+            });
     };
     std::vector<std::byte> first, second;
     Result<void> r1, r2;

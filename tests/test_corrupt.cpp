@@ -80,9 +80,15 @@ void put_be(Buffer& b, std::size_t at, std::uint64_t value, unsigned width) {
         b.at(at + i) = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
     }
 }
-void put_u8(Buffer& b, std::size_t at, std::uint8_t v) { put_be(b, at, v, 1); }
-void put_be32(Buffer& b, std::size_t at, std::uint32_t v) { put_be(b, at, v, 4); }
-void put_be64(Buffer& b, std::size_t at, std::uint64_t v) { put_be(b, at, v, 8); }
+void put_u8(Buffer& b, std::size_t at, std::uint8_t v) {
+    put_be(b, at, v, 1);
+}
+void put_be32(Buffer& b, std::size_t at, std::uint32_t v) {
+    put_be(b, at, v, 4);
+}
+void put_be64(Buffer& b, std::size_t at, std::uint64_t v) {
+    put_be(b, at, v, 8);
+}
 
 std::uint64_t get_be(const Buffer& b, std::size_t at, unsigned width) {
     std::uint64_t value = 0;
@@ -94,7 +100,9 @@ std::uint64_t get_be(const Buffer& b, std::size_t at, unsigned width) {
 std::uint32_t get_be32(const Buffer& b, std::size_t at) {
     return static_cast<std::uint32_t>(get_be(b, at, 4));
 }
-std::uint64_t get_be64(const Buffer& b, std::size_t at) { return get_be(b, at, 8); }
+std::uint64_t get_be64(const Buffer& b, std::size_t at) {
+    return get_be(b, at, 8);
+}
 
 /// Writes `text` at `at`, zero-filling up to `field_size` bytes.
 void put_text(Buffer& b, std::size_t at, std::string_view text, std::size_t field_size) {
@@ -103,7 +111,9 @@ void put_text(Buffer& b, std::size_t at, std::string_view text, std::size_t fiel
     }
 }
 
-std::string hex(std::uint64_t v) { return fmt::format("{:#x}", v); }
+std::string hex(std::uint64_t v) {
+    return fmt::format("{:#x}", v);
+}
 
 // Header extensions: a chain from the end of the header to a type-0 end marker.
 struct ExtensionAt {
@@ -153,8 +163,12 @@ void append_extension(Buffer& b, std::uint32_t type, std::string_view data) {
 }
 
 // Geometry of the fixtures: one L1 entry (1 MiB disk), 64 KiB clusters.
-std::size_t l1_offset(const Buffer& b) { return get_be64(b, kL1TableOffsetAt); }
-std::size_t l2_table(const Buffer& b) { return get_be64(b, l1_offset(b)) & kOffsetMask; }
+std::size_t l1_offset(const Buffer& b) {
+    return get_be64(b, kL1TableOffsetAt);
+}
+std::size_t l2_table(const Buffer& b) {
+    return get_be64(b, l1_offset(b)) & kOffsetMask;
+}
 std::size_t l2_entry(const Buffer& b, unsigned index, unsigned entry_bytes = 8) {
     return l2_table(b) + std::size_t{index} * entry_bytes;
 }
@@ -1568,8 +1582,8 @@ TEST(CorruptQcowV1, BackingFileName) {
     Buffer b = fixtures().v1;
     put_be64(b, kBackingFileOffsetAt, 0x100);
     put_be32(b, kBackingFileSizeAt, 1024);
-    EXPECT_TRUE(fails_with(open(b, no_backing()), ErrorCode::invalid_header,
-                           {"1024 bytes", "1023"}));
+    EXPECT_TRUE(
+        fails_with(open(b, no_backing()), ErrorCode::invalid_header, {"1024 bytes", "1023"}));
     put_be64(b, kBackingFileOffsetAt, kFarAway);
     put_be32(b, kBackingFileSizeAt, 4);
     EXPECT_TRUE(fails_with(open(b, no_backing()), ErrorCode::invalid_header,

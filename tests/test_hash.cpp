@@ -37,10 +37,14 @@ std::string first_word(const std::string& text) {
 /// The digest the reference tool prints for `file`.
 std::string oracle_digest(const std::string& algo, const fs::path& file) {
     const std::string f = shell_quote(file.string());
-    if (algo == "sha256") return first_word(run_ok("sha256sum " + f));
-    if (algo == "sha512") return first_word(run_ok("openssl dgst -sha512 -r " + f));
-    if (algo == "blake2b512") return first_word(run_ok("openssl dgst -blake2b512 -r " + f));
-    if (algo == "xxh3-128") return first_word(run_ok("xxhsum -H2 " + f));
+    if (algo == "sha256")
+        return first_word(run_ok("sha256sum " + f));
+    if (algo == "sha512")
+        return first_word(run_ok("openssl dgst -sha512 -r " + f));
+    if (algo == "blake2b512")
+        return first_word(run_ok("openssl dgst -blake2b512 -r " + f));
+    if (algo == "xxh3-128")
+        return first_word(run_ok("xxhsum -H2 " + f));
     ADD_FAILURE() << "no oracle for " << algo;
     return {};
 }
@@ -301,7 +305,8 @@ TEST_F(Hash, SinkErrorStopsTheWalk) {
         options.threads = threads;
         int seen = 0;
         auto ok = hash_blocks(*image, options, [&](const BlockDigest&) -> Result<void> {
-            if (++seen == 10) return Error{ErrorCode::io_error, "enough"};
+            if (++seen == 10)
+                return Error{ErrorCode::io_error, "enough"};
             return {};
         });
         ASSERT_FALSE(ok);

@@ -27,11 +27,19 @@ using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
 
-std::string q(const fs::path& p) { return shell_quote(p.string()); }
-std::string bin() { return shell_quote(test::qcowmap_bin()); }
+std::string q(const fs::path& p) {
+    return shell_quote(p.string());
+}
+std::string bin() {
+    return shell_quote(test::qcowmap_bin());
+}
 /// Prefix for a command that must run with `dir` as its working directory.
-std::string in_dir(const fs::path& dir) { return "cd " + q(dir) + " && "; }
-std::string in_dir(const TempDir& dir) { return in_dir(dir.path()); }
+std::string in_dir(const fs::path& dir) {
+    return "cd " + q(dir) + " && ";
+}
+std::string in_dir(const TempDir& dir) {
+    return in_dir(dir.path());
+}
 /// qcowmap always runs from a directory unrelated to the images: relative names inside the
 /// images must resolve against the image's own directory, never against the cwd.
 const std::string kElsewhere = "cd / && ";
@@ -44,7 +52,8 @@ constexpr std::uint64_t MiB = 1024 * 1024;
 void qemu_io(const fs::path& image, const std::vector<std::string>& commands,
              const std::string& format = "qcow2", const fs::path& cwd = {}) {
     std::string io = (cwd.empty() ? std::string() : in_dir(cwd)) + "qemu-io -f " + format;
-    for (const std::string& c : commands) io += " -c " + shell_quote(c);
+    for (const std::string& c : commands)
+        io += " -c " + shell_quote(c);
     test::CommandResult r = run(io + " " + q(image));
     if (r.exit_code != 0 || r.out.find("failed") != std::string::npos ||
         r.err.find("failed") != std::string::npos) {
@@ -103,7 +112,8 @@ void expect_extents_agree_with_map(const Image& image, const std::string& qemu_j
         EXPECT_EQ(e.offset, covered);
         covered = e.offset + e.length;
         for (const MapLine& line : lines) {
-            if (line.start >= e.offset + e.length || line.start + line.length <= e.offset) continue;
+            if (line.start >= e.offset + e.length || line.start + line.length <= e.offset)
+                continue;
             EXPECT_EQ(e.depth, line.depth) << "extent at " << e.offset << " +" << e.length;
             EXPECT_EQ(e.present, line.present) << "extent at " << e.offset << " +" << e.length;
             ++checked;
@@ -120,7 +130,8 @@ void expect_reads_equal(const Image& image, const std::vector<std::byte>& expect
     ASSERT_EQ(image.size(), expected.size());
     std::mt19937_64 rng(seed);
     std::vector<std::byte> buffer;
-    const std::uint64_t max_length = std::min<std::uint64_t>(3 * image.info().cluster_size, 256 * KiB);
+    const std::uint64_t max_length =
+        std::min<std::uint64_t>(3 * image.info().cluster_size, 256 * KiB);
     for (int i = 0; i < 200; ++i) {
         std::uint64_t offset = rng() % expected.size();
         std::size_t length = 1 + rng() % max_length;
@@ -158,18 +169,21 @@ std::vector<std::byte> expect_matches_qemu(const fs::path& image_path, const Tem
                                            const Oracle& oracle = {}) {
     SCOPED_TRACE(image_path.string() + " " + oracle.cli_args);
     const std::string source = oracle.qemu_source.empty() ? q(image_path) : oracle.qemu_source;
-    std::vector<std::byte> expected = qemu_convert(source, dir, oracle.convert_extra, oracle.qemu_prefix);
+    std::vector<std::byte> expected =
+        qemu_convert(source, dir, oracle.convert_extra, oracle.qemu_prefix);
     EXPECT_FALSE(expected.empty());
 
     auto cat = dir / "cat.raw";
-    auto r = run(kElsewhere + bin() + " cat " + oracle.cli_args + " " + q(image_path) + " > " + q(cat));
+    auto r =
+        run(kElsewhere + bin() + " cat " + oracle.cli_args + " " + q(image_path) + " > " + q(cat));
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_TRUE(test::read_file(cat) == expected) << "cat differs from qemu-img convert";
     fs::remove(cat);
 
     auto image = Image::open(image_path, oracle.options);
     EXPECT_TRUE(image) << image.error().message;
-    if (!image) return expected;
+    if (!image)
+        return expected;
     expect_reads_equal(*image, expected);
 
     if (oracle.compare_map) {
@@ -249,8 +263,9 @@ ThreeLayers make_three_layers(const TempDir& dir) {
     ThreeLayers c{dir / "base.raw", dir / "mid.qcow2", dir / "top.qcow2"};
     run_ok("truncate -s 8M " + q(c.base));
     // Data, holes left by truncate, a zeroed range (punched) and a discard in the raw base.
-    qemu_io(c.base, {"write -P 0x11 0 1M", "write -P 0x12 3M 512k", "write -z 3M 64k",
-                     "write -P 0x13 7M 1M", "discard 7M 256k", "write -P 0x14 5000k 3000"},
+    qemu_io(c.base,
+            {"write -P 0x11 0 1M", "write -P 0x12 3M 512k", "write -z 3M 64k",
+             "write -P 0x13 7M 1M", "discard 7M 256k", "write -P 0x14 5000k 3000"},
             "raw");
     // Relative backing names, created from the images' directory.
     run_ok(in_dir(dir) + "qemu-img create -q -f qcow2 -b base.raw -F raw mid.qcow2 6M");
@@ -275,8 +290,10 @@ TEST(Chain, RawBaseSmallerMiddleLargerTopMatchQemuAtEveryLayer) {
     // Through the raw base: where neither qcow2 layer allocates, the bytes are the raw file's.
     std::vector<std::byte> base_bytes = test::read_file(c.base);
     ASSERT_EQ(base_bytes.size(), 8 * MiB);
-    EXPECT_EQ(0, std::memcmp(top_bytes.data() + 200 * KiB, base_bytes.data() + 200 * KiB, 300 * KiB));
-    EXPECT_EQ(0, std::memcmp(mid_bytes.data() + 3400 * KiB, base_bytes.data() + 3400 * KiB, 60 * KiB));
+    EXPECT_EQ(0,
+              std::memcmp(top_bytes.data() + 200 * KiB, base_bytes.data() + 200 * KiB, 300 * KiB));
+    EXPECT_EQ(0,
+              std::memcmp(mid_bytes.data() + 3400 * KiB, base_bytes.data() + 3400 * KiB, 60 * KiB));
     EXPECT_EQ(mid_bytes[3400 * KiB], std::byte{0x12});
 }
 
@@ -308,7 +325,7 @@ TEST(Chain, LayersAndExtentDepthsThroughTheLibrary) {
     EXPECT_EQ(e.kind, ExtentKind::data);
     ASSERT_TRUE(e.host_offset);
     EXPECT_EQ(*e.host_offset, e.offset); // a raw layer maps the disk 1:1
-    e = extent_at(*image, 530 * KiB); // discarded in the top over the middle's data
+    e = extent_at(*image, 530 * KiB);    // discarded in the top over the middle's data
     EXPECT_EQ(e.depth, 0u);
     EXPECT_EQ(e.kind, ExtentKind::zero);
     EXPECT_TRUE(e.present);
@@ -333,12 +350,14 @@ TEST(Chain, LayersAndExtentDepthsThroughTheLibrary) {
 
     // Every data extent's bytes are exactly its layer's file bytes at host_offset.
     std::vector<std::vector<std::byte>> files;
-    for (const LayerInfo& layer : layers) files.push_back(test::read_file(layer.path));
+    for (const LayerInfo& layer : layers)
+        files.push_back(test::read_file(layer.path));
     ExtentIterator it = image->extents();
     int data_extents[3] = {0, 0, 0};
     while (it.next(e)) {
         ASSERT_LT(e.depth, 3u);
-        if (e.kind != ExtentKind::data) continue;
+        if (e.kind != ExtentKind::data)
+            continue;
         ASSERT_TRUE(e.host_offset);
         ASSERT_EQ(e.bytes.size(), e.length);
         const auto& file = files[e.depth];
@@ -414,7 +433,8 @@ TEST(Chain, CompressedClustersInTheBase) {
     run_ok(in_dir(dir) + "qemu-img create -q -f qcow2 -o cluster_size=4k -b base.qcow2 -F qcow2 "
                          "top.qcow2 4M");
     // Partial overwrites of compressed backing clusters (the top has smaller clusters).
-    qemu_io(top, {"write -P 0x71 8k 4k", "write -z 140k 8k", "discard 1M 4k", "write -P 0x72 3500k 9k"});
+    qemu_io(top,
+            {"write -P 0x71 8k 4k", "write -z 140k 8k", "discard 1M 4k", "write -P 0x72 3500k 9k"});
     auto image = Image::open(top);
     ASSERT_TRUE(image) << image.error().message;
     EXPECT_GT(count_compressed(*image, 1), 3);
@@ -447,9 +467,11 @@ TEST(BackingNames, RelativeNameResolvesAgainstTheOverlaysDirectory) {
     auto cat = dir / "cat.raw";
     auto r = run(in_dir(dir) + bin() + " cat sub/top.qcow2 > " + q(cat));
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    EXPECT_TRUE(test::read_file(cat) == expected) << "relative backing name resolved against the cwd";
+    EXPECT_TRUE(test::read_file(cat) == expected)
+        << "relative backing name resolved against the cwd";
     r = run(in_dir(dir) + bin() + " map --output=json sub/top.qcow2");
-    EXPECT_EQ(strip_compressed_key(r.out), run_ok(in_dir(dir) + "qemu-img map --output=json sub/top.qcow2"));
+    EXPECT_EQ(strip_compressed_key(r.out),
+              run_ok(in_dir(dir) + "qemu-img map --output=json sub/top.qcow2"));
     r = run(in_dir(dir) + bin() + " info --backing-chain sub/top.qcow2");
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("image: sub/base.qcow2\n"), std::string::npos) << r.out;
@@ -465,7 +487,8 @@ TEST(BackingNames, RelativeNameResolvesAgainstTheOverlaysDirectory) {
     test::make_image(dir / "t" / "base.qcow2", "", "1M", {"write -P 0xde 0 1M"});
     run_ok(in_dir(dir / "m") + "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 1M");
     qemu_io(dir / "m" / "mid.qcow2", {"write -P 0xc1 128k 64k"});
-    run_ok(in_dir(dir / "t") + "qemu-img create -q -f qcow2 -b ../m/mid.qcow2 -F qcow2 top.qcow2 1M");
+    run_ok(in_dir(dir / "t") +
+           "qemu-img create -q -f qcow2 -b ../m/mid.qcow2 -F qcow2 top.qcow2 1M");
     qemu_io(dir / "t" / "top.qcow2", {"write -P 0xc2 256k 64k"});
     std::vector<std::byte> bytes = expect_matches_qemu(dir / "t" / "top.qcow2", dir);
     ASSERT_EQ(bytes.size(), 1 * MiB);
@@ -484,7 +507,8 @@ TEST(BackingNames, AbsoluteName) {
     fs::create_directories(dir / "b");
     auto base = dir / "a" / "base.qcow2", top = dir / "b" / "top.qcow2";
     test::make_image(base, "", "2M", {"write -P 0xa1 0 2M"});
-    run_ok(in_dir(dir / "b") + "qemu-img create -q -f qcow2 -b " + q(base) + " -F qcow2 top.qcow2 2M");
+    run_ok(in_dir(dir / "b") + "qemu-img create -q -f qcow2 -b " + q(base) +
+           " -F qcow2 top.qcow2 2M");
     qemu_io(top, {"write -P 0xa2 1M 64k"});
     auto image = Image::open(top);
     ASSERT_TRUE(image) << image.error().message;
@@ -516,7 +540,8 @@ TEST(BrokenChain, MissingBackingFile) {
         auto image = Image::open(p);
         ASSERT_FALSE(image);
         EXPECT_EQ(image.error().code, ErrorCode::io_error);
-        EXPECT_NE(image.error().message.find(looked_for), std::string::npos) << image.error().message;
+        EXPECT_NE(image.error().message.find(looked_for), std::string::npos)
+            << image.error().message;
         for (const char* command : {"cat", "map --output=json", "info --backing-chain"}) {
             auto r = run(kElsewhere + bin() + " " + command + " " + q(p));
             SCOPED_TRACE(command);
@@ -616,7 +641,8 @@ TEST(BrokenChain, DepthLimit) {
     const std::vector<std::byte> template_bytes = test::read_file(dir / "l01.qcow2");
     auto be = [&](std::size_t at, int n) {
         std::uint64_t v = 0;
-        for (int i = 0; i < n; ++i) v = (v << 8) | std::to_integer<std::uint64_t>(template_bytes[at + i]);
+        for (int i = 0; i < n; ++i)
+            v = (v << 8) | std::to_integer<std::uint64_t>(template_bytes[at + i]);
         return v;
     };
     const std::uint64_t name_at = be(8, 8);
@@ -636,7 +662,8 @@ TEST(BrokenChain, DepthLimit) {
         const int layer = written[k];
         qemu_io(dir / layer_name(layer),
                 {"write -P " + std::to_string(layer + 1) + " " + std::to_string(k * 64) + "k 64k",
-                 "write -P " + std::to_string(layer + 1) + " " + std::to_string(15 * 64 + k * 4) + "k 4k"});
+                 "write -P " + std::to_string(layer + 1) + " " + std::to_string(15 * 64 + k * 4) +
+                     "k 4k"});
     }
     auto deepest = dir / layer_name(63);
     auto image = Image::open(deepest);
@@ -668,7 +695,8 @@ TEST(BrokenChain, DepthLimit) {
         EXPECT_EQ(deeper.error().code, ErrorCode::invalid_table);
         EXPECT_NE(deeper.error().message.find("deeper than 64"), std::string::npos)
             << deeper.error().message;
-        expect_one_line_failure(run(kElsewhere + bin() + " cat " + q(dir / name)), "deeper than 64");
+        expect_one_line_failure(run(kElsewhere + bin() + " cat " + q(dir / name)),
+                                "deeper than 64");
         // The top alone is fine.
         EXPECT_TRUE(Image::open(dir / name, top_only()));
     }
@@ -788,9 +816,9 @@ TEST_P(DataFile, MatchesQemuAndCanBeOverridden) {
     run_ok(qemu_cwd + "qemu-img create -q -f qcow2 -o " +
            shell_quote("data_file=" + data_name + ",data_file_raw=" + (p.raw ? "on" : "off")) +
            " i.qcow2 4M");
-    qemu_io(image_path, {"write -P 0x41 0 200k", "write -z 64k 64k", "discard 128k 64k",
-                         "write -P 0x42 1M 1M", "write -z 3M 128k", "write -P 0x43 3500k 3k",
-                         "write -P 0x44 4000k 5"},
+    qemu_io(image_path,
+            {"write -P 0x41 0 200k", "write -z 64k 64k", "discard 128k 64k", "write -P 0x42 1M 1M",
+             "write -z 3M 128k", "write -P 0x43 3500k 3k", "write -P 0x44 4000k 5"},
             "qcow2", dir / "img");
     auto image = Image::open(image_path);
     ASSERT_TRUE(image) << image.error().message;
@@ -865,9 +893,12 @@ std::vector<std::string> snapshot_table(const std::string& text) {
     std::string line;
     bool in_table = false;
     while (std::getline(in, line)) {
-        if (line.starts_with("ID ")) in_table = true;
-        else if (in_table && line.empty()) break;
-        if (in_table) lines.push_back(line);
+        if (line.starts_with("ID "))
+            in_table = true;
+        else if (in_table && line.empty())
+            break;
+        if (in_table)
+            lines.push_back(line);
     }
     return lines;
 }
@@ -903,13 +934,16 @@ std::vector<std::byte> expect_snapshot_matches_applied_copy(const fs::path& imag
                      " > " + q(cat));
         EXPECT_EQ(r.exit_code, 0) << r.err;
         EXPECT_TRUE(test::read_file(cat) == expected);
-        if (opened) expect_reads_equal(*opened, expected, 7);
+        if (opened)
+            expect_reads_equal(*opened, expected, 7);
     }
-    auto r = run(kElsewhere + bin() + " map --output=json --snapshot=" + shell_quote(name) + " " + q(image));
+    auto r = run(kElsewhere + bin() + " map --output=json --snapshot=" + shell_quote(name) + " " +
+                 q(image));
     EXPECT_EQ(r.exit_code, 0) << r.err;
     std::string theirs = run_ok("qemu-img map --output=json " + q(copy));
     EXPECT_EQ(strip_compressed_key(r.out), theirs);
-    if (opened) expect_extents_agree_with_map(*opened, theirs);
+    if (opened)
+        expect_extents_agree_with_map(*opened, theirs);
     fs::remove(copy);
     return expected;
 }
@@ -1013,12 +1047,15 @@ TEST(Snapshots, SnapshotOlderThanAResize) {
     EXPECT_EQ(large->size(), 6 * MiB);
 
     // qemu-img snapshot -a resizes the copy to the snapshot's size: the oracle.
-    std::vector<std::byte> small_bytes = expect_snapshot_matches_applied_copy(image_path, "small", dir, true);
+    std::vector<std::byte> small_bytes =
+        expect_snapshot_matches_applied_copy(image_path, "small", dir, true);
     EXPECT_EQ(small_bytes.size(), 4 * MiB);
-    std::vector<std::byte> large_bytes = expect_snapshot_matches_applied_copy(image_path, "large", dir, true);
+    std::vector<std::byte> large_bytes =
+        expect_snapshot_matches_applied_copy(image_path, "large", dir, true);
     EXPECT_EQ(large_bytes.size(), 6 * MiB);
     // qemu-img convert -l keeps the active size (7 MiB): the snapshot's bytes, then zeros.
-    for (const auto& [name, bytes] : {std::pair{"small", &small_bytes}, std::pair{"large", &large_bytes}}) {
+    for (const auto& [name, bytes] :
+         {std::pair{"small", &small_bytes}, std::pair{"large", &large_bytes}}) {
         auto converted = qemu_convert(q(image_path), dir, std::string("-l snapshot.name=") + name);
         ASSERT_EQ(converted.size(), 7 * MiB);
         EXPECT_EQ(0, std::memcmp(converted.data(), bytes->data(), bytes->size())) << name;
@@ -1058,8 +1095,8 @@ TEST(Snapshots, ExtendedL2) {
                      {"write -P 0x71 2k 2k", "write -P 0x72 70k 10k", "write -z 1M 4k",
                       "write -P 0x73 1028k 2k", "write -P 0x74 3M 64k"});
     run_ok("qemu-img snapshot -c first " + q(image_path));
-    qemu_io(image_path, {"write -P 0x81 6k 2k", "discard 3M 64k", "write -z 72k 2k",
-                         "write -P 0x82 2M 3k"});
+    qemu_io(image_path,
+            {"write -P 0x81 6k 2k", "discard 3M 64k", "write -z 72k 2k", "write -P 0x82 2M 3k"});
     run_ok("qemu-img snapshot -c second " + q(image_path));
     qemu_io(image_path, {"write -P 0x83 2k 1k", "write -z 2M 2k"});
     auto first = Image::open(image_path, at_snapshot("first"));
@@ -1095,7 +1132,8 @@ std::vector<std::string> lines_starting_with(const std::string& text,
     std::string line;
     while (std::getline(in, line)) {
         for (const std::string& prefix : prefixes) {
-            if (line.starts_with(prefix)) lines.push_back(line);
+            if (line.starts_with(prefix))
+                lines.push_back(line);
         }
     }
     return lines;
@@ -1115,23 +1153,27 @@ TEST(InfoBackingChain, ListsEveryLayer) {
     ThreeLayers c = make_three_layers(dir);
     for (const std::string& image : {c.top.string(), std::string("top.qcow2")}) {
         SCOPED_TRACE(image);
-        std::string ours = run_ok(in_dir(dir) + bin() + " info --backing-chain " + shell_quote(image));
-        std::string theirs = run_ok(in_dir(dir) + "qemu-img info --backing-chain " + shell_quote(image));
-        const std::vector<std::string> keys = {"image: ", "file format: ", "virtual size: ",
-                                               "disk size: ", "backing file: ",
-                                               "backing file format: ", "cluster_size: "};
+        std::string ours =
+            run_ok(in_dir(dir) + bin() + " info --backing-chain " + shell_quote(image));
+        std::string theirs =
+            run_ok(in_dir(dir) + "qemu-img info --backing-chain " + shell_quote(image));
+        const std::vector<std::string> keys = {
+            "image: ",        "file format: ",         "virtual size: ", "disk size: ",
+            "backing file: ", "backing file format: ", "cluster_size: "};
         // qemu adds " (actual path: DIR/NAME)" to "backing file:" when the name is relative and
         // the image path is not: compare without it (qcowmap info shows the header's name).
         std::vector<std::string> their_lines = lines_starting_with(theirs, keys);
         for (std::string& line : their_lines) {
-            if (auto at = line.find(" (actual path: "); at != std::string::npos) line.erase(at);
+            if (auto at = line.find(" (actual path: "); at != std::string::npos)
+                line.erase(at);
         }
         EXPECT_EQ(lines_starting_with(ours, keys), their_lines);
         EXPECT_EQ(lines_starting_with(ours, {"image: "}).size(), 3u);
 
-        std::string ours_json = run_ok(in_dir(dir) + bin() + " info --backing-chain --json " + shell_quote(image));
-        std::string theirs_json =
-            run_ok(in_dir(dir) + "qemu-img info --backing-chain --output=json " + shell_quote(image));
+        std::string ours_json =
+            run_ok(in_dir(dir) + bin() + " info --backing-chain --json " + shell_quote(image));
+        std::string theirs_json = run_ok(
+            in_dir(dir) + "qemu-img info --backing-chain --output=json " + shell_quote(image));
         ASSERT_TRUE(ours_json.starts_with("[")) << ours_json;
         ASSERT_TRUE(ours_json.ends_with("]\n")) << ours_json;
         for (const char* key : {"filename", "format", "virtual-size", "backing-filename",
@@ -1142,7 +1184,8 @@ TEST(InfoBackingChain, ListsEveryLayer) {
         EXPECT_EQ(json_values(ours_json, "filename").size(), 3u);
         // One object per layer at the top level of the array (closing braces in column 0).
         std::size_t objects = 0;
-        for (auto at = ours_json.find("\n}"); at != std::string::npos; at = ours_json.find("\n}", at + 1)) {
+        for (auto at = ours_json.find("\n}"); at != std::string::npos;
+             at = ours_json.find("\n}", at + 1)) {
             ++objects;
         }
         EXPECT_EQ(objects, 3u) << ours_json;
@@ -1152,7 +1195,8 @@ TEST(InfoBackingChain, ListsEveryLayer) {
     EXPECT_TRUE(one.starts_with("{")) << one;
     EXPECT_EQ(json_values(one, "filename"), std::vector<std::string>{"\"" + c.top.string() + "\""});
     // --backing=none with --backing-chain: the top only.
-    std::string top_only = run_ok(kElsewhere + bin() + " info --backing-chain --backing=none " + q(c.top));
+    std::string top_only =
+        run_ok(kElsewhere + bin() + " info --backing-chain --backing=none " + q(c.top));
     EXPECT_EQ(lines_starting_with(top_only, {"image: "}).size(), 1u);
 }
 

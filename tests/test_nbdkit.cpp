@@ -20,19 +20,19 @@ using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
 
-std::string q(const fs::path &p) {
+std::string q(const fs::path& p) {
     return shell_quote(p.string());
 }
 
 std::string plugin() {
-    const char *path = std::getenv("NBDKIT_QCOWMAP_PLUGIN");
+    const char* path = std::getenv("NBDKIT_QCOWMAP_PLUGIN");
     return path ? path : "";
 }
 
 /// In AddressSanitizer builds, the ASan runtime to preload into nbdkit (meson sets it), with
 /// leak checks off for the uninstrumented tools that inherit it.
 std::string preload() {
-    const char *path = std::getenv("NBDKIT_QCOWMAP_PRELOAD");
+    const char* path = std::getenv("NBDKIT_QCOWMAP_PRELOAD");
     if (!path || !*path) {
         return "";
     }
@@ -40,7 +40,7 @@ std::string preload() {
 }
 
 /// `nbdkit -U - PLUGIN ARGS --run COMMAND` (COMMAND sees the server as "$uri").
-test::CommandResult nbdkit(const std::string &args, const std::string &command) {
+test::CommandResult nbdkit(const std::string& args, const std::string& command) {
     return run(preload() + "nbdkit -U - " + shell_quote(plugin()) + " " + args + " --run " +
                shell_quote(command));
 }
@@ -48,15 +48,15 @@ test::CommandResult nbdkit(const std::string &args, const std::string &command) 
 struct MapRun {
     std::uint64_t offset, length;
     unsigned type;
-    bool operator==(const MapRun &) const = default;
+    bool operator==(const MapRun&) const = default;
 };
 
-std::ostream &operator<<(std::ostream &os, const MapRun &r) {
+std::ostream& operator<<(std::ostream& os, const MapRun& r) {
     return os << "{" << r.offset << "+" << r.length << " type " << r.type << "}";
 }
 
 /// Appends a run, merging it with the previous one when the type is the same.
-void add_run(std::vector<MapRun> &runs, MapRun run) {
+void add_run(std::vector<MapRun>& runs, MapRun run) {
     if (!runs.empty() && runs.back().type == run.type &&
         runs.back().offset + runs.back().length == run.offset) {
         runs.back().length += run.length;
@@ -66,7 +66,7 @@ void add_run(std::vector<MapRun> &runs, MapRun run) {
 }
 
 /// The runs of `nbdinfo --map --json` output, merged.
-std::vector<MapRun> parse_map(const std::string &json) {
+std::vector<MapRun> parse_map(const std::string& json) {
     static const std::regex line(R"re("offset": ([0-9]+), "length": ([0-9]+), "type": ([0-9]+))re");
     std::vector<MapRun> runs;
     for (auto it = std::sregex_iterator(json.begin(), json.end(), line);
@@ -78,7 +78,7 @@ std::vector<MapRun> parse_map(const std::string &json) {
 }
 
 /// What the plugin should say: the extent iterator's runs, zero ones as hole+zero (3).
-std::vector<MapRun> expected_map(const fs::path &image, const OpenOptions &options = {}) {
+std::vector<MapRun> expected_map(const fs::path& image, const OpenOptions& options = {}) {
     auto opened = Image::open(image, options);
     EXPECT_TRUE(opened) << (opened ? "" : opened.error().message);
     std::vector<MapRun> runs;
@@ -103,8 +103,8 @@ class Nbdkit : public ::testing::Test {
     }
 
     /// nbdcopy's output from our plugin equals `expected` bytes.
-    void expect_copy_equal(const std::string &args, const std::vector<std::byte> &expected,
-                           const std::string &what) {
+    void expect_copy_equal(const std::string& args, const std::vector<std::byte>& expected,
+                           const std::string& what) {
         const fs::path out = dir_ / "nbdcopy.raw";
         fs::remove(out);
         auto r = nbdkit(args, "nbdcopy \"$uri\" " + q(out));
@@ -114,13 +114,13 @@ class Nbdkit : public ::testing::Test {
         EXPECT_TRUE(bytes == expected) << what << ": nbdcopy output differs from the oracle";
     }
 
-    std::vector<MapRun> plugin_map(const std::string &args) {
+    std::vector<MapRun> plugin_map(const std::string& args) {
         auto r = nbdkit(args, "nbdinfo --map --json \"$uri\"");
         EXPECT_EQ(r.exit_code, 0) << r.err;
         return parse_map(r.out);
     }
 
-    std::vector<MapRun> qemu_nbd_map(const fs::path &image, const std::string &extra = "") {
+    std::vector<MapRun> qemu_nbd_map(const fs::path& image, const std::string& extra = "") {
         auto r =
             run("nbdinfo --map --json -- [ qemu-nbd -r -f qcow2 " + extra + " " + q(image) + " ]");
         EXPECT_EQ(r.exit_code, 0) << r.err;
@@ -158,7 +158,7 @@ TEST_F(Nbdkit, MagicConfigKeyAndSmallClusters) {
 TEST_F(Nbdkit, CompressedImages) {
     const fs::path source = dir_ / "source.qcow2";
     test::make_image(source, "", "8M", {"write -P 0x61 0 3M", "write -P 0x62 5M 100k"});
-    for (const char *type : {"zlib", "zstd"}) {
+    for (const char* type : {"zlib", "zstd"}) {
         const fs::path image = dir_ / (std::string(type) + ".qcow2");
         run_ok("qemu-img convert -c -O qcow2 -o compression_type=" + std::string(type) + " " +
                q(source) + " " + q(image));

@@ -37,7 +37,9 @@ constexpr std::uint64_t kMiB = 1024 * kKiB;
 constexpr std::uint64_t kGiB = 1024 * kMiB;
 constexpr std::uint64_t kTiB = 1024 * kGiB;
 
-std::string q(const std::filesystem::path& path) { return shell_quote(path.string()); }
+std::string q(const std::filesystem::path& path) {
+    return shell_quote(path.string());
+}
 
 // ---------------------------------------------------------------------------------------------
 // map --output=json parsing
@@ -55,23 +57,26 @@ struct JsonMapEntry {
     std::optional<bool> compressed;
 
     bool operator==(const JsonMapEntry& o) const {
-        return start == o.start && length == o.length && depth == o.depth &&
-               present == o.present && zero == o.zero && data == o.data && offset == o.offset;
+        return start == o.start && length == o.length && depth == o.depth && present == o.present &&
+               zero == o.zero && data == o.data && offset == o.offset;
     }
     std::uint64_t end() const { return start + length; }
 };
 
 std::ostream& operator<<(std::ostream& os, const JsonMapEntry& e) {
-    os << "{start " << e.start << ", length " << e.length << ", depth " << e.depth
-       << ", present " << e.present << ", zero " << e.zero << ", data " << e.data;
-    if (e.compressed) os << ", compressed " << *e.compressed;
-    if (e.offset) os << ", offset " << *e.offset;
+    os << "{start " << e.start << ", length " << e.length << ", depth " << e.depth << ", present "
+       << e.present << ", zero " << e.zero << ", data " << e.data;
+    if (e.compressed)
+        os << ", compressed " << *e.compressed;
+    if (e.offset)
+        os << ", offset " << *e.offset;
     return os << "}";
 }
 
 std::string describe(const std::vector<JsonMapEntry>& entries) {
     std::ostringstream os;
-    for (const JsonMapEntry& e : entries) os << "  " << e << "\n";
+    for (const JsonMapEntry& e : entries)
+        os << "  " << e << "\n";
     return os.str();
 }
 
@@ -90,7 +95,8 @@ std::vector<JsonMapEntry> parse_map_json(const std::string& text, const std::str
     std::size_t pos = open_bracket + 1;
     while (true) {
         std::size_t begin = text.find('{', pos);
-        if (begin == std::string::npos || begin > close_bracket) break;
+        if (begin == std::string::npos || begin > close_bracket)
+            break;
         std::size_t end = text.find('}', begin);
         if (end == std::string::npos) {
             ADD_FAILURE() << who << ": unterminated object at " << begin;
@@ -102,7 +108,8 @@ std::vector<JsonMapEntry> parse_map_json(const std::string& text, const std::str
         std::size_t field_start = 0;
         while (field_start <= body.size()) {
             std::size_t comma = body.find(',', field_start);
-            if (comma == std::string::npos) comma = body.size();
+            if (comma == std::string::npos)
+                comma = body.size();
             std::string field = body.substr(field_start, comma - field_start);
             field_start = comma + 1;
             std::smatch m;
@@ -172,9 +179,9 @@ std::string strip_compressed_key(const std::string& text) {
 std::vector<JsonMapEntry> qemu_map(const std::filesystem::path& image,
                                    const std::string& range_args, const std::string& label,
                                    std::string* text_out = nullptr) {
-    std::string text =
-        run_ok("qemu-img map -f qcow2 --output=json" + range_args + " " + q(image));
-    if (text_out) *text_out = text;
+    std::string text = run_ok("qemu-img map -f qcow2 --output=json" + range_args + " " + q(image));
+    if (text_out)
+        *text_out = text;
     return parse_map_json(text, label + ": qemu-img map");
 }
 
@@ -188,7 +195,8 @@ void expect_same_map_json(const std::string& ours_text, const std::string& qemu_
     ASSERT_FALSE(theirs.empty()) << label << ": qemu-img map printed no entries";
 
     bool same = ours.size() == theirs.size();
-    for (std::size_t i = 0; same && i < ours.size(); ++i) same = ours[i] == theirs[i];
+    for (std::size_t i = 0; same && i < ours.size(); ++i)
+        same = ours[i] == theirs[i];
     EXPECT_TRUE(same) << label << ": entries differ\nqcowmap:\n"
                       << describe(ours) << "qemu-img:\n"
                       << describe(theirs);
@@ -225,12 +233,13 @@ auto between_qemu_maps(const std::filesystem::path& image, const std::string& ra
         qemu_map(image, range_args, label, &before);
         auto ours = produce();
         qemu_map(image, range_args, label, &qemu_text);
-        if (before == qemu_text || attempt == 2) return ours;
+        if (before == qemu_text || attempt == 2)
+            return ours;
     }
 }
 
-void expect_map_json_matches_qemu(const std::filesystem::path& image,
-                                  const std::string& range_args, const std::string& label) {
+void expect_map_json_matches_qemu(const std::filesystem::path& image, const std::string& range_args,
+                                  const std::string& label) {
     std::string qemu_text;
     std::string ours = between_qemu_maps(image, range_args, label, qemu_text, [&] {
         return qcowmap_map_json(image, range_args, label);
@@ -243,9 +252,12 @@ void expect_map_json_matches_qemu(const std::filesystem::path& image,
 
 std::string kind_name(ExtentKind kind) {
     switch (kind) {
-    case ExtentKind::data: return "data";
-    case ExtentKind::zero: return "zero";
-    case ExtentKind::compressed: return "compressed";
+    case ExtentKind::data:
+        return "data";
+    case ExtentKind::zero:
+        return "zero";
+    case ExtentKind::compressed:
+        return "compressed";
     }
     return "?";
 }
@@ -254,7 +266,8 @@ std::string describe(const Extent& e) {
     std::string s = "[" + std::to_string(e.offset) + ", +" + std::to_string(e.length) + ") " +
                     kind_name(e.kind) + (e.present ? " present" : " absent") + " depth " +
                     std::to_string(e.depth);
-    if (e.host_offset) s += " host " + std::to_string(*e.host_offset);
+    if (e.host_offset)
+        s += " host " + std::to_string(*e.host_offset);
     return s;
 }
 
@@ -312,8 +325,9 @@ void expect_extents_agree(const Image& image, const std::vector<JsonMapEntry>& q
                 } else if (!p.host_offset && !x.host_offset) {
                     contiguous = true;
                 }
-                EXPECT_FALSE(contiguous) << label << ": adjacent extents should have merged: "
-                                         << describe(p) << " and " << describe(x);
+                EXPECT_FALSE(contiguous)
+                    << label << ": adjacent extents should have merged: " << describe(p) << " and "
+                    << describe(x);
             }
         }
     }
@@ -335,17 +349,20 @@ void expect_extents_agree(const Image& image, const std::vector<JsonMapEntry>& q
         const std::uint64_t piece_end = std::min(x.offset + x.length, m.end());
         auto fail = [&](const std::string& what) {
             ++reported;
-            ADD_FAILURE() << label << ": at virtual offset " << pos << " (piece up to "
-                          << piece_end << "): " << what << "\n  extent " << describe(x)
-                          << "\n  qemu   " << m;
+            ADD_FAILURE() << label << ": at virtual offset " << pos << " (piece up to " << piece_end
+                          << "): " << what << "\n  extent " << describe(x) << "\n  qemu   " << m;
         };
-        if (x.present != m.present) fail("present differs");
-        if (x.depth != m.depth) fail("depth differs");
+        if (x.present != m.present)
+            fail("present differs");
+        if (x.depth != m.depth)
+            fail("depth differs");
         // Host offset of `pos` as each side sees it.
         std::optional<std::uint64_t> x_host;
-        if (x.host_offset) x_host = *x.host_offset + (pos - x.offset);
+        if (x.host_offset)
+            x_host = *x.host_offset + (pos - x.offset);
         std::optional<std::uint64_t> m_host;
-        if (m.offset) m_host = *m.offset + (pos - m.start);
+        if (m.offset)
+            m_host = *m.offset + (pos - m.start);
         if (m.data && !m.zero) {
             if (m.offset) {
                 if (x.kind != ExtentKind::data) {
@@ -357,17 +374,23 @@ void expect_extents_agree(const Image& image, const std::vector<JsonMapEntry>& q
                 fail("qemu says data without offset (compressed), extent is " + kind_name(x.kind));
             }
         } else if (!m.data) {
-            if (x.kind != ExtentKind::zero) fail("qemu says zero, extent is " + kind_name(x.kind));
-            else if (x_host && m_host && x_host != m_host) fail("host offsets differ");
+            if (x.kind != ExtentKind::zero)
+                fail("qemu says zero, extent is " + kind_name(x.kind));
+            else if (x_host && m_host && x_host != m_host)
+                fail("host offsets differ");
         } else {
             // data + zero: an allocated cluster over a hole of the host file, reported by qemu's
             // metadata-preallocation heuristic. Either reading is right, never a compressed one.
-            if (x.kind == ExtentKind::compressed) fail("compressed where qemu says data+zero");
-            if (x.kind == ExtentKind::data && x_host != m_host) fail("host offsets differ");
+            if (x.kind == ExtentKind::compressed)
+                fail("compressed where qemu says data+zero");
+            if (x.kind == ExtentKind::data && x_host != m_host)
+                fail("host offsets differ");
         }
         pos = piece_end;
-        if (pos == x.offset + x.length) ++xi;
-        if (pos == m.end()) ++qi;
+        if (pos == x.offset + x.length)
+            ++xi;
+        if (pos == m.end())
+            ++qi;
     }
     if (reported == 0) {
         EXPECT_EQ(pos, image.size()) << label << ": pairing stopped early";
@@ -409,7 +432,8 @@ void expect_read_matches(const Image& image, std::uint64_t offset, std::uint64_t
     const std::byte* ref = expected.data() + (offset - base);
     if (std::memcmp(buffer.data(), ref, want) != 0) {
         std::size_t i = 0;
-        while (buffer[i] == ref[i]) ++i;
+        while (buffer[i] == ref[i])
+            ++i;
         ADD_FAILURE() << label << ": read(" << offset << ", " << length
                       << ") differs first at virtual offset " << offset + i << ": got 0x"
                       << std::hex << std::to_integer<int>(buffer[i]) << ", qemu has 0x"
@@ -446,36 +470,40 @@ std::uint64_t allocated_bytes(const std::filesystem::path& path) {
 
 struct OracleCase {
     std::string name;
-    std::string options;          ///< qemu-img create -o
-    std::uint64_t size;           ///< virtual size asked of qemu-img create
-    std::vector<std::string> io;  ///< qemu-io commands, in order
-    std::uint64_t cluster_size;   ///< as set in `options` (for read lengths and slack)
+    std::string options;         ///< qemu-img create -o
+    std::uint64_t size;          ///< virtual size asked of qemu-img create
+    std::vector<std::string> io; ///< qemu-io commands, in order
+    std::uint64_t cluster_size;  ///< as set in `options` (for read lengths and slack)
 };
 
-std::ostream& operator<<(std::ostream& os, const OracleCase& c) { return os << c.name; }
+std::ostream& operator<<(std::ostream& os, const OracleCase& c) {
+    return os << c.name;
+}
 
-std::string str(std::uint64_t value) { return std::to_string(value); }
+std::string str(std::uint64_t value) {
+    return std::to_string(value);
+}
 
 /// A workload over the first 16 clusters (c = cluster size) and the last bytes of the disk:
 /// patterned writes at unaligned offsets crossing cluster boundaries, partial and whole-cluster
 /// zero writes, a discard followed by a partial rewrite, overwrites.
 std::vector<std::string> common_workload(std::uint64_t c, std::uint64_t size) {
     return {
-        "write -P 0x11 " + str(c / 2 + 3) + " " + str(2 * c + 100),  // clusters 0..2, unaligned
-        "write -P 0x22 " + str(4 * c - 7) + " 14",                 // straddles clusters 3|4
-        "write -z " + str(c + 100) + " " + str(c / 3),               // zeros inside data
-        "write -z " + str(4 * c + c / 4) + " " + str(c / 2),         // zeros in a partial cluster
-        "write -z " + str(5 * c) + " " + str(2 * c),                 // zero clusters on nothing
+        "write -P 0x11 " + str(c / 2 + 3) + " " + str(2 * c + 100), // clusters 0..2, unaligned
+        "write -P 0x22 " + str(4 * c - 7) + " 14",                  // straddles clusters 3|4
+        "write -z " + str(c + 100) + " " + str(c / 3),              // zeros inside data
+        "write -z " + str(4 * c + c / 4) + " " + str(c / 2),        // zeros in a partial cluster
+        "write -z " + str(5 * c) + " " + str(2 * c),                // zero clusters on nothing
         "write -P 0x33 " + str(7 * c) + " " + str(3 * c),
-        "discard " + str(8 * c) + " " + str(c),                      // hole in the middle
-        "write -P 0x55 " + str(8 * c + c / 4) + " " + str(c / 2),    // partial rewrite of it
+        "discard " + str(8 * c) + " " + str(c),                   // hole in the middle
+        "write -P 0x55 " + str(8 * c + c / 4) + " " + str(c / 2), // partial rewrite of it
         "write -P 0x44 " + str(10 * c) + " " + str(2 * c),
-        "write -z " + str(10 * c + c / 2) + " " + str(c),            // zeros across 10|11
+        "write -z " + str(10 * c + c / 2) + " " + str(c), // zeros across 10|11
         "write -P 0x66 " + str(12 * c) + " " + str(c),
-        "discard " + str(12 * c + c / 2) + " " + str(c / 2),         // partial discard
+        "discard " + str(12 * c + c / 2) + " " + str(c / 2), // partial discard
         "write -P 0x77 " + str(13 * c) + " " + str(c),
-        "write -P 0x78 " + str(13 * c + 1) + " " + str(c - 2),       // overwrite
-        "write -P 0x99 " + str(size - 5000) + " 5000",             // the very end of the disk
+        "write -P 0x78 " + str(13 * c + 1) + " " + str(c - 2), // overwrite
+        "write -P 0x99 " + str(size - 5000) + " 5000",         // the very end of the disk
         "write -P 0x9a " + str(size / 2 + 333) + " " + str(3 * c + 1000),
         "discard " + str(size / 2 + c) + " " + str(c),
     };
@@ -486,13 +514,13 @@ std::vector<std::string> subcluster_workload(std::uint64_t c) {
     const std::uint64_t sc = c / 32;
     const std::uint64_t base = 14 * c;
     return {
-        "write -P 0xa1 " + str(base + 3 * sc + 17) + " " + str(2 * sc),  // 3 subclusters, unaligned
+        "write -P 0xa1 " + str(base + 3 * sc + 17) + " " + str(2 * sc), // 3 subclusters, unaligned
         "write -P 0xa2 " + str(base + 10 * sc) + " " + str(sc),         // exactly one subcluster
         "write -z " + str(base + 20 * sc) + " " + str(3 * sc),          // zero subclusters
         "write -z " + str(base + 3 * sc + 100) + " " + str(sc / 2),     // zeros inside data
         "write -P 0xa3 " + str(base + 31 * sc + 5) + " " + str(2 * sc), // straddles 14|15
         "discard " + str(base + 10 * sc) + " " + str(sc),               // a subcluster discard
-        "write -P 0xa4 " + str(base + 15 * c / 16) + " 1",            // a single byte
+        "write -P 0xa4 " + str(base + 15 * c / 16) + " 1",              // a single byte
     };
 }
 
@@ -523,8 +551,8 @@ std::vector<OracleCase> oracle_cases() {
     add("refcount1_4k", "refcount_bits=1,cluster_size=4k", 2 * kMiB, 4 * kKiB);
     add("refcount64_64k", "refcount_bits=64", 4 * kMiB, 64 * kKiB);
     add("prealloc_metadata", "preallocation=metadata", 4 * kMiB, 64 * kKiB);
-    add("prealloc_metadata_xl2", "preallocation=metadata,extended_l2=on,cluster_size=32k",
-        2 * kMiB, 32 * kKiB, subcluster_workload(32 * kKiB));
+    add("prealloc_metadata_xl2", "preallocation=metadata,extended_l2=on,cluster_size=32k", 2 * kMiB,
+        32 * kKiB, subcluster_workload(32 * kKiB));
     const std::uint64_t c64 = 64 * kKiB;
     add("compressed_zlib", "compression_type=zlib", 4 * kMiB, c64,
         {"write -c -P 0xc1 " + str(20 * c64) + " " + str(2 * c64),
@@ -538,14 +566,14 @@ std::vector<OracleCase> oracle_cases() {
     // Not a multiple of the cluster size: qemu rounds 1000000 up to 1000448 (512-byte multiple);
     // the last cluster (983040..) is partial.
     const std::uint64_t odd = 1000448;
-    cases.push_back({"odd_size_64k",
-                     "cluster_size=64k",
-                     1000000,
-                     {"write -P 0xe1 1000 70000", "write -z 196608 65536",
-                      "write -P 0xe2 300000 123457", "discard 458752 65536",
-                      "write -P 0xe3 " + str(odd - 1448 - 20000) + " 20000",
-                      "write -P 0xcc 999000 " + str(odd - 999000), "write -z 999500 100"},
-                     64 * kKiB});
+    cases.push_back(
+        {"odd_size_64k",
+         "cluster_size=64k",
+         1000000,
+         {"write -P 0xe1 1000 70000", "write -z 196608 65536", "write -P 0xe2 300000 123457",
+          "discard 458752 65536", "write -P 0xe3 " + str(odd - 1448 - 20000) + " 20000",
+          "write -P 0xcc 999000 " + str(odd - 999000), "write -z 999500 100"},
+         64 * kKiB});
     return cases;
 }
 
@@ -573,7 +601,8 @@ class OracleTest : public ::testing::TestWithParam<OracleCase> {
     Prepared& prepared() {
         const OracleCase& c = GetParam();
         auto found = cache_.find(c.name);
-        if (found != cache_.end()) return found->second;
+        if (found != cache_.end())
+            return found->second;
         Prepared p;
         p.image = *dir_ / (c.name + ".qcow2");
         p.qemu_raw = *dir_ / (c.name + ".qemu.raw");
@@ -595,7 +624,8 @@ class OracleTest : public ::testing::TestWithParam<OracleCase> {
             auto out = *dir_ / (GetParam().name + ".convert.raw");
             CommandResult r = run(qcowmap_bin() + " convert " + q(p.image) + " " + q(out));
             EXPECT_EQ(r.exit_code, 0) << GetParam().name << ": qcowmap convert failed: " << r.err;
-            if (r.exit_code != 0) return std::nullopt;
+            if (r.exit_code != 0)
+                return std::nullopt;
             p.converted = out;
         }
         return p.converted;
@@ -676,11 +706,12 @@ TEST_P(OracleTest, RandomReadsMatchRaw) {
     for (int i = 0; i < 200; ++i) {
         std::uint64_t length = i % 4 == 0 ? uniform(1, 600) : uniform(1, max_len);
         // Every eighth read starts close enough to the end to cross it.
-        std::uint64_t offset = i % 8 == 7 ? size - std::min(size, uniform(0, max_len))
-                                          : uniform(0, size - 1);
+        std::uint64_t offset =
+            i % 8 == 7 ? size - std::min(size, uniform(0, max_len)) : uniform(0, size - 1);
         expect_read_matches(*image, offset, length, expected, 0,
                             c.name + " read #" + std::to_string(i));
-        if (HasFailure()) break; // one well-described failure beats 200
+        if (HasFailure())
+            break; // one well-described failure beats 200
     }
     // Edges: the whole disk and more, nothing at the very end, past the end.
     expect_read_matches(*image, 0, size + 100, expected, 0, c.name + " whole disk");
@@ -704,8 +735,8 @@ TEST_P(OracleTest, MapJsonMatchesQemu) {
         std::vector<JsonMapEntry> entries;
         Result<void> walked =
             map_image(*image, MapOptions{}, [&](const MapEntry& e) -> Result<void> {
-                entries.push_back({e.start, e.length, e.depth, e.present, e.zero, e.data,
-                                   e.offset, e.compressed});
+                entries.push_back({e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset,
+                                   e.compressed});
                 return {};
             });
         EXPECT_TRUE(walked) << c.name << ": map_image: " << walked.error().message;
@@ -755,17 +786,18 @@ TEST(OracleMapRange, StartOffsetAndMaxLengthMatchQemu) {
         const std::uint64_t c = s.c;
         const std::vector<std::pair<std::uint64_t, std::optional<std::uint64_t>>> ranges = {
             {1000, 123457},
-            {c / 2 + 3, 2 * c + 99},      // starts inside the first data run
-            {4 * c - 3, 7},               // inside the 14-byte straddling write
-            {5 * c + 511, 3 * c + 1},     // zero clusters into data
-            {8 * c + 1, std::nullopt},    // to the end of the disk
-            {14 * c + 777, c + 4097},     // across the subcluster work
-            {s.size - 4999, 1 * kMiB},    // runs past the end of the disk
-            {s.size / 2 + 1, 1},          // a single byte
+            {c / 2 + 3, 2 * c + 99},   // starts inside the first data run
+            {4 * c - 3, 7},            // inside the 14-byte straddling write
+            {5 * c + 511, 3 * c + 1},  // zero clusters into data
+            {8 * c + 1, std::nullopt}, // to the end of the disk
+            {14 * c + 777, c + 4097},  // across the subcluster work
+            {s.size - 4999, 1 * kMiB}, // runs past the end of the disk
+            {s.size / 2 + 1, 1},       // a single byte
         };
         for (const auto& [start, length] : ranges) {
             std::string args = " --start-offset=" + str(start);
-            if (length) args += " --max-length=" + str(*length);
+            if (length)
+                args += " --max-length=" + str(*length);
             expect_map_json_matches_qemu(image, args, s.name);
         }
     }
@@ -809,7 +841,8 @@ TEST(OracleConcurrency, TwoThreadsReadOneSharedImage) {
             ++out.reads;
             const std::uint64_t want = std::min(length, image.size() - offset);
             if (!got) {
-                if (out.errors++ == 0) out.first_error = got.error().message;
+                if (out.errors++ == 0)
+                    out.first_error = got.error().message;
                 continue;
             }
             if (*got != want || std::memcmp(buffer.data(), raw.data() + offset, want) != 0) {
@@ -848,8 +881,10 @@ struct HugeOp {
         switch (kind) {
         case Kind::pattern:
             return "write -P " + str(pattern) + " " + str(offset) + " " + str(length);
-        case Kind::zero: return "write -z " + str(offset) + " " + str(length);
-        case Kind::discard: return "discard " + str(offset) + " " + str(length);
+        case Kind::zero:
+            return "write -z " + str(offset) + " " + str(length);
+        case Kind::discard:
+            return "discard " + str(offset) + " " + str(length);
         }
         return {};
     }
@@ -861,8 +896,8 @@ const std::vector<HugeOp>& huge_ops() {
         {K::pattern, 0, 64 * kKiB, 0x11},
         {K::pattern, 512 * kGiB, 100000, 0x22},
         {K::pattern, 768 * kGiB + 123, 70000, 0x44},
-        {K::zero, 256 * kGiB, 128 * kKiB},               // zero clusters far from anything
-        {K::pattern, kTiB - 4 * kKiB, 4 * kKiB, 0x33},   // the last 4 KiB of the disk
+        {K::zero, 256 * kGiB, 128 * kKiB},             // zero clusters far from anything
+        {K::pattern, kTiB - 4 * kKiB, 4 * kKiB, 0x33}, // the last 4 KiB of the disk
         {K::pattern, kTiB - 200 * kKiB + 7, 1000, 0x55},
         {K::pattern, 700 * kGiB, 192 * kKiB, 0x66},
         {K::discard, 700 * kGiB + 64 * kKiB, 64 * kKiB}, // a hole in the middle of it
@@ -875,7 +910,8 @@ const std::vector<HugeOp>& huge_ops() {
 std::optional<int> expected_byte(std::size_t i, std::uint64_t offset) {
     const auto& ops = huge_ops();
     for (std::size_t j = i + 1; j < ops.size(); ++j) {
-        if (offset >= ops[j].offset && offset < ops[j].offset + ops[j].length) return std::nullopt;
+        if (offset >= ops[j].offset && offset < ops[j].offset + ops[j].length)
+            return std::nullopt;
     }
     return ops[i].kind == HugeOp::Kind::pattern ? ops[i].pattern : 0;
 }
@@ -886,7 +922,8 @@ class OracleSparse1TiB : public ::testing::Test {
         dir_ = std::make_unique<TempDir>();
         image_ = *dir_ / "huge.qcow2";
         std::vector<std::string> io;
-        for (const HugeOp& op : huge_ops()) io.push_back(op.command());
+        for (const HugeOp& op : huge_ops())
+            io.push_back(op.command());
         make_image(image_, "", "1T", io);
     }
     static void TearDownTestSuite() { dir_.reset(); }
@@ -912,8 +949,9 @@ class OracleSparse1TiB : public ::testing::Test {
 
 TEST_F(OracleSparse1TiB, MapJsonMatchesQemu) {
     expect_map_json_matches_qemu(image_, "", "1TiB");
-    expect_map_json_matches_qemu(image_, " --start-offset=" + str(512 * kGiB - 1000) +
-                                             " --max-length=" + str(300 * kGiB + 5),
+    expect_map_json_matches_qemu(image_,
+                                 " --start-offset=" + str(512 * kGiB - 1000) +
+                                     " --max-length=" + str(300 * kGiB + 5),
                                  "1TiB");
 }
 
@@ -935,8 +973,7 @@ TEST_F(OracleSparse1TiB, ReadsMatchQemuAroundWrites) {
         // (clipped to the disk).
         const std::uint64_t bs = 64 * kKiB;
         const std::uint64_t first = w.offset / bs == 0 ? 0 : w.offset / bs - 1;
-        const std::uint64_t last =
-            std::min((w.offset + w.length + bs - 1) / bs + 1, kTiB / bs);
+        const std::uint64_t last = std::min((w.offset + w.length + bs - 1) / bs + 1, kTiB / bs);
         const std::uint64_t base = first * bs;
         std::vector<std::byte> window = qemu_window(base, last - first);
         ASSERT_EQ(window.size(), (last - first) * bs) << "window at " << base;
@@ -973,13 +1010,11 @@ TEST_F(OracleSparse1TiB, UnwrittenRangesReadAsZeros) {
     ASSERT_TRUE(image) << image.error().message;
     const std::vector<std::byte> zeros(1 * kMiB + 4097);
     const std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges = {
-        {64 * kKiB, zeros.size()},
-        {100 * kGiB + 12345, zeros.size()},
-        {256 * kGiB + 1, zeros.size()},           // zero clusters, then nothing
-        {700 * kGiB + 64 * kKiB + 3, 60000},      // the discarded cluster
-        {700 * kGiB + 150 * kKiB, 1000},          // the zero write inside data
-        {900 * kGiB - 77, zeros.size()},
-        {kTiB - 2 * kMiB - 4097, zeros.size()},
+        {64 * kKiB, zeros.size()},           {100 * kGiB + 12345, zeros.size()},
+        {256 * kGiB + 1, zeros.size()},      // zero clusters, then nothing
+        {700 * kGiB + 64 * kKiB + 3, 60000}, // the discarded cluster
+        {700 * kGiB + 150 * kKiB, 1000},     // the zero write inside data
+        {900 * kGiB - 77, zeros.size()},     {kTiB - 2 * kMiB - 4097, zeros.size()},
     };
     for (const auto& [offset, length] : ranges) {
         expect_read_matches(*image, offset, length, zeros, offset,

@@ -25,11 +25,11 @@ namespace {
 namespace io = boost::iostreams;
 using test::TempDir;
 
-std::string as_string(const std::vector<std::byte> &bytes) {
-    return {reinterpret_cast<const char *>(bytes.data()), bytes.size()};
+std::string as_string(const std::vector<std::byte>& bytes) {
+    return {reinterpret_cast<const char*>(bytes.data()), bytes.size()};
 }
 
-Image open_ok(const std::filesystem::path &path) {
+Image open_ok(const std::filesystem::path& path) {
     auto image = Image::open(path);
     EXPECT_TRUE(image) << (image ? "" : image.error().message);
     if (!image) {
@@ -130,7 +130,7 @@ TEST_F(StreamTest, SeekOutsideTheDiskFails) {
     try {
         source.seek(static_cast<io::stream_offset>(raw_.size() + 1), std::ios_base::beg);
         FAIL() << "no exception";
-    } catch (const std::ios_base::failure &e) {
+    } catch (const std::ios_base::failure& e) {
         EXPECT_NE(std::string(e.what()).find("past the end of the disk (3000320 bytes)"),
                   std::string::npos)
             << e.what();
@@ -175,7 +175,7 @@ TEST(Stream, CompressedAndBackingImages) {
                  " && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 && "
                  "qemu-io -f qcow2 -c 'write -P 0x24 1M 64k' top.qcow2 >/dev/null && "
                  "qemu-img convert -c -O qcow2 top.qcow2 zip.qcow2");
-    for (const char *name : {"top.qcow2", "zip.qcow2"}) {
+    for (const char* name : {"top.qcow2", "zip.qcow2"}) {
         const std::string raw = as_string(test::qemu_raw(dir / name, dir));
         io::stream<Source> in(open_ok(dir / name));
         std::string out;
@@ -205,7 +205,7 @@ TEST(Stream, CorruptClusterSetsBadbit) {
     try {
         throwing.read(buffer.data(), 10);
         FAIL() << "no exception";
-    } catch (const std::ios_base::failure &e) {
+    } catch (const std::ios_base::failure& e) {
         EXPECT_NE(std::string(e.what()).find("0x40000000000"), std::string::npos) << e.what();
     }
 }

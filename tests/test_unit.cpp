@@ -113,8 +113,12 @@ TEST_F(SampleImage, DataExtentsPointIntoTheMapping) {
 }
 
 TEST_F(SampleImage, ExtentsCoverTheRangeInOrder) {
-    for (auto [start, end] : std::vector<std::pair<std::uint64_t, std::uint64_t>>{
-             {0, UINT64_MAX}, {4097, 4099}, {5000, 110000}, {1000000, 1048576}, {1048576, 2000000}}) {
+    for (auto [start, end] :
+         std::vector<std::pair<std::uint64_t, std::uint64_t>>{{0, UINT64_MAX},
+                                                              {4097, 4099},
+                                                              {5000, 110000},
+                                                              {1000000, 1048576},
+                                                              {1048576, 2000000}}) {
         ExtentIterator it = image_->extents(start, end);
         Extent e;
         std::uint64_t expected = start;
@@ -171,18 +175,21 @@ TEST_F(SampleImage, ReadSemantics) {
 TEST_F(SampleImage, VisitRunsReproducesTheDisk) {
     std::vector<std::byte> rebuilt(image_->size(), std::byte{0x5a});
     std::uint64_t expected = 0;
-    auto ok = image_->visit_runs(0, UINT64_MAX, [&](std::uint64_t offset, std::uint64_t length,
-                                                    std::span<const std::byte> bytes) {
-        EXPECT_EQ(offset, expected);
-        expected += length;
-        if (bytes.empty()) {
-            std::fill_n(rebuilt.begin() + static_cast<std::ptrdiff_t>(offset), length, std::byte{0});
-        } else {
-            EXPECT_EQ(bytes.size(), length);
-            std::copy(bytes.begin(), bytes.end(), rebuilt.begin() + static_cast<std::ptrdiff_t>(offset));
-        }
-        return Result<void>{};
-    });
+    auto ok = image_->visit_runs(
+        0, UINT64_MAX,
+        [&](std::uint64_t offset, std::uint64_t length, std::span<const std::byte> bytes) {
+            EXPECT_EQ(offset, expected);
+            expected += length;
+            if (bytes.empty()) {
+                std::fill_n(rebuilt.begin() + static_cast<std::ptrdiff_t>(offset), length,
+                            std::byte{0});
+            } else {
+                EXPECT_EQ(bytes.size(), length);
+                std::copy(bytes.begin(), bytes.end(),
+                          rebuilt.begin() + static_cast<std::ptrdiff_t>(offset));
+            }
+            return Result<void>{};
+        });
     ASSERT_TRUE(ok) << ok.error().message;
     EXPECT_EQ(expected, image_->size());
     EXPECT_TRUE(rebuilt == raw_);
@@ -190,10 +197,11 @@ TEST_F(SampleImage, VisitRunsReproducesTheDisk) {
 
 TEST_F(SampleImage, VisitorErrorStopsTheWalk) {
     int calls = 0;
-    auto ok = image_->visit_runs(0, UINT64_MAX, [&](std::uint64_t, std::uint64_t, std::span<const std::byte>) {
-        ++calls;
-        return Result<void>{Error{ErrorCode::io_error, "stop here"}};
-    });
+    auto ok = image_->visit_runs(0, UINT64_MAX,
+                                 [&](std::uint64_t, std::uint64_t, std::span<const std::byte>) {
+                                     ++calls;
+                                     return Result<void>{Error{ErrorCode::io_error, "stop here"}};
+                                 });
     ASSERT_FALSE(ok);
     EXPECT_EQ(ok.error().message, "stop here");
     EXPECT_EQ(calls, 1);
@@ -206,7 +214,8 @@ TEST_F(SampleImage, ImageCopiesShareTheMapping) {
     image_.reset(); // the iterator and the copy keep the mapping alive
     Extent e;
     std::uint64_t covered = 0;
-    while (it.next(e)) covered += e.length;
+    while (it.next(e))
+        covered += e.length;
     EXPECT_EQ(covered, copy.size());
 }
 
@@ -232,8 +241,9 @@ TEST_P(Compressed, ReadsAndExtentsMatchQemu) {
     auto path = dir / "c.qcow2";
     test::make_image(path, GetParam().options, "1M",
                      // qemu refuses compressed writes over allocated clusters: compress first.
-                     {"write -c -P 0x33 64k 64k", "write -c -P 0x44 256k 64k", "write -P 0x22 0 64k",
-                      "write -P 0x23 128k 128k", "write -z 512k 64k", "discard 768k 64k"});
+                     {"write -c -P 0x33 64k 64k", "write -c -P 0x44 256k 64k",
+                      "write -P 0x22 0 64k", "write -P 0x23 128k 128k", "write -z 512k 64k",
+                      "discard 768k 64k"});
     auto image = Image::open(path);
     ASSERT_TRUE(image) << image.error().message;
     auto raw = test::qemu_raw(path, dir);
@@ -242,7 +252,8 @@ TEST_P(Compressed, ReadsAndExtentsMatchQemu) {
     Extent e;
     Decompressor decompressor;
     while (it.next(e)) {
-        if (e.kind != ExtentKind::compressed) continue;
+        if (e.kind != ExtentKind::compressed)
+            continue;
         ++compressed;
         EXPECT_FALSE(e.host_offset);
         EXPECT_FALSE(e.bytes.empty());
@@ -265,7 +276,8 @@ TEST_P(Compressed, ReadsAndExtentsMatchQemu) {
 
 INSTANTIATE_TEST_SUITE_P(Types, Compressed,
                          ::testing::Values(CompressedCase{"zlib", "cluster_size=64k"},
-                                           CompressedCase{"zstd", "cluster_size=64k,compression_type=zstd"},
+                                           CompressedCase{"zstd",
+                                                          "cluster_size=64k,compression_type=zstd"},
                                            CompressedCase{"zlib4k", "cluster_size=4k"}),
                          [](const auto& info) { return std::string(info.param.name); });
 

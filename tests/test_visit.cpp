@@ -12,9 +12,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fcntl.h>
 #include <set>
 #include <span>
-#include <fcntl.h>
 #include <unistd.h>
 
 namespace qcowmap {
@@ -133,7 +133,8 @@ TEST_F(Visit, ReadModeGivesTheMappingModesBytesForEveryImageKind) {
 
 TEST_F(Visit, LongRunsArriveInWholeReadPieces) {
     fs::path path = dir_ / "long.qcow2";
-    test::make_image(path, "cluster_size=64k", "2M", {"write -P 0x71 0 1M", "write -P 0x72 1M 100k"});
+    test::make_image(path, "cluster_size=64k", "2M",
+                     {"write -P 0x71 0 1M", "write -P 0x72 1M 100k"});
     auto image = Image::open(path);
     ASSERT_TRUE(image);
     Visited read = visit_all(*image, VisitOptions{2, DataAccess::read});
@@ -169,7 +170,8 @@ TEST_F(Visit, FilePositionOfBackingAndDataFileBytesUsesTheirOwnFiles) {
         ExtentIterator it = image->extents();
         Extent e;
         while (it.next(e)) {
-            if (e.kind != ExtentKind::data) continue;
+            if (e.kind != ExtentKind::data)
+                continue;
             auto pos = image->file_position(e.bytes);
             ASSERT_TRUE(pos) << path;
             fds.insert(pos->fd);
@@ -198,7 +200,8 @@ TEST_F(Visit, FilePositionNamesTheFileAndOffsetOfMappedBytes) {
     Extent e;
     int data_extents = 0;
     while (it.next(e)) {
-        if (e.kind == ExtentKind::zero) continue;
+        if (e.kind == ExtentKind::zero)
+            continue;
         auto pos = image->file_position(e.bytes);
         ASSERT_TRUE(pos);
         EXPECT_GE(pos->fd, 0);
@@ -245,8 +248,8 @@ TEST_F(Visit, FileCutShortUnderAnOpenImageIsAnIoErrorInReadMode) {
     truncate_file(path, *data.host_offset + 300 * 1024);
     for (unsigned threads : {1u, 2u}) {
         auto ok = image->visit_runs(0, UINT64_MAX, VisitOptions{threads, DataAccess::read},
-                                    [](std::uint64_t, std::uint64_t, std::span<const std::byte>)
-                                        -> Result<void> { return {}; });
+                                    [](std::uint64_t, std::uint64_t,
+                                       std::span<const std::byte>) -> Result<void> { return {}; });
         ASSERT_FALSE(ok) << threads;
         EXPECT_EQ(ok.error().code, ErrorCode::io_error);
         EXPECT_NE(ok.error().message.find("the file ends before offset"), std::string::npos)

@@ -37,7 +37,7 @@ int errno_for(qcowmap::ErrorCode code) {
     }
 }
 
-void report(const qcowmap::Error &error) {
+void report(const qcowmap::Error& error) {
     nbdkit_error("%s: %s", file_name.c_str(), error.message.c_str());
     nbdkit_set_error(errno_for(error.code));
 }
@@ -46,7 +46,7 @@ void report(const qcowmap::Error &error) {
 #define GUARD_BEGIN try {
 #define GUARD_END(fail_value)                                                                      \
     }                                                                                              \
-    catch (const std::exception &e) {                                                              \
+    catch (const std::exception& e) {                                                              \
         nbdkit_error("qcowmap: %s", e.what());                                                     \
         nbdkit_set_error(ENOMEM);                                                                  \
         return fail_value;                                                                         \
@@ -57,10 +57,10 @@ void report(const qcowmap::Error &error) {
         return fail_value;                                                                         \
     }
 
-int serve_config(const char *key, const char *value) {
+int serve_config(const char* key, const char* value) {
     GUARD_BEGIN
     if (std::strcmp(key, "file") == 0) {
-        char *absolute = nbdkit_absolute_path(value); // nbdkit may chdir("/") when daemonising
+        char* absolute = nbdkit_absolute_path(value); // nbdkit may chdir("/") when daemonising
         if (!absolute) {
             return -1;
         }
@@ -111,34 +111,34 @@ void serve_unload() {
     image.reset();
 }
 
-void *serve_open(int /*readonly*/) {
+void* serve_open(int /*readonly*/) {
     // Every connection shares the one Image; the handle only has to be non-NULL.
     return &*image;
 }
 
-void serve_close(void * /*handle*/) {}
+void serve_close(void* /*handle*/) {}
 
-int64_t serve_get_size(void *handle) {
-    return static_cast<int64_t>(static_cast<qcowmap::Image *>(handle)->size());
+int64_t serve_get_size(void* handle) {
+    return static_cast<int64_t>(static_cast<qcowmap::Image*>(handle)->size());
 }
 
-int serve_can_write(void *) {
+int serve_can_write(void*) {
     return 0;
 }
-int serve_can_multi_conn(void *) {
+int serve_can_multi_conn(void*) {
     return 1;
 }
-int serve_can_extents(void *) {
+int serve_can_extents(void*) {
     return 1;
 }
-int serve_can_cache(void *) {
+int serve_can_cache(void*) {
     return NBDKIT_CACHE_NATIVE;
 }
 
-int serve_pread(void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+int serve_pread(void* handle, void* buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
     GUARD_BEGIN
-    const auto &img = *static_cast<qcowmap::Image *>(handle);
-    auto copied = img.read({static_cast<std::byte *>(buf), count}, offset);
+    const auto& img = *static_cast<qcowmap::Image*>(handle);
+    auto copied = img.read({static_cast<std::byte*>(buf), count}, offset);
     if (!copied) {
         report(copied.error());
         return -1;
@@ -153,10 +153,10 @@ int serve_pread(void *handle, void *buf, uint32_t count, uint64_t offset, uint32
     GUARD_END(-1)
 }
 
-int serve_extents(void *handle, uint32_t count, uint64_t offset, uint32_t flags,
-                  struct nbdkit_extents *extents) {
+int serve_extents(void* handle, uint32_t count, uint64_t offset, uint32_t flags,
+                  struct nbdkit_extents* extents) {
     GUARD_BEGIN
-    const auto &img = *static_cast<qcowmap::Image *>(handle);
+    const auto& img = *static_cast<qcowmap::Image*>(handle);
     qcowmap::ExtentIterator it = img.extents(offset, offset + count);
     qcowmap::Extent extent;
     while (it.next(extent)) {
@@ -182,9 +182,9 @@ int serve_extents(void *handle, uint32_t count, uint64_t offset, uint32_t flags,
 // Prefetch: ask the kernel to read ahead the mapped data runs of the range (madvise
 // WILLNEED), so a later pread finds them in the page cache. Zero runs need nothing, and
 // compressed clusters would have to be decompressed anyway; an advice failure is not an error.
-int serve_cache(void *handle, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+int serve_cache(void* handle, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
     GUARD_BEGIN
-    const auto &img = *static_cast<qcowmap::Image *>(handle);
+    const auto& img = *static_cast<qcowmap::Image*>(handle);
     const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
     qcowmap::ExtentIterator it = img.extents(offset, offset + count);
     qcowmap::Extent extent;
@@ -194,7 +194,7 @@ int serve_cache(void *handle, uint32_t count, uint64_t offset, uint32_t /*flags*
         }
         const auto begin = reinterpret_cast<std::uintptr_t>(extent.bytes.data());
         const auto aligned = begin & ~(page - 1);
-        (void)madvise(reinterpret_cast<void *>(aligned), begin - aligned + extent.bytes.size(),
+        (void)madvise(reinterpret_cast<void*>(aligned), begin - aligned + extent.bytes.size(),
                       MADV_WILLNEED);
     }
     if (it.failed()) {

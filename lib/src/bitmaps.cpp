@@ -20,7 +20,7 @@ constexpr std::uint64_t kTableAllOnes = 1ULL << 0;
 
 /// Eight bytes of bitmap data as one word whose bit i is granule i of the eight bytes: bit 0 of
 /// byte 0 covers the first granule (spec "Bitmap data", bit_offset), i.e. little-endian.
-std::uint64_t load_le64(const std::byte *p) {
+std::uint64_t load_le64(const std::byte* p) {
     std::uint64_t v;
     std::memcpy(&v, p, sizeof v); // one unaligned load; bytes swapped only on big-endian hosts
     if constexpr (std::endian::native == std::endian::big) {
@@ -82,7 +82,7 @@ std::uint64_t BitmapRangeIterator::find_change(std::uint64_t granule, bool value
             granule = cluster_end;
             continue;
         }
-        const std::byte *data = file_.data() + offset;
+        const std::byte* data = file_.data() + offset;
         std::uint64_t in_cluster = granule & (per_cluster - 1);
         while (granule < cluster_end) {
             std::uint64_t word = load_le64(data + (in_cluster / 64) * 8);
@@ -103,7 +103,7 @@ std::uint64_t BitmapRangeIterator::find_change(std::uint64_t granule, bool value
     return granule_end_;
 }
 
-bool BitmapRangeIterator::next(BitmapRange &out) {
+bool BitmapRangeIterator::next(BitmapRange& out) {
     while (granule_ < granule_end_) {
         const bool value = bit(granule_);
         const std::uint64_t stop = find_change(granule_ + 1, value);
@@ -126,7 +126,7 @@ bool BitmapRangeIterator::next(BitmapRange &out) {
 DirtyExtentIterator::DirtyExtentIterator(Image image, BitmapRangeIterator ranges)
     : image_(std::move(image)), ranges_(std::move(ranges)) {}
 
-bool DirtyExtentIterator::next(Extent &out) {
+bool DirtyExtentIterator::next(Extent& out) {
     if (error_) {
         return false;
     }
@@ -153,12 +153,12 @@ bool DirtyExtentIterator::next(Extent &out) {
 // ---------------------------------------------------------------------------------------------
 // DirtyBitmap
 
-DirtyBitmap::DirtyBitmap(Image image, const BitmapEntry *entry, std::span<const std::byte> table)
+DirtyBitmap::DirtyBitmap(Image image, const BitmapEntry* entry, std::span<const std::byte> table)
     : image_(std::move(image)), entry_(entry), table_(table), size_(image_.info().virtual_size) {}
 
-Result<DirtyBitmap> DirtyBitmap::open(const Image &image, std::string_view name) {
-    const detail::ImageState &state = detail_state(image);
-    const ImageInfo &info = image.info();
+Result<DirtyBitmap> DirtyBitmap::open(const Image& image, std::string_view name) {
+    const detail::ImageState& state = detail_state(image);
+    const ImageInfo& info = image.info();
     const std::string shown = detail::printable(name);
     if (!info.bitmaps || info.bitmaps->entries.empty()) {
         std::string why = info.bitmaps && !info.bitmaps->directory_error.empty()
@@ -168,8 +168,8 @@ Result<DirtyBitmap> DirtyBitmap::open(const Image &image, std::string_view name)
         return Error{ErrorCode::invalid_argument,
                      fmt::format("no bitmap named '{}': the image has no bitmaps{}", shown, why)};
     }
-    const BitmapEntry *entry = nullptr;
-    for (const BitmapEntry &e : info.bitmaps->entries) {
+    const BitmapEntry* entry = nullptr;
+    for (const BitmapEntry& e : info.bitmaps->entries) {
         if (e.name == name) {
             entry = &e;
             break;
@@ -262,7 +262,7 @@ std::uint64_t DirtyBitmap::dirty_bytes() const {
             }
             continue;
         }
-        const std::byte *data = file.data() + offset;
+        const std::byte* data = file.data() + offset;
         for (std::uint64_t w = 0; w * 64 < count; ++w) {
             std::uint64_t word = load_le64(data + w * 8);
             const std::uint64_t bits = std::min<std::uint64_t>(64, count - w * 64);
@@ -283,14 +283,14 @@ std::uint64_t DirtyBitmap::dirty_bytes() const {
     return bytes;
 }
 
-std::vector<BitmapSummary> list_bitmaps(const Image &image) {
+std::vector<BitmapSummary> list_bitmaps(const Image& image) {
     std::vector<BitmapSummary> out;
-    const ImageInfo &info = image.info();
+    const ImageInfo& info = image.info();
     if (!info.bitmaps) {
         return out;
     }
     out.reserve(info.bitmaps->entries.size());
-    for (const BitmapEntry &e : info.bitmaps->entries) {
+    for (const BitmapEntry& e : info.bitmaps->entries) {
         BitmapSummary summary{e, std::nullopt, std::nullopt};
         auto bitmap = DirtyBitmap::open(image, e.name);
         if (bitmap) {

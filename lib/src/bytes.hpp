@@ -26,8 +26,8 @@ constexpr bool fits(std::uint64_t size, std::uint64_t offset, std::uint64_t leng
 inline Result<Bytes> slice(Bytes bytes, std::uint64_t offset, std::uint64_t length,
                            std::string_view what, ErrorCode code = ErrorCode::invalid_table) {
     if (!fits(bytes.size(), offset, length)) {
-        return Error{code, fmt::format("{} at {:#x} (+{:#x}) lies beyond end of file ({:#x})",
-                                       what, offset, length, bytes.size())};
+        return Error{code, fmt::format("{} at {:#x} (+{:#x}) lies beyond end of file ({:#x})", what,
+                                       offset, length, bytes.size())};
     }
     return bytes.subspan(static_cast<std::size_t>(offset), static_cast<std::size_t>(length));
 }
@@ -49,9 +49,15 @@ inline std::uint64_t load_be64(const std::byte* p) {
 inline std::uint8_t load_u8(Bytes b, std::size_t at) {
     return std::to_integer<std::uint8_t>(b[at]);
 }
-inline std::uint16_t load_be16(Bytes b, std::size_t at) { return load_be16(b.subspan(at, 2).data()); }
-inline std::uint32_t load_be32(Bytes b, std::size_t at) { return load_be32(b.subspan(at, 4).data()); }
-inline std::uint64_t load_be64(Bytes b, std::size_t at) { return load_be64(b.subspan(at, 8).data()); }
+inline std::uint16_t load_be16(Bytes b, std::size_t at) {
+    return load_be16(b.subspan(at, 2).data());
+}
+inline std::uint32_t load_be32(Bytes b, std::size_t at) {
+    return load_be32(b.subspan(at, 4).data());
+}
+inline std::uint64_t load_be64(Bytes b, std::size_t at) {
+    return load_be64(b.subspan(at, 8).data());
+}
 
 /// `text` made safe for a one-line message: control bytes and DEL become \xNN, so a name
 /// taken from an image cannot break the line or send terminal escapes.

@@ -35,7 +35,7 @@ namespace {
 // cannot overwrite it. It stays valid until the next failure on the same thread.
 thread_local std::string last_error;
 
-const char *remember(std::string message) noexcept {
+const char* remember(std::string message) noexcept {
     try {
         last_error = std::move(message);
     } catch (...) {
@@ -67,14 +67,14 @@ int errno_for(qcowmap::ErrorCode code) {
 }
 
 /// Sets errno and the thread's message; returns the message for `error_ret`.
-const char *fail(const qcowmap::Error &error) noexcept {
-    const char *message = remember(error.message);
+const char* fail(const qcowmap::Error& error) noexcept {
+    const char* message = remember(error.message);
     errno = errno_for(error.code);
     return message;
 }
 
-const char *fail_errno(int err, const char *what) noexcept {
-    const char *message = nullptr;
+const char* fail_errno(int err, const char* what) noexcept {
+    const char* message = nullptr;
     try {
         message = remember(std::string(what) + ": " + std::strerror(err));
     } catch (...) { // building the message itself ran out of memory
@@ -94,7 +94,7 @@ void close_keep_errno(int fd) {
 }
 
 /// Maps the file open on `fd`, whose fstat is `st`.
-qcowmap::Result<qcowmap::Image> open_fd(int fd, const struct stat &st) {
+qcowmap::Result<qcowmap::Image> open_fd(int fd, const struct stat& st) {
     // Mapping through the file's own path lets relative backing and data file names resolve
     // against its directory, as qemu does; /proc/self/fd/N (a magic link that reopens the very
     // same file) is the fallback for files without a usable path.
@@ -122,10 +122,10 @@ qcowmap::Result<qcowmap::Image> open_fd(int fd, const struct stat &st) {
 
 extern "C" {
 
-struct qcow2 *qcow2_open(int fd, const char **error_ret) {
+struct qcow2* qcow2_open(int fd, const char** error_ret) {
     try {
         if (fd < 0) {
-            const char *message = fail_errno(EBADF, "qcow2_open");
+            const char* message = fail_errno(EBADF, "qcow2_open");
             if (error_ret) {
                 *error_ret = message;
             }
@@ -134,7 +134,7 @@ struct qcow2 *qcow2_open(int fd, const char **error_ret) {
         struct stat st {};
         if (::fstat(fd, &st) != 0) {
             const int err = errno;
-            const char *message = fail_errno(err, ("fd " + std::to_string(fd)).c_str());
+            const char* message = fail_errno(err, ("fd " + std::to_string(fd)).c_str());
             if (error_ret) {
                 *error_ret = message;
             }
@@ -143,7 +143,7 @@ struct qcow2 *qcow2_open(int fd, const char **error_ret) {
         }
         auto image = open_fd(fd, st);
         if (!image) {
-            const char *message = fail(image.error());
+            const char* message = fail(image.error());
             if (error_ret) {
                 *error_ret = message;
             }
@@ -152,7 +152,7 @@ struct qcow2 *qcow2_open(int fd, const char **error_ret) {
         }
         return new qcow2{std::move(*image), fd};
     } catch (...) {
-        const char *message = fail_errno(ENOMEM, "qcow2_open");
+        const char* message = fail_errno(ENOMEM, "qcow2_open");
         if (error_ret) {
             *error_ret = message;
         }
@@ -161,11 +161,11 @@ struct qcow2 *qcow2_open(int fd, const char **error_ret) {
     }
 }
 
-struct qcow2 *qcowmap_open(const char *path, const struct qcowmap_open_options *options,
-                           const char **error_ret) {
+struct qcow2* qcowmap_open(const char* path, const struct qcowmap_open_options* options,
+                           const char** error_ret) {
     try {
         if (!path) {
-            const char *message = fail_errno(EINVAL, "qcowmap_open: no path");
+            const char* message = fail_errno(EINVAL, "qcowmap_open: no path");
             if (error_ret) {
                 *error_ret = message;
             }
@@ -180,7 +180,7 @@ struct qcow2 *qcowmap_open(const char *path, const struct qcowmap_open_options *
         }
         auto image = qcowmap::Image::open(path, open_options);
         if (!image) {
-            const char *message = fail(image.error());
+            const char* message = fail(image.error());
             if (error_ret) {
                 *error_ret = message;
             }
@@ -188,7 +188,7 @@ struct qcow2 *qcowmap_open(const char *path, const struct qcowmap_open_options *
         }
         return new qcow2{std::move(*image), -1};
     } catch (...) {
-        const char *message = fail_errno(ENOMEM, "qcowmap_open");
+        const char* message = fail_errno(ENOMEM, "qcowmap_open");
         if (error_ret) {
             *error_ret = message;
         }
@@ -196,7 +196,7 @@ struct qcow2 *qcowmap_open(const char *path, const struct qcowmap_open_options *
     }
 }
 
-void qcow2_close(struct qcow2 *q) {
+void qcow2_close(struct qcow2* q) {
     if (!q) {
         return;
     }
@@ -207,11 +207,11 @@ void qcow2_close(struct qcow2 *q) {
     }
 }
 
-uint64_t qcow2_get_size(struct qcow2 *q) {
+uint64_t qcow2_get_size(struct qcow2* q) {
     return q ? q->image.size() : 0;
 }
 
-int qcow2_read(struct qcow2 *q, void *dest, size_t len, uint64_t offset) {
+int qcow2_read(struct qcow2* q, void* dest, size_t len, uint64_t offset) {
     try {
         if (!q || (!dest && len > 0)) {
             fail_errno(EINVAL, "qcow2_read");
@@ -229,7 +229,7 @@ int qcow2_read(struct qcow2 *q, void *dest, size_t len, uint64_t offset) {
             fail_errno(EOVERFLOW, "qcow2_read: more than INT_MAX bytes requested");
             return -1;
         }
-        auto copied = q->image.read({static_cast<std::byte *>(dest), len}, offset);
+        auto copied = q->image.read({static_cast<std::byte*>(dest), len}, offset);
         if (!copied) {
             fail(copied.error());
             return -1;
@@ -241,11 +241,11 @@ int qcow2_read(struct qcow2 *q, void *dest, size_t len, uint64_t offset) {
     }
 }
 
-const char *qcowmap_last_error(void) {
+const char* qcowmap_last_error(void) {
     return last_error.c_str();
 }
 
-struct qcowmap_extents *qcowmap_extents_open(struct qcow2 *q, uint64_t start, uint64_t end) {
+struct qcowmap_extents* qcowmap_extents_open(struct qcow2* q, uint64_t start, uint64_t end) {
     if (!q) {
         fail_errno(EINVAL, "qcowmap_extents_open");
         return nullptr;
@@ -258,7 +258,7 @@ struct qcowmap_extents *qcowmap_extents_open(struct qcow2 *q, uint64_t start, ui
     }
 }
 
-int qcowmap_extents_next(struct qcowmap_extents *it, struct qcowmap_extent *out) {
+int qcowmap_extents_next(struct qcowmap_extents* it, struct qcowmap_extent* out) {
     if (!it || !out) {
         fail_errno(EINVAL, "qcowmap_extents_next");
         return -1;
@@ -321,11 +321,11 @@ int qcowmap_extents_next(struct qcowmap_extents *it, struct qcowmap_extent *out)
     }
 }
 
-const char *qcowmap_extents_error(const struct qcowmap_extents *it) {
+const char* qcowmap_extents_error(const struct qcowmap_extents* it) {
     return it && it->failed ? it->error.c_str() : nullptr;
 }
 
-void qcowmap_extents_free(struct qcowmap_extents *it) {
+void qcowmap_extents_free(struct qcowmap_extents* it) {
     delete it;
 }
 

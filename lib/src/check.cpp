@@ -45,7 +45,7 @@ enum class ClusterType { unallocated, zero_plain, zero_alloc, normal, compressed
 
 class Checker {
   public:
-    Checker(const ImageState &state, const CheckOptions &options, CheckResult &result)
+    Checker(const ImageState& state, const CheckOptions& options, CheckResult& result)
         : s_(state), info_(state.info), options_(options), r_(result),
           file_clusters_((state.bytes.size() >> state.cluster_bits) +
                          ((state.bytes.size() & (state.cluster_size - 1)) != 0)),
@@ -88,7 +88,7 @@ class Checker {
     }
 
   private:
-    template <typename... Args> void finding(fmt::format_string<Args...> format, Args &&...args) {
+    template <typename... Args> void finding(fmt::format_string<Args...> format, Args&&... args) {
         if (r_.messages.size() < options_.max_messages) {
             r_.messages.push_back(fmt::format(format, std::forward<Args>(args)...));
         } else {
@@ -96,14 +96,14 @@ class Checker {
         }
     }
     template <typename... Args>
-    void corruption(fmt::format_string<Args...> format, Args &&...args) {
+    void corruption(fmt::format_string<Args...> format, Args&&... args) {
         ++r_.corruptions;
         finding(format, std::forward<Args>(args)...);
     }
 
     /// qcow2_inc_refcounts_imrt: one more reference to every cluster touching
     /// [offset, offset + size). Callers pass sizes bounded by qemu's table limits.
-    void inc(std::uint64_t offset, std::uint64_t size, const char * /*what*/) {
+    void inc(std::uint64_t offset, std::uint64_t size, const char* /*what*/) {
         if (size == 0)
             return;
         if (offset > UINT64_MAX - (size - 1)) {
@@ -122,7 +122,7 @@ class Checker {
         const std::uint64_t first = offset >> s_.cluster_bits;
         const std::uint64_t last = (offset + size - 1) >> s_.cluster_bits;
         for (std::uint64_t k = first; k <= last; ++k) {
-            std::uint32_t *count = nullptr;
+            std::uint32_t* count = nullptr;
             if (k < file_clusters_) {
                 count = &counts_[k];
             } else {
@@ -205,7 +205,7 @@ class Checker {
             return std::nullopt;
         if (!fits(s_.bytes.size(), block, s_.cluster_size))
             return 0;
-        const std::byte *p = s_.bytes.data() + block;
+        const std::byte* p = s_.bytes.data() + block;
         const std::uint64_t index = cluster & ((std::uint64_t{1} << refblock_bits_) - 1);
         switch (info_.refcount_order) {
         case 0:
@@ -371,7 +371,7 @@ class Checker {
     void check_snapshots() {
         std::uint64_t at = info_.snapshots_offset;
         std::uint32_t index = 0;
-        for (const Snapshot &sn : info_.snapshots) {
+        for (const Snapshot& sn : info_.snapshots) {
             // The table's extent, as qcow2_read_snapshots measures it (snapshots_size).
             at = ((at + 7) & ~std::uint64_t{7}) + 40 + sn.extra_data_size + sn.id.size() +
                  sn.name.size();
@@ -404,7 +404,7 @@ class Checker {
 
     /// The LUKS header area named by the full disk encryption header pointer extension.
     void check_encryption_header() {
-        for (const HeaderExtension &ext : info_.extensions) {
+        for (const HeaderExtension& ext : info_.extensions) {
             if (ext.type != kExtEncryption || ext.length != 16)
                 continue;
             const std::uint64_t offset = load_be64(s_.bytes.data() + ext.file_offset);
@@ -427,7 +427,7 @@ class Checker {
         // (nb_bitmaps stays 0) and counts nothing for it, so its clusters show up as leaks.
         if (!info_.bitmaps || !info_.bitmaps->consistent)
             return;
-        const BitmapsExtension &ext = *info_.bitmaps;
+        const BitmapsExtension& ext = *info_.bitmaps;
         inc(ext.directory_offset, ext.directory_size, "bitmap directory");
         auto directory =
             detail::slice(s_.bytes, ext.directory_offset, ext.directory_size, "bitmap directory");
@@ -505,7 +505,7 @@ class Checker {
         }
     }
 
-    void compare_one(std::uint64_t i, std::uint64_t &highest) {
+    void compare_one(std::uint64_t i, std::uint64_t& highest) {
         auto refcount = stored(i);
         if (!refcount) {
             ++r_.check_errors;
@@ -538,7 +538,7 @@ class Checker {
             // Past the end only referenced clusters and clusters of refcount blocks that lie
             // inside the file can differ from zero: visit just those.
             std::set<std::uint64_t> clusters;
-            for (const auto &[k, count] : past_end_)
+            for (const auto& [k, count] : past_end_)
                 clusters.insert(k);
             const std::uint64_t per_block = std::uint64_t{1} << refblock_bits_;
             for (std::uint64_t t = file_clusters_ >> refblock_bits_;
@@ -601,10 +601,10 @@ class Checker {
         }
     }
 
-    const ImageState &s_;
-    const ImageInfo &info_;
-    const CheckOptions &options_;
-    CheckResult &r_;
+    const ImageState& s_;
+    const ImageInfo& info_;
+    const CheckOptions& options_;
+    CheckResult& r_;
     std::uint64_t file_clusters_;
     std::vector<std::uint32_t> counts_;
     std::map<std::uint64_t, std::uint32_t> past_end_;
@@ -620,7 +620,7 @@ class Checker {
 
 } // namespace
 
-Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions &options) {
+Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions& options) {
     detail::ImageState state;
     state.bytes = bytes;
     state.data_bytes = bytes;
@@ -639,7 +639,7 @@ Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOpt
     return result;
 }
 
-Result<CheckResult> check_image(const std::filesystem::path &path, const CheckOptions &options) {
+Result<CheckResult> check_image(const std::filesystem::path& path, const CheckOptions& options) {
     auto file = detail::MappedFile::open(path);
     if (!file) {
         return std::move(file).error();

@@ -9,8 +9,8 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <exception>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -33,7 +33,8 @@ constexpr std::uint64_t kCompareReadPiece = 1024 * 1024;
 class SecondReader {
   public:
     ~SecondReader() {
-        if (!thread_.joinable()) return;
+        if (!thread_.joinable())
+            return;
         stopping_.store(true, std::memory_order_release);
         {
             std::lock_guard lock(mutex_); // pairs with the helper's check under the lock
@@ -45,8 +46,7 @@ class SecondReader {
     /// Runs `task` on the helper thread and `here` on this one, and returns once both ran. An
     /// exception from `task` is rethrown here. Without a helper thread (it could not be
     /// started) both run here.
-    template <typename Here>
-    void run_both(const std::function<void()>& task, Here&& here) {
+    template <typename Here> void run_both(const std::function<void()>& task, Here&& here) {
         if (!start()) {
             task();
             here();
@@ -67,13 +67,16 @@ class SecondReader {
             throw;
         }
         wait_for([&] { return done_.load(std::memory_order_acquire); });
-        if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
+        if (failure_)
+            std::rethrow_exception(std::exchange(failure_, nullptr));
     }
 
   private:
     bool start() {
-        if (thread_.joinable()) return true;
-        if (failed_) return false;
+        if (thread_.joinable())
+            return true;
+        if (failed_)
+            return false;
         try {
             thread_ = std::thread([this] { work(); });
         } catch (const std::exception&) {
@@ -83,10 +86,10 @@ class SecondReader {
     }
 
     /// Spins for a few microseconds, then sleeps on the condition variable until `ready()`.
-    template <typename Ready>
-    void wait_for(Ready ready) {
+    template <typename Ready> void wait_for(Ready ready) {
         for (int i = 0; i < 4000; ++i) {
-            if (ready()) return;
+            if (ready())
+                return;
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
@@ -101,7 +104,8 @@ class SecondReader {
                 return stopping_.load(std::memory_order_acquire) ||
                        task_.load(std::memory_order_acquire) != nullptr;
             });
-            if (stopping_.load(std::memory_order_acquire)) return;
+            if (stopping_.load(std::memory_order_acquire))
+                return;
             const std::function<void()>* task = task_.exchange(nullptr, std::memory_order_acq_rel);
             try {
                 (*task)();
@@ -109,9 +113,7 @@ class SecondReader {
                 failure_ = std::current_exception(); // read by run_both after done_
             }
             done_.store(true, std::memory_order_release);
-            {
-                std::lock_guard lock(mutex_);
-            }
+            { std::lock_guard lock(mutex_); }
             changed_.notify_all();
         }
     }
@@ -135,7 +137,8 @@ std::optional<std::size_t> first_nonzero(std::span<const std::byte> bytes) {
         std::size_t n = std::min(bytes.size() - done, sizeof kZeros);
         if (std::memcmp(bytes.data() + done, kZeros, n) != 0) {
             for (std::size_t i = 0; i < n; ++i) {
-                if (bytes[done + i] != std::byte{0}) return done + i;
+                if (bytes[done + i] != std::byte{0})
+                    return done + i;
             }
         }
         done += n;
@@ -151,7 +154,8 @@ std::optional<std::size_t> first_difference(std::span<const std::byte> a,
         std::size_t n = std::min(a.size() - done, kPiece);
         if (std::memcmp(a.data() + done, b.data() + done, n) != 0) {
             for (std::size_t i = 0; i < n; ++i) {
-                if (a[done + i] != b[done + i]) return done + i;
+                if (a[done + i] != b[done + i])
+                    return done + i;
             }
         }
     }
@@ -193,9 +197,12 @@ class Side {
             s |= 1u << 1;
         else
             s |= 1u << 0;
-        if (extent_.host_offset) s |= 1u << 2;
-        if (extent_.present) s |= 1u << 4;
-        if (end() == image_.size()) s |= 1u << 5;
+        if (extent_.host_offset)
+            s |= 1u << 2;
+        if (extent_.present)
+            s |= 1u << 4;
+        if (end() == image_.size())
+            s |= 1u << 5;
         return s;
     }
 
@@ -206,13 +213,15 @@ class Side {
             auto mapped = extent_.bytes.subspan(static_cast<std::size_t>(skip),
                                                 static_cast<std::size_t>(length));
             if (access_ == DataAccess::read) {
-                if (auto from = image_.file_position(mapped)) return read(*from, length);
+                if (auto from = image_.file_position(mapped))
+                    return read(*from, length);
             }
             return mapped;
         }
         if (!decompressed_ok_) {
             auto produced = decompressor_.decompress(image_, extent_);
-            if (!produced) return std::move(produced).error();
+            if (!produced)
+                return std::move(produced).error();
             decompressed_ = *produced;
             decompressed_ok_ = true;
         }
@@ -223,11 +232,14 @@ class Side {
     /// The file and file offset of `pos` in a data extent, to recognise the same bytes.
     std::optional<std::pair<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t>>
     host_identity(std::uint64_t pos) const {
-        if (extent_.kind != ExtentKind::data || !extent_.host_offset) return std::nullopt;
+        if (extent_.kind != ExtentKind::data || !extent_.host_offset)
+            return std::nullopt;
         const detail::ImageState* layer = detail::layer_at(detail_state(image_), extent_.depth);
-        if (!layer) return std::nullopt;
+        if (!layer)
+            return std::nullopt;
         const auto& file = layer->data_file ? layer->data_file : layer->file;
-        if (!file) return std::nullopt;
+        if (!file)
+            return std::nullopt;
         return std::pair{file->identity(), *extent_.host_offset + (pos - extent_.offset)};
     }
 
@@ -243,7 +255,8 @@ class Side {
     Result<std::span<const std::byte>> read(const FilePosition& from, std::uint64_t length) {
         buffer_.resize(kCompareReadPiece);
         auto out = std::span<std::byte>(buffer_).first(static_cast<std::size_t>(length));
-        if (auto ok = detail::read_exactly(from, out); !ok) return std::move(ok).error();
+        if (auto ok = detail::read_exactly(from, out); !ok)
+            return std::move(ok).error();
         return std::span<const std::byte>(out);
     }
 
@@ -270,12 +283,14 @@ CompareResult mismatch(std::uint64_t offset, bool size_warning = false) {
 Error walk_error(Side& side, CompareError* detail) {
     Error e = side.failed() ? side.error()
                             : Error{ErrorCode::invalid_table, "allocation map ended early"};
-    if (detail) *detail = CompareError{e, side.index(), false};
+    if (detail)
+        *detail = CompareError{e, side.index(), false};
     return e;
 }
 
 Error read_error(Side& side, Error e, CompareError* detail) {
-    if (detail) *detail = CompareError{e, side.index(), true};
+    if (detail)
+        *detail = CompareError{e, side.index(), true};
     return e;
 }
 
@@ -296,8 +311,10 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     const std::uint64_t common = std::min(size_a, size_b);
     std::uint64_t pos = 0;
     while (pos < common) {
-        if (!sa.seek(pos)) return walk_error(sa, error_detail);
-        if (!sb.seek(pos)) return walk_error(sb, error_detail);
+        if (!sa.seek(pos))
+            return walk_error(sa, error_detail);
+        if (!sb.seek(pos))
+            return walk_error(sb, error_detail);
         std::uint64_t end = std::min({sa.end(), sb.end(), common});
         if (options.strict && sa.status() != sb.status()) {
             CompareResult r;
@@ -322,7 +339,8 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
         if (sa.zero() || sb.zero()) {
             Side& data = sa.zero() ? sb : sa;
             auto bytes = data.bytes(pos, length);
-            if (!bytes) return read_error(data, std::move(bytes).error(), error_detail);
+            if (!bytes)
+                return read_error(data, std::move(bytes).error(), error_detail);
             diff = first_nonzero(*bytes);
         } else {
             Result<std::span<const std::byte>> bytes_a = std::span<const std::byte>{};
@@ -337,27 +355,36 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
                                        [&] { bytes_a = sa.bytes(pos, length); });
             } else {
                 bytes_a = sa.bytes(pos, length);
-                if (bytes_a) bytes_b = sb.bytes(pos, length);
+                if (bytes_a)
+                    bytes_b = sb.bytes(pos, length);
             }
-            if (!bytes_a) return read_error(sa, std::move(bytes_a).error(), error_detail);
-            if (!bytes_b) return read_error(sb, std::move(bytes_b).error(), error_detail);
+            if (!bytes_a)
+                return read_error(sa, std::move(bytes_a).error(), error_detail);
+            if (!bytes_b)
+                return read_error(sb, std::move(bytes_b).error(), error_detail);
             diff = first_difference(*bytes_a, *bytes_b);
         }
-        if (diff) return mismatch(pos + *diff);
+        if (diff)
+            return mismatch(pos + *diff);
         pos = end;
     }
-    if (size_a == size_b) return CompareResult{};
+    if (size_a == size_b)
+        return CompareResult{};
     // The longer disk's tail must read as zeros.
     Side& longer = size_a > size_b ? sa : sb;
     const std::uint64_t total = std::max(size_a, size_b);
     while (pos < total) {
-        if (!longer.seek(pos)) return walk_error(longer, error_detail);
+        if (!longer.seek(pos))
+            return walk_error(longer, error_detail);
         std::uint64_t end = longer.end();
-        if (longer.reads()) end = std::min(end, pos + kCompareReadPiece);
+        if (longer.reads())
+            end = std::min(end, pos + kCompareReadPiece);
         if (!longer.zero()) {
             auto bytes = longer.bytes(pos, end - pos);
-            if (!bytes) return read_error(longer, std::move(bytes).error(), error_detail);
-            if (auto nz = first_nonzero(*bytes)) return mismatch(pos + *nz, true);
+            if (!bytes)
+                return read_error(longer, std::move(bytes).error(), error_detail);
+            if (auto nz = first_nonzero(*bytes))
+                return mismatch(pos + *nz, true);
         }
         pos = end;
     }

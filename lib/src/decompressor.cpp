@@ -119,7 +119,7 @@ Result<void> Decompressor::decompress_cluster(const Image& image, const Extent& 
 }
 
 Result<std::span<const std::byte>> Decompressor::decompress(const Image& image,
-                                                             const Extent& extent) {
+                                                            const Extent& extent) {
     const detail::ImageState* layer = detail::layer_at(*image.state_, extent.depth);
     if (!layer) {
         return Error{ErrorCode::invalid_argument, "extent does not come from this image"};

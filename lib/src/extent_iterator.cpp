@@ -3,8 +3,8 @@
 #include "image_state.hpp"
 
 #include <cerrno>
-#include <utility>
 #include <unistd.h>
+#include <utility>
 
 namespace qcowmap {
 
@@ -96,9 +96,9 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
     // parse_image checked that L1 covers the whole virtual size and lies inside the file.
     const std::uint64_t l1_entry = load_be64(s.l1_table.data() + l1_index * 8);
     if (l1_entry & detail::kL1ReservedMask) {
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("L1 entry {} ({:#018x}) has reserved bits set", l1_index,
-                                 l1_entry)};
+        return Error{
+            ErrorCode::invalid_table,
+            fmt::format("L1 entry {} ({:#018x}) has reserved bits set", l1_index, l1_entry)};
     }
     const std::uint64_t l2_offset = l1_entry & detail::kL1OffsetMask;
     if (l2_offset == 0) {
@@ -138,8 +138,8 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
         }
         const std::uint64_t coffset = entry & s.coffset_mask;
         const std::uint64_t sectors = ((entry >> s.csize_shift) & s.csize_mask) + 1;
-        const std::uint64_t csize =
-            sectors * detail::kCompressedSectorSize - (coffset & (detail::kCompressedSectorSize - 1));
+        const std::uint64_t csize = sectors * detail::kCompressedSectorSize -
+                                    (coffset & (detail::kCompressedSectorSize - 1));
         // The descriptor counts whole 512-byte sectors; only the file's last, partial sector
         // may be cut short by the end of the file (qemu writes compressed data byte-exact).
         const std::uint64_t sectors_in_file =
@@ -192,8 +192,7 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
         // run short, the next call would rescan the same entries, and a walk over an overlay
         // of empty tables would turn quadratic.
         const bool falls_through = !host_valid && !(entry & detail::kL2ZeroFlag) && s.backing;
-        const std::uint64_t entries_per_table =
-            falls_through ? 0 : std::uint64_t{1} << s.l2_bits;
+        const std::uint64_t entries_per_table = falls_through ? 0 : std::uint64_t{1} << s.l2_bits;
         const std::uint64_t flags = entry & ~detail::kL2OffsetMask;
         std::uint64_t next_host = host + s.cluster_size;
         std::uint64_t next_start = cluster_start + s.cluster_size;
@@ -250,8 +249,8 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
     while (last < detail::kSubclustersPerCluster && type_of(last) == type) {
         ++last;
     }
-    std::uint64_t run_end = std::min(cluster_run_end, cluster_start + (std::uint64_t{last}
-                                                                       << s.subcluster_bits));
+    std::uint64_t run_end =
+        std::min(cluster_run_end, cluster_start + (std::uint64_t{last} << s.subcluster_bits));
     run.length = run_end - pos;
     run.host_offset = host_here;
     run.kind = type == 1 ? ExtentKind::data : ExtentKind::zero;
@@ -295,8 +294,9 @@ Run classify_raw(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
 /// a shorter backing layer read as zeros and report the depth of the layer above it.
 Result<Run> classify_chain(const ImageState& s, std::uint32_t depth, std::uint64_t pos,
                            std::uint64_t limit) {
-    Result<Run> run = s.format == detail::LayerFormat::raw ? Result<Run>(classify_raw(s, pos, limit))
-                                                            : classify(s, pos, limit);
+    Result<Run> run = s.format == detail::LayerFormat::raw
+                          ? Result<Run>(classify_raw(s, pos, limit))
+                          : classify(s, pos, limit);
     if (!run) {
         return run;
     }

@@ -80,16 +80,21 @@ const Libcrypto& libcrypto() {
 
 const char* evp_name(HashAlgorithm algorithm) {
     switch (algorithm) {
-    case HashAlgorithm::sha256: return "SHA256";
-    case HashAlgorithm::sha512: return "SHA512";
-    case HashAlgorithm::blake2b512: return "BLAKE2B-512";
-    case HashAlgorithm::xxh3_128: break;
+    case HashAlgorithm::sha256:
+        return "SHA256";
+    case HashAlgorithm::sha512:
+        return "SHA512";
+    case HashAlgorithm::blake2b512:
+        return "BLAKE2B-512";
+    case HashAlgorithm::xxh3_128:
+        break;
     }
     return nullptr;
 }
 
 unsigned resolve_threads(unsigned threads) {
-    if (threads != 0) return threads;
+    if (threads != 0)
+        return threads;
     unsigned cores = std::thread::hardware_concurrency();
     return cores == 0 ? 1 : cores;
 }
@@ -110,8 +115,10 @@ class PageReleaser {
     explicit PageReleaser(const Image& image) {
         for (const detail::ImageState* layer = &detail_state(image); layer;
              layer = layer->backing.get()) {
-            if (layer->file) mappings_.push_back(layer->file->bytes());
-            if (layer->data_file) mappings_.push_back(layer->data_file->bytes());
+            if (layer->file)
+                mappings_.push_back(layer->file->bytes());
+            if (layer->data_file)
+                mappings_.push_back(layer->data_file->bytes());
         }
     }
     ~PageReleaser() { flush(); }
@@ -120,11 +127,13 @@ class PageReleaser {
     PageReleaser(PageReleaser&&) = default;
 
     void consumed(std::span<const std::byte> bytes) {
-        if (bytes.empty()) return;
+        if (bytes.empty())
+            return;
         const auto begin = reinterpret_cast<std::uintptr_t>(bytes.data());
         const auto end = begin + bytes.size();
         const int mapping = mapping_of(begin, end);
-        if (mapping < 0) return;
+        if (mapping < 0)
+            return;
         if (mapping != current_) {
             flush();
             current_ = mapping;
@@ -137,12 +146,14 @@ class PageReleaser {
             hi_ = std::max(hi_, end);
         }
         volume_ += bytes.size();
-        if (volume_ >= kBatch) flush();
+        if (volume_ >= kBatch)
+            flush();
     }
 
     void flush() {
         static const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-        if (volume_ == 0) return;
+        if (volume_ == 0)
+            return;
         // Whole pages inside the range only: the edge pages may belong to runs not read yet.
         std::uintptr_t lo = (lo_ + page - 1) / page * page;
         std::uintptr_t hi = hi_ / page * page;
@@ -156,7 +167,8 @@ class PageReleaser {
     int mapping_of(std::uintptr_t begin, std::uintptr_t end) const {
         for (std::size_t i = 0; i < mappings_.size(); ++i) {
             const auto lo = reinterpret_cast<std::uintptr_t>(mappings_[i].data());
-            if (begin >= lo && end <= lo + mappings_[i].size()) return static_cast<int>(i);
+            if (begin >= lo && end <= lo + mappings_[i].size())
+                return static_cast<int>(i);
         }
         return -1;
     }
@@ -173,10 +185,14 @@ class PageReleaser {
 
 std::string_view to_string(HashAlgorithm algorithm) {
     switch (algorithm) {
-    case HashAlgorithm::sha256: return "sha256";
-    case HashAlgorithm::sha512: return "sha512";
-    case HashAlgorithm::blake2b512: return "blake2b512";
-    case HashAlgorithm::xxh3_128: return "xxh3-128";
+    case HashAlgorithm::sha256:
+        return "sha256";
+    case HashAlgorithm::sha512:
+        return "sha512";
+    case HashAlgorithm::blake2b512:
+        return "blake2b512";
+    case HashAlgorithm::xxh3_128:
+        return "xxh3-128";
     }
     return "unknown";
 }
@@ -184,17 +200,22 @@ std::string_view to_string(HashAlgorithm algorithm) {
 std::optional<HashAlgorithm> parse_hash_algorithm(std::string_view name) {
     for (HashAlgorithm a : {HashAlgorithm::sha256, HashAlgorithm::sha512, HashAlgorithm::blake2b512,
                             HashAlgorithm::xxh3_128}) {
-        if (to_string(a) == name) return a;
+        if (to_string(a) == name)
+            return a;
     }
     return std::nullopt;
 }
 
 std::size_t digest_size(HashAlgorithm algorithm) {
     switch (algorithm) {
-    case HashAlgorithm::sha256: return 32;
-    case HashAlgorithm::sha512: return 64;
-    case HashAlgorithm::blake2b512: return 64;
-    case HashAlgorithm::xxh3_128: return 16;
+    case HashAlgorithm::sha256:
+        return 32;
+    case HashAlgorithm::sha512:
+        return 64;
+    case HashAlgorithm::blake2b512:
+        return 64;
+    case HashAlgorithm::xxh3_128:
+        return 16;
     }
     return 0;
 }
@@ -218,13 +239,17 @@ struct Hasher::Impl {
 
     ~Impl() {
         // Non-null only when libcrypto was loaded.
-        if (ctx) libcrypto().ctx_free(ctx);
-        if (md) libcrypto().md_free(md);
-        if (xxh) XXH3_freeState(xxh);
+        if (ctx)
+            libcrypto().ctx_free(ctx);
+        if (md)
+            libcrypto().md_free(md);
+        if (xxh)
+            XXH3_freeState(xxh);
     }
 
     bool start() {
-        if (xxh) return XXH3_128bits_reset(xxh) == XXH_OK;
+        if (xxh)
+            return XXH3_128bits_reset(xxh) == XXH_OK;
         return libcrypto().init(ctx, md, nullptr) == 1;
     }
 };
@@ -239,10 +264,12 @@ Result<Hasher> Hasher::create(HashAlgorithm algorithm) {
     impl->algorithm = algorithm;
     if (algorithm == HashAlgorithm::xxh3_128) {
         impl->xxh = XXH3_createState();
-        if (!impl->xxh) return Error{ErrorCode::io_error, "cannot allocate an XXH3 state"};
+        if (!impl->xxh)
+            return Error{ErrorCode::io_error, "cannot allocate an XXH3 state"};
     } else {
         const Libcrypto& lib = libcrypto();
-        if (!lib.error.empty()) return Error{ErrorCode::io_error, lib.error};
+        if (!lib.error.empty())
+            return Error{ErrorCode::io_error, lib.error};
         impl->md = lib.md_fetch(nullptr, evp_name(algorithm), nullptr);
         impl->ctx = lib.ctx_new();
         if (!impl->md || !impl->ctx) {
@@ -262,7 +289,8 @@ HashAlgorithm Hasher::algorithm() const {
 }
 
 void Hasher::update(std::span<const std::byte> bytes) {
-    if (bytes.empty()) return;
+    if (bytes.empty())
+        return;
     if (impl_->xxh) {
         impl_->failed |= XXH3_128bits_update(impl_->xxh, bytes.data(), bytes.size()) != XXH_OK;
     } else {
@@ -304,14 +332,16 @@ Result<Digest> Hasher::finish() {
 
 Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length) {
     auto hasher = Hasher::create(algorithm);
-    if (!hasher) return std::move(hasher).error();
+    if (!hasher)
+        return std::move(hasher).error();
     hasher->update_zeros(length);
     return hasher->finish();
 }
 
 Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     auto hasher = Hasher::create(options.algorithm);
-    if (!hasher) return std::move(hasher).error();
+    if (!hasher)
+        return std::move(hasher).error();
     PageReleaser releaser(image);
     // The visit only starts workers once it meets bytes to produce (compressed or read).
     auto ok = image.visit_runs(
@@ -330,7 +360,8 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
             }
             return {};
         });
-    if (!ok) return std::move(ok).error();
+    if (!ok)
+        return std::move(ok).error();
     return hasher->finish();
 }
 
@@ -378,7 +409,8 @@ class BlockHasher {
                     offset += n;
                     length -= n;
                     if (offset == current_.offset + current_.length) {
-                        if (auto done = end_block(out); !done) return done;
+                        if (auto done = end_block(out); !done)
+                            return done;
                         if (offset < end) {
                             begin_block(current_.index + 1, std::min(bs, size - offset));
                         }
@@ -403,7 +435,8 @@ class BlockHasher {
     Result<void> end_block(std::vector<BlockDigest>& out) {
         if (has_data_) {
             auto digest = hasher_.finish();
-            if (!digest) return std::move(digest).error();
+            if (!digest)
+                return std::move(digest).error();
             current_.digest = *digest;
         } else {
             current_.zero = true;
@@ -448,12 +481,15 @@ Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
                                  kMinHashBlockSize)};
     }
     const std::uint64_t size = image.size();
-    if (size == 0) return {};
+    if (size == 0)
+        return {};
     const std::uint64_t blocks = size / bs + (size % bs != 0);
     auto full_zero = zero_digest(options.algorithm, bs);
-    if (!full_zero) return std::move(full_zero).error();
+    if (!full_zero)
+        return std::move(full_zero).error();
     auto tail_zero = zero_digest(options.algorithm, size % bs == 0 ? bs : size % bs);
-    if (!tail_zero) return std::move(tail_zero).error();
+    if (!tail_zero)
+        return std::move(tail_zero).error();
 
     const std::uint64_t per_chunk = blocks_per_chunk(bs);
     const std::uint64_t chunks = blocks / per_chunk + (blocks % per_chunk != 0);
@@ -462,19 +498,23 @@ Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
 
     auto make_worker = [&]() -> Result<BlockHasher> {
         auto hasher = Hasher::create(options.algorithm);
-        if (!hasher) return std::move(hasher).error();
+        if (!hasher)
+            return std::move(hasher).error();
         return BlockHasher(image, options, std::move(*hasher), *full_zero, *tail_zero);
     };
 
     if (threads <= 1) {
         auto worker = make_worker();
-        if (!worker) return std::move(worker).error();
+        if (!worker)
+            return std::move(worker).error();
         std::vector<BlockDigest> digests;
         for (std::uint64_t c = 0; c < chunks; ++c) {
             auto ok = worker->run(c * per_chunk, per_chunk, digests);
-            if (!ok) return ok;
+            if (!ok)
+                return ok;
             for (const BlockDigest& d : digests) {
-                if (auto sunk = sink(d); !sunk) return sunk;
+                if (auto sunk = sink(d); !sunk)
+                    return sunk;
             }
         }
         return {};
@@ -496,7 +536,8 @@ Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
             changed.wait(lock, [&] {
                 return stopping || next_chunk >= chunks || next_chunk < emitted + ring.size();
             });
-            if (stopping || next_chunk >= chunks) return;
+            if (stopping || next_chunk >= chunks)
+                return;
             const std::uint64_t number = next_chunk++;
             lock.unlock();
             auto ok = worker.run(number * per_chunk, per_chunk, digests);
@@ -504,7 +545,8 @@ Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
             Chunk& slot = ring[number % ring.size()];
             slot.number = number;
             slot.digests.swap(digests);
-            if (!ok) slot.error = std::move(ok).error();
+            if (!ok)
+                slot.error = std::move(ok).error();
             slot.done = true;
             changed.notify_all();
         }

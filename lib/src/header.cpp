@@ -16,18 +16,22 @@ std::string ImageInfo::feature_name(FeatureName::Type type, unsigned bit) const 
         }
     }
     static constexpr std::array<const char*, 5> incompatible = {
-        "dirty bit", "corrupt bit", "external data file", "compression type", "extended L2 entries"};
+        "dirty bit", "corrupt bit", "external data file", "compression type",
+        "extended L2 entries"};
     static constexpr std::array<const char*, 1> compatible = {"lazy refcounts"};
     static constexpr std::array<const char*, 2> autoclear = {"bitmaps", "raw external data"};
     switch (type) {
     case FeatureName::Type::incompatible:
-        if (bit < incompatible.size()) return incompatible[bit];
+        if (bit < incompatible.size())
+            return incompatible[bit];
         break;
     case FeatureName::Type::compatible:
-        if (bit < compatible.size()) return compatible[bit];
+        if (bit < compatible.size())
+            return compatible[bit];
         break;
     case FeatureName::Type::autoclear:
-        if (bit < autoclear.size()) return autoclear[bit];
+        if (bit < autoclear.size())
+            return autoclear[bit];
         break;
     }
     return fmt::format("bit {}", bit);
@@ -44,15 +48,14 @@ constexpr unsigned kMaxClusterBits = 21;
 constexpr unsigned kMinExtendedL2ClusterBits = 14;
 constexpr std::uint32_t kV2HeaderLength = 72;
 constexpr std::uint32_t kMinV3HeaderLength = 104;
-constexpr std::uint64_t kMaxL1Bytes = 32 * 1024 * 1024;       // QCOW_MAX_L1_SIZE
+constexpr std::uint64_t kMaxL1Bytes = 32 * 1024 * 1024;           // QCOW_MAX_L1_SIZE
 constexpr std::uint64_t kMaxRefcountTableBytes = 8 * 1024 * 1024; // QCOW_MAX_REFTABLE_SIZE
-constexpr std::uint32_t kMaxSnapshots = 65536;                 // QCOW_MAX_SNAPSHOTS
-constexpr std::uint32_t kMaxBitmaps = 65535;                   // QCOW2_MAX_BITMAPS
+constexpr std::uint32_t kMaxSnapshots = 65536;                    // QCOW_MAX_SNAPSHOTS
+constexpr std::uint32_t kMaxBitmaps = 65535;                      // QCOW2_MAX_BITMAPS
 constexpr std::uint64_t kMaxBitmapDirectorySize = 1024ULL * kMaxBitmaps;
 constexpr std::uint32_t kMaxBackingNameLength = 1023;
-constexpr std::uint64_t kKnownIncompatible = kIncompatDirty | kIncompatCorrupt |
-                                             kIncompatDataFile | kIncompatCompressionType |
-                                             kIncompatExtendedL2;
+constexpr std::uint64_t kKnownIncompatible = kIncompatDirty | kIncompatCorrupt | kIncompatDataFile |
+                                             kIncompatCompressionType | kIncompatExtendedL2;
 
 // Header extension types (spec "Header extensions").
 constexpr std::uint32_t kExtEnd = 0x00000000;
@@ -69,9 +72,13 @@ constexpr std::size_t kBitmapDirectoryEntryHeader = 24;
 bool is_aligned(std::uint64_t value, std::uint64_t alignment) {
     return (value & (alignment - 1)) == 0;
 }
-std::uint64_t align_up8(std::uint64_t value) { return (value + 7) & ~std::uint64_t{7}; }
+std::uint64_t align_up8(std::uint64_t value) {
+    return (value + 7) & ~std::uint64_t{7};
+}
 
-Error header_error(std::string message) { return Error{ErrorCode::invalid_header, std::move(message)}; }
+Error header_error(std::string message) {
+    return Error{ErrorCode::invalid_header, std::move(message)};
+}
 
 std::string trim_feature_name(Bytes name) {
     auto text = as_text(name);
@@ -79,11 +86,11 @@ std::string trim_feature_name(Bytes name) {
 }
 
 // qemu's limits on a bitmap directory entry (block/qcow2-bitmap.c, BME_*).
-constexpr std::uint32_t kMaxBitmapTableSize = 0x8000000;      // BME_MAX_TABLE_SIZE (entries)
-constexpr std::uint64_t kMaxBitmapPhysicalSize = 0x20000000;  // BME_MAX_PHYS_SIZE (bytes)
-constexpr unsigned kMinGranularityBits = 9;                   // BME_MIN_GRANULARITY_BITS
-constexpr unsigned kMaxGranularityBits = 31;                  // BME_MAX_GRANULARITY_BITS
-constexpr std::uint32_t kMaxBitmapNameSize = 1023;            // BME_MAX_NAME_SIZE
+constexpr std::uint32_t kMaxBitmapTableSize = 0x8000000;     // BME_MAX_TABLE_SIZE (entries)
+constexpr std::uint64_t kMaxBitmapPhysicalSize = 0x20000000; // BME_MAX_PHYS_SIZE (bytes)
+constexpr unsigned kMinGranularityBits = 9;                  // BME_MIN_GRANULARITY_BITS
+constexpr unsigned kMaxGranularityBits = 31;                 // BME_MAX_GRANULARITY_BITS
+constexpr std::uint32_t kMaxBitmapNameSize = 1023;           // BME_MAX_NAME_SIZE
 constexpr std::uint32_t kKnownBitmapFlags = kBitmapInUse | kBitmapAuto | kBitmapExtraDataCompatible;
 constexpr std::uint8_t kDirtyTrackingBitmap = 1;
 
@@ -139,8 +146,8 @@ Result<void> check_bitmap_entry(const ImageState& state, const BitmapEntry& e) {
     // A table past the end of the file does not stop qemu from opening the image (its
     // check_dir_entry tests only alignment and size): the disk stays readable and the bitmap is
     // refused when it is used (DirtyBitmap::open slices the table), and `check` reports it.
-    const std::uint64_t expected = bitmap_table_entries(state.info.virtual_size,
-                                                        e.granularity_bits, state.cluster_bits);
+    const std::uint64_t expected =
+        bitmap_table_entries(state.info.virtual_size, e.granularity_bits, state.cluster_bits);
     if (expected != 0 && e.table_size != expected) {
         return bitmap_error(fmt::format("bitmap '{}' table has {} entries, but a virtual size of "
                                         "{} at granularity {} needs {}",
@@ -153,8 +160,8 @@ Result<void> check_bitmap_entry(const ImageState& state, const BitmapEntry& e) {
 /// The bitmap directory (spec "Bitmap directory"; qemu's bitmap_list_load): `count` entries,
 /// each 8-byte aligned with zero padding, filling exactly `directory_size` bytes, names unique.
 Result<void> parse_bitmap_directory(const ImageState& state, BitmapsExtension& ext) {
-    auto directory = slice(state.bytes, ext.directory_offset, ext.directory_size,
-                           "bitmap directory");
+    auto directory =
+        slice(state.bytes, ext.directory_offset, ext.directory_size, "bitmap directory");
     if (!directory) {
         return std::move(directory).error();
     }
@@ -205,7 +212,8 @@ Result<void> parse_bitmap_directory(const ImageState& state, BitmapsExtension& e
             if (b != std::byte{0}) {
                 return bitmap_error(fmt::format("bitmap directory entry {} ('{}'): padding byte "
                                                 "{:#04x} is not zero",
-                                                i, printable(e.name), std::to_integer<unsigned>(b)));
+                                                i, printable(e.name),
+                                                std::to_integer<unsigned>(b)));
             }
         }
         if (auto ok = check_bitmap_entry(state, e); !ok) {
@@ -311,8 +319,10 @@ Result<void> parse_snapshot_table(ImageState& state) {
         if (!extra) {
             return std::move(extra).error();
         }
-        if (snap.extra_data_size >= 8) snap.vm_state_size = load_be64(*extra, 0);
-        if (snap.extra_data_size >= 16) snap.virtual_size = load_be64(*extra, 8);
+        if (snap.extra_data_size >= 8)
+            snap.vm_state_size = load_be64(*extra, 0);
+        if (snap.extra_data_size >= 16)
+            snap.virtual_size = load_be64(*extra, 8);
         // An icount of -1 means none was recorded (qemu writes it outside replay mode).
         if (snap.extra_data_size >= 24 && load_be64(*extra, 16) != UINT64_MAX) {
             snap.icount = load_be64(*extra, 16);
@@ -356,8 +366,8 @@ Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint6
                                             "which runs past the extension area end {:#x}",
                                             type, at - 8, length, end));
         }
-        auto data = slice(state.bytes, at, length, "header extension data",
-                          ErrorCode::invalid_header);
+        auto data =
+            slice(state.bytes, at, length, "header extension data", ErrorCode::invalid_header);
         if (!data) {
             return std::move(data).error();
         }
@@ -386,9 +396,9 @@ Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint6
             break;
         case kExtFeatureNames:
             if (length % kFeatureNameEntrySize != 0) {
-                return header_error(fmt::format(
-                    "feature name table length {} is not a multiple of {}", length,
-                    kFeatureNameEntrySize));
+                return header_error(
+                    fmt::format("feature name table length {} is not a multiple of {}", length,
+                                kFeatureNameEntrySize));
             }
             for (std::size_t i = 0; i < length; i += kFeatureNameEntrySize) {
                 auto entry = data->subspan(i, kFeatureNameEntrySize);
@@ -404,9 +414,8 @@ Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint6
             break;
         case kExtBitmaps: {
             if (length != kBitmapsExtensionSize) {
-                return header_error(fmt::format(
-                    "bitmaps extension has length {} (expected {})", length,
-                    kBitmapsExtensionSize));
+                return header_error(fmt::format("bitmaps extension has length {} (expected {})",
+                                                length, kBitmapsExtensionSize));
             }
             // With autoclear bit 0 clear the extension may be stale (spec): its bitmaps are
             // listed as inconsistent, and a directory that no longer parses is remembered as
@@ -479,8 +488,8 @@ Result<void> parse_image(ImageState& state) {
                                  kMagic)};
     }
     if (file.size() < 8) {
-        return header_error(fmt::format("file is truncated: {} bytes, shorter than the header",
-                                        file.size()));
+        return header_error(
+            fmt::format("file is truncated: {} bytes, shorter than the header", file.size()));
     }
     info.version = load_be32(file, 4);
     if (info.version == 1) {
@@ -493,9 +502,9 @@ Result<void> parse_image(ImageState& state) {
     std::uint32_t min_length = info.version == 2 ? kV2HeaderLength : kMinV3HeaderLength;
     auto header = slice(file, 0, min_length, "header", ErrorCode::invalid_header);
     if (!header) {
-        return header_error(fmt::format(
-            "file is truncated: {} bytes, shorter than the {}-byte version {} header",
-            file.size(), min_length, info.version));
+        return header_error(
+            fmt::format("file is truncated: {} bytes, shorter than the {}-byte version {} header",
+                        file.size(), min_length, info.version));
     }
     Bytes h = *header;
     std::uint64_t backing_file_offset = load_be64(h, 8);
@@ -525,8 +534,8 @@ Result<void> parse_image(ImageState& state) {
         info.refcount_order = load_be32(h, 96);
         info.header_length = load_be32(h, 100);
         if (info.header_length < kMinV3HeaderLength) {
-            return header_error(fmt::format("header_length {} is less than {}",
-                                            info.header_length, kMinV3HeaderLength));
+            return header_error(fmt::format("header_length {} is less than {}", info.header_length,
+                                            kMinV3HeaderLength));
         }
         if (info.header_length % 8 != 0) {
             return header_error(
@@ -547,8 +556,7 @@ Result<void> parse_image(ImageState& state) {
     }
 
     if (info.refcount_order > 6) {
-        return header_error(
-            fmt::format("refcount_order {} is larger than 6", info.refcount_order));
+        return header_error(fmt::format("refcount_order {} is larger than 6", info.refcount_order));
     }
     if (info.crypt_method > 2) {
         return header_error(fmt::format("crypt_method {} is unknown", info.crypt_method));
@@ -572,10 +580,12 @@ Result<void> parse_image(ImageState& state) {
         std::string names;
         for (unsigned bit = 0; bit < 64; ++bit) {
             if (unknown & (std::uint64_t{1} << bit)) {
-                if (!names.empty()) names += ", ";
+                if (!names.empty())
+                    names += ", ";
                 std::string name = info.feature_name(FeatureName::Type::incompatible, bit);
-                names += name.starts_with("bit ") ? name
-                                                  : fmt::format("{} (bit {})", printable(name), bit);
+                names += name.starts_with("bit ")
+                             ? name
+                             : fmt::format("{} (bit {})", printable(name), bit);
             }
         }
         return Error{ErrorCode::unsupported_feature,
@@ -643,8 +653,8 @@ Result<void> parse_image(ImageState& state) {
     if (info.refcount_table_clusters == 0) {
         return Error{ErrorCode::invalid_table, "image has no refcount table (0 clusters)"};
     }
-    std::uint64_t refcount_table_bytes =
-        std::uint64_t{info.refcount_table_clusters} << info.cluster_bits;
+    std::uint64_t refcount_table_bytes = std::uint64_t{info.refcount_table_clusters}
+                                         << info.cluster_bits;
     if (refcount_table_bytes > kMaxRefcountTableBytes) {
         return Error{ErrorCode::invalid_table,
                      fmt::format("refcount table of {} clusters ({:#x} bytes) exceeds qemu's limit "
@@ -666,9 +676,8 @@ Result<void> parse_image(ImageState& state) {
 
     // Snapshot table: only located here; its entries are variable-length.
     if (info.snapshot_count > kMaxSnapshots) {
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("{} snapshots exceed qemu's limit of {}", info.snapshot_count,
-                                 kMaxSnapshots)};
+        return Error{ErrorCode::invalid_table, fmt::format("{} snapshots exceed qemu's limit of {}",
+                                                           info.snapshot_count, kMaxSnapshots)};
     }
     if (info.snapshot_count > 0) {
         if (!is_aligned(info.snapshots_offset, info.cluster_size) || info.snapshots_offset == 0) {
@@ -727,8 +736,8 @@ Result<void> select_snapshot(ImageState& state, const std::string& wanted) {
     }
     if (!found) {
         return Error{ErrorCode::invalid_argument,
-                     fmt::format("no snapshot with ID or name '{}' ({} snapshots)", printable(wanted),
-                                 state.info.snapshots.size())};
+                     fmt::format("no snapshot with ID or name '{}' ({} snapshots)",
+                                 printable(wanted), state.info.snapshots.size())};
     }
     auto l1 = l1_table(state, found->l1_table_offset, found->l1_size, found->virtual_size,
                        fmt::format("L1 table of snapshot '{}'", printable(found->name)));

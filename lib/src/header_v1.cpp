@@ -9,7 +9,9 @@ namespace {
 constexpr std::size_t kV1HeaderLength = 48;
 constexpr std::uint32_t kV1MaxBackingNameLength = 1023;
 
-Error header_error(std::string message) { return Error{ErrorCode::invalid_header, std::move(message)}; }
+Error header_error(std::string message) {
+    return Error{ErrorCode::invalid_header, std::move(message)};
+}
 
 } // namespace
 
@@ -34,8 +36,8 @@ Result<void> parse_v1_image(ImageState& state) {
     info.refcount_order = 0;
 
     if (info.virtual_size <= 1) {
-        return header_error(fmt::format("virtual size {} is too small (at least 2 bytes)",
-                                        info.virtual_size));
+        return header_error(
+            fmt::format("virtual size {} is too small (at least 2 bytes)", info.virtual_size));
     }
     if (info.cluster_bits < 9 || info.cluster_bits > 16) {
         return header_error(
@@ -65,8 +67,8 @@ Result<void> parse_v1_image(ImageState& state) {
     state.coffset_mask = (std::uint64_t{1} << state.csize_shift) - 1;
 
     const unsigned shift = info.cluster_bits + l2_bits;
-    const std::uint64_t l1_size =
-        (info.virtual_size >> shift) + ((info.virtual_size & ((std::uint64_t{1} << shift) - 1)) != 0);
+    const std::uint64_t l1_size = (info.virtual_size >> shift) +
+                                  ((info.virtual_size & ((std::uint64_t{1} << shift) - 1)) != 0);
     if (l1_size > INT32_MAX / 8) {
         return Error{ErrorCode::invalid_table,
                      fmt::format("virtual size {} needs an L1 table of {} entries (too large)",
@@ -85,8 +87,8 @@ Result<void> parse_v1_image(ImageState& state) {
             return header_error(fmt::format("backing file name of {} bytes exceeds {} bytes",
                                             backing_file_size, kV1MaxBackingNameLength));
         }
-        auto name = slice(state.bytes, backing_file_offset, backing_file_size,
-                          "backing file name", ErrorCode::invalid_header);
+        auto name = slice(state.bytes, backing_file_offset, backing_file_size, "backing file name",
+                          ErrorCode::invalid_header);
         if (!name) {
             return std::move(name).error();
         }

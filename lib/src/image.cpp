@@ -7,24 +7,37 @@ namespace qcowmap {
 
 std::string_view to_string(ErrorCode code) {
     switch (code) {
-    case ErrorCode::io_error: return "io_error";
-    case ErrorCode::not_qcow2: return "not_qcow2";
-    case ErrorCode::unsupported_version: return "unsupported_version";
-    case ErrorCode::invalid_header: return "invalid_header";
-    case ErrorCode::unsupported_feature: return "unsupported_feature";
-    case ErrorCode::encrypted: return "encrypted";
-    case ErrorCode::invalid_table: return "invalid_table";
-    case ErrorCode::invalid_cluster: return "invalid_cluster";
-    case ErrorCode::compressed_data: return "compressed_data";
-    case ErrorCode::out_of_range: return "out_of_range";
-    case ErrorCode::invalid_argument: return "invalid_argument";
+    case ErrorCode::io_error:
+        return "io_error";
+    case ErrorCode::not_qcow2:
+        return "not_qcow2";
+    case ErrorCode::unsupported_version:
+        return "unsupported_version";
+    case ErrorCode::invalid_header:
+        return "invalid_header";
+    case ErrorCode::unsupported_feature:
+        return "unsupported_feature";
+    case ErrorCode::encrypted:
+        return "encrypted";
+    case ErrorCode::invalid_table:
+        return "invalid_table";
+    case ErrorCode::invalid_cluster:
+        return "invalid_cluster";
+    case ErrorCode::compressed_data:
+        return "compressed_data";
+    case ErrorCode::out_of_range:
+        return "out_of_range";
+    case ErrorCode::invalid_argument:
+        return "invalid_argument";
     }
     return "unknown";
 }
 
 Image::Image(std::shared_ptr<const detail::ImageState> state) : state_(std::move(state)) {}
 
-const detail::ImageState& detail_state(const Image& image) { return *image.state_; }
+const detail::ImageState& detail_state(const Image& image) {
+    return *image.state_;
+}
 
 namespace {
 
@@ -43,15 +56,17 @@ std::filesystem::path relative_to_image(const std::filesystem::path& image,
     return named.is_absolute() ? named : image.parent_path() / named;
 }
 
-Result<std::shared_ptr<detail::ImageState>>
-open_layer(const std::filesystem::path& path, std::optional<std::string> format,
-           const OpenOptions& options, bool top, ChainWalk& walk);
+Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::path& path,
+                                                       std::optional<std::string> format,
+                                                       const OpenOptions& options, bool top,
+                                                       ChainWalk& walk);
 
 /// Opens a backing layer; problems with the file itself name it ("backing file PATH: ..."),
 /// problems further down the chain come back as they are.
-Result<std::shared_ptr<detail::ImageState>>
-open_backing(const std::filesystem::path& path, std::optional<std::string> format,
-             const OpenOptions& options, ChainWalk& walk) {
+Result<std::shared_ptr<detail::ImageState>> open_backing(const std::filesystem::path& path,
+                                                         std::optional<std::string> format,
+                                                         const OpenOptions& options,
+                                                         ChainWalk& walk) {
     const std::size_t depth = walk.names.size();
     auto layer = open_layer(path, std::move(format), options, false, walk);
     if (!layer && walk.names.size() <= depth + 1 &&
@@ -63,9 +78,10 @@ open_backing(const std::filesystem::path& path, std::optional<std::string> forma
     return layer;
 }
 
-Result<std::shared_ptr<detail::ImageState>>
-open_layer(const std::filesystem::path& path, std::optional<std::string> format,
-           const OpenOptions& options, bool top, ChainWalk& walk) {
+Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::path& path,
+                                                       std::optional<std::string> format,
+                                                       const OpenOptions& options, bool top,
+                                                       ChainWalk& walk) {
     if (format && *format != "raw" && *format != "qcow2" && *format != "qcow") {
         return Error{ErrorCode::unsupported_feature,
                      fmt::format("backing file format '{}' is not supported (raw and qcow2 are)",
@@ -80,7 +96,8 @@ open_layer(const std::filesystem::path& path, std::optional<std::string> format,
     for (std::size_t i = 0; i < walk.identities.size(); ++i) {
         if (walk.identities[i] == file->identity()) {
             std::string chain;
-            for (const std::string& n : walk.names) chain += detail::printable(n) + " -> ";
+            for (const std::string& n : walk.names)
+                chain += detail::printable(n) + " -> ";
             return Error{ErrorCode::invalid_table,
                          fmt::format("backing chain loops: {}{}", chain, detail::printable(name))};
         }
@@ -99,7 +116,8 @@ open_layer(const std::filesystem::path& path, std::optional<std::string> format,
     state->file = std::move(mapped);
     state->path = path;
 
-    const bool looks_qcow = state->bytes.size() >= 4 && detail::load_be32(state->bytes.data()) == kQcowMagic;
+    const bool looks_qcow =
+        state->bytes.size() >= 4 && detail::load_be32(state->bytes.data()) == kQcowMagic;
     if (raw_requested || (!format && !looks_qcow && !top)) {
         // A raw layer: every byte of the file is guest data (holes read as zeros).
         state->format = detail::LayerFormat::raw;
@@ -170,7 +188,8 @@ Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& 
     }
     // A raw top image is opened as a raw layer: open_layer's format argument is "raw" only then.
     std::optional<std::string> top_format;
-    if (options.format == "raw") top_format = "raw";
+    if (options.format == "raw")
+        top_format = "raw";
     auto state = open_layer(path, top_format, options, true, walk);
     if (!state) {
         return std::move(state).error();
@@ -279,9 +298,10 @@ bool Image::maps_bytes(std::span<const std::byte> bytes) const {
 }
 
 std::optional<FilePosition> Image::file_position(std::span<const std::byte> bytes) const {
-    auto locate = [&](const std::shared_ptr<const detail::MappedFile>& file)
-        -> std::optional<FilePosition> {
-        if (!file) return std::nullopt;
+    auto locate =
+        [&](const std::shared_ptr<const detail::MappedFile>& file) -> std::optional<FilePosition> {
+        if (!file)
+            return std::nullopt;
         auto mapped = file->bytes();
         // Compare as integers: the spans may belong to different objects.
         auto lo = reinterpret_cast<std::uintptr_t>(mapped.data());
@@ -292,8 +312,10 @@ std::optional<FilePosition> Image::file_position(std::span<const std::byte> byte
         return std::nullopt;
     };
     for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
-        if (auto found = locate(layer->file)) return found;
-        if (auto found = locate(layer->data_file)) return found;
+        if (auto found = locate(layer->file))
+            return found;
+        if (auto found = locate(layer->data_file))
+            return found;
     }
     return std::nullopt;
 }
@@ -309,10 +331,18 @@ std::vector<LayerInfo> Image::layers() const {
     return result;
 }
 
-std::uint64_t Image::size() const { return state_->disk_size; }
-const ImageInfo& Image::info() const { return state_->info; }
-const std::filesystem::path& Image::path() const { return state_->path; }
-std::span<const std::byte> Image::file_bytes() const { return state_->bytes; }
+std::uint64_t Image::size() const {
+    return state_->disk_size;
+}
+const ImageInfo& Image::info() const {
+    return state_->info;
+}
+const std::filesystem::path& Image::path() const {
+    return state_->path;
+}
+std::span<const std::byte> Image::file_bytes() const {
+    return state_->bytes;
+}
 
 ExtentIterator Image::extents(std::uint64_t start, std::uint64_t end) const {
     return ExtentIterator(state_, start, end);

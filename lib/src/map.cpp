@@ -53,8 +53,8 @@ Result<std::uint64_t> layer_refcount(const detail::ImageState& layer, std::uint6
     const unsigned block_bits = info.cluster_bits + 3 - order;
     const std::uint64_t table_index = cluster_index >> block_bits;
     const std::uint64_t block_index = cluster_index & ((std::uint64_t{1} << block_bits) - 1);
-    const std::uint64_t table_entries = (std::uint64_t{info.refcount_table_clusters}
-                                         << info.cluster_bits) / 8;
+    const std::uint64_t table_entries =
+        (std::uint64_t{info.refcount_table_clusters} << info.cluster_bits) / 8;
     if (table_index >= table_entries) {
         return std::uint64_t{0};
     }
@@ -77,17 +77,23 @@ Result<std::uint64_t> layer_refcount(const detail::ImageState& layer, std::uint6
     }
     const std::byte* p = block->data();
     switch (order) {
-    case 0: case 1: case 2: {
+    case 0:
+    case 1:
+    case 2: {
         // Sub-byte widths: bit 0 is the least significant bit of the byte (spec).
         const unsigned width = 1u << order;
         const std::uint64_t bit = block_index * width;
         unsigned byte = std::to_integer<unsigned>(p[bit / 8]);
         return std::uint64_t{(byte >> (bit % 8)) & ((1u << width) - 1)};
     }
-    case 3: return std::uint64_t{std::to_integer<unsigned>(p[block_index])};
-    case 4: return std::uint64_t{detail::load_be16(p + block_index * 2)};
-    case 5: return std::uint64_t{detail::load_be32(p + block_index * 4)};
-    default: return detail::load_be64(p + block_index * 8);
+    case 3:
+        return std::uint64_t{std::to_integer<unsigned>(p[block_index])};
+    case 4:
+        return std::uint64_t{detail::load_be16(p + block_index * 2)};
+    case 5:
+        return std::uint64_t{detail::load_be32(p + block_index * 4)};
+    default:
+        return detail::load_be64(p + block_index * 8);
     }
 }
 
@@ -132,11 +138,15 @@ Result<void> map_image(const Image& image, const MapOptions& options,
     // Whether each layer looks metadata-preallocated, worked out when first needed.
     std::vector<std::optional<bool>> preallocated;
     auto probe_layer = [&](std::uint32_t depth) -> const detail::ImageState* {
-        if (!options.probe_host_holes) return nullptr;
+        if (!options.probe_host_holes)
+            return nullptr;
         const detail::ImageState* layer = detail::layer_at(detail_state(image), depth);
-        if (!layer) return nullptr;
-        if (preallocated.size() <= depth) preallocated.resize(depth + 1);
-        if (!preallocated[depth]) preallocated[depth] = layer_preallocated(*layer);
+        if (!layer)
+            return nullptr;
+        if (preallocated.size() <= depth)
+            preallocated.resize(depth + 1);
+        if (!preallocated[depth])
+            preallocated[depth] = layer_preallocated(*layer);
         return *preallocated[depth] && layer->data_fd() >= 0 ? layer : nullptr;
     };
 
@@ -181,12 +191,14 @@ Result<void> map_image(const Image& image, const MapOptions& options,
             } else if (data_at < 0 || static_cast<std::uint64_t>(data_at) > host) {
                 hole = true;
                 until = data_at < 0 ? host_end
-                                    : std::min<std::uint64_t>(host_end, static_cast<std::uint64_t>(data_at));
+                                    : std::min<std::uint64_t>(host_end,
+                                                              static_cast<std::uint64_t>(data_at));
             } else {
                 off_t hole_at = ::lseek(probed->data_fd(), static_cast<off_t>(host), SEEK_HOLE);
                 hole = false;
                 until = hole_at < 0 ? host_end
-                                    : std::min<std::uint64_t>(host_end, static_cast<std::uint64_t>(hole_at));
+                                    : std::min<std::uint64_t>(host_end,
+                                                              static_cast<std::uint64_t>(hole_at));
             }
             MapEntry piece = entry;
             piece.start = extent.offset + (host - *extent.host_offset);

@@ -18,7 +18,8 @@ struct MappedFile::Impl {
     std::uint64_t device = 0;
     std::uint64_t inode = 0;
     ~Impl() {
-        if (fd >= 0) ::close(fd);
+        if (fd >= 0)
+            ::close(fd);
     }
 };
 
@@ -31,7 +32,9 @@ MappedFile::MappedFile(MappedFile&&) noexcept = default;
 MappedFile& MappedFile::operator=(MappedFile&&) noexcept = default;
 MappedFile::~MappedFile() = default;
 
-int MappedFile::fd() const { return impl_->fd; }
+int MappedFile::fd() const {
+    return impl_->fd;
+}
 std::pair<std::uint64_t, std::uint64_t> MappedFile::identity() const {
     return {impl_->device, impl_->inode};
 }

@@ -99,8 +99,8 @@ class Prefetcher {
         if (job.read_from) {
             return std::span<const std::byte>(job.buffer).first(piece_length);
         }
-        return std::span<const std::byte>(job.buffer).subspan(expected.offset_in_cluster,
-                                                              expected.length);
+        return std::span<const std::byte>(job.buffer)
+            .subspan(expected.offset_in_cluster, expected.length);
     }
 
     void release() {
@@ -180,7 +180,8 @@ class Prefetcher {
         for (;;) {
             Job* job = nullptr;
             changed_.wait(lock, [&] {
-                if (stopping_) return true;
+                if (stopping_)
+                    return true;
                 for (std::size_t i = 0; i < jobs_.size(); ++i) {
                     Job& candidate = jobs_[(scan + i) % jobs_.size()];
                     if (candidate.state == Job::State::queued) {
@@ -191,21 +192,24 @@ class Prefetcher {
                 }
                 return false;
             });
-            if (stopping_) return;
+            if (stopping_)
+                return;
             job->state = Job::State::working;
             lock.unlock();
             Result<void> ok;
             try {
                 ok = job->read_from
-                         ? detail::read_exactly(*job->read_from,
-                                        std::span<std::byte>(job->buffer).first(job->piece_length))
+                         ? detail::read_exactly(
+                               *job->read_from,
+                               std::span<std::byte>(job->buffer).first(job->piece_length))
                          : decompressor.decompress_cluster(image_, job->extent, job->buffer);
             } catch (const std::exception& e) {
                 // Out of memory building a message or a decoder: an error, not std::terminate.
                 ok = Error{ErrorCode::io_error, e.what()};
             }
             lock.lock();
-            if (!ok) job->error = std::move(ok).error();
+            if (!ok)
+                job->error = std::move(ok).error();
             job->state = Job::State::done;
             changed_.notify_all();
         }
@@ -221,8 +225,8 @@ class Prefetcher {
     std::optional<Extent> pending_; // a data extent being cut into pieces (caller thread only)
     std::uint64_t pending_next_ = 0;
     std::optional<FilePosition> pending_from_; // where pending_'s bytes start in their file
-    std::uint64_t queued_ = 0;   // jobs handed to workers (caller thread only)
-    std::uint64_t consumed_ = 0; // jobs handed to the visitor (caller thread only)
+    std::uint64_t queued_ = 0;                 // jobs handed to workers (caller thread only)
+    std::uint64_t consumed_ = 0;               // jobs handed to the visitor (caller thread only)
     bool stopping_ = false;
 };
 
@@ -230,14 +234,16 @@ class Prefetcher {
 class InlineProducer {
   public:
     Result<std::span<const std::byte>> decompress(const Image& image, const Extent& extent) {
-        if (!decompressor_) decompressor_.emplace();
+        if (!decompressor_)
+            decompressor_.emplace();
         return decompressor_->decompress(image, extent);
     }
 
     Result<std::span<const std::byte>> read(const FilePosition& position, std::size_t length) {
         buffer_.resize(kReadPieceBytes);
         auto out = std::span<std::byte>(buffer_).first(length);
-        if (auto ok = detail::read_exactly(position, out); !ok) return std::move(ok).error();
+        if (auto ok = detail::read_exactly(position, out); !ok)
+            return std::move(ok).error();
         return std::span<const std::byte>(out);
     }
 
@@ -256,7 +262,8 @@ Result<void> read_exactly(const FilePosition& position, std::span<std::byte> out
         const ssize_t n = ::pread(position.fd, out.data() + done, out.size() - done,
                                   static_cast<off_t>(position.offset + done));
         if (n < 0) {
-            if (errno == EINTR) continue;
+            if (errno == EINTR)
+                continue;
             return Error{ErrorCode::io_error,
                          fmt::format("cannot read {} bytes at file offset {:#x}: {}",
                                      out.size() - done, position.offset + done,
@@ -280,8 +287,8 @@ Result<void> Image::visit_runs_parallel(std::uint64_t start, std::uint64_t end, 
     return visit_runs(start, end, VisitOptions{threads, DataAccess::mapping}, visitor);
 }
 
-Result<void> Image::visit_runs(std::uint64_t start, std::uint64_t end,
-                               const VisitOptions& given, const RunVisitor& visitor) const {
+Result<void> Image::visit_runs(std::uint64_t start, std::uint64_t end, const VisitOptions& given,
+                               const RunVisitor& visitor) const {
     VisitOptions options = given;
     // More producers than this only add memory (4 jobs in flight per thread).
     options.threads = std::min(options.threads, kMaxProducerThreads);
@@ -294,7 +301,8 @@ Result<void> Image::visit_runs(std::uint64_t start, std::uint64_t end,
     while (it.next(extent)) {
         const auto read_from = read_source(*this, options, extent);
         if (extent.kind != ExtentKind::compressed && !read_from) {
-            auto bytes = extent.kind == ExtentKind::data ? extent.bytes : std::span<const std::byte>{};
+            auto bytes =
+                extent.kind == ExtentKind::data ? extent.bytes : std::span<const std::byte>{};
             if (auto ok = visitor(extent.offset, extent.length, bytes); !ok) {
                 return ok;
             }

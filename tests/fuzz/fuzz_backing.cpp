@@ -10,21 +10,21 @@
 #include <string_view>
 #include <vector>
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size) {
-    std::string_view all(reinterpret_cast<const char *>(data), size);
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    std::string_view all(reinterpret_cast<const char*>(data), size);
     std::vector<std::span<const std::byte>> files;
     constexpr std::string_view kSeparator = "\n--\n";
     while (files.size() < 4) {
         std::size_t end = files.size() == 3 ? std::string_view::npos : all.find(kSeparator);
         std::string_view part = all.substr(0, end);
-        files.emplace_back(reinterpret_cast<const std::byte *>(part.data()), part.size());
+        files.emplace_back(reinterpret_cast<const std::byte*>(part.data()), part.size());
         if (end == std::string_view::npos)
             break;
         all.remove_prefix(end + kSeparator.size());
     }
     qcowmap::OpenOptions options;
     options.backing_resolver =
-        [&](const std::string &name) -> std::optional<std::span<const std::byte>> {
+        [&](const std::string& name) -> std::optional<std::span<const std::byte>> {
         for (std::size_t i = 0; i < files.size(); ++i) {
             const std::string base = "f" + std::to_string(i);
             if (name == base || name == base + ".qcow2")

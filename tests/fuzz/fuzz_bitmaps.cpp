@@ -6,8 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size) {
-    std::span<const std::byte> bytes(reinterpret_cast<const std::byte *>(data), size);
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);
     qcowmap::OpenOptions options;
     options.backing = qcowmap::BackingMode::none;
     auto image = qcowmap::Image::open_bytes(bytes, options);
@@ -15,8 +15,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size
         return 0;
     }
     std::size_t sink = 0;
-    if (const auto &bitmaps = image->info().bitmaps) {
-        for (const std::string &name : bitmaps->names)
+    if (const auto& bitmaps = image->info().bitmaps) {
+        for (const std::string& name : bitmaps->names)
             sink += name.size();
         qcowmap::CheckOptions check_options;
         check_options.max_messages = 16;

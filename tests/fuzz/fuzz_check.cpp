@@ -5,8 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size) {
-    std::span<const std::byte> bytes(reinterpret_cast<const std::byte *>(data), size);
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);
     qcowmap::CheckOptions options;
     options.max_messages = 16;
     auto result = qcowmap::check_image(bytes, options);

@@ -37,7 +37,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         // Reads: a few windows derived from the input, 256 KiB in all.
         std::vector<std::byte> buffer(64 * 1024);
         for (std::size_t i = 0; i < 4; ++i) {
-            std::uint64_t offset = image->size() == 0 ? 0 : (size * 7919u * (i + 1)) % image->size();
+            std::uint64_t offset =
+                image->size() == 0 ? 0 : (size * 7919u * (i + 1)) % image->size();
             (void)image->read(buffer, offset);
         }
         (void)image->read(buffer, image->size() > buffer.size() ? image->size() - 100 : 0);

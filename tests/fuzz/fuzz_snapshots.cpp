@@ -5,8 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size) {
-    std::span<const std::byte> bytes(reinterpret_cast<const std::byte *>(data), size);
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    std::span<const std::byte> bytes(reinterpret_cast<const std::byte*>(data), size);
     qcowmap::OpenOptions options;
     options.backing = qcowmap::BackingMode::none;
     auto image = qcowmap::Image::open_bytes(bytes, options);
@@ -14,9 +14,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size
         return 0;
     }
     unsigned sink = 0;
-    const auto &snapshots = image->info().snapshots;
+    const auto& snapshots = image->info().snapshots;
     for (std::size_t i = 0; i < snapshots.size() && i < 8; ++i) {
-        for (const std::string *key : {&snapshots[i].id, &snapshots[i].name}) {
+        for (const std::string* key : {&snapshots[i].id, &snapshots[i].name}) {
             qcowmap::OpenOptions by_key = options;
             by_key.snapshot = *key;
             auto snap = qcowmap::Image::open_bytes(bytes, by_key);

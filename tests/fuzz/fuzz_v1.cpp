@@ -6,9 +6,9 @@
 #include <cstdint>
 #include <vector>
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size) {
-    std::vector<std::byte> bytes(reinterpret_cast<const std::byte *>(data),
-                                 reinterpret_cast<const std::byte *>(data) + size);
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    std::vector<std::byte> bytes(reinterpret_cast<const std::byte*>(data),
+                                 reinterpret_cast<const std::byte*>(data) + size);
     if (bytes.size() >= 8) {
         const std::byte header[8] = {std::byte{'Q'},  std::byte{'F'}, std::byte{'I'},
                                      std::byte{0xfb}, std::byte{0},   std::byte{0},

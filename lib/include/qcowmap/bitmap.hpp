@@ -30,7 +30,7 @@ struct BitmapRange {
 class BitmapRangeIterator {
   public:
     /// Produces the next range into `out`. Returns false at the end.
-    bool next(BitmapRange &out);
+    bool next(BitmapRange& out);
 
   private:
     friend class DirtyBitmap;
@@ -57,11 +57,11 @@ class BitmapRangeIterator {
 class DirtyExtentIterator {
   public:
     /// Produces the next extent into `out`. Returns false at the end or on error.
-    bool next(Extent &out);
+    bool next(Extent& out);
     /// True once an error stopped the walk.
     bool failed() const { return error_.has_value(); }
     /// The error that stopped the walk; only meaningful when `failed()`.
-    const Error &error() const { return *error_; }
+    const Error& error() const { return *error_; }
 
   private:
     friend class DirtyBitmap;
@@ -89,10 +89,10 @@ class DirtyBitmap {
     ///   autoclear bit 0 clear, unknown extra data without extra_data_compatible; the message
     ///   says which), or a bitmap table entry is malformed (reserved bits, unaligned offset,
     ///   all-ones flag beside an offset, data cluster past the end of the file).
-    static Result<DirtyBitmap> open(const Image &image, std::string_view name);
+    static Result<DirtyBitmap> open(const Image& image, std::string_view name);
 
     /// The directory entry: name, flags, granularity.
-    const BitmapEntry &entry() const { return *entry_; }
+    const BitmapEntry& entry() const { return *entry_; }
     /// Bytes of the disk covered by one bit.
     std::uint64_t granularity() const { return entry_->granularity(); }
     /// The virtual size the bitmap covers (the image's).
@@ -111,9 +111,9 @@ class DirtyBitmap {
     std::uint64_t dirty_bytes() const;
 
   private:
-    DirtyBitmap(Image image, const BitmapEntry *entry, std::span<const std::byte> table);
+    DirtyBitmap(Image image, const BitmapEntry* entry, std::span<const std::byte> table);
     Image image_;
-    const BitmapEntry *entry_; // inside image_.info(), which lives as long as image_
+    const BitmapEntry* entry_; // inside image_.info(), which lives as long as image_
     std::span<const std::byte> table_;
     std::uint64_t size_ = 0;
 };
@@ -131,6 +131,6 @@ struct BitmapSummary {
 /// reason it cannot be used. Empty when the image has no bitmaps extension (or a stale one whose
 /// directory no longer parses: see `BitmapsExtension::directory_error`). Reports bitmaps of the
 /// active disk even when `image` was opened at a snapshot (then `error` says so).
-std::vector<BitmapSummary> list_bitmaps(const Image &image);
+std::vector<BitmapSummary> list_bitmaps(const Image& image);
 
 } // namespace qcowmap

@@ -66,11 +66,11 @@ struct CheckOptions {
 /// of `Image::open_bytes` for a header or table that cannot be parsed (not_qcow2,
 /// unsupported_version, invalid_header, invalid_table, unsupported_feature), and
 /// unsupported_feature for qcow version 1 images, which keep no refcounts.
-Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions &options = {});
+Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions& options = {});
 
 /// Maps `path` read-only and checks it like the overload above. Errors: also io_error for a
 /// file that cannot be opened or mapped. The file must not be modified while it is checked.
-Result<CheckResult> check_image(const std::filesystem::path &path,
-                                const CheckOptions &options = {});
+Result<CheckResult> check_image(const std::filesystem::path& path,
+                                const CheckOptions& options = {});
 
 } // namespace qcowmap

@@ -97,11 +97,11 @@ struct Snapshot {
     std::string name; ///< the snapshot's name (its "tag" in qemu-img snapshot -l)
     std::uint64_t l1_table_offset = 0;
     std::uint32_t l1_size = 0;
-    std::uint32_t date_seconds = 0;     ///< when it was taken, seconds since the Epoch
-    std::uint32_t date_nanoseconds = 0; ///< ... and the subsecond part
+    std::uint32_t date_seconds = 0;         ///< when it was taken, seconds since the Epoch
+    std::uint32_t date_nanoseconds = 0;     ///< ... and the subsecond part
     std::uint64_t vm_clock_nanoseconds = 0; ///< guest run time when it was taken
-    std::uint64_t vm_state_size = 0;    ///< 64-bit field from the extra data when present
-    std::uint64_t virtual_size = 0;     ///< from the extra data, else the image's size
+    std::uint64_t vm_state_size = 0;        ///< 64-bit field from the extra data when present
+    std::uint64_t virtual_size = 0;         ///< from the extra data, else the image's size
     std::uint32_t extra_data_size = 0;
     std::optional<std::uint64_t> icount; ///< instruction count (extra data bytes 56-63)
 };

@@ -45,13 +45,13 @@ struct qcow2;
  * file names resolve against that path's directory, as qemu does. When the fd has no usable
  * path (a deleted or anonymous file) the image is mapped through /proc/self/fd/N itself and
  * relative backing file names cannot be found (the error names the path looked for). */
-struct qcow2 *qcow2_open(int fd, const char **error_ret);
+struct qcow2* qcow2_open(int fd, const char** error_ret);
 
 /** Releases `q`: unmaps the image and closes the fd given to qcow2_open(). NULL: no effect. */
-void qcow2_close(struct qcow2 *q);
+void qcow2_close(struct qcow2* q);
 
 /** The image's virtual size in bytes (0 for NULL). */
-uint64_t qcow2_get_size(struct qcow2 *q);
+uint64_t qcow2_get_size(struct qcow2* q);
 
 /** Copies at most `len` bytes of the virtual disk starting at `offset` into `dest`.
  *
@@ -61,14 +61,14 @@ uint64_t qcow2_get_size(struct qcow2 *q);
  * `dest`; EOVERFLOW: `len` above INT_MAX, which the int result cannot count; EIO: corrupt
  * tables or compressed data met on the way); the content of `dest` is then unspecified and
  * qcowmap_last_error() says what was wrong. */
-int qcow2_read(struct qcow2 *q, void *dest, size_t len, uint64_t offset);
+int qcow2_read(struct qcow2* q, void* dest, size_t len, uint64_t offset);
 
 /* ---- qcowmap extensions ------------------------------------------------------------------ */
 
 /** Options for qcowmap_open(); zero-initialise, then set what you need. */
 struct qcowmap_open_options {
     /** Read this internal snapshot (ID first, then name) instead of the active disk, or NULL. */
-    const char *snapshot;
+    const char* snapshot;
     /** Non-zero: ignore the backing file; unallocated ranges read as zeros. */
     int no_backing;
 };
@@ -76,12 +76,12 @@ struct qcowmap_open_options {
 /** Opens the image at `path` (relative backing names resolve against its directory).
  * `options` may be NULL. Returns NULL on failure, with errno and `*error_ret` as qcow2_open()
  * (no fd to close). Release with qcow2_close(). */
-struct qcow2 *qcowmap_open(const char *path, const struct qcowmap_open_options *options,
-                           const char **error_ret);
+struct qcow2* qcowmap_open(const char* path, const struct qcowmap_open_options* options,
+                           const char** error_ret);
 
 /** The message of the last failure of any function of this API on the calling thread, or ""
  * when none failed. Same lifetime as the `error_ret` message of qcow2_open(). */
-const char *qcowmap_last_error(void);
+const char* qcowmap_last_error(void);
 
 /** How the bytes of an extent are obtained. */
 enum qcowmap_extent_kind {
@@ -100,10 +100,10 @@ struct qcowmap_extent {
     /** DATA: the `length` bytes, straight from the mapping (no copy), valid until the iterator
      * is freed. COMPRESSED: the `length` decompressed bytes in a buffer owned by the iterator,
      * valid until the next qcowmap_extents_next() call. ZERO: NULL. */
-    const void *data;
+    const void* data;
     /** COMPRESSED: the compressed stream in the mapping (valid until the iterator is freed)
      * and its length in bytes. Otherwise NULL and 0. */
-    const void *compressed;
+    const void* compressed;
     size_t compressed_length;
     /** Non-zero when `host_offset` says where the run starts in its host file. */
     int has_host_offset;
@@ -116,18 +116,18 @@ struct qcowmap_extents;
 /** Starts a walk over `[start, min(end, size))` of `q` (pass UINT64_MAX as `end` for the rest
  * of the disk). The iterator keeps the image mapped: it may outlive qcow2_close(q). Returns
  * NULL with errno EINVAL (NULL `q`) or ENOMEM. */
-struct qcowmap_extents *qcowmap_extents_open(struct qcow2 *q, uint64_t start, uint64_t end);
+struct qcowmap_extents* qcowmap_extents_open(struct qcow2* q, uint64_t start, uint64_t end);
 
 /** Produces the next extent into `*out`. Returns 1 when it did, 0 at the end of the range,
  * -1 on error (errno EIO or EINVAL; qcowmap_extents_error() says what). After an error the
  * iterator stays failed and returns -1 again. */
-int qcowmap_extents_next(struct qcowmap_extents *it, struct qcowmap_extent *out);
+int qcowmap_extents_next(struct qcowmap_extents* it, struct qcowmap_extent* out);
 
 /** The error that stopped the walk, or NULL while none did. Owned by the iterator. */
-const char *qcowmap_extents_error(const struct qcowmap_extents *it);
+const char* qcowmap_extents_error(const struct qcowmap_extents* it);
 
 /** Releases the iterator (NULL: no effect). */
-void qcowmap_extents_free(struct qcowmap_extents *it);
+void qcowmap_extents_free(struct qcowmap_extents* it);
 
 #ifdef __cplusplus
 }

@@ -40,7 +40,7 @@ class Source {
     explicit Source(Image image) : image_(std::move(image)) {}
 
     /// Reads up to `n` bytes at the current position. Returns the count, or -1 at the end.
-    std::streamsize read(char *s, std::streamsize n) {
+    std::streamsize read(char* s, std::streamsize n) {
         const std::uint64_t size = image_.size();
         if (n <= 0) {
             return 0;
@@ -51,7 +51,7 @@ class Source {
         const std::uint64_t want =
             std::min<std::uint64_t>(static_cast<std::uint64_t>(n), size - position_);
         auto copied = image_.read(
-            std::span<std::byte>(reinterpret_cast<std::byte *>(s), static_cast<std::size_t>(want)),
+            std::span<std::byte>(reinterpret_cast<std::byte*>(s), static_cast<std::size_t>(want)),
             position_);
         if (!copied) {
             throw std::ios_base::failure(copied.error().message);
@@ -91,7 +91,7 @@ class Source {
     }
 
     /// The image read by this source.
-    const Image &image() const { return image_; }
+    const Image& image() const { return image_; }
 
   private:
     Image image_;
