@@ -106,5 +106,6 @@ std::string describe_bitmap(const BitmapEntry& entry);
 Command add_hash(CLI::App& app);
 Command add_compare(CLI::App& app);
 Command add_check(CLI::App& app);
+Command add_mount(CLI::App& app);
 
 } // namespace qcowmap::cli

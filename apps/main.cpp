@@ -10,8 +10,9 @@ int main(int argc, char** argv) {
     app.name("qcowmap");
     app.require_subcommand(1);
     app.set_version_flag("--version", "qcowmap 0.1.0");
-    const Command commands[] = {add_info(app),    add_map(app),  add_cat(app),     add_convert(app),
-                                add_bitmaps(app), add_hash(app), add_compare(app), add_check(app)};
+    const Command commands[] = {add_info(app),    add_map(app),     add_cat(app),
+                                add_convert(app), add_bitmaps(app), add_hash(app),
+                                add_compare(app), add_check(app),   add_mount(app)};
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
