@@ -38,6 +38,9 @@ constexpr const char* kDiskName = "disk";
 constexpr double kForever = 365.0 * 24 * 3600;
 /// st_blksize of the disk file: tools size their reads by it (cat, cp read 128 KiB or this).
 constexpr blksize_t kPreferredIo = 1 << 20;
+/// The largest read request: 1 MiB less 16 pages, room for libfuse's estimate of the pipe it
+/// splices a reply through (a page per buffer of the reply, plus the header).
+constexpr unsigned kMaxRequest = (1u << 20) - 16 * 4096;
 
 /// Zero runs are answered from here, in pieces of at most this size. Never written: its pages
 /// stay the kernel's shared zero page.
@@ -125,6 +128,11 @@ void on_init(void*, fuse_conn_info* conn) {
     // into memory first (libfuse leaves this off by default).
     if (conn->capable & FUSE_CAP_SPLICE_WRITE)
         conn->want |= FUSE_CAP_SPLICE_WRITE;
+    // The kernel's largest read request is max_write rounded up to pages (libfuse derives
+    // max_pages from it). Keep a reply and its header within a 1 MiB pipe (the default
+    // pipe-max-size): a larger one cannot be spliced, and libfuse then copies it through a
+    // buffer it allocates per request, ten times slower (measured).
+    conn->max_write = std::min<unsigned>(conn->max_write, kMaxRequest);
 }
 
 void on_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
