@@ -54,28 +54,19 @@ struct MountState {
     struct stat image_stat {};    ///< times shown on the disk file
 };
 
-// The two ways this file meets the extent walk, kept together so the API 1.0 change (range-for
-// over `ExtentRange`, `Extent::file`) is made here only.
-
 /// Calls `visit(extent)` for the extents of [start, end) in order while it returns true.
 /// Errors: those of the extent walk.
 template <typename Visit>
 Result<void> walk_extents(const Image& image, std::uint64_t start, std::uint64_t end,
                           Visit&& visit) {
-    ExtentIterator it = image.extents(start, end);
-    Extent extent;
-    while (it.next(extent)) {
+    ExtentRange extents = image.extents(start, end);
+    for (const Extent& extent : extents) {
         if (!visit(extent))
             return {};
     }
-    if (it.failed())
-        return it.error();
+    if (extents.error())
+        return *extents.error();
     return {};
-}
-
-/// Where a data extent's bytes live in a file (always, for images opened from files).
-std::optional<FilePosition> file_of(const Image& image, const Extent& extent) {
-    return image.file_position(extent.bytes);
 }
 
 const MountState& state_of(fuse_req_t req) {
@@ -237,8 +228,8 @@ void on_read(fuse_req_t req, fuse_ino_t inode, std::size_t size, off_t off, fuse
         const auto length = static_cast<std::size_t>(extent.length);
         switch (extent.kind) {
         case ExtentKind::data:
-            if (auto where = file_of(state.image, extent)) {
-                scratch.pieces.push_back(file_piece(*where, length));
+            if (extent.file) {
+                scratch.pieces.push_back(file_piece(*extent.file, length));
             } else {
                 scratch.pieces.push_back(memory_piece(extent.bytes.data(), length));
             }
