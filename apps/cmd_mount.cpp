@@ -321,6 +321,20 @@ void on_read(fuse_req_t req, fuse_ino_t inode, std::size_t size, off_t off, fuse
         reply_error(req, state, *failure);
         return;
     }
+    // libfuse answers a splice that meets the end of its file with a short reply, and the
+    // kernel takes a short read for the end of the disk (and shrinks the file it caches):
+    // a truncated image would read as a silently shorter disk. Check the files first, and say
+    // what happened instead. (A file cut between this check and the splice still reads short.)
+    for (const fuse_buf& piece : scratch.pieces) {
+        struct stat st {};
+        if ((piece.flags & FUSE_BUF_IS_FD) &&
+            (::fstat(piece.fd, &st) != 0 ||
+             static_cast<std::uint64_t>(st.st_size) <
+                 static_cast<std::uint64_t>(piece.pos) + piece.size)) {
+            reply_error(req, state, Error{ErrorCode::io_error, kImageChanged});
+            return;
+        }
+    }
 
     // fuse_bufvec ends in a one-element array that libfuse indexes past, as a flexible array.
     const std::size_t count = scratch.pieces.size();

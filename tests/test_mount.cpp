@@ -650,6 +650,31 @@ TEST_F(Mount, BackgroundDaemonEndsWithExitZeroOnUmount) {
     EXPECT_FALSE(is_mounted(mountpoint_));
 }
 
+TEST_F(Mount, ImageTruncatedWhileMountedGivesEioNotAShortDisk) {
+    auto image = dir_ / "cut.qcow2";
+    // One data run of 4 MiB that starts right after the metadata; the tables stay in the file.
+    test::make_image(image, "cluster_size=64k", "8M", {"write -P 0x5a 0 4M"});
+    ForegroundMount mount(image, mountpoint_);
+    ASSERT_TRUE(mount.ready()) << mount.log();
+    fs::resize_file(image, 1 * MiB);
+
+    int fd = ::open(disk().c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    std::vector<std::byte> buffer(MiB);
+    std::uint64_t total_read = 0;
+    ssize_t n = 0;
+    int error = 0;
+    while ((n = ::read(fd, buffer.data(), buffer.size())) > 0)
+        total_read += static_cast<std::uint64_t>(n);
+    error = errno;
+    ::close(fd);
+    // What is still in the file may be read; the rest fails loudly, never as an early end.
+    EXPECT_EQ(n, -1) << "read " << total_read << " bytes, then end of file";
+    EXPECT_EQ(error, EIO);
+    EXPECT_LT(total_read, 1 * MiB);
+    EXPECT_NE(mount.log().find("image changed while being read"), std::string::npos) << mount.log();
+}
+
 /// One line, "qcowmap: SUBJECT: ...".
 void expect_one_error_line(const std::string& err, const std::string& subject) {
     EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
