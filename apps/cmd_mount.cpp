@@ -11,8 +11,6 @@
 
 #include "cli.hpp"
 
-#include <fmt/format.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstdarg>
@@ -343,7 +341,7 @@ void on_read(fuse_req_t req, fuse_ino_t inode, std::size_t size, off_t off, fuse
     vector->count = count;
     std::memcpy(scratch.vector_storage.data() + offsetof(fuse_bufvec, buf), scratch.pieces.data(),
                 count * sizeof(fuse_buf));
-    fuse_reply_data(req, vector, FUSE_BUF_SPLICE_NONBLOCK);
+    fuse_reply_data(req, vector, static_cast<fuse_buf_copy_flags>(0));
     GUARD_END
 }
 
