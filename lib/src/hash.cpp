@@ -343,10 +343,13 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     if (!hasher)
         return std::move(hasher).error();
     PageReleaser releaser(image);
+    if (options.progress)
+        options.progress(0, image.size());
     // The visit only starts workers once it meets bytes to produce (compressed or read).
     auto ok = image.visit_runs(
         0, UINT64_MAX, VisitOptions{resolve_threads(options.threads), options.data_access},
-        [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes) -> Result<void> {
+        [&](std::uint64_t offset, std::uint64_t length,
+            std::span<const std::byte> bytes) -> Result<void> {
             if (bytes.empty()) {
                 hasher->update_zeros(length);
             } else {
@@ -358,6 +361,8 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
                     releaser.consumed(piece);
                 }
             }
+            if (options.progress)
+                options.progress(offset + length, image.size());
             return {};
         });
     if (!ok)
