@@ -91,12 +91,12 @@ Command add_cat(CLI::App& app) {
                 const std::uint64_t to = length > UINT64_MAX - from ? UINT64_MAX : from + length;
                 bool write_failed = false;
                 Output output;
-                auto result = image->visit_runs_parallel(
-                    from, to, worker_threads(),
-                    [&](std::uint64_t, std::uint64_t run_length,
-                        std::span<const std::byte> bytes) -> Result<void> {
-                        if (!bytes.empty()) {
-                            if (!output.put(bytes, image->maps_bytes(bytes))) {
+                auto result = image->visit(
+                    from, to,
+                    [&](const Run& run) -> Result<void> {
+                        std::uint64_t run_length = run.length;
+                        if (!run.bytes.empty()) {
+                            if (!output.put(run.bytes, run.mapped)) {
                                 // The kernel reading our mapping for write() faults with EFAULT
                                 // when the image was truncated under us.
                                 if (errno == EFAULT) {
@@ -116,7 +116,8 @@ Command add_cat(CLI::App& app) {
                             run_length -= n;
                         }
                         return {};
-                    });
+                    },
+                    VisitOptions{worker_threads(), DataAccess::mapping});
                 if (!result) {
                     return write_failed
                                ? report("<stdout>", result.error().message, kExitOutputError)

@@ -45,10 +45,8 @@ void append_json_entry(std::string& out, const MapEntry& e) {
 int print_bitmap_ranges(const DirtyBitmap& bitmap, std::uint64_t start, std::uint64_t end,
                         bool json) {
     std::string out = json ? "[" : fmt::format("{:<16}{:<16}{}\n", "Offset", "Length", "Dirty");
-    BitmapRangeIterator ranges = bitmap.ranges(start, end);
-    BitmapRange r;
     bool first = true;
-    while (ranges.next(r)) {
+    for (const BitmapRange& r : bitmap.ranges(start, end)) {
         if (json) {
             if (!first)
                 out += ",\n";

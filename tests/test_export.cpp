@@ -198,7 +198,7 @@ TEST_F(Export, MapDirtyIsMapImageOfEachDirtyRange) {
         std::vector<MapEntry> expected;
         auto ranges =
             bitmap->dirty_ranges(start, length > UINT64_MAX - start ? UINT64_MAX : start + length);
-        for (BitmapRange r; ranges.next(r);) {
+        for (const BitmapRange& r : ranges) {
             MapOptions one{r.offset, r.length};
             ASSERT_TRUE(map_image(image, one, [&](const MapEntry& e) -> Result<void> {
                 expected.push_back(e);

@@ -203,31 +203,31 @@ Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
 /// Writes runs of the disk to a target; shared by the whole-disk and the dirty-range exports.
 class Writer {
   public:
-    Writer(const Image& image, int fd, Target::Kind kind, std::uint64_t zero_block)
-        : image_(image), fd_(fd), kind_(kind), zero_block_(zero_block) {}
+    Writer(int fd, Target::Kind kind, std::uint64_t zero_block)
+        : fd_(fd), kind_(kind), zero_block_(zero_block) {}
 
-    /// A data run (`bytes` holds its `length` bytes) at `offset`. Without zero detection, data
-    /// that lies in one of the image's files is copied inside the kernel instead.
-    Result<void> data(std::uint64_t offset, std::span<const std::byte> bytes) {
+    /// A data run at its offset, its bytes as the visit produced them. Without zero detection
+    /// (and onto block devices), data that lies in one of the image's files is copied inside
+    /// the kernel from the file position the run carries.
+    Result<void> data(const Run& run) {
+        const std::span<const std::byte> bytes = run.bytes;
         if (kind_ == Target::Kind::stream) {
             return write_all(fd_, bytes.data(), bytes.size()) ? Result<void>{} : failed();
         }
-        if (zero_block_ == 0 || kind_ == Target::Kind::block_device) {
-            if (auto from = image_.file_position(bytes)) {
-                switch (copy_range(*from, fd_, offset, bytes.size(), buffer_)) {
-                case CopyResult::ok:
-                    return {};
-                case CopyResult::source_changed:
-                    return Error{ErrorCode::io_error,
-                                 "image changed while being read (the file shrank under its "
-                                 "mapping)"};
-                case CopyResult::target_failed:
-                    return failed();
-                }
+        if ((zero_block_ == 0 || kind_ == Target::Kind::block_device) && run.file) {
+            switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_)) {
+            case CopyResult::ok:
+                return {};
+            case CopyResult::source_changed:
+                return Error{ErrorCode::io_error,
+                             "image changed while being read (the file shrank under its "
+                             "mapping)"};
+            case CopyResult::target_failed:
+                return failed();
             }
         }
         const std::uint64_t block = kind_ == Target::Kind::file ? zero_block_ : 0;
-        if (!pwrite_sparse(fd_, bytes.data(), bytes.size(), offset, block))
+        if (!pwrite_sparse(fd_, bytes.data(), bytes.size(), run.offset, block))
             return failed();
         return {};
     }
@@ -257,7 +257,6 @@ class Writer {
         return errno_error(errno);
     }
 
-    const Image& image_;
     int fd_;
     Target::Kind kind_;
     std::uint64_t zero_block_;
@@ -303,7 +302,7 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
             return fail_target(errno_error(errno), where);
         }
     }
-    Writer writer(image, fd, target->kind, options.zero_block);
+    Writer writer(fd, target->kind, options.zero_block);
     if (options.progress)
         options.progress(0, size);
     // Without zero detection (or onto a block device) data runs in files are copied inside
@@ -314,17 +313,18 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
                         target->kind == Target::Kind::block_device;
     const VisitOptions visit{resolve_threads(options.threads),
                              copies ? DataAccess::mapping : options.data_access};
-    auto result = image.visit_runs(0, UINT64_MAX, visit,
-                                   [&](std::uint64_t offset, std::uint64_t length,
-                                       std::span<const std::byte> bytes) -> Result<void> {
-                                       auto ok = bytes.empty() ? writer.zeros(offset, length, false)
-                                                               : writer.data(offset, bytes);
-                                       if (!ok)
-                                           return ok;
-                                       if (options.progress)
-                                           options.progress(offset + length, size);
-                                       return {};
-                                   });
+    auto result = image.visit(
+        0, UINT64_MAX,
+        [&](const Run& run) -> Result<void> {
+            auto ok =
+                run.bytes.empty() ? writer.zeros(run.offset, run.length, false) : writer.data(run);
+            if (!ok)
+                return ok;
+            if (options.progress)
+                options.progress(run.offset + run.length, size);
+            return {};
+        },
+        visit);
     if (!result && where)
         where->target = writer.target_failed();
     return result;
@@ -349,29 +349,27 @@ Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
                                              target->size, image.size())},
                            where);
     }
-    Writer writer(image, fd, target->kind, 0);
+    Writer writer(fd, target->kind, 0);
     const std::uint64_t total = bitmap.dirty_bytes();
     std::uint64_t done = 0;
     if (options.progress)
         options.progress(0, total);
-    // Data is copied inside the kernel: the visit hands out spans of the mapping, whose file
-    // positions the writer looks up.
+    // Data is copied inside the kernel, from the file positions the runs carry.
     const VisitOptions visit{resolve_threads(options.threads), DataAccess::mapping};
-    auto visitor = [&](std::uint64_t offset, std::uint64_t length,
-                       std::span<const std::byte> bytes) -> Result<void> {
-        auto ok = bytes.empty() ? writer.zeros(offset, length, true) : writer.data(offset, bytes);
+    auto visitor = [&](const Run& run) -> Result<void> {
+        auto ok = run.bytes.empty() ? writer.zeros(run.offset, run.length, true) : writer.data(run);
         if (!ok)
             return ok;
-        done += length;
+        done += run.length;
         if (options.progress)
             options.progress(done, total);
         return {};
     };
     Result<void> result;
-    BitmapRangeIterator ranges = bitmap.dirty_ranges();
-    BitmapRange range;
-    while (result && ranges.next(range)) {
-        result = image.visit_runs(range.offset, range.offset + range.length, visit, visitor);
+    for (const BitmapRange& range : bitmap.dirty_ranges()) {
+        result = image.visit(range.offset, range.offset + range.length, visitor, visit);
+        if (!result)
+            break;
     }
     if (!result && where)
         where->target = writer.target_failed();

@@ -160,11 +160,12 @@ Result<void> map_dirty(const Image& image, const DirtyBitmap& bitmap, const MapO
     // clipped to the dirty ranges. Clipping a merged entry gives what mapping each dirty range
     // on its own would (host offsets continue inside an entry), without redoing the walk's
     // setup for every range.
-    BitmapRangeIterator ranges = bitmap.dirty_ranges(start, end);
-    BitmapRange range;
-    bool have = ranges.next(range);
-    if (!have)
+    BitmapRanges ranges = bitmap.dirty_ranges(start, end);
+    auto next_range = ranges.begin();
+    if (next_range == std::default_sentinel)
         return {};
+    BitmapRange range = *next_range;
+    bool have = true;
     MapOptions walk = options;
     walk.start = range.offset;
     walk.length = end - range.offset;
@@ -185,7 +186,9 @@ Result<void> map_dirty(const Image& image, const DirtyBitmap& bitmap, const MapO
             }
             if (r_end > e_end)
                 break; // the range goes on into the next entry
-            have = ranges.next(range);
+            have = ++next_range != std::default_sentinel;
+            if (have)
+                range = *next_range;
         }
         return have ? Walk::more : Walk::stop; // nothing dirty is left: the walk can end
     });
@@ -239,9 +242,8 @@ Result<void> map_walk(const Image& image, const MapOptions& options, const WalkS
         return Walk::more;
     };
 
-    ExtentIterator it = image.extents(start, end);
-    Extent extent;
-    while (it.next(extent)) {
+    ExtentRange extents = image.extents(start, end);
+    for (const Extent& extent : extents) {
         MapEntry entry = entry_of(extent);
         const detail::ImageState* probed =
             extent.kind == ExtentKind::data ? probe_layer(extent.depth) : nullptr;
@@ -288,8 +290,8 @@ Result<void> map_walk(const Image& image, const MapOptions& options, const WalkS
             host = until;
         }
     }
-    if (it.failed()) {
-        return it.error();
+    if (extents.error()) {
+        return *extents.error();
     }
     if (current.length > 0) {
         if (auto more = sink(current); !more)

@@ -54,7 +54,7 @@ struct ExportError {
 /// Nothing is written when `fd` is the image itself, one of its layers or its data file.
 /// Errors: invalid_argument (bad `zero_block`; a target that is the image's own file, or a
 /// block device smaller than the disk), io_error when writing fails (`error->target` set),
-/// and the errors of `Image::visit_runs` (`error->target` clear).
+/// and the errors of `Image::visit` (`error->target` clear).
 Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {},
                         ExportError* error = nullptr);
 
