@@ -565,6 +565,14 @@ Command add_mount(CLI::App& app) {
                  "background until `umount MOUNTPOINT`");
     auto args = std::make_shared<MountArgs>();
     args->image.add_to(*command);
+    // -f keeps its meaning in FUSE tools here (libfuse -f, sshfs -f): foreground. The image format
+    // is --format only.
+    command->remove_option(command->get_option("--format"));
+    command
+        ->add_option("--format", args->image.format,
+                     "Format of the image: qcow2 (the default) or raw")
+        ->check(one_of({"qcow2", "raw"}))
+        ->option_text("FMT");
     command->add_option("MOUNTPOINT", args->mountpoint, "Directory to mount the disk on")
         ->required();
     command->add_flag("-f,--foreground", args->foreground,
