@@ -1,5 +1,6 @@
 // qcowmap convert: a sparse raw copy of the virtual disk.
 #include "cli.hpp"
+#include "convert_qcow2.hpp"
 
 #include <qcowmap/bitmap.hpp>
 
@@ -261,8 +262,18 @@ Command add_convert(CLI::App& app) {
     command->add_option("--bitmap", *bitmap,
                         "Incremental sync: apply only the ranges this dirty bitmap marks dirty "
                         "onto OUTPUT, an existing raw copy of the same size");
+    auto out_format = std::make_shared<std::string>("raw");
+    command->add_option("-O", *out_format, "Output format: raw (default) or qcow2")
+        ->check(CLI::IsMember({"raw", "qcow2"}));
+    auto qcow2 = add_qcow2_options(*command);
     return {
         command, [=] {
+            if (*out_format == "qcow2") {
+                return convert_qcow2(*args, *qcow2, *bitmap, *output, *force, *progress);
+            }
+            if (qcow2_options_given(*qcow2)) {
+                return report(args->path, "-c, -o, -B and -F need -O qcow2", kExitUsage);
+            }
             if (!bitmap->empty()) {
                 return convert_incremental(*args, *bitmap, *output, *progress);
             }
