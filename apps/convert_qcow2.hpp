@@ -11,10 +11,10 @@ namespace qcowmap::cli {
 
 /// The options only `convert -O qcow2` takes.
 struct Qcow2ConvertArgs {
-    bool compress = false;                 ///< -c
-    std::vector<std::string> create_opts;  ///< -o (may be given more than once)
-    std::string backing;                   ///< -B
-    std::string backing_format;            ///< -F
+    bool compress = false;                ///< -c
+    std::vector<std::string> create_opts; ///< -o (may be given more than once)
+    std::string backing;                  ///< -B
+    std::string backing_format;           ///< -F
 };
 
 /// Adds -c, -o, -B and -F to the convert command; they are refused without `-O qcow2`.

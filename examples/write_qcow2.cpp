@@ -18,12 +18,12 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "%s: %s\n", argv[1], image.error().message.c_str());
         return 1;
     }
-    qcowmap::WriteOptions options;                                 // 64 KiB clusters, v3
-    options.compress = true;                                       // zlib, on every core
+    qcowmap::WriteOptions options; // 64 KiB clusters, v3
+    options.compress = true;       // zlib, on every core
     if (argc == 5) {
         options.selection = qcowmap::WriteSelection::bitmap_dirty; // only the dirty clusters
         options.bitmap = argv[4];
-        options.backing_file = argv[3];                            // stored as given
+        options.backing_file = argv[3]; // stored as given
         options.backing_format = "qcow2";
     }
     // Written under a temporary name and renamed into place once complete and synced.

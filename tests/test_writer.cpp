@@ -12,12 +12,12 @@
 
 #include <algorithm>
 #include <csignal>
-#include <functional>
-#include <thread>
 #include <cstring>
 #include <fcntl.h>
+#include <functional>
 #include <random>
 #include <sys/wait.h>
+#include <thread>
 #include <unistd.h>
 #include <zlib.h>
 #include <zstd.h>
@@ -320,9 +320,9 @@ std::vector<SourceCase> source_cases() {
             make_image(source, options, size, io);
         };
     };
-    const std::vector<std::string> writes = {
-        "write -P 0xab 0 100k", "write -z 256k 64k", "write -P 0 512k 64k",
-        "write -P 0x11 1M 4k",  "write -c 2M 64k",   "write -P 0x22 3000k 300k"};
+    const std::vector<std::string> writes = {"write -P 0xab 0 100k", "write -z 256k 64k",
+                                             "write -P 0 512k 64k",  "write -P 0x11 1M 4k",
+                                             "write -c 2M 64k",      "write -P 0x22 3000k 300k"};
     std::vector<SourceCase> cases = {
         {"v3", plain("", "4M", writes)},
         {"v2", plain("compat=0.10", "4M", writes)},
@@ -336,14 +336,14 @@ std::vector<SourceCase> source_cases() {
         {"falloc", plain("preallocation=falloc", "2M", {"write -P 0x9 1M 64k"})},
         {"compressed_zstd", plain("compression_type=zstd", "4M", writes)},
     };
-    cases.push_back({"qcow_v1", [](const TempDir& dir, fs::path& source, std::string&,
-                                   std::string&) {
-                         source = dir / "v1.qcow";
-                         run_ok("qemu-img create -q -f qcow " + q(source) + " 4M");
-                         run_ok("qemu-io -f qcow -c 'write -P 0x31 0 100k' -c 'write -P 0x32 "
-                                "2M 64k' " +
-                                q(source) + " >/dev/null");
-                     }});
+    cases.push_back(
+        {"qcow_v1", [](const TempDir& dir, fs::path& source, std::string&, std::string&) {
+             source = dir / "v1.qcow";
+             run_ok("qemu-img create -q -f qcow " + q(source) + " 4M");
+             run_ok("qemu-io -f qcow -c 'write -P 0x31 0 100k' -c 'write -P 0x32 "
+                    "2M 64k' " +
+                    q(source) + " >/dev/null");
+         }});
     cases.push_back(
         {"chain_qcow2_over_raw",
          [](const TempDir& dir, fs::path& source, std::string&, std::string&) {
@@ -355,15 +355,15 @@ std::vector<SourceCase> source_cases() {
                     q(dir / "mid.qcow2") + " >/dev/null");
              source = dir / "top.qcow2";
              run_ok("qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 " + q(source) + " 6M");
-             run_ok("qemu-io -f qcow2 -c 'write -P 0x43 5M 64k' -c 'discard 1M 64k' " +
-                    q(source) + " >/dev/null");
+             run_ok("qemu-io -f qcow2 -c 'write -P 0x43 5M 64k' -c 'discard 1M 64k' " + q(source) +
+                    " >/dev/null");
          }});
-    cases.push_back({"data_file", [](const TempDir& dir, fs::path& source, std::string&,
-                                     std::string&) {
-                         source = dir / "df.qcow2";
-                         make_image(source, "data_file=" + (dir / "df.data").string(), "4M",
-                                    {"write -P 0x51 64k 1M", "write -z 2M 64k"});
-                     }});
+    cases.push_back(
+        {"data_file", [](const TempDir& dir, fs::path& source, std::string&, std::string&) {
+             source = dir / "df.qcow2";
+             make_image(source, "data_file=" + (dir / "df.data").string(), "4M",
+                        {"write -P 0x51 64k 1M", "write -z 2M 64k"});
+         }});
     return cases;
 }
 
@@ -474,8 +474,7 @@ TEST(Writer, FullBackupAndThreeIncrementalsRestoreEachPoint) {
 
     const std::vector<std::vector<std::string>> periods = {
         {"write -P 0x22 1M 64k", "write -z 4M 1M", "discard 6M 128k", "write -P 0x33 60M 4k"},
-        {"write -P 0x44 100k 10k", "write -P 0 31M 64k", "discard 30M 128k",
-         "write -z 1M 64k"},
+        {"write -P 0x44 100k 10k", "write -P 0 31M 64k", "discard 30M 128k", "write -z 1M 64k"},
         {"write -P 0x55 40M 3M", "write -z 40M 64k", "discard 0 64k", "write -P 0x66 63M 1M"},
     };
     std::string previous = "full.qcow2";
@@ -570,8 +569,8 @@ TEST(Writer, BadOptionsGetOneLineErrors) {
     };
     for (const auto& [options, message] : cases) {
         SCOPED_TRACE(options);
-        CommandResult r = run(cli() + " convert " + options + " " + q(source) + " " +
-                              q(dir / "out.qcow2"));
+        CommandResult r =
+            run(cli() + " convert " + options + " " + q(source) + " " + q(dir / "out.qcow2"));
         EXPECT_EQ(r.exit_code, 2);
         EXPECT_NE(r.err.find(message), std::string::npos) << r.err;
         EXPECT_EQ(r.err.rfind("qcowmap: ", 0), 0u) << r.err;
@@ -581,7 +580,8 @@ TEST(Writer, BadOptionsGetOneLineErrors) {
     CommandResult r = run(cli() + " convert -O qcow2 -B b -F qcow2 --bitmap=nope " + q(source) +
                           " " + q(dir / "out.qcow2"));
     EXPECT_EQ(r.exit_code, 1);
-    EXPECT_EQ(r.err, "qcowmap: " + source.string() + ": no bitmap named 'nope': the image has no bitmaps\n");
+    EXPECT_EQ(r.err, "qcowmap: " + source.string() +
+                         ": no bitmap named 'nope': the image has no bitmaps\n");
     EXPECT_FALSE(fs::exists(dir / "out.qcow2"));
 }
 

@@ -1,5 +1,7 @@
 #include "cluster_compressor.hpp"
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 #include <zlib.h>
 #include <zstd.h>
@@ -27,11 +29,11 @@ struct ClusterCompressor::Impl {
             return;
         }
 #if QCOWMAP_HAVE_ISAL
-        isal_level_buffer.resize(ISAL_DEF_LVL1_DEFAULT);
+        isal_level_buffer.resize(
+            std::max<std::size_t>(ISAL_DEF_LVL1_DEFAULT, ISAL_DEF_LVL3_DEFAULT));
 #else
-        zlib_ready =
-            deflateInit2(&zlib, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) ==
-            Z_OK;
+        zlib_ready = deflateInit2(&zlib, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                                  Z_DEFAULT_STRATEGY) == Z_OK;
 #endif
     }
     ~Impl() {
@@ -44,9 +46,43 @@ struct ClusterCompressor::Impl {
     std::optional<std::size_t> deflate_cluster(std::span<const std::byte> in,
                                                std::span<std::byte> out) {
 #if QCOWMAP_HAVE_ISAL
+        // Level 1 is fast (its hash chains are short) but weak on highly repetitive data such
+        // as text, where it stays several times larger than zlib's level 6 (measured here:
+        // 4323 against 316 bytes for a 64 KiB cluster of repeated text); level 3 matches zlib
+        // there at about a seventh of level 1's speed. So: level 1, and level 3 again for the
+        // clusters level 1 left between 1/64 and 1/8 of their size, the smaller one kept.
+        auto first = isal_deflate(in, out, 1);
+        if (!first || *first <= in.size() / 64 || *first > in.size() / 8)
+            return first;
+        if (retry_.size() < out.size())
+            retry_.resize(out.size());
+        auto second = isal_deflate(in, std::span(retry_).first(out.size()), 3);
+        if (second && *second < *first) {
+            std::memcpy(out.data(), retry_.data(), *second);
+            return second;
+        }
+        return first;
+#else
+        if (!zlib_ready || deflateReset(&zlib) != Z_OK)
+            return std::nullopt;
+        zlib.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
+        zlib.avail_in = static_cast<uInt>(in.size());
+        zlib.next_out = reinterpret_cast<Bytef*>(out.data());
+        zlib.avail_out = static_cast<uInt>(out.size());
+        if (deflate(&zlib, Z_FINISH) != Z_STREAM_END)
+            return std::nullopt;
+        return out.size() - zlib.avail_out;
+#endif
+    }
+
+#if QCOWMAP_HAVE_ISAL
+    std::vector<std::byte> retry_;
+
+    std::optional<std::size_t> isal_deflate(std::span<const std::byte> in, std::span<std::byte> out,
+                                            std::uint32_t level) {
         isal_zstream stream;
         isal_deflate_stateless_init(&stream);
-        stream.level = 1;
+        stream.level = level;
         stream.level_buf = isal_level_buffer.data();
         stream.level_buf_size = static_cast<std::uint32_t>(isal_level_buffer.size());
         stream.hist_bits = 12; // the 4 KiB window qemu's inflateInit2(-12) can follow
@@ -61,18 +97,8 @@ struct ClusterCompressor::Impl {
             return std::nullopt; // STATELESS_OVERFLOW: it does not fit
         }
         return static_cast<std::size_t>(stream.total_out);
-#else
-        if (!zlib_ready || deflateReset(&zlib) != Z_OK)
-            return std::nullopt;
-        zlib.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
-        zlib.avail_in = static_cast<uInt>(in.size());
-        zlib.next_out = reinterpret_cast<Bytef*>(out.data());
-        zlib.avail_out = static_cast<uInt>(out.size());
-        if (deflate(&zlib, Z_FINISH) != Z_STREAM_END)
-            return std::nullopt;
-        return out.size() - zlib.avail_out;
-#endif
     }
+#endif
 
     std::optional<std::size_t> zstd_cluster(std::span<const std::byte> in,
                                             std::span<std::byte> out) {

@@ -108,20 +108,46 @@ Result<void> read_source(const Image& image, std::uint64_t offset, std::span<std
     });
 }
 
+/// True when the data bytes `bytes` (a piece of a data extent) are all zero. Read with pread
+/// where they live in a file, a small piece first: real data differs from zero in its first
+/// bytes, so a data cluster usually costs one 4 KiB read, and the mapping is never touched
+/// (touching it would fault whole 64 KiB windows into the process: its RSS would grow with the
+/// disk).
+Result<bool> source_is_zero(const Image& image, std::span<const std::byte> bytes,
+                            std::vector<std::byte>& buffer) {
+    auto from = image.file_position(bytes);
+    if (!from)
+        return all_zero(bytes);
+    std::uint64_t done = 0;
+    std::size_t want = std::min<std::size_t>(bytes.size(), 4096);
+    while (done < bytes.size()) {
+        want = static_cast<std::size_t>(std::min<std::uint64_t>(want, bytes.size() - done));
+        if (buffer.size() < want)
+            buffer.resize(std::max<std::size_t>(want, 256 * 1024));
+        std::span<std::byte> piece(buffer.data(), want);
+        if (auto ok = detail::read_exactly(FilePosition{from->fd, from->offset + done}, piece); !ok)
+            return ok.error();
+        if (!all_zero(piece))
+            return false;
+        done += want;
+        want = 256 * 1024;
+    }
+    return true;
+}
+
 /// The runs of `[start, end)` for the data pass: `bytes` empty for zeros; `file` where the
 /// bytes can be copied from inside the kernel.
 template <typename F>
 Result<void> visit_source(const Image& image, std::uint64_t start, std::uint64_t end,
                           unsigned threads, F&& f) {
-    return image.visit_runs(
-        start, end, VisitOptions{threads, DataAccess::mapping},
-        [&](std::uint64_t offset, std::uint64_t length,
-            std::span<const std::byte> bytes) -> Result<void> {
-            std::optional<FilePosition> file;
-            if (!bytes.empty())
-                file = image.file_position(bytes);
-            return f(offset, length, bytes, file);
-        });
+    return image.visit_runs(start, end, VisitOptions{threads, DataAccess::mapping},
+                            [&](std::uint64_t offset, std::uint64_t length,
+                                std::span<const std::byte> bytes) -> Result<void> {
+                                std::optional<FilePosition> file;
+                                if (!bytes.empty())
+                                    file = image.file_position(bytes);
+                                return f(offset, length, bytes, file);
+                            });
 }
 
 // ---- The plan ----
@@ -146,8 +172,7 @@ void push(std::vector<PlanRun>& plan, std::uint64_t first, std::uint64_t count, 
 /// flattened image, a zero cluster in an overlay) or stored. With `scan`, data clusters are
 /// checked for zeros; without (compression: the workers check), any data makes a candidate.
 Result<void> classify(const Image& image, const Geometry& g, std::uint64_t first,
-                      std::uint64_t last, bool scan, bool zeros_kept,
-                      std::vector<PlanRun>& plan) {
+                      std::uint64_t last, bool scan, bool zeros_kept, std::vector<PlanRun>& plan) {
     const std::uint64_t c = g.cluster_size;
     std::uint64_t current = first; // the cluster being looked at
     bool stored = false;           // it has bytes that are not all zero (or might have)
@@ -160,6 +185,7 @@ Result<void> classify(const Image& image, const Geometry& g, std::uint64_t first
         stored = false;
     };
     const std::uint64_t end = std::min(last * c, g.virtual_size);
+    std::vector<std::byte> buffer;
     auto ok = for_each_extent(image, first * c, end, [&](const Extent& e) -> Result<void> {
         std::uint64_t pos = e.offset;
         const std::uint64_t e_end = e.offset + e.length;
@@ -189,7 +215,11 @@ Result<void> classify(const Image& image, const Geometry& g, std::uint64_t first
                 if (e.kind == ExtentKind::compressed || !scan) {
                     stored = true; // compressed clusters are not decompressed to be scanned
                 } else {
-                    stored = !all_zero(e.bytes.subspan(pos - e.offset, piece_end - pos));
+                    auto zero = source_is_zero(
+                        image, e.bytes.subspan(pos - e.offset, piece_end - pos), buffer);
+                    if (!zero)
+                        return zero.error();
+                    stored = !*zero;
                 }
             }
             pos = piece_end;
@@ -283,10 +313,9 @@ Result<Output> Output::open(int fd) {
 Result<void> Output::flush() {
     std::size_t done = 0;
     while (done < buffer_.size()) {
-        ssize_t n = seekable()
-                        ? ::pwrite(fd_, buffer_.data() + done, buffer_.size() - done,
-                                   static_cast<off_t>(flushed_ + done))
-                        : ::write(fd_, buffer_.data() + done, buffer_.size() - done);
+        ssize_t n = seekable() ? ::pwrite(fd_, buffer_.data() + done, buffer_.size() - done,
+                                          static_cast<off_t>(flushed_ + done))
+                               : ::write(fd_, buffer_.data() + done, buffer_.size() - done);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -574,16 +603,16 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
         const std::uint64_t start = run.first * g.cluster_size;
         const std::uint64_t end = (run.first + run.count) * g.cluster_size;
         const std::uint64_t disk_end = std::min(end, g.virtual_size);
-        auto ok = visit_source(
-            image, start, disk_end, threads,
-            [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes,
-                const std::optional<FilePosition>& file) -> Result<void> {
-                if (bytes.empty())
-                    return out.zeros(length);
-                if (file)
-                    return out.copy(*file, bytes);
-                return out.write(bytes);
-            });
+        auto ok =
+            visit_source(image, start, disk_end, threads,
+                         [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes,
+                             const std::optional<FilePosition>& file) -> Result<void> {
+                             if (bytes.empty())
+                                 return out.zeros(length);
+                             if (file)
+                                 return out.copy(*file, bytes);
+                             return out.write(bytes);
+                         });
         if (!ok)
             return ok.error();
         if (disk_end < end) { // the last cluster's part past the end of the disk
@@ -724,6 +753,121 @@ class CompressRing {
     bool stopping_ = false;
 };
 
+/// Places the clusters of the compressed writer in the data area, as qemu's allocator does
+/// (qcow2_alloc_bytes, qcow2_alloc_clusters): compressed streams are packed byte after byte
+/// into an open host cluster, plain clusters take whole clusters after it, and the open
+/// cluster keeps taking streams while they fit. A stream that does not fit spans into the
+/// next cluster when that one is still free, else it starts a fresh cluster. So a plain
+/// cluster between compressed ones wastes no space (aligning the stream instead would waste
+/// up to a cluster at every change from compressible to incompressible data).
+/// Refcounts are handed to the RefcountWriter in ascending order: those of plain clusters
+/// placed after the open cluster wait until it is closed.
+class DataPacker {
+  public:
+    DataPacker(const Geometry& g, Output& out, RefcountWriter& refcounts, std::uint64_t first)
+        : g_(g), out_(out), refcounts_(refcounts), end_(first), file_end_(first * g.cluster_size),
+          open_bytes_(g.cluster_size) {}
+
+    /// Places a compressed stream (shorter than a cluster); returns its host offset.
+    Result<std::uint64_t> add_compressed(std::span<const std::byte> stream) {
+        const std::uint64_t c = g_.cluster_size, n = stream.size();
+        if (open_ && fill_ + n <= c && count_ < g_.max_refcount()) {
+            const std::uint64_t host = open_cluster_ * c + fill_;
+            std::memcpy(open_bytes_.data() + fill_, stream.data(), n);
+            fill_ += n;
+            ++count_;
+            if (fill_ == c) {
+                if (auto ok = close_open(); !ok)
+                    return ok.error();
+            }
+            return host;
+        }
+        if (open_ && open_cluster_ + 1 == end_ && count_ < g_.max_refcount()) {
+            // The next cluster is free: the stream continues into it.
+            const std::uint64_t host = open_cluster_ * c + fill_;
+            const std::uint64_t head = c - fill_;
+            std::memcpy(open_bytes_.data() + fill_, stream.data(), head);
+            fill_ = c;
+            ++count_;
+            if (auto ok = close_open(); !ok)
+                return ok.error();
+            start_open();
+            std::memcpy(open_bytes_.data(), stream.data() + head, n - head);
+            fill_ = n - head;
+            count_ = 1;
+            return host;
+        }
+        if (open_) {
+            if (auto ok = close_open(); !ok)
+                return ok.error();
+        }
+        start_open();
+        std::memcpy(open_bytes_.data(), stream.data(), n);
+        fill_ = n;
+        count_ = 1;
+        return open_cluster_ * c;
+    }
+
+    /// Places a plain cluster; returns its host offset.
+    Result<std::uint64_t> add_plain(std::span<const std::byte> cluster) {
+        const std::uint64_t host = end_++ * g_.cluster_size;
+        if (auto ok = out_.write_at(cluster, host); !ok)
+            return ok.error();
+        file_end_ = std::max(file_end_, host + g_.cluster_size);
+        if (!open_) {
+            if (auto ok = refcounts_.put(host >> g_.cluster_bits, 1); !ok)
+                return ok.error();
+        }
+        return host;
+    }
+
+    /// Closes the open cluster; returns where the data ends (512-byte aligned: readers fetch
+    /// whole sectors of a compressed stream).
+    Result<std::uint64_t> finish() {
+        if (open_) {
+            if (auto ok = close_open(); !ok)
+                return ok.error();
+        }
+        return file_end_;
+    }
+
+  private:
+    void start_open() {
+        open_ = true;
+        open_cluster_ = end_++;
+        fill_ = 0;
+        count_ = 0;
+    }
+
+    Result<void> close_open() {
+        const std::uint64_t c = g_.cluster_size;
+        const std::uint64_t length =
+            std::min<std::uint64_t>(c, (fill_ + 511) & ~std::uint64_t{511});
+        std::fill(open_bytes_.begin() + static_cast<std::ptrdiff_t>(fill_),
+                  open_bytes_.begin() + static_cast<std::ptrdiff_t>(length), std::byte{0});
+        if (auto ok = out_.pwrite_at(std::span(open_bytes_).first(length), open_cluster_ * c); !ok)
+            return ok;
+        file_end_ = std::max(file_end_, open_cluster_ * c + length);
+        if (auto ok = refcounts_.put(open_cluster_, count_); !ok)
+            return ok;
+        for (std::uint64_t k = open_cluster_ + 1; k < end_; ++k) { // plain clusters after it
+            if (auto ok = refcounts_.put(k, 1); !ok)
+                return ok;
+        }
+        open_ = false;
+        return {};
+    }
+
+    Geometry g_;
+    Output& out_;
+    RefcountWriter& refcounts_;
+    std::uint64_t end_;      // the next free host cluster
+    std::uint64_t file_end_; // bytes of the file written so far
+    bool open_ = false;
+    std::uint64_t open_cluster_ = 0, fill_ = 0, count_ = 0;
+    std::vector<std::byte> open_bytes_;
+};
+
 } // namespace
 
 Result<WriteStats> write_compressed(const Image& image, Output& out, const Geometry& g,
@@ -752,34 +896,17 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
     if (!header)
         return header.error();
 
-    RefcountWriter refcounts(g, layout,
-                             [&](std::uint64_t block, std::span<const std::byte> bytes) {
-                                 return out.pwrite_at(bytes, (layout.refblocks + block)
-                                                                 << g.cluster_bits);
-                             });
+    RefcountWriter refcounts(g, layout, [&](std::uint64_t block, std::span<const std::byte> bytes) {
+        return out.pwrite_at(bytes, (layout.refblocks + block) << g.cluster_bits);
+    });
     for (std::uint64_t cluster = 0; cluster < layout.data; ++cluster) {
         if (auto ok = refcounts.put(cluster, 1); !ok)
             return ok.error();
     }
-    // Data clusters get their refcounts in ascending order as the stream passes them.
-    std::uint64_t pending_cluster = layout.data, pending_count = 0;
-    auto count_cluster = [&](std::uint64_t cluster) -> Result<void> {
-        if (cluster != pending_cluster) {
-            if (pending_count > 0) {
-                if (auto ok = refcounts.put(pending_cluster, pending_count); !ok)
-                    return ok;
-            }
-            pending_cluster = cluster;
-            pending_count = 0;
-        }
-        ++pending_count;
-        return {};
-    };
-
     const std::uint64_t c = g.cluster_size;
-    std::uint64_t host = layout.data << g.cluster_bits; // where the next byte of data goes
-    if (auto ok = out.seek_to(host); !ok)
+    if (auto ok = out.seek_to(layout.data << g.cluster_bits); !ok)
         return ok.error();
+    DataPacker packer(g, out, refcounts, layout.data);
     std::vector<std::byte> table(c);
     std::size_t table_index = 0; // into `tables`
     bool table_dirty = false;
@@ -807,7 +934,6 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
     };
 
     const bool flattened = options.selection == WriteSelection::whole_disk;
-    const std::uint64_t max_refcount = g.max_refcount();
     CompressRing ring(image, g, plan, fields.compression_type, thread_count(options));
     std::uint64_t seq = 0, done = 0;
     const std::uint64_t total_bytes = candidates * c;
@@ -831,32 +957,19 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
                     ++stats.zero_clusters;
                 }
             } else if (slot.kind == Slot::Kind::compressed) {
-                // Streams are packed byte after byte, as qemu's qcow2_alloc_bytes does; a
-                // host cluster shared by more streams than a refcount can count is left.
-                if (host % c != 0 && pending_cluster == (host >> g.cluster_bits) &&
-                    pending_count >= max_refcount)
-                    host = (host + c - 1) & ~(c - 1);
+                auto host = packer.add_compressed(std::span(slot.bytes).first(slot.size));
+                if (!host)
+                    return host.error();
                 entry.kind = L2Entry::Kind::compressed;
-                entry.host = host;
+                entry.host = *host;
                 entry.compressed_size = slot.size;
-                for (std::uint64_t hc = host >> g.cluster_bits;
-                     hc <= (host + slot.size - 1) >> g.cluster_bits; ++hc) {
-                    if (auto ok = count_cluster(hc); !ok)
-                        return ok.error();
-                }
-                if (auto ok = out.write_at(std::span(slot.bytes).first(slot.size), host); !ok)
-                    return ok.error();
-                host += slot.size;
                 ++stats.compressed_clusters;
             } else {
-                host = (host + c - 1) & ~(c - 1);
+                auto host = packer.add_plain(std::span(slot.bytes).first(c));
+                if (!host)
+                    return host.error();
                 entry.kind = L2Entry::Kind::data;
-                entry.host = host;
-                if (auto ok = count_cluster(host >> g.cluster_bits); !ok)
-                    return ok.error();
-                if (auto ok = out.write_at(std::span(slot.bytes).first(c), host); !ok)
-                    return ok.error();
-                host += c;
+                entry.host = *host;
                 ++stats.data_clusters;
             }
             ring.release(seq++);
@@ -867,10 +980,9 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
                 options.progress(done, total_bytes);
         }
     }
-    if (pending_count > 0) {
-        if (auto ok = refcounts.put(pending_cluster, pending_count); !ok)
-            return ok.error();
-    }
+    auto data_end = packer.finish();
+    if (!data_end)
+        return data_end.error();
     if (auto ok = refcounts.finish(); !ok)
         return ok.error();
     if (auto ok = flush_table(); !ok)
@@ -881,8 +993,7 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
         return ok.error();
     if (auto ok = out.pwrite_at(encode_l1(g, layout, tables), layout.l1 << g.cluster_bits); !ok)
         return ok.error();
-    // The file ends on a 512-byte boundary: readers fetch whole sectors of a compressed stream.
-    stats.file_size = std::max(layout.data << g.cluster_bits, (host + 511) & ~std::uint64_t{511});
+    stats.file_size = std::max(layout.data << g.cluster_bits, *data_end);
     if (auto ok = out.finish(stats.file_size); !ok)
         return ok.error();
     return stats;
@@ -916,8 +1027,8 @@ Result<void> copy_spool(int spool, std::uint64_t size, int fd) {
             in_kernel = false;
             buffer.resize(1 << 20);
         }
-        ssize_t n = ::pread(spool, buffer.data(), std::min(want, buffer.size()),
-                            static_cast<off_t>(done));
+        ssize_t n =
+            ::pread(spool, buffer.data(), std::min(want, buffer.size()), static_cast<off_t>(done));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -990,9 +1101,9 @@ Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& 
             fmt::format("cannot create a spool file in {}: {}", dir, std::strerror(errno)));
     }
     auto spooled = Output::open(spool);
-    Result<WriteStats> stats = spooled ? write_compressed(source, *spooled, *geometry, fields,
-                                                          options)
-                                       : Result<WriteStats>(spooled.error());
+    Result<WriteStats> stats = spooled
+                                   ? write_compressed(source, *spooled, *geometry, fields, options)
+                                   : Result<WriteStats>(spooled.error());
     if (stats) {
         if (auto ok = copy_spool(spool, stats->file_size, fd); !ok)
             stats = ok.error();

@@ -31,9 +31,9 @@ Result<Geometry> make_geometry(const WriteOptions& options, std::uint64_t virtua
     }
     // Extended L2: 32 subclusters of at least 512 bytes (qemu's qcow2_co_create).
     if (options.extended_l2 && cluster < 16384) {
-        return Error{ErrorCode::invalid_argument,
-                     fmt::format("extended_l2 needs a cluster size of at least 16k (not {})",
-                                 cluster)};
+        return Error{
+            ErrorCode::invalid_argument,
+            fmt::format("extended_l2 needs a cluster size of at least 16k (not {})", cluster)};
     }
     const std::uint32_t bits = options.refcount_bits;
     if (bits == 0 || bits > 64 || !std::has_single_bit(bits)) {
@@ -69,7 +69,8 @@ Result<Layout> make_layout(const Geometry& g, std::uint64_t l2_tables,
     for (;;) {
         const std::uint64_t total = fixed + blocks + table;
         const std::uint64_t need_blocks = (total + g.refs_per_block() - 1) / g.refs_per_block();
-        const std::uint64_t need_table = std::max<std::uint64_t>(1, g.clusters_for(need_blocks * 8));
+        const std::uint64_t need_table =
+            std::max<std::uint64_t>(1, g.clusters_for(need_blocks * 8));
         if (need_blocks <= blocks && need_table <= table)
             break;
         blocks = std::max(blocks, need_blocks);
@@ -108,7 +109,7 @@ struct FeatureEntry {
 };
 // The table qemu 7.2 writes (qcow2_update_header), so `qemu-img info` names the same bits.
 constexpr FeatureEntry kFeatures[] = {
-    {0, 0, "dirty bit"},        {0, 1, "corrupt bit"},     {0, 2, "external data file"},
+    {0, 0, "dirty bit"},        {0, 1, "corrupt bit"},         {0, 2, "external data file"},
     {0, 3, "compression type"}, {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
     {2, 0, "bitmaps"},          {2, 1, "raw external data"},
 };

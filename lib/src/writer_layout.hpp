@@ -115,7 +115,6 @@ struct PlanRun {
 };
 
 /// The L1 indices (ascending) whose L2 table holds an entry of some run of `plan`.
-std::vector<std::uint64_t> l2_tables_of(const Geometry& geometry,
-                                        const std::vector<PlanRun>& plan);
+std::vector<std::uint64_t> l2_tables_of(const Geometry& geometry, const std::vector<PlanRun>& plan);
 
 } // namespace qcowmap::detail::writer
