@@ -691,5 +691,67 @@ TEST(WriterLibrary, ReadmeExampleRuns) {
     EXPECT_EQ(own_data_bytes(dir / "inc1.qcow2"), 64 * kKiB);
 }
 
+TEST(WriterReadme, IncrementalBackupExample) {
+    // The README's workflow, extracted and run as written (with the built qcowmap on PATH).
+    const char* root = std::getenv("QCOWMAP_SOURCE_ROOT");
+    ASSERT_NE(root, nullptr) << "meson sets QCOWMAP_SOURCE_ROOT";
+    const std::vector<std::byte> bytes = read_file(fs::path(root) / "README.md");
+    const std::string readme(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    const auto begin = readme.find("<!-- qcow2-backup-example:begin -->\n```sh\n");
+    const auto end = readme.find("```\n<!-- qcow2-backup-example:end -->");
+    ASSERT_NE(begin, std::string::npos);
+    ASSERT_NE(end, std::string::npos);
+    const auto body = readme.find("```sh\n", begin) + 6;
+    const std::string script = readme.substr(body, end - body);
+    TempDir dir;
+    std::vector<std::byte> script_bytes(script.size());
+    std::memcpy(script_bytes.data(), script.data(), script.size());
+    write_file(dir / "example.sh", script_bytes);
+    const std::string bin_dir = fs::absolute(qcowmap_bin()).parent_path().string();
+    CommandResult r = run("cd " + q(dir.path()) + " && PATH=" + shell_quote(bin_dir) +
+                          ":\"$PATH\" sh example.sh");
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    EXPECT_NE(r.out.find("inc2.qcow2 restores the disk"), std::string::npos) << r.out << r.err;
+    EXPECT_NE(
+        r.out.find(
+            R"({ "start": 62914560, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true)"),
+        std::string::npos)
+        << r.out;
+    EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 2) << r.out;
+    // Each point restores: inc1 is the disk before the 60M write.
+    run_ok("qemu-io -f qcow2 -c 'write -P 0 60M 4k' " + q(dir / "vm.qcow2") + " >/dev/null");
+    expect_same(dir / "vm.qcow2", dir / "inc1.qcow2");
+    expect_clean(dir / "full.qcow2");
+    expect_clean(dir / "inc1.qcow2");
+}
+
+TEST(Writer, CompressedOverlayAndProgress) {
+    TempDir dir;
+    make_image(dir / "base.qcow2", "", "8M", {"write -P 0x1 0 8M"});
+    run_ok("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 " + q(dir / "top.qcow2"));
+    run_ok("qemu-io -f qcow2 -c 'write -P 0x2 1M 100k' -c 'write -z 4M 64k' -c 'write -P 0 6M "
+           "64k' " +
+           q(dir / "top.qcow2") + " >/dev/null");
+    CommandResult r = run("cd " + q(dir.path()) + " && " + cli() +
+                          " convert -p -c -O qcow2 -B base.qcow2 -F qcow2 top.qcow2 out.qcow2");
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.err.find("100.00/100%"), std::string::npos) << r.err;
+    expect_clean(dir / "out.qcow2");
+    expect_same(dir / "top.qcow2", dir / "out.qcow2");
+    EXPECT_EQ(check_compressed_clusters(dir / "out.qcow2"), 2u);
+    // The zero write and the cluster of zero data are zero clusters hiding the base's 0x01.
+    std::string map = run_ok("qemu-img map --output=json " + q(dir / "out.qcow2"));
+    EXPECT_NE(
+        map.find(
+            R"({ "start": 4194304, "length": 65536, "depth": 0, "present": true, "zero": true)"),
+        std::string::npos)
+        << map;
+    EXPECT_NE(
+        map.find(
+            R"({ "start": 6291456, "length": 65536, "depth": 0, "present": true, "zero": true)"),
+        std::string::npos)
+        << map;
+}
+
 } // namespace
 } // namespace qcowmap::test
