@@ -399,9 +399,9 @@ printf '%-34s %9s %9s %7s %14s %14s %8s\n' operation qcowmap qemu-img ratio "qco
 printf '%s\n' "${w_rows[@]}"
 if [[ -x /usr/bin/time ]]; then
     w_rss() { /usr/bin/time -v "$@" 2>&1 >/dev/null | awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }'; }
-    echo "peak RSS, convert -O qcow2 frag-4G: qcowmap $(w_rss w_ours "$FRAG") MiB, qemu-img $(w_rss w_qemu "$FRAG") MiB"
+    echo "peak RSS, convert -O qcow2 frag-4G: qcowmap $(w_rss "$QCOWMAP" convert -O qcow2 "$FRAG" "$W_OURS") MiB, qemu-img $(w_rss qemu-img convert -O qcow2 "$FRAG" "$W_QEMU") MiB"
     rm -f "$W_OURS" "$W_QEMU"
-    echo "peak RSS, convert -O qcow2 -c mixed-1G: qcowmap $(w_rss w_ours "$MIXED" -c) MiB, qemu-img $(w_rss w_qemu "$MIXED" -c) MiB"
+    echo "peak RSS, convert -O qcow2 -c mixed-1G: qcowmap $(w_rss "$QCOWMAP" convert -O qcow2 -c "$MIXED" "$W_OURS") MiB, qemu-img $(w_rss qemu-img convert -O qcow2 -c "$MIXED" "$W_QEMU") MiB"
     rm -f "$W_OURS" "$W_QEMU"
 fi
 awk -v a="$writer_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "writing qcow2 rows took %.1f s\n", b - a }'

@@ -753,5 +753,32 @@ TEST(Writer, CompressedOverlayAndProgress) {
         << map;
 }
 
+TEST(WriterLibrary, ParallelCopyGivesTheSameImageAsOneThread) {
+    // More than two pieces of 8 MiB of data: a file target is filled by several threads.
+    TempDir dir;
+    fs::path source = dir / "big.qcow2";
+    make_image(source, "", "64M",
+               {"write -P 0x5 0 20M", "write -z 5M 1M", "write -P 0 7M 64k", "write -P 0x6 30M 10M",
+                "write -P 0x7 63M 4k"});
+    auto image = Image::open(source);
+    ASSERT_TRUE(image);
+    std::vector<std::vector<std::byte>> outputs;
+    for (unsigned threads : {1u, 2u, 3u}) {
+        WriteOptions options;
+        options.threads = threads;
+        fs::path out = dir / ("t" + std::to_string(threads) + ".qcow2");
+        auto stats = write_qcow2_file(*image, out, options);
+        ASSERT_TRUE(stats) << stats.error().message;
+        EXPECT_EQ(stats->data_clusters,
+                  (20 * kMiB - kMiB - 64 * kKiB + 10 * kMiB) / (64 * kKiB) + 1);
+        EXPECT_EQ(stats->file_size, fs::file_size(out));
+        outputs.push_back(read_file(out));
+    }
+    EXPECT_EQ(outputs[0], outputs[1]);
+    EXPECT_EQ(outputs[0], outputs[2]);
+    expect_clean(dir / "t2.qcow2");
+    expect_same(source, dir / "t2.qcow2");
+}
+
 } // namespace
 } // namespace qcowmap::test

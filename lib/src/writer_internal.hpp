@@ -67,16 +67,28 @@ class Output {
     Result<void> pwrite_at(std::span<const std::byte> bytes, std::uint64_t offset);
     /// Flushes and, for a regular file, sets its size.
     Result<void> finish(std::uint64_t size);
+    /// Hands the gathered small writes to the kernel.
+    Result<void> flush();
+    /// Seekable targets: another writer of the same descriptor whose sequential writes start
+    /// at `offset` (for writing separate parts of the file from several threads).
+    Output clone_at(std::uint64_t offset) const {
+        Output other;
+        other.fd_ = fd_;
+        other.kind_ = kind_;
+        other.flushed_ = offset;
+        other.in_kernel_failed_ = in_kernel_failed_;
+        return other;
+    }
 
   private:
     enum class Kind : std::uint8_t { file, device, pipe, stream };
     static constexpr std::size_t kBufferBytes = 1 << 20;
-    Result<void> flush();
 
     int fd_ = -1;
     Kind kind_ = Kind::stream;
     std::uint64_t flushed_ = 0; // bytes handed to the kernel (position of buffer_[0])
     std::vector<std::byte> buffer_;
+    std::vector<std::byte> bounce_; // copies that the kernel could not do
     bool in_kernel_failed_ = false;
 };
 
