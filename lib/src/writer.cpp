@@ -635,7 +635,7 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
         return {};
     };
     if (!out.seekable() || threads < 2 || total < 2 * kParallelPiece) {
-        std::uint64_t done = 0;
+        std::uint64_t done = 0, written_back = 0;
         for (const PlanRun& run : plan) {
             if (run.zero)
                 continue;
@@ -644,6 +644,10 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
             if (auto ok = copy_piece(out, start, end, threads); !ok)
                 return ok.error();
             done += end - start;
+            if (done - written_back >= kParallelPiece) {
+                out.start_writeback(0, 0);
+                written_back = done;
+            }
             if (options.progress)
                 options.progress(done, total);
         }
@@ -654,22 +658,49 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
         // once nearly halve it).
         if (auto ok = out.flush(); !ok)
             return ok.error();
-        struct Piece {
-            std::uint64_t start, end, host;
+        // Pieces of about kParallelPiece bytes of output: whole runs grouped (a fragmented
+        // disk has many short ones), long runs cut. A piece's runs are contiguous in the output.
+        struct Segment {
+            std::uint64_t start, end; // guest bytes
         };
+        struct Piece {
+            std::uint64_t host; // where its first segment goes
+            std::size_t first, last;
+        };
+        std::vector<Segment> segments;
         std::vector<Piece> pieces;
-        std::uint64_t host = layout.data << g.cluster_bits;
+        std::uint64_t host = layout.data << g.cluster_bits, piece_bytes = 0;
         for (const PlanRun& run : plan) {
             if (run.zero)
                 continue;
             const std::uint64_t run_end = (run.first + run.count) * g.cluster_size;
             for (std::uint64_t at = run.first * g.cluster_size; at < run_end;) {
-                const std::uint64_t end = std::min(run_end, at + kParallelPiece);
-                pieces.push_back({at, end, host});
+                const std::uint64_t end = std::min(run_end, at + kParallelPiece - piece_bytes);
+                if (piece_bytes == 0)
+                    pieces.push_back({host, segments.size(), segments.size()});
+                segments.push_back({at, end});
+                pieces.back().last = segments.size();
+                piece_bytes += end - at;
+                if (piece_bytes >= kParallelPiece)
+                    piece_bytes = 0;
                 host += end - at;
                 at = end;
             }
         }
+        // Copies one piece with its own writer; returns the bytes done.
+        auto run_piece = [&](const Piece& piece) -> std::pair<Result<void>, std::uint64_t> {
+            Output to = out.clone_at(piece.host);
+            std::uint64_t bytes = 0;
+            for (std::size_t i = piece.first; i < piece.last; ++i) {
+                if (auto ok = copy_piece(to, segments[i].start, segments[i].end, 1); !ok)
+                    return {ok, bytes};
+                bytes += segments[i].end - segments[i].start;
+            }
+            if (auto ok = to.flush(); !ok)
+                return {ok, bytes};
+            to.start_writeback(piece.host, bytes);
+            return {Result<void>{}, bytes};
+        };
         std::atomic<std::size_t> next{0};
         std::atomic<std::uint64_t> done{0};
         std::atomic<bool> failed{false};
@@ -682,10 +713,7 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
                 const std::size_t k = next.fetch_add(1);
                 if (k >= pieces.size())
                     return;
-                Output to = out.clone_at(pieces[k].host);
-                Result<void> ok = copy_piece(to, pieces[k].start, pieces[k].end, 1);
-                if (ok)
-                    ok = to.flush();
+                auto [ok, bytes] = run_piece(pieces[k]);
                 if (!ok) {
                     std::lock_guard lock(error_mutex);
                     if (!first_error)
@@ -693,7 +721,7 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
                     failed.store(true);
                     return;
                 }
-                done.fetch_add(pieces[k].end - pieces[k].start);
+                done.fetch_add(bytes);
             }
         };
         std::vector<std::thread> helpers;
@@ -706,10 +734,7 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
             const std::size_t k = next.fetch_add(1);
             if (k >= pieces.size())
                 break;
-            Output to = out.clone_at(pieces[k].host);
-            Result<void> ok = copy_piece(to, pieces[k].start, pieces[k].end, 1);
-            if (ok)
-                ok = to.flush();
+            auto [ok, bytes] = run_piece(pieces[k]);
             if (!ok) {
                 std::lock_guard lock(error_mutex);
                 if (!first_error)
@@ -717,7 +742,7 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
                 failed.store(true);
                 break;
             }
-            done.fetch_add(pieces[k].end - pieces[k].start);
+            done.fetch_add(bytes);
             if (options.progress)
                 options.progress(done.load(), total);
         }
@@ -1081,8 +1106,13 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
             if (auto ok = set_entry(cluster, entry); !ok)
                 return ok.error();
             done += c;
-            if (options.progress && (done % (64u << 20) < c || done == total_bytes))
+            if (done % (64u << 20) < c) {
+                out.start_writeback(0, 0);
+                if (options.progress)
+                    options.progress(done, total_bytes);
+            } else if (options.progress && done == total_bytes) {
                 options.progress(done, total_bytes);
+            }
         }
     }
     auto data_end = packer.finish();
@@ -1178,6 +1208,11 @@ Result<void> check_write_options(const WriteOptions& options) {
 }
 
 Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& options) {
+    return detail::writer::write_image(source, fd, options, false);
+}
+
+Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
+                                               const WriteOptions& options, bool early_writeback) {
     if (auto ok = check_write_options(options); !ok)
         return ok.error();
     auto geometry = make_geometry(options, source.size());
@@ -1187,6 +1222,7 @@ Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& 
     auto out = Output::open(fd);
     if (!out)
         return out.error();
+    out->set_early_writeback(early_writeback);
     if (!options.compress)
         return write_sequential(source, *out, *geometry, fields, options);
     if (out->seekable())
@@ -1255,7 +1291,7 @@ Result<WriteStats> write_qcow2_file(const Image& source, const std::filesystem::
             ::unlink(temp_name.c_str());
         return error;
     };
-    auto stats = write_qcow2(source, fd, options);
+    auto stats = detail::writer::write_image(source, fd, options, true);
     if (!stats)
         return fail(stats.error());
     if (::fsync(fd) != 0)

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <fcntl.h>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -69,6 +70,15 @@ class Output {
     Result<void> finish(std::uint64_t size);
     /// Hands the gathered small writes to the kernel.
     Result<void> flush();
+    /// When the image will be synced at the end (the safe file target), starts writing back
+    /// `[offset, offset + length)` (0, 0: the whole file) now, so that the final fsync does not
+    /// find the whole image dirty. Best effort: errors show at the fsync.
+    void start_writeback(std::uint64_t offset, std::uint64_t length) {
+        if (early_writeback_ && kind_ == Kind::file)
+            (void)::sync_file_range(fd_, static_cast<off64_t>(offset), static_cast<off64_t>(length),
+                                    SYNC_FILE_RANGE_WRITE);
+    }
+    void set_early_writeback(bool on) { early_writeback_ = on; }
     /// Seekable targets: another writer of the same descriptor whose sequential writes start
     /// at `offset` (for writing separate parts of the file from several threads).
     Output clone_at(std::uint64_t offset) const {
@@ -77,6 +87,7 @@ class Output {
         other.kind_ = kind_;
         other.flushed_ = offset;
         other.in_kernel_failed_ = in_kernel_failed_;
+        other.early_writeback_ = early_writeback_;
         return other;
     }
 
@@ -90,7 +101,12 @@ class Output {
     std::vector<std::byte> buffer_;
     std::vector<std::byte> bounce_; // copies that the kernel could not do
     bool in_kernel_failed_ = false;
+    bool early_writeback_ = false;
 };
+
+/// write_qcow2, with `early_writeback` for a target that is synced afterwards.
+Result<WriteStats> write_image(const Image& source, int fd, const WriteOptions& options,
+                               bool early_writeback);
 
 Result<WriteStats> write_sequential(const Image& image, Output& out, const Geometry& geometry,
                                     const HeaderFields& fields, const WriteOptions& options);
