@@ -114,10 +114,9 @@ std::size_t check_compressed_clusters(const fs::path& image) {
     std::vector<std::byte> out(cluster);
     std::vector<std::byte> expected(cluster);
     std::size_t count = 0;
-    ExtentIterator it = opened->extents();
-    Extent e;
+    auto extents = opened->extents();
     Decompressor reference;
-    while (it.next(e)) {
+    for (const Extent& e : extents) {
         if (e.kind != ExtentKind::compressed)
             continue;
         ++count;
@@ -146,7 +145,7 @@ std::size_t check_compressed_clusters(const fs::path& image) {
         EXPECT_TRUE(ok);
         EXPECT_EQ(std::memcmp(out.data(), expected.data(), cluster), 0) << e.offset;
     }
-    EXPECT_FALSE(it.failed());
+    EXPECT_FALSE(extents.error());
     return count;
 }
 

@@ -63,14 +63,13 @@ bool all_zero(std::span<const std::byte> bytes) {
 
 template <typename F>
 Result<void> for_each_extent(const Image& image, std::uint64_t start, std::uint64_t end, F&& f) {
-    ExtentIterator it = image.extents(start, end);
-    Extent extent;
-    while (it.next(extent)) {
+    auto extents = image.extents(start, end);
+    for (const Extent& extent : extents) {
         if (auto ok = f(extent); !ok)
             return ok;
     }
-    if (it.failed())
-        return it.error();
+    if (extents.error())
+        return *extents.error();
     return {};
 }
 
@@ -93,8 +92,8 @@ Result<void> read_source(const Image& image, std::uint64_t offset, std::span<std
             std::memset(dest.data(), 0, dest.size());
             return {};
         case ExtentKind::data:
-            if (auto from = image.file_position(e.bytes))
-                return detail::read_exactly(*from, dest);
+            if (e.file)
+                return detail::read_exactly(*e.file, dest);
             std::memcpy(dest.data(), e.bytes.data(), dest.size());
             return {};
         case ExtentKind::compressed: {
@@ -114,9 +113,8 @@ Result<void> read_source(const Image& image, std::uint64_t offset, std::span<std
 /// bytes, so a data cluster usually costs one 4 KiB read, and the mapping is never touched
 /// (touching it would fault whole 64 KiB windows into the process: its RSS would grow with the
 /// disk).
-Result<bool> source_is_zero(const Image& image, std::span<const std::byte> bytes,
+Result<bool> source_is_zero(std::span<const std::byte> bytes, std::optional<FilePosition> from,
                             std::vector<std::byte>& buffer) {
-    auto from = image.file_position(bytes);
     if (!from)
         return all_zero(bytes);
     std::uint64_t done = 0;
@@ -141,14 +139,12 @@ Result<bool> source_is_zero(const Image& image, std::span<const std::byte> bytes
 template <typename F>
 Result<void> visit_source(const Image& image, std::uint64_t start, std::uint64_t end,
                           unsigned threads, F&& f) {
-    return image.visit_runs(start, end, VisitOptions{threads, DataAccess::mapping},
-                            [&](std::uint64_t offset, std::uint64_t length,
-                                std::span<const std::byte> bytes) -> Result<void> {
-                                std::optional<FilePosition> file;
-                                if (!bytes.empty())
-                                    file = image.file_position(bytes);
-                                return f(offset, length, bytes, file);
-                            });
+    return image.visit(
+        start, end,
+        [&](const Run& run) -> Result<void> {
+            return f(run.offset, run.length, run.bytes, run.file);
+        },
+        VisitOptions{threads, DataAccess::mapping});
 }
 
 // ---- The plan ----
@@ -216,8 +212,11 @@ Result<void> classify(const Image& image, const Geometry& g, std::uint64_t first
                 if (e.kind == ExtentKind::compressed || !scan) {
                     stored = true; // compressed clusters are not decompressed to be scanned
                 } else {
-                    auto zero = source_is_zero(
-                        image, e.bytes.subspan(pos - e.offset, piece_end - pos), buffer);
+                    std::optional<FilePosition> from;
+                    if (e.file)
+                        from = FilePosition{e.file->fd, e.file->offset + (pos - e.offset)};
+                    auto zero = source_is_zero(e.bytes.subspan(pos - e.offset, piece_end - pos),
+                                               from, buffer);
                     if (!zero)
                         return zero.error();
                     stored = !*zero;
@@ -267,10 +266,11 @@ Result<std::vector<PlanRun>> make_plan(const Image& image, const Geometry& g,
         auto bitmap = DirtyBitmap::open(image, options.bitmap);
         if (!bitmap)
             return bitmap.error();
-        BitmapRangeIterator it = bitmap->dirty_ranges();
-        BitmapRange range;
-        while (it.next(range))
+        auto ranges = bitmap->dirty_ranges();
+        for (const BitmapRange& range : ranges)
             add(range.offset, range.length);
+        if (ranges.error())
+            return *ranges.error();
         break;
     }
     }
