@@ -163,6 +163,7 @@ struct ConvertJob {
     bool progress = false;            ///< -p
     std::uint64_t sparse_size = 4096; ///< -S
     DataAccess io = DataAccess::read; ///< --io
+    std::string bitmap;               ///< --bitmap: only this bitmap's dirty ranges (may be empty)
 };
 
 /// An output format of `convert -O NAME`. Formats register themselves from a static
@@ -173,6 +174,9 @@ struct OutputFormat {
     std::function<void(CLI::App& convert)> add_options;
     /// Writes the job's image in this format; returns the exit code (after reporting errors).
     std::function<int(const ConvertJob& job)> run;
+    /// The options of this format the command line gave ("-c, -B"), so that another -O
+    /// refuses them; empty when none (may be unset).
+    std::function<std::string()> given_options;
 };
 
 /// Registers `format` for `convert -O`; false when its name is taken already.
