@@ -1,5 +1,8 @@
 #include "cli.hpp"
 
+#include <qcowmap/references.hpp>
+#include <qcowmap/salvage.hpp>
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -51,6 +54,7 @@ void ImageArgs::add_to(CLI::App& command, bool contents) {
                     "follow: read through the backing chain (default); none: read only this "
                     "image, unallocated ranges read as zeros")
         ->check(CLI::IsMember({"follow", "none"}));
+    add_untrusted_option(command, untrusted);
     if (contents) {
         command.add_option("--data-file", data_file,
                            "External data file to use instead of the one the image names");
@@ -66,7 +70,53 @@ OpenOptions ImageArgs::open_options() const {
         options.data_file = data_file;
     if (!snapshot.empty())
         options.snapshot = snapshot;
+    options.untrusted = untrusted;
+    options.salvage = salvage;
     return options;
+}
+
+void add_salvage_option(CLI::App& command, bool& salvage) {
+    command.add_flag("--salvage", salvage,
+                     "Read a damaged image: ranges whose tables or clusters cannot be read read "
+                     "as zeros (as qemu-img reads a truncated file), each reported on stderr; "
+                     "exit status 4 says data was lost");
+}
+
+void report_damage(std::string_view file, const Image& image) {
+    const SalvageReport& damage = salvage_report(image);
+    for (const DamagedRange& r : damage.ranges) {
+        report(file,
+               fmt::format("salvage: {:#x} (+{:#x}) {}: {}", r.offset, r.length,
+                           r.falls_through ? "read from the backing file" : "read as zeros",
+                           r.reason),
+               0);
+    }
+    if (damage.ranges_not_listed) {
+        report(file,
+               fmt::format("salvage: {} more damaged ranges not listed ({:#x} damaged bytes in "
+                           "all)",
+                           damage.ranges_not_listed, damage.damaged_bytes),
+               0);
+    }
+}
+
+int salvage_exit(const Image& image, int code) {
+    return code == kExitOk && salvage_report(image).data_lost() ? kExitDataLost : code;
+}
+
+void add_untrusted_option(CLI::App& command, bool& untrusted) {
+    command.add_flag("--untrusted", untrusted,
+                     "The image comes from outside: follow a backing or data file name it holds "
+                     "only when it is relative, stays inside the image's directory and names a "
+                     "regular file");
+}
+
+std::string with_flag_names(std::string message) {
+    if (message.ends_with(kUntrustedRefusalMark)) {
+        message.resize(message.size() - kUntrustedRefusalMark.size());
+        message += " (--untrusted)";
+    }
+    return message;
 }
 
 void add_io_option(CLI::App& command, DataAccess& access) {
@@ -119,8 +169,11 @@ std::optional<Image> open_or_report(const ImageArgs& args) {
     guard_against_shrinking(args.path);
     auto image = Image::open(args.path, args.open_options());
     if (!image) {
-        report(args.path, image.error().message, kExitImageError);
+        report(args.path, with_flag_names(image.error().message), kExitImageError);
         return std::nullopt;
+    }
+    if (args.salvage) {
+        report_damage(args.path, *image);
     }
     return std::move(*image);
 }

@@ -57,6 +57,7 @@ Command add_bitmaps(CLI::App& app) {
     command->add_flag("--json", *json,
                       "Print a JSON array: name, granularity, flags, enabled, in-use, consistent, "
                       "usable, error, dirty-bytes");
+    add_untrusted_option(*command, args->untrusted);
     return {command, [args, json] {
                 // Bitmaps belong to the image itself: its backing chain is not needed.
                 args->backing = "none";

@@ -64,6 +64,7 @@ Command add_cat(CLI::App& app) {
     auto* command = app.add_subcommand("cat", "Write the whole virtual disk, raw, to stdout");
     auto args = std::make_shared<ImageArgs>();
     args->add_to(*command);
+    add_salvage_option(*command, args->salvage);
     return {command, [args] {
                 auto image = open_or_report(*args);
                 if (!image)
@@ -101,7 +102,7 @@ Command add_cat(CLI::App& app) {
                                ? report("<stdout>", result.error().message, kExitOutputError)
                                : report(args->path, result.error().message, kExitImageError);
                 }
-                return static_cast<int>(kExitOk);
+                return salvage_exit(*image, kExitOk);
             }};
 }
 

@@ -79,15 +79,19 @@ Command add_check(CLI::App& app) {
     auto path = std::make_shared<std::string>();
     auto json = std::make_shared<bool>(false);
     auto output = std::make_shared<std::string>("human");
+    auto untrusted = std::make_shared<bool>(false);
     command->add_option("IMAGE", *path, "qcow2 image file")->required();
+    add_untrusted_option(*command, *untrusted);
     command->add_flag("--json", *json, "Print the counts as JSON (same as --output=json)");
     command->add_option("--output", *output, "human (default) or json")
         ->check(CLI::IsMember({"human", "json"}));
     return {command, [=] {
                 guard_against_shrinking(*path);
-                auto result = check_image(std::filesystem::path(*path));
+                CheckOptions options;
+                options.untrusted = *untrusted;
+                auto result = check_image(std::filesystem::path(*path), options);
                 if (!result) {
-                    return report(*path, result.error().message, kCheckFailed);
+                    return report(*path, with_flag_names(result.error().message), kCheckFailed);
                 }
                 const CheckResult& r = *result;
                 // Findings go to stderr, one line each, as qemu-img prints them.

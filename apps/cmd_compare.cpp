@@ -37,19 +37,21 @@ struct CompareArgs {
     std::string format1, format2;
     bool strict = false;
     bool quiet = false;
+    bool untrusted = false;
     DataAccess io = DataAccess::read;
 };
 
-std::optional<Image> open_side(const std::string& path, const std::string& format) {
+std::optional<Image> open_side(const std::string& path, const std::string& format, bool untrusted) {
     ImageArgs args;
     args.path = path;
+    args.untrusted = untrusted;
     OpenOptions options = args.open_options();
     options.format = format.empty() ? probe_format(path) : format;
     // A file shrinking under its mapping is a read error (4), not "images differ" (1).
     guard_against_shrinking(path, kCompareReadError);
     auto image = Image::open(path, options);
     if (!image) {
-        report(path, image.error().message, kCompareOpenError);
+        report(path, with_flag_names(image.error().message), kCompareOpenError);
         return std::nullopt;
     }
     return std::move(*image);
@@ -72,12 +74,13 @@ Command add_compare(CLI::App& app) {
                       "Strict: sizes and allocation status must match too");
     command->add_flag("-q,--quiet", args->quiet, "Print nothing; only the exit code tells");
     add_io_option(*command, args->io);
+    add_untrusted_option(*command, args->untrusted);
     return {
         command, [args] {
-            auto a = open_side(args->first, args->format1);
+            auto a = open_side(args->first, args->format1, args->untrusted);
             if (!a)
                 return kCompareOpenError;
-            auto b = open_side(args->second, args->format2);
+            auto b = open_side(args->second, args->format2, args->untrusted);
             if (!b)
                 return kCompareOpenError;
             // From here on a fault may come from either file: name both.

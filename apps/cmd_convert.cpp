@@ -248,6 +248,7 @@ Command add_convert(CLI::App& app) {
     auto progress = std::make_shared<bool>(false);
     auto force = std::make_shared<bool>(false);
     args->add_to(*command);
+    add_salvage_option(*command, args->salvage);
     command->add_option("OUTPUT", *output, "raw output file (or block device)")->required();
     command->add_flag("-p,--progress", *progress, "Show progress on stderr");
     command->add_flag("-f,--force", *force, "Overwrite OUTPUT if it exists");
@@ -355,7 +356,7 @@ Command add_convert(CLI::App& app) {
                 return report(*output, std::strerror(errno), kExitOutputError);
             }
             meter.finish();
-            return static_cast<int>(kExitOk);
+            return salvage_exit(*image, kExitOk);
         }};
 }
 

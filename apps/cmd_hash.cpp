@@ -2,6 +2,7 @@
 #include "cli.hpp"
 
 #include <qcowmap/hash.hpp>
+#include <qcowmap/salvage.hpp>
 
 #include <fmt/format.h>
 
@@ -34,9 +35,20 @@ class Out {
     }
 };
 
+/// --salvage --json: the damaged ranges of an image, `[{"offset", "length", "reason"}]`.
+std::string json_damage(const Image& image) {
+    std::string out = "[";
+    for (const DamagedRange& r : salvage_report(image).ranges) {
+        out += fmt::format("{}{{\"offset\": {}, \"length\": {}, \"reason\": {}}}",
+                           out.size() > 1 ? ", " : "", r.offset, r.length, json_string(r.reason));
+    }
+    return out + "]";
+}
+
 int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
     Out out;
     int status = kExitOk;
+    bool lost = false;
     if (args.json)
         out.text += "[";
     bool first = true;
@@ -58,11 +70,14 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
             status = kExitImageError;
             continue;
         }
+        lost = lost || salvage_report(*image).data_lost();
         if (args.json) {
             out.text += fmt::format("{}\n{{\"image\": {}, \"algorithm\": \"{}\", \"size\": {}, "
-                                    "\"digest\": \"{}\"}}",
+                                    "\"digest\": \"{}\"{}}}",
                                     first ? "" : ",", json_string(path), to_string(algorithm),
-                                    image->size(), digest->hex());
+                                    image->size(), digest->hex(),
+                                    args.open.salvage ? ", \"damaged\": " + json_damage(*image)
+                                                      : std::string());
         } else {
             // coreutils' format: digest, two spaces (text mode), name.
             out.text += fmt::format("{}  {}\n", digest->hex(), path);
@@ -73,11 +88,12 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
     if (args.json)
         out.text += "\n]\n";
     out.flush();
-    return status;
+    return status == kExitOk && lost ? static_cast<int>(kExitDataLost) : status;
 }
 
 int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t block_size) {
     Out out;
+    bool lost = false;
     if (args.json)
         out.text += "[";
     bool first_image = true;
@@ -89,6 +105,7 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
             out.flush();
             return kExitImageError; // a manifest cut short must not look complete
         }
+        lost = lost || salvage_report(*image).data_lost();
         const std::uint64_t size = image->size();
         const std::uint64_t blocks = size / block_size + (size % block_size != 0);
         if (args.json) {
@@ -132,7 +149,7 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
     if (args.json)
         out.text += "\n]\n";
     out.flush();
-    return kExitOk;
+    return lost ? static_cast<int>(kExitDataLost) : static_cast<int>(kExitOk);
 }
 
 } // namespace
@@ -163,6 +180,8 @@ Command add_hash(CLI::App& app) {
                         "External data file to use instead of the one the image names");
     command->add_option("--snapshot", args->open.snapshot,
                         "Hash this internal snapshot (ID or name) instead of the active disk");
+    add_untrusted_option(*command, args->open.untrusted);
+    add_salvage_option(*command, args->open.salvage);
     return {command, [args] {
                 auto algorithm = parse_hash_algorithm(args->algorithm);
                 if (!algorithm) {

@@ -1,6 +1,8 @@
 // qcowmap info: what the header says, like `qemu-img info`.
 #include "cli.hpp"
 
+#include <qcowmap/references.hpp>
+
 #include <fmt/format.h>
 
 #include <ctime>
@@ -103,7 +105,26 @@ std::string json_bitmaps(const ImageInfo& info) {
     return out + "\n    ]";
 }
 
-std::string json_object(const std::string& path, const ImageInfo& info) {
+/// The references an image names and whether --untrusted would follow each.
+std::string json_references(const std::vector<ImageReference>& references) {
+    if (references.empty())
+        return "[]";
+    std::string out = "[";
+    for (std::size_t i = 0; i < references.size(); ++i) {
+        const ImageReference& r = references[i];
+        out += fmt::format(
+            "{}\n        {{ \"kind\": \"{}\", \"name\": {}, \"untrusted-allowed\": "
+            "{}, \"untrusted-refusal\": {}, \"missing\": {} }}",
+            i ? "," : "",
+            r.kind == ImageReference::Kind::backing_file ? "backing-file" : "data-file",
+            json_string(r.name), r.untrusted_refusal.empty(),
+            r.untrusted_refusal.empty() ? "null" : json_string(r.untrusted_refusal), r.missing);
+    }
+    return out + "\n    ]";
+}
+
+std::string json_object(const std::string& path, const ImageInfo& info,
+                        const std::vector<ImageReference>& references) {
     std::string o = "{\n";
     auto field = [&](std::string_view key, const std::string& value) {
         o += fmt::format("    \"{}\": {},\n", key, value);
@@ -137,7 +158,8 @@ std::string json_object(const std::string& path, const ImageInfo& info) {
     field("data-file-raw", (info.autoclear_features & kAutoclearDataFileRaw) ? "true" : "false");
     field("snapshot-count", std::to_string(info.snapshot_count));
     field("snapshots", json_snapshots(info.snapshots));
-    o += fmt::format("    \"bitmaps\": {}\n}}", json_bitmaps(info));
+    field("bitmaps", json_bitmaps(info));
+    o += fmt::format("    \"references\": {}\n}}", json_references(references));
     return o;
 }
 
@@ -177,7 +199,8 @@ std::string joined(const std::vector<std::string>& items) {
     return out;
 }
 
-void print_human(const std::string& path, const ImageInfo& info) {
+void print_human(const std::string& path, const ImageInfo& info,
+                 const std::vector<ImageReference>& references) {
     FeatureList features = named_features(info);
     fmt::print("image: {}\n", path);
     fmt::print("file format: {}\n", info.version == 1 ? "qcow" : "qcow2");
@@ -196,6 +219,12 @@ void print_human(const std::string& path, const ImageInfo& info) {
     }
     if (info.data_file)
         fmt::print("data file: {}\n", printable(*info.data_file));
+    for (const ImageReference& r : references) {
+        fmt::print("untrusted: {} '{}' {}\n", to_string(r.kind), printable(r.name),
+                   r.missing                     ? std::string("is missing")
+                   : r.untrusted_refusal.empty() ? std::string("would be followed")
+                                                 : "would be refused: " + r.untrusted_refusal);
+    }
     if (info.version != 1)
         fmt::print("refcount bits: {}\n", info.refcount_bits());
     fmt::print("compression type: {}\n",
@@ -279,11 +308,12 @@ Command add_info(CLI::App& app) {
                     if (!image)
                         return static_cast<int>(kExitImageError);
                     if (*json) {
-                        out += (i ? ",\n" : "") + json_object(one.path, image->info());
+                        out += (i ? ",\n" : "") +
+                               json_object(one.path, image->info(), image_references(*image));
                     } else {
                         if (i)
                             fmt::print("\n");
-                        print_human(one.path, image->info());
+                        print_human(one.path, image->info(), image_references(*image));
                     }
                 }
                 if (*json) {

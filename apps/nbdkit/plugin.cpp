@@ -1,6 +1,7 @@
 // nbdkit-qcowmap-plugin: serves a qcow2 image's virtual disk read-only over NBD.
 //
 //   nbdkit ./nbdkit-qcowmap-plugin.so file=IMAGE.qcow2 [snapshot=ID_OR_NAME] [backing=none]
+//          [untrusted=true]
 //
 // One Image is opened when nbdkit is ready and shared by every connection and every thread:
 // an Image is immutable, so reads need no lock (NBDKIT_THREAD_MODEL_PARALLEL) and all
@@ -77,6 +78,12 @@ int serve_config(const char* key, const char* value) {
             nbdkit_error("backing=%s: expected 'none' or 'follow'", value);
             return -1;
         }
+    } else if (std::strcmp(key, "untrusted") == 0) {
+        const int flag = nbdkit_parse_bool(value);
+        if (flag < 0) {
+            return -1; // nbdkit_parse_bool reported it
+        }
+        options.untrusted = flag != 0;
     } else {
         nbdkit_error("unknown parameter '%s'", key);
         return -1;
@@ -216,7 +223,9 @@ struct nbdkit_plugin make_plugin() {
     p.config_complete = serve_config_complete;
     p.config_help = "file=IMAGE.qcow2    (required) the image to serve\n"
                     "snapshot=ID|NAME    serve this internal snapshot\n"
-                    "backing=none        ignore the backing file (unallocated reads as zeros)";
+                    "backing=none        ignore the backing file (unallocated reads as zeros)\n"
+                    "untrusted=true      follow backing/data file names only inside the image's "
+                    "directory";
     p.magic_config_key = "file";
     p.get_ready = serve_get_ready;
     p.open = serve_open;

@@ -17,6 +17,11 @@ class MappedFile {
     /// a directory, not a regular file, or empty (which cannot be mapped) unless `allow_empty`,
     /// which gives an empty span (raw backing files may be empty).
     static Result<MappedFile> open(const std::filesystem::path& path, bool allow_empty = false);
+    /// Maps the file already open on `fd` (read-only), which the MappedFile takes over (it is
+    /// closed on failure too). `name` is only remembered for messages. Same checks and errors
+    /// as `open`. Lets a caller choose how the file is reached (openat2 confinement) and map
+    /// exactly the file it checked.
+    static Result<MappedFile> open_fd(int fd, const std::filesystem::path& name, bool allow_empty);
 
     MappedFile(MappedFile&&) noexcept;
     MappedFile& operator=(MappedFile&&) noexcept;

@@ -48,6 +48,8 @@ struct CheckResult {
 struct CheckOptions {
     /// How many finding lines to keep in `CheckResult::messages`.
     std::size_t max_messages = 1000;
+    /// Open the backing chain and data file as OpenOptions::untrusted does (path overload).
+    bool untrusted = false;
 };
 
 /// Checks a qcow2 image (version 2 or 3) in memory without modifying it: rebuilds the
