@@ -178,16 +178,17 @@ TEST(Salvage, L2TablePastTheEndReadsAsUnallocated) {
 }
 
 TEST(Salvage, L1TableCutOffByTheEndOfTheFile) {
-    // 64 GiB disk, 64 KiB clusters: 128 L1 entries (1 KiB). Move the L1 table to the last
-    // bytes of the file so that only its first 16 entries are inside.
+    // 4 MiB disk, 512-byte clusters: each L1 entry covers 32 KiB, 128 entries (1 KiB). Move
+    // the L1 table to the last bytes of the file so that only its first 16 entries are inside.
     qt::TempDir dir;
     const fs::path img = dir / "t.qcow2";
-    qt::make_image(img, "", "64G", {"write -P 0x21 0 64k", "write -P 0x22 5G 64k"});
-    const std::uint64_t size = fs::file_size(img);
+    qt::make_image(img, "cluster_size=512", "4M", {"write -P 0x21 0 4k", "write -P 0x22 160k 4k"});
+    const std::uint64_t l1 = qt::peek_be(img, 40, 8);
     std::vector<std::byte> file = qt::read_file(img);
-    const std::uint64_t new_l1 = (size + 0xffff) & ~std::uint64_t{0xffff};
+    const std::uint64_t new_l1 = (file.size() + 511) & ~std::uint64_t{511};
     file.resize(new_l1 + 16 * 8);
-    std::copy_n(file.begin() + kL1, 16 * 8, file.begin() + static_cast<std::ptrdiff_t>(new_l1));
+    std::copy_n(file.begin() + static_cast<std::ptrdiff_t>(l1), 16 * 8,
+                file.begin() + static_cast<std::ptrdiff_t>(new_l1));
     qt::write_file(img, file);
     qt::poke_be(img, 40, new_l1, 8);
     const std::vector<std::byte> oracle = qemu_bytes(img);
@@ -196,8 +197,9 @@ TEST(Salvage, L1TableCutOffByTheEndOfTheFile) {
     ASSERT_EQ(s.bytes.size(), oracle.size());
     EXPECT_TRUE(s.bytes == oracle);
     EXPECT_EQ(s.bytes[0], std::byte{0x21});
-    // Entries 16..127 (each 512 MiB) are cut off: one range, to the end of the disk.
-    EXPECT_EQ(s.err, line(img, 0x200000000, 0xe00000000, "read as zeros",
+    EXPECT_EQ(s.bytes[160 * 1024], std::byte{0x22});
+    // Entries 16..127 are cut off: one range, to the end of the disk.
+    EXPECT_EQ(s.err, line(img, 0x80000, 0x380000, "read as zeros",
                           fmt::format("L1 table entries 16 and on (from {:#x}) lie beyond end of "
                                       "file ({:#x})",
                                       new_l1 + 128, new_l1 + 128)));
@@ -268,14 +270,18 @@ TEST(Salvage, TruncatedBackingFileAndDataFile) {
     const Salvaged s = cat_salvage(top);
     EXPECT_EQ(s.exit_code, 4) << s.err;
     EXPECT_TRUE(s.bytes == qemu_bytes(top));
-    EXPECT_EQ(s.err, line(top, 0x20000, 0x20000, "read as zeros",
-                          "data for virtual offset 0x20000 at host offset 0x70000 (+0x20000) lies "
-                          "beyond end of file (0x70000)"));
+    // The overlay hands the base one cluster at a time: one range per cluster.
+    EXPECT_EQ(s.err, line(top, 0x20000, 0x10000, "read as zeros",
+                          "data for virtual offset 0x20000 at host offset 0x70000 (+0x10000) lies "
+                          "beyond end of file (0x70000)") +
+                         line(top, 0x30000, 0x10000, "read as zeros",
+                              "data for virtual offset 0x30000 at host offset 0x80000 (+0x10000) "
+                              "lies beyond end of file (0x70000)"));
     OpenOptions options;
     options.salvage = true;
     auto image = Image::open(top, options);
     ASSERT_TRUE(image);
-    ASSERT_EQ(salvage_report(*image).ranges.size(), 1u);
+    ASSERT_EQ(salvage_report(*image).ranges.size(), 2u);
     EXPECT_EQ(salvage_report(*image).ranges[0].depth, 1u) << "the damage is in the base";
 
     // An external data file cut short.

@@ -38,12 +38,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     if (report.damaged_bytes > image->size())
         __builtin_trap();
-    qcowmap::ExtentIterator it = image->extents();
-    qcowmap::Extent extent;
-    while (it.next(extent)) {
-    }
-    if (it.failed())
-        __builtin_trap(); // salvage walks never fail
+    auto extents = image->extents();
+    std::uint64_t covered = 0;
+    for (const qcowmap::Extent& extent : extents)
+        covered += extent.length;
+    if (extents.error() || covered != image->size())
+        __builtin_trap(); // salvage walks never fail, and cover the whole disk
     std::vector<std::byte> buffer(1 << 20);
     for (std::uint64_t at = 0; at < image->size(); at += buffer.size()) {
         auto n = image->read(buffer, at);
