@@ -19,6 +19,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
+#include <fstream>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -453,6 +454,141 @@ TEST(Untrusted, InfoShowsReferencesAndWhetherTheyPass) {
     EXPECT_EQ(refs[0].kind, ImageReference::Kind::backing_file);
     EXPECT_EQ(refs[0].name, "../x.raw");
     EXPECT_EQ(refs[0].untrusted_refusal, "leaves the image's directory");
+}
+
+} // namespace
+} // namespace qcowmap
+
+// ---------------------------------------------------------------------------------------------
+// Resource bounds for untrusted input (README, "Resource limits"): the largest tables qemu
+// accepts are accepted and cost memory bounded by what the file really holds; one past them is
+// refused with one line. (The backing chain depth is tested in test_layers BrokenChain.DepthLimit,
+// check's visit budget in test_check CheckLimits.SharedL2TableDoesNotSpin, tables claimed
+// beyond the file under a memory limit in test_corrupt CorruptCli.HugeTablesFailUnderAMemoryLimit.)
+
+namespace qcowmap {
+namespace {
+
+// AddressSanitizer's shadow memory makes peak RSS meaningless.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kSanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+#else
+constexpr bool kSanitized = false;
+#endif
+
+struct Measured {
+    int exit_code = -1;
+    std::uint64_t peak_kib = 0;
+    double seconds = 0;
+    std::string err;
+};
+
+/// Runs `qcowmap ARGS` with stdout discarded under /usr/bin/time: exit status, peak RSS, time.
+Measured measure(const std::string& args) {
+    qt::TempDir dir;
+    const fs::path times = dir / "time";
+    const qt::CommandResult r = qt::run("/usr/bin/time -o " + q(times) + " -f '%M %e' " + bin() +
+                                        " " + args + " >/dev/null");
+    Measured m;
+    m.exit_code = r.exit_code;
+    m.err = r.err;
+    std::ifstream in(times);
+    in >> m.peak_kib >> m.seconds;
+    return m;
+}
+
+TEST(ResourceBounds, SnapshotTableAtQemusLimits) {
+    // 65536 snapshots (QCOW_MAX_SNAPSHOTS), all-zero 40-byte v2 entries: accepted and listed;
+    // the vector of snapshots is the only thing that grows with them.
+    qt::TempDir dir;
+    const fs::path img = dir / "t.qcow2";
+    qt::run_ok("qemu-img create -q -f qcow2 -o compat=0.10 " + q(img) + " 64M");
+    qt::poke_be(img, 64, 1 << 20, 8);
+    qt::poke_be(img, 60, 65536, 4);
+    fs::resize_file(img, (1 << 20) + 40 * 65536);
+    const Measured m = measure("info --json " + q(img));
+    EXPECT_EQ(m.exit_code, 0) << m.err;
+    EXPECT_LT(m.seconds, 30.0);
+    if (!kSanitized)
+        EXPECT_LT(m.peak_kib, 96u * 1024) << "65536 snapshots in under 96 MiB";
+    auto image = Image::open(img);
+    ASSERT_TRUE(image) << image.error().message;
+    EXPECT_EQ(image->info().snapshots.size(), 65536u);
+    // One more is refused before anything is read.
+    qt::poke_be(img, 60, 65537, 4);
+    const qt::CommandResult r = qt::run(bin() + " info " + q(img));
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_EQ(r.err, "qcowmap: " + img.string() +
+                         ": 65537 snapshots exceed qemu's limit of "
+                         "65536\n");
+}
+
+TEST(ResourceBounds, LargestL1TableIsWalkedInPlace) {
+    // A real 32 MiB L1 table (4 Mi entries, QCOW_MAX_L1_SIZE) for a 2 PiB disk, all empty: the
+    // table is mapped, not copied, and the map walk visits each entry once.
+    qt::TempDir dir;
+    const fs::path img = dir / "t.qcow2";
+    qt::run_ok("qemu-img create -q -f qcow2 " + q(img) + " 64M");
+    const std::uint64_t l1 = 1 << 20;
+    qt::poke_be(img, 24, (std::uint64_t{1} << 22) * (std::uint64_t{1} << 29), 8); // 2 PiB
+    qt::poke_be(img, 36, std::uint64_t{1} << 22, 4);
+    qt::poke_be(img, 40, l1, 8);
+    fs::resize_file(img, l1 + (std::uint64_t{32} << 20));
+    const Measured m = measure("map --output=json " + q(img));
+    EXPECT_EQ(m.exit_code, 0) << m.err;
+    EXPECT_LT(m.seconds, 30.0);
+    if (!kSanitized)
+        EXPECT_LT(m.peak_kib, 64u * 1024) << "the 32 MiB table is read in place";
+    // One entry more than qemu allows is refused.
+    qt::poke_be(img, 36, (std::uint64_t{1} << 22) + 1, 4);
+    const qt::CommandResult r = qt::run(bin() + " map " + q(img));
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("exceeds qemu's limit of 0x2000000 bytes"), std::string::npos) << r.err;
+}
+
+TEST(ResourceBounds, DecompressionStopsAtOneCluster) {
+    // A zstd frame that would inflate to two clusters, put in place of a one-cluster stream:
+    // refused ("more than one cluster"), never decoded into more than one cluster of memory;
+    // --salvage reads it as zeros.
+    qt::TempDir dir;
+    const fs::path big = dir / "big.qcow2";
+    qt::run_ok("qemu-img create -q -f qcow2 -o compression_type=zstd,cluster_size=128k " + q(big) +
+               " 1M");
+    qt::run_ok("qemu-io -f qcow2 -c 'write -c -P 0x55 0 128k' " + q(big) + " >/dev/null");
+    const fs::path img = dir / "t.qcow2";
+    qt::run_ok("qemu-img create -q -f qcow2 -o compression_type=zstd " + q(img) + " 1M");
+    qt::run_ok("qemu-io -f qcow2 -c 'write -c -P 0x55 0 64k' " + q(img) + " >/dev/null");
+    auto stream = [](const fs::path& p, unsigned cluster_bits) {
+        const std::uint64_t l2 = qt::peek_be(p, qt::peek_be(p, 40, 8), 8) & 0x00fffffffffffe00ULL;
+        const std::uint64_t entry = qt::peek_be(p, l2, 8);
+        const unsigned shift = 62 - (cluster_bits - 8);
+        const std::uint64_t offset = entry & ((std::uint64_t{1} << shift) - 1);
+        const std::uint64_t sectors = ((entry >> shift) & ((1u << (cluster_bits - 8)) - 1)) + 1;
+        return std::pair{offset, sectors * 512 - (offset & 511)};
+    };
+    const auto [big_at, big_size] = stream(big, 17);
+    const auto [at, size] = stream(img, 16);
+    std::vector<std::byte> frame = qt::read_file(big);
+    frame.erase(frame.begin(), frame.begin() + static_cast<std::ptrdiff_t>(big_at));
+    frame.resize(std::min<std::uint64_t>(big_size, size));
+    qt::poke(img, at, std::string(reinterpret_cast<const char*>(frame.data()), frame.size()));
+    const qt::CommandResult r = qt::run(bin() + " cat " + q(img) + " >/dev/null");
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("zstd frame holds more than one cluster (65536 bytes)"), std::string::npos)
+        << r.err;
+    const Measured salvaged = measure("cat --salvage " + q(img));
+    EXPECT_EQ(salvaged.exit_code, 4) << salvaged.err;
+    EXPECT_NE(salvaged.err.find("salvage: 0x0 (+0x10000) read as zeros: compressed cluster"),
+              std::string::npos)
+        << salvaged.err;
+    if (!kSanitized)
+        EXPECT_LT(salvaged.peak_kib, 32u * 1024);
 }
 
 } // namespace
