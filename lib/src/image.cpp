@@ -95,6 +95,9 @@ class LayerSource {
     virtual Result<LayerBytes> data_file(const ImageState& layer,
                                          const std::optional<std::string>& name,
                                          bool caller_given) = 0;
+    /// The path a name given by `layer` (or the caller) stands for; empty in memory.
+    virtual std::filesystem::path path_of(const ImageState& layer, const std::string& name,
+                                          bool caller_given) const = 0;
     /// The error for a chain that reaches a layer a second time.
     virtual Error loop(const ChainWalk& walk, const std::string& name) const = 0;
     /// Whether errors about a backing layer itself are prefixed with its path.
@@ -155,8 +158,7 @@ class FileSource final : public LayerSource {
                                  bool caller_given) override {
         if (!name) {
             return Error{ErrorCode::invalid_header,
-                         "the external data file bit is set but the image names no data file "
-                         "(give one with --data-file)"};
+                         "the external data file bit is set but the image names no data file"};
         }
         if (caller_given) {
             return with_name("data file", *name,
@@ -168,6 +170,11 @@ class FileSource final : public LayerSource {
         }
         return with_name("data file", relative_to_image(layer.path, *name).string(),
                          std::move(opened));
+    }
+
+    std::filesystem::path path_of(const ImageState& layer, const std::string& name,
+                                  bool caller_given) const override {
+        return caller_given ? std::filesystem::path(name) : relative_to_image(layer.path, name);
     }
 
     Error loop(const ChainWalk& walk, const std::string& name) const override {
@@ -221,6 +228,10 @@ class MemorySource final : public LayerSource {
         return Error{ErrorCode::unsupported_feature,
                      fmt::format("an image in memory cannot use its external data file '{}'",
                                  printable(layer.info.data_file.value_or("")))};
+    }
+
+    std::filesystem::path path_of(const ImageState&, const std::string&, bool) const override {
+        return {};
     }
 
     Error loop(const ChainWalk&, const std::string&) const override {
@@ -301,12 +312,19 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
         const bool caller_given = top && options.data_file.has_value();
         std::optional<std::string> data_name =
             caller_given ? std::optional<std::string>(options.data_file->string()) : info.data_file;
+        if (data_name) {
+            state->data_file_path = source.path_of(*state, *data_name, caller_given);
+        }
         auto data = source.data_file(*state, data_name, caller_given);
-        if (!data) {
+        if (data) {
+            state->data_bytes = data->bytes;
+            state->data_file = std::move(data->file);
+        } else if (top && !options.require_data_file) {
+            state->data_bytes = {}; // never the image file: data clusters must not read from it
+            state->data_file_error = std::move(data).error();
+        } else {
             return std::move(data).error();
         }
-        state->data_bytes = data->bytes;
-        state->data_file = std::move(data->file);
     }
     const bool caller_backing = top && options.backing_file.has_value();
     if ((info.backing_file || caller_backing) && options.backing == BackingMode::follow) {
@@ -359,7 +377,9 @@ open_chain(const std::filesystem::path& path, const OpenOptions& options, const 
     auto top =
         FileSource::map(MappedFile::open(path, /*allow_empty=*/top_format.has_value()), path);
     if (!top) {
-        return std::move(top).error();
+        // MappedFile says what is wrong without naming the file: name it.
+        return Error{top.error().code,
+                     fmt::format("{}: {}", printable(path.string()), top.error().message)};
     }
     FileSource source(options.untrusted);
     ChainWalk walk;
