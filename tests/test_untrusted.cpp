@@ -452,7 +452,9 @@ TEST(Untrusted, InfoShowsReferencesAndWhetherTheyPass) {
               std::string::npos)
         << fine;
 
-    auto image = Image::open(dir / "outside.qcow2", {.backing = BackingMode::none});
+    OpenOptions header_only;
+    header_only.backing = BackingMode::none;
+    auto image = Image::open(dir / "outside.qcow2", header_only);
     ASSERT_TRUE(image) << image.error().message;
     auto refs = image_references(*image);
     ASSERT_EQ(refs.size(), 1u);
@@ -520,8 +522,9 @@ TEST(ResourceBounds, SnapshotTableAtQemusLimits) {
     const Measured m = measure("info --json " + q(img));
     EXPECT_EQ(m.exit_code, 0) << m.err;
     EXPECT_LT(m.seconds, 30.0);
-    if (!kSanitized)
+    if (!kSanitized) {
         EXPECT_LT(m.peak_kib, 96u * 1024) << "65536 snapshots in under 96 MiB";
+    }
     auto image = Image::open(img);
     ASSERT_TRUE(image) << image.error().message;
     EXPECT_EQ(image->info().snapshots.size(), 65536u);
@@ -548,8 +551,9 @@ TEST(ResourceBounds, LargestL1TableIsWalkedInPlace) {
     const Measured m = measure("map --output=json " + q(img));
     EXPECT_EQ(m.exit_code, 0) << m.err;
     EXPECT_LT(m.seconds, 30.0);
-    if (!kSanitized)
+    if (!kSanitized) {
         EXPECT_LT(m.peak_kib, 64u * 1024) << "the 32 MiB table is read in place";
+    }
     // One entry more than qemu allows is refused.
     qt::poke_be(img, 36, (std::uint64_t{1} << 22) + 1, 4);
     const qt::CommandResult r = qt::run(bin() + " map " + q(img));
@@ -592,8 +596,9 @@ TEST(ResourceBounds, DecompressionStopsAtOneCluster) {
     EXPECT_NE(salvaged.err.find("salvage: 0x0 (+0x10000) read as zeros: compressed cluster"),
               std::string::npos)
         << salvaged.err;
-    if (!kSanitized)
+    if (!kSanitized) {
         EXPECT_LT(salvaged.peak_kib, 32u * 1024);
+    }
 }
 
 } // namespace
