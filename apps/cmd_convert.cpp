@@ -152,6 +152,7 @@ Command add_convert(CLI::App& app) {
         ->required();
     command->add_option("-O", *output_format, "Output format: raw (the default) or qcow2")
         ->option_text("FMT");
+    add_salvage_option(*command, args->salvage);
     command->add_flag("-p,--progress", *progress, "Show progress on stderr");
     command->add_flag("--force", *force,
                       "Overwrite TARGET if it is an existing file (devices need no --force)");
@@ -218,9 +219,11 @@ Command add_convert(CLI::App& app) {
                     return static_cast<int>(kExitImageError);
                 const ConvertJob job{*image,    *args,  *target,          *force,
                                      *progress, sparse, data_access(*io), *bitmap};
+                // --salvage: a conversion that completed but read damaged ranges as zeros says
+                // so with exit status 4.
                 if (!bitmap->empty() && *output_format == "raw")
-                    return convert_incremental(job, *bitmap);
-                return format->second.run(job);
+                    return salvage_exit(*image, convert_incremental(job, *bitmap));
+                return salvage_exit(*image, format->second.run(job));
             }};
 }
 

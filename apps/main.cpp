@@ -27,7 +27,8 @@ int usage(const std::string& command, const std::string& message) {
 
 int main(int argc, char** argv) {
     CLI::App app{"qcowmap: read qcow2 disk images through a memory mapping, without copying.\n"
-                 "Exit codes: 0 success, 1 image error, 2 usage error, 3 output error."};
+                 "Exit codes: 0 success, 1 image error, 2 usage error, 3 output error, 4 data lost "
+                 "(--salvage)."};
     app.name("qcowmap");
     app.require_subcommand(1);
     app.set_version_flag("--version", "qcowmap " + std::string(qcowmap::version()));
