@@ -2,6 +2,7 @@
 #include "cli.hpp"
 
 #include <cstring>
+#include <new>
 #include <system_error>
 
 namespace {
@@ -60,6 +61,10 @@ int main(int argc, char** argv) {
                 return usage(c.parser->get_name(), e.what());
             } catch (const std::system_error& e) {
                 return report("<stdout>", e.what(), kExitOutputError); // fmt::print failed
+            } catch (const std::bad_alloc&) {
+                // Out of memory outside the library's own checks (a buffer the CLI sizes, a
+                // message): one line, never std::bad_alloc's text.
+                return report(c.parser->get_name(), "out of memory", kExitImageError);
             } catch (const std::exception& e) {
                 return report(c.parser->get_name(), e.what(), kExitImageError);
             }

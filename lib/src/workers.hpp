@@ -132,15 +132,26 @@ template <typename Job> class OrderedWorkers {
         signal.wait(lock, [&] { return ready(); });
     }
 
-    static Error error_of(std::exception_ptr failure) {
+    /// Short enough for std::string's in-place buffer: building it allocates nothing, so it can
+    /// be made where memory has just run out (a new thread's first malloc can fail under
+    /// `ulimit -v` when glibc cannot map the thread's arena).
+    static Error out_of_memory() noexcept {
+        return Error{ErrorCode::io_error, "out of memory"};
+    }
+
+    static Error error_of(std::exception_ptr failure) noexcept {
         try {
             std::rethrow_exception(failure);
         } catch (const std::bad_alloc&) {
-            return Error{ErrorCode::io_error, "out of memory in a worker thread"};
+            return out_of_memory();
         } catch (const std::exception& e) {
-            return Error{ErrorCode::io_error, e.what()};
+            try {
+                return Error{ErrorCode::io_error, e.what()};
+            } catch (...) {
+                return out_of_memory();
+            }
         } catch (...) {
-            return Error{ErrorCode::io_error, "unknown exception in a worker thread"};
+            return Error{ErrorCode::io_error, "unknown error"};
         }
     }
 
@@ -176,14 +187,15 @@ template <typename Job> class OrderedWorkers {
             }
             Slot& slot = slots_[number % slots_.size()];
             slot.state.store(State::working, std::memory_order_release);
-            std::optional<Error> error = make_error;
-            if (work) {
-                try {
-                    if (auto ok = (*work)(slot.job); !ok)
-                        error = std::move(ok).error();
-                } catch (...) {
-                    error = error_of(std::current_exception());
+            std::optional<Error> error;
+            try {
+                if (!work) {
+                    error = make_error; // copying its message may itself run out of memory
+                } else if (auto ok = (*work)(slot.job); !ok) {
+                    error = std::move(ok).error();
                 }
+            } catch (...) {
+                error = error_of(std::current_exception());
             }
             slot.error = std::move(error);
             {
