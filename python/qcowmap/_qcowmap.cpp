@@ -1,0 +1,727 @@
+// qcowmap's Python binding (pybind11): an Image over the C++ library whose data extents are
+// read-only memoryviews straight into the mapping. The pure-Python half (RawDisk, the package's
+// names) is qcowmap/__init__.py; the typed interface is __init__.pyi.
+//
+// Lifetime: every object handed to Python that points into a mapping (a memoryview's owner, an
+// Extent, an iterator) holds its own copy of the qcowmap::Image, i.e. a reference to the shared
+// image state, so the mapping lives as long as the last of them, whatever happens to the
+// Python Image (close, del). Long operations copy the Image under the GIL, then release it.
+#include <qcowmap/bitmap.hpp>
+#include <qcowmap/hash.hpp>
+#include <qcowmap/image.hpp>
+#include <qcowmap/map.hpp>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <sys/stat.h>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+using qcowmap::Extent;
+using qcowmap::ExtentKind;
+using qcowmap::Image;
+
+// ---------------------------------------------------------------------------------------------
+// Errors: qcowmap.Error(OSError) with .code (the library's error code name) and .message.
+
+PyObject* g_error_type = nullptr;
+
+/// A library error on its way to Python: thrown in C++ (also from code that runs without the
+/// GIL, whose guard reacquires it while unwinding), turned into qcowmap.Error by the translator.
+struct LibraryError {
+    std::string code;
+    std::string message;
+    std::string filename; ///< the image the error is about; empty when none
+};
+
+[[noreturn]] void raise(const qcowmap::Error& error, const std::string& filename) {
+    throw LibraryError{std::string(qcowmap::to_string(error.code)), error.message, filename};
+}
+
+void translate(std::exception_ptr pointer) {
+    try {
+        if (pointer)
+            std::rethrow_exception(pointer);
+    } catch (const LibraryError& e) {
+        // Like the CLI's one-line errors: "FILE: what is wrong".
+        std::string text = e.filename.empty() ? e.message : e.filename + ": " + e.message;
+        py::object type = py::reinterpret_borrow<py::object>(g_error_type);
+        py::object instance = type(py::str(text));
+        instance.attr("code") = py::str(e.code);
+        instance.attr("message") = py::str(e.message);
+        PyErr_SetObject(g_error_type, instance.ptr());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small conversions.
+
+/// Text from an image (names, reasons): UTF-8, undecodable bytes kept as surrogates (as
+/// os.fsdecode does) instead of failing.
+py::str text(std::string_view s) {
+    PyObject* object =
+        PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogateescape");
+    if (!object)
+        throw py::error_already_set();
+    return py::reinterpret_steal<py::str>(object);
+}
+
+py::object optional_text(const std::optional<std::string>& s) {
+    return s ? py::object(text(*s)) : py::object(py::none());
+}
+
+/// A path argument: str, bytes or os.PathLike, as the os module takes them.
+std::string fs_path(const py::object& path) {
+    py::object fspath = py::module_::import("os").attr("fsencode")(path);
+    return fspath.cast<std::string>();
+}
+
+std::uint64_t non_negative(long long value, const char* what) {
+    if (value < 0)
+        throw py::value_error(fmt::format("{} must not be negative ({})", what, value));
+    return static_cast<std::uint64_t>(value);
+}
+
+std::string_view kind_name(ExtentKind kind) {
+    switch (kind) {
+    case ExtentKind::data:
+        return "data";
+    case ExtentKind::zero:
+        return "zero";
+    case ExtentKind::compressed:
+        return "compressed";
+    }
+    return "zero";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zero-copy bytes: a buffer exporter over a span of the mapping that owns a copy of the Image.
+
+struct MappedBytes {
+    Image image; // keeps the mapping alive for as long as any memoryview of it exists
+    const std::byte* data = nullptr;
+    std::size_t size = 0;
+};
+
+py::memoryview mapped_view(const Image& image, std::span<const std::byte> bytes) {
+    py::object owner = py::cast(MappedBytes{image, bytes.data(), bytes.size()});
+    return py::memoryview(py::reinterpret_borrow<py::buffer>(owner));
+}
+
+/// One Decompressor per thread (it holds a cluster buffer and decoder state).
+qcowmap::Decompressor& thread_decompressor() {
+    thread_local qcowmap::Decompressor decompressor;
+    return decompressor;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extents.
+
+/// One extent of the virtual disk as Python sees it. `data` is made on first use: a memoryview
+/// into the mapping (data), None (zero), or the decompressed bytes of the range (compressed).
+struct PyExtent {
+    Image image;
+    Extent extent;
+    std::string filename;
+    py::object data_cache;
+
+    py::object data() {
+        if (data_cache)
+            return data_cache;
+        switch (extent.kind) {
+        case ExtentKind::data:
+            data_cache = mapped_view(image, extent.bytes);
+            break;
+        case ExtentKind::zero:
+            data_cache = py::none();
+            break;
+        case ExtentKind::compressed: {
+            PyObject* raw =
+                PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(extent.length));
+            if (!raw)
+                throw py::error_already_set();
+            py::object bytes = py::reinterpret_steal<py::object>(raw);
+            {
+                py::gil_scoped_release unlocked;
+                auto span = thread_decompressor().decompress(image, extent);
+                if (!span)
+                    raise(span.error(), filename);
+                std::copy(span->begin(), span->end(),
+                          reinterpret_cast<std::byte*>(PyBytes_AS_STRING(raw)));
+            }
+            data_cache = bytes;
+            break;
+        }
+        }
+        return data_cache;
+    }
+};
+
+/// The one place that drives the library's extent walks (Image::extents and a bitmap's dirty
+/// extents), so that a change of iteration protocol touches only this class.
+class Walk {
+  public:
+    virtual ~Walk() = default;
+    /// The next extent, or false at the end or on error.
+    virtual bool next(Extent& out) = 0;
+    /// The error that stopped the walk, or nullptr.
+    virtual const qcowmap::Error* error() const = 0;
+};
+
+template <typename Iterator> class WalkOf final : public Walk {
+  public:
+    explicit WalkOf(Iterator iterator) : iterator_(std::move(iterator)) {}
+    bool next(Extent& out) override { return iterator_.next(out); }
+    const qcowmap::Error* error() const override {
+        return iterator_.failed() ? &iterator_.error() : nullptr;
+    }
+
+  private:
+    Iterator iterator_;
+};
+
+/// Python iterator over extents. The walk runs in C++ without the GIL, a batch at a time.
+class ExtentIterator {
+  public:
+    ExtentIterator(Image image, std::unique_ptr<Walk> walk, std::string filename)
+        : image_(std::move(image)), walk_(std::move(walk)), filename_(std::move(filename)) {}
+
+    PyExtent next() {
+        if (busy_)
+            throw py::value_error("extent iterator already executing in another thread");
+        if (index_ == batch_.size() && !done_) {
+            busy_ = true;
+            batch_.clear();
+            index_ = 0;
+            {
+                py::gil_scoped_release unlocked;
+                Extent extent;
+                while (batch_.size() < kBatch) {
+                    if (!walk_->next(extent)) {
+                        done_ = true;
+                        break;
+                    }
+                    batch_.push_back(extent);
+                }
+            }
+            busy_ = false;
+        }
+        if (index_ < batch_.size())
+            return PyExtent{image_, batch_[index_++], filename_, py::object()};
+        if (const qcowmap::Error* error = walk_->error(); error && !raised_) {
+            raised_ = true; // a failed walk raises once, then ends like any exhausted iterator
+            raise(*error, filename_);
+        }
+        throw py::stop_iteration();
+    }
+
+  private:
+    static constexpr std::size_t kBatch = 256;
+    Image image_;
+    std::unique_ptr<Walk> walk_;
+    std::string filename_;
+    std::vector<Extent> batch_;
+    std::size_t index_ = 0;
+    bool done_ = false;
+    bool busy_ = false;
+    bool raised_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+// `qcowmap info --json` as a dict (the CLI's apps/cmd_info.cpp json_object, key for key).
+
+std::uint64_t disk_usage(const std::string& path) {
+    struct stat st {};
+    return ::stat(path.c_str(), &st) == 0 ? static_cast<std::uint64_t>(st.st_blocks) * 512 : 0;
+}
+
+std::string extension_name(std::uint32_t type) {
+    switch (type) {
+    case 0xe2792aca:
+        return "backing file format";
+    case 0x6803f857:
+        return "feature name table";
+    case 0x23852875:
+        return "bitmaps";
+    case 0x0537be77:
+        return "full disk encryption header";
+    case 0x44415441:
+        return "external data file";
+    default:
+        return fmt::format("unknown ({:#010x})", type);
+    }
+}
+
+py::list feature_list(const qcowmap::ImageInfo& info, std::uint64_t mask,
+                      qcowmap::FeatureName::Type type) {
+    py::list out;
+    for (unsigned bit = 0; bit < 64; ++bit) {
+        if (mask & (std::uint64_t{1} << bit))
+            out.append(text(info.feature_name(type, bit)));
+    }
+    return out;
+}
+
+py::list bitmap_flags(const qcowmap::BitmapEntry& e) {
+    py::list flags;
+    if (e.in_use())
+        flags.append("in-use");
+    if (e.enabled())
+        flags.append("auto");
+    if (e.flags & qcowmap::kBitmapExtraDataCompatible)
+        flags.append("extra-data-compatible");
+    return flags;
+}
+
+py::dict info_dict(const std::string& path, const qcowmap::ImageInfo& info) {
+    using qcowmap::FeatureName;
+    py::dict d;
+    d["filename"] = text(path);
+    d["format"] = info.version == 1 ? "qcow" : "qcow2";
+    d["version"] = info.version;
+    d["virtual-size"] = info.virtual_size;
+    d["actual-size"] = disk_usage(path);
+    d["file-size"] = info.file_size;
+    d["cluster-size"] = info.cluster_size;
+    d["refcount-bits"] =
+        info.version == 1 ? py::object(py::none()) : py::object(py::int_(info.refcount_bits()));
+    d["compression-type"] =
+        info.compression_type == qcowmap::CompressionType::zstd ? "zstd" : "zlib";
+    d["extended-l2"] = info.extended_l2;
+    d["lazy-refcounts"] = (info.compatible_features & qcowmap::kCompatLazyRefcounts) != 0;
+    d["dirty"] = (info.incompatible_features & qcowmap::kIncompatDirty) != 0;
+    d["corrupt"] = (info.incompatible_features & qcowmap::kIncompatCorrupt) != 0;
+    d["incompatible-features"] =
+        feature_list(info, info.incompatible_features, FeatureName::Type::incompatible);
+    d["compatible-features"] =
+        feature_list(info, info.compatible_features, FeatureName::Type::compatible);
+    d["autoclear-features"] =
+        feature_list(info, info.autoclear_features, FeatureName::Type::autoclear);
+    py::list extensions;
+    for (const qcowmap::HeaderExtension& e : info.extensions)
+        extensions.append(extension_name(e.type));
+    d["header-extensions"] = extensions;
+    d["backing-filename"] = optional_text(info.backing_file);
+    d["backing-filename-format"] = optional_text(info.backing_format);
+    d["data-file"] = optional_text(info.data_file);
+    d["data-file-raw"] = (info.autoclear_features & qcowmap::kAutoclearDataFileRaw) != 0;
+    d["snapshot-count"] = info.snapshot_count;
+    py::list snapshots;
+    for (const qcowmap::Snapshot& sn : info.snapshots) {
+        py::dict s;
+        s["id"] = text(sn.id);
+        s["name"] = text(sn.name);
+        s["vm-state-size"] = sn.vm_state_size;
+        s["date-sec"] = sn.date_seconds;
+        s["date-nsec"] = sn.date_nanoseconds;
+        s["vm-clock-sec"] = sn.vm_clock_nanoseconds / 1000000000;
+        s["vm-clock-nsec"] = sn.vm_clock_nanoseconds % 1000000000;
+        s["icount"] = sn.icount ? py::object(py::int_(*sn.icount)) : py::object(py::none());
+        s["virtual-size"] = sn.virtual_size;
+        s["l1-size"] = sn.l1_size;
+        snapshots.append(s);
+    }
+    d["snapshots"] = snapshots;
+    py::list bitmaps;
+    if (info.bitmaps) {
+        for (const qcowmap::BitmapEntry& e : info.bitmaps->entries) {
+            py::dict b;
+            b["name"] = text(e.name);
+            b["granularity"] = e.granularity();
+            b["flags"] = bitmap_flags(e);
+            b["consistent"] = e.consistent();
+            b["inconsistent-reason"] =
+                e.consistent() ? py::object(py::none()) : py::object(text(e.inconsistent_reason));
+            bitmaps.append(b);
+        }
+    }
+    d["bitmaps"] = bitmaps;
+    return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Image.
+
+/// OpenOptions::untrusted arrives with the untrusted-input work; until then the argument is
+/// accepted only as False. Detected at compile time, so the binding picks it up by rebuilding.
+template <typename Options> void set_untrusted(Options& options, bool untrusted) {
+    if constexpr (requires { options.untrusted = untrusted; }) {
+        options.untrusted = untrusted;
+    } else if (untrusted) {
+        throw py::value_error("untrusted=True needs a qcowmap library with OpenOptions::untrusted "
+                              "(this build has none)");
+    }
+}
+
+template <typename Options> constexpr bool has_untrusted() {
+    return requires(Options options) {
+        options.untrusted = true;
+    };
+}
+
+class PyImage {
+  public:
+    PyImage(Image image, std::string filename)
+        : image_(std::move(image)), filename_(std::move(filename)) {}
+
+    /// The image for one operation (a cheap copy that keeps the mapping alive during it).
+    Image get() const {
+        if (!image_)
+            throw py::value_error("I/O operation on closed image");
+        return *image_;
+    }
+    void close() { image_.reset(); }
+    bool closed() const { return !image_; }
+    const std::string& filename() const { return filename_; }
+
+    std::uint64_t size() const { return get().size(); }
+
+    py::dict info() const { return info_dict(filename_, get().info()); }
+
+    py::list layers() const {
+        py::list out;
+        for (const qcowmap::LayerInfo& layer : get().layers()) {
+            py::dict d;
+            d["filename"] = text(layer.path.string());
+            d["format"] = layer.format;
+            d["virtual-size"] = layer.virtual_size;
+            out.append(d);
+        }
+        return out;
+    }
+
+    ExtentIterator extents(long long start, std::optional<long long> end) const {
+        Image image = get();
+        std::uint64_t from = non_negative(start, "start");
+        std::uint64_t to = end ? non_negative(*end, "end") : UINT64_MAX;
+        auto walk = std::make_unique<WalkOf<qcowmap::ExtentIterator>>(image.extents(from, to));
+        return ExtentIterator(image, std::move(walk), filename_);
+    }
+
+    ExtentIterator dirty_extents(const std::string& name, long long start,
+                                 std::optional<long long> end) const {
+        Image image = get();
+        std::uint64_t from = non_negative(start, "start");
+        std::uint64_t to = end ? non_negative(*end, "end") : UINT64_MAX;
+        auto bitmap = qcowmap::DirtyBitmap::open(image, name);
+        if (!bitmap)
+            raise(bitmap.error(), filename_);
+        auto walk =
+            std::make_unique<WalkOf<qcowmap::DirtyExtentIterator>>(bitmap->dirty_extents(from, to));
+        return ExtentIterator(image, std::move(walk), filename_);
+    }
+
+    py::bytes read(long long offset_arg, long long length_arg) const {
+        Image image = get();
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        const std::uint64_t length = non_negative(length_arg, "length");
+        const std::uint64_t size = image.size();
+        // Beyond the end: the library's out_of_range error, from an empty read.
+        const std::uint64_t n = offset <= size ? std::min(length, size - offset) : 0;
+        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
+        if (!raw)
+            throw py::error_already_set();
+        py::bytes bytes = py::reinterpret_steal<py::bytes>(raw);
+        std::span<std::byte> dest(reinterpret_cast<std::byte*>(PyBytes_AS_STRING(raw)), n);
+        read_span(image, dest, offset);
+        return bytes;
+    }
+
+    std::size_t readinto(long long offset_arg, const py::object& buffer) const {
+        Image image = get();
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        Py_buffer view;
+        if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0)
+            throw py::error_already_set();
+        std::unique_ptr<Py_buffer, void (*)(Py_buffer*)> release(&view, PyBuffer_Release);
+        std::span<std::byte> dest(static_cast<std::byte*>(view.buf),
+                                  static_cast<std::size_t>(view.len));
+        return read_span(image, dest, offset);
+    }
+
+    py::list map(long long start, std::optional<long long> length) const {
+        Image image = get();
+        qcowmap::MapOptions options;
+        options.start = non_negative(start, "start");
+        if (length)
+            options.length = non_negative(*length, "length");
+        std::vector<qcowmap::MapEntry> entries;
+        {
+            py::gil_scoped_release unlocked;
+            auto ok = qcowmap::map_image(image, options,
+                                         [&](const qcowmap::MapEntry& e) -> qcowmap::Result<void> {
+                                             entries.push_back(e);
+                                             return {};
+                                         });
+            if (!ok)
+                raise(ok.error(), filename_);
+        }
+        // The keys and their order of `qemu-img map --output=json` (compressed: qemu 8.2+).
+        py::list out;
+        for (const qcowmap::MapEntry& e : entries) {
+            py::dict d;
+            d["start"] = e.start;
+            d["length"] = e.length;
+            d["depth"] = e.depth;
+            d["present"] = e.present;
+            d["zero"] = e.zero;
+            d["data"] = e.data;
+            d["compressed"] = e.compressed;
+            if (e.offset)
+                d["offset"] = *e.offset;
+            out.append(d);
+        }
+        return out;
+    }
+
+    py::list bitmaps() const {
+        Image image = get();
+        std::vector<qcowmap::BitmapSummary> summaries;
+        {
+            py::gil_scoped_release unlocked;
+            summaries = qcowmap::list_bitmaps(image);
+        }
+        // The keys of `qcowmap bitmaps --json`.
+        py::list out;
+        for (const qcowmap::BitmapSummary& s : summaries) {
+            py::dict d;
+            d["name"] = text(s.entry.name);
+            d["granularity"] = s.entry.granularity();
+            d["flags"] = bitmap_flags(s.entry);
+            d["enabled"] = s.entry.enabled();
+            d["in-use"] = s.entry.in_use();
+            d["consistent"] = s.entry.consistent();
+            d["usable"] = !s.error.has_value();
+            d["error"] = s.error ? py::object(text(s.error->message)) : py::object(py::none());
+            d["dirty-bytes"] =
+                s.dirty_bytes ? py::object(py::int_(*s.dirty_bytes)) : py::object(py::none());
+            out.append(d);
+        }
+        return out;
+    }
+
+    py::object hash(const std::string& algo, std::optional<long long> block_size,
+                    unsigned threads) const {
+        Image image = get();
+        auto algorithm = qcowmap::parse_hash_algorithm(algo);
+        if (!algorithm)
+            throw py::value_error(fmt::format(
+                "unknown hash algorithm '{}' (sha256, sha512, blake2b512, xxh3-128)", algo));
+        if (!block_size) {
+            qcowmap::HashOptions options;
+            options.algorithm = *algorithm;
+            options.threads = threads;
+            std::string hex;
+            {
+                py::gil_scoped_release unlocked;
+                auto digest = qcowmap::hash_image(image, options);
+                if (!digest)
+                    raise(digest.error(), filename_);
+                hex = digest->hex();
+            }
+            return py::str(hex);
+        }
+        qcowmap::BlockHashOptions options;
+        options.algorithm = *algorithm;
+        options.block_size = non_negative(*block_size, "block_size");
+        options.threads = threads;
+        std::vector<qcowmap::BlockDigest> blocks;
+        {
+            py::gil_scoped_release unlocked;
+            auto ok = qcowmap::hash_blocks(
+                image, options, [&](const qcowmap::BlockDigest& b) -> qcowmap::Result<void> {
+                    blocks.push_back(b);
+                    return {};
+                });
+            if (!ok)
+                raise(ok.error(), filename_);
+        }
+        // The entries of `qcowmap hash --block-size=N --json`'s "blocks".
+        py::list out;
+        for (const qcowmap::BlockDigest& b : blocks) {
+            py::dict d;
+            d["index"] = b.index;
+            d["offset"] = b.offset;
+            d["length"] = b.length;
+            d["digest"] = b.digest.hex();
+            d["zero"] = b.zero;
+            out.append(d);
+        }
+        return out;
+    }
+
+  private:
+    /// Reads into `dest` (fewer bytes only at the end of the disk). Small reads keep the GIL:
+    /// dropping and retaking it costs more than they do.
+    std::size_t read_span(const Image& image, std::span<std::byte> dest,
+                          std::uint64_t offset) const {
+        constexpr std::size_t kReleaseGilAbove = 16 * 1024;
+        std::optional<py::gil_scoped_release> unlocked;
+        if (dest.size() > kReleaseGilAbove)
+            unlocked.emplace();
+        auto n = image.read(dest, offset);
+        if (!n)
+            raise(n.error(), filename_);
+        return *n;
+    }
+
+    std::optional<Image> image_;
+    std::string filename_;
+};
+
+PyImage open_image(const py::object& path, const py::object& snapshot, bool backing,
+                   const py::object& data_file, bool untrusted) {
+    std::string filename = fs_path(path);
+    qcowmap::OpenOptions options;
+    options.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
+    // A snapshot is named by its ID or its name; an int is taken as the ID.
+    if (py::isinstance<py::int_>(snapshot) && !py::isinstance<py::bool_>(snapshot))
+        options.snapshot = py::str(snapshot).cast<std::string>();
+    else if (py::isinstance<py::str>(snapshot))
+        options.snapshot = snapshot.cast<std::string>();
+    else if (!snapshot.is_none())
+        throw py::type_error("snapshot must be a str (ID or name), an int (ID) or None");
+    if (!data_file.is_none())
+        options.data_file = fs_path(data_file);
+    set_untrusted(options, untrusted);
+    std::optional<qcowmap::Result<Image>> image;
+    {
+        py::gil_scoped_release unlocked;
+        image.emplace(Image::open(filename, options));
+    }
+    if (!*image)
+        raise(image->error(), filename);
+    return PyImage(std::move(**image), filename);
+}
+
+} // namespace
+
+PYBIND11_MODULE(_qcowmap, m) {
+    m.doc() = "qcowmap's C++ core; use the qcowmap package.";
+#ifdef QCOWMAP_VERSION
+    m.attr("__version__") = QCOWMAP_VERSION;
+#endif
+    m.attr("HAS_UNTRUSTED") = has_untrusted<qcowmap::OpenOptions>();
+
+    g_error_type = PyErr_NewExceptionWithDoc(
+        "qcowmap.Error",
+        "An image could not be opened or read. .code is the library's error code name "
+        "(\"not_qcow2\", \"io_error\", ...), .message the library's message; str() is "
+        "\"FILE: message\".",
+        PyExc_OSError, nullptr);
+    if (!g_error_type)
+        throw py::error_already_set();
+    m.attr("Error") = py::reinterpret_borrow<py::object>(g_error_type);
+    py::register_exception_translator(translate);
+
+    py::class_<MappedBytes>(m, "_MappedBytes", py::buffer_protocol())
+        .def_buffer([](MappedBytes& b) {
+            return py::buffer_info(const_cast<std::byte*>(b.data), 1, "B", 1,
+                                   {static_cast<py::ssize_t>(b.size)}, {py::ssize_t{1}},
+                                   /*readonly=*/true);
+        });
+
+    py::class_<PyExtent>(m, "Extent",
+                         "A run [offset, offset + length) of the virtual disk whose bytes are all "
+                         "obtained one way (kind \"data\", \"zero\" or \"compressed\").")
+        .def_property_readonly(
+            "offset", [](const PyExtent& e) { return e.extent.offset; },
+            "Start in the virtual disk.")
+        .def_property_readonly(
+            "length", [](const PyExtent& e) { return e.extent.length; }, "Bytes covered (never 0).")
+        .def_property_readonly(
+            "kind", [](const PyExtent& e) { return kind_name(e.extent.kind); },
+            "\"data\", \"zero\" or \"compressed\".")
+        .def_property_readonly(
+            "present", [](const PyExtent& e) { return e.extent.present; },
+            "False where no layer allocates the range (qemu-img map's \"present\").")
+        .def_property_readonly(
+            "depth", [](const PyExtent& e) { return e.extent.depth; },
+            "The layer that supplied the range: 0 is the image itself.")
+        .def_property_readonly(
+            "host_offset",
+            [](const PyExtent& e) -> std::optional<std::uint64_t> { return e.extent.host_offset; },
+            "Where the run starts in its host file (the layer's file or its data file), or None.")
+        .def_property_readonly("data", &PyExtent::data,
+                               "data: a read-only memoryview straight into the mapping (no copy), "
+                               "valid as long as it lives, even after the Image is closed; zero: "
+                               "None; compressed: the decompressed bytes of the range.")
+        .def("__repr__", [](const PyExtent& e) {
+            return fmt::format("Extent(offset={}, length={}, kind='{}', present={}, depth={})",
+                               e.extent.offset, e.extent.length, kind_name(e.extent.kind),
+                               e.extent.present ? "True" : "False", e.extent.depth);
+        });
+
+    py::class_<ExtentIterator>(m, "ExtentIterator",
+                               "Extents in disk order; the walk runs in C++ without the GIL. An "
+                               "error met on the way raises qcowmap.Error after the extents "
+                               "before it.")
+        .def("__iter__", [](py::object self) { return self; })
+        .def("__next__", &ExtentIterator::next);
+
+    py::class_<PyImage>(m, "Image",
+                        "A qcow2 image opened read-only through a memory mapping "
+                        "(qcowmap.open). Immutable: share it across threads.")
+        .def_property_readonly("size", &PyImage::size,
+                               "The virtual disk size in bytes (the snapshot's when one was "
+                               "opened).")
+        .def_property_readonly(
+            "path", [](const PyImage& i) { return text(i.filename()); }, "The path as opened.")
+        .def_property_readonly("info", &PyImage::info,
+                               "What `qcowmap info --json PATH` prints, as a dict.")
+        .def_property_readonly("layers", &PyImage::layers,
+                               "The chain as opened, top first: dicts of filename, format, "
+                               "virtual-size.")
+        .def_property_readonly("closed", &PyImage::closed)
+        .def("close", &PyImage::close,
+             "Drops this object's reference to the mapping; memoryviews of extents keep theirs.")
+        .def("__enter__", [](py::object self) { return self; })
+        .def("__exit__", [](PyImage& i, const py::args&) { i.close(); })
+        .def("extents", &PyImage::extents, py::arg("start") = 0, py::arg("end") = py::none(),
+             "Extents covering [start, min(end, size)), in order.")
+        .def("dirty_extents", &PyImage::dirty_extents, py::arg("name"), py::arg("start") = 0,
+             py::arg("end") = py::none(),
+             "The extents of the dirty ranges of persistent bitmap `name` only (what an "
+             "incremental backup copies).")
+        .def("read", &PyImage::read, py::arg("offset"), py::arg("length"),
+             "`length` bytes of the virtual disk at `offset`: fewer only at the end of the disk.")
+        .def("readinto", &PyImage::readinto, py::arg("offset"), py::arg("buffer"),
+             "Fills the writable `buffer` from `offset`; returns the bytes copied (fewer only "
+             "at the end of the disk).")
+        .def("map", &PyImage::map, py::arg("start") = 0, py::arg("length") = py::none(),
+             "The entries of `qemu-img map --output=json` as dicts.")
+        .def("bitmaps", &PyImage::bitmaps, "What `qcowmap bitmaps --json` prints, as dicts.")
+        .def("hash", &PyImage::hash, py::arg("algo") = "sha256", py::arg("block_size") = py::none(),
+             py::arg("threads") = 0,
+             "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128), "
+             "or with block_size the block manifest: dicts of index, offset, length, digest, "
+             "zero. threads 0: one per core.")
+        .def(
+            "open_raw",
+            [](py::object self) { return py::module_::import("qcowmap").attr("RawDisk")(self); },
+            "The virtual disk as a read-only, seekable io.RawIOBase (qcowmap.RawDisk).")
+        .def("__repr__", [](const PyImage& i) {
+            return fmt::format("<qcowmap.Image '{}'{}>", i.filename(),
+                               i.closed() ? " (closed)" : fmt::format(" size={}", i.size()));
+        });
+
+    m.def("open", &open_image, py::arg("path"), py::arg("snapshot") = py::none(),
+          py::arg("backing") = true, py::arg("data_file") = py::none(),
+          py::arg("untrusted") = false,
+          "Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file. "
+          "snapshot: an internal snapshot's ID or name; backing=False reads only this image; "
+          "data_file: use this external data file; untrusted: see HAS_UNTRUSTED.");
+}
