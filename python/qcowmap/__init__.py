@@ -62,6 +62,9 @@ class RawDisk(io.RawIOBase):
         self._checkClosed()
         return False
 
+    def write(self, data):
+        raise io.UnsupportedOperation("write: the virtual disk is read-only")
+
     def tell(self):
         self._checkClosed()
         return self._pos

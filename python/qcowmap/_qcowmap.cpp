@@ -444,8 +444,13 @@ class PyImage {
         Image image = get();
         const std::uint64_t offset = non_negative(offset_arg, "offset");
         Py_buffer view;
-        if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0)
-            throw py::error_already_set();
+        if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+            // As io.FileIO.readinto says it.
+            PyErr_Clear();
+            throw py::type_error(
+                fmt::format("readinto() argument must be read-write bytes-like object, not {}",
+                            Py_TYPE(buffer.ptr())->tp_name));
+        }
         std::unique_ptr<Py_buffer, void (*)(Py_buffer*)> release(&view, PyBuffer_Release);
         std::span<std::byte> dest(static_cast<std::byte*>(view.buf),
                                   static_cast<std::size_t>(view.len));
