@@ -203,7 +203,12 @@ class ExtentIterator {
         if (busy_)
             throw py::value_error("extent iterator already executing in another thread");
         if (index_ == batch_.size() && !done_) {
+            // Another Python thread may call next() while this one runs without the GIL.
             busy_ = true;
+            struct Idle {
+                bool& busy;
+                ~Idle() { busy = false; }
+            } idle{busy_};
             batch_.clear();
             index_ = 0;
             {
@@ -217,7 +222,6 @@ class ExtentIterator {
                     batch_.push_back(extent);
                 }
             }
-            busy_ = false;
         }
         if (index_ < batch_.size())
             return PyExtent{image_, batch_[index_++], filename_, py::object()};
