@@ -4,6 +4,7 @@ depth, and with the CLI: info, map, hash. Data extents are checked to be zero-co
 memoryview lies in a file mapping of one of the image's files, at the extent's host offset.
 """
 
+import contextlib
 import hashlib
 import random
 
@@ -113,20 +114,42 @@ def test_extents_agree_with_qemu_map(case):
         assert checked >= len(lines)
 
 
-def test_info_is_the_cli_json(case):
-    with case.open() as img:
-        info = img.info
+@contextlib.contextmanager
+def data_file_where_named(case, info):
+    """`qcowmap info` has no --data-file: for a case that passes data_file=, let the CLI find
+    the moved data file where the image names it, for the time of the call."""
     if "data_file" not in case.open_kwargs:
-        assert info == cli_json("info", "--json", case.path)
+        yield
         return
-    # `qcowmap info` has no --data-file: let it find the moved data file where the image
-    # names it, for the time of the call.
     named = case.path.parent / info["data-file"]
     named.symlink_to(case.open_kwargs["data_file"])
     try:
-        assert info == cli_json("info", "--json", case.path)
+        yield
     finally:
         named.unlink()
+
+
+def test_info_is_the_cli_json(case):
+    with case.open() as img:
+        info = img.info
+    with data_file_where_named(case, info):
+        assert info == cli_json("info", "--json", case.path)
+
+
+def test_layers_are_the_cli_backing_chain(case):
+    with case.open() as img:
+        layers = img.layers
+        info = img.info
+    backing = [a for a in case.cli_args if a.startswith("--backing")]
+    with data_file_where_named(case, info):
+        chain = cli_json("info", "--backing-chain", "--json", *backing, case.path)
+    assert [(layer["filename"], layer["format"]) for layer in layers] == [
+        (c["filename"], c["format"]) for c in chain
+    ]
+    assert layers[0]["virtual-size"] == len(case.raw())
+    assert [layer["virtual-size"] for layer in layers[1:]] == [c["virtual-size"] for c in chain[1:]]
+    if case.name.startswith("chain_top") and "backing" not in case.open_kwargs:
+        assert [layer["format"] for layer in layers] == ["qcow2", "qcow2", "raw"]
 
 
 def test_hash_matches_sha256_of_qemu_bytes(case):
