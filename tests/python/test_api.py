@@ -507,6 +507,10 @@ def test_stub_names_every_public_name():
     assert stub.exists(), "the .pyi stub must sit beside the package"
     assert pathlib.Path(qcowmap.__file__).with_name("py.typed").exists()
     text = stub.read_text()
+    import ast
+
+    tree = ast.parse(text)  # valid Python syntax
+    assert any(isinstance(n, ast.ClassDef) and n.name == "Image" for n in tree.body)
     for name in qcowmap.__all__:
         assert f"class {name}" in text or f"def {name}(" in text or f"{name}:" in text, name
     for method in ("size", "info", "extents", "read", "readinto", "map", "bitmaps", "dirty_extents", "hash", "open_raw", "close"):
