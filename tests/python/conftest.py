@@ -22,9 +22,15 @@ MiB = 1024 * 1024
 QCOWMAP_BIN = os.environ.get("QCOWMAP_BIN", "qcowmap")
 
 
+# Under AddressSanitizer, meson preloads the ASan runtime for this interpreter (see
+# meson.build); the tools run here (qemu-img, qemu-io, the CLI, which links its own) do
+# without it.
+TOOL_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD",)}
+
+
 def run(args, cwd=None, check=True):
     """Runs a command (list, or a string for /bin/sh); returns the CompletedProcess."""
-    result = subprocess.run(args, cwd=cwd, shell=isinstance(args, str), capture_output=True)
+    result = subprocess.run(args, cwd=cwd, shell=isinstance(args, str), capture_output=True, env=TOOL_ENV)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{args!r} exited {result.returncode}: {result.stdout!r} {result.stderr!r}"
