@@ -70,12 +70,12 @@ Command add_cat(CLI::App& app) {
                     return static_cast<int>(kExitImageError);
                 bool write_failed = false;
                 Output output;
-                auto result = image->visit_runs_parallel(
-                    0, UINT64_MAX, worker_threads(),
-                    [&](std::uint64_t, std::uint64_t length,
-                        std::span<const std::byte> bytes) -> Result<void> {
-                        if (!bytes.empty()) {
-                            if (!output.put(bytes, image->maps_bytes(bytes))) {
+                auto result = image->visit(
+                    0, UINT64_MAX,
+                    [&](const Run& run) -> Result<void> {
+                        std::uint64_t length = run.length;
+                        if (!run.bytes.empty()) {
+                            if (!output.put(run.bytes, run.mapped)) {
                                 // The kernel reading our mapping for write() faults with EFAULT
                                 // when the image was truncated under us.
                                 if (errno == EFAULT) {
@@ -95,7 +95,8 @@ Command add_cat(CLI::App& app) {
                             length -= n;
                         }
                         return {};
-                    });
+                    },
+                    VisitOptions{worker_threads(), DataAccess::mapping});
                 if (!result) {
                     return write_failed
                                ? report("<stdout>", result.error().message, kExitOutputError)

@@ -118,12 +118,12 @@ CopyResult copy_run(const FilePosition& from, int out, std::uint64_t offset, std
 /// inside the kernel when no zero detection is wanted (`zero_block` 0); otherwise the bytes
 /// the visit produced (read into its buffer, decompressed, or from the mapping with --io=mmap)
 /// are written with holes for all-zero blocks. Zero runs are left to the caller.
-Result<void> write_run(const Image& image, int out, std::uint64_t offset,
+Result<void> write_run(const std::optional<FilePosition>& file, int out, std::uint64_t offset,
                        std::span<const std::byte> bytes, std::uint64_t zero_block,
                        std::vector<std::byte>& buffer, bool& write_failed) {
     if (zero_block == 0) {
-        if (auto from = image.file_position(bytes)) {
-            CopyResult copied = copy_run(*from, out, offset, bytes.size(), buffer);
+        if (file) {
+            CopyResult copied = copy_run(*file, out, offset, bytes.size(), buffer);
             if (copied == CopyResult::source_changed) {
                 return Error{ErrorCode::io_error, kImageChanged};
             }
@@ -203,11 +203,13 @@ int convert_incremental(const ImageArgs& args, const std::string& bitmap_name,
     Progress meter(show_progress, bitmap->dirty_bytes());
     std::uint64_t done_before = 0;
     bool write_failed = false;
-    auto visitor = [&](std::uint64_t offset, std::uint64_t length,
-                       std::span<const std::byte> bytes) -> Result<void> {
-        if (!bytes.empty()) {
-            // Data is copied inside the kernel (mapping mode hands out file positions).
-            if (auto ok = write_run(*image, fd, offset, bytes, 0, buffer, write_failed); !ok) {
+    auto visitor = [&](const Run& run) -> Result<void> {
+        const std::uint64_t offset = run.offset;
+        const std::uint64_t length = run.length;
+        if (!run.bytes.empty()) {
+            // Data is copied inside the kernel (runs carry their file positions).
+            if (auto ok = write_run(run.file, fd, offset, run.bytes, 0, buffer, write_failed);
+                !ok) {
                 return ok;
             }
         } else if (!zero_out(fd, offset, length)) {
@@ -219,12 +221,11 @@ int convert_incremental(const ImageArgs& args, const std::string& bitmap_name,
         return {};
     };
     Result<void> result;
-    BitmapRangeIterator ranges = bitmap->dirty_ranges();
-    BitmapRange range;
-    const unsigned threads = worker_threads(); // reads /sys: once, not per range
-    while (result && ranges.next(range)) {
-        result =
-            image->visit_runs_parallel(range.offset, range.offset + range.length, threads, visitor);
+    const VisitOptions visit{worker_threads(), DataAccess::mapping}; // reads /sys: once
+    for (const BitmapRange& range : bitmap->dirty_ranges()) {
+        result = image->visit(range.offset, range.offset + range.length, visitor, visit);
+        if (!result)
+            break;
     }
     if (!result) {
         ::close(fd);
@@ -322,12 +323,14 @@ Command add_convert(CLI::App& app) {
             // buffers (--io=read, the default) that the zero check and pwrite then find
             // in the cache.
             const VisitOptions visit{worker_threads(), block == 0 ? DataAccess::mapping : *io};
-            auto result = image->visit_runs(
-                0, UINT64_MAX, visit,
-                [&](std::uint64_t offset, std::uint64_t length,
-                    std::span<const std::byte> bytes) -> Result<void> {
-                    if (!bytes.empty()) {
-                        auto ok = write_run(*image, fd, offset, bytes, block, buffer, write_failed);
+            auto result = image->visit(
+                0, UINT64_MAX,
+                [&](const Run& run) -> Result<void> {
+                    const std::uint64_t offset = run.offset;
+                    const std::uint64_t length = run.length;
+                    if (!run.bytes.empty()) {
+                        auto ok =
+                            write_run(run.file, fd, offset, run.bytes, block, buffer, write_failed);
                         if (!ok)
                             return ok;
                     } else if (!sparse) {
@@ -345,7 +348,8 @@ Command add_convert(CLI::App& app) {
                     }
                     meter.update(offset + length);
                     return {};
-                });
+                },
+                visit);
             if (!result) {
                 ::close(fd);
                 return write_failed ? report(*output, result.error().message, kExitOutputError)

@@ -43,10 +43,8 @@ void append_json_entry(std::string& out, const MapEntry& e) {
 int print_bitmap_ranges(const DirtyBitmap& bitmap, std::uint64_t start, std::uint64_t end,
                         bool json) {
     std::string out = json ? "[" : fmt::format("{:<16}{:<16}{}\n", "Offset", "Length", "Dirty");
-    BitmapRangeIterator ranges = bitmap.ranges(start, end);
-    BitmapRange r;
     bool first = true;
-    while (ranges.next(r)) {
+    for (const BitmapRange& r : bitmap.ranges(start, end)) {
         if (json) {
             if (!first)
                 out += ",\n";
@@ -164,9 +162,12 @@ Command add_map(CLI::App& app) {
                     // ranges (a merge join of two ordered streams). Clipping a merged entry gives
                     // what mapping each dirty range on its own would (offsets continue inside an
                     // entry), without redoing map_image's per-walk setup for every range.
-                    BitmapRangeIterator ranges = dirty->dirty_ranges(*start_offset, end);
+                    BitmapRanges ranges = dirty->dirty_ranges(*start_offset, end);
+                    auto next_range = ranges.begin();
                     BitmapRange range;
-                    bool have = ranges.next(range);
+                    bool have = next_range != std::default_sentinel;
+                    if (have)
+                        range = *next_range;
                     bool done = !have;
                     if (have) {
                         options.start = range.offset;
@@ -188,7 +189,10 @@ Command add_map(CLI::App& app) {
                                 }
                                 if (r_end > e_end)
                                     break;
-                                have = ranges.next(range);
+                                ++next_range;
+                                have = next_range != std::default_sentinel;
+                                if (have)
+                                    range = *next_range;
                             }
                             if (!have) {
                                 done = true; // nothing dirty is left: stop the walk

@@ -9,7 +9,7 @@ int main(int argc, char** argv) {
                  "Exit codes: 0 success, 1 image error, 2 usage error, 3 output error."};
     app.name("qcowmap");
     app.require_subcommand(1);
-    app.set_version_flag("--version", "qcowmap 0.1.0");
+    app.set_version_flag("--version", "qcowmap " + std::string(qcowmap::version()));
     const Command commands[] = {add_info(app),    add_map(app),  add_cat(app),     add_convert(app),
                                 add_bitmaps(app), add_hash(app), add_compare(app), add_check(app)};
     try {

@@ -1,4 +1,4 @@
-// qcowmap benchmarks: the extent walk, map_image, read(), visit_runs / visit_runs_parallel to
+// qcowmap benchmarks: the extent walk, map_image, read(), Image::visit to
 // /dev/null, through a pipe and into a sparse raw file, on images built at startup with
 // qemu-img/qemu-io: dense (256 MiB, one data run), fragmented (1 GiB, 16384 runs), compressed
 // (64 MiB, zlib) and sparse (1 TiB, 64 scattered clusters).
@@ -35,10 +35,14 @@
 namespace {
 
 namespace fs = std::filesystem;
+using qcowmap::DataAccess;
 using qcowmap::Extent;
 using qcowmap::ExtentKind;
 using qcowmap::Image;
 using qcowmap::Result;
+using qcowmap::Run;
+using qcowmap::RunVisitor;
+using qcowmap::VisitOptions;
 
 constexpr std::uint64_t kKiB = 1024;
 constexpr std::uint64_t kMiB = 1024 * kKiB;
@@ -107,12 +111,11 @@ struct ImageSpec {
 
 std::uint64_t count_extents(const Image& image) {
     auto it = image.extents();
-    Extent e;
     std::uint64_t n = 0;
-    while (it.next(e))
+    for ([[maybe_unused]] const Extent& e : it)
         ++n;
-    if (it.failed())
-        die(fmt::format("{}: extent walk failed: {}", image.path().string(), it.error().message));
+    if (it.error().has_value())
+        die(fmt::format("{}: extent walk failed: {}", image.path().string(), it.error()->message));
     return n;
 }
 
@@ -230,16 +233,15 @@ struct BenchImage {
     bool huge;
 };
 
-/// How a benchmark runs: 0 threads means visit_runs, more means visit_runs_parallel with that
-/// many workers (as the CLI's cat and convert do).
+/// How a benchmark runs: 0 threads means a visit on the calling thread only, more means that
+/// many producer threads (as the CLI's cat and convert do).
 struct Setup {
     fs::path dir;
     unsigned threads = 0;
 };
 
-Result<void> visit(const Image& image, unsigned threads, const Image::RunVisitor& visitor) {
-    return threads == 0 ? image.visit_runs(0, UINT64_MAX, visitor)
-                        : image.visit_runs_parallel(0, UINT64_MAX, threads, visitor);
+Result<void> visit(const Image& image, unsigned threads, const RunVisitor& visitor) {
+    return image.visit(0, UINT64_MAX, visitor, VisitOptions{threads, DataAccess::mapping});
 }
 
 struct BenchDir {
@@ -282,14 +284,13 @@ void prepare(BenchDir& bench) {
         // Touch every page of the data once so that benchmarks on this long-lived Image start
         // with a populated mapping (open_read_1MiB measures a fresh mapping each iteration).
         std::uint64_t touched = 0;
-        auto warm = image->visit_runs(
-            0, UINT64_MAX,
-            [&](std::uint64_t, std::uint64_t, std::span<const std::byte> bytes) -> Result<void> {
-                for (std::size_t i = 0; i < bytes.size(); i += 4096) {
-                    touched += std::to_integer<std::uint8_t>(bytes[i]);
-                }
-                return {};
-            });
+        auto warm = image->visit(0, UINT64_MAX, [&](const Run& run) -> Result<void> {
+            auto bytes = run.bytes;
+            for (std::size_t i = 0; i < bytes.size(); i += 4096) {
+                touched += std::to_integer<std::uint8_t>(bytes[i]);
+            }
+            return {};
+        });
         if (!warm)
             die(fmt::format("{}: {}", path.string(), warm.error().message));
         benchmark::DoNotOptimize(touched);
@@ -308,14 +309,13 @@ void set_rates(benchmark::State& state, const BenchImage& b) {
 void bm_iterate(benchmark::State& state, const BenchImage& b, const Setup&) {
     for (auto _ : state) {
         auto it = b.image.extents();
-        Extent e;
         std::uint64_t n = 0, covered = 0;
-        while (it.next(e)) {
+        for (const Extent& e : it) {
             ++n;
             covered += e.length;
         }
         benchmark::DoNotOptimize(covered);
-        if (it.failed() || n != b.extents || covered != b.image.size()) {
+        if (it.error().has_value() || n != b.extents || covered != b.image.size()) {
             state.SkipWithError("extent walk gave a wrong result");
             break;
         }
@@ -375,31 +375,31 @@ void bm_open_read(benchmark::State& state, const BenchImage& b, const Setup&) {
     set_rates(state, b);
 }
 
-/// visit_runs (or visit_runs_parallel) writing every run to `fd`; zero runs from the static zero
+/// A visit writing every run to `fd`; zero runs from the static zero
 /// buffer. Returns the bytes written, or nullopt on failure.
 std::optional<std::uint64_t> cat_to(const Image& image, unsigned threads, int fd) {
     std::uint64_t written = 0;
-    auto result = visit(
-        image, threads,
-        [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes) -> Result<void> {
-            if (!bytes.empty()) {
-                if (!write_all(fd, bytes.data(), bytes.size())) {
-                    return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
-                }
-                written += bytes.size();
-                return {};
+    auto result = visit(image, threads, [&](const Run& run) -> Result<void> {
+        auto length = run.length;
+        auto bytes = run.bytes;
+        if (!bytes.empty()) {
+            if (!write_all(fd, bytes.data(), bytes.size())) {
+                return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
             }
-            while (length > 0) {
-                std::size_t n =
-                    static_cast<std::size_t>(std::min<std::uint64_t>(length, sizeof kZeros));
-                if (!write_all(fd, kZeros, n)) {
-                    return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
-                }
-                written += n;
-                length -= n;
-            }
+            written += bytes.size();
             return {};
-        });
+        }
+        while (length > 0) {
+            std::size_t n =
+                static_cast<std::size_t>(std::min<std::uint64_t>(length, sizeof kZeros));
+            if (!write_all(fd, kZeros, n)) {
+                return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
+            }
+            written += n;
+            length -= n;
+        }
+        return {};
+    });
     if (!result)
         return std::nullopt;
     return written;
@@ -476,22 +476,21 @@ void bm_convert_file(benchmark::State& state, const BenchImage& b, const Setup& 
             break;
         }
         written = 0;
-        auto result = visit(
-            b.image, setup.threads,
-            [&](std::uint64_t offset, std::uint64_t,
-                std::span<const std::byte> bytes) -> Result<void> {
-                for (std::uint64_t done = 0; done < bytes.size();) {
-                    ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done,
-                                         static_cast<off_t>(offset + done));
-                    if (n < 0 && errno == EINTR)
-                        continue;
-                    if (n <= 0)
-                        return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
-                    done += static_cast<std::uint64_t>(n);
-                }
-                written += bytes.size();
-                return {};
-            });
+        auto result = visit(b.image, setup.threads, [&](const Run& run) -> Result<void> {
+            auto offset = run.offset;
+            auto bytes = run.bytes;
+            for (std::uint64_t done = 0; done < bytes.size();) {
+                ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done,
+                                     static_cast<off_t>(offset + done));
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0)
+                    return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
+                done += static_cast<std::uint64_t>(n);
+            }
+            written += bytes.size();
+            return {};
+        });
         bool closed = ::close(fd) == 0;
         state.PauseTiming();
         fs::remove(out);
@@ -602,7 +601,7 @@ int main(int argc, char** argv) {
     struct Entry {
         const char* name;
         Fn fn;
-        bool parallel;   ///< run with visit_runs_parallel and the CLI's worker count
+        bool parallel;   ///< run with the CLI's worker count of producer threads
         bool every_byte; ///< moves every virtual byte through user space: not on huge images
     };
     const Entry entries[] = {

@@ -1,8 +1,10 @@
-// The README's library example: open an image, walk its extents, read some bytes.
-// Built and run by the test suite so that it cannot rot.
+// The README's library example: open an image, walk its extents as a C++20 range, compose a
+// view over part of the disk, read some bytes. Built against the installed library and run by
+// the test suite so that it cannot rot.
 #include <qcowmap/image.hpp>
 
 #include <cstdio>
+#include <ranges>
 #include <vector>
 
 int main(int argc, char** argv) {
@@ -17,22 +19,33 @@ int main(int argc, char** argv) {
     }
 
     // Walk the virtual disk: data extents point straight into the mapping (no copy).
+    auto extents = image->extents(); // or image->extents(start, end)
+    static_assert(std::ranges::input_range<decltype(extents)>);
     std::uint64_t data_bytes = 0;
-    qcowmap::ExtentIterator it = image->extents();
-    qcowmap::Extent extent;
-    while (it.next(extent)) {
-        const char* kind = extent.kind == qcowmap::ExtentKind::data         ? "data"
-                           : extent.kind == qcowmap::ExtentKind::compressed ? "compressed"
-                                                                            : "zero";
-        std::printf("%12llu +%-12llu %s%s\n", static_cast<unsigned long long>(extent.offset),
-                    static_cast<unsigned long long>(extent.length), kind,
-                    extent.present ? "" : " (unallocated)");
-        if (extent.kind == qcowmap::ExtentKind::data) {
-            data_bytes += extent.bytes.size(); // a std::span<const std::byte> into the mapping
+    for (const qcowmap::Extent& e : extents) {
+        std::printf("%12llu +%-12llu %s%s\n", static_cast<unsigned long long>(e.offset),
+                    static_cast<unsigned long long>(e.length),
+                    std::string(qcowmap::to_string(e.kind)).c_str(),
+                    e.present ? "" : " (unallocated)");
+        if (e.kind == qcowmap::ExtentKind::data) {
+            data_bytes += e.bytes.size(); // a std::span<const std::byte> into the mapping
         }
     }
-    if (it.failed()) {
-        std::fprintf(stderr, "%s: %s\n", argv[1], it.error().message.c_str());
+    if (extents.error()) { // const std::optional<qcowmap::Error>&
+        std::fprintf(stderr, "%s: %s\n", argv[1], extents.error()->message.c_str());
+        return 1;
+    }
+
+    // Views compose: the non-zero extents of the first half of the disk.
+    auto part = image->extents(0, image->size() / 2);
+    std::uint64_t stored_in_first_half = 0;
+    for (const auto& e : part | std::views::filter([](const qcowmap::Extent& e) {
+                             return e.kind != qcowmap::ExtentKind::zero;
+                         })) {
+        stored_in_first_half += e.length;
+    }
+    if (part.error()) {
+        std::fprintf(stderr, "%s: %s\n", argv[1], part.error()->message.c_str());
         return 1;
     }
 
@@ -43,7 +56,9 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "%s: %s\n", argv[1], copied.error().message.c_str());
         return 1;
     }
-    std::printf("%llu data bytes mapped; read %zu bytes at offset 0\n",
-                static_cast<unsigned long long>(data_bytes), *copied);
+    std::printf("%llu data bytes mapped; %llu stored bytes in the first half; read %zu bytes at "
+                "offset 0\n",
+                static_cast<unsigned long long>(data_bytes),
+                static_cast<unsigned long long>(stored_in_first_half), *copied);
     return 0;
 }

@@ -9,7 +9,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libssl-dev libxxhash-dev
   qemu-utils time xxhash libnbd-bin nbdkit nbdkit-plugin-dev
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev clang-format git
   python3-dev pybind11-dev python3-pybind11 python3-pytest
 )
 

@@ -45,14 +45,14 @@ run_pass sanitize build-sanitize --buildtype=debug -Db_sanitize=address,undefine
   -Db_lundef=false -Dcpp_args=-D_GLIBCXX_ASSERTIONS -Dbench=false
 
 # ThreadSanitizer over the tests that read one Image from several threads at once (plain
-# reads, the parallel decompression that cat/convert use, the read-ahead of visit_runs in
+# reads, the parallel decompression that cat/convert use, the read-ahead of Image::visit in
 # DataAccess::read mode, and compare's second reader).
 echo "=== thread: ThreadSanitizer on the concurrency tests (build-tsan)"
 if [ -d build-tsan ] || meson setup build-tsan --buildtype=debugoptimized -Db_sanitize=thread \
      -Dbench=false >/dev/null; then
   if ninja -C build-tsan -j "$jobs" apps/qcowmap tests/test_compressed tests/test_oracle \
-       tests/test_visit tests/test_compare >build-tsan/qcowmap-build.log 2>&1; then
-    for run in compressed:'*Concurrency*' oracle:'*Concurrency*' visit:'*' compare:'*'; do
+       tests/test_visit tests/test_compare tests/test_api >build-tsan/qcowmap-build.log 2>&1; then
+    for run in compressed:'*Concurrency*' oracle:'*Concurrency*' visit:'*' compare:'*' api:'*'; do
       suite=${run%%:*}
       QCOWMAP_BIN=$PWD/build-tsan/apps/qcowmap TSAN_OPTIONS=halt_on_error=1 \
         "build-tsan/tests/test_$suite" --gtest_filter="${run#*:}" >"build-tsan/tsan-$suite.log" 2>&1
@@ -98,6 +98,16 @@ if [ -d build-fuzz ] || CC=clang CXX=clang++ meson setup build-fuzz --buildtype=
   fi
 else
   echo "fuzz: configure failed"; failed=$((failed + 1)); status=1
+fi
+
+# House style: every tracked C/C++ source is formatted by the repository's .clang-format.
+echo "=== format: clang-format --dry-run over every tracked source"
+unformatted=$(git ls-files '*.cpp' '*.hpp' '*.h' '*.c' | xargs clang-format --dry-run 2>&1 | grep -c 'warning:' || true)
+if [ "${unformatted:-0}" -eq 0 ]; then
+  echo "format: clean"; passed=$((passed + 1))
+else
+  git ls-files '*.cpp' '*.hpp' '*.h' '*.c' | xargs clang-format --dry-run 2>&1 | grep 'warning:' | head -20
+  echo "format: $unformatted places differ from .clang-format"; failed=$((failed + 1)); status=1
 fi
 
 echo "tests: $passed passed, $failed failed"

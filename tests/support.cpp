@@ -137,4 +137,17 @@ void point_cluster_past_eof(const std::filesystem::path& image, std::uint64_t cl
     write_file(image, bytes);
 }
 
+void make_luks_image(const std::filesystem::path& path, const std::string& size) {
+    const std::string create = "qemu-img create -q -f qcow2 --object secret,id=s,data=PASS -o "
+                               "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=100 " +
+                               shell_quote(path.string()) + " " + size;
+    CommandResult last;
+    for (int attempt = 0; attempt < 10; ++attempt) {
+        last = run(create);
+        if (last.exit_code == 0)
+            return;
+    }
+    ADD_FAILURE() << "qemu-img could not create a LUKS image: " << last.err;
+}
+
 } // namespace qcowmap::test

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -58,5 +59,36 @@ std::vector<std::byte> qemu_raw(const std::filesystem::path& image, const TempDi
 /// qemu-io commands in `io_commands` (each like "write -P 0xab 64k 4k").
 void make_image(const std::filesystem::path& path, const std::string& options,
                 const std::string& size, const std::vector<std::string>& io_commands = {});
+
+/// Creates a LUKS-encrypted qcow2 image (secret "PASS", object id "s") of `size`. qemu-img's
+/// key setup times itself and fails now and then on a loaded machine ("Unable to get accurate
+/// CPU usage"), so it is tried up to 10 times; fails the test (ADD_FAILURE) if it never works.
+void make_luks_image(const std::filesystem::path& path, const std::string& size);
+
+/// Steps through a qcowmap range (ExtentRange, BitmapRanges, DirtyExtentRange) one value at a
+/// time, for tests that check what a walk yields first and that it then ends or fails.
+/// `range` must outlive the stepper.
+template <typename Range> class Stepper {
+  public:
+    explicit Stepper(Range& range) : range_(range) {}
+    /// The next value into `out`; false at the end of the walk or once it failed.
+    bool next(typename Range::value_type& out) {
+        if (!started_) {
+            started_ = true;
+            cursor_ = range_.begin();
+        } else if (cursor_ != std::default_sentinel) {
+            ++cursor_;
+        }
+        if (cursor_ == std::default_sentinel)
+            return false;
+        out = *cursor_;
+        return true;
+    }
+
+  private:
+    Range& range_;
+    typename Range::iterator cursor_;
+    bool started_ = false;
+};
 
 } // namespace qcowmap::test

@@ -85,9 +85,8 @@ std::vector<Span> nbd_runs(const std::filesystem::path& image, const std::string
 std::vector<Span> library_runs(const DirtyBitmap& bitmap, std::uint64_t start = 0,
                                std::uint64_t end = UINT64_MAX) {
     std::vector<Span> runs;
-    BitmapRangeIterator it = bitmap.ranges(start, end);
-    BitmapRange r;
-    while (it.next(r))
+    BitmapRanges it = bitmap.ranges(start, end);
+    for (const BitmapRange& r : it)
         runs.emplace_back(r.offset, r.length, r.dirty);
     return runs;
 }
@@ -170,9 +169,8 @@ TEST(Bitmaps, OneBitmapWritesBeforeAndAfterAdd) {
     EXPECT_FALSE(b0.entry().in_use());
     // Writes before --add are not dirty; writes after are, rounded out to granules.
     std::vector<Span> dirty;
-    BitmapRangeIterator it = b0.dirty_ranges();
-    BitmapRange r;
-    while (it.next(r))
+    BitmapRanges it = b0.dirty_ranges();
+    for (const BitmapRange& r : it)
         dirty.emplace_back(r.offset, r.length, r.dirty);
     const std::vector<Span> expected = {{65536, 65536, true},
                                         {2 << 20, 196608, true},
@@ -356,17 +354,15 @@ TEST(Bitmaps, DirtyExtentsCoverExactlyTheDirtyRangesWithTheRightBytes) {
     ASSERT_EQ(raw.size(), image.size());
 
     std::vector<Span> dirty;
-    BitmapRangeIterator ranges = b.dirty_ranges();
-    BitmapRange r;
-    while (ranges.next(r))
+    BitmapRanges ranges = b.dirty_ranges();
+    for (const BitmapRange& r : ranges)
         dirty.emplace_back(r.offset, r.length, true);
 
-    DirtyExtentIterator it = b.dirty_extents();
-    Extent e;
+    DirtyExtentRange it = b.dirty_extents();
     Decompressor decompressor;
     std::vector<Span> covered;
     bool saw_compressed = false, saw_zero = false, saw_depth1 = false;
-    while (it.next(e)) {
+    for (const Extent& e : it) {
         if (!covered.empty() &&
             std::get<0>(covered.back()) + std::get<1>(covered.back()) == e.offset)
             std::get<1>(covered.back()) += e.length;
@@ -388,7 +384,7 @@ TEST(Bitmaps, DirtyExtentsCoverExactlyTheDirtyRangesWithTheRightBytes) {
             std::equal(bytes.begin(), bytes.end(), raw.begin() + static_cast<long>(e.offset)))
             << "extent at " << e.offset;
     }
-    EXPECT_FALSE(it.failed());
+    EXPECT_FALSE(it.error().has_value());
     EXPECT_EQ(covered, dirty);
     EXPECT_TRUE(saw_compressed);
     EXPECT_TRUE(saw_zero);
@@ -930,12 +926,11 @@ TEST(BitmapsCorrupt, RandomDamageIsAnErrorOrAConsistentWalk) {
             }
             EXPECT_EQ(at, image->size());
             EXPECT_EQ(dirty, *s.dirty_bytes);
-            DirtyExtentIterator it = b.dirty_extents();
-            Extent e;
+            DirtyExtentRange it = b.dirty_extents();
             std::uint64_t extent_bytes = 0;
-            while (it.next(e))
+            for (const Extent& e : it)
                 extent_bytes += e.length;
-            EXPECT_FALSE(it.failed()) << it.error().message;
+            EXPECT_FALSE(it.error().has_value()) << it.error()->message;
             EXPECT_EQ(extent_bytes, dirty);
         }
     }

@@ -263,9 +263,7 @@ TEST(CheckClean, CountsOfAKnownImage) {
 TEST(CheckClean, EncryptedImageIsCheckedWithoutTheKey) {
     qt::TempDir dir;
     const auto image = dir / "luks.qcow2";
-    qt::run_ok("qemu-img create -q -f qcow2 --object secret,id=s,data=PASS -o "
-               "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=100 " +
-               qt::shell_quote(image.string()) + " 16M");
+    qt::make_luks_image(image, "16M");
     qt::run_ok("qemu-io --object secret,id=s,data=PASS --image-opts -c 'write -P 1 0 1M' "
                "driver=qcow2,file.filename=" +
                image.string() + ",encrypt.key-secret=s >/dev/null");

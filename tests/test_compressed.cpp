@@ -124,11 +124,10 @@ int count_compressed(const std::filesystem::path& path) {
     if (!image)
         return -1;
     int count = 0;
-    ExtentIterator it = image->extents();
-    Extent e;
-    while (it.next(e))
+    ExtentRange it = image->extents();
+    for (const Extent& e : it)
         count += e.kind == ExtentKind::compressed;
-    return it.failed() ? -1 : count;
+    return it.error().has_value() ? -1 : count;
 }
 
 struct ConvertCase {
@@ -362,16 +361,17 @@ TEST(Concurrency, TwoThreadsReadOneImage) {
     // The parallel producer too, from two threads at once.
     auto whole = [&](std::vector<std::byte>& out) {
         out.assign(expected.size(), std::byte{0x33});
-        return image->visit_runs_parallel(
-            0, UINT64_MAX, 2,
-            [&](std::uint64_t offset, std::uint64_t length, std::span<const std::byte> bytes) {
-                if (bytes.empty()) {
-                    std::memset(out.data() + offset, 0, length);
+        return image->visit(
+            0, UINT64_MAX,
+            [&](const qcowmap::Run& run) {
+                if (run.bytes.empty()) {
+                    std::memset(out.data() + run.offset, 0, run.length);
                 } else {
-                    std::memcpy(out.data() + offset, bytes.data(), length);
+                    std::memcpy(out.data() + run.offset, run.bytes.data(), run.length);
                 }
                 return Result<void>{};
-            });
+            },
+            VisitOptions{2, DataAccess::mapping});
     };
     std::vector<std::byte> first, second;
     Result<void> r1, r2;

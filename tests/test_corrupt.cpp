@@ -229,33 +229,34 @@ Result<Image> open(const Buffer& b, const OpenOptions& options = {}) {
     return Image::open_bytes(std::span<const std::byte>(b), options);
 }
 
-/// Walks the whole disk expecting an error; after it, next() must keep returning false and
-/// the error must stay as it was.
+/// Walks the whole disk expecting an error; after it, stepping on must keep yielding nothing
+/// and the error must stay as it was.
 testing::AssertionResult walk_fails_with(const Image& image, ErrorCode code,
                                          std::initializer_list<std::string_view> needles) {
-    ExtentIterator it = image.extents();
-    Extent extent;
+    ExtentRange it = image.extents();
+    auto cursor = it.begin();
     std::size_t yielded = 0;
-    while (it.next(extent)) {
+    for (; cursor != std::default_sentinel; ++cursor) {
         ++yielded;
     }
-    if (!it.failed()) {
+    if (!it.error().has_value()) {
         return testing::AssertionFailure() << "walk succeeded (" << yielded << " extents)";
     }
-    const Error first = it.error();
+    const Error first = *it.error();
     for (int again = 0; again < 3; ++again) {
-        Extent more;
-        if (it.next(more)) {
-            return testing::AssertionFailure() << "next() yielded an extent after the error";
+        ++cursor; // asks the failed walk for more
+        if (cursor != std::default_sentinel) {
+            return testing::AssertionFailure() << "the walk yielded an extent after the error";
         }
-        if (!it.failed() || it.error().code != first.code || it.error().message != first.message) {
-            return testing::AssertionFailure() << "the error changed after next() was retried";
+        if (!it.error().has_value() || it.error()->code != first.code ||
+            it.error()->message != first.message) {
+            return testing::AssertionFailure() << "the error changed when the walk was retried";
         }
     }
     return error_matches(first, code, needles);
 }
 
-/// The extent walk, read() and visit_runs() over the whole disk all fail with the same error.
+/// The extent walk, read() and visit() over the whole disk all fail with the same error.
 testing::AssertionResult every_read_fails_with(const Image& image, ErrorCode code,
                                                std::initializer_list<std::string_view> needles) {
     if (auto r = walk_fails_with(image, code, needles); !r) {
@@ -265,23 +266,20 @@ testing::AssertionResult every_read_fails_with(const Image& image, ErrorCode cod
     if (auto r = fails_with(image.read(disk, 0), code, needles); !r) {
         return r << " [read()]";
     }
-    auto ignore = [](std::uint64_t, std::uint64_t, std::span<const std::byte>) -> Result<void> {
-        return {};
-    };
-    if (auto r = fails_with(image.visit_runs(0, UINT64_MAX, ignore), code, needles); !r) {
-        return r << " [visit_runs()]";
+    auto ignore = [](const qcowmap::Run&) -> Result<void> { return {}; };
+    if (auto r = fails_with(image.visit(0, UINT64_MAX, ignore), code, needles); !r) {
+        return r << " [visit()]";
     }
     return testing::AssertionSuccess();
 }
 
 /// Walks and reads the whole disk; true when nothing fails.
 testing::AssertionResult reads_cleanly(const Image& image) {
-    ExtentIterator it = image.extents();
-    Extent extent;
-    while (it.next(extent)) {
+    ExtentRange it = image.extents();
+    for ([[maybe_unused]] const Extent& extent : it) {
     }
-    if (it.failed()) {
-        return testing::AssertionFailure() << "walk failed: " << it.error().message;
+    if (it.error().has_value()) {
+        return testing::AssertionFailure() << "walk failed: " << it.error()->message;
     }
     std::vector<std::byte> disk(image.size());
     auto read = image.read(disk, 0);
@@ -703,15 +701,7 @@ TEST(CorruptHeader, CryptMethods) {
 TEST(CorruptHeader, RealLuksImageIsEncrypted) {
     qt::TempDir dir;
     auto path = dir / "luks.qcow2";
-    // qemu-img's LUKS key setup times itself and fails now and then on a loaded machine
-    // ("Unable to get accurate CPU usage"): try a few times.
-    const std::string create = "qemu-img create -q -f qcow2 --object secret,id=s,data=PASS -o "
-                               "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=100 " +
-                               qt::shell_quote(path.string()) + " 16M";
-    int attempts = 0;
-    while (qt::run(create).exit_code != 0 && ++attempts < 5) {
-    }
-    ASSERT_LT(attempts, 5) << "qemu-img could not create a LUKS image";
+    qt::make_luks_image(path, "16M");
     EXPECT_TRUE(fails_with(Image::open(path), ErrorCode::encrypted, {"crypt_method 2", "LUKS"}));
 
     auto result = qt::run(qt::qcowmap_bin() + " info " + qt::shell_quote(path.string()));
@@ -1192,12 +1182,11 @@ TEST(CorruptWalk, ErrorInALaterClusterSparesEarlierRanges) {
         every_read_fails_with(*image, ErrorCode::invalid_cluster, {"virtual offset 0x20000"}));
 
     // Ranges that end before the bad cluster walk and read cleanly.
-    ExtentIterator it = image->extents(0, 2 * kCluster);
-    Extent e;
+    ExtentRange it = image->extents(0, 2 * kCluster);
     std::uint64_t covered = 0;
-    while (it.next(e))
+    for (const Extent& e : it)
         covered += e.length;
-    EXPECT_FALSE(it.failed()) << it.error().message;
+    EXPECT_FALSE(it.error().has_value()) << it.error()->message;
     EXPECT_EQ(covered, 2 * kCluster);
     std::vector<std::byte> head(2 * kCluster);
     auto read = image->read(head, 0);
@@ -1206,12 +1195,14 @@ TEST(CorruptWalk, ErrorInALaterClusterSparesEarlierRanges) {
     EXPECT_EQ(head[kCluster], std::byte{0});
 
     // A range starting at the bad cluster fails at once, and stays failed.
-    ExtentIterator at_bad = image->extents(2 * kCluster + 5, 3 * kCluster);
-    EXPECT_FALSE(at_bad.next(e));
-    EXPECT_TRUE(at_bad.failed());
-    EXPECT_FALSE(at_bad.next(e));
-    EXPECT_TRUE(at_bad.failed());
-    EXPECT_EQ(at_bad.error().code, ErrorCode::invalid_cluster);
+    ExtentRange at_bad = image->extents(2 * kCluster + 5, 3 * kCluster);
+    qt::Stepper at_bad_steps(at_bad);
+    Extent e;
+    EXPECT_FALSE(at_bad_steps.next(e));
+    EXPECT_TRUE(at_bad.error().has_value());
+    EXPECT_FALSE(at_bad_steps.next(e));
+    EXPECT_TRUE(at_bad.error().has_value());
+    EXPECT_EQ(at_bad.error()->code, ErrorCode::invalid_cluster);
 }
 
 // Runs visited before an error: in disk order, contiguous from the start, never at or past the
@@ -1231,13 +1222,15 @@ TEST(CorruptWalk, VisitsReportTheFirstErrorInDiskOrder) {
         SCOPED_TRACE(fmt::format("{} threads", threads));
         std::uint64_t covered = 0;
         bool in_order = true;
-        auto visitor = [&](std::uint64_t offset, std::uint64_t length,
-                           std::span<const std::byte>) -> Result<void> {
+        auto visitor = [&](const qcowmap::Run& run) -> Result<void> {
+            auto offset = run.offset;
+            auto length = run.length;
             in_order = in_order && offset == covered;
             covered = offset + length;
             return {};
         };
-        auto result = image->visit_runs_parallel(0, UINT64_MAX, threads, visitor);
+        auto result =
+            image->visit(0, UINT64_MAX, visitor, VisitOptions{threads, DataAccess::mapping});
         EXPECT_TRUE(fails_with(result, ErrorCode::invalid_cluster, {"virtual offset 0x800000 "}));
         EXPECT_TRUE(in_order);
         EXPECT_LE(covered, 0x800000u);
@@ -1345,7 +1338,7 @@ void fill_stream(Buffer& b, std::uint8_t value) {
 }
 
 /// Opens `b` (cluster 0 compressed), checks that the walk itself succeeds and that read(),
-/// visit_runs() and a Decompressor all fail with compressed_data naming the stream.
+/// visit() and a Decompressor all fail with compressed_data naming the stream.
 void expect_bad_stream(const Buffer& b, std::string_view problem) {
     const Stream stream = compressed_stream(b);
     auto image = open(b);
@@ -1353,15 +1346,16 @@ void expect_bad_stream(const Buffer& b, std::string_view problem) {
     const std::string where =
         "compressed cluster for virtual offset 0x0 at host offset " + hex(stream.offset);
 
-    ExtentIterator it = image->extents();
+    ExtentRange it = image->extents();
+    qt::Stepper it_steps(it);
     Extent first;
-    ASSERT_TRUE(it.next(first));
+    ASSERT_TRUE(it_steps.next(first));
     EXPECT_EQ(first.kind, ExtentKind::compressed);
     EXPECT_EQ(first.compressed_host_offset, stream.offset);
     Extent rest;
-    while (it.next(rest)) {
+    while (it_steps.next(rest)) {
     }
-    EXPECT_FALSE(it.failed()) << "the descriptor is valid; only the stream is bad";
+    EXPECT_FALSE(it.error().has_value()) << "the descriptor is valid; only the stream is bad";
 
     Decompressor decompressor;
     EXPECT_TRUE(fails_with(decompressor.decompress(*image, first), ErrorCode::compressed_data,
@@ -1370,10 +1364,8 @@ void expect_bad_stream(const Buffer& b, std::string_view problem) {
     EXPECT_TRUE(fails_with(image->read(disk, 0), ErrorCode::compressed_data, {where, problem}));
     EXPECT_TRUE(fails_with(image->read(std::span(disk).subspan(0, 100), 1000),
                            ErrorCode::compressed_data, {where}));
-    auto ignore = [](std::uint64_t, std::uint64_t, std::span<const std::byte>) -> Result<void> {
-        return {};
-    };
-    EXPECT_TRUE(fails_with(image->visit_runs(0, UINT64_MAX, ignore), ErrorCode::compressed_data,
+    auto ignore = [](const qcowmap::Run&) -> Result<void> { return {}; };
+    EXPECT_TRUE(fails_with(image->visit(0, UINT64_MAX, ignore), ErrorCode::compressed_data,
                            {where, problem}));
     // The rest of the disk is unaffected.
     EXPECT_TRUE(image->read(std::span(disk).subspan(0, kCluster), kCluster));
@@ -1391,18 +1383,20 @@ TEST(CorruptCompressed, DecompressorCacheDoesNotLeakAcrossImages) {
         auto image = open(good);
         ASSERT_TRUE(image) << image.error().message;
         first_state = &image->info();
-        ExtentIterator it = image->extents();
+        ExtentRange it = image->extents();
+        qt::Stepper it_steps(it);
         Extent e;
-        ASSERT_TRUE(it.next(e));
+        ASSERT_TRUE(it_steps.next(e));
         auto bytes = decompressor.decompress(*image, e);
         ASSERT_TRUE(bytes) << bytes.error().message;
         EXPECT_EQ((*bytes)[0], std::byte{0x11});
     }
     auto image = open(bad);
     ASSERT_TRUE(image) << image.error().message;
-    ExtentIterator it = image->extents();
+    ExtentRange it = image->extents();
+    qt::Stepper it_steps(it);
     Extent e;
-    ASSERT_TRUE(it.next(e));
+    ASSERT_TRUE(it_steps.next(e));
     auto bytes = decompressor.decompress(*image, e);
     EXPECT_TRUE(fails_with(bytes, ErrorCode::compressed_data, {"zlib error"}))
         << (&image->info() == first_state ? "the second image reuses the first one's address"
@@ -1428,12 +1422,10 @@ TEST(CorruptCompressed, ParallelVisitsReportBadStreams) {
         const Stream stream = compressed_stream(b);
         auto image = open(b);
         ASSERT_TRUE(image) << image.error().message;
-        auto ignore = [](std::uint64_t, std::uint64_t, std::span<const std::byte>) -> Result<void> {
-            return {};
-        };
-        EXPECT_TRUE(fails_with(image->visit_runs_parallel(0, UINT64_MAX, 4, ignore),
-                               ErrorCode::compressed_data,
-                               {"host offset " + hex(stream.offset), "error"}));
+        auto ignore = [](const qcowmap::Run&) -> Result<void> { return {}; };
+        EXPECT_TRUE(
+            fails_with(image->visit(0, UINT64_MAX, ignore, VisitOptions{4, DataAccess::mapping}),
+                       ErrorCode::compressed_data, {"host offset " + hex(stream.offset), "error"}));
     }
 }
 
@@ -1470,8 +1462,10 @@ TEST(CorruptCompressed, VisitsStopAtTheFirstBadClusterInOrder) {
             std::uint64_t covered = 0;
             bool in_order = true;
             bool right_bytes = true;
-            auto visitor = [&](std::uint64_t offset, std::uint64_t length,
-                               std::span<const std::byte> bytes) -> Result<void> {
+            auto visitor = [&](const qcowmap::Run& run) -> Result<void> {
+                auto offset = run.offset;
+                auto length = run.length;
+                auto bytes = run.bytes;
                 in_order = in_order && offset == covered;
                 covered = offset + length;
                 if (offset < 16 * kCluster) {
@@ -1482,9 +1476,9 @@ TEST(CorruptCompressed, VisitsStopAtTheFirstBadClusterInOrder) {
                 }
                 return {};
             };
-            auto result = threads == 0
-                              ? image->visit_runs(0, UINT64_MAX, visitor)
-                              : image->visit_runs_parallel(0, UINT64_MAX, threads, visitor);
+            auto result = threads == 0 ? image->visit(0, UINT64_MAX, visitor)
+                                       : image->visit(0, UINT64_MAX, visitor,
+                                                      VisitOptions{threads, DataAccess::mapping});
             EXPECT_TRUE(fails_with(result, c.code, {c.needle}));
             EXPECT_TRUE(in_order);
             EXPECT_TRUE(right_bytes);

@@ -104,11 +104,10 @@ std::vector<MapLine> parse_map(const std::string& json) {
 void expect_extents_agree_with_map(const Image& image, const std::string& qemu_json) {
     std::vector<MapLine> lines = parse_map(qemu_json);
     ASSERT_FALSE(lines.empty()) << qemu_json;
-    ExtentIterator it = image.extents();
-    Extent e;
+    ExtentRange it = image.extents();
     std::uint64_t covered = 0;
     int checked = 0;
-    while (it.next(e)) {
+    for (const Extent& e : it) {
         EXPECT_EQ(e.offset, covered);
         covered = e.offset + e.length;
         for (const MapLine& line : lines) {
@@ -119,7 +118,7 @@ void expect_extents_agree_with_map(const Image& image, const std::string& qemu_j
             ++checked;
         }
     }
-    ASSERT_FALSE(it.failed()) << it.error().message;
+    ASSERT_FALSE(it.error().has_value()) << it.error()->message;
     EXPECT_EQ(covered, image.size());
     EXPECT_GT(checked, 0);
 }
@@ -216,21 +215,21 @@ OpenOptions overrides(std::optional<fs::path> backing_file,
 
 /// The extent covering `offset`.
 Extent extent_at(const Image& image, std::uint64_t offset) {
-    ExtentIterator it = image.extents(offset, offset + 1);
+    ExtentRange it = image.extents(offset, offset + 1);
+    test::Stepper it_steps(it);
     Extent e;
-    EXPECT_TRUE(it.next(e)) << "no extent at " << offset;
-    EXPECT_FALSE(it.failed()) << (it.failed() ? it.error().message : "");
+    EXPECT_TRUE(it_steps.next(e)) << "no extent at " << offset;
+    EXPECT_FALSE(it.error().has_value()) << (it.error().has_value() ? it.error()->message : "");
     return e;
 }
 
 int count_compressed(const Image& image, std::optional<std::uint32_t> depth = std::nullopt) {
     int count = 0;
-    ExtentIterator it = image.extents();
-    Extent e;
-    while (it.next(e)) {
+    ExtentRange it = image.extents();
+    for (const Extent& e : it) {
         count += e.kind == ExtentKind::compressed && (!depth || e.depth == *depth);
     }
-    return it.failed() ? -1 : count;
+    return it.error().has_value() ? -1 : count;
 }
 
 /// An image that looks like qemu's `{"driver":"qcow2","file":...}` plus `extra` JSON members.
@@ -352,9 +351,10 @@ TEST(Chain, LayersAndExtentDepthsThroughTheLibrary) {
     std::vector<std::vector<std::byte>> files;
     for (const LayerInfo& layer : layers)
         files.push_back(test::read_file(layer.path));
-    ExtentIterator it = image->extents();
+    ExtentRange it = image->extents();
+    test::Stepper it_steps(it);
     int data_extents[3] = {0, 0, 0};
-    while (it.next(e)) {
+    while (it_steps.next(e)) {
         ASSERT_LT(e.depth, 3u);
         if (e.kind != ExtentKind::data)
             continue;
@@ -366,7 +366,7 @@ TEST(Chain, LayersAndExtentDepthsThroughTheLibrary) {
             << "extent at " << e.offset << " depth " << e.depth;
         ++data_extents[e.depth];
     }
-    ASSERT_FALSE(it.failed()) << it.error().message;
+    ASSERT_FALSE(it.error().has_value()) << it.error()->message;
     EXPECT_GT(data_extents[0], 0);
     EXPECT_GT(data_extents[1], 0);
     EXPECT_GT(data_extents[2], 0);

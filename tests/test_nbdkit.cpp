@@ -85,12 +85,11 @@ std::vector<MapRun> expected_map(const fs::path& image, const OpenOptions& optio
     if (!opened) {
         return runs;
     }
-    ExtentIterator it = opened->extents();
-    Extent e;
-    while (it.next(e)) {
+    ExtentRange it = opened->extents();
+    for (const Extent& e : it) {
         add_run(runs, {e.offset, e.length, e.kind == ExtentKind::zero ? 3u : 0u});
     }
-    EXPECT_FALSE(it.failed());
+    EXPECT_FALSE(it.error().has_value());
     return runs;
 }
 

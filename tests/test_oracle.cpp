@@ -276,14 +276,14 @@ std::string describe(const Extent& e) {
 void expect_extents_agree(const Image& image, const std::vector<JsonMapEntry>& qemu,
                           const std::string& label, const std::vector<std::byte>* raw = nullptr) {
     std::vector<Extent> extents;
-    ExtentIterator it = image.extents();
-    Extent e;
-    while (it.next(e)) {
+    ExtentRange it = image.extents();
+    for (const Extent& e : it) {
         extents.push_back(e);
         ASSERT_LT(extents.size(), 10'000'000u) << label << ": runaway extent iterator";
     }
-    ASSERT_FALSE(it.failed()) << label << ": extent walk failed: " << it.error().message;
-    EXPECT_EQ(it.position(), image.size()) << label;
+    ASSERT_FALSE(it.error().has_value())
+        << label << ": extent walk failed: " << it.error()->message;
+    EXPECT_EQ(it.walk().position(), image.size()) << label;
 
     const std::byte* file_begin = image.file_bytes().data();
     const std::uint64_t file_size = image.file_bytes().size();

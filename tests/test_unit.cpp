@@ -91,10 +91,9 @@ class SampleImage : public ::testing::Test {
 
 TEST_F(SampleImage, DataExtentsPointIntoTheMapping) {
     auto file = image_->file_bytes();
-    ExtentIterator it = image_->extents();
-    Extent e;
+    ExtentRange it = image_->extents();
     int data_extents = 0;
-    while (it.next(e)) {
+    for (const Extent& e : it) {
         if (e.kind != ExtentKind::data) {
             EXPECT_TRUE(e.bytes.empty());
             continue;
@@ -108,7 +107,7 @@ TEST_F(SampleImage, DataExtentsPointIntoTheMapping) {
         EXPECT_LE(e.bytes.data() + e.bytes.size(), file.data() + file.size());
         EXPECT_EQ(0, std::memcmp(e.bytes.data(), raw_.data() + e.offset, e.length));
     }
-    EXPECT_FALSE(it.failed());
+    EXPECT_FALSE(it.error().has_value());
     EXPECT_GE(data_extents, 3);
 }
 
@@ -119,12 +118,12 @@ TEST_F(SampleImage, ExtentsCoverTheRangeInOrder) {
                                                               {5000, 110000},
                                                               {1000000, 1048576},
                                                               {1048576, 2000000}}) {
-        ExtentIterator it = image_->extents(start, end);
-        Extent e;
+        ExtentRange it = image_->extents(start, end);
+        test::Stepper it_steps(it);
         std::uint64_t expected = start;
         Extent previous;
         bool first = true;
-        while (it.next(e)) {
+        for (const Extent& e : it) {
             EXPECT_EQ(e.offset, expected);
             EXPECT_GT(e.length, 0u);
             if (!first && previous.kind == e.kind && e.kind == ExtentKind::data) {
@@ -135,21 +134,22 @@ TEST_F(SampleImage, ExtentsCoverTheRangeInOrder) {
             previous = e;
             first = false;
         }
-        EXPECT_FALSE(it.failed());
+        EXPECT_FALSE(it.error().has_value());
         EXPECT_EQ(expected, std::max(start, std::min<std::uint64_t>(end, image_->size())));
     }
 }
 
 TEST_F(SampleImage, UnalignedStartAdjustsHostOffset) {
-    ExtentIterator it = image_->extents(4096 + 100, 4096 + 200);
+    ExtentRange it = image_->extents(4096 + 100, 4096 + 200);
+    test::Stepper it_steps(it);
     Extent e;
-    ASSERT_TRUE(it.next(e));
+    ASSERT_TRUE(it_steps.next(e));
     EXPECT_EQ(e.kind, ExtentKind::data);
     EXPECT_EQ(e.offset, 4196u);
     EXPECT_EQ(e.length, 100u);
     EXPECT_EQ(std::to_integer<int>(e.bytes[0]), 0xab);
-    EXPECT_FALSE(it.next(e));
-    EXPECT_FALSE(it.failed());
+    EXPECT_FALSE(it_steps.next(e));
+    EXPECT_FALSE(it.error().has_value());
 }
 
 TEST_F(SampleImage, ReadSemantics) {
@@ -172,24 +172,25 @@ TEST_F(SampleImage, ReadSemantics) {
     EXPECT_NE(n.error().message.find("0x100001"), std::string::npos) << n.error().message;
 }
 
-TEST_F(SampleImage, VisitRunsReproducesTheDisk) {
+TEST_F(SampleImage, VisitReproducesTheDisk) {
     std::vector<std::byte> rebuilt(image_->size(), std::byte{0x5a});
     std::uint64_t expected = 0;
-    auto ok = image_->visit_runs(
-        0, UINT64_MAX,
-        [&](std::uint64_t offset, std::uint64_t length, std::span<const std::byte> bytes) {
-            EXPECT_EQ(offset, expected);
-            expected += length;
-            if (bytes.empty()) {
-                std::fill_n(rebuilt.begin() + static_cast<std::ptrdiff_t>(offset), length,
-                            std::byte{0});
-            } else {
-                EXPECT_EQ(bytes.size(), length);
-                std::copy(bytes.begin(), bytes.end(),
-                          rebuilt.begin() + static_cast<std::ptrdiff_t>(offset));
-            }
-            return Result<void>{};
-        });
+    auto ok = image_->visit(0, UINT64_MAX, [&](const qcowmap::Run& run) {
+        const std::uint64_t offset = run.offset;
+        const std::uint64_t length = run.length;
+        const std::span<const std::byte> bytes = run.bytes;
+        EXPECT_EQ(offset, expected);
+        expected += length;
+        if (bytes.empty()) {
+            std::fill_n(rebuilt.begin() + static_cast<std::ptrdiff_t>(offset), length,
+                        std::byte{0});
+        } else {
+            EXPECT_EQ(bytes.size(), length);
+            std::copy(bytes.begin(), bytes.end(),
+                      rebuilt.begin() + static_cast<std::ptrdiff_t>(offset));
+        }
+        return Result<void>{};
+    });
     ASSERT_TRUE(ok) << ok.error().message;
     EXPECT_EQ(expected, image_->size());
     EXPECT_TRUE(rebuilt == raw_);
@@ -197,11 +198,10 @@ TEST_F(SampleImage, VisitRunsReproducesTheDisk) {
 
 TEST_F(SampleImage, VisitorErrorStopsTheWalk) {
     int calls = 0;
-    auto ok = image_->visit_runs(0, UINT64_MAX,
-                                 [&](std::uint64_t, std::uint64_t, std::span<const std::byte>) {
-                                     ++calls;
-                                     return Result<void>{Error{ErrorCode::io_error, "stop here"}};
-                                 });
+    auto ok = image_->visit(0, UINT64_MAX, [&](const qcowmap::Run&) {
+        ++calls;
+        return Result<void>{Error{ErrorCode::io_error, "stop here"}};
+    });
     ASSERT_FALSE(ok);
     EXPECT_EQ(ok.error().message, "stop here");
     EXPECT_EQ(calls, 1);
@@ -210,11 +210,10 @@ TEST_F(SampleImage, VisitorErrorStopsTheWalk) {
 TEST_F(SampleImage, ImageCopiesShareTheMapping) {
     Image copy = *image_;
     EXPECT_EQ(copy.file_bytes().data(), image_->file_bytes().data());
-    ExtentIterator it = copy.extents();
-    image_.reset(); // the iterator and the copy keep the mapping alive
-    Extent e;
+    ExtentRange it = copy.extents();
+    image_.reset(); // the range and the copy keep the mapping alive
     std::uint64_t covered = 0;
-    while (it.next(e))
+    for (const Extent& e : it)
         covered += e.length;
     EXPECT_EQ(covered, copy.size());
 }
@@ -248,10 +247,9 @@ TEST_P(Compressed, ReadsAndExtentsMatchQemu) {
     ASSERT_TRUE(image) << image.error().message;
     auto raw = test::qemu_raw(path, dir);
     int compressed = 0;
-    ExtentIterator it = image->extents();
-    Extent e;
+    ExtentRange it = image->extents();
     Decompressor decompressor;
-    while (it.next(e)) {
+    for (const Extent& e : it) {
         if (e.kind != ExtentKind::compressed)
             continue;
         ++compressed;
@@ -262,7 +260,7 @@ TEST_P(Compressed, ReadsAndExtentsMatchQemu) {
         ASSERT_TRUE(bytes) << bytes.error().message;
         EXPECT_EQ(0, std::memcmp(bytes->data(), raw.data() + e.offset, e.length));
     }
-    EXPECT_FALSE(it.failed());
+    EXPECT_FALSE(it.error().has_value());
     EXPECT_GE(compressed, 2);
     std::vector<std::byte> all(image->size());
     auto n = image->read(all, 0);

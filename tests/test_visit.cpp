@@ -1,8 +1,8 @@
-// visit_runs with VisitOptions: data runs read with pread (DataAccess::read) give the same
+// Image::visit with VisitOptions: data runs read with pread (DataAccess::read) give the same
 // bytes, in the same order, as data taken from the mapping, for every kind of image and any
-// number of producer threads; Image::file_position names where mapped bytes live; a file cut
-// short under an open image is an io_error in read mode (where the mapping would fault); the
-// CLI's --io option.
+// number of producer threads; extents and runs carry the file and offset where their bytes
+// live; a file cut short under an open image is an io_error in read mode (where the mapping
+// would fault); the CLI's --io option.
 #include "support.hpp"
 
 #include <qcowmap/image.hpp>
@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <set>
 #include <span>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace qcowmap {
@@ -41,18 +42,30 @@ struct Visited {
 Visited visit_all(const Image& image, const VisitOptions& options) {
     Visited v;
     v.disk.assign(static_cast<std::size_t>(image.size()), std::byte{0x5a});
-    auto ok = image.visit_runs(0, UINT64_MAX, options,
-                               [&](std::uint64_t offset, std::uint64_t length,
-                                   std::span<const std::byte> bytes) -> Result<void> {
-                                   v.pieces.push_back({offset, length, bytes.empty()});
-                                   if (bytes.empty()) {
-                                       std::memset(v.disk.data() + offset, 0, length);
-                                   } else {
-                                       EXPECT_EQ(bytes.size(), length);
-                                       std::memcpy(v.disk.data() + offset, bytes.data(), length);
-                                   }
-                                   return {};
-                               });
+    auto ok = image.visit(
+        0, UINT64_MAX,
+        [&](const qcowmap::Run& run) -> Result<void> {
+            v.pieces.push_back({run.offset, run.length, run.bytes.empty()});
+            if (run.bytes.empty()) {
+                EXPECT_EQ(run.kind, ExtentKind::zero);
+                std::memset(v.disk.data() + run.offset, 0, run.length);
+            } else {
+                EXPECT_EQ(run.bytes.size(), run.length);
+                std::memcpy(v.disk.data() + run.offset, run.bytes.data(), run.length);
+            }
+            // Only data runs live in a file; only mapping mode hands out the mapping itself.
+            EXPECT_EQ(run.file.has_value(), run.kind == ExtentKind::data && !image.path().empty());
+            EXPECT_EQ(run.mapped, run.file && options.data_access == DataAccess::mapping);
+            if (run.file) {
+                std::vector<std::byte> via_pread(run.length);
+                EXPECT_EQ(::pread(run.file->fd, via_pread.data(), via_pread.size(),
+                                  static_cast<off_t>(run.file->offset)),
+                          static_cast<ssize_t>(via_pread.size()));
+                EXPECT_EQ(std::memcmp(via_pread.data(), run.bytes.data(), run.length), 0);
+            }
+            return {};
+        },
+        options);
     EXPECT_TRUE(ok) << ok.error().message;
     return v;
 }
@@ -151,7 +164,7 @@ TEST_F(Visit, LongRunsArriveInWholeReadPieces) {
     EXPECT_FALSE(read.pieces[4].zero);
 }
 
-TEST_F(Visit, FilePositionOfBackingAndDataFileBytesUsesTheirOwnFiles) {
+TEST_F(Visit, FileOfBackingAndDataFileExtentsIsTheirOwnFile) {
     fs::path base = dir_ / "base.qcow2";
     test::make_image(base, "cluster_size=64k", "1M", {"write -P 0xc1 0 128k"});
     fs::path overlay = dir_ / "overlay.qcow2";
@@ -165,15 +178,20 @@ TEST_F(Visit, FilePositionOfBackingAndDataFileBytesUsesTheirOwnFiles) {
     for (const fs::path& path : {overlay, external}) {
         auto image = Image::open(path);
         ASSERT_TRUE(image) << image.error().message;
-        const int top_fd = image->file_position(image->file_bytes().first(1))->fd;
+        struct stat top {};
+        ASSERT_EQ(::stat(path.c_str(), &top), 0);
         std::set<int> fds;
-        ExtentIterator it = image->extents();
-        Extent e;
-        while (it.next(e)) {
+        int top_fd = -1;
+        ExtentRange it = image->extents();
+        for (const Extent& e : it) {
             if (e.kind != ExtentKind::data)
                 continue;
-            auto pos = image->file_position(e.bytes);
+            auto pos = e.file;
             ASSERT_TRUE(pos) << path;
+            struct stat held {};
+            ASSERT_EQ(::fstat(pos->fd, &held), 0);
+            if (held.st_ino == top.st_ino && held.st_dev == top.st_dev)
+                top_fd = pos->fd;
             fds.insert(pos->fd);
             std::vector<std::byte> via_pread(e.bytes.size());
             ASSERT_EQ(::pread(pos->fd, via_pread.data(), via_pread.size(),
@@ -185,27 +203,29 @@ TEST_F(Visit, FilePositionOfBackingAndDataFileBytesUsesTheirOwnFiles) {
             EXPECT_EQ(fds.size(), 2u); // the base's data and the overlay's own
         } else {
             ASSERT_EQ(fds.size(), 1u);
-            EXPECT_NE(*fds.begin(), top_fd); // the data file, not the qcow2 file
+            EXPECT_EQ(top_fd, -1); // the data file, not the qcow2 file
         }
+        EXPECT_FALSE(it.error()) << it.error()->message;
     }
 }
 
-TEST_F(Visit, FilePositionNamesTheFileAndOffsetOfMappedBytes) {
+TEST_F(Visit, ExtentFileNamesTheFileAndOffsetOfItsBytes) {
     fs::path path = dir_ / "pos.qcow2";
     test::make_image(path, "cluster_size=64k", "1M",
                      {"write -P 0x81 64k 128k", "write -c -P 0x82 512k 64k"});
     auto image = Image::open(path);
     ASSERT_TRUE(image);
-    ExtentIterator it = image->extents();
-    Extent e;
+    ExtentRange it = image->extents();
     int data_extents = 0;
-    while (it.next(e)) {
-        if (e.kind == ExtentKind::zero)
+    for (const Extent& e : it) {
+        if (e.kind != ExtentKind::data) {
+            EXPECT_FALSE(e.file); // zero runs have no bytes; compressed streams are decoded
             continue;
-        auto pos = image->file_position(e.bytes);
+        }
+        auto pos = e.file;
         ASSERT_TRUE(pos);
         EXPECT_GE(pos->fd, 0);
-        if (e.kind == ExtentKind::data) {
+        {
             ++data_extents;
             EXPECT_EQ(pos->offset, *e.host_offset);
             std::vector<std::byte> via_pread(e.bytes.size());
@@ -213,19 +233,15 @@ TEST_F(Visit, FilePositionNamesTheFileAndOffsetOfMappedBytes) {
                               static_cast<off_t>(pos->offset)),
                       static_cast<ssize_t>(via_pread.size()));
             EXPECT_EQ(std::memcmp(via_pread.data(), e.bytes.data(), e.bytes.size()), 0);
-        } else {
-            EXPECT_EQ(pos->offset, e.compressed_host_offset); // compressed stream in the file
         }
     }
     EXPECT_EQ(data_extents, 1);
-    // Bytes outside the mappings (a decompressed cluster, any heap buffer) have no position.
-    std::vector<std::byte> heap(16);
-    EXPECT_FALSE(image->file_position(heap));
     // An image opened from memory has no file: read mode hands out spans of that memory.
     std::vector<std::byte> bytes = test::read_file(path);
     auto in_memory = Image::open_bytes(bytes);
     ASSERT_TRUE(in_memory);
-    EXPECT_FALSE(in_memory->file_position(in_memory->file_bytes().first(512)));
+    for (const Extent& e : in_memory->extents())
+        EXPECT_FALSE(e.file);
     Visited read = visit_all(*in_memory, VisitOptions{2, DataAccess::read});
     EXPECT_EQ(read.disk, test::qemu_raw(path, dir_));
 }
@@ -241,15 +257,16 @@ TEST_F(Visit, FileCutShortUnderAnOpenImageIsAnIoErrorInReadMode) {
     auto image = Image::open(path);
     ASSERT_TRUE(image);
     // Cut the file inside the data run: its metadata (header, L1, L2, refcounts) comes first.
-    ExtentIterator it = image->extents();
+    ExtentRange it = image->extents();
+    test::Stepper it_steps(it);
     Extent data;
-    ASSERT_TRUE(it.next(data));
+    ASSERT_TRUE(it_steps.next(data));
     ASSERT_EQ(data.kind, ExtentKind::data);
     truncate_file(path, *data.host_offset + 300 * 1024);
     for (unsigned threads : {1u, 2u}) {
-        auto ok = image->visit_runs(0, UINT64_MAX, VisitOptions{threads, DataAccess::read},
-                                    [](std::uint64_t, std::uint64_t,
-                                       std::span<const std::byte>) -> Result<void> { return {}; });
+        auto ok = image->visit(
+            0, UINT64_MAX, [](const qcowmap::Run&) -> Result<void> { return {}; },
+            VisitOptions{threads, DataAccess::read});
         ASSERT_FALSE(ok) << threads;
         EXPECT_EQ(ok.error().code, ErrorCode::io_error);
         EXPECT_NE(ok.error().message.find("the file ends before offset"), std::string::npos)

@@ -157,9 +157,8 @@ int serve_extents(void* handle, uint32_t count, uint64_t offset, uint32_t flags,
                   struct nbdkit_extents* extents) {
     GUARD_BEGIN
     const auto& img = *static_cast<qcowmap::Image*>(handle);
-    qcowmap::ExtentIterator it = img.extents(offset, offset + count);
-    qcowmap::Extent extent;
-    while (it.next(extent)) {
+    auto range = img.extents(offset, offset + count);
+    for (const qcowmap::Extent& extent : range) {
         // Like qemu-nbd: what is not data is a hole reading as zeros (unallocated ranges, zero
         // clusters, holes of raw layers); data and compressed clusters are plain data.
         const uint32_t type =
@@ -171,8 +170,8 @@ int serve_extents(void* handle, uint32_t count, uint64_t offset, uint32_t flags,
             return 0;
         }
     }
-    if (it.failed()) {
-        report(it.error());
+    if (range.error()) {
+        report(*range.error());
         return -1;
     }
     return 0;
@@ -186,9 +185,8 @@ int serve_cache(void* handle, uint32_t count, uint64_t offset, uint32_t /*flags*
     GUARD_BEGIN
     const auto& img = *static_cast<qcowmap::Image*>(handle);
     const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
-    qcowmap::ExtentIterator it = img.extents(offset, offset + count);
-    qcowmap::Extent extent;
-    while (it.next(extent)) {
+    auto range = img.extents(offset, offset + count);
+    for (const qcowmap::Extent& extent : range) {
         if (extent.kind != qcowmap::ExtentKind::data || extent.bytes.empty()) {
             continue;
         }
@@ -197,8 +195,8 @@ int serve_cache(void* handle, uint32_t count, uint64_t offset, uint32_t /*flags*
         (void)madvise(reinterpret_cast<void*>(aligned), begin - aligned + extent.bytes.size(),
                       MADV_WILLNEED);
     }
-    if (it.failed()) {
-        report(it.error());
+    if (range.error()) {
+        report(*range.error());
         return -1;
     }
     return 0;
@@ -209,7 +207,7 @@ struct nbdkit_plugin make_plugin() {
     struct nbdkit_plugin p {};
     p.name = "qcowmap";
     p.longname = "qcowmap: qcow2 images through one read-only memory mapping";
-    p.version = "0.1.0";
+    p.version = QCOWMAP_VERSION;
     p.description = "Serves the virtual disk of a qcow2 image read-only";
     p.unload = serve_unload;
     p.config = serve_config;

@@ -37,9 +37,9 @@ std::uint64_t granules_for(std::uint64_t size, unsigned granularity_bits) {
 } // namespace
 
 // ---------------------------------------------------------------------------------------------
-// BitmapRangeIterator
+// BitmapRangeWalk
 
-BitmapRangeIterator::BitmapRangeIterator(Image image, std::span<const std::byte> table,
+detail::BitmapRangeWalk::BitmapRangeWalk(Image image, std::span<const std::byte> table,
                                          unsigned cluster_bits, unsigned granularity_bits,
                                          std::uint64_t start, std::uint64_t end, bool dirty_only)
     : image_(std::move(image)), file_(image_.file_bytes()), table_(table),
@@ -52,7 +52,7 @@ BitmapRangeIterator::BitmapRangeIterator(Image image, std::span<const std::byte>
     granule_end_ = start_ == end_ ? granule_ : granules_for(end_, granule_bits_);
 }
 
-bool BitmapRangeIterator::bit(std::uint64_t granule) const {
+bool detail::BitmapRangeWalk::bit(std::uint64_t granule) const {
     const std::uint64_t entry =
         detail::load_be64(table_.data() + (granule >> cluster_granule_bits_) * 8);
     const std::uint64_t offset = entry & kTableOffsetMask;
@@ -67,7 +67,7 @@ bool BitmapRangeIterator::bit(std::uint64_t granule) const {
 // else granule_end_. Unallocated table entries skip a whole cluster's worth of granules at once;
 // data clusters are scanned a 64-bit word at a time (a cluster holds at least 4096 bits, a
 // multiple of 64, so words never straddle clusters).
-std::uint64_t BitmapRangeIterator::find_change(std::uint64_t granule, bool value) const {
+std::uint64_t detail::BitmapRangeWalk::find_change(std::uint64_t granule, bool value) const {
     const std::uint64_t per_cluster = std::uint64_t{1} << cluster_granule_bits_;
     while (granule < granule_end_) {
         const std::uint64_t index = granule >> cluster_granule_bits_;
@@ -103,7 +103,7 @@ std::uint64_t BitmapRangeIterator::find_change(std::uint64_t granule, bool value
     return granule_end_;
 }
 
-bool BitmapRangeIterator::next(BitmapRange& out) {
+bool detail::BitmapRangeWalk::next(BitmapRange& out) {
     while (granule_ < granule_end_) {
         const bool value = bit(granule_);
         const std::uint64_t stop = find_change(granule_ + 1, value);
@@ -121,12 +121,12 @@ bool BitmapRangeIterator::next(BitmapRange& out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// DirtyExtentIterator
+// DirtyExtentWalk
 
-DirtyExtentIterator::DirtyExtentIterator(Image image, BitmapRangeIterator ranges)
+detail::DirtyExtentWalk::DirtyExtentWalk(Image image, BitmapRangeWalk ranges)
     : image_(std::move(image)), ranges_(std::move(ranges)) {}
 
-bool DirtyExtentIterator::next(Extent& out) {
+bool detail::DirtyExtentWalk::next(Extent& out) {
     if (error_) {
         return false;
     }
@@ -135,7 +135,7 @@ bool DirtyExtentIterator::next(Extent& out) {
             if (extents_->next(out)) {
                 return true;
             }
-            if (extents_->failed()) {
+            if (extents_->error()) {
                 error_ = extents_->error();
                 extents_.reset();
                 return false;
@@ -146,7 +146,7 @@ bool DirtyExtentIterator::next(Extent& out) {
         if (!ranges_.next(range)) {
             return false;
         }
-        extents_ = image_.extents(range.offset, range.offset + range.length);
+        extents_ = image_.extents(range.offset, range.offset + range.length).walk();
     }
 }
 
@@ -226,18 +226,20 @@ Result<DirtyBitmap> DirtyBitmap::open(const Image& image, std::string_view name)
     return DirtyBitmap(image, entry, *table);
 }
 
-BitmapRangeIterator DirtyBitmap::ranges(std::uint64_t start, std::uint64_t end) const {
-    return BitmapRangeIterator(image_, table_, detail_state(image_).cluster_bits,
-                               entry_->granularity_bits, start, end, false);
+BitmapRanges DirtyBitmap::ranges(std::uint64_t start, std::uint64_t end) const {
+    return BitmapRanges(detail::BitmapRangeWalk(image_, table_, detail_state(image_).cluster_bits,
+                                                entry_->granularity_bits, start, end, false));
 }
 
-BitmapRangeIterator DirtyBitmap::dirty_ranges(std::uint64_t start, std::uint64_t end) const {
-    return BitmapRangeIterator(image_, table_, detail_state(image_).cluster_bits,
-                               entry_->granularity_bits, start, end, true);
+BitmapRanges DirtyBitmap::dirty_ranges(std::uint64_t start, std::uint64_t end) const {
+    return BitmapRanges(detail::BitmapRangeWalk(image_, table_, detail_state(image_).cluster_bits,
+                                                entry_->granularity_bits, start, end, true));
 }
 
-DirtyExtentIterator DirtyBitmap::dirty_extents(std::uint64_t start, std::uint64_t end) const {
-    return DirtyExtentIterator(image_, dirty_ranges(start, end));
+DirtyExtentRange DirtyBitmap::dirty_extents(std::uint64_t start, std::uint64_t end) const {
+    return DirtyExtentRange(detail::DirtyExtentWalk(
+        image_, detail::BitmapRangeWalk(image_, table_, detail_state(image_).cluster_bits,
+                                        entry_->granularity_bits, start, end, true)));
 }
 
 std::uint64_t DirtyBitmap::dirty_bytes() const {

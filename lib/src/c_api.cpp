@@ -20,8 +20,8 @@ struct qcow2 {
 };
 
 struct qcowmap_extents {
-    qcowmap::Image image; // keeps the mapping alive for the spans handed out
-    qcowmap::ExtentIterator iterator;
+    qcowmap::Image image;             // keeps the mapping alive for the spans handed out
+    qcowmap::detail::ExtentWalk walk; // the machinery of Image::extents(), stepped one by one
     qcowmap::Decompressor decompressor;
     std::string error;
     bool failed = false;
@@ -251,7 +251,7 @@ struct qcowmap_extents* qcowmap_extents_open(struct qcow2* q, uint64_t start, ui
         return nullptr;
     }
     try {
-        return new qcowmap_extents{q->image, q->image.extents(start, end), {}, {}, false};
+        return new qcowmap_extents{q->image, q->image.extents(start, end).walk(), {}, {}, false};
     } catch (...) {
         fail_errno(ENOMEM, "qcowmap_extents_open");
         return nullptr;
@@ -270,13 +270,13 @@ int qcowmap_extents_next(struct qcowmap_extents* it, struct qcowmap_extent* out)
             return -1;
         }
         qcowmap::Extent extent;
-        if (!it->iterator.next(extent)) {
-            if (!it->iterator.failed()) {
+        if (!it->walk.next(extent)) {
+            if (!it->walk.error()) {
                 return 0;
             }
             it->failed = true;
-            it->error = it->iterator.error().message;
-            fail(it->iterator.error());
+            it->error = it->walk.error()->message;
+            fail(*it->walk.error());
             return -1;
         }
         *out = qcowmap_extent{};

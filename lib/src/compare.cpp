@@ -3,18 +3,13 @@
 // pieces read with pread (or straight from the mappings); a mismatch is reported at the start
 // of the first differing 512-byte sector (compare_buffers / find_nonzero work sector by sector).
 #include "image_state.hpp"
+#include "workers.hpp"
 
 #include <qcowmap/compare.hpp>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstring>
-#include <exception>
-#include <functional>
-#include <mutex>
 #include <optional>
-#include <thread>
 #include <vector>
 
 namespace qcowmap {
@@ -25,108 +20,6 @@ constexpr std::uint64_t kSector = 512; // BDRV_SECTOR_SIZE
 // Bytes read per side and step when data is read: large enough that handing the second side's
 // read to the helper thread costs little per byte, small enough to stay in the cache for memcmp.
 constexpr std::uint64_t kCompareReadPiece = 1024 * 1024;
-
-/// Runs one task at a time on a thread of its own, so that the two sides of a comparison are
-/// read (or decompressed) at once. Started on first use: comparisons that never produce both
-/// sides pay nothing. Pieces are small (one 64 KiB compressed cluster, say), so both threads
-/// spin a little before sleeping: a futex wake-up per piece cost more than the parallelism won.
-class SecondReader {
-  public:
-    ~SecondReader() {
-        if (!thread_.joinable())
-            return;
-        stopping_.store(true, std::memory_order_release);
-        {
-            std::lock_guard lock(mutex_); // pairs with the helper's check under the lock
-        }
-        changed_.notify_all();
-        thread_.join();
-    }
-
-    /// Runs `task` on the helper thread and `here` on this one, and returns once both ran. An
-    /// exception from `task` is rethrown here. Without a helper thread (it could not be
-    /// started) both run here.
-    template <typename Here> void run_both(const std::function<void()>& task, Here&& here) {
-        if (!start()) {
-            task();
-            here();
-            return;
-        }
-        done_.store(false, std::memory_order_relaxed);
-        task_.store(&task, std::memory_order_release);
-        {
-            std::lock_guard lock(mutex_); // pairs with the helper's check under the lock
-        }
-        changed_.notify_all();
-        try {
-            here();
-        } catch (...) {
-            // The helper still uses `task` and what it captures: let it finish first.
-            wait_for([&] { return done_.load(std::memory_order_acquire); });
-            failure_ = nullptr;
-            throw;
-        }
-        wait_for([&] { return done_.load(std::memory_order_acquire); });
-        if (failure_)
-            std::rethrow_exception(std::exchange(failure_, nullptr));
-    }
-
-  private:
-    bool start() {
-        if (thread_.joinable())
-            return true;
-        if (failed_)
-            return false;
-        try {
-            thread_ = std::thread([this] { work(); });
-        } catch (const std::exception&) {
-            failed_ = true;
-        }
-        return !failed_;
-    }
-
-    /// Spins for a few microseconds, then sleeps on the condition variable until `ready()`.
-    template <typename Ready> void wait_for(Ready ready) {
-        for (int i = 0; i < 4000; ++i) {
-            if (ready())
-                return;
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-        }
-        std::unique_lock lock(mutex_);
-        changed_.wait(lock, [&] { return ready(); });
-    }
-
-    void work() {
-        for (;;) {
-            wait_for([&] {
-                return stopping_.load(std::memory_order_acquire) ||
-                       task_.load(std::memory_order_acquire) != nullptr;
-            });
-            if (stopping_.load(std::memory_order_acquire))
-                return;
-            const std::function<void()>* task = task_.exchange(nullptr, std::memory_order_acq_rel);
-            try {
-                (*task)();
-            } catch (...) {
-                failure_ = std::current_exception(); // read by run_both after done_
-            }
-            done_.store(true, std::memory_order_release);
-            { std::lock_guard lock(mutex_); }
-            changed_.notify_all();
-        }
-    }
-
-    std::thread thread_;
-    std::mutex mutex_;
-    std::condition_variable changed_;
-    std::atomic<const std::function<void()>*> task_{nullptr};
-    std::atomic<bool> done_{false};
-    std::exception_ptr failure_;
-    std::atomic<bool> stopping_{false};
-    bool failed_ = false;
-};
 
 alignas(4096) const std::byte kZeros[64 * 1024] = {};
 
@@ -166,15 +59,24 @@ std::optional<std::size_t> first_difference(std::span<const std::byte> a,
 class Side {
   public:
     Side(const Image& image, int index, DataAccess access)
-        : image_(image), it_(image.extents()), index_(index), access_(access) {}
+        : image_(image), extents_(image.extents()), index_(index), access_(access) {}
+    Side(const Side&) = delete; // `cursor_` points into `extents_`
+    Side& operator=(const Side&) = delete;
 
     /// Makes the current extent the one containing `pos`. False at the end or on error.
     bool seek(std::uint64_t pos) {
         while (!have_ || extent_.offset + extent_.length <= pos) {
-            if (!it_.next(extent_)) {
+            if (!started_) {
+                started_ = true;
+                cursor_ = extents_.begin();
+            } else if (cursor_ != std::default_sentinel) {
+                ++cursor_;
+            }
+            if (cursor_ == std::default_sentinel) {
                 have_ = false;
                 return false;
             }
+            extent_ = *cursor_;
             have_ = true;
             decompressed_ = {};
             decompressed_ok_ = false;
@@ -185,8 +87,8 @@ class Side {
     const Extent& extent() const { return extent_; }
     std::uint64_t end() const { return extent_.offset + extent_.length; }
     bool zero() const { return extent_.kind == ExtentKind::zero; }
-    bool failed() const { return it_.failed(); }
-    const Error& error() const { return it_.error(); }
+    bool failed() const { return extents_.error().has_value(); }
+    const Error& error() const { return *extents_.error(); }
     int index() const { return index_; }
 
     /// qemu's block-status flags for the current extent (DATA, ZERO, OFFSET_VALID, ALLOCATED,
@@ -212,9 +114,8 @@ class Side {
         if (extent_.kind == ExtentKind::data) {
             auto mapped = extent_.bytes.subspan(static_cast<std::size_t>(skip),
                                                 static_cast<std::size_t>(length));
-            if (access_ == DataAccess::read) {
-                if (auto from = image_.file_position(mapped))
-                    return read(*from, length);
+            if (access_ == DataAccess::read && extent_.file) {
+                return read(FilePosition{extent_.file->fd, extent_.file->offset + skip}, length);
             }
             return mapped;
         }
@@ -261,7 +162,9 @@ class Side {
     }
 
     const Image& image_;
-    ExtentIterator it_;
+    ExtentRange extents_;
+    ExtentRange::iterator cursor_;
+    bool started_ = false;
     int index_;
     DataAccess access_;
     std::vector<std::byte> buffer_;
@@ -293,6 +196,50 @@ Error read_error(Side& side, Error e, CompareError* detail) {
         *detail = CompareError{e, side.index(), true};
     return e;
 }
+
+/// The second side's bytes, produced on the helper thread while this one produces the first.
+struct SecondSide {
+    Side* side = nullptr;
+    std::uint64_t pos = 0;
+    std::uint64_t length = 0;
+    Result<std::span<const std::byte>> bytes = std::span<const std::byte>{};
+};
+
+/// One helper thread (started on first use: comparisons that never produce both sides pay
+/// nothing) reading or decompressing the second side while this thread does the first.
+class SecondReader {
+  public:
+    /// `bytes_b` = b.bytes(pos, length) on the helper thread, `bytes_a` = a.bytes(...) here.
+    void run_both(Side& a, Side& b, std::uint64_t pos, std::uint64_t length,
+                  Result<std::span<const std::byte>>& bytes_a,
+                  Result<std::span<const std::byte>>& bytes_b) {
+        if (!workers_ && !failed_) {
+            workers_.emplace(1, 1, []() -> Result<detail::OrderedWorkers<SecondSide>::Work> {
+                return detail::OrderedWorkers<SecondSide>::Work(
+                    [](SecondSide& job) -> Result<void> {
+                        job.bytes = job.side->bytes(job.pos, job.length);
+                        return {};
+                    });
+            });
+            failed_ = workers_->started() == 0;
+        }
+        if (failed_) {
+            bytes_a = a.bytes(pos, length);
+            bytes_b = b.bytes(pos, length);
+            return;
+        }
+        workers_->next_slot() = SecondSide{&b, pos, length};
+        workers_->submit();
+        bytes_a = a.bytes(pos, length); // if this throws, the ring's destructor joins first
+        auto job = workers_->front();
+        bytes_b = job ? std::move((*job)->bytes) : Result<std::span<const std::byte>>(job.error());
+        workers_->release();
+    }
+
+  private:
+    std::optional<detail::OrderedWorkers<SecondSide>> workers_;
+    bool failed_ = false;
+};
 
 } // namespace
 
@@ -351,8 +298,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
                 (sa.reads() && sb.reads()) ? length >= kReadPieceBytes : true;
             if (sa.produces() && sb.produces() && worth_sharing) {
                 // Both sides read or decompress: one on the helper thread, one here.
-                second_reader.run_both([&] { bytes_b = sb.bytes(pos, length); },
-                                       [&] { bytes_a = sa.bytes(pos, length); });
+                second_reader.run_both(sa, sb, pos, length, bytes_a, bytes_b);
             } else {
                 bytes_a = sa.bytes(pos, length);
                 if (bytes_a)

@@ -325,18 +325,20 @@ bool mergeable(const Extent& current, const Run& next) {
 
 } // namespace
 
-ExtentIterator::ExtentIterator(std::shared_ptr<const ImageState> state, std::uint64_t start,
-                               std::uint64_t end)
+namespace detail {
+
+ExtentWalk::ExtentWalk(std::shared_ptr<const ImageState> state, std::uint64_t start,
+                       std::uint64_t end)
     : state_(std::move(state)), position_(start), end_(std::min(end, state_->disk_size)) {}
 
-bool ExtentIterator::fail(Error error) {
+bool ExtentWalk::fail(Error error) {
     error_ = std::move(error);
     deferred_error_.reset(); // the first error by position is the one that stays
     position_ = end_;
     return false;
 }
 
-bool ExtentIterator::next(Extent& out) {
+bool ExtentWalk::next(Extent& out) {
     if (deferred_error_) {
         return fail(*std::exchange(deferred_error_, std::nullopt));
     }
@@ -386,6 +388,9 @@ bool ExtentIterator::next(Extent& out) {
                     s.data_file ? "the data file" : "file", s.data_bytes.size())));
             }
             extent.bytes = *bytes;
+            if (s.data_fd() >= 0) {
+                extent.file = FilePosition{s.data_fd(), *extent.host_offset};
+            }
         }
     }
     position_ += extent.length;
@@ -393,4 +398,5 @@ bool ExtentIterator::next(Extent& out) {
     return true;
 }
 
+} // namespace detail
 } // namespace qcowmap

@@ -3,6 +3,7 @@
 // static zero block; block manifests are hashed by workers that each walk their own slice of the
 // disk, and handed out in order.
 #include "image_state.hpp"
+#include "workers.hpp"
 
 #include <qcowmap/hash.hpp>
 
@@ -344,22 +345,25 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
         return std::move(hasher).error();
     PageReleaser releaser(image);
     // The visit only starts workers once it meets bytes to produce (compressed or read).
-    auto ok = image.visit_runs(
-        0, UINT64_MAX, VisitOptions{resolve_threads(options.threads), options.data_access},
-        [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes) -> Result<void> {
-            if (bytes.empty()) {
-                hasher->update_zeros(length);
+    auto ok = image.visit(
+        0, UINT64_MAX,
+        [&](const Run& run) -> Result<void> {
+            if (run.bytes.empty()) {
+                hasher->update_zeros(run.length);
+            } else if (!run.mapped) {
+                hasher->update(run.bytes);
             } else {
                 // In pieces, so that a run of hundreds of MiB is released as it goes.
                 constexpr std::size_t kPiece = 4u << 20;
-                for (std::size_t done = 0; done < bytes.size(); done += kPiece) {
-                    auto piece = bytes.subspan(done, std::min(kPiece, bytes.size() - done));
+                for (std::size_t done = 0; done < run.bytes.size(); done += kPiece) {
+                    auto piece = run.bytes.subspan(done, std::min(kPiece, run.bytes.size() - done));
                     hasher->update(piece);
                     releaser.consumed(piece);
                 }
             }
             return {};
-        });
+        },
+        VisitOptions{resolve_threads(options.threads), options.data_access});
     if (!ok)
         return std::move(ok).error();
     return hasher->finish();
@@ -384,10 +388,12 @@ class BlockHasher {
         const std::uint64_t start = first_block * bs;
         const std::uint64_t end = std::min(size, (first_block + count) * bs);
         begin_block(first_block, std::min(bs, size - start));
-        auto ok = image_.visit_runs(
-            start, end, VisitOptions{1, options_.data_access},
-            [&](std::uint64_t offset, std::uint64_t length,
-                std::span<const std::byte> bytes) -> Result<void> {
+        auto ok = image_.visit(
+            start, end,
+            [&](const Run& run) -> Result<void> {
+                std::uint64_t offset = run.offset;
+                std::uint64_t length = run.length;
+                std::span<const std::byte> bytes = run.bytes;
                 while (length > 0) {
                     const std::uint64_t in_block = current_.offset + current_.length - offset;
                     const std::uint64_t n = std::min(length, in_block);
@@ -403,7 +409,8 @@ class BlockHasher {
                             hasher_.update_zeros(pending_zeros_);
                         }
                         hasher_.update(bytes.first(static_cast<std::size_t>(n)));
-                        releaser_.consumed(bytes.first(static_cast<std::size_t>(n)));
+                        if (run.mapped)
+                            releaser_.consumed(bytes.first(static_cast<std::size_t>(n)));
                         bytes = bytes.subspan(static_cast<std::size_t>(n));
                     }
                     offset += n;
@@ -417,7 +424,8 @@ class BlockHasher {
                     }
                 }
                 return {};
-            });
+            },
+            VisitOptions{1, options_.data_access});
         releaser_.flush();
         return ok;
     }
@@ -463,11 +471,10 @@ std::uint64_t blocks_per_chunk(std::uint64_t block_size) {
     return std::max<std::uint64_t>(1, (std::uint64_t{4} << 20) / block_size);
 }
 
+/// One unit of hash_blocks' work: the blocks of about 4 MiB of disk, hashed by one worker.
 struct Chunk {
-    std::vector<BlockDigest> digests;
-    std::optional<Error> error;
     std::uint64_t number = 0;
-    bool done = false;
+    std::vector<BlockDigest> digests;
 };
 
 } // namespace
@@ -520,86 +527,39 @@ Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
         return {};
     }
 
-    // A ring of chunk slots: workers claim the next chunk number while it lies within the
-    // window, the calling thread hands finished slots to the sink in order and frees them.
-    std::vector<Chunk> ring(4 * static_cast<std::size_t>(threads));
-    std::mutex mutex;
-    std::condition_variable changed;
-    std::uint64_t next_chunk = 0; // next chunk a worker claims
-    std::uint64_t emitted = 0;    // chunks handed to the sink
-    bool stopping = false;
-
-    auto work = [&](BlockHasher worker) {
-        std::vector<BlockDigest> digests;
-        std::unique_lock lock(mutex);
-        for (;;) {
-            changed.wait(lock, [&] {
-                return stopping || next_chunk >= chunks || next_chunk < emitted + ring.size();
-            });
-            if (stopping || next_chunk >= chunks)
-                return;
-            const std::uint64_t number = next_chunk++;
-            lock.unlock();
-            auto ok = worker.run(number * per_chunk, per_chunk, digests);
-            lock.lock();
-            Chunk& slot = ring[number % ring.size()];
-            slot.number = number;
-            slot.digests.swap(digests);
-            if (!ok)
-                slot.error = std::move(ok).error();
-            slot.done = true;
-            changed.notify_all();
-        }
-    };
-
-    std::vector<std::thread> pool;
-    Result<void> result;
-    for (unsigned i = 0; i < threads; ++i) {
-        auto worker = make_worker();
-        if (!worker) {
-            result = std::move(worker).error();
-            break;
-        }
-        try {
-            pool.emplace_back(work, std::move(*worker));
-        } catch (const std::exception&) {
-            break; // out of threads: carry on with those that started
-        }
+    // Chunks go to the workers in order through the ordered job ring, and come back to the
+    // sink in the same order; at most 4 per thread are in flight.
+    detail::OrderedWorkers<Chunk> workers(
+        threads, 4 * static_cast<std::size_t>(threads),
+        [&]() -> Result<detail::OrderedWorkers<Chunk>::Work> {
+            auto worker = make_worker();
+            if (!worker)
+                return std::move(worker).error();
+            auto hasher = std::make_shared<BlockHasher>(std::move(*worker));
+            return detail::OrderedWorkers<Chunk>::Work(
+                [hasher, per_chunk](Chunk& chunk) -> Result<void> {
+                    return hasher->run(chunk.number * per_chunk, per_chunk, chunk.digests);
+                });
+        });
+    if (workers.started() == 0) {
+        return Error{ErrorCode::io_error, "cannot start a hashing thread"};
     }
-    if (result && pool.empty()) {
-        result = Error{ErrorCode::io_error, "cannot start a hashing thread"};
-    }
-    std::vector<BlockDigest> ready;
-    while (result && emitted < chunks) {
-        {
-            std::unique_lock lock(mutex);
-            Chunk& slot = ring[emitted % ring.size()];
-            changed.wait(lock, [&] { return slot.done && slot.number == emitted; });
-            if (slot.error) {
-                result = std::move(*slot.error);
-                break;
-            }
-            ready.swap(slot.digests);
-            slot.done = false;
-            slot.error.reset();
-            ++emitted;
+    std::uint64_t submitted = 0;
+    for (std::uint64_t emitted = 0; emitted < chunks; ++emitted) {
+        while (submitted < chunks && !workers.full()) {
+            workers.next_slot().number = submitted++;
+            workers.submit();
         }
-        changed.notify_all();
-        for (const BlockDigest& d : ready) {
-            if (auto sunk = sink(d); !sunk) {
-                result = std::move(sunk);
-                break;
-            }
+        auto chunk = workers.front();
+        if (!chunk)
+            return std::move(chunk).error(); // the ring's destructor stops and joins the workers
+        for (const BlockDigest& d : (*chunk)->digests) {
+            if (auto sunk = sink(d); !sunk)
+                return sunk;
         }
+        workers.release();
     }
-    {
-        std::lock_guard lock(mutex);
-        stopping = true;
-    }
-    changed.notify_all();
-    for (std::thread& t : pool)
-        t.join();
-    return result;
+    return {};
 }
 
 } // namespace qcowmap

@@ -33,6 +33,22 @@ std::string_view to_string(ErrorCode code) {
     return "unknown";
 }
 
+std::string_view to_string(ExtentKind kind) {
+    switch (kind) {
+    case ExtentKind::data:
+        return "data";
+    case ExtentKind::zero:
+        return "zero";
+    case ExtentKind::compressed:
+        return "compressed";
+    }
+    return "unknown";
+}
+
+std::string_view version() {
+    return QCOWMAP_VERSION;
+}
+
 Image::Image(std::shared_ptr<const detail::ImageState> state) : state_(std::move(state)) {}
 
 const detail::ImageState& detail_state(const Image& image) {
@@ -293,33 +309,6 @@ bool Image::maps_file(std::uint64_t device, std::uint64_t inode) const {
     return false;
 }
 
-bool Image::maps_bytes(std::span<const std::byte> bytes) const {
-    return file_position(bytes).has_value();
-}
-
-std::optional<FilePosition> Image::file_position(std::span<const std::byte> bytes) const {
-    auto locate =
-        [&](const std::shared_ptr<const detail::MappedFile>& file) -> std::optional<FilePosition> {
-        if (!file)
-            return std::nullopt;
-        auto mapped = file->bytes();
-        // Compare as integers: the spans may belong to different objects.
-        auto lo = reinterpret_cast<std::uintptr_t>(mapped.data());
-        auto p = reinterpret_cast<std::uintptr_t>(bytes.data());
-        if (p >= lo && bytes.size() <= mapped.size() && p - lo <= mapped.size() - bytes.size()) {
-            return FilePosition{file->fd(), p - lo};
-        }
-        return std::nullopt;
-    };
-    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
-        if (auto found = locate(layer->file))
-            return found;
-        if (auto found = locate(layer->data_file))
-            return found;
-    }
-    return std::nullopt;
-}
-
 std::vector<LayerInfo> Image::layers() const {
     std::vector<LayerInfo> result;
     for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
@@ -344,8 +333,8 @@ std::span<const std::byte> Image::file_bytes() const {
     return state_->bytes;
 }
 
-ExtentIterator Image::extents(std::uint64_t start, std::uint64_t end) const {
-    return ExtentIterator(state_, start, end);
+ExtentRange Image::extents(std::uint64_t start, std::uint64_t end) const {
+    return ExtentRange(detail::ExtentWalk(state_, start, end));
 }
 
 Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset) const {
@@ -356,27 +345,20 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
                                  offset, disk_size)};
     }
     const std::uint64_t length = std::min<std::uint64_t>(dest.size(), disk_size - offset);
-    // A thin layer over visit_runs: the same walk and decompression, copied into `dest`.
-    auto ok = visit_runs(offset, offset + length,
-                         [&](std::uint64_t run_offset, std::uint64_t run_length,
-                             std::span<const std::byte> bytes) -> Result<void> {
-                             std::byte* out = dest.data() + (run_offset - offset);
-                             if (bytes.empty()) {
-                                 std::memset(out, 0, run_length);
-                             } else {
-                                 std::memcpy(out, bytes.data(), run_length);
-                             }
-                             return {};
-                         });
+    // A thin layer over visit: the same walk and decompression, copied into `dest`.
+    auto ok = visit(offset, offset + length, [&](const Run& run) -> Result<void> {
+        std::byte* out = dest.data() + (run.offset - offset);
+        if (run.bytes.empty()) {
+            std::memset(out, 0, run.length);
+        } else {
+            std::memcpy(out, run.bytes.data(), run.length);
+        }
+        return {};
+    });
     if (!ok) {
         return std::move(ok).error();
     }
     return static_cast<std::size_t>(length);
-}
-
-Result<void> Image::visit_runs(std::uint64_t start, std::uint64_t end,
-                               const RunVisitor& visitor) const {
-    return visit_runs(start, end, VisitOptions{}, visitor);
 }
 
 } // namespace qcowmap

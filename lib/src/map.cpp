@@ -166,9 +166,8 @@ Result<void> map_image(const Image& image, const MapOptions& options,
         return {};
     };
 
-    ExtentIterator it = image.extents(start, end);
-    Extent extent;
-    while (it.next(extent)) {
+    ExtentRange extents = image.extents(start, end);
+    for (const Extent& extent : extents) {
         MapEntry entry = entry_of(extent);
         const detail::ImageState* probed =
             extent.kind == ExtentKind::data ? probe_layer(extent.depth) : nullptr;
@@ -211,8 +210,8 @@ Result<void> map_image(const Image& image, const MapOptions& options,
             host = until;
         }
     }
-    if (it.failed()) {
-        return it.error();
+    if (extents.error()) {
+        return *extents.error();
     }
     if (current.length > 0) {
         return sink(current);

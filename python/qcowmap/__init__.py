@@ -17,13 +17,9 @@ from ._qcowmap import (  # noqa: F401  (re-exported)
     Extent,
     ExtentIterator,
     Image,
+    __version__,
     open,
 )
-
-try:
-    from ._qcowmap import __version__  # noqa: F401
-except ImportError:  # built without a version define
-    __version__ = "unknown"
 
 __all__ = ["Error", "Extent", "ExtentIterator", "Image", "RawDisk", "open", "HAS_UNTRUSTED"]
 

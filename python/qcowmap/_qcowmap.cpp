@@ -95,18 +95,6 @@ std::uint64_t non_negative(long long value, const char* what) {
     return static_cast<std::uint64_t>(value);
 }
 
-std::string_view kind_name(ExtentKind kind) {
-    switch (kind) {
-    case ExtentKind::data:
-        return "data";
-    case ExtentKind::zero:
-        return "zero";
-    case ExtentKind::compressed:
-        return "compressed";
-    }
-    return "zero";
-}
-
 // ---------------------------------------------------------------------------------------------
 // Zero-copy bytes: a buffer exporter over a span of the mapping that owns a copy of the Image.
 
@@ -171,7 +159,7 @@ struct PyExtent {
 };
 
 /// The one place that drives the library's extent walks (Image::extents and a bitmap's dirty
-/// extents), so that a change of iteration protocol touches only this class.
+/// extents, both single-pass input ranges) one extent at a time.
 class Walk {
   public:
     virtual ~Walk() = default;
@@ -181,16 +169,30 @@ class Walk {
     virtual const qcowmap::Error* error() const = 0;
 };
 
-template <typename Iterator> class WalkOf final : public Walk {
+template <typename Range> class RangeWalk final : public Walk {
   public:
-    explicit WalkOf(Iterator iterator) : iterator_(std::move(iterator)) {}
-    bool next(Extent& out) override { return iterator_.next(out); }
+    // On the heap: the range's iterators point to it, so it must not move once begun.
+    explicit RangeWalk(Range range) : range_(std::make_unique<Range>(std::move(range))) {}
+    bool next(Extent& out) override {
+        if (!started_) {
+            started_ = true;
+            iterator_ = range_->begin();
+        } else {
+            ++iterator_;
+        }
+        if (iterator_ == std::default_sentinel)
+            return false;
+        out = *iterator_;
+        return true;
+    }
     const qcowmap::Error* error() const override {
-        return iterator_.failed() ? &iterator_.error() : nullptr;
+        return range_->error() ? &*range_->error() : nullptr;
     }
 
   private:
-    Iterator iterator_;
+    std::unique_ptr<Range> range_;
+    typename Range::iterator iterator_;
+    bool started_ = false;
 };
 
 /// Python iterator over extents. The walk runs in C++ without the GIL, a batch at a time.
@@ -411,7 +413,7 @@ class PyImage {
         Image image = get();
         std::uint64_t from = non_negative(start, "start");
         std::uint64_t to = end ? non_negative(*end, "end") : UINT64_MAX;
-        auto walk = std::make_unique<WalkOf<qcowmap::ExtentIterator>>(image.extents(from, to));
+        auto walk = std::make_unique<RangeWalk<qcowmap::ExtentRange>>(image.extents(from, to));
         return ExtentIterator(image, std::move(walk), filename_);
     }
 
@@ -424,7 +426,7 @@ class PyImage {
         if (!bitmap)
             raise(bitmap.error(), filename_);
         auto walk =
-            std::make_unique<WalkOf<qcowmap::DirtyExtentIterator>>(bitmap->dirty_extents(from, to));
+            std::make_unique<RangeWalk<qcowmap::DirtyExtentRange>>(bitmap->dirty_extents(from, to));
         return ExtentIterator(image, std::move(walk), filename_);
     }
 
@@ -620,9 +622,7 @@ PyImage open_image(const py::object& path, const py::object& snapshot, bool back
 
 PYBIND11_MODULE(_qcowmap, m) {
     m.doc() = "qcowmap's C++ core; use the qcowmap package.";
-#ifdef QCOWMAP_VERSION
-    m.attr("__version__") = QCOWMAP_VERSION;
-#endif
+    m.attr("__version__") = std::string(qcowmap::version());
     m.attr("HAS_UNTRUSTED") = has_untrusted<qcowmap::OpenOptions>();
 
     g_error_type = PyErr_NewExceptionWithDoc(
@@ -652,7 +652,7 @@ PYBIND11_MODULE(_qcowmap, m) {
         .def_property_readonly(
             "length", [](const PyExtent& e) { return e.extent.length; }, "Bytes covered (never 0).")
         .def_property_readonly(
-            "kind", [](const PyExtent& e) { return kind_name(e.extent.kind); },
+            "kind", [](const PyExtent& e) { return qcowmap::to_string(e.extent.kind); },
             "\"data\", \"zero\" or \"compressed\".")
         .def_property_readonly(
             "present", [](const PyExtent& e) { return e.extent.present; },
@@ -670,7 +670,7 @@ PYBIND11_MODULE(_qcowmap, m) {
                                "None; compressed: the decompressed bytes of the range.")
         .def("__repr__", [](const PyExtent& e) {
             return fmt::format("Extent(offset={}, length={}, kind='{}', present={}, depth={})",
-                               e.extent.offset, e.extent.length, kind_name(e.extent.kind),
+                               e.extent.offset, e.extent.length, qcowmap::to_string(e.extent.kind),
                                e.extent.present ? "True" : "False", e.extent.depth);
         });
 

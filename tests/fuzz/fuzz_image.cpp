@@ -18,10 +18,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         }
         (void)image->info().feature_name(qcowmap::FeatureName::Type::incompatible, 7);
         // Walk extents: at most 4096 of them, touching every data byte's first and last byte.
-        qcowmap::ExtentIterator it = image->extents();
-        qcowmap::Extent extent;
+        qcowmap::ExtentRange it = image->extents();
         unsigned sink = 0;
-        for (int n = 0; n < 4096 && it.next(extent); ++n) {
+        int n = 0;
+        for (const qcowmap::Extent& extent : it) {
+            if (n++ == 4096)
+                break;
             if (!extent.bytes.empty()) {
                 sink += std::to_integer<unsigned>(extent.bytes.front()) +
                         std::to_integer<unsigned>(extent.bytes.back());

@@ -22,9 +22,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             auto snap = qcowmap::Image::open_bytes(bytes, by_key);
             if (!snap)
                 continue;
-            qcowmap::ExtentIterator it = snap->extents();
-            qcowmap::Extent extent;
-            for (int n = 0; n < 1024 && it.next(extent); ++n) {
+            qcowmap::ExtentRange it = snap->extents();
+            int n = 0;
+            for (const qcowmap::Extent& extent : it) {
+                if (n++ == 1024)
+                    break;
                 if (!extent.bytes.empty())
                     sink += std::to_integer<unsigned>(extent.bytes.back());
             }

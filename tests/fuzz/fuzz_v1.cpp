@@ -22,9 +22,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         return 0;
     }
     unsigned sink = 0;
-    qcowmap::ExtentIterator it = image->extents();
-    qcowmap::Extent extent;
-    for (int n = 0; n < 2048 && it.next(extent); ++n) {
+    qcowmap::ExtentRange it = image->extents();
+    int n = 0;
+    for (const qcowmap::Extent& extent : it) {
+        if (n++ == 2048)
+            break;
         if (!extent.bytes.empty())
             sink += std::to_integer<unsigned>(extent.bytes.front());
     }

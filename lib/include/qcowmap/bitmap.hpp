@@ -22,21 +22,20 @@ struct BitmapRange {
     bool dirty = false;
 };
 
-/// Walks a bitmap's ranges in disk order, straight from the bitmap data clusters in the
-/// mapping (no copy of the bitmap is made). Adjacent granules of the same state merge into one
-/// range; the range holding the last, partial granule ends at the virtual size. Never fails:
-/// `DirtyBitmap::open` validated the bitmap table. A cheap value; the image's mapping stays
-/// alive as long as the iterator does.
-class BitmapRangeIterator {
+namespace detail {
+
+/// The machinery of `BitmapRanges`: walks a bitmap's data clusters in place in the mapping.
+/// Never fails: `DirtyBitmap::open` validated the bitmap table.
+class BitmapRangeWalk {
   public:
-    /// Produces the next range into `out`. Returns false at the end.
+    using value_type = BitmapRange;
+    BitmapRangeWalk(Image image, std::span<const std::byte> table, unsigned cluster_bits,
+                    unsigned granularity_bits, std::uint64_t start, std::uint64_t end,
+                    bool dirty_only);
     bool next(BitmapRange& out);
+    const std::optional<Error>& error() const { return no_error_; }
 
   private:
-    friend class DirtyBitmap;
-    BitmapRangeIterator(Image image, std::span<const std::byte> table, unsigned cluster_bits,
-                        unsigned granularity_bits, std::uint64_t start, std::uint64_t end,
-                        bool dirty_only);
     bool bit(std::uint64_t granule) const;
     std::uint64_t find_change(std::uint64_t granule, bool value) const;
 
@@ -49,29 +48,38 @@ class BitmapRangeIterator {
     std::uint64_t granule_ = 0;         // next granule to look at
     std::uint64_t granule_end_ = 0;     // one past the last granule of the range
     bool dirty_only_ = false;
+    std::optional<Error> no_error_;
 };
 
-/// Extents (exactly as `Image::extents` yields them: data spans, zero runs, compressed runs)
-/// of the dirty ranges of a bitmap only, in disk order: what an incremental backup copies.
-/// Extents never cross the edge of a dirty range. After the first error it stays failed.
-class DirtyExtentIterator {
+/// The machinery of `DirtyExtentRange`: the extent walk restricted to a bitmap's dirty ranges.
+class DirtyExtentWalk {
   public:
-    /// Produces the next extent into `out`. Returns false at the end or on error.
+    using value_type = Extent;
+    DirtyExtentWalk(Image image, BitmapRangeWalk ranges);
     bool next(Extent& out);
-    /// True once an error stopped the walk.
-    bool failed() const { return error_.has_value(); }
-    /// The error that stopped the walk; only meaningful when `failed()`.
-    const Error& error() const { return *error_; }
+    const std::optional<Error>& error() const { return error_; }
 
   private:
-    friend class DirtyBitmap;
-    DirtyExtentIterator(Image image, BitmapRangeIterator ranges);
-
     Image image_;
-    BitmapRangeIterator ranges_;
-    std::optional<ExtentIterator> extents_;
+    BitmapRangeWalk ranges_;
+    std::optional<ExtentWalk> extents_;
     std::optional<Error> error_;
 };
+
+} // namespace detail
+
+/// A bitmap's ranges in disk order, straight from the bitmap data clusters in the mapping (no
+/// copy of the bitmap is made), as a single-pass input range. Adjacent granules of the same
+/// state merge into one range; the range holding the last, partial granule ends at the virtual
+/// size. Never fails (`error()` stays empty). The image's mapping stays alive as long as the
+/// range does.
+using BitmapRanges = WalkRange<detail::BitmapRangeWalk>;
+
+/// Extents (exactly as `Image::extents` yields them: data spans, zero runs, compressed runs)
+/// of the dirty ranges of a bitmap only, in disk order, as a single-pass input range: what an
+/// incremental backup copies. Extents never cross the edge of a dirty range. After the loop,
+/// `error()` says whether the extent walk stopped early.
+using DirtyExtentRange = WalkRange<detail::DirtyExtentWalk>;
 
 /// One persistent dirty bitmap of an image, checked and ready to read.
 ///
@@ -99,13 +107,12 @@ class DirtyBitmap {
     std::uint64_t size() const { return size_; }
 
     /// Dirty and clean ranges covering `[start, min(end, size()))`, alternating, in order.
-    BitmapRangeIterator ranges(std::uint64_t start = 0, std::uint64_t end = UINT64_MAX) const;
+    BitmapRanges ranges(std::uint64_t start = 0, std::uint64_t end = UINT64_MAX) const;
     /// Only the dirty ranges of `[start, min(end, size()))`, in order.
-    BitmapRangeIterator dirty_ranges(std::uint64_t start = 0, std::uint64_t end = UINT64_MAX) const;
+    BitmapRanges dirty_ranges(std::uint64_t start = 0, std::uint64_t end = UINT64_MAX) const;
     /// The extents of the dirty ranges of `[start, min(end, size()))`: the normal extent walk
     /// restricted to them. Its errors are those of `Image::extents`.
-    DirtyExtentIterator dirty_extents(std::uint64_t start = 0,
-                                      std::uint64_t end = UINT64_MAX) const;
+    DirtyExtentRange dirty_extents(std::uint64_t start = 0, std::uint64_t end = UINT64_MAX) const;
     /// How many bytes of the disk are dirty (popcount over the bitmap, the last partial
     /// granule counted up to the virtual size only).
     std::uint64_t dirty_bytes() const;

@@ -15,7 +15,7 @@ struct CompareOptions {
     /// BDRV_BLOCK_EOF included).
     bool strict = false;
     /// How data is taken from the files: read in pieces of kReadPieceBytes into buffers (the
-    /// default, fastest here), or compared straight from the mappings.
+    /// default), or compared straight from the mappings. Which is faster depends on the machine.
     DataAccess data_access = DataAccess::read;
 };
 

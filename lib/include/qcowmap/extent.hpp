@@ -1,12 +1,21 @@
 // qcowmap — runs of the virtual disk as the extent iterator yields them.
 #pragma once
 
+#include <qcowmap/result.hpp>
+#include <qcowmap/walk_range.hpp>
+
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
+#include <string_view>
 
 namespace qcowmap {
+
+namespace detail {
+struct ImageState;
+}
 
 /// How the bytes of an extent are obtained.
 enum class ExtentKind : std::uint8_t {
@@ -18,6 +27,16 @@ enum class ExtentKind : std::uint8_t {
     /// One compressed cluster (or the part of it inside the requested range): `Extent::bytes` is
     /// the compressed stream in the mapping; decompress it with a `Decompressor`.
     compressed,
+};
+
+/// "data", "zero" or "compressed" (the names the Python binding and JSON output use).
+std::string_view to_string(ExtentKind kind);
+
+/// Where bytes live in a file: lets a consumer read them with pread(2) or copy them inside the
+/// kernel (copy_file_range(2), splice(2)) instead of touching the mapping.
+struct FilePosition {
+    int fd = -1;              ///< the layer's (or data file's) descriptor, owned by the Image
+    std::uint64_t offset = 0; ///< file offset of the first byte
 };
 
 /// A run of the virtual disk `[offset, offset + length)` whose bytes are all obtained one way.
@@ -46,6 +65,46 @@ struct Extent {
     std::uint64_t compressed_host_offset = 0;
     /// compressed only: where `offset` falls inside the decompressed cluster.
     std::uint64_t offset_in_cluster = 0;
+    /// data only: the descriptor and offset of `bytes` in the file that holds them (the layer's
+    /// file or its external data file), for pread, copy_file_range or splice. Use it with
+    /// positioned calls only, never move the descriptor's file position; it stays open while
+    /// the Image lives. nullopt for images opened from memory.
+    std::optional<FilePosition> file;
 };
+
+namespace detail {
+
+/// The machinery of `ExtentRange`: walks L1/L2 in place in the mapping and merges runs.
+/// Library-internal; use `Image::extents()`.
+class ExtentWalk {
+  public:
+    using value_type = Extent;
+    ExtentWalk(std::shared_ptr<const ImageState> state, std::uint64_t start, std::uint64_t end);
+    /// Produces the next extent into `out`. False at the end of the range or on error.
+    bool next(Extent& out);
+    const std::optional<Error>& error() const { return error_; }
+    /// Where the next extent will start (the end of the range once it is done).
+    std::uint64_t position() const { return position_; }
+
+  private:
+    bool fail(Error error);
+
+    std::shared_ptr<const ImageState> state_;
+    std::uint64_t position_ = 0;
+    std::uint64_t end_ = 0;
+    std::optional<Error> error_;
+    std::optional<Error> deferred_error_; // met while merging: reported after the good run
+};
+
+} // namespace detail
+
+/// The extents of a range of the virtual disk, in order, as a single-pass input range
+/// (`Image::extents`). Adjacent runs merge when they are of the same kind, presence and depth
+/// and (where they have a host offset) continue contiguously in the file; each compressed
+/// cluster is its own extent. After the loop, `error()` says whether the walk stopped early
+/// (a malformed table or cluster descriptor); it then yields nothing more. A range keeps the
+/// image's mapping alive, so the extents' spans stay valid as long as the range or any copy of
+/// the Image lives.
+using ExtentRange = WalkRange<detail::ExtentWalk>;
 
 } // namespace qcowmap

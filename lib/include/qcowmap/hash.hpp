@@ -79,7 +79,7 @@ struct HashOptions {
     /// Threads decompressing compressed clusters and reading data ahead of the hash (the hash
     /// itself is one sequential stream). 0: one per core; 1: everything on the calling thread.
     unsigned threads = 0;
-    /// How data reaches the hash: read into a cache-sized buffer (the default, fastest here)
+    /// How data reaches the hash: read into a cache-sized buffer (the default)
     /// or straight from the mapping with no copy at all.
     DataAccess data_access = DataAccess::read;
 };

@@ -1,0 +1,210 @@
+// The library's one worker primitive: an ordered ring of jobs served by a few threads. Read-ahead
+// and decompression (Image::visit), block hashing (hash_blocks) and compare's second reader all
+// use it, so there is one place that starts, feeds, drains and joins threads.
+#pragma once
+
+#include <qcowmap/result.hpp>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <thread>
+#include <vector>
+
+namespace qcowmap::detail {
+
+/// A ring of `capacity` job slots served by up to `threads` worker threads.
+///
+/// One owner thread fills the next free slot (`next_slot()`), submits it, and later takes the
+/// results back strictly in submission order (`front()`, `release()`); workers run jobs in
+/// parallel, in any order. At most `capacity` jobs exist at once, so memory is bounded whatever
+/// the amount of work. Each worker makes its own state once (`MakeWork` runs on the worker
+/// thread: a Decompressor, a Hasher), so no mutable state is shared.
+///
+/// Exception policy: nothing reaches std::terminate. An exception thrown by a job (out of memory
+/// building a buffer or a message) becomes that job's Error; a failure to make a worker's state
+/// becomes the Error of every job that worker takes. The destructor stops and joins every
+/// worker, also when the owner leaves by an exception or an early return.
+///
+/// Waiting spins briefly before sleeping: pieces are small (a 64 KiB cluster), and a futex
+/// wake-up per piece costs more than the parallelism wins.
+template <typename Job> class OrderedWorkers {
+  public:
+    using Work = std::function<Result<void>(Job&)>;
+    using MakeWork = std::function<Result<Work>()>;
+
+    /// Starts up to `threads` workers over a ring of `capacity` (>= 1) slots. Starting fewer
+    /// threads than asked (the system refuses more) is not an error; `started()` says how many
+    /// run, and with none the owner must do the work itself.
+    OrderedWorkers(unsigned threads, std::size_t capacity, MakeWork make_work)
+        : slots_(capacity), make_work_(std::move(make_work)) {
+        workers_.reserve(threads);
+        for (unsigned i = 0; i < threads; ++i) {
+            try {
+                workers_.emplace_back([this] { serve(); });
+            } catch (const std::exception&) {
+                break; // out of threads or memory: carry on with those we have
+            }
+        }
+    }
+
+    ~OrderedWorkers() {
+        {
+            std::lock_guard lock(mutex_);
+            stopping_.store(true, std::memory_order_release);
+        }
+        work_available_.notify_all();
+        for (std::thread& worker : workers_) {
+            worker.join();
+        }
+    }
+
+    OrderedWorkers(const OrderedWorkers&) = delete;
+    OrderedWorkers& operator=(const OrderedWorkers&) = delete;
+
+    /// Worker threads running.
+    unsigned started() const { return static_cast<unsigned>(workers_.size()); }
+    std::size_t capacity() const { return slots_.size(); }
+    /// Jobs submitted and not yet released.
+    std::size_t in_flight() const { return static_cast<std::size_t>(submitted_ - released_); }
+    bool full() const { return in_flight() == slots_.size(); }
+    bool empty() const { return in_flight() == 0; }
+
+    /// The slot the next `submit()` hands to the workers; only valid when `!full()`. No worker
+    /// touches it until it is submitted.
+    Job& next_slot() { return slots_[submitted_ % slots_.size()].job; }
+
+    /// Hands the slot filled through `next_slot()` to the workers.
+    void submit() {
+        Slot& slot = slots_[submitted_ % slots_.size()];
+        slot.error.reset();
+        {
+            std::lock_guard lock(mutex_);
+            slot.state.store(State::queued, std::memory_order_release);
+            submitted_shared_.store(submitted_ + 1, std::memory_order_release);
+        }
+        ++submitted_;
+        work_available_.notify_one();
+    }
+
+    /// Waits for the oldest job not yet released and returns it, or its error. The job stays
+    /// the owner's until `release()`. Only valid when `!empty()`.
+    Result<Job*> front() {
+        Slot& slot = slots_[released_ % slots_.size()];
+        wait_until(job_done_,
+                   [&] { return slot.state.load(std::memory_order_acquire) == State::done; });
+        if (slot.error) {
+            return *slot.error;
+        }
+        return &slot.job;
+    }
+
+    /// Frees the oldest job's slot for reuse.
+    void release() {
+        slots_[released_ % slots_.size()].state.store(State::free, std::memory_order_release);
+        ++released_;
+    }
+
+  private:
+    enum class State : std::uint8_t { free, queued, working, done };
+    struct Slot {
+        Job job{};
+        std::optional<Error> error;
+        std::atomic<State> state{State::free};
+    };
+
+    template <typename Ready> void wait_until(std::condition_variable& signal, Ready ready) {
+        for (int i = 0; i < 4000; ++i) {
+            if (ready())
+                return;
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+        std::unique_lock lock(mutex_);
+        signal.wait(lock, [&] { return ready(); });
+    }
+
+    static Error error_of(std::exception_ptr failure) {
+        try {
+            std::rethrow_exception(failure);
+        } catch (const std::bad_alloc&) {
+            return Error{ErrorCode::io_error, "out of memory in a worker thread"};
+        } catch (const std::exception& e) {
+            return Error{ErrorCode::io_error, e.what()};
+        } catch (...) {
+            return Error{ErrorCode::io_error, "unknown exception in a worker thread"};
+        }
+    }
+
+    void serve() {
+        std::optional<Work> work;
+        std::optional<Error> make_error;
+        try {
+            auto made = make_work_();
+            if (made) {
+                work.emplace(std::move(*made));
+            } else {
+                make_error = std::move(made).error();
+            }
+        } catch (...) {
+            make_error = error_of(std::current_exception());
+        }
+        for (;;) {
+            // Claim the next submitted job, in submission order.
+            wait_until(work_available_, [&] {
+                return stopping_.load(std::memory_order_acquire) ||
+                       claimed_.load(std::memory_order_acquire) <
+                           submitted_shared_.load(std::memory_order_acquire);
+            });
+            std::uint64_t number = 0;
+            {
+                std::lock_guard lock(mutex_);
+                if (stopping_.load(std::memory_order_acquire))
+                    return;
+                number = claimed_.load(std::memory_order_relaxed);
+                if (number >= submitted_shared_.load(std::memory_order_relaxed))
+                    continue; // another worker took it
+                claimed_.store(number + 1, std::memory_order_release);
+            }
+            Slot& slot = slots_[number % slots_.size()];
+            slot.state.store(State::working, std::memory_order_release);
+            std::optional<Error> error = make_error;
+            if (work) {
+                try {
+                    if (auto ok = (*work)(slot.job); !ok)
+                        error = std::move(ok).error();
+                } catch (...) {
+                    error = error_of(std::current_exception());
+                }
+            }
+            slot.error = std::move(error);
+            {
+                std::lock_guard lock(mutex_);
+                slot.state.store(State::done, std::memory_order_release);
+            }
+            job_done_.notify_one(); // only the owner waits for jobs to finish
+        }
+    }
+
+    std::vector<Slot> slots_;
+    MakeWork make_work_;
+    std::vector<std::thread> workers_;
+    std::mutex mutex_;
+    std::condition_variable work_available_; // workers wait here
+    std::condition_variable job_done_;       // the owner waits here
+    std::atomic<bool> stopping_{false};
+    std::atomic<std::uint64_t> submitted_shared_{0}; // what workers may claim
+    std::atomic<std::uint64_t> claimed_{0};
+    std::uint64_t submitted_ = 0; // owner thread only
+    std::uint64_t released_ = 0;  // owner thread only
+};
+
+} // namespace qcowmap::detail
