@@ -274,16 +274,29 @@ def test_argument_errors(small):
             qcowmap.open(path, snapshot=b"1")
 
 
-def test_untrusted_argument(small):
+def test_untrusted_argument(small, tmp_path):
     path, raw = small
-    if qcowmap.HAS_UNTRUSTED:
-        with qcowmap.open(path, untrusted=True) as img:
-            assert img.read(0, img.size) == raw
-    else:
-        with pytest.raises(ValueError, match="OpenOptions::untrusted"):
-            qcowmap.open(path, untrusted=True)
     with qcowmap.open(path, untrusted=False) as img:
         assert img.size == len(raw)
+    if not qcowmap.HAS_UNTRUSTED:
+        with pytest.raises(ValueError, match="OpenOptions::untrusted"):
+            qcowmap.open(path, untrusted=True)
+        return
+    with qcowmap.open(path, untrusted=True) as img:
+        assert img.read(0, img.size) == raw
+    # A backing name that leaves the image's directory is refused under untrusted=True (the
+    # library's confinement: OpenOptions::untrusted), one inside it is followed.
+    make_image(tmp_path / "base.qcow2", "", "1M", ["write -P 0x42 0 64k"])
+    (tmp_path / "sub").mkdir()
+    run("qemu-img create -q -f qcow2 -b ../base.qcow2 -F qcow2 escaping.qcow2 1M", cwd=tmp_path / "sub")
+    run("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 inside.qcow2 1M", cwd=tmp_path)
+    with qcowmap.open(tmp_path / "sub" / "escaping.qcow2") as img:
+        assert img.read(0, 2) == b"\x42\x42"
+    error = expect_error("unsupported_feature", "../base.qcow2",
+                         lambda: qcowmap.open(tmp_path / "sub" / "escaping.qcow2", untrusted=True))
+    assert str(error).startswith(str(tmp_path / "sub" / "escaping.qcow2"))
+    with qcowmap.open(tmp_path / "inside.qcow2", untrusted=True) as img:
+        assert img.read(0, 2) == b"\x42\x42"
 
 
 def test_paths_as_pathlike_str_and_bytes(small):
