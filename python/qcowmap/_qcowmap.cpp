@@ -51,17 +51,20 @@ struct LibraryError {
     throw LibraryError{std::string(qcowmap::to_string(error.code)), error.message, filename};
 }
 
+py::str text(std::string_view s);
+
 void translate(std::exception_ptr pointer) {
     try {
         if (pointer)
             std::rethrow_exception(pointer);
     } catch (const LibraryError& e) {
         // Like the CLI's one-line errors: "FILE: what is wrong".
-        std::string text = e.filename.empty() ? e.message : e.filename + ": " + e.message;
+        std::string line = e.filename.empty() ? e.message : e.filename + ": " + e.message;
         py::object type = py::reinterpret_borrow<py::object>(g_error_type);
-        py::object instance = type(py::str(text));
+        // Messages may quote names from the image that are not UTF-8: see text().
+        py::object instance = type(text(line));
         instance.attr("code") = py::str(e.code);
-        instance.attr("message") = py::str(e.message);
+        instance.attr("message") = text(e.message);
         PyErr_SetObject(g_error_type, instance.ptr());
     }
 }

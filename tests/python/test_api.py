@@ -305,6 +305,14 @@ def test_paths_as_pathlike_str_and_bytes(small):
         with qcowmap.open(p) as img:
             assert img.path == str(path)
             assert img.read(64 * KiB, 2) == b"\xab\xab"
+    # A file name that is not UTF-8 (bytes): kept as surrogates, as os.fsdecode does.
+    odd = os.fsencode(path.parent) + b"/disk\xff.qcow2"
+    error = expect_error("io_error", "No such file", lambda: qcowmap.open(odd))
+    assert str(error).startswith(os.fsdecode(odd) + ": ")
+    os.link(path, odd)
+    with qcowmap.open(odd) as img:
+        assert img.path == os.fsdecode(odd) and "\udcff" in img.path
+        assert img.info["filename"] == img.path
 
 
 # ---------------------------------------------------------------------------------------------
