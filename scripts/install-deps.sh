@@ -10,6 +10,7 @@ packages=(
   libssl-dev libxxhash-dev
   qemu-utils time xxhash libnbd-bin nbdkit nbdkit-plugin-dev
   clang libclang-rt-14-dev clang-format git
+  python3  # tests/test_cli.cpp compares JSON documents with it
   python3-dev pybind11-dev python3-pybind11 python3-pytest
 )
 

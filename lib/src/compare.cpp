@@ -256,8 +256,14 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     Side sb(b, 1, options.data_access);
     SecondReader second_reader;
     const std::uint64_t common = std::min(size_a, size_b);
+    const std::uint64_t larger = std::max(size_a, size_b);
+    auto progress = [&](std::uint64_t done) {
+        if (options.progress)
+            options.progress(done, larger);
+    };
     std::uint64_t pos = 0;
     while (pos < common) {
+        progress(pos);
         if (!sa.seek(pos))
             return walk_error(sa, error_detail);
         if (!sb.seek(pos))
@@ -314,12 +320,15 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
             return mismatch(pos + *diff);
         pos = end;
     }
-    if (size_a == size_b)
+    if (size_a == size_b) {
+        progress(larger);
         return CompareResult{};
+    }
     // The longer disk's tail must read as zeros.
     Side& longer = size_a > size_b ? sa : sb;
     const std::uint64_t total = std::max(size_a, size_b);
     while (pos < total) {
+        progress(pos);
         if (!longer.seek(pos))
             return walk_error(longer, error_detail);
         std::uint64_t end = longer.end();
@@ -334,6 +343,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
         }
         pos = end;
     }
+    progress(larger);
     CompareResult r;
     r.size_warning = true;
     return r;

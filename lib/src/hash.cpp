@@ -344,6 +344,8 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     if (!hasher)
         return std::move(hasher).error();
     PageReleaser releaser(image);
+    if (options.progress)
+        options.progress(0, image.size());
     // The visit only starts workers once it meets bytes to produce (compressed or read).
     auto ok = image.visit(
         0, UINT64_MAX,
@@ -361,6 +363,8 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
                     releaser.consumed(piece);
                 }
             }
+            if (options.progress)
+                options.progress(run.offset + run.length, image.size());
             return {};
         },
         VisitOptions{resolve_threads(options.threads), options.data_access});

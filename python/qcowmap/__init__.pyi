@@ -71,7 +71,7 @@ class Image:
     def path(self) -> str: ...
     @property
     def info(self) -> dict[str, Any]:
-        """What `qcowmap info --json PATH` prints, as a dict."""
+        """What `qcowmap info --output=json PATH` prints, as a dict (qcowmap's and qemu-img info's keys)."""
     @property
     def layers(self) -> list[dict[str, Any]]:
         """The chain as opened, top first: {"filename", "format", "virtual-size"}."""
@@ -93,7 +93,7 @@ class Image:
         """The entries of `qemu-img map --output=json` (keys start, length, depth, present,
         zero, data, compressed, and offset where the range is readable raw in the file)."""
     def bitmaps(self) -> list[dict[str, Any]]:
-        """What `qcowmap bitmaps --json` prints: name, granularity, flags, enabled, in-use,
+        """What `qcowmap bitmaps --output=json` prints: name, granularity, flags, enabled, in-use,
         consistent, usable, error, dirty-bytes."""
     @overload
     def hash(self, algo: str = "sha256", block_size: None = None, threads: int = 0) -> str: ...

@@ -7,6 +7,7 @@
 // image state, so the mapping lives as long as the last of them, whatever happens to the
 // Python Image (close, del). Long operations copy the Image under the GIL, then release it.
 #include <qcowmap/bitmap.hpp>
+#include <qcowmap/describe.hpp>
 #include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/map.hpp>
@@ -22,7 +23,6 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <sys/stat.h>
 #include <utility>
 #include <vector>
 
@@ -80,10 +80,6 @@ py::str text(std::string_view s) {
     if (!object)
         throw py::error_already_set();
     return py::reinterpret_steal<py::str>(object);
-}
-
-py::object optional_text(const std::optional<std::string>& s) {
-    return s ? py::object(text(*s)) : py::object(py::none());
 }
 
 /// A path argument: str, bytes or os.PathLike, as the os module takes them.
@@ -249,41 +245,7 @@ class ExtentIterator {
     bool raised_ = false;
 };
 
-// ---------------------------------------------------------------------------------------------
-// `qcowmap info --json` as a dict (the CLI's apps/cmd_info.cpp json_object, key for key).
-
-std::uint64_t disk_usage(const std::string& path) {
-    struct stat st {};
-    return ::stat(path.c_str(), &st) == 0 ? static_cast<std::uint64_t>(st.st_blocks) * 512 : 0;
-}
-
-std::string extension_name(std::uint32_t type) {
-    switch (type) {
-    case 0xe2792aca:
-        return "backing file format";
-    case 0x6803f857:
-        return "feature name table";
-    case 0x23852875:
-        return "bitmaps";
-    case 0x0537be77:
-        return "full disk encryption header";
-    case 0x44415441:
-        return "external data file";
-    default:
-        return fmt::format("unknown ({:#010x})", type);
-    }
-}
-
-py::list feature_list(const qcowmap::ImageInfo& info, std::uint64_t mask,
-                      qcowmap::FeatureName::Type type) {
-    py::list out;
-    for (unsigned bit = 0; bit < 64; ++bit) {
-        if (mask & (std::uint64_t{1} << bit))
-            out.append(text(info.feature_name(type, bit)));
-    }
-    return out;
-}
-
+/// A bitmap's flags by name, as `qcowmap bitmaps --output=json` lists them.
 py::list bitmap_flags(const qcowmap::BitmapEntry& e) {
     py::list flags;
     if (e.in_use())
@@ -293,72 +255,6 @@ py::list bitmap_flags(const qcowmap::BitmapEntry& e) {
     if (e.flags & qcowmap::kBitmapExtraDataCompatible)
         flags.append("extra-data-compatible");
     return flags;
-}
-
-py::dict info_dict(const std::string& path, const qcowmap::ImageInfo& info) {
-    using qcowmap::FeatureName;
-    py::dict d;
-    d["filename"] = text(path);
-    d["format"] = info.version == 1 ? "qcow" : "qcow2";
-    d["version"] = info.version;
-    d["virtual-size"] = info.virtual_size;
-    d["actual-size"] = disk_usage(path);
-    d["file-size"] = info.file_size;
-    d["cluster-size"] = info.cluster_size;
-    d["refcount-bits"] =
-        info.version == 1 ? py::object(py::none()) : py::object(py::int_(info.refcount_bits()));
-    d["compression-type"] =
-        info.compression_type == qcowmap::CompressionType::zstd ? "zstd" : "zlib";
-    d["extended-l2"] = info.extended_l2;
-    d["lazy-refcounts"] = (info.compatible_features & qcowmap::kCompatLazyRefcounts) != 0;
-    d["dirty"] = (info.incompatible_features & qcowmap::kIncompatDirty) != 0;
-    d["corrupt"] = (info.incompatible_features & qcowmap::kIncompatCorrupt) != 0;
-    d["incompatible-features"] =
-        feature_list(info, info.incompatible_features, FeatureName::Type::incompatible);
-    d["compatible-features"] =
-        feature_list(info, info.compatible_features, FeatureName::Type::compatible);
-    d["autoclear-features"] =
-        feature_list(info, info.autoclear_features, FeatureName::Type::autoclear);
-    py::list extensions;
-    for (const qcowmap::HeaderExtension& e : info.extensions)
-        extensions.append(extension_name(e.type));
-    d["header-extensions"] = extensions;
-    d["backing-filename"] = optional_text(info.backing_file);
-    d["backing-filename-format"] = optional_text(info.backing_format);
-    d["data-file"] = optional_text(info.data_file);
-    d["data-file-raw"] = (info.autoclear_features & qcowmap::kAutoclearDataFileRaw) != 0;
-    d["snapshot-count"] = info.snapshot_count;
-    py::list snapshots;
-    for (const qcowmap::Snapshot& sn : info.snapshots) {
-        py::dict s;
-        s["id"] = text(sn.id);
-        s["name"] = text(sn.name);
-        s["vm-state-size"] = sn.vm_state_size;
-        s["date-sec"] = sn.date_seconds;
-        s["date-nsec"] = sn.date_nanoseconds;
-        s["vm-clock-sec"] = sn.vm_clock_nanoseconds / 1000000000;
-        s["vm-clock-nsec"] = sn.vm_clock_nanoseconds % 1000000000;
-        s["icount"] = sn.icount ? py::object(py::int_(*sn.icount)) : py::object(py::none());
-        s["virtual-size"] = sn.virtual_size;
-        s["l1-size"] = sn.l1_size;
-        snapshots.append(s);
-    }
-    d["snapshots"] = snapshots;
-    py::list bitmaps;
-    if (info.bitmaps) {
-        for (const qcowmap::BitmapEntry& e : info.bitmaps->entries) {
-            py::dict b;
-            b["name"] = text(e.name);
-            b["granularity"] = e.granularity();
-            b["flags"] = bitmap_flags(e);
-            b["consistent"] = e.consistent();
-            b["inconsistent-reason"] =
-                e.consistent() ? py::object(py::none()) : py::object(text(e.inconsistent_reason));
-            bitmaps.append(b);
-        }
-    }
-    d["bitmaps"] = bitmaps;
-    return d;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,7 +294,12 @@ class PyImage {
 
     std::uint64_t size() const { return get().size(); }
 
-    py::dict info() const { return info_dict(filename_, get().info()); }
+    /// `qcowmap info --output=json` of the top layer, parsed: the library's own JSON, so the
+    /// two never differ.
+    py::object info() const {
+        std::string json = qcowmap::info_json(get());
+        return py::module_::import("json").attr("loads")(text(json));
+    }
 
     py::list layers() const {
         py::list out;
@@ -508,7 +409,7 @@ class PyImage {
             py::gil_scoped_release unlocked;
             summaries = qcowmap::list_bitmaps(image);
         }
-        // The keys of `qcowmap bitmaps --json`.
+        // The keys of `qcowmap bitmaps --output=json`.
         py::list out;
         for (const qcowmap::BitmapSummary& s : summaries) {
             py::dict d;
@@ -563,7 +464,7 @@ class PyImage {
             if (!ok)
                 raise(ok.error(), filename_);
         }
-        // The entries of `qcowmap hash --block-size=N --json`'s "blocks".
+        // The entries of `qcowmap hash --block-size=N --output=json`'s "blocks".
         py::list out;
         for (const qcowmap::BlockDigest& b : blocks) {
             py::dict d;
@@ -693,7 +594,8 @@ PYBIND11_MODULE(_qcowmap, m) {
         .def_property_readonly(
             "path", [](const PyImage& i) { return text(i.filename()); }, "The path as opened.")
         .def_property_readonly("info", &PyImage::info,
-                               "What `qcowmap info --json PATH` prints, as a dict.")
+                               "What `qcowmap info --output=json PATH` prints, as a dict "
+                               "(qcowmap::info_json).")
         .def_property_readonly("layers", &PyImage::layers,
                                "The chain as opened, top first: dicts of filename, format, "
                                "virtual-size.")
@@ -715,7 +617,7 @@ PYBIND11_MODULE(_qcowmap, m) {
              "at the end of the disk).")
         .def("map", &PyImage::map, py::arg("start") = 0, py::arg("length") = py::none(),
              "The entries of `qemu-img map --output=json` as dicts.")
-        .def("bitmaps", &PyImage::bitmaps, "What `qcowmap bitmaps --json` prints, as dicts.")
+        .def("bitmaps", &PyImage::bitmaps, "What `qcowmap bitmaps --output=json` prints, as dicts.")
         .def("hash", &PyImage::hash, py::arg("algo") = "sha256", py::arg("block_size") = py::none(),
              py::arg("threads") = 0,
              "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128), "

@@ -441,11 +441,11 @@ def test_bitmaps_match_the_cli(with_bitmaps):
     path, _ = with_bitmaps
     with qcowmap.open(path) as img:
         bitmaps = img.bitmaps()
-        assert bitmaps == cli_json("bitmaps", "--json", path)
+        assert bitmaps == cli_json("bitmaps", "--output=json", path)
         assert [b["name"] for b in bitmaps] == ["since-full", "fine"]
         assert bitmaps[0]["enabled"] is False and bitmaps[1]["enabled"] is True
         assert bitmaps[0]["usable"] and bitmaps[0]["dirty-bytes"] > 0
-        assert img.info["bitmaps"] == cli_json("info", "--json", path)["bitmaps"]
+        assert img.info["bitmaps"] == cli_json("info", "--output=json", path)["bitmaps"]
 
 
 @pytest.mark.parametrize("name", ["since-full", "fine"])
@@ -498,7 +498,7 @@ def test_bitmap_in_use_is_refused(with_bitmaps):
         assert b["in-use"] and not b["usable"] and b["dirty-bytes"] is None
         assert "flag in_use is set" in b["error"]
         expect_error("invalid_table", "flag in_use is set", lambda: img.dirty_extents("since-full"))
-        assert img.bitmaps() == cli_json("bitmaps", "--json", path)
+        assert img.bitmaps() == cli_json("bitmaps", "--output=json", path)
 
 
 # ---------------------------------------------------------------------------------------------

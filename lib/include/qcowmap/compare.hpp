@@ -5,6 +5,7 @@
 #include <qcowmap/result.hpp>
 
 #include <cstdint>
+#include <functional>
 
 namespace qcowmap {
 
@@ -17,6 +18,9 @@ struct CompareOptions {
     /// How data is taken from the files: read in pieces of kReadPieceBytes into buffers (the
     /// default), or compared straight from the mappings. Which is faster depends on the machine.
     DataAccess data_access = DataAccess::read;
+    /// Called on the calling thread as the comparison advances: bytes compared so far, and the
+    /// larger disk's size (a tail past the shorter disk is checked for zeros last).
+    std::function<void(std::uint64_t done, std::uint64_t total)> progress;
 };
 
 /// What `compare_images` found.

@@ -82,6 +82,9 @@ struct HashOptions {
     /// How data reaches the hash: read into a cache-sized buffer (the default)
     /// or straight from the mapping with no copy at all.
     DataAccess data_access = DataAccess::read;
+    /// Called on the calling thread as the hash advances: bytes of the disk hashed so far, and
+    /// the disk size.
+    std::function<void(std::uint64_t done, std::uint64_t total)> progress;
 };
 
 /// The digest of the whole virtual disk, equal to hashing `qemu-img convert -O raw` output.
