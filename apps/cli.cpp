@@ -1,5 +1,8 @@
 #include "cli.hpp"
 
+#include <qcowmap/references.hpp>
+#include <qcowmap/salvage.hpp>
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -39,7 +42,7 @@ int report(std::string_view file, std::string_view message, int code) {
 }
 
 int report_error(std::string_view file, const Error& error, int code) {
-    std::string message = error.message;
+    std::string message = with_flag_names(error.message);
     if (message.ends_with("the image names no data file")) {
         message += " (give one with --data-file)";
     }
@@ -93,6 +96,7 @@ void ImageArgs::add_options(CLI::App& command, bool with_data_file, bool with_sn
                     "image, unallocated ranges read as zeros")
         ->check(one_of({"follow", "none"}))
         ->option_text("follow|none");
+    add_untrusted_option(command, untrusted);
     if (with_data_file) {
         command
             .add_option("--data-file", data_file,
@@ -117,6 +121,8 @@ OpenOptions ImageArgs::open_options() const {
     if (!format.empty())
         options.format = format;
     options.require_data_file = require_data_file;
+    options.untrusted = untrusted;
+    options.salvage = salvage;
     return options;
 }
 
@@ -125,6 +131,50 @@ void OutputOption::add_to(CLI::App& command, const std::string& json_help) {
         ->check(one_of({"human", "json"}))
         ->option_text("human|json");
     command.add_flag("--json", json_flag_, "Same as --output=json");
+}
+
+void add_salvage_option(CLI::App& command, bool& salvage) {
+    command.add_flag("--salvage", salvage,
+                     "Read a damaged image: ranges whose tables or clusters cannot be read read "
+                     "as zeros (as qemu-img reads a truncated file), each reported on stderr; "
+                     "exit status 4 says data was lost");
+}
+
+void report_damage(std::string_view file, const Image& image) {
+    const SalvageReport& damage = salvage_report(image);
+    for (const DamagedRange& r : damage.ranges) {
+        report(file,
+               fmt::format("salvage: {:#x} (+{:#x}) {}: {}", r.offset, r.length,
+                           r.falls_through ? "read from the backing file" : "read as zeros",
+                           r.reason),
+               0);
+    }
+    if (damage.ranges_not_listed) {
+        report(file,
+               fmt::format("salvage: {} more damaged ranges not listed ({:#x} damaged bytes in "
+                           "all)",
+                           damage.ranges_not_listed, damage.damaged_bytes),
+               0);
+    }
+}
+
+int salvage_exit(const Image& image, int code) {
+    return code == kExitOk && salvage_report(image).data_lost() ? kExitDataLost : code;
+}
+
+void add_untrusted_option(CLI::App& command, bool& untrusted) {
+    command.add_flag("--untrusted", untrusted,
+                     "The image comes from outside: follow a backing or data file name it holds "
+                     "only when it is relative, stays inside the image's directory and names a "
+                     "regular file");
+}
+
+std::string with_flag_names(std::string message) {
+    if (message.ends_with(kUntrustedRefusalMark)) {
+        message.resize(message.size() - kUntrustedRefusalMark.size());
+        message += " (--untrusted)";
+    }
+    return message;
 }
 
 void add_io_option(CLI::App& command, std::string& access) {
@@ -182,6 +232,9 @@ std::optional<Image> open_or_report(const ImageArgs& args) {
     if (!image) {
         report_error(args.path, image.error(), kExitImageError);
         return std::nullopt;
+    }
+    if (args.salvage) {
+        report_damage(args.path, *image);
     }
     return std::move(*image);
 }

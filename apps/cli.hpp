@@ -23,6 +23,7 @@ enum ExitCode : int {
     kExitImageError = 1,  ///< the image could not be opened, validated or read
     kExitUsage = 2,       ///< bad command line
     kExitOutputError = 3, ///< the output could not be written (or exists without --force)
+    kExitDataLost = 4,    ///< --salvage: done, but some ranges could not be read (zeros)
 };
 
 /// Prints `qcowmap: FILE: message` on stderr and returns `code`.
@@ -61,7 +62,10 @@ struct ImageArgs {
     std::string format; ///< -f: "qcow2" or "raw"; empty: qcow2
     /// False for `info`: a missing external data file is reported, not fatal.
     bool require_data_file = true;
-    /// Adds IMAGE, -f and --backing; `data_file` adds --data-file, `snapshot` --snapshot.
+    bool untrusted = false;
+    bool salvage = false;
+    /// Adds IMAGE, -f, --backing and --untrusted; `data_file` adds --data-file, `snapshot`
+    /// --snapshot.
     void add_to(CLI::App& command, bool data_file = true, bool snapshot = true);
     /// The options without IMAGE (for commands that take several images).
     void add_options(CLI::App& command, bool data_file = true, bool snapshot = true);
@@ -91,6 +95,22 @@ void guard_against_shrinking(std::string_view file, int exit_code = kExitImageEr
 /// Opens the image (guarded by guard_against_shrinking) or prints the error line; returns
 /// nullopt on failure.
 std::optional<Image> open_or_report(const ImageArgs& args);
+
+/// Adds `--untrusted` (confine the references an image names to its directory) to `command`.
+void add_untrusted_option(CLI::App& command, bool& untrusted);
+
+/// `message` as the CLI shows it: a refusal made because of --untrusted names the flag.
+std::string with_flag_names(std::string message);
+
+/// Adds `--salvage` (read a damaged image, damaged ranges as zeros) to `command`.
+void add_salvage_option(CLI::App& command, bool& salvage);
+
+/// Prints what an image opened with --salvage could not read, one line per damaged range
+/// (`qcowmap: IMAGE: salvage: 0x10000 (+0x10000) read as zeros: why`).
+void report_damage(std::string_view file, const Image& image);
+
+/// `code`, or kExitDataLost when it is kExitOk but `image` (opened with --salvage) lost data.
+int salvage_exit(const Image& image, int code);
 
 /// Adds `--io=read|mmap` to a command that streams disk data: "read" (the default) reads data
 /// runs with pread into a cache-sized buffer, "mmap" consumes them from the mapping with no
@@ -149,6 +169,7 @@ Command add_bitmaps(CLI::App& app);
 Command add_hash(CLI::App& app);
 Command add_compare(CLI::App& app);
 Command add_check(CLI::App& app);
+Command add_mount(CLI::App& app);
 
 /// One line describing a bitmap (name, granularity, flags, consistency), for `info`.
 std::string describe_bitmap(const BitmapEntry& entry);
@@ -162,6 +183,7 @@ struct ConvertJob {
     bool progress = false;            ///< -p
     std::uint64_t sparse_size = 4096; ///< -S
     DataAccess io = DataAccess::read; ///< --io
+    std::string bitmap;               ///< --bitmap: only this bitmap's dirty ranges (may be empty)
 };
 
 /// An output format of `convert -O NAME`. Formats register themselves from a static
@@ -172,6 +194,9 @@ struct OutputFormat {
     std::function<void(CLI::App& convert)> add_options;
     /// Writes the job's image in this format; returns the exit code (after reporting errors).
     std::function<int(const ConvertJob& job)> run;
+    /// The options of this format the command line gave ("-c, -B"), so that another -O
+    /// refuses them; empty when none (may be unset).
+    std::function<std::string()> given_options;
 };
 
 /// Registers `format` for `convert -O`; false when its name is taken already.

@@ -56,6 +56,7 @@ Command add_bitmaps(CLI::App& app) {
     command->add_option("IMAGE", args->path, "The qcow2 image file (or block device)")->required();
     output->add_to(*command, "an array of {name, granularity, flags, enabled, in-use, "
                              "consistent, usable, error, dirty-bytes}");
+    add_untrusted_option(*command, args->untrusted);
     return {command, [args, output] {
                 const bool json = output->json();
                 // Bitmaps belong to the image itself: its backing chain is not needed.

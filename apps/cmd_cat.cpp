@@ -73,6 +73,7 @@ Command add_cat(CLI::App& app) {
     command->add_option("--max-length", *max_length, "Write at most this many bytes (suffixes)")
         ->option_text("SIZE");
     command->add_flag("--force", *force, "Write to a terminal too");
+    add_salvage_option(*command, args->salvage);
     return {command, [=] {
                 const std::uint64_t from = size_option("--start-offset", *start);
                 const std::uint64_t length =
@@ -123,7 +124,7 @@ Command add_cat(CLI::App& app) {
                                ? report("<stdout>", result.error().message, kExitOutputError)
                                : report_error(args->path, result.error(), kExitImageError);
                 }
-                return static_cast<int>(kExitOk);
+                return salvage_exit(*image, kExitOk);
             }};
 }
 

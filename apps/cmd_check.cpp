@@ -78,11 +78,15 @@ Command add_check(CLI::App& app) {
                  "counts; exit 0 clean, 2 corruptions, 3 leaks only, 1 could not check)");
     auto path = std::make_shared<std::string>();
     auto output = std::make_shared<OutputOption>();
+    auto untrusted = std::make_shared<bool>(false);
     command->add_option("IMAGE", *path, "The qcow2 image file (or block device)")->required();
     output->add_to(*command, "the counts with qemu-img check --output=json's keys");
+    add_untrusted_option(*command, *untrusted);
     return {command, [=] {
                 guard_against_shrinking(*path);
-                auto result = check_image(std::filesystem::path(*path));
+                CheckOptions options;
+                options.untrusted = *untrusted;
+                auto result = check_image(std::filesystem::path(*path), options);
                 if (!result) {
                     return report_error(*path, result.error(), kCheckFailed);
                 }

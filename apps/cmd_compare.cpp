@@ -24,12 +24,14 @@ struct CompareArgs {
     bool strict = false;
     bool quiet = false;
     bool progress = false;
+    bool untrusted = false;
     std::string io = "read";
 };
 
-std::optional<Image> open_side(const std::string& path, const std::string& format) {
+std::optional<Image> open_side(const std::string& path, const std::string& format, bool untrusted) {
     ImageArgs args;
     args.path = path;
+    args.untrusted = untrusted;
     OpenOptions options = args.open_options();
     if (format.empty()) {
         // qemu-img probes: the qcow magic, else raw. A file that cannot be read is left to
@@ -69,12 +71,13 @@ Command add_compare(CLI::App& app) {
                       "Strict: sizes and allocation status must match too");
     command->add_flag("-q,--quiet", args->quiet, "Print nothing; only the exit code tells");
     add_io_option(*command, args->io);
+    add_untrusted_option(*command, args->untrusted);
     return {
         command, [args] {
-            auto a = open_side(args->first, args->format1);
+            auto a = open_side(args->first, args->format1, args->untrusted);
             if (!a)
                 return kCompareOpenError;
-            auto b = open_side(args->second, args->format2);
+            auto b = open_side(args->second, args->format2, args->untrusted);
             if (!b)
                 return kCompareOpenError;
             // From here on a fault may come from either file: name both.

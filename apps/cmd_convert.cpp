@@ -150,8 +150,9 @@ Command add_convert(CLI::App& app) {
     args->add_to(*command);
     command->add_option("TARGET", *target, "Output file, block device, or - for standard output")
         ->required();
-    command->add_option("-O", *output_format, "Output format: raw (the default)")
+    command->add_option("-O", *output_format, "Output format: raw (the default) or qcow2")
         ->option_text("FMT");
+    add_salvage_option(*command, args->salvage);
     command->add_flag("-p,--progress", *progress, "Show progress on stderr");
     command->add_flag("--force", *force,
                       "Overwrite TARGET if it is an existing file (devices need no --force)");
@@ -167,10 +168,11 @@ Command add_convert(CLI::App& app) {
     auto bitmap = std::make_shared<std::string>();
     command
         ->add_option("--bitmap", *bitmap,
-                     "Incremental sync: apply only the ranges this dirty bitmap marks dirty "
-                     "onto TARGET, an existing raw copy of the same size")
+                     "Incremental: with -O raw apply only the ranges this dirty bitmap marks "
+                     "dirty onto TARGET, an existing raw copy of the same size; with -O qcow2 "
+                     "write only the clusters around them, over -B BACKING")
         ->option_text("NAME");
-    register_output_format({"raw", {}, convert_raw});
+    register_output_format({"raw", {}, convert_raw, {}});
     for (auto& [name, format] : output_formats()) {
         if (format.add_options)
             format.add_options(*command);
@@ -198,18 +200,30 @@ Command add_convert(CLI::App& app) {
                                                  "detection off)",
                                                  printable(*sparse_size)));
                 }
-                if (!bitmap->empty() && (*output_format != "raw" || *target == "-")) {
-                    throw UsageError("--bitmap updates an existing raw copy: it needs -O raw "
-                                     "and a TARGET file or device");
+                // Options of other output formats (-c, -o, -B, -F belong to -O qcow2).
+                for (const auto& [name, other] : output_formats()) {
+                    if (name == *output_format || !other.given_options)
+                        continue;
+                    if (std::string given = other.given_options(); !given.empty()) {
+                        throw UsageError(
+                            fmt::format("{} need{} -O {}", given,
+                                        given.find(' ') == std::string::npos ? "s" : "", name));
+                    }
+                }
+                if (!bitmap->empty() && *output_format == "raw" && *target == "-") {
+                    throw UsageError("--bitmap with -O raw updates an existing raw copy: it "
+                                     "needs a TARGET file or device");
                 }
                 auto image = open_or_report(*args);
                 if (!image)
                     return static_cast<int>(kExitImageError);
-                const ConvertJob job{*image,    *args,  *target,         *force,
-                                     *progress, sparse, data_access(*io)};
-                if (!bitmap->empty())
-                    return convert_incremental(job, *bitmap);
-                return format->second.run(job);
+                const ConvertJob job{*image,    *args,  *target,          *force,
+                                     *progress, sparse, data_access(*io), *bitmap};
+                // --salvage: a conversion that completed but read damaged ranges as zeros says
+                // so with exit status 4.
+                if (!bitmap->empty() && *output_format == "raw")
+                    return salvage_exit(*image, convert_incremental(job, *bitmap));
+                return salvage_exit(*image, format->second.run(job));
             }};
 }
 

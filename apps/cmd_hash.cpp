@@ -3,6 +3,7 @@
 #include "cli.hpp"
 
 #include <qcowmap/hash.hpp>
+#include <qcowmap/salvage.hpp>
 
 #include <fmt/format.h>
 
@@ -106,9 +107,21 @@ Result<Digest> digest_of(const HashArgs& args, const Image& image, HashAlgorithm
     return digest;
 }
 
+/// --salvage --output=json: the damaged ranges of an image, `[{"offset", "length", "reason"}]`.
+std::string json_damage(const Image& image) {
+    std::string out = "[";
+    for (const DamagedRange& r : salvage_report(image).ranges) {
+        out += fmt::format("{}{{\"offset\": {}, \"length\": {}, \"reason\": {}}}",
+                           out.size() > 1 ? ", " : "", r.offset, r.length, json_string(r.reason));
+    }
+    return out + "]";
+}
+
 int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
     Out out;
     int status = kExitOk;
+    bool lost = false;          // --salvage: some image read damaged ranges as zeros
+    std::string damaged = "[]"; // the last image's damaged ranges, for JSON
     const bool json = args.output.json();
     if (json)
         out.text += "[";
@@ -124,6 +137,11 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
             failure = image.error();
         } else {
             size = image->size();
+            if (args.open.salvage) {
+                report_damage(path, *image);
+                lost = lost || salvage_report(*image).data_lost();
+                damaged = json_damage(*image);
+            }
             if (auto d = digest_of(args, *image, algorithm); !d)
                 failure = d.error();
             else
@@ -141,7 +159,9 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
                 out.text += fmt::format("\"error\": {}, \"error-code\": \"{}\"}}",
                                         json_string(failure->message), to_string(failure->code));
             } else {
-                out.text += fmt::format("\"size\": {}, \"digest\": \"{}\"}}", size, digest->hex());
+                out.text +=
+                    fmt::format("\"size\": {}, \"digest\": \"{}\"{}}}", size, digest->hex(),
+                                args.open.salvage ? ", \"damaged\": " + damaged : std::string());
             }
             first = false;
         } else if (digest) {
@@ -155,11 +175,12 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
     if (json)
         out.text += "\n]\n";
     out.flush();
-    return status;
+    return status == kExitOk && lost ? static_cast<int>(kExitDataLost) : status;
 }
 
 int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t block_size) {
     Out out;
+    bool lost = false;
     const bool json = args.output.json();
     if (json)
         out.text += "[";
@@ -172,6 +193,7 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
             out.flush();
             return kExitImageError; // a manifest cut short must not look complete
         }
+        lost = lost || salvage_report(*image).data_lost();
         const std::uint64_t size = image->size();
         const std::uint64_t blocks = size / block_size + (size % block_size != 0);
         if (json) {
@@ -218,7 +240,7 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
     if (json)
         out.text += "\n]\n";
     out.flush();
-    return kExitOk;
+    return lost ? static_cast<int>(kExitDataLost) : static_cast<int>(kExitOk);
 }
 
 /// One line of a digest list: "HEX  NAME", "HEX *NAME" (binary mode: the same here) or the
@@ -438,6 +460,7 @@ Command add_hash(CLI::App& app) {
         ->check(CLI::Range(0u, 1024u))
         ->option_text("N");
     args->open.add_options(*command);
+    add_salvage_option(*command, args->open.salvage);
     return {command, [args, algo] {
                 args->algorithm_given = algo->count() > 0;
                 auto algorithm = parse_hash_algorithm(args->algorithm);

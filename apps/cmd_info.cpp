@@ -3,6 +3,7 @@
 
 #include <qcowmap/describe.hpp>
 #include <qcowmap/format.hpp>
+#include <qcowmap/references.hpp>
 
 #include <fmt/format.h>
 
@@ -87,6 +88,13 @@ void print_human(const std::string& path, const Image& image) {
         fmt::print("data file: {}\n", printable(info.data_file.value_or("")));
         fmt::print("data file found: {}\n",
                    data->found() ? "yes" : "no (" + printable(data->error->message) + ")");
+    }
+    // Whether --untrusted would follow the names the image holds.
+    for (const ImageReference& r : image_references(image)) {
+        fmt::print("untrusted: {} '{}' {}\n", to_string(r.kind), printable(r.name),
+                   r.missing                     ? std::string("is missing")
+                   : r.untrusted_refusal.empty() ? std::string("would be followed")
+                                                 : "would be refused: " + r.untrusted_refusal);
     }
     if (info.version != 1)
         fmt::print("refcount bits: {}\n", info.refcount_bits());

@@ -27,12 +27,14 @@ int usage(const std::string& command, const std::string& message) {
 
 int main(int argc, char** argv) {
     CLI::App app{"qcowmap: read qcow2 disk images through a memory mapping, without copying.\n"
-                 "Exit codes: 0 success, 1 image error, 2 usage error, 3 output error."};
+                 "Exit codes: 0 success, 1 image error, 2 usage error, 3 output error, 4 data lost "
+                 "(--salvage)."};
     app.name("qcowmap");
     app.require_subcommand(1);
     app.set_version_flag("--version", "qcowmap " + std::string(qcowmap::version()));
-    const Command commands[] = {add_info(app),    add_map(app),  add_cat(app),     add_convert(app),
-                                add_bitmaps(app), add_hash(app), add_compare(app), add_check(app)};
+    const Command commands[] = {add_info(app),    add_map(app),     add_cat(app),
+                                add_convert(app), add_bitmaps(app), add_hash(app),
+                                add_compare(app), add_check(app),   add_mount(app)};
     std::string command = named_command(argc, argv);
     bool known = false;
     for (const Command& c : commands)

@@ -7,11 +7,12 @@ packages=(
   g++ meson ninja-build pkg-config
   libboost-iostreams-dev libfmt-dev libcli11-dev zlib1g-dev libzstd-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libssl-dev libxxhash-dev
+  libssl-dev libxxhash-dev libisal-dev
   qemu-utils time xxhash libnbd-bin nbdkit nbdkit-plugin-dev
   clang libclang-rt-14-dev clang-format git
   python3  # tests/test_cli.cpp compares JSON documents with it
   python3-dev pybind11-dev python3-pybind11 python3-pytest
+  fuse3 libfuse3-dev
 )
 
 missing=()

@@ -2,12 +2,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
+#include <stdexcept>
 #include <sys/wait.h>
 
 namespace qcowmap::test {
@@ -148,6 +150,113 @@ void make_luks_image(const std::filesystem::path& path, const std::string& size)
             return;
     }
     ADD_FAILURE() << "qemu-img could not create a LUKS image: " << last.err;
+}
+
+} // namespace qcowmap::test
+
+namespace qcowmap::test {
+
+void poke(const std::filesystem::path& path, std::uint64_t offset, const std::string& bytes) {
+    std::fstream file(path, std::ios::binary | std::ios::in | std::ios::out);
+    if (!file) {
+        throw std::runtime_error("poke: cannot open " + path.string());
+    }
+    file.seekp(static_cast<std::streamoff>(offset));
+    file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!file) {
+        throw std::runtime_error("poke: cannot write " + path.string());
+    }
+}
+
+void poke_be(const std::filesystem::path& path, std::uint64_t offset, std::uint64_t value,
+             unsigned width) {
+    std::string bytes(width, '\0');
+    for (unsigned i = 0; i < width; ++i) {
+        bytes[i] = static_cast<char>(value >> (8 * (width - 1 - i)));
+    }
+    poke(path, offset, bytes);
+}
+
+std::uint64_t peek_be(const std::filesystem::path& path, std::uint64_t offset, unsigned width) {
+    std::ifstream file(path, std::ios::binary);
+    file.seekg(static_cast<std::streamoff>(offset));
+    std::string bytes(width, '\0');
+    file.read(bytes.data(), width);
+    if (!file) {
+        throw std::runtime_error("peek: cannot read " + path.string());
+    }
+    std::uint64_t value = 0;
+    for (char c : bytes) {
+        value = value << 8 | static_cast<unsigned char>(c);
+    }
+    return value;
+}
+
+void set_header_extension(const std::filesystem::path& path, std::uint32_t type,
+                          const std::optional<std::string>& data) {
+    std::vector<std::byte> file = read_file(path);
+    auto be = [&](std::size_t at, unsigned width) {
+        std::uint64_t v = 0;
+        for (unsigned i = 0; i < width; ++i)
+            v = v << 8 | std::to_integer<std::uint64_t>(file.at(at + i));
+        return v;
+    };
+    const std::uint64_t cluster_size = std::uint64_t{1} << be(20, 4);
+    const std::uint64_t header_length = be(4, 4) >= 3 ? be(100, 4) : 72;
+    const std::uint64_t backing_offset = be(8, 8);
+    const std::uint64_t backing_size = be(16, 4);
+    std::string backing_name;
+    if (backing_offset != 0) {
+        backing_name.assign(reinterpret_cast<const char*>(file.data()) + backing_offset,
+                            backing_size);
+    }
+    // The extensions as they are, then the change.
+    std::vector<std::pair<std::uint32_t, std::string>> extensions;
+    for (std::uint64_t at = header_length; at + 8 <= cluster_size;) {
+        const auto t = static_cast<std::uint32_t>(be(at, 4));
+        const std::uint64_t length = be(at + 4, 4);
+        if (t == 0)
+            break;
+        extensions.emplace_back(
+            t, std::string(reinterpret_cast<const char*>(file.data()) + at + 8, length));
+        at += 8 + ((length + 7) & ~std::uint64_t{7});
+    }
+    auto found = std::find_if(extensions.begin(), extensions.end(),
+                              [&](const auto& e) { return e.first == type; });
+    if (!data) {
+        if (found != extensions.end())
+            extensions.erase(found);
+    } else if (found != extensions.end()) {
+        found->second = *data;
+    } else {
+        extensions.emplace_back(type, *data);
+    }
+    std::string area;
+    auto put = [&](std::uint64_t value, unsigned width) {
+        for (unsigned i = 0; i < width; ++i)
+            area += static_cast<char>(value >> (8 * (width - 1 - i)));
+    };
+    for (const auto& [t, bytes] : extensions) {
+        put(t, 4);
+        put(bytes.size(), 4);
+        area += bytes;
+        area.append((8 - bytes.size() % 8) % 8, '\0');
+    }
+    put(0, 8); // end of the extensions
+    const std::uint64_t new_backing_offset = header_length + area.size();
+    area += backing_name;
+    if (header_length + area.size() > cluster_size) {
+        throw std::runtime_error("set_header_extension: the extensions do not fit");
+    }
+    std::fill(file.begin() + static_cast<std::ptrdiff_t>(header_length),
+              file.begin() +
+                  static_cast<std::ptrdiff_t>(std::min<std::uint64_t>(cluster_size, file.size())),
+              std::byte{0});
+    std::memcpy(file.data() + header_length, area.data(), area.size());
+    write_file(path, file);
+    if (backing_offset != 0) {
+        poke_be(path, 8, new_backing_offset, 8);
+    }
 }
 
 } // namespace qcowmap::test

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -90,5 +91,23 @@ template <typename Range> class Stepper {
     typename Range::iterator cursor_;
     bool started_ = false;
 };
+
+} // namespace qcowmap::test
+
+namespace qcowmap::test {
+
+/// Overwrites bytes of a file in place (qemu-iotests' poke_file).
+void poke(const std::filesystem::path& path, std::uint64_t offset, const std::string& bytes);
+/// Writes `value` big-endian in `width` bytes at `offset` (qemu-iotests' poke_file_be).
+void poke_be(const std::filesystem::path& path, std::uint64_t offset, std::uint64_t value,
+             unsigned width);
+/// Reads a big-endian value of `width` bytes at `offset` (qemu-iotests' peek_file_be).
+std::uint64_t peek_be(const std::filesystem::path& path, std::uint64_t offset, unsigned width);
+
+/// Replaces, adds (data given, type absent) or removes (nullopt) the header extension `type`
+/// of a qcow2 image, rewriting the extension area and moving the backing file name after it,
+/// as qemu-iotests' qcow2.py add-header-ext / del-header-ext do.
+void set_header_extension(const std::filesystem::path& path, std::uint32_t type,
+                          const std::optional<std::string>& data);
 
 } // namespace qcowmap::test

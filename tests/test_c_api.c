@@ -245,7 +245,7 @@ static void test_backing_chain_by_fd(void) {
     qcow2_close(q);
 
     /* qcowmap_open with no_backing: only the overlay's own cluster. */
-    struct qcowmap_open_options options = {NULL, 1};
+    struct qcowmap_open_options options = {NULL, 1, 0};
     q = qcowmap_open(overlay, &options, NULL);
     CHECK(q != NULL);
     unsigned char buffer[2];
@@ -274,7 +274,7 @@ static void test_snapshot(void) {
     sh("qemu-io -f qcow2 -c 'write -P 0x55 0 64k' '%s' >/dev/null", image);
     size_t raw_size;
     unsigned char* raw = qemu_raw(image, "-l snapshot.name=before", &raw_size);
-    struct qcowmap_open_options options = {"before", 0};
+    struct qcowmap_open_options options = {"before", 0, 0};
     const char* error = "unchanged";
     struct qcow2* q = qcowmap_open(image, &options, &error);
     CHECK(q != NULL && strcmp(error, "unchanged") == 0);

@@ -286,5 +286,28 @@ TEST_F(Nbdkit, StartupErrorsFromParameters) {
     EXPECT_NE(r.err.find("file=IMAGE.qcow2"), std::string::npos) << r.err;
 }
 
+TEST_F(Nbdkit, UntrustedRefusesEscapingReferencesAndServesInsideOnes) {
+    // Issue 15: with untrusted=true a backing file name that leaves the image's directory is
+    // refused at start; one inside it is served as qemu reads it.
+    const fs::path base = dir_ / "base.raw";
+    test::write_file(base, std::vector<std::byte>(1 << 20, std::byte{0x5e}));
+    const fs::path inside = dir_ / "inside.qcow2";
+    run_ok("qemu-img create -q -f qcow2 -u -b base.raw -F raw " + q(inside) + " 1M");
+    expect_copy_equal("file=" + q(inside) + " untrusted=true", test::qemu_raw(inside, dir_),
+                      "inside");
+    if (!preload().empty()) {
+        GTEST_SKIP() << "nbdkit hangs at exit after a failed get_ready under LD_PRELOAD=libasan";
+    }
+    const fs::path outside = dir_ / "outside.qcow2";
+    run_ok("qemu-img create -q -f qcow2 -u -b /etc/hostname -F raw " + q(outside) + " 1M");
+    auto r = nbdkit("file=" + q(outside) + " untrusted=true", "true");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("backing file '/etc/hostname' is an absolute path (untrusted)"),
+              std::string::npos)
+        << r.err;
+    r = nbdkit("file=" + q(outside) + " untrusted=maybe", "true");
+    EXPECT_NE(r.exit_code, 0);
+}
+
 } // namespace
 } // namespace qcowmap

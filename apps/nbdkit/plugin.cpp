@@ -1,6 +1,7 @@
 // nbdkit-qcowmap-plugin: serves a qcow2 image's virtual disk read-only over NBD.
 //
 //   nbdkit qcowmap file=IMAGE.qcow2 [snapshot=ID_OR_NAME] [backing=none] [data-file=PATH]
+//          [untrusted=true]
 //
 // (installed into nbdkit's plugin directory, so nbdkit finds it by name).
 //
@@ -86,6 +87,12 @@ int serve_config(const char* key, const char* value) {
             nbdkit_error("backing=%s: expected 'none' or 'follow'", value);
             return -1;
         }
+    } else if (std::strcmp(key, "untrusted") == 0) {
+        const int flag = nbdkit_parse_bool(value);
+        if (flag < 0) {
+            return -1; // nbdkit_parse_bool reported it
+        }
+        options.untrusted = flag != 0;
     } else {
         nbdkit_error("unknown parameter '%s'", key);
         return -1;
@@ -224,7 +231,9 @@ struct nbdkit_plugin make_plugin() {
     p.config_help = "file=IMAGE.qcow2    (required) the image to serve\n"
                     "snapshot=ID|NAME    serve this internal snapshot\n"
                     "data-file=PATH      the external data file to use instead of the named one\n"
-                    "backing=none        ignore the backing file (unallocated reads as zeros)";
+                    "backing=none        ignore the backing file (unallocated reads as zeros)\n"
+                    "untrusted=true      follow backing/data file names only inside the image's "
+                    "directory";
     p.magic_config_key = "file";
     p.get_ready = serve_get_ready;
     p.open = serve_open;

@@ -13,11 +13,6 @@ namespace {
 
 using detail::Bytes;
 
-// Bitmap table entry fields (spec "Bitmap table"; qemu's BME_TABLE_ENTRY_*).
-constexpr std::uint64_t kTableOffsetMask = 0x00fffffffffffe00ULL;   // bits 9-55
-constexpr std::uint64_t kTableReservedMask = 0xff000000000001feULL; // bits 1-8, 56-63
-constexpr std::uint64_t kTableAllOnes = 1ULL << 0;
-
 /// Eight bytes of bitmap data as one word whose bit i is granule i of the eight bytes: bit 0 of
 /// byte 0 covers the first granule (spec "Bitmap data", bit_offset), i.e. little-endian.
 std::uint64_t load_le64(const std::byte* p) {
@@ -53,11 +48,11 @@ detail::BitmapRangeWalk::BitmapRangeWalk(Image image, std::span<const std::byte>
 }
 
 bool detail::BitmapRangeWalk::bit(std::uint64_t granule) const {
-    const std::uint64_t entry =
-        detail::load_be64(table_.data() + (granule >> cluster_granule_bits_) * 8);
-    const std::uint64_t offset = entry & kTableOffsetMask;
+    const detail::BitmapTableEntry entry =
+        detail::decode_bitmap_table_entry(table_.data() + (granule >> cluster_granule_bits_) * 8);
+    const std::uint64_t offset = entry.data_offset();
     if (offset == 0) {
-        return (entry & kTableAllOnes) != 0;
+        return entry.all_ones();
     }
     const std::uint64_t in_cluster = granule & ((std::uint64_t{1} << cluster_granule_bits_) - 1);
     return (std::to_integer<unsigned>(file_[offset + in_cluster / 8]) >> (in_cluster % 8)) & 1;
@@ -73,10 +68,11 @@ std::uint64_t detail::BitmapRangeWalk::find_change(std::uint64_t granule, bool v
         const std::uint64_t index = granule >> cluster_granule_bits_;
         const std::uint64_t cluster_end =
             std::min((index + 1) << cluster_granule_bits_, granule_end_);
-        const std::uint64_t entry = detail::load_be64(table_.data() + index * 8);
-        const std::uint64_t offset = entry & kTableOffsetMask;
+        const detail::BitmapTableEntry entry =
+            detail::decode_bitmap_table_entry(table_.data() + index * 8);
+        const std::uint64_t offset = entry.data_offset();
         if (offset == 0) {
-            if (((entry & kTableAllOnes) != 0) != value) {
+            if (entry.all_ones() != value) {
                 return granule;
             }
             granule = cluster_end;
@@ -198,19 +194,21 @@ Result<DirtyBitmap> DirtyBitmap::open(const Image& image, std::string_view name)
         return std::move(table).error();
     }
     for (std::uint32_t i = 0; i < entry->table_size; ++i) {
-        const std::uint64_t e = detail::load_be64(table->data() + std::size_t{i} * 8);
-        const std::uint64_t offset = e & kTableOffsetMask;
+        const detail::BitmapTableEntry e =
+            detail::decode_bitmap_table_entry(table->data() + std::size_t{i} * 8);
+        const std::uint64_t offset = e.data_offset();
         auto bad = [&](std::string_view why) {
-            return Error{ErrorCode::invalid_table,
-                         fmt::format("bitmap '{}' table entry {} ({:#018x}) {}", shown, i, e, why)};
+            return Error{
+                ErrorCode::invalid_table,
+                fmt::format("bitmap '{}' table entry {} ({:#018x}) {}", shown, i, e.raw, why)};
         };
-        if (e & kTableReservedMask) {
-            return bad(fmt::format("has reserved bits set ({:#x})", e & kTableReservedMask));
+        if (e.reserved_bits()) {
+            return bad(fmt::format("has reserved bits set ({:#x})", e.reserved_bits()));
         }
         if (offset == 0) {
             continue;
         }
-        if (e & kTableAllOnes) {
+        if (e.all_ones()) {
             return bad("has both a cluster offset and the all-ones bit");
         }
         if (offset & (state.cluster_size - 1)) {
@@ -255,10 +253,10 @@ std::uint64_t DirtyBitmap::dirty_bytes() const {
         }
         const std::uint64_t count =
             std::min(granules - first, std::uint64_t{1} << cluster_granule_bits);
-        const std::uint64_t e = detail::load_be64(table_.data() + i * 8);
-        const std::uint64_t offset = e & kTableOffsetMask;
+        const detail::BitmapTableEntry e = detail::decode_bitmap_table_entry(table_.data() + i * 8);
+        const std::uint64_t offset = e.data_offset();
         if (offset == 0) {
-            if (e & kTableAllOnes) {
+            if (e.all_ones()) {
                 dirty += count;
                 last_dirty = first + count == granules;
             }

@@ -178,6 +178,9 @@ struct qcow2* qcowmap_open(const char* path, const struct qcowmap_open_options* 
         if (options && options->no_backing) {
             open_options.backing = qcowmap::BackingMode::none;
         }
+        if (options && options->untrusted) {
+            open_options.untrusted = true;
+        }
         auto image = qcowmap::Image::open(path, open_options);
         if (!image) {
             const char* message = fail(image.error());

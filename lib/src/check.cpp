@@ -22,26 +22,15 @@ using detail::load_be16;
 using detail::load_be32;
 using detail::load_be64;
 
-// Refcount table entries (spec "Host cluster management"): bits 9-63 offset, 0-8 reserved.
-constexpr std::uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ULL;
-constexpr std::uint64_t kRefcountTableReservedMask = 0x1ffULL;
-constexpr std::uint64_t kMaxL1Entries = (32ULL << 20) / 8; // QCOW_MAX_L1_SIZE / L1E_SIZE
-// Bitmap table entries (spec "Bitmaps"): bits 9-55 offset, bit 0 "all ones", rest reserved.
-constexpr std::uint64_t kBitmapTableOffsetMask = 0x00fffffffffffe00ULL;
-constexpr std::uint64_t kBitmapTableReservedMask = 0xff000000000001feULL;
-constexpr std::uint64_t kBitmapTableAllOnes = 1;
+using detail::ClusterType;
+constexpr std::uint64_t kMaxL1Entries = (32ULL << 20) / 8;  // QCOW_MAX_L1_SIZE / L1E_SIZE
 constexpr std::uint64_t kMaxBitmapTableEntries = 0x8000000; // BME_MAX_TABLE_SIZE
-constexpr std::uint32_t kExtEncryption = 0x0537be77;
-// Extended L2 bitmap: low 32 bits "allocated", high 32 bits "reads as zero" (spec).
-constexpr std::uint64_t kSubclusterAllocMask = 0xffffffffULL;
 // References past the end of the file are kept in a sparse map; more distinct clusters than
 // this and the check gives up on them (an error), so memory stays bounded.
 constexpr std::size_t kMaxClustersPastEnd = std::size_t{1} << 20;
 // Table entries a check may visit beyond the (snapshots + 1) x (file size / 8) of a real image:
 // room for L2 tables that end the file short of a full cluster.
 constexpr std::uint64_t kVisitBudgetSlack = std::uint64_t{1} << 24;
-
-enum class ClusterType { unallocated, zero_plain, zero_alloc, normal, compressed };
 
 class Checker {
   public:
@@ -145,6 +134,10 @@ class Checker {
             if (*count == cap_) {
                 if (cap_ == refcount_max_) {
                     corruption("ERROR: overflow cluster offset={:#x}", k << s_.cluster_bits);
+                    // qemu prints this advice after every overflow (qcow2_inc_refcounts_imrt).
+                    finding("Use qemu-img amend to increase the refcount entry width or qemu-img "
+                            "convert to create a clean copy if the image cannot be opened for "
+                            "writing");
                 }
                 continue;
             }
@@ -197,51 +190,16 @@ class Checker {
         const std::uint64_t table_index = cluster >> refblock_bits_;
         if (table_index >= refcount_table_entries_)
             return 0;
-        const std::uint64_t block =
-            entry_at(info_.refcount_table_offset + table_index * 8) & kRefcountTableOffsetMask;
+        const std::uint64_t block = entry_at(info_.refcount_table_offset + table_index * 8) &
+                                    detail::kRefcountTableOffsetMask;
         if (block == 0)
             return 0;
         if (block & (s_.cluster_size - 1))
             return std::nullopt;
         if (!fits(s_.bytes.size(), block, s_.cluster_size))
             return 0;
-        const std::byte* p = s_.bytes.data() + block;
         const std::uint64_t index = cluster & ((std::uint64_t{1} << refblock_bits_) - 1);
-        switch (info_.refcount_order) {
-        case 0:
-        case 1:
-        case 2: {
-            // Sub-byte widths: entry 0 is in the least significant bits of byte 0 (spec).
-            const unsigned width = 1u << info_.refcount_order;
-            const std::uint64_t bit = index * width;
-            const unsigned byte = std::to_integer<unsigned>(p[bit / 8]);
-            return std::uint64_t{(byte >> (bit % 8)) & ((1u << width) - 1)};
-        }
-        case 3:
-            return std::uint64_t{std::to_integer<unsigned>(p[index])};
-        case 4:
-            return std::uint64_t{load_be16(p + index * 2)};
-        case 5:
-            return std::uint64_t{load_be32(p + index * 4)};
-        default:
-            return load_be64(p + index * 8);
-        }
-    }
-
-    ClusterType type_of(std::uint64_t entry) const {
-        using namespace detail;
-        if (entry & kL2CompressedFlag)
-            return ClusterType::compressed;
-        const std::uint64_t offset = entry & kL2OffsetMask;
-        if ((entry & kL2ZeroFlag) && !info_.extended_l2) {
-            return offset ? ClusterType::zero_alloc : ClusterType::zero_plain;
-        }
-        if (!offset) {
-            // With an external data file, offset 0 is a valid data cluster (raw data file).
-            return s_.has_data_file() && (entry & kL2CopiedFlag) ? ClusterType::normal
-                                                                 : ClusterType::unallocated;
-        }
-        return ClusterType::normal;
+        return detail::refcount_entry(s_.bytes.data() + block, index, info_.refcount_order);
     }
 
     /// check_refcounts_l1: the L1 table, its L2 tables and every cluster they reference.
@@ -255,11 +213,11 @@ class Checker {
         for (std::uint64_t i = 0; i < l1_size; ++i) {
             if (!fits(s_.bytes.size(), l1_offset, (i + 1) * 8))
                 break; // zeros past the end
-            const std::uint64_t entry = entry_at(l1_offset + i * 8);
-            if (entry & kL1ReservedMask) {
-                corruption("ERROR found L1 entry with reserved bits set: {:x}", entry);
+            const L1Entry entry{entry_at(l1_offset + i * 8)};
+            if (entry.reserved_bits()) {
+                corruption("ERROR found L1 entry with reserved bits set: {:x}", entry.raw);
             }
-            const std::uint64_t l2_offset = entry & kL1OffsetMask;
+            const std::uint64_t l2_offset = entry.l2_offset();
             if (!l2_offset)
                 continue;
             inc(l2_offset, s_.cluster_size, "L2 table");
@@ -283,18 +241,21 @@ class Checker {
             if (!fits(s_.bytes.size(), l2_offset, (i + 1) * s_.l2_entry_bytes))
                 break;
             const std::uint64_t at = l2_offset + i * s_.l2_entry_bytes;
-            std::uint64_t entry = entry_at(at);
-            const std::uint64_t bitmap = info_.extended_l2 ? entry_at(at + 8) : 0;
-            const ClusterType type = type_of(entry);
-            if (type != ClusterType::compressed && (entry & kL2StandardReservedMask)) {
+            // Entries past the end of the file read as zeros (qemu's block layer).
+            const L2Entry l2{entry_at(at), info_.extended_l2 ? entry_at(at + 8) : 0};
+            std::uint64_t entry = l2.raw;
+            const std::uint64_t bitmap = l2.bitmap;
+            const ClusterType type = cluster_type(l2, info_.extended_l2, s_.has_data_file());
+            if (type != ClusterType::compressed && l2.reserved_bits()) {
                 corruption("ERROR found l2 entry with reserved bits set: {:x}", entry);
             }
             switch (type) {
             case ClusterType::compressed: {
-                if (entry & kL2CopiedFlag) {
+                const CompressedDescriptor d = decode_compressed(entry, s_.compressed_layout);
+                if (l2.copied()) {
                     corruption("ERROR: coffset={:#x}: copied flag must never be set for "
                                "compressed clusters",
-                               entry & s_.coffset_mask);
+                               d.host_offset);
                     entry &= ~kL2CopiedFlag;
                 }
                 if (s_.has_data_file()) {
@@ -309,10 +270,7 @@ class Checker {
                 }
                 // qcow2_parse_compressed_l2_entry: the stream's sectors, counted from the
                 // first byte (spec "Compressed Clusters Descriptor").
-                const std::uint64_t coffset = entry & s_.coffset_mask;
-                const std::uint64_t sectors = ((entry >> s_.csize_shift) & s_.csize_mask) + 1;
-                inc(coffset, sectors * kCompressedSectorSize - (coffset & 511),
-                    "compressed cluster");
+                inc(d.host_offset, d.size, "compressed cluster");
                 if (active) {
                     ++r_.allocated_clusters;
                     ++r_.compressed_clusters;
@@ -322,16 +280,15 @@ class Checker {
             }
             case ClusterType::zero_alloc:
             case ClusterType::normal: {
-                const std::uint64_t offset = entry & kL2OffsetMask;
-                if ((bitmap >> 32) & bitmap) {
+                const std::uint64_t offset = l2.host_offset();
+                if (l2.zero_subclusters() & l2.allocated_subclusters()) {
                     corruption("ERROR offset={:x}: Allocated cluster has corrupted subcluster "
                                "allocation bitmap",
                                offset);
                 }
                 if (offset & (s_.cluster_size - 1)) {
-                    const bool contains_data = info_.extended_l2
-                                                   ? (bitmap & kSubclusterAllocMask) != 0
-                                                   : !(entry & kL2ZeroFlag);
+                    const bool contains_data = info_.extended_l2 ? l2.allocated_subclusters() != 0
+                                                                 : type == ClusterType::normal;
                     if (contains_data) {
                         corruption("ERROR offset={:x}: Data cluster is not properly aligned; "
                                    "L2 entry corrupted.",
@@ -358,7 +315,7 @@ class Checker {
             case ClusterType::zero_plain:
                 break;
             case ClusterType::unallocated:
-                if (bitmap & kSubclusterAllocMask) {
+                if (l2.allocated_subclusters()) {
                     corruption("ERROR: Unallocated cluster has non-zero subcluster allocation "
                                "map");
                 }
@@ -377,9 +334,7 @@ class Checker {
                  sn.name.size();
             if (info_.version >= 3 && sn.extra_data_size < 16) {
                 // v3 requires vm_state_size_large and disk_size (qcow2_check_fix_snapshot_table).
-                corruption("ERROR: Snapshot table entry {} has only {} bytes of extra data "
-                           "(version 3 needs 16)",
-                           index, sn.extra_data_size);
+                corruption("ERROR snapshot table entry {} is incomplete", index);
             }
             ++index;
             if (sn.l1_table_offset & (s_.cluster_size - 1)) {
@@ -404,21 +359,17 @@ class Checker {
 
     /// The LUKS header area named by the full disk encryption header pointer extension.
     void check_encryption_header() {
-        for (const HeaderExtension& ext : info_.extensions) {
-            if (ext.type != kExtEncryption || ext.length != 16)
-                continue;
-            const std::uint64_t offset = load_be64(s_.bytes.data() + ext.file_offset);
-            const std::uint64_t length = load_be64(s_.bytes.data() + ext.file_offset + 8);
-            if (length == 0)
-                continue;
-            if (!fits(s_.bytes.size(), offset, length)) {
-                corruption("ERROR encryption header at {:#x} (+{:#x}) lies beyond the end of "
-                           "the file ({:#x})",
-                           offset, length, s_.bytes.size());
-                continue;
-            }
-            inc(offset, length, "encryption header");
+        if (!info_.encryption_header_offset || s_.encryption_header_length == 0)
+            return;
+        const std::uint64_t offset = *info_.encryption_header_offset;
+        const std::uint64_t length = s_.encryption_header_length;
+        if (!fits(s_.bytes.size(), offset, length)) {
+            corruption("ERROR encryption header at {:#x} (+{:#x}) lies beyond the end of "
+                       "the file ({:#x})",
+                       offset, length, s_.bytes.size());
+            return;
         }
+        inc(offset, length, "encryption header");
     }
 
     /// qcow2_check_bitmaps_refcounts: the directory, each bitmap table and its data clusters.
@@ -429,39 +380,28 @@ class Checker {
             return;
         const BitmapsExtension& ext = *info_.bitmaps;
         inc(ext.directory_offset, ext.directory_size, "bitmap directory");
-        auto directory =
-            detail::slice(s_.bytes, ext.directory_offset, ext.directory_size, "bitmap directory");
-        if (!directory) {
-            corruption("ERROR bitmap directory: {}", directory.error().message);
-            return;
-        }
-        std::uint64_t at = 0;
-        for (std::uint32_t i = 0; i < ext.count; ++i) {
-            if (!fits(directory->size(), at, 24)) {
-                corruption("ERROR bitmap directory entry {} runs past the directory", i);
-                return;
-            }
-            const Bytes entry = directory->subspan(at, 24);
-            const std::uint64_t table_offset = load_be64(entry, 0);
-            const std::uint32_t table_entries = load_be32(entry, 8);
-            const std::uint16_t name_size = load_be16(entry, 18);
-            const std::uint32_t extra_size = load_be32(entry, 20);
-            at = (at + 24 + std::uint64_t{extra_size} + name_size + 7) & ~std::uint64_t{7};
-            const std::uint64_t table_bytes = std::uint64_t{table_entries} * 8;
-            if (table_entries > kMaxBitmapTableEntries || (table_offset & (s_.cluster_size - 1)) ||
-                !fits(s_.bytes.size(), table_offset, table_bytes)) {
+        // The directory was parsed and validated at open (header.cpp): every entry is
+        // complete, its table aligned and within qemu's size limit; only the table's place
+        // in the file and its entries are left to check.
+        for (std::size_t i = 0; i < ext.entries.size(); ++i) {
+            const BitmapEntry& bitmap = ext.entries[i];
+            const std::uint64_t table_bytes = std::uint64_t{bitmap.table_size} * 8;
+            if (bitmap.table_size > kMaxBitmapTableEntries ||
+                (bitmap.table_offset & (s_.cluster_size - 1)) ||
+                !fits(s_.bytes.size(), bitmap.table_offset, table_bytes)) {
                 corruption("ERROR bitmap {}: bitmap table at {:#x} of {} entries is unaligned, "
                            "too large or beyond the end of the file ({:#x})",
-                           i, table_offset, table_entries, s_.bytes.size());
+                           i, bitmap.table_offset, bitmap.table_size, s_.bytes.size());
                 continue;
             }
-            inc(table_offset, table_bytes, "bitmap table");
-            for (std::uint64_t j = 0; j < table_entries; ++j) {
-                const std::uint64_t e = load_be64(s_.bytes.data() + table_offset + j * 8);
-                const std::uint64_t offset = e & kBitmapTableOffsetMask;
-                if ((e & kBitmapTableReservedMask) ||
-                    (offset && ((e & kBitmapTableAllOnes) || (offset & (s_.cluster_size - 1))))) {
-                    corruption("ERROR bitmap {} table entry {}: invalid entry {:#x}", i, j, e);
+            inc(bitmap.table_offset, table_bytes, "bitmap table");
+            for (std::uint64_t j = 0; j < bitmap.table_size; ++j) {
+                const detail::BitmapTableEntry e = detail::decode_bitmap_table_entry(
+                    s_.bytes.data() + bitmap.table_offset + j * 8);
+                const std::uint64_t offset = e.data_offset();
+                if (e.reserved_bits() ||
+                    (offset && (e.all_ones() || (offset & (s_.cluster_size - 1))))) {
+                    corruption("ERROR bitmap {} table entry {}: invalid entry {:#x}", i, j, e.raw);
                     continue;
                 }
                 if (offset)
@@ -480,9 +420,9 @@ class Checker {
     void check_refblocks() {
         for (std::uint64_t i = 0; i < refcount_table_entries_; ++i) {
             const std::uint64_t raw = entry_at(info_.refcount_table_offset + i * 8);
-            const std::uint64_t offset = raw & kRefcountTableOffsetMask;
+            const std::uint64_t offset = raw & detail::kRefcountTableOffsetMask;
             const std::uint64_t cluster = offset >> s_.cluster_bits;
-            if (raw & kRefcountTableReservedMask) {
+            if (raw & detail::kRefcountTableReservedMask) {
                 corruption("ERROR refcount table entry {} has reserved bits set", i);
                 continue;
             }
@@ -543,8 +483,8 @@ class Checker {
             const std::uint64_t per_block = std::uint64_t{1} << refblock_bits_;
             for (std::uint64_t t = file_clusters_ >> refblock_bits_;
                  t < refcount_table_entries_ && (t << refblock_bits_) < end; ++t) {
-                const std::uint64_t block =
-                    entry_at(info_.refcount_table_offset + t * 8) & kRefcountTableOffsetMask;
+                const std::uint64_t block = entry_at(info_.refcount_table_offset + t * 8) &
+                                            detail::kRefcountTableOffsetMask;
                 if (!block || (block & (s_.cluster_size - 1)) ||
                     !fits(s_.bytes.size(), block, s_.cluster_size)) {
                     continue;
@@ -567,35 +507,36 @@ class Checker {
         using namespace detail;
         const Bytes l1 = s_.l1_table;
         for (std::size_t i = 0; i + 8 <= l1.size(); i += 8) {
-            const std::uint64_t l1_entry = load_be64(l1, i);
-            const std::uint64_t l2_offset = l1_entry & kL1OffsetMask;
+            const detail::L1Entry l1_entry = detail::decode_l1(l1.data() + i);
+            const std::uint64_t l2_offset = l1_entry.l2_offset();
             if (!l2_offset)
                 continue;
             auto refcount = stored(l2_offset >> s_.cluster_bits);
             if (!refcount)
                 continue;
-            if ((*refcount == 1) != ((l1_entry & kL2CopiedFlag) != 0)) {
+            if ((*refcount == 1) != l1_entry.copied()) {
                 corruption("ERROR OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} "
                            "refcount={}",
-                           i / 8, l1_entry, *refcount);
+                           i / 8, l1_entry.raw, *refcount);
             }
             const std::uint64_t entries = s_.cluster_size / s_.l2_entry_bytes;
             for (std::uint64_t j = 0; j < entries; ++j) {
                 if (!fits(s_.bytes.size(), l2_offset, (j + 1) * s_.l2_entry_bytes))
                     break;
-                const std::uint64_t entry = entry_at(l2_offset + j * s_.l2_entry_bytes);
-                const ClusterType type = type_of(entry);
+                const detail::L2Entry entry{entry_at(l2_offset + j * s_.l2_entry_bytes), 0};
+                const ClusterType type =
+                    detail::cluster_type(entry, info_.extended_l2, s_.has_data_file());
                 if (type != ClusterType::normal && type != ClusterType::zero_alloc)
                     continue;
                 std::optional<std::uint64_t> data_refcount = std::uint64_t{1};
                 if (!s_.has_data_file()) {
-                    data_refcount = stored((entry & kL2OffsetMask) >> s_.cluster_bits);
+                    data_refcount = stored(entry.host_offset() >> s_.cluster_bits);
                     if (!data_refcount)
                         continue;
                 }
-                if ((*data_refcount == 1) != ((entry & kL2CopiedFlag) != 0)) {
-                    corruption("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={}", entry,
-                               *data_refcount);
+                if ((*data_refcount == 1) != entry.copied()) {
+                    corruption("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
+                               entry.raw, *data_refcount);
                 }
             }
         }
@@ -620,16 +561,10 @@ class Checker {
 
 } // namespace
 
-Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions& options) {
-    detail::ImageState state;
-    state.bytes = bytes;
-    state.data_bytes = bytes;
-    // Only metadata is read: encrypted images can be checked like any other (qemu too checks
-    // them without the key).
-    state.allow_encrypted = true;
-    if (auto ok = detail::parse_image(state); !ok) {
-        return std::move(ok).error();
-    }
+namespace {
+
+/// Checks the top layer of a chain opened the way qemu-img check opens it (BDRV_O_CHECK).
+Result<CheckResult> check_state(const detail::ImageState& state, const CheckOptions& options) {
     if (state.info.version < 2) {
         return Error{ErrorCode::unsupported_feature,
                      "qcow version 1 images keep no reference counts; there is nothing to check"};
@@ -639,12 +574,41 @@ Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOpt
     return result;
 }
 
-Result<CheckResult> check_image(const std::filesystem::path& path, const CheckOptions& options) {
-    auto file = detail::MappedFile::open(path);
-    if (!file) {
-        return std::move(file).error();
+/// qemu-img check's open: only metadata is read, so encrypted images are checked like any
+/// other (qemu too checks them without the key); an image without a refcount table opens and
+/// its missing tables read as zeros (qcow2_do_open with BDRV_O_CHECK).
+detail::OpenMode check_mode() {
+    detail::OpenMode mode;
+    mode.parse.check = true;
+    return mode;
+}
+
+} // namespace
+
+Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions& options) {
+    // In memory there is no backing chain or data file to open; neither is needed to count
+    // the image's own references.
+    OpenOptions open;
+    open.backing = BackingMode::none;
+    detail::OpenMode mode = check_mode();
+    mode.open_data_file = false;
+    auto state = detail::open_chain(bytes, open, mode);
+    if (!state) {
+        return std::move(state).error();
     }
-    return check_image(file->bytes(), options);
+    return check_state(**state, options);
+}
+
+Result<CheckResult> check_image(const std::filesystem::path& path, const CheckOptions& options) {
+    // Opened as Image::open opens it, as qemu-img check does: a backing file or external data
+    // file that cannot be opened means the image cannot be checked (exit 1 in qemu-img).
+    OpenOptions open;
+    open.untrusted = options.untrusted;
+    auto state = detail::open_chain(path, open, check_mode());
+    if (!state) {
+        return std::move(state).error();
+    }
+    return check_state(**state, options);
 }
 
 } // namespace qcowmap

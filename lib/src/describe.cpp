@@ -4,6 +4,7 @@
 
 #include <qcowmap/describe.hpp>
 #include <qcowmap/format.hpp>
+#include <qcowmap/references.hpp>
 
 #include <fmt/format.h>
 
@@ -172,6 +173,25 @@ std::string raw_object(const detail::ImageState& layer) {
         json_string(layer.path.string()), layer.disk_size, disk_usage(layer));
 }
 
+/// The files the image names and whether OpenOptions::untrusted would follow each.
+std::string json_references(const std::vector<ImageReference>& references) {
+    if (references.empty())
+        return "[]";
+    std::string out = "[";
+    for (std::size_t i = 0; i < references.size(); ++i) {
+        const ImageReference& r = references[i];
+        out +=
+            fmt::format("{}\n        {{ \"kind\": \"{}\", \"name\": {}, \"untrusted-allowed\": "
+                        "{}, \"untrusted-refusal\": {}, \"missing\": {} }}",
+                        i ? "," : "",
+                        r.kind == ImageReference::Kind::backing_file ? "backing-file" : "data-file",
+                        json_string(r.name), json_bool(r.untrusted_refusal.empty()),
+                        r.untrusted_refusal.empty() ? "null" : json_string(r.untrusted_refusal),
+                        json_bool(r.missing));
+    }
+    return out + "\n    ]";
+}
+
 } // namespace
 
 std::optional<DataFileStatus> data_file_status(const Image& image) {
@@ -229,6 +249,7 @@ std::string info_json(const Image& image) {
     field("data-file", json_optional(info.data_file));
     field("data-file-raw", json_bool((info.autoclear_features & kAutoclearDataFileRaw) != 0));
     field("data-file-found", state.has_data_file() ? json_bool(!state.data_file_error) : "null");
+    field("references", json_references(image_references(image)));
     field("snapshot-count", std::to_string(info.snapshot_count));
     field("snapshots", json_snapshots(info.snapshots));
     if (info.version == 1) {

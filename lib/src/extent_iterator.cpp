@@ -2,7 +2,9 @@
 // Spec: docs/interop/qcow2.txt, "Cluster mapping" and "Extended L2 Entries".
 #include "image_state.hpp"
 
+#include <algorithm>
 #include <cerrno>
+#include <set>
 #include <unistd.h>
 #include <utility>
 
@@ -31,6 +33,11 @@ struct Run {
     // The layer that supplied the run and its depth in the chain (set by classify_chain).
     const ImageState* layer = nullptr;
     std::uint32_t depth = 0;
+    // Salvage only: why the run reads as zeros (or unallocated) instead of failing the walk,
+    // and, for a range that fell through a damaged layer, which layer that was.
+    std::string damage;
+    std::uint32_t damage_depth = 0;
+    bool damage_falls_through = false;
 };
 
 Error cluster_error(std::string message) {
@@ -51,6 +58,24 @@ Run unallocated_to_table_end(const ImageState& s, std::uint64_t pos, std::uint64
     return run;
 }
 
+/// Salvage: a data run whose host range leaves the file is cut at the end of the file (the
+/// rest is classified by the next call), and one that starts past it reads as zeros, as qemu
+/// reads a file cut short.
+void clip_to_file(const ImageState& s, std::uint64_t pos, Run& run) {
+    const std::uint64_t size = s.data_bytes.size();
+    const std::uint64_t host = *run.host_offset;
+    if (host < size) {
+        run.length = std::min(run.length, size - host);
+        return;
+    }
+    run.damage = fmt::format("data for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies "
+                             "beyond end of {} ({:#x})",
+                             pos, host, run.length, s.data_file ? "the data file" : "file", size);
+    run.kind = ExtentKind::zero;
+    run.present = true;
+    run.host_offset.reset();
+}
+
 /// qcow version 1 (block/qcow.c get_cluster_offset): plain offsets, no flags but bit 63.
 Result<Run> classify_v1(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
     const std::uint64_t l1_index = pos >> (s.l2_bits + s.cluster_bits);
@@ -68,39 +93,53 @@ Result<Run> classify_v1(const ImageState& s, std::uint64_t pos, std::uint64_t li
     Run run;
     run.length = std::min(limit, cluster_start + s.cluster_size) - pos;
     if (entry & detail::kV1CompressedFlag) {
-        const std::uint64_t csize = (entry >> s.csize_shift) & s.csize_mask;
-        const std::uint64_t coffset = entry & s.coffset_mask;
-        auto stream = slice(s.bytes, coffset, csize, "", ErrorCode::invalid_cluster);
+        const detail::CompressedDescriptor d =
+            detail::decode_compressed(entry, s.compressed_layout);
+        auto stream = slice(s.bytes, d.host_offset, d.size, "", ErrorCode::invalid_cluster);
         if (!stream) {
-            return compressed_past_eof(cluster_start, coffset, csize, s.bytes.size());
+            return compressed_past_eof(cluster_start, d.host_offset, d.size, s.bytes.size());
         }
         run.kind = ExtentKind::compressed;
         run.present = true;
-        run.compressed_host_offset = coffset;
-        run.compressed_size = csize;
+        run.compressed_host_offset = d.host_offset;
+        run.compressed_size = d.size;
         run.offset_in_cluster = pos - cluster_start;
     } else if (entry != 0) {
         run.kind = ExtentKind::data;
         run.present = true;
         run.host_offset = entry + (pos - cluster_start);
+        if (s.mode.salvage)
+            clip_to_file(s, pos, run);
     }
     return run;
 }
 
 Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
+    using detail::ClusterType;
     if (s.info.version == 1) {
         return classify_v1(s, pos, limit);
     }
     const std::uint64_t cluster_mask = s.cluster_size - 1;
     const std::uint64_t l1_index = pos >> (s.l2_bits + s.cluster_bits);
-    // parse_image checked that L1 covers the whole virtual size and lies inside the file.
-    const std::uint64_t l1_entry = load_be64(s.l1_table.data() + l1_index * 8);
-    if (l1_entry & detail::kL1ReservedMask) {
-        return Error{
-            ErrorCode::invalid_table,
-            fmt::format("L1 entry {} ({:#018x}) has reserved bits set", l1_index, l1_entry)};
+    // parse_image checked that L1 covers the whole virtual size and lies inside the file,
+    // except for an image opened for check, whose entries past the end of the file read as 0.
+    if (l1_index >= s.l1_table.size() / 8) {
+        // Salvage: the L1 table was cut off by the end of the file. Every entry from here on
+        // is missing: one run to the end, whatever the header claims.
+        Run run;
+        run.length = limit - pos;
+        const std::uint64_t cut = s.l1_table.size() / 8;
+        run.damage = fmt::format("L1 table entries {} and on (from {:#x}) lie beyond end of file "
+                                 "({:#x})",
+                                 cut, s.info.l1_table_offset + cut * 8, s.bytes.size());
+        return run;
     }
-    const std::uint64_t l2_offset = l1_entry & detail::kL1OffsetMask;
+    const detail::L1Entry l1 = detail::decode_l1(s.l1_table.data() + l1_index * 8);
+    if (l1.reserved_bits()) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("L1 entry {} ({:#018x}) has reserved bits set", l1_index, l1.raw)};
+    }
+    const std::uint64_t l2_offset = l1.l2_offset();
     if (l2_offset == 0) {
         // No L2 table: everything it would describe is unallocated.
         return unallocated_to_table_end(s, pos, limit);
@@ -111,77 +150,84 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
                                  "cluster size {:#x}",
                                  l2_offset, l1_index, s.cluster_size)};
     }
+    const std::uint64_t l2_index = (pos >> s.cluster_bits) & ((std::uint64_t{1} << s.l2_bits) - 1);
+    // Entries of the table inside the file: all of them, but for a table cut off by the end of
+    // the file when salvaging, whose missing entries read as zeros (unallocated), as for qemu.
+    std::uint64_t available = std::uint64_t{1} << s.l2_bits;
     auto l2_table = slice(s.bytes, l2_offset, s.cluster_size, "L2 table");
     if (!l2_table) {
-        return std::move(l2_table).error();
+        if (!s.mode.salvage) {
+            return std::move(l2_table).error();
+        }
+        available =
+            l2_offset >= s.bytes.size() ? 0 : (s.bytes.size() - l2_offset) / s.l2_entry_bytes;
+        if (l2_index >= available) {
+            Run run = unallocated_to_table_end(s, pos, limit);
+            run.damage = l2_table.error().message;
+            return run;
+        }
+        l2_table = s.bytes.subspan(l2_offset, available * s.l2_entry_bytes);
     }
-    const std::uint64_t l2_index = (pos >> s.cluster_bits) & ((std::uint64_t{1} << s.l2_bits) - 1);
-    const std::byte* entry_bytes = l2_table->data() + l2_index * s.l2_entry_bytes;
-    const std::uint64_t entry = load_be64(entry_bytes);
-    const std::uint64_t bitmap = s.info.extended_l2 ? load_be64(entry_bytes + 8) : 0;
+    const bool extended = s.info.extended_l2;
+    const detail::L2Entry entry =
+        detail::decode_l2(l2_table->data() + l2_index * s.l2_entry_bytes, extended);
+    const ClusterType type = detail::cluster_type(entry, extended, s.has_data_file());
     const std::uint64_t cluster_start = pos & ~cluster_mask;
     const std::uint64_t in_cluster = pos - cluster_start;
     const std::uint64_t cluster_run_end = std::min(limit, cluster_start + s.cluster_size);
 
     Run run;
-    if (entry & detail::kL2CompressedFlag) {
+    if (type == ClusterType::compressed) {
         if (s.has_data_file()) {
             return cluster_error(fmt::format("compressed cluster at virtual offset {:#x} in an "
                                              "image with an external data file",
                                              cluster_start));
         }
-        if (bitmap != 0) {
-            return cluster_error(fmt::format(
-                "compressed L2 entry for virtual offset {:#x} has a non-zero subcluster bitmap "
-                "{:#018x}",
-                cluster_start, bitmap));
-        }
-        const std::uint64_t coffset = entry & s.coffset_mask;
-        const std::uint64_t sectors = ((entry >> s.csize_shift) & s.csize_mask) + 1;
-        const std::uint64_t csize = sectors * detail::kCompressedSectorSize -
-                                    (coffset & (detail::kCompressedSectorSize - 1));
+        // The subcluster bitmap of a compressed cluster is unused: qemu's reads ignore it
+        // (qcow2_get_subcluster_type; iotest 271), only its check reports it.
+        const detail::CompressedDescriptor d =
+            detail::decode_compressed(entry.raw, s.compressed_layout);
         // The descriptor counts whole 512-byte sectors; only the file's last, partial sector
         // may be cut short by the end of the file (qemu writes compressed data byte-exact).
         const std::uint64_t sectors_in_file =
             (s.bytes.size() + detail::kCompressedSectorSize - 1) / detail::kCompressedSectorSize;
-        if (!detail::fits(sectors_in_file * detail::kCompressedSectorSize, coffset, csize) ||
-            coffset >= s.bytes.size()) {
-            return compressed_past_eof(cluster_start, coffset, csize, s.bytes.size());
+        if (!detail::fits(sectors_in_file * detail::kCompressedSectorSize, d.host_offset, d.size) ||
+            d.host_offset >= s.bytes.size()) {
+            return compressed_past_eof(cluster_start, d.host_offset, d.size, s.bytes.size());
         }
         run.kind = ExtentKind::compressed;
         run.present = true;
         run.length = cluster_run_end - pos;
-        run.compressed_host_offset = coffset;
+        run.compressed_host_offset = d.host_offset;
         // The last sector may be cut short by the end of the file; qemu reads such a tail as
         // zeros, and decompression stops once a cluster is produced.
-        run.compressed_size = std::min<std::uint64_t>(csize, s.bytes.size() - coffset);
+        run.compressed_size = std::min<std::uint64_t>(d.size, s.bytes.size() - d.host_offset);
         run.offset_in_cluster = in_cluster;
         return run;
     }
 
     // With extended L2 entries bit 0 "is always 0" (spec), but qemu ignores it there, and so
     // do we: the subcluster bitmap says what reads as zero.
-    const std::uint64_t reserved_mask = detail::kL2StandardReservedMask;
-    if (entry & reserved_mask) {
+    if (entry.reserved_bits()) {
         return cluster_error(fmt::format("L2 entry for virtual offset {:#x} ({:#018x}) has "
                                          "reserved bits set",
-                                         cluster_start, entry));
+                                         cluster_start, entry.raw));
     }
-    const std::uint64_t host = entry & detail::kL2OffsetMask;
+    const std::uint64_t host = entry.host_offset();
     if (host & cluster_mask) {
         return cluster_error(fmt::format("L2 entry for virtual offset {:#x} has host offset {:#x} "
                                          "not aligned to the cluster size {:#x}",
                                          cluster_start, host, s.cluster_size));
     }
-    // Offset 0 means unallocated, except with an external data file, where bit 63 marks a
-    // cluster allocated at data file offset 0 (qcow2_get_cluster_type).
-    const bool host_valid = host != 0 || (s.has_data_file() && (entry & detail::kL2CopiedFlag));
+    // Offset 0 means unallocated, except with an external data file, where COPIED marks a
+    // cluster allocated at data file offset 0 (cluster_type).
+    const bool host_valid = type == ClusterType::normal || type == ClusterType::zero_alloc;
     std::optional<std::uint64_t> host_here;
     if (host_valid) {
         host_here = host + in_cluster;
     }
 
-    if (!s.info.extended_l2) {
+    if (!extended) {
         run.length = cluster_run_end - pos;
         // The following entries of this L2 table that read the same way join the run here,
         // in one tight loop, instead of one classify call (and merge) per cluster: a sparse
@@ -191,23 +237,26 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
         // Not for a range that falls through to a backing layer: the layer below would cut the
         // run short, the next call would rescan the same entries, and a walk over an overlay
         // of empty tables would turn quadratic.
-        const bool falls_through = !host_valid && !(entry & detail::kL2ZeroFlag) && s.backing;
+        const bool falls_through = type == ClusterType::unallocated && s.backing;
         const std::uint64_t entries_per_table = falls_through ? 0 : std::uint64_t{1} << s.l2_bits;
-        const std::uint64_t flags = entry & ~detail::kL2OffsetMask;
+        const std::uint64_t flags = entry.raw & ~detail::kL2OffsetMask;
         std::uint64_t next_host = host + s.cluster_size;
         std::uint64_t next_start = cluster_start + s.cluster_size;
-        for (std::uint64_t i = l2_index + 1; i < entries_per_table && next_start < limit; ++i) {
+        for (std::uint64_t i = l2_index + 1;
+             i < entries_per_table && i < available && next_start < limit; ++i) {
             const std::uint64_t next = load_be64(l2_table->data() + i * 8);
             if (host_valid ? ((next & ~detail::kL2OffsetMask) != flags ||
                               (next & detail::kL2OffsetMask) != next_host)
-                           : next != entry) {
+                           : next != entry.raw) {
                 break;
             }
             run.length += std::min(limit, next_start + s.cluster_size) - next_start;
             next_start += s.cluster_size;
             next_host += s.cluster_size;
         }
-        if (entry & detail::kL2ZeroFlag) {
+        switch (type) {
+        case ClusterType::zero_plain:
+        case ClusterType::zero_alloc:
             if (s.info.version < 3) {
                 return cluster_error(fmt::format(
                     "zero cluster at virtual offset {:#x} in a version 2 image", cluster_start));
@@ -215,46 +264,53 @@ Result<Run> classify(const ImageState& s, std::uint64_t pos, std::uint64_t limit
             run.kind = ExtentKind::zero;
             run.present = true;
             run.host_offset = host_here;
-        } else if (!host_valid) {
+            break;
+        case ClusterType::unallocated:
             run.kind = ExtentKind::zero;
             run.present = false;
-        } else {
+            break;
+        default:
             run.kind = ExtentKind::data;
             run.present = true;
             run.host_offset = host_here;
+            if (s.mode.salvage)
+                clip_to_file(s, pos, run);
+            break;
         }
         return run;
     }
 
     // Extended L2: bits 0-31 allocated, bits 32-63 reads-as-zero, one bit per subcluster.
-    const auto allocated = static_cast<std::uint32_t>(bitmap);
-    const auto zero = static_cast<std::uint32_t>(bitmap >> 32);
+    const std::uint32_t allocated = entry.allocated_subclusters();
+    const std::uint32_t zero = entry.zero_subclusters();
     if (allocated & zero) {
         return cluster_error(fmt::format("L2 entry for virtual offset {:#x}: subcluster bitmap "
                                          "{:#018x} marks subclusters both allocated and zero",
-                                         cluster_start, bitmap));
+                                         cluster_start, entry.bitmap));
     }
     if (!host_valid && allocated != 0) {
         return cluster_error(fmt::format("L2 entry for virtual offset {:#x}: subclusters are "
                                          "allocated (bitmap {:#018x}) but the host offset is 0",
-                                         cluster_start, bitmap));
+                                         cluster_start, entry.bitmap));
     }
     auto type_of = [&](unsigned index) {
         std::uint32_t bit = std::uint32_t{1} << index;
         return (zero & bit) ? 2 : (allocated & bit) ? 1 : 0;
     };
     unsigned first = static_cast<unsigned>(in_cluster >> s.subcluster_bits);
-    int type = type_of(first);
+    int sub_type = type_of(first);
     unsigned last = first + 1;
-    while (last < detail::kSubclustersPerCluster && type_of(last) == type) {
+    while (last < detail::kSubclustersPerCluster && type_of(last) == sub_type) {
         ++last;
     }
     std::uint64_t run_end =
         std::min(cluster_run_end, cluster_start + (std::uint64_t{last} << s.subcluster_bits));
     run.length = run_end - pos;
     run.host_offset = host_here;
-    run.kind = type == 1 ? ExtentKind::data : ExtentKind::zero;
-    run.present = type != 0;
+    run.kind = sub_type == 1 ? ExtentKind::data : ExtentKind::zero;
+    run.present = sub_type != 0;
+    if (run.kind == ExtentKind::data && s.mode.salvage)
+        clip_to_file(s, pos, run);
     return run;
 }
 
@@ -289,16 +345,43 @@ Run classify_raw(const ImageState& s, std::uint64_t pos, std::uint64_t limit) {
     return run;
 }
 
+/// Salvage: an error met classifying `pos` in layer `s` becomes a damaged run that reads as
+/// zeros: the cluster for a bad entry (invalid_cluster), the range of the L2 table for a bad
+/// table (invalid_table).
+Run damaged_run(const ImageState& s, std::uint64_t pos, std::uint64_t limit, Error error) {
+    Run run;
+    if (error.code == ErrorCode::invalid_table) {
+        run = unallocated_to_table_end(s, pos, limit);
+    } else {
+        const std::uint64_t cluster_end = (pos | (s.cluster_size - 1)) + 1;
+        run.length = std::min(limit, cluster_end == 0 ? limit : cluster_end) - pos;
+    }
+    run.kind = ExtentKind::zero;
+    run.present = true;
+    run.damage = std::move(error.message);
+    return run;
+}
+
 /// Classifies `pos` through the chain from `s` (at `depth`) down: unallocated ranges fall
 /// through to the backing layer, as qemu's bdrv_co_block_status does. Ranges past the end of
 /// a shorter backing layer read as zeros and report the depth of the layer above it.
+/// `salvage` (the top layer's, for images opened with OpenOptions::salvage) names the
+/// compressed clusters that do not decompress; with it no error stops the walk.
 Result<Run> classify_chain(const ImageState& s, std::uint32_t depth, std::uint64_t pos,
-                           std::uint64_t limit) {
+                           std::uint64_t limit, const detail::SalvageState* salvage) {
     Result<Run> run = s.format == detail::LayerFormat::raw
                           ? Result<Run>(classify_raw(s, pos, limit))
                           : classify(s, pos, limit);
+    if (!run && s.mode.salvage) {
+        run = damaged_run(s, pos, limit, std::move(run).error());
+    }
     if (!run) {
         return run;
+    }
+    if (salvage && run->kind == ExtentKind::compressed &&
+        salvage->bad(depth, run->compressed_host_offset)) {
+        run->kind = ExtentKind::zero;
+        run->damage = "compressed cluster does not decompress";
     }
     run->layer = &s;
     run->depth = depth;
@@ -309,8 +392,97 @@ Result<Run> classify_chain(const ImageState& s, std::uint32_t depth, std::uint64
     if (pos >= below.disk_size) {
         return run; // zeros beyond the backing file's end, not present
     }
-    return classify_chain(below, depth + 1, pos, std::min(pos + run->length, below.disk_size));
+    auto through = classify_chain(below, depth + 1, pos,
+                                  std::min(pos + run->length, below.disk_size), salvage);
+    if (through && !run->damage.empty()) {
+        // Salvage: a cut-off table of this layer lets the layer below show through; the range
+        // stays damaged (the scan reports it).
+        through->damage = std::move(run->damage);
+        through->damage_depth = depth;
+        through->damage_falls_through = true;
+    }
+    return through;
 }
+
+Result<Run> classify_chain(const ImageState& top, std::uint32_t depth, std::uint64_t pos,
+                           std::uint64_t limit) {
+    return classify_chain(top, depth, pos, limit, top.salvage.get());
+}
+
+} // namespace
+
+namespace detail {
+
+Result<std::shared_ptr<const SalvageState>> scan_for_salvage(const Image& image) {
+    const ImageState& top = detail_state(image);
+    auto out = std::make_shared<SalvageState>();
+    SalvageReport& report = out->report;
+    // Distinct bad streams: at most one per 512 bytes of the file, however often referenced.
+    std::set<std::pair<std::uint32_t, std::uint64_t>> bad;
+    Decompressor decompressor;
+    std::vector<std::byte> cluster;
+    auto add = [&](std::uint64_t offset, std::uint64_t length, std::uint32_t depth,
+                   bool unallocated, bool falls_through, std::string reason) {
+        report.damaged_bytes += length;
+        if (!report.ranges.empty()) {
+            DamagedRange& last = report.ranges.back();
+            if (last.offset + last.length == offset && last.depth == depth &&
+                last.unallocated == unallocated && last.falls_through == falls_through &&
+                last.reason == reason) {
+                last.length += length;
+                return;
+            }
+        }
+        if (report.ranges.size() >= kMaxListedDamagedRanges) {
+            ++report.ranges_not_listed;
+            return;
+        }
+        report.ranges.push_back(
+            {offset, length, depth, unallocated, falls_through, std::move(reason)});
+    };
+    // The walk every reader will make (classify_chain in salvage mode never fails), with no
+    // compressed cluster known bad yet: each one met is tried here.
+    for (std::uint64_t pos = 0; pos < top.disk_size;) {
+        auto run = classify_chain(top, 0, pos, top.disk_size, nullptr);
+        if (!run) {
+            return std::move(run).error();
+        }
+        if (!run->damage.empty()) {
+            const bool through = run->damage_falls_through;
+            add(pos, run->length, through ? run->damage_depth : run->depth,
+                through || !run->present, through, std::move(run->damage));
+        } else if (run->kind == ExtentKind::compressed) {
+            const ImageState& layer = *run->layer;
+            Extent extent;
+            extent.offset = pos;
+            extent.length = run->length;
+            extent.kind = ExtentKind::compressed;
+            extent.present = true;
+            extent.depth = run->depth;
+            extent.bytes = layer.bytes.subspan(run->compressed_host_offset, run->compressed_size);
+            extent.compressed_host_offset = run->compressed_host_offset;
+            extent.offset_in_cluster = run->offset_in_cluster;
+            cluster.resize(layer.cluster_size);
+            const std::pair key{run->depth, run->compressed_host_offset};
+            if (bad.contains(key)) {
+                add(pos, run->length, run->depth, false, false,
+                    fmt::format("compressed cluster at host offset {:#x} does not decompress "
+                                "(as above)",
+                                key.second));
+            } else if (auto ok = decompressor.decompress_cluster(image, extent, cluster); !ok) {
+                bad.insert(key);
+                add(pos, run->length, run->depth, false, false, std::move(ok).error().message);
+            }
+        }
+        pos += run->length;
+    }
+    out->bad_compressed.assign(bad.begin(), bad.end());
+    return std::shared_ptr<const SalvageState>(std::move(out));
+}
+
+} // namespace detail
+
+namespace {
 
 bool mergeable(const Extent& current, const Run& next) {
     if (current.kind != next.kind || current.kind == ExtentKind::compressed ||

@@ -54,26 +54,15 @@ constexpr std::uint32_t kMaxSnapshots = 65536;                    // QCOW_MAX_SN
 constexpr std::uint32_t kMaxBitmaps = 65535;                      // QCOW2_MAX_BITMAPS
 constexpr std::uint64_t kMaxBitmapDirectorySize = 1024ULL * kMaxBitmaps;
 constexpr std::uint32_t kMaxBackingNameLength = 1023;
+// qemu passes table offsets around as int64_t: a table must end below 2^63 (qcow2_validate_table).
+constexpr std::uint64_t kMaxTableEnd = std::uint64_t{INT64_MAX};
 constexpr std::uint64_t kKnownIncompatible = kIncompatDirty | kIncompatCorrupt | kIncompatDataFile |
                                              kIncompatCompressionType | kIncompatExtendedL2;
 
-// Header extension types (spec "Header extensions").
-constexpr std::uint32_t kExtEnd = 0x00000000;
-constexpr std::uint32_t kExtBackingFormat = 0xe2792aca;
-constexpr std::uint32_t kExtFeatureNames = 0x6803f857;
-constexpr std::uint32_t kExtBitmaps = 0x23852875;
-constexpr std::uint32_t kExtEncryption = 0x0537be77;
-constexpr std::uint32_t kExtDataFile = 0x44415441;
-
-constexpr std::size_t kFeatureNameEntrySize = 48;
 constexpr std::size_t kBitmapsExtensionSize = 24;
-constexpr std::size_t kBitmapDirectoryEntryHeader = 24;
 
 bool is_aligned(std::uint64_t value, std::uint64_t alignment) {
     return (value & (alignment - 1)) == 0;
-}
-std::uint64_t align_up8(std::uint64_t value) {
-    return (value + 7) & ~std::uint64_t{7};
 }
 
 Error header_error(std::string message) {
@@ -169,20 +158,21 @@ Result<void> parse_bitmap_directory(const ImageState& state, BitmapsExtension& e
     std::unordered_map<std::string_view, std::uint32_t> seen;
     std::uint64_t at = 0;
     for (std::uint32_t i = 0; i < ext.count; ++i) {
-        auto fixed = slice(*directory, at, kBitmapDirectoryEntryHeader, "bitmap directory entry");
+        auto fixed = slice(*directory, at, kBitmapDirectoryEntryFixed, "bitmap directory entry");
         if (!fixed) {
             return bitmap_error(fmt::format("bitmap directory entry {} at {:#x} runs past the "
                                             "directory size {:#x}",
                                             i, ext.directory_offset + at, ext.directory_size));
         }
+        const BitmapDirectoryFixed d = decode_bitmap_directory_entry(fixed->data());
         BitmapEntry e;
-        e.table_offset = load_be64(*fixed, 0);
-        e.table_size = load_be32(*fixed, 8);
-        e.flags = load_be32(*fixed, 12);
-        e.type = load_u8(*fixed, 16);
-        e.granularity_bits = load_u8(*fixed, 17);
-        const std::uint16_t name_size = load_be16(*fixed, 18);
-        e.extra_data_size = load_be32(*fixed, 20);
+        e.table_offset = d.table_offset;
+        e.table_size = d.table_size;
+        e.flags = d.flags;
+        e.type = d.type;
+        e.granularity_bits = d.granularity_bits;
+        const std::uint16_t name_size = d.name_size;
+        e.extra_data_size = d.extra_data_size;
         if (name_size == 0) {
             return bitmap_error(fmt::format("bitmap directory entry {} has an empty name", i));
         }
@@ -191,7 +181,7 @@ Result<void> parse_bitmap_directory(const ImageState& state, BitmapsExtension& e
                                             "qemu's limit of {} bytes",
                                             i, name_size, kMaxBitmapNameSize));
         }
-        const std::uint64_t name_at = at + kBitmapDirectoryEntryHeader + e.extra_data_size;
+        const std::uint64_t name_at = at + kBitmapDirectoryEntryFixed + e.extra_data_size;
         auto name = slice(*directory, name_at, name_size, "bitmap name");
         if (!name) {
             return bitmap_error(fmt::format("bitmap directory entry {}: name of {} bytes after {} "
@@ -274,39 +264,65 @@ Result<Bytes> l1_table(const ImageState& state, std::uint64_t offset, std::uint3
     if (entries == 0) {
         return Bytes{};
     }
-    if (!is_aligned(offset, cluster_size) || offset == 0) {
+    if (!is_aligned(offset, cluster_size) || offset == 0 || offset > kMaxTableEnd - bytes) {
         return Error{ErrorCode::invalid_table,
                      fmt::format("{} offset {:#x} is not a non-zero multiple of the cluster size "
                                  "{:#x}",
                                  what, offset, cluster_size)};
     }
+    if (state.mode.salvage && !fits(state.bytes.size(), offset, bytes)) {
+        // Salvage: the entries cut off by the end of the file read as zeros (unallocated), as
+        // qemu reads them; the walk reports those ranges. Keep the whole entries in the file.
+        const std::uint64_t present =
+            offset >= state.bytes.size() ? 0 : (state.bytes.size() - offset) / 8 * 8;
+        return state.bytes.subspan(offset >= state.bytes.size() ? 0 : offset, present);
+    }
     return slice(state.bytes, offset, bytes, what);
 }
 
+/// The `length` bytes at `offset` of `file`: a view of the file or, with `zero_fill`, a copy in
+/// `scratch` whose part past the end of the file reads as zeros, as qemu's block layer reads a
+/// file cut short (bdrv_aligned_preadv). Callers bound `length` (at most 64 KiB + 1 KiB).
+Result<Bytes> table_bytes(Bytes file, std::uint64_t offset, std::uint64_t length, bool zero_fill,
+                          std::vector<std::byte>& scratch, std::string_view what) {
+    if (!zero_fill || fits(file.size(), offset, length)) {
+        return slice(file, offset, length, what);
+    }
+    scratch.assign(static_cast<std::size_t>(length), std::byte{0});
+    if (offset < file.size()) {
+        const std::uint64_t present = std::min<std::uint64_t>(length, file.size() - offset);
+        std::copy_n(file.data() + offset, present, scratch.data());
+    }
+    return Bytes(scratch);
+}
+
 /// The snapshot table (qcow2-snapshot.c qcow2_do_read_snapshots): variable-length entries,
-/// each 8-byte aligned, at most 64 MiB in all, extra data at most 1 KiB per entry.
-Result<void> parse_snapshot_table(ImageState& state) {
+/// each 8-byte aligned, at most 64 MiB in all, extra data at most 1 KiB per entry. In check
+/// mode (`zero_fill`), bytes past the end of the file read as zeros, as they do for qemu.
+Result<void> parse_snapshot_table(ImageState& state, bool zero_fill) {
     ImageInfo& info = state.info;
     constexpr std::uint64_t kMaxSnapshotTableBytes = 64ull << 20; // QCOW_MAX_SNAPSHOTS_SIZE
     constexpr std::uint32_t kMaxExtraData = 1024;                 // QCOW_MAX_SNAPSHOT_EXTRA_DATA
     std::uint64_t at = info.snapshots_offset;
-    info.snapshots.reserve(info.snapshot_count);
+    std::vector<std::byte> scratch;
+    info.snapshots.reserve(
+        std::min<std::uint64_t>(info.snapshot_count, state.bytes.size() / kSnapshotEntryFixed + 1));
     for (std::uint32_t i = 0; i < info.snapshot_count; ++i) {
         at = align_up8(at);
-        auto fixed = slice(state.bytes, at, 40, fmt::format("snapshot table entry {}", i));
+        auto fixed = table_bytes(state.bytes, at, kSnapshotEntryFixed, zero_fill, scratch,
+                                 fmt::format("snapshot table entry {}", i));
         if (!fixed) {
             return std::move(fixed).error();
         }
+        const SnapshotFixed d = decode_snapshot_entry(fixed->data());
         Snapshot snap;
-        snap.l1_table_offset = load_be64(*fixed, 0);
-        snap.l1_size = load_be32(*fixed, 8);
-        const std::uint16_t id_size = load_be16(*fixed, 12);
-        const std::uint16_t name_size = load_be16(*fixed, 14);
-        snap.date_seconds = load_be32(*fixed, 16);
-        snap.date_nanoseconds = load_be32(*fixed, 20);
-        snap.vm_clock_nanoseconds = load_be64(*fixed, 24);
-        snap.vm_state_size = load_be32(*fixed, 32);
-        snap.extra_data_size = load_be32(*fixed, 36);
+        snap.l1_table_offset = d.l1_table_offset;
+        snap.l1_size = d.l1_size;
+        snap.date_seconds = d.date_seconds;
+        snap.date_nanoseconds = d.date_nanoseconds;
+        snap.vm_clock_nanoseconds = d.vm_clock_nanoseconds;
+        snap.vm_state_size = d.vm_state_size;
+        snap.extra_data_size = d.extra_data_size;
         snap.virtual_size = info.virtual_size;
         if (snap.extra_data_size > kMaxExtraData) {
             return Error{ErrorCode::invalid_table,
@@ -314,8 +330,9 @@ Result<void> parse_snapshot_table(ImageState& state) {
                                      "{})",
                                      i, snap.extra_data_size, kMaxExtraData)};
         }
-        auto extra = slice(state.bytes, at + 40, snap.extra_data_size,
-                           fmt::format("snapshot table entry {} extra data", i));
+        auto extra =
+            table_bytes(state.bytes, at + kSnapshotEntryFixed, snap.extra_data_size, zero_fill,
+                        scratch, fmt::format("snapshot table entry {} extra data", i));
         if (!extra) {
             return std::move(extra).error();
         }
@@ -327,15 +344,16 @@ Result<void> parse_snapshot_table(ImageState& state) {
         if (snap.extra_data_size >= 24 && load_be64(*extra, 16) != UINT64_MAX) {
             snap.icount = load_be64(*extra, 16);
         }
-        const std::uint64_t strings_at = at + 40 + snap.extra_data_size;
-        auto strings = slice(state.bytes, strings_at, std::uint64_t{id_size} + name_size,
-                             fmt::format("snapshot table entry {} ID and name", i));
+        const std::uint64_t strings_at = at + kSnapshotEntryFixed + snap.extra_data_size;
+        auto strings =
+            table_bytes(state.bytes, strings_at, std::uint64_t{d.id_size} + d.name_size, zero_fill,
+                        scratch, fmt::format("snapshot table entry {} ID and name", i));
         if (!strings) {
             return std::move(strings).error();
         }
-        snap.id = std::string(as_text(strings->subspan(0, id_size)));
-        snap.name = std::string(as_text(strings->subspan(id_size, name_size)));
-        at = strings_at + id_size + name_size;
+        snap.id = std::string(as_text(strings->subspan(0, d.id_size)));
+        snap.name = std::string(as_text(strings->subspan(d.id_size, d.name_size)));
+        at = strings_at + d.id_size + d.name_size;
         if (at - info.snapshots_offset > kMaxSnapshotTableBytes) {
             return Error{ErrorCode::invalid_table,
                          fmt::format("snapshot table is larger than qemu's limit of {:#x} bytes",
@@ -457,6 +475,7 @@ Result<void> parse_extensions(ImageState& state, std::uint64_t start, std::uint6
                     "full disk encryption header pointer has length {} (expected 16)", length));
             }
             info.encryption_header_offset = load_be64(*data, 0);
+            state.encryption_header_length = load_be64(*data, 8);
             break;
         default:
             break; // unknown extensions may be safely ignored (spec)
@@ -604,7 +623,7 @@ Result<void> parse_image(ImageState& state) {
         return header_error(fmt::format("unknown compression_type {}", compression_value));
     }
 
-    if (info.crypt_method != 0 && !state.allow_encrypted) {
+    if (info.crypt_method != 0 && !state.mode.check) {
         return Error{ErrorCode::encrypted,
                      fmt::format("encrypted images are not supported (crypt_method {}: {})",
                                  info.crypt_method, info.crypt_method == 1 ? "AES" : "LUKS")};
@@ -619,9 +638,7 @@ Result<void> parse_image(ImageState& state) {
     state.l2_table_bytes = info.cluster_size;
     state.l2_bits = info.cluster_bits - (info.extended_l2 ? 4 : 3);
     state.subcluster_bits = info.extended_l2 ? info.cluster_bits - 5 : info.cluster_bits;
-    state.csize_shift = 62 - (info.cluster_bits - 8);
-    state.csize_mask = (std::uint64_t{1} << (info.cluster_bits - 8)) - 1;
-    state.coffset_mask = (std::uint64_t{1} << state.csize_shift) - 1;
+    state.compressed_layout = CompressedLayout::for_v2(info.cluster_bits);
 
     if ((info.autoclear_features & kAutoclearDataFileRaw) &&
         !(info.incompatible_features & kIncompatDataFile)) {
@@ -649,8 +666,11 @@ Result<void> parse_image(ImageState& state) {
         }
     }
 
-    // Refcount table (qcow2_do_open / validate_table_offset).
-    if (info.refcount_table_clusters == 0) {
+    // Refcount table (qcow2_do_open / qcow2_validate_table). qemu-img check opens an image
+    // without one (BDRV_O_CHECK) and reports every cluster's refcount as 0 (iotests 060, 108);
+    // reads refuse it, and a table at offset 0.
+    const bool check = state.mode.check;
+    if (info.refcount_table_clusters == 0 && !check) {
         return Error{ErrorCode::invalid_table, "image has no refcount table (0 clusters)"};
     }
     std::uint64_t refcount_table_bytes = std::uint64_t{info.refcount_table_clusters}
@@ -663,37 +683,49 @@ Result<void> parse_image(ImageState& state) {
                                  kMaxRefcountTableBytes)};
     }
     if (!is_aligned(info.refcount_table_offset, info.cluster_size) ||
-        info.refcount_table_offset == 0) {
+        (info.refcount_table_offset == 0 && !check) ||
+        info.refcount_table_offset > kMaxTableEnd - refcount_table_bytes) {
         return Error{ErrorCode::invalid_table,
                      fmt::format("refcount table offset {:#x} is not a non-zero multiple of the "
                                  "cluster size {:#x}",
                                  info.refcount_table_offset, info.cluster_size)};
     }
-    if (auto t = slice(file, info.refcount_table_offset, refcount_table_bytes, "refcount table");
-        !t) {
-        return std::move(t).error();
+    // (Salvage reads without refcounts: a table cut off by the end of the file is no damage.)
+    if (!state.mode.salvage) {
+        if (auto t =
+                slice(file, info.refcount_table_offset, refcount_table_bytes, "refcount table");
+            !t) {
+            return std::move(t).error();
+        }
     }
 
-    // Snapshot table: only located here; its entries are variable-length.
+    // Snapshot table: the offset is validated whatever the count, as qemu validates it
+    // ("Snapshot table offset invalid", iotest 080); its entries are variable-length.
     if (info.snapshot_count > kMaxSnapshots) {
         return Error{ErrorCode::invalid_table, fmt::format("{} snapshots exceed qemu's limit of {}",
                                                            info.snapshot_count, kMaxSnapshots)};
     }
+    const std::uint64_t snapshot_fixed_bytes =
+        std::uint64_t{info.snapshot_count} * kSnapshotEntryFixed;
+    if (!is_aligned(info.snapshots_offset, info.cluster_size) ||
+        (info.snapshots_offset == 0 && info.snapshot_count > 0) ||
+        info.snapshots_offset > kMaxTableEnd - snapshot_fixed_bytes) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("snapshot table offset {:#x} is not a non-zero multiple of "
+                                 "the cluster size {:#x}",
+                                 info.snapshots_offset, info.cluster_size)};
+    }
     if (info.snapshot_count > 0) {
-        if (!is_aligned(info.snapshots_offset, info.cluster_size) || info.snapshots_offset == 0) {
-            return Error{ErrorCode::invalid_table,
-                         fmt::format("snapshot table offset {:#x} is not a non-zero multiple of "
-                                     "the cluster size {:#x}",
-                                     info.snapshots_offset, info.cluster_size)};
-        }
         // Every entry has a fixed 40-byte part: a table that cannot even hold those is
-        // refused before walking it.
-        if (auto t = slice(file, info.snapshots_offset, std::uint64_t{info.snapshot_count} * 40,
-                           "snapshot table");
-            !t) {
-            return std::move(t).error();
+        // refused before walking it (check reads what lies past the end as zeros, as qemu).
+        const bool zero_fill = check || state.mode.salvage;
+        if (!zero_fill) {
+            if (auto t = slice(file, info.snapshots_offset, snapshot_fixed_bytes, "snapshot table");
+                !t) {
+                return std::move(t).error();
+            }
         }
-        if (auto ok = parse_snapshot_table(state); !ok) {
+        if (auto ok = parse_snapshot_table(state, zero_fill); !ok) {
             return ok;
         }
     }

@@ -62,9 +62,7 @@ Result<void> parse_v1_image(ImageState& state) {
     state.l2_table_bytes = std::uint64_t{8} << l2_bits;
     state.subcluster_bits = info.cluster_bits;
     // Compressed entries: size in bits (63 - cluster_bits)..62, offset below.
-    state.csize_shift = 63 - info.cluster_bits;
-    state.csize_mask = info.cluster_size - 1;
-    state.coffset_mask = (std::uint64_t{1} << state.csize_shift) - 1;
+    state.compressed_layout = CompressedLayout::for_v1(info.cluster_bits);
 
     const unsigned shift = info.cluster_bits + l2_bits;
     const std::uint64_t l1_size = (info.virtual_size >> shift) +

@@ -1,4 +1,8 @@
 #include "image_state.hpp"
+#include "references.hpp"
+
+#include <qcowmap/references.hpp>
+#include <qcowmap/salvage.hpp>
 
 #include <algorithm>
 #include <cstring>
@@ -55,14 +59,49 @@ const detail::ImageState& detail_state(const Image& image) {
     return *image.state_;
 }
 
+namespace detail {
 namespace {
 
 constexpr std::uint32_t kQcowMagic = 0x514649fb; // "QFI\xfb", qcow2 and qcow version 1
 
-/// What one `open` has visited so far: the files of the chain, to refuse loops.
+using Identity = std::pair<std::uint64_t, std::uint64_t>;
+
+/// The bytes of one layer (or data file) as a source produced them.
+struct LayerBytes {
+    Bytes bytes;
+    std::shared_ptr<const MappedFile> file; // null in memory
+    std::filesystem::path path;             // as opened; empty in memory
+    Identity identity;                      // to recognise a layer met twice
+};
+
+/// What one open has visited so far: the layers of the chain, to refuse loops.
 struct ChainWalk {
-    std::vector<std::pair<std::uint64_t, std::uint64_t>> identities;
+    std::vector<Identity> identities;
     std::vector<std::string> names;
+    /// The error being returned already names the backing file it is about.
+    bool error_named = false;
+};
+
+/// Where the layers of a chain come from: files, or memory through a resolver. The one
+/// layer-opening routine below (open_layer) asks a source for the bytes of each backing file
+/// and data file; parsing, loops, depth, raw layers and snapshots are shared.
+class LayerSource {
+  public:
+    virtual ~LayerSource() = default;
+    /// The backing file `name` of `layer`: from its header, or the caller's (`caller_given`).
+    virtual Result<LayerBytes> backing(const ImageState& layer, const std::string& name,
+                                       bool caller_given) = 0;
+    /// The external data file of `layer`, `name` as above (nullopt when there is none).
+    virtual Result<LayerBytes> data_file(const ImageState& layer,
+                                         const std::optional<std::string>& name,
+                                         bool caller_given) = 0;
+    /// The path a name given by `layer` (or the caller) stands for; empty in memory.
+    virtual std::filesystem::path path_of(const ImageState& layer, const std::string& name,
+                                          bool caller_given) const = 0;
+    /// The error for a chain that reaches a layer a second time.
+    virtual Error loop(const ChainWalk& walk, const std::string& name) const = 0;
+    /// Whether errors about a backing layer itself are prefixed with its path.
+    virtual bool names_backing_errors() const = 0;
 };
 
 std::filesystem::path relative_to_image(const std::filesystem::path& image,
@@ -72,81 +111,191 @@ std::filesystem::path relative_to_image(const std::filesystem::path& image,
     return named.is_absolute() ? named : image.parent_path() / named;
 }
 
-Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::path& path,
-                                                       std::optional<std::string> format,
-                                                       const OpenOptions& options, bool top,
-                                                       ChainWalk& walk);
+class FileSource final : public LayerSource {
+  public:
+    explicit FileSource(bool untrusted) : untrusted_(untrusted) {}
 
-/// Opens a backing layer; problems with the file itself name it ("backing file PATH: ..."),
-/// problems further down the chain come back as they are.
-Result<std::shared_ptr<detail::ImageState>> open_backing(const std::filesystem::path& path,
-                                                         std::optional<std::string> format,
-                                                         const OpenOptions& options,
-                                                         ChainWalk& walk) {
-    const std::size_t depth = walk.names.size();
-    auto layer = open_layer(path, std::move(format), options, false, walk);
-    if (!layer && walk.names.size() <= depth + 1 &&
-        !layer.error().message.starts_with("backing chain")) {
-        return Error{layer.error().code,
-                     fmt::format("backing file {}: {}", detail::printable(path.string()),
-                                 layer.error().message)};
+    static Result<LayerBytes> map(Result<MappedFile> file, const std::filesystem::path& path) {
+        if (!file) {
+            return std::move(file).error();
+        }
+        auto mapped = std::make_shared<const MappedFile>(std::move(*file));
+        LayerBytes out{mapped->bytes(), mapped, path, mapped->identity()};
+        return out;
     }
-    return layer;
-}
 
-Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::path& path,
-                                                       std::optional<std::string> format,
-                                                       const OpenOptions& options, bool top,
-                                                       ChainWalk& walk) {
+    /// Opens a name read from an image: as qemu does, or confined (OpenOptions::untrusted).
+    Result<LayerBytes> open_named(const ImageState& layer, const std::string& name,
+                                  std::string_view what) const {
+        if (!untrusted_) {
+            const std::filesystem::path path = relative_to_image(layer.path, name);
+            return map(MappedFile::open(path, /*allow_empty=*/true), path);
+        }
+        auto confined = open_confined(layer.path, name, what);
+        if (!confined) {
+            return std::move(confined).error();
+        }
+        return map(MappedFile::open_fd(confined->fd, confined->path, /*allow_empty=*/true),
+                   confined->path);
+    }
+
+    Result<LayerBytes> backing(const ImageState& layer, const std::string& name,
+                               bool caller_given) override {
+        if (caller_given) {
+            // Relative paths from the caller are taken from the current directory.
+            return with_name("backing file", name,
+                             map(MappedFile::open(name, /*allow_empty=*/true), name));
+        }
+        auto opened = open_named(layer, name, "backing file");
+        if (!opened && untrusted_ && opened.error().message.ends_with(kUntrustedRefusalMark)) {
+            return opened; // already names the reference and why
+        }
+        return with_name("backing file", relative_to_image(layer.path, name).string(),
+                         std::move(opened));
+    }
+
+    Result<LayerBytes> data_file(const ImageState& layer, const std::optional<std::string>& name,
+                                 bool caller_given) override {
+        if (!name) {
+            return Error{ErrorCode::invalid_header,
+                         "the external data file bit is set but the image names no data file"};
+        }
+        if (caller_given) {
+            return with_name("data file", *name,
+                             map(MappedFile::open(*name, /*allow_empty=*/true), *name));
+        }
+        auto opened = open_named(layer, *name, "data file");
+        if (!opened && untrusted_ && opened.error().message.ends_with(kUntrustedRefusalMark)) {
+            return opened;
+        }
+        return with_name("data file", relative_to_image(layer.path, *name).string(),
+                         std::move(opened));
+    }
+
+    std::filesystem::path path_of(const ImageState& layer, const std::string& name,
+                                  bool caller_given) const override {
+        return caller_given ? std::filesystem::path(name) : relative_to_image(layer.path, name);
+    }
+
+    Error loop(const ChainWalk& walk, const std::string& name) const override {
+        std::string chain;
+        for (const std::string& n : walk.names)
+            chain += printable(n) + " -> ";
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("backing chain loops: {}{}", chain, printable(name))};
+    }
+    bool names_backing_errors() const override { return true; }
+
+  private:
+    /// "backing file PATH: what went wrong" for a file that could not be opened or mapped
+    /// (errors of the confined open already name the path).
+    static Result<LayerBytes> with_name(std::string_view what, const std::string& path,
+                                        Result<LayerBytes> opened) {
+        if (opened || opened.error().message.starts_with(what)) {
+            return opened;
+        }
+        return Error{opened.error().code,
+                     fmt::format("{} {}: {}", what, printable(path), opened.error().message)};
+    }
+
+    bool untrusted_;
+};
+
+class MemorySource final : public LayerSource {
+  public:
+    explicit MemorySource(const OpenOptions& options) : options_(options) {}
+
+    Result<LayerBytes> backing(const ImageState&, const std::string& name, bool) override {
+        if (!options_.backing_resolver) {
+            return Error{ErrorCode::unsupported_feature,
+                         fmt::format("backing file '{}' cannot be opened for an image in memory "
+                                     "(open with BackingMode::none or give a backing_resolver)",
+                                     printable(name))};
+        }
+        auto bytes = options_.backing_resolver(name);
+        if (!bytes) {
+            return Error{ErrorCode::io_error, fmt::format("backing file {}: not found by the "
+                                                          "resolver",
+                                                          printable(name))};
+        }
+        // Layers are told apart by where their bytes start; empty ones are all alike.
+        const auto start = reinterpret_cast<std::uintptr_t>(bytes->data());
+        return LayerBytes{*bytes, nullptr, {}, {bytes->empty() ? 0 : start, 0}};
+    }
+
+    Result<LayerBytes> data_file(const ImageState& layer, const std::optional<std::string>&,
+                                 bool) override {
+        return Error{ErrorCode::unsupported_feature,
+                     fmt::format("an image in memory cannot use its external data file '{}'",
+                                 printable(layer.info.data_file.value_or("")))};
+    }
+
+    std::filesystem::path path_of(const ImageState&, const std::string&, bool) const override {
+        return {};
+    }
+
+    Error loop(const ChainWalk&, const std::string&) const override {
+        return Error{ErrorCode::invalid_table, "backing chain loops (the same bytes twice)"};
+    }
+    bool names_backing_errors() const override { return false; }
+
+  private:
+    const OpenOptions& options_;
+};
+
+Result<void> check_format(const std::optional<std::string>& format) {
     if (format && *format != "raw" && *format != "qcow2" && *format != "qcow") {
         return Error{ErrorCode::unsupported_feature,
                      fmt::format("backing file format '{}' is not supported (raw and qcow2 are)",
-                                 detail::printable(*format))};
+                                 printable(*format))};
     }
-    const bool raw_requested = format && *format == "raw";
-    auto file = detail::MappedFile::open(path, /*allow_empty=*/!top || raw_requested);
-    if (!file) {
-        if (top) { // a backing layer is named by open_backing
-            return Error{file.error().code, fmt::format("{}: {}", detail::printable(path.string()),
-                                                        file.error().message)};
-        }
-        return std::move(file).error();
-    }
-    std::string name = path.string();
-    for (std::size_t i = 0; i < walk.identities.size(); ++i) {
-        if (walk.identities[i] == file->identity()) {
-            std::string chain;
-            for (const std::string& n : walk.names)
-                chain += detail::printable(n) + " -> ";
-            return Error{ErrorCode::invalid_table,
-                         fmt::format("backing chain loops: {}{}", chain, detail::printable(name))};
+    return {};
+}
+
+/// The one layer-opening routine: `opened` parsed as raw or qcow2/qcow (after the loop and
+/// depth checks), its snapshot selected (top layer), its data file and the layers below it
+/// opened through `source`.
+Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes opened,
+                                               const std::optional<std::string>& format,
+                                               const OpenOptions& options, const OpenMode& mode,
+                                               bool top, ChainWalk& walk) {
+    const std::string name = opened.path.string();
+    if (opened.identity != Identity{0, 0} || opened.file) {
+        for (const Identity& seen : walk.identities) {
+            if (seen == opened.identity) {
+                return source.loop(walk, name);
+            }
         }
     }
     if (walk.identities.size() >= kMaxChainLayers) {
         return Error{ErrorCode::invalid_table,
                      fmt::format("backing chain is deeper than {} layers", kMaxChainLayers)};
     }
-    walk.identities.push_back(file->identity());
+    walk.identities.push_back(opened.identity);
     walk.names.push_back(name);
 
-    auto state = std::make_shared<detail::ImageState>();
-    auto mapped = std::make_shared<const detail::MappedFile>(std::move(*file));
-    state->bytes = mapped->bytes();
-    state->data_bytes = state->bytes;
-    state->file = std::move(mapped);
-    state->path = path;
+    auto state = std::make_shared<ImageState>();
+    state->bytes = opened.bytes;
+    state->data_bytes = opened.bytes;
+    state->file = std::move(opened.file);
+    state->path = std::move(opened.path);
+    if (top) {
+        state->mode = mode.parse;
+    }
+    state->mode.salvage = options.salvage;
 
+    const bool raw_requested = format && *format == "raw";
     const bool looks_qcow =
-        state->bytes.size() >= 4 && detail::load_be32(state->bytes.data()) == kQcowMagic;
+        state->bytes.size() >= 4 && load_be32(state->bytes.data()) == kQcowMagic;
     if (raw_requested || (!format && !looks_qcow && !top)) {
         // A raw layer: every byte of the file is guest data (holes read as zeros).
-        state->format = detail::LayerFormat::raw;
+        state->format = LayerFormat::raw;
         state->disk_size = state->bytes.size();
         state->info.virtual_size = state->disk_size;
         state->info.file_size = state->disk_size;
         return state;
     }
-    if (auto ok = detail::parse_image(*state); !ok) {
+    if (auto ok = parse_image(*state); !ok) {
         return std::move(ok).error();
     }
     const ImageInfo& info = state->info;
@@ -154,34 +303,22 @@ Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::pa
         if (info.version == 1) {
             return Error{ErrorCode::invalid_argument, "qcow version 1 images have no snapshots"};
         }
-        if (auto ok = detail::select_snapshot(*state, *options.snapshot); !ok) {
+        if (auto ok = select_snapshot(*state, *options.snapshot); !ok) {
             return std::move(ok).error();
         }
         state->snapshot = *options.snapshot;
     }
-    if (state->has_data_file()) {
-        std::optional<std::filesystem::path> data_path;
-        if (top && options.data_file) {
-            data_path = *options.data_file;
-        } else if (info.data_file) {
-            data_path = relative_to_image(path, *info.data_file);
+    if (state->has_data_file() && mode.open_data_file) {
+        const bool caller_given = top && options.data_file.has_value();
+        std::optional<std::string> data_name =
+            caller_given ? std::optional<std::string>(options.data_file->string()) : info.data_file;
+        if (data_name) {
+            state->data_file_path = source.path_of(*state, *data_name, caller_given);
         }
-        Result<detail::MappedFile> data =
-            Error{ErrorCode::invalid_header,
-                  "the external data file bit is set but the image names no data file"};
-        if (data_path) {
-            state->data_file_path = *data_path;
-            data = detail::MappedFile::open(*data_path, /*allow_empty=*/true);
-            if (!data) {
-                data = Error{data.error().code,
-                             fmt::format("data file {}: {}", detail::printable(data_path->string()),
-                                         data.error().message)};
-            }
-        }
+        auto data = source.data_file(*state, data_name, caller_given);
         if (data) {
-            auto data_file = std::make_shared<const detail::MappedFile>(std::move(*data));
-            state->data_bytes = data_file->bytes();
-            state->data_file = std::move(data_file);
+            state->data_bytes = data->bytes;
+            state->data_file = std::move(data->file);
         } else if (top && !options.require_data_file) {
             state->data_bytes = {}; // never the image file: data clusters must not read from it
             state->data_file_error = std::move(data).error();
@@ -189,125 +326,135 @@ Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::pa
             return std::move(data).error();
         }
     }
-    const bool has_backing = info.backing_file || (top && options.backing_file);
-    if (has_backing && options.backing == BackingMode::follow) {
-        std::filesystem::path backing_path = top && options.backing_file
-                                                 ? *options.backing_file
-                                                 : relative_to_image(path, *info.backing_file);
+    const bool caller_backing = top && options.backing_file.has_value();
+    if ((info.backing_file || caller_backing) && options.backing == BackingMode::follow) {
+        const std::string backing_name =
+            caller_backing ? options.backing_file->string() : *info.backing_file;
         std::optional<std::string> backing_format =
             top && options.backing_format ? options.backing_format : info.backing_format;
-        auto backing = open_backing(backing_path, backing_format, options, walk);
-        if (!backing) {
-            return std::move(backing).error();
+        if (auto ok = check_format(backing_format); !ok) {
+            return std::move(ok).error();
         }
-        state->backing = std::move(*backing);
+        auto below_bytes = source.backing(*state, backing_name, caller_backing);
+        if (!below_bytes) {
+            walk.error_named = true;
+            return std::move(below_bytes).error();
+        }
+        const std::string below_path = below_bytes->path.string();
+        const std::size_t depth = walk.names.size();
+        auto below =
+            open_layer(source, std::move(*below_bytes), backing_format, options, mode, false, walk);
+        // Problems with the backing file itself name it; problems further down come back as
+        // they are.
+        if (!below && source.names_backing_errors() && !walk.error_named &&
+            walk.names.size() <= depth + 1 && !below.error().message.starts_with("backing chain")) {
+            walk.error_named = true;
+            return Error{
+                below.error().code,
+                fmt::format("backing file {}: {}", printable(below_path), below.error().message)};
+        }
+        if (!below) {
+            return std::move(below).error();
+        }
+        state->backing = std::move(*below);
     }
     return state;
 }
 
 } // namespace
 
-Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
-    ChainWalk walk;
+Result<std::shared_ptr<const ImageState>>
+open_chain(const std::filesystem::path& path, const OpenOptions& options, const OpenMode& mode) {
     if (options.format && *options.format != "raw" && *options.format != "qcow2") {
         return Error{ErrorCode::invalid_argument,
                      fmt::format("image format '{}' is not supported (raw and qcow2 are)",
-                                 detail::printable(*options.format))};
+                                 printable(*options.format))};
     }
-    // A raw top image is opened as a raw layer: open_layer's format argument is "raw" only then.
+    // A raw top image is opened as a raw layer: open_layer's format is "raw" only then.
     std::optional<std::string> top_format;
     if (options.format == "raw")
         top_format = "raw";
-    auto state = open_layer(path, top_format, options, true, walk);
+    auto top =
+        FileSource::map(MappedFile::open(path, /*allow_empty=*/top_format.has_value()), path);
+    if (!top) {
+        // MappedFile says what is wrong without naming the file: name it.
+        return Error{top.error().code,
+                     fmt::format("{}: {}", printable(path.string()), top.error().message)};
+    }
+    FileSource source(options.untrusted);
+    ChainWalk walk;
+    auto state = open_layer(source, std::move(*top), top_format, options, mode, true, walk);
     if (!state) {
         return std::move(state).error();
     }
-    return Image(std::move(*state));
+    return std::shared_ptr<const ImageState>(std::move(*state));
 }
 
+Result<std::shared_ptr<const ImageState>> open_chain(Bytes bytes, const OpenOptions& options,
+                                                     const OpenMode& mode) {
+    MemorySource source(options);
+    ChainWalk walk;
+    const auto start = reinterpret_cast<std::uintptr_t>(bytes.data());
+    LayerBytes top{bytes, nullptr, {}, {bytes.empty() ? 0 : start, 0}};
+    auto state = open_layer(source, top, std::nullopt, options, mode, true, walk);
+    if (!state) {
+        return std::move(state).error();
+    }
+    return std::shared_ptr<const ImageState>(std::move(*state));
+}
+
+} // namespace detail
+
+namespace detail {
 namespace {
 
-/// One layer of an in-memory chain: `bytes` parsed as qcow2/qcow (or taken as raw), and the
-/// layers below it found through the resolver. `seen` holds the start of every layer's bytes
-/// so far, to refuse loops.
-Result<std::shared_ptr<detail::ImageState>> open_bytes_layer(std::span<const std::byte> bytes,
-                                                             std::optional<std::string> format,
-                                                             const OpenOptions& options, bool top,
-                                                             std::vector<const std::byte*>& seen) {
-    if (std::find(seen.begin(), seen.end(), bytes.data()) != seen.end() && !bytes.empty()) {
-        return Error{ErrorCode::invalid_table, "backing chain loops (the same bytes twice)"};
-    }
-    if (seen.size() >= kMaxChainLayers) {
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("backing chain is deeper than {} layers", kMaxChainLayers)};
-    }
-    seen.push_back(bytes.data());
-    if (format && *format != "raw" && *format != "qcow2" && *format != "qcow") {
-        return Error{ErrorCode::unsupported_feature,
-                     fmt::format("backing file format '{}' is not supported (raw and qcow2 are)",
-                                 detail::printable(*format))};
-    }
-    auto state = std::make_shared<detail::ImageState>();
-    state->bytes = bytes;
-    state->data_bytes = bytes;
-    const bool looks_qcow = bytes.size() >= 4 && detail::load_be32(bytes.data()) == kQcowMagic;
-    if ((format && *format == "raw") || (!format && !looks_qcow && !top)) {
-        state->format = detail::LayerFormat::raw;
-        state->disk_size = bytes.size();
-        state->info.virtual_size = state->disk_size;
-        state->info.file_size = state->disk_size;
-        return state;
-    }
-    if (auto ok = detail::parse_image(*state); !ok) {
-        return std::move(ok).error();
-    }
-    if (top && options.snapshot) {
-        if (state->info.version == 1) {
-            return Error{ErrorCode::invalid_argument, "qcow version 1 images have no snapshots"};
-        }
-        if (auto ok = detail::select_snapshot(*state, *options.snapshot); !ok) {
-            return std::move(ok).error();
-        }
-        state->snapshot = *options.snapshot;
-    }
-    if (state->has_data_file()) {
-        return Error{ErrorCode::unsupported_feature,
-                     fmt::format("an image in memory cannot use its external data file '{}'",
-                                 detail::printable(state->info.data_file.value_or("")))};
-    }
-    if (state->info.backing_file && options.backing == BackingMode::follow) {
-        const std::string& name = *state->info.backing_file;
-        if (!options.backing_resolver) {
-            return Error{ErrorCode::unsupported_feature,
-                         fmt::format("backing file '{}' cannot be opened for an image in memory "
-                                     "(open with BackingMode::none or give a backing_resolver)",
-                                     detail::printable(name))};
-        }
-        auto backing_bytes = options.backing_resolver(name);
-        if (!backing_bytes) {
-            return Error{
-                ErrorCode::io_error,
-                fmt::format("backing file {}: not found by the resolver", detail::printable(name))};
-        }
-        auto backing =
-            open_bytes_layer(*backing_bytes, state->info.backing_format, options, false, seen);
-        if (!backing) {
-            return std::move(backing).error();
-        }
-        state->backing = std::move(*backing);
-    }
-    return state;
+/// A copy of the top layer carrying the damage a salvage scan found (the layers below are
+/// shared).
+std::shared_ptr<const ImageState> with_salvage(const ImageState& top,
+                                               std::shared_ptr<const SalvageState> salvage) {
+    auto copy = std::make_shared<ImageState>(top);
+    copy->salvage = std::move(salvage);
+    return copy;
 }
 
 } // namespace
+} // namespace detail
 
-Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions& options) {
-    std::vector<const std::byte*> seen;
-    auto state = open_bytes_layer(bytes, std::nullopt, options, true, seen);
+Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
+    auto state = detail::open_chain(path, options, {});
     if (!state) {
         return std::move(state).error();
     }
+    if (options.salvage) {
+        // Find the damage once, with the walk every reader will make.
+        auto scan = detail::scan_for_salvage(Image(*state));
+        if (!scan) {
+            return std::move(scan).error();
+        }
+        *state = detail::with_salvage(**state, std::move(*scan));
+    }
     return Image(std::move(*state));
+}
+
+Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions& options) {
+    auto state = detail::open_chain(bytes, options, {});
+    if (!state) {
+        return std::move(state).error();
+    }
+    if (options.salvage) {
+        auto scan = detail::scan_for_salvage(Image(*state));
+        if (!scan) {
+            return std::move(scan).error();
+        }
+        *state = detail::with_salvage(**state, std::move(*scan));
+    }
+    return Image(std::move(*state));
+}
+
+const SalvageReport& salvage_report(const Image& image) {
+    static const SalvageReport none;
+    const auto& salvage = detail_state(image).salvage;
+    return salvage ? salvage->report : none;
 }
 
 bool Image::maps_file(std::uint64_t device, std::uint64_t inode) const {

@@ -2,27 +2,42 @@
 #pragma once
 
 #include "bytes.hpp"
+#include "entries.hpp"
 #include "mapped_file.hpp"
 
 #include <qcowmap/image.hpp>
+#include <qcowmap/salvage.hpp>
 
+#include <algorithm>
 #include <optional>
 
 namespace qcowmap::detail {
 
-// L1 and standard L2 entry fields (spec "Cluster mapping").
-inline constexpr std::uint64_t kL1OffsetMask = 0x00fffffffffffe00ULL;           // bits 9-55
-inline constexpr std::uint64_t kL1ReservedMask = 0x7f000000000001ffULL;         // bits 0-8, 56-62
-inline constexpr std::uint64_t kL2OffsetMask = 0x00fffffffffffe00ULL;           // bits 9-55
-inline constexpr std::uint64_t kL2StandardReservedMask = 0x3f000000000001feULL; // bits 1-8, 56-61
-inline constexpr std::uint64_t kL2ZeroFlag = 1ULL << 0;
-inline constexpr std::uint64_t kL2CompressedFlag = 1ULL << 62;
-inline constexpr std::uint64_t kL2CopiedFlag = 1ULL << 63;
-inline constexpr std::uint64_t kV1CompressedFlag = 1ULL << 63; // qcow version 1 L2 entries
-inline constexpr std::uint64_t kCompressedSectorSize = 512;
-inline constexpr unsigned kSubclustersPerCluster = 32;
-
 enum class LayerFormat { qcow2, raw };
+
+/// How strictly parse_image reads an image.
+struct ParseMode {
+    /// qemu's BDRV_O_CHECK, the open `check` does: encrypted images parse (only metadata is
+    /// read), an image without a refcount table or with one at offset 0 opens, and the
+    /// snapshot table may run past the end of the file, whose missing bytes read as zeros (the
+    /// check reports what that means, as qemu-img check does: iotest 080).
+    bool check = false;
+    /// OpenOptions::salvage: the L1, refcount and snapshot tables may run past the end of the
+    /// file; their missing entries read as zeros (unallocated), as qemu reads them.
+    bool salvage = false;
+};
+
+/// What an image opened with OpenOptions::salvage found damaged (kept by the top layer).
+struct SalvageState {
+    SalvageReport report;
+    /// Compressed clusters that do not decompress, as (layer depth, stream offset), sorted:
+    /// the walk reads them as zeros.
+    std::vector<std::pair<std::uint32_t, std::uint64_t>> bad_compressed;
+    bool bad(std::uint32_t depth, std::uint64_t host_offset) const {
+        return std::binary_search(bad_compressed.begin(), bad_compressed.end(),
+                                  std::pair{depth, host_offset});
+    }
+};
 
 /// One layer of a chain: a qcow2/qcow image or a raw file, with the layer below it.
 struct ImageState {
@@ -60,12 +75,15 @@ struct ImageState {
     Bytes l1_table;                   // the active L1 table, already bounds-checked
 
     // Compressed cluster descriptor layout (spec "Compressed Clusters Descriptor").
-    unsigned csize_shift = 0;       // x = 62 - (cluster_bits - 8)
-    std::uint64_t csize_mask = 0;   // additional sector count field
-    std::uint64_t coffset_mask = 0; // host offset field
+    CompressedLayout compressed_layout;
 
-    /// Parse encrypted images instead of refusing them (check reads only their metadata).
-    bool allow_encrypted = false;
+    /// Length of the encryption header area (full disk encryption header pointer extension).
+    std::uint64_t encryption_header_length = 0;
+
+    /// How parse_image treats the file (set before parsing).
+    ParseMode mode;
+    /// Top layer of an image opened with OpenOptions::salvage: the damage found at open.
+    std::shared_ptr<const SalvageState> salvage;
 
     std::uint64_t l2_coverage() const { return std::uint64_t{1} << (l2_bits + cluster_bits); }
 };
@@ -84,6 +102,10 @@ inline const ImageState* layer_at(const ImageState& top, std::uint32_t depth) {
 /// the offset.
 Result<void> read_exactly(const FilePosition& position, std::span<std::byte> out);
 
+/// Walks the whole disk of `image` (opened with OpenOptions::salvage) once, the way every
+/// walk will see it, and tries each compressed cluster: the damage, for the top layer.
+Result<std::shared_ptr<const SalvageState>> scan_for_salvage(const Image& image);
+
 /// Points the state at snapshot `wanted` (ID first, then name): its L1 table and size.
 Result<void> select_snapshot(ImageState& state, const std::string& wanted);
 
@@ -93,6 +115,21 @@ Result<void> parse_v1_image(ImageState& state);
 /// Parses and validates the header, extensions and active L1 table of `state.bytes` into
 /// `state` (everything but `file`/`path`).
 Result<void> parse_image(ImageState& state);
+
+/// How a chain is opened beyond the caller's OpenOptions: `check_image` opens like qemu-img
+/// check (BDRV_O_CHECK for the top layer) and, for images in memory, without the data file.
+struct OpenMode {
+    ParseMode parse;
+    bool open_data_file = true;
+};
+
+/// The one way to open an image: the file at `path` (names in images resolved against the
+/// naming image's directory, or confined with `options.untrusted`) or `bytes` in memory (names
+/// resolved by `options.backing_resolver`), its data file and its backing chain.
+Result<std::shared_ptr<const ImageState>>
+open_chain(const std::filesystem::path& path, const OpenOptions& options, const OpenMode& mode);
+Result<std::shared_ptr<const ImageState>> open_chain(Bytes bytes, const OpenOptions& options,
+                                                     const OpenMode& mode);
 
 } // namespace qcowmap::detail
 

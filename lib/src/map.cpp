@@ -12,8 +12,6 @@
 namespace qcowmap {
 namespace {
 
-constexpr std::uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ULL; // bits 9-63
-
 bool entry_mergeable(const MapEntry& current, const MapEntry& next) {
     if (current.length == 0) {
         return false;
@@ -59,10 +57,14 @@ Result<std::uint64_t> layer_refcount(const detail::ImageState& layer, std::uint6
     if (table_index >= table_entries) {
         return std::uint64_t{0};
     }
-    // parse_image checked that the whole refcount table lies inside the file.
+    // Entries of a refcount table that runs past the end of the file read as zeros, as qemu's
+    // block layer reads them (only `check` opens such images).
+    const std::uint64_t entry_at = info.refcount_table_offset + table_index * 8;
+    if (!detail::fits(bytes.size(), entry_at, 8)) {
+        return std::uint64_t{0};
+    }
     const std::uint64_t block_offset =
-        detail::load_be64(bytes.data() + info.refcount_table_offset + table_index * 8) &
-        kRefcountTableOffsetMask;
+        detail::load_be64(bytes.data() + entry_at) & detail::kRefcountTableOffsetMask;
     if (block_offset == 0) {
         return std::uint64_t{0};
     }
@@ -76,26 +78,7 @@ Result<std::uint64_t> layer_refcount(const detail::ImageState& layer, std::uint6
     if (!block) {
         return std::move(block).error();
     }
-    const std::byte* p = block->data();
-    switch (order) {
-    case 0:
-    case 1:
-    case 2: {
-        // Sub-byte widths: bit 0 is the least significant bit of the byte (spec).
-        const unsigned width = 1u << order;
-        const std::uint64_t bit = block_index * width;
-        unsigned byte = std::to_integer<unsigned>(p[bit / 8]);
-        return std::uint64_t{(byte >> (bit % 8)) & ((1u << width) - 1)};
-    }
-    case 3:
-        return std::uint64_t{std::to_integer<unsigned>(p[block_index])};
-    case 4:
-        return std::uint64_t{detail::load_be16(p + block_index * 2)};
-    case 5:
-        return std::uint64_t{detail::load_be32(p + block_index * 4)};
-    default:
-        return detail::load_be64(p + block_index * 8);
-    }
+    return detail::refcount_entry(block->data(), block_index, order);
 }
 
 bool layer_preallocated(const detail::ImageState& layer) {

@@ -69,10 +69,20 @@ for seed in "$dir"/seed*.qcow2; do
   done
 done
 
+# Reference names for the untrusted-resolution target (fuzz_references resolves them in its
+# own directory tree); the other targets see them as tiny junk files.
+mkdir -p "$dir/names"
+i=0
+for name in a.raw sub/b.raw sub/deeper/c.raw link-in sub/up-in link-out sub/up-out abs proc \
+    loop1 dirlink/b.raw fifo ../x sub/../a.raw a.raw/ ./a.raw sub/./deeper/../b.raw \
+    sub/deeper/../../a.raw dirlink/../a.raw; do
+  i=$((i + 1)); printf '%s' "$name" > "$dir/names/name$i"
+done
+
 # QCOWMAP_CORPUS_OUT=DIR keeps the generated seeds (heads only) for a libFuzzer run.
 if [ -n "${QCOWMAP_CORPUS_OUT:-}" ]; then
   mkdir -p "$QCOWMAP_CORPUS_OUT"
-  for seed in "$dir"/seed*.qcow2.head; do cp "$seed" "$QCOWMAP_CORPUS_OUT/"; done
+  for seed in "$dir"/seed*.qcow2.head "$dir"/names/name*; do cp "$seed" "$QCOWMAP_CORPUS_OUT/"; done
 fi
 
 set -- "$dir"

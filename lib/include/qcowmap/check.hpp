@@ -48,6 +48,8 @@ struct CheckResult {
 struct CheckOptions {
     /// How many finding lines to keep in `CheckResult::messages`.
     std::size_t max_messages = 1000;
+    /// Open the backing chain and data file as OpenOptions::untrusted does (path overload).
+    bool untrusted = false;
 };
 
 /// Checks a qcow2 image (version 2 or 3) in memory without modifying it: rebuilds the
@@ -59,8 +61,11 @@ struct CheckOptions {
 /// Memory: one counter per cluster of the real file (`bytes.size() / cluster size`) plus a
 /// sparse record of references that point past the end of the file (at most
 /// 1 Mi distinct clusters; more is reported as an error), never sized by header claims.
-/// Encrypted images are checked too (only metadata is read). An external data file is never
-/// needed: its clusters are not refcounted.
+/// Encrypted images are checked too (only metadata is read). The image is opened as qemu-img
+/// check opens it (BDRV_O_CHECK): one without a refcount table, or with one at offset 0, is
+/// checked (its references are corruptions), and a snapshot table cut off by the end of the
+/// buffer reads as zeros. In memory no backing file or data file is opened (neither holds
+/// references of this image).
 ///
 /// Errors (the image could not be checked at all, exit status 1 in qemu-img's terms): those
 /// of `Image::open_bytes` for a header or table that cannot be parsed (not_qcow2,
@@ -68,8 +73,11 @@ struct CheckOptions {
 /// unsupported_feature for qcow version 1 images, which keep no refcounts.
 Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOptions& options = {});
 
-/// Maps `path` read-only and checks it like the overload above. Errors: also io_error for a
-/// file that cannot be opened or mapped. The file must not be modified while it is checked.
+/// Opens `path` as `Image::open` does and checks it like the overload above. As qemu-img
+/// check, the backing chain and the external data file must open too: a missing backing file
+/// or data file (or a data file bit without a name) is an error. Errors: also io_error for a
+/// file that cannot be opened or mapped, and those of OpenOptions::untrusted with
+/// `options.untrusted`. The file must not be modified while it is checked.
 Result<CheckResult> check_image(const std::filesystem::path& path,
                                 const CheckOptions& options = {});
 

@@ -31,8 +31,10 @@ std::optional<DataFileStatus> data_file_status(const Image& image);
 /// format, version, virtual-size, actual-size, file-size, cluster-size, refcount-bits,
 /// compression-type, extended-l2, lazy-refcounts, dirty, corrupt, incompatible-features,
 /// compatible-features, autoclear-features, header-extensions, backing-filename,
-/// backing-filename-format, data-file, data-file-raw, data-file-found, snapshot-count,
-/// snapshots, bitmaps`) together with those of `qemu-img info --output=json`
+/// backing-filename-format, data-file, data-file-raw, data-file-found, references,
+/// snapshot-count, snapshots, bitmaps`; `references` lists `{kind, name, untrusted-allowed,
+/// untrusted-refusal, missing}` for the backing and data file the header names, see
+/// image_references()) together with those of `qemu-img info --output=json`
 /// (`dirty-flag`, `full-backing-filename`, and `format-specific` with its `type` and `data`),
 /// so that scripts written for either work. A raw image gives `filename, format,
 /// virtual-size, actual-size, dirty-flag`. `filename` is `Image::path()`; the sizes are the

@@ -48,6 +48,26 @@ struct OpenOptions {
     /// and chains deeper than kMaxChainLayers are refused as with files.
     std::function<std::optional<std::span<const std::byte>>(const std::string& name)>
         backing_resolver;
+    /// The image comes from outside (an upload, an exhibit, a template from the internet): a
+    /// backing file or data file name read from any layer's header is followed only when it
+    /// is relative, stays inside the directory of the image naming it once `..` and symlinks
+    /// are resolved, and names a regular file (no device, FIFO, socket, /proc or /sys file).
+    /// Otherwise open fails with unsupported_feature, naming the reference and why (the
+    /// message ends in kUntrustedRefusalMark, <qcowmap/references.hpp>). Names the caller
+    /// passes (`backing_file`, `data_file`) are trusted. The name is opened in the same step
+    /// as it is checked (openat2 RESOLVE_BENEATH where the kernel has it), so a symlink
+    /// swapped in meanwhile cannot escape. Images in memory: names go to backing_resolver.
+    bool untrusted = false;
+    /// Salvage a damaged image (truncated downloads, partial copies): instead of failing at
+    /// the first bad table or cluster, read what can be read, as qemu-img reads a truncated
+    /// file. L1/L2 table entries past the end of the file read as unallocated (a backing
+    /// layer shows through), data past the end as zeros; entries with reserved bits or
+    /// unaligned offsets, compressed clusters past the end of the file or that do not
+    /// decompress read as zeros. The header must still parse. Open then walks the whole
+    /// disk's metadata once and decompresses every compressed cluster once to find the
+    /// damage, listed by salvage_report() (<qcowmap/salvage.hpp>); every read, walk and visit
+    /// of the Image sees the same zeros.
+    bool salvage = false;
 };
 
 /// How `Image::visit` hands data runs that lie in the image's files to the visitor.

@@ -71,6 +71,10 @@ struct qcowmap_open_options {
     const char* snapshot;
     /** Non-zero: ignore the backing file; unallocated ranges read as zeros. */
     int no_backing;
+    /** Non-zero: the image is untrusted. A backing or data file name it holds is followed only
+     * when relative, inside the image's directory (after `..` and symlinks) and a regular file;
+     * otherwise qcowmap_open fails with ENOTSUP and a message saying which name and why. */
+    int untrusted;
 };
 
 /** Opens the image at `path` (relative backing names resolve against its directory).
