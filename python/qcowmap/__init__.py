@@ -12,7 +12,6 @@ the virtual disk that Image.open_raw() returns.
 import io
 
 from ._qcowmap import (  # noqa: F401  (re-exported)
-    HAS_UNTRUSTED,
     Error,
     Extent,
     ExtentIterator,
@@ -21,7 +20,7 @@ from ._qcowmap import (  # noqa: F401  (re-exported)
     open,
 )
 
-__all__ = ["Error", "Extent", "ExtentIterator", "Image", "RawDisk", "open", "HAS_UNTRUSTED"]
+__all__ = ["Error", "Extent", "ExtentIterator", "Image", "RawDisk", "open"]
 
 
 class RawDisk(io.RawIOBase):

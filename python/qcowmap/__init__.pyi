@@ -4,7 +4,6 @@ import os
 from typing import Any, Iterator, Literal, Optional, Union, overload
 
 __version__: str
-HAS_UNTRUSTED: bool
 """True when this build's library has OpenOptions::untrusted (open(..., untrusted=True) works)."""
 
 _Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]

@@ -260,23 +260,6 @@ py::list bitmap_flags(const qcowmap::BitmapEntry& e) {
 // ---------------------------------------------------------------------------------------------
 // The Image.
 
-/// OpenOptions::untrusted arrives with the untrusted-input work; until then the argument is
-/// accepted only as False. Detected at compile time, so the binding picks it up by rebuilding.
-template <typename Options> void set_untrusted(Options& options, bool untrusted) {
-    if constexpr (requires { options.untrusted = untrusted; }) {
-        options.untrusted = untrusted;
-    } else if (untrusted) {
-        throw py::value_error("untrusted=True needs a qcowmap library with OpenOptions::untrusted "
-                              "(this build has none)");
-    }
-}
-
-template <typename Options> constexpr bool has_untrusted() {
-    return requires(Options options) {
-        options.untrusted = true;
-    };
-}
-
 class PyImage {
   public:
     PyImage(Image image, std::string filename)
@@ -511,7 +494,7 @@ PyImage open_image(const py::object& path, const py::object& snapshot, bool back
         throw py::type_error("snapshot must be a str (ID or name), an int (ID) or None");
     if (!data_file.is_none())
         options.data_file = fs_path(data_file);
-    set_untrusted(options, untrusted);
+    options.untrusted = untrusted;
     std::optional<qcowmap::Result<Image>> image;
     {
         py::gil_scoped_release unlocked;
@@ -527,7 +510,6 @@ PyImage open_image(const py::object& path, const py::object& snapshot, bool back
 PYBIND11_MODULE(_qcowmap, m) {
     m.doc() = "qcowmap's C++ core; use the qcowmap package.";
     m.attr("__version__") = std::string(qcowmap::version());
-    m.attr("HAS_UNTRUSTED") = has_untrusted<qcowmap::OpenOptions>();
 
     g_error_type = PyErr_NewExceptionWithDoc(
         "qcowmap.Error",
@@ -637,5 +619,5 @@ PYBIND11_MODULE(_qcowmap, m) {
           py::arg("untrusted") = false,
           "Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file. "
           "snapshot: an internal snapshot's ID or name; backing=False reads only this image; "
-          "data_file: use this external data file; untrusted: see HAS_UNTRUSTED.");
+          "data_file: use this external data file; untrusted=True: the image came from outside; backing and data file names it holds are followed only inside its directory (as --untrusted).");
 }
