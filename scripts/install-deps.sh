@@ -11,6 +11,7 @@ packages=(
   qemu-utils time xxhash libnbd-bin nbdkit nbdkit-plugin-dev
   clang libclang-rt-14-dev clang-format git
   python3  # tests/test_cli.cpp compares JSON documents with it
+  python3-dev pybind11-dev python3-pybind11 python3-pytest
   fuse3 libfuse3-dev
 )
 

@@ -1,0 +1,623 @@
+// qcowmap's Python binding (pybind11): an Image over the C++ library whose data extents are
+// read-only memoryviews straight into the mapping. The pure-Python half (RawDisk, the package's
+// names) is qcowmap/__init__.py; the typed interface is __init__.pyi.
+//
+// Lifetime: every object handed to Python that points into a mapping (a memoryview's owner, an
+// Extent, an iterator) holds its own copy of the qcowmap::Image, i.e. a reference to the shared
+// image state, so the mapping lives as long as the last of them, whatever happens to the
+// Python Image (close, del). Long operations copy the Image under the GIL, then release it.
+#include <qcowmap/bitmap.hpp>
+#include <qcowmap/describe.hpp>
+#include <qcowmap/hash.hpp>
+#include <qcowmap/image.hpp>
+#include <qcowmap/map.hpp>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+using qcowmap::Extent;
+using qcowmap::ExtentKind;
+using qcowmap::Image;
+
+// ---------------------------------------------------------------------------------------------
+// Errors: qcowmap.Error(OSError) with .code (the library's error code name) and .message.
+
+PyObject* g_error_type = nullptr;
+
+/// A library error on its way to Python: thrown in C++ (also from code that runs without the
+/// GIL, whose guard reacquires it while unwinding), turned into qcowmap.Error by the translator.
+struct LibraryError {
+    std::string code;
+    std::string message;
+    std::string filename; ///< the image the error is about; empty when none
+};
+
+[[noreturn]] void raise(const qcowmap::Error& error, const std::string& filename) {
+    throw LibraryError{std::string(qcowmap::to_string(error.code)), error.message, filename};
+}
+
+py::str text(std::string_view s);
+
+void translate(std::exception_ptr pointer) {
+    try {
+        if (pointer)
+            std::rethrow_exception(pointer);
+    } catch (const LibraryError& e) {
+        // Like the CLI's one-line errors: "FILE: what is wrong".
+        std::string line = e.filename.empty() ? e.message : e.filename + ": " + e.message;
+        py::object type = py::reinterpret_borrow<py::object>(g_error_type);
+        // Messages may quote names from the image that are not UTF-8: see text().
+        py::object instance = type(text(line));
+        instance.attr("code") = py::str(e.code);
+        instance.attr("message") = text(e.message);
+        PyErr_SetObject(g_error_type, instance.ptr());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small conversions.
+
+/// Text from an image (names, reasons): UTF-8, undecodable bytes kept as surrogates (as
+/// os.fsdecode does) instead of failing.
+py::str text(std::string_view s) {
+    PyObject* object =
+        PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "surrogateescape");
+    if (!object)
+        throw py::error_already_set();
+    return py::reinterpret_steal<py::str>(object);
+}
+
+/// A path argument: str, bytes or os.PathLike, as the os module takes them.
+std::string fs_path(const py::object& path) {
+    py::object fspath = py::module_::import("os").attr("fsencode")(path);
+    return fspath.cast<std::string>();
+}
+
+std::uint64_t non_negative(long long value, const char* what) {
+    if (value < 0)
+        throw py::value_error(fmt::format("{} must not be negative ({})", what, value));
+    return static_cast<std::uint64_t>(value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zero-copy bytes: a buffer exporter over a span of the mapping that owns a copy of the Image.
+
+struct MappedBytes {
+    Image image; // keeps the mapping alive for as long as any memoryview of it exists
+    const std::byte* data = nullptr;
+    std::size_t size = 0;
+};
+
+py::memoryview mapped_view(const Image& image, std::span<const std::byte> bytes) {
+    py::object owner = py::cast(MappedBytes{image, bytes.data(), bytes.size()});
+    return py::memoryview(py::reinterpret_borrow<py::buffer>(owner));
+}
+
+/// One Decompressor per thread (it holds a cluster buffer and decoder state).
+qcowmap::Decompressor& thread_decompressor() {
+    thread_local qcowmap::Decompressor decompressor;
+    return decompressor;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extents.
+
+/// One extent of the virtual disk as Python sees it. `data` is made on first use: a memoryview
+/// into the mapping (data), None (zero), or the decompressed bytes of the range (compressed).
+struct PyExtent {
+    Image image;
+    Extent extent;
+    std::string filename;
+    py::object data_cache;
+
+    py::object data() {
+        if (data_cache)
+            return data_cache;
+        switch (extent.kind) {
+        case ExtentKind::data:
+            data_cache = mapped_view(image, extent.bytes);
+            break;
+        case ExtentKind::zero:
+            data_cache = py::none();
+            break;
+        case ExtentKind::compressed: {
+            PyObject* raw =
+                PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(extent.length));
+            if (!raw)
+                throw py::error_already_set();
+            py::object bytes = py::reinterpret_steal<py::object>(raw);
+            {
+                py::gil_scoped_release unlocked;
+                auto span = thread_decompressor().decompress(image, extent);
+                if (!span)
+                    raise(span.error(), filename);
+                std::copy(span->begin(), span->end(),
+                          reinterpret_cast<std::byte*>(PyBytes_AS_STRING(raw)));
+            }
+            data_cache = bytes;
+            break;
+        }
+        }
+        return data_cache;
+    }
+};
+
+/// The one place that drives the library's extent walks (Image::extents and a bitmap's dirty
+/// extents, both single-pass input ranges) one extent at a time.
+class Walk {
+  public:
+    virtual ~Walk() = default;
+    /// The next extent, or false at the end or on error.
+    virtual bool next(Extent& out) = 0;
+    /// The error that stopped the walk, or nullptr.
+    virtual const qcowmap::Error* error() const = 0;
+};
+
+template <typename Range> class RangeWalk final : public Walk {
+  public:
+    // On the heap: the range's iterators point to it, so it must not move once begun.
+    explicit RangeWalk(Range range) : range_(std::make_unique<Range>(std::move(range))) {}
+    bool next(Extent& out) override {
+        if (!started_) {
+            started_ = true;
+            iterator_ = range_->begin();
+        } else {
+            ++iterator_;
+        }
+        if (iterator_ == std::default_sentinel)
+            return false;
+        out = *iterator_;
+        return true;
+    }
+    const qcowmap::Error* error() const override {
+        return range_->error() ? &*range_->error() : nullptr;
+    }
+
+  private:
+    std::unique_ptr<Range> range_;
+    typename Range::iterator iterator_;
+    bool started_ = false;
+};
+
+/// Python iterator over extents. The walk runs in C++ without the GIL, a batch at a time.
+class ExtentIterator {
+  public:
+    ExtentIterator(Image image, std::unique_ptr<Walk> walk, std::string filename)
+        : image_(std::move(image)), walk_(std::move(walk)), filename_(std::move(filename)) {}
+
+    PyExtent next() {
+        if (busy_)
+            throw py::value_error("extent iterator already executing in another thread");
+        if (index_ == batch_.size() && !done_) {
+            // Another Python thread may call next() while this one runs without the GIL.
+            busy_ = true;
+            struct Idle {
+                bool& busy;
+                ~Idle() { busy = false; }
+            } idle{busy_};
+            batch_.clear();
+            index_ = 0;
+            {
+                py::gil_scoped_release unlocked;
+                Extent extent;
+                while (batch_.size() < kBatch) {
+                    if (!walk_->next(extent)) {
+                        done_ = true;
+                        break;
+                    }
+                    batch_.push_back(extent);
+                }
+            }
+        }
+        if (index_ < batch_.size())
+            return PyExtent{image_, batch_[index_++], filename_, py::object()};
+        if (const qcowmap::Error* error = walk_->error(); error && !raised_) {
+            raised_ = true; // a failed walk raises once, then ends like any exhausted iterator
+            raise(*error, filename_);
+        }
+        throw py::stop_iteration();
+    }
+
+  private:
+    static constexpr std::size_t kBatch = 256;
+    Image image_;
+    std::unique_ptr<Walk> walk_;
+    std::string filename_;
+    std::vector<Extent> batch_;
+    std::size_t index_ = 0;
+    bool done_ = false;
+    bool busy_ = false;
+    bool raised_ = false;
+};
+
+/// A bitmap's flags by name, as `qcowmap bitmaps --output=json` lists them.
+py::list bitmap_flags(const qcowmap::BitmapEntry& e) {
+    py::list flags;
+    if (e.in_use())
+        flags.append("in-use");
+    if (e.enabled())
+        flags.append("auto");
+    if (e.flags & qcowmap::kBitmapExtraDataCompatible)
+        flags.append("extra-data-compatible");
+    return flags;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Image.
+
+class PyImage {
+  public:
+    PyImage(Image image, std::string filename)
+        : image_(std::move(image)), filename_(std::move(filename)) {}
+
+    /// The image for one operation (a cheap copy that keeps the mapping alive during it).
+    Image get() const {
+        if (!image_)
+            throw py::value_error("I/O operation on closed image");
+        return *image_;
+    }
+    void close() { image_.reset(); }
+    bool closed() const { return !image_; }
+    const std::string& filename() const { return filename_; }
+
+    std::uint64_t size() const { return get().size(); }
+
+    /// `qcowmap info --output=json` of the top layer, parsed: the library's own JSON, so the
+    /// two never differ.
+    py::object info() const {
+        std::string json = qcowmap::info_json(get());
+        return py::module_::import("json").attr("loads")(text(json));
+    }
+
+    py::list layers() const {
+        py::list out;
+        for (const qcowmap::LayerInfo& layer : get().layers()) {
+            py::dict d;
+            d["filename"] = text(layer.path.string());
+            d["format"] = layer.format;
+            d["virtual-size"] = layer.virtual_size;
+            out.append(d);
+        }
+        return out;
+    }
+
+    ExtentIterator extents(long long start, std::optional<long long> end) const {
+        Image image = get();
+        std::uint64_t from = non_negative(start, "start");
+        std::uint64_t to = end ? non_negative(*end, "end") : UINT64_MAX;
+        auto walk = std::make_unique<RangeWalk<qcowmap::ExtentRange>>(image.extents(from, to));
+        return ExtentIterator(image, std::move(walk), filename_);
+    }
+
+    ExtentIterator dirty_extents(const std::string& name, long long start,
+                                 std::optional<long long> end) const {
+        Image image = get();
+        std::uint64_t from = non_negative(start, "start");
+        std::uint64_t to = end ? non_negative(*end, "end") : UINT64_MAX;
+        auto bitmap = qcowmap::DirtyBitmap::open(image, name);
+        if (!bitmap)
+            raise(bitmap.error(), filename_);
+        auto walk =
+            std::make_unique<RangeWalk<qcowmap::DirtyExtentRange>>(bitmap->dirty_extents(from, to));
+        return ExtentIterator(image, std::move(walk), filename_);
+    }
+
+    py::bytes read(long long offset_arg, long long length_arg) const {
+        Image image = get();
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        const std::uint64_t length = non_negative(length_arg, "length");
+        const std::uint64_t size = image.size();
+        // Beyond the end: the library's out_of_range error, from an empty read.
+        const std::uint64_t n = offset <= size ? std::min(length, size - offset) : 0;
+        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
+        if (!raw)
+            throw py::error_already_set();
+        py::bytes bytes = py::reinterpret_steal<py::bytes>(raw);
+        std::span<std::byte> dest(reinterpret_cast<std::byte*>(PyBytes_AS_STRING(raw)), n);
+        read_span(image, dest, offset);
+        return bytes;
+    }
+
+    std::size_t readinto(long long offset_arg, const py::object& buffer) const {
+        Image image = get();
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        Py_buffer view;
+        if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+            // As io.FileIO.readinto says it.
+            PyErr_Clear();
+            throw py::type_error(
+                fmt::format("readinto() argument must be read-write bytes-like object, not {}",
+                            Py_TYPE(buffer.ptr())->tp_name));
+        }
+        std::unique_ptr<Py_buffer, void (*)(Py_buffer*)> release(&view, PyBuffer_Release);
+        std::span<std::byte> dest(static_cast<std::byte*>(view.buf),
+                                  static_cast<std::size_t>(view.len));
+        return read_span(image, dest, offset);
+    }
+
+    py::list map(long long start, std::optional<long long> length) const {
+        Image image = get();
+        qcowmap::MapOptions options;
+        options.start = non_negative(start, "start");
+        if (length)
+            options.length = non_negative(*length, "length");
+        std::vector<qcowmap::MapEntry> entries;
+        {
+            py::gil_scoped_release unlocked;
+            auto ok = qcowmap::map_image(image, options,
+                                         [&](const qcowmap::MapEntry& e) -> qcowmap::Result<void> {
+                                             entries.push_back(e);
+                                             return {};
+                                         });
+            if (!ok)
+                raise(ok.error(), filename_);
+        }
+        // The keys and their order of `qemu-img map --output=json` (compressed: qemu 8.2+).
+        py::list out;
+        for (const qcowmap::MapEntry& e : entries) {
+            py::dict d;
+            d["start"] = e.start;
+            d["length"] = e.length;
+            d["depth"] = e.depth;
+            d["present"] = e.present;
+            d["zero"] = e.zero;
+            d["data"] = e.data;
+            d["compressed"] = e.compressed;
+            if (e.offset)
+                d["offset"] = *e.offset;
+            out.append(d);
+        }
+        return out;
+    }
+
+    py::list bitmaps() const {
+        Image image = get();
+        std::vector<qcowmap::BitmapSummary> summaries;
+        {
+            py::gil_scoped_release unlocked;
+            summaries = qcowmap::list_bitmaps(image);
+        }
+        // The keys of `qcowmap bitmaps --output=json`.
+        py::list out;
+        for (const qcowmap::BitmapSummary& s : summaries) {
+            py::dict d;
+            d["name"] = text(s.entry.name);
+            d["granularity"] = s.entry.granularity();
+            d["flags"] = bitmap_flags(s.entry);
+            d["enabled"] = s.entry.enabled();
+            d["in-use"] = s.entry.in_use();
+            d["consistent"] = s.entry.consistent();
+            d["usable"] = !s.error.has_value();
+            d["error"] = s.error ? py::object(text(s.error->message)) : py::object(py::none());
+            d["dirty-bytes"] =
+                s.dirty_bytes ? py::object(py::int_(*s.dirty_bytes)) : py::object(py::none());
+            out.append(d);
+        }
+        return out;
+    }
+
+    py::object hash(const std::string& algo, std::optional<long long> block_size,
+                    unsigned threads) const {
+        Image image = get();
+        auto algorithm = qcowmap::parse_hash_algorithm(algo);
+        if (!algorithm)
+            throw py::value_error(fmt::format(
+                "unknown hash algorithm '{}' (sha256, sha512, blake2b512, xxh3-128)", algo));
+        if (!block_size) {
+            qcowmap::HashOptions options;
+            options.algorithm = *algorithm;
+            options.threads = threads;
+            std::string hex;
+            {
+                py::gil_scoped_release unlocked;
+                auto digest = qcowmap::hash_image(image, options);
+                if (!digest)
+                    raise(digest.error(), filename_);
+                hex = digest->hex();
+            }
+            return py::str(hex);
+        }
+        qcowmap::BlockHashOptions options;
+        options.algorithm = *algorithm;
+        options.block_size = non_negative(*block_size, "block_size");
+        options.threads = threads;
+        std::vector<qcowmap::BlockDigest> blocks;
+        {
+            py::gil_scoped_release unlocked;
+            auto ok = qcowmap::hash_blocks(
+                image, options, [&](const qcowmap::BlockDigest& b) -> qcowmap::Result<void> {
+                    blocks.push_back(b);
+                    return {};
+                });
+            if (!ok)
+                raise(ok.error(), filename_);
+        }
+        // The entries of `qcowmap hash --block-size=N --output=json`'s "blocks".
+        py::list out;
+        for (const qcowmap::BlockDigest& b : blocks) {
+            py::dict d;
+            d["index"] = b.index;
+            d["offset"] = b.offset;
+            d["length"] = b.length;
+            d["digest"] = b.digest.hex();
+            d["zero"] = b.zero;
+            out.append(d);
+        }
+        return out;
+    }
+
+  private:
+    /// Reads into `dest` (fewer bytes only at the end of the disk). Small reads keep the GIL:
+    /// dropping and retaking it costs more than they do.
+    std::size_t read_span(const Image& image, std::span<std::byte> dest,
+                          std::uint64_t offset) const {
+        constexpr std::size_t kReleaseGilAbove = 16 * 1024;
+        std::optional<py::gil_scoped_release> unlocked;
+        if (dest.size() > kReleaseGilAbove)
+            unlocked.emplace();
+        auto n = image.read(dest, offset);
+        if (!n)
+            raise(n.error(), filename_);
+        return *n;
+    }
+
+    std::optional<Image> image_;
+    std::string filename_;
+};
+
+PyImage open_image(const py::object& path, const py::object& snapshot, bool backing,
+                   const py::object& data_file, bool untrusted) {
+    std::string filename = fs_path(path);
+    qcowmap::OpenOptions options;
+    options.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
+    // A snapshot is named by its ID or its name; an int is taken as the ID.
+    if (py::isinstance<py::int_>(snapshot) && !py::isinstance<py::bool_>(snapshot))
+        options.snapshot = py::str(snapshot).cast<std::string>();
+    else if (py::isinstance<py::str>(snapshot))
+        options.snapshot = snapshot.cast<std::string>();
+    else if (!snapshot.is_none())
+        throw py::type_error("snapshot must be a str (ID or name), an int (ID) or None");
+    if (!data_file.is_none())
+        options.data_file = fs_path(data_file);
+    options.untrusted = untrusted;
+    std::optional<qcowmap::Result<Image>> image;
+    {
+        py::gil_scoped_release unlocked;
+        image.emplace(Image::open(filename, options));
+    }
+    if (!*image)
+        raise(image->error(), filename);
+    return PyImage(std::move(**image), filename);
+}
+
+} // namespace
+
+PYBIND11_MODULE(_qcowmap, m) {
+    m.doc() = "qcowmap's C++ core; use the qcowmap package.";
+    m.attr("__version__") = std::string(qcowmap::version());
+
+    g_error_type = PyErr_NewExceptionWithDoc(
+        "qcowmap.Error",
+        "An image could not be opened or read. .code is the library's error code name "
+        "(\"not_qcow2\", \"io_error\", ...), .message the library's message; str() is "
+        "\"FILE: message\".",
+        PyExc_OSError, nullptr);
+    if (!g_error_type)
+        throw py::error_already_set();
+    m.attr("Error") = py::reinterpret_borrow<py::object>(g_error_type);
+    py::register_exception_translator(translate);
+
+    py::class_<MappedBytes>(m, "_MappedBytes", py::buffer_protocol())
+        .def_buffer([](MappedBytes& b) {
+            return py::buffer_info(const_cast<std::byte*>(b.data), 1, "B", 1,
+                                   {static_cast<py::ssize_t>(b.size)}, {py::ssize_t{1}},
+                                   /*readonly=*/true);
+        });
+
+    py::class_<PyExtent>(m, "Extent",
+                         "A run [offset, offset + length) of the virtual disk whose bytes are all "
+                         "obtained one way (kind \"data\", \"zero\" or \"compressed\").")
+        .def_property_readonly(
+            "offset", [](const PyExtent& e) { return e.extent.offset; },
+            "Start in the virtual disk.")
+        .def_property_readonly(
+            "length", [](const PyExtent& e) { return e.extent.length; }, "Bytes covered (never 0).")
+        .def_property_readonly(
+            "kind", [](const PyExtent& e) { return qcowmap::to_string(e.extent.kind); },
+            "\"data\", \"zero\" or \"compressed\".")
+        .def_property_readonly(
+            "present", [](const PyExtent& e) { return e.extent.present; },
+            "False where no layer allocates the range (qemu-img map's \"present\").")
+        .def_property_readonly(
+            "depth", [](const PyExtent& e) { return e.extent.depth; },
+            "The layer that supplied the range: 0 is the image itself.")
+        .def_property_readonly(
+            "host_offset",
+            [](const PyExtent& e) -> std::optional<std::uint64_t> { return e.extent.host_offset; },
+            "Where the run starts in its host file (the layer's file or its data file), or None.")
+        .def_property_readonly("data", &PyExtent::data,
+                               "data: a read-only memoryview straight into the mapping (no copy), "
+                               "valid as long as it lives, even after the Image is closed; zero: "
+                               "None; compressed: the decompressed bytes of the range.")
+        .def("__repr__", [](const PyExtent& e) {
+            return fmt::format("Extent(offset={}, length={}, kind='{}', present={}, depth={})",
+                               e.extent.offset, e.extent.length, qcowmap::to_string(e.extent.kind),
+                               e.extent.present ? "True" : "False", e.extent.depth);
+        });
+
+    py::class_<ExtentIterator>(m, "ExtentIterator",
+                               "Extents in disk order; the walk runs in C++ without the GIL. An "
+                               "error met on the way raises qcowmap.Error after the extents "
+                               "before it.")
+        .def("__iter__", [](py::object self) { return self; })
+        .def("__next__", &ExtentIterator::next);
+
+    py::class_<PyImage>(m, "Image",
+                        "A qcow2 image opened read-only through a memory mapping "
+                        "(qcowmap.open). Immutable: share it across threads.")
+        .def_property_readonly("size", &PyImage::size,
+                               "The virtual disk size in bytes (the snapshot's when one was "
+                               "opened).")
+        .def_property_readonly(
+            "path", [](const PyImage& i) { return text(i.filename()); }, "The path as opened.")
+        .def_property_readonly("info", &PyImage::info,
+                               "What `qcowmap info --output=json PATH` prints, as a dict "
+                               "(qcowmap::info_json).")
+        .def_property_readonly("layers", &PyImage::layers,
+                               "The chain as opened, top first: dicts of filename, format, "
+                               "virtual-size.")
+        .def_property_readonly("closed", &PyImage::closed)
+        .def("close", &PyImage::close,
+             "Drops this object's reference to the mapping; memoryviews of extents keep theirs.")
+        .def("__enter__", [](py::object self) { return self; })
+        .def("__exit__", [](PyImage& i, const py::args&) { i.close(); })
+        .def("extents", &PyImage::extents, py::arg("start") = 0, py::arg("end") = py::none(),
+             "Extents covering [start, min(end, size)), in order.")
+        .def("dirty_extents", &PyImage::dirty_extents, py::arg("name"), py::arg("start") = 0,
+             py::arg("end") = py::none(),
+             "The extents of the dirty ranges of persistent bitmap `name` only (what an "
+             "incremental backup copies).")
+        .def("read", &PyImage::read, py::arg("offset"), py::arg("length"),
+             "`length` bytes of the virtual disk at `offset`: fewer only at the end of the disk.")
+        .def("readinto", &PyImage::readinto, py::arg("offset"), py::arg("buffer"),
+             "Fills the writable `buffer` from `offset`; returns the bytes copied (fewer only "
+             "at the end of the disk).")
+        .def("map", &PyImage::map, py::arg("start") = 0, py::arg("length") = py::none(),
+             "The entries of `qemu-img map --output=json` as dicts.")
+        .def("bitmaps", &PyImage::bitmaps, "What `qcowmap bitmaps --output=json` prints, as dicts.")
+        .def("hash", &PyImage::hash, py::arg("algo") = "sha256", py::arg("block_size") = py::none(),
+             py::arg("threads") = 0,
+             "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128), "
+             "or with block_size the block manifest: dicts of index, offset, length, digest, "
+             "zero. threads 0: one per core.")
+        .def(
+            "open_raw",
+            [](py::object self) { return py::module_::import("qcowmap").attr("RawDisk")(self); },
+            "The virtual disk as a read-only, seekable io.RawIOBase (qcowmap.RawDisk).")
+        .def("__repr__", [](const PyImage& i) {
+            return fmt::format("<qcowmap.Image '{}'{}>", i.filename(),
+                               i.closed() ? " (closed)" : fmt::format(" size={}", i.size()));
+        });
+
+    m.def("open", &open_image, py::arg("path"), py::arg("snapshot") = py::none(),
+          py::arg("backing") = true, py::arg("data_file") = py::none(),
+          py::arg("untrusted") = false,
+          "Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file. "
+          "snapshot: an internal snapshot's ID or name; backing=False reads only this image; "
+          "data_file: use this external data file; untrusted=True: the image came from outside; backing and data file names it holds are followed only inside its directory (as --untrusted).");
+}
