@@ -619,5 +619,7 @@ PYBIND11_MODULE(_qcowmap, m) {
           py::arg("untrusted") = false,
           "Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file. "
           "snapshot: an internal snapshot's ID or name; backing=False reads only this image; "
-          "data_file: use this external data file; untrusted=True: the image came from outside; backing and data file names it holds are followed only inside its directory (as --untrusted).");
+          "data_file: use this external data file; untrusted=True: the image came from outside; "
+          "backing and data file names it holds are followed only inside its directory (as "
+          "--untrusted).");
 }
