@@ -7,7 +7,7 @@
 #   scripts/fuzz.sh [SECONDS]            every target, SECONDS each
 #   FUZZ_TARGETS="fuzz_check" scripts/fuzz.sh 600
 #
-# Each target runs at `nice -n 19` (the machine stays usable), one at a time. A crash, leak or
+# Each target runs at `nice -n 19` (FUZZ_NICE to change; the machine stays usable), one at a time. A crash, leak or
 # timeout is kept as fuzz-corpus/artifacts/<target>-crash-<sha1> (or -leak-, -timeout-); fix it
 # and copy it to tests/fuzz/regressions/ under a name saying what it found. Ends with a table:
 # executions, coverage (edges, "cov") and features ("ft") reached, corpus size and findings.
@@ -44,7 +44,7 @@ for t in $targets; do
   log="$corpus/$t.log"
   # New inputs go to the first directory (the persistent corpus); seeds and regressions are
   # read only.
-  nice -n 19 "$build/tests/fuzz/$t" -max_total_time="$seconds" -max_len=262144 -timeout=20 \
+  nice -n "${FUZZ_NICE:-19}" "$build/tests/fuzz/$t" -max_total_time="$seconds" -max_len=262144 -timeout=20 \
     -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$PWD/$corpus/artifacts/$t-" \
     "$corpus/$t" "$corpus/seeds" tests/fuzz/regressions >"$log" 2>&1
   rc=$?
