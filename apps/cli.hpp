@@ -57,9 +57,10 @@ void guard_against_shrinking(std::string_view file, int exit_code = kExitImageEr
 /// nullopt on failure.
 std::optional<Image> open_or_report(const ImageArgs& args);
 
-/// Adds `--io=read|mmap` to a command that streams disk data: "read" (the default) reads data
-/// runs with pread into a cache-sized buffer, "mmap" consumes them from the mapping with no
-/// copy. Both give the same bytes; which is faster depends on the machine (README).
+/// Adds `--io=auto|read|mmap` to a command that streams disk data: "mmap" consumes data runs
+/// from the mapping with no copy, "read" reads them with pread into a cache-sized buffer, and
+/// "auto" (the default) takes whichever costs less on this machine, measured once at run time
+/// (automatic_data_access). All give the same bytes.
 void add_io_option(CLI::App& command, DataAccess& access);
 
 /// Parses "4096", "64k", "1M", "2G", "1T" (binary units) into bytes.

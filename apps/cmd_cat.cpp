@@ -54,6 +54,9 @@ class Output {
         return true;
     }
 
+    /// True when mapped bytes go to the pipe by reference (the kernel never reads them).
+    bool splices() const { return splice_; }
+
   private:
     bool splice_ = false;
 };
@@ -96,7 +99,9 @@ Command add_cat(CLI::App& app) {
                         }
                         return {};
                     },
-                    VisitOptions{worker_threads(), DataAccess::mapping});
+                    // The workers map the pages ahead; write() reads them, vmsplice does not.
+                    VisitOptions{worker_threads(), DataAccess::mapping,
+                                 output.splices() ? Prefetch::populate : Prefetch::touch});
                 if (!result) {
                     return write_failed
                                ? report("<stdout>", result.error().message, kExitOutputError)

@@ -37,7 +37,7 @@ struct CompareArgs {
     std::string format1, format2;
     bool strict = false;
     bool quiet = false;
-    DataAccess io = DataAccess::read;
+    DataAccess io = DataAccess::automatic;
 };
 
 std::optional<Image> open_side(const std::string& path, const std::string& format) {

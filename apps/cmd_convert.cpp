@@ -256,7 +256,7 @@ Command add_convert(CLI::App& app) {
     command->add_option("-S,--sparse-size", *sparse_size,
                         "Also leave holes for data blocks of this size that hold only zeros "
                         "(like qemu-img convert -S; default 4k, 0 disables)");
-    auto io = std::make_shared<DataAccess>(DataAccess::read);
+    auto io = std::make_shared<DataAccess>(DataAccess::automatic);
     add_io_option(*command, *io);
     auto bitmap = std::make_shared<std::string>();
     command->add_option("--bitmap", *bitmap,
@@ -319,10 +319,12 @@ Command add_convert(CLI::App& app) {
             bool write_failed = false;
             const std::uint64_t block = sparse ? *zero_block : 0;
             // Without zero detection data runs are copied inside the kernel, which needs
-            // their file positions (mapping mode); with it, data is read ahead into small
-            // buffers (--io=read, the default) that the zero check and pwrite then find
-            // in the cache.
-            const VisitOptions visit{worker_threads(), block == 0 ? DataAccess::mapping : *io};
+            // their file positions (mapping mode); with it, data comes from the mapping made
+            // present ahead by the workers (--io=mmap) or is read ahead into small buffers
+            // (--io=read); --io=auto picks the cheaper on this machine.
+            const VisitOptions visit =
+                block == 0 ? VisitOptions{worker_threads(), DataAccess::mapping, Prefetch::none}
+                           : VisitOptions{worker_threads(), *io, Prefetch::touch};
             auto result = image->visit(
                 0, UINT64_MAX,
                 [&](const Run& run) -> Result<void> {
