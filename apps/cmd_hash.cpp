@@ -16,7 +16,7 @@ struct HashArgs {
     std::string block_size;
     bool json = false;
     unsigned threads = 0;
-    DataAccess io = DataAccess::read;
+    DataAccess io = DataAccess::automatic;
     ImageArgs open; // --backing, --data-file, --snapshot (its path is set per image)
 };
 
@@ -40,36 +40,45 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
     if (args.json)
         out.text += "[";
     bool first = true;
-    for (const std::string& path : args.images) {
+    HashOptions options;
+    options.algorithm = algorithm;
+    options.threads = args.threads;
+    options.data_access = args.io;
+    // Several images are hashed at once, one per core, and printed in argument order.
+    std::string names;
+    for (const std::string& path : args.images)
+        names += (names.empty() ? "" : ", ") + path;
+    guard_against_shrinking(names);
+    auto open = [&](std::size_t i) {
         ImageArgs image_args = args.open;
-        image_args.path = path;
-        auto image = open_or_report(image_args);
-        if (!image) {
-            status = kExitImageError;
-            continue; // like sha256sum: report, go on with the next file
-        }
-        HashOptions options;
-        options.algorithm = algorithm;
-        options.threads = args.threads;
-        options.data_access = args.io;
-        auto digest = hash_image(*image, options);
-        if (!digest) {
-            report(path, digest.error().message, kExitImageError);
-            status = kExitImageError;
-            continue;
-        }
-        if (args.json) {
-            out.text += fmt::format("{}\n{{\"image\": {}, \"algorithm\": \"{}\", \"size\": {}, "
-                                    "\"digest\": \"{}\"}}",
-                                    first ? "" : ",", json_string(path), to_string(algorithm),
-                                    image->size(), digest->hex());
-        } else {
-            // coreutils' format: digest, two spaces (text mode), name.
-            out.text += fmt::format("{}  {}\n", digest->hex(), path);
-        }
-        first = false;
-        out.flush(); // one line per image as soon as it is known
-    }
+        image_args.path = args.images[i];
+        return Image::open(image_args.path, image_args.open_options());
+    };
+    (void)hash_images(args.images.size(), open, options,
+                      [&](std::size_t i, const Result<ImageDigest>& digest) -> Result<void> {
+                          const std::string& path = args.images[i];
+                          if (!digest) {
+                              // like sha256sum: report, go on with the next file
+                              out.flush();
+                              std::fflush(stdout);
+                              report(path, digest.error().message, kExitImageError);
+                              status = kExitImageError;
+                              return {};
+                          }
+                          if (args.json) {
+                              out.text += fmt::format(
+                                  "{}\n{{\"image\": {}, \"algorithm\": \"{}\", \"size\": {}, "
+                                  "\"digest\": \"{}\"}}",
+                                  first ? "" : ",", json_string(path), to_string(algorithm),
+                                  digest->size, digest->digest.hex());
+                          } else {
+                              // coreutils' format: digest, two spaces (text mode), name.
+                              out.text += fmt::format("{}  {}\n", digest->digest.hex(), path);
+                          }
+                          first = false;
+                          out.flush(); // one line per image as soon as it is known
+                          return {};
+                      });
     if (args.json)
         out.text += "\n]\n";
     out.flush();
