@@ -34,6 +34,8 @@ constexpr std::uint64_t kSector = 512; // BDRV_SECTOR_SIZE
 // prefetch window (both sides' pieces of a step go into the same job).
 constexpr std::uint64_t kComparePiece = 1024 * 1024;
 constexpr std::size_t kMaxGroupedPieces = 64;
+// Compared pages are dropped this many bytes at a time.
+constexpr std::uint64_t kReleaseBatch = 4 * 1024 * 1024;
 constexpr unsigned kMaxThreads = 64;
 
 alignas(4096) const std::byte kZeros[64 * 1024] = {};
@@ -258,22 +260,35 @@ class Planner {
     std::optional<int> failed_;
 };
 
-/// One job of the ring, for one side: a compressed cluster, a piece to read, or a group of
-/// mapped pieces (of either side) to make present.
+/// Adds `bytes` to `ranges`, extending a range it continues: a step's pieces alternate
+/// between the two files, each of whose runs usually follow on from the last.
+void add_pages(std::vector<std::span<const std::byte>>& ranges, std::span<const std::byte> bytes) {
+    for (auto it = ranges.rbegin(); it != ranges.rend(); ++it) {
+        if (it->data() + it->size() == bytes.data()) {
+            *it = {it->data(), it->size() + bytes.size()};
+            return;
+        }
+    }
+    ranges.push_back(bytes);
+}
+
+/// One job of the ring: a compressed cluster of one side to decompress, or a group of data
+/// pieces (of either side, in the order the caller compares them) to make present or to read
+/// into one buffer, back to back, about kPrefetchWindowBytes in all: a fragmented image's
+/// 64 KiB runs would otherwise cost a hand-over each.
 struct Job {
-    Source source = Source::none;
-    int side = 0;
-    std::uint64_t pos = 0; // read: the piece; compressed: the cluster's extent
-    std::uint64_t length = 0;
-    Extent extent; // compressed
-    std::optional<FilePosition> read_from;
+    Source source = Source::none; // mapped, read or compressed
+    int side = 0;                 // compressed
+    Extent extent;                // compressed
     std::vector<std::byte> buffer;
     struct Tag {
         int side;
         std::uint64_t pos;
         std::uint64_t length;
+        FilePosition from; // read: where the piece is in its file
+        std::size_t at;    // read: where it goes in `buffer`
     };
-    std::vector<Tag> pieces;                               // mapped
+    std::vector<Tag> pieces;                               // mapped and read
     std::vector<std::span<const std::byte>> pages;         // mapped: the address ranges, merged
     std::vector<std::span<const std::byte>> release_first; // pages the caller is done with
 };
@@ -320,47 +335,46 @@ class Prefetcher {
 
     bool idle() const { return workers_->started() == 0; }
 
-    /// The bytes of side `i` for `step`, taken from the job that produced them: `buffer`
-    /// receives a read piece or a decompressed cluster (by swap; the old one goes back to the
-    /// ring), mapped bytes stay in the mapping.
+    /// The bytes of side `i` for `step`, taken from the job that produced them. Data stays in
+    /// the mapping or in the group's buffer (valid until the group after next is taken, so both
+    /// sides of a step stay valid); a decompressed cluster is swapped into `cluster` (the old
+    /// buffer goes back to the ring).
     Result<std::span<const std::byte>> take(const Step& step, int i,
-                                            std::vector<std::byte>& buffer) {
+                                            std::vector<std::byte>& cluster) {
         const Source source = step.source[i];
         const Extent& e = step.extent[i];
         const std::uint64_t length = step.end - step.pos;
-        if (source == Source::mapped) {
-            if (used_ == group_.pieces.size()) {
-                auto job = front(source, i, step.pos);
-                if (!job)
-                    return std::move(job).error();
-                finish_group();
-                group_.pieces.swap((*job)->pieces);
-                group_.pages.swap((*job)->pages);
-                workers_->release();
-            }
-            const Job::Tag& tag = group_.pieces[used_];
-            if (tag.side != i || tag.pos != step.pos || tag.length != length)
+        if (source == Source::compressed) {
+            auto job = front(source);
+            if (!job)
+                return std::move(job).error();
+            if ((*job)->side != i || (*job)->extent.offset != e.offset ||
+                (*job)->extent.compressed_host_offset != e.compressed_host_offset) {
                 return lost_place();
-            ++used_;
-            return e.bytes.subspan(step.pos - e.offset, length);
+            }
+            cluster.swap((*job)->buffer);
+            workers_->release();
+            return std::span<const std::byte>(cluster);
         }
-        auto job = front(source, i, source == Source::read ? step.pos : e.offset);
-        if (!job)
-            return std::move(job).error();
-        if ((source == Source::read && (*job)->length != length) ||
-            (source == Source::compressed &&
-             (*job)->extent.compressed_host_offset != e.compressed_host_offset)) {
-            return lost_place();
-        }
-        buffer.swap((*job)->buffer);
-        workers_->release();
-        return std::span<const std::byte>(buffer);
-    }
-
-    /// The caller compared everything it took: mapped pages of finished groups may go.
-    void step_done() {
-        if (used_ == group_.pieces.size())
+        if (used_ == group_.pieces.size()) {
+            auto job = front(source);
+            if (!job)
+                return std::move(job).error();
             finish_group();
+            group_.pieces.swap((*job)->pieces);
+            group_.pages.swap((*job)->pages);
+            // The other buffer may still hold the other side's bytes of this step.
+            current_ ^= 1;
+            group_buffers_[current_].swap((*job)->buffer);
+            workers_->release();
+        }
+        const Job::Tag& tag = group_.pieces[used_];
+        if (tag.side != i || tag.pos != step.pos || tag.length != length)
+            return lost_place();
+        ++used_;
+        if (source == Source::mapped)
+            return e.bytes.subspan(step.pos - e.offset, length);
+        return std::span<const std::byte>(group_buffers_[current_]).subspan(tag.at, length);
     }
 
   private:
@@ -373,9 +387,41 @@ class Prefetcher {
             for (const auto& pages : job.pages)
                 detail::populate_pages(pages, Prefetch::touch);
             return {};
-        case Source::read:
-            job.buffer.resize(static_cast<std::size_t>(job.length));
-            return detail::read_exactly(*job.read_from, job.buffer);
+        case Source::read: {
+            // Each side's pieces lie back to back in the buffer: pieces that follow on from
+            // each other in the file too (a fragmented image's runs usually do) are one pread.
+            std::size_t total = 0;
+            for (const Job::Tag& tag : job.pieces)
+                total = std::max(total, tag.at + static_cast<std::size_t>(tag.length));
+            job.buffer.resize(total);
+            for (int side = 0; side < 2; ++side) {
+                std::optional<FilePosition> from;
+                std::size_t at = 0, length = 0;
+                auto flush = [&]() -> Result<void> {
+                    if (length == 0)
+                        return {};
+                    return detail::read_exactly(
+                        *from, std::span<std::byte>(job.buffer).subspan(at, length));
+                };
+                for (const Job::Tag& tag : job.pieces) {
+                    if (tag.side != side)
+                        continue;
+                    if (length > 0 && tag.from.fd == from->fd &&
+                        tag.from.offset == from->offset + length && tag.at == at + length) {
+                        length += static_cast<std::size_t>(tag.length);
+                        continue;
+                    }
+                    if (auto ok = flush(); !ok)
+                        return ok;
+                    from = tag.from;
+                    at = tag.at;
+                    length = static_cast<std::size_t>(tag.length);
+                }
+                if (auto ok = flush(); !ok)
+                    return ok;
+            }
+            return {};
+        }
         default: {
             const detail::ImageState* layer =
                 detail::layer_at(detail_state(image), job.extent.depth);
@@ -390,23 +436,21 @@ class Prefetcher {
                                           "metadata disagree)"};
     }
 
-    Result<Job*> front(Source source, int side, std::uint64_t pos) {
+    Result<Job*> front(Source source) {
         top_up();
         if (workers_->empty())
             return lost_place(); // the look-ahead stopped before: the caller's walk will too
         auto job = workers_->front();
-        if (!job)
-            return job;
-        // A mapped group holds pieces of both sides: `take` checks them one by one.
-        if ((*job)->source != source ||
-            (source != Source::mapped && ((*job)->side != side || (*job)->pos != pos))) {
+        if (job && (*job)->source != source)
             return lost_place();
-        }
         return job;
     }
 
     void finish_group() {
-        done_pages_.insert(done_pages_.end(), group_.pages.begin(), group_.pages.end());
+        for (const auto& pages : group_.pages) {
+            add_pages(done_pages_, pages);
+            done_bytes_ += pages.size();
+        }
         group_.pages.clear();
         group_.pieces.clear();
         used_ = 0;
@@ -422,56 +466,53 @@ class Prefetcher {
             }
             for (int i = 0; i < 2; ++i) {
                 const Source s = step.source[i];
-                if (s == Source::mapped || s == Source::read ||
-                    (s == Source::compressed && step.new_cluster[i])) {
+                if (s == Source::mapped || s == Source::read) {
+                    units_.push_back(Unit{s, i, step.pos, step.end - step.pos, step.extent[i]});
+                } else if (s == Source::compressed && step.new_cluster[i]) {
                     units_.push_back(
-                        Unit{s, i, s == Source::compressed ? step.extent[i].offset : step.pos,
-                             s == Source::compressed ? step.extent[i].length : step.end - step.pos,
-                             step.extent[i]});
+                        Unit{s, i, step.extent[i].offset, step.extent[i].length, step.extent[i]});
                 }
             }
         }
         return true;
     }
 
-    /// Fills `job` with the next unit, or with mapped units up to a window's worth.
+    /// Fills `job` with the next compressed cluster, or with data pieces up to a window's
+    /// worth. False when the look-ahead has nothing more.
     bool fill(Job& job) {
         std::uint64_t grouped = 0;
+        std::array<std::size_t, 2> side_bytes{0, 0};
         while (more_units()) {
             const Unit& u = units_.front();
-            if (u.source == Source::mapped) {
-                if (!job.pieces.empty() && (grouped + u.length > kPrefetchWindowBytes ||
-                                            job.pieces.size() == kMaxGroupedPieces)) {
-                    break;
-                }
-                job.source = Source::mapped;
+            if (u.source == Source::compressed) {
+                if (!job.pieces.empty())
+                    break; // close the group first
+                job.source = u.source;
                 job.side = u.side;
-                job.pieces.push_back(Job::Tag{u.side, u.pos, u.length});
-                auto bytes = u.extent.bytes.subspan(u.pos - u.extent.offset, u.length);
-                if (!job.pages.empty() &&
-                    job.pages.back().data() + job.pages.back().size() == bytes.data()) {
-                    job.pages.back() = {job.pages.back().data(),
-                                        job.pages.back().size() + bytes.size()};
-                } else {
-                    job.pages.push_back(bytes);
-                }
-                grouped += u.length;
+                job.extent = u.extent;
                 units_.pop_front();
-                continue;
+                return true;
             }
-            if (!job.pieces.empty())
-                break; // close the group first
+            if (!job.pieces.empty() && (grouped + u.length > kPrefetchWindowBytes ||
+                                        job.pieces.size() == kMaxGroupedPieces)) {
+                break; // this job is full; the piece starts the next one
+            }
             job.source = u.source;
-            job.side = u.side;
-            job.pos = u.pos;
-            job.length = u.length;
-            job.extent = u.extent;
-            if (u.source == Source::read) {
-                job.read_from = FilePosition{u.extent.file->fd,
-                                             u.extent.file->offset + (u.pos - u.extent.offset)};
-            }
+            const std::uint64_t skip = u.pos - u.extent.offset;
+            FilePosition from{};
+            if (u.extent.file)
+                from = FilePosition{u.extent.file->fd, u.extent.file->offset + skip};
+            job.pieces.push_back(Job::Tag{u.side, u.pos, u.length, from, side_bytes[u.side]});
+            if (u.source == Source::mapped)
+                add_pages(job.pages, u.extent.bytes.subspan(skip, u.length));
+            grouped += u.length;
+            side_bytes[u.side] += static_cast<std::size_t>(u.length);
             units_.pop_front();
-            return true;
+        }
+        // Side 1's pieces go after side 0's.
+        for (Job::Tag& tag : job.pieces) {
+            if (tag.side == 1)
+                tag.at += side_bytes[0];
         }
         return !job.pieces.empty();
     }
@@ -486,10 +527,14 @@ class Prefetcher {
                 job.pages = std::move(previous);
                 return;
             }
-            // What the caller is done with goes with the next job to a worker.
-            job.release_first.insert(job.release_first.end(), done_pages_.begin(),
-                                     done_pages_.end());
-            done_pages_.clear();
+            // What the caller is done with goes with the next job to a worker, a few MiB at a
+            // time: each madvise flushes the TLBs of every CPU running this process.
+            if (done_bytes_ >= kReleaseBatch) {
+                job.release_first.insert(job.release_first.end(), done_pages_.begin(),
+                                         done_pages_.end());
+                done_pages_.clear();
+                done_bytes_ = 0;
+            }
             slot_pages_[submitted_ % capacity_] = job.pages;
             workers_->submit();
             ++submitted_;
@@ -502,9 +547,12 @@ class Prefetcher {
     const std::size_t capacity_;
     std::uint64_t submitted_ = 0;
     std::vector<std::vector<std::span<const std::byte>>> slot_pages_;
-    Job group_; // the mapped group the caller is in (pieces and pages only)
+    Job group_; // the data group the caller is in (pieces and pages only)
     std::size_t used_ = 0;
+    std::array<std::vector<std::byte>, 2> group_buffers_;
+    int current_ = 0;
     std::vector<std::span<const std::byte>> done_pages_; // compared, not yet dropped
+    std::uint64_t done_bytes_ = 0;
     std::optional<detail::OrderedWorkers<Job>> workers_; // reset first by the destructor
 };
 
@@ -654,8 +702,6 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
         } else {
             diff = first_nonzero(needs_a ? bytes[0] : bytes[1]);
         }
-        if (prefetcher)
-            prefetcher->step_done();
         if (diff)
             return mismatch(step.pos + *diff, step.tail);
     }
