@@ -8,6 +8,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -37,6 +38,39 @@ int report(std::string_view file, std::string_view message, int code) {
     return code;
 }
 
+int report_error(std::string_view file, const Error& error, int code) {
+    std::string message = error.message;
+    if (message.ends_with("the image names no data file")) {
+        message += " (give one with --data-file)";
+    }
+    const std::string named = printable(file) + ": ";
+    if (message.starts_with(named)) {
+        // The library named the file already: "qcowmap: x.qcow2: No such file or directory".
+        std::string line = "qcowmap: " + printable(message) + "\n";
+        ssize_t ignored = ::write(STDERR_FILENO, line.data(), line.size());
+        (void)ignored;
+        return code;
+    }
+    return report(file, message, code);
+}
+
+CLI::Validator one_of(std::initializer_list<const char*> choices) {
+    std::vector<std::string> list(choices.begin(), choices.end());
+    std::string joined;
+    for (const std::string& c : list)
+        joined += (joined.empty() ? "" : "|") + c;
+    return CLI::Validator(
+        [list](std::string& value) -> std::string {
+            if (std::find(list.begin(), list.end(), value) != list.end())
+                return {};
+            std::string names;
+            for (const std::string& c : list)
+                names += (names.empty() ? "" : ", ") + c;
+            return fmt::format("'{}' is not one of {}", printable(value), names);
+        },
+        joined, "one of");
+}
+
 int finish_stdout() {
     if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
         return report("<stdout>", std::strerror(errno ? errno : EIO), kExitOutputError);
@@ -44,18 +78,32 @@ int finish_stdout() {
     return kExitOk;
 }
 
-void ImageArgs::add_to(CLI::App& command, bool contents) {
-    command.add_option("IMAGE", path, "qcow2 image file")->required();
+void ImageArgs::add_to(CLI::App& command, bool with_data_file, bool with_snapshot) {
+    command.add_option("IMAGE", path, "The image file (or block device)")->required();
+    add_options(command, with_data_file, with_snapshot);
+}
+
+void ImageArgs::add_options(CLI::App& command, bool with_data_file, bool with_snapshot) {
+    command.add_option("-f,--format", format, "Format of the image: qcow2 (the default) or raw")
+        ->check(one_of({"qcow2", "raw"}))
+        ->option_text("FMT");
     command
         .add_option("--backing", backing,
                     "follow: read through the backing chain (default); none: read only this "
                     "image, unallocated ranges read as zeros")
-        ->check(CLI::IsMember({"follow", "none"}));
-    if (contents) {
-        command.add_option("--data-file", data_file,
-                           "External data file to use instead of the one the image names");
-        command.add_option("--snapshot", snapshot,
-                           "Read this internal snapshot (ID or name) instead of the active disk");
+        ->check(one_of({"follow", "none"}))
+        ->option_text("follow|none");
+    if (with_data_file) {
+        command
+            .add_option("--data-file", data_file,
+                        "External data file to use instead of the one the image names")
+            ->option_text("PATH");
+    }
+    if (with_snapshot) {
+        command
+            .add_option("--snapshot", snapshot,
+                        "Read this internal snapshot (ID or name) instead of the active disk")
+            ->option_text("ID_OR_NAME");
     }
 }
 
@@ -66,21 +114,34 @@ OpenOptions ImageArgs::open_options() const {
         options.data_file = data_file;
     if (!snapshot.empty())
         options.snapshot = snapshot;
+    if (!format.empty())
+        options.format = format;
+    options.require_data_file = require_data_file;
     return options;
 }
 
-void add_io_option(CLI::App& command, DataAccess& access) {
+void OutputOption::add_to(CLI::App& command, const std::string& json_help) {
+    command.add_option("--output", output_, "human (the default) or json: " + json_help)
+        ->check(one_of({"human", "json"}))
+        ->option_text("human|json");
+    command.add_flag("--json", json_flag_, "Same as --output=json");
+}
+
+void add_io_option(CLI::App& command, std::string& access) {
     command
         .add_option("--io", access,
                     "How data is taken from the file: mmap (straight from the mapping, no "
                     "copy), read (pread into a small buffer) or auto (the default: whichever "
                     "costs less on this machine, measured at start). convert -S 0 copies "
                     "inside the kernel either way")
-        ->transform(CLI::CheckedTransformer(
-            std::map<std::string, DataAccess>{{"auto", DataAccess::automatic},
-                                              {"read", DataAccess::read},
-                                              {"mmap", DataAccess::mapping}}))
+        ->check(one_of({"auto", "read", "mmap"}))
         ->option_text("auto|read|mmap");
+}
+
+DataAccess data_access(const std::string& io) {
+    return io == "mmap"   ? DataAccess::mapping
+           : io == "read" ? DataAccess::read
+                          : DataAccess::automatic;
 }
 
 namespace {
@@ -122,72 +183,125 @@ std::optional<Image> open_or_report(const ImageArgs& args) {
     guard_against_shrinking(args.path);
     auto image = Image::open(args.path, args.open_options());
     if (!image) {
-        report(args.path, image.error().message, kExitImageError);
+        report_error(args.path, image.error(), kExitImageError);
         return std::nullopt;
     }
     return std::move(*image);
 }
 
-std::optional<std::uint64_t> parse_size(std::string_view text) {
-    if (text.empty()) {
-        return std::nullopt;
+namespace {
+
+/// qemu's suffix_mul: the multiplier of a unit letter (binary units), or 0.
+std::uint64_t suffix_multiplier(char c) {
+    switch (c) {
+    case 'b':
+    case 'B':
+        return 1;
+    case 'k':
+    case 'K':
+        return std::uint64_t{1} << 10;
+    case 'm':
+    case 'M':
+        return std::uint64_t{1} << 20;
+    case 'g':
+    case 'G':
+        return std::uint64_t{1} << 30;
+    case 't':
+    case 'T':
+        return std::uint64_t{1} << 40;
+    case 'p':
+    case 'P':
+        return std::uint64_t{1} << 50;
+    case 'e':
+    case 'E':
+        return std::uint64_t{1} << 60;
+    default:
+        return 0;
     }
-    std::uint64_t value = 0;
-    std::size_t i = 0;
-    for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
-        std::uint64_t digit = static_cast<std::uint64_t>(text[i] - '0');
-        if (value > (UINT64_MAX - digit) / 10) {
-            return std::nullopt;
+}
+
+std::optional<std::uint64_t> size_error(std::string* why, const char* text) {
+    if (why)
+        *why = text;
+    return std::nullopt;
+}
+
+} // namespace
+
+// qemu 7.2's do_strtosz (util/cutils.c): the integral part in decimal (or hexadecimal after
+// "0x"), a fraction only before a unit, the product computed exactly in 64.64 fixed point and
+// rounded half up; qemu-img's cvtnum then refuses anything above INT64_MAX.
+std::optional<std::uint64_t> parse_size(std::string_view text, std::string* why) {
+    const std::string s(text); // strtoull/strtod need a terminated string
+    const char* begin = s.c_str();
+    if (s.empty() || s.find('\0') != std::string::npos)
+        return size_error(why, "not a size");
+    char* end = nullptr;
+    errno = 0;
+    std::uint64_t value = std::strtoull(begin, &end, 10);
+    if (end == begin)
+        return size_error(why, "not a size");
+    if (std::find(begin, static_cast<const char*>(end), '-') != end)
+        return size_error(why, "sizes cannot be negative");
+    if (errno == ERANGE)
+        return size_error(why, "too large (at most 9223372036854775807)");
+    std::uint64_t fraction = 0; // 0.64 fixed point
+    if (value == 0 && (*end == 'x' || *end == 'X')) {
+        errno = 0;
+        value = std::strtoull(begin, &end, 16);
+        if (errno == ERANGE)
+            return size_error(why, "too large (at most 9223372036854775807)");
+        if (*end == '.')
+            return size_error(why, "a hexadecimal size cannot have a fraction");
+    } else if (*end == '.') {
+        const char* dot = end;
+        errno = 0;
+        double f = std::strtod(dot, &end);
+        if (end == dot || errno != 0) {
+            end = const_cast<char*>(dot) + 1; // "1.k": a dot without digits
+        } else if (std::find_if(dot, static_cast<const char*>(end),
+                                [](char c) { return c == 'e' || c == 'E'; }) != end) {
+            return size_error(why, "not a size");
+        } else {
+            fraction = f >= 1.0 ? UINT64_MAX : static_cast<std::uint64_t>(std::ldexp(f, 64));
         }
-        value = value * 10 + digit;
     }
-    if (i == 0) {
-        return std::nullopt;
-    }
-    std::string_view suffix = text.substr(i);
-    unsigned shift = 0;
-    if (suffix.empty() || suffix == "B" || suffix == "b") {
-        shift = 0;
-    } else if (suffix.size() <= 3) {
-        switch (suffix[0]) {
-        case 'k':
-        case 'K':
-            shift = 10;
-            break;
-        case 'm':
-        case 'M':
-            shift = 20;
-            break;
-        case 'g':
-        case 'G':
-            shift = 30;
-            break;
-        case 't':
-        case 'T':
-            shift = 40;
-            break;
-        case 'p':
-        case 'P':
-            shift = 50;
-            break;
-        case 'e':
-        case 'E':
-            shift = 60;
-            break;
-        default:
-            return std::nullopt;
-        }
-        std::string_view rest = suffix.substr(1);
-        if (!(rest.empty() || rest == "B" || rest == "iB" || rest == "i")) {
-            return std::nullopt;
-        }
+    std::uint64_t multiplier = suffix_multiplier(*end);
+    if (multiplier != 0) {
+        ++end;
+        // qcowmap also takes "KiB", "Ki" and "KB" for k.
+        std::string_view rest(end);
+        if (multiplier > 1 && (rest == "iB" || rest == "i" || rest == "B"))
+            end += rest.size();
     } else {
-        return std::nullopt;
+        multiplier = 1;
     }
-    if (shift && value > (UINT64_MAX >> shift)) {
-        return std::nullopt;
+    if (*end != '\0')
+        return size_error(why, "not a size");
+    if (multiplier == 1) {
+        if (fraction != 0)
+            return size_error(why, "a fraction needs a unit (1.5M, 0.5k)");
+    } else {
+        __extension__ typedef unsigned __int128 u128; // exact 64 x 64 bit products
+        u128 whole = u128{value} * multiplier;
+        const u128 part = u128{fraction} * multiplier; // 64.64 fixed point
+        whole += part >> 64;
+        whole += (part >> 63) & 1; // round half up
+        if (whole > UINT64_MAX)
+            return size_error(why, "too large (at most 9223372036854775807)");
+        value = static_cast<std::uint64_t>(whole);
     }
-    return value << shift;
+    if (value > static_cast<std::uint64_t>(INT64_MAX))
+        return size_error(why, "too large (at most 9223372036854775807)");
+    return value;
+}
+
+std::uint64_t size_option(std::string_view option, const std::string& text) {
+    std::string why;
+    auto value = parse_size(text, &why);
+    if (!value)
+        throw UsageError(fmt::format("invalid {} '{}': {}", option, printable(text), why));
+    return *value;
 }
 
 std::string json_string(std::string_view text) {
@@ -248,6 +362,13 @@ void Progress::update(std::uint64_t done) {
     last_hundredths_ = hundredths;
     fmt::print(stderr, "\r    ({}.{:02}/100%)", hundredths / 100, hundredths % 100);
     std::fflush(stderr);
+}
+
+std::function<void(std::uint64_t, std::uint64_t)> Progress::callback() {
+    return [this](std::uint64_t done, std::uint64_t total) {
+        total_ = total;
+        update(done);
+    };
 }
 
 void Progress::finish() {

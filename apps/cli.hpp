@@ -7,13 +7,17 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace qcowmap::cli {
 
-/// Exit codes (documented in README.md).
+/// Exit codes (documented in README.md and qcowmap(1)).
 enum ExitCode : int {
     kExitOk = 0,
     kExitImageError = 1,  ///< the image could not be opened, validated or read
@@ -24,6 +28,19 @@ enum ExitCode : int {
 /// Prints `qcowmap: FILE: message` on stderr and returns `code`.
 int report(std::string_view file, std::string_view message, int code);
 
+/// Reports a library error about `file`: `qcowmap: FILE: message`, or `qcowmap: message` when
+/// the library already named the file at the start of its message. Adds the command-line hint
+/// for errors the library words in its own terms (a data file to give with --data-file).
+int report_error(std::string_view file, const Error& error, int code);
+
+/// A bad command line, found after parsing (a size that does not parse, options that do not
+/// go together). Thrown from a command's run function; main prints
+/// `qcowmap: usage: MESSAGE (see qcowmap COMMAND --help)` and exits 2.
+class UsageError : public std::runtime_error {
+  public:
+    using std::runtime_error::runtime_error;
+};
+
 /// Flushes stdout; a write error (full disk, closed pipe with SIGPIPE ignored) is reported and
 /// gives kExitOutputError.
 int finish_stdout();
@@ -32,16 +49,34 @@ int finish_stdout();
 /// names that come from an image.
 std::string printable(std::string_view text);
 
+/// A CLI11 check that the value is one of `choices`: "--io: 'foo' is not one of read, mmap".
+CLI::Validator one_of(std::initializer_list<const char*> choices);
+
 /// Options shared by commands that open an image.
 struct ImageArgs {
     std::string path;
     std::string backing = "follow";
     std::string data_file;
     std::string snapshot;
-    /// Adds IMAGE and --backing; `contents` adds the options of commands that read the disk
-    /// (--data-file, --snapshot).
-    void add_to(CLI::App& command, bool contents = true);
+    std::string format; ///< -f: "qcow2" or "raw"; empty: qcow2
+    /// False for `info`: a missing external data file is reported, not fatal.
+    bool require_data_file = true;
+    /// Adds IMAGE, -f and --backing; `data_file` adds --data-file, `snapshot` --snapshot.
+    void add_to(CLI::App& command, bool data_file = true, bool snapshot = true);
+    /// The options without IMAGE (for commands that take several images).
+    void add_options(CLI::App& command, bool data_file = true, bool snapshot = true);
     OpenOptions open_options() const;
+};
+
+/// Adds `--output=human|json` and its alias `--json` to `command`; `json()` tells which.
+class OutputOption {
+  public:
+    void add_to(CLI::App& command, const std::string& json_help);
+    bool json() const { return json_flag_ || output_ == "json"; }
+
+  private:
+    std::string output_ = "human";
+    bool json_flag_ = false;
 };
 
 /// The message for an image file that shrank while it was being read.
@@ -61,10 +96,19 @@ std::optional<Image> open_or_report(const ImageArgs& args);
 /// from the mapping with no copy, "read" reads them with pread into a cache-sized buffer, and
 /// "auto" (the default) takes whichever costs less on this machine, measured once at run time
 /// (automatic_data_access). All give the same bytes.
-void add_io_option(CLI::App& command, DataAccess& access);
+void add_io_option(CLI::App& command, std::string& access);
+/// The DataAccess an `--io` value names.
+DataAccess data_access(const std::string& io);
 
-/// Parses "4096", "64k", "1M", "2G", "1T" (binary units) into bytes.
-std::optional<std::uint64_t> parse_size(std::string_view text);
+/// Parses a size as qemu-img does (qemu_strtosz, then cvtnum's range): decimal digits, an
+/// optional fraction when a suffix follows ("1.5M"), hexadecimal with 0x ("0x100000"), and one
+/// optional suffix b/B, k/K, m/M, g/G, t/T, p/P, e/E (binary units); qcowmap also takes KiB,
+/// MiB... Values above 2^63 - 1 are refused as qemu-img refuses them. The error says why.
+std::optional<std::uint64_t> parse_size(std::string_view text, std::string* why = nullptr);
+
+/// parse_size for the value of `option`, throwing UsageError ("invalid --max-length '-1':
+/// sizes cannot be negative") when it does not parse.
+std::uint64_t size_option(std::string_view option, const std::string& text);
 
 /// A JSON string literal for `text` (quotes included, control characters escaped).
 std::string json_string(std::string_view text);
@@ -78,6 +122,8 @@ class Progress {
     Progress(bool enabled, std::uint64_t total);
     void update(std::uint64_t done);
     void finish();
+    /// A callback for the library's `progress` options, updating this meter.
+    std::function<void(std::uint64_t, std::uint64_t)> callback();
 
   private:
     bool enabled_;
@@ -101,11 +147,39 @@ Command add_map(CLI::App& app);
 Command add_cat(CLI::App& app);
 Command add_convert(CLI::App& app);
 Command add_bitmaps(CLI::App& app);
-
-/// One line describing a bitmap (name, granularity, flags, consistency), for `info`.
-std::string describe_bitmap(const BitmapEntry& entry);
 Command add_hash(CLI::App& app);
 Command add_compare(CLI::App& app);
 Command add_check(CLI::App& app);
+
+/// One line describing a bitmap (name, granularity, flags, consistency), for `info`.
+std::string describe_bitmap(const BitmapEntry& entry);
+
+/// What `convert` hands the writer of an output format (-O).
+struct ConvertJob {
+    const Image& image;
+    const ImageArgs& source;          ///< the source as given (path, format, backing, ...)
+    std::string target;               ///< TARGET as given; "-" is standard output
+    bool force = false;               ///< --force: an existing TARGET may be replaced
+    bool progress = false;            ///< -p
+    std::uint64_t sparse_size = 4096; ///< -S
+    DataAccess io = DataAccess::read; ///< --io
+    std::string bitmap;               ///< --bitmap: only this bitmap's dirty ranges (may be empty)
+};
+
+/// An output format of `convert -O NAME`. Formats register themselves from a static
+/// initialiser in their own file (apps/convert_*.cpp): raw is built in.
+struct OutputFormat {
+    std::string name;
+    /// Adds options only this format takes to the convert command (may be empty).
+    std::function<void(CLI::App& convert)> add_options;
+    /// Writes the job's image in this format; returns the exit code (after reporting errors).
+    std::function<int(const ConvertJob& job)> run;
+    /// The options of this format the command line gave ("-c, -B"), so that another -O
+    /// refuses them; empty when none (may be unset).
+    std::function<std::string()> given_options;
+};
+
+/// Registers `format` for `convert -O`; false when its name is taken already.
+bool register_output_format(OutputFormat format);
 
 } // namespace qcowmap::cli

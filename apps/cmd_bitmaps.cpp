@@ -52,12 +52,12 @@ Command add_bitmaps(CLI::App& app) {
         "bitmaps",
         "List the persistent dirty bitmaps: granularity, flags, consistency, dirty bytes");
     auto args = std::make_shared<ImageArgs>();
-    auto json = std::make_shared<bool>(false);
-    command->add_option("IMAGE", args->path, "qcow2 image file")->required();
-    command->add_flag("--json", *json,
-                      "Print a JSON array: name, granularity, flags, enabled, in-use, consistent, "
-                      "usable, error, dirty-bytes");
-    return {command, [args, json] {
+    auto output = std::make_shared<OutputOption>();
+    command->add_option("IMAGE", args->path, "The qcow2 image file (or block device)")->required();
+    output->add_to(*command, "an array of {name, granularity, flags, enabled, in-use, "
+                             "consistent, usable, error, dirty-bytes}");
+    return {command, [args, output] {
+                const bool json = output->json();
                 // Bitmaps belong to the image itself: its backing chain is not needed.
                 args->backing = "none";
                 auto image = open_or_report(*args);
@@ -74,7 +74,7 @@ Command add_bitmaps(CLI::App& app) {
                 }
                 std::vector<BitmapSummary> bitmaps = list_bitmaps(*image);
                 std::string out;
-                if (*json) {
+                if (json) {
                     out += "[";
                     for (std::size_t i = 0; i < bitmaps.size(); ++i) {
                         out += (i ? ",\n" : "") + json_bitmap(bitmaps[i]);

@@ -12,11 +12,10 @@
 
 namespace qcowmap::cli {
 
-/// One page of zeros reused for every zero run (never materialised per run).
-extern const std::byte kZeroChunk[1 << 20];
-alignas(4096) const std::byte kZeroChunk[1 << 20] = {};
-
 namespace {
+
+/// Zeros reused for every zero run (never materialised per run).
+alignas(4096) const std::byte kZeroChunk[1 << 20] = {};
 
 /// Writes to stdout. Into a pipe, bytes that stay unchanged while we run (the image's mapping,
 /// the zero chunk) are vmspliced: the pipe takes references to the pages instead of a copy,
@@ -64,19 +63,41 @@ class Output {
 } // namespace
 
 Command add_cat(CLI::App& app) {
-    auto* command = app.add_subcommand("cat", "Write the whole virtual disk, raw, to stdout");
+    auto* command = app.add_subcommand("cat", "Write the virtual disk, raw, to stdout");
     auto args = std::make_shared<ImageArgs>();
+    auto start = std::make_shared<std::string>("0");
+    auto max_length = std::make_shared<std::string>();
+    auto force = std::make_shared<bool>(false);
     args->add_to(*command);
-    return {command, [args] {
+    command
+        ->add_option("--start-offset", *start,
+                     "Write from this offset of the disk (bytes; k/M/G/T suffixes)")
+        ->option_text("SIZE");
+    command->add_option("--max-length", *max_length, "Write at most this many bytes (suffixes)")
+        ->option_text("SIZE");
+    command->add_flag("--force", *force, "Write to a terminal too");
+    return {command, [=] {
+                const std::uint64_t from = size_option("--start-offset", *start);
+                const std::uint64_t length =
+                    max_length->empty() ? UINT64_MAX : size_option("--max-length", *max_length);
+                if (!*force && ::isatty(STDOUT_FILENO)) {
+                    return report("<stdout>",
+                                  "is a terminal: refusing to write a disk image to it (redirect "
+                                  "the output, or use --force)",
+                                  kExitOutputError);
+                }
                 auto image = open_or_report(*args);
                 if (!image)
                     return static_cast<int>(kExitImageError);
+                if (from >= image->size())
+                    return static_cast<int>(kExitOk); // nothing of the disk lies there
+                const std::uint64_t to = length > UINT64_MAX - from ? UINT64_MAX : from + length;
                 bool write_failed = false;
                 Output output;
                 auto result = image->visit(
-                    0, UINT64_MAX,
+                    from, to,
                     [&](const Run& run) -> Result<void> {
-                        std::uint64_t length = run.length;
+                        std::uint64_t run_length = run.length;
                         if (!run.bytes.empty()) {
                             if (!output.put(run.bytes, run.mapped)) {
                                 // The kernel reading our mapping for write() faults with EFAULT
@@ -89,13 +110,13 @@ Command add_cat(CLI::App& app) {
                             }
                             return {};
                         }
-                        while (length > 0) {
-                            std::size_t n = std::min<std::uint64_t>(length, sizeof kZeroChunk);
+                        while (run_length > 0) {
+                            std::size_t n = std::min<std::uint64_t>(run_length, sizeof kZeroChunk);
                             if (!output.put({kZeroChunk, n}, true)) {
                                 write_failed = true;
                                 return Error{ErrorCode::io_error, std::strerror(errno)};
                             }
-                            length -= n;
+                            run_length -= n;
                         }
                         return {};
                     },
@@ -105,7 +126,7 @@ Command add_cat(CLI::App& app) {
                 if (!result) {
                     return write_failed
                                ? report("<stdout>", result.error().message, kExitOutputError)
-                               : report(args->path, result.error().message, kExitImageError);
+                               : report_error(args->path, result.error(), kExitImageError);
                 }
                 return static_cast<int>(kExitOk);
             }};

@@ -77,17 +77,14 @@ Command add_check(CLI::App& app) {
         "check", "Check the image's reference counts without changing it (qemu-img check's "
                  "counts; exit 0 clean, 2 corruptions, 3 leaks only, 1 could not check)");
     auto path = std::make_shared<std::string>();
-    auto json = std::make_shared<bool>(false);
-    auto output = std::make_shared<std::string>("human");
-    command->add_option("IMAGE", *path, "qcow2 image file")->required();
-    command->add_flag("--json", *json, "Print the counts as JSON (same as --output=json)");
-    command->add_option("--output", *output, "human (default) or json")
-        ->check(CLI::IsMember({"human", "json"}));
+    auto output = std::make_shared<OutputOption>();
+    command->add_option("IMAGE", *path, "The qcow2 image file (or block device)")->required();
+    output->add_to(*command, "the counts with qemu-img check --output=json's keys");
     return {command, [=] {
                 guard_against_shrinking(*path);
                 auto result = check_image(std::filesystem::path(*path));
                 if (!result) {
-                    return report(*path, result.error().message, kCheckFailed);
+                    return report_error(*path, result.error(), kCheckFailed);
                 }
                 const CheckResult& r = *result;
                 // Findings go to stderr, one line each, as qemu-img prints them.
@@ -101,8 +98,7 @@ Command add_check(CLI::App& app) {
                     ssize_t ignored = ::write(STDERR_FILENO, findings.data(), findings.size());
                     (void)ignored;
                 }
-                const std::string out =
-                    *json || *output == "json" ? json_report(*path, r) : human_report(r);
+                const std::string out = output->json() ? json_report(*path, r) : human_report(r);
                 std::fwrite(out.data(), 1, out.size(), stdout);
                 if (int code = finish_stdout(); code != kExitOk)
                     return code;

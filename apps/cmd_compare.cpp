@@ -2,12 +2,12 @@
 #include "cli.hpp"
 
 #include <qcowmap/compare.hpp>
+#include <qcowmap/format.hpp>
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdio>
-#include <fcntl.h>
-#include <unistd.h>
 
 namespace qcowmap::cli {
 namespace {
@@ -18,38 +18,32 @@ constexpr int kCompareOpenError = 2;
 constexpr int kCompareAllocationError = 3;
 constexpr int kCompareReadError = 4;
 
-/// "qcow2" when the file starts with the qcow magic ("QFI\xfb", versions 1-3), else "raw":
-/// qemu-img probes the same way and falls back to raw.
-std::string probe_format(const std::string& path) {
-    unsigned char magic[4] = {};
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return "qcow2"; // let open() name the problem
-    ssize_t n = ::read(fd, magic, sizeof magic);
-    ::close(fd);
-    const bool qcow =
-        n == 4 && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && magic[3] == 0xfb;
-    return qcow ? "qcow2" : "raw";
-}
-
 struct CompareArgs {
     std::string first, second;
     std::string format1, format2;
     bool strict = false;
     bool quiet = false;
-    DataAccess io = DataAccess::automatic;
+    bool progress = false;
+    std::string io = "auto";
 };
 
 std::optional<Image> open_side(const std::string& path, const std::string& format) {
     ImageArgs args;
     args.path = path;
     OpenOptions options = args.open_options();
-    options.format = format.empty() ? probe_format(path) : format;
+    if (format.empty()) {
+        // qemu-img probes: the qcow magic, else raw. A file that cannot be read is left to
+        // open() to describe.
+        auto probed = probe_format(path);
+        options.format = probed ? *probed : "qcow2";
+    } else {
+        options.format = format;
+    }
     // A file shrinking under its mapping is a read error (4), not "images differ" (1).
     guard_against_shrinking(path, kCompareReadError);
     auto image = Image::open(path, options);
     if (!image) {
-        report(path, image.error().message, kCompareOpenError);
+        report_error(path, image.error(), kCompareOpenError);
         return std::nullopt;
     }
     return std::move(*image);
@@ -65,9 +59,12 @@ Command add_compare(CLI::App& app) {
     command->add_option("IMAGE1", args->first, "First image (qcow2 or raw)")->required();
     command->add_option("IMAGE2", args->second, "Second image (qcow2 or raw)")->required();
     command->add_option("-f", args->format1, "Format of IMAGE1: qcow2 or raw (default: probed)")
-        ->check(CLI::IsMember({"qcow2", "raw"}));
+        ->check(one_of({"qcow2", "raw"}))
+        ->option_text("FMT");
     command->add_option("-F", args->format2, "Format of IMAGE2: qcow2 or raw (default: probed)")
-        ->check(CLI::IsMember({"qcow2", "raw"}));
+        ->check(one_of({"qcow2", "raw"}))
+        ->option_text("FMT");
+    command->add_flag("-p,--progress", args->progress, "Show progress on stderr");
     command->add_flag("-s,--strict", args->strict,
                       "Strict: sizes and allocation status must match too");
     command->add_flag("-q,--quiet", args->quiet, "Print nothing; only the exit code tells");
@@ -84,7 +81,9 @@ Command add_compare(CLI::App& app) {
             guard_against_shrinking(args->first + ", " + args->second, kCompareReadError);
             CompareOptions options;
             options.strict = args->strict;
-            options.data_access = args->io;
+            options.data_access = data_access(args->io);
+            Progress meter(args->progress, std::max(a->size(), b->size()));
+            options.progress = meter.callback();
             CompareError detail;
             Result<CompareResult> result = Error{ErrorCode::io_error, ""};
             try {
@@ -94,9 +93,11 @@ Command add_compare(CLI::App& app) {
             }
             if (!result) {
                 const std::string& path = detail.image == 0 ? args->first : args->second;
-                return report(path, result.error().message,
-                              detail.read_error ? kCompareReadError : kCompareAllocationError);
+                return report_error(path, result.error(),
+                                    detail.read_error ? kCompareReadError
+                                                      : kCompareAllocationError);
             }
+            meter.finish();
             auto say = [&](const std::string& line) {
                 if (!args->quiet)
                     fmt::print("{}\n", line);

@@ -1,4 +1,5 @@
-// qcowmap hash: digests of the virtual disk, whole (coreutils format) or per block (manifests).
+// qcowmap hash: digests of the virtual disk, whole (coreutils format, checked back with
+// --check like sha256sum -c) or per block (manifests).
 #include "cli.hpp"
 
 #include <qcowmap/hash.hpp>
@@ -6,18 +7,26 @@
 #include <fmt/format.h>
 
 #include <cstdio>
+#include <fstream>
+#include <iostream>
 
 namespace qcowmap::cli {
 namespace {
 
 struct HashArgs {
-    std::vector<std::string> images;
+    std::vector<std::string> files;
     std::string algorithm = "sha256";
+    bool algorithm_given = false;
     std::string block_size;
-    bool json = false;
+    OutputOption output;
     unsigned threads = 0;
-    DataAccess io = DataAccess::automatic;
-    ImageArgs open; // --backing, --data-file, --snapshot (its path is set per image)
+    std::string io = "auto";
+    bool progress = false;
+    bool check = false;
+    bool quiet = false;
+    bool status = false;
+    bool ignore_missing = false;
+    ImageArgs open; // -f, --backing, --data-file, --snapshot (its path is set per image)
 };
 
 /// Buffered stdout: manifests of large disks are hundreds of thousands of lines.
@@ -34,52 +43,142 @@ class Out {
     }
 };
 
-int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
-    Out out;
-    int status = kExitOk;
-    if (args.json)
-        out.text += "[";
-    bool first = true;
+/// A file name as coreutils prints it in a digest line: a name holding a backslash, a newline
+/// or a carriage return has them escaped (\\, \n, \r) and the line starts with a backslash.
+struct EscapedName {
+    bool escaped = false;
+    std::string text;
+};
+
+EscapedName escape_name(std::string_view name) {
+    EscapedName out;
+    out.escaped = name.find_first_of("\\\n\r") != std::string_view::npos;
+    for (char c : name) {
+        if (out.escaped && c == '\\')
+            out.text += "\\\\";
+        else if (out.escaped && c == '\n')
+            out.text += "\\n";
+        else if (out.escaped && c == '\r')
+            out.text += "\\r";
+        else
+            out.text += c;
+    }
+    return out;
+}
+
+/// The reverse of escape_name for the name of an escaped line; nullopt for a bad escape.
+std::optional<std::string> unescape_name(std::string_view text) {
+    std::string out;
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        if (text[i] != '\\') {
+            out += text[i];
+            continue;
+        }
+        if (++i == text.size())
+            return std::nullopt;
+        switch (text[i]) {
+        case '\\':
+            out += '\\';
+            break;
+        case 'n':
+            out += '\n';
+            break;
+        case 'r':
+            out += '\r';
+            break;
+        default:
+            return std::nullopt;
+        }
+    }
+    return out;
+}
+
+Result<Digest> digest_of(const HashArgs& args, const Image& image, HashAlgorithm algorithm) {
+    Progress meter(args.progress, image.size());
     HashOptions options;
     options.algorithm = algorithm;
     options.threads = args.threads;
-    options.data_access = args.io;
-    // Several images are hashed at once, one per core, and printed in argument order.
-    std::string names;
-    for (const std::string& path : args.images)
-        names += (names.empty() ? "" : ", ") + path;
-    guard_against_shrinking(names);
-    auto open = [&](std::size_t i) {
-        ImageArgs image_args = args.open;
-        image_args.path = args.images[i];
-        return Image::open(image_args.path, image_args.open_options());
+    options.data_access = data_access(args.io);
+    options.progress = meter.callback();
+    auto digest = hash_image(image, options);
+    if (digest)
+        meter.finish();
+    return digest;
+}
+
+int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
+    Out out;
+    int status = kExitOk;
+    const bool json = args.output.json();
+    if (json)
+        out.text += "[";
+    bool first = true;
+    // Prints image `i`'s digest (or reports why it has none) as soon as it and those before
+    // it are known.
+    auto print = [&](std::size_t i, const Result<ImageDigest>& digest) -> Result<void> {
+        const std::string& path = args.files[i];
+        if (!digest) {
+            // Like sha256sum: report, go on with the next file, exit 1 at the end.
+            out.flush();
+            std::fflush(stdout);
+            report_error(path, digest.error(), kExitImageError);
+            status = kExitImageError;
+        }
+        if (json) {
+            out.text += fmt::format("{}\n{{\"image\": {}, \"algorithm\": \"{}\", ",
+                                    first ? "" : ",", json_string(path), to_string(algorithm));
+            if (!digest) {
+                out.text += fmt::format("\"error\": {}, \"error-code\": \"{}\"}}",
+                                        json_string(digest.error().message),
+                                        to_string(digest.error().code));
+            } else {
+                out.text += fmt::format("\"size\": {}, \"digest\": \"{}\"}}", digest->size,
+                                        digest->digest.hex());
+            }
+            first = false;
+        } else if (digest) {
+            // coreutils' format: digest, two spaces (text mode), name.
+            EscapedName name = escape_name(path);
+            out.text += fmt::format("{}{}  {}\n", name.escaped ? "\\" : "", digest->digest.hex(),
+                                    name.text);
+        }
+        out.flush(); // one line per image as soon as it is known
+        return {};
     };
-    (void)hash_images(args.images.size(), open, options,
-                      [&](std::size_t i, const Result<ImageDigest>& digest) -> Result<void> {
-                          const std::string& path = args.images[i];
-                          if (!digest) {
-                              // like sha256sum: report, go on with the next file
-                              out.flush();
-                              std::fflush(stdout);
-                              report(path, digest.error().message, kExitImageError);
-                              status = kExitImageError;
-                              return {};
-                          }
-                          if (args.json) {
-                              out.text += fmt::format(
-                                  "{}\n{{\"image\": {}, \"algorithm\": \"{}\", \"size\": {}, "
-                                  "\"digest\": \"{}\"}}",
-                                  first ? "" : ",", json_string(path), to_string(algorithm),
-                                  digest->size, digest->digest.hex());
-                          } else {
-                              // coreutils' format: digest, two spaces (text mode), name.
-                              out.text += fmt::format("{}  {}\n", digest->digest.hex(), path);
-                          }
-                          first = false;
-                          out.flush(); // one line per image as soon as it is known
-                          return {};
-                      });
-    if (args.json)
+    if (args.progress || args.files.size() == 1) {
+        // One image at a time, each with every thread (and its own progress meter).
+        for (std::size_t i = 0; i < args.files.size(); ++i) {
+            const std::string& path = args.files[i];
+            ImageArgs image_args = args.open;
+            image_args.path = path;
+            guard_against_shrinking(path);
+            auto image = Image::open(path, image_args.open_options());
+            if (!image) {
+                (void)print(i, std::move(image).error());
+                continue;
+            }
+            auto digest = digest_of(args, *image, algorithm);
+            (void)print(i, digest ? Result<ImageDigest>(ImageDigest{*digest, image->size()})
+                                  : Result<ImageDigest>(std::move(digest).error()));
+        }
+    } else {
+        // Several images are hashed at once, one per core, and printed in argument order.
+        std::string names;
+        for (const std::string& path : args.files)
+            names += (names.empty() ? "" : ", ") + printable(path);
+        guard_against_shrinking(names);
+        HashOptions options;
+        options.algorithm = algorithm;
+        options.threads = args.threads;
+        options.data_access = data_access(args.io);
+        auto open = [&](std::size_t i) {
+            ImageArgs image_args = args.open;
+            image_args.path = args.files[i];
+            return Image::open(image_args.path, image_args.open_options());
+        };
+        (void)hash_images(args.files.size(), open, options, print);
+    }
+    if (json)
         out.text += "\n]\n";
     out.flush();
     return status;
@@ -87,10 +186,11 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
 
 int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t block_size) {
     Out out;
-    if (args.json)
+    const bool json = args.output.json();
+    if (json)
         out.text += "[";
     bool first_image = true;
-    for (const std::string& path : args.images) {
+    for (const std::string& path : args.files) {
         ImageArgs image_args = args.open;
         image_args.path = path;
         auto image = open_or_report(image_args);
@@ -100,7 +200,7 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
         }
         const std::uint64_t size = image->size();
         const std::uint64_t blocks = size / block_size + (size % block_size != 0);
-        if (args.json) {
+        if (json) {
             out.text += fmt::format("{}\n{{\"image\": {}, \"algorithm\": \"{}\", \"size\": {}, "
                                     "\"block-size\": {}, \"blocks\": [",
                                     first_image ? "" : ",", json_string(path), to_string(algorithm),
@@ -116,9 +216,10 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
         options.algorithm = algorithm;
         options.block_size = block_size;
         options.threads = args.threads;
-        options.data_access = args.io;
+        options.data_access = data_access(args.io);
+        Progress meter(args.progress, size);
         auto result = hash_blocks(*image, options, [&](const BlockDigest& b) -> Result<void> {
-            if (args.json) {
+            if (json) {
                 out.text += fmt::format("{}\n{{\"index\": {}, \"offset\": {}, \"length\": {}, "
                                         "\"digest\": \"{}\", \"zero\": {}}}",
                                         b.index == 0 ? "" : ",", b.index, b.offset, b.length,
@@ -128,20 +229,202 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
                                         b.zero ? "zero" : "data");
             }
             out.flush_if_big();
+            meter.update(b.offset + b.length);
             return {};
         });
         if (!result) {
             out.flush();
             std::fflush(stdout);
-            return report(path, result.error().message, kExitImageError);
+            return report_error(path, result.error(), kExitImageError);
         }
-        if (args.json)
+        meter.finish();
+        if (json)
             out.text += "\n]}";
     }
-    if (args.json)
+    if (json)
         out.text += "\n]\n";
     out.flush();
     return kExitOk;
+}
+
+/// One line of a digest list: "HEX  NAME", "HEX *NAME" (binary mode: the same here) or the
+/// BSD form "SHA256 (NAME) = HEX"; a leading backslash marks an escaped name.
+struct DigestLine {
+    std::string hex;
+    std::string name;
+    std::optional<HashAlgorithm> algorithm; ///< named by a BSD-style line
+};
+
+bool is_hex(std::string_view text) {
+    return !text.empty() && text.find_first_not_of("0123456789abcdefABCDEF") == std::string::npos;
+}
+
+std::optional<DigestLine> parse_digest_line(std::string_view line) {
+    const bool escaped = !line.empty() && line[0] == '\\';
+    if (escaped)
+        line.remove_prefix(1);
+    DigestLine out;
+    std::string_view raw_name;
+    const std::size_t open = line.find(" (");
+    const std::size_t close = line.rfind(") = ");
+    if (open != std::string_view::npos && close != std::string_view::npos && open < close &&
+        line.substr(0, open).find(' ') == std::string_view::npos) {
+        // BSD: "ALGO (NAME) = HEX".
+        std::string_view tag = line.substr(0, open);
+        raw_name = line.substr(open + 2, close - open - 2);
+        out.hex = std::string(line.substr(close + 4));
+        if (tag == "SHA256")
+            out.algorithm = HashAlgorithm::sha256;
+        else if (tag == "SHA512")
+            out.algorithm = HashAlgorithm::sha512;
+        else if (tag == "BLAKE2b")
+            out.algorithm = HashAlgorithm::blake2b512;
+        else if (tag == "XXH3-128" || tag == "XXH128")
+            out.algorithm = HashAlgorithm::xxh3_128;
+        else
+            return std::nullopt;
+    } else {
+        const std::size_t space = line.find(' ');
+        if (space == std::string_view::npos || space + 2 > line.size() ||
+            (line[space + 1] != ' ' && line[space + 1] != '*'))
+            return std::nullopt;
+        out.hex = std::string(line.substr(0, space));
+        raw_name = line.substr(space + 2);
+    }
+    if (!is_hex(out.hex) || raw_name.empty())
+        return std::nullopt;
+    for (char& c : out.hex)
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (escaped) {
+        auto name = unescape_name(raw_name);
+        if (!name)
+            return std::nullopt;
+        out.name = std::move(*name);
+    } else {
+        out.name = std::string(raw_name);
+    }
+    return out;
+}
+
+/// The algorithm whose digests have `hex_length` digits, when only one has; sha512 for 128
+/// (blake2b512 needs --algo, as b2sum needs its own program).
+std::optional<HashAlgorithm> algorithm_for_length(std::size_t hex_length) {
+    switch (hex_length) {
+    case 64:
+        return HashAlgorithm::sha256;
+    case 128:
+        return HashAlgorithm::sha512;
+    case 32:
+        return HashAlgorithm::xxh3_128;
+    default:
+        return std::nullopt;
+    }
+}
+
+std::string plural(std::uint64_t n, const char* one, const char* many) {
+    return fmt::format("{} {}", n, n == 1 ? one : many);
+}
+
+/// `hash --check LIST...`: like `sha256sum -c`. Each listed image is hashed and reported as
+/// "NAME: OK", "NAME: FAILED" or "NAME: FAILED open or read"; warnings count the failures on
+/// stderr; exit 1 when anything failed or no line was well formed.
+int hash_check(const HashArgs& args) {
+    int status = kExitOk;
+    for (const std::string& list : args.files) {
+        std::ifstream file;
+        std::istream* in = &std::cin;
+        if (list != "-") {
+            file.open(list, std::ios::binary);
+            if (!file) {
+                report(list, std::strerror(errno ? errno : ENOENT), kExitImageError);
+                status = kExitImageError;
+                continue;
+            }
+            in = &file;
+        }
+        const std::string list_name = list == "-" ? "<stdin>" : list;
+        std::uint64_t bad_lines = 0, mismatches = 0, unreadable = 0, checked = 0;
+        std::string line;
+        while (std::getline(*in, line)) {
+            if (!line.empty() && line.back() == '\r')
+                line.pop_back();
+            if (line.empty() || line[0] == '#')
+                continue; // comments (a block manifest's header) and blank lines
+            auto entry = parse_digest_line(line);
+            std::optional<HashAlgorithm> algorithm;
+            if (entry) {
+                algorithm = args.algorithm_given ? parse_hash_algorithm(args.algorithm)
+                            : entry->algorithm   ? entry->algorithm
+                                                 : algorithm_for_length(entry->hex.size());
+                if (algorithm && digest_size(*algorithm) * 2 != entry->hex.size())
+                    algorithm.reset();
+            }
+            if (!entry || !algorithm) {
+                ++bad_lines;
+                continue;
+            }
+            ++checked;
+            ImageArgs image_args = args.open;
+            image_args.path = entry->name;
+            std::optional<Error> failure;
+            std::optional<Digest> digest;
+            guard_against_shrinking(entry->name);
+            if (auto image = Image::open(entry->name, image_args.open_options()); !image) {
+                failure = image.error();
+            } else if (auto d = digest_of(args, *image, *algorithm); !d) {
+                failure = d.error();
+            } else {
+                digest = *d;
+            }
+            if (failure && args.ignore_missing && failure->code == ErrorCode::io_error &&
+                failure->message.ends_with(std::strerror(ENOENT))) {
+                --checked;
+                continue;
+            }
+            if (failure)
+                report_error(entry->name, *failure, kExitImageError);
+            const bool ok = digest && digest->hex() == entry->hex;
+            if (failure)
+                ++unreadable;
+            else if (!ok)
+                ++mismatches;
+            if (!args.status && (!ok || !args.quiet)) {
+                // As sha256sum -c prints it: a name with a newline is escaped.
+                const bool newline = entry->name.find('\n') != std::string::npos;
+                EscapedName name = escape_name(entry->name);
+                fmt::print("{}{}: {}\n", newline ? "\\" : "", newline ? name.text : entry->name,
+                           failure ? "FAILED open or read"
+                           : ok    ? "OK"
+                                   : "FAILED");
+                std::fflush(stdout);
+            }
+        }
+        if (checked == 0 && unreadable == 0 && !args.ignore_missing) {
+            report(list_name, "no properly formatted digest lines found", kExitImageError);
+            status = kExitImageError;
+            continue;
+        }
+        if (!args.status) {
+            if (bad_lines)
+                report(list_name,
+                       "WARNING: " + plural(bad_lines, "line is", "lines are") +
+                           " improperly formatted",
+                       0);
+            if (unreadable)
+                report(list_name,
+                       "WARNING: " + plural(unreadable, "listed file", "listed files") +
+                           " could not be read",
+                       0);
+            if (mismatches)
+                report(list_name,
+                       "WARNING: " + plural(mismatches, "computed checksum", "computed checksums") +
+                           " did NOT match",
+                       0);
+        }
+        if (mismatches || unreadable)
+            status = kExitImageError;
+    }
+    return status;
 }
 
 } // namespace
@@ -149,44 +432,61 @@ int hash_manifest(const HashArgs& args, HashAlgorithm algorithm, std::uint64_t b
 Command add_hash(CLI::App& app) {
     auto* command = app.add_subcommand(
         "hash", "Digest of the whole virtual disk (as sha256sum of qemu-img convert -O raw "
-                "output), or one digest per block with --block-size");
+                "output), or one digest per block with --block-size; --check verifies a list");
     auto args = std::make_shared<HashArgs>();
-    command->add_option("IMAGE", args->images, "qcow2 image files")->required();
-    command->add_option("--algo", args->algorithm, "sha256 (default), sha512, blake2b512, xxh3-128")
-        ->check(CLI::IsMember({"sha256", "sha512", "blake2b512", "xxh3-128"}));
-    command->add_option("--block-size", args->block_size,
-                        "Print a block manifest: one digest per block of this size (a power of "
-                        "two >= 4k; k/M/G suffixes)");
-    command->add_flag("--json", args->json, "JSON output");
+    command
+        ->add_option("FILE", args->files,
+                     "Images to hash (several at once, one per core, printed in argument "
+                     "order; with --check: digest lists as hash prints them, - for standard "
+                     "input)")
+        ->required();
+    auto* algo = command
+                     ->add_option("--algo", args->algorithm,
+                                  "sha256 (default), sha512, blake2b512, xxh3-128")
+                     ->check(one_of({"sha256", "sha512", "blake2b512", "xxh3-128"}))
+                     ->option_text("ALGO");
+    command
+        ->add_option("--block-size", args->block_size,
+                     "Print a block manifest: one digest per block of this size (a power of "
+                     "two >= 4k; k/M/G suffixes)")
+        ->option_text("SIZE");
+    args->output.add_to(*command, "an array of {image, algorithm, size, digest} (or error)");
+    command->add_flag("-c,--check", args->check,
+                      "Read digests from the FILEs and check them, like sha256sum -c");
+    command->add_flag("--quiet", args->quiet, "With --check: do not print OK for each image");
+    command->add_flag("--status", args->status, "With --check: print nothing; the exit code tells");
+    command->add_flag("--ignore-missing", args->ignore_missing,
+                      "With --check: skip listed images that do not exist");
+    command->add_flag("-p,--progress", args->progress, "Show progress on stderr");
     add_io_option(*command, args->io);
     command
         ->add_option("--threads", args->threads,
                      "Worker threads (block hashing, decompression); 0 = one per core")
-        ->check(CLI::Range(0u, 1024u));
-    command
-        ->add_option("--backing", args->open.backing,
-                     "follow: read through the backing chain (default); none: read only this "
-                     "image, unallocated ranges read as zeros")
-        ->check(CLI::IsMember({"follow", "none"}));
-    command->add_option("--data-file", args->open.data_file,
-                        "External data file to use instead of the one the image names");
-    command->add_option("--snapshot", args->open.snapshot,
-                        "Hash this internal snapshot (ID or name) instead of the active disk");
-    return {command, [args] {
+        ->check(CLI::Range(0u, 1024u))
+        ->option_text("N");
+    args->open.add_options(*command);
+    return {command, [args, algo] {
+                args->algorithm_given = algo->count() > 0;
                 auto algorithm = parse_hash_algorithm(args->algorithm);
                 if (!algorithm) {
-                    return report("usage", fmt::format("unknown --algo '{}'", args->algorithm),
-                                  kExitUsage);
+                    throw UsageError(fmt::format("unknown --algo '{}'", args->algorithm));
                 }
+                if (args->check) {
+                    if (args->output.json() || !args->block_size.empty())
+                        throw UsageError("--check reads digest lines: it takes neither "
+                                         "--output=json nor --block-size");
+                    return hash_check(*args);
+                }
+                if (args->quiet || args->status || args->ignore_missing)
+                    throw UsageError("--quiet, --status and --ignore-missing go with --check");
                 if (args->block_size.empty())
                     return hash_whole(*args, *algorithm);
-                auto size = parse_size(args->block_size);
+                std::string why;
+                auto size = parse_size(args->block_size, &why);
                 if (!size || *size < kMinHashBlockSize || (*size & (*size - 1)) != 0) {
-                    return report("usage",
-                                  fmt::format("invalid --block-size '{}' (a power of two of at "
-                                              "least 4k)",
-                                              args->block_size),
-                                  kExitUsage);
+                    throw UsageError(fmt::format("invalid --block-size '{}': not a power of two "
+                                                 "of at least 4k",
+                                                 printable(args->block_size)));
                 }
                 return hash_manifest(*args, *algorithm, *size);
             }};

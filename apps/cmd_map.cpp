@@ -6,7 +6,9 @@
 
 #include <fmt/format.h>
 
+#include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <type_traits>
 
 namespace qcowmap::cli {
@@ -68,44 +70,41 @@ int print_bitmap_ranges(const DirtyBitmap& bitmap, std::uint64_t start, std::uin
     return kExitOk;
 }
 
+/// A hexadecimal column as qemu-img's "%#-16" PRIx64 prints it: "0" for zero (no "0x").
+std::string hex_column(std::uint64_t value) {
+    return fmt::format("{:<16}", value == 0 ? std::string("0") : fmt::format("{:#x}", value));
+}
+
 } // namespace
 
 Command add_map(CLI::App& app) {
     auto* command = app.add_subcommand(
         "map", "Print the allocation map (--output=json matches qemu-img map --output=json)");
     auto args = std::make_shared<ImageArgs>();
-    auto output = std::make_shared<std::string>("human");
+    auto output = std::make_shared<OutputOption>();
     auto start = std::make_shared<std::string>("0");
     auto max_length = std::make_shared<std::string>();
     args->add_to(*command);
-    command->add_option("--output", *output, "human (default) or json")
-        ->check(CLI::IsMember({"human", "json"}));
-    command->add_option("--start-offset", *start, "Start of the range (bytes; k/M/G/T suffixes)");
-    command->add_option("--max-length", *max_length, "Length of the range (bytes; suffixes)");
+    output->add_to(*command, "qemu-img map --output=json's entries");
+    command->add_option("--start-offset", *start, "Start of the range (bytes; k/M/G/T suffixes)")
+        ->option_text("SIZE");
+    command->add_option("--max-length", *max_length, "Length of the range (bytes; suffixes)")
+        ->option_text("SIZE");
     auto bitmap = std::make_shared<std::string>();
     auto bitmap_only = std::make_shared<bool>(false);
-    command->add_option("--bitmap", *bitmap,
-                        "Map only the ranges this persistent dirty bitmap marks dirty");
+    command
+        ->add_option("--bitmap", *bitmap,
+                     "Map only the ranges this persistent dirty bitmap marks dirty")
+        ->option_text("NAME");
     command->add_flag("--bitmap-only", *bitmap_only,
                       "With --bitmap: print the whole range as dirty/clean ranges instead "
                       "({\"start\", \"length\", \"dirty\"} in JSON)");
     return {command, [=] {
-                auto start_offset = parse_size(*start);
-                if (!start_offset) {
-                    return report(args->path, fmt::format("invalid --start-offset '{}'", *start),
-                                  kExitUsage);
-                }
-                std::optional<std::uint64_t> length = UINT64_MAX;
-                if (!max_length->empty()) {
-                    length = parse_size(*max_length);
-                    if (!length) {
-                        return report(args->path,
-                                      fmt::format("invalid --max-length '{}'", *max_length),
-                                      kExitUsage);
-                    }
-                }
+                const std::uint64_t start_offset = size_option("--start-offset", *start);
+                const std::uint64_t length =
+                    max_length->empty() ? UINT64_MAX : size_option("--max-length", *max_length);
                 if (*bitmap_only && bitmap->empty()) {
-                    return report(args->path, "--bitmap-only needs --bitmap=NAME", kExitUsage);
+                    throw UsageError("--bitmap-only needs --bitmap=NAME");
                 }
                 auto image = open_or_report(*args);
                 if (!image)
@@ -114,19 +113,19 @@ Command add_map(CLI::App& app) {
                 if (!bitmap->empty()) {
                     auto found = DirtyBitmap::open(*image, *bitmap);
                     if (!found) {
-                        return report(args->path, found.error().message, kExitImageError);
+                        return report_error(args->path, found.error(), kExitImageError);
                     }
                     dirty = std::move(*found);
                 }
                 const std::uint64_t end =
-                    *length > UINT64_MAX - *start_offset ? UINT64_MAX : *start_offset + *length;
+                    length > UINT64_MAX - start_offset ? UINT64_MAX : start_offset + length;
+                const bool json = output->json();
                 if (*bitmap_only) {
-                    return print_bitmap_ranges(*dirty, *start_offset, end, *output == "json");
+                    return print_bitmap_ranges(*dirty, start_offset, end, json);
                 }
                 MapOptions options;
-                options.start = *start_offset;
-                options.length = *length;
-                const bool json = *output == "json";
+                options.start = start_offset;
+                options.length = length;
                 std::string out;
                 bool first = true;
                 if (json) {
@@ -139,77 +138,48 @@ Command add_map(CLI::App& app) {
                     std::fwrite(out.data(), 1, out.size(), stdout);
                     out.clear();
                 };
+                // The File column: the file holding each layer's bytes, looked up once per layer.
+                std::vector<std::optional<std::string>> files;
+                auto file_of = [&](std::uint32_t depth) -> const std::string& {
+                    if (files.size() <= depth)
+                        files.resize(depth + 1);
+                    if (!files[depth])
+                        files[depth] = printable(map_file(*image, depth).string());
+                    return *files[depth];
+                };
                 auto sink = [&](const MapEntry& e) -> Result<void> {
                     if (json) {
                         if (!first)
                             out += ",\n";
                         append_json_entry(out, e);
                     } else if (e.data && !e.zero) {
-                        // Like qemu-img's human output: data ranges and where they live.
-                        std::string where =
-                            e.offset ? fmt::format("{:#x}", *e.offset) : std::string("compressed");
-                        out += fmt::format("{:<#16x}{:<#16x}{:<16}{}\n", e.start, e.length, where,
-                                           args->path);
+                        // Like qemu-img's human output (qemu-img.c dump_map_entry): data ranges,
+                        // where they live, and in which file (a backing layer's, a data file).
+                        out += hex_column(e.start);
+                        out += hex_column(e.length);
+                        out +=
+                            e.offset ? hex_column(*e.offset) : fmt::format("{:<16}", "compressed");
+                        out += file_of(e.depth);
+                        out += '\n';
                     }
                     first = false;
                     if (out.size() > (1 << 16))
                         flush();
                     return {};
                 };
-                Result<void> result;
-                if (dirty) {
-                    // One map walk from the first dirty byte, its entries clipped to the dirty
-                    // ranges (a merge join of two ordered streams). Clipping a merged entry gives
-                    // what mapping each dirty range on its own would (offsets continue inside an
-                    // entry), without redoing map_image's per-walk setup for every range.
-                    BitmapRanges ranges = dirty->dirty_ranges(*start_offset, end);
-                    auto next_range = ranges.begin();
-                    BitmapRange range;
-                    bool have = next_range != std::default_sentinel;
-                    if (have)
-                        range = *next_range;
-                    bool done = !have;
-                    if (have) {
-                        options.start = range.offset;
-                        options.length = end - range.offset;
-                        result = map_image(*image, options, [&](const MapEntry& e) -> Result<void> {
-                            const std::uint64_t e_end = e.start + e.length;
-                            while (have && range.offset < e_end) {
-                                const std::uint64_t r_end = range.offset + range.length;
-                                const std::uint64_t from = std::max(range.offset, e.start);
-                                const std::uint64_t to = std::min(r_end, e_end);
-                                if (from < to) {
-                                    MapEntry clipped = e;
-                                    clipped.start = from;
-                                    clipped.length = to - from;
-                                    if (clipped.offset)
-                                        *clipped.offset += from - e.start;
-                                    if (auto ok = sink(clipped); !ok)
-                                        return ok;
-                                }
-                                if (r_end > e_end)
-                                    break;
-                                ++next_range;
-                                have = next_range != std::default_sentinel;
-                                if (have)
-                                    range = *next_range;
-                            }
-                            if (!have) {
-                                done = true; // nothing dirty is left: stop the walk
-                                return Error{ErrorCode::out_of_range, "end of dirty ranges"};
-                            }
-                            return {};
-                        });
-                        if (!result && done)
-                            result = {};
-                    }
-                } else {
-                    result = map_image(*image, options, sink);
-                }
+                Result<void> result = dirty ? map_dirty(*image, *dirty, options, sink)
+                                            : map_image(*image, options, sink);
                 if (!result) {
                     flush();
                     std::fflush(stdout);
-                    return report(args->path, result.error().message, kExitImageError);
+                    return report_error(args->path, result.error(), kExitImageError);
+                }
+                if (json && first && !dirty) {
+                    // An empty range (--start-offset at or past the end, --max-length=0):
+                    // qemu-img map prints one empty entry where the range starts.
+                    MapEntry empty;
+                    empty.start = start_offset;
+                    append_json_entry(out, empty);
                 }
                 if (json)
                     out += "]\n";

@@ -1,10 +1,31 @@
 // qcowmap: read qcow2 images through a memory mapping.
 #include "cli.hpp"
 
+#include <cstring>
 #include <system_error>
 
+namespace {
+
+using namespace qcowmap::cli;
+
+/// The subcommand the command line names: its first argument that is not an option.
+/// (CLI11 stops at the first error, before it marks a subcommand as parsed.)
+std::string named_command(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+        if (argv[i][0] != '-')
+            return argv[i];
+    }
+    return {};
+}
+
+int usage(const std::string& command, const std::string& message) {
+    const std::string help = command.empty() ? "qcowmap --help" : "qcowmap " + command + " --help";
+    return report("usage", message + " (see " + help + ")", kExitUsage);
+}
+
+} // namespace
+
 int main(int argc, char** argv) {
-    using namespace qcowmap::cli;
     CLI::App app{"qcowmap: read qcow2 disk images through a memory mapping, without copying.\n"
                  "Exit codes: 0 success, 1 image error, 2 usage error, 3 output error."};
     app.name("qcowmap");
@@ -12,6 +33,13 @@ int main(int argc, char** argv) {
     app.set_version_flag("--version", "qcowmap " + std::string(qcowmap::version()));
     const Command commands[] = {add_info(app),    add_map(app),  add_cat(app),     add_convert(app),
                                 add_bitmaps(app), add_hash(app), add_compare(app), add_check(app)};
+    std::string command = named_command(argc, argv);
+    bool known = false;
+    for (const Command& c : commands)
+        known = known || c.parser->get_name() == command;
+    if (!command.empty() && !known) {
+        return usage("", "unknown command '" + printable(command) + "'");
+    }
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -19,17 +47,19 @@ int main(int argc, char** argv) {
             return app.exit(e); // --help, --version
         }
         // One line, like every other error.
-        return report("usage", std::string(e.what()) + " (see qcowmap --help)", kExitUsage);
+        return usage(command, e.what());
     }
-    for (const Command& command : commands) {
-        if (command.parser->parsed()) {
+    for (const Command& c : commands) {
+        if (c.parser->parsed()) {
             try {
-                int code = command.run();
+                int code = c.run();
                 return code == kExitOk ? finish_stdout() : code;
+            } catch (const UsageError& e) {
+                return usage(c.parser->get_name(), e.what());
             } catch (const std::system_error& e) {
                 return report("<stdout>", e.what(), kExitOutputError); // fmt::print failed
             } catch (const std::exception& e) {
-                return report(command.parser->get_name(), e.what(), kExitImageError);
+                return report(c.parser->get_name(), e.what(), kExitImageError);
             }
         }
     }

@@ -364,3 +364,93 @@ fi
 
 script_end=$(date +%s.%N)
 awk -v a="$script_start" -v b="$script_end" 'BEGIN { printf "compare-qemu.sh took %.1f s\n", b - a }'
+
+# ---- Writing qcow2 (issue 14): qcowmap convert -O qcow2 against qemu-img convert -O qcow2 ----
+# Same images, same alternating median timing; each output is checked once (qemu-img check and
+# compare) before the timed runs. Sources:
+#   frag-4G.qcow2   uncompressed output (the 1 GiB of data in 16384 runs)
+#   mixed-1G.raw    the compressed images' source, recreated from zlib-1G.qcow2 (same bytes):
+#                   -c with zlib and with zstd; output sizes printed beside qemu-img's
+# Both tools sync their output before exiting (qemu-img flushes on close; qcowmap fsyncs the
+# temporary file before renaming it into place).
+writer_start=$EPOCHREALTIME
+MIXED=$WORKDIR/mixed-1G.raw
+W_OURS=$WORKDIR/w-ours.qcow2
+W_QEMU=$WORKDIR/w-qemu.qcow2
+trap 'rm -f "$OUT" "$OUT_QEMU" "$COPY" "$W_OURS" "$W_QEMU" "$MIXED"' EXIT
+[[ -f $MIXED ]] || qemu-img convert -f qcow2 -O raw "$ZLIB" "$MIXED"
+w_time() { # wall seconds of "$@", outputs removed afterwards
+    local t0 t1
+    t0=$EPOCHREALTIME
+    "$@" >/dev/null
+    t1=$EPOCHREALTIME
+    rm -f "$W_OURS" "$W_QEMU"
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f\n", b - a }'
+}
+w_ours() { # $1 source, rest: options
+    local src=$1
+    shift
+    "$QCOWMAP" convert -O qcow2 "$@" "$src" "$W_OURS"
+}
+# The same writer to stdout redirected to a file: no fsync, which is what qemu-img convert does
+# by default (its output cache mode is unsafe: no flush of the data before it exits).
+w_ours_stdout() {
+    local src=$1
+    shift
+    "$QCOWMAP" convert -O qcow2 "$@" "$src" - >"$W_OURS"
+}
+w_qemu() {
+    local src=$1
+    shift
+    qemu-img convert -O qcow2 "$@" "$src" "$W_QEMU"
+}
+w_rows=()
+w_ours_fn=w_ours
+w_compare() { # $1 label, $2 source, rest: options for both tools
+    local label=$1 src=$2 i s_ours s_qemu
+    shift 2
+    # Check (also the warm-up), and the output sizes.
+    "$w_ours_fn" "$src" "$@"
+    w_qemu "$src" "$@"
+    qemu-img check -q "$W_OURS" || die "$label: qemu-img check finds errors in qcowmap's output"
+    qemu-img compare -q "$src" "$W_OURS" || die "$label: qcowmap's output differs from $src"
+    s_ours=$(stat -c %s "$W_OURS")
+    s_qemu=$(stat -c %s "$W_QEMU")
+    rm -f "$W_OURS" "$W_QEMU"
+    local -a t_ours=() t_qemu=()
+    for ((i = 0; i < RUNS; i++)); do
+        if ((i % 2 == 0)); then
+            t_ours+=("$(w_time "$w_ours_fn" "$src" "$@")")
+            t_qemu+=("$(w_time w_qemu "$src" "$@")")
+        else
+            t_qemu+=("$(w_time w_qemu "$src" "$@")")
+            t_ours+=("$(w_time "$w_ours_fn" "$src" "$@")")
+        fi
+    done
+    local m_ours m_qemu
+    m_ours=$(median "${t_ours[@]}")
+    m_qemu=$(median "${t_qemu[@]}")
+    echo "  $label: qcowmap [${t_ours[*]}] qemu-img [${t_qemu[*]}]"
+    w_rows+=("$(awk -v l="$label" -v a="$m_ours" -v b="$m_qemu" -v so="$s_ours" -v sq="$s_qemu" 'BEGIN {
+        printf "%-34s %9.3f %9.3f %7.2f %14.0f %14.0f %+7.2f%%", l, a, b, (a > 0 ? b / a : 0), so, sq, (so / sq - 1) * 100 }')")
+}
+echo
+echo "writing qcow2, $RUNS runs each (seconds):"
+w_compare "convert -O qcow2 frag-4G" "$FRAG"
+w_ours_fn=w_ours_stdout
+w_compare "convert -O qcow2 frag-4G - >file" "$FRAG"
+w_ours_fn=w_ours
+w_compare "convert -O qcow2 -c mixed-1G (zlib)" "$MIXED" -c
+w_compare "convert -O qcow2 -c mixed-1G (zstd)" "$MIXED" -c -o compression_type=zstd
+echo
+echo "median wall time; ratio = qemu-img / qcowmap (> 1: qcowmap faster); sizes in bytes"
+printf '%-34s %9s %9s %7s %14s %14s %8s\n' operation qcowmap qemu-img ratio "qcowmap size" "qemu-img size" "size"
+printf '%s\n' "${w_rows[@]}"
+if [[ -x /usr/bin/time ]]; then
+    w_rss() { /usr/bin/time -v "$@" 2>&1 >/dev/null | awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }'; }
+    echo "peak RSS, convert -O qcow2 frag-4G: qcowmap $(w_rss "$QCOWMAP" convert -O qcow2 "$FRAG" "$W_OURS") MiB, qemu-img $(w_rss qemu-img convert -O qcow2 "$FRAG" "$W_QEMU") MiB"
+    rm -f "$W_OURS" "$W_QEMU"
+    echo "peak RSS, convert -O qcow2 -c mixed-1G: qcowmap $(w_rss "$QCOWMAP" convert -O qcow2 -c "$MIXED" "$W_OURS") MiB, qemu-img $(w_rss qemu-img convert -O qcow2 -c "$MIXED" "$W_QEMU") MiB"
+    rm -f "$W_OURS" "$W_QEMU"
+fi
+awk -v a="$writer_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "writing qcow2 rows took %.1f s\n", b - a }'

@@ -355,7 +355,7 @@ TEST_F(Hash, BadBlockSizes) {
             run(cli() + " hash --block-size=" + bad + " " + shell_quote(img.string()));
         EXPECT_EQ(r.exit_code, 2) << bad;
         EXPECT_EQ(r.err, "qcowmap: usage: invalid --block-size '" + bad +
-                             "' (a power of two of at least 4k)\n");
+                             "': not a power of two of at least 4k (see qcowmap hash --help)\n");
         EXPECT_EQ(r.out, "");
     }
     CommandResult r = run(cli() + " hash --algo=md5 " + shell_quote(img.string()));

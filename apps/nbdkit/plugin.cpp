@@ -1,6 +1,8 @@
 // nbdkit-qcowmap-plugin: serves a qcow2 image's virtual disk read-only over NBD.
 //
-//   nbdkit ./nbdkit-qcowmap-plugin.so file=IMAGE.qcow2 [snapshot=ID_OR_NAME] [backing=none]
+//   nbdkit qcowmap file=IMAGE.qcow2 [snapshot=ID_OR_NAME] [backing=none] [data-file=PATH]
+//
+// (installed into nbdkit's plugin directory, so nbdkit finds it by name).
 //
 // One Image is opened when nbdkit is ready and shared by every connection and every thread:
 // an Image is immutable, so reads need no lock (NBDKIT_THREAD_MODEL_PARALLEL) and all
@@ -65,6 +67,13 @@ int serve_config(const char* key, const char* value) {
             return -1;
         }
         file_name = absolute;
+        std::free(absolute);
+    } else if (std::strcmp(key, "data-file") == 0) {
+        char* absolute = nbdkit_absolute_path(value);
+        if (!absolute) {
+            return -1;
+        }
+        options.data_file = absolute;
         std::free(absolute);
     } else if (std::strcmp(key, "snapshot") == 0) {
         options.snapshot = value;
@@ -214,6 +223,7 @@ struct nbdkit_plugin make_plugin() {
     p.config_complete = serve_config_complete;
     p.config_help = "file=IMAGE.qcow2    (required) the image to serve\n"
                     "snapshot=ID|NAME    serve this internal snapshot\n"
+                    "data-file=PATH      the external data file to use instead of the named one\n"
                     "backing=none        ignore the backing file (unallocated reads as zeros)";
     p.magic_config_key = "file";
     p.get_ready = serve_get_ready;

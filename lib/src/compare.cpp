@@ -635,8 +635,14 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     std::array<InlineSide, 2> inline_sides{InlineSide(a), InlineSide(b)};
     // Read pieces and decompressed clusters the caller holds, per side.
     std::array<std::vector<std::byte>, 2> buffers;
+    const std::uint64_t larger = std::max(size_a, size_b);
+    auto progress = [&](std::uint64_t done) {
+        if (options.progress)
+            options.progress(done, larger);
+    };
     Step step;
     while (plan.next(step)) {
+        progress(step.pos);
         if (step.status_mismatch) {
             CompareResult r;
             r.outcome = CompareResult::Outcome::status_mismatch;
@@ -713,6 +719,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
             *error_detail = CompareError{e, *side, false};
         return e;
     }
+    progress(larger);
     CompareResult r;
     r.size_warning = size_a != size_b;
     return r;

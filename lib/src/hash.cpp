@@ -258,6 +258,8 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     auto hasher = Hasher::create(options.algorithm);
     if (!hasher)
         return std::move(hasher).error();
+    if (options.progress)
+        options.progress(0, image.size());
     // The visit starts workers once it meets bytes to produce: mapped data to make present
     // (and drop once hashed), compressed clusters, or pieces to read.
     auto ok = image.visit(
@@ -268,6 +270,8 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
             } else {
                 hasher->update(run.bytes);
             }
+            if (options.progress)
+                options.progress(run.offset + run.length, image.size());
             return {};
         },
         VisitOptions{resolve_threads(options.threads), detail::resolve(options.data_access),
@@ -287,8 +291,11 @@ struct ImageJob {
 
 } // namespace
 
-Result<void> hash_images(std::size_t count, const ImageOpener& open, const HashOptions& options,
+Result<void> hash_images(std::size_t count, const ImageOpener& open, const HashOptions& options_in,
                          const ImageDigestSink& sink) {
+    // Progress is per image and its callback would run on the workers: not used here.
+    HashOptions options = options_in;
+    options.progress = nullptr;
     const unsigned threads = resolve_threads(options.threads);
     auto hash_one = [&](std::size_t index, const HashOptions& one) -> Result<ImageDigest> {
         auto image = open(index);

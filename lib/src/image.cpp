@@ -106,6 +106,10 @@ Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::pa
     const bool raw_requested = format && *format == "raw";
     auto file = detail::MappedFile::open(path, /*allow_empty=*/!top || raw_requested);
     if (!file) {
+        if (top) { // a backing layer is named by open_backing
+            return Error{file.error().code, fmt::format("{}: {}", detail::printable(path.string()),
+                                                        file.error().message)};
+        }
         return std::move(file).error();
     }
     std::string name = path.string();
@@ -162,20 +166,28 @@ Result<std::shared_ptr<detail::ImageState>> open_layer(const std::filesystem::pa
         } else if (info.data_file) {
             data_path = relative_to_image(path, *info.data_file);
         }
-        if (!data_path) {
-            return Error{ErrorCode::invalid_header,
-                         "the external data file bit is set but the image names no data file "
-                         "(give one with --data-file)"};
+        Result<detail::MappedFile> data =
+            Error{ErrorCode::invalid_header,
+                  "the external data file bit is set but the image names no data file"};
+        if (data_path) {
+            state->data_file_path = *data_path;
+            data = detail::MappedFile::open(*data_path, /*allow_empty=*/true);
+            if (!data) {
+                data = Error{data.error().code,
+                             fmt::format("data file {}: {}", detail::printable(data_path->string()),
+                                         data.error().message)};
+            }
         }
-        auto data = detail::MappedFile::open(*data_path, /*allow_empty=*/true);
-        if (!data) {
-            return Error{data.error().code,
-                         fmt::format("data file {}: {}", detail::printable(data_path->string()),
-                                     data.error().message)};
+        if (data) {
+            auto data_file = std::make_shared<const detail::MappedFile>(std::move(*data));
+            state->data_bytes = data_file->bytes();
+            state->data_file = std::move(data_file);
+        } else if (top && !options.require_data_file) {
+            state->data_bytes = {}; // never the image file: data clusters must not read from it
+            state->data_file_error = std::move(data).error();
+        } else {
+            return std::move(data).error();
         }
-        auto data_file = std::make_shared<const detail::MappedFile>(std::move(*data));
-        state->data_bytes = data_file->bytes();
-        state->data_file = std::move(data_file);
     }
     const bool has_backing = info.backing_file || (top && options.backing_file);
     if (has_backing && options.backing == BackingMode::follow) {

@@ -37,6 +37,10 @@ struct ImageState {
     /// Where guest data clusters live: `bytes`, or the external data file's mapping.
     std::shared_ptr<const MappedFile> data_file;
     Bytes data_bytes;
+    /// The external data file as resolved (empty when the layer has none or names none), and
+    /// why it could not be opened (only with OpenOptions::require_data_file false).
+    std::filesystem::path data_file_path;
+    std::optional<Error> data_file_error;
     /// The layer below (null at the bottom of the chain or with BackingMode::none).
     std::shared_ptr<const ImageState> backing;
     /// The internal snapshot opened instead of the active disk (name or ID as asked), if any.

@@ -2,6 +2,7 @@
 // entry_mergeable; block/io.c bdrv_co_block_status for BDRV_BLOCK_RECURSE).
 #include "image_state.hpp"
 
+#include <qcowmap/bitmap.hpp>
 #include <qcowmap/map.hpp>
 
 #include <cerrno>
@@ -130,8 +131,81 @@ bool looks_metadata_preallocated(const Image& image) {
     return layer_preallocated(detail_state(image));
 }
 
+namespace {
+
+/// What a map walk's sink answers: go on, or stop here (the caller has what it wanted).
+enum class Walk { more, stop };
+using WalkSink = std::function<Result<Walk>(const MapEntry&)>;
+
+/// map_image's walk; a sink answering Walk::stop ends it at once, successfully.
+Result<void> map_walk(const Image& image, const MapOptions& options, const WalkSink& sink);
+
+} // namespace
+
 Result<void> map_image(const Image& image, const MapOptions& options,
                        const std::function<Result<void>(const MapEntry&)>& sink) {
+    return map_walk(image, options, [&](const MapEntry& e) -> Result<Walk> {
+        if (auto ok = sink(e); !ok)
+            return std::move(ok).error();
+        return Walk::more;
+    });
+}
+
+Result<void> map_dirty(const Image& image, const DirtyBitmap& bitmap, const MapOptions& options,
+                       const std::function<Result<void>(const MapEntry&)>& sink) {
+    const std::uint64_t start = options.start;
+    const std::uint64_t end =
+        options.length > UINT64_MAX - start ? UINT64_MAX : start + options.length;
+    // A merge join of two ordered streams: one map walk from the first dirty byte, its entries
+    // clipped to the dirty ranges. Clipping a merged entry gives what mapping each dirty range
+    // on its own would (host offsets continue inside an entry), without redoing the walk's
+    // setup for every range.
+    BitmapRanges ranges = bitmap.dirty_ranges(start, end);
+    auto next_range = ranges.begin();
+    if (next_range == std::default_sentinel)
+        return {};
+    BitmapRange range = *next_range;
+    bool have = true;
+    MapOptions walk = options;
+    walk.start = range.offset;
+    walk.length = end - range.offset;
+    return map_walk(image, walk, [&](const MapEntry& e) -> Result<Walk> {
+        const std::uint64_t e_end = e.start + e.length;
+        while (have && range.offset < e_end) {
+            const std::uint64_t r_end = range.offset + range.length;
+            const std::uint64_t from = std::max(range.offset, e.start);
+            const std::uint64_t to = std::min(r_end, e_end);
+            if (from < to) {
+                MapEntry clipped = e;
+                clipped.start = from;
+                clipped.length = to - from;
+                if (clipped.offset)
+                    *clipped.offset += from - e.start;
+                if (auto ok = sink(clipped); !ok)
+                    return std::move(ok).error();
+            }
+            if (r_end > e_end)
+                break; // the range goes on into the next entry
+            have = ++next_range != std::default_sentinel;
+            if (have)
+                range = *next_range;
+        }
+        return have ? Walk::more : Walk::stop; // nothing dirty is left: the walk can end
+    });
+}
+
+std::filesystem::path map_file(const Image& image, std::uint32_t depth) {
+    const detail::ImageState* layer = detail::layer_at(detail_state(image), depth);
+    if (!layer)
+        return {};
+    if (layer->format == detail::LayerFormat::qcow2 && layer->has_data_file())
+        return layer->data_file_path;
+    return layer->path;
+}
+
+namespace {
+
+Result<void> map_walk(const Image& image, const MapOptions& options, const WalkSink& sink) {
     const std::uint64_t start = std::min(options.start, image.size());
     const std::uint64_t end =
         options.length > image.size() - start ? image.size() : start + options.length;
@@ -152,18 +226,20 @@ Result<void> map_image(const Image& image, const MapOptions& options,
 
     MapEntry current;
     current.start = start;
-    auto emit = [&](const MapEntry& next) -> Result<void> {
+    auto emit = [&](const MapEntry& next) -> Result<Walk> {
         if (entry_mergeable(current, next)) {
             current.length += next.length;
-            return {};
+            return Walk::more;
         }
         if (current.length > 0) {
-            if (auto ok = sink(current); !ok) {
-                return ok;
-            }
+            auto more = sink(current);
+            if (!more)
+                return std::move(more).error();
+            if (*more == Walk::stop)
+                return Walk::stop;
         }
         current = next;
-        return {};
+        return Walk::more;
     };
 
     ExtentRange extents = image.extents(start, end);
@@ -172,9 +248,11 @@ Result<void> map_image(const Image& image, const MapOptions& options,
         const detail::ImageState* probed =
             extent.kind == ExtentKind::data ? probe_layer(extent.depth) : nullptr;
         if (!probed) {
-            if (auto ok = emit(entry); !ok) {
-                return ok;
-            }
+            auto more = emit(entry);
+            if (!more)
+                return std::move(more).error();
+            if (*more == Walk::stop)
+                return {};
             continue;
         }
         // Split the data run at the host file's holes: holes read as zeros (BDRV_BLOCK_RECURSE).
@@ -204,9 +282,11 @@ Result<void> map_image(const Image& image, const MapOptions& options,
             piece.length = until - host;
             piece.offset = host;
             piece.zero = hole;
-            if (auto ok = emit(piece); !ok) {
-                return ok;
-            }
+            auto more = emit(piece);
+            if (!more)
+                return std::move(more).error();
+            if (*more == Walk::stop)
+                return {};
             host = until;
         }
     }
@@ -214,9 +294,11 @@ Result<void> map_image(const Image& image, const MapOptions& options,
         return *extents.error();
     }
     if (current.length > 0) {
-        return sink(current);
+        if (auto more = sink(current); !more)
+            return std::move(more).error();
     }
     return {};
 }
 
+} // namespace
 } // namespace qcowmap

@@ -1,31 +1,37 @@
 #include "mapped_file.hpp"
 
-#include <boost/iostreams/device/mapped_file.hpp>
 #include <fmt/format.h>
 
 #include <cerrno>
 #include <cstring>
-#include <exception>
 #include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 namespace qcowmap::detail {
 
 struct MappedFile::Impl {
-    boost::iostreams::mapped_file_source source;
+    void* base = nullptr;
+    std::size_t length = 0;
     int fd = -1;
     std::uint64_t device = 0;
     std::uint64_t inode = 0;
+    bool block_device = false;
+    std::filesystem::path name;
     ~Impl() {
+        if (base)
+            ::munmap(base, length);
         if (fd >= 0)
             ::close(fd);
     }
 };
 
 MappedFile::MappedFile(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {
-    if (impl_->source.is_open()) {
-        bytes_ = {reinterpret_cast<const std::byte*>(impl_->source.data()), impl_->source.size()};
+    if (impl_->base) {
+        bytes_ = {static_cast<const std::byte*>(impl_->base), impl_->length};
     }
 }
 MappedFile::MappedFile(MappedFile&&) noexcept = default;
@@ -38,16 +44,28 @@ int MappedFile::fd() const {
 std::pair<std::uint64_t, std::uint64_t> MappedFile::identity() const {
     return {impl_->device, impl_->inode};
 }
+bool MappedFile::is_block_device() const {
+    return impl_->block_device;
+}
+const std::filesystem::path& MappedFile::name() const {
+    return impl_->name;
+}
 
 Result<MappedFile> MappedFile::open(const std::filesystem::path& path, bool allow_empty) {
-    // Open and stat first: Boost's exceptions carry vague messages, and it throws on empty files.
-    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below anyway).
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (open_fd refuses it anyway); it
+    // changes nothing for reads of regular files and block devices.
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         return Error{ErrorCode::io_error, std::strerror(errno)};
     }
+    return open_fd(fd, path, allow_empty);
+}
+
+Result<MappedFile> MappedFile::open_fd(int fd, const std::filesystem::path& name,
+                                       bool allow_empty) {
     auto impl = std::make_unique<Impl>();
-    impl->fd = fd;
+    impl->fd = fd; // owned from here on: closed by ~Impl on every error path
+    impl->name = name;
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
         return Error{ErrorCode::io_error, std::strerror(errno)};
@@ -57,23 +75,37 @@ Result<MappedFile> MappedFile::open(const std::filesystem::path& path, bool allo
     if (S_ISDIR(st.st_mode)) {
         return Error{ErrorCode::not_qcow2, "is a directory, not an image file"};
     }
-    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-        return Error{ErrorCode::not_qcow2, "not a regular file"};
+    std::uint64_t size = 0;
+    if (S_ISREG(st.st_mode)) {
+        size = static_cast<std::uint64_t>(st.st_size);
+    } else if (S_ISBLK(st.st_mode)) {
+        // fstat gives 0 for a device; the kernel knows its size (as qemu's raw_getlength asks).
+        if (::ioctl(fd, BLKGETSIZE64, &size) != 0) {
+            return Error{
+                ErrorCode::io_error,
+                fmt::format("cannot get the size of the block device: {}", std::strerror(errno))};
+        }
+        impl->block_device = true;
+    } else {
+        return Error{ErrorCode::not_qcow2, "not a regular file or block device"};
     }
-    if (S_ISREG(st.st_mode) && st.st_size == 0) {
+    if (size == 0) {
         if (allow_empty) {
             return MappedFile(std::move(impl));
         }
-        return Error{ErrorCode::not_qcow2, "file is empty (0 bytes), not a qcow2 image"};
+        return Error{ErrorCode::not_qcow2,
+                     impl->block_device ? "block device is empty (0 bytes), not a qcow2 image"
+                                        : "file is empty (0 bytes), not a qcow2 image"};
     }
-    try {
-        impl->source.open(path.string());
-    } catch (const std::exception& e) {
-        return Error{ErrorCode::io_error, fmt::format("cannot map file: {}", e.what())};
+    if (size > SIZE_MAX) {
+        return Error{ErrorCode::io_error, fmt::format("is too large to map ({} bytes)", size)};
     }
-    if (!impl->source.is_open() || impl->source.size() == 0) {
-        return Error{ErrorCode::io_error, "cannot map file"};
+    void* base = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        return Error{ErrorCode::io_error, fmt::format("cannot map file: {}", std::strerror(errno))};
     }
+    impl->base = base;
+    impl->length = static_cast<std::size_t>(size);
     return MappedFile(std::move(impl));
 }
 

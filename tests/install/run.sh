@@ -3,11 +3,15 @@
 # programs (C++ and C) out of tree against the installed qcowmap.pc alone, run them on images
 # made by qemu-img and compare their output with qemu-img's.
 #
-#   run.sh MESON BUILD_ROOT SOURCE_ROOT [SANITIZE]
+# Also checks what else is installed: the qcowmap(1) man page, the bash completion, and the
+# nbdkit plugin in nbdkit's plugin directory (so that `nbdkit qcowmap` finds it by name); and
+# that the build tree's meson-uninstalled/qcowmap-uninstalled.pc builds the example too.
+#
+#   run.sh MESON BUILD_ROOT SOURCE_ROOT [SANITIZE [PLUGIN]]
 # SANITIZE is the build's b_sanitize value: a sanitized libqcowmap needs the same -fsanitize
-# flags in the programs that link it.
+# flags in the programs that link it. PLUGIN is "true" when the nbdkit plugin was built.
 set -eu
-meson=$1 build_root=$2 source_root=$3 sanitize=${4:-none}
+meson=$1 build_root=$2 source_root=$3 sanitize=${4:-none} plugin=${5:-false}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
@@ -85,5 +89,58 @@ grep -q "^bad.img: not a qcow2 image (bad magic" err.txt || { cat err.txt; fail 
 ./gzip_disk disk.qcow2 >disk.raw.gz 2>err.txt || { cat err.txt; fail "gzip_disk failed"; }
 grep -q "size 4194304, last sector starts with 0x5e" err.txt || { cat err.txt; fail "gzip_disk seek"; }
 gunzip -c disk.raw.gz | cmp - disk.raw || fail "gzip_disk: bytes differ"
+
+# The static link needs nothing beyond what `pkg-config --static` lists (checked above by
+# linking read_disk_static); it lists no library that only the build used.
+static_libs=$(pkg-config --static --libs qcowmap)
+echo "static: $static_libs"
+case $static_libs in *boost*|*crypto*) fail "pkg-config --static lists a library the static link does not need" ;; esac
+
+# The man page and the bash completion.
+man=$(find "$tmp/root" -path '*/man1/qcowmap.1')
+[ -n "$man" ] || fail "qcowmap.1 not installed"
+case $man in */share/man/man1/qcowmap.1) ;; *) fail "qcowmap.1 installed at $man" ;; esac
+if command -v man >/dev/null; then
+  MANWIDTH=80 man -l "$man" | grep -Eq "qcowmap +- +read +qcow2 +disk +images" || fail "man -l $man"
+fi
+completion=$(find "$tmp/root" -path '*/bash-completion/completions/qcowmap')
+[ -n "$completion" ] || fail "bash completion not installed"
+bash -c ". '$completion'; COMP_WORDS=(qcowmap con); COMP_CWORD=1; _qcowmap; [ \"\${COMPREPLY[*]}\" = convert ]" ||
+  fail "the installed completion does not complete 'con' to 'convert'"
+
+# The nbdkit plugin, where nbdkit looks for plugins relative to the prefix.
+if [ "$plugin" = true ]; then
+  installed_plugin=$(find "$tmp/root" -name nbdkit-qcowmap-plugin.so)
+  [ -n "$installed_plugin" ] || fail "nbdkit plugin not installed"
+  nbdkit_prefix=$(pkg-config --variable=prefix nbdkit)
+  nbdkit_plugindir=$(pkg-config --variable=plugindir nbdkit)
+  relative=${nbdkit_plugindir#"$nbdkit_prefix"}
+  case $installed_plugin in
+    *"$relative/nbdkit-qcowmap-plugin.so") ;;
+    *) fail "plugin installed at $installed_plugin, not under <prefix>$relative" ;;
+  esac
+  if [ "$sanitize" = none ] && command -v nbdcopy >/dev/null; then
+    nbdkit -U - "$installed_plugin" file=disk.qcow2 --run 'nbdcopy "$uri" nbd.raw'
+    cmp nbd.raw disk.raw || fail "nbdkit plugin: bytes differ from qemu-img convert"
+    # data-file=: an image whose data file was moved.
+    qemu-img create -q -f qcow2 -o data_file=vm.data vm.qcow2 1M
+    qemu-io -f qcow2 -c "write -P 0x42 64k 64k" vm.qcow2 >/dev/null
+    qemu-img convert -O raw vm.qcow2 vm.raw
+    mv vm.data moved.data
+    nbdkit -U - "$installed_plugin" file=vm.qcow2 data-file=moved.data --run 'nbdcopy "$uri" vm-nbd.raw'
+    cmp vm-nbd.raw vm.raw || fail "nbdkit plugin data-file=: bytes differ"
+  fi
+  echo "nbdkit plugin: $installed_plugin"
+fi
+
+# Building against the build tree, as README says: meson-uninstalled/qcowmap-uninstalled.pc.
+if [ -d "$build_root/meson-uninstalled" ]; then
+  PKG_CONFIG_PATH="$build_root/meson-uninstalled" c++ -std=c++20 $extra \
+    "$source_root/examples/read_extents.cpp" \
+    $(PKG_CONFIG_PATH="$build_root/meson-uninstalled" pkg-config --cflags --libs qcowmap) \
+    -o read_extents_uninstalled
+  LD_LIBRARY_PATH="$build_root/lib" ./read_extents_uninstalled disk.qcow2 | grep -Eq "65536 [+]65536 +data$" ||
+    fail "read_extents built against meson-uninstalled"
+fi
 
 echo "install test: ok"

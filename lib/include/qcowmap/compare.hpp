@@ -5,6 +5,7 @@
 #include <qcowmap/result.hpp>
 
 #include <cstdint>
+#include <functional>
 
 namespace qcowmap {
 
@@ -22,6 +23,9 @@ struct CompareOptions {
     /// ahead of the comparison, which runs on the calling thread. 0: one per core; 1: all on
     /// the calling thread.
     unsigned threads = 0;
+    /// Called on the calling thread as the comparison advances: bytes compared so far, and the
+    /// larger disk's size (a tail past the shorter disk is checked for zeros last).
+    std::function<void(std::uint64_t done, std::uint64_t total)> progress;
 };
 
 /// What `compare_images` found.

@@ -84,6 +84,9 @@ struct HashOptions {
     /// and touched ahead by the threads, dropped once hashed), or read into a cache-sized
     /// buffer; by default whichever costs less on this machine (automatic_data_access()).
     DataAccess data_access = DataAccess::automatic;
+    /// Called on the calling thread as the hash advances: bytes of the disk hashed so far, and
+    /// the disk size.
+    std::function<void(std::uint64_t done, std::uint64_t total)> progress;
 };
 
 /// The digest of the whole virtual disk, equal to hashing `qemu-img convert -O raw` output.
@@ -112,7 +115,8 @@ using ImageDigestSink =
 /// core; an image alone gets every thread, as with hash_image), each hashed as by hash_image.
 /// Digests reach `sink` in index order, each as soon as it and those before it are known; an
 /// image that cannot be opened or hashed is reported to the sink and the others go on. At most
-/// a few images per worker are open at once. Errors: only the sink's own.
+/// a few images per worker are open at once. `options.progress` is not called (hash one image
+/// at a time with hash_image for that). Errors: only the sink's own.
 Result<void> hash_images(std::size_t count, const ImageOpener& open, const HashOptions& options,
                          const ImageDigestSink& sink);
 

@@ -4,6 +4,7 @@
 #include <qcowmap/image.hpp>
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <optional>
 
@@ -37,6 +38,23 @@ struct MapOptions {
 /// error stops the walk and that error is returned.
 Result<void> map_image(const Image& image, const MapOptions& options,
                        const std::function<Result<void>(const MapEntry&)>& sink);
+
+class DirtyBitmap;
+
+/// Like `map_image`, restricted to the ranges `bitmap` marks dirty: the entries
+/// `map_image(image, {start, length})` gives for each dirty range of `[options.start,
+/// options.start + options.length)` on its own (entries are clipped to the dirty ranges and
+/// never cross their edges). One walk of the map from the first dirty byte; it ends at the last
+/// dirty byte. Errors: those of `map_image`, or the sink's own.
+Result<void> map_dirty(const Image& image, const DirtyBitmap& bitmap, const MapOptions& options,
+                       const std::function<Result<void>(const MapEntry&)>& sink);
+
+/// The file that holds the bytes of map entries of layer `depth` (0 = the image itself), the
+/// file their `offset` points into: the layer's external data file when it has one, else the
+/// layer's own file, named as opened (a relative backing name joined to the directory of the
+/// image naming it, as qemu-img map's "File" column shows it). Empty for images opened from
+/// memory and for depths below the bottom of the chain.
+std::filesystem::path map_file(const Image& image, std::uint32_t depth);
 
 /// qemu's heuristic (qcow2_detect_metadata_preallocation): the image references clearly more
 /// clusters than its host file has allocated, so data clusters may be holes that read as zero.

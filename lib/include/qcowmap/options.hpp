@@ -37,6 +37,11 @@ struct OpenOptions {
     /// the file is disk content; holes read as zeros). Unset: qcow2, and a file that is not
     /// one is refused with not_qcow2 (callers that probe, like `compare`, pass "raw").
     std::optional<std::string> format;
+    /// False: an external data file that cannot be opened (or that the image does not name) is
+    /// no error. The image opens without it, which is enough for its header (`info`), and
+    /// `data_file_status()` (describe.hpp) says why it is missing; reading a data cluster of
+    /// such an image then fails (the clusters lie beyond the end of an empty data file).
+    bool require_data_file = true;
     /// For `open_bytes` only: resolves a backing file name (as stored in the image) to the
     /// bytes of that file, or nullopt when there is none. The bytes must outlive the Image.
     /// Lets tests and fuzzers build backing chains in memory; loops (the same bytes twice)

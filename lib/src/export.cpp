@@ -1,0 +1,383 @@
+// The raw export engine: sparse writes, in-kernel copies, hole punching, zero detection and
+// block-device targets (qemu-img.c convert_do_copy / convert_write, with -S as
+// is_allocated_sectors_min's zero check).
+#include "image_state.hpp"
+
+#include <qcowmap/bitmap.hpp>
+#include <qcowmap/export.hpp>
+
+#include <fmt/format.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+namespace qcowmap {
+namespace {
+
+/// Zeros for writing zero runs where holes cannot be left (never materialised per run).
+alignas(4096) const std::byte kZeros[1 << 20] = {};
+
+unsigned resolve_threads(unsigned threads) {
+    if (threads != 0)
+        return threads;
+    unsigned cores = std::thread::hardware_concurrency();
+    return cores == 0 ? 2 : cores;
+}
+
+Error errno_error(int error) {
+    return Error{ErrorCode::io_error, std::strerror(error)};
+}
+
+bool pwrite_all(int fd, const std::byte* data, std::uint64_t length, std::uint64_t offset) {
+    while (length > 0) {
+        // Bounded chunks stay below the kernel's per-call cap.
+        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
+        ssize_t n = ::pwrite(fd, data, chunk, static_cast<off_t>(offset));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return false;
+        }
+        data += n;
+        offset += static_cast<std::uint64_t>(n);
+        length -= static_cast<std::uint64_t>(n);
+    }
+    return true;
+}
+
+bool write_all(int fd, const std::byte* data, std::uint64_t length) {
+    while (length > 0) {
+        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
+        ssize_t n = ::write(fd, data, chunk);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return false;
+        }
+        data += n;
+        length -= static_cast<std::uint64_t>(n);
+    }
+    return true;
+}
+
+/// True when all `length` bytes are zero (memcmp against itself shifted by one is vectorised).
+bool all_zero(const std::byte* data, std::size_t length) {
+    return length == 0 || (data[0] == std::byte{0} && std::memcmp(data, data + 1, length - 1) == 0);
+}
+
+/// Writes a data run, leaving holes for the blocks of `block` bytes (aligned in the output)
+/// that hold only zeros, as qemu-img convert does with its default -S 4k. Consecutive
+/// non-zero blocks go out in one pwrite.
+bool pwrite_sparse(int fd, const std::byte* data, std::uint64_t length, std::uint64_t offset,
+                   std::uint64_t block) {
+    if (block == 0) {
+        return pwrite_all(fd, data, length, offset);
+    }
+    std::uint64_t pending_start = 0, pending_length = 0;
+    for (std::uint64_t at = 0; at < length;) {
+        std::uint64_t piece = std::min(length - at, block - (offset + at) % block);
+        if (all_zero(data + at, static_cast<std::size_t>(piece))) {
+            if (pending_length &&
+                !pwrite_all(fd, data + pending_start, pending_length, offset + pending_start)) {
+                return false;
+            }
+            pending_length = 0;
+        } else {
+            if (!pending_length)
+                pending_start = at;
+            pending_length += piece;
+        }
+        at += piece;
+    }
+    return !pending_length ||
+           pwrite_all(fd, data + pending_start, pending_length, offset + pending_start);
+}
+
+enum class CopyResult { ok, target_failed, source_changed };
+
+/// Copies `length` bytes at `from` to `out` at `offset` inside the kernel (copy_file_range: no
+/// user-space copy, and file systems with reflinks share the blocks). Falls back to
+/// pread/pwrite through `buffer` where the kernel cannot copy between the two (a block device
+/// on either side, different file system types).
+CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, std::uint64_t length,
+                      std::vector<std::byte>& buffer) {
+    std::uint64_t host_offset = from.offset;
+    std::uint64_t done = 0;
+    while (done < length) {
+        loff_t in_at = static_cast<loff_t>(host_offset + done);
+        loff_t out_at = static_cast<loff_t>(offset + done);
+        ssize_t n = ::copy_file_range(
+            from.fd, &in_at, out, &out_at,
+            static_cast<std::size_t>(std::min<std::uint64_t>(length - done, 1u << 30)), 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; // not supported here (or EOF): finish with pread/pwrite
+        done += static_cast<std::uint64_t>(n);
+    }
+    host_offset += done;
+    offset += done;
+    length -= done;
+    if (length > 0 && buffer.empty())
+        buffer.resize(1u << 20);
+    while (length > 0) {
+        std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(length, buffer.size()));
+        ssize_t n = ::pread(from.fd, buffer.data(), want, static_cast<off_t>(host_offset));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            return CopyResult::source_changed; // the extent walk checked this range: it shrank
+        }
+        if (!pwrite_all(out, buffer.data(), static_cast<std::uint64_t>(n), offset)) {
+            return CopyResult::target_failed;
+        }
+        host_offset += static_cast<std::uint64_t>(n);
+        offset += static_cast<std::uint64_t>(n);
+        length -= static_cast<std::uint64_t>(n);
+    }
+    return CopyResult::ok;
+}
+
+/// Makes `[offset, offset + length)` of a file or block device read as zeros. `punch`: a
+/// hole where the file system or device can make one (else zeroed). Block devices are
+/// zeroed by the kernel where they can be (write-zeroes, FALLOC_FL_ZERO_RANGE), else with
+/// written zeros.
+bool zero_range(int fd, std::uint64_t offset, std::uint64_t length, bool punch) {
+    const int mode = punch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                           : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+    if (::fallocate(fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) {
+        return true;
+    }
+    for (std::uint64_t done = 0; done < length;) {
+        std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeros);
+        if (!pwrite_all(fd, kZeros, n, offset + done))
+            return false;
+        done += n;
+    }
+    return true;
+}
+
+/// The target as found by fstat, after refusing the image's own files.
+struct Target {
+    enum class Kind { file, block_device, stream };
+    Kind kind = Kind::stream;
+    std::uint64_t size = 0; ///< regular file: current size; block device: device size
+};
+
+Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        return errno_error(errno);
+    }
+    if (image.maps_file(st.st_dev, st.st_ino)) {
+        return Error{ErrorCode::invalid_argument,
+                     "is the image being read (or one of its layers or its data file): "
+                     "refusing to overwrite it"};
+    }
+    Target target;
+    if (S_ISREG(st.st_mode)) {
+        target.kind = Target::Kind::file;
+        target.size = static_cast<std::uint64_t>(st.st_size);
+    } else if (S_ISBLK(st.st_mode)) {
+        target.kind = Target::Kind::block_device;
+        if (::ioctl(fd, BLKGETSIZE64, &target.size) != 0) {
+            return Error{ErrorCode::io_error, fmt::format("cannot get the size of the block "
+                                                          "device: {}",
+                                                          std::strerror(errno))};
+        }
+    } else if (S_ISDIR(st.st_mode)) {
+        return Error{ErrorCode::invalid_argument, "is a directory"};
+    }
+    if (sequential)
+        target.kind = Target::Kind::stream;
+    return target;
+}
+
+/// Writes runs of the disk to a target; shared by the whole-disk and the dirty-range exports.
+class Writer {
+  public:
+    Writer(int fd, Target::Kind kind, std::uint64_t zero_block)
+        : fd_(fd), kind_(kind), zero_block_(zero_block) {}
+
+    /// A data run at its offset, its bytes as the visit produced them. Without zero detection
+    /// (and onto block devices), data that lies in one of the image's files is copied inside
+    /// the kernel from the file position the run carries.
+    Result<void> data(const Run& run) {
+        const std::span<const std::byte> bytes = run.bytes;
+        if (kind_ == Target::Kind::stream) {
+            return write_all(fd_, bytes.data(), bytes.size()) ? Result<void>{} : failed();
+        }
+        if ((zero_block_ == 0 || kind_ == Target::Kind::block_device) && run.file) {
+            switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_)) {
+            case CopyResult::ok:
+                return {};
+            case CopyResult::source_changed:
+                return Error{ErrorCode::io_error,
+                             "image changed while being read (the file shrank under its "
+                             "mapping)"};
+            case CopyResult::target_failed:
+                return failed();
+            }
+        }
+        const std::uint64_t block = kind_ == Target::Kind::file ? zero_block_ : 0;
+        if (!pwrite_sparse(fd_, bytes.data(), bytes.size(), run.offset, block))
+            return failed();
+        return {};
+    }
+
+    /// A zero run. `punch`: make it a hole where possible (an incremental update of a copy);
+    /// else a fresh regular file keeps it as the hole it already is.
+    Result<void> zeros(std::uint64_t offset, std::uint64_t length, bool punch) {
+        if (kind_ == Target::Kind::stream) {
+            for (std::uint64_t done = 0; done < length;) {
+                std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeros);
+                if (!write_all(fd_, kZeros, n))
+                    return failed();
+                done += n;
+            }
+            return {};
+        }
+        if (kind_ == Target::Kind::file && !punch)
+            return {};
+        return zero_range(fd_, offset, length, punch) ? Result<void>{} : failed();
+    }
+
+    bool target_failed() const { return target_failed_; }
+
+  private:
+    Result<void> failed() {
+        target_failed_ = true;
+        return errno_error(errno);
+    }
+
+    int fd_;
+    Target::Kind kind_;
+    std::uint64_t zero_block_;
+    std::vector<std::byte> buffer_; // for copies the kernel cannot make
+    bool target_failed_ = false;
+};
+
+Result<void> fail_target(Error error, ExportError* where) {
+    if (where)
+        where->target = true;
+    return error;
+}
+
+} // namespace
+
+Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
+                        ExportError* where) {
+    if (where)
+        *where = {};
+    if (options.zero_block % 512 != 0) {
+        return Error{
+            ErrorCode::invalid_argument,
+            fmt::format("zero block size {} is not a multiple of 512", options.zero_block)};
+    }
+    auto target = inspect_target(image, fd, options.sequential);
+    if (!target)
+        return fail_target(std::move(target).error(), where);
+    const std::uint64_t size = image.size();
+    if (target->kind == Target::Kind::block_device && target->size < size) {
+        return fail_target(Error{ErrorCode::invalid_argument,
+                                 fmt::format("block device is {} bytes, smaller than the disk "
+                                             "({} bytes)",
+                                             target->size, size)},
+                           where);
+    }
+    if (target->kind == Target::Kind::file) {
+        // An existing file is emptied first (its old blocks must not show through the holes).
+        // A new one is not: on ext4 truncating even an empty file arms the "replace via
+        // truncate" heuristic (auto_da_alloc), and close() then starts writeback of every
+        // byte written (+0.3 s per GiB here).
+        if ((target->size != 0 && ::ftruncate(fd, 0) != 0) ||
+            ::ftruncate(fd, static_cast<off_t>(size)) != 0) {
+            return fail_target(errno_error(errno), where);
+        }
+    }
+    Writer writer(fd, target->kind, options.zero_block);
+    if (options.progress)
+        options.progress(0, size);
+    // Without zero detection (or onto a block device) data runs in files are copied inside
+    // the kernel, which needs their file positions (mapping mode, nothing made present); with
+    // it, and onto streams, data comes from the mapping made present ahead by the workers
+    // (DataAccess::mapping) or is read ahead into small buffers (DataAccess::read) that the
+    // zero check and the write then find in the cache; DataAccess::automatic picks the cheaper
+    // on this machine.
+    const bool copies = (options.zero_block == 0 && target->kind == Target::Kind::file) ||
+                        target->kind == Target::Kind::block_device;
+    const VisitOptions visit =
+        copies
+            ? VisitOptions{resolve_threads(options.threads), DataAccess::mapping, Prefetch::none}
+            : VisitOptions{resolve_threads(options.threads), options.data_access, Prefetch::touch};
+    auto result = image.visit(
+        0, UINT64_MAX,
+        [&](const Run& run) -> Result<void> {
+            auto ok =
+                run.bytes.empty() ? writer.zeros(run.offset, run.length, false) : writer.data(run);
+            if (!ok)
+                return ok;
+            if (options.progress)
+                options.progress(run.offset + run.length, size);
+            return {};
+        },
+        visit);
+    if (!result && where)
+        where->target = writer.target_failed();
+    return result;
+}
+
+Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
+                          const ExportOptions& options, ExportError* where) {
+    if (where)
+        *where = {};
+    auto target = inspect_target(image, fd, false);
+    if (!target)
+        return fail_target(std::move(target).error(), where);
+    if (target->kind == Target::Kind::stream) {
+        return fail_target(
+            Error{ErrorCode::invalid_argument, "is neither a regular file nor a block device"},
+            where);
+    }
+    if (target->size != image.size()) {
+        return fail_target(Error{ErrorCode::invalid_argument,
+                                 fmt::format("is {} bytes but the disk is {} bytes: an "
+                                             "incremental update needs a copy of the same size",
+                                             target->size, image.size())},
+                           where);
+    }
+    Writer writer(fd, target->kind, 0);
+    const std::uint64_t total = bitmap.dirty_bytes();
+    std::uint64_t done = 0;
+    if (options.progress)
+        options.progress(0, total);
+    // Data is copied inside the kernel, from the file positions the runs carry.
+    const VisitOptions visit{resolve_threads(options.threads), DataAccess::mapping};
+    auto visitor = [&](const Run& run) -> Result<void> {
+        auto ok = run.bytes.empty() ? writer.zeros(run.offset, run.length, true) : writer.data(run);
+        if (!ok)
+            return ok;
+        done += run.length;
+        if (options.progress)
+            options.progress(done, total);
+        return {};
+    };
+    Result<void> result;
+    for (const BitmapRange& range : bitmap.dirty_ranges()) {
+        result = image.visit(range.offset, range.offset + range.length, visitor, visit);
+        if (!result)
+            break;
+    }
+    if (!result && where)
+        where->target = writer.target_failed();
+    return result;
+}
+
+} // namespace qcowmap

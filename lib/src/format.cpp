@@ -1,0 +1,62 @@
+// Format probing and header extension names (qemu's block.c find_image_format, qcow2_probe).
+#include "bytes.hpp"
+
+#include <qcowmap/format.hpp>
+
+#include <fmt/format.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
+
+namespace qcowmap {
+
+std::string header_extension_name(std::uint32_t type) {
+    switch (type) {
+    case kExtensionBackingFormat:
+        return "backing file format";
+    case kExtensionFeatureNames:
+        return "feature name table";
+    case kExtensionBitmaps:
+        return "bitmaps";
+    case kExtensionEncryption:
+        return "full disk encryption header";
+    case kExtensionDataFile:
+        return "external data file";
+    default:
+        return fmt::format("unknown ({:#010x})", type);
+    }
+}
+
+Result<std::string> probe_format(const std::filesystem::path& path) {
+    // O_NONBLOCK: a FIFO must not hang the probe (opening it is refused later, with a reason).
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        return Error{ErrorCode::io_error,
+                     fmt::format("{}: {}", detail::printable(path.string()), std::strerror(errno))};
+    }
+    unsigned char magic[4] = {};
+    std::size_t got = 0;
+    while (got < sizeof magic) {
+        ssize_t n = ::pread(fd, magic + got, sizeof magic - got, static_cast<off_t>(got));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno != EISDIR && errno != EAGAIN) {
+            int error = errno;
+            ::close(fd);
+            return Error{
+                ErrorCode::io_error,
+                fmt::format("{}: {}", detail::printable(path.string()), std::strerror(error))};
+        }
+        if (n <= 0)
+            break; // end of file, a directory, a FIFO: not qcow2 (opening says what it is)
+        got += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+    const bool qcow =
+        got == 4 && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && magic[3] == 0xfb;
+    return std::string(qcow ? "qcow2" : "raw");
+}
+
+} // namespace qcowmap

@@ -1,0 +1,1343 @@
+// Writing qcow2: the plan (which guest clusters the output holds), the two writers (one
+// sequential pass with the layout decided up front; compressed clusters with the metadata
+// written last), the output descriptor and the safe file target.
+//
+// The uncompressed writer lays the whole image out before writing a byte, so the output can be
+// a pipe: header, refcount table, refcount blocks, L1, L2 tables, data. Which data clusters are
+// stored depends on their bytes (a cluster that holds only zeros is not), so the plan is made
+// by a pre-scan: the extent walk, plus a zero check of each data cluster straight from the
+// mapping that stops at the first non-zero byte (for real data, one byte per cluster: the scan
+// costs little more than the page faults, and leaves the pages cached for the copy).
+// Compressed sizes are only known once compressed: that writer reserves the metadata for the
+// upper bound (every candidate stored uncompressed), streams the compressed clusters after it
+// and fills the metadata in last; a target that cannot seek gets the image spooled to an
+// unlinked file in $TMPDIR first.
+#include "writer_internal.hpp"
+
+#include "cluster_compressor.hpp"
+#include "image_state.hpp"
+
+#include <qcowmap/bitmap.hpp>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <mutex>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
+#include <thread>
+#include <unistd.h>
+
+namespace qcowmap {
+
+using namespace detail::writer;
+
+namespace detail::writer {
+
+Error target_error(std::string_view what) {
+    return Error{ErrorCode::io_error, fmt::format("{}{}", kWriteTargetError, what)};
+}
+
+Error target_errno(int error) {
+    return target_error(std::strerror(error));
+}
+
+bool all_zero(std::span<const std::byte> bytes) {
+    // Most data clusters differ from zero in their first bytes: stop there.
+    const std::size_t head = std::min<std::size_t>(bytes.size(), 16);
+    for (std::size_t i = 0; i < head; ++i)
+        if (bytes[i] != std::byte{0})
+            return false;
+    return bytes.size() <= head ||
+           std::memcmp(bytes.data(), bytes.data() + 1, bytes.size() - 1) == 0;
+}
+
+// ---- The source: the only places that walk the image (kept few for the API 1.0 change). ----
+
+template <typename F>
+Result<void> for_each_extent(const Image& image, std::uint64_t start, std::uint64_t end, F&& f) {
+    auto extents = image.extents(start, end);
+    for (const Extent& extent : extents) {
+        if (auto ok = f(extent); !ok)
+            return ok;
+    }
+    if (extents.error())
+        return *extents.error();
+    return {};
+}
+
+/// The bytes of guest cluster range `[offset, offset + out.size())` into `out` (zeros past
+/// the end of the disk): data read with pread from where it lives, compressed clusters
+/// decompressed.
+Result<void> read_source(const Image& image, std::uint64_t offset, std::span<std::byte> out,
+                         Decompressor& decompressor) {
+    const std::uint64_t end = std::min<std::uint64_t>(offset + out.size(), image.size());
+    if (end < offset + out.size()) {
+        const std::uint64_t from = end > offset ? end - offset : 0;
+        std::memset(out.data() + from, 0, out.size() - from);
+    }
+    if (end <= offset)
+        return {};
+    return for_each_extent(image, offset, end, [&](const Extent& e) -> Result<void> {
+        std::span<std::byte> dest = out.subspan(e.offset - offset, e.length);
+        switch (e.kind) {
+        case ExtentKind::zero:
+            std::memset(dest.data(), 0, dest.size());
+            return {};
+        case ExtentKind::data:
+            if (e.file)
+                return detail::read_exactly(*e.file, dest);
+            std::memcpy(dest.data(), e.bytes.data(), dest.size());
+            return {};
+        case ExtentKind::compressed: {
+            auto bytes = decompressor.decompress(image, e);
+            if (!bytes)
+                return bytes.error();
+            std::memcpy(dest.data(), bytes->data(), dest.size());
+            return {};
+        }
+        }
+        return {};
+    });
+}
+
+/// True when the data bytes `bytes` (a piece of a data extent) are all zero. Read with pread
+/// where they live in a file, a small piece first: real data differs from zero in its first
+/// bytes, so a data cluster usually costs one 4 KiB read, and the mapping is never touched
+/// (touching it would fault whole 64 KiB windows into the process: its RSS would grow with the
+/// disk).
+Result<bool> source_is_zero(std::span<const std::byte> bytes, std::optional<FilePosition> from,
+                            std::vector<std::byte>& buffer) {
+    if (!from)
+        return all_zero(bytes);
+    std::uint64_t done = 0;
+    std::size_t want = std::min<std::size_t>(bytes.size(), 4096);
+    while (done < bytes.size()) {
+        want = static_cast<std::size_t>(std::min<std::uint64_t>(want, bytes.size() - done));
+        if (buffer.size() < want)
+            buffer.resize(std::max<std::size_t>(want, 256 * 1024));
+        std::span<std::byte> piece(buffer.data(), want);
+        if (auto ok = detail::read_exactly(FilePosition{from->fd, from->offset + done}, piece); !ok)
+            return ok.error();
+        if (!all_zero(piece))
+            return false;
+        done += want;
+        want = 256 * 1024;
+    }
+    return true;
+}
+
+/// The runs of `[start, end)` for the data pass: `bytes` empty for zeros; `file` where the
+/// bytes can be copied from inside the kernel.
+template <typename F>
+Result<void> visit_source(const Image& image, std::uint64_t start, std::uint64_t end,
+                          unsigned threads, F&& f) {
+    return image.visit(
+        start, end,
+        [&](const Run& run) -> Result<void> {
+            return f(run.offset, run.length, run.bytes, run.file);
+        },
+        VisitOptions{threads, DataAccess::mapping});
+}
+
+// ---- The plan ----
+
+namespace {
+
+/// Appends guest clusters to the plan, merging with the last run.
+void push(std::vector<PlanRun>& plan, std::uint64_t first, std::uint64_t count, bool zero) {
+    if (count == 0)
+        return;
+    if (!plan.empty()) {
+        PlanRun& last = plan.back();
+        if (last.zero == zero && last.first + last.count == first) {
+            last.count += count;
+            return;
+        }
+    }
+    plan.push_back({first, count, zero});
+}
+
+/// Classifies guest clusters `[first, last)` of the output: zero (reads as zeros: skipped in a
+/// flattened image, a zero cluster in an overlay) or stored. With `scan`, data clusters are
+/// checked for zeros; without (compression: the workers check), any data makes a candidate.
+Result<void> classify(const Image& image, const Geometry& g, std::uint64_t first,
+                      std::uint64_t last, bool scan, bool zeros_kept, std::vector<PlanRun>& plan) {
+    const std::uint64_t c = g.cluster_size;
+    std::uint64_t current = first; // the cluster being looked at
+    bool stored = false;           // it has bytes that are not all zero (or might have)
+    auto finish_current = [&] {
+        if (stored)
+            push(plan, current, 1, false);
+        else if (zeros_kept)
+            push(plan, current, 1, true);
+        ++current;
+        stored = false;
+    };
+    const std::uint64_t end = std::min(last * c, g.virtual_size);
+    std::vector<std::byte> buffer;
+    auto ok = for_each_extent(image, first * c, end, [&](const Extent& e) -> Result<void> {
+        std::uint64_t pos = e.offset;
+        const std::uint64_t e_end = e.offset + e.length;
+        while (pos < e_end) {
+            const std::uint64_t cluster = pos >> g.cluster_bits;
+            while (current < cluster)
+                finish_current();
+            if (e.kind == ExtentKind::zero) {
+                // Whole clusters of zeros at once: a 1 TiB hole costs one step.
+                if (pos == cluster * c && !stored) {
+                    const std::uint64_t whole = (e_end - pos) >> g.cluster_bits;
+                    const bool to_end = e_end == g.virtual_size;
+                    const std::uint64_t n = whole + (to_end && (e_end - pos) % c != 0 ? 1 : 0);
+                    if (n > 0) {
+                        if (zeros_kept)
+                            push(plan, current, n, true);
+                        current += n;
+                        pos = std::min(e_end, current * c);
+                        continue;
+                    }
+                }
+                pos = std::min(e_end, (cluster + 1) * c);
+                continue;
+            }
+            const std::uint64_t piece_end = std::min(e_end, (cluster + 1) * c);
+            if (!stored) {
+                if (e.kind == ExtentKind::compressed || !scan) {
+                    stored = true; // compressed clusters are not decompressed to be scanned
+                } else {
+                    std::optional<FilePosition> from;
+                    if (e.file)
+                        from = FilePosition{e.file->fd, e.file->offset + (pos - e.offset)};
+                    auto zero = source_is_zero(e.bytes.subspan(pos - e.offset, piece_end - pos),
+                                               from, buffer);
+                    if (!zero)
+                        return zero.error();
+                    stored = !*zero;
+                }
+            }
+            pos = piece_end;
+        }
+        return {};
+    });
+    if (!ok)
+        return ok;
+    while (current < last)
+        finish_current();
+    return {};
+}
+
+} // namespace
+
+Result<std::vector<PlanRun>> make_plan(const Image& image, const Geometry& g,
+                                       const WriteOptions& options, bool scan) {
+    // The selected byte ranges, widened to whole output clusters and merged.
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges; // guest clusters [first, last)
+    auto add = [&](std::uint64_t start, std::uint64_t length) {
+        const std::uint64_t first = start >> g.cluster_bits;
+        const std::uint64_t last = g.clusters_for(start + length);
+        if (!ranges.empty() && ranges.back().second >= first)
+            ranges.back().second = std::max(ranges.back().second, last);
+        else
+            ranges.emplace_back(first, last);
+    };
+    switch (options.selection) {
+    case WriteSelection::whole_disk:
+        if (g.virtual_size > 0)
+            add(0, g.virtual_size);
+        break;
+    case WriteSelection::top_layer: {
+        auto ok = for_each_extent(image, 0, UINT64_MAX, [&](const Extent& e) -> Result<void> {
+            if (e.present && e.depth == 0)
+                add(e.offset, e.length);
+            return {};
+        });
+        if (!ok)
+            return ok.error();
+        break;
+    }
+    case WriteSelection::bitmap_dirty: {
+        auto bitmap = DirtyBitmap::open(image, options.bitmap);
+        if (!bitmap)
+            return bitmap.error();
+        auto ranges = bitmap->dirty_ranges();
+        for (const BitmapRange& range : ranges)
+            add(range.offset, range.length);
+        if (ranges.error())
+            return *ranges.error();
+        break;
+    }
+    }
+    // An overlay must hide its backing file wherever it says "zeros"; a flattened image has
+    // nothing below, so its zero clusters are simply left unallocated.
+    const bool zeros_kept = options.selection != WriteSelection::whole_disk;
+    std::vector<PlanRun> plan;
+    for (auto [first, last] : ranges) {
+        if (auto ok = classify(image, g, first, last, scan, zeros_kept, plan); !ok)
+            return ok.error();
+    }
+    return plan;
+}
+
+// ---- The output ----
+
+Result<Output> Output::open(int fd) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0)
+        return target_errno(errno);
+    Output out;
+    out.fd_ = fd;
+    const int flags = ::fcntl(fd, F_GETFL);
+    if (S_ISREG(st.st_mode) && flags >= 0 && (flags & O_APPEND) != 0) {
+        // pwrite ignores its offset under O_APPEND: write in order, as to a pipe.
+        out.kind_ = Kind::stream;
+    } else if (S_ISREG(st.st_mode)) {
+        out.kind_ = Kind::file;
+        // Holes are left for zeros: an old file's bytes must not show through them.
+        if (st.st_size != 0 && ::ftruncate(fd, 0) != 0)
+            return target_errno(errno);
+    } else if (S_ISBLK(st.st_mode)) {
+        out.kind_ = Kind::device;
+    } else if (S_ISFIFO(st.st_mode)) {
+        out.kind_ = Kind::pipe;
+        // A larger pipe takes bigger splices; not fatal when refused (pipe-max-size).
+        (void)::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
+    } else {
+        out.kind_ = Kind::stream;
+    }
+    out.buffer_.reserve(kBufferBytes);
+    return out;
+}
+
+Result<void> Output::flush() {
+    std::size_t done = 0;
+    while (done < buffer_.size()) {
+        ssize_t n = seekable() ? ::pwrite(fd_, buffer_.data() + done, buffer_.size() - done,
+                                          static_cast<off_t>(flushed_ + done))
+                               : ::write(fd_, buffer_.data() + done, buffer_.size() - done);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return target_errno(errno);
+        }
+        done += static_cast<std::size_t>(n);
+    }
+    flushed_ += buffer_.size();
+    buffer_.clear();
+    return {};
+}
+
+Result<void> Output::write(std::span<const std::byte> bytes) {
+    if (buffer_.size() + bytes.size() > kBufferBytes) {
+        if (auto ok = flush(); !ok)
+            return ok;
+    }
+    if (bytes.size() >= kBufferBytes) {
+        // Large: straight from the caller's memory.
+        std::span<const std::byte> rest = bytes;
+        while (!rest.empty()) {
+            ssize_t n = seekable()
+                            ? ::pwrite(fd_, rest.data(), rest.size(), static_cast<off_t>(flushed_))
+                            : ::write(fd_, rest.data(), rest.size());
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                return target_errno(errno);
+            }
+            flushed_ += static_cast<std::uint64_t>(n);
+            rest = rest.subspan(static_cast<std::size_t>(n));
+        }
+        return {};
+    }
+    buffer_.insert(buffer_.end(), bytes.begin(), bytes.end());
+    return {};
+}
+
+Result<void> Output::zeros(std::uint64_t length) {
+    if (kind_ == Kind::file) {
+        // A hole: the final ftruncate gives the file its size.
+        if (auto ok = flush(); !ok)
+            return ok;
+        flushed_ += length;
+        return {};
+    }
+    static const std::vector<std::byte> zero_block(kBufferBytes);
+    while (length > 0) {
+        const std::uint64_t n = std::min<std::uint64_t>(length, zero_block.size());
+        if (auto ok = write(std::span(zero_block).first(static_cast<std::size_t>(n))); !ok)
+            return ok;
+        length -= n;
+    }
+    return {};
+}
+
+Result<void> Output::copy(const FilePosition& from, std::span<const std::byte> bytes) {
+    if (auto ok = flush(); !ok)
+        return ok;
+    std::uint64_t done = 0;
+    const std::uint64_t length = bytes.size();
+    // Inside the kernel where the two ends allow it: copy_file_range between files (shared
+    // blocks on file systems with reflinks), splice into a pipe, sendfile to anything else.
+    while (done < length && !in_kernel_failed_) {
+        loff_t in_at = static_cast<loff_t>(from.offset + done);
+        const std::size_t want =
+            static_cast<std::size_t>(std::min<std::uint64_t>(length - done, 1u << 30));
+        ssize_t n;
+        if (kind_ == Kind::file) {
+            loff_t out_at = static_cast<loff_t>(flushed_);
+            n = ::copy_file_range(from.fd, &in_at, fd_, &out_at, want, 0);
+        } else if (kind_ == Kind::pipe) {
+            n = ::splice(from.fd, &in_at, fd_, nullptr, want, SPLICE_F_MORE);
+        } else if (kind_ == Kind::stream) {
+            off_t at = static_cast<off_t>(from.offset + done);
+            n = ::sendfile(fd_, from.fd, &at, want);
+        } else {
+            break;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EPIPE || errno == ENOSPC || errno == EIO || errno == EDQUOT ||
+                      errno == EFBIG))
+            return target_errno(errno); // the output's fault, not the method's
+        if (n <= 0) {
+            in_kernel_failed_ = true; // not supported between these two: write from memory
+            break;
+        }
+        done += static_cast<std::uint64_t>(n);
+        flushed_ += static_cast<std::uint64_t>(n);
+    }
+    // Through a buffer read with pread rather than from the mapping: touching the mapping would
+    // fault its pages into the process (its RSS would grow with the disk).
+    while (done < length) {
+        const std::size_t want =
+            static_cast<std::size_t>(std::min<std::uint64_t>(length - done, kBufferBytes));
+        if (bounce_.size() < want)
+            bounce_.resize(kBufferBytes);
+        std::span<std::byte> piece(bounce_.data(), want);
+        if (auto ok = detail::read_exactly(FilePosition{from.fd, from.offset + done}, piece); !ok)
+            return ok;
+        if (auto ok = write(piece); !ok)
+            return ok;
+        done += want;
+    }
+    return {};
+}
+
+Result<void> Output::pwrite_at(std::span<const std::byte> bytes, std::uint64_t offset) {
+    std::size_t done = 0;
+    while (done < bytes.size()) {
+        ssize_t n = ::pwrite(fd_, bytes.data() + done, bytes.size() - done,
+                             static_cast<off_t>(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return target_errno(errno);
+        }
+        done += static_cast<std::size_t>(n);
+    }
+    return {};
+}
+
+Result<void> Output::finish(std::uint64_t size) {
+    if (auto ok = flush(); !ok)
+        return ok;
+    if (kind_ == Kind::file && ::ftruncate(fd_, static_cast<off_t>(size)) != 0)
+        return target_errno(errno);
+    return {};
+}
+
+// ---- Metadata that both writers share ----
+
+namespace {
+
+/// Feeds refcounts in ascending host-cluster order and writes each refcount block once it is
+/// complete (by pwrite, or into `sink` in order for the sequential writer).
+class RefcountWriter {
+  public:
+    using Sink = std::function<Result<void>(std::uint64_t block, std::span<const std::byte>)>;
+    RefcountWriter(const Geometry& g, const Layout& layout, Sink sink)
+        : g_(g), layout_(layout), sink_(std::move(sink)), block_(g.cluster_size) {}
+
+    Result<void> put(std::uint64_t cluster, std::uint64_t value) {
+        const std::uint64_t block = cluster / g_.refs_per_block();
+        if (block >= layout_.refblock_count) {
+            return Error{ErrorCode::invalid_argument,
+                         fmt::format("internal error: host cluster {} is beyond the {} refcount "
+                                     "blocks laid out",
+                                     cluster, layout_.refblock_count)};
+        }
+        while (current_ < block) {
+            if (auto ok = emit(); !ok)
+                return ok;
+        }
+        set_refcount(block_, cluster % g_.refs_per_block(), value, g_.refcount_order);
+        return {};
+    }
+
+    Result<void> finish() {
+        while (current_ < layout_.refblock_count) {
+            if (auto ok = emit(); !ok)
+                return ok;
+        }
+        return {};
+    }
+
+  private:
+    Result<void> emit() {
+        if (auto ok = sink_(current_, block_); !ok)
+            return ok;
+        std::fill(block_.begin(), block_.end(), std::byte{0});
+        ++current_;
+        return {};
+    }
+
+    Geometry g_;
+    Layout layout_;
+    Sink sink_;
+    std::vector<std::byte> block_;
+    std::uint64_t current_ = 0;
+};
+
+/// The refcount table: one entry per refcount block.
+std::vector<std::byte> encode_reftable(const Geometry& g, const Layout& layout) {
+    std::vector<std::byte> table(layout.reftable_clusters * g.cluster_size);
+    for (std::uint64_t i = 0; i < layout.refblock_count; ++i)
+        store_be64(table.data() + i * 8, (layout.refblocks + i) << g.cluster_bits);
+    return table;
+}
+
+/// The L1 table: `tables` are the L1 indices that have an L2 table, laid out in that order.
+std::vector<std::byte> encode_l1(const Geometry& g, const Layout& layout,
+                                 const std::vector<std::uint64_t>& tables) {
+    std::vector<std::byte> l1(layout.l1_clusters * g.cluster_size);
+    for (std::size_t k = 0; k < tables.size(); ++k)
+        store_be64(l1.data() + tables[k] * 8, ((layout.l2 + k) << g.cluster_bits) | kOflagCopied);
+    return l1;
+}
+
+/// The largest piece of data one thread copies at once in the parallel data pass.
+constexpr std::uint64_t kParallelPiece = 8 << 20;
+
+unsigned thread_count(const WriteOptions& options) {
+    if (options.threads > 0)
+        return std::min(options.threads, 64u);
+    const unsigned cores = std::thread::hardware_concurrency();
+    return cores == 0 ? 2 : std::min(cores, 64u);
+}
+
+} // namespace
+
+// ---- The sequential writer (no compression) ----
+
+Result<WriteStats> write_sequential(const Image& image, Output& out, const Geometry& g,
+                                    const HeaderFields& fields, const WriteOptions& options) {
+    auto planned = make_plan(image, g, options, /*scan=*/true);
+    if (!planned)
+        return planned.error();
+    const std::vector<PlanRun>& plan = *planned;
+    const std::vector<std::uint64_t> tables = l2_tables_of(g, plan);
+    WriteStats stats;
+    for (const PlanRun& run : plan) {
+        (run.zero ? stats.zero_clusters : stats.data_clusters) += run.count;
+    }
+    stats.l2_tables = tables.size();
+    auto laid = make_layout(g, tables.size(), stats.data_clusters);
+    if (!laid)
+        return laid.error();
+    const Layout layout = *laid;
+    auto header = encode_header(g, layout, fields);
+    if (!header)
+        return header.error();
+
+    if (auto ok = out.write(*header); !ok)
+        return ok.error();
+    if (auto ok = out.write(encode_reftable(g, layout)); !ok)
+        return ok.error();
+    // Every cluster of this image is used exactly once: refcount 1 up to the end.
+    RefcountWriter refcounts(g, layout, [&](std::uint64_t, std::span<const std::byte> block) {
+        return out.write(block);
+    });
+    for (std::uint64_t cluster = 0; cluster < layout.total(); ++cluster) {
+        if (auto ok = refcounts.put(cluster, 1); !ok)
+            return ok.error();
+    }
+    if (auto ok = refcounts.finish(); !ok)
+        return ok.error();
+    if (auto ok = out.write(encode_l1(g, layout, tables)); !ok)
+        return ok.error();
+
+    // L2 tables, in L1 order, with data clusters numbered in disk order.
+    std::vector<std::byte> table(g.cluster_size);
+    std::size_t run_index = 0;
+    std::uint64_t data_before_run = 0; // data clusters of the runs before plan[run_index]
+    for (std::uint64_t t : tables) {
+        std::fill(table.begin(), table.end(), std::byte{0});
+        const std::uint64_t table_first = t * g.l2_entries();
+        const std::uint64_t table_end = table_first + g.l2_entries();
+        while (run_index < plan.size() && plan[run_index].first < table_end) {
+            const PlanRun& run = plan[run_index];
+            const std::uint64_t from = std::max(run.first, table_first);
+            const std::uint64_t to = std::min(run.first + run.count, table_end);
+            for (std::uint64_t c = from; c < to; ++c) {
+                L2Entry entry;
+                if (run.zero) {
+                    entry.kind = L2Entry::Kind::zero;
+                } else {
+                    entry.kind = L2Entry::Kind::data;
+                    entry.host = (layout.data + data_before_run + (c - run.first))
+                                 << g.cluster_bits;
+                }
+                encode_l2_entry(g, table, c - table_first, entry);
+            }
+            if (run.first + run.count > table_end)
+                break; // the run goes on in the next table
+            if (!run.zero)
+                data_before_run += run.count;
+            ++run_index;
+        }
+        if (auto ok = out.write(table); !ok)
+            return ok.error();
+    }
+
+    // The data, in disk order.
+    std::uint64_t total = 0;
+    for (const PlanRun& run : plan)
+        if (!run.zero)
+            total += run.count * g.cluster_size;
+    stats.selected_bytes = 0;
+    for (const PlanRun& run : plan)
+        stats.selected_bytes += run.count * g.cluster_size;
+    const unsigned threads = thread_count(options);
+    // One piece of the data pass: guest bytes [start, end) go to the output at `host`.
+    auto copy_piece = [&](Output& to, std::uint64_t start, std::uint64_t end,
+                          unsigned visit_threads) -> Result<void> {
+        const std::uint64_t disk_end = std::min(end, g.virtual_size);
+        auto ok =
+            visit_source(image, start, disk_end, visit_threads,
+                         [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes,
+                             const std::optional<FilePosition>& file) -> Result<void> {
+                             if (bytes.empty())
+                                 return to.zeros(length);
+                             if (file)
+                                 return to.copy(*file, bytes);
+                             return to.write(bytes);
+                         });
+        if (!ok)
+            return ok;
+        if (disk_end < end) // the last cluster's part past the end of the disk
+            return to.zeros(end - disk_end);
+        return {};
+    };
+    if (!out.seekable() || threads < 2 || total < 2 * kParallelPiece) {
+        std::uint64_t done = 0, written_back = 0;
+        for (const PlanRun& run : plan) {
+            if (run.zero)
+                continue;
+            const std::uint64_t start = run.first * g.cluster_size;
+            const std::uint64_t end = (run.first + run.count) * g.cluster_size;
+            if (auto ok = copy_piece(out, start, end, threads); !ok)
+                return ok.error();
+            done += end - start;
+            if (done - written_back >= kParallelPiece) {
+                out.start_writeback(0, 0);
+                written_back = done;
+            }
+            if (options.progress)
+                options.progress(done, total);
+        }
+    } else {
+        // A seekable target: every data cluster's place is known, so the copy is shared out
+        // in pieces of at most kParallelPiece among the threads (on this 2-core VM the
+        // kernel's page-cache copy behind copy_file_range is the bottleneck; two copies at
+        // once nearly halve it).
+        if (auto ok = out.flush(); !ok)
+            return ok.error();
+        // Pieces of about kParallelPiece bytes of output: whole runs grouped (a fragmented
+        // disk has many short ones), long runs cut. A piece's runs are contiguous in the output.
+        struct Segment {
+            std::uint64_t start, end; // guest bytes
+        };
+        struct Piece {
+            std::uint64_t host; // where its first segment goes
+            std::size_t first, last;
+        };
+        std::vector<Segment> segments;
+        std::vector<Piece> pieces;
+        std::uint64_t host = layout.data << g.cluster_bits, piece_bytes = 0;
+        for (const PlanRun& run : plan) {
+            if (run.zero)
+                continue;
+            const std::uint64_t run_end = (run.first + run.count) * g.cluster_size;
+            for (std::uint64_t at = run.first * g.cluster_size; at < run_end;) {
+                const std::uint64_t end = std::min(run_end, at + kParallelPiece - piece_bytes);
+                if (piece_bytes == 0)
+                    pieces.push_back({host, segments.size(), segments.size()});
+                segments.push_back({at, end});
+                pieces.back().last = segments.size();
+                piece_bytes += end - at;
+                if (piece_bytes >= kParallelPiece)
+                    piece_bytes = 0;
+                host += end - at;
+                at = end;
+            }
+        }
+        // Copies one piece with its own writer; returns the bytes done.
+        auto run_piece = [&](const Piece& piece) -> std::pair<Result<void>, std::uint64_t> {
+            Output to = out.clone_at(piece.host);
+            std::uint64_t bytes = 0;
+            for (std::size_t i = piece.first; i < piece.last; ++i) {
+                if (auto ok = copy_piece(to, segments[i].start, segments[i].end, 1); !ok)
+                    return {ok, bytes};
+                bytes += segments[i].end - segments[i].start;
+            }
+            if (auto ok = to.flush(); !ok)
+                return {ok, bytes};
+            to.start_writeback(piece.host, bytes);
+            return {Result<void>{}, bytes};
+        };
+        std::atomic<std::size_t> next{0};
+        std::atomic<std::uint64_t> done{0};
+        std::atomic<bool> failed{false};
+        std::mutex error_mutex;
+        std::optional<Error> first_error;
+        auto work = [&] {
+            for (;;) {
+                if (failed.load())
+                    return;
+                const std::size_t k = next.fetch_add(1);
+                if (k >= pieces.size())
+                    return;
+                auto [ok, bytes] = run_piece(pieces[k]);
+                if (!ok) {
+                    std::lock_guard lock(error_mutex);
+                    if (!first_error)
+                        first_error = ok.error();
+                    failed.store(true);
+                    return;
+                }
+                done.fetch_add(bytes);
+            }
+        };
+        std::vector<std::thread> helpers;
+        for (unsigned i = 1; i < threads; ++i)
+            helpers.emplace_back(work);
+        // The calling thread works too, and reports progress between its pieces.
+        for (;;) {
+            if (failed.load())
+                break;
+            const std::size_t k = next.fetch_add(1);
+            if (k >= pieces.size())
+                break;
+            auto [ok, bytes] = run_piece(pieces[k]);
+            if (!ok) {
+                std::lock_guard lock(error_mutex);
+                if (!first_error)
+                    first_error = ok.error();
+                failed.store(true);
+                break;
+            }
+            done.fetch_add(bytes);
+            if (options.progress)
+                options.progress(done.load(), total);
+        }
+        for (auto& helper : helpers)
+            helper.join();
+        if (first_error)
+            return *first_error;
+        if (options.progress)
+            options.progress(total, total);
+    }
+    stats.file_size = layout.total() << g.cluster_bits;
+    if (auto ok = out.finish(stats.file_size); !ok)
+        return ok.error();
+    return stats;
+}
+
+// ---- The compressed writer ----
+
+namespace {
+
+/// One compressed (or not) cluster, produced by a worker.
+struct Slot {
+    enum class Kind : std::uint8_t { zero, compressed, raw } kind = Kind::zero;
+    std::vector<std::byte> bytes; // compressed stream, or the cluster itself
+    std::size_t size = 0;
+    std::uint64_t seq = 0;
+    bool ready = false;
+    std::optional<Error> error;
+};
+
+/// Workers read and compress the candidate clusters of the plan on all cores into a ring of
+/// slots; the caller takes them in disk order. Memory: 2 clusters per worker plus one per
+/// slot, whatever the disk size.
+class CompressRing {
+  public:
+    CompressRing(const Image& image, const Geometry& g, const std::vector<PlanRun>& plan,
+                 CompressionType type, unsigned threads)
+        : image_(image), g_(g), plan_(plan), slots_(4 * static_cast<std::size_t>(threads)) {
+        for (const PlanRun& run : plan_)
+            if (!run.zero)
+                total_ += run.count;
+        for (Slot& slot : slots_)
+            slot.bytes.resize(g.cluster_size);
+        for (unsigned i = 0; i < threads; ++i)
+            workers_.emplace_back([this, type] { work(type); });
+    }
+    ~CompressRing() {
+        {
+            std::lock_guard lock(mutex_);
+            stopping_ = true;
+        }
+        work_cv_.notify_all();
+        for (auto& w : workers_)
+            w.join();
+    }
+
+    /// The slot of job `seq` (jobs numbered in disk order), once produced.
+    Slot& get(std::uint64_t seq) {
+        Slot& slot = slots_[seq % slots_.size()];
+        std::unique_lock lock(mutex_);
+        done_cv_.wait(lock, [&] { return slot.ready && slot.seq == seq; });
+        return slot;
+    }
+    /// Frees the slot of job `seq` for job `seq + slots`.
+    void release(std::uint64_t seq) {
+        {
+            std::lock_guard lock(mutex_);
+            slots_[seq % slots_.size()].ready = false;
+            consumed_ = seq + 1;
+        }
+        work_cv_.notify_all();
+    }
+
+  private:
+    void work(CompressionType type) {
+        ClusterCompressor compressor(type);
+        Decompressor decompressor;
+        std::vector<std::byte> input(g_.cluster_size), scratch(g_.cluster_size);
+        for (;;) {
+            std::uint64_t seq, cluster;
+            {
+                std::unique_lock lock(mutex_);
+                work_cv_.wait(lock, [&] {
+                    return stopping_ || next_ >= total_ || next_ < consumed_ + slots_.size();
+                });
+                if (stopping_ || next_ >= total_)
+                    return;
+                seq = next_++;
+                while (plan_[run_].zero || run_offset_ >= plan_[run_].count) {
+                    ++run_;
+                    run_offset_ = 0;
+                }
+                cluster = plan_[run_].first + run_offset_++;
+            }
+            Slot result;
+            auto ok = read_source(image_, cluster << g_.cluster_bits, input, decompressor);
+            if (!ok) {
+                result.error = ok.error();
+            } else if (all_zero(input)) {
+                result.kind = Slot::Kind::zero;
+            } else if (auto n = compressor.compress(
+                           input, std::span(scratch).first(g_.cluster_size - 1))) {
+                // qemu's limit: a stream of cluster_size - 1 bytes at most, else stored plain.
+                result.kind = Slot::Kind::compressed;
+                result.size = *n;
+            } else {
+                result.kind = Slot::Kind::raw;
+                result.size = g_.cluster_size;
+            }
+            Slot& slot = slots_[seq % slots_.size()];
+            // The slot is free (seq < consumed + slots): hand it the buffer with the bytes.
+            if (result.kind == Slot::Kind::compressed)
+                std::swap(slot.bytes, scratch);
+            else if (result.kind == Slot::Kind::raw)
+                std::swap(slot.bytes, input);
+            {
+                std::lock_guard lock(mutex_);
+                slot.kind = result.kind;
+                slot.size = result.size;
+                slot.error = std::move(result.error);
+                slot.seq = seq;
+                slot.ready = true;
+            }
+            done_cv_.notify_all();
+        }
+    }
+
+    const Image& image_;
+    Geometry g_;
+    const std::vector<PlanRun>& plan_;
+    std::vector<Slot> slots_;
+    std::vector<std::thread> workers_;
+    std::mutex mutex_;
+    std::condition_variable work_cv_, done_cv_;
+    std::uint64_t total_ = 0, next_ = 0, consumed_ = 0;
+    std::size_t run_ = 0;
+    std::uint64_t run_offset_ = 0;
+    bool stopping_ = false;
+};
+
+/// Places the clusters of the compressed writer in the data area, as qemu's allocator does
+/// (qcow2_alloc_bytes, qcow2_alloc_clusters): compressed streams are packed byte after byte
+/// into an open host cluster, plain clusters take whole clusters after it, and the open
+/// cluster keeps taking streams while they fit. A stream that does not fit spans into the
+/// next cluster when that one is still free, else it starts a fresh cluster. So a plain
+/// cluster between compressed ones wastes no space (aligning the stream instead would waste
+/// up to a cluster at every change from compressible to incompressible data).
+/// Refcounts are handed to the RefcountWriter in ascending order: those of plain clusters
+/// placed after the open cluster wait until it is closed.
+class DataPacker {
+  public:
+    DataPacker(const Geometry& g, Output& out, RefcountWriter& refcounts, std::uint64_t first)
+        : g_(g), out_(out), refcounts_(refcounts), end_(first), file_end_(first * g.cluster_size),
+          open_bytes_(g.cluster_size) {}
+
+    /// Places a compressed stream (shorter than a cluster); returns its host offset.
+    Result<std::uint64_t> add_compressed(std::span<const std::byte> stream) {
+        const std::uint64_t c = g_.cluster_size, n = stream.size();
+        if (open_ && fill_ + n <= c && count_ < g_.max_refcount()) {
+            const std::uint64_t host = open_cluster_ * c + fill_;
+            std::memcpy(open_bytes_.data() + fill_, stream.data(), n);
+            fill_ += n;
+            ++count_;
+            if (fill_ == c) {
+                if (auto ok = close_open(); !ok)
+                    return ok.error();
+            }
+            return host;
+        }
+        if (open_ && open_cluster_ + 1 == end_ && count_ < g_.max_refcount()) {
+            // The next cluster is free: the stream continues into it.
+            const std::uint64_t host = open_cluster_ * c + fill_;
+            const std::uint64_t head = c - fill_;
+            std::memcpy(open_bytes_.data() + fill_, stream.data(), head);
+            fill_ = c;
+            ++count_;
+            if (auto ok = close_open(); !ok)
+                return ok.error();
+            start_open();
+            std::memcpy(open_bytes_.data(), stream.data() + head, n - head);
+            fill_ = n - head;
+            count_ = 1;
+            return host;
+        }
+        if (open_) {
+            if (auto ok = close_open(); !ok)
+                return ok.error();
+        }
+        start_open();
+        std::memcpy(open_bytes_.data(), stream.data(), n);
+        fill_ = n;
+        count_ = 1;
+        return open_cluster_ * c;
+    }
+
+    /// Places a plain cluster; returns its host offset.
+    Result<std::uint64_t> add_plain(std::span<const std::byte> cluster) {
+        const std::uint64_t host = end_++ * g_.cluster_size;
+        if (auto ok = out_.write_at(cluster, host); !ok)
+            return ok.error();
+        file_end_ = std::max(file_end_, host + g_.cluster_size);
+        if (!open_) {
+            if (auto ok = refcounts_.put(host >> g_.cluster_bits, 1); !ok)
+                return ok.error();
+        }
+        return host;
+    }
+
+    /// Closes the open cluster; returns where the data ends (512-byte aligned: readers fetch
+    /// whole sectors of a compressed stream).
+    Result<std::uint64_t> finish() {
+        if (open_) {
+            if (auto ok = close_open(); !ok)
+                return ok.error();
+        }
+        return file_end_;
+    }
+
+  private:
+    void start_open() {
+        open_ = true;
+        open_cluster_ = end_++;
+        fill_ = 0;
+        count_ = 0;
+    }
+
+    Result<void> close_open() {
+        const std::uint64_t c = g_.cluster_size;
+        const std::uint64_t length =
+            std::min<std::uint64_t>(c, (fill_ + 511) & ~std::uint64_t{511});
+        std::fill(open_bytes_.begin() + static_cast<std::ptrdiff_t>(fill_),
+                  open_bytes_.begin() + static_cast<std::ptrdiff_t>(length), std::byte{0});
+        if (auto ok = out_.pwrite_at(std::span(open_bytes_).first(length), open_cluster_ * c); !ok)
+            return ok;
+        file_end_ = std::max(file_end_, open_cluster_ * c + length);
+        if (auto ok = refcounts_.put(open_cluster_, count_); !ok)
+            return ok;
+        for (std::uint64_t k = open_cluster_ + 1; k < end_; ++k) { // plain clusters after it
+            if (auto ok = refcounts_.put(k, 1); !ok)
+                return ok;
+        }
+        open_ = false;
+        return {};
+    }
+
+    Geometry g_;
+    Output& out_;
+    RefcountWriter& refcounts_;
+    std::uint64_t end_;      // the next free host cluster
+    std::uint64_t file_end_; // bytes of the file written so far
+    bool open_ = false;
+    std::uint64_t open_cluster_ = 0, fill_ = 0, count_ = 0;
+    std::vector<std::byte> open_bytes_;
+};
+
+} // namespace
+
+Result<WriteStats> write_compressed(const Image& image, Output& out, const Geometry& g,
+                                    const HeaderFields& fields, const WriteOptions& options) {
+    auto planned = make_plan(image, g, options, /*scan=*/false);
+    if (!planned)
+        return planned.error();
+    const std::vector<PlanRun>& plan = *planned;
+    const std::vector<std::uint64_t> tables = l2_tables_of(g, plan);
+    std::uint64_t candidates = 0;
+    WriteStats stats;
+    for (const PlanRun& run : plan) {
+        if (!run.zero)
+            candidates += run.count;
+        stats.selected_bytes += run.count * g.cluster_size;
+    }
+    stats.l2_tables = tables.size();
+    // Room for the worst case, every candidate stored plain: compressed streams never take
+    // more room than that (each is shorter than a cluster and a plain cluster after a partial
+    // one only skips to the next boundary).
+    auto laid = make_layout(g, tables.size(), candidates);
+    if (!laid)
+        return laid.error();
+    const Layout layout = *laid;
+    auto header = encode_header(g, layout, fields);
+    if (!header)
+        return header.error();
+
+    RefcountWriter refcounts(g, layout, [&](std::uint64_t block, std::span<const std::byte> bytes) {
+        return out.pwrite_at(bytes, (layout.refblocks + block) << g.cluster_bits);
+    });
+    for (std::uint64_t cluster = 0; cluster < layout.data; ++cluster) {
+        if (auto ok = refcounts.put(cluster, 1); !ok)
+            return ok.error();
+    }
+    const std::uint64_t c = g.cluster_size;
+    if (auto ok = out.seek_to(layout.data << g.cluster_bits); !ok)
+        return ok.error();
+    DataPacker packer(g, out, refcounts, layout.data);
+    std::vector<std::byte> table(c);
+    std::size_t table_index = 0; // into `tables`
+    bool table_dirty = false;
+    auto flush_table = [&]() -> Result<void> {
+        if (!table_dirty)
+            return {};
+        table_dirty = false;
+        auto ok = out.pwrite_at(table, (layout.l2 + table_index) << g.cluster_bits);
+        std::fill(table.begin(), table.end(), std::byte{0});
+        return ok;
+    };
+    auto set_entry = [&](std::uint64_t cluster, const L2Entry& entry) -> Result<void> {
+        const std::uint64_t t = cluster / g.l2_entries();
+        if (!table_dirty || tables[table_index] != t) {
+            if (table_dirty) {
+                if (auto ok = flush_table(); !ok)
+                    return ok;
+            }
+            while (tables[table_index] != t)
+                ++table_index;
+            table_dirty = true;
+        }
+        encode_l2_entry(g, table, cluster % g.l2_entries(), entry);
+        return {};
+    };
+
+    const bool flattened = options.selection == WriteSelection::whole_disk;
+    CompressRing ring(image, g, plan, fields.compression_type, thread_count(options));
+    std::uint64_t seq = 0, done = 0;
+    const std::uint64_t total_bytes = candidates * c;
+    for (const PlanRun& run : plan) {
+        for (std::uint64_t i = 0; i < run.count; ++i) {
+            const std::uint64_t cluster = run.first + i;
+            L2Entry entry;
+            if (run.zero) {
+                entry.kind = L2Entry::Kind::zero;
+                ++stats.zero_clusters;
+                if (auto ok = set_entry(cluster, entry); !ok)
+                    return ok.error();
+                continue;
+            }
+            Slot& slot = ring.get(seq);
+            if (slot.error)
+                return *slot.error;
+            if (slot.kind == Slot::Kind::zero) {
+                if (!flattened) {
+                    entry.kind = L2Entry::Kind::zero;
+                    ++stats.zero_clusters;
+                }
+            } else if (slot.kind == Slot::Kind::compressed) {
+                auto host = packer.add_compressed(std::span(slot.bytes).first(slot.size));
+                if (!host)
+                    return host.error();
+                entry.kind = L2Entry::Kind::compressed;
+                entry.host = *host;
+                entry.compressed_size = slot.size;
+                ++stats.compressed_clusters;
+            } else {
+                auto host = packer.add_plain(std::span(slot.bytes).first(c));
+                if (!host)
+                    return host.error();
+                entry.kind = L2Entry::Kind::data;
+                entry.host = *host;
+                ++stats.data_clusters;
+            }
+            ring.release(seq++);
+            if (auto ok = set_entry(cluster, entry); !ok)
+                return ok.error();
+            done += c;
+            if (done % (64u << 20) < c) {
+                out.start_writeback(0, 0);
+                if (options.progress)
+                    options.progress(done, total_bytes);
+            } else if (options.progress && done == total_bytes) {
+                options.progress(done, total_bytes);
+            }
+        }
+    }
+    auto data_end = packer.finish();
+    if (!data_end)
+        return data_end.error();
+    if (auto ok = refcounts.finish(); !ok)
+        return ok.error();
+    if (auto ok = flush_table(); !ok)
+        return ok.error();
+    if (auto ok = out.pwrite_at(*header, 0); !ok)
+        return ok.error();
+    if (auto ok = out.pwrite_at(encode_reftable(g, layout), layout.reftable << g.cluster_bits); !ok)
+        return ok.error();
+    if (auto ok = out.pwrite_at(encode_l1(g, layout, tables), layout.l1 << g.cluster_bits); !ok)
+        return ok.error();
+    stats.file_size = std::max(layout.data << g.cluster_bits, *data_end);
+    if (auto ok = out.finish(stats.file_size); !ok)
+        return ok.error();
+    return stats;
+}
+
+} // namespace detail::writer
+
+// ---- Entry points ----
+
+namespace {
+
+/// Copies the spooled image to the real target.
+Result<void> copy_spool(int spool, std::uint64_t size, int fd) {
+    std::uint64_t done = 0;
+    bool in_kernel = true;
+    std::vector<std::byte> buffer;
+    while (done < size) {
+        const std::size_t want =
+            static_cast<std::size_t>(std::min<std::uint64_t>(size - done, 1u << 30));
+        if (in_kernel) {
+            off_t at = static_cast<off_t>(done);
+            ssize_t n = ::sendfile(fd, spool, &at, want);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n > 0) {
+                done += static_cast<std::uint64_t>(n);
+                continue;
+            }
+            if (n < 0 && (errno == EPIPE || errno == ENOSPC || errno == EIO))
+                return target_errno(errno);
+            in_kernel = false;
+            buffer.resize(1 << 20);
+        }
+        ssize_t n =
+            ::pread(spool, buffer.data(), std::min(want, buffer.size()), static_cast<off_t>(done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return target_error("the spool file ended early");
+        std::size_t written = 0;
+        while (written < static_cast<std::size_t>(n)) {
+            ssize_t w = ::write(fd, buffer.data() + written, static_cast<std::size_t>(n) - written);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w < 0)
+                return target_errno(errno);
+            written += static_cast<std::size_t>(w);
+        }
+        done += static_cast<std::uint64_t>(n);
+    }
+    return {};
+}
+
+} // namespace
+
+Result<void> check_write_options(const WriteOptions& options) {
+    if (auto geometry = make_geometry(options, 0); !geometry)
+        return geometry.error();
+    if (options.selection != WriteSelection::whole_disk && !options.backing_file) {
+        return Error{ErrorCode::invalid_argument,
+                     "an image of the top layer or of a bitmap's dirty ranges needs a backing "
+                     "file"};
+    }
+    if (options.selection == WriteSelection::bitmap_dirty && options.bitmap.empty()) {
+        return Error{ErrorCode::invalid_argument, "no bitmap named for the dirty-range image"};
+    }
+    if (options.backing_format && *options.backing_format != "qcow2" &&
+        *options.backing_format != "raw") {
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("backing format '{}' is not qcow2 or raw",
+                                 detail::printable(*options.backing_format))};
+    }
+    if (options.backing_file && options.backing_file->empty()) {
+        return Error{ErrorCode::invalid_argument, "the backing file name is empty"};
+    }
+    return {};
+}
+
+Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& options) {
+    return detail::writer::write_image(source, fd, options, false);
+}
+
+Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
+                                               const WriteOptions& options, bool early_writeback) {
+    if (auto ok = check_write_options(options); !ok)
+        return ok.error();
+    auto geometry = make_geometry(options, source.size());
+    if (!geometry)
+        return geometry.error();
+    HeaderFields fields{options.compression_type, options.backing_file, options.backing_format};
+    auto out = Output::open(fd);
+    if (!out)
+        return out.error();
+    out->set_early_writeback(early_writeback);
+    if (!options.compress)
+        return write_sequential(source, *out, *geometry, fields, options);
+    if (out->seekable())
+        return write_compressed(source, *out, *geometry, fields, options);
+    // A pipe cannot take the metadata last: spool the image to an unlinked file, then copy.
+    const char* tmpdir = std::getenv("TMPDIR");
+    const std::string dir = tmpdir && *tmpdir ? tmpdir : "/tmp";
+    int spool = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (spool < 0) {
+        std::string name = dir + "/qcowmap-spool-XXXXXX";
+        spool = ::mkostemp(name.data(), O_CLOEXEC);
+        if (spool >= 0)
+            ::unlink(name.c_str());
+    }
+    if (spool < 0) {
+        return target_error(
+            fmt::format("cannot create a spool file in {}: {}", dir, std::strerror(errno)));
+    }
+    auto spooled = Output::open(spool);
+    Result<WriteStats> stats = spooled
+                                   ? write_compressed(source, *spooled, *geometry, fields, options)
+                                   : Result<WriteStats>(spooled.error());
+    if (stats) {
+        if (auto ok = copy_spool(spool, stats->file_size, fd); !ok)
+            stats = ok.error();
+    }
+    ::close(spool);
+    return stats;
+}
+
+Result<WriteStats> write_qcow2_file(const Image& source, const std::filesystem::path& target,
+                                    const WriteOptions& options, bool replace) {
+    const std::string name = target.string();
+    struct stat st {};
+    if (::stat(name.c_str(), &st) == 0) {
+        if (source.maps_file(st.st_dev, st.st_ino)) {
+            return target_error("is the image being read (or one of its layers or its data "
+                                "file): refusing to overwrite it");
+        }
+        if (S_ISDIR(st.st_mode))
+            return target_error("is a directory");
+        if (!S_ISREG(st.st_mode))
+            return target_error("exists and is not a regular file");
+        if (!replace)
+            return target_error("already exists (use --force to replace it)");
+    }
+    std::filesystem::path dir = target.parent_path();
+    if (dir.empty())
+        dir = ".";
+    // Unnamed until complete (O_TMPFILE): a crash or kill leaves nothing behind. Where the file
+    // system lacks it, a hidden name next to the target, removed on every error path.
+    std::string temp_name;
+    int fd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+            return target_errno(errno);
+        temp_name = (dir / ("." + target.filename().string() + ".qcowmap-XXXXXX")).string();
+        fd = ::mkostemp(temp_name.data(), O_CLOEXEC);
+        if (fd < 0)
+            return target_errno(errno);
+        (void)::fchmod(fd, 0644);
+    }
+    auto fail = [&](Error error) -> Result<WriteStats> {
+        ::close(fd);
+        if (!temp_name.empty())
+            ::unlink(temp_name.c_str());
+        return error;
+    };
+    auto stats = detail::writer::write_image(source, fd, options, true);
+    if (!stats)
+        return fail(stats.error());
+    if (::fsync(fd) != 0)
+        return fail(target_errno(errno));
+    if (temp_name.empty()) {
+        // Give the unnamed file a name: straight at the target when it must not exist (link
+        // fails with EEXIST, atomically), else a temporary one renamed over the target.
+        const std::string proc = fmt::format("/proc/self/fd/{}", fd);
+        std::string link_name = name;
+        if (replace) {
+            link_name = (dir / ("." + target.filename().string() + ".qcowmap-" +
+                                std::to_string(::getpid())))
+                            .string();
+            ::unlink(link_name.c_str()); // left by a killed run with the same process id
+        }
+        if (::linkat(fd, "", AT_FDCWD, link_name.c_str(), AT_EMPTY_PATH) != 0 &&
+            ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, link_name.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+            if (errno == EEXIST && !replace)
+                return fail(target_error("already exists (use --force to replace it)"));
+            return fail(target_errno(errno));
+        }
+        if (replace) {
+            temp_name = link_name;
+            if (::rename(link_name.c_str(), name.c_str()) != 0)
+                return fail(target_errno(errno));
+        }
+    } else if (replace) {
+        if (::rename(temp_name.c_str(), name.c_str()) != 0)
+            return fail(target_errno(errno));
+    } else {
+        if (::renameat2(AT_FDCWD, temp_name.c_str(), AT_FDCWD, name.c_str(), RENAME_NOREPLACE) !=
+            0) {
+            if (errno == EEXIST)
+                return fail(target_error("already exists (use --force to replace it)"));
+            return fail(target_errno(errno));
+        }
+    }
+    if (::close(fd) != 0)
+        return target_errno(errno);
+    // The new name is durable once the directory is.
+    int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir_fd >= 0) {
+        (void)::fsync(dir_fd);
+        ::close(dir_fd);
+    }
+    return stats;
+}
+
+} // namespace qcowmap
