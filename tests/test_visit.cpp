@@ -325,8 +325,9 @@ TEST_F(Visit, PrefetchingGivesTheSameBytesForEveryImageKind) {
                 std::uint64_t at = 0;
                 for (const Piece& p : v.pieces) {
                     EXPECT_EQ(p.offset, at);
-                    if (!p.zero)
+                    if (!p.zero) {
                         EXPECT_LE(p.length, kPrefetchWindowBytes);
+                    }
                     at = p.offset + p.length;
                 }
                 EXPECT_EQ(at, image->size());
