@@ -180,15 +180,18 @@ std::string with_flag_names(std::string message) {
 void add_io_option(CLI::App& command, std::string& access) {
     command
         .add_option("--io", access,
-                    "How data is taken from the file: read (pread into a small buffer, the "
-                    "default) or mmap (straight from the mapping, no copy). convert -S 0 "
-                    "copies inside the kernel either way")
-        ->check(one_of({"read", "mmap"}))
-        ->option_text("read|mmap");
+                    "How data is taken from the file: mmap (straight from the mapping, no "
+                    "copy), read (pread into a small buffer) or auto (the default: whichever "
+                    "costs less on this machine, measured at start). convert -S 0 copies "
+                    "inside the kernel either way")
+        ->check(one_of({"auto", "read", "mmap"}))
+        ->option_text("auto|read|mmap");
 }
 
 DataAccess data_access(const std::string& io) {
-    return io == "mmap" ? DataAccess::mapping : DataAccess::read;
+    return io == "mmap"   ? DataAccess::mapping
+           : io == "read" ? DataAccess::read
+                          : DataAccess::automatic;
 }
 
 namespace {

@@ -112,9 +112,10 @@ void report_damage(std::string_view file, const Image& image);
 /// `code`, or kExitDataLost when it is kExitOk but `image` (opened with --salvage) lost data.
 int salvage_exit(const Image& image, int code);
 
-/// Adds `--io=read|mmap` to a command that streams disk data: "read" (the default) reads data
-/// runs with pread into a cache-sized buffer, "mmap" consumes them from the mapping with no
-/// copy. Both give the same bytes; which is faster depends on the machine (README).
+/// Adds `--io=auto|read|mmap` to a command that streams disk data: "mmap" consumes data runs
+/// from the mapping with no copy, "read" reads them with pread into a cache-sized buffer, and
+/// "auto" (the default) takes whichever costs less on this machine, measured once at run time
+/// (automatic_data_access). All give the same bytes.
 void add_io_option(CLI::App& command, std::string& access);
 /// The DataAccess an `--io` value names.
 DataAccess data_access(const std::string& io);

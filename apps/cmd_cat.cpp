@@ -53,6 +53,9 @@ class Output {
         return true;
     }
 
+    /// True when mapped bytes go to the pipe by reference (the kernel never reads them).
+    bool splices() const { return splice_; }
+
   private:
     bool splice_ = false;
 };
@@ -118,7 +121,9 @@ Command add_cat(CLI::App& app) {
                         }
                         return {};
                     },
-                    VisitOptions{worker_threads(), DataAccess::mapping});
+                    // The workers map the pages ahead; write() reads them, vmsplice does not.
+                    VisitOptions{worker_threads(), DataAccess::mapping,
+                                 output.splices() ? Prefetch::populate : Prefetch::touch});
                 if (!result) {
                     return write_failed
                                ? report("<stdout>", result.error().message, kExitOutputError)

@@ -25,7 +25,7 @@ struct CompareArgs {
     bool quiet = false;
     bool progress = false;
     bool untrusted = false;
-    std::string io = "read";
+    std::string io = "auto";
 };
 
 std::optional<Image> open_side(const std::string& path, const std::string& format, bool untrusted) {

@@ -163,7 +163,7 @@ Command add_convert(CLI::App& app) {
                      "(like qemu-img convert -S: a multiple of 512 up to 16M; default 4k, 0 "
                      "disables)")
         ->option_text("SIZE");
-    auto io = std::make_shared<std::string>("read");
+    auto io = std::make_shared<std::string>("auto");
     add_io_option(*command, *io);
     auto bitmap = std::make_shared<std::string>();
     command

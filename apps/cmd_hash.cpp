@@ -21,7 +21,7 @@ struct HashArgs {
     std::string block_size;
     OutputOption output;
     unsigned threads = 0;
-    std::string io = "read";
+    std::string io = "auto";
     bool progress = false;
     bool check = false;
     bool quiet = false;
@@ -120,57 +120,88 @@ std::string json_damage(const Image& image) {
 int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
     Out out;
     int status = kExitOk;
-    bool lost = false;          // --salvage: some image read damaged ranges as zeros
-    std::string damaged = "[]"; // the last image's damaged ranges, for JSON
+    bool lost = false; // --salvage: some image read damaged ranges as zeros
     const bool json = args.output.json();
     if (json)
         out.text += "[";
     bool first = true;
-    for (const std::string& path : args.files) {
-        ImageArgs image_args = args.open;
-        image_args.path = path;
-        std::optional<Error> failure;
-        std::optional<Digest> digest;
-        std::uint64_t size = 0;
-        guard_against_shrinking(path);
-        if (auto image = Image::open(path, image_args.open_options()); !image) {
-            failure = image.error();
-        } else {
-            size = image->size();
-            if (args.open.salvage) {
-                report_damage(path, *image);
-                lost = lost || salvage_report(*image).data_lost();
-                damaged = json_damage(*image);
-            }
-            if (auto d = digest_of(args, *image, algorithm); !d)
-                failure = d.error();
-            else
-                digest = *d;
-        }
-        if (failure) {
+    // Prints image `i`'s digest (or reports why it has none) as soon as it and those before
+    // it are known. `damaged`: with --salvage, the image's damaged ranges as JSON.
+    auto print = [&](std::size_t i, const Result<ImageDigest>& digest,
+                     const std::string& damaged) -> Result<void> {
+        const std::string& path = args.files[i];
+        if (!digest) {
             // Like sha256sum: report, go on with the next file, exit 1 at the end.
-            report_error(path, *failure, kExitImageError);
+            out.flush();
+            std::fflush(stdout);
+            report_error(path, digest.error(), kExitImageError);
             status = kExitImageError;
         }
         if (json) {
             out.text += fmt::format("{}\n{{\"image\": {}, \"algorithm\": \"{}\", ",
                                     first ? "" : ",", json_string(path), to_string(algorithm));
-            if (failure) {
+            if (!digest) {
                 out.text += fmt::format("\"error\": {}, \"error-code\": \"{}\"}}",
-                                        json_string(failure->message), to_string(failure->code));
+                                        json_string(digest.error().message),
+                                        to_string(digest.error().code));
             } else {
-                out.text +=
-                    fmt::format("\"size\": {}, \"digest\": \"{}\"{}}}", size, digest->hex(),
-                                args.open.salvage ? ", \"damaged\": " + damaged : std::string());
+                out.text += fmt::format(
+                    "\"size\": {}, \"digest\": \"{}\"{}}}", digest->size, digest->digest.hex(),
+                    args.open.salvage ? ", \"damaged\": " + damaged : std::string());
             }
             first = false;
         } else if (digest) {
             // coreutils' format: digest, two spaces (text mode), name.
             EscapedName name = escape_name(path);
-            out.text +=
-                fmt::format("{}{}  {}\n", name.escaped ? "\\" : "", digest->hex(), name.text);
+            out.text += fmt::format("{}{}  {}\n", name.escaped ? "\\" : "", digest->digest.hex(),
+                                    name.text);
         }
         out.flush(); // one line per image as soon as it is known
+        return {};
+    };
+    if (args.progress || args.open.salvage || args.files.size() == 1) {
+        // One image at a time, each with every thread (and its own progress meter; --salvage
+        // reports each image's damaged ranges before its digest).
+        for (std::size_t i = 0; i < args.files.size(); ++i) {
+            const std::string& path = args.files[i];
+            ImageArgs image_args = args.open;
+            image_args.path = path;
+            guard_against_shrinking(path);
+            auto image = Image::open(path, image_args.open_options());
+            if (!image) {
+                (void)print(i, std::move(image).error(), {});
+                continue;
+            }
+            std::string damaged = "[]";
+            if (args.open.salvage) {
+                report_damage(path, *image);
+                lost = lost || salvage_report(*image).data_lost();
+                damaged = json_damage(*image);
+            }
+            auto digest = digest_of(args, *image, algorithm);
+            (void)print(i,
+                        digest ? Result<ImageDigest>(ImageDigest{*digest, image->size()})
+                               : Result<ImageDigest>(std::move(digest).error()),
+                        damaged);
+        }
+    } else {
+        // Several images are hashed at once, one per core, and printed in argument order.
+        std::string names;
+        for (const std::string& path : args.files)
+            names += (names.empty() ? "" : ", ") + printable(path);
+        guard_against_shrinking(names);
+        HashOptions options;
+        options.algorithm = algorithm;
+        options.threads = args.threads;
+        options.data_access = data_access(args.io);
+        auto open = [&](std::size_t i) {
+            ImageArgs image_args = args.open;
+            image_args.path = args.files[i];
+            return Image::open(image_args.path, image_args.open_options());
+        };
+        (void)hash_images(
+            args.files.size(), open, options,
+            [&](std::size_t i, const Result<ImageDigest>& digest) { return print(i, digest, {}); });
     }
     if (json)
         out.text += "\n]\n";
@@ -432,8 +463,9 @@ Command add_hash(CLI::App& app) {
     auto args = std::make_shared<HashArgs>();
     command
         ->add_option("FILE", args->files,
-                     "Images to hash (with --check: digest lists as hash prints them, - for "
-                     "standard input)")
+                     "Images to hash (several at once, one per core, printed in argument "
+                     "order; with --check: digest lists as hash prints them, - for standard "
+                     "input)")
         ->required();
     auto* algo = command
                      ->add_option("--algo", args->algorithm,

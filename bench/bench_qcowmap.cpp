@@ -6,7 +6,11 @@
 // Images live in $QCOWMAP_BENCH_DIR when it is set (kept afterwards and reused by later runs when
 // they still look right), else in a fresh mkdtemp directory under /var/tmp removed at exit.
 // Everything runs warm: the image files stay in the page cache, and the long-lived Image of each
-// benchmark has its mapping populated before timing starts (open_read_1MiB maps afresh each time).
+// benchmark has its mapping populated before timing starts (open_read_1MiB maps afresh each time;
+// streaming benchmarks with prefetching drop the pages behind them, as the CLI does, so their
+// later iterations map the pages again). Convert outputs go to /dev/shm when it has room.
+// hash, compare and convert run with each data access (_read, _mmap; no suffix: the measured
+// default, which is printed at start). Run with --benchmark_repetitions=N for min/median/max.
 #include <qcowmap/compare.hpp>
 #include <qcowmap/export.hpp>
 #include <qcowmap/hash.hpp>
@@ -239,10 +243,14 @@ struct BenchImage {
 struct Setup {
     fs::path dir;
     unsigned threads = 0;
+    DataAccess access = DataAccess::automatic;
+    qcowmap::Prefetch prefetch = qcowmap::Prefetch::none;
+    fs::path out_dir; ///< where convert writes
 };
 
-Result<void> visit(const Image& image, unsigned threads, const RunVisitor& visitor) {
-    return image.visit(0, UINT64_MAX, visitor, VisitOptions{threads, DataAccess::mapping});
+Result<void> visit(const Image& image, const Setup& setup, const RunVisitor& visitor) {
+    return image.visit(0, UINT64_MAX, visitor,
+                       VisitOptions{setup.threads, setup.access, setup.prefetch});
 }
 
 struct BenchDir {
@@ -378,9 +386,9 @@ void bm_open_read(benchmark::State& state, const BenchImage& b, const Setup&) {
 
 /// A visit writing every run to `fd`; zero runs from the static zero
 /// buffer. Returns the bytes written, or nullopt on failure.
-std::optional<std::uint64_t> cat_to(const Image& image, unsigned threads, int fd) {
+std::optional<std::uint64_t> cat_to(const Image& image, const Setup& setup, int fd) {
     std::uint64_t written = 0;
-    auto result = visit(image, threads, [&](const Run& run) -> Result<void> {
+    auto result = visit(image, setup, [&](const Run& run) -> Result<void> {
         auto length = run.length;
         auto bytes = run.bytes;
         if (!bytes.empty()) {
@@ -415,7 +423,7 @@ void bm_cat_devnull(benchmark::State& state, const BenchImage& b, const Setup& s
         return;
     }
     for (auto _ : state) {
-        auto written = cat_to(b.image, setup.threads, fd);
+        auto written = cat_to(b.image, setup, fd);
         if (!written || *written != b.image.size()) {
             state.SkipWithError("cat to /dev/null failed");
             break;
@@ -449,7 +457,7 @@ void bm_cat_pipe(benchmark::State& state, const BenchImage& b, const Setup& setu
                 received += static_cast<std::uint64_t>(n);
             }
         });
-        auto written = cat_to(b.image, setup.threads, fds[1]);
+        auto written = cat_to(b.image, setup, fds[1]);
         ::close(fds[1]);
         reader.join();
         ::close(fds[0]);
@@ -463,13 +471,16 @@ void bm_cat_pipe(benchmark::State& state, const BenchImage& b, const Setup& setu
 }
 
 /// `qcowmap convert IMG OUT`: the library's export_raw, as the CLI calls it (default -S 4k
-/// zero detection, data read ahead with pread), into a new sparse raw file in the bench
-/// directory. The output is unlinked between iterations, outside the timed part. `threads` 0
-/// (the serial entry) exports on one thread.
+/// zero detection; data made present ahead from the mapping or read ahead with pread, as the
+/// entry's data access says), into a new sparse raw file in the output directory. The output is
+/// unlinked between iterations, outside the timed part. `threads` 0 (the serial entry) exports
+/// on one thread.
 void bm_convert_file(benchmark::State& state, const BenchImage& b, const Setup& setup) {
-    const fs::path out = setup.dir / fmt::format("convert-{}.raw", b.name);
+    const fs::path out =
+        setup.out_dir / fmt::format("qcowmap-bench-{}-convert-{}.raw", ::getpid(), b.name);
     qcowmap::ExportOptions options;
     options.threads = setup.threads == 0 ? 1 : setup.threads;
+    options.data_access = setup.access;
     for (auto _ : state) {
         int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
         if (fd < 0) {
@@ -521,6 +532,7 @@ void bm_hash(benchmark::State& state, const BenchImage& b, const Setup& setup) {
         qcowmap::HashOptions options;
         options.algorithm = algorithm;
         options.threads = std::max(1u, setup.threads);
+        options.data_access = setup.access;
         auto digest = qcowmap::hash_image(b.image, options);
         if (!digest) {
             state.SkipWithError("hash_image failed");
@@ -549,6 +561,32 @@ void bm_hash_blocks(benchmark::State& state, const BenchImage& b, const Setup& s
             break;
         }
         benchmark::DoNotOptimize(blocks);
+    }
+    set_rates(state, b);
+}
+
+/// compare_images of the image against a byte copy of its file (made once, beside it): every
+/// data byte of both is compared.
+void bm_compare_copy(benchmark::State& state, const BenchImage& b, const Setup& setup) {
+    fs::path copy = b.path;
+    copy += ".copy";
+    if (!fs::exists(copy) || fs::file_size(copy) != fs::file_size(b.path)) {
+        fs::copy_file(b.path, copy, fs::copy_options::overwrite_existing);
+    }
+    auto other = qcowmap::Image::open(copy);
+    if (!other) {
+        state.SkipWithError("cannot open the copy");
+        return;
+    }
+    for (auto _ : state) {
+        qcowmap::CompareOptions options;
+        options.data_access = setup.access;
+        options.threads = std::max(1u, setup.threads);
+        auto r = qcowmap::compare_images(b.image, *other, options);
+        if (!r || r->outcome != qcowmap::CompareResult::Outcome::identical) {
+            state.SkipWithError("compare_images failed");
+            break;
+        }
     }
     set_rates(state, b);
 }
@@ -582,11 +620,17 @@ int main(int argc, char** argv) {
     prepare(bench);
 
     using Fn = void (*)(benchmark::State&, const BenchImage&, const Setup&);
+    using qcowmap::Prefetch;
+    constexpr DataAccess automatic = DataAccess::automatic;
+    constexpr DataAccess read = DataAccess::read;
+    constexpr DataAccess mmap = DataAccess::mapping;
     struct Entry {
         const char* name;
         Fn fn;
         bool parallel;   ///< run with the CLI's worker count of producer threads
         bool every_byte; ///< moves every virtual byte through user space: not on huge images
+        DataAccess access = DataAccess::mapping;
+        Prefetch prefetch = Prefetch::none; ///< as the CLI asks (cat, convert)
     };
     const Entry entries[] = {
         {"iterate", bm_iterate, false, false},
@@ -594,22 +638,38 @@ int main(int argc, char** argv) {
         {"read_1MiB", bm_read, false, true},
         {"open_read_1MiB", bm_open_read, false, true},
         {"cat_devnull", bm_cat_devnull, false, false},
-        {"cat_devnull_parallel", bm_cat_devnull, true, false},
+        {"cat_devnull_parallel", bm_cat_devnull, true, false, mmap, Prefetch::populate},
         {"cat_pipe", bm_cat_pipe, false, true},
-        {"cat_pipe_parallel", bm_cat_pipe, true, true},
+        {"cat_pipe_parallel", bm_cat_pipe, true, true, mmap, Prefetch::touch},
         {"convert_file", bm_convert_file, false, false},
-        {"convert_file_parallel", bm_convert_file, true, false},
-        {"hash_sha256", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true},
-        {"hash_xxh3_128", bm_hash<qcowmap::HashAlgorithm::xxh3_128>, true, true},
+        {"convert_file_parallel", bm_convert_file, true, false, automatic, Prefetch::touch},
+        {"convert_file_parallel_read", bm_convert_file, true, false, read, Prefetch::touch},
+        {"convert_file_parallel_mmap", bm_convert_file, true, false, mmap, Prefetch::touch},
+        {"hash_sha256", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, automatic},
+        {"hash_sha256_read", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, read},
+        {"hash_sha256_mmap", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, mmap},
+        {"hash_xxh3_128", bm_hash<qcowmap::HashAlgorithm::xxh3_128>, true, true, automatic},
         {"hash_blocks_1thread", bm_hash_blocks, false, true},
         {"hash_blocks_parallel", bm_hash_blocks, true, true},
         {"compare_self", bm_compare_self, false, false},
+        {"compare_copy", bm_compare_copy, true, false, automatic},
+        {"compare_copy_read", bm_compare_copy, true, false, read},
+        {"compare_copy_mmap", bm_compare_copy, true, false, mmap},
     };
+    fmt::print(stderr, "automatic data access on this machine: {}\n",
+               qcowmap::automatic_data_access() == read ? "read" : "mmap");
+    // Convert outputs in memory when /dev/shm has room for the largest (1 GiB of data).
+    fs::path out_dir = bench.dir;
+    if (std::error_code ec; fs::space("/dev/shm", ec).available > (2ull << 30) && !ec &&
+                            ::access("/dev/shm", W_OK) == 0) {
+        out_dir = "/dev/shm";
+    }
     // The CLI's worker_threads(): one per core.
     const unsigned cores = std::max(2u, std::thread::hardware_concurrency());
     for (const Entry& entry : entries) {
         const Fn fn = entry.fn;
-        const Setup setup{bench.dir, entry.parallel ? cores : 0};
+        const Setup setup{bench.dir, entry.parallel ? cores : 0, entry.access, entry.prefetch,
+                          out_dir};
         for (const BenchImage& b : bench.images) {
             if (entry.every_byte && b.huge)
                 continue;
@@ -617,7 +677,14 @@ int main(int argc, char** argv) {
             benchmark::RegisterBenchmark(
                 full.c_str(), [fn, &b, setup](benchmark::State& state) { fn(state, b, setup); })
                 ->Unit(benchmark::kMillisecond)
-                ->UseRealTime();
+                ->UseRealTime()
+                ->ComputeStatistics("min",
+                                    [](const std::vector<double>& v) {
+                                        return *std::min_element(v.begin(), v.end());
+                                    })
+                ->ComputeStatistics("max", [](const std::vector<double>& v) {
+                    return *std::max_element(v.begin(), v.end());
+                });
         }
     }
     benchmark::RunSpecifiedBenchmarks();

@@ -7,14 +7,18 @@
 #            nbdcopy -- [ qemu-nbd -r -f qcow2 IMG ] - | sha256sum
 #   compare  vs qemu-img compare (each image against a copy of itself, so every data byte is read)
 # then openssl speed -evp sha256 against qcowmap hash's throughput on dense data, peak RSS of
-# hash and convert, block-manifest scaling (--threads=1 vs 2), and hash/compare with data read
-# by pread (the default) against data taken from the mapping (--io=mmap).
+# hash and convert, block-manifest scaling (--threads=1 vs 2), and hash, compare and convert
+# with each data access: --io=auto (the default: measured at start), --io=read (pread into
+# buffers) and --io=mmap (straight from the mapping, populated ahead).
 #
 # usage: bench/compare-qemu.sh [QCOWMAP_CLI] [WORKDIR]
 #   QCOWMAP_CLI  the qcowmap executable (default ./build/apps/qcowmap)
 #   WORKDIR      where the images live (default /var/tmp/qcowmap-bench); images already there are
-#                reused, convert outputs are removed after every run
-# env: RUNS  timed runs per tool and operation (default 5), taken alternately qcowmap/qemu-img
+#                reused. Outputs (convert, qemu-img convert for hash) go to /dev/shm when it has
+#                room, so that ext4 writeback and discards of the previous run's output do not
+#                swamp the figures; they are removed after every run.
+# env: RUNS  timed runs per tool and operation (default 5), taken alternately qcowmap/qemu-img;
+#            tables give the median and the min-max range
 #
 # Images:
 #   dense-1G.qcow2   1 GiB virtual, every byte written (64 writes of 16 MiB)
@@ -44,8 +48,15 @@ done
 
 script_start=$(date +%s.%N)
 mkdir -p "$WORKDIR"
-OUT=$WORKDIR/out.raw
-OUT_QEMU=$WORKDIR/out-qemu.raw
+# Outputs in memory when /dev/shm has room for two 1 GiB outputs and some (sparse outputs keep
+# their holes there too); else beside the images.
+OUTDIR=$WORKDIR
+if [[ -d /dev/shm && -w /dev/shm ]] &&
+    (($(df -Pk /dev/shm | awk 'NR == 2 { print $4 }') > 4 * 1024 * 1024)); then
+    OUTDIR=/dev/shm
+fi
+OUT=$OUTDIR/qcowmap-bench-$$-out.raw
+OUT_QEMU=$OUTDIR/qcowmap-bench-$$-out-qemu.raw
 COPY=$WORKDIR/copy.qcow2
 trap 'rm -f "$OUT" "$OUT_QEMU" "$COPY"' EXIT
 
@@ -161,6 +172,11 @@ median() { # of the numbers given as arguments
               else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
+range() { # "min-max" of the numbers given as arguments
+    printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 }
+        END { printf "%.3f-%.3f", lo, hi }'
+}
+
 map_qcowmap() { "$QCOWMAP" map --output=json "$1"; }
 map_qemu() { qemu-img map -f qcow2 --output=json "$1"; }
 convert_qcowmap() { "$QCOWMAP" convert --force "$1" "$OUT"; }
@@ -208,12 +224,14 @@ compare() {
     m_qemu=$(median "${t_qemu[@]}")
     ratio=$(awk -v a="$m_ours" -v b="$m_qemu" 'BEGIN { printf (a > 0 ? "%.2f" : "inf"), (a > 0 ? b / a : 0) }')
     echo "  $label $(basename "$image"): qcowmap [${t_ours[*]}] $peer [${t_qemu[*]}]"
-    rows+=("$(printf '%-10s %-16s %10s  %-22s %10s %8s' "$label" "$(basename "$image")" "$m_ours" "$peer" "$m_qemu" "$ratio")")
+    rows+=("$(printf '%-10s %-16s %10s %13s  %-18s %10s %13s %7s' "$label" "$(basename "$image")" \
+        "$m_ours" "$(range "${t_ours[@]}")" "$peer" "$m_qemu" "$(range "${t_qemu[@]}")" "$ratio")")
     last_ours=$m_ours
 }
 
 echo "qcowmap: $QCOWMAP"
 echo "qemu-img: $(qemu-img --version | head -n1)"
+echo "outputs in $OUTDIR; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg) at the start"
 for image in "$DENSE" "$FRAG" "$SPARSE" "$ZLIB" "$ZSTD"; do
     check_image "$image"
 done
@@ -242,10 +260,12 @@ for image in "$DENSE" "$FRAG" "$SPARSE" "$ZLIB" "$ZSTD"; do
 done
 
 echo
-echo "median wall time over $RUNS alternating runs; page cache warm for both tools (nothing dropped)"
-echo "ratio = peer / qcowmap (> 1: qcowmap faster); hash is sha256 of the whole virtual disk"
-printf '%-10s %-16s %10s  %-22s %10s %8s\n' operation image "qcowmap s" peer "peer s" ratio
+echo "median wall time (and min-max) over $RUNS alternating runs; page cache warm for both tools"
+echo "(nothing dropped); ratio = peer / qcowmap medians (> 1: qcowmap faster); hash is sha256 of"
+echo "the whole virtual disk; qcowmap with its defaults (--io=auto)"
+printf '%-10s %-16s %10s %13s  %-18s %10s %13s %7s\n' operation image "qcowmap s" min-max peer "peer s" min-max ratio
 printf '%s\n' "${rows[@]}"
+echo "load average $(cut -d' ' -f1-3 /proc/loadavg) at the end of the timed runs"
 
 echo
 # sha256 throughput: openssl speed divides by the user CPU time it used (not wall time), so
@@ -266,32 +286,50 @@ awk -v k="$openssl_kbs" -v t="$hash_dense" -v c="$hash_cpu" 'BEGIN {
     theirs = k * 1000 / 1e6; wall = 1073741824 / t / 1e6; cpu = 1073741824 / c / 1e6
     printf "sha256 throughput: openssl speed -evp sha256 -bytes 1048576 %.0f MB/s (per CPU second); qcowmap hash dense-1G %.0f MB/s per CPU second (%.2fx), %.0f MB/s wall (%.2fx)\n", theirs, cpu, cpu / theirs, wall, wall / theirs }'
 
-# Data through the mapping (--io=mmap, zero copies) against the default pread path, same image,
-# alternating which goes first; the copy for compare is made (and synced) before the timed runs.
-for image in "$DENSE" "$FRAG"; do
+# Data access: each of --io=auto (the default), --io=read and --io=mmap for hash, compare and
+# convert, on the same image, rotating which goes first; the copy for compare is made (and
+# synced) before the timed runs.
+io_rows=()
+io_row() { # $1 label, $2 image, rest: the command with IO where the option goes
+    local label=$1 image=$2 i j mode word
+    shift 2
+    local -A times=()
+    local -a modes=(auto read mmap) command
+    for ((i = 0; i < RUNS; i++)); do
+        for ((j = 0; j < 3; j++)); do
+            mode=${modes[(i + j) % 3]}
+            command=()
+            for word in "$@"; do
+                [[ $word == IO ]] && word=--io=$mode
+                command+=("$word")
+            done
+            times[$mode]+=" $(time_it "${command[@]}")"
+        done
+    done
+    local row
+    row=$(printf '%-8s %-16s' "$label" "$(basename "$image")")
+    for mode in "${modes[@]}"; do
+        # shellcheck disable=SC2086 # the times are space-separated numbers
+        row+=$(printf ' %8s %13s' "$(median ${times[$mode]})" "$(range ${times[$mode]})")
+    done
+    io_rows+=("$row")
+}
+for image in "$DENSE" "$FRAG" "$ZLIB"; do
     cp "$image" "$COPY"
     sync
-    "$QCOWMAP" hash "$image" >/dev/null # warm-up
-    "$QCOWMAP" compare "$image" "$COPY" >/dev/null
-    t_read=() t_mmap=() t_cread=() t_cmmap=()
-    for ((i = 0; i < RUNS; i++)); do
-        if ((i % 2 == 0)); then
-            t_read+=("$(time_it "$QCOWMAP" hash "$image")")
-            t_mmap+=("$(time_it "$QCOWMAP" hash --io=mmap "$image")")
-            t_cread+=("$(time_it "$QCOWMAP" compare "$image" "$COPY")")
-            t_cmmap+=("$(time_it "$QCOWMAP" compare --io=mmap "$image" "$COPY")")
-        else
-            t_mmap+=("$(time_it "$QCOWMAP" hash --io=mmap "$image")")
-            t_read+=("$(time_it "$QCOWMAP" hash "$image")")
-            t_cmmap+=("$(time_it "$QCOWMAP" compare --io=mmap "$image" "$COPY")")
-            t_cread+=("$(time_it "$QCOWMAP" compare "$image" "$COPY")")
-        fi
+    for mode in auto read mmap; do # warm-up
+        "$QCOWMAP" hash --io=$mode "$image" >/dev/null
+        "$QCOWMAP" compare --io=$mode "$image" "$COPY" >/dev/null
     done
+    io_row hash "$image" "$QCOWMAP" hash IO "$image"
+    io_row compare "$image" "$QCOWMAP" compare IO "$image" "$COPY"
+    io_row convert "$image" "$QCOWMAP" convert --force IO "$image" "$OUT"
     rm -f "$COPY"
-    awk -v a="$(median "${t_read[@]}")" -v b="$(median "${t_mmap[@]}")" \
-        -v c="$(median "${t_cread[@]}")" -v d="$(median "${t_cmmap[@]}")" -v n="$(basename "$image")" 'BEGIN {
-        printf "data access %s: hash --io=read %.3f s, --io=mmap %.3f s (%.2fx); compare --io=read %.3f s, --io=mmap %.3f s (%.2fx)\n", n, a, b, b / a, c, d, d / c }'
 done
+echo
+echo "data access: median and min-max wall seconds over $RUNS runs of each --io mode"
+printf '%-8s %-16s %8s %13s %8s %13s %8s %13s\n' operation image auto min-max read min-max mmap min-max
+printf '%s\n' "${io_rows[@]}"
 
 # Block manifests: one thread against two.
 manifest() { "$QCOWMAP" hash --block-size=64k --threads="$2" "$1"; }
@@ -319,7 +357,7 @@ if [[ -x /usr/bin/time ]]; then
         rss_manifest=$(rss "$QCOWMAP" hash --block-size=64k "$image")
         echo "peak RSS $(basename "$image"): qcowmap convert ${rss_ours} MiB (qemu-img convert ${rss_qemu} MiB), qcowmap hash ${rss_hash} MiB, hash --block-size=64k ${rss_manifest} MiB"
     done
-    echo "  (data is read into small buffers; with --io=mmap mapped pages count while touched, hash drops them once hashed)"
+    echo "  (mapped pages are dropped from the process once used: RSS stays small with either --io)"
 else
     echo "peak RSS: skipped, /usr/bin/time is missing (apt-get install time)"
 fi

@@ -333,8 +333,8 @@ TEST_F(Cli, UsageErrorsSayWhatAndNameTheCommandsHelp) {
     EXPECT_EQ(r.err, "qcowmap: usage: unknown command 'foo' (see qcowmap --help)\n");
     r = run(cli() + " hash --io=foo " + q(image_));
     EXPECT_EQ(r.exit_code, 2);
-    EXPECT_EQ(r.err, "qcowmap: usage: --io: 'foo' is not one of read, mmap (see qcowmap hash "
-                     "--help)\n");
+    EXPECT_EQ(r.err, "qcowmap: usage: --io: 'foo' is not one of auto, read, mmap (see qcowmap "
+                     "hash --help)\n");
     r = run(cli() + " map --output=xml " + q(image_));
     EXPECT_EQ(r.err, "qcowmap: usage: --output: 'xml' is not one of human, json (see qcowmap map "
                      "--help)\n");
@@ -567,6 +567,42 @@ TEST(CliHash, JsonReportsAFailedImageAsAnObject) {
               std::string::npos)
         << r.out;
     EXPECT_NE(r.out.find("\"size\": 1048576, \"digest\": \""), std::string::npos) << r.out;
+}
+
+TEST(CliHash, SeveralImagesAtOnceInArgumentOrder) {
+    // Hashed at once (hash_images), printed in argument order, a missing image reported in its
+    // place; with -p one after another, each with its progress; every --io gives the same.
+    TempDir dir;
+    std::vector<std::string> names;
+    std::string args;
+    for (int i = 0; i < 5; ++i) {
+        names.push_back("d" + std::to_string(i) + ".qcow2");
+        if (i != 2) {
+            test::make_image(
+                dir / names.back(), "", "8M",
+                {"write -P " + std::to_string(i + 1) + " " + std::to_string(i) + "M 64k"});
+        }
+        args += " " + names.back();
+    }
+    const std::string in_dir = "cd " + q(dir.path()) + " && ";
+    std::string expected;
+    for (int i = 0; i < 5; ++i) {
+        if (i != 2)
+            expected += test::run_ok(in_dir + cli() + " hash " + names[i]);
+    }
+    for (const std::string io : {"auto", "read", "mmap"}) {
+        SCOPED_TRACE(io);
+        CommandResult r = run(in_dir + cli() + " hash --io=" + io + args);
+        EXPECT_EQ(r.exit_code, 1);
+        EXPECT_EQ(r.out, expected);
+        EXPECT_EQ(r.err, "qcowmap: d2.qcow2: No such file or directory\n");
+    }
+    CommandResult p = run(in_dir + cli() + " hash -p" + args);
+    EXPECT_EQ(p.exit_code, 1);
+    EXPECT_EQ(p.out, expected);
+    EXPECT_EQ(std::count(p.err.begin(), p.err.end(), '\n'), 5) << p.err;
+    EXPECT_NE(p.err.find("qcowmap: d2.qcow2: No such file or directory\n"), std::string::npos)
+        << p.err;
 }
 
 TEST_F(Cli, ProgressOnHashAndCompare) {

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -382,6 +383,153 @@ TEST(Concurrency, TwoThreadsReadOneImage) {
     ASSERT_TRUE(r2);
     EXPECT_TRUE(first == expected);
     EXPECT_TRUE(second == expected);
+}
+
+// The inflater: libdeflate decodes each cluster whole when the build has it, and zlib judges
+// every stream libdeflate does not decode to exactly one cluster. These streams are put in
+// place of a qemu-written one, and qemu-img reads the same files as the oracle.
+
+/// Deflate "stored" blocks (RFC 1951 3.2.4) holding `data`, the last one marked final.
+std::vector<std::byte> stored_blocks(const std::vector<std::byte>& data) {
+    std::vector<std::byte> out;
+    std::size_t done = 0;
+    do {
+        const std::size_t n = std::min<std::size_t>(data.size() - done, 65535);
+        const bool last = done + n == data.size();
+        out.push_back(std::byte(last ? 1 : 0)); // BFINAL, BTYPE = 00, padded to the byte
+        out.push_back(std::byte(n & 0xff));
+        out.push_back(std::byte(n >> 8));
+        out.push_back(std::byte(~n & 0xff));
+        out.push_back(std::byte((~n >> 8) & 0xff));
+        out.insert(out.end(), data.begin() + static_cast<std::ptrdiff_t>(done),
+                   data.begin() + static_cast<std::ptrdiff_t>(done + n));
+        done += n;
+    } while (done < data.size());
+    return out;
+}
+
+/// `c` with its compressed stream replaced by `stream` followed by `trailing` bytes, and the L2
+/// entry's sector count covering them all (64 KiB clusters: the count is bits 54-61).
+std::vector<std::byte> with_stream(const OneCompressed& c, const std::vector<std::byte>& stream,
+                                   std::size_t trailing) {
+    std::vector<std::byte> bytes(c.bytes.begin(),
+                                 c.bytes.begin() + static_cast<std::ptrdiff_t>(c.coffset));
+    bytes.insert(bytes.end(), stream.begin(), stream.end());
+    for (std::size_t i = 0; i < trailing; ++i)
+        bytes.push_back(std::byte((i * 131 + 7) & 0xff)); // garbage, as another stream would be
+    const std::uint64_t sectors = ((c.coffset % 512) + stream.size() + trailing + 511) / 512;
+    EXPECT_LE(sectors, 256u);
+    put_be64(bytes, c.l2_entry_at, (1ull << 62) | ((sectors - 1) << 54) | c.coffset);
+    return bytes;
+}
+
+/// The first 64 KiB of the disk of image file `bytes`, read by qemu-img (nullopt if it fails).
+std::optional<std::vector<std::byte>> qemu_first_cluster(const TempDir& dir,
+                                                         const std::vector<std::byte>& bytes) {
+    auto path = dir / "edited.qcow2";
+    test::write_file(path, bytes);
+    auto raw = dir / "edited.raw";
+    std::filesystem::remove(raw);
+    if (run("qemu-img convert -f qcow2 -O raw " + q(path) + " " + q(raw)).exit_code != 0)
+        return std::nullopt;
+    auto all = test::read_file(raw);
+    all.resize(64 * 1024);
+    return all;
+}
+
+std::vector<std::byte> first_cluster(const std::vector<std::byte>& bytes) {
+    auto image = Image::open_bytes(bytes);
+    EXPECT_TRUE(image) << image.error().message;
+    std::vector<std::byte> out(64 * 1024, std::byte{0x33});
+    if (!image)
+        return out;
+    auto n = image->read(out, 0);
+    EXPECT_TRUE(n) << n.error().message;
+    return out;
+}
+
+TEST(Inflater, TrailingBytesAfterTheStreamAreIgnoredLikeQemu) {
+    TempDir dir;
+    OneCompressed c = make_one_compressed(dir, "cluster_size=64k");
+    std::vector<std::byte> stream(c.bytes.begin() + static_cast<std::ptrdiff_t>(c.coffset),
+                                  c.bytes.end());
+    const std::vector<std::byte> expected(64 * 1024, std::byte{0x5c});
+    // Up to the end of the sector (what qemu's rounded-up count covers), and 3 sectors more.
+    for (std::size_t trailing :
+         {std::size_t{1}, 511 - (c.coffset + stream.size()) % 512, std::size_t{1536}}) {
+        SCOPED_TRACE(trailing);
+        auto bytes = with_stream(c, stream, trailing);
+        EXPECT_TRUE(first_cluster(bytes) == expected);
+        auto theirs = qemu_first_cluster(dir, bytes);
+        ASSERT_TRUE(theirs);
+        EXPECT_TRUE(*theirs == expected);
+    }
+}
+
+TEST(Inflater, EveryKindOfDeflateBlockDecodesExactly) {
+    // Stored blocks (two of them: one holds at most 65535 bytes), with and without trailing
+    // bytes; qemu's own fixed/dynamic Huffman streams are covered by the image tests above.
+    TempDir dir;
+    OneCompressed c = make_one_compressed(dir, "cluster_size=64k");
+    std::vector<std::byte> data(64 * 1024);
+    for (std::size_t i = 0; i < data.size(); ++i)
+        data[i] = std::byte((i * 7 + i / 251) & 0xff);
+    for (std::size_t trailing : {std::size_t{0}, std::size_t{100}}) {
+        auto bytes = with_stream(c, stored_blocks(data), trailing);
+        EXPECT_TRUE(first_cluster(bytes) == data) << trailing;
+        auto theirs = qemu_first_cluster(dir, bytes);
+        ASSERT_TRUE(theirs);
+        EXPECT_TRUE(*theirs == data);
+    }
+}
+
+TEST(Inflater, StreamThatGoesOnPastTheClusterGivesItsFirstClusterLikeQemu) {
+    // qemu inflates with Z_FINISH into one cluster and accepts a full buffer whether or not the
+    // stream ended there; libdeflate reports "insufficient space" and zlib decides.
+    TempDir dir;
+    OneCompressed c = make_one_compressed(dir, "cluster_size=64k");
+    std::vector<std::byte> data(64 * 1024 + 100);
+    for (std::size_t i = 0; i < data.size(); ++i)
+        data[i] = std::byte((i * 13 + 1) & 0xff);
+    auto bytes = with_stream(c, stored_blocks(data), 0);
+    const std::vector<std::byte> expected(data.begin(), data.begin() + 64 * 1024);
+    EXPECT_TRUE(first_cluster(bytes) == expected);
+    auto theirs = qemu_first_cluster(dir, bytes);
+    ASSERT_TRUE(theirs);
+    EXPECT_TRUE(*theirs == expected);
+}
+
+TEST(Inflater, BrokenStreamsGiveZlibsMessages) {
+    TempDir dir;
+    OneCompressed c = make_one_compressed(dir, "cluster_size=64k");
+    const std::string where =
+        "compressed cluster for virtual offset 0x0 at host offset " + fmt_hex(c.coffset) + " (+";
+    struct Case {
+        const char* name;
+        std::vector<std::byte> stream;
+        std::string message_end;
+    };
+    std::vector<std::byte> short_data(1000, std::byte{0x42});
+    std::vector<std::byte> bad_lengths = stored_blocks(short_data);
+    bad_lengths[3] = std::byte{0}; // NLEN no longer the complement of LEN
+    const std::vector<Case> cases = {
+        {"ends early", stored_blocks(short_data), "): zlib stream ended after 1000 of 65536 bytes"},
+        {"reserved block type",
+         {std::byte{0x07}, std::byte{0}, std::byte{0}},
+         "): zlib error -3: invalid block type"},
+        {"stored lengths", bad_lengths, "): zlib error -3: invalid stored block lengths"},
+    };
+    for (const Case& k : cases) {
+        SCOPED_TRACE(k.name);
+        auto bytes = with_stream(c, k.stream, 0);
+        Error e = read_error(bytes);
+        EXPECT_EQ(e.code, ErrorCode::compressed_data);
+        EXPECT_EQ(e.message.rfind(where, 0), 0u) << e.message;
+        ASSERT_GE(e.message.size(), k.message_end.size());
+        EXPECT_EQ(e.message.substr(e.message.size() - k.message_end.size()), k.message_end)
+            << e.message;
+        EXPECT_FALSE(qemu_first_cluster(dir, bytes)) << "qemu-img reads it";
+    }
 }
 
 } // namespace

@@ -74,46 +74,65 @@ struct Recorder {
 
 TEST_F(Export, RawToANewFileIsQemusBytesWithHoles) {
     const Image image = open_ok(image_);
-    for (std::uint64_t zero_block : {4096ull, 0ull}) {
-        SCOPED_TRACE(zero_block);
-        const auto out = dir_ / ("out-" + std::to_string(zero_block) + ".raw");
-        int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
-        ASSERT_GE(fd, 0);
-        Recorder progress;
-        ExportOptions options;
-        options.zero_block = zero_block;
-        options.progress = progress.callback();
-        ExportError where;
-        auto ok = export_raw(image, fd, options, &where);
-        ASSERT_EQ(::close(fd), 0);
-        ASSERT_TRUE(ok) << ok.error().message;
-        EXPECT_TRUE(test::read_file(out) == raw_);
-        progress.expect_complete(8u << 20);
-        struct stat st {};
-        ASSERT_EQ(::stat(out.c_str(), &st), 0);
-        // Data: 100k + 1M + 256k (+ the zero-filled 64k without zero detection).
-        const std::uint64_t allocated = static_cast<std::uint64_t>(st.st_blocks) * 512;
-        EXPECT_LE(allocated, (zero_block ? 1400u : 1500u) * 1024) << allocated;
+    // Each data access (mapped data is made present ahead and dropped behind), on one thread
+    // and on several.
+    for (const auto& [access, threads] :
+         std::vector<std::pair<DataAccess, unsigned>>{{DataAccess::automatic, 0},
+                                                      {DataAccess::read, 1},
+                                                      {DataAccess::read, 3},
+                                                      {DataAccess::mapping, 1},
+                                                      {DataAccess::mapping, 3}}) {
+        for (std::uint64_t zero_block : {4096ull, 0ull}) {
+            SCOPED_TRACE(testing::Message() << "zero block " << zero_block << ", access "
+                                            << static_cast<int>(access) << ", threads " << threads);
+            const auto out = dir_ / ("out-" + std::to_string(zero_block) + "-" +
+                                     std::to_string(static_cast<int>(access)) + "-" +
+                                     std::to_string(threads) + ".raw");
+            int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
+            ASSERT_GE(fd, 0);
+            Recorder progress;
+            ExportOptions options;
+            options.zero_block = zero_block;
+            options.data_access = access;
+            options.threads = threads;
+            options.progress = progress.callback();
+            ExportError where;
+            auto ok = export_raw(image, fd, options, &where);
+            ASSERT_EQ(::close(fd), 0);
+            ASSERT_TRUE(ok) << ok.error().message;
+            EXPECT_TRUE(test::read_file(out) == raw_);
+            progress.expect_complete(8u << 20);
+            struct stat st {};
+            ASSERT_EQ(::stat(out.c_str(), &st), 0);
+            // Data: 100k + 1M + 256k (+ the zero-filled 64k without zero detection).
+            const std::uint64_t allocated = static_cast<std::uint64_t>(st.st_blocks) * 512;
+            EXPECT_LE(allocated, (zero_block ? 1400u : 1500u) * 1024) << allocated;
+        }
     }
 }
 
 TEST_F(Export, RawIntoAPipeIsSequentialWithZeros) {
     const Image image = open_ok(image_);
-    int fds[2];
-    ASSERT_EQ(::pipe(fds), 0);
-    std::vector<std::byte> received;
-    std::thread reader([&] {
-        std::byte buffer[65536];
-        for (ssize_t n; (n = ::read(fds[0], buffer, sizeof buffer)) > 0;)
-            received.insert(received.end(), buffer, buffer + n);
-    });
-    ExportError where;
-    auto ok = export_raw(image, fds[1], {}, &where);
-    ::close(fds[1]);
-    reader.join();
-    ::close(fds[0]);
-    ASSERT_TRUE(ok) << ok.error().message;
-    EXPECT_TRUE(received == raw_);
+    for (DataAccess access : {DataAccess::automatic, DataAccess::read, DataAccess::mapping}) {
+        SCOPED_TRACE(static_cast<int>(access));
+        int fds[2];
+        ASSERT_EQ(::pipe(fds), 0);
+        std::vector<std::byte> received;
+        std::thread reader([&] {
+            std::byte buffer[65536];
+            for (ssize_t n; (n = ::read(fds[0], buffer, sizeof buffer)) > 0;)
+                received.insert(received.end(), buffer, buffer + n);
+        });
+        ExportError where;
+        ExportOptions options;
+        options.data_access = access;
+        auto ok = export_raw(image, fds[1], options, &where);
+        ::close(fds[1]);
+        reader.join();
+        ::close(fds[0]);
+        ASSERT_TRUE(ok) << ok.error().message;
+        EXPECT_TRUE(received == raw_);
+    }
 }
 
 TEST_F(Export, RawRefusesTheImageItselfAndBadOptions) {
@@ -313,13 +332,17 @@ TEST_F(Export, HashAndCompareReportProgress) {
     hash.progress = hashed.callback();
     ASSERT_TRUE(hash_image(image, hash));
     hashed.expect_complete(8u << 20);
-    Recorder compared;
-    CompareOptions compare;
-    compare.progress = compared.callback();
-    auto same = compare_images(image, image, compare);
-    ASSERT_TRUE(same);
-    EXPECT_EQ(same->outcome, CompareResult::Outcome::identical);
-    compared.expect_complete(8u << 20);
+    for (DataAccess access : {DataAccess::read, DataAccess::mapping}) {
+        SCOPED_TRACE(static_cast<int>(access));
+        Recorder compared;
+        CompareOptions compare;
+        compare.data_access = access;
+        compare.progress = compared.callback();
+        auto same = compare_images(image, image, compare);
+        ASSERT_TRUE(same);
+        EXPECT_EQ(same->outcome, CompareResult::Outcome::identical);
+        compared.expect_complete(8u << 20);
+    }
 }
 
 } // namespace

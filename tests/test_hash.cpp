@@ -406,5 +406,91 @@ TEST_F(Hash, CorruptImageIsOneLineExitOne) {
     }
 }
 
+// Several images are hashed at once (one per core) and printed in argument order, whatever
+// order they finish in: a large image first, a missing one and a corrupt one (which fails
+// while being hashed) in the middle.
+TEST_F(Hash, ManyImagesAtOnceComeOutInArgumentOrder) {
+    std::vector<fs::path> images;
+    fs::path big = dir_ / "big.qcow2";
+    test::make_image(big, "cluster_size=64k", "64M", {"write -P 0x11 0 48M"});
+    images.push_back(big);
+    for (int i = 0; i < 3; ++i) {
+        fs::path small = dir_ / ("small" + std::to_string(i) + ".qcow2");
+        test::make_image(small, "cluster_size=64k,compression_type=zstd", "2M",
+                         {"write -P 0x2" + std::to_string(i) + " 0 64k",
+                          "write -c -P 0x3" + std::to_string(i) + " 1M 64k"});
+        images.push_back(small);
+    }
+    fs::path missing = dir_ / "missing.qcow2";
+    images.insert(images.begin() + 2, missing);
+    fs::path corrupt = dir_ / "corrupt.qcow2";
+    test::make_image(corrupt, "cluster_size=64k", "1M", {"write -P 1 0 64k"});
+    test::point_cluster_past_eof(corrupt, 0);
+    images.insert(images.begin() + 4, corrupt);
+
+    std::string args;
+    for (const fs::path& p : images)
+        args += " " + shell_quote(p.string());
+    std::string expected_out;
+    for (const fs::path& p : images) {
+        if (p == missing || p == corrupt)
+            continue;
+        fs::path raw = dir_ / (p.stem().string() + ".raw");
+        run_ok("qemu-img convert -O raw " + shell_quote(p.string()) + " " +
+               shell_quote(raw.string()));
+        expected_out += oracle_digest("sha256", raw) + "  " + p.string() + "\n";
+    }
+    for (std::string threads : {"1", "2", "3", "0"}) {
+        CommandResult r = run(cli() + " hash --threads=" + threads + args);
+        EXPECT_EQ(r.exit_code, 1) << threads;
+        EXPECT_EQ(r.out, expected_out) << threads;
+        // The errors in argument order too, one line each.
+        ASSERT_TRUE(r.err.starts_with("qcowmap: " + missing.string() +
+                                      ": No such file or directory\nqcowmap: " + corrupt.string() +
+                                      ": "))
+            << r.err;
+        EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 2) << r.err;
+        EXPECT_NE(r.err.find("0x40000000000"), std::string::npos) << r.err;
+    }
+
+    // The library call: every image's result, in index order, equal to hash_image's.
+    for (unsigned threads : {1u, 2u, 4u}) {
+        std::vector<std::size_t> order;
+        HashOptions options;
+        options.threads = threads;
+        auto ok = hash_images(
+            images.size(), [&](std::size_t i) { return Image::open(images[i]); }, options,
+            [&](std::size_t i, const Result<ImageDigest>& digest) -> Result<void> {
+                order.push_back(i);
+                if (images[i] == missing || images[i] == corrupt) {
+                    EXPECT_FALSE(digest) << i;
+                    return {};
+                }
+                auto image = Image::open(images[i]);
+                EXPECT_TRUE(image);
+                auto alone = hash_image(*image);
+                EXPECT_TRUE(digest && alone) << i;
+                if (digest && alone) {
+                    EXPECT_EQ(digest->digest, *alone) << i;
+                    EXPECT_EQ(digest->size, image->size()) << i;
+                }
+                return {};
+            });
+        EXPECT_TRUE(ok) << threads;
+        EXPECT_EQ(order, (std::vector<std::size_t>{0, 1, 2, 3, 4, 5})) << threads;
+    }
+    // A sink error stops the call and comes back.
+    std::size_t calls = 0;
+    auto stopped = hash_images(
+        images.size(), [&](std::size_t i) { return Image::open(images[i]); }, HashOptions{},
+        [&](std::size_t, const Result<ImageDigest>&) -> Result<void> {
+            ++calls;
+            return Error{ErrorCode::io_error, "sink full"};
+        });
+    ASSERT_FALSE(stopped);
+    EXPECT_EQ(stopped.error().message, "sink full");
+    EXPECT_EQ(calls, 1u);
+}
+
 } // namespace
 } // namespace qcowmap

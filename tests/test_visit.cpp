@@ -2,7 +2,9 @@
 // bytes, in the same order, as data taken from the mapping, for every kind of image and any
 // number of producer threads; extents and runs carry the file and offset where their bytes
 // live; a file cut short under an open image is an io_error in read mode (where the mapping
-// would fault); the CLI's --io option.
+// would fault); the CLI's --io option; prefetching visits (pages made present ahead on the
+// workers and dropped behind the visitor) give the same bytes with a bounded resident set, also
+// where the kernel refuses MADV_POPULATE_READ.
 #include "support.hpp"
 
 #include <qcowmap/image.hpp>
@@ -11,11 +13,19 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <fcntl.h>
+#include <fstream>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <set>
 #include <span>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 namespace qcowmap {
@@ -284,7 +294,9 @@ TEST_F(Visit, IoOptionIsCheckedAndBothModesGiveTheSameOutput) {
     EXPECT_EQ(run_ok(bin + " hash --block-size=64k " + img),
               run_ok(bin + " hash --block-size=64k --io=mmap " + img));
     const std::vector<std::byte> expected = test::qemu_raw(path, dir_);
-    for (std::string io : {"read", "mmap"}) {
+    EXPECT_EQ(run_ok(bin + " hash " + img), run_ok(bin + " hash --io=read " + img));
+    EXPECT_EQ(run_ok(bin + " hash " + img), run_ok(bin + " hash --io=auto " + img));
+    for (std::string io : {"read", "mmap", "auto"}) {
         for (std::string sparse : {"", "-S 0 "}) {
             fs::path out = dir_ / ("out-" + io + ".raw");
             run_ok(bin + " convert --force --io=" + io + " " + sparse + img + " " +
@@ -295,6 +307,156 @@ TEST_F(Visit, IoOptionIsCheckedAndBothModesGiveTheSameOutput) {
     auto bad = run(bin + " hash --io=fast " + img);
     EXPECT_EQ(bad.exit_code, 2) << bad.err;
     EXPECT_NE(bad.err.find("--io"), std::string::npos) << bad.err;
+}
+
+TEST_F(Visit, PrefetchingGivesTheSameBytesForEveryImageKind) {
+    for (const fs::path& path : images()) {
+        auto image = Image::open(path);
+        ASSERT_TRUE(image) << path << ": " << image.error().message;
+        const std::vector<std::byte> expected = test::qemu_raw(path, dir_);
+        for (Prefetch prefetch : {Prefetch::populate, Prefetch::touch}) {
+            for (unsigned threads : {1u, 2u, 3u}) {
+                SCOPED_TRACE(path.string() + " prefetch " +
+                             std::to_string(static_cast<int>(prefetch)) + " threads " +
+                             std::to_string(threads));
+                Visited v = visit_all(*image, VisitOptions{threads, DataAccess::mapping, prefetch});
+                EXPECT_EQ(v.disk, expected);
+                // In order, contiguous, no data piece longer than one prefetch window.
+                std::uint64_t at = 0;
+                for (const Piece& p : v.pieces) {
+                    EXPECT_EQ(p.offset, at);
+                    if (!p.zero) {
+                        EXPECT_LE(p.length, kPrefetchWindowBytes);
+                    }
+                    at = p.offset + p.length;
+                }
+                EXPECT_EQ(at, image->size());
+            }
+        }
+        // The measured choice gives the same bytes as both of its candidates.
+        Visited automatic = visit_all(*image, VisitOptions{2, automatic_data_access()});
+        EXPECT_EQ(automatic.disk, expected) << path;
+    }
+}
+
+TEST_F(Visit, AutomaticDataAccessIsMeasuredOnceAndIsOneOfTheTwo) {
+    const DataAccess first = automatic_data_access();
+    EXPECT_TRUE(first == DataAccess::mapping || first == DataAccess::read);
+    for (int i = 0; i < 3; ++i)
+        EXPECT_EQ(automatic_data_access(), first);
+}
+
+/// This process's resident file-backed pages in KiB (RssFile in /proc/self/status).
+std::uint64_t rss_file_kib() {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    while (std::getline(status, line)) {
+        if (line.starts_with("RssFile:"))
+            return std::stoull(line.substr(8));
+    }
+    ADD_FAILURE() << "no RssFile in /proc/self/status";
+    return 0;
+}
+
+TEST_F(Visit, PrefetchingDropsPagesBehindTheVisitor) {
+    fs::path path = dir_ / "large.qcow2";
+    // 128 MiB of data: one long run, then 64 KiB runs in every other cluster.
+    std::vector<std::string> writes = {"write -P 0x21 0 64M"};
+    for (int i = 0; i < 512; ++i)
+        writes.push_back("write -P 0x22 " + std::to_string(64 + i * 0.125) + "M 64k");
+    writes.push_back("write -P 0x23 128M 32M");
+    test::make_image(path, "cluster_size=64k", "160M", writes);
+    auto image = Image::open(path);
+    ASSERT_TRUE(image);
+    // Sampled every 8 MiB of visited data: the most the process held while visiting.
+    auto peak_growth = [&](const VisitOptions& options) {
+        const std::uint64_t before = rss_file_kib();
+        std::uint64_t peak = before;
+        std::uint64_t since_sample = 0;
+        std::uint64_t checksum = 0;
+        auto ok = image->visit(
+            0, UINT64_MAX,
+            [&](const qcowmap::Run& run) -> Result<void> {
+                for (std::size_t i = 0; i < run.bytes.size(); i += 4096)
+                    checksum += std::to_integer<unsigned>(run.bytes[i]);
+                since_sample += run.bytes.size();
+                if (since_sample >= (8u << 20)) {
+                    since_sample = 0;
+                    peak = std::max(peak, rss_file_kib());
+                }
+                return {};
+            },
+            options);
+        EXPECT_TRUE(ok) << ok.error().message;
+        EXPECT_EQ(checksum, (64u << 20) / 4096 * 0x21 + (32u << 20) / 4096 * 0x22 +
+                                (32u << 20) / 4096 * 0x23);
+        return (peak - before) / 1024; // MiB
+    };
+    for (unsigned threads : {1u, 2u}) {
+        for (Prefetch prefetch : {Prefetch::populate, Prefetch::touch}) {
+            // At most the ring's windows ahead (4 per thread) and a batch being dropped behind.
+            EXPECT_LT(peak_growth(VisitOptions{threads, DataAccess::mapping, prefetch}), 48u)
+                << threads << " " << static_cast<int>(prefetch);
+        }
+    }
+    // Without prefetching the pages stay: the measurement sees them (and the Image keeps them
+    // until it is closed).
+    EXPECT_GT(peak_growth(VisitOptions{2, DataAccess::mapping, Prefetch::none}), 100u);
+}
+
+TEST_F(Visit, WithoutMadvPopulateReadPrefetchingFallsBackToTouching) {
+    // A child process whose madvise(MADV_POPULATE_READ) fails with EINVAL, as on kernels older
+    // than 5.14 (seccomp filter), visits every image kind with prefetching.
+    std::vector<std::pair<fs::path, std::vector<std::byte>>> cases;
+    for (const fs::path& path : images())
+        cases.emplace_back(path, test::qemu_raw(path, dir_));
+    fflush(nullptr);
+    pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+        constexpr unsigned kPopulateRead = 22;
+        sock_filter filter[] = {
+            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_madvise, 0, 3),
+            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args[2])),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, kPopulateRead, 0, 1),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EINVAL),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        };
+        sock_fprog program{static_cast<unsigned short>(std::size(filter)), filter};
+        if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+            ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) != 0)
+            ::_exit(10);
+        static char probe[4096];
+        errno = 0;
+        if (::madvise(probe, sizeof probe, kPopulateRead) == 0 || errno != EINVAL)
+            ::_exit(11); // the filter does not work: the test would prove nothing
+        for (const auto& [path, expected] : cases) {
+            auto image = Image::open(path);
+            if (!image)
+                ::_exit(12);
+            for (Prefetch prefetch : {Prefetch::populate, Prefetch::touch}) {
+                std::vector<std::byte> disk(expected.size(), std::byte{0x5a});
+                auto ok = image->visit(
+                    0, UINT64_MAX,
+                    [&](const qcowmap::Run& run) -> Result<void> {
+                        if (run.bytes.empty())
+                            std::memset(disk.data() + run.offset, 0, run.length);
+                        else
+                            std::memcpy(disk.data() + run.offset, run.bytes.data(), run.length);
+                        return {};
+                    },
+                    VisitOptions{2, DataAccess::mapping, prefetch});
+                if (!ok || disk != expected)
+                    ::_exit(13);
+            }
+        }
+        ::_exit(0);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status)) << status;
+    EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 } // namespace

@@ -1,15 +1,28 @@
 // Two disks compared the way qemu-img compare does (qemu-img.c, img_compare): walk both
-// allocation maps together; ranges zero on both sides need no reading; data is compared in
-// pieces read with pread (or straight from the mappings); a mismatch is reported at the start
-// of the first differing 512-byte sector (compare_buffers / find_nonzero work sector by sector).
+// allocation maps together; ranges zero on both sides, and data ranges that are the same bytes
+// of the same file, need no reading; the rest is compared in steps, and a mismatch is reported
+// at the start of the first differing 512-byte sector (compare_buffers / find_nonzero work
+// sector by sector).
+//
+// The calling thread compares: memcmp straight from both mappings (DataAccess::mapping), or
+// from buffers read with pread (DataAccess::read), or from decompressed clusters. With threads
+// a second walk of both maps runs ahead of it (the same Planner, so both meet the same steps in
+// the same order) and queues jobs into the ordered ring of detail::OrderedWorkers: mapped pages
+// to make present (grouped about kPrefetchWindowBytes to a job), pieces to read, clusters to
+// decompress. The caller takes each job's result out of its slot as soon as it is done (a
+// buffer swap, or the list of pages), so holding one side's bytes never blocks the other's;
+// pages it has compared are dropped from the process by the worker of a later job.
 #include "image_state.hpp"
+#include "populate.hpp"
 #include "workers.hpp"
 
 #include <qcowmap/compare.hpp>
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <optional>
+#include <thread>
 #include <vector>
 
 namespace qcowmap {
@@ -17,9 +30,13 @@ namespace {
 
 constexpr std::uint64_t kSector = 512; // BDRV_SECTOR_SIZE
 
-// Bytes read per side and step when data is read: large enough that handing the second side's
-// read to the helper thread costs little per byte, small enough to stay in the cache for memcmp.
-constexpr std::uint64_t kCompareReadPiece = 1024 * 1024;
+// The longest step when a side's bytes are read or prefetched: a read buffer's size, and the
+// prefetch window (both sides' pieces of a step go into the same job).
+constexpr std::uint64_t kComparePiece = 1024 * 1024;
+constexpr std::size_t kMaxGroupedPieces = 64;
+// Compared pages are dropped this many bytes at a time.
+constexpr std::uint64_t kReleaseBatch = 4 * 1024 * 1024;
+constexpr unsigned kMaxThreads = 64;
 
 alignas(4096) const std::byte kZeros[64 * 1024] = {};
 
@@ -55,11 +72,20 @@ std::optional<std::size_t> first_difference(std::span<const std::byte> a,
     return std::nullopt;
 }
 
-/// One side of the walk: the current extent and, for a compressed one, its bytes.
+/// Where a side's bytes for a step come from.
+enum class Source : std::uint8_t {
+    none,       // the side takes no part (past the end of the shorter disk) or the step is skipped
+    zero,       // reads as zeros: no bytes
+    direct,     // data in memory rather than a file mapping (open_bytes)
+    mapped,     // data from the mapping, made present ahead by workers or dropped behind
+    read,       // data read with pread into a buffer
+    compressed, // a compressed cluster, decompressed
+};
+
+/// One side of the walk: the current extent, without bytes.
 class Side {
   public:
-    Side(const Image& image, int index, DataAccess access)
-        : image_(image), extents_(image.extents()), index_(index), access_(access) {}
+    Side(const Image& image, std::uint64_t start) : image_(image), extents_(image.extents(start)) {}
     Side(const Side&) = delete; // `cursor_` points into `extents_`
     Side& operator=(const Side&) = delete;
 
@@ -78,18 +104,19 @@ class Side {
             }
             extent_ = *cursor_;
             have_ = true;
-            decompressed_ = {};
-            decompressed_ok_ = false;
+            ++serial_;
         }
         return true;
     }
 
+    const Image& image() const { return image_; }
     const Extent& extent() const { return extent_; }
+    /// Counts the extents met: tells a step that starts a new compressed cluster.
+    std::uint64_t serial() const { return serial_; }
     std::uint64_t end() const { return extent_.offset + extent_.length; }
     bool zero() const { return extent_.kind == ExtentKind::zero; }
     bool failed() const { return extents_.error().has_value(); }
     const Error& error() const { return *extents_.error(); }
-    int index() const { return index_; }
 
     /// qemu's block-status flags for the current extent (DATA, ZERO, OFFSET_VALID, ALLOCATED,
     /// EOF), as far as they depend on the map; `strict` mode compares them.
@@ -108,28 +135,6 @@ class Side {
         return s;
     }
 
-    /// The bytes of `[pos, pos + length)`, inside the current non-zero extent.
-    Result<std::span<const std::byte>> bytes(std::uint64_t pos, std::uint64_t length) {
-        const std::uint64_t skip = pos - extent_.offset;
-        if (extent_.kind == ExtentKind::data) {
-            auto mapped = extent_.bytes.subspan(static_cast<std::size_t>(skip),
-                                                static_cast<std::size_t>(length));
-            if (access_ == DataAccess::read && extent_.file) {
-                return read(FilePosition{extent_.file->fd, extent_.file->offset + skip}, length);
-            }
-            return mapped;
-        }
-        if (!decompressed_ok_) {
-            auto produced = decompressor_.decompress(image_, extent_);
-            if (!produced)
-                return std::move(produced).error();
-            decompressed_ = *produced;
-            decompressed_ok_ = true;
-        }
-        return decompressed_.subspan(static_cast<std::size_t>(skip),
-                                     static_cast<std::size_t>(length));
-    }
-
     /// The file and file offset of `pos` in a data extent, to recognise the same bytes.
     std::optional<std::pair<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t>>
     host_identity(std::uint64_t pos) const {
@@ -144,35 +149,454 @@ class Side {
         return std::pair{file->identity(), *extent_.host_offset + (pos - extent_.offset)};
     }
 
-    /// True when data bytes are read into a buffer, at most kCompareReadPiece at a time.
-    bool reads() const { return access_ == DataAccess::read && extent_.kind == ExtentKind::data; }
-    /// True when getting the bytes costs work worth doing on another thread: a read, or a
-    /// compressed cluster not decompressed yet.
-    bool produces() const {
-        return reads() || (extent_.kind == ExtentKind::compressed && !decompressed_ok_);
-    }
-
   private:
-    Result<std::span<const std::byte>> read(const FilePosition& from, std::uint64_t length) {
-        buffer_.resize(kCompareReadPiece);
-        auto out = std::span<std::byte>(buffer_).first(static_cast<std::size_t>(length));
-        if (auto ok = detail::read_exactly(from, out); !ok)
-            return std::move(ok).error();
-        return std::span<const std::byte>(out);
-    }
-
     const Image& image_;
     ExtentRange extents_;
     ExtentRange::iterator cursor_;
     bool started_ = false;
-    int index_;
-    DataAccess access_;
-    std::vector<std::byte> buffer_;
     Extent extent_;
     bool have_ = false;
+    std::uint64_t serial_ = 0;
+};
+
+/// One step of the comparison: `[pos, end)`, inside one extent of each side.
+struct Step {
+    std::uint64_t pos = 0;
+    std::uint64_t end = 0;
+    bool tail = false;            // past the end of the shorter disk: only `longer` counts
+    bool status_mismatch = false; // strict: the block-status flags differ here
+    std::array<Source, 2> source{Source::none, Source::none};
+    std::array<Extent, 2> extent{};
+    /// compressed: the first step inside this cluster on that side (one decompression).
+    std::array<bool, 2> new_cluster{false, false};
+};
+
+/// Walks both disks together and cuts the comparison into steps. The caller and the
+/// look-ahead each run one; started at the same position they meet the same steps.
+class Planner {
+  public:
+    Planner(const Image& a, const Image& b, const CompareOptions& options, DataAccess access,
+            std::uint64_t start = 0)
+        : sides_{std::make_unique<Side>(a, start), std::make_unique<Side>(b, start)},
+          strict_(options.strict), access_(access), pos_(start),
+          common_(std::min(a.size(), b.size())), total_(std::max(a.size(), b.size())),
+          longer_(a.size() >= b.size() ? 0 : 1) {}
+
+    /// The next step; false at the end of the comparison or when a walk stopped (`failed()`).
+    bool next(Step& step) {
+        step = Step{};
+        step.pos = pos_;
+        if (pos_ < common_) {
+            for (int i = 0; i < 2; ++i) {
+                if (!sides_[i]->seek(pos_))
+                    return fail(i);
+            }
+            Side& a = *sides_[0];
+            Side& b = *sides_[1];
+            step.end = std::min({a.end(), b.end(), common_});
+            step.status_mismatch = strict_ && a.status() != b.status();
+            auto identity = a.host_identity(pos_);
+            const bool skip = (a.zero() && b.zero()) ||
+                              (identity && identity == b.host_identity(pos_)); // same bytes
+            if (!skip && !step.status_mismatch) {
+                for (int i = 0; i < 2; ++i)
+                    describe(step, i);
+            }
+        } else if (pos_ < total_) {
+            if (!sides_[longer_]->seek(pos_))
+                return fail(longer_);
+            step.tail = true;
+            step.end = sides_[longer_]->end();
+            if (!sides_[longer_]->zero())
+                describe(step, longer_);
+        } else {
+            return false;
+        }
+        pos_ = step.end;
+        return true;
+    }
+
+    /// Which side's walk stopped early (an error, or a map that ended before the disk).
+    std::optional<int> failed() const { return failed_; }
+    const Side& side(int i) const { return *sides_[i]; }
+    int longer() const { return longer_; }
+
+  private:
+    bool fail(int side) {
+        failed_ = side;
+        return false;
+    }
+
+    void describe(Step& step, int i) {
+        const Side& side = *sides_[i];
+        const Extent& e = side.extent();
+        Source source = Source::zero;
+        if (e.kind == ExtentKind::compressed) {
+            source = Source::compressed;
+            step.new_cluster[i] = side.serial() != decompressed_serial_[i];
+            decompressed_serial_[i] = side.serial();
+        } else if (e.kind == ExtentKind::data) {
+            if (!e.file)
+                source = Source::direct;
+            else if (access_ == DataAccess::read)
+                source = Source::read;
+            else
+                source = Source::mapped;
+        }
+        if (source == Source::read || source == Source::mapped)
+            step.end = std::min(step.end, step.pos + kComparePiece);
+        step.source[i] = source;
+        step.extent[i] = e;
+    }
+
+    std::array<std::unique_ptr<Side>, 2> sides_;
+    bool strict_;
+    DataAccess access_;
+    std::uint64_t pos_;
+    std::uint64_t common_;
+    std::uint64_t total_;
+    int longer_;
+    std::array<std::uint64_t, 2> decompressed_serial_{0, 0};
+    std::optional<int> failed_;
+};
+
+/// Adds `bytes` to `ranges`, extending a range it continues: a step's pieces alternate
+/// between the two files, each of whose runs usually follow on from the last.
+void add_pages(std::vector<std::span<const std::byte>>& ranges, std::span<const std::byte> bytes) {
+    for (auto it = ranges.rbegin(); it != ranges.rend(); ++it) {
+        if (it->data() + it->size() == bytes.data()) {
+            *it = {it->data(), it->size() + bytes.size()};
+            return;
+        }
+    }
+    ranges.push_back(bytes);
+}
+
+/// One job of the ring: a compressed cluster of one side to decompress, or a group of data
+/// pieces (of either side, in the order the caller compares them) to make present or to read
+/// into one buffer, back to back, about kPrefetchWindowBytes in all: a fragmented image's
+/// 64 KiB runs would otherwise cost a hand-over each.
+struct Job {
+    Source source = Source::none; // mapped, read or compressed
+    int side = 0;                 // compressed
+    Extent extent;                // compressed
+    std::vector<std::byte> buffer;
+    struct Tag {
+        int side;
+        std::uint64_t pos;
+        std::uint64_t length;
+        FilePosition from; // read: where the piece is in its file
+        std::size_t at;    // read: where it goes in `buffer`
+    };
+    std::vector<Tag> pieces;                               // mapped and read
+    std::vector<std::span<const std::byte>> pages;         // mapped: the address ranges, merged
+    std::vector<std::span<const std::byte>> release_first; // pages the caller is done with
+};
+
+/// A unit of work the look-ahead found, before it becomes (part of) a job.
+struct Unit {
+    Source source;
+    int side;
+    std::uint64_t pos;
+    std::uint64_t length;
+    Extent extent;
+};
+
+/// The look-ahead walk, the job ring, and the bytes the caller took out of it.
+class Prefetcher {
+  public:
+    Prefetcher(const Image& a, const Image& b, const CompareOptions& options, DataAccess access,
+               unsigned threads, std::uint64_t start)
+        : ahead_(a, b, options, access, start), capacity_(4 * static_cast<std::size_t>(threads)),
+          slot_pages_(capacity_) {
+        workers_.emplace(threads, capacity_, [a, b]() -> Result<detail::OrderedWorkers<Job>::Work> {
+            auto decompressor = std::make_shared<Decompressor>();
+            return detail::OrderedWorkers<Job>::Work(
+                [a, b, decompressor](Job& job) -> Result<void> {
+                    return run(job, job.side == 0 ? a : b, *decompressor);
+                });
+        });
+    }
+
+    ~Prefetcher() {
+        workers_.reset(); // stop and join first, then drop what is still mapped
+        for (const auto& slot : slot_pages_) {
+            for (const auto& pages : slot)
+                detail::release_pages(pages);
+        }
+        for (const auto& pages : group_.pages)
+            detail::release_pages(pages);
+        for (const auto& pages : done_pages_)
+            detail::release_pages(pages);
+    }
+
+    Prefetcher(const Prefetcher&) = delete;
+    Prefetcher& operator=(const Prefetcher&) = delete;
+
+    bool idle() const { return workers_->started() == 0; }
+
+    /// The bytes of side `i` for `step`, taken from the job that produced them. Data stays in
+    /// the mapping or in the group's buffer (valid until the group after next is taken, so both
+    /// sides of a step stay valid); a decompressed cluster is swapped into `cluster` (the old
+    /// buffer goes back to the ring).
+    Result<std::span<const std::byte>> take(const Step& step, int i,
+                                            std::vector<std::byte>& cluster) {
+        const Source source = step.source[i];
+        const Extent& e = step.extent[i];
+        const std::uint64_t length = step.end - step.pos;
+        if (source == Source::compressed) {
+            auto job = front(source);
+            if (!job)
+                return std::move(job).error();
+            if ((*job)->side != i || (*job)->extent.offset != e.offset ||
+                (*job)->extent.compressed_host_offset != e.compressed_host_offset) {
+                return lost_place();
+            }
+            cluster.swap((*job)->buffer);
+            workers_->release();
+            return std::span<const std::byte>(cluster);
+        }
+        if (used_ == group_.pieces.size()) {
+            auto job = front(source);
+            if (!job)
+                return std::move(job).error();
+            finish_group();
+            group_.pieces.swap((*job)->pieces);
+            group_.pages.swap((*job)->pages);
+            // The other buffer may still hold the other side's bytes of this step.
+            current_ ^= 1;
+            group_buffers_[current_].swap((*job)->buffer);
+            workers_->release();
+        }
+        const Job::Tag& tag = group_.pieces[used_];
+        if (tag.side != i || tag.pos != step.pos || tag.length != length)
+            return lost_place();
+        ++used_;
+        if (source == Source::mapped)
+            return e.bytes.subspan(step.pos - e.offset, length);
+        return std::span<const std::byte>(group_buffers_[current_]).subspan(tag.at, length);
+    }
+
+  private:
+    static Result<void> run(Job& job, const Image& image, Decompressor& decompressor) {
+        for (const auto& pages : job.release_first)
+            detail::release_pages(pages);
+        job.release_first.clear();
+        switch (job.source) {
+        case Source::mapped:
+            for (const auto& pages : job.pages)
+                detail::populate_pages(pages, Prefetch::touch);
+            return {};
+        case Source::read: {
+            // Each side's pieces lie back to back in the buffer: pieces that follow on from
+            // each other in the file too (a fragmented image's runs usually do) are one pread.
+            std::size_t total = 0;
+            for (const Job::Tag& tag : job.pieces)
+                total = std::max(total, tag.at + static_cast<std::size_t>(tag.length));
+            job.buffer.resize(total);
+            for (int side = 0; side < 2; ++side) {
+                std::optional<FilePosition> from;
+                std::size_t at = 0, length = 0;
+                auto flush = [&]() -> Result<void> {
+                    if (length == 0)
+                        return {};
+                    return detail::read_exactly(
+                        *from, std::span<std::byte>(job.buffer).subspan(at, length));
+                };
+                for (const Job::Tag& tag : job.pieces) {
+                    if (tag.side != side)
+                        continue;
+                    if (length > 0 && tag.from.fd == from->fd &&
+                        tag.from.offset == from->offset + length && tag.at == at + length) {
+                        length += static_cast<std::size_t>(tag.length);
+                        continue;
+                    }
+                    if (auto ok = flush(); !ok)
+                        return ok;
+                    from = tag.from;
+                    at = tag.at;
+                    length = static_cast<std::size_t>(tag.length);
+                }
+                if (auto ok = flush(); !ok)
+                    return ok;
+            }
+            return {};
+        }
+        default: {
+            const detail::ImageState* layer =
+                detail::layer_at(detail_state(image), job.extent.depth);
+            job.buffer.resize(layer ? layer->cluster_size : 0);
+            return decompressor.decompress_cluster(image, job.extent, job.buffer);
+        }
+        }
+    }
+
+    static Error lost_place() {
+        return Error{ErrorCode::io_error, "image changed while being read (two walks of its "
+                                          "metadata disagree)"};
+    }
+
+    Result<Job*> front(Source source) {
+        top_up();
+        if (workers_->empty())
+            return lost_place(); // the look-ahead stopped before: the caller's walk will too
+        auto job = workers_->front();
+        if (job && (*job)->source != source)
+            return lost_place();
+        return job;
+    }
+
+    void finish_group() {
+        for (const auto& pages : group_.pages) {
+            add_pages(done_pages_, pages);
+            done_bytes_ += pages.size();
+        }
+        group_.pages.clear();
+        group_.pieces.clear();
+        used_ = 0;
+    }
+
+    /// Turns the look-ahead's steps into units of work; false when it has no more.
+    bool more_units() {
+        Step step;
+        while (units_.empty()) {
+            if (stopped_ || !ahead_.next(step) || step.status_mismatch) {
+                stopped_ = true; // the caller stops at the same place
+                return false;
+            }
+            for (int i = 0; i < 2; ++i) {
+                const Source s = step.source[i];
+                if (s == Source::mapped || s == Source::read) {
+                    units_.push_back(Unit{s, i, step.pos, step.end - step.pos, step.extent[i]});
+                } else if (s == Source::compressed && step.new_cluster[i]) {
+                    units_.push_back(
+                        Unit{s, i, step.extent[i].offset, step.extent[i].length, step.extent[i]});
+                }
+            }
+        }
+        return true;
+    }
+
+    /// Fills `job` with the next compressed cluster, or with data pieces up to a window's
+    /// worth. False when the look-ahead has nothing more.
+    bool fill(Job& job) {
+        std::uint64_t grouped = 0;
+        std::array<std::size_t, 2> side_bytes{0, 0};
+        while (more_units()) {
+            const Unit& u = units_.front();
+            if (u.source == Source::compressed) {
+                if (!job.pieces.empty())
+                    break; // close the group first
+                job.source = u.source;
+                job.side = u.side;
+                job.extent = u.extent;
+                units_.pop_front();
+                return true;
+            }
+            if (!job.pieces.empty() && (grouped + u.length > kPrefetchWindowBytes ||
+                                        job.pieces.size() == kMaxGroupedPieces)) {
+                break; // this job is full; the piece starts the next one
+            }
+            job.source = u.source;
+            const std::uint64_t skip = u.pos - u.extent.offset;
+            FilePosition from{};
+            if (u.extent.file)
+                from = FilePosition{u.extent.file->fd, u.extent.file->offset + skip};
+            job.pieces.push_back(Job::Tag{u.side, u.pos, u.length, from, side_bytes[u.side]});
+            if (u.source == Source::mapped)
+                add_pages(job.pages, u.extent.bytes.subspan(skip, u.length));
+            grouped += u.length;
+            side_bytes[u.side] += static_cast<std::size_t>(u.length);
+            units_.pop_front();
+        }
+        // Side 1's pieces go after side 0's.
+        for (Job::Tag& tag : job.pieces) {
+            if (tag.side == 1)
+                tag.at += side_bytes[0];
+        }
+        return !job.pieces.empty();
+    }
+
+    void top_up() {
+        while (!workers_->full()) {
+            Job& job = workers_->next_slot();
+            std::vector<std::span<const std::byte>> previous = std::move(job.pages);
+            job.pages.clear();
+            job.pieces.clear();
+            if (!fill(job)) {
+                job.pages = std::move(previous);
+                return;
+            }
+            // What the caller is done with goes with the next job to a worker, a few MiB at a
+            // time: each madvise flushes the TLBs of every CPU running this process.
+            if (done_bytes_ >= kReleaseBatch) {
+                job.release_first.insert(job.release_first.end(), done_pages_.begin(),
+                                         done_pages_.end());
+                done_pages_.clear();
+                done_bytes_ = 0;
+            }
+            slot_pages_[submitted_ % capacity_] = job.pages;
+            workers_->submit();
+            ++submitted_;
+        }
+    }
+
+    Planner ahead_;
+    bool stopped_ = false;
+    std::deque<Unit> units_;
+    const std::size_t capacity_;
+    std::uint64_t submitted_ = 0;
+    std::vector<std::vector<std::span<const std::byte>>> slot_pages_;
+    Job group_; // the data group the caller is in (pieces and pages only)
+    std::size_t used_ = 0;
+    std::array<std::vector<std::byte>, 2> group_buffers_;
+    int current_ = 0;
+    std::vector<std::span<const std::byte>> done_pages_; // compared, not yet dropped
+    std::uint64_t done_bytes_ = 0;
+    std::optional<detail::OrderedWorkers<Job>> workers_; // reset first by the destructor
+};
+
+/// Produces a side's bytes on the calling thread (no workers); compared mapped pages are
+/// dropped from the process in batches.
+class InlineSide {
+  public:
+    explicit InlineSide(const Image& image) : image_(image), releaser_(image) {}
+
+    Result<std::span<const std::byte>> bytes(const Step& step, int i,
+                                             std::vector<std::byte>& buffer) {
+        const Extent& e = step.extent[i];
+        const std::uint64_t length = step.end - step.pos;
+        switch (step.source[i]) {
+        case Source::read: {
+            buffer.resize(static_cast<std::size_t>(length));
+            auto ok = detail::read_exactly(
+                FilePosition{e.file->fd, e.file->offset + (step.pos - e.offset)}, buffer);
+            if (!ok)
+                return std::move(ok).error();
+            return std::span<const std::byte>(buffer);
+        }
+        case Source::compressed: {
+            if (step.new_cluster[i]) {
+                const detail::ImageState* layer = detail::layer_at(detail_state(image_), e.depth);
+                buffer.resize(layer ? layer->cluster_size : 0);
+                if (auto ok = decompressor_.decompress_cluster(image_, e, buffer); !ok)
+                    return std::move(ok).error();
+            }
+            return std::span<const std::byte>(buffer);
+        }
+        default: {
+            auto bytes = e.bytes.subspan(step.pos - e.offset, length);
+            if (step.source[i] == Source::mapped)
+                releaser_.consumed(bytes);
+            return bytes;
+        }
+        }
+    }
+
+  private:
+    const Image& image_;
     Decompressor decompressor_;
-    std::span<const std::byte> decompressed_;
-    bool decompressed_ok_ = false;
+    detail::PageReleaser releaser_;
 };
 
 CompareResult mismatch(std::uint64_t offset, bool size_warning = false) {
@@ -183,63 +607,14 @@ CompareResult mismatch(std::uint64_t offset, bool size_warning = false) {
     return r;
 }
 
-Error walk_error(Side& side, CompareError* detail) {
-    Error e = side.failed() ? side.error()
-                            : Error{ErrorCode::invalid_table, "allocation map ended early"};
-    if (detail)
-        *detail = CompareError{e, side.index(), false};
-    return e;
-}
-
-Error read_error(Side& side, Error e, CompareError* detail) {
-    if (detail)
-        *detail = CompareError{e, side.index(), true};
-    return e;
-}
-
-/// The second side's bytes, produced on the helper thread while this one produces the first.
-struct SecondSide {
-    Side* side = nullptr;
-    std::uint64_t pos = 0;
-    std::uint64_t length = 0;
-    Result<std::span<const std::byte>> bytes = std::span<const std::byte>{};
-};
-
-/// One helper thread (started on first use: comparisons that never produce both sides pay
-/// nothing) reading or decompressing the second side while this thread does the first.
-class SecondReader {
-  public:
-    /// `bytes_b` = b.bytes(pos, length) on the helper thread, `bytes_a` = a.bytes(...) here.
-    void run_both(Side& a, Side& b, std::uint64_t pos, std::uint64_t length,
-                  Result<std::span<const std::byte>>& bytes_a,
-                  Result<std::span<const std::byte>>& bytes_b) {
-        if (!workers_ && !failed_) {
-            workers_.emplace(1, 1, []() -> Result<detail::OrderedWorkers<SecondSide>::Work> {
-                return detail::OrderedWorkers<SecondSide>::Work(
-                    [](SecondSide& job) -> Result<void> {
-                        job.bytes = job.side->bytes(job.pos, job.length);
-                        return {};
-                    });
-            });
-            failed_ = workers_->started() == 0;
-        }
-        if (failed_) {
-            bytes_a = a.bytes(pos, length);
-            bytes_b = b.bytes(pos, length);
-            return;
-        }
-        workers_->next_slot() = SecondSide{&b, pos, length};
-        workers_->submit();
-        bytes_a = a.bytes(pos, length); // if this throws, the ring's destructor joins first
-        auto job = workers_->front();
-        bytes_b = job ? std::move((*job)->bytes) : Result<std::span<const std::byte>>(job.error());
-        workers_->release();
+unsigned resolve_threads(unsigned threads) {
+    if (threads == 0) {
+        threads = std::thread::hardware_concurrency();
+        if (threads == 0)
+            threads = 1;
     }
-
-  private:
-    std::optional<detail::OrderedWorkers<SecondSide>> workers_;
-    bool failed_ = false;
-};
+    return std::min(threads, kMaxThreads);
+}
 
 } // namespace
 
@@ -252,100 +627,101 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
         r.outcome = CompareResult::Outcome::size_mismatch;
         return r;
     }
-    Side sa(a, 0, options.data_access);
-    Side sb(b, 1, options.data_access);
-    SecondReader second_reader;
-    const std::uint64_t common = std::min(size_a, size_b);
+    const DataAccess access = detail::resolve(options.data_access);
+    const unsigned threads = resolve_threads(options.threads);
+    Planner plan(a, b, options, access);
+    std::optional<Prefetcher> prefetcher;
+    bool no_threads = threads <= 1;
+    std::array<InlineSide, 2> inline_sides{InlineSide(a), InlineSide(b)};
+    // Read pieces and decompressed clusters the caller holds, per side.
+    std::array<std::vector<std::byte>, 2> buffers;
     const std::uint64_t larger = std::max(size_a, size_b);
     auto progress = [&](std::uint64_t done) {
         if (options.progress)
             options.progress(done, larger);
     };
-    std::uint64_t pos = 0;
-    while (pos < common) {
-        progress(pos);
-        if (!sa.seek(pos))
-            return walk_error(sa, error_detail);
-        if (!sb.seek(pos))
-            return walk_error(sb, error_detail);
-        std::uint64_t end = std::min({sa.end(), sb.end(), common});
-        if (options.strict && sa.status() != sb.status()) {
+    Step step;
+    while (plan.next(step)) {
+        progress(step.pos);
+        if (step.status_mismatch) {
             CompareResult r;
             r.outcome = CompareResult::Outcome::status_mismatch;
-            r.offset = pos;
+            r.offset = step.pos;
             return r;
         }
-        if (sa.zero() && sb.zero()) {
-            pos = end;
-            continue;
-        }
-        auto ida = sa.host_identity(pos);
-        if (ida && ida == sb.host_identity(pos)) {
-            pos = end; // the same bytes of the same file
-            continue;
-        }
-        if (sa.reads() || sb.reads()) {
-            end = std::min(end, pos + kCompareReadPiece); // one buffer's worth at a time
-        }
-        const std::uint64_t length = end - pos;
-        std::optional<std::size_t> diff;
-        if (sa.zero() || sb.zero()) {
-            Side& data = sa.zero() ? sb : sa;
-            auto bytes = data.bytes(pos, length);
-            if (!bytes)
-                return read_error(data, std::move(bytes).error(), error_detail);
-            diff = first_nonzero(*bytes);
-        } else {
-            Result<std::span<const std::byte>> bytes_a = std::span<const std::byte>{};
-            Result<std::span<const std::byte>> bytes_b = std::span<const std::byte>{};
-            // Short reads are cheaper than the hand-over (the fragmented benchmark image:
-            // 64 KiB runs were 30% slower with it); decompression always pays.
-            const bool worth_sharing =
-                (sa.reads() && sb.reads()) ? length >= kReadPieceBytes : true;
-            if (sa.produces() && sb.produces() && worth_sharing) {
-                // Both sides read or decompress: one on the helper thread, one here.
-                second_reader.run_both(sa, sb, pos, length, bytes_a, bytes_b);
-            } else {
-                bytes_a = sa.bytes(pos, length);
-                if (bytes_a)
-                    bytes_b = sb.bytes(pos, length);
+        const bool needs_a = step.source[0] != Source::none && step.source[0] != Source::zero;
+        const bool needs_b = step.source[1] != Source::none && step.source[1] != Source::zero;
+        if (!needs_a && !needs_b)
+            continue; // zero on both sides, the same bytes, or a zero tail
+        const bool produced = [&] {
+            for (int i = 0; i < 2; ++i) {
+                const Source s = step.source[i];
+                if (s == Source::mapped || s == Source::read ||
+                    (s == Source::compressed && step.new_cluster[i]))
+                    return true;
             }
-            if (!bytes_a)
-                return read_error(sa, std::move(bytes_a).error(), error_detail);
-            if (!bytes_b)
-                return read_error(sb, std::move(bytes_b).error(), error_detail);
-            diff = first_difference(*bytes_a, *bytes_b);
+            return false;
+        }();
+        if (produced && !prefetcher && !no_threads) {
+            try {
+                prefetcher.emplace(a, b, options, access, threads, step.pos);
+                if (prefetcher->idle()) {
+                    prefetcher.reset();
+                    no_threads = true;
+                }
+            } catch (const std::exception&) {
+                prefetcher.reset();
+                no_threads = true;
+            }
+        }
+        std::array<std::span<const std::byte>, 2> bytes;
+        for (int i = 0; i < 2; ++i) {
+            const Source s = step.source[i];
+            if (s == Source::none || s == Source::zero)
+                continue;
+            const Extent& e = step.extent[i];
+            Result<std::span<const std::byte>> got = std::span<const std::byte>{};
+            const bool from_job = prefetcher && (s == Source::mapped || s == Source::read ||
+                                                 (s == Source::compressed && step.new_cluster[i]));
+            if (from_job) {
+                got = prefetcher->take(step, i, buffers[i]);
+            } else if (s == Source::compressed && !step.new_cluster[i]) {
+                got = std::span<const std::byte>(buffers[i]); // the cluster taken before
+            } else {
+                got = inline_sides[i].bytes(step, i, buffers[i]);
+            }
+            if (!got) {
+                if (error_detail)
+                    *error_detail = CompareError{got.error(), i, true};
+                return std::move(got).error();
+            }
+            bytes[i] = *got;
+            if (s == Source::compressed) {
+                bytes[i] = bytes[i].subspan(
+                    static_cast<std::size_t>(e.offset_in_cluster + (step.pos - e.offset)),
+                    static_cast<std::size_t>(step.end - step.pos));
+            }
+        }
+        std::optional<std::size_t> diff;
+        if (needs_a && needs_b) {
+            diff = first_difference(bytes[0], bytes[1]);
+        } else {
+            diff = first_nonzero(needs_a ? bytes[0] : bytes[1]);
         }
         if (diff)
-            return mismatch(pos + *diff);
-        pos = end;
+            return mismatch(step.pos + *diff, step.tail);
     }
-    if (size_a == size_b) {
-        progress(larger);
-        return CompareResult{};
-    }
-    // The longer disk's tail must read as zeros.
-    Side& longer = size_a > size_b ? sa : sb;
-    const std::uint64_t total = std::max(size_a, size_b);
-    while (pos < total) {
-        progress(pos);
-        if (!longer.seek(pos))
-            return walk_error(longer, error_detail);
-        std::uint64_t end = longer.end();
-        if (longer.reads())
-            end = std::min(end, pos + kCompareReadPiece);
-        if (!longer.zero()) {
-            auto bytes = longer.bytes(pos, end - pos);
-            if (!bytes)
-                return read_error(longer, std::move(bytes).error(), error_detail);
-            if (auto nz = first_nonzero(*bytes))
-                return mismatch(pos + *nz, true);
-        }
-        pos = end;
+    if (auto side = plan.failed()) {
+        const Side& s = plan.side(*side);
+        Error e =
+            s.failed() ? s.error() : Error{ErrorCode::invalid_table, "allocation map ended early"};
+        if (error_detail)
+            *error_detail = CompareError{e, *side, false};
+        return e;
     }
     progress(larger);
     CompareResult r;
-    r.size_warning = true;
+    r.size_warning = size_a != size_b;
     return r;
 }
 

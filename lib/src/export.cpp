@@ -306,13 +306,17 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
     if (options.progress)
         options.progress(0, size);
     // Without zero detection (or onto a block device) data runs in files are copied inside
-    // the kernel, which needs their file positions (mapping mode); with it, data is read
-    // ahead into small buffers (DataAccess::read) that the zero check and pwrite then find in
-    // the cache.
+    // the kernel, which needs their file positions (mapping mode, nothing made present); with
+    // it, and onto streams, data comes from the mapping made present ahead by the workers
+    // (DataAccess::mapping) or is read ahead into small buffers (DataAccess::read) that the
+    // zero check and the write then find in the cache; DataAccess::automatic picks the cheaper
+    // on this machine.
     const bool copies = (options.zero_block == 0 && target->kind == Target::Kind::file) ||
                         target->kind == Target::Kind::block_device;
-    const VisitOptions visit{resolve_threads(options.threads),
-                             copies ? DataAccess::mapping : options.data_access};
+    const VisitOptions visit =
+        copies
+            ? VisitOptions{resolve_threads(options.threads), DataAccess::mapping, Prefetch::none}
+            : VisitOptions{resolve_threads(options.threads), options.data_access, Prefetch::touch};
     auto result = image.visit(
         0, UINT64_MAX,
         [&](const Run& run) -> Result<void> {

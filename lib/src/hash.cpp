@@ -1,8 +1,10 @@
-// Digests of the virtual disk. Data reaches the hash read into a small buffer or straight from
-// the mapping (HashOptions::data_access), or from the decompressor's buffer, zero runs from one
-// static zero block; block manifests are hashed by workers that each walk their own slice of the
+// Digests of the virtual disk. Data reaches the hash straight from the mapping, made present
+// and touched ahead by the visit's workers and dropped behind (Prefetch::touch), or read into a
+// small buffer (HashOptions::data_access), or from the decompressor's buffer; zero runs from one
+// static zero block. Block manifests are hashed by workers that each walk their own slice of the
 // disk, and handed out in order.
 #include "image_state.hpp"
+#include "populate.hpp"
 #include "workers.hpp"
 
 #include <qcowmap/hash.hpp>
@@ -15,14 +17,9 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstring>
-#include <mutex>
 #include <string>
-#include <sys/mman.h>
 #include <thread>
-#include <unistd.h>
 #include <vector>
 
 namespace qcowmap {
@@ -99,88 +96,6 @@ unsigned resolve_threads(unsigned threads) {
     unsigned cores = std::thread::hardware_concurrency();
     return cores == 0 ? 1 : cores;
 }
-
-/// Drops the pages of hashed file data from the process once they are consumed, so that the
-/// resident set stays a few MiB whatever the disk size (the pages stay in the page cache; a
-/// later access re-faults them). Only spans inside the image's file mappings qualify:
-/// decompressed runs live in heap buffers whose contents MADV_DONTNEED would destroy.
-///
-/// Runs of a fragmented image are scattered over the file, and one madvise per 64 KiB run
-/// cost 1.7 s of system time per GiB here (each call flushes TLBs). So the releaser collects
-/// the address range [lo, hi) spanned by consumed runs of one mapping and drops it all once
-/// 32 MiB were consumed: pages in between that were not consumed yet are dropped too, which
-/// is harmless for a read-only shared file mapping (they are re-faulted from the page cache
-/// when read; another worker reading them meanwhile just faults again).
-class PageReleaser {
-  public:
-    explicit PageReleaser(const Image& image) {
-        for (const detail::ImageState* layer = &detail_state(image); layer;
-             layer = layer->backing.get()) {
-            if (layer->file)
-                mappings_.push_back(layer->file->bytes());
-            if (layer->data_file)
-                mappings_.push_back(layer->data_file->bytes());
-        }
-    }
-    ~PageReleaser() { flush(); }
-    PageReleaser(const PageReleaser&) = delete;
-    PageReleaser& operator=(const PageReleaser&) = delete;
-    PageReleaser(PageReleaser&&) = default;
-
-    void consumed(std::span<const std::byte> bytes) {
-        if (bytes.empty())
-            return;
-        const auto begin = reinterpret_cast<std::uintptr_t>(bytes.data());
-        const auto end = begin + bytes.size();
-        const int mapping = mapping_of(begin, end);
-        if (mapping < 0)
-            return;
-        if (mapping != current_) {
-            flush();
-            current_ = mapping;
-        }
-        if (volume_ == 0) {
-            lo_ = begin;
-            hi_ = end;
-        } else {
-            lo_ = std::min(lo_, begin);
-            hi_ = std::max(hi_, end);
-        }
-        volume_ += bytes.size();
-        if (volume_ >= kBatch)
-            flush();
-    }
-
-    void flush() {
-        static const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-        if (volume_ == 0)
-            return;
-        // Whole pages inside the range only: the edge pages may belong to runs not read yet.
-        std::uintptr_t lo = (lo_ + page - 1) / page * page;
-        std::uintptr_t hi = hi_ / page * page;
-        if (hi > lo) {
-            ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
-        }
-        volume_ = 0;
-    }
-
-  private:
-    int mapping_of(std::uintptr_t begin, std::uintptr_t end) const {
-        for (std::size_t i = 0; i < mappings_.size(); ++i) {
-            const auto lo = reinterpret_cast<std::uintptr_t>(mappings_[i].data());
-            if (begin >= lo && end <= lo + mappings_[i].size())
-                return static_cast<int>(i);
-        }
-        return -1;
-    }
-
-    static constexpr std::uint64_t kBatch = 32u << 20;
-    std::vector<std::span<const std::byte>> mappings_;
-    int current_ = -1;
-    std::uintptr_t lo_ = 0;
-    std::uintptr_t hi_ = 0;
-    std::uint64_t volume_ = 0;
-};
 
 } // namespace
 
@@ -343,34 +258,99 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     auto hasher = Hasher::create(options.algorithm);
     if (!hasher)
         return std::move(hasher).error();
-    PageReleaser releaser(image);
     if (options.progress)
         options.progress(0, image.size());
-    // The visit only starts workers once it meets bytes to produce (compressed or read).
+    // The visit starts workers once it meets bytes to produce: mapped data to make present
+    // (and drop once hashed), compressed clusters, or pieces to read.
     auto ok = image.visit(
         0, UINT64_MAX,
         [&](const Run& run) -> Result<void> {
             if (run.bytes.empty()) {
                 hasher->update_zeros(run.length);
-            } else if (!run.mapped) {
-                hasher->update(run.bytes);
             } else {
-                // In pieces, so that a run of hundreds of MiB is released as it goes.
-                constexpr std::size_t kPiece = 4u << 20;
-                for (std::size_t done = 0; done < run.bytes.size(); done += kPiece) {
-                    auto piece = run.bytes.subspan(done, std::min(kPiece, run.bytes.size() - done));
-                    hasher->update(piece);
-                    releaser.consumed(piece);
-                }
+                hasher->update(run.bytes);
             }
             if (options.progress)
                 options.progress(run.offset + run.length, image.size());
             return {};
         },
-        VisitOptions{resolve_threads(options.threads), options.data_access});
+        VisitOptions{resolve_threads(options.threads), detail::resolve(options.data_access),
+                     Prefetch::touch});
     if (!ok)
         return std::move(ok).error();
     return hasher->finish();
+}
+
+namespace {
+
+/// One image of hash_images: its index, then its digest.
+struct ImageJob {
+    std::size_t index = 0;
+    ImageDigest digest;
+};
+
+} // namespace
+
+Result<void> hash_images(std::size_t count, const ImageOpener& open, const HashOptions& options_in,
+                         const ImageDigestSink& sink) {
+    // Progress is per image and its callback would run on the workers: not used here.
+    HashOptions options = options_in;
+    options.progress = nullptr;
+    const unsigned threads = resolve_threads(options.threads);
+    auto hash_one = [&](std::size_t index, const HashOptions& one) -> Result<ImageDigest> {
+        auto image = open(index);
+        if (!image)
+            return std::move(image).error();
+        auto digest = hash_image(*image, one);
+        if (!digest)
+            return std::move(digest).error();
+        return ImageDigest{*digest, image->size()};
+    };
+    if (count == 1 || threads == 1) {
+        for (std::size_t i = 0; i < count; ++i) {
+            if (auto ok = sink(i, hash_one(i, options)); !ok)
+                return ok;
+        }
+        return {};
+    }
+    // One image per worker, each hashed on its worker's thread alone: the cores are busy
+    // hashing, with nothing left over to produce bytes ahead. Fewer images than threads share
+    // the threads out.
+    const unsigned workers = static_cast<unsigned>(std::min<std::size_t>(threads, count));
+    HashOptions one = options;
+    one.threads = threads / workers;
+    detail::OrderedWorkers<ImageJob> ring(workers, 2 * static_cast<std::size_t>(workers),
+                                          [&]() -> Result<detail::OrderedWorkers<ImageJob>::Work> {
+                                              return detail::OrderedWorkers<ImageJob>::Work(
+                                                  [&](ImageJob& job) -> Result<void> {
+                                                      auto digest = hash_one(job.index, one);
+                                                      if (!digest)
+                                                          return std::move(digest).error();
+                                                      job.digest = *digest;
+                                                      return {};
+                                                  });
+                                          });
+    if (ring.started() == 0) {
+        for (std::size_t i = 0; i < count; ++i) {
+            if (auto ok = sink(i, hash_one(i, options)); !ok)
+                return ok;
+        }
+        return {};
+    }
+    std::size_t submitted = 0;
+    for (std::size_t delivered = 0; delivered < count; ++delivered) {
+        while (submitted < count && !ring.full()) {
+            ring.next_slot().index = submitted++;
+            ring.submit();
+        }
+        auto job = ring.front();
+        Result<ImageDigest> digest =
+            job ? Result<ImageDigest>((*job)->digest) : Result<ImageDigest>(job.error());
+        ring.release();
+        if (auto ok = sink(delivered, digest); !ok)
+            return ok; // the ring's destructor stops and joins the workers
+    }
+    return {};
 }
 
 namespace {
@@ -382,7 +362,7 @@ class BlockHasher {
     BlockHasher(const Image& image, const BlockHashOptions& options, Hasher hasher,
                 const Digest& full_zero, const Digest& tail_zero)
         : image_(image), options_(options), hasher_(std::move(hasher)), full_zero_(full_zero),
-          tail_zero_(tail_zero), releaser_(image) {}
+          tail_zero_(tail_zero) {}
 
     Result<void> run(std::uint64_t first_block, std::uint64_t count,
                      std::vector<BlockDigest>& out) {
@@ -413,8 +393,6 @@ class BlockHasher {
                             hasher_.update_zeros(pending_zeros_);
                         }
                         hasher_.update(bytes.first(static_cast<std::size_t>(n)));
-                        if (run.mapped)
-                            releaser_.consumed(bytes.first(static_cast<std::size_t>(n)));
                         bytes = bytes.subspan(static_cast<std::size_t>(n));
                     }
                     offset += n;
@@ -429,8 +407,9 @@ class BlockHasher {
                 }
                 return {};
             },
-            VisitOptions{1, options_.data_access});
-        releaser_.flush();
+            // One thread per chunk (the workers are the parallelism): mapped pages are dropped
+            // once hashed, which keeps the resident set small.
+            VisitOptions{1, detail::resolve(options_.data_access), Prefetch::touch});
         return ok;
     }
 
@@ -463,7 +442,6 @@ class BlockHasher {
     Hasher hasher_;
     const Digest& full_zero_;
     const Digest& tail_zero_;
-    PageReleaser releaser_;
     BlockDigest current_;
     bool has_data_ = false;
     std::uint64_t pending_zeros_ = 0;

@@ -3,11 +3,16 @@
 // The calling thread walks the extents and calls the visitor in order. Data runs come straight
 // from the mapping (DataAccess::mapping) or are read with pread into buffers in pieces of
 // kReadPieceBytes (DataAccess::read); compressed clusters are decompressed. With threads, the
-// first extent whose bytes must be produced (a compressed cluster, or a data run to read)
-// starts a second walk from there that runs ahead, queueing every such piece into the ordered
-// job ring of detail::OrderedWorkers. Both walks meet the same extents in the same order and cut
-// them into the same pieces, so the k-th piece the caller needs is the k-th job.
+// first extent whose bytes must be produced (a compressed cluster, a data run to read, or with
+// VisitOptions::prefetch a mapped data run to make present) starts a second walk from there
+// that runs ahead, queueing every such piece into the ordered job ring of
+// detail::OrderedWorkers. Both walks meet the same extents in the same order and cut them into
+// the same pieces, so the k-th job is the one the caller needs next. Mapped pieces are grouped
+// into jobs of about kPrefetchWindowBytes (a fragmented image's 64 KiB runs would otherwise
+// cost a hand-over each); a job's pages are dropped from the process by the worker that next
+// takes its slot, which the ring frees only once the visitor is done with them.
 #include "image_state.hpp"
+#include "populate.hpp"
 #include "workers.hpp"
 
 #include <algorithm>
@@ -20,23 +25,59 @@ namespace qcowmap {
 namespace {
 
 constexpr unsigned kMaxProducerThreads = 64;
+// Pieces one prefetch job may group (64 KiB runs: 16 make a window).
+constexpr std::size_t kMaxGroupedPieces = 64;
 
-/// Where a data extent's bytes are read from in DataAccess::read mode; nullopt when they come
-/// straight from memory (mapping mode, or an image opened from memory).
-std::optional<FilePosition> read_source(const VisitOptions& options, const Extent& extent) {
-    if (options.data_access != DataAccess::read || extent.kind != ExtentKind::data) {
-        return std::nullopt;
-    }
-    return extent.file;
+/// How the bytes of an extent reach the visitor.
+enum class Source : std::uint8_t {
+    direct,     // as they are: zero runs, and mapped data without prefetching
+    compressed, // decompressed, one piece per cluster
+    read,       // read with pread, in pieces of kReadPieceBytes
+    mapped,     // from the mapping, in pieces of kPrefetchWindowBytes made present ahead
+};
+
+Source source_of(const VisitOptions& options, const Extent& extent) {
+    if (extent.kind == ExtentKind::compressed)
+        return Source::compressed;
+    if (extent.kind != ExtentKind::data || !extent.file)
+        return Source::direct; // zero, or bytes in memory rather than a file mapping
+    if (options.data_access == DataAccess::read)
+        return Source::read;
+    return options.prefetch == Prefetch::none ? Source::direct : Source::mapped;
 }
 
-/// One unit of produced bytes: a compressed cluster, or one piece of a data run to read.
+std::uint64_t piece_limit(Source source, const Extent& extent) {
+    switch (source) {
+    case Source::read:
+        return kReadPieceBytes;
+    case Source::mapped:
+        return kPrefetchWindowBytes;
+    default:
+        return extent.length;
+    }
+}
+
+/// One piece of a mapped data run inside a prefetch job.
+struct MappedPiece {
+    std::uint64_t extent_offset = 0;
+    std::uint64_t piece_offset = 0;
+    std::uint64_t piece_length = 0;
+};
+
+/// One job of the ring: a compressed cluster, one piece of a data run to read, or a group of
+/// mapped pieces to make present.
 struct Piece {
-    Extent extent;
+    Source source = Source::compressed;
+    Extent extent;                  // compressed and read
     std::uint64_t piece_offset = 0; // virtual offset of the piece (== extent.offset if compressed)
     std::uint64_t piece_length = 0;
-    std::optional<FilePosition> read_from; // set for data pieces
+    std::optional<FilePosition> read_from; // read
     std::vector<std::byte> buffer;
+    std::vector<MappedPiece> pieces;               // mapped
+    std::vector<std::span<const std::byte>> pages; // mapped: the address ranges, merged
+    /// The pages of the job that had this slot before, which the visitor is done with.
+    std::vector<std::span<const std::byte>> release_first;
+    Prefetch prefetch = Prefetch::none;
 };
 
 /// The walk that runs ahead of the visitor and keeps the job ring full.
@@ -45,40 +86,76 @@ class Prefetcher {
     Prefetcher(const Image& image, const VisitOptions& options, std::uint64_t start,
                std::uint64_t end)
         : image_(image), options_(options), ahead_(image.extents(start, end)),
-          workers_(
-              options.threads, 4 * static_cast<std::size_t>(options.threads),
-              [image]() -> Result<detail::OrderedWorkers<Piece>::Work> {
-                  auto decompressor = std::make_shared<Decompressor>();
-                  return detail::OrderedWorkers<Piece>::Work([image, decompressor](
-                                                                 Piece& piece) -> Result<void> {
-                      if (piece.read_from) {
-                          return detail::read_exactly(
-                              *piece.read_from,
-                              std::span<std::byte>(piece.buffer).first(piece.piece_length));
-                      }
-                      return decompressor->decompress_cluster(image, piece.extent, piece.buffer);
-                  });
-              }) {}
+          capacity_(4 * static_cast<std::size_t>(options.threads)), slot_pages_(capacity_) {
+        workers_.emplace(
+            options.threads, capacity_, [image]() -> Result<detail::OrderedWorkers<Piece>::Work> {
+                auto decompressor = std::make_shared<Decompressor>();
+                return detail::OrderedWorkers<Piece>::Work([image, decompressor](
+                                                               Piece& piece) -> Result<void> {
+                    for (const auto& pages : piece.release_first)
+                        detail::release_pages(pages);
+                    piece.release_first.clear();
+                    switch (piece.source) {
+                    case Source::read:
+                        return detail::read_exactly(
+                            *piece.read_from,
+                            std::span<std::byte>(piece.buffer).first(piece.piece_length));
+                    case Source::mapped:
+                        for (const auto& pages : piece.pages)
+                            detail::populate_pages(pages, piece.prefetch);
+                        return {};
+                    default:
+                        return decompressor->decompress_cluster(image, piece.extent, piece.buffer);
+                    }
+                });
+            });
+    }
+
+    ~Prefetcher() {
+        // Stop and join the workers first, then drop what the visitor left mapped.
+        workers_.reset();
+        for (const auto& slot : slot_pages_) {
+            for (const auto& pages : slot)
+                detail::release_pages(pages);
+        }
+    }
+
+    Prefetcher(const Prefetcher&) = delete;
+    Prefetcher& operator=(const Prefetcher&) = delete;
 
     /// True when no worker could be started: the caller produces the bytes itself.
-    bool idle() const { return workers_.started() == 0; }
+    bool idle() const { return workers_->started() == 0; }
 
-    /// Waits for the next produced piece in disk order, which must start at `piece_offset`
-    /// inside `expected`; the span lives until `release()`.
-    Result<std::span<const std::byte>> next(const Extent& expected, std::uint64_t piece_offset,
+    /// Waits for the job holding the next piece in disk order, which must start at
+    /// `piece_offset` inside `expected`, and returns the piece's bytes; they live until `done()`
+    /// (mapped bytes as long as the Image).
+    Result<std::span<const std::byte>> next(Source source, const Extent& expected,
+                                            std::uint64_t piece_offset,
                                             std::uint64_t piece_length) {
         top_up();
-        if (workers_.empty()) {
+        if (workers_->empty()) {
             // The look-ahead walk failed or ended before reaching this extent.
             if (ahead_.error())
                 return *ahead_.error();
             return lost_place();
         }
-        auto produced = workers_.front();
+        auto produced = workers_->front();
         if (!produced) {
             return std::move(produced).error();
         }
         const Piece& piece = **produced;
+        if (piece.source != source)
+            return lost_place();
+        if (source == Source::mapped) {
+            if (used_in_front_ >= piece.pieces.size())
+                return lost_place();
+            const MappedPiece& p = piece.pieces[used_in_front_];
+            if (p.extent_offset != expected.offset || p.piece_offset != piece_offset ||
+                p.piece_length != piece_length) {
+                return lost_place();
+            }
+            return expected.bytes.subspan(piece_offset - expected.offset, piece_length);
+        }
         if (piece.extent.offset != expected.offset || piece.piece_offset != piece_offset ||
             piece.piece_length != piece_length ||
             piece.extent.compressed_host_offset != expected.compressed_host_offset) {
@@ -91,7 +168,16 @@ class Prefetcher {
             .subspan(expected.offset_in_cluster, expected.length);
     }
 
-    void release() { workers_.release(); }
+    /// The visitor is done with the piece `next()` returned.
+    void done() {
+        auto front = workers_->front(); // already done: returns at once
+        if (front && (*front)->source == Source::mapped &&
+            ++used_in_front_ < (*front)->pieces.size()) {
+            return; // more pieces of this group to come
+        }
+        used_in_front_ = 0;
+        workers_->release();
+    }
 
   private:
     /// The two walks of the same metadata disagree: only a file changed under us does that.
@@ -100,32 +186,63 @@ class Prefetcher {
                                           "metadata disagree)"};
     }
 
-    // Queues the pieces the look-ahead walk finds into free slots.
-    void top_up() {
-        while (!workers_.full()) {
-            if (!pending_) {
-                if (!started_) {
-                    started_ = true;
-                    cursor_ = ahead_.begin();
-                } else if (cursor_ != std::default_sentinel) {
-                    ++cursor_;
-                }
-                for (; cursor_ != std::default_sentinel; ++cursor_) {
-                    pending_from_ = read_source(options_, *cursor_);
-                    if (cursor_->kind == ExtentKind::compressed || pending_from_) {
-                        break;
-                    }
-                }
-                if (cursor_ == std::default_sentinel) {
-                    return;
-                }
+    /// Moves the look-ahead walk to the next extent whose bytes must be produced; false at the
+    /// end (or on error: `ahead_.error()`).
+    bool advance() {
+        if (!started_) {
+            started_ = true;
+            cursor_ = ahead_.begin();
+        } else if (cursor_ != std::default_sentinel) {
+            ++cursor_;
+        }
+        for (; cursor_ != std::default_sentinel; ++cursor_) {
+            pending_source_ = source_of(options_, *cursor_);
+            if (pending_source_ != Source::direct) {
                 pending_ = *cursor_;
                 pending_next_ = pending_->offset;
+                return true;
             }
+        }
+        return false;
+    }
+
+    /// Fills `piece` with the next job: one compressed cluster, one piece to read, or mapped
+    /// pieces up to a window's worth. False when the walk has nothing more.
+    bool fill(Piece& piece) {
+        std::uint64_t grouped = 0;
+        for (;;) {
+            if (!pending_ && !advance())
+                break;
             const Extent& e = *pending_;
-            Piece& piece = workers_.next_slot();
+            if (pending_source_ == Source::mapped) {
+                const std::uint64_t length = std::min<std::uint64_t>(
+                    kPrefetchWindowBytes, e.offset + e.length - pending_next_);
+                if (!piece.pieces.empty() && (grouped + length > kPrefetchWindowBytes ||
+                                              piece.pieces.size() == kMaxGroupedPieces)) {
+                    break; // this job is full; the piece starts the next one
+                }
+                piece.source = Source::mapped;
+                piece.prefetch = options_.prefetch;
+                piece.pieces.push_back(MappedPiece{e.offset, pending_next_, length});
+                auto bytes = e.bytes.subspan(pending_next_ - e.offset, length);
+                if (!piece.pages.empty() &&
+                    piece.pages.back().data() + piece.pages.back().size() == bytes.data()) {
+                    piece.pages.back() = {piece.pages.back().data(),
+                                          piece.pages.back().size() + bytes.size()};
+                } else {
+                    piece.pages.push_back(bytes);
+                }
+                grouped += length;
+                pending_next_ += length;
+                if (pending_next_ == e.offset + e.length)
+                    pending_.reset();
+                continue;
+            }
+            if (!piece.pieces.empty())
+                break; // close the group first
+            piece.source = pending_source_;
             piece.extent = e;
-            if (e.kind == ExtentKind::compressed) {
+            if (pending_source_ == Source::compressed) {
                 // Layers of a chain may differ in cluster size.
                 piece.buffer.resize(detail::layer_at(detail_state(image_), e.depth)->cluster_size);
                 piece.piece_offset = e.offset;
@@ -137,13 +254,32 @@ class Prefetcher {
                 piece.piece_offset = pending_next_;
                 piece.piece_length = std::min<std::uint64_t>(kReadPieceBytes, e.length - done);
                 piece.buffer.resize(kReadPieceBytes);
-                piece.read_from = FilePosition{pending_from_->fd, pending_from_->offset + done};
+                piece.read_from = FilePosition{e.file->fd, e.file->offset + done};
                 pending_next_ += piece.piece_length;
-                if (pending_next_ == e.offset + e.length) {
+                if (pending_next_ == e.offset + e.length)
                     pending_.reset();
-                }
             }
-            workers_.submit();
+            return true;
+        }
+        return !piece.pieces.empty();
+    }
+
+    // Queues the jobs the look-ahead walk finds into free slots.
+    void top_up() {
+        while (!workers_->full()) {
+            Piece& piece = workers_->next_slot();
+            // The job that had this slot was released: the visitor is done with its pages.
+            std::vector<std::span<const std::byte>> previous = std::move(piece.pages);
+            piece.pages.clear();
+            piece.pieces.clear();
+            if (!fill(piece)) {
+                piece.pages = std::move(previous); // still to be dropped, at the end
+                return;
+            }
+            piece.release_first.insert(piece.release_first.end(), previous.begin(), previous.end());
+            slot_pages_[submitted_ % capacity_] = piece.pages;
+            workers_->submit();
+            ++submitted_;
         }
     }
 
@@ -152,10 +288,16 @@ class Prefetcher {
     ExtentRange ahead_;
     ExtentRange::iterator cursor_;
     bool started_ = false;
-    std::optional<Extent> pending_; // a data extent being cut into pieces
+    std::optional<Extent> pending_; // an extent being cut into pieces
+    Source pending_source_ = Source::direct;
     std::uint64_t pending_next_ = 0;
-    std::optional<FilePosition> pending_from_; // where pending_'s bytes start in their file
-    detail::OrderedWorkers<Piece> workers_;    // last: joined before the rest is destroyed
+    std::size_t used_in_front_ = 0; // pieces of the front (mapped) job already visited
+    const std::size_t capacity_;
+    std::uint64_t submitted_ = 0;
+    // The pages of each slot's latest job, to drop at the end; the workers drop them as they
+    // reuse slots.
+    std::vector<std::vector<std::span<const std::byte>>> slot_pages_;
+    std::optional<detail::OrderedWorkers<Piece>> workers_; // reset first by the destructor
 };
 
 /// Produces bytes on the calling thread when there are no workers.
@@ -223,6 +365,7 @@ Result<void> read_exactly(const FilePosition& position, std::span<std::byte> out
 Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisitor& visitor,
                           const VisitOptions& given) const {
     VisitOptions options = given;
+    options.data_access = detail::resolve(options.data_access);
     // More producers than this only add memory (4 jobs in flight per thread).
     options.threads = std::min(options.threads, kMaxProducerThreads);
     const bool threaded = options.threads > 1;
@@ -230,10 +373,12 @@ Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisit
     std::optional<Prefetcher> prefetcher;
     InlineProducer inline_producer; // without threads, or when none could be started
     bool no_threads = !threaded;
+    // Without workers, mapped pieces are still dropped behind the visitor (in batches).
+    std::optional<detail::PageReleaser> releaser;
     for (const Extent& extent : extents) {
-        const auto read_from = read_source(options, extent);
+        const Source source = source_of(options, extent);
         Run run = run_of(extent);
-        if (extent.kind != ExtentKind::compressed && !read_from) {
+        if (source == Source::direct) {
             if (extent.kind == ExtentKind::data) {
                 run.bytes = extent.bytes;
                 run.file = extent.file;
@@ -256,23 +401,26 @@ Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisit
                 no_threads = true;
             }
         }
-        // A compressed cluster is one piece; a data run to read is cut into pieces.
+        if (source == Source::mapped && !prefetcher && !releaser)
+            releaser.emplace(*this);
+        // A compressed cluster is one piece; data runs are cut into pieces.
         std::uint64_t piece = extent.offset;
         const std::uint64_t extent_end = extent.offset + extent.length;
+        const std::uint64_t limit = piece_limit(source, extent);
         do {
-            const std::uint64_t length =
-                read_from ? std::min<std::uint64_t>(kReadPieceBytes, extent_end - piece)
-                          : extent.length;
+            const std::uint64_t length = std::min<std::uint64_t>(limit, extent_end - piece);
             std::optional<FilePosition> piece_file;
-            if (read_from) {
+            if (source != Source::compressed) {
                 piece_file =
-                    FilePosition{read_from->fd, read_from->offset + (piece - extent.offset)};
+                    FilePosition{extent.file->fd, extent.file->offset + (piece - extent.offset)};
             }
             Result<std::span<const std::byte>> bytes = std::span<const std::byte>{};
             if (prefetcher) {
-                bytes = prefetcher->next(extent, piece, length);
-            } else if (read_from) {
+                bytes = prefetcher->next(source, extent, piece, length);
+            } else if (source == Source::read) {
                 bytes = inline_producer.read(*piece_file, static_cast<std::size_t>(length));
+            } else if (source == Source::mapped) {
+                bytes = extent.bytes.subspan(piece - extent.offset, length);
             } else {
                 bytes = inline_producer.decompress(*this, extent);
             }
@@ -283,9 +431,12 @@ Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisit
             run.length = length;
             run.bytes = *bytes;
             run.file = piece_file;
+            run.mapped = source == Source::mapped;
             auto ok = visitor(run);
             if (prefetcher) {
-                prefetcher->release();
+                prefetcher->done();
+            } else if (releaser && source == Source::mapped) {
+                releaser->consumed(run.bytes);
             }
             if (!ok) {
                 return ok;

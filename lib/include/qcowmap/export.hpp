@@ -24,8 +24,11 @@ struct ExportOptions {
     /// 0: one per core.
     unsigned threads = 0;
     /// How data is taken from the image's files when it is checked for zeros or written to a
-    /// stream (see DataAccess); copies inside the kernel need neither.
-    DataAccess data_access = DataAccess::read;
+    /// stream (see DataAccess): from the mapping made present ahead by the threads and dropped
+    /// once written (Prefetch::touch), or read ahead into small buffers; by default whichever
+    /// costs less on this machine (automatic_data_access()). Copies inside the kernel need
+    /// neither.
+    DataAccess data_access = DataAccess::automatic;
     /// Write in disk order from the descriptor's current position, zeros included, whatever
     /// the descriptor is (for standard output, which may be a pipe, a terminal or a file
     /// opened for appending). Pipes, sockets and character devices are always written so.

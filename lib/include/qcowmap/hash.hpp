@@ -76,23 +76,49 @@ Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length);
 
 struct HashOptions {
     HashAlgorithm algorithm = HashAlgorithm::sha256;
-    /// Threads decompressing compressed clusters and reading data ahead of the hash (the hash
-    /// itself is one sequential stream). 0: one per core; 1: everything on the calling thread.
+    /// Threads decompressing compressed clusters and making data present (or reading it) ahead
+    /// of the hash (the hash itself is one sequential stream). 0: one per core; 1: everything
+    /// on the calling thread.
     unsigned threads = 0;
-    /// How data reaches the hash: read into a cache-sized buffer (the default)
-    /// or straight from the mapping with no copy at all.
-    DataAccess data_access = DataAccess::read;
+    /// How data reaches the hash: straight from the mapping with no copy at all (made present
+    /// and touched ahead by the threads, dropped once hashed), or read into a cache-sized
+    /// buffer; by default whichever costs less on this machine (automatic_data_access()).
+    DataAccess data_access = DataAccess::automatic;
     /// Called on the calling thread as the hash advances: bytes of the disk hashed so far, and
     /// the disk size.
     std::function<void(std::uint64_t done, std::uint64_t total)> progress;
 };
 
 /// The digest of the whole virtual disk, equal to hashing `qemu-img convert -O raw` output.
-/// Data runs are read into a small buffer ahead of the hash (or fed straight from the mapping,
-/// see HashOptions::data_access), compressed clusters come from the decompressing threads,
-/// zero runs from one static zero block (never materialised).
+/// Data runs are fed straight from the mapping, made present ahead by the threads (or read into
+/// a small buffer ahead of the hash, see HashOptions::data_access), compressed clusters come
+/// from the decompressing threads, zero runs from one static zero block (never materialised).
+/// The resident set stays a few MiB whatever the disk size.
 /// Errors: those of the extent walk and decompression, or of the hasher.
 Result<Digest> hash_image(const Image& image, const HashOptions& options = {});
+
+/// One image's digest as `hash_images` delivers it.
+struct ImageDigest {
+    Digest digest;
+    std::uint64_t size = 0; ///< the virtual disk's size
+};
+
+/// Opens image `index` of a `hash_images` call (on a worker thread; the Image is closed once
+/// hashed).
+using ImageOpener = std::function<Result<Image>(std::size_t index)>;
+/// Receives the digest of image `index`, or why it could not be opened or hashed, in index
+/// order, on the calling thread. Return an error to stop.
+using ImageDigestSink =
+    std::function<Result<void>(std::size_t index, const Result<ImageDigest>& digest)>;
+
+/// Hashes images 0 .. count - 1 concurrently: one image per worker (options.threads, 0: one per
+/// core; an image alone gets every thread, as with hash_image), each hashed as by hash_image.
+/// Digests reach `sink` in index order, each as soon as it and those before it are known; an
+/// image that cannot be opened or hashed is reported to the sink and the others go on. At most
+/// a few images per worker are open at once. `options.progress` is not called (hash one image
+/// at a time with hash_image for that). Errors: only the sink's own.
+Result<void> hash_images(std::size_t count, const ImageOpener& open, const HashOptions& options,
+                         const ImageDigestSink& sink);
 
 /// The smallest block size `hash_blocks` accepts.
 inline constexpr std::uint64_t kMinHashBlockSize = 4096;
@@ -105,7 +131,7 @@ struct BlockHashOptions {
     /// Worker threads hashing blocks. 0: one per core; 1: all on the calling thread.
     unsigned threads = 0;
     /// How data reaches the hash (see HashOptions::data_access).
-    DataAccess data_access = DataAccess::read;
+    DataAccess data_access = DataAccess::automatic;
 };
 
 /// The digest of one block of the virtual disk.

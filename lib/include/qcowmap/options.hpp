@@ -70,30 +70,71 @@ struct OpenOptions {
     bool salvage = false;
 };
 
-/// How `Image::visit` hands data runs that lie in the image's files to the visitor.
+/// How data runs that lie in the image's files reach their consumer.
 enum class DataAccess : std::uint8_t {
     /// Spans straight into the mapping: zero copies. The pages are faulted into the process as
-    /// the visitor touches them.
+    /// the visitor touches them, or made present ahead of it (VisitOptions::prefetch).
     mapping,
     /// pread(2) into a buffer owned by the walk, at most kReadPieceBytes at a time (a long run
     /// arrives as several visits), read ahead by the visit's threads when it has more than
-    /// one. One copy, made by the kernel from the page cache. Which of the two is faster
-    /// depends on the machine (README, "Benchmarks"). A data run cut short underneath gives an
-    /// io_error where the mapping raises SIGBUS (metadata and compressed clusters are still
-    /// read through the mapping).
+    /// one. One copy, made by the kernel from the page cache. A data run cut short underneath
+    /// gives an io_error where the mapping raises SIGBUS (metadata and compressed clusters are
+    /// still read through the mapping).
     read,
+    /// Whichever of the two costs less on this machine, measured once per process
+    /// (`automatic_data_access()`). The default of hash_image, compare_images and the CLI.
+    automatic,
 };
+
+/// What DataAccess::automatic stands for in this process: `mapping` unless making mapped pages
+/// usable costs more than copying them. Measured on the first call (later calls return the
+/// same answer) in thread CPU time, which a busy machine does not inflate: a few 256 KiB
+/// windows of a memory file read with pread, and the same windows of a fresh mapping made
+/// present (MADV_POPULATE_READ) and read one byte per page. On bare metal and on VMs whose
+/// hardware walks the guest's page tables the mapping wins by several times; under shadow
+/// paging (a "pvm" guest, where every first touch of a mapped page traps to the hypervisor
+/// even after MADV_POPULATE_READ) pread does (README, "Benchmarks"). Takes well under a
+/// millisecond; `mapping` if the measurement cannot be made.
+DataAccess automatic_data_access();
 
 /// The largest piece of a data run a `DataAccess::read` visit hands out at once: small enough
 /// to stay in the core's L2 cache between the kernel's copy and the visitor's use.
 inline constexpr std::size_t kReadPieceBytes = 256 * 1024;
 
+/// What `Image::visit` does ahead of the visitor with data runs it hands out straight from a
+/// file mapping (DataAccess::mapping). With anything but `none` the visit streams: long runs
+/// arrive in pieces of at most kPrefetchWindowBytes, and the pages of mapped data are dropped
+/// from the process (MADV_DONTNEED; they stay in the page cache) once the visitor has
+/// returned from them, so the resident set stays a few MiB whatever the disk size. A span
+/// used again later is still valid: its pages are faulted back in.
+enum class Prefetch : std::uint8_t {
+    /// Nothing: pages are faulted in as the visitor touches them and stay mapped. For visitors
+    /// that never touch the bytes (copy_file_range from `Run::file`) and for random access.
+    none,
+    /// Worker threads make the next windows present (MADV_POPULATE_READ, Linux 5.14; reading
+    /// them from the file where they are not cached) while the visitor consumes the current
+    /// one. For visitors that hand the bytes to the kernel by reference (vmsplice).
+    populate,
+    /// As `populate`, and the workers also read one byte of every page: where the hypervisor
+    /// shadows page tables, the first CPU access to a populated page still traps (0.35 s per
+    /// GiB measured on a pvm guest), and this moves that cost off the visitor's thread;
+    /// elsewhere it costs a few ms per GiB. For visitors that read the bytes (hash, compare).
+    touch,
+};
+
+/// The largest piece of a mapped data run a prefetching visit hands out at once, and the amount
+/// of data one prefetch job makes present.
+inline constexpr std::size_t kPrefetchWindowBytes = 1024 * 1024;
+
 /// How `Image::visit` walks.
 struct VisitOptions {
     /// Threads producing bytes ahead of the visitor: decompressing compressed clusters and,
-    /// with DataAccess::read, reading data pieces. 0 or 1: everything on the calling thread.
+    /// with DataAccess::read, reading data pieces, or with `prefetch`, making mapped pages
+    /// present. 0 or 1: everything on the calling thread (no prefetching then; pages are still
+    /// dropped behind the visitor when `prefetch` is not `none`).
     unsigned threads = 1;
     DataAccess data_access = DataAccess::mapping;
+    Prefetch prefetch = Prefetch::none;
 };
 
 } // namespace qcowmap
