@@ -387,22 +387,25 @@ w_time() { # wall seconds of "$@", outputs removed afterwards
     rm -f "$W_OURS" "$W_QEMU"
     awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f\n", b - a }'
 }
+w_format() { # the source format, as both tools are told it (raw sources need -f raw)
+    if [[ $1 == *.raw ]]; then echo raw; else echo qcow2; fi
+}
 w_ours() { # $1 source, rest: options
     local src=$1
     shift
-    "$QCOWMAP" convert -O qcow2 "$@" "$src" "$W_OURS"
+    "$QCOWMAP" convert -f "$(w_format "$src")" -O qcow2 "$@" "$src" "$W_OURS"
 }
 # The same writer to stdout redirected to a file: no fsync, which is what qemu-img convert does
 # by default (its output cache mode is unsafe: no flush of the data before it exits).
 w_ours_stdout() {
     local src=$1
     shift
-    "$QCOWMAP" convert -O qcow2 "$@" "$src" - >"$W_OURS"
+    "$QCOWMAP" convert -f "$(w_format "$src")" -O qcow2 "$@" "$src" - >"$W_OURS"
 }
 w_qemu() {
     local src=$1
     shift
-    qemu-img convert -O qcow2 "$@" "$src" "$W_QEMU"
+    qemu-img convert -f "$(w_format "$src")" -O qcow2 "$@" "$src" "$W_QEMU"
 }
 w_rows=()
 w_ours_fn=w_ours
