@@ -46,6 +46,8 @@ std::string qcowmap_bin();
 
 /// Whole file contents.
 std::vector<std::byte> read_file(const std::filesystem::path& path);
+/// Whole file contents as text (also of a FIFO or a /proc file, whose size says nothing).
+std::string read_text(const std::filesystem::path& path);
 void write_file(const std::filesystem::path& path, const std::vector<std::byte>& bytes);
 
 /// Rewrites the active L2 entry of guest cluster `cluster` (its L2 table being the first one
