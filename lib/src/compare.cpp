@@ -14,6 +14,7 @@
 // pages it has compared are dropped from the process by the worker of a later job.
 #include "image_state.hpp"
 #include "populate.hpp"
+#include "scratch_bytes.hpp"
 #include "workers.hpp"
 
 #include <qcowmap/compare.hpp>
@@ -280,7 +281,7 @@ struct Job {
     Source source = Source::none; // mapped, read or compressed
     int side = 0;                 // compressed
     Extent extent;                // compressed
-    std::vector<std::byte> buffer;
+    detail::ScratchBytes buffer;
     struct Tag {
         int side;
         std::uint64_t pos;
@@ -340,7 +341,7 @@ class Prefetcher {
     /// sides of a step stay valid); a decompressed cluster is swapped into `cluster` (the old
     /// buffer goes back to the ring).
     Result<std::span<const std::byte>> take(const Step& step, int i,
-                                            std::vector<std::byte>& cluster) {
+                                            detail::ScratchBytes& cluster) {
         const Source source = step.source[i];
         const Extent& e = step.extent[i];
         const std::uint64_t length = step.end - step.pos;
@@ -393,6 +394,7 @@ class Prefetcher {
             std::size_t total = 0;
             for (const Job::Tag& tag : job.pieces)
                 total = std::max(total, tag.at + static_cast<std::size_t>(tag.length));
+            reserve_once(job.buffer);
             job.buffer.resize(total);
             for (int side = 0; side < 2; ++side) {
                 std::optional<FilePosition> from;
@@ -425,10 +427,19 @@ class Prefetcher {
         default: {
             const detail::ImageState* layer =
                 detail::layer_at(detail_state(image), job.extent.depth);
+            reserve_once(job.buffer);
             job.buffer.resize(layer ? layer->cluster_size : 0);
             return decompressor.decompress_cluster(image, job.extent, job.buffer);
         }
         }
+    }
+
+    /// Buffers move between slots, the caller and the groups (swapped, never copied), and a
+    /// job's size varies: reserving the largest common size at a buffer's first use keeps them
+    /// from being reallocated (fresh pages, faulted in again) as they pass around.
+    static void reserve_once(detail::ScratchBytes& buffer) {
+        if (buffer.capacity() < kComparePiece)
+            buffer.reserve(kComparePiece);
     }
 
     static Error lost_place() {
@@ -549,7 +560,7 @@ class Prefetcher {
     std::vector<std::vector<std::span<const std::byte>>> slot_pages_;
     Job group_; // the data group the caller is in (pieces and pages only)
     std::size_t used_ = 0;
-    std::array<std::vector<std::byte>, 2> group_buffers_;
+    std::array<detail::ScratchBytes, 2> group_buffers_;
     int current_ = 0;
     std::vector<std::span<const std::byte>> done_pages_; // compared, not yet dropped
     std::uint64_t done_bytes_ = 0;
@@ -563,7 +574,7 @@ class InlineSide {
     explicit InlineSide(const Image& image) : image_(image), releaser_(image) {}
 
     Result<std::span<const std::byte>> bytes(const Step& step, int i,
-                                             std::vector<std::byte>& buffer) {
+                                             detail::ScratchBytes& buffer) {
         const Extent& e = step.extent[i];
         const std::uint64_t length = step.end - step.pos;
         switch (step.source[i]) {
@@ -634,7 +645,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     bool no_threads = threads <= 1;
     std::array<InlineSide, 2> inline_sides{InlineSide(a), InlineSide(b)};
     // Read pieces and decompressed clusters the caller holds, per side.
-    std::array<std::vector<std::byte>, 2> buffers;
+    std::array<detail::ScratchBytes, 2> buffers;
     const std::uint64_t larger = std::max(size_a, size_b);
     auto progress = [&](std::uint64_t done) {
         if (options.progress)
