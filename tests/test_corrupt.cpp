@@ -1821,6 +1821,7 @@ TEST(CorruptCli, TightMemoryLimitsNeverCrash) {
     qt::write_file(plain, fixtures().v3);
     qt::write_file(compressed, fixtures().zlib);
     const auto out = dir / "out.raw";
+    const std::string out_qcow2 = qt::shell_quote((dir / "out.qcow2").string());
     int limits_tried = 0;
     std::vector<std::string> crashed; // report each command once
     for (unsigned kib = 65536; kib >= 8192; kib -= 4096) {
@@ -1834,7 +1835,10 @@ TEST(CorruptCli, TightMemoryLimitsNeverCrash) {
             const std::string image = qt::shell_quote(path.string());
             for (const std::string& command :
                  {"cat " + image, "map --output=json " + image,
-                  "convert --force " + image + " " + qt::shell_quote(out.string())}) {
+                  "convert --force " + image + " " + qt::shell_quote(out.string()),
+                  // The writer's copy and compression threads.
+                  "convert --force -O qcow2 " + image + " " + out_qcow2,
+                  "convert --force -O qcow2 -c " + image + " " + out_qcow2}) {
                 if (std::find(crashed.begin(), crashed.end(), command) != crashed.end())
                     continue;
                 qt::CommandResult r =

@@ -16,20 +16,18 @@
 
 #include "cluster_compressor.hpp"
 #include "image_state.hpp"
+#include "workers.hpp"
 
 #include <qcowmap/bitmap.hpp>
 
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
-#include <mutex>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <thread>
@@ -701,55 +699,43 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
             to.start_writeback(piece.host, bytes);
             return {Result<void>{}, bytes};
         };
-        std::atomic<std::size_t> next{0};
-        std::atomic<std::uint64_t> done{0};
-        std::atomic<bool> failed{false};
-        std::mutex error_mutex;
-        std::optional<Error> first_error;
-        auto work = [&] {
-            for (;;) {
-                if (failed.load())
-                    return;
-                const std::size_t k = next.fetch_add(1);
-                if (k >= pieces.size())
-                    return;
-                auto [ok, bytes] = run_piece(pieces[k]);
-                if (!ok) {
-                    std::lock_guard lock(error_mutex);
-                    if (!first_error)
-                        first_error = ok.error();
-                    failed.store(true);
-                    return;
-                }
-                done.fetch_add(bytes);
-            }
+        // The pieces go to the library's ordered worker ring (which joins its threads and
+        // turns a worker's exception into that piece's error); progress follows them in order.
+        struct CopyJob {
+            std::size_t piece = 0;
+            std::uint64_t bytes = 0; // done
         };
-        std::vector<std::thread> helpers;
-        for (unsigned i = 1; i < threads; ++i)
-            helpers.emplace_back(work);
-        // The calling thread works too, and reports progress between its pieces.
-        for (;;) {
-            if (failed.load())
-                break;
-            const std::size_t k = next.fetch_add(1);
-            if (k >= pieces.size())
-                break;
-            auto [ok, bytes] = run_piece(pieces[k]);
-            if (!ok) {
-                std::lock_guard lock(error_mutex);
-                if (!first_error)
-                    first_error = ok.error();
-                failed.store(true);
-                break;
+        using CopyWorkers = detail::OrderedWorkers<CopyJob>;
+        CopyWorkers copiers(threads, 2 * static_cast<std::size_t>(threads),
+                            [&]() -> Result<CopyWorkers::Work> {
+                                return CopyWorkers::Work([&](CopyJob& job) -> Result<void> {
+                                    auto [ok, bytes] = run_piece(pieces[job.piece]);
+                                    job.bytes = bytes;
+                                    return ok;
+                                });
+                            });
+        std::uint64_t done = 0;
+        std::size_t submitted = 0;
+        for (std::size_t k = 0; k < pieces.size(); ++k) {
+            if (copiers.started() == 0) { // no thread could be started: copy here
+                auto [ok, bytes] = run_piece(pieces[k]);
+                if (!ok)
+                    return ok.error();
+                done += bytes;
+            } else {
+                while (submitted < pieces.size() && !copiers.full()) {
+                    copiers.next_slot().piece = submitted++;
+                    copiers.submit();
+                }
+                auto job = copiers.front();
+                if (!job)
+                    return job.error(); // the ring's destructor stops and joins the copiers
+                done += (*job)->bytes;
+                copiers.release();
             }
-            done.fetch_add(bytes);
             if (options.progress)
-                options.progress(done.load(), total);
+                options.progress(done, total);
         }
-        for (auto& helper : helpers)
-            helper.join();
-        if (first_error)
-            return *first_error;
         if (options.progress)
             options.progress(total, total);
     }
@@ -763,124 +749,114 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
 
 namespace {
 
-/// One compressed (or not) cluster, produced by a worker.
-struct Slot {
+/// One candidate cluster of the plan: read, then compressed (or found zero, or kept plain).
+struct CompressJob {
     enum class Kind : std::uint8_t { zero, compressed, raw } kind = Kind::zero;
+    std::uint64_t cluster = 0;    // guest cluster number
     std::vector<std::byte> bytes; // compressed stream, or the cluster itself
     std::size_t size = 0;
-    std::uint64_t seq = 0;
-    bool ready = false;
-    std::optional<Error> error;
 };
 
-/// Workers read and compress the candidate clusters of the plan on all cores into a ring of
-/// slots; the caller takes them in disk order. Memory: 2 clusters per worker plus one per
-/// slot, whatever the disk size.
+/// What a compressing thread keeps: its encoder, its decoder for compressed sources and two
+/// cluster buffers, swapped with the job's (never copied).
+class ClusterWork {
+  public:
+    ClusterWork(CompressionType type, std::uint64_t cluster_size)
+        : compressor_(type), cluster_size_(static_cast<std::size_t>(cluster_size)) {}
+
+    Result<void> run(const Image& image, unsigned cluster_bits, CompressJob& job) {
+        input_.resize(cluster_size_);
+        scratch_.resize(cluster_size_);
+        if (auto ok = read_source(image, job.cluster << cluster_bits, input_, decompressor_); !ok)
+            return ok;
+        if (all_zero(input_)) {
+            job.kind = CompressJob::Kind::zero;
+        } else if (auto n =
+                       compressor_.compress(input_, std::span(scratch_).first(cluster_size_ - 1))) {
+            // qemu's limit: a stream of cluster_size - 1 bytes at most, else stored plain.
+            job.kind = CompressJob::Kind::compressed;
+            job.size = *n;
+            std::swap(job.bytes, scratch_);
+        } else {
+            job.kind = CompressJob::Kind::raw;
+            job.size = cluster_size_;
+            std::swap(job.bytes, input_);
+        }
+        return {};
+    }
+
+  private:
+    ClusterCompressor compressor_;
+    Decompressor decompressor_;
+    std::size_t cluster_size_;
+    std::vector<std::byte> input_, scratch_;
+};
+
+/// The candidate clusters of the plan, read and compressed on all cores ahead of the caller,
+/// who takes them back in disk order: the library's ordered worker ring
+/// (detail::OrderedWorkers, which joins its threads and turns a worker's exception into that
+/// job's error). Memory: 2 clusters per worker plus one per slot, whatever the disk size.
 class CompressRing {
   public:
     CompressRing(const Image& image, const Geometry& g, const std::vector<PlanRun>& plan,
                  CompressionType type, unsigned threads)
-        : image_(image), g_(g), plan_(plan), slots_(4 * static_cast<std::size_t>(threads)) {
+        : image_(image), cluster_bits_(g.cluster_bits), plan_(plan),
+          workers_(threads, 4 * static_cast<std::size_t>(threads),
+                   [&image, bits = g.cluster_bits, size = g.cluster_size,
+                    type]() -> Result<detail::OrderedWorkers<CompressJob>::Work> {
+                       auto work = std::make_shared<ClusterWork>(type, size);
+                       return detail::OrderedWorkers<CompressJob>::Work(
+                           [&image, bits, work](CompressJob& job) -> Result<void> {
+                               return work->run(image, bits, job);
+                           });
+                   }) {
         for (const PlanRun& run : plan_)
             if (!run.zero)
-                total_ += run.count;
-        for (Slot& slot : slots_)
-            slot.bytes.resize(g.cluster_size);
-        for (unsigned i = 0; i < threads; ++i)
-            workers_.emplace_back([this, type] { work(type); });
-    }
-    ~CompressRing() {
-        {
-            std::lock_guard lock(mutex_);
-            stopping_ = true;
-        }
-        work_cv_.notify_all();
-        for (auto& w : workers_)
-            w.join();
+                left_ += run.count;
+        if (workers_.started() == 0) // no thread could be started: the work is done here
+            inline_.emplace(type, g.cluster_size);
     }
 
-    /// The slot of job `seq` (jobs numbered in disk order), once produced.
-    Slot& get(std::uint64_t seq) {
-        Slot& slot = slots_[seq % slots_.size()];
-        std::unique_lock lock(mutex_);
-        done_cv_.wait(lock, [&] { return slot.ready && slot.seq == seq; });
-        return slot;
-    }
-    /// Frees the slot of job `seq` for job `seq + slots`.
-    void release(std::uint64_t seq) {
-        {
-            std::lock_guard lock(mutex_);
-            slots_[seq % slots_.size()].ready = false;
-            consumed_ = seq + 1;
+    /// The next candidate cluster in disk order, once read and compressed; it stays valid
+    /// until release().
+    Result<CompressJob*> next() {
+        if (inline_) {
+            inline_job_.cluster = next_cluster();
+            if (auto ok = inline_->run(image_, cluster_bits_, inline_job_); !ok)
+                return ok.error();
+            return &inline_job_;
         }
-        work_cv_.notify_all();
+        while (left_ > 0 && !workers_.full()) {
+            workers_.next_slot().cluster = next_cluster();
+            workers_.submit();
+        }
+        return workers_.front();
+    }
+
+    void release() {
+        if (!inline_)
+            workers_.release();
     }
 
   private:
-    void work(CompressionType type) {
-        ClusterCompressor compressor(type);
-        Decompressor decompressor;
-        std::vector<std::byte> input(g_.cluster_size), scratch(g_.cluster_size);
-        for (;;) {
-            std::uint64_t seq, cluster;
-            {
-                std::unique_lock lock(mutex_);
-                work_cv_.wait(lock, [&] {
-                    return stopping_ || next_ >= total_ || next_ < consumed_ + slots_.size();
-                });
-                if (stopping_ || next_ >= total_)
-                    return;
-                seq = next_++;
-                while (plan_[run_].zero || run_offset_ >= plan_[run_].count) {
-                    ++run_;
-                    run_offset_ = 0;
-                }
-                cluster = plan_[run_].first + run_offset_++;
-            }
-            Slot result;
-            auto ok = read_source(image_, cluster << g_.cluster_bits, input, decompressor);
-            if (!ok) {
-                result.error = ok.error();
-            } else if (all_zero(input)) {
-                result.kind = Slot::Kind::zero;
-            } else if (auto n = compressor.compress(
-                           input, std::span(scratch).first(g_.cluster_size - 1))) {
-                // qemu's limit: a stream of cluster_size - 1 bytes at most, else stored plain.
-                result.kind = Slot::Kind::compressed;
-                result.size = *n;
-            } else {
-                result.kind = Slot::Kind::raw;
-                result.size = g_.cluster_size;
-            }
-            Slot& slot = slots_[seq % slots_.size()];
-            // The slot is free (seq < consumed + slots): hand it the buffer with the bytes.
-            if (result.kind == Slot::Kind::compressed)
-                std::swap(slot.bytes, scratch);
-            else if (result.kind == Slot::Kind::raw)
-                std::swap(slot.bytes, input);
-            {
-                std::lock_guard lock(mutex_);
-                slot.kind = result.kind;
-                slot.size = result.size;
-                slot.error = std::move(result.error);
-                slot.seq = seq;
-                slot.ready = true;
-            }
-            done_cv_.notify_all();
+    std::uint64_t next_cluster() {
+        while (plan_[run_].zero || run_offset_ >= plan_[run_].count) {
+            ++run_;
+            run_offset_ = 0;
         }
+        --left_;
+        return plan_[run_].first + run_offset_++;
     }
 
     const Image& image_;
-    Geometry g_;
+    unsigned cluster_bits_;
     const std::vector<PlanRun>& plan_;
-    std::vector<Slot> slots_;
-    std::vector<std::thread> workers_;
-    std::mutex mutex_;
-    std::condition_variable work_cv_, done_cv_;
-    std::uint64_t total_ = 0, next_ = 0, consumed_ = 0;
+    std::uint64_t left_ = 0; // candidates not yet handed out
     std::size_t run_ = 0;
     std::uint64_t run_offset_ = 0;
-    bool stopping_ = false;
+    std::optional<ClusterWork> inline_;
+    CompressJob inline_job_;
+    detail::OrderedWorkers<CompressJob> workers_; // destroyed (joined) first
 };
 
 /// Places the clusters of the compressed writer in the data area, as qemu's allocator does
@@ -1065,7 +1041,7 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
 
     const bool flattened = options.selection == WriteSelection::whole_disk;
     CompressRing ring(image, g, plan, fields.compression_type, thread_count(options));
-    std::uint64_t seq = 0, done = 0;
+    std::uint64_t done = 0;
     const std::uint64_t total_bytes = candidates * c;
     for (const PlanRun& run : plan) {
         for (std::uint64_t i = 0; i < run.count; ++i) {
@@ -1078,15 +1054,16 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
                     return ok.error();
                 continue;
             }
-            Slot& slot = ring.get(seq);
-            if (slot.error)
-                return *slot.error;
-            if (slot.kind == Slot::Kind::zero) {
+            auto job = ring.next();
+            if (!job)
+                return job.error();
+            const CompressJob& slot = **job;
+            if (slot.kind == CompressJob::Kind::zero) {
                 if (!flattened) {
                     entry.kind = L2Entry::Kind::zero;
                     ++stats.zero_clusters;
                 }
-            } else if (slot.kind == Slot::Kind::compressed) {
+            } else if (slot.kind == CompressJob::Kind::compressed) {
                 auto host = packer.add_compressed(std::span(slot.bytes).first(slot.size));
                 if (!host)
                     return host.error();
@@ -1102,7 +1079,7 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
                 entry.host = *host;
                 ++stats.data_clusters;
             }
-            ring.release(seq++);
+            ring.release();
             if (auto ok = set_entry(cluster, entry); !ok)
                 return ok.error();
             done += c;
