@@ -1,66 +1,12 @@
-// qcowmap cat: the whole virtual disk, raw, to stdout.
+// qcowmap cat: the whole virtual disk, raw, to stdout: the library's export_raw, written in
+// order (into a pipe, mapped data and zeros by vmsplice).
 #include "cli.hpp"
 
-#include <fmt/format.h>
+#include <qcowmap/export.hpp>
 
-#include <cerrno>
-#include <cstring>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 namespace qcowmap::cli {
-
-namespace {
-
-/// Zeros reused for every zero run (never materialised per run).
-alignas(4096) const std::byte kZeroChunk[1 << 20] = {};
-
-/// Writes to stdout. Into a pipe, bytes that stay unchanged while we run (the image's mapping,
-/// the zero chunk) are vmspliced: the pipe takes references to the pages instead of a copy,
-/// which saves one of the two copies a pipe costs. Everything else, and any other kind of
-/// stdout, goes through write().
-class Output {
-  public:
-    Output() {
-        struct stat st {};
-        splice_ = ::fstat(STDOUT_FILENO, &st) == 0 && S_ISFIFO(st.st_mode);
-        if (splice_) {
-            // A bigger pipe means fewer round trips with the reader; refused is fine.
-            (void)::fcntl(STDOUT_FILENO, F_SETPIPE_SZ, 1 << 20);
-        }
-    }
-
-    /// False with errno set on failure.
-    bool put(std::span<const std::byte> bytes, bool immutable) {
-        if (!(splice_ && immutable))
-            return write_all(STDOUT_FILENO, bytes.data(), bytes.size());
-        while (!bytes.empty()) {
-            iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
-            ssize_t n = ::vmsplice(STDOUT_FILENO, &iov, 1, 0);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EINVAL || errno == ENOSYS) { // not splice-able after all
-                    splice_ = false;
-                    return write_all(STDOUT_FILENO, bytes.data(), bytes.size());
-                }
-                return false;
-            }
-            bytes = bytes.subspan(static_cast<std::size_t>(n));
-        }
-        return true;
-    }
-
-    /// True when mapped bytes go to the pipe by reference (the kernel never reads them).
-    bool splices() const { return splice_; }
-
-  private:
-    bool splice_ = false;
-};
-
-} // namespace
 
 Command add_cat(CLI::App& app) {
     auto* command = app.add_subcommand("cat", "Write the virtual disk, raw, to stdout");
@@ -92,40 +38,17 @@ Command add_cat(CLI::App& app) {
                     return static_cast<int>(kExitImageError);
                 if (from >= image->size())
                     return static_cast<int>(kExitOk); // nothing of the disk lies there
-                const std::uint64_t to = length > UINT64_MAX - from ? UINT64_MAX : from + length;
-                bool write_failed = false;
-                Output output;
-                auto result = image->visit(
-                    from, to,
-                    [&](const Run& run) -> Result<void> {
-                        std::uint64_t run_length = run.length;
-                        if (!run.bytes.empty()) {
-                            if (!output.put(run.bytes, run.mapped)) {
-                                // The kernel reading our mapping for write() faults with EFAULT
-                                // when the image was truncated under us.
-                                if (errno == EFAULT) {
-                                    return Error{ErrorCode::io_error, kImageChanged};
-                                }
-                                write_failed = true;
-                                return Error{ErrorCode::io_error, std::strerror(errno)};
-                            }
-                            return {};
-                        }
-                        while (run_length > 0) {
-                            std::size_t n = std::min<std::uint64_t>(run_length, sizeof kZeroChunk);
-                            if (!output.put({kZeroChunk, n}, true)) {
-                                write_failed = true;
-                                return Error{ErrorCode::io_error, std::strerror(errno)};
-                            }
-                            run_length -= n;
-                        }
-                        return {};
-                    },
-                    // The workers map the pages ahead; write() reads them, vmsplice does not.
-                    VisitOptions{worker_threads(), DataAccess::mapping,
-                                 output.splices() ? Prefetch::populate : Prefetch::touch});
+                ExportOptions options;
+                options.sequential = true;
+                options.start = from;
+                options.end = length > UINT64_MAX - from ? UINT64_MAX : from + length;
+                // cat has no --io: always the mapping, made present ahead (and into a pipe,
+                // handed over by reference).
+                options.data_access = DataAccess::mapping;
+                ExportError where;
+                auto result = export_raw(*image, STDOUT_FILENO, options, &where);
                 if (!result) {
-                    return write_failed
+                    return where.target
                                ? report("<stdout>", result.error().message, kExitOutputError)
                                : report_error(args->path, result.error(), kExitImageError);
                 }

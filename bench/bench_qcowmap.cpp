@@ -53,9 +53,6 @@ constexpr std::uint64_t kKiB = 1024;
 constexpr std::uint64_t kMiB = 1024 * kKiB;
 constexpr std::uint64_t kGiB = 1024 * kMiB;
 
-/// Zeros for zero runs, written in chunks as `qcowmap cat` does (never materialised per run).
-alignas(4096) const std::byte kZeros[1 << 20] = {};
-
 /// The temporary directory this process made, removed on exit (also by `die`).
 fs::path g_owned_dir;
 
@@ -86,21 +83,6 @@ void run(const std::string& command) {
     if (status == -1 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
         die(fmt::format("command failed (status {}): {}", status, command));
     }
-}
-
-bool write_all(int fd, const std::byte* data, std::uint64_t length) {
-    while (length > 0) {
-        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
-        ssize_t n = ::write(fd, data, chunk);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return false;
-        }
-        data += n;
-        length -= static_cast<std::uint64_t>(n);
-    }
-    return true;
 }
 
 /// One benchmark image: how to build it and what it must look like once built.
@@ -244,14 +226,8 @@ struct Setup {
     fs::path dir;
     unsigned threads = 0;
     DataAccess access = DataAccess::automatic;
-    qcowmap::Prefetch prefetch = qcowmap::Prefetch::none;
     fs::path out_dir; ///< where convert writes
 };
-
-Result<void> visit(const Image& image, const Setup& setup, const RunVisitor& visitor) {
-    return image.visit(0, UINT64_MAX, visitor,
-                       VisitOptions{setup.threads, setup.access, setup.prefetch});
-}
 
 struct BenchDir {
     fs::path dir;
@@ -384,32 +360,17 @@ void bm_open_read(benchmark::State& state, const BenchImage& b, const Setup&) {
     set_rates(state, b);
 }
 
-/// A visit writing every run to `fd`; zero runs from the static zero
-/// buffer. Returns the bytes written, or nullopt on failure.
+/// `qcowmap cat`: the library's export_raw writing the disk in order to `fd`, as the CLI's cat
+/// calls it (into a pipe, data of the mapping and zeros go by vmsplice). Returns the bytes
+/// written (as its progress reports them), or nullopt on failure.
 std::optional<std::uint64_t> cat_to(const Image& image, const Setup& setup, int fd) {
+    qcowmap::ExportOptions options;
+    options.sequential = true;
+    options.threads = setup.threads == 0 ? 1 : setup.threads;
+    options.data_access = setup.access;
     std::uint64_t written = 0;
-    auto result = visit(image, setup, [&](const Run& run) -> Result<void> {
-        auto length = run.length;
-        auto bytes = run.bytes;
-        if (!bytes.empty()) {
-            if (!write_all(fd, bytes.data(), bytes.size())) {
-                return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
-            }
-            written += bytes.size();
-            return {};
-        }
-        while (length > 0) {
-            std::size_t n =
-                static_cast<std::size_t>(std::min<std::uint64_t>(length, sizeof kZeros));
-            if (!write_all(fd, kZeros, n)) {
-                return qcowmap::Error{qcowmap::ErrorCode::io_error, std::strerror(errno)};
-            }
-            written += n;
-            length -= n;
-        }
-        return {};
-    });
-    if (!result)
+    options.progress = [&](std::uint64_t done, std::uint64_t) { written = done; };
+    if (!qcowmap::export_raw(image, fd, options))
         return std::nullopt;
     return written;
 }
@@ -620,7 +581,6 @@ int main(int argc, char** argv) {
     prepare(bench);
 
     using Fn = void (*)(benchmark::State&, const BenchImage&, const Setup&);
-    using qcowmap::Prefetch;
     constexpr DataAccess automatic = DataAccess::automatic;
     constexpr DataAccess read = DataAccess::read;
     constexpr DataAccess mmap = DataAccess::mapping;
@@ -630,7 +590,6 @@ int main(int argc, char** argv) {
         bool parallel;   ///< run with the CLI's worker count of producer threads
         bool every_byte; ///< moves every virtual byte through user space: not on huge images
         DataAccess access = DataAccess::mapping;
-        Prefetch prefetch = Prefetch::none; ///< as the CLI asks (cat, convert)
     };
     const Entry entries[] = {
         {"iterate", bm_iterate, false, false},
@@ -638,13 +597,13 @@ int main(int argc, char** argv) {
         {"read_1MiB", bm_read, false, true},
         {"open_read_1MiB", bm_open_read, false, true},
         {"cat_devnull", bm_cat_devnull, false, false},
-        {"cat_devnull_parallel", bm_cat_devnull, true, false, mmap, Prefetch::populate},
+        {"cat_devnull_parallel", bm_cat_devnull, true, false, mmap},
         {"cat_pipe", bm_cat_pipe, false, true},
-        {"cat_pipe_parallel", bm_cat_pipe, true, true, mmap, Prefetch::touch},
+        {"cat_pipe_parallel", bm_cat_pipe, true, true, mmap},
         {"convert_file", bm_convert_file, false, false},
-        {"convert_file_parallel", bm_convert_file, true, false, automatic, Prefetch::touch},
-        {"convert_file_parallel_read", bm_convert_file, true, false, read, Prefetch::touch},
-        {"convert_file_parallel_mmap", bm_convert_file, true, false, mmap, Prefetch::touch},
+        {"convert_file_parallel", bm_convert_file, true, false, automatic},
+        {"convert_file_parallel_read", bm_convert_file, true, false, read},
+        {"convert_file_parallel_mmap", bm_convert_file, true, false, mmap},
         {"hash_sha256", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, automatic},
         {"hash_sha256_read", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, read},
         {"hash_sha256_mmap", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, mmap},
@@ -668,8 +627,7 @@ int main(int argc, char** argv) {
     const unsigned cores = std::max(2u, std::thread::hardware_concurrency());
     for (const Entry& entry : entries) {
         const Fn fn = entry.fn;
-        const Setup setup{bench.dir, entry.parallel ? cores : 0, entry.access, entry.prefetch,
-                          out_dir};
+        const Setup setup{bench.dir, entry.parallel ? cores : 0, entry.access, out_dir};
         for (const BenchImage& b : bench.images) {
             if (entry.every_byte && b.huge)
                 continue;

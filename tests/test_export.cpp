@@ -24,13 +24,11 @@
 namespace qcowmap {
 namespace {
 
+using test::q;
+
 using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
-
-std::string q(const std::filesystem::path& path) {
-    return shell_quote(path.string());
-}
 
 Image open_ok(const std::filesystem::path& path, const OpenOptions& options = {}) {
     auto image = Image::open(path, options);
@@ -133,6 +131,72 @@ TEST_F(Export, RawIntoAPipeIsSequentialWithZeros) {
         ASSERT_TRUE(ok) << ok.error().message;
         EXPECT_TRUE(received == raw_);
     }
+}
+
+/// A part of the disk, written in order: into a pipe (where mapped data and zeros go by
+/// vmsplice) and into a file with `sequential`; the bytes are qemu's, the progress counts the
+/// part. Other targets refuse a part.
+TEST_F(Export, PartOfTheDiskInOrder) {
+    const Image image = open_ok(image_);
+    // From inside the first data run to inside the compressed one: data, zeros, a zero run and
+    // compressed clusters.
+    const std::uint64_t start = 50 * 1024, end = (6u << 20) + 100 * 1024;
+    const std::vector<std::byte> expected(raw_.begin() + start, raw_.begin() + end);
+    for (DataAccess access : {DataAccess::read, DataAccess::mapping}) {
+        for (unsigned threads : {1u, 3u}) {
+            SCOPED_TRACE(testing::Message()
+                         << "access " << static_cast<int>(access) << ", threads " << threads);
+            int fds[2];
+            ASSERT_EQ(::pipe(fds), 0);
+            std::vector<std::byte> received;
+            std::thread reader([&] {
+                std::byte buffer[65536];
+                for (ssize_t n; (n = ::read(fds[0], buffer, sizeof buffer)) > 0;)
+                    received.insert(received.end(), buffer, buffer + n);
+            });
+            Recorder progress;
+            ExportOptions options;
+            options.data_access = access;
+            options.threads = threads;
+            options.start = start;
+            options.end = end;
+            options.progress = progress.callback();
+            auto ok = export_raw(image, fds[1], options);
+            ::close(fds[1]);
+            reader.join();
+            ::close(fds[0]);
+            ASSERT_TRUE(ok) << ok.error().message;
+            EXPECT_TRUE(received == expected);
+            progress.expect_complete(end - start);
+
+            const auto out = dir_ / "part.raw";
+            int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            ASSERT_GE(fd, 0);
+            options.sequential = true;
+            options.progress = nullptr;
+            ok = export_raw(image, fd, options);
+            ASSERT_EQ(::close(fd), 0);
+            ASSERT_TRUE(ok) << ok.error().message;
+            EXPECT_TRUE(test::read_file(out) == expected);
+        }
+    }
+    // Past the end: nothing; a file written in place refuses a part.
+    const auto out = dir_ / "refused.raw";
+    int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ASSERT_GE(fd, 0);
+    ExportOptions options;
+    options.start = 4096;
+    ExportError where;
+    auto ok = export_raw(image, fd, options, &where);
+    ASSERT_FALSE(ok);
+    EXPECT_EQ(ok.error().code, ErrorCode::invalid_argument);
+    EXPECT_TRUE(where.target);
+    options.sequential = true;
+    options.start = 9u << 20;
+    ok = export_raw(image, fd, options);
+    ::close(fd);
+    ASSERT_TRUE(ok) << ok.error().message;
+    EXPECT_EQ(std::filesystem::file_size(out), 0u);
 }
 
 TEST_F(Export, RawRefusesTheImageItselfAndBadOptions) {

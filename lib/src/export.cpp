@@ -14,6 +14,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -169,6 +170,7 @@ struct Target {
     enum class Kind { file, block_device, stream };
     Kind kind = Kind::stream;
     std::uint64_t size = 0; ///< regular file: current size; block device: device size
+    bool pipe = false;
 };
 
 Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
@@ -194,6 +196,8 @@ Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
         }
     } else if (S_ISDIR(st.st_mode)) {
         return Error{ErrorCode::invalid_argument, "is a directory"};
+    } else if (S_ISFIFO(st.st_mode)) {
+        target.pipe = true;
     }
     if (sequential)
         target.kind = Target::Kind::stream;
@@ -203,8 +207,18 @@ Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
 /// Writes runs of the disk to a target; shared by the whole-disk and the dirty-range exports.
 class Writer {
   public:
-    Writer(int fd, Target::Kind kind, std::uint64_t zero_block)
-        : fd_(fd), kind_(kind), zero_block_(zero_block) {}
+    Writer(int fd, const Target& target, std::uint64_t zero_block)
+        : fd_(fd), kind_(target.kind), zero_block_(zero_block),
+          splice_(target.kind == Target::Kind::stream && target.pipe) {
+        if (splice_) {
+            // A bigger pipe means fewer round trips with the reader; refused is fine.
+            (void)::fcntl(fd_, F_SETPIPE_SZ, 1 << 20);
+        }
+    }
+
+    /// True when bytes of the mapping go to the target by reference: the kernel never reads
+    /// them, so they need to be present but not touched.
+    bool splices() const { return splice_; }
 
     /// A data run at its offset, its bytes as the visit produced them. Without zero detection
     /// (and onto block devices), data that lies in one of the image's files is copied inside
@@ -212,7 +226,16 @@ class Writer {
     Result<void> data(const Run& run) {
         const std::span<const std::byte> bytes = run.bytes;
         if (kind_ == Target::Kind::stream) {
-            return write_all(fd_, bytes.data(), bytes.size()) ? Result<void>{} : failed();
+            if (put(bytes, run.mapped))
+                return {};
+            // The kernel reading the mapping for write() or vmsplice() faults with EFAULT when
+            // the image file was truncated under it.
+            if (errno == EFAULT && run.mapped) {
+                return Error{ErrorCode::io_error,
+                             "image changed while being read (the file shrank under its "
+                             "mapping)"};
+            }
+            return failed();
         }
         if ((zero_block_ == 0 || kind_ == Target::Kind::block_device) && run.file) {
             switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_)) {
@@ -238,7 +261,7 @@ class Writer {
         if (kind_ == Target::Kind::stream) {
             for (std::uint64_t done = 0; done < length;) {
                 std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeros);
-                if (!write_all(fd_, kZeros, n))
+                if (!put({kZeros, static_cast<std::size_t>(n)}, true))
                     return failed();
                 done += n;
             }
@@ -252,6 +275,30 @@ class Writer {
     bool target_failed() const { return target_failed_; }
 
   private:
+    /// Writes `bytes` in order; false with errno set. `immutable`: the bytes stay as they are
+    /// while we run (the mapping, the zeros), so a pipe may take references to their pages
+    /// instead of a copy, which saves one of the two copies a pipe costs. Read buffers are
+    /// reused at once and always copied.
+    bool put(std::span<const std::byte> bytes, bool immutable) {
+        if (!(splice_ && immutable))
+            return write_all(fd_, bytes.data(), bytes.size());
+        while (!bytes.empty()) {
+            iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
+            ssize_t n = ::vmsplice(fd_, &iov, 1, 0);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EINVAL || errno == ENOSYS) { // not splice-able after all
+                    splice_ = false;
+                    return write_all(fd_, bytes.data(), bytes.size());
+                }
+                return false;
+            }
+            bytes = bytes.subspan(static_cast<std::size_t>(n));
+        }
+        return true;
+    }
+
     Result<void> failed() {
         target_failed_ = true;
         return errno_error(errno);
@@ -260,6 +307,7 @@ class Writer {
     int fd_;
     Target::Kind kind_;
     std::uint64_t zero_block_;
+    bool splice_;
     std::vector<std::byte> buffer_; // for copies the kernel cannot make
     bool target_failed_ = false;
 };
@@ -285,6 +333,14 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
     if (!target)
         return fail_target(std::move(target).error(), where);
     const std::uint64_t size = image.size();
+    const std::uint64_t start = std::min(options.start, size);
+    const std::uint64_t end = std::min(options.end, size);
+    const bool whole_disk = start == 0 && end == size;
+    if (!whole_disk && target->kind != Target::Kind::stream) {
+        return fail_target(Error{ErrorCode::invalid_argument,
+                                 "a part of the disk can only be written to a stream"},
+                           where);
+    }
     if (target->kind == Target::Kind::block_device && target->size < size) {
         return fail_target(Error{ErrorCode::invalid_argument,
                                  fmt::format("block device is {} bytes, smaller than the disk "
@@ -302,9 +358,10 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
             return fail_target(errno_error(errno), where);
         }
     }
-    Writer writer(fd, target->kind, options.zero_block);
+    Writer writer(fd, *target, options.zero_block);
+    const std::uint64_t total = end > start ? end - start : 0;
     if (options.progress)
-        options.progress(0, size);
+        options.progress(0, total);
     // Without zero detection (or onto a block device) data runs in files are copied inside
     // the kernel, which needs their file positions (mapping mode, nothing made present); with
     // it, and onto streams, data comes from the mapping made present ahead by the workers
@@ -313,19 +370,22 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
     // on this machine.
     const bool copies = (options.zero_block == 0 && target->kind == Target::Kind::file) ||
                         target->kind == Target::Kind::block_device;
+    // A pipe given pages by reference needs them present, not read (Prefetch::populate).
     const VisitOptions visit =
-        copies
-            ? VisitOptions{resolve_threads(options.threads), DataAccess::mapping, Prefetch::none}
-            : VisitOptions{resolve_threads(options.threads), options.data_access, Prefetch::touch};
+        copies ? VisitOptions{resolve_threads(options.threads), DataAccess::mapping, Prefetch::none}
+               : VisitOptions{resolve_threads(options.threads), options.data_access,
+                              writer.splices() ? Prefetch::populate : Prefetch::touch};
+    if (total == 0)
+        return {};
     auto result = image.visit(
-        0, UINT64_MAX,
+        start, end,
         [&](const Run& run) -> Result<void> {
             auto ok =
                 run.bytes.empty() ? writer.zeros(run.offset, run.length, false) : writer.data(run);
             if (!ok)
                 return ok;
             if (options.progress)
-                options.progress(run.offset + run.length, size);
+                options.progress(run.offset + run.length - start, total);
             return {};
         },
         visit);
@@ -353,7 +413,7 @@ Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
                                              target->size, image.size())},
                            where);
     }
-    Writer writer(fd, target->kind, 0);
+    Writer writer(fd, *target, 0);
     const std::uint64_t total = bitmap.dirty_bytes();
     std::uint64_t done = 0;
     if (options.progress)

@@ -33,6 +33,12 @@ struct ExportOptions {
     /// the descriptor is (for standard output, which may be a pipe, a terminal or a file
     /// opened for appending). Pipes, sockets and character devices are always written so.
     bool sequential = false;
+    /// The part of the disk to write, `[start, end)` clipped to the disk, for targets written
+    /// in order (pipes, sockets, character devices, or `sequential`), as `qcowmap cat
+    /// --start-offset --max-length` writes it. Other targets take the whole disk
+    /// (invalid_argument otherwise).
+    std::uint64_t start = 0;
+    std::uint64_t end = UINT64_MAX;
     /// Called on the calling thread as the export advances, with the bytes done so far and the
     /// total (the disk size; for `export_dirty`, the dirty bytes).
     std::function<void(std::uint64_t done, std::uint64_t total)> progress;
@@ -53,11 +59,15 @@ struct ExportError {
 ///   write-zeroes where the device offers it, else written zeros), the rest of a larger
 ///   device is left alone;
 /// - pipes, sockets and character devices (and any descriptor with `sequential`) are written
-///   in order from their current position, zeros included.
+///   in order from their current position, zeros included. Into a pipe, bytes straight from
+///   the image's mapping and zeros are handed over by reference (vmsplice(2)), not copied:
+///   the reader may see later changes to the image file.
 /// Nothing is written when `fd` is the image itself, one of its layers or its data file.
 /// Errors: invalid_argument (bad `zero_block`; a target that is the image's own file, or a
-/// block device smaller than the disk), io_error when writing fails (`error->target` set),
-/// and the errors of `Image::visit` (`error->target` clear).
+/// block device smaller than the disk; a part of the disk for a target that is not written
+/// in order), io_error when writing fails (`error->target` set), and the errors of
+/// `Image::visit` (`error->target` clear), among them "image changed while being read" when
+/// the image's file shrank under its mapping.
 Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {},
                         ExportError* error = nullptr);
 
