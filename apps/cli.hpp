@@ -2,6 +2,7 @@
 // opening images, size parsing, JSON strings and progress.
 #pragma once
 
+#include <qcowmap/describe.hpp>
 #include <qcowmap/image.hpp>
 
 #include <CLI/CLI.hpp>
@@ -130,8 +131,7 @@ std::optional<std::uint64_t> parse_size(std::string_view text, std::string* why 
 /// sizes cannot be negative") when it does not parse.
 std::uint64_t size_option(std::string_view option, const std::string& text);
 
-/// A JSON string literal for `text` (quotes included, control characters escaped).
-std::string json_string(std::string_view text);
+using qcowmap::json_string; // <qcowmap/describe.hpp>
 
 /// "1 MiB" style sizes, as qemu-img prints them (qemu's size_to_str: "%0.3g", 1000 B → KiB).
 std::string human_size(std::uint64_t bytes);

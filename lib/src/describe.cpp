@@ -11,7 +11,6 @@
 #include <sys/stat.h>
 
 namespace qcowmap {
-namespace {
 
 std::string json_string(std::string_view text) {
     std::string out = "\"";
@@ -44,6 +43,8 @@ std::string json_string(std::string_view text) {
     out += '"';
     return out;
 }
+
+namespace {
 
 std::string json_list(const std::vector<std::string>& items) {
     std::string out = "[";

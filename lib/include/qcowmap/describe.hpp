@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace qcowmap {
 
@@ -40,5 +41,10 @@ std::optional<DataFileStatus> data_file_status(const Image& image);
 /// virtual-size, actual-size, dirty-flag`. `filename` is `Image::path()`; the sizes are the
 /// header's (an opened snapshot does not change them), and only the top layer is described.
 std::string info_json(const Image& image);
+
+/// `text` as a JSON string literal, quotes included: `"` and `\` escaped, control characters
+/// as `\n`, `\r`, `\t` or `\u00XX`, other bytes (UTF-8 too) as they are. What info_json and
+/// the CLI's JSON outputs use for names that come from images.
+std::string json_string(std::string_view text);
 
 } // namespace qcowmap
