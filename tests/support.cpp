@@ -84,6 +84,14 @@ std::string qcowmap_bin() {
     return bin ? bin : "qcowmap";
 }
 
+std::string cli() {
+    return shell_quote(qcowmap_bin());
+}
+
+std::string q(const std::filesystem::path& path) {
+    return shell_quote(path.string());
+}
+
 std::vector<std::byte> read_file(const std::filesystem::path& path) {
     const std::string text = read_text(path);
     std::vector<std::byte> bytes(text.size());

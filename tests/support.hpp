@@ -44,6 +44,12 @@ std::string shell_quote(const std::string& text);
 /// The qcowmap CLI built with the tests (env QCOWMAP_BIN, set by meson).
 std::string qcowmap_bin();
 
+/// qcowmap_bin() quoted for /bin/sh: how a test's command line starts.
+std::string cli();
+
+/// `path` quoted for /bin/sh.
+std::string q(const std::filesystem::path& path);
+
 /// Whole file contents.
 std::vector<std::byte> read_file(const std::filesystem::path& path);
 /// Whole file contents as text (also of a FIFO or a /proc file, whose size says nothing).

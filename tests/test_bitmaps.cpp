@@ -23,14 +23,11 @@ namespace {
 
 using namespace qcowmap;
 namespace qt = qcowmap::test;
+using qt::q;
 using Buffer = std::vector<std::byte>;
 
 /// A range as compared with the oracle: start, length, dirty.
 using Span = std::tuple<std::uint64_t, std::uint64_t, bool>;
-
-std::string q(const std::filesystem::path& p) {
-    return qt::shell_quote(p.string());
-}
 
 std::string cli(const std::string& args) {
     return qt::shell_quote(qt::qcowmap_bin()) + " " + args;

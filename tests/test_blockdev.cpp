@@ -17,19 +17,14 @@
 namespace qcowmap {
 namespace {
 
+using test::cli;
+using test::q;
+
 using test::CommandResult;
 using test::run;
 using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
-
-std::string cli() {
-    return shell_quote(test::qcowmap_bin());
-}
-
-std::string q(const std::filesystem::path& path) {
-    return shell_quote(path.string());
-}
 
 /// Why loop devices cannot be made here, or "" when they can.
 std::string why_no_loop_devices() {

@@ -11,14 +11,13 @@
 namespace qcowmap {
 namespace {
 
+using test::cli;
+using test::q;
+
 using test::CommandResult;
 using test::run;
 using test::shell_quote;
 using test::TempDir;
-
-std::string cli() {
-    return shell_quote(test::qcowmap_bin());
-}
 
 int count_lines(const std::string& text) {
     return static_cast<int>(std::count(text.begin(), text.end(), '\n'));
@@ -223,10 +222,6 @@ TEST(CliShrinkingImage, CatReportsTheChangeInsteadOfCrashing) {
 
 // ---------------------------------------------------------------------------------------------
 // Issue 18: qemu-img's conventions
-
-std::string q(const std::filesystem::path& path) {
-    return shell_quote(path.string());
-}
 
 /// qemu-img 7.2 prints no "compressed" key; qcowmap prints qemu 8.2's.
 std::string without_compressed_key(std::string text) {

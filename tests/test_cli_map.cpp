@@ -12,19 +12,14 @@
 namespace qcowmap {
 namespace {
 
+using test::cli;
+using test::q;
+
 using test::CommandResult;
 using test::run;
 using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
-
-std::string cli() {
-    return shell_quote(test::qcowmap_bin());
-}
-
-std::string q(const std::filesystem::path& path) {
-    return shell_quote(path.string());
-}
 
 std::string in_dir(const std::filesystem::path& dir) {
     return "cd " + q(dir) + " && ";

@@ -10,16 +10,14 @@
 namespace qcowmap {
 namespace {
 
+using test::cli;
+
 namespace fs = std::filesystem;
 using test::CommandResult;
 using test::run;
 using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
-
-std::string cli() {
-    return shell_quote(test::qcowmap_bin());
-}
 
 class Compare : public ::testing::Test {
   protected:

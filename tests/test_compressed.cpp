@@ -16,14 +16,12 @@
 namespace qcowmap {
 namespace {
 
+using test::q;
+
 using test::run;
 using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
-
-std::string q(const std::filesystem::path& p) {
-    return shell_quote(p.string());
-}
 
 /// A raw source mixing random bytes, text, zeros and repeated bytes, 1 MiB of each in turn.
 std::filesystem::path make_mixed_raw(const TempDir& dir, std::size_t mebibytes) {

@@ -17,14 +17,12 @@
 namespace qcowmap {
 namespace {
 
+using test::cli;
+
 using test::CommandResult;
 using test::run;
 using test::run_ok;
 using test::shell_quote;
-
-std::string cli() {
-    return shell_quote(test::qcowmap_bin());
-}
 
 std::filesystem::path source_root() {
     const char* root = std::getenv("QCOWMAP_SOURCE_ROOT");

@@ -26,13 +26,8 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace qt = qcowmap::test;
-
-std::string q(const fs::path& p) {
-    return qt::shell_quote(p.string());
-}
-std::string bin() {
-    return qt::shell_quote(qt::qcowmap_bin());
-}
+using qt::cli;
+using qt::q;
 
 /// qemu-img create -f qcow2 [-o OPTIONS] [EXTRA] PATH [SIZE].
 void create(const fs::path& path, const std::string& size, const std::string& options = "",
@@ -74,7 +69,7 @@ std::vector<std::string> sorted_lines(const std::string& text) {
 /// (1), we print nothing on stdout and one line on stderr.
 testing::AssertionResult check_agrees(const fs::path& image, int expected) {
     const qt::CommandResult qemu = qt::run("qemu-img check " + q(image));
-    const qt::CommandResult ours = qt::run(bin() + " check " + q(image));
+    const qt::CommandResult ours = qt::run(cli() + " check " + q(image));
     std::ostringstream why;
     if (qemu.exit_code != expected)
         why << "qemu-img check exited " << qemu.exit_code << ", the scenario expects " << expected
@@ -115,7 +110,7 @@ testing::AssertionResult reads(const fs::path& image, Read expect, const std::st
     qt::TempDir scratch;
     const fs::path raw = scratch / "qemu.raw";
     const qt::CommandResult qemu = qt::run("qemu-img convert -O raw " + q(image) + " " + q(raw));
-    const qt::CommandResult ours = qt::run(bin() + " cat " + q(image));
+    const qt::CommandResult ours = qt::run(cli() + " cat " + q(image));
     std::ostringstream why;
     if ((qemu.exit_code == 0) != (expect != Read::refused))
         why << "qemu-img convert exited " << qemu.exit_code << " (" << qemu.err << "); ";
@@ -138,7 +133,7 @@ testing::AssertionResult reads(const fs::path& image, Read expect, const std::st
     }
     if ((expect == Read::damaged || expect == Read::damaged_metadata) && qemu.exit_code == 0) {
         const bool lost = expect == Read::damaged;
-        const qt::CommandResult salvaged = qt::run(bin() + " cat --salvage " + q(image));
+        const qt::CommandResult salvaged = qt::run(cli() + " cat --salvage " + q(image));
         if (salvaged.exit_code != (lost ? 4 : 0))
             why << "cat --salvage exited " << salvaged.exit_code << ": " << salvaged.err << "; ";
         if (!same_bytes(salvaged.out))
@@ -153,7 +148,7 @@ testing::AssertionResult reads(const fs::path& image, Read expect, const std::st
 
 /// qemu-img map --output=json and ours agree (qemu 7.2 prints no "compressed" key).
 testing::AssertionResult maps_agree(const fs::path& image) {
-    std::string ours = qt::run_ok(bin() + " map --output=json " + q(image));
+    std::string ours = qt::run_ok(cli() + " map --output=json " + q(image));
     for (const char* key : {", \"compressed\": false", ", \"compressed\": true"}) {
         for (auto at = ours.find(key); at != std::string::npos; at = ours.find(key))
             ours.erase(at, std::strlen(key));
@@ -244,7 +239,7 @@ TEST(Iotest029, SnapshotReadAtTheSizeItRecorded) {
     const fs::path raw = dir / "snap.raw";
     qt::run_ok("qemu-img convert -l snapshot.name=foo -O raw " + q(img) + " " + q(raw));
     EXPECT_EQ(fs::file_size(raw), 512u);
-    const qt::CommandResult ours = qt::run(bin() + " cat --snapshot=foo " + q(img));
+    const qt::CommandResult ours = qt::run(cli() + " cat --snapshot=foo " + q(img));
     ASSERT_EQ(ours.exit_code, 0) << ours.err;
     EXPECT_EQ(ours.out.size(), 64u << 20);
     EXPECT_EQ(ours.out.find_first_not_of('\0'), std::string::npos);
@@ -261,7 +256,7 @@ TEST(Iotest031, UnknownHeaderExtension) {
         qt::set_header_extension(img, 0x12345678, "This is a test header extension");
         EXPECT_TRUE(check_agrees(img, 0)) << compat;
         EXPECT_TRUE(reads(img, Read::same)) << compat;
-        const std::string info = qt::run_ok(bin() + " info --json " + q(img));
+        const std::string info = qt::run_ok(cli() + " info --json " + q(img));
         EXPECT_NE(info.find("unknown (0x12345678)"), std::string::npos) << info;
         // Rewrite header with no backing file.
         qt::run_ok("qemu-img rebase -u -b '' " + q(img));
@@ -598,7 +593,7 @@ TEST(Iotest080, InvalidSnapshotL1TableOffsetAndSize) {
                           q(dir / "s.raw"))
                       .exit_code,
                   0);
-        const qt::CommandResult ours = qt::run(bin() + " cat --snapshot=test " + q(img));
+        const qt::CommandResult ours = qt::run(cli() + " cat --snapshot=test " + q(img));
         EXPECT_EQ(ours.exit_code, 1);
         EXPECT_NE(ours.err.find("L1 table of snapshot 'test'"), std::string::npos) << ours.err;
         EXPECT_NE(ours.err.find(needle), std::string::npos) << ours.err;
@@ -630,7 +625,7 @@ TEST(Iotest102, TruncatedImage) {
     qt::run_ok("qemu-img resize -f raw --shrink " + q(img) + " " + std::to_string(5 * 65536));
     EXPECT_TRUE(check_agrees(img, 2));
     EXPECT_TRUE(reads(img, Read::damaged, "data for virtual offset 0x0 at host offset 0x50000"));
-    const qt::CommandResult map = qt::run(bin() + " map --output=json " + q(img));
+    const qt::CommandResult map = qt::run(cli() + " map --output=json " + q(img));
     EXPECT_EQ(map.exit_code, 1);
     EXPECT_EQ(std::count(map.err.begin(), map.err.end(), '\n'), 1);
 }
@@ -663,7 +658,7 @@ TEST(Iotest108, RefcountTableSizeOrOffsetZero) {
     create(offset, "64M");
     qt::poke_be(offset, kRefcountTableOffsetAt, 0, 8);
     EXPECT_TRUE(check_agrees(offset, 2));
-    const qt::CommandResult ours = qt::run(bin() + " cat " + q(offset));
+    const qt::CommandResult ours = qt::run(cli() + " cat " + q(offset));
     EXPECT_EQ(ours.exit_code, 1);
     EXPECT_NE(ours.err.find("refcount table offset 0x0"), std::string::npos) << ours.err;
 }
@@ -861,7 +856,7 @@ TEST(Iotest244, DataFileRequiredButNotNamed) {
     const fs::path raw = dir / "q.raw";
     qt::run_ok("qemu-img convert -O raw --image-opts driver=qcow2,file.filename=" + img.string() +
                ",data-file.filename=" + data.string() + " " + q(raw));
-    const qt::CommandResult ours = qt::run(bin() + " cat --data-file=" + q(data) + " " + q(img));
+    const qt::CommandResult ours = qt::run(cli() + " cat --data-file=" + q(data) + " " + q(img));
     ASSERT_EQ(ours.exit_code, 0) << ours.err;
     const std::vector<std::byte> oracle = qt::read_file(raw);
     ASSERT_EQ(ours.out.size(), oracle.size());
@@ -950,7 +945,7 @@ TEST(Iotest261, SnapshotExtraDataInV2AndV3) {
     make_261_template(v2);
     EXPECT_TRUE(check_agrees(v2, 0));
     EXPECT_TRUE(reads(v2, Read::same));
-    const std::string info = qt::run_ok(bin() + " info --json " + q(v2));
+    const std::string info = qt::run_ok(cli() + " info --json " + q(v2));
     EXPECT_NE(info.find("\"name\": \"sn1\""), std::string::npos) << info;
 
     // Upgraded to v3 by qemu: every entry gets its 16 bytes of known extra data.
@@ -1150,7 +1145,7 @@ TEST(Iotest271, CopyOnWriteWithSnapshots) {
     EXPECT_TRUE(reads(img, Read::same));
     const fs::path raw = dir / "snap.raw";
     qt::run_ok("qemu-img convert -l snapshot.name=snap1 -O raw " + q(img) + " " + q(raw));
-    const qt::CommandResult ours = qt::run(bin() + " cat --snapshot=snap1 " + q(img));
+    const qt::CommandResult ours = qt::run(cli() + " cat --snapshot=snap1 " + q(img));
     ASSERT_EQ(ours.exit_code, 0) << ours.err;
     const std::vector<std::byte> oracle = qt::read_file(raw);
     ASSERT_EQ(ours.out.size(), oracle.size());

@@ -21,18 +21,15 @@
 namespace qcowmap {
 namespace {
 
+using test::cli;
+using test::q;
+
 namespace fs = std::filesystem;
 using test::run;
 using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
 
-std::string q(const fs::path& p) {
-    return shell_quote(p.string());
-}
-std::string bin() {
-    return shell_quote(test::qcowmap_bin());
-}
 /// Prefix for a command that must run with `dir` as its working directory.
 std::string in_dir(const fs::path& dir) {
     return "cd " + q(dir) + " && ";
@@ -174,7 +171,7 @@ std::vector<std::byte> expect_matches_qemu(const fs::path& image_path, const Tem
 
     auto cat = dir / "cat.raw";
     auto r =
-        run(kElsewhere + bin() + " cat " + oracle.cli_args + " " + q(image_path) + " > " + q(cat));
+        run(kElsewhere + cli() + " cat " + oracle.cli_args + " " + q(image_path) + " > " + q(cat));
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_TRUE(test::read_file(cat) == expected) << "cat differs from qemu-img convert";
     fs::remove(cat);
@@ -186,7 +183,7 @@ std::vector<std::byte> expect_matches_qemu(const fs::path& image_path, const Tem
     expect_reads_equal(*image, expected);
 
     if (oracle.compare_map) {
-        r = run(kElsewhere + bin() + " map --output=json " + oracle.cli_args + " " + q(image_path));
+        r = run(kElsewhere + cli() + " map --output=json " + oracle.cli_args + " " + q(image_path));
         EXPECT_EQ(r.exit_code, 0) << r.err;
         std::string theirs = run_ok(oracle.qemu_prefix + "qemu-img map --output=json " + source);
         EXPECT_EQ(strip_compressed_key(r.out), theirs);
@@ -465,14 +462,14 @@ TEST(BackingNames, RelativeNameResolvesAgainstTheOverlaysDirectory) {
 
     // The CLI given a relative image path, from the directory holding the decoy.
     auto cat = dir / "cat.raw";
-    auto r = run(in_dir(dir) + bin() + " cat sub/top.qcow2 > " + q(cat));
+    auto r = run(in_dir(dir) + cli() + " cat sub/top.qcow2 > " + q(cat));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_TRUE(test::read_file(cat) == expected)
         << "relative backing name resolved against the cwd";
-    r = run(in_dir(dir) + bin() + " map --output=json sub/top.qcow2");
+    r = run(in_dir(dir) + cli() + " map --output=json sub/top.qcow2");
     EXPECT_EQ(strip_compressed_key(r.out),
               run_ok(in_dir(dir) + "qemu-img map --output=json sub/top.qcow2"));
-    r = run(in_dir(dir) + bin() + " info --backing-chain sub/top.qcow2");
+    r = run(in_dir(dir) + cli() + " info --backing-chain sub/top.qcow2");
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("image: sub/base.qcow2\n"), std::string::npos) << r.out;
     expect_matches_qemu(dir / "sub" / "top.qcow2", dir);
@@ -519,7 +516,7 @@ TEST(BackingNames, AbsoluteName) {
     expect_matches_qemu(top, dir);
     // And through a relative top path from the top's directory.
     auto cat = dir / "cat.raw";
-    auto r = run(in_dir(dir / "b") + bin() + " cat top.qcow2 > " + q(cat));
+    auto r = run(in_dir(dir / "b") + cli() + " cat top.qcow2 > " + q(cat));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_TRUE(test::read_file(cat) == qemu_convert(q(top), dir));
 }
@@ -543,7 +540,7 @@ TEST(BrokenChain, MissingBackingFile) {
         EXPECT_NE(image.error().message.find(looked_for), std::string::npos)
             << image.error().message;
         for (const char* command : {"cat", "map --output=json", "info --backing-chain"}) {
-            auto r = run(kElsewhere + bin() + " " + command + " " + q(p));
+            auto r = run(kElsewhere + cli() + " " + command + " " + q(p));
             SCOPED_TRACE(command);
             expect_one_line_failure(r, looked_for);
         }
@@ -563,7 +560,7 @@ TEST(BrokenChain, MissingBackingFile) {
     EXPECT_EQ(e.depth, 0u);
     EXPECT_EQ(e.kind, ExtentKind::zero);
     // info without --backing-chain only names the backing file.
-    auto r = run(kElsewhere + bin() + " info " + q(image_path));
+    auto r = run(kElsewhere + cli() + " info " + q(image_path));
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("backing file: gone.qcow2\n"), std::string::npos) << r.out;
 }
@@ -582,7 +579,7 @@ void expect_loop_refused(const fs::path& path) {
     for (const char* command : {"cat", "map --output=json", "info --backing-chain"}) {
         SCOPED_TRACE(command);
         start = std::chrono::steady_clock::now();
-        auto r = run(kElsewhere + "timeout 20 " + bin() + " " + command + " " + q(path));
+        auto r = run(kElsewhere + "timeout 20 " + cli() + " " + command + " " + q(path));
         elapsed = std::chrono::steady_clock::now() - start;
         expect_one_line_failure(r, "backing chain loops");
         EXPECT_LT(elapsed, std::chrono::seconds(1));
@@ -695,7 +692,7 @@ TEST(BrokenChain, DepthLimit) {
         EXPECT_EQ(deeper.error().code, ErrorCode::invalid_table);
         EXPECT_NE(deeper.error().message.find("deeper than 64"), std::string::npos)
             << deeper.error().message;
-        expect_one_line_failure(run(kElsewhere + bin() + " cat " + q(dir / name)),
+        expect_one_line_failure(run(kElsewhere + cli() + " cat " + q(dir / name)),
                                 "deeper than 64");
         // The top alone is fine.
         EXPECT_TRUE(Image::open(dir / name, top_only()));
@@ -846,8 +843,8 @@ TEST_P(DataFile, MatchesQemuAndCanBeOverridden) {
     EXPECT_EQ(missing.error().code, ErrorCode::io_error);
     EXPECT_NE(missing.error().message.find(data_path.string()), std::string::npos)
         << missing.error().message;
-    expect_one_line_failure(run(kElsewhere + bin() + " cat " + q(image_path)), data_path.string());
-    expect_one_line_failure(run(kElsewhere + bin() + " map " + q(image_path)), data_path.string());
+    expect_one_line_failure(run(kElsewhere + cli() + " cat " + q(image_path)), data_path.string());
+    expect_one_line_failure(run(kElsewhere + cli() + " map " + q(image_path)), data_path.string());
 
     // ... and OpenOptions::data_file / --data-file find it.
     Oracle moved_oracle;
@@ -907,7 +904,7 @@ void expect_snapshot_list_matches_qemu(const fs::path& image, std::size_t count)
     for (const char* tz : {"TZ=UTC", "TZ=XST-05:30"}) {
         SCOPED_TRACE(tz);
         auto theirs = snapshot_table(run_ok(std::string(tz) + " qemu-img snapshot -l " + q(image)));
-        auto ours = snapshot_table(run_ok(std::string(tz) + " " + bin() + " info " + q(image)));
+        auto ours = snapshot_table(run_ok(std::string(tz) + " " + cli() + " info " + q(image)));
         ASSERT_EQ(theirs.size(), count + 1);
         EXPECT_EQ(ours, theirs);
     }
@@ -930,14 +927,14 @@ std::vector<std::byte> expect_snapshot_matches_applied_copy(const fs::path& imag
     if (compare_bytes) {
         expected = qemu_convert(q(copy), dir);
         auto cat = dir / "cat.raw";
-        auto r = run(kElsewhere + bin() + " cat --snapshot=" + shell_quote(name) + " " + q(image) +
+        auto r = run(kElsewhere + cli() + " cat --snapshot=" + shell_quote(name) + " " + q(image) +
                      " > " + q(cat));
         EXPECT_EQ(r.exit_code, 0) << r.err;
         EXPECT_TRUE(test::read_file(cat) == expected);
         if (opened)
             expect_reads_equal(*opened, expected, 7);
     }
-    auto r = run(kElsewhere + bin() + " map --output=json --snapshot=" + shell_quote(name) + " " +
+    auto r = run(kElsewhere + cli() + " map --output=json --snapshot=" + shell_quote(name) + " " +
                  q(image));
     EXPECT_EQ(r.exit_code, 0) << r.err;
     std::string theirs = run_ok("qemu-img map --output=json " + q(copy));
@@ -961,7 +958,7 @@ void expect_snapshots_match_qemu(const fs::path& image, const TempDir& dir) {
         ASSERT_EQ(expected.size(), sn.virtual_size) << "use the resize test for other sizes";
         for (const std::string& value : {sn.name, sn.id}) {
             auto cat = dir / "cat.raw";
-            auto r = run(kElsewhere + bin() + " cat --snapshot=" + shell_quote(value) + " " +
+            auto r = run(kElsewhere + cli() + " cat --snapshot=" + shell_quote(value) + " " +
                          q(image) + " > " + q(cat));
             EXPECT_EQ(r.exit_code, 0) << r.err;
             EXPECT_TRUE(test::read_file(cat) == expected) << "cat --snapshot=" << value;
@@ -1018,7 +1015,7 @@ TEST(Snapshots, TwoSnapshotsBetweenWorkloads) {
     for (const char* command : {"cat", "map --output=json"}) {
         SCOPED_TRACE(command);
         expect_one_line_failure(
-            run(kElsewhere + bin() + " " + command + " --snapshot=nope " + q(image_path)), "nope");
+            run(kElsewhere + cli() + " " + command + " --snapshot=nope " + q(image_path)), "nope");
     }
 }
 
@@ -1154,7 +1151,7 @@ TEST(InfoBackingChain, ListsEveryLayer) {
     for (const std::string& image : {c.top.string(), std::string("top.qcow2")}) {
         SCOPED_TRACE(image);
         std::string ours =
-            run_ok(in_dir(dir) + bin() + " info --backing-chain " + shell_quote(image));
+            run_ok(in_dir(dir) + cli() + " info --backing-chain " + shell_quote(image));
         std::string theirs =
             run_ok(in_dir(dir) + "qemu-img info --backing-chain " + shell_quote(image));
         const std::vector<std::string> keys = {
@@ -1171,7 +1168,7 @@ TEST(InfoBackingChain, ListsEveryLayer) {
         EXPECT_EQ(lines_starting_with(ours, {"image: "}).size(), 3u);
 
         std::string ours_json =
-            run_ok(in_dir(dir) + bin() + " info --backing-chain --json " + shell_quote(image));
+            run_ok(in_dir(dir) + cli() + " info --backing-chain --json " + shell_quote(image));
         std::string theirs_json = run_ok(
             in_dir(dir) + "qemu-img info --backing-chain --output=json " + shell_quote(image));
         ASSERT_TRUE(ours_json.starts_with("[")) << ours_json;
@@ -1191,12 +1188,12 @@ TEST(InfoBackingChain, ListsEveryLayer) {
         EXPECT_EQ(objects, 3u) << ours_json;
     }
     // Without --backing-chain: one object, the top.
-    std::string one = run_ok(kElsewhere + bin() + " info --json " + q(c.top));
+    std::string one = run_ok(kElsewhere + cli() + " info --json " + q(c.top));
     EXPECT_TRUE(one.starts_with("{")) << one;
     EXPECT_EQ(json_values(one, "filename"), std::vector<std::string>{"\"" + c.top.string() + "\""});
     // --backing=none with --backing-chain: the top only.
     std::string top_only =
-        run_ok(kElsewhere + bin() + " info --backing-chain --backing=none " + q(c.top));
+        run_ok(kElsewhere + cli() + " info --backing-chain --backing=none " + q(c.top));
     EXPECT_EQ(lines_starting_with(top_only, {"image: "}).size(), 1u);
 }
 

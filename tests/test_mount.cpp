@@ -36,6 +36,9 @@ extern char** environ;
 namespace qcowmap {
 namespace {
 
+using test::cli;
+using test::q;
+
 namespace fs = std::filesystem;
 using test::run;
 using test::run_ok;
@@ -45,13 +48,6 @@ using namespace std::chrono_literals;
 
 constexpr std::uint64_t KiB = 1024;
 constexpr std::uint64_t MiB = 1024 * 1024;
-
-std::string q(const fs::path& p) {
-    return shell_quote(p.string());
-}
-std::string bin() {
-    return shell_quote(test::qcowmap_bin());
-}
 
 /// Why mounting cannot work on this machine, or nullopt when it can.
 std::optional<std::string> why_mounting_is_impossible() {
@@ -213,7 +209,7 @@ class BackgroundMount {
         : mountpoint_(mountpoint) {
         // Orphans of our descendants become our children: the daemon can be waited for.
         ::prctl(PR_SET_CHILD_SUBREAPER, 1);
-        std::string command = bin() + " mount";
+        std::string command = cli() + " mount";
         for (const std::string& o : options)
             command += " " + shell_quote(o);
         result_ = run(command + " " + q(image) + " " + q(mountpoint));
@@ -703,7 +699,7 @@ TEST_F(Mount, BadImageGivesOneErrorLineAndNoMount) {
     EXPECT_FALSE(is_mounted(mountpoint_));
 
     // The same in the foreground.
-    auto r = run(bin() + " mount -f " + q(junk) + " " + q(mountpoint_));
+    auto r = run(cli() + " mount -f " + q(junk) + " " + q(mountpoint_));
     EXPECT_EQ(r.exit_code, 1);
     expect_one_error_line(r.err, junk.string());
     EXPECT_FALSE(is_mounted(mountpoint_));
@@ -713,12 +709,12 @@ TEST_F(Mount, BadMountpointGivesOneErrorLine) {
     auto image = dir_ / "m.qcow2";
     test::make_image(image, "", "4M");
     auto missing = dir_ / "no-such-dir";
-    auto r = run(bin() + " mount " + q(image) + " " + q(missing));
+    auto r = run(cli() + " mount " + q(image) + " " + q(missing));
     EXPECT_EQ(r.exit_code, 3);
     expect_one_error_line(r.err, missing.string());
     EXPECT_NE(r.err.find("No such file or directory"), std::string::npos) << r.err;
 
-    r = run(bin() + " mount " + q(image) + " " + q(image));
+    r = run(cli() + " mount " + q(image) + " " + q(image));
     EXPECT_EQ(r.exit_code, 3);
     expect_one_error_line(r.err, image.string());
     EXPECT_NE(r.err.find("not a directory"), std::string::npos) << r.err;

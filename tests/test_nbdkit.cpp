@@ -14,15 +14,13 @@
 namespace qcowmap {
 namespace {
 
+using test::q;
+
 namespace fs = std::filesystem;
 using test::run;
 using test::run_ok;
 using test::shell_quote;
 using test::TempDir;
-
-std::string q(const fs::path& p) {
-    return shell_quote(p.string());
-}
 
 std::string plugin() {
     const char* path = std::getenv("NBDKIT_QCOWMAP_PLUGIN");

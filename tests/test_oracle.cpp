@@ -32,14 +32,12 @@
 namespace qcowmap::test {
 namespace {
 
+using test::q;
+
 constexpr std::uint64_t kKiB = 1024;
 constexpr std::uint64_t kMiB = 1024 * kKiB;
 constexpr std::uint64_t kGiB = 1024 * kMiB;
 constexpr std::uint64_t kTiB = 1024 * kGiB;
-
-std::string q(const std::filesystem::path& path) {
-    return shell_quote(path.string());
-}
 
 // ---------------------------------------------------------------------------------------------
 // map --output=json parsing

@@ -20,13 +20,8 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace qt = qcowmap::test;
-
-std::string q(const fs::path& p) {
-    return qt::shell_quote(p.string());
-}
-std::string bin() {
-    return qt::shell_quote(qt::qcowmap_bin());
-}
+using qt::cli;
+using qt::q;
 
 constexpr std::uint64_t kL1 = 0x30000;
 constexpr std::uint64_t kL2 = 0x40000;
@@ -51,7 +46,7 @@ struct Salvaged {
     std::string err;
 };
 Salvaged cat_salvage(const fs::path& image) {
-    const qt::CommandResult r = qt::run(bin() + " cat --salvage " + q(image));
+    const qt::CommandResult r = qt::run(cli() + " cat --salvage " + q(image));
     return {r.exit_code, as_bytes(r.out), r.err};
 }
 
@@ -81,7 +76,7 @@ TEST(Salvage, TruncatedImageReadsAsQemuReadsIt) {
     EXPECT_EQ(oracle[2 * 65536 + 0x1000], std::byte{0}) << "qemu reads past the end as zeros";
 
     // Without --salvage: one line, exit 1.
-    const qt::CommandResult plain = qt::run(bin() + " cat " + q(img) + " >/dev/null");
+    const qt::CommandResult plain = qt::run(cli() + " cat " + q(img) + " >/dev/null");
     EXPECT_EQ(plain.exit_code, 1);
     EXPECT_EQ(std::count(plain.err.begin(), plain.err.end(), '\n'), 1);
 
@@ -114,17 +109,17 @@ TEST(Salvage, TruncatedImageReadsAsQemuReadsIt) {
     // convert and hash --salvage: the same bytes, the same exit status.
     const fs::path out = dir / "out.raw";
     const qt::CommandResult converted =
-        qt::run(bin() + " convert --salvage " + q(img) + " " + q(out));
+        qt::run(cli() + " convert --salvage " + q(img) + " " + q(out));
     EXPECT_EQ(converted.exit_code, 4) << converted.err;
     EXPECT_EQ(converted.err, s.err);
     EXPECT_TRUE(qt::read_file(out) == oracle);
     const fs::path oracle_file = dir / "oracle.raw";
     qt::write_file(oracle_file, oracle);
     const std::string sha = qt::run_ok("sha256sum " + q(oracle_file)).substr(0, 64);
-    const qt::CommandResult hashed = qt::run(bin() + " hash --salvage " + q(img));
+    const qt::CommandResult hashed = qt::run(cli() + " hash --salvage " + q(img));
     EXPECT_EQ(hashed.exit_code, 4) << hashed.err;
     EXPECT_EQ(hashed.out.substr(0, 64), sha);
-    const qt::CommandResult json = qt::run(bin() + " hash --salvage --json " + q(img));
+    const qt::CommandResult json = qt::run(cli() + " hash --salvage --json " + q(img));
     EXPECT_EQ(json.exit_code, 4);
     EXPECT_NE(json.out.find("\"damaged\": [{\"offset\": 135168, \"length\": 126976, \"reason\": "
                             "\"data for virtual offset 0x21000"),
@@ -139,7 +134,7 @@ TEST(Salvage, UndamagedImageExitsZeroAndReportsNothing) {
     EXPECT_EQ(s.exit_code, 0);
     EXPECT_EQ(s.err, "");
     EXPECT_TRUE(s.bytes == qemu_bytes(img));
-    const qt::CommandResult json = qt::run(bin() + " hash --salvage --json " + q(img));
+    const qt::CommandResult json = qt::run(cli() + " hash --salvage --json " + q(img));
     EXPECT_EQ(json.exit_code, 0);
     EXPECT_NE(json.out.find("\"damaged\": []"), std::string::npos) << json.out;
 }
@@ -234,7 +229,7 @@ TEST(Salvage, GarbageCompressedClusterReadsAsZeros) {
     // Decompressed on several threads (cat) or one (hash): the same digest.
     const fs::path expected_file = dir / "expected.raw";
     qt::write_file(expected_file, expected);
-    const qt::CommandResult hashed = qt::run(bin() + " hash --salvage --threads=1 " + q(img));
+    const qt::CommandResult hashed = qt::run(cli() + " hash --salvage --threads=1 " + q(img));
     EXPECT_EQ(hashed.exit_code, 4);
     EXPECT_EQ(hashed.out.substr(0, 64), qt::run_ok("sha256sum " + q(expected_file)).substr(0, 64));
 }
@@ -303,7 +298,7 @@ TEST(Salvage, SnapshotTablePastTheEndOfTheFile) {
     const fs::path img = four_clusters(dir);
     qt::run_ok("qemu-img snapshot -c s1 " + q(img));
     fs::resize_file(img, qt::peek_be(img, 64, 8) + 8);
-    const qt::CommandResult plain = qt::run(bin() + " cat " + q(img) + " >/dev/null");
+    const qt::CommandResult plain = qt::run(cli() + " cat " + q(img) + " >/dev/null");
     EXPECT_EQ(plain.exit_code, 1);
     const Salvaged s = cat_salvage(img);
     EXPECT_EQ(s.exit_code, 0) << "the disk itself lost nothing: " << s.err;
@@ -314,7 +309,7 @@ TEST(Salvage, TheHeaderMustStillParse) {
     qt::TempDir dir;
     const fs::path img = four_clusters(dir);
     fs::resize_file(img, 50);
-    const qt::CommandResult r = qt::run(bin() + " cat --salvage " + q(img));
+    const qt::CommandResult r = qt::run(cli() + " cat --salvage " + q(img));
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_EQ(r.err, "qcowmap: " + img.string() +
                          ": file is truncated: 50 bytes, shorter than the 104-byte version 3 "

@@ -30,13 +30,8 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace qt = qcowmap::test;
-
-std::string q(const fs::path& p) {
-    return qt::shell_quote(p.string());
-}
-std::string bin() {
-    return qt::shell_quote(qt::qcowmap_bin());
-}
+using qt::cli;
+using qt::q;
 
 /// A qcow2 overlay at `image` whose backing file name is `name` (format `format`), created
 /// without opening the backing file (-u), so that any name can be stored.
@@ -88,7 +83,7 @@ std::vector<std::string> commands(const fs::path& image, const fs::path& out_dir
 /// status of a failed open (2 for compare, as qemu-img compare; 1 otherwise).
 testing::AssertionResult refused(const std::string& command, const fs::path& image,
                                  const std::string& expected) {
-    const qt::CommandResult r = qt::run("cd / && " + bin() + " " + command);
+    const qt::CommandResult r = qt::run("cd / && " + cli() + " " + command);
     const int want = command.starts_with("compare") ? 2 : 1;
     const std::string line = "qcowmap: " + image.string() + ": " + expected + " (--untrusted)\n";
     if (r.exit_code != want || r.err != line || !r.out.empty()) {
@@ -163,7 +158,7 @@ TEST(Untrusted, EveryEscapeIsRefusedByEveryCommand) {
         if (escape.name == "absolute-data-file") {
             // info reads only the header: it says the data file was refused, and why.
             const qt::CommandResult info =
-                qt::run("cd / && " + bin() + " info --untrusted --backing-chain " + q(image));
+                qt::run("cd / && " + cli() + " info --untrusted --backing-chain " + q(image));
             EXPECT_EQ(info.exit_code, 0) << info.err;
             EXPECT_NE(info.out.find("data file found: no (" + escape.expected + " (untrusted))"),
                       std::string::npos)
@@ -181,7 +176,7 @@ TEST(Untrusted, WithoutTheFlagReferencesAreFollowedAsQemuDoes) {
             escape.name != "backing link-out.raw")
             continue;
         SCOPED_TRACE(escape.name);
-        const qt::CommandResult ours = qt::run("cd / && " + bin() + " cat " + q(image));
+        const qt::CommandResult ours = qt::run("cd / && " + cli() + " cat " + q(image));
         ASSERT_EQ(ours.exit_code, 0) << ours.err;
         const std::vector<std::byte> oracle = qt::qemu_raw(image, outside);
         ASSERT_EQ(ours.out.size(), oracle.size());
@@ -222,14 +217,14 @@ TEST(Untrusted, ReferencesInsideTheDirectoryStillRead) {
         const fs::path image = dir / ("top-" + std::to_string(n++) + ".qcow2");
         overlay(image, c.name, c.format);
         qt::run_ok("qemu-io -f qcow2 -c 'write -P 0x31 4k 4k' " + q(image) + " >/dev/null");
-        const qt::CommandResult ours = qt::run("cd / && " + bin() + " cat --untrusted " + q(image));
+        const qt::CommandResult ours = qt::run("cd / && " + cli() + " cat --untrusted " + q(image));
         ASSERT_EQ(ours.exit_code, 0) << ours.err;
         const std::vector<std::byte> oracle = qt::qemu_raw(image, dir);
         ASSERT_EQ(ours.out.size(), oracle.size());
         EXPECT_TRUE(std::equal(oracle.begin(), oracle.end(),
                                reinterpret_cast<const std::byte*>(ours.out.data())));
         const qt::CommandResult check =
-            qt::run("cd / && " + bin() + " check --untrusted " + q(image));
+            qt::run("cd / && " + cli() + " check --untrusted " + q(image));
         EXPECT_EQ(check.exit_code, 0) << check.err;
     }
 }
@@ -243,7 +238,7 @@ TEST(Untrusted, EachLayerIsConfinedToItsOwnDirectory) {
     qt::run_ok("qemu-img create -q -f qcow2 -u -b ../base.qcow2 -F qcow2 " +
                q(dir / "sub" / "mid.qcow2") + " 1M");
     overlay(dir / "top.qcow2", "sub/mid.qcow2", "qcow2");
-    const qt::CommandResult trusted = qt::run(bin() + " cat " + q(dir / "top.qcow2"));
+    const qt::CommandResult trusted = qt::run(cli() + " cat " + q(dir / "top.qcow2"));
     ASSERT_EQ(trusted.exit_code, 0) << trusted.err;
     EXPECT_TRUE(refused("cat --untrusted " + q(dir / "top.qcow2"), dir / "top.qcow2",
                         "backing file '../base.qcow2' leaves the image's directory"));
@@ -277,7 +272,7 @@ TEST(Untrusted, NamesTheCallerGivesAreTrusted) {
                ",data_file_raw=on " + q(data_image) + " 1M");
     raw_file(outside / "d.raw", 1 << 20, 0x66);
     const qt::CommandResult r = qt::run(
-        bin() + " cat --untrusted --data-file=" + q(outside / "d.raw") + " " + q(data_image));
+        cli() + " cat --untrusted --data-file=" + q(outside / "d.raw") + " " + q(data_image));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     ASSERT_EQ(r.out.size(), 1u << 20);
     EXPECT_EQ(static_cast<unsigned char>(r.out[0]), 0x66);
@@ -318,7 +313,7 @@ TEST(Untrusted, LibraryCApiAndCheckRefuseAlike) {
 TEST(Untrusted, MissingFilesReadAsBeforeNotAsRefusals) {
     qt::TempDir dir;
     overlay(dir / "top.qcow2", "nowhere.raw");
-    const qt::CommandResult r = qt::run(bin() + " cat --untrusted " + q(dir / "top.qcow2"));
+    const qt::CommandResult r = qt::run(cli() + " cat --untrusted " + q(dir / "top.qcow2"));
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_EQ(r.err, "qcowmap: " + (dir / "top.qcow2").string() + ": backing file " +
                          (dir / "nowhere.raw").string() + ": No such file or directory\n");
@@ -405,7 +400,7 @@ TEST(Untrusted, InfoWithoutTheChainNamesTheBackingFileWithoutOpeningIt) {
     // --untrusted it describes an image whose backing name escapes, and says so.
     qt::TempDir dir;
     overlay(dir / "top.qcow2", "/etc/hostname");
-    const qt::CommandResult r = qt::run(bin() + " info --untrusted " + q(dir / "top.qcow2"));
+    const qt::CommandResult r = qt::run(cli() + " info --untrusted " + q(dir / "top.qcow2"));
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("untrusted: backing file '/etc/hostname' would be refused: is an "
                          "absolute path\n"),
@@ -422,32 +417,32 @@ TEST(Untrusted, InfoShowsReferencesAndWhetherTheyPass) {
     qt::run_ok("qemu-img create -q -f qcow2 -o data_file=" + q(outside / "d.raw") + " " +
                q(data_image) + " 1M");
 
-    const std::string inside = qt::run_ok(bin() + " info --json " + q(dir / "inside.qcow2"));
+    const std::string inside = qt::run_ok(cli() + " info --json " + q(dir / "inside.qcow2"));
     EXPECT_NE(inside.find("\"references\": [\n        { \"kind\": \"backing-file\", \"name\": "
                           "\"base.raw\", \"untrusted-allowed\": true, \"untrusted-refusal\": "
                           "null, \"missing\": false }\n    ]"),
               std::string::npos)
         << inside;
-    const std::string out = qt::run_ok(bin() + " info --json " + q(dir / "outside.qcow2"));
+    const std::string out = qt::run_ok(cli() + " info --json " + q(dir / "outside.qcow2"));
     EXPECT_NE(out.find("{ \"kind\": \"backing-file\", \"name\": \"../x.raw\", "
                        "\"untrusted-allowed\": false, \"untrusted-refusal\": \"leaves the "
                        "image's directory\", \"missing\": false }"),
               std::string::npos)
         << out;
-    const std::string data = qt::run_ok(bin() + " info --json " + q(data_image));
+    const std::string data = qt::run_ok(cli() + " info --json " + q(data_image));
     EXPECT_NE(data.find("{ \"kind\": \"data-file\", \"name\": " + std::string("\"") +
                         (outside / "d.raw").string() +
                         "\", \"untrusted-allowed\": false, \"untrusted-refusal\": \"is an "
                         "absolute path\", \"missing\": false }"),
               std::string::npos)
         << data;
-    const std::string human = qt::run_ok(bin() + " info " + q(dir / "outside.qcow2"));
+    const std::string human = qt::run_ok(cli() + " info " + q(dir / "outside.qcow2"));
     EXPECT_NE(human.find("backing file: ../x.raw\n"), std::string::npos) << human;
     EXPECT_NE(human.find("untrusted: backing file '../x.raw' would be refused: leaves the "
                          "image's directory\n"),
               std::string::npos)
         << human;
-    const std::string fine = qt::run_ok(bin() + " info " + q(dir / "inside.qcow2"));
+    const std::string fine = qt::run_ok(cli() + " info " + q(dir / "inside.qcow2"));
     EXPECT_NE(fine.find("untrusted: backing file 'base.raw' would be followed\n"),
               std::string::npos)
         << fine;
@@ -500,7 +495,7 @@ struct Measured {
 Measured measure(const std::string& args) {
     qt::TempDir dir;
     const fs::path times = dir / "time";
-    const qt::CommandResult r = qt::run("/usr/bin/time -o " + q(times) + " -f '%M %e' " + bin() +
+    const qt::CommandResult r = qt::run("/usr/bin/time -o " + q(times) + " -f '%M %e' " + cli() +
                                         " " + args + " >/dev/null");
     Measured m;
     m.exit_code = r.exit_code;
@@ -530,7 +525,7 @@ TEST(ResourceBounds, SnapshotTableAtQemusLimits) {
     EXPECT_EQ(image->info().snapshots.size(), 65536u);
     // One more is refused before anything is read.
     qt::poke_be(img, 60, 65537, 4);
-    const qt::CommandResult r = qt::run(bin() + " info " + q(img));
+    const qt::CommandResult r = qt::run(cli() + " info " + q(img));
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_EQ(r.err, "qcowmap: " + img.string() +
                          ": 65537 snapshots exceed qemu's limit of "
@@ -556,7 +551,7 @@ TEST(ResourceBounds, LargestL1TableIsWalkedInPlace) {
     }
     // One entry more than qemu allows is refused.
     qt::poke_be(img, 36, (std::uint64_t{1} << 22) + 1, 4);
-    const qt::CommandResult r = qt::run(bin() + " map " + q(img));
+    const qt::CommandResult r = qt::run(cli() + " map " + q(img));
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_NE(r.err.find("exceeds qemu's limit of 0x2000000 bytes"), std::string::npos) << r.err;
 }
@@ -587,7 +582,7 @@ TEST(ResourceBounds, DecompressionStopsAtOneCluster) {
     frame.erase(frame.begin(), frame.begin() + static_cast<std::ptrdiff_t>(big_at));
     frame.resize(std::min<std::uint64_t>(big_size, size));
     qt::poke(img, at, std::string(reinterpret_cast<const char*>(frame.data()), frame.size()));
-    const qt::CommandResult r = qt::run(bin() + " cat " + q(img) + " >/dev/null");
+    const qt::CommandResult r = qt::run(cli() + " cat " + q(img) + " >/dev/null");
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_NE(r.err.find("zstd frame holds more than one cluster (65536 bytes)"), std::string::npos)
         << r.err;

@@ -25,17 +25,13 @@
 namespace qcowmap::test {
 namespace {
 
+using test::cli;
+using test::q;
+
 namespace fs = std::filesystem;
 using detail::writer::Geometry;
 
 constexpr std::uint64_t kKiB = 1024, kMiB = 1024 * 1024;
-
-std::string q(const fs::path& p) {
-    return shell_quote(p.string());
-}
-std::string cli() {
-    return shell_quote(qcowmap_bin());
-}
 
 /// `qemu-img check` of `image` finds no corruption and no leak (exit 0, JSON counts zero).
 void expect_clean(const fs::path& image, const std::string& format = "qcow2") {
