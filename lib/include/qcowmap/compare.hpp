@@ -20,8 +20,9 @@ struct CompareOptions {
     /// buffers; by default whichever costs less on this machine (automatic_data_access()).
     DataAccess data_access = DataAccess::automatic;
     /// Worker threads making mapped data present, reading pieces and decompressing clusters
-    /// ahead of the comparison, which runs on the calling thread. 0: one per core; 1: all on
-    /// the calling thread.
+    /// ahead of the comparison, which runs on the calling thread. 0: one per core, except when
+    /// the files of both images hold less than 128 MiB between them (there threads cost more
+    /// than they save: all on the calling thread); 1: all on the calling thread.
     unsigned threads = 0;
     /// Called on the calling thread as the comparison advances: bytes compared so far, and the
     /// larger disk's size (a tail past the shorter disk is checked for zeros last).
