@@ -70,6 +70,24 @@ struct Recorder {
     }
 };
 
+/// export_raw into a pipe, with a thread reading the other end into `received`.
+Result<void> export_into_pipe(const Image& image, const ExportOptions& options,
+                              std::vector<std::byte>& received) {
+    int fds[2];
+    if (::pipe(fds) != 0)
+        return Error{ErrorCode::io_error, "pipe failed"};
+    std::thread reader([&] {
+        std::byte buffer[65536];
+        for (ssize_t n; (n = ::read(fds[0], buffer, sizeof buffer)) > 0;)
+            received.insert(received.end(), buffer, buffer + n);
+    });
+    auto ok = export_raw(image, fds[1], options);
+    ::close(fds[1]);
+    reader.join();
+    ::close(fds[0]);
+    return ok;
+}
+
 TEST_F(Export, RawToANewFileIsQemusBytesWithHoles) {
     const Image image = open_ok(image_);
     // Each data access (mapped data is made present ahead and dropped behind), on one thread
@@ -113,21 +131,10 @@ TEST_F(Export, RawIntoAPipeIsSequentialWithZeros) {
     const Image image = open_ok(image_);
     for (DataAccess access : {DataAccess::automatic, DataAccess::read, DataAccess::mapping}) {
         SCOPED_TRACE(static_cast<int>(access));
-        int fds[2];
-        ASSERT_EQ(::pipe(fds), 0);
-        std::vector<std::byte> received;
-        std::thread reader([&] {
-            std::byte buffer[65536];
-            for (ssize_t n; (n = ::read(fds[0], buffer, sizeof buffer)) > 0;)
-                received.insert(received.end(), buffer, buffer + n);
-        });
-        ExportError where;
         ExportOptions options;
         options.data_access = access;
-        auto ok = export_raw(image, fds[1], options, &where);
-        ::close(fds[1]);
-        reader.join();
-        ::close(fds[0]);
+        std::vector<std::byte> received;
+        auto ok = export_into_pipe(image, options, received);
         ASSERT_TRUE(ok) << ok.error().message;
         EXPECT_TRUE(received == raw_);
     }
@@ -146,14 +153,6 @@ TEST_F(Export, PartOfTheDiskInOrder) {
         for (unsigned threads : {1u, 3u}) {
             SCOPED_TRACE(testing::Message()
                          << "access " << static_cast<int>(access) << ", threads " << threads);
-            int fds[2];
-            ASSERT_EQ(::pipe(fds), 0);
-            std::vector<std::byte> received;
-            std::thread reader([&] {
-                std::byte buffer[65536];
-                for (ssize_t n; (n = ::read(fds[0], buffer, sizeof buffer)) > 0;)
-                    received.insert(received.end(), buffer, buffer + n);
-            });
             Recorder progress;
             ExportOptions options;
             options.data_access = access;
@@ -161,10 +160,8 @@ TEST_F(Export, PartOfTheDiskInOrder) {
             options.start = start;
             options.end = end;
             options.progress = progress.callback();
-            auto ok = export_raw(image, fds[1], options);
-            ::close(fds[1]);
-            reader.join();
-            ::close(fds[0]);
+            std::vector<std::byte> received;
+            auto ok = export_into_pipe(image, options, received);
             ASSERT_TRUE(ok) << ok.error().message;
             EXPECT_TRUE(received == expected);
             progress.expect_complete(end - start);
