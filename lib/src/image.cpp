@@ -420,13 +420,14 @@ std::shared_ptr<const ImageState> with_salvage(const ImageState& top,
 } // namespace
 } // namespace detail
 
-Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
-    auto state = detail::open_chain(path, options, {});
+/// The image of a chain `open_chain` opened; with `salvage`, its damage found once, with the
+/// walk every reader will make.
+Result<Image> Image::from_chain(Result<std::shared_ptr<const detail::ImageState>> state,
+                                const OpenOptions& options) {
     if (!state) {
         return std::move(state).error();
     }
     if (options.salvage) {
-        // Find the damage once, with the walk every reader will make.
         auto scan = detail::scan_for_salvage(Image(*state));
         if (!scan) {
             return std::move(scan).error();
@@ -436,19 +437,12 @@ Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& 
     return Image(std::move(*state));
 }
 
+Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
+    return from_chain(detail::open_chain(path, options, {}), options);
+}
+
 Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions& options) {
-    auto state = detail::open_chain(bytes, options, {});
-    if (!state) {
-        return std::move(state).error();
-    }
-    if (options.salvage) {
-        auto scan = detail::scan_for_salvage(Image(*state));
-        if (!scan) {
-            return std::move(scan).error();
-        }
-        *state = detail::with_salvage(**state, std::move(*scan));
-    }
-    return Image(std::move(*state));
+    return from_chain(detail::open_chain(bytes, options, {}), options);
 }
 
 const SalvageReport& salvage_report(const Image& image) {

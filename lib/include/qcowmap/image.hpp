@@ -120,6 +120,9 @@ class Image {
 
   private:
     explicit Image(std::shared_ptr<const detail::ImageState> state);
+    /// What open and open_bytes share once the chain is open (the salvage scan).
+    static Result<Image> from_chain(Result<std::shared_ptr<const detail::ImageState>> state,
+                                    const OpenOptions& options);
     std::shared_ptr<const detail::ImageState> state_;
     friend class Decompressor;
     friend const detail::ImageState& detail_state(const Image& image);
