@@ -14,7 +14,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <thread>
 #include <unistd.h>
 
 namespace qcowmap::cli {
@@ -397,11 +396,6 @@ void Progress::finish() {
         update(total_);
         fmt::print(stderr, "\n");
     }
-}
-
-unsigned worker_threads() {
-    unsigned cores = std::thread::hardware_concurrency();
-    return cores == 0 ? 2 : cores;
 }
 
 bool write_all(int fd, const void* data, std::size_t length) {

@@ -151,9 +151,6 @@ class Progress {
     int last_hundredths_ = -1;
 };
 
-/// Threads for producing disk contents (decompression runs ahead of the writer): one per core.
-unsigned worker_threads();
-
 /// Writes all of `data` to `fd` (retrying short writes); false with errno set on failure.
 bool write_all(int fd, const void* data, std::size_t length);
 

@@ -83,7 +83,6 @@ int convert_raw(const ConvertJob& job) {
     Progress meter(job.progress, job.image.size());
     ExportOptions options;
     options.zero_block = job.sparse_size;
-    options.threads = worker_threads();
     options.data_access = job.io;
     options.sequential = job.target == "-";
     options.progress = meter.callback();
@@ -117,7 +116,6 @@ int convert_incremental(const ConvertJob& job, const std::string& bitmap_name) {
     }
     Progress meter(job.progress, bitmap->dirty_bytes());
     ExportOptions options;
-    options.threads = worker_threads();
     options.progress = meter.callback();
     ExportError where;
     auto result = export_dirty(job.image, *bitmap, target.fd, options, &where);

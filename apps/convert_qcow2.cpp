@@ -156,7 +156,6 @@ int convert_qcow2(const ConvertJob& job) {
     }
     // Progress in hundredths of a percent of the selected bytes.
     Progress meter(job.progress, 10000);
-    options.threads = worker_threads();
     if (job.progress) {
         options.progress = [&meter](std::uint64_t done, std::uint64_t total) {
             meter.update(total == 0 ? 10000 : done * 10000 / total);

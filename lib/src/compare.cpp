@@ -23,7 +23,6 @@
 #include <cstring>
 #include <deque>
 #include <optional>
-#include <thread>
 #include <vector>
 
 namespace qcowmap {
@@ -37,7 +36,6 @@ constexpr std::uint64_t kComparePiece = 1024 * 1024;
 constexpr std::size_t kMaxGroupedPieces = 64;
 // Compared pages are dropped this many bytes at a time.
 constexpr std::uint64_t kReleaseBatch = 4 * 1024 * 1024;
-constexpr unsigned kMaxThreads = 64;
 // Below this many bytes in all the files of both images (so at most this much data to read),
 // the comparison runs on the calling thread. Threads cost a fixed amount: starting them, the
 // look-ahead's second walk of both maps, and handing every byte to another core. On this 2-core
@@ -638,15 +636,6 @@ std::uint64_t file_bytes(const Image& image) {
     return total;
 }
 
-unsigned resolve_threads(unsigned threads) {
-    if (threads == 0) {
-        threads = std::thread::hardware_concurrency();
-        if (threads == 0)
-            threads = 1;
-    }
-    return std::min(threads, kMaxThreads);
-}
-
 } // namespace
 
 Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
@@ -659,7 +648,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
         return r;
     }
     const DataAccess access = detail::resolve(options.data_access);
-    const unsigned threads = resolve_threads(options.threads);
+    const unsigned threads = detail::resolve_threads(options.threads);
     Planner plan(a, b, options, access);
     std::optional<Prefetcher> prefetcher;
     bool no_threads = threads <= 1 ||

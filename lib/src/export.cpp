@@ -2,6 +2,7 @@
 // block-device targets (qemu-img.c convert_do_copy / convert_write, with -S as
 // is_allocated_sectors_min's zero check).
 #include "image_state.hpp"
+#include "workers.hpp"
 
 #include <qcowmap/bitmap.hpp>
 #include <qcowmap/export.hpp>
@@ -15,7 +16,6 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
-#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -24,13 +24,6 @@ namespace {
 
 /// Zeros for writing zero runs where holes cannot be left (never materialised per run).
 alignas(4096) const std::byte kZeros[1 << 20] = {};
-
-unsigned resolve_threads(unsigned threads) {
-    if (threads != 0)
-        return threads;
-    unsigned cores = std::thread::hardware_concurrency();
-    return cores == 0 ? 2 : cores;
-}
 
 Error errno_error(int error) {
     return Error{ErrorCode::io_error, std::strerror(error)};
@@ -372,8 +365,9 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
                         target->kind == Target::Kind::block_device;
     // A pipe given pages by reference needs them present, not read (Prefetch::populate).
     const VisitOptions visit =
-        copies ? VisitOptions{resolve_threads(options.threads), DataAccess::mapping, Prefetch::none}
-               : VisitOptions{resolve_threads(options.threads), options.data_access,
+        copies ? VisitOptions{detail::resolve_threads(options.threads), DataAccess::mapping,
+                              Prefetch::none}
+               : VisitOptions{detail::resolve_threads(options.threads), options.data_access,
                               writer.splices() ? Prefetch::populate : Prefetch::touch};
     if (total == 0)
         return {};
@@ -419,7 +413,7 @@ Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
     if (options.progress)
         options.progress(0, total);
     // Data is copied inside the kernel, from the file positions the runs carry.
-    const VisitOptions visit{resolve_threads(options.threads), DataAccess::mapping};
+    const VisitOptions visit{detail::resolve_threads(options.threads), DataAccess::mapping};
     auto visitor = [&](const Run& run) -> Result<void> {
         auto ok = run.bytes.empty() ? writer.zeros(run.offset, run.length, true) : writer.data(run);
         if (!ok)

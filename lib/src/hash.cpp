@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace qcowmap {
@@ -88,13 +87,6 @@ const char* evp_name(HashAlgorithm algorithm) {
         break;
     }
     return nullptr;
-}
-
-unsigned resolve_threads(unsigned threads) {
-    if (threads != 0)
-        return threads;
-    unsigned cores = std::thread::hardware_concurrency();
-    return cores == 0 ? 1 : cores;
 }
 
 } // namespace
@@ -274,7 +266,7 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
                 options.progress(run.offset + run.length, image.size());
             return {};
         },
-        VisitOptions{resolve_threads(options.threads), detail::resolve(options.data_access),
+        VisitOptions{detail::resolve_threads(options.threads), detail::resolve(options.data_access),
                      Prefetch::touch});
     if (!ok)
         return std::move(ok).error();
@@ -296,7 +288,7 @@ Result<void> hash_images(std::size_t count, const ImageOpener& open, const HashO
     // Progress is per image and its callback would run on the workers: not used here.
     HashOptions options = options_in;
     options.progress = nullptr;
-    const unsigned threads = resolve_threads(options.threads);
+    const unsigned threads = detail::resolve_threads(options.threads);
     auto hash_one = [&](std::size_t index, const HashOptions& one) -> Result<ImageDigest> {
         auto image = open(index);
         if (!image)
@@ -482,8 +474,8 @@ Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
 
     const std::uint64_t per_chunk = blocks_per_chunk(bs);
     const std::uint64_t chunks = blocks / per_chunk + (blocks % per_chunk != 0);
-    unsigned threads =
-        static_cast<unsigned>(std::min<std::uint64_t>(resolve_threads(options.threads), chunks));
+    unsigned threads = static_cast<unsigned>(
+        std::min<std::uint64_t>(detail::resolve_threads(options.threads), chunks));
 
     auto make_worker = [&]() -> Result<BlockHasher> {
         auto hasher = Hasher::create(options.algorithm);

@@ -5,6 +5,7 @@
 
 #include <qcowmap/result.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
@@ -21,6 +22,25 @@
 #include <sched.h>
 
 namespace qcowmap::detail {
+
+/// The cores this process may run on (its affinity mask: taskset, cpusets), which may be fewer
+/// than the machine has.
+inline unsigned usable_cores() noexcept {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        const int count = CPU_COUNT(&set);
+        if (count > 0)
+            return static_cast<unsigned>(count);
+    }
+    const unsigned cores = std::thread::hardware_concurrency();
+    return cores == 0 ? 1 : cores;
+}
+
+/// The worker threads to start for an options struct's `threads`: as asked, 0 meaning one per
+/// usable core, and never more than 64.
+inline unsigned resolve_threads(unsigned threads) noexcept {
+    return std::min(threads != 0 ? threads : usable_cores(), 64u);
+}
 
 /// A ring of `capacity` job slots served by up to `threads` worker threads.
 ///
@@ -130,19 +150,6 @@ template <typename Job> class OrderedWorkers {
     /// A few thousand `pause`s (tens to hundreds of microseconds, by CPU): about as long as a
     /// cluster's decompression or a window's read.
     static constexpr int kSpinRounds = 4000;
-
-    /// The cores this process may run on (its affinity mask: taskset, cpusets), which may be
-    /// fewer than the machine has.
-    static unsigned usable_cores() noexcept {
-        cpu_set_t set;
-        if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-            const int count = CPU_COUNT(&set);
-            if (count > 0)
-                return static_cast<unsigned>(count);
-        }
-        const unsigned cores = std::thread::hardware_concurrency();
-        return cores == 0 ? 1 : cores;
-    }
 
     template <typename Ready> void wait_until(std::condition_variable& signal, Ready ready) {
         for (int i = 0; i < spin_rounds_; ++i) {

@@ -30,7 +30,6 @@
 #include <fcntl.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
-#include <thread>
 #include <unistd.h>
 
 namespace qcowmap {
@@ -523,10 +522,7 @@ std::vector<std::byte> encode_l1(const Geometry& g, const Layout& layout,
 constexpr std::uint64_t kParallelPiece = 8 << 20;
 
 unsigned thread_count(const WriteOptions& options) {
-    if (options.threads > 0)
-        return std::min(options.threads, 64u);
-    const unsigned cores = std::thread::hardware_concurrency();
-    return cores == 0 ? 2 : std::min(cores, 64u);
+    return detail::resolve_threads(options.threads);
 }
 
 } // namespace
