@@ -295,6 +295,14 @@ TEST_F(Compare, EveryDataAccessAndThreadCountGivesTheSameAnswer) {
     fs::path packed = dir_ / "packed.qcow2";
     run_ok("qemu-img convert -c -O qcow2 " + shell_quote(a.string()) + " " +
            shell_quote(packed.string()));
+    // Compressed on both sides, in clusters of different sizes: the workers decompress clusters
+    // of either side in groups, handed to the comparison one by one.
+    fs::path packed_zstd = dir_ / "packed-zstd.qcow2";
+    run_ok("qemu-img convert -c -O qcow2 -o compression_type=zstd,cluster_size=2M " +
+           shell_quote(a.string()) + " " + shell_quote(packed_zstd.string()));
+    fs::path packed_b = dir_ / "packed-b.qcow2";
+    run_ok("qemu-img convert -c -O qcow2 -o cluster_size=32k " + shell_quote(b.string()) + " " +
+           shell_quote(packed_b.string()));
     fs::path longer = dir_ / "longer.qcow2";
     run_ok("qemu-img convert -O qcow2 " + shell_quote(a.string()) + " " +
            shell_quote(longer.string()));
@@ -316,6 +324,9 @@ TEST_F(Compare, EveryDataAccessAndThreadCountGivesTheSameAnswer) {
         {b, a, O::content_mismatch, 8200000 / 512 * 512, false},
         {a, packed, O::identical, 0, false},
         {packed, b, O::content_mismatch, 8200000 / 512 * 512, false},
+        {packed, packed_zstd, O::identical, 0, false},
+        {packed_zstd, packed_b, O::content_mismatch, 8200000 / 512 * 512, false},
+        {packed_b, packed, O::content_mismatch, 8200000 / 512 * 512, false},
         {a, longer, O::identical, 0, true},
         {longer_dirty, a, O::content_mismatch, 11u << 20, true},
     };

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -34,6 +35,10 @@ constexpr std::uint64_t kSector = 512; // BDRV_SECTOR_SIZE
 // prefetch window (both sides' pieces of a step go into the same job).
 constexpr std::uint64_t kComparePiece = 1024 * 1024;
 constexpr std::size_t kMaxGroupedPieces = 64;
+// Compressed clusters one job decompresses (of either side, in the order the caller takes
+// them), up to kPrefetchWindowBytes of output: waking a sleeping worker for each cluster cost
+// more than decompressing a 64 KiB zstd cluster on a 2-core VM.
+constexpr std::size_t kMaxGroupedClusters = 16;
 // Compared pages are dropped this many bytes at a time.
 constexpr std::uint64_t kReleaseBatch = 4 * 1024 * 1024;
 // Below this many bytes in all the files of both images (so at most this much data to read),
@@ -278,14 +283,20 @@ void add_pages(std::vector<std::span<const std::byte>>& ranges, std::span<const 
     ranges.push_back(bytes);
 }
 
-/// One job of the ring: a compressed cluster of one side to decompress, or a group of data
-/// pieces (of either side, in the order the caller compares them) to make present or to read
-/// into one buffer, back to back, about kPrefetchWindowBytes in all: a fragmented image's
-/// 64 KiB runs would otherwise cost a hand-over each.
+/// A compressed cluster of one side, decompressed by a job.
+struct Cluster {
+    int side = 0;
+    Extent extent;
+    detail::ScratchBytes buffer;
+};
+
+/// One job of the ring: compressed clusters to decompress, or a group of data pieces to make
+/// present or to read into one buffer, back to back, about kPrefetchWindowBytes in all (a
+/// fragmented image's 64 KiB runs would otherwise cost a hand-over each). Either side's, in
+/// the order the caller compares them.
 struct Job {
-    Source source = Source::none; // mapped, read or compressed
-    int side = 0;                 // compressed
-    Extent extent;                // compressed
+    Source source = Source::none;  // mapped, read or compressed
+    std::vector<Cluster> clusters; // compressed
     detail::ScratchBytes buffer;
     struct Tag {
         int side;
@@ -313,13 +324,14 @@ class Prefetcher {
   public:
     Prefetcher(const Image& a, const Image& b, const CompareOptions& options, DataAccess access,
                unsigned threads, std::uint64_t start)
-        : ahead_(a, b, options, access, start), capacity_(4 * static_cast<std::size_t>(threads)),
+        : cluster_size_{cluster_size_of(a), cluster_size_of(b)},
+          ahead_(a, b, options, access, start), capacity_(4 * static_cast<std::size_t>(threads)),
           slot_pages_(capacity_) {
         workers_.emplace(threads, capacity_, [a, b]() -> Result<detail::OrderedWorkers<Job>::Work> {
             auto decompressor = std::make_shared<Decompressor>();
             return detail::OrderedWorkers<Job>::Work(
                 [a, b, decompressor](Job& job) -> Result<void> {
-                    return run(job, job.side == 0 ? a : b, *decompressor);
+                    return run(job, a, b, *decompressor);
                 });
         });
     }
@@ -344,22 +356,27 @@ class Prefetcher {
     /// The bytes of side `i` for `step`, taken from the job that produced them. Data stays in
     /// the mapping or in the group's buffer (valid until the group after next is taken, so both
     /// sides of a step stay valid); a decompressed cluster is swapped into `cluster` (the old
-    /// buffer goes back to the ring).
+    /// buffer goes back to the ring with the next job of clusters).
     Result<std::span<const std::byte>> take(const Step& step, int i,
                                             detail::ScratchBytes& cluster) {
         const Source source = step.source[i];
         const Extent& e = step.extent[i];
         const std::uint64_t length = step.end - step.pos;
         if (source == Source::compressed) {
-            auto job = front(source);
-            if (!job)
-                return std::move(job).error();
-            if ((*job)->side != i || (*job)->extent.offset != e.offset ||
-                (*job)->extent.compressed_host_offset != e.compressed_host_offset) {
+            if (used_clusters_ == clusters_.size()) {
+                auto job = front(source);
+                if (!job)
+                    return std::move(job).error();
+                clusters_.swap((*job)->clusters);
+                used_clusters_ = 0;
+                workers_->release();
+            }
+            Cluster& next = clusters_[used_clusters_++];
+            if (next.side != i || next.extent.offset != e.offset ||
+                next.extent.compressed_host_offset != e.compressed_host_offset) {
                 return lost_place();
             }
-            cluster.swap((*job)->buffer);
-            workers_->release();
+            cluster.swap(next.buffer);
             return std::span<const std::byte>(cluster);
         }
         if (used_ == group_.pieces.size()) {
@@ -384,7 +401,7 @@ class Prefetcher {
     }
 
   private:
-    static Result<void> run(Job& job, const Image& image, Decompressor& decompressor) {
+    static Result<void> run(Job& job, const Image& a, const Image& b, Decompressor& decompressor) {
         for (const auto& pages : job.release_first)
             detail::release_pages(pages);
         job.release_first.clear();
@@ -429,14 +446,25 @@ class Prefetcher {
             }
             return {};
         }
-        default: {
-            const detail::ImageState* layer =
-                detail::layer_at(detail_state(image), job.extent.depth);
-            reserve_once(job.buffer);
-            job.buffer.resize(layer ? layer->cluster_size : 0);
-            return decompressor.decompress_cluster(image, job.extent, job.buffer);
+        default:
+            for (Cluster& c : job.clusters) {
+                const Image& image = c.side == 0 ? a : b;
+                const detail::ImageState* layer =
+                    detail::layer_at(detail_state(image), c.extent.depth);
+                c.buffer.resize(layer ? layer->cluster_size : 0);
+                if (auto ok = decompressor.decompress_cluster(image, c.extent, c.buffer); !ok)
+                    return ok;
+            }
+            return {};
         }
-        }
+    }
+
+    /// The cluster size of each layer of `image`, by depth.
+    static std::function<std::uint64_t(std::uint32_t)> cluster_size_of(const Image& image) {
+        return [image](std::uint32_t depth) -> std::uint64_t {
+            const detail::ImageState* layer = detail::layer_at(detail_state(image), depth);
+            return layer ? layer->cluster_size : 0;
+        };
     }
 
     /// Buffers move between slots, the caller and the groups (swapped, never copied), and a
@@ -493,22 +521,32 @@ class Prefetcher {
         return true;
     }
 
-    /// Fills `job` with the next compressed cluster, or with data pieces up to a window's
-    /// worth. False when the look-ahead has nothing more.
+    /// Fills `job` with the next compressed clusters, up to kMaxGroupedClusters, or with data
+    /// pieces up to a window's worth. False when the look-ahead has nothing more.
     bool fill(Job& job) {
         std::uint64_t grouped = 0;
         std::array<std::size_t, 2> side_bytes{0, 0};
+        std::size_t clusters = 0; // of job.clusters, whose buffers are reused
+        std::uint64_t cluster_bytes = 0;
         while (more_units()) {
             const Unit& u = units_.front();
             if (u.source == Source::compressed) {
-                if (!job.pieces.empty())
+                const std::uint64_t size = cluster_size_[u.side](u.extent.depth);
+                if (!job.pieces.empty() || clusters == kMaxGroupedClusters ||
+                    (clusters > 0 && cluster_bytes + size > kPrefetchWindowBytes))
                     break; // close the group first
+                cluster_bytes += size;
                 job.source = u.source;
-                job.side = u.side;
-                job.extent = u.extent;
+                if (clusters == job.clusters.size())
+                    job.clusters.emplace_back();
+                job.clusters[clusters].side = u.side;
+                job.clusters[clusters].extent = u.extent;
+                ++clusters;
                 units_.pop_front();
-                return true;
+                continue;
             }
+            if (clusters > 0)
+                break; // close the clusters first
             if (!job.pieces.empty() && (grouped + u.length > kPrefetchWindowBytes ||
                                         job.pieces.size() == kMaxGroupedPieces)) {
                 break; // this job is full; the piece starts the next one
@@ -524,6 +562,10 @@ class Prefetcher {
             grouped += u.length;
             side_bytes[u.side] += static_cast<std::size_t>(u.length);
             units_.pop_front();
+        }
+        if (clusters > 0) {
+            job.clusters.resize(clusters);
+            return true;
         }
         // Side 1's pieces go after side 0's.
         for (Job::Tag& tag : job.pieces) {
@@ -557,6 +599,7 @@ class Prefetcher {
         }
     }
 
+    std::array<std::function<std::uint64_t(std::uint32_t)>, 2> cluster_size_; // by layer depth
     Planner ahead_;
     bool stopped_ = false;
     std::deque<Unit> units_;
@@ -566,6 +609,8 @@ class Prefetcher {
     Job group_; // the data group the caller is in (pieces and pages only)
     std::size_t used_ = 0;
     std::array<detail::ScratchBytes, 2> group_buffers_;
+    std::vector<Cluster> clusters_; // the clusters the caller is taking
+    std::size_t used_clusters_ = 0;
     int current_ = 0;
     std::vector<std::span<const std::byte>> done_pages_; // compared, not yet dropped
     std::uint64_t done_bytes_ = 0;
