@@ -285,6 +285,59 @@ TEST_F(Compare, QuietPrintsNothing) {
 // The library in every data access mode and thread count: the same answers. Fragmented data
 // (64 KiB runs, grouped into prefetch jobs), long runs (cut into 1 MiB steps), compressed
 // clusters against plain data, and a longer disk whose tail must be read.
+// A damaged compressed cluster after the first difference: the difference is the answer on
+// any number of threads (workers decompress clusters in groups; a cluster's error must surface
+// only when the comparison reaches that cluster, and name its image).
+TEST_F(Compare, DifferenceBeforeADamagedClusterWinsOnEveryThreadCount) {
+    fs::path a = image("a.qcow2", "cluster_size=64k,compression_type=zstd", "1M",
+                       {"write -c -P 0x11 0 64k", "write -c -P 0x22 64k 64k"});
+    fs::path b = image("b.qcow2", "cluster_size=64k,compression_type=zstd", "1M",
+                       {"write -c -P 0x33 0 64k", "write -c -P 0x22 64k 64k"});
+    std::uint64_t host = 0;
+    {
+        auto opened = Image::open(b);
+        ASSERT_TRUE(opened) << opened.error().message;
+        for (const Extent& e : opened->extents()) {
+            if (e.kind == ExtentKind::compressed && e.offset == 64 * 1024)
+                host = e.compressed_host_offset;
+        }
+    }
+    ASSERT_NE(host, 0u);
+    std::vector<std::byte> bytes = test::read_file(b);
+    for (std::uint64_t i = 0; i < 64 && host + i < bytes.size(); ++i)
+        bytes[host + i] = std::byte(0xff - i);
+    test::write_file(b, bytes);
+    auto x = Image::open(a);
+    auto y = Image::open(b);
+    ASSERT_TRUE(x && y);
+    for (unsigned threads : {1u, 2u, 3u}) {
+        for (bool swapped : {false, true}) {
+            SCOPED_TRACE(testing::Message() << "threads " << threads << " swapped " << swapped);
+            CompareOptions options;
+            options.threads = threads;
+            auto r = swapped ? compare_images(*y, *x, options) : compare_images(*x, *y, options);
+            ASSERT_TRUE(r) << r.error().message;
+            EXPECT_EQ(r->outcome, CompareResult::Outcome::content_mismatch);
+            EXPECT_EQ(r->offset, 0u);
+        }
+    }
+    // Equal first clusters: the damaged one is the error, named on b's side.
+    fs::path c = image("c.qcow2", "cluster_size=64k,compression_type=zstd", "1M",
+                       {"write -c -P 0x33 0 64k", "write -c -P 0x22 64k 64k"});
+    auto z = Image::open(c);
+    ASSERT_TRUE(z);
+    for (unsigned threads : {1u, 2u, 3u}) {
+        SCOPED_TRACE(testing::Message() << "threads " << threads);
+        CompareOptions options;
+        options.threads = threads;
+        CompareError where;
+        auto r = compare_images(*z, *y, options, &where);
+        ASSERT_FALSE(r);
+        EXPECT_EQ(r.error().code, ErrorCode::compressed_data) << r.error().message;
+        EXPECT_EQ(where.image, 1);
+    }
+}
+
 TEST_F(Compare, EveryDataAccessAndThreadCountGivesTheSameAnswer) {
     std::vector<std::string> writes = {"write -P 0x71 0 3M"};
     for (int i = 0; i < 40; ++i)

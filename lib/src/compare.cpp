@@ -48,6 +48,9 @@ constexpr std::uint64_t kReleaseBatch = 4 * 1024 * 1024;
 // 0.09 s with two), and two threads compare about 6 GB/s against one thread's 2 GB/s, so they
 // gain that back only beyond ~100 MB.
 constexpr std::uint64_t kThreadedFileBytes = 128 << 20;
+// Small files can still hold much work: compressed clusters expand. Once this many bytes were
+// decompressed on the calling thread, the threads start after all.
+constexpr std::uint64_t kInlineDecompressedBytes = 8 << 20;
 
 alignas(4096) const std::byte kZeros[64 * 1024] = {};
 
@@ -283,11 +286,14 @@ void add_pages(std::vector<std::span<const std::byte>>& ranges, std::span<const 
     ranges.push_back(bytes);
 }
 
-/// A compressed cluster of one side, decompressed by a job.
+/// A compressed cluster of one side, decompressed by a job. Its own error is reported only
+/// when the caller takes it: an earlier cluster of the group may already differ, and which
+/// image is damaged depends on the cluster.
 struct Cluster {
     int side = 0;
     Extent extent;
     detail::ScratchBytes buffer;
+    std::optional<Error> error;
 };
 
 /// One job of the ring: compressed clusters to decompress, or a group of data pieces to make
@@ -376,6 +382,8 @@ class Prefetcher {
                 next.extent.compressed_host_offset != e.compressed_host_offset) {
                 return lost_place();
             }
+            if (next.error)
+                return *next.error;
             cluster.swap(next.buffer);
             return std::span<const std::byte>(cluster);
         }
@@ -447,13 +455,15 @@ class Prefetcher {
             return {};
         }
         default:
+            for (Cluster& c : job.clusters)
+                c.error.reset();
             for (Cluster& c : job.clusters) {
                 const Image& image = c.side == 0 ? a : b;
                 const detail::ImageState* layer =
                     detail::layer_at(detail_state(image), c.extent.depth);
                 c.buffer.resize(layer ? layer->cluster_size : 0);
                 if (auto ok = decompressor.decompress_cluster(image, c.extent, c.buffer); !ok)
-                    return ok;
+                    c.error = std::move(ok).error();
             }
             return {};
         }
@@ -696,8 +706,10 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     const unsigned threads = detail::resolve_threads(options.threads);
     Planner plan(a, b, options, access);
     std::optional<Prefetcher> prefetcher;
-    bool no_threads = threads <= 1 ||
-                      (options.threads == 0 && file_bytes(a) + file_bytes(b) < kThreadedFileBytes);
+    bool no_threads = threads <= 1;
+    const bool small_files =
+        options.threads == 0 && file_bytes(a) + file_bytes(b) < kThreadedFileBytes;
+    std::uint64_t decompressed_here = 0;
     std::array<InlineSide, 2> inline_sides{InlineSide(a), InlineSide(b)};
     // Read pieces and decompressed clusters the caller holds, per side.
     std::array<detail::ScratchBytes, 2> buffers;
@@ -728,7 +740,18 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
             }
             return false;
         }();
-        if (produced && !prefetcher && !no_threads) {
+        // The look-ahead starts at this step: not where a side is inside a cluster decompressed
+        // here (it would count that cluster as new).
+        const bool mid_cluster = [&] {
+            for (int i = 0; i < 2; ++i) {
+                if (step.source[i] == Source::compressed && !step.new_cluster[i])
+                    return true;
+            }
+            return false;
+        }();
+        const bool worth_threads =
+            !small_files || (decompressed_here >= kInlineDecompressedBytes && !mid_cluster);
+        if (produced && !prefetcher && !no_threads && worth_threads) {
             try {
                 prefetcher.emplace(a, b, options, access, threads, step.pos);
                 if (prefetcher->idle()) {
@@ -755,6 +778,8 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
                 got = std::span<const std::byte>(buffers[i]); // the cluster taken before
             } else {
                 got = inline_sides[i].bytes(step, i, buffers[i]);
+                if (got && s == Source::compressed)
+                    decompressed_here += got->size();
             }
             if (!got) {
                 if (error_detail)

@@ -203,8 +203,9 @@ class Writer {
     Writer(int fd, const Target& target, std::uint64_t zero_block)
         : fd_(fd), kind_(target.kind), zero_block_(zero_block),
           splice_(target.kind == Target::Kind::stream && target.pipe) {
-        if (splice_) {
-            // A bigger pipe means fewer round trips with the reader; refused is fine.
+        if (splice_ && ::fcntl(fd_, F_GETPIPE_SZ) < (1 << 20)) {
+            // A bigger pipe means fewer round trips with the reader; refused is fine. Never
+            // smaller than the caller made it.
             (void)::fcntl(fd_, F_SETPIPE_SZ, 1 << 20);
         }
     }
