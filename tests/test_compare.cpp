@@ -338,6 +338,35 @@ TEST_F(Compare, DifferenceBeforeADamagedClusterWinsOnEveryThreadCount) {
     }
 }
 
+// Default threads on small files: the comparison starts on the calling thread and, once 8 MiB
+// of compressed clusters were decompressed there, hands the rest to the workers mid-way (at a
+// step where no side is inside a cluster already decompressed).
+TEST_F(Compare, SmallCompressedFilesMoveToThreadsMidWay) {
+    fs::path a = image("a.qcow2", "cluster_size=64k,compression_type=zstd", "32M",
+                       {"write -c -P 0x41 0 24M"});
+    fs::path b = image(
+        "b.qcow2", "cluster_size=32k", "32M",
+        {"write -c -P 0x41 0 20M", "write -c -P 0x42 20M 32k", "write -c -P 0x41 20512k 4064k"});
+    fs::path same = dir_ / "same.qcow2";
+    run_ok("qemu-img convert -c -O qcow2 -o cluster_size=32k " + shell_quote(a.string()) + " " +
+           shell_quote(same.string()));
+    auto x = Image::open(a);
+    auto y = Image::open(b);
+    auto z = Image::open(same);
+    ASSERT_TRUE(x && y && z);
+    for (DataAccess access : {DataAccess::mapping, DataAccess::read}) {
+        CompareOptions options; // threads 0: the default
+        options.data_access = access;
+        auto r = compare_images(*x, *y, options);
+        ASSERT_TRUE(r) << r.error().message;
+        EXPECT_EQ(r->outcome, CompareResult::Outcome::content_mismatch);
+        EXPECT_EQ(r->offset, 20u << 20);
+        r = compare_images(*x, *z, options);
+        ASSERT_TRUE(r) << r.error().message;
+        EXPECT_EQ(r->outcome, CompareResult::Outcome::identical);
+    }
+}
+
 TEST_F(Compare, EveryDataAccessAndThreadCountGivesTheSameAnswer) {
     std::vector<std::string> writes = {"write -P 0x71 0 3M"};
     for (int i = 0; i < 40; ++i)
