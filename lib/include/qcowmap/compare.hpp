@@ -22,7 +22,8 @@ struct CompareOptions {
     /// Worker threads making mapped data present, reading pieces and decompressing clusters
     /// ahead of the comparison, which runs on the calling thread. 0: one per core, except when
     /// the files of both images hold less than 128 MiB between them (there threads cost more
-    /// than they save: all on the calling thread); 1: all on the calling thread.
+    /// than they save: the calling thread starts alone, and the threads join only once 8 MiB
+    /// of compressed clusters were decompressed); 1: all on the calling thread.
     unsigned threads = 0;
     /// Called on the calling thread as the comparison advances: bytes compared so far, and the
     /// larger disk's size (a tail past the shorter disk is checked for zeros last).
@@ -59,8 +60,8 @@ struct CompareError {
 /// reads as zeros. Both extent iterators are walked together: ranges that are zero on both
 /// sides, and data ranges that are the same bytes of the same file, are skipped without
 /// reading; the rest is compared straight from the mappings or piece by piece as read (see
-/// `data_access`). The resident set stays a few MiB whatever the disk sizes. Errors: see
-/// CompareError.
+/// `data_access`). Memory stays bounded whatever the disk sizes: about 4 MiB per worker thread
+/// (4 jobs of up to 1 MiB of read or decompressed bytes each). Errors: see CompareError.
 Result<CompareResult> compare_images(const Image& a, const Image& b,
                                      const CompareOptions& options = {},
                                      CompareError* error_detail = nullptr);
