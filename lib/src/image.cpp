@@ -1,3 +1,4 @@
+#include "image_lock.hpp"
 #include "image_state.hpp"
 #include "references.hpp"
 
@@ -6,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 
 namespace qcowmap {
 
@@ -33,6 +35,10 @@ std::string_view to_string(ErrorCode code) {
         return "out_of_range";
     case ErrorCode::invalid_argument:
         return "invalid_argument";
+    case ErrorCode::image_in_use:
+        return "image_in_use";
+    case ErrorCode::image_changed:
+        return "image_changed";
     }
     return "unknown";
 }
@@ -273,6 +279,13 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
     }
     walk.identities.push_back(opened.identity);
     walk.names.push_back(name);
+    if (opened.file && !options.force_share) {
+        // As qemu-img takes them on every file of the chain it opens (see image_lock.hpp):
+        // before parsing, so that no writer starts between our look and our lock.
+        if (auto locked = lock_image(opened.file->fd(), kReaderLock); !locked) {
+            return std::move(locked).error();
+        }
+    }
 
     auto state = std::make_shared<ImageState>();
     state->bytes = opened.bytes;
@@ -316,6 +329,13 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
             state->data_file_path = source.path_of(*state, *data_name, caller_given);
         }
         auto data = source.data_file(*state, data_name, caller_given);
+        if (data && data->file && !options.force_share) {
+            if (auto locked = lock_image(data->file->fd(), kReaderLock); !locked) {
+                data = Error{locked.error().code,
+                             fmt::format("data file {}: {}", printable(data->path.string()),
+                                         locked.error().message)};
+            }
+        }
         if (data) {
             state->data_bytes = data->bytes;
             state->data_file = std::move(data->file);
@@ -468,9 +488,53 @@ std::vector<LayerInfo> Image::layers() const {
         std::string format = layer->format == detail::LayerFormat::raw ? "raw"
                              : layer->info.version == 1                ? "qcow"
                                                                        : "qcow2";
-        result.push_back({layer->path, format, layer->disk_size});
+        LayerInfo info{layer->path, format, layer->disk_size};
+        if (layer->file)
+            std::tie(info.device, info.inode) = layer->file->identity();
+        result.push_back(std::move(info));
     }
     return result;
+}
+
+namespace detail {
+
+Error explain_change(const ImageState& top, Error error) {
+    if (error.code == ErrorCode::image_changed)
+        return error;
+    for (const ImageState* layer = &top; layer; layer = layer->backing.get()) {
+        for (const MappedFile* file : {layer->file.get(), layer->data_file.get()}) {
+            if (file && file->changed()) {
+                return Error{ErrorCode::image_changed,
+                             fmt::format("image changed while being read ({} was written "
+                                         "meanwhile)",
+                                         printable(file->name().string()))};
+            }
+        }
+    }
+    return error;
+}
+
+} // namespace detail
+
+bool Image::changed_since_open() const {
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
+        if ((layer->file && layer->file->changed()) ||
+            (layer->data_file && layer->data_file->changed())) {
+            return true;
+        }
+    }
+    return false;
+}
+
+Error Image::explain(Error error) const {
+    return detail::explain_change(*state_, std::move(error));
+}
+
+Result<void> Image::check_unchanged() const {
+    Error changed = explain(Error{ErrorCode::io_error, {}});
+    if (changed.code == ErrorCode::image_changed)
+        return changed;
+    return {};
 }
 
 std::uint64_t Image::size() const {
