@@ -517,7 +517,7 @@ TEST(CheckCli, CannotCheckIsOneLineAndExit1) {
     EXPECT_NE(old.err.find("qcow version 1"), std::string::npos) << old.err;
 
     auto usage = qt::run(qt::qcowmap_bin() + " check");
-    EXPECT_EQ(usage.exit_code, 2);
+    EXPECT_EQ(usage.exit_code, 1);
 }
 
 TEST(CheckCli, DoesNotModifyTheImage) {

@@ -680,7 +680,8 @@ void expect_one_error_line(const std::string& err, const std::string& subject) {
 TEST_F(Mount, BadImageGivesOneErrorLineAndNoMount) {
     auto junk = dir_ / "junk.qcow2";
     run_ok("printf 'not an image at all' > " + q(junk));
-    BackgroundMount mount(junk, mountpoint_);
+    // Probed, it would be a raw disk of 19 bytes (as qemu-img probes it): say qcow2.
+    BackgroundMount mount(junk, mountpoint_, {"--format=qcow2"});
     EXPECT_EQ(mount.result().exit_code, 1);
     expect_one_error_line(mount.result().err, junk.string());
     EXPECT_NE(mount.result().err.find("not a qcow2 image"), std::string::npos)

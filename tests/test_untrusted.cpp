@@ -442,10 +442,9 @@ TEST(Untrusted, InfoShowsReferencesAndWhetherTheyPass) {
                          "image's directory\n"),
               std::string::npos)
         << human;
+    // Issue 25: a name that would be followed needs no line (JSON lists every reference).
     const std::string fine = qt::run_ok(cli() + " info " + q(dir / "inside.qcow2"));
-    EXPECT_NE(fine.find("untrusted: backing file 'base.raw' would be followed\n"),
-              std::string::npos)
-        << fine;
+    EXPECT_EQ(fine.find("untrusted:"), std::string::npos) << fine;
 
     OpenOptions header_only;
     header_only.backing = BackingMode::none;
