@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace qcowmap::cli {
@@ -96,10 +97,17 @@ void add_force_share_option(CLI::App& command, bool& force_share) {
                      "no QEMU image locks, as qemu-img -U. A change while reading is reported");
 }
 
-std::string probe_image_format(const std::string& path, bool for_writing) {
+std::string probe_image_format(const std::string& path, bool for_writing, bool warn) {
+    // Only files and block devices are probed; a directory, a FIFO or a missing file is left
+    // for opening to describe (one line).
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)))
+        return "qcow2";
     auto probed = probe_format(path);
     if (!probed)
         return "qcow2"; // opening the file says what is wrong with it
+    if (*probed == "raw" && !warn && !for_writing)
+        return *probed;
     if (*probed == "raw") {
         if (for_writing) {
             throw UsageError(fmt::format("{}: image format was not specified and probing "
@@ -156,7 +164,7 @@ OpenOptions ImageArgs::open_options() const {
     else if (!format.empty())
         options.format = "qcow2"; // qcow version 1 reads as qcow2 does
     else if (!path.empty())
-        options.format = probe_image_format(path);
+        options.format = probe_image_format(path, false, warn_raw_probe);
     options.force_share = force_share;
     options.require_data_file = require_data_file;
     options.untrusted = untrusted;

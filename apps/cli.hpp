@@ -68,6 +68,8 @@ struct ImageArgs {
     bool untrusted = false;
     bool salvage = false;
     bool force_share = false; ///< -U, --force-share: no image locks (qemu-img -U)
+    /// Print qemu's warning when probing finds raw (compare, like qemu-img compare, does not).
+    bool warn_raw_probe = true;
     /// Adds IMAGE, -f, -U, --backing and --untrusted; `data_file` adds --data-file,
     /// `snapshot` --snapshot.
     void add_to(CLI::App& command, bool data_file = true, bool snapshot = true);
@@ -83,11 +85,13 @@ void add_force_share_option(CLI::App& command, bool& force_share);
 
 /// The format of `path` when none was given, as qemu-img probes it (qemu's block.c
 /// find_image_format): "qcow2" for the qcow magic (qcow2 and qcow version 1), else "raw",
-/// with qemu's warning on stderr (one line: reading is fine, but -f raw says so). An image
+/// with qemu's warning on stderr unless `warn` is false (one line: reading is fine, but -f raw
+/// says so). An image
 /// about to be written in place must not be probed raw (qemu restricts writes to block 0
 /// then): `for_writing` refuses it with a UsageError asking for -f raw. A file that cannot
 /// be read probes as "qcow2" (opening it then says why).
-std::string probe_image_format(const std::string& path, bool for_writing = false);
+std::string probe_image_format(const std::string& path, bool for_writing = false,
+                               bool warn = true);
 
 /// Adds `--output=human|json` and its alias `--json` to `command`; `json()` tells which.
 class OutputOption {

@@ -36,6 +36,7 @@ std::optional<Image> open_side(const std::string& path, const std::string& forma
     args.format = format; // empty: probed as qemu-img probes (the qcow magic, else raw)
     args.untrusted = given.untrusted;
     args.force_share = given.force_share;
+    args.warn_raw_probe = false; // qemu-img compare probes silently; its output is compared
     OpenOptions options = args.open_options();
     // A file shrinking under its mapping is a read error (4), not "images differ" (1).
     guard_against_shrinking(path, kCompareReadError);

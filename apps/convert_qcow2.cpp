@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
 
@@ -156,6 +157,8 @@ int convert_qcow2(const ConvertJob& job) {
         options.selection =
             args.unsafe ? WriteSelection::top_layer : WriteSelection::differs_from_backing;
     }
+    if (auto ok = check_write_options(options); !ok)
+        throw UsageError(ok.error().message);
     const bool to_stdout = job.target == "-";
     if (options.backing_file && !args.unsafe) {
         // As qemu-img opens it: where the new image will look for it (relative names from the
@@ -169,6 +172,16 @@ int convert_qcow2(const ConvertJob& job) {
                 error.message += " (-U reads it anyway)";
             return report(to_stdout ? "<stdout>" : job.target, error.message, kExitImageError);
         }
+        struct stat existing {};
+        if (!to_stdout && ::stat(job.target.c_str(), &existing) == 0 &&
+            backing->maps_file(existing.st_dev, existing.st_ino)) {
+            // --force would replace a file the new image then reads through: a chain that
+            // loops, or a backing file changed under its overlay.
+            return report(job.target,
+                          "is BACKING or a layer of BACKING's chain: an image cannot be its own "
+                          "backing file",
+                          kExitOutputError);
+        }
         if (options.selection == WriteSelection::bitmap_dirty &&
             backing->size() != job.image.size()) {
             // The clusters left out read from BACKING: the previous backup of this disk has its
@@ -181,8 +194,6 @@ int convert_qcow2(const ConvertJob& job) {
         }
         options.backing_image = std::move(*backing);
     }
-    if (auto ok = check_write_options(options); !ok)
-        throw UsageError(ok.error().message);
 
     if (to_stdout && !job.force && ::isatty(STDOUT_FILENO)) {
         return report("<stdout>",

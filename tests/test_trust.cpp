@@ -2,6 +2,7 @@
 // what makes the output read as the source (judged by qemu-img compare), QEMU's image locks
 // against a live qemu-io, usage errors exit 1 everywhere, format probing as qemu-img does,
 // -S 0 fully allocated, and the small promises of the command line.
+#include "image_lock.hpp"
 #include "support.hpp"
 
 #include <qcowmap/check.hpp>
@@ -12,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <csignal>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -177,6 +179,12 @@ TEST_F(ConvertBacking, BackingIsOpenedWhereTheOutputWillLook) {
     EXPECT_EQ(run_ok("qemu-img info -U --output=json " + q(dir_ / "u.qcow2") +
                      " | grep -o '\"backing-filename\": \"[^\"]*\"'"),
               "\"backing-filename\": \"/nonexistent.qcow2\"\n");
+    // --force cannot make an image its own backing file.
+    r = run(cli() + " convert -O qcow2 --force -B base.qcow2 -F qcow2 " + q(dir_ / "src.qcow2") +
+            " " + q(dir_ / "base.qcow2"));
+    EXPECT_EQ(r.exit_code, 3);
+    EXPECT_NE(r.err.find("an image cannot be its own backing file"), std::string::npos) << r.err;
+    EXPECT_EQ(qemu_compare(dir_ / "base.qcow2", dir_ / "sub" / "base.qcow2"), 0); // untouched
     r = run(cli() + " convert -O qcow2 -u " + q(dir_ / "src.qcow2") + " " + q(dir_ / "u2.qcow2"));
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_NE(r.err.find("-u without -B"), std::string::npos) << r.err;
@@ -312,6 +320,51 @@ TEST_F(Locks, AChangeUnderAForcedReaderIsReportedAsSuch) {
     CheckOptions check;
     check.force_share = true;
     EXPECT_TRUE(check_image(image_, check)); // a fresh look at the quiet image is fine
+}
+
+// The writer side (for the in-place writer of issue 27): qemu's readers and writers are kept
+// out while we hold it, and a qemu reader already there keeps us out, in qemu's words.
+TEST_F(Locks, WriterSideAsQemuIo) {
+    {
+        const int fd = ::open(image_.c_str(), O_RDWR | O_CLOEXEC);
+        ASSERT_GE(fd, 0);
+        ASSERT_TRUE(detail::lock_image(fd, detail::kWriterLock));
+        CommandResult info = run("qemu-img info " + q(image_));
+        EXPECT_NE(info.exit_code, 0);
+        EXPECT_NE(info.err.find("Failed to get shared \"write\" lock"), std::string::npos)
+            << info.err;
+        auto reader = Image::open(image_);
+        ASSERT_FALSE(reader);
+        EXPECT_EQ(reader.error().code, ErrorCode::image_in_use);
+        // A second writer in the same process is refused as well (its own open file).
+        const int other = ::open(image_.c_str(), O_RDWR | O_CLOEXEC);
+        auto second = detail::lock_image(other, detail::kWriterLock);
+        ASSERT_FALSE(second);
+        EXPECT_EQ(second.error().message,
+                  "Failed to get \"write\" lock: is another process using the image?");
+        ::close(other);
+        ::close(fd); // releases it
+    }
+    EXPECT_EQ(run("qemu-img info " + q(image_)).exit_code, 0);
+    // A qemu reader holds it: we cannot become its writer.
+    const pid_t qemu = std::stoi(run_ok("timeout 60 qemu-io -r -f qcow2 -c 'sleep 60000' " +
+                                        q(image_) + " >/dev/null 2>&1 & echo $!"));
+    struct stat st {};
+    ASSERT_EQ(::stat(image_.c_str(), &st), 0);
+    const std::string inode = ":" + std::to_string(st.st_ino) + " ";
+    for (int i = 0; i < 200; ++i) { // until qemu-io's locks show in /proc/locks
+        if (test::read_text("/proc/locks").find(inode) != std::string::npos)
+            break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    const int fd = ::open(image_.c_str(), O_RDWR | O_CLOEXEC);
+    Result<void> locked = detail::lock_image(fd, detail::kWriterLock);
+    ::close(fd);
+    ::kill(qemu, SIGTERM);
+    ASSERT_FALSE(locked);
+    EXPECT_EQ(locked.error().code, ErrorCode::image_in_use);
+    EXPECT_EQ(locked.error().message,
+              "Failed to get \"write\" lock: is another process using the image?");
 }
 
 // ---- exit codes, probing, -S 0, the small items ----

@@ -1284,11 +1284,6 @@ Result<void> check_write_options(const WriteOptions& options) {
     if (options.selection == WriteSelection::bitmap_dirty && options.bitmap.empty()) {
         return Error{ErrorCode::invalid_argument, "no bitmap named for the dirty-range image"};
     }
-    if (options.selection == WriteSelection::differs_from_backing && !options.backing_image) {
-        return Error{ErrorCode::invalid_argument,
-                     "writing the difference from a backing file needs that file opened "
-                     "(WriteOptions::backing_image, see open_output_backing)"};
-    }
     if (options.backing_format && *options.backing_format != "qcow2" &&
         *options.backing_format != "raw") {
         return Error{ErrorCode::invalid_argument,
@@ -1344,6 +1339,11 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     auto geometry = make_geometry(options, source.size());
     if (!geometry)
         return geometry.error();
+    if (options.selection == WriteSelection::differs_from_backing && !options.backing_image) {
+        return Error{ErrorCode::invalid_argument,
+                     "writing the difference from a backing file needs that file opened "
+                     "(WriteOptions::backing_image, see open_output_backing)"};
+    }
     if (options.backing_image && options.selection == WriteSelection::bitmap_dirty &&
         options.backing_image->size() != source.size()) {
         // The clusters left out read from the backing file: a previous backup of this disk

@@ -16,7 +16,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 
-"$meson" install -C "$build_root" --no-rebuild --destdir "$tmp/root" --quiet
+"$meson" install -C "$build_root" --no-rebuild --destdir "$tmp/root" --quiet >"$tmp/install.log" 2>&1 ||
+  { cat "$tmp/install.log"; fail "meson install failed"; }
 
 # qcowmap.pc is relocatable (prefix from its own place), so pointing pkg-config at it is all a
 # user of an unpacked install tree needs.
@@ -129,6 +130,13 @@ if [ "$plugin" = true ]; then
     mv vm.data moved.data
     nbdkit -U - "$installed_plugin" file=vm.qcow2 data-file=moved.data --run 'nbdcopy "$uri" vm-nbd.raw'
     cmp vm-nbd.raw vm.raw || fail "nbdkit plugin data-file=: bytes differ"
+  fi
+  # Issue 25: nbdkit finds plugins by name only in its own directory; when the install put the
+  # plugin elsewhere it printed the one command that serves an image with it.
+  final_plugin=${installed_plugin#"$tmp/root"}
+  if [ "$(dirname "$final_plugin")" != "$nbdkit_plugindir" ]; then
+    grep -qxF "    nbdkit $final_plugin file=IMAGE" "$tmp/install.log" ||
+      { cat "$tmp/install.log"; fail "the install did not print how to run the nbdkit plugin"; }
   fi
   echo "nbdkit plugin: $installed_plugin"
 fi

@@ -98,8 +98,8 @@ inline bool is_target_error(const Error& error) {
 }
 
 /// Checks the options that do not depend on the source (cluster size, extended L2, refcount
-/// bits, selection and backing file, backing format), as `write_qcow2` does first. Errors:
-/// invalid_argument naming the option.
+/// bits, selection and backing file, backing format), as `write_qcow2` does first; not
+/// `backing_image`, which write_qcow2 checks. Errors: invalid_argument naming the option.
 Result<void> check_write_options(const WriteOptions& options);
 
 /// Opens the file `options.backing_file` names, in `options.backing_format` (probed when
