@@ -90,8 +90,7 @@ void add_force_share_option(CLI::App& command, bool& force_share);
 /// about to be written in place must not be probed raw (qemu restricts writes to block 0
 /// then): `for_writing` refuses it with a UsageError asking for -f raw. A file that cannot
 /// be read probes as "qcow2" (opening it then says why).
-std::string probe_image_format(const std::string& path, bool for_writing = false,
-                               bool warn = true);
+std::string probe_image_format(const std::string& path, bool for_writing = false, bool warn = true);
 
 /// Adds `--output=human|json` and its alias `--json` to `command`; `json()` tells which.
 class OutputOption {

@@ -94,7 +94,8 @@ Command add_check(CLI::App& app) {
     add_force_share_option(*command, *force_share);
     return {command, [=] {
                 (void)output->json(); // --json --output=human: a usage error, before reading
-                // No warning: a raw image is refused here anyway, in one line as qemu-img check does.
+                // No warning: a raw image is refused here anyway, in one line as qemu-img check
+                // does.
                 const std::string probed =
                     format->empty() ? probe_image_format(*path, false, false) : *format;
                 if (probed == "raw") {

@@ -500,8 +500,8 @@ TEST(CheckCli, CannotCheckIsOneLineAndExit1) {
     qt::TempDir dir;
     qt::write_file(dir / "junk", Buffer(4096, std::byte{0x42}));
     // Said to be qcow2, it is not: one line, exit 1, and what to do.
-    auto junk = qt::run(qt::qcowmap_bin() + " check -f qcow2 " +
-                        qt::shell_quote((dir / "junk").string()));
+    auto junk =
+        qt::run(qt::qcowmap_bin() + " check -f qcow2 " + qt::shell_quote((dir / "junk").string()));
     EXPECT_EQ(junk.exit_code, 1);
     EXPECT_EQ(junk.out, "");
     EXPECT_NE(junk.err.find("bad magic"), std::string::npos) << junk.err;
