@@ -717,7 +717,7 @@ TEST_F(Mount, BadImageGivesOneErrorLineAndNoMount) {
     EXPECT_FALSE(is_mounted(mountpoint_));
 
     // The same in the foreground.
-    auto r = run(cli() + " mount -f " + q(junk) + " " + q(mountpoint_));
+    auto r = run(cli() + " mount -f --format=qcow2 " + q(junk) + " " + q(mountpoint_));
     EXPECT_EQ(r.exit_code, 1);
     expect_one_error_line(r.err, junk.string());
     EXPECT_FALSE(is_mounted(mountpoint_));

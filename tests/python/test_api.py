@@ -567,12 +567,12 @@ def test_meson_install_puts_an_importable_package_in_the_prefix(tmp_path, small)
     options = json.loads(run([meson, "introspect", build_root, "--buildoptions"]).stdout)
     prefix = next(o["value"] for o in options if o["name"] == "prefix").rstrip("/")
     own = run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('platlib'))"]
-              ).stdout.strip()
+              ).stdout.decode().strip()
     final = "/" + str(site.relative_to(destdir))
     if own.startswith(prefix + "/"):
         assert final == own
         on_path = run([sys.executable, "-c", "import sys; print(sys.argv[1] in sys.path)", final])
-        assert on_path.stdout.strip() == "True"
+        assert on_path.stdout.decode().strip() == "True"
     else:
         assert final.startswith(prefix + "/"), final
     # A fresh interpreter that sees only the installed package (not the build tree's).
@@ -591,10 +591,13 @@ def test_an_image_a_writer_holds_is_refused_unless_force_share(small):
     writer = subprocess.Popen(["timeout", "60", "qemu-io", "-f", "qcow2", "-c", "sleep 60000", str(path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(200):  # until qemu-img itself is refused: the writer holds its lock
-            if subprocess.run(["qemu-img", "info", str(path)], capture_output=True).returncode != 0:
+        for _ in range(400):  # until qemu-img itself is refused: the writer holds its lock
+            info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
+            if "lock" in info.stderr:
                 break
             time.sleep(0.05)
+        else:
+            pytest.fail(f"qemu-io never locked the image (exit {writer.poll()})")
         expect_error("image_in_use", 'Failed to get shared "write" lock', lambda: qcowmap.open(path))
         with qcowmap.open(path, force_share=True) as img:
             assert img.hash() == sha256(raw)
