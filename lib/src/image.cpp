@@ -9,6 +9,8 @@
 #include <cstring>
 #include <tuple>
 
+#include <sys/stat.h>
+
 namespace qcowmap {
 
 std::string_view to_string(ErrorCode code) {
@@ -504,10 +506,21 @@ Error explain_change(const ImageState& top, Error error) {
     for (const ImageState* layer = &top; layer; layer = layer->backing.get()) {
         for (const MappedFile* file : {layer->file.get(), layer->data_file.get()}) {
             if (file && file->changed()) {
+                // Say how, when the size tells: a file cut short is the usual cause of a read
+                // past its end.
+                struct stat st {};
+                std::string how = "was written meanwhile";
+                if (!file->is_block_device() && ::fstat(file->fd(), &st) == 0 &&
+                    static_cast<std::uint64_t>(st.st_size) != file->bytes().size()) {
+                    how = fmt::format("{} from {:#x} to {:#x} bytes meanwhile",
+                                      static_cast<std::uint64_t>(st.st_size) < file->bytes().size()
+                                          ? "shrank"
+                                          : "grew",
+                                      file->bytes().size(), st.st_size);
+                }
                 return Error{ErrorCode::image_changed,
-                             fmt::format("image changed while being read ({} was written "
-                                         "meanwhile)",
-                                         printable(file->name().string()))};
+                             fmt::format("image changed while being read ({} {})",
+                                         printable(file->name().string()), how)};
             }
         }
     }
