@@ -22,6 +22,7 @@ enum class ErrorCode {
     compressed_data,  ///< a compressed cluster could not be decompressed to exactly one cluster
     out_of_range,     ///< a requested virtual offset lies beyond the end of the disk
     invalid_argument, ///< an argument given by the caller is not acceptable
+    checksum_mismatch, ///< streamed bytes do not have the digest they were expected to have
 };
 
 /// A stable, lowercase name for an error code ("invalid_header"...), for JSON and logs.
