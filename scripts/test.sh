@@ -75,7 +75,7 @@ fi
 # (default 100000, each run capped at 60 s: eight targets stay under 9 minutes). A crash is kept by
 # libFuzzer in build-fuzz/artifacts; fix it and add it to tests/fuzz/regressions/.
 echo "=== fuzz: bounded libFuzzer runs (build-fuzz)"
-fuzz_targets="fuzz_image fuzz_snapshots fuzz_bitmaps fuzz_v1 fuzz_backing fuzz_check fuzz_references fuzz_salvage"
+fuzz_targets="fuzz_image fuzz_snapshots fuzz_bitmaps fuzz_v1 fuzz_backing fuzz_check fuzz_references fuzz_salvage fuzz_stream"
 if [ -d build-fuzz ] || CC=clang CXX=clang++ meson setup build-fuzz --buildtype=debugoptimized \
      -Dfuzzing=libfuzzer -Db_sanitize=address,undefined -Db_lundef=false -Dbench=false >/dev/null; then
   fuzz_build=tests/fuzz/fuzz_image_replay

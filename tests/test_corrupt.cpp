@@ -5,6 +5,7 @@
 // Healthy images are made once by qemu-img/qemu-io at test time, then copied and patched in
 // memory (big-endian fields at the offsets of the spec's "Header" section). Every case asserts
 // the exact ErrorCode and that the one-line message names the offending value.
+#include "stream_oracle.hpp"
 #include "support.hpp"
 
 #include <qcowmap/check.hpp>
@@ -227,6 +228,8 @@ OpenOptions no_backing() {
 }
 
 Result<Image> open(const Buffer& b, const OpenOptions& options = {}) {
+    // Every image of this suite also goes through the stream decoder (issue 29).
+    qt::expect_stream_agrees(b);
     return Image::open_bytes(std::span<const std::byte>(b), options);
 }
 

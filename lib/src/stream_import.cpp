@@ -1382,24 +1382,38 @@ Result<ExpectedDigest> parse_expected_digest(std::string_view text) {
     return expected;
 }
 
-Result<StreamStats> decode_fd(StreamDecoder& decoder, int fd) {
+StreamReader fd_reader(int fd) {
     // A larger pipe means fewer reads; refused is fine.
-    if (::fcntl(fd, F_GETPIPE_SZ) > 0 && ::fcntl(fd, F_GETPIPE_SZ) < (1 << 20))
+    const int pipe_size = ::fcntl(fd, F_GETPIPE_SZ);
+    if (pipe_size > 0 && pipe_size < (1 << 20))
         (void)::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
+    return [fd](std::span<std::byte> buffer) -> Result<std::size_t> {
+        for (;;) {
+            ssize_t n = ::read(fd, buffer.data(), buffer.size());
+            if (n >= 0)
+                return static_cast<std::size_t>(n);
+            if (errno != EINTR)
+                return errno_error("cannot read the stream");
+        }
+    };
+}
+
+Result<StreamStats> decode_stream(StreamDecoder& decoder, const StreamReader& read) {
     std::vector<std::byte> buffer(std::size_t{4} << 20);
     for (;;) {
-        ssize_t n = ::read(fd, buffer.data(), buffer.size());
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno_error("cannot read the stream");
-        }
-        if (n == 0)
+        auto n = read(buffer);
+        if (!n)
+            return n.error();
+        if (*n == 0)
             break;
-        if (auto ok = decoder.feed(Bytes(buffer.data(), static_cast<std::size_t>(n))); !ok)
+        if (auto ok = decoder.feed(Bytes(buffer.data(), std::min(*n, buffer.size()))); !ok)
             return ok.error();
     }
     return decoder.finish();
+}
+
+Result<StreamStats> decode_fd(StreamDecoder& decoder, int fd) {
+    return decode_stream(decoder, fd_reader(fd));
 }
 
 namespace {
@@ -1718,9 +1732,15 @@ Result<StreamStats> stream_to_raw(int in_fd, int out_fd, const StreamOptions& op
 Result<StreamStats> stream_to_raw_file(int in_fd, const std::filesystem::path& target,
                                        bool replace, const StreamOptions& options,
                                        std::uint64_t zero_block) {
+    return stream_to_raw_file(fd_reader(in_fd), target, replace, options, zero_block);
+}
+
+Result<StreamStats> stream_to_raw_file(const StreamReader& read,
+                                       const std::filesystem::path& target, bool replace,
+                                       const StreamOptions& options, std::uint64_t zero_block) {
     AtomicRawSink sink(target, replace, zero_block);
     StreamDecoder decoder(sink, options);
-    auto stats = decode_fd(decoder, in_fd);
+    auto stats = decode_stream(decoder, read);
     if (!stats)
         return stats; // the temporary goes with the sink
     if (auto ok = sink.commit(); !ok)

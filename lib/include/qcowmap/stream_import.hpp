@@ -151,8 +151,18 @@ class StreamDecoder {
     std::unique_ptr<Impl> impl_;
 };
 
-/// Reads `fd` to its end (retrying EINTR) and feeds `decoder`, then finishes it.
-/// Errors: io_error reading `fd`, and the decoder's.
+/// Where a stream's bytes come from: fills the start of `buffer` and returns how many bytes
+/// it put there, 0 at the end of the stream, or an error (which stops the decoding).
+using StreamReader = std::function<Result<std::size_t>(std::span<std::byte> buffer)>;
+
+/// A StreamReader over the descriptor `fd` (read(2), retrying EINTR; a pipe is enlarged to
+/// 1 MiB where allowed). Errors: io_error.
+StreamReader fd_reader(int fd);
+
+/// Reads `read` to its end, feeding `decoder`, then finishes it.
+/// Errors: the reader's, and the decoder's.
+Result<StreamStats> decode_stream(StreamDecoder& decoder, const StreamReader& read);
+/// decode_stream from the descriptor `fd`.
 Result<StreamStats> decode_fd(StreamDecoder& decoder, int fd);
 
 /// Decodes the stream on `in_fd` onto `out_fd`, raw, with the bytes `qemu-img convert -O raw`
@@ -171,6 +181,11 @@ Result<StreamStats> stream_to_raw(int in_fd, int out_fd, const StreamOptions& op
 /// unless `replace`. Errors: as stream_to_raw.
 Result<StreamStats> stream_to_raw_file(int in_fd, const std::filesystem::path& target,
                                        bool replace, const StreamOptions& options = {},
+                                       std::uint64_t zero_block = 4096);
+/// As above, the stream read from `read` (a Python file object, an HTTP body...).
+Result<StreamStats> stream_to_raw_file(const StreamReader& read,
+                                       const std::filesystem::path& target, bool replace,
+                                       const StreamOptions& options = {},
                                        std::uint64_t zero_block = 4096);
 
 /// Decodes the stream on `in_fd` and hands the disk to `visitor` in disk order, as
