@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <string>
 #include <span>
 #include <vector>
 
@@ -108,8 +109,15 @@ inline void expect_stream_agrees(std::span<const std::byte> bytes) {
     }
     EXPECT_FALSE(sink.overlapped) << "a byte of the disk was reported twice";
     EXPECT_EQ(sink.data_bytes + sink.zero_bytes, sink.disk_size);
-    ASSERT_TRUE(image) << "the stream decoded an image Image::open refuses: "
-                       << image.error().message;
+    if (!image) {
+        // The stream reads past the snapshot table's entries and the bitmap directory's (the
+        // disk does not need them; their positions and sizes are checked): Image parses them.
+        const std::string& why = image.error().message;
+        ASSERT_TRUE(image.error().code == ErrorCode::invalid_table &&
+                    (why.starts_with("snapshot") || why.starts_with("bitmap")))
+            << "the stream decoded an image Image::open refuses: " << why;
+        return;
+    }
     std::vector<std::byte> expected;
     for (const auto& [offset, run] : sink.data_runs) {
         expected.resize(run.size());

@@ -1188,11 +1188,36 @@ struct StreamDecoder::Impl {
                 return ok;
         }
         open_jobs.clear();
-        if (l1_entries_seen < l1_needed) {
+        // The tables the header places lie inside the file, as parse_image checks for a file
+        // (the stream only knows at its end). Their contents past what the disk needs (the
+        // snapshot table's entries, the bitmap directory's) are not parsed.
+        const ImageInfo& info = state.info;
+        auto inside = [&](std::string_view what, std::uint64_t offset,
+                          std::uint64_t length) -> Result<void> {
+            if (detail::fits(file_size, offset, length))
+                return {};
             return Error{ErrorCode::invalid_table,
-                         fmt::format("L1 table at {:#x} (+{:#x}) lies beyond end of file ({:#x})",
-                                     l1_span.start, l1_needed * 8, file_size)};
+                         fmt::format("{} at {:#x} (+{:#x}) lies beyond end of file ({:#x})", what,
+                                     offset, length, file_size)};
+        };
+        if (auto ok = inside("refcount table", refcount_span.start,
+                             refcount_span.end - refcount_span.start);
+            !ok)
+            return ok;
+        if (info.snapshot_count > 0) {
+            auto ok = inside("snapshot table", info.snapshots_offset,
+                             std::uint64_t{info.snapshot_count} * detail::kSnapshotEntryFixed);
+            if (!ok)
+                return ok;
         }
+        if (info.bitmaps && info.bitmaps->directory_error.empty() && info.bitmaps->consistent) {
+            auto ok = inside("bitmap directory", info.bitmaps->directory_offset,
+                             info.bitmaps->directory_size);
+            if (!ok)
+                return ok;
+        }
+        if (auto ok = inside("L1 table", l1_span.start, l1_span.end - l1_span.start); !ok)
+            return ok;
         if (needed_pending > 0) {
             for (;;) {
                 auto next = queue->pop_below(UINT64_MAX);
