@@ -521,8 +521,7 @@ Command add_hash(CLI::App& app) {
                 if (args->block_size.empty()) {
                     if (from_stream) // apps/stream_input.cpp
                         return hash_from_stream(args->open, *stream, *algorithm, 0,
-                                                args->output.json(), args->progress,
-                                                args->threads);
+                                                args->output.json(), args->progress, args->threads);
                     return hash_whole(*args, *algorithm);
                 }
                 std::string why;

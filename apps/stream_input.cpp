@@ -56,9 +56,9 @@ std::string stats_json(const StreamStats& s) {
                        s.stream_bytes, s.disk_size, s.data_bytes, s.compressed_clusters,
                        s.l2_tables, s.spooled_bytes, s.spool_peak, s.spool_used_bytes,
                        s.skipped_tail_bytes, s.reorder_spooled_bytes,
-                       s.input_digest ? fmt::format(", \"input-digest\": \"{}\"",
-                                                    s.input_digest->hex())
-                                      : std::string());
+                       s.input_digest
+                           ? fmt::format(", \"input-digest\": \"{}\"", s.input_digest->hex())
+                           : std::string());
 }
 
 void print_stats(const StreamArgs& stream, const StreamStats& stats) {
@@ -136,8 +136,8 @@ int convert_from_stream(const ImageArgs& source, const StreamArgs& stream,
         stats = stream_to_raw(STDIN_FILENO, STDOUT_FILENO, options, job.sparse_size);
     } else {
         struct stat st {};
-        const bool device = ::stat(job.target.c_str(), &st) == 0 &&
-                            (S_ISBLK(st.st_mode) || S_ISCHR(st.st_mode));
+        const bool device =
+            ::stat(job.target.c_str(), &st) == 0 && (S_ISBLK(st.st_mode) || S_ISCHR(st.st_mode));
         if (device) {
             int fd = ::open(job.target.c_str(), O_WRONLY | O_CLOEXEC);
             if (fd < 0)
@@ -147,8 +147,8 @@ int convert_from_stream(const ImageArgs& source, const StreamArgs& stream,
                 return report(job.target, std::strerror(errno), kExitOutputError);
         } else {
             // A file appears complete or not at all (written under a temporary name).
-            stats = stream_to_raw_file(STDIN_FILENO, job.target, job.force, options,
-                                       job.sparse_size);
+            stats =
+                stream_to_raw_file(STDIN_FILENO, job.target, job.force, options, job.sparse_size);
         }
     }
     if (!stats)
@@ -293,9 +293,9 @@ int describe_stream(const ImageArgs& source, const StreamArgs& stream, bool json
             "    \"dirty-flag\": {},\n    \"corrupt\": {},\n    \"snapshots\": {},\n"
             "    \"stream\": {},\n    \"errors\": {}\n}}\n",
             info->version, info->virtual_size, info->cluster_size,
-            info->backing_file ? fmt::format("    \"backing-filename\": {},\n",
-                                             json_string(*info->backing_file))
-                               : std::string(),
+            info->backing_file
+                ? fmt::format("    \"backing-filename\": {},\n", json_string(*info->backing_file))
+                : std::string(),
             info->compression_type == CompressionType::zstd ? "zstd" : "zlib", info->extended_l2,
             (info->incompatible_features & kIncompatDirty) != 0,
             (info->incompatible_features & kIncompatCorrupt) != 0, info->snapshot_count,
@@ -319,15 +319,14 @@ int describe_stream(const ImageArgs& source, const StreamArgs& stream, bool json
                             info->compression_type == CompressionType::zstd ? "zstd" : "zlib");
         text += fmt::format("extended l2: {}\n", info->extended_l2);
         text += fmt::format("dirty: {}\n", (info->incompatible_features & kIncompatDirty) != 0);
-        text +=
-            fmt::format("corrupt: {}\n", (info->incompatible_features & kIncompatCorrupt) != 0);
-        text += fmt::format("incompatible features: {}\n",
-                            feature_list(*info, info->incompatible_features,
-                                         FeatureName::Type::incompatible));
+        text += fmt::format("corrupt: {}\n", (info->incompatible_features & kIncompatCorrupt) != 0);
+        text += fmt::format(
+            "incompatible features: {}\n",
+            feature_list(*info, info->incompatible_features, FeatureName::Type::incompatible));
         text += fmt::format("snapshots: {} (not read from a stream)\n", info->snapshot_count);
-        text += fmt::format("data: {} ({} bytes), {} compressed clusters, {} L2 tables\n",
-                            human_size(s.data_bytes), s.data_bytes, s.compressed_clusters,
-                            s.l2_tables);
+        text +=
+            fmt::format("data: {} ({} bytes), {} compressed clusters, {} L2 tables\n",
+                        human_size(s.data_bytes), s.data_bytes, s.compressed_clusters, s.l2_tables);
         text += fmt::format("spool: {} bytes of clusters arrived before their tables\n",
                             s.spooled_bytes);
     } else {

@@ -13,8 +13,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <string>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace qcowmap::test {

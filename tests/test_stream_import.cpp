@@ -91,8 +91,8 @@ struct Images {
         qt::run_ok(qt::cli() + " convert -O qcow2 " + qt::q(all.front()) + " " + qt::q(ours));
         all.push_back(ours);
         auto ours_compressed = dir / "ours-c.qcow2";
-        qt::run_ok(qt::cli() + " convert -O qcow2 -c -o compression_type=zstd " +
-                   qt::q(snapshots) + " " + qt::q(ours_compressed));
+        qt::run_ok(qt::cli() + " convert -O qcow2 -c -o compression_type=zstd " + qt::q(snapshots) +
+                   " " + qt::q(ours_compressed));
         all.push_back(ours_compressed);
     }
 };
@@ -136,7 +136,8 @@ TEST(StreamImport, OtherOutputsAndAlgorithms) {
     for (const char* algo : {"sha256", "sha512", "blake2b512", "xxh3-128"}) {
         const std::string file = qt::run_ok(qt::cli() + " hash --algo=" + algo + " " +
                                             qt::q(dir / "ref.raw") + " -f raw");
-        const std::string streamed = qt::run_ok(cat_into(image, fmt::format("hash --algo={} -", algo)));
+        const std::string streamed =
+            qt::run_ok(cat_into(image, fmt::format("hash --algo={} -", algo)));
         EXPECT_EQ(streamed.substr(0, streamed.find(' ')), file.substr(0, file.find(' '))) << algo;
     }
     auto strip_name = [](const std::string& manifest) {
@@ -272,17 +273,18 @@ TEST(StreamImport, ExpectedChecksumRightWrongAndTruncated) {
     for (const char* algo : {"sha512", "blake2b512"}) {
         std::string hex = qt::run_ok("openssl dgst -" + std::string(algo) + " -r " + qt::q(image));
         hex = hex.substr(0, hex.find(' '));
-        qt::run_ok(cat_into(image, fmt::format("convert --expect-checksum={}:{} - - >/dev/null",
-                                               algo, hex)));
+        qt::run_ok(cat_into(
+            image, fmt::format("convert --expect-checksum={}:{} - - >/dev/null", algo, hex)));
     }
     // Wrong: exit 1, both digests named, no target.
     std::string wrong = sha;
     wrong[10] = wrong[10] == '0' ? '1' : '0';
-    auto r = qt::run(cat_into(image, "convert --expect-checksum=sha256:" + wrong + " - " + qt::q(out)));
+    auto r =
+        qt::run(cat_into(image, "convert --expect-checksum=sha256:" + wrong + " - " + qt::q(out)));
     EXPECT_EQ(r.exit_code, 1);
-    EXPECT_NE(r.err.find("checksum mismatch: the stream's sha256 is " + sha + ", expected " +
-                         wrong),
-              std::string::npos)
+    EXPECT_NE(
+        r.err.find("checksum mismatch: the stream's sha256 is " + sha + ", expected " + wrong),
+        std::string::npos)
         << r.err;
     EXPECT_FALSE(std::filesystem::exists(out));
     // A stream that ends early: refused, no target, with or without a checksum.
@@ -295,8 +297,8 @@ TEST(StreamImport, ExpectedChecksumRightWrongAndTruncated) {
     }
     // An existing target is kept when the stream fails (and replaced only with --force).
     qt::write_file(out, Buffer(10, std::byte{1}));
-    r = qt::run(cat_into(image, "convert --force --expect-checksum=sha256:" + wrong + " - " +
-                                    qt::q(out)));
+    r = qt::run(
+        cat_into(image, "convert --force --expect-checksum=sha256:" + wrong + " - " + qt::q(out)));
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_EQ(qt::read_file(out), Buffer(10, std::byte{1}));
     // Bad option values are usage errors.
@@ -367,8 +369,8 @@ TEST(StreamImport, ReferencesAndUnsafeHeadersRefusedBeforeTheTarget) {
                qt::q(with_data) + " 4M");
     qt::run_ok("qemu-io -f qcow2 -c 'write -P 3 64k 128k' " + qt::q(with_data) + " >/dev/null");
     refused(with_data, "", "external data file");
-    qt::run_ok(cat_into(with_data, "convert --data-file=" + qt::q(dir / "data.bin") + " - " +
-                                       qt::q(out)));
+    qt::run_ok(
+        cat_into(with_data, "convert --data-file=" + qt::q(dir / "data.bin") + " - " + qt::q(out)));
     EXPECT_EQ(qt::read_file(out), qt::qemu_raw(with_data, dir));
     std::filesystem::remove(out);
     // The corrupt bit, an unknown incompatible feature, a virtual size the L1 cannot cover.
@@ -468,8 +470,8 @@ TEST(StreamImport, WaitingEntriesSpillToDiskAndMergeBack) {
     const auto image = dir / "small-clusters.qcow2";
     qt::run_ok(qt::cli() + " convert -f raw -O qcow2 -o cluster_size=512 " + qt::q(raw) + " " +
                qt::q(image));
-    const std::string streamed = qt::run_ok(cat_into(image, "hash --stream-stats - 2>" +
-                                                                qt::q(dir / "stats.json")));
+    const std::string streamed =
+        qt::run_ok(cat_into(image, "hash --stream-stats - 2>" + qt::q(dir / "stats.json")));
     EXPECT_EQ(streamed, sha256_of(raw) + "  -\n");
     const std::string stats = qt::read_text(dir / "stats.json");
     EXPECT_NE(stats.find("\"spooled-bytes\": 0,"), std::string::npos) << stats;

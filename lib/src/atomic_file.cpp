@@ -96,8 +96,7 @@ Result<void> AtomicFile::commit() {
             ::unlink(link_name.c_str()); // left by a killed run with the same process id
         }
         if (::linkat(fd_, "", AT_FDCWD, link_name.c_str(), AT_EMPTY_PATH) != 0 &&
-            ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, link_name.c_str(), AT_SYMLINK_FOLLOW) !=
-                0) {
+            ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, link_name.c_str(), AT_SYMLINK_FOLLOW) != 0) {
             if (errno == EEXIST && !replace_)
                 return fail(file_error(kExists));
             return fail(errno_error(errno));

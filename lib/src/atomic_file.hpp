@@ -34,8 +34,8 @@ class AtomicFile {
 
   private:
     AtomicFile(std::filesystem::path target, std::string temp_name, int fd, bool replace)
-        : target_(std::move(target)), temp_name_(std::move(temp_name)), fd_(fd),
-          replace_(replace) {}
+        : target_(std::move(target)), temp_name_(std::move(temp_name)), fd_(fd), replace_(replace) {
+    }
     void abandon();
 
     std::filesystem::path target_;

@@ -63,8 +63,8 @@ inline bool all_zero(const std::byte* data, std::size_t length) {
 /// Writes a data run, leaving holes for the blocks of `block` bytes (aligned in the output)
 /// that hold only zeros, as qemu-img convert does with its default -S 4k. Consecutive
 /// non-zero blocks go out in one pwrite.
-inline bool pwrite_sparse(int fd, const std::byte* data, std::uint64_t length,
-                          std::uint64_t offset, std::uint64_t block) {
+inline bool pwrite_sparse(int fd, const std::byte* data, std::uint64_t length, std::uint64_t offset,
+                          std::uint64_t block) {
     if (block == 0) {
         return pwrite_all(fd, data, length, offset);
     }

@@ -79,8 +79,8 @@ struct Pending {
 /// whose L2 tables all come first (our writer's layout) costs no memory per data cluster.
 class PendingQueue {
   public:
-    static constexpr std::size_t kInMemory = 256 * 1024;  // entries: 6 MiB
-    static constexpr std::size_t kRunBuffer = 4 * 1024;   // entries read back per run at once
+    static constexpr std::size_t kInMemory = 256 * 1024; // entries: 6 MiB
+    static constexpr std::size_t kRunBuffer = 4 * 1024;  // entries read back per run at once
 
     explicit PendingQueue(std::filesystem::path directory) : directory_(std::move(directory)) {}
     PendingQueue(const PendingQueue&) = delete;
@@ -283,8 +283,8 @@ class Spool {
         }
         std::size_t done = 0;
         while (done < out.size()) {
-            ssize_t n = ::pread(fd_, out.data() + done, out.size() - done,
-                                static_cast<off_t>(host + done));
+            ssize_t n =
+                ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(host + done));
             if (n < 0 && errno == EINTR)
                 continue;
             if (n < 0)
@@ -421,7 +421,8 @@ struct StreamDecoder::Impl {
     Result<void> emit_data(std::uint64_t guest, Bytes bytes) {
         if (bytes.empty())
             return {};
-        if (run_length && guest == run_guest + run_length && bytes.data() == run_data + run_length) {
+        if (run_length && guest == run_guest + run_length &&
+            bytes.data() == run_data + run_length) {
             run_length += bytes.size();
             return {};
         }
@@ -482,9 +483,8 @@ struct StreamDecoder::Impl {
         while (done < out.size()) {
             const std::uint64_t cluster = cluster_of(at);
             const std::uint64_t cluster_end = (cluster + 1) << state.cluster_bits;
-            const std::size_t piece =
-                static_cast<std::size_t>(std::min<std::uint64_t>(out.size() - done,
-                                                                 cluster_end - at));
+            const std::size_t piece = static_cast<std::size_t>(
+                std::min<std::uint64_t>(out.size() - done, cluster_end - at));
             if (at >= current_start && !current.empty()) {
                 const std::uint64_t in = at - current_start;
                 if (in + piece > current.size()) {
@@ -547,8 +547,7 @@ struct StreamDecoder::Impl {
                          "the corrupt bit is set: qemu found this image inconsistent (repair it "
                          "with qemu-img check -r all before converting it)"};
         }
-        if (info.backing_file && options.backing != BackingMode::none &&
-            !options.describe_only) {
+        if (info.backing_file && options.backing != BackingMode::none && !options.describe_only) {
             return Error{ErrorCode::unsupported_feature,
                          fmt::format("the image names a backing file '{}': a streamed image may "
                                      "not make us open other files (read it alone with "
@@ -557,14 +556,14 @@ struct StreamDecoder::Impl {
         }
         if (state.has_data_file() && !(options.describe_only && !options.data_file)) {
             if (!options.data_file) {
-                return Error{ErrorCode::unsupported_feature,
-                             fmt::format("the image keeps its data in an external data file{}: "
-                                         "a streamed image may not make us open other files "
-                                         "(name the data file with --data-file)",
-                                         info.data_file ? fmt::format(" ('{}')",
-                                                                      detail::printable(
-                                                                          *info.data_file))
-                                                        : std::string())};
+                return Error{
+                    ErrorCode::unsupported_feature,
+                    fmt::format("the image keeps its data in an external data file{}: "
+                                "a streamed image may not make us open other files "
+                                "(name the data file with --data-file)",
+                                info.data_file
+                                    ? fmt::format(" ('{}')", detail::printable(*info.data_file))
+                                    : std::string())};
             }
             OpenOptions raw;
             raw.format = "raw";
@@ -602,8 +601,7 @@ struct StreamDecoder::Impl {
                  round_up(info.bitmaps->directory_offset + info.bitmaps->directory_size)});
         }
         queue.emplace(options.spool_directory);
-        spool.emplace(options.spool_directory, options.max_spool.value_or(disk_size),
-                      cluster_size);
+        spool.emplace(options.spool_directory, options.max_spool.value_or(disk_size), cluster_size);
         if (auto ok = sink.begin(info, disk_size); !ok)
             return ok;
         header_done = true;
@@ -642,8 +640,8 @@ struct StreamDecoder::Impl {
         }
         const std::uint64_t length = std::min(cluster_size, disk_size - guest);
         std::span<std::byte> out(scratch.data(), static_cast<std::size_t>(length));
-        auto ok = read_past(host, out,
-                            fmt::format("data cluster for virtual offset {:#x}", guest), true);
+        auto ok =
+            read_past(host, out, fmt::format("data cluster for virtual offset {:#x}", guest), true);
         if (!ok)
             return ok;
         return deliver_data(guest, out, mask, true);
@@ -652,8 +650,8 @@ struct StreamDecoder::Impl {
     Result<void> schedule_compressed(std::uint64_t guest, std::uint64_t host, std::uint64_t size) {
         if (host >= current_start + cluster_size) {
             ++needed_pending;
-            return queue->push({host, guest >> state.cluster_bits,
-                                static_cast<std::uint32_t>(size), Role::compressed});
+            return queue->push({host, guest >> state.cluster_bits, static_cast<std::uint32_t>(size),
+                                Role::compressed});
         }
         return start_compressed(guest, host, size);
     }
@@ -669,9 +667,9 @@ struct StreamDecoder::Impl {
         const std::uint64_t available_end = current_start + current.size();
         const std::uint64_t have = std::min(host + size, available_end) - host;
         job.input.resize(static_cast<std::size_t>(have));
-        auto ok = read_past(host, job.input,
-                            fmt::format("compressed cluster for virtual offset {:#x}", guest),
-                            false);
+        auto ok =
+            read_past(host, job.input,
+                      fmt::format("compressed cluster for virtual offset {:#x}", guest), false);
         if (!ok)
             return ok;
         if (have == size)
@@ -735,9 +733,9 @@ struct StreamDecoder::Impl {
             const detail::L1Entry l1 = detail::decode_l1(bytes.data() + i * 8);
             // As the extent walk (extent_iterator.cpp, classify) refuses them.
             if (l1.reserved_bits()) {
-                return Error{ErrorCode::invalid_table,
-                             fmt::format("L1 entry {} ({:#018x}) has reserved bits set", index,
-                                         l1.raw)};
+                return Error{
+                    ErrorCode::invalid_table,
+                    fmt::format("L1 entry {} ({:#018x}) has reserved bits set", index, l1.raw)};
             }
             const std::uint64_t guest = index * coverage;
             const std::uint64_t length = std::min(coverage, disk_size - guest);
@@ -943,8 +941,9 @@ struct StreamDecoder::Impl {
 
     // ----- the stream, cluster by cluster
 
-    bool needs_more() const { return l1_entries_seen < l1_needed || needed_pending > 0 ||
-                                     !open_jobs.empty(); }
+    bool needs_more() const {
+        return l1_entries_seen < l1_needed || needed_pending > 0 || !open_jobs.empty();
+    }
 
     Result<void> check_complete() {
         if (!needs_more() && header_done && !tail) {
@@ -1038,9 +1037,8 @@ struct StreamDecoder::Impl {
             const std::uint64_t from = std::max(refcount_span.start, start);
             const std::uint64_t to = std::min(refcount_span.end, end);
             for (std::uint64_t at = from; at + 8 <= to; at += 8) {
-                const std::uint64_t block =
-                    detail::load_be64(bytes.data() + (at - start)) &
-                    detail::kRefcountTableOffsetMask;
+                const std::uint64_t block = detail::load_be64(bytes.data() + (at - start)) &
+                                            detail::kRefcountTableOffsetMask;
                 // Only to know the blocks when they pass; a bad entry is check's business.
                 if (block != 0 && (block & (cluster_size - 1)) == 0 && block >= end) {
                     if (auto ok = queue->push({block, 0, 0, Role::refcount_block}); !ok)
@@ -1060,7 +1058,8 @@ struct StreamDecoder::Impl {
                 }
                 last_l2_host = p.host;
                 last_l2_index = p.index;
-                ok = read_l2(p.index, p.host, bytes.subspan(static_cast<std::size_t>(p.host - start)));
+                ok = read_l2(p.index, p.host,
+                             bytes.subspan(static_cast<std::size_t>(p.host - start)));
                 break;
             case Role::data: {
                 const std::uint64_t guest = p.index << state.cluster_bits;
@@ -1072,8 +1071,9 @@ struct StreamDecoder::Impl {
                     std::memcpy(scratch.data(), bytes.data(), bytes.size());
                     std::memset(scratch.data() + bytes.size(), 0,
                                 static_cast<std::size_t>(length - bytes.size()));
-                    ok = deliver_data(guest, Bytes(scratch.data(), static_cast<std::size_t>(length)), p.aux,
-                                      true);
+                    ok =
+                        deliver_data(guest, Bytes(scratch.data(), static_cast<std::size_t>(length)),
+                                     p.aux, true);
                     break;
                 }
                 ok = deliver_data(guest, bytes, p.aux, false);
@@ -1108,10 +1108,9 @@ struct StreamDecoder::Impl {
     Result<void> consume(Bytes bytes) {
         while (!bytes.empty()) {
             if (!header_done) {
-                const std::size_t take =
-                    std::min(bytes.size(), header_needed > header.size()
-                                               ? header_needed - header.size()
-                                               : std::size_t{0});
+                const std::size_t take = std::min(bytes.size(), header_needed > header.size()
+                                                                    ? header_needed - header.size()
+                                                                    : std::size_t{0});
                 header.insert(header.end(), bytes.begin(), bytes.begin() + take);
                 bytes = bytes.subspan(take);
                 if (header.size() >= header_needed) {
@@ -1254,9 +1253,9 @@ struct StreamDecoder::Impl {
         if (auto ok = drain_all(); !ok)
             return ok;
         if (emitted != disk_size) {
-            return Error{ErrorCode::invalid_table,
-                         fmt::format("the tables describe {} of the disk's {} bytes", emitted,
-                                     disk_size)};
+            return Error{
+                ErrorCode::invalid_table,
+                fmt::format("the tables describe {} of the disk's {} bytes", emitted, disk_size)};
         }
         return {};
     }
@@ -1366,8 +1365,9 @@ bool StreamDecoder::disk_complete() const {
 Result<ExpectedDigest> parse_expected_digest(std::string_view text) {
     const std::size_t colon = text.find(':');
     if (colon == std::string_view::npos) {
-        return Error{ErrorCode::invalid_argument,
-                     fmt::format("'{}' is not ALGO:HEX (e.g. sha256:...)", detail::printable(text))};
+        return Error{
+            ErrorCode::invalid_argument,
+            fmt::format("'{}' is not ALGO:HEX (e.g. sha256:...)", detail::printable(text))};
     }
     auto algorithm = parse_hash_algorithm(text.substr(0, colon));
     if (!algorithm) {
@@ -1744,7 +1744,8 @@ Result<StreamStats> stream_to_raw(int in_fd, int out_fd, const StreamOptions& op
             return {};
         }
         for (std::uint64_t done = 0; done < run.length;) {
-            const std::uint64_t n = std::min<std::uint64_t>(run.length - done, sizeof detail::kZeros);
+            const std::uint64_t n =
+                std::min<std::uint64_t>(run.length - done, sizeof detail::kZeros);
             if (!detail::write_all(out_fd, detail::kZeros, n))
                 return target_errno();
             done += n;
@@ -1754,9 +1755,8 @@ Result<StreamStats> stream_to_raw(int in_fd, int out_fd, const StreamOptions& op
     return decode_stream_ordered(in_fd, write, options);
 }
 
-Result<StreamStats> stream_to_raw_file(int in_fd, const std::filesystem::path& target,
-                                       bool replace, const StreamOptions& options,
-                                       std::uint64_t zero_block) {
+Result<StreamStats> stream_to_raw_file(int in_fd, const std::filesystem::path& target, bool replace,
+                                       const StreamOptions& options, std::uint64_t zero_block) {
     return stream_to_raw_file(fd_reader(in_fd), target, replace, options, zero_block);
 }
 

@@ -12,8 +12,8 @@
 // upper bound (every candidate stored uncompressed), streams the compressed clusters after it
 // and fills the metadata in last; a target that cannot seek gets the image spooled to an
 // unlinked file in $TMPDIR first.
-#include "writer_internal.hpp"
 #include "atomic_file.hpp"
+#include "writer_internal.hpp"
 
 #include "cluster_compressor.hpp"
 #include "image_state.hpp"

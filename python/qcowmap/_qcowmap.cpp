@@ -700,8 +700,8 @@ PYBIND11_MODULE(_qcowmap, m) {
           "data_file: use this external data file; untrusted=True: the image came from outside; "
           "backing and data file names it holds are followed only inside its directory (as "
           "--untrusted).");
-    m.def("stream_convert", &stream_convert, py::arg("fileobj"), py::arg("target"),
-          py::kw_only(), py::arg("replace") = false, py::arg("max_spool") = py::none(),
+    m.def("stream_convert", &stream_convert, py::arg("fileobj"), py::arg("target"), py::kw_only(),
+          py::arg("replace") = false, py::arg("max_spool") = py::none(),
           py::arg("expect_checksum") = py::none(), py::arg("backing") = true,
           py::arg("data_file") = py::none(), py::arg("threads") = 0,
           "Reads a qcow2 image once from fileobj (a binary file object: a pipe, an HTTP "

@@ -40,7 +40,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         TouchingSink sink;
         qcowmap::StreamDecoder decoder(sink, options);
         std::size_t at = 0;
-        std::size_t piece = size == 0 ? 1 : (std::to_integer<std::size_t>(bytes[size - 1]) * 97 + 1);
+        std::size_t piece =
+            size == 0 ? 1 : (std::to_integer<std::size_t>(bytes[size - 1]) * 97 + 1);
         bool failed = false;
         while (at < size && !failed) {
             const std::size_t n = piece < size - at ? piece : size - at;

@@ -40,9 +40,9 @@ class StreamSink {
 
 /// What the stream decoder measured, for reports and tests.
 struct StreamStats {
-    std::uint64_t stream_bytes = 0; ///< bytes of the stream consumed (the image file's size)
-    std::uint64_t disk_size = 0;    ///< the virtual size
-    std::uint64_t data_bytes = 0;   ///< disk bytes delivered from data clusters
+    std::uint64_t stream_bytes = 0;        ///< bytes of the stream consumed (the image file's size)
+    std::uint64_t disk_size = 0;           ///< the virtual size
+    std::uint64_t data_bytes = 0;          ///< disk bytes delivered from data clusters
     std::uint64_t compressed_clusters = 0; ///< compressed clusters decompressed
     std::uint64_t l2_tables = 0;           ///< L2 tables read
     /// Bytes of clusters written to the spool: clusters that arrived before the table that maps
@@ -76,8 +76,8 @@ Result<ExpectedDigest> parse_expected_digest(std::string_view text);
 struct StreamOptions {
     /// The most spool the image may need at once, in bytes: clusters that arrive before the
     /// table mapping them, and (a separate spool of decode_stream_ordered, limited alike) disk
-    /// data that arrives ahead of its place. nullopt: the virtual disk size. An image needing more is refused (invalid_table,
-    /// "needs more than ... of spool") as soon as the limit is crossed.
+    /// data that arrives ahead of its place. nullopt: the virtual disk size. An image needing more
+    /// is refused (invalid_table, "needs more than ... of spool") as soon as the limit is crossed.
     std::optional<std::uint64_t> max_spool;
     /// Where the spool's unnamed temporary files are made: empty means $TMPDIR, else /tmp.
     /// Nothing is left there: the files are unlinked at once (O_TMPFILE where possible).
@@ -179,8 +179,8 @@ Result<StreamStats> stream_to_raw(int in_fd, int out_fd, const StreamOptions& op
 /// it is written under an unnamed temporary file in its directory and linked into place only
 /// when the whole stream decoded (and its digest matched). An existing `target` is refused
 /// unless `replace`. Errors: as stream_to_raw.
-Result<StreamStats> stream_to_raw_file(int in_fd, const std::filesystem::path& target,
-                                       bool replace, const StreamOptions& options = {},
+Result<StreamStats> stream_to_raw_file(int in_fd, const std::filesystem::path& target, bool replace,
+                                       const StreamOptions& options = {},
                                        std::uint64_t zero_block = 4096);
 /// As above, the stream read from `read` (a Python file object, an HTTP body...).
 Result<StreamStats> stream_to_raw_file(const StreamReader& read,
