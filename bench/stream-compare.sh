@@ -85,6 +85,23 @@ printf '%s\n' "${rows[@]}"
 echo "load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 
 if [[ -x /usr/bin/time ]]; then
+    # CPU seconds (user + sys) of each way, the whole pipeline's (cat and qcowmap; cat and
+    # qemu-img): on a loaded machine the wall times above mostly measure waiting for a core at
+    # every pipe hand-over, the CPU times what each way costs.
+    cpu() { /usr/bin/time -f '%U %S' "$@" 2>&1 >/dev/null | awk 'END { printf "%.3f", $1 + $2 }'; }
+    echo
+    echo "CPU seconds (user + sys, median of $RUNS)"
+    printf '%-10s %8s %10s %10s\n' image stream "qemu file" "copy+qemu"
+    for name in dense-1G zlib-1G frag-4G; do
+        image=$WORKDIR/$name.qcow2
+        c_s=() c_f=() c_c=()
+        for ((i = 0; i < RUNS; i++)); do
+            c_s+=("$(cpu sh -c 'cat "$1" | "$2" convert --force - "$3"' sh "$image" "$QCOWMAP" "$OUT")"); rm -f "$OUT"
+            c_f+=("$(cpu qemu-img convert -f qcow2 -O raw "$image" "$OUT")"); rm -f "$OUT"
+            c_c+=("$(cpu sh -c 'cat "$1" >"$2" && qemu-img convert -f qcow2 -O raw "$2" "$3"' sh "$image" "$COPY" "$OUT")"); rm -f "$OUT" "$COPY"
+        done
+        printf '%-10s %8s %10s %10s\n' "$name" "$(median "${c_s[@]}")" "$(median "${c_f[@]}")" "$(median "${c_c[@]}")"
+    done
     rss() { /usr/bin/time -v "$@" 2>&1 >/dev/null | awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }'; }
     for name in dense-1G zlib-1G frag-4G; do
         image=$WORKDIR/$name.qcow2

@@ -113,11 +113,17 @@ TEST(StreamImport, EveryImageKindPipedMatchesQemuImgConvert) {
         ASSERT_EQ(r.exit_code, 0) << r.err;
         EXPECT_EQ(qt::read_file(out), expected);
         EXPECT_NE(r.err.find("\"spooled-bytes\""), std::string::npos) << r.err;
-        // The same disk in order: to a pipe and into the digest.
-        qt::write_file(dir / "ref.raw", expected);
-        const std::string digest = sha256_of(dir / "ref.raw");
-        EXPECT_EQ(qt::run_ok(cat_into(image, "convert - - | sha256sum")).substr(0, 64), digest);
-        EXPECT_EQ(qt::run_ok(cat_into(image, "hash -")), digest + "  -\n");
+        // The same disk in order, to a pipe and into the digest, for the images whose data
+        // arrives out of disk order (and the odd sizes): the reordering spool.
+        const std::string name = image.filename().string();
+        if (name == "snap.qcow2" || name == "zlib.qcow2" || name == "ext.qcow2" ||
+            name == "odd.qcow2" || name == "reuse.qcow2") {
+            qt::write_file(dir / "ref.raw", expected);
+            const std::string digest = sha256_of(dir / "ref.raw");
+            EXPECT_EQ(qt::run_ok(cat_into(image, "convert - - | sha256sum")).substr(0, 64),
+                      digest);
+            EXPECT_EQ(qt::run_ok(cat_into(image, "hash -")), digest + "  -\n");
+        }
         // The library in odd pieces agrees with Image on the same bytes.
         qt::expect_stream_agrees(qt::read_file(image));
     }
