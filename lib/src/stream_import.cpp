@@ -595,7 +595,8 @@ struct StreamDecoder::Impl {
                  round_up(info.snapshots_offset +
                           std::uint64_t{info.snapshot_count} * detail::kSnapshotEntryFixed)});
         }
-        if (info.bitmaps && info.bitmaps->directory_offset != 0) {
+        if (info.bitmaps && info.bitmaps->directory_offset != 0 &&
+            info.bitmaps->directory_size <= UINT64_MAX - info.bitmaps->directory_offset) {
             skip_spans.push_back(
                 {info.bitmaps->directory_offset,
                  round_up(info.bitmaps->directory_offset + info.bitmaps->directory_size)});
@@ -1505,38 +1506,64 @@ class SeekableRawSink : public StreamSink {
     std::uint64_t written_ = 0;
 };
 
-/// The regular file `target`, created (atomically, see AtomicFile) once the header is valid.
+/// The regular file `target`, written atomically (see AtomicFile). Its temporary is created
+/// with the first data: an image refused before (a bad table, the spool limit crossed while
+/// everything so far was spooled) never touches the target's directory. Whether the target
+/// may be written is checked once the header is valid, before the stream goes on.
 class AtomicRawSink : public StreamSink {
   public:
     AtomicRawSink(std::filesystem::path target, bool replace, std::uint64_t zero_block)
         : target_(std::move(target)), replace_(replace), zero_block_(zero_block) {}
 
     Result<void> begin(const ImageInfo& info, std::uint64_t disk_size) override {
-        auto file = detail::AtomicFile::create(target_, replace_);
-        if (!file)
-            return target_error(file.error().message);
-        file_.emplace(std::move(*file));
-        raw_.emplace(file_->fd(), zero_block_);
-        return raw_->begin(info, disk_size);
+        info_ = &info;
+        disk_size_ = disk_size;
+        struct stat st {};
+        if (::stat(target_.c_str(), &st) == 0) {
+            if (S_ISDIR(st.st_mode))
+                return target_error("is a directory");
+            if (!S_ISREG(st.st_mode))
+                return target_error("exists and is not a regular file");
+            if (!replace_)
+                return target_error("already exists (use --force to replace it)");
+        }
+        return {};
     }
     Result<void> data(std::uint64_t offset, std::span<const std::byte> bytes) override {
+        if (auto ok = open(); !ok)
+            return ok;
         return raw_->data(offset, bytes);
     }
-    Result<void> zero(std::uint64_t offset, std::uint64_t length, bool present) override {
-        return raw_->zero(offset, length, present);
+    Result<void> zero(std::uint64_t, std::uint64_t, bool) override {
+        return {}; // a fresh regular file: its holes read as zeros
     }
     Result<void> commit() {
-        if (!file_)
-            return target_error("was not created");
+        if (auto ok = open(); !ok) // a disk without data: an empty sparse file
+            return ok;
         if (auto ok = file_->commit(); !ok)
             return target_error(ok.error().message);
         return {};
     }
 
   private:
+    Result<void> open() {
+        if (file_)
+            return {};
+        if (!info_)
+            return target_error("was not created");
+        auto file = detail::AtomicFile::create(target_, replace_);
+        if (!file)
+            return target_error(file.error().message);
+        file_.emplace(std::move(*file));
+        raw_.emplace(file_->fd(), zero_block_);
+        return raw_->begin(*info_, disk_size_);
+    }
+
     std::filesystem::path target_;
     bool replace_;
     std::uint64_t zero_block_;
+    const ImageInfo* info_ = nullptr;
+    std::uint64_t disk_size_ = 0;
     std::optional<detail::AtomicFile> file_;
     std::optional<SeekableRawSink> raw_;
 };
