@@ -120,8 +120,7 @@ TEST(StreamImport, EveryImageKindPipedMatchesQemuImgConvert) {
             name == "odd.qcow2" || name == "reuse.qcow2") {
             qt::write_file(dir / "ref.raw", expected);
             const std::string digest = sha256_of(dir / "ref.raw");
-            EXPECT_EQ(qt::run_ok(cat_into(image, "convert - - | sha256sum")).substr(0, 64),
-                      digest);
+            EXPECT_EQ(qt::run_ok(cat_into(image, "convert - - | sha256sum")).substr(0, 64), digest);
             EXPECT_EQ(qt::run_ok(cat_into(image, "hash -")), digest + "  -\n");
         }
         // The library in odd pieces agrees with Image on the same bytes.
@@ -434,6 +433,29 @@ TEST(StreamImport, HostileStreamsGiveOneLineAndNoFile) {
         std::filesystem::remove(out);
         qt::expect_stream_agrees(qt::read_file(dir / "bad.qcow2"));
     }
+}
+
+// An L1 table whose 2048 entries all name its own 2 MiB cluster as their L2 table (2^18 entries
+// each): read once, then refused, instead of 2^29 entry visits.
+TEST(StreamImport, AnL1TableNamingItsOwnClusterIsReadOnce) {
+    qt::TempDir dir;
+    auto image = dir / "self.qcow2";
+    qt::make_image(image, "cluster_size=2M", "1P", {});
+    const std::uint64_t l1 = qt::peek_be(image, 40, 8);
+    const std::uint64_t entries = qt::peek_be(image, 36, 4);
+    ASSERT_EQ(entries, 2048u);
+    Buffer b = qt::read_file(image);
+    b.resize(std::max<std::size_t>(b.size(), l1 + (2u << 20))); // the whole cluster
+    for (std::uint64_t i = 0; i < entries; ++i) {
+        for (unsigned k = 0; k < 8; ++k)
+            b[l1 + i * 8 + k] = std::byte{static_cast<unsigned char>((l1 >> (56 - 8 * k)) & 0xff)};
+    }
+    qt::write_file(image, b);
+    // (check: the same decoding without a 1 PiB target.)
+    auto r = qt::run("timeout 60 sh -c " + qt::shell_quote(cat_into(image, "check -")));
+    EXPECT_EQ(r.exit_code, 2) << r.err;
+    EXPECT_NE(r.err.find("lies in the cluster of the L1 table, named again"), std::string::npos)
+        << r.err;
 }
 
 TEST(StreamImport, InfoAndCheckTellWhatOnePassCan) {

@@ -392,6 +392,7 @@ struct StreamDecoder::Impl {
     std::vector<Span> pieces_scratch;
     std::vector<CompressedJob> done_jobs_scratch;
     std::vector<Pending> roles_scratch;
+    bool l2_read_from_current = false; ///< an L2 table was read from the current cluster
 
     // Decompression.
     std::unique_ptr<detail::OrderedWorkers<CompressedJob>> workers;
@@ -622,7 +623,20 @@ struct StreamDecoder::Impl {
             ++needed_pending;
             return queue->push({host, l1_index, 0, Role::l2_table});
         }
-        // Arrived already (an L2 table written before its L1 table, as after a resize).
+        // Arrived already (an L2 table written before its L1 table, as after a resize). One
+        // read per table: a spooled one is freed once read. One in the current cluster shares
+        // it with the L1 entries naming it (a corrupt image qemu still reads): read once, so
+        // that an L1 table naming its own cluster many times cannot make us read it over and
+        // over.
+        if (host >= current_start) {
+            if (l2_read_from_current) {
+                return Error{ErrorCode::invalid_table,
+                             fmt::format("L2 table at {:#x} (L1 index {}) lies in the cluster "
+                                         "of the L1 table, named again (the image is corrupt)",
+                                         host, l1_index)};
+            }
+            l2_read_from_current = true;
+        }
         auto ok = read_past(host, scratch, fmt::format("L2 table (L1 index {})", l1_index), true);
         if (!ok)
             return ok;
@@ -961,6 +975,7 @@ struct StreamDecoder::Impl {
     /// the shorter last one at the end of the stream).
     Result<void> process_cluster(Bytes bytes) {
         current = bytes;
+        l2_read_from_current = false;
         const std::uint64_t start = current_start;
         const std::uint64_t end = start + bytes.size();
         const std::uint64_t cluster = cluster_of(start);
