@@ -62,6 +62,16 @@ Error target_errno() {
     return target_error(std::strerror(errno));
 }
 
+/// Runs `work`, turning std::bad_alloc (a buffer the system refuses: `ulimit -v`) into an error:
+/// no exception leaves the library's stream functions.
+template <typename Work> auto out_of_memory_as_error(Work work) -> decltype(work()) {
+    try {
+        return work();
+    } catch (const std::bad_alloc&) {
+        return Error{ErrorCode::io_error, "out of memory"};
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // What waits for a cluster still to come.
 
@@ -1442,17 +1452,19 @@ StreamReader fd_reader(int fd) {
 }
 
 Result<StreamStats> decode_stream(StreamDecoder& decoder, const StreamReader& read) {
-    std::vector<std::byte> buffer(std::size_t{4} << 20);
-    for (;;) {
-        auto n = read(buffer);
-        if (!n)
-            return n.error();
-        if (*n == 0)
-            break;
-        if (auto ok = decoder.feed(Bytes(buffer.data(), std::min(*n, buffer.size()))); !ok)
-            return ok.error();
-    }
-    return decoder.finish();
+    return out_of_memory_as_error([&]() -> Result<StreamStats> {
+        std::vector<std::byte> buffer(std::size_t{4} << 20);
+        for (;;) {
+            auto n = read(buffer);
+            if (!n)
+                return n.error();
+            if (*n == 0)
+                break;
+            if (auto ok = decoder.feed(Bytes(buffer.data(), std::min(*n, buffer.size()))); !ok)
+                return ok.error();
+        }
+        return decoder.finish();
+    });
 }
 
 Result<StreamStats> decode_fd(StreamDecoder& decoder, int fd) {
@@ -1759,44 +1771,48 @@ class OrderedSink : public StreamSink {
 Result<StreamStats> decode_stream_ordered(
     int in_fd, const RunVisitor& visitor, const StreamOptions& options,
     const std::function<Result<void>(const ImageInfo&, std::uint64_t disk_size)>& begin) {
-    OrderedSink sink(visitor, options, begin);
-    StreamDecoder decoder(sink, options);
-    auto stats = decode_fd(decoder, in_fd);
-    if (!stats)
+    return out_of_memory_as_error([&]() -> Result<StreamStats> {
+        OrderedSink sink(visitor, options, begin);
+        StreamDecoder decoder(sink, options);
+        auto stats = decode_fd(decoder, in_fd);
+        if (!stats)
+            return stats;
+        if (auto ok = sink.finish(); !ok)
+            return ok.error();
+        stats->reorder_spooled_bytes = sink.spooled();
+        stats->spool_peak = std::max(stats->spool_peak, sink.peak());
         return stats;
-    if (auto ok = sink.finish(); !ok)
-        return ok.error();
-    stats->reorder_spooled_bytes = sink.spooled();
-    stats->spool_peak = std::max(stats->spool_peak, sink.peak());
-    return stats;
+    });
 }
 
 Result<StreamStats> stream_to_raw(int in_fd, int out_fd, const StreamOptions& options,
                                   std::uint64_t zero_block) {
-    struct stat st {};
-    if (::fstat(out_fd, &st) != 0)
-        return target_errno();
-    if (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)) {
-        SeekableRawSink sink(out_fd, zero_block);
-        StreamDecoder decoder(sink, options);
-        return decode_fd(decoder, in_fd);
-    }
-    RunVisitor write = [out_fd](const Run& run) -> Result<void> {
-        if (run.kind == ExtentKind::data) {
-            if (!detail::write_all(out_fd, run.bytes.data(), run.bytes.size()))
-                return target_errno();
+    return out_of_memory_as_error([&]() -> Result<StreamStats> {
+        struct stat st {};
+        if (::fstat(out_fd, &st) != 0)
+            return target_errno();
+        if (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)) {
+            SeekableRawSink sink(out_fd, zero_block);
+            StreamDecoder decoder(sink, options);
+            return decode_fd(decoder, in_fd);
+        }
+        RunVisitor write = [out_fd](const Run& run) -> Result<void> {
+            if (run.kind == ExtentKind::data) {
+                if (!detail::write_all(out_fd, run.bytes.data(), run.bytes.size()))
+                    return target_errno();
+                return {};
+            }
+            for (std::uint64_t done = 0; done < run.length;) {
+                const std::uint64_t n =
+                    std::min<std::uint64_t>(run.length - done, sizeof detail::kZeros);
+                if (!detail::write_all(out_fd, detail::kZeros, n))
+                    return target_errno();
+                done += n;
+            }
             return {};
-        }
-        for (std::uint64_t done = 0; done < run.length;) {
-            const std::uint64_t n =
-                std::min<std::uint64_t>(run.length - done, sizeof detail::kZeros);
-            if (!detail::write_all(out_fd, detail::kZeros, n))
-                return target_errno();
-            done += n;
-        }
-        return {};
-    };
-    return decode_stream_ordered(in_fd, write, options);
+        };
+        return decode_stream_ordered(in_fd, write, options);
+    });
 }
 
 Result<StreamStats> stream_to_raw_file(int in_fd, const std::filesystem::path& target, bool replace,
@@ -1807,52 +1823,56 @@ Result<StreamStats> stream_to_raw_file(int in_fd, const std::filesystem::path& t
 Result<StreamStats> stream_to_raw_file(const StreamReader& read,
                                        const std::filesystem::path& target, bool replace,
                                        const StreamOptions& options, std::uint64_t zero_block) {
-    AtomicRawSink sink(target, replace, zero_block);
-    StreamDecoder decoder(sink, options);
-    auto stats = decode_stream(decoder, read);
-    if (!stats)
-        return stats; // the temporary goes with the sink
-    if (auto ok = sink.commit(); !ok)
-        return ok.error();
-    return stats;
+    return out_of_memory_as_error([&]() -> Result<StreamStats> {
+        AtomicRawSink sink(target, replace, zero_block);
+        StreamDecoder decoder(sink, options);
+        auto stats = decode_stream(decoder, read);
+        if (!stats)
+            return stats; // the temporary goes with the sink
+        if (auto ok = sink.commit(); !ok)
+            return ok.error();
+        return stats;
+    });
 }
 
 Result<StreamedImage> stream_to_temporary_image(int in_fd, const StreamOptions& options) {
-    auto fd = detail::open_spool_file(options.spool_directory);
-    if (!fd)
-        return fd.error();
-    struct Closer {
-        int fd;
-        ~Closer() { ::close(fd); }
-    } closer{*fd};
-    SeekableRawSink sink(*fd, 4096);
-    // The limit is set once the header gives the disk size (the default limit).
-    struct Limited : StreamSink {
-        SeekableRawSink& raw;
-        const StreamOptions& options;
-        Limited(SeekableRawSink& r, const StreamOptions& o) : raw(r), options(o) {}
-        Result<void> begin(const ImageInfo& info, std::uint64_t disk_size) override {
-            raw.limit(options.max_spool.value_or(disk_size));
-            return raw.begin(info, disk_size);
-        }
-        Result<void> data(std::uint64_t offset, std::span<const std::byte> bytes) override {
-            return raw.data(offset, bytes);
-        }
-        Result<void> zero(std::uint64_t offset, std::uint64_t length, bool present) override {
-            return raw.zero(offset, length, present);
-        }
-    } limited(sink, options);
-    StreamDecoder decoder(limited, options);
-    auto stats = decode_fd(decoder, in_fd);
-    if (!stats)
-        return stats.error();
-    OpenOptions raw;
-    raw.format = "raw";
-    // The unnamed file is opened again through /proc: the Image owns its own descriptor.
-    auto image = Image::open(fmt::format("/proc/self/fd/{}", *fd), raw);
-    if (!image)
-        return image.error();
-    return StreamedImage{std::move(*image), *stats};
+    return out_of_memory_as_error([&]() -> Result<StreamedImage> {
+        auto fd = detail::open_spool_file(options.spool_directory);
+        if (!fd)
+            return fd.error();
+        struct Closer {
+            int fd;
+            ~Closer() { ::close(fd); }
+        } closer{*fd};
+        SeekableRawSink sink(*fd, 4096);
+        // The limit is set once the header gives the disk size (the default limit).
+        struct Limited : StreamSink {
+            SeekableRawSink& raw;
+            const StreamOptions& options;
+            Limited(SeekableRawSink& r, const StreamOptions& o) : raw(r), options(o) {}
+            Result<void> begin(const ImageInfo& info, std::uint64_t disk_size) override {
+                raw.limit(options.max_spool.value_or(disk_size));
+                return raw.begin(info, disk_size);
+            }
+            Result<void> data(std::uint64_t offset, std::span<const std::byte> bytes) override {
+                return raw.data(offset, bytes);
+            }
+            Result<void> zero(std::uint64_t offset, std::uint64_t length, bool present) override {
+                return raw.zero(offset, length, present);
+            }
+        } limited(sink, options);
+        StreamDecoder decoder(limited, options);
+        auto stats = decode_fd(decoder, in_fd);
+        if (!stats)
+            return stats.error();
+        OpenOptions raw;
+        raw.format = "raw";
+        // The unnamed file is opened again through /proc: the Image owns its own descriptor.
+        auto image = Image::open(fmt::format("/proc/self/fd/{}", *fd), raw);
+        if (!image)
+            return image.error();
+        return StreamedImage{std::move(*image), *stats};
+    });
 }
 
 } // namespace qcowmap
