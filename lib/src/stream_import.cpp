@@ -90,7 +90,8 @@ struct Pending {
 class PendingQueue {
   public:
     static constexpr std::size_t kInMemory = 256 * 1024; // entries: 6 MiB
-    static constexpr std::size_t kRunBuffer = 4 * 1024;  // entries read back per run at once
+    /// Entries read back at once, over all spilled runs (4 MiB; at least 16 per run).
+    static constexpr std::size_t kRunBuffer = (4u << 20) / sizeof(Pending);
 
     explicit PendingQueue(std::filesystem::path directory) : directory_(std::move(directory)) {}
     PendingQueue(const PendingQueue&) = delete;
@@ -181,9 +182,13 @@ class PendingQueue {
             run.buffer.shrink_to_fit();
             return {};
         }
+        // The read-back buffers share 4 MiB: with many runs each reads fewer entries at once.
+        const std::size_t share = std::max<std::size_t>(16, kRunBuffer / runs_.size());
         const std::size_t count =
-            static_cast<std::size_t>(std::min<std::uint64_t>(run.remaining, kRunBuffer));
+            static_cast<std::size_t>(std::min<std::uint64_t>(run.remaining, share));
         run.buffer.resize(count);
+        if (run.buffer.capacity() > 2 * count)
+            run.buffer.shrink_to_fit();
         const std::size_t bytes = count * sizeof(Pending);
         std::size_t done = 0;
         while (done < bytes) {
