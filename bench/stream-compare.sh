@@ -3,6 +3,7 @@
 #   cat IMG | qcowmap convert - OUT          the one-pass stream decoder
 #   qemu-img convert -O raw IMG OUT          qemu's file path (which needs the file)
 #   cat IMG > COPY; qemu-img convert COPY OUT   what importers do today with a download
+#   cat IMG | cat > OUT                    the floor: bytes through a pipe into a file, as they are
 # on dense-1G, zlib-1G and frag-4G (the images compare-qemu.sh builds, reused from WORKDIR), then
 # the peak RSS of each (/usr/bin/time -v). Median wall time and min-max over RUNS alternating
 # runs; every output is checked against qemu-img's once first.
@@ -33,6 +34,8 @@ trap 'rm -f "$OUT" "$REF" "$COPY"' EXIT
 stream_qcowmap() { cat "$1" | "$QCOWMAP" convert --force - "$OUT"; }
 file_qemu() { qemu-img convert -f qcow2 -O raw "$1" "$OUT"; }
 copy_then_qemu() { cat "$1" >"$COPY" && qemu-img convert -f qcow2 -O raw "$COPY" "$OUT"; rm -f "$COPY"; }
+# The floor of any tool reading a pipe into a file: the bytes through a pipe and written, as is.
+pipe_floor() { cat "$1" | cat >"$OUT"; }
 
 time_it() {
     local t0 t1
@@ -61,7 +64,7 @@ for name in dense-1G zlib-1G frag-4G; do
     qemu-img convert -f qcow2 -O raw "$image" "$REF"
     cmp -s "$OUT" "$REF" || die "$name: cat | qcowmap convert - differs from qemu-img convert"
     rm -f "$OUT" "$REF"
-    t_s=() t_f=() t_c=()
+    t_s=() t_f=() t_c=() t_p=()
     for ((i = 0; i < RUNS; i++)); do
         # Rotate which goes first.
         case $((i % 3)) in
@@ -69,9 +72,11 @@ for name in dense-1G zlib-1G frag-4G; do
         1) t_f+=("$(time_it file_qemu "$image")"); t_c+=("$(time_it copy_then_qemu "$image")"); t_s+=("$(time_it stream_qcowmap "$image")") ;;
         2) t_c+=("$(time_it copy_then_qemu "$image")"); t_s+=("$(time_it stream_qcowmap "$image")"); t_f+=("$(time_it file_qemu "$image")") ;;
         esac
+        t_p+=("$(time_it pipe_floor "$image")")
     done
     m_s=$(median "${t_s[@]}") m_f=$(median "${t_f[@]}") m_c=$(median "${t_c[@]}")
     echo "  $name: stream [${t_s[*]}] qemu-img file [${t_f[*]}] copy+qemu-img [${t_c[*]}]"
+    echo "  $name: pipe floor (cat IMG | cat > OUT) median $(median "${t_p[@]}") [${t_p[*]}]"
     rows+=("$(printf '%-10s %8s %13s %8s %13s %8s %13s %8s %8s' "$name" \
         "$m_s" "$(range "${t_s[@]}")" "$m_f" "$(range "${t_f[@]}")" "$m_c" "$(range "${t_c[@]}")" \
         "$(awk -v a="$m_s" -v b="$m_f" 'BEGIN { printf "%.2f", b / a }')" \
