@@ -92,7 +92,17 @@ Command add_check(CLI::App& app) {
     output->add_to(*command, "the counts with qemu-img check --output=json's keys");
     add_untrusted_option(*command, *untrusted);
     add_force_share_option(*command, *force_share);
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
     return {command, [=] {
+                if (*path == "-") { // read from standard input (apps/stream_input.cpp)
+                    ImageArgs source;
+                    source.path = "-";
+                    return describe_stream(source, *stream, output->json(), true);
+                }
+                if (stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as the image");
                 (void)output->json(); // --json --output=human: a usage error, before reading
                 // No warning: a raw image is refused here anyway, in one line as qemu-img check
                 // does.

@@ -41,6 +41,8 @@ std::string_view to_string(ErrorCode code) {
         return "image_in_use";
     case ErrorCode::image_changed:
         return "image_changed";
+    case ErrorCode::checksum_mismatch:
+        return "checksum_mismatch";
     }
     return "unknown";
 }
