@@ -26,8 +26,10 @@ namespace qcowmap::cli {
 /// Exit codes (documented in README.md and qcowmap(1)).
 enum ExitCode : int {
     kExitOk = 0,
-    kExitImageError = 1,  ///< the image could not be opened, validated or read
-    kExitUsage = 2,       ///< bad command line
+    kExitImageError = 1, ///< the image could not be opened, validated or read
+    /// A bad command line: 1 on every command, as qemu-img exits (so that it never collides
+    /// with check's 2 "corruptions found" or compare's 2 "could not open").
+    kExitUsage = 1,
     kExitOutputError = 3, ///< the output could not be written (or exists without --force)
     kExitDataLost = 4,    ///< --salvage: done, but some ranges could not be read (zeros)
 };
@@ -42,7 +44,7 @@ int report_error(std::string_view file, const Error& error, int code);
 
 /// A bad command line, found after parsing (a size that does not parse, options that do not
 /// go together). Thrown from a command's run function; main prints
-/// `qcowmap: usage: MESSAGE (see qcowmap COMMAND --help)` and exits 2.
+/// `qcowmap: usage: MESSAGE (see qcowmap COMMAND --help)` and exits 1 (kExitUsage).
 class UsageError : public std::runtime_error {
   public:
     using std::runtime_error::runtime_error;
@@ -65,28 +67,47 @@ struct ImageArgs {
     std::string backing = "follow";
     std::string data_file;
     std::string snapshot;
-    std::string format; ///< -f: "qcow2" or "raw"; empty: qcow2
+    std::string format; ///< -f: "qcow2", "qcow" (read as qcow2) or "raw"; empty: probed
     /// False for `info`: a missing external data file is reported, not fatal.
     bool require_data_file = true;
     bool untrusted = false;
     bool salvage = false;
-    /// Adds IMAGE, -f, --backing and --untrusted; `data_file` adds --data-file, `snapshot`
-    /// --snapshot.
+    bool force_share = false; ///< -U, --force-share: no image locks (qemu-img -U)
+    /// Print qemu's warning when probing finds raw (compare, like qemu-img compare, does not).
+    bool warn_raw_probe = true;
+    /// Adds IMAGE, -f, -U, --backing and --untrusted; `data_file` adds --data-file,
+    /// `snapshot` --snapshot.
     void add_to(CLI::App& command, bool data_file = true, bool snapshot = true);
     /// The options without IMAGE (for commands that take several images).
     void add_options(CLI::App& command, bool data_file = true, bool snapshot = true);
+    /// The library's options for `path`. Without -f the format of `path` is probed as
+    /// qemu-img probes it (probe_image_format), which prints qemu's warning for raw.
     OpenOptions open_options() const;
 };
+
+/// Adds `-U, --force-share` (read an image a writer holds: no QEMU image locks) to `command`.
+void add_force_share_option(CLI::App& command, bool& force_share);
+
+/// The format of `path` when none was given, as qemu-img probes it (qemu's block.c
+/// find_image_format): "qcow2" for the qcow magic (qcow2 and qcow version 1), else "raw",
+/// with qemu's warning on stderr unless `warn` is false (one line: reading is fine, but -f raw
+/// says so). An image
+/// about to be written in place must not be probed raw (qemu restricts writes to block 0
+/// then): `for_writing` refuses it with a UsageError asking for -f raw. A file that cannot
+/// be read probes as "qcow2" (opening it then says why).
+std::string probe_image_format(const std::string& path, bool for_writing = false, bool warn = true);
 
 /// Adds `--output=human|json` and its alias `--json` to `command`; `json()` tells which.
 class OutputOption {
   public:
     void add_to(CLI::App& command, const std::string& json_help);
-    bool json() const { return json_flag_ || output_ == "json"; }
+    /// True for --json or --output=json; a UsageError for --json with --output=human.
+    bool json() const;
 
   private:
     std::string output_ = "human";
     bool json_flag_ = false;
+    CLI::Option* output_option_ = nullptr;
 };
 
 /// The message for an image file that shrank while it was being read.

@@ -158,8 +158,8 @@ Command add_convert(CLI::App& app) {
     command
         ->add_option("-S,--sparse-size", *sparse_size,
                      "Also leave holes for data blocks of this size that hold only zeros "
-                     "(like qemu-img convert -S: a multiple of 512 up to 16M; default 4k, 0 "
-                     "disables)")
+                     "(like qemu-img convert -S: a multiple of 512 up to 16M; default 4k; 0: "
+                     "no holes at all, a fully allocated file, as qemu-img -S 0)")
         ->option_text("SIZE");
     auto io = std::make_shared<std::string>("auto");
     add_io_option(*command, *io);

@@ -1684,8 +1684,12 @@ TEST(CorruptCli, OpenErrorsFailEveryCommand) {
     cases.push_back({"empty.qcow2", {}, "empty"});
     for (const Case& c : cases) {
         qt::write_file(dir / c.name, c.bytes);
+        // Without the qcow magic a file probes as raw, as qemu-img probes it (issue 25): said
+        // to be qcow2, it is refused.
+        const bool probes_raw = c.name == "bad magic.qcow2" || c.name == "empty.qcow2";
         for (const char* command : kCommands) {
-            EXPECT_TRUE(cli_fails(command, dir / c.name, c.needle));
+            EXPECT_TRUE(cli_fails(std::string(command) + (probes_raw ? " -f qcow2" : ""),
+                                  dir / c.name, c.needle));
         }
     }
     for (const char* command : kCommands) {

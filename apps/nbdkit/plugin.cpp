@@ -1,7 +1,7 @@
 // nbdkit-qcowmap-plugin: serves a qcow2 image's virtual disk read-only over NBD.
 //
 //   nbdkit qcowmap file=IMAGE.qcow2 [snapshot=ID_OR_NAME] [backing=none] [data-file=PATH]
-//          [untrusted=true]
+//          [untrusted=true] [force-share=true]
 //
 // (installed into nbdkit's plugin directory, so nbdkit finds it by name).
 //
@@ -93,6 +93,14 @@ int serve_config(const char* key, const char* value) {
             return -1; // nbdkit_parse_bool reported it
         }
         options.untrusted = flag != 0;
+    } else if (std::strcmp(key, "force-share") == 0) {
+        // qemu-img -U: no QEMU image locks. Without it the image is locked as a reader while
+        // served (a VM cannot start writing it), and a writer already there is refused.
+        const int flag = nbdkit_parse_bool(value);
+        if (flag < 0) {
+            return -1;
+        }
+        options.force_share = flag != 0;
     } else {
         nbdkit_error("unknown parameter '%s'", key);
         return -1;
@@ -233,7 +241,9 @@ struct nbdkit_plugin make_plugin() {
                     "data-file=PATH      the external data file to use instead of the named one\n"
                     "backing=none        ignore the backing file (unallocated reads as zeros)\n"
                     "untrusted=true      follow backing/data file names only inside the image's "
-                    "directory";
+                    "directory\n"
+                    "force-share=true    take no QEMU image locks (qemu-img -U): serve an image "
+                    "a writer holds";
     p.magic_config_key = "file";
     p.get_ready = serve_get_ready;
     p.open = serve_open;

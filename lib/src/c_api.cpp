@@ -63,6 +63,10 @@ int errno_for(qcowmap::ErrorCode code) {
     case ErrorCode::out_of_range:
     case ErrorCode::invalid_argument:
         return EINVAL;
+    case ErrorCode::image_in_use:
+        return EAGAIN; // what qemu's lock test returns (qemu_lock_fd_test)
+    case ErrorCode::image_changed:
+        return EIO;
     }
     return EIO;
 }

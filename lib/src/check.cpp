@@ -571,6 +571,10 @@ Result<CheckResult> check_state(const detail::ImageState& state, const CheckOpti
     }
     CheckResult result;
     Checker(state, options, result).run();
+    // Leaks or corruptions counted while a writer changed the file are not the image's.
+    Error changed = detail::explain_change(state, Error{ErrorCode::io_error, {}});
+    if (changed.code == ErrorCode::image_changed)
+        return changed;
     return result;
 }
 
@@ -604,6 +608,7 @@ Result<CheckResult> check_image(const std::filesystem::path& path, const CheckOp
     // file that cannot be opened means the image cannot be checked (exit 1 in qemu-img).
     OpenOptions open;
     open.untrusted = options.untrusted;
+    open.force_share = options.force_share;
     auto state = detail::open_chain(path, open, check_mode());
     if (!state) {
         return std::move(state).error();

@@ -486,8 +486,8 @@ class Prefetcher {
     }
 
     static Error lost_place() {
-        return Error{ErrorCode::io_error, "image changed while being read (two walks of its "
-                                          "metadata disagree)"};
+        return Error{ErrorCode::image_changed, "image changed while being read (two walks of its "
+                                               "metadata disagree)"};
     }
 
     Result<Job*> front(Source source) {
@@ -693,8 +693,10 @@ std::uint64_t file_bytes(const Image& image) {
 
 } // namespace
 
-Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
-                                     CompareError* error_detail) {
+namespace {
+
+Result<CompareResult> compare_walk(const Image& a, const Image& b, const CompareOptions& options,
+                                   CompareError* error_detail) {
     const std::uint64_t size_a = a.size();
     const std::uint64_t size_b = b.size();
     if (options.strict && size_a != size_b) {
@@ -814,6 +816,22 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     CompareResult r;
     r.size_warning = size_a != size_b;
     return r;
+}
+
+} // namespace
+
+Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
+                                     CompareError* error_detail) {
+    auto result = compare_walk(a, b, options, error_detail);
+    // A mismatch or a failure met while a file changed under the walk is the change's doing.
+    for (int side = 0; side < 2; ++side) {
+        if (auto unchanged = (side == 0 ? a : b).check_unchanged(); !unchanged) {
+            if (error_detail)
+                *error_detail = CompareError{unchanged.error(), side, true};
+            return std::move(unchanged).error();
+        }
+    }
+    return result;
 }
 
 } // namespace qcowmap

@@ -79,6 +79,22 @@ CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, s
     return CopyResult::ok;
 }
 
+/// Allocates `[offset, offset + length)` of a regular file whose range reads as zeros
+/// already (a hole of a fresh file): fallocate(2), else written zeros.
+bool allocate_range(int fd, std::uint64_t offset, std::uint64_t length) {
+    if (::fallocate(fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0)
+        return true;
+    if (errno != EOPNOTSUPP && errno != ENOSYS)
+        return false;
+    for (std::uint64_t done = 0; done < length;) {
+        std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeros);
+        if (!pwrite_all(fd, kZeros, n, offset + done))
+            return false;
+        done += n;
+    }
+    return true;
+}
+
 /// The target as found by fstat, after refusing the image's own files.
 struct Target {
     enum class Kind { file, block_device, stream };
@@ -146,7 +162,7 @@ class Writer {
             // The kernel reading the mapping for write() or vmsplice() faults with EFAULT when
             // the image file was truncated under it.
             if (errno == EFAULT && run.mapped) {
-                return Error{ErrorCode::io_error,
+                return Error{ErrorCode::image_changed,
                              "image changed while being read (the file shrank under its "
                              "mapping)"};
             }
@@ -157,7 +173,7 @@ class Writer {
             case CopyResult::ok:
                 return {};
             case CopyResult::source_changed:
-                return Error{ErrorCode::io_error,
+                return Error{ErrorCode::image_changed,
                              "image changed while being read (the file shrank under its "
                              "mapping)"};
             case CopyResult::target_failed:
@@ -182,8 +198,13 @@ class Writer {
             }
             return {};
         }
-        if (kind_ == Target::Kind::file && !punch)
+        if (kind_ == Target::Kind::file && !punch && zero_block_ != 0)
             return {};
+        if (kind_ == Target::Kind::file && !punch) {
+            // zero_block 0 is qemu-img's -S 0: the file fully allocated. The fresh file reads
+            // zeros here already; allocating (unwritten extents) is all that is left to do.
+            return allocate_range(fd_, offset, length) ? Result<void>{} : failed();
+        }
         return zero_range(fd_, offset, length, punch) ? Result<void>{} : failed();
     }
 
@@ -307,6 +328,8 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
         visit);
     if (!result && where)
         where->target = writer.target_failed();
+    if (result)
+        result = image.check_unchanged(); // bytes of two states must not pass for the disk
     return result;
 }
 
@@ -353,6 +376,8 @@ Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
     }
     if (!result && where)
         where->target = writer.target_failed();
+    if (result)
+        result = image.check_unchanged();
     return result;
 }
 

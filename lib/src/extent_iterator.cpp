@@ -504,7 +504,9 @@ ExtentWalk::ExtentWalk(std::shared_ptr<const ImageState> state, std::uint64_t st
     : state_(std::move(state)), position_(start), end_(std::min(end, state_->disk_size)) {}
 
 bool ExtentWalk::fail(Error error) {
-    error_ = std::move(error);
+    // A table beyond the mapped end, a bad entry: when the file changed under us, that is the
+    // cause, not corruption.
+    error_ = explain_change(*state_, std::move(error));
     deferred_error_.reset(); // the first error by position is the one that stays
     position_ = end_;
     return false;
@@ -552,6 +554,22 @@ bool ExtentWalk::next(Extent& out) {
         if (extent.kind == ExtentKind::data) {
             auto bytes = slice(s.data_bytes, *extent.host_offset, extent.length, "",
                                ErrorCode::invalid_cluster);
+            const std::uint64_t file_size = s.data_bytes.size();
+            const std::uint64_t host = *extent.host_offset;
+            if (!bytes && host < file_size) {
+                // Merged clusters of which only the first lie inside a file cut short: hand
+                // those out; the next call fails at the first cluster that does not fit,
+                // naming its own virtual offset (not the merged run's start).
+                const std::uint64_t fits = file_size - host;
+                const std::uint64_t aligned =
+                    s.cluster_size ? ((host + fits) & ~(s.cluster_size - 1)) : host + fits;
+                if (aligned > host) {
+                    extent.length = aligned - host;
+                    deferred_error_.reset(); // found again, in order, from the cut on
+                    bytes =
+                        slice(s.data_bytes, host, extent.length, "", ErrorCode::invalid_cluster);
+                }
+            }
             if (!bytes) {
                 return fail(cluster_error(fmt::format(
                     "data for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies beyond end "

@@ -270,6 +270,9 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
                      Prefetch::touch});
     if (!ok)
         return std::move(ok).error();
+    // A digest of a half-written state must not look like the disk's.
+    if (auto unchanged = image.check_unchanged(); !unchanged)
+        return std::move(unchanged).error();
     return hasher->finish();
 }
 

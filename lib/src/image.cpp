@@ -1,3 +1,4 @@
+#include "image_lock.hpp"
 #include "image_state.hpp"
 #include "references.hpp"
 
@@ -6,6 +7,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
+
+#include <sys/stat.h>
 
 namespace qcowmap {
 
@@ -33,6 +37,10 @@ std::string_view to_string(ErrorCode code) {
         return "out_of_range";
     case ErrorCode::invalid_argument:
         return "invalid_argument";
+    case ErrorCode::image_in_use:
+        return "image_in_use";
+    case ErrorCode::image_changed:
+        return "image_changed";
     case ErrorCode::checksum_mismatch:
         return "checksum_mismatch";
     }
@@ -275,6 +283,13 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
     }
     walk.identities.push_back(opened.identity);
     walk.names.push_back(name);
+    if (opened.file && !options.force_share) {
+        // As qemu-img takes them on every file of the chain it opens (see image_lock.hpp):
+        // before parsing, so that no writer starts between our look and our lock.
+        if (auto locked = lock_image(opened.file->fd(), kReaderLock); !locked) {
+            return std::move(locked).error();
+        }
+    }
 
     auto state = std::make_shared<ImageState>();
     state->bytes = opened.bytes;
@@ -318,6 +333,13 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
             state->data_file_path = source.path_of(*state, *data_name, caller_given);
         }
         auto data = source.data_file(*state, data_name, caller_given);
+        if (data && data->file && !options.force_share) {
+            if (auto locked = lock_image(data->file->fd(), kReaderLock); !locked) {
+                data = Error{locked.error().code,
+                             fmt::format("data file {}: {}", printable(data->path.string()),
+                                         locked.error().message)};
+            }
+        }
         if (data) {
             state->data_bytes = data->bytes;
             state->data_file = std::move(data->file);
@@ -470,9 +492,64 @@ std::vector<LayerInfo> Image::layers() const {
         std::string format = layer->format == detail::LayerFormat::raw ? "raw"
                              : layer->info.version == 1                ? "qcow"
                                                                        : "qcow2";
-        result.push_back({layer->path, format, layer->disk_size});
+        LayerInfo info{layer->path, format, layer->disk_size};
+        if (layer->file)
+            std::tie(info.device, info.inode) = layer->file->identity();
+        result.push_back(std::move(info));
     }
     return result;
+}
+
+namespace detail {
+
+Error explain_change(const ImageState& top, Error error) {
+    if (error.code == ErrorCode::image_changed)
+        return error;
+    for (const ImageState* layer = &top; layer; layer = layer->backing.get()) {
+        for (const MappedFile* file : {layer->file.get(), layer->data_file.get()}) {
+            if (file && file->changed()) {
+                // Say how, when the size tells: a file cut short is the usual cause of a read
+                // past its end.
+                struct stat st {};
+                std::string how = "was written meanwhile";
+                if (!file->is_block_device() && ::fstat(file->fd(), &st) == 0 &&
+                    static_cast<std::uint64_t>(st.st_size) != file->bytes().size()) {
+                    how = fmt::format("{} from {:#x} to {:#x} bytes meanwhile",
+                                      static_cast<std::uint64_t>(st.st_size) < file->bytes().size()
+                                          ? "shrank"
+                                          : "grew",
+                                      file->bytes().size(), st.st_size);
+                }
+                return Error{ErrorCode::image_changed,
+                             fmt::format("image changed while being read ({} {})",
+                                         printable(file->name().string()), how)};
+            }
+        }
+    }
+    return error;
+}
+
+} // namespace detail
+
+bool Image::changed_since_open() const {
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
+        if ((layer->file && layer->file->changed()) ||
+            (layer->data_file && layer->data_file->changed())) {
+            return true;
+        }
+    }
+    return false;
+}
+
+Error Image::explain(Error error) const {
+    return detail::explain_change(*state_, std::move(error));
+}
+
+Result<void> Image::check_unchanged() const {
+    Error changed = explain(Error{ErrorCode::io_error, {}});
+    if (changed.code == ErrorCode::image_changed)
+        return changed;
+    return {};
 }
 
 std::uint64_t Image::size() const {

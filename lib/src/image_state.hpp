@@ -102,6 +102,10 @@ inline const ImageState* layer_at(const ImageState& top, std::uint32_t depth) {
     return layer;
 }
 
+/// `error`, or image_changed when a file of the chain below `top` changed since it was mapped
+/// (Image::explain).
+Error explain_change(const ImageState& top, Error error);
+
 /// Reads `out.size()` bytes at `position` with pread, retrying short reads and EINTR. A read
 /// error or the end of the file (a file cut short under its mapping) is an io_error naming
 /// the offset.

@@ -182,8 +182,8 @@ class Prefetcher {
   private:
     /// The two walks of the same metadata disagree: only a file changed under us does that.
     static Error lost_place() {
-        return Error{ErrorCode::io_error, "image changed while being read (two walks of its "
-                                          "metadata disagree)"};
+        return Error{ErrorCode::image_changed, "image changed while being read (two walks of its "
+                                               "metadata disagree)"};
     }
 
     /// Moves the look-ahead walk to the next extent whose bytes must be produced; false at the
@@ -425,7 +425,9 @@ Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisit
                 bytes = inline_producer.decompress(*this, extent);
             }
             if (!bytes) {
-                return std::move(bytes).error();
+                // A short read or a cluster that no longer decompresses: the file changing
+                // under us is the cause when it did.
+                return explain(std::move(bytes).error());
             }
             run.offset = piece;
             run.length = length;

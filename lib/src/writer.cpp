@@ -20,6 +20,7 @@
 #include "workers.hpp"
 
 #include <qcowmap/bitmap.hpp>
+#include <qcowmap/format.hpp>
 
 #include <fmt/format.h>
 
@@ -231,6 +232,99 @@ Result<void> classify(const Image& image, const Geometry& g, std::uint64_t first
     return {};
 }
 
+/// The depth at which `image`'s chain holds `backing` itself (the same file, read in the same
+/// format), or nullopt. Below that depth both read alike: the backing file's own chain is
+/// opened from its header the same way by both.
+std::optional<std::uint32_t> depth_of(const Image& image, const Image& backing) {
+    const LayerInfo base = backing.layers().front();
+    if (base.device == 0 && base.inode == 0)
+        return std::nullopt; // in memory: no identity to go by
+    const std::vector<LayerInfo> layers = image.layers();
+    for (std::size_t depth = 1; depth < layers.size(); ++depth) {
+        const LayerInfo& layer = layers[depth];
+        if (layer.device == base.device && layer.inode == base.inode &&
+            layer.format == base.format) {
+            return static_cast<std::uint32_t>(depth);
+        }
+    }
+    return std::nullopt;
+}
+
+/// The byte ranges of `[0, end)` where `image` may read other than zeros (data and compressed
+/// extents), merged, in order.
+Result<std::vector<std::pair<std::uint64_t, std::uint64_t>>> maybe_nonzero(const Image& image,
+                                                                           std::uint64_t end) {
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
+    auto ok = for_each_extent(image, 0, end, [&](const Extent& e) -> Result<void> {
+        if (e.kind == ExtentKind::zero)
+            return {};
+        if (!ranges.empty() && ranges.back().second == e.offset)
+            ranges.back().second = e.offset + e.length;
+        else
+            ranges.emplace_back(e.offset, e.offset + e.length);
+        return {};
+    });
+    if (!ok)
+        return ok.error();
+    return ranges;
+}
+
+/// Calls `add(offset, length)` for each output cluster of `image` whose bytes differ from
+/// `backing`'s at the same offset (zeros past the backing file's end, as a reader of the
+/// output sees them). Clusters where both sides are known to read as zeros are skipped
+/// without reading; the others are read from both and compared.
+template <typename Add>
+Result<void> add_differences(const Image& image, const Image& backing, const Geometry& g,
+                             Add&& add) {
+    const std::uint64_t size = image.size();
+    auto ours = maybe_nonzero(image, size);
+    if (!ours)
+        return ours.error();
+    auto theirs = maybe_nonzero(backing, size);
+    if (!theirs)
+        return theirs.error();
+    // Output clusters either side may hold non-zero bytes in, merged.
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> clusters;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> all = std::move(*ours);
+    all.insert(all.end(), theirs->begin(), theirs->end());
+    std::sort(all.begin(), all.end());
+    for (auto [start, end] : all) {
+        const std::uint64_t first = start >> g.cluster_bits;
+        const std::uint64_t last = g.clusters_for(std::min(end, size));
+        if (!clusters.empty() && clusters.back().second >= first)
+            clusters.back().second = std::max(clusters.back().second, last);
+        else if (first < last)
+            clusters.emplace_back(first, last);
+    }
+    // Compared a chunk of clusters at a time: two reads per MiB.
+    const std::uint64_t c = g.cluster_size;
+    const std::uint64_t chunk_clusters = std::max<std::uint64_t>(1, (1u << 20) >> g.cluster_bits);
+    std::vector<std::byte> a(static_cast<std::size_t>(chunk_clusters * c));
+    std::vector<std::byte> b(a.size());
+    Decompressor decompressor;
+    for (auto [first, last] : clusters) {
+        for (std::uint64_t at = first; at < last; at += chunk_clusters) {
+            const std::uint64_t n = std::min(chunk_clusters, last - at);
+            const std::uint64_t offset = at * c;
+            const std::uint64_t bytes = std::min(n * c, size - offset);
+            const auto length = static_cast<std::size_t>(bytes);
+            if (auto ok = read_source(image, offset, std::span(a).first(length), decompressor); !ok)
+                return ok;
+            if (auto ok = read_source(backing, offset, std::span(b).first(length), decompressor);
+                !ok)
+                return ok;
+            for (std::uint64_t i = 0; i < n; ++i) {
+                const std::size_t from = static_cast<std::size_t>(i * c);
+                const std::size_t len =
+                    std::min<std::size_t>(static_cast<std::size_t>(c), length - from);
+                if (std::memcmp(a.data() + from, b.data() + from, len) != 0)
+                    add(offset + from, len);
+            }
+        }
+    }
+    return {};
+}
+
 } // namespace
 
 Result<std::vector<PlanRun>> make_plan(const Image& image, const Geometry& g,
@@ -258,6 +352,28 @@ Result<std::vector<PlanRun>> make_plan(const Image& image, const Geometry& g,
         });
         if (!ok)
             return ok.error();
+        break;
+    }
+    case WriteSelection::differs_from_backing: {
+        if (!options.backing_image) {
+            return Error{ErrorCode::invalid_argument,
+                         "writing the difference from a backing file needs that file opened "
+                         "(WriteOptions::backing_image)"};
+        }
+        const Image& backing = *options.backing_image;
+        if (auto depth = depth_of(image, backing)) {
+            // The source is an overlay of the backing file itself: what the layers above it
+            // allocate is all that can differ, known without reading.
+            auto ok = for_each_extent(image, 0, UINT64_MAX, [&](const Extent& e) -> Result<void> {
+                if (e.present && e.depth < *depth)
+                    add(e.offset, e.length);
+                return {};
+            });
+            if (!ok)
+                return ok.error();
+        } else if (auto ok = add_differences(image, backing, g, add); !ok) {
+            return ok.error();
+        }
         break;
     }
     case WriteSelection::bitmap_dirty: {
@@ -1181,6 +1297,38 @@ Result<void> check_write_options(const WriteOptions& options) {
     return {};
 }
 
+Result<Image> open_output_backing(const WriteOptions& options, const std::filesystem::path& target,
+                                  const OpenOptions& open) {
+    if (!options.backing_file || options.backing_file->empty())
+        return Error{ErrorCode::invalid_argument, "no backing file named"};
+    // qemu resolves a relative backing file name against the directory of the image naming it
+    // (bdrv_get_full_backing_filename): the output's, not ours.
+    std::filesystem::path path(*options.backing_file);
+    if (path.is_relative() && !target.empty())
+        path = target.parent_path() / path;
+    OpenOptions options_for_backing = open;
+    options_for_backing.backing = BackingMode::follow;
+    options_for_backing.backing_file.reset();
+    options_for_backing.backing_format.reset();
+    options_for_backing.snapshot.reset();
+    options_for_backing.data_file.reset();
+    options_for_backing.format = options.backing_format;
+    if (!options_for_backing.format) {
+        auto probed = probe_format(path);
+        options_for_backing.format = probed ? *probed : "qcow2";
+    }
+    auto image = Image::open(path, options_for_backing);
+    if (!image) {
+        // qemu-img: "Could not open backing file: Could not open 'sub/sub/base.qcow2': No such
+        // file or directory". Our errors name the path already.
+        std::string message = image.error().message;
+        if (!message.starts_with(path.string()))
+            message = fmt::format("{}: {}", detail::printable(path.string()), message);
+        return Error{image.error().code, "Could not open backing file: " + message};
+    }
+    return image;
+}
+
 Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& options) {
     return detail::writer::write_image(source, fd, options, false);
 }
@@ -1192,15 +1340,40 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     auto geometry = make_geometry(options, source.size());
     if (!geometry)
         return geometry.error();
+    if (options.selection == WriteSelection::differs_from_backing && !options.backing_image) {
+        return Error{ErrorCode::invalid_argument,
+                     "writing the difference from a backing file needs that file opened "
+                     "(WriteOptions::backing_image, see open_output_backing)"};
+    }
+    if (options.backing_image && options.selection == WriteSelection::bitmap_dirty &&
+        options.backing_image->size() != source.size()) {
+        // The clusters left out read from the backing file: a previous backup of this disk
+        // has its size (qemu resizes a disk's bitmaps with it).
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("backing file {} is {} bytes but the disk is {} bytes: not a "
+                                 "backup of this disk",
+                                 detail::printable(options.backing_image->path().string()),
+                                 options.backing_image->size(), source.size())};
+    }
     HeaderFields fields{options.compression_type, options.backing_file, options.backing_format};
     auto out = Output::open(fd);
     if (!out)
         return out.error();
     out->set_early_writeback(early_writeback);
+    // An image read while someone wrote to it would mix two states: never handed out as good.
+    auto unchanged = [&](Result<WriteStats> stats) -> Result<WriteStats> {
+        if (!stats && !is_target_error(stats.error()))
+            return source.explain(std::move(stats).error());
+        if (!stats)
+            return stats;
+        if (auto ok = source.check_unchanged(); !ok)
+            return std::move(ok).error();
+        return stats;
+    };
     if (!options.compress)
-        return write_sequential(source, *out, *geometry, fields, options);
+        return unchanged(write_sequential(source, *out, *geometry, fields, options));
     if (out->seekable())
-        return write_compressed(source, *out, *geometry, fields, options);
+        return unchanged(write_compressed(source, *out, *geometry, fields, options));
     // A pipe cannot take the metadata last: spool the image to an unlinked file, then copy.
     const char* tmpdir = std::getenv("TMPDIR");
     const std::string dir = tmpdir && *tmpdir ? tmpdir : "/tmp";
@@ -1219,6 +1392,7 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     Result<WriteStats> stats = spooled
                                    ? write_compressed(source, *spooled, *geometry, fields, options)
                                    : Result<WriteStats>(spooled.error());
+    stats = unchanged(std::move(stats));
     if (stats) {
         if (auto ok = copy_spool(spool, stats->file_size, fd); !ok)
             stats = ok.error();

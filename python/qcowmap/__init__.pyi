@@ -108,8 +108,14 @@ def open(
     backing: bool = True,
     data_file: Optional[_Path] = None,
     untrusted: bool = False,
+    force_share: bool = False,
 ) -> Image:
-    """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file."""
+    """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file.
+
+    By default takes QEMU's reader lock (as qemu-img) until the Image is closed; raises Error
+    with code "image_in_use" when a writer holds the image. force_share=True: no locks
+    (qemu-img -U)."""
+
 
 def stream_convert(
     fileobj: BinaryIO,

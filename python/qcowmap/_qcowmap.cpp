@@ -485,7 +485,7 @@ class PyImage {
 };
 
 PyImage open_image(const py::object& path, const py::object& snapshot, bool backing,
-                   const py::object& data_file, bool untrusted) {
+                   const py::object& data_file, bool untrusted, bool force_share) {
     std::string filename = fs_path(path);
     qcowmap::OpenOptions options;
     options.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
@@ -499,6 +499,7 @@ PyImage open_image(const py::object& path, const py::object& snapshot, bool back
     if (!data_file.is_none())
         options.data_file = fs_path(data_file);
     options.untrusted = untrusted;
+    options.force_share = force_share;
     std::optional<qcowmap::Result<Image>> image;
     {
         py::gil_scoped_release unlocked;
@@ -694,12 +695,16 @@ PYBIND11_MODULE(_qcowmap, m) {
 
     m.def("open", &open_image, py::arg("path"), py::arg("snapshot") = py::none(),
           py::arg("backing") = true, py::arg("data_file") = py::none(),
-          py::arg("untrusted") = false,
+          py::arg("untrusted") = false, py::arg("force_share") = false,
           "Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file. "
           "snapshot: an internal snapshot's ID or name; backing=False reads only this image; "
           "data_file: use this external data file; untrusted=True: the image came from outside; "
           "backing and data file names it holds are followed only inside its directory (as "
-          "--untrusted).");
+          "--untrusted). QEMU's image locks: by default the image is opened as qemu-img opens "
+          "it, as a reader that lets nobody write until the Image is closed, and an image a "
+          "writer (a running VM, qemu-io) holds raises qcowmap.Error (code 'image_in_use'); "
+          "force_share=True (qemu-img -U) takes no locks, and reads of an image that changes "
+          "meanwhile fail with code 'image_changed' where noticed.");
     m.def("stream_convert", &stream_convert, py::arg("fileobj"), py::arg("target"), py::kw_only(),
           py::arg("replace") = false, py::arg("max_spool") = py::none(),
           py::arg("expect_checksum") = py::none(), py::arg("backing") = true,

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -560,6 +561,20 @@ def test_meson_install_puts_an_importable_package_in_the_prefix(tmp_path, small)
     assert b"libqcowmap" not in run(["ldd", str(ext)]).stdout
     site = package.parent
     assert "-packages" in site.name, site
+    # Issue 25: where this interpreter's own local installs go lies under the prefix (Debian's
+    # python3 and the default /usr/local), the package goes there, on its sys.path, not to
+    # Meson 1.0's /usr/local/lib/python3/dist-packages that no Python searches.
+    options = json.loads(run([meson, "introspect", build_root, "--buildoptions"]).stdout)
+    prefix = next(o["value"] for o in options if o["name"] == "prefix").rstrip("/")
+    own = run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('platlib'))"]
+              ).stdout.decode().strip()
+    final = "/" + str(site.relative_to(destdir))
+    if own.startswith(prefix + "/"):
+        assert final == own
+        on_path = run([sys.executable, "-c", "import sys; print(sys.argv[1] in sys.path)", final])
+        assert on_path.stdout.decode().strip() == "True"
+    else:
+        assert final.startswith(prefix + "/"), final
     # A fresh interpreter that sees only the installed package (not the build tree's).
     env = dict(os.environ, PYTHONPATH=str(site))
     code = "import qcowmap, sys; img = qcowmap.open(sys.argv[1]); print(qcowmap.__file__); print(img.hash())"
@@ -567,6 +582,35 @@ def test_meson_install_puts_an_importable_package_in_the_prefix(tmp_path, small)
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == str(package / "__init__.py")
     assert out[1] == sha256(raw)
+
+
+# Issue 25: QEMU's image locks. By default an image a writer holds is refused (as qemu-img
+# refuses it); force_share=True reads it anyway (qemu-img -U). A live qemu-io is the writer.
+def test_an_image_a_writer_holds_is_refused_unless_force_share(small):
+    path, raw = small
+    writer = subprocess.Popen(["timeout", "60", "qemu-io", "-f", "qcow2", "-c", "sleep 60000", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(400):  # until qemu-img itself is refused: the writer holds its lock
+            info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
+            if "lock" in info.stderr:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"qemu-io never locked the image (exit {writer.poll()})")
+        expect_error("image_in_use", 'Failed to get shared "write" lock', lambda: qcowmap.open(path))
+        with qcowmap.open(path, force_share=True) as img:
+            assert img.hash() == sha256(raw)
+    finally:
+        writer.terminate()
+        writer.wait()
+    # Once the writer is gone, the default open works, and holds qemu's writers off.
+    with qcowmap.open(path) as img:
+        refused = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 4k", str(path)], capture_output=True,
+                                 text=True)
+        assert refused.returncode != 0
+        assert 'Failed to get "write" lock' in refused.stdout + refused.stderr
+        assert img.size == 4 << 20
 
 
 def test_stream_convert_from_a_pipe(tmp_path):

@@ -1,6 +1,10 @@
 // qcowmap — persistent dirty bitmaps: which parts of the disk changed since a checkpoint.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/extent.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>

@@ -2,6 +2,10 @@
 // raw`) does, as a library call.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>
 
@@ -15,10 +19,12 @@ class DirtyBitmap;
 /// How `export_raw` and `export_dirty` write.
 struct ExportOptions {
     /// Data blocks of this many bytes (aligned in the output) that hold only zeros are left as
-    /// holes too, like `qemu-img convert -S` (whose default is 4 KiB). 0: no zero detection;
-    /// data then goes from the image's files to the target inside the kernel
-    /// (copy_file_range(2)) where both are files. A multiple of 512 (else invalid_argument).
-    /// Only regular-file targets have holes: elsewhere it is ignored.
+    /// holes too, like `qemu-img convert -S` (whose default is 4 KiB). 0: as `qemu-img
+    /// convert -S 0`, a fully allocated file: no zero detection, data goes from the image's
+    /// files to the target inside the kernel (copy_file_range(2)) where both are files, and
+    /// zero runs are allocated (fallocate(2), else written zeros) instead of left as holes.
+    /// A multiple of 512 (else invalid_argument). Only regular-file targets have holes:
+    /// elsewhere it is ignored.
     std::uint64_t zero_block = 4096;
     /// Threads producing data ahead of the writer (reading ahead, decompressing).
     /// 0: one per core.
@@ -54,7 +60,8 @@ struct ExportError {
 /// Writes the virtual disk of `image`, raw, to the open descriptor `fd` (left open), with the
 /// bytes `qemu-img convert -O raw` writes:
 /// - a regular file is emptied if it is not empty, sized to the disk, and given only the data:
-///   zero runs (and data blocks of zeros, see `zero_block`) stay holes;
+///   zero runs (and data blocks of zeros, see `zero_block`) stay holes, except with
+///   `zero_block` 0, which allocates every byte as qemu-img's -S 0 does;
 /// - a block device must hold at least the disk; zero runs are zeroed on it (the kernel's
 ///   write-zeroes where the device offers it, else written zeros), the rest of a larger
 ///   device is left alone;
@@ -66,8 +73,9 @@ struct ExportError {
 /// Errors: invalid_argument (bad `zero_block`; a target that is the image's own file, or a
 /// block device smaller than the disk; a part of the disk for a target that is not written
 /// in order), io_error when writing fails (`error->target` set), and the errors of
-/// `Image::visit` (`error->target` clear), among them "image changed while being read" when
-/// the image's file shrank under its mapping.
+/// `Image::visit` (`error->target` clear), among them image_changed ("image changed while
+/// being read") when a file of the image shrank under its mapping or was written meanwhile
+/// (Image::check_unchanged, after the last byte).
 Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {},
                         ExportError* error = nullptr);
 

@@ -1,6 +1,10 @@
 // qcowmap — a qcow2 image read through one read-only memory mapping.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/extent.hpp>
 #include <qcowmap/info.hpp>
 #include <qcowmap/options.hpp>
@@ -24,6 +28,10 @@ struct LayerInfo {
     std::filesystem::path path; ///< as opened (relative names resolved against the overlay)
     std::string format;         ///< "qcow2", "qcow" or "raw"
     std::uint64_t virtual_size = 0;
+    /// Device and inode of the layer's file (0, 0 for an image in memory): the same file
+    /// reached by two names is one layer.
+    std::uint64_t device = 0;
+    std::uint64_t inode = 0;
 };
 
 /// One run of the virtual disk as `Image::visit` hands it to its visitor: the run's bytes
@@ -89,6 +97,20 @@ class Image {
     /// True when the file with this device and inode number is mapped by the image: one of
     /// its layers or an external data file. Lets a writer refuse to overwrite its own input.
     bool maps_file(std::uint64_t device, std::uint64_t inode) const;
+    /// True when a file of the image (a layer or an external data file) has changed size or
+    /// modification time since `open` mapped it, or can no longer be checked: someone wrote to
+    /// it, so what was read since may mix two states. Costs one fstat per file. Never true
+    /// for open_bytes. QEMU's image locks (OpenOptions::force_share false) keep qemu's writers
+    /// out while the Image lives; this catches the rest (-U, writers that ignore the locks).
+    bool changed_since_open() const;
+    /// `error` unless the image changed since open: then image_changed, "image changed while
+    /// being read (FILE was written meanwhile)", which names the real cause of whatever
+    /// failed (a table that now lies beyond the mapped end, a mismatch, a corruption).
+    Error explain(Error error) const;
+    /// Nothing when no file changed since open (changed_since_open), else the image_changed
+    /// error explain() gives. Long operations (hash, compare, check, export, write) end with it
+    /// so that a result read from a changing image is never handed out as good.
+    Result<void> check_unchanged() const;
     /// The decoded header.
     const ImageInfo& info() const;
     /// The path given to `open` (empty for `open_bytes`).

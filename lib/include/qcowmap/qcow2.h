@@ -39,7 +39,10 @@ struct qcow2;
  *
  * errno: EBADF (fd not open), the errno of fstat/readlink, EIO (the file or a backing/data
  * file could not be opened or mapped), EINVAL (not a qcow image, invalid header or tables),
- * ENOTSUP (unsupported version or feature, encryption), ENOMEM.
+ * ENOTSUP (unsupported version or feature, encryption), ENOMEM, EAGAIN (a writer holds the
+ * image: QEMU's image locks, which every open through this API takes as a reader, as
+ * qemu-img does, for as long as the image stays open; see OpenOptions::force_share in
+ * <qcowmap/options.hpp>).
  *
  * The image is mapped by its path, found through /proc/self/fd/N; relative backing and data
  * file names resolve against that path's directory, as qemu does. When the fd has no usable
