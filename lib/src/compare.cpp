@@ -12,6 +12,7 @@
 // decompress. The caller takes each job's result out of its slot as soon as it is done (a
 // buffer swap, or the list of pages), so holding one side's bytes never blocks the other's;
 // pages it has compared are dropped from the process by the worker of a later job.
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "scratch_bytes.hpp"
@@ -693,8 +694,9 @@ std::uint64_t file_bytes(const Image& image) {
 
 } // namespace
 
-Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
-                                     CompareError* error_detail) {
+static Result<CompareResult> compare_images_in_boundary(const Image& a, const Image& b,
+                                                        const CompareOptions& options,
+                                                        CompareError* error_detail) {
     const std::uint64_t size_a = a.size();
     const std::uint64_t size_b = b.size();
     if (options.strict && size_a != size_b) {
@@ -814,6 +816,26 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     CompareResult r;
     r.size_warning = size_a != size_b;
     return r;
+}
+
+Result<CompareResult>
+compare_images(const Image& a, const Image& b, const CompareOptions& options,
+               CompareError* error_detail) { // A read of either image's mapping that faults: a read
+                                             // error of the image it belongs to.
+    detail::FaultBoundary boundary;
+    auto result = compare_images_in_boundary(a, b, options, error_detail);
+    auto fault = boundary.finish({});
+    if (!fault || (!result && !boundary.own_fault()))
+        return result;
+    if (boundary.own_fault()) {
+        const int side = detail::maps_address(detail_state(a), boundary.fault_address()) ? 0 : 1;
+        fault = detail::describe_fault(boundary.fault_address(), side == 0 ? a.path() : b.path());
+        if (error_detail)
+            *error_detail = CompareError{*fault, side, true};
+    } else if (error_detail) {
+        *error_detail = CompareError{*fault, 0, true};
+    }
+    return std::move(*fault);
 }
 
 } // namespace qcowmap

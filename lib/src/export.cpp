@@ -1,6 +1,8 @@
 // The raw export engine: sparse writes, in-kernel copies, hole punching, zero detection and
 // block-device targets (qemu-img.c convert_do_copy / convert_write, with -S as
 // is_allocated_sectors_min's zero check).
+#include "atomic_file.hpp"
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "workers.hpp"
 
@@ -101,7 +103,8 @@ enum class CopyResult { ok, target_failed, source_changed };
 /// pread/pwrite through `buffer` where the kernel cannot copy between the two (a block device
 /// on either side, different file system types).
 CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, std::uint64_t length,
-                      std::vector<std::byte>& buffer) {
+                      std::vector<std::byte>& buffer, int& source_errno) {
+    source_errno = 0;
     std::uint64_t host_offset = from.offset;
     std::uint64_t done = 0;
     while (done < length) {
@@ -127,7 +130,9 @@ CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, s
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
-            return CopyResult::source_changed; // the extent walk checked this range: it shrank
+            // The extent walk checked this range: 0 means the file shrank; else a read error.
+            source_errno = n < 0 ? errno : 0;
+            return CopyResult::source_changed;
         }
         if (!pwrite_all(out, buffer.data(), static_cast<std::uint64_t>(n), offset)) {
             return CopyResult::target_failed;
@@ -220,22 +225,36 @@ class Writer {
     Result<void> data(const Run& run) {
         const std::span<const std::byte> bytes = run.bytes;
         if (kind_ == Target::Kind::stream) {
+            // A character device may take the bytes without reading them (/dev/null): read
+            // one byte of every page first, so that data that cannot be read fails the export
+            // whatever the target (a fault here is the export's error: fault.hpp).
+            if (run.mapped && !splice_)
+                detail::touch_every_page(bytes);
             if (put(bytes, run.mapped))
                 return {};
-            // The kernel reading the mapping for write() or vmsplice() faults with EFAULT when
-            // the image file was truncated under it.
+            // The kernel reading the mapping for write() or vmsplice() fails with EFAULT
+            // where a page cannot be read (the file shrank, or an I/O error): touching the
+            // pages raises the fault in our code, which says which.
             if (errno == EFAULT && run.mapped) {
+                detail::touch_every_page(bytes);
                 return Error{ErrorCode::io_error,
-                             "image changed while being read (the file shrank under its "
-                             "mapping)"};
+                             "image changed while being read (a page of its mapping could not "
+                             "be read)"};
             }
             return failed();
         }
         if ((zero_block_ == 0 || kind_ == Target::Kind::block_device) && run.file) {
-            switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_)) {
+            int source_errno = 0;
+            switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_, source_errno)) {
             case CopyResult::ok:
                 return {};
             case CopyResult::source_changed:
+                if (source_errno != 0) {
+                    return Error{ErrorCode::io_error,
+                                 fmt::format("cannot read the image's data at file offset "
+                                             "{:#x}: {}",
+                                             run.file->offset, std::strerror(source_errno))};
+                }
                 return Error{ErrorCode::io_error,
                              "image changed while being read (the file shrank under its "
                              "mapping)"};
@@ -314,8 +333,8 @@ Result<void> fail_target(Error error, ExportError* where) {
 
 } // namespace
 
-Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
-                        ExportError* where) {
+static Result<void> export_raw_in_boundary(const Image& image, int fd, const ExportOptions& options,
+                                           ExportError* where) {
     if (where)
         *where = {};
     if (options.zero_block % 512 != 0) {
@@ -389,8 +408,51 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
     return result;
 }
 
-Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
-                          const ExportOptions& options, ExportError* where) {
+Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
+                        ExportError* where) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return export_raw_in_boundary(image, fd, options, where);
+    });
+}
+
+Result<void> export_raw_file(const Image& image, const std::filesystem::path& given,
+                             const ExportOptions& options, bool replace, ExportError* where) {
+    if (where)
+        *where = {};
+    // Through a symlink, as qemu-img writes: the file it points to is what gets replaced.
+    const std::filesystem::path target = detail::resolve_output_path(given);
+    std::optional<mode_t> keep_mode;
+    struct stat st {};
+    if (::stat(target.c_str(), &st) == 0) {
+        if (image.maps_file(st.st_dev, st.st_ino)) {
+            return fail_target(Error{ErrorCode::invalid_argument,
+                                     "is the image being read (or one of its layers or its "
+                                     "data file): refusing to overwrite it"},
+                               where);
+        }
+        if (S_ISDIR(st.st_mode))
+            return fail_target(Error{ErrorCode::invalid_argument, "is a directory"}, where);
+        if (!S_ISREG(st.st_mode)) {
+            return fail_target(Error{ErrorCode::invalid_argument, "is not a regular file"}, where);
+        }
+        if (!replace) {
+            return fail_target(
+                Error{ErrorCode::io_error, "already exists (use --force to overwrite)"}, where);
+        }
+        keep_mode = st.st_mode & 07777;
+    }
+    auto file = detail::AtomicFile::create(target, keep_mode);
+    if (!file)
+        return fail_target(std::move(file).error(), where);
+    if (auto written = export_raw(image, file->fd(), options, where); !written)
+        return written; // the temporary goes with `file`
+    if (auto named = file->commit(replace); !named)
+        return fail_target(std::move(named).error(), where);
+    return {};
+}
+
+static Result<void> export_dirty_in_boundary(const Image& image, const DirtyBitmap& bitmap, int fd,
+                                             const ExportOptions& options, ExportError* where) {
     if (where)
         *where = {};
     auto target = inspect_target(image, fd, false);
@@ -433,6 +495,13 @@ Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
     if (!result && where)
         where->target = writer.target_failed();
     return result;
+}
+
+Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
+                          const ExportOptions& options, ExportError* where) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return export_dirty_in_boundary(image, bitmap, fd, options, where);
+    });
 }
 
 } // namespace qcowmap

@@ -1,5 +1,6 @@
 // The extent iterator: walks L1/L2 in place in the mapping and merges runs.
 // Spec: docs/interop/qcow2.txt, "Cluster mapping" and "Extended L2 Entries".
+#include "fault.hpp"
 #include "image_state.hpp"
 
 #include <algorithm>
@@ -511,6 +512,19 @@ bool ExtentWalk::fail(Error error) {
 }
 
 bool ExtentWalk::next(Extent& out) {
+    // The walk reads L1/L2 tables from the mapping: a fault there ends it with an io_error
+    // (fault.hpp) like any other error, stickily.
+    bool produced = false;
+    auto stepped = contain_faults(state_->path, [&]() -> Result<void> {
+        produced = step(out);
+        return {};
+    });
+    if (!stepped)
+        return fail(std::move(stepped).error());
+    return produced;
+}
+
+bool ExtentWalk::step(Extent& out) {
     if (deferred_error_) {
         return fail(*std::exchange(deferred_error_, std::nullopt));
     }

@@ -3,6 +3,7 @@
 // small buffer (HashOptions::data_access), or from the decompressor's buffer; zero runs from one
 // static zero block. Block manifests are hashed by workers that each walk their own slice of the
 // disk, and handed out in order.
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "workers.hpp"
@@ -246,7 +247,7 @@ Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length) {
     return hasher->finish();
 }
 
-Result<Digest> hash_image(const Image& image, const HashOptions& options) {
+static Result<Digest> hash_image_in_boundary(const Image& image, const HashOptions& options) {
     auto hasher = Hasher::create(options.algorithm);
     if (!hasher)
         return std::move(hasher).error();
@@ -271,6 +272,11 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     if (!ok)
         return std::move(ok).error();
     return hasher->finish();
+}
+
+Result<Digest> hash_image(const Image& image, const HashOptions& options) {
+    return detail::contain_faults(
+        image.path(), [&]() -> Result<Digest> { return hash_image_in_boundary(image, options); });
 }
 
 namespace {
@@ -453,8 +459,8 @@ struct Chunk {
 
 } // namespace
 
-Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
-                         const BlockDigestSink& sink) {
+static Result<void> hash_blocks_in_boundary(const Image& image, const BlockHashOptions& options,
+                                            const BlockDigestSink& sink) {
     const std::uint64_t bs = options.block_size;
     if (bs < kMinHashBlockSize || (bs & (bs - 1)) != 0) {
         return Error{ErrorCode::invalid_argument,
@@ -534,6 +540,13 @@ Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
         workers.release();
     }
     return {};
+}
+
+Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
+                         const BlockDigestSink& sink) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return hash_blocks_in_boundary(image, options, sink);
+    });
 }
 
 } // namespace qcowmap

@@ -1,3 +1,4 @@
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "references.hpp"
 
@@ -438,11 +439,13 @@ Result<Image> Image::from_chain(Result<std::shared_ptr<const detail::ImageState>
 }
 
 Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
-    return from_chain(detail::open_chain(path, options, {}), options);
+    return detail::contain_faults(
+        path, [&] { return from_chain(detail::open_chain(path, options, {}), options); });
 }
 
 Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions& options) {
-    return from_chain(detail::open_chain(bytes, options, {}), options);
+    return detail::contain_faults(
+        {}, [&] { return from_chain(detail::open_chain(bytes, options, {}), options); });
 }
 
 const SalvageReport& salvage_report(const Image& image) {
@@ -498,15 +501,19 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
                                  offset, disk_size)};
     }
     const std::uint64_t length = std::min<std::uint64_t>(dest.size(), disk_size - offset);
-    // A thin layer over visit: the same walk and decompression, copied into `dest`.
-    auto ok = visit(offset, offset + length, [&](const Run& run) -> Result<void> {
-        std::byte* out = dest.data() + (run.offset - offset);
-        if (run.bytes.empty()) {
-            std::memset(out, 0, run.length);
-        } else {
-            std::memcpy(out, run.bytes.data(), run.length);
-        }
-        return {};
+    // A thin layer over visit: the same walk and decompression, copied into `dest`. Inside the
+    // fault boundary, so the copy from the mapping is the library's, and a fault in it the
+    // read's error.
+    auto ok = detail::contain_faults(path(), [&] {
+        return visit(offset, offset + length, [&](const Run& run) -> Result<void> {
+            std::byte* out = dest.data() + (run.offset - offset);
+            if (run.bytes.empty()) {
+                std::memset(out, 0, run.length);
+            } else {
+                std::memcpy(out, run.bytes.data(), run.length);
+            }
+            return {};
+        });
     });
     if (!ok) {
         return std::move(ok).error();

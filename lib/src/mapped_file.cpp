@@ -1,5 +1,7 @@
 #include "mapped_file.hpp"
 
+#include "fault.hpp"
+
 #include <fmt/format.h>
 
 #include <cerrno>
@@ -22,8 +24,10 @@ struct MappedFile::Impl {
     bool block_device = false;
     std::filesystem::path name;
     ~Impl() {
-        if (base)
+        if (base) {
+            unregister_mapping(base);
             ::munmap(base, length);
+        }
         if (fd >= 0)
             ::close(fd);
     }
@@ -106,6 +110,8 @@ Result<MappedFile> MappedFile::open_fd(int fd, const std::filesystem::path& name
     }
     impl->base = base;
     impl->length = static_cast<std::size_t>(size);
+    // A fault reading it is contained where the library runs (fault.hpp).
+    register_mapping(base, impl->length, impl->fd, &impl->name);
     return MappedFile(std::move(impl));
 }
 
