@@ -41,8 +41,8 @@ int report_export(const ConvertJob& job, const Error& error, const ExportError& 
                         : report_error(job.source.path, error, kExitImageError);
 }
 
-/// Opens TARGET for a raw write. A new file is created; an existing regular file needs
-/// --force; block and character devices (/dev/sdX, an LVM volume, /dev/null) are written as
+/// Opens TARGET, a device or a pipe (regular files go to export_raw_file), for a raw write:
+/// block and character devices (/dev/sdX, an LVM volume, /dev/null) and FIFOs are written as
 /// they are; a directory is refused. Returns -1 after reporting.
 int open_target(const ConvertJob& job) {
     if (job.target == "-") {
@@ -76,7 +76,34 @@ int open_target(const ConvertJob& job) {
     return fd;
 }
 
+/// True when TARGET is (or would be) a regular file: a new name, an existing regular file, or a
+/// symlink to either. Those are written atomically (export_raw_file); devices, pipes and
+/// standard output are written in place.
+bool regular_file_target(const ConvertJob& job) {
+    if (job.target == "-")
+        return false;
+    struct stat st {};
+    if (::stat(job.target.c_str(), &st) != 0)
+        return errno == ENOENT; // a new file (or a dangling link to one)
+    return S_ISREG(st.st_mode);
+}
+
 int convert_raw(const ConvertJob& job) {
+    if (regular_file_target(job)) {
+        // Under a temporary in the target's directory, named TARGET only once complete (as
+        // -O qcow2): an interrupted run never leaves a plausible-looking TARGET.
+        Progress meter(job.progress, job.image.size());
+        ExportOptions options;
+        options.zero_block = job.sparse_size;
+        options.data_access = job.io;
+        options.progress = meter.callback();
+        ExportError where;
+        auto result = export_raw_file(job.image, job.target, options, job.force, &where);
+        if (!result)
+            return report_export(job, result.error(), where);
+        meter.finish();
+        return kExitOk;
+    }
     FdCloser target{open_target(job)};
     if (target.fd < 0)
         return kExitOutputError;

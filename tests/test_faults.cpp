@@ -13,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -30,6 +31,8 @@
 namespace qcowmap {
 namespace {
 
+using test::cli;
+using test::CommandResult;
 using test::q;
 using test::run;
 using test::run_ok;
@@ -210,49 +213,6 @@ TEST_F(Truncated, TheCallersOwnAccessIsNotContained) {
 // -------------------------------------------------------------------------------------------
 // EIO from the file system, through eio_fs.
 
-/// eio_fs mounted over a directory for the test's lifetime; unmounted (lazily, even when the
-/// test failed) by the destructor.
-class EioMount {
-  public:
-    EioMount(const std::filesystem::path& source, const std::filesystem::path& mountpoint)
-        : mountpoint_(mountpoint) {
-        const char* helper = std::getenv("QCOWMAP_EIO_FS");
-        if (!helper || access("/dev/fuse", R_OK | W_OK) != 0)
-            return;
-        std::filesystem::create_directories(mountpoint);
-        struct stat before {};
-        ::stat(mountpoint.c_str(), &before);
-        pid_ = ::fork();
-        if (pid_ == 0) {
-            ::execl(helper, helper, source.c_str(), mountpoint.c_str(), "-f", nullptr);
-            ::_exit(127);
-        }
-        // Mounted when the mount point's device changes.
-        for (int i = 0; i < 500; ++i) {
-            struct stat now {};
-            if (::stat(mountpoint.c_str(), &now) == 0 && now.st_dev != before.st_dev) {
-                mounted_ = true;
-                return;
-            }
-            std::this_thread::sleep_for(std::chrono::milliseconds(10));
-        }
-    }
-    ~EioMount() {
-        if (pid_ > 0) {
-            ::umount2(mountpoint_.c_str(), MNT_DETACH);
-            ::kill(pid_, SIGTERM);
-            int status = 0;
-            ::waitpid(pid_, &status, 0);
-        }
-    }
-    bool mounted() const { return mounted_; }
-
-  private:
-    std::filesystem::path mountpoint_;
-    pid_t pid_ = -1;
-    bool mounted_ = false;
-};
-
 class Eio : public ::testing::Test {
   protected:
     void SetUp() override {
@@ -269,18 +229,13 @@ class Eio : public ::testing::Test {
 
     /// Reads of disk.qcow2 over [offset, offset + length) fail with EIO from now on.
     void fail_reads(std::uint64_t offset, std::uint64_t length) {
-        test::write_file(source_ / ".eio", {});
-        const std::string line =
-            "disk.qcow2 " + std::to_string(offset) + " " + std::to_string(length) + "\n";
-        std::vector<std::byte> bytes(line.size());
-        std::memcpy(bytes.data(), line.data(), line.size());
-        test::write_file(source_ / ".eio", bytes);
+        mount_->fail_reads("disk.qcow2", offset, length);
     }
 
     TempDir dir_;
     std::filesystem::path source_;
     std::filesystem::path image_path_;
-    std::optional<EioMount> mount_;
+    std::optional<test::EioMount> mount_;
 };
 
 TEST_F(Eio, ReadHashExportAndTheCApiGetAnIoError) {
@@ -344,6 +299,321 @@ TEST_F(Eio, OpenFailsWhenTheHeaderCannotBeRead) {
     EXPECT_EQ(image.error().code, ErrorCode::io_error);
     EXPECT_NE(image.error().message.find("Input/output error"), std::string::npos)
         << image.error().message;
+}
+
+} // namespace
+} // namespace qcowmap
+
+namespace qcowmap {
+namespace {
+
+using test::cli;
+using test::CommandResult;
+
+/// The names in `dir`, hidden ones included, sorted.
+std::vector<std::string> names_in(const std::filesystem::path& dir) {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(dir))
+        names.push_back(entry.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+}
+
+// -------------------------------------------------------------------------------------------
+// /dev/null is not an excuse: data that cannot be read fails the command whatever the target.
+
+TEST_F(Eio, CliCommandsFailWhateverTheTarget) {
+    std::uint64_t data = 0;
+    {
+        auto probe = Image::open(source_ / "disk.qcow2");
+        ASSERT_TRUE(probe);
+        data = host_offset_of(*probe, 32 * MiB);
+    }
+    fail_reads(data + 2 * MiB, 4096);
+    for (const std::string& command :
+         {"cat " + q(image_path_) + " > /dev/null",
+          "convert --io=mmap " + q(image_path_) + " /dev/null",
+          "convert --io=read " + q(image_path_) + " /dev/null",
+          "convert " + q(image_path_) + " - | cat > /dev/null", "hash " + q(image_path_)}) {
+        CommandResult r = run("bash -o pipefail -c " + test::shell_quote(cli() + " " + command));
+        EXPECT_NE(r.exit_code, 0) << command;
+        EXPECT_NE(r.err.find("Input/output error"), std::string::npos) << command << ": " << r.err;
+        EXPECT_EQ(r.err.find("shrank"), std::string::npos) << command << ": " << r.err;
+        EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << command << ": " << r.err;
+    }
+}
+
+TEST_F(Eio, MountFailsThatReadAndStaysUp) {
+    if (::geteuid() != 0)
+        GTEST_SKIP() << "mounting needs root here";
+    // Compressed: the clusters are read through the mapping (metadata and compressed streams
+    // are, data runs are spliced from the file).
+    // 0xcd at 0 stays a plain data cluster, away from the pages of the compressed streams.
+    test::make_image(source_ / "c.qcow2", "cluster_size=64k", "64M",
+                     {"write -P 0xcd 0 64k", "write -c -P 0xab 32M 1M"});
+    std::uint64_t stream = 0;
+    {
+        auto probe = Image::open(source_ / "c.qcow2");
+        ASSERT_TRUE(probe);
+        for (const Extent& e : probe->extents(32 * MiB)) {
+            if (e.kind == ExtentKind::compressed) {
+                stream = e.compressed_host_offset;
+                break;
+            }
+        }
+    }
+    ASSERT_NE(stream, 0u);
+    mount_->fail_reads("c.qcow2", stream, 1);
+    const auto mnt = dir_ / "disk-mnt";
+    std::filesystem::create_directories(mnt);
+    CommandResult r = run(cli() + " mount " + q(dir_ / "mnt" / "c.qcow2") + " " + q(mnt));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    struct Unmount {
+        std::filesystem::path at;
+        ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+    } unmount{mnt};
+    r = run("dd if=" + q(mnt / "disk") + " bs=64k skip=512 count=16 iflag=direct of=/dev/null");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("Input/output error"), std::string::npos) << r.err;
+    // The mount is still there and serves the rest.
+    r = run("dd if=" + q(mnt / "disk") + " bs=64k count=1 status=none | od -An -tx1 | head -1");
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("cd cd cd cd"), std::string::npos) << r.out << r.err;
+    EXPECT_TRUE(std::filesystem::exists(mnt / "disk"));
+}
+
+// -------------------------------------------------------------------------------------------
+// Atomic output on every file system: bindfs (FUSE) has neither O_TMPFILE nor
+// RENAME_NOREPLACE, as NFS has not.
+
+/// bindfs mounted over a directory for the object's lifetime (skipped where it cannot run).
+class Bindfs {
+  public:
+    Bindfs(const std::filesystem::path& source, const std::filesystem::path& mountpoint)
+        : mountpoint_(mountpoint) {
+        std::filesystem::create_directories(mountpoint);
+        mounted_ = run("bindfs " + q(source) + " " + q(mountpoint)).exit_code == 0;
+    }
+    ~Bindfs() {
+        if (mounted_)
+            ::umount2(mountpoint_.c_str(), MNT_DETACH);
+    }
+    bool mounted() const { return mounted_; }
+
+  private:
+    std::filesystem::path mountpoint_;
+    bool mounted_ = false;
+};
+
+class AtomicOutput : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        image_ = dir_ / "disk.qcow2";
+        test::make_image(image_, "cluster_size=64k", "64M",
+                         {"write -P 0xab 0 8M", "write -P 0xcd 32M 8M", "write -c -P 0x5e 60M 1M"});
+        out_dir_ = dir_ / "out";
+        std::filesystem::create_directories(out_dir_);
+        mount_.emplace(out_dir_, dir_ / "mnt");
+        if (!mount_->mounted())
+            GTEST_SKIP() << "bindfs could not mount (apt-get install bindfs; needs /dev/fuse)";
+        mnt_ = dir_ / "mnt";
+    }
+    void TearDown() override { mount_.reset(); }
+
+    TempDir dir_;
+    std::filesystem::path image_, out_dir_, mnt_;
+    std::optional<Bindfs> mount_;
+};
+
+TEST_F(AtomicOutput, ConvertOnBindfsLeavesExactlyTheTarget) {
+    for (const std::string format : {"qcow2", "raw"}) {
+        const auto target = mnt_ / ("new." + format);
+        CommandResult r = run(cli() + " convert -O " + format + " " + q(image_) + " " + q(target));
+        ASSERT_EQ(r.exit_code, 0) << format << ": " << r.err;
+        EXPECT_EQ(names_in(out_dir_), std::vector<std::string>{"new." + format}) << format;
+        run_ok("qemu-img compare -f qcow2 -F " + format + " " + q(image_) + " " + q(target));
+        if (format == "qcow2")
+            run_ok("qemu-img check " + q(target));
+        // Again without --force: refused, the file untouched, nothing left beside it.
+        const auto before = test::read_file(out_dir_ / ("new." + format));
+        r = run(cli() + " convert -O " + format + " " + q(image_) + " " + q(target));
+        EXPECT_EQ(r.exit_code, 3) << format << ": " << r.err;
+        EXPECT_NE(r.err.find("already exists"), std::string::npos) << r.err;
+        EXPECT_EQ(names_in(out_dir_), std::vector<std::string>{"new." + format}) << format;
+        EXPECT_TRUE(test::read_file(out_dir_ / ("new." + format)) == before) << format;
+        // With --force: replaced, still alone.
+        r = run(cli() + " convert --force -O " + format + " " + q(image_) + " " + q(target));
+        EXPECT_EQ(r.exit_code, 0) << format << ": " << r.err;
+        EXPECT_EQ(names_in(out_dir_), std::vector<std::string>{"new." + format}) << format;
+        std::filesystem::remove(out_dir_ / ("new." + format));
+    }
+}
+
+/// Starts `qcowmap convert` of a 1 GiB disk into the bindfs mount, waits until its hidden
+/// temporary holds data, sends `signal`, and returns what the output directory holds then.
+std::vector<std::string> kill_mid_copy(const std::filesystem::path& image,
+                                       const std::filesystem::path& target,
+                                       const std::filesystem::path& out_dir,
+                                       const std::string& format, int signal) {
+    const pid_t child = ::fork();
+    if (child == 0) {
+        const std::string bin = test::qcowmap_bin();
+        const std::string image_text = image.string(), target_text = target.string();
+        ::execl(bin.c_str(), bin.c_str(), "convert", "-O", format.c_str(), image_text.c_str(),
+                target_text.c_str(), nullptr);
+        ::_exit(127);
+    }
+    bool writing = false;
+    for (int i = 0; i < 2000 && !writing; ++i) {
+        for (const auto& entry : std::filesystem::directory_iterator(out_dir)) {
+            std::error_code ec;
+            if (entry.path().filename().string().starts_with(".") &&
+                std::filesystem::file_size(entry.path(), ec) > 0) {
+                writing = true;
+            }
+        }
+        if (!writing)
+            ::usleep(2000);
+    }
+    ::kill(child, signal);
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    EXPECT_TRUE(writing) << "the conversion finished (or never wrote) before the kill";
+    EXPECT_TRUE(WIFSIGNALED(status)) << "status " << status;
+    if (WIFSIGNALED(status))
+        EXPECT_EQ(WTERMSIG(status), signal);
+    // A file unlinked while still open through FUSE is renamed .fuse_hiddenN by libfuse until
+    // the kernel's release of it, which comes after the process is gone: wait for that.
+    for (int i = 0; i < 500; ++i) {
+        const auto names = names_in(out_dir);
+        if (std::none_of(names.begin(), names.end(),
+                         [](const std::string& n) { return n.starts_with(".fuse_hidden"); })) {
+            break;
+        }
+        ::usleep(10000);
+    }
+    return names_in(out_dir);
+}
+
+TEST_F(AtomicOutput, KilledMidCopyLeavesNothingButSigkillsTemporary) {
+    const auto big = dir_ / "big.qcow2";
+    test::make_image(big, "cluster_size=64k", "1G", {"write -P 0x5a 0 1G"});
+    for (const std::string format : {"raw", "qcow2"}) {
+        for (int signal : {SIGINT, SIGTERM, SIGHUP}) {
+            auto left = kill_mid_copy(big, mnt_ / "out.img", out_dir_, format, signal);
+            EXPECT_TRUE(left.empty())
+                << format << " signal " << signal << ": " << (left.empty() ? "" : left[0]);
+        }
+        // SIGKILL cannot be caught: the hidden temporary stays (README says so), never TARGET.
+        auto left = kill_mid_copy(big, mnt_ / "out.img", out_dir_, format, SIGKILL);
+        ASSERT_EQ(left.size(), 1u) << format;
+        EXPECT_TRUE(left[0].starts_with(".out.img.qcowmap-")) << left[0];
+        std::filesystem::remove(out_dir_ / left[0]);
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Symlink targets are written through, as qemu-img writes (-O raw and -O qcow2 alike).
+
+TEST(Targets, SymlinksAreWrittenThroughByBothFormats) {
+    TempDir dir;
+    const auto image = dir / "disk.qcow2";
+    test::make_image(image, "", "4M", {"write -P 0x11 0 1M"});
+    for (const std::string format : {"raw", "qcow2"}) {
+        const auto real = dir / ("real." + format);
+        const auto link = dir / ("link." + format);
+        test::write_file(real, std::vector<std::byte>(10, std::byte{'x'}));
+        ::chmod(real.c_str(), 0640);
+        std::filesystem::create_symlink(real.filename(), link);
+        CommandResult r =
+            run(cli() + " convert --force -O " + format + " " + q(image) + " " + q(link));
+        ASSERT_EQ(r.exit_code, 0) << format << ": " << r.err;
+        EXPECT_TRUE(std::filesystem::is_symlink(link)) << format;
+        run_ok("qemu-img compare -f qcow2 -F " + format + " " + q(image) + " " + q(real));
+        struct stat st {};
+        ASSERT_EQ(::stat(real.c_str(), &st), 0);
+        EXPECT_EQ(st.st_mode & 0777, 0640u) << format << ": a replaced file keeps its mode";
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// A loop device over the source (or a layer) is the source: refused.
+
+/// A loop device over `file` for the object's lifetime, detached even when the test fails.
+class LoopDevice {
+  public:
+    explicit LoopDevice(const std::filesystem::path& file) {
+        CommandResult r = run("losetup -f --show " + q(file));
+        if (r.exit_code == 0)
+            device_ = r.out.substr(0, r.out.find('\n'));
+    }
+    ~LoopDevice() {
+        if (!device_.empty())
+            run("losetup -d " + q(device_));
+    }
+    const std::string& device() const { return device_; }
+
+  private:
+    std::string device_;
+};
+
+TEST(Targets, LoopDeviceOverTheSourceIsRefused) {
+    TempDir dir;
+    const auto base = dir / "base.qcow2";
+    test::make_image(base, "", "4M", {"write -P 0x22 0 1M"});
+    const auto top = dir / "top.qcow2";
+    run_ok("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 " + q(top));
+    for (const auto& backed : {top, base}) {
+        const auto before = test::read_file(backed);
+        LoopDevice loop(backed);
+        if (loop.device().empty())
+            GTEST_SKIP() << "losetup cannot attach a loop device here";
+        CommandResult r = run(cli() + " convert " + q(top) + " " + q(loop.device()));
+        EXPECT_EQ(r.exit_code, 3) << r.err;
+        EXPECT_NE(r.err.find("block device backed by the image being read"), std::string::npos)
+            << r.err;
+        EXPECT_TRUE(test::read_file(backed) == before) << backed;
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Messages (issue 26, point 8).
+
+TEST(Messages, ClosedStdoutDataFileEmptyOptionAndFullSpool) {
+    TempDir dir;
+    const auto image = dir / "disk.qcow2";
+    test::make_image(image, "", "4M", {"write -P 0x33 0 1M"});
+
+    CommandResult r = run(cli() + " cat " + q(image) + " >&-");
+    EXPECT_EQ(r.exit_code, 3) << r.err;
+    EXPECT_NE(r.err.find("<stdout>: Bad file descriptor"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("refusing to overwrite"), std::string::npos) << r.err;
+
+    r = run(cli() + " cat --data-file=/nonexistent " + q(image) + " > /dev/null");
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_NE(r.err.find("'data-file' can only be set for images with an external data file"),
+              std::string::npos)
+        << r.err;
+
+    for (const std::string command : {"map", "cat"}) {
+        r = run(cli() + " " + command + " --start-offset= " + q(image) + " > /dev/null");
+        EXPECT_EQ(r.exit_code, 2) << command << ": " << r.err;
+        EXPECT_NE(r.err.find("--start-offset"), std::string::npos) << r.err;
+        EXPECT_EQ(r.err.find("IMAGE is required"), std::string::npos) << r.err;
+    }
+
+    // -c to a pipe spools in $TMPDIR: a full one is named as such, not as the output.
+    const auto tiny = dir / "tiny";
+    std::filesystem::create_directories(tiny);
+    if (run("mount -t tmpfs -o size=64k tmpfs " + q(tiny)).exit_code != 0)
+        GTEST_SKIP() << "cannot mount a tmpfs here";
+    const auto big = dir / "big.qcow2";
+    test::make_image(big, "", "8M", {"write -P 0x44 0 8M"});
+    r = run("TMPDIR=" + q(tiny) + " " + cli() + " convert -c -O qcow2 " + q(big) +
+            " - | cat > /dev/null");
+    ::umount2(tiny.c_str(), MNT_DETACH);
+    EXPECT_NE(r.err.find("spool file in " + tiny.string()), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("No space left on device"), std::string::npos) << r.err;
 }
 
 } // namespace

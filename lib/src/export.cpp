@@ -12,11 +12,15 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <linux/loop.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <vector>
@@ -163,6 +167,70 @@ bool zero_range(int fd, std::uint64_t offset, std::uint64_t length, bool punch) 
     return true;
 }
 
+/// The first line of a sysfs file, or empty.
+std::string sysfs_line(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return {};
+    char text[4096];
+    const ssize_t n = ::read(fd, text, sizeof text - 1);
+    ::close(fd);
+    if (n <= 0)
+        return {};
+    std::string line(text, static_cast<std::size_t>(n));
+    return line.substr(0, line.find('\n'));
+}
+
+/// True when the block device `device` (major:minor) stores its bytes in one of the image's
+/// files: a loop device over it (/sys/dev/block/M:m/loop/backing_file), or a partition of one,
+/// or a device-mapper or md device stacked on one (slaves/). Writing to it would destroy the
+/// image while it is being read, as writing to the file itself would.
+bool device_backed_by_image(const Image& image, dev_t device, int depth = 0) {
+    if (depth > 8)
+        return false;
+    const std::string sys = fmt::format("/sys/dev/block/{}:{}", major(device), minor(device));
+    std::string backing = sysfs_line(sys + "/loop/backing_file");
+    if (!backing.empty()) {
+        // The kernel marks a backing file unlinked since with " (deleted)".
+        constexpr std::string_view kDeleted = " (deleted)";
+        if (backing.ends_with(kDeleted))
+            backing.resize(backing.size() - kDeleted.size());
+        struct stat st {};
+        if (::stat(backing.c_str(), &st) == 0 && image.maps_file(st.st_dev, st.st_ino))
+            return true;
+    }
+    auto by_dev_file = [&](const std::string& dev_file) {
+        unsigned major_number = 0, minor_number = 0;
+        const std::string text = sysfs_line(dev_file);
+        return std::sscanf(text.c_str(), "%u:%u", &major_number, &minor_number) == 2 &&
+               device_backed_by_image(image, makedev(major_number, minor_number), depth + 1);
+    };
+    // A partition: its disk is the directory above it.
+    if (::access((sys + "/partition").c_str(), F_OK) == 0 && by_dev_file(sys + "/../dev"))
+        return true;
+    if (DIR* slaves = ::opendir((sys + "/slaves").c_str())) {
+        bool found = false;
+        while (dirent* entry = ::readdir(slaves)) {
+            if (entry->d_name[0] != '.' && by_dev_file(sys + "/slaves/" + entry->d_name + "/dev")) {
+                found = true;
+                break;
+            }
+        }
+        ::closedir(slaves);
+        if (found)
+            return true;
+    }
+    return false;
+}
+
+/// True when the loop device open on `fd` is backed by one of the image's files: the kernel's
+/// own record of the backing file's device and inode (exact, whatever its path is now).
+bool loop_backed_by_image(const Image& image, int fd) {
+    loop_info64 info{};
+    return ::ioctl(fd, LOOP_GET_STATUS64, &info) == 0 &&
+           image.maps_file(info.lo_device, info.lo_inode);
+}
+
 /// The target as found by fstat, after refusing the image's own files.
 struct Target {
     enum class Kind { file, block_device, stream };
@@ -186,6 +254,11 @@ Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
         target.kind = Target::Kind::file;
         target.size = static_cast<std::uint64_t>(st.st_size);
     } else if (S_ISBLK(st.st_mode)) {
+        if (loop_backed_by_image(image, fd) || device_backed_by_image(image, st.st_rdev)) {
+            return Error{ErrorCode::invalid_argument,
+                         "is a block device backed by the image being read (or one of its "
+                         "layers or its data file): refusing to overwrite it"};
+        }
         target.kind = Target::Kind::block_device;
         if (::ioctl(fd, BLKGETSIZE64, &target.size) != 0) {
             return Error{ErrorCode::io_error, fmt::format("cannot get the size of the block "

@@ -513,14 +513,11 @@ bool ExtentWalk::fail(Error error) {
 
 bool ExtentWalk::next(Extent& out) {
     // The walk reads L1/L2 tables from the mapping: a fault there ends it with an io_error
-    // (fault.hpp) like any other error, stickily.
-    bool produced = false;
-    auto stepped = contain_faults(state_->path, [&]() -> Result<void> {
-        produced = step(out);
-        return {};
-    });
-    if (!stepped)
-        return fail(std::move(stepped).error());
+    // (fault.hpp) like any other error, stickily. One boundary per extent (a few ns).
+    FaultBoundary boundary;
+    const bool produced = step(out);
+    if (auto fault = boundary.finish(state_->path); fault && (produced || boundary.own_fault()))
+        return fail(std::move(*fault));
     return produced;
 }
 

@@ -18,17 +18,21 @@
 #include <unistd.h>
 
 namespace qcowmap::detail {
-namespace {
 
-// Thread-local state read by the signal handler. initial-exec: reading it in the handler must
-// not allocate (the general-dynamic model may, on a thread's first access in a dlopen'ed
-// module: the nbdkit plugin, the Python extension). A few words, well inside the static TLS
-// space glibc keeps for modules loaded later.
-__attribute__((tls_model("initial-exec"))) thread_local int t_depth = 0;
-/// The first faulting address of this thread's current outermost boundary, or 0.
-__attribute__((tls_model("initial-exec"))) thread_local std::uintptr_t t_fault_address = 0;
-/// Fault events (pages replaced or put back) caused by this thread.
-__attribute__((tls_model("initial-exec"))) thread_local std::uint64_t t_own_events = 0;
+// Read by the signal handler: initial-exec TLS, so that reading it there never allocates (the
+// general-dynamic model may, on a thread's first access in a dlopen'ed module: the nbdkit
+// plugin, the Python extension). A few words, well inside the static TLS space glibc keeps for
+// modules loaded later.
+constinit thread_local int t_fault_depth QCOWMAP_INITIAL_EXEC = 0;
+constinit thread_local std::uintptr_t t_fault_address QCOWMAP_INITIAL_EXEC = 0;
+constinit thread_local std::uint64_t t_fault_own_events QCOWMAP_INITIAL_EXEC = 0;
+// Ranges replaced right now, and every replacement or restoration ever: another thread's
+// boundary that saw either move was running while a page read as zeros.
+std::atomic<std::uint64_t> g_fault_replaced_now{0};
+std::atomic<std::uint64_t> g_fault_events{0};
+std::atomic<bool> g_fault_handler_installed{false};
+
+namespace {
 
 /// One registered mapping. The handler reads it without a lock: plain atomics, written under
 /// g_registry_mutex, `begin` last (0: the slot is free).
@@ -78,10 +82,6 @@ struct Replaced {
 /// At most this many ranges replaced at once in the process (a fault ends the faulting
 /// request's work at its next piece); a fault beyond that is not contained.
 std::array<Replaced, 64> g_replaced;
-/// Pages replaced right now, and every replacement or restoration ever: another thread's
-/// boundary that saw either move was running while a page read as zeros.
-std::atomic<std::uint64_t> g_replaced_now{0};
-std::atomic<std::uint64_t> g_events{0};
 
 std::uintptr_t g_page_size = 4096;
 
@@ -152,9 +152,9 @@ bool replace_range(const Slot& slot, std::uintptr_t address) noexcept {
         record.fd = slot.fd.load(std::memory_order_relaxed);
         record.owner = self;
         record.state.store(2, std::memory_order_release);
-        g_replaced_now.fetch_add(1, std::memory_order_acq_rel);
-        g_events.fetch_add(1, std::memory_order_acq_rel);
-        ++t_own_events;
+        g_fault_replaced_now.fetch_add(1, std::memory_order_acq_rel);
+        g_fault_events.fetch_add(1, std::memory_order_acq_rel);
+        ++t_fault_own_events;
         if (t_fault_address == 0)
             t_fault_address = address;
         return true;
@@ -174,16 +174,16 @@ void restore_own_pages() noexcept {
         (void)::mmap(reinterpret_cast<void*>(record.start), record.length, PROT_READ,
                      MAP_SHARED | MAP_FIXED, record.fd, static_cast<off_t>(record.offset));
         record.state.store(0, std::memory_order_release);
-        g_replaced_now.fetch_sub(1, std::memory_order_acq_rel);
-        g_events.fetch_add(1, std::memory_order_acq_rel);
-        ++t_own_events;
+        g_fault_replaced_now.fetch_sub(1, std::memory_order_acq_rel);
+        g_fault_events.fetch_add(1, std::memory_order_acq_rel);
+        ++t_fault_own_events;
     }
 }
 
 void on_sigbus(int signal, siginfo_t* info, void* context) {
     // si_code > 0: raised by the kernel for this thread's own access (BUS_ADRERR for a page
     // past the end of the file or one the file system could not read), not sent by anyone.
-    if (info->si_code > 0 && t_depth > 0) {
+    if (info->si_code > 0 && t_fault_depth > 0) {
         const auto address = reinterpret_cast<std::uintptr_t>(info->si_addr);
         if (const Slot* slot = find_slot(address); slot && replace_range(*slot, address))
             return; // the access runs again and reads zeros; the boundary reports the fault
@@ -213,6 +213,7 @@ void install_now() {
     struct sigaction previous {};
     if (::sigaction(SIGBUS, &action, &previous) == 0 && !ours(previous))
         g_previous = previous;
+    g_fault_handler_installed.store(true, std::memory_order_release);
 }
 
 } // namespace
@@ -311,13 +312,15 @@ Error fault_error(const FaultFacts& facts, const std::filesystem::path& top) {
     const std::string where =
         facts.name.empty() || is_top ? "the file" : fmt::format("'{}'", facts.name.string());
     if (facts.shrank) {
+        // The words of the CLI's own report of a SIGBUS (cli.hpp kImageChanged), with the
+        // offset that was read and where the file ends now.
         return Error{ErrorCode::io_error,
-                     facts.file_end || !facts.name.empty()
-                         ? fmt::format("image changed while being read: {} shrank under its "
-                                       "mapping (offset {:#x} read, the file now ends at {:#x})",
+                     facts.file_end != 0
+                         ? fmt::format("image changed while being read ({} shrank under its "
+                                       "mapping: offset {:#x} read, the file now ends at {:#x})",
                                        where, facts.offset, facts.file_end)
-                         : fmt::format("image changed while being read: {} shrank under its "
-                                       "mapping (offset {:#x} read)",
+                         : fmt::format("image changed while being read ({} shrank under its "
+                                       "mapping: offset {:#x} read)",
                                        where, facts.offset)};
     }
     return Error{ErrorCode::io_error,
@@ -349,10 +352,10 @@ void unregister_mapping(const void* base) {
                 if (record.state.load(std::memory_order_acquire) == 2 && record.start >= begin &&
                     record.start < end) {
                     record.state.store(0, std::memory_order_release);
-                    g_replaced_now.fetch_sub(1, std::memory_order_acq_rel);
-                    g_events.fetch_add(1, std::memory_order_acq_rel);
+                    g_fault_replaced_now.fetch_sub(1, std::memory_order_acq_rel);
+                    g_fault_events.fetch_add(1, std::memory_order_acq_rel);
                     if (record.owner == static_cast<pid_t>(::syscall(SYS_gettid)))
-                        ++t_own_events;
+                        ++t_fault_own_events;
                 }
             }
             slot.begin.store(0, std::memory_order_release);
@@ -406,33 +409,12 @@ void install_fault_handler() {
 
 namespace qcowmap::detail {
 
-bool in_fault_boundary() noexcept {
-    return t_depth > 0;
+void FaultBoundary::clean_up() noexcept {
+    restore_own_pages();
+    t_fault_address = 0;
 }
 
-bool fault_pending() noexcept {
-    return t_fault_address != 0;
-}
-
-FaultBoundary::FaultBoundary() {
-    install_fault_handler();
-    outermost_ = t_depth == 0;
-    if (outermost_) {
-        events_at_start_ = g_events.load(std::memory_order_acquire);
-        own_events_at_start_ = t_own_events;
-    }
-    ++t_depth;
-}
-
-FaultBoundary::~FaultBoundary() {
-    --t_depth;
-    if (t_depth == 0 && t_fault_address != 0) { // left early (an exception): clean up anyway
-        restore_own_pages();
-        t_fault_address = 0;
-    }
-}
-
-std::optional<Error> FaultBoundary::finish(const std::filesystem::path& top) {
+std::optional<Error> FaultBoundary::finish_slowly(const std::filesystem::path& top) {
     own_ = false;
     if (t_fault_address != 0) {
         const auto address = std::exchange(t_fault_address, 0);
@@ -443,22 +425,14 @@ std::optional<Error> FaultBoundary::finish(const std::filesystem::path& top) {
     }
     if (!outermost_)
         return std::nullopt;
-    const std::uint64_t others = g_events.load(std::memory_order_acquire) - events_at_start_ -
-                                 (t_own_events - own_events_at_start_);
-    if (others != 0 || g_replaced_now.load(std::memory_order_acquire) != 0) {
+    const std::uint64_t others = g_fault_events.load(std::memory_order_acquire) - events_at_start_ -
+                                 (t_fault_own_events - own_events_at_start_);
+    if (others != 0 || g_fault_replaced_now.load(std::memory_order_acquire) != 0) {
         return Error{ErrorCode::io_error,
                      "a read of a mapped file faulted in another thread during this call (an "
                      "I/O error or a file that shrank): its bytes cannot be trusted"};
     }
     return std::nullopt;
-}
-
-FaultBoundarySuspended::FaultBoundarySuspended() noexcept : saved_depth_(t_depth) {
-    t_depth = 0;
-}
-
-FaultBoundarySuspended::~FaultBoundarySuspended() {
-    t_depth = saved_depth_;
 }
 
 void touch_every_page(std::span<const std::byte> bytes) {

@@ -26,6 +26,7 @@
 
 #include <qcowmap/result.hpp>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -55,43 +56,81 @@ Error describe_fault(const void* address, const std::filesystem::path& top = {})
 /// The library's SIGBUS handler, installed once (the first boundary entered installs it).
 void install_fault_handler();
 
+#define QCOWMAP_INITIAL_EXEC __attribute__((tls_model("initial-exec")))
+/// The boundary's state, inline for its fast path (a boundary costs a few ns: an extent walk
+/// enters one per extent). This thread's boundary depth (0: outside), its first faulting
+/// address (0: none), the fault events it caused; the ranges replaced by zeros right now and
+/// every replacement or restoration ever, in the process.
+extern constinit thread_local int t_fault_depth QCOWMAP_INITIAL_EXEC;
+extern constinit thread_local std::uintptr_t t_fault_address QCOWMAP_INITIAL_EXEC;
+extern constinit thread_local std::uint64_t t_fault_own_events QCOWMAP_INITIAL_EXEC;
+extern std::atomic<std::uint64_t> g_fault_replaced_now;
+extern std::atomic<std::uint64_t> g_fault_events;
+extern std::atomic<bool> g_fault_handler_installed;
+
 /// True when this thread is inside a boundary.
-bool in_fault_boundary() noexcept;
+inline bool in_fault_boundary() noexcept {
+    return t_fault_depth > 0;
+}
 
 /// True when this thread met a fault inside its current boundary (the rest of its work reads
 /// zeros where the file could not be read: stop early, the boundary reports it).
-bool fault_pending() noexcept;
+inline bool fault_pending() noexcept {
+    return t_fault_address != 0;
+}
 
 /// Marks this thread as inside a boundary for the object's lifetime (nests).
 class FaultBoundary {
   public:
-    FaultBoundary();
-    ~FaultBoundary();
+    FaultBoundary() {
+        if (!g_fault_handler_installed.load(std::memory_order_acquire))
+            install_fault_handler();
+        outermost_ = t_fault_depth == 0;
+        if (outermost_) {
+            events_at_start_ = g_fault_events.load(std::memory_order_acquire);
+            own_events_at_start_ = t_fault_own_events;
+        }
+        ++t_fault_depth;
+    }
+    ~FaultBoundary() {
+        if (--t_fault_depth == 0 && t_fault_address != 0)
+            clean_up(); // left early (an exception): the file goes back anyway
+    }
     FaultBoundary(const FaultBoundary&) = delete;
     FaultBoundary& operator=(const FaultBoundary&) = delete;
 
     /// Ends the boundary's watch: this thread's fault (its pages are put back), or for the
     /// outermost boundary another thread's fault during it, as an error; nullopt when neither.
-    std::optional<Error> finish(const std::filesystem::path& top);
+    std::optional<Error> finish(const std::filesystem::path& top) {
+        if (t_fault_address == 0 &&
+            (!outermost_ || (g_fault_events.load(std::memory_order_acquire) == events_at_start_ &&
+                             g_fault_replaced_now.load(std::memory_order_acquire) == 0))) {
+            return std::nullopt;
+        }
+        return finish_slowly(top);
+    }
     /// After finish(): the error is this thread's own fault (it wins over any other error).
     bool own_fault() const { return own_; }
     /// After finish() found this thread's fault: the address that faulted first.
     const void* fault_address() const { return address_; }
 
   private:
-    bool own_ = false;
-    const void* address_ = nullptr;
+    std::optional<Error> finish_slowly(const std::filesystem::path& top);
+    static void clean_up() noexcept;
+
     std::uint64_t events_at_start_ = 0;
     std::uint64_t own_events_at_start_ = 0;
     bool outermost_ = false;
+    bool own_ = false;
+    const void* address_ = nullptr;
 };
 
 /// Takes this thread out of its boundaries for the object's lifetime: around calls into the
 /// caller's code (a visitor of the public Image::visit). Its faults are its own (SIGBUS).
 class FaultBoundarySuspended {
   public:
-    FaultBoundarySuspended() noexcept;
-    ~FaultBoundarySuspended();
+    FaultBoundarySuspended() noexcept : saved_depth_(t_fault_depth) { t_fault_depth = 0; }
+    ~FaultBoundarySuspended() { t_fault_depth = saved_depth_; }
     FaultBoundarySuspended(const FaultBoundarySuspended&) = delete;
     FaultBoundarySuspended& operator=(const FaultBoundarySuspended&) = delete;
 

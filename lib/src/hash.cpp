@@ -247,6 +247,9 @@ Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length) {
     return hasher->finish();
 }
 
+/// Zeros hashed between two progress reports: ~35 ms of sha256 at 1.8 GB/s.
+constexpr std::uint64_t kZeroSliceBytes = 64u << 20;
+
 static Result<Digest> hash_image_in_boundary(const Image& image, const HashOptions& options) {
     auto hasher = Hasher::create(options.algorithm);
     if (!hasher)
@@ -259,7 +262,16 @@ static Result<Digest> hash_image_in_boundary(const Image& image, const HashOptio
         0, UINT64_MAX,
         [&](const Run& run) -> Result<void> {
             if (run.bytes.empty()) {
-                hasher->update_zeros(run.length);
+                // A long zero run (a thin disk: 16 GiB take ~10 s) is hashed in slices with
+                // progress after each, so that a caller can show it or stop (Python's Ctrl-C).
+                for (std::uint64_t done = 0; done < run.length;) {
+                    const std::uint64_t slice =
+                        std::min<std::uint64_t>(run.length - done, kZeroSliceBytes);
+                    hasher->update_zeros(slice);
+                    done += slice;
+                    if (options.progress && done < run.length)
+                        options.progress(run.offset + done, image.size());
+                }
             } else {
                 hasher->update(run.bytes);
             }

@@ -1,5 +1,6 @@
 #include "fault.hpp"
 #include "image_state.hpp"
+#include "populate.hpp"
 #include "references.hpp"
 
 #include <qcowmap/references.hpp>
@@ -327,6 +328,15 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
             return std::move(data).error();
         }
     }
+    if (top && options.data_file && !state->has_data_file()) {
+        // As qemu refuses a data-file option for such an image (qcow2_do_open): silently
+        // ignoring it would read another disk than the caller meant.
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("a data file ('{}') was given, but the image has no external "
+                                 "data file: 'data-file' can only be set for images with an "
+                                 "external data file",
+                                 printable(options.data_file->string()))};
+    }
     const bool caller_backing = top && options.backing_file.has_value();
     if ((info.backing_file || caller_backing) && options.backing == BackingMode::follow) {
         const std::string backing_name =
@@ -493,6 +503,13 @@ ExtentRange Image::extents(std::uint64_t start, std::uint64_t end) const {
     return ExtentRange(detail::ExtentWalk(state_, start, end));
 }
 
+Result<void> Image::check_readable(std::span<const std::byte> bytes) const {
+    return detail::contain_faults(path(), [&]() -> Result<void> {
+        detail::populate_pages(bytes, Prefetch::touch);
+        return {};
+    });
+}
+
 Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset) const {
     const std::uint64_t disk_size = size();
     if (offset > disk_size) {
@@ -504,7 +521,7 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
     // A thin layer over visit: the same walk and decompression, copied into `dest`. Inside the
     // fault boundary, so the copy from the mapping is the library's, and a fault in it the
     // read's error.
-    auto ok = detail::contain_faults(path(), [&] {
+    auto copy = [&] {
         return visit(offset, offset + length, [&](const Run& run) -> Result<void> {
             std::byte* out = dest.data() + (run.offset - offset);
             if (run.bytes.empty()) {
@@ -514,7 +531,20 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
             }
             return {};
         });
-    });
+    };
+    // A read that ran while another thread's fault made part of a mapping read as zeros (a
+    // server's other client reading a bad sector) is made once more: its bytes are then its own.
+    Result<void> ok;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        detail::FaultBoundary boundary;
+        ok = copy();
+        auto fault = boundary.finish(path());
+        if (fault && !boundary.own_fault() && attempt == 0)
+            continue;
+        if (fault && (ok || boundary.own_fault()))
+            ok = std::move(*fault);
+        break;
+    }
     if (!ok) {
         return std::move(ok).error();
     }

@@ -224,19 +224,28 @@ template <typename Job> class OrderedWorkers {
             Slot& slot = slots_[number % slots_.size()];
             slot.state.store(State::working, std::memory_order_release);
             std::optional<Error> error;
-            try {
-                FaultBoundary boundary;
-                if (!work) {
-                    error = make_error; // copying its message may itself run out of memory
-                } else if (auto ok = (*work)(slot.job); !ok) {
-                    error = std::move(ok).error();
+            // A job that ran while another thread's fault made part of a mapping read as zeros
+            // (another worker's job further on, as a rule) runs once more: jobs only produce
+            // bytes into their slot, so they can, and its bytes are then its own.
+            for (int attempt = 0; attempt < 2; ++attempt) {
+                error.reset();
+                try {
+                    FaultBoundary boundary;
+                    if (!work) {
+                        error = make_error; // copying its message may itself run out of memory
+                    } else if (auto ok = (*work)(slot.job); !ok) {
+                        error = std::move(ok).error();
+                    }
+                    if (auto fault = boundary.finish(fault_top_)) {
+                        if (!boundary.own_fault() && attempt == 0 && work)
+                            continue;
+                        if (!error || boundary.own_fault())
+                            error = std::move(fault);
+                    }
+                } catch (...) {
+                    error = error_of(std::current_exception());
                 }
-                if (auto fault = boundary.finish(fault_top_);
-                    fault && (!error || boundary.own_fault())) {
-                    error = std::move(fault);
-                }
-            } catch (...) {
-                error = error_of(std::current_exception());
+                break;
             }
             slot.error = std::move(error);
             {

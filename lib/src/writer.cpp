@@ -1227,6 +1227,14 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     Result<WriteStats> stats = spooled
                                    ? write_compressed(source, *spooled, *geometry, fields, options)
                                    : Result<WriteStats>(spooled.error());
+    if (!stats && is_target_error(stats.error())) {
+        // The spool's own failure (a full $TMPDIR), not the output's: say which.
+        std::string_view why = stats.error().message;
+        why.remove_prefix(kWriteTargetError.size());
+        stats = target_error(fmt::format("cannot write the spool file in {} ($TMPDIR; a pipe "
+                                         "cannot take a compressed image's metadata last): {}",
+                                         dir, why));
+    }
     if (stats) {
         if (auto ok = copy_spool(spool, stats->file_size, fd); !ok)
             stats = ok.error();

@@ -113,6 +113,13 @@ class Image {
     Result<void> visit(std::uint64_t start, std::uint64_t end, const RunVisitor& visitor,
                        const VisitOptions& options = {}) const;
 
+    /// Makes the pages of `bytes` (a span this Image handed out: an extent's or a run's bytes
+    /// in the mapping) present and reads one byte of each, inside the library's fault
+    /// boundary: io_error (the file shrank, or an I/O error reading it) where a page cannot be
+    /// read now, instead of a SIGBUS when the caller touches it. A page that is evicted and
+    /// fails later, or a file truncated later, can still fault in the caller's own code.
+    Result<void> check_readable(std::span<const std::byte> bytes) const;
+
     /// Copies `dest.size()` bytes of the virtual disk starting at `offset` into `dest`.
     /// Returns the bytes copied: fewer than asked only when the disk ends first.
     /// Errors: out_of_range when `offset > size()`, and any error the extent walk meets.
