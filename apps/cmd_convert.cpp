@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <fcntl.h>
 #include <map>
@@ -33,6 +34,30 @@ struct FdCloser {
             ::close(fd);
     }
 };
+
+/// SIGINT, SIGTERM, SIGHUP: the hidden temporary an atomic output (a file TARGET on a file
+/// system without O_TMPFILE) is being written under goes first, then the signal's default
+/// action ends the process as it would have.
+extern "C" void on_termination(int signal) {
+    remove_temporary_files();
+    ::signal(signal, SIG_DFL);
+    ::raise(signal);
+}
+
+/// Installed by convert only: `mount` leaves these signals to libfuse, which installs its own
+/// handlers only where none is set.
+void remove_temporaries_on_termination() {
+    for (int signal : {SIGINT, SIGTERM, SIGHUP}) {
+        struct sigaction current {};
+        // A signal the caller ignores (nohup) stays ignored.
+        if (::sigaction(signal, nullptr, &current) != 0 || current.sa_handler == SIG_IGN)
+            continue;
+        struct sigaction action {};
+        action.sa_handler = on_termination;
+        sigemptyset(&action.sa_mask);
+        ::sigaction(signal, &action, nullptr);
+    }
+}
 
 /// Reports an export failure on the side it came from: the target (exit 3) or the image (1).
 int report_export(const ConvertJob& job, const Error& error, const ExportError& where) {
@@ -239,6 +264,7 @@ Command add_convert(CLI::App& app) {
                     throw UsageError("--bitmap with -O raw updates an existing raw copy: it "
                                      "needs a TARGET file or device");
                 }
+                remove_temporaries_on_termination();
                 auto image = open_or_report(*args);
                 if (!image)
                     return static_cast<int>(kExitImageError);

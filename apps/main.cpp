@@ -1,10 +1,7 @@
 // qcowmap: read qcow2 images through a memory mapping.
 #include "cli.hpp"
 
-#include <qcowmap/export.hpp>
-
 #include <cerrno>
-#include <csignal>
 #include <cstring>
 #include <fcntl.h>
 #include <new>
@@ -24,28 +21,6 @@ std::string named_command(int argc, char** argv) {
             return argv[i];
     }
     return {};
-}
-
-/// SIGINT, SIGTERM, SIGHUP: the hidden temporary an atomic output (convert to a file on a
-/// file system without O_TMPFILE) is being written under goes first, then the signal's
-/// default action ends the process as it would have.
-extern "C" void on_termination(int signal) {
-    qcowmap::remove_temporary_files();
-    ::signal(signal, SIG_DFL);
-    ::raise(signal);
-}
-
-void clean_up_on_termination() {
-    for (int signal : {SIGINT, SIGTERM, SIGHUP}) {
-        struct sigaction current {};
-        // A signal the caller ignores (nohup) stays ignored.
-        if (::sigaction(signal, nullptr, &current) != 0 || current.sa_handler == SIG_IGN)
-            continue;
-        struct sigaction action {};
-        action.sa_handler = on_termination;
-        sigemptyset(&action.sa_mask);
-        ::sigaction(signal, &action, nullptr);
-    }
 }
 
 /// A standard descriptor the caller closed (`cat IMG >&-`) is opened on /dev/null the wrong way
@@ -90,7 +65,6 @@ int main(int argc, char** argv) {
                                 add_convert(app), add_bitmaps(app), add_hash(app),
                                 add_compare(app), add_check(app),   add_mount(app)};
     hold_closed_standard_descriptors();
-    clean_up_on_termination();
     std::string command = named_command(argc, argv);
     if (std::string option = empty_option_value(argc, argv); !option.empty()) {
         return usage(command, option + ": a value is required after '=' (it is empty)");

@@ -182,6 +182,13 @@ TEST_F(Truncated, CompressedClustersFail) {
     EXPECT_EQ(read.error().code, ErrorCode::io_error) << read.error().message;
 }
 
+/// The process ended on the fault: SIGBUS by default, or whatever a handler installed before
+/// ours does with it (a sanitizer's report and exit).
+bool died(int status) {
+    return (WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS) ||
+           (WIFEXITED(status) && WEXITSTATUS(status) != 0);
+}
+
 // Outside the boundary nothing changes: the caller's own access to the mapping (an extent's
 // bytes, a visitor of Image::visit) is the caller's, and an uncontained SIGBUS still ends the
 // process, by the default action or the handler installed before ours.
@@ -197,7 +204,7 @@ TEST_F(Truncated, TheCallersOwnAccessIsNotContained) {
             }
             std::exit(0);
         },
-        ::testing::KilledBySignal(SIGBUS), "");
+        died, "");
     EXPECT_EXIT(
         {
             (void)image.visit(32 * MiB, 33 * MiB, [](const qcowmap::Run& run) -> Result<void> {
@@ -207,7 +214,7 @@ TEST_F(Truncated, TheCallersOwnAccessIsNotContained) {
             });
             std::exit(0);
         },
-        ::testing::KilledBySignal(SIGBUS), "");
+        died, "");
 }
 
 // -------------------------------------------------------------------------------------------
@@ -480,8 +487,9 @@ std::vector<std::string> kill_mid_copy(const std::filesystem::path& image,
     ::waitpid(child, &status, 0);
     EXPECT_TRUE(writing) << "the conversion finished (or never wrote) before the kill";
     EXPECT_TRUE(WIFSIGNALED(status)) << "status " << status;
-    if (WIFSIGNALED(status))
+    if (WIFSIGNALED(status)) {
         EXPECT_EQ(WTERMSIG(status), signal);
+    }
     // A file unlinked while still open through FUSE is renamed .fuse_hiddenN by libfuse until
     // the kernel's release of it, which comes after the process is gone: wait for that.
     for (int i = 0; i < 500; ++i) {

@@ -312,8 +312,11 @@ TEST_F(Nbdkit, UntrustedRefusesEscapingReferencesAndServesInsideOnes) {
 
 /// The script nbdkit runs: one client before the fault, `break_it`, a client that must get an
 /// error, then a client reading the disk's first 64 KiB (0xcd, still readable) that must work.
-std::string fault_script(const std::string& break_it) {
-    return "nbdcopy \"$uri\" - >/dev/null; echo \"before=$?\"; " + break_it +
+std::string fault_script(const std::string& break_it, bool whole_disk_before = true) {
+    const std::string before =
+        whole_disk_before ? "nbdcopy \"$uri\" - >/dev/null"
+                          : "qemu-io -r -f raw -c 'read -P 0xcd 0 64k' \"$uri\" >/dev/null";
+    return before + "; echo \"before=$?\"; " + break_it +
            "; nbdcopy \"$uri\" - >/dev/null; echo \"faulted=$?\"; "
            "qemu-io -r -f raw -c 'read -P 0xcd 0 64k' \"$uri\" >/dev/null; echo \"next=$?\"";
 }
@@ -358,12 +361,10 @@ TEST_F(Nbdkit, EioFromTheFileSystemFailsThatReadOnly) {
     test::EioMount mount(source, dir_ / "mnt");
     if (!mount.mounted())
         GTEST_SKIP() << "eio_fs could not mount (no /dev/fuse or QCOWMAP_EIO_FS unset)";
-    // A bad sector in the middle of the data, set once the first client has read the disk:
-    // its pages are dropped from the cache first, so that the next read goes to the file
-    // system (eio_fs keeps no cache across opens, and nbdkit holds the file open).
-    const std::string fail = "echo 'disk.qcow2 " + std::to_string(data + (1 << 20)) + " 4096' > " +
-                             q(source / ".eio") + " && echo 1 > /proc/sys/vm/drop_caches";
-    auto r = nbdkit("file=" + q(dir_ / "mnt" / "disk.qcow2"), fault_script(fail));
+    // A bad sector in the middle of the data, there from the start (pages nbdkit has mapped
+    // once stay mapped: the first client reads only the disk's first cluster).
+    mount.fail_reads("disk.qcow2", data + (1 << 20), 4096);
+    auto r = nbdkit("file=" + q(dir_ / "mnt" / "disk.qcow2"), fault_script("true", false));
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("before=0\n"), std::string::npos) << r.out;
     EXPECT_EQ(r.out.find("faulted=0\n"), std::string::npos) << r.out << r.err;

@@ -435,6 +435,11 @@ std::optional<Error> FaultBoundary::finish_slowly(const std::filesystem::path& t
     return std::nullopt;
 }
 
+void wait_for_faults_to_settle() noexcept {
+    for (int i = 0; i < 2000 && g_fault_replaced_now.load(std::memory_order_acquire) != 0; ++i)
+        ::usleep(100);
+}
+
 void touch_every_page(std::span<const std::byte> bytes) {
     if (bytes.empty())
         return;

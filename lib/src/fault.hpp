@@ -79,6 +79,14 @@ inline bool fault_pending() noexcept {
     return t_fault_address != 0;
 }
 
+/// Before running again work that failed because another thread's fault made a range read as
+/// zeros: waits (a few ms at most, as a rule: the faulting thread puts the file back when its
+/// piece of work ends) until no range is replaced, so that the rerun reads the file.
+void wait_for_faults_to_settle() noexcept;
+
+/// How often work that another thread's fault spoiled is run again before giving up.
+inline constexpr int kFaultRetries = 4;
+
 /// Marks this thread as inside a boundary for the object's lifetime (nests).
 class FaultBoundary {
   public:

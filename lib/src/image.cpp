@@ -535,11 +535,13 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
     // A read that ran while another thread's fault made part of a mapping read as zeros (a
     // server's other client reading a bad sector) is made once more: its bytes are then its own.
     Result<void> ok;
-    for (int attempt = 0; attempt < 2; ++attempt) {
+    for (int attempt = 0; attempt < detail::kFaultRetries; ++attempt) {
+        if (attempt > 0)
+            detail::wait_for_faults_to_settle();
         detail::FaultBoundary boundary;
         ok = copy();
         auto fault = boundary.finish(path());
-        if (fault && !boundary.own_fault() && attempt == 0)
+        if (fault && !boundary.own_fault() && attempt + 1 < detail::kFaultRetries)
             continue;
         if (fault && (ok || boundary.own_fault()))
             ok = std::move(*fault);

@@ -227,8 +227,10 @@ template <typename Job> class OrderedWorkers {
             // A job that ran while another thread's fault made part of a mapping read as zeros
             // (another worker's job further on, as a rule) runs once more: jobs only produce
             // bytes into their slot, so they can, and its bytes are then its own.
-            for (int attempt = 0; attempt < 2; ++attempt) {
+            for (int attempt = 0; attempt < kFaultRetries; ++attempt) {
                 error.reset();
+                if (attempt > 0)
+                    wait_for_faults_to_settle();
                 try {
                     FaultBoundary boundary;
                     if (!work) {
@@ -237,7 +239,7 @@ template <typename Job> class OrderedWorkers {
                         error = std::move(ok).error();
                     }
                     if (auto fault = boundary.finish(fault_top_)) {
-                        if (!boundary.own_fault() && attempt == 0 && work)
+                        if (!boundary.own_fault() && attempt + 1 < kFaultRetries && work)
                             continue;
                         if (!error || boundary.own_fault())
                             error = std::move(fault);

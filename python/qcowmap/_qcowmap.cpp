@@ -668,8 +668,11 @@ PYBIND11_MODULE(_qcowmap, m) {
             "Where the run starts in its host file (the layer's file or its data file), or None.")
         .def_property_readonly("data", &PyExtent::data,
                                "data: a read-only memoryview straight into the mapping (no copy), "
-                               "valid as long as it lives, even after the Image is closed; zero: "
-                               "None; compressed: the decompressed bytes of the range.")
+                               "valid as long as it lives, even after the Image is closed; its "
+                               "pages are read once when it is made (qcowmap.Error if the file "
+                               "shrank or a page cannot be read; a page that fails later still "
+                               "raises SIGBUS when touched); zero: None; compressed: the "
+                               "decompressed bytes of the range.")
         .def("__repr__", [](const PyExtent& e) {
             return fmt::format("Extent(offset={}, length={}, kind='{}', present={}, depth={})",
                                e.extent.offset, e.extent.length, qcowmap::to_string(e.extent.kind),
