@@ -313,12 +313,12 @@ TEST_F(Nbdkit, UntrustedRefusesEscapingReferencesAndServesInsideOnes) {
 /// The script nbdkit runs: one client before the fault, `break_it`, a client that must get an
 /// error, then a client reading the disk's first 64 KiB (0xcd, still readable) that must work.
 std::string fault_script(const std::string& break_it, bool whole_disk_before = true) {
-    const std::string before =
-        whole_disk_before ? "nbdcopy \"$uri\" - >/dev/null"
-                          : "qemu-io -r -f raw -c 'read -P 0xcd 0 64k' \"$uri\" >/dev/null";
-    return before + "; echo \"before=$?\"; " + break_it +
-           "; nbdcopy \"$uri\" - >/dev/null; echo \"faulted=$?\"; "
-           "qemu-io -r -f raw -c 'read -P 0xcd 0 64k' \"$uri\" >/dev/null; echo \"next=$?\"";
+    // Each client bounded: before the fix the server died of SIGBUS mid-request.
+    const std::string read_first = "timeout 60 qemu-io -r -f raw -c 'read -P 0xcd 0 64k' "
+                                   "\"$uri\" >/dev/null";
+    const std::string copy = "timeout 60 nbdcopy \"$uri\" - >/dev/null";
+    return (whole_disk_before ? copy : read_first) + "; echo \"before=$?\"; " + break_it + "; " +
+           copy + "; echo \"faulted=$?\"; " + read_first + "; echo \"next=$?\"";
 }
 
 /// Host offset of the first data cluster of the disk at `virtual_offset` (qemu-img map).
