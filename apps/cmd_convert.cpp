@@ -222,6 +222,8 @@ Command add_convert(CLI::App& app) {
                      "dirty onto TARGET, an existing raw copy of the same size; with -O qcow2 "
                      "write only the clusters around them, over -B BACKING")
         ->option_text("NAME");
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
     register_output_format({"raw", {}, convert_raw, {}});
     for (auto& [name, format] : output_formats()) {
         if (format.add_options)
@@ -265,6 +267,22 @@ Command add_convert(CLI::App& app) {
                                      "needs a TARGET file or device");
                 }
                 remove_temporaries_on_termination();
+                if (args->path == "-") { // read from standard input (apps/stream_input.cpp)
+                    if (!bitmap->empty())
+                        throw UsageError("--bitmap cannot read a stream's bitmaps");
+                    StreamConvert job{*target, *force, *progress, sparse, {}};
+                    if (*output_format != "raw") {
+                        job.write_other = [=](const Image& image) {
+                            const ConvertJob other{image,     *args,  *target,          *force,
+                                                   *progress, sparse, data_access(*io), {}};
+                            return format->second.run(other);
+                        };
+                    }
+                    return convert_from_stream(*args, *stream, job);
+                }
+                if (stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as SOURCE");
                 auto image = open_or_report(*args);
                 if (!image)
                     return static_cast<int>(kExitImageError);

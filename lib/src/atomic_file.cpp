@@ -110,17 +110,29 @@ std::filesystem::path resolve_output_path(const std::filesystem::path& target) {
     return path;
 }
 
-Result<AtomicFile> AtomicFile::create(const std::filesystem::path& target,
-                                      std::optional<mode_t> keep_mode) {
+Result<AtomicFile> AtomicFile::create(const std::filesystem::path& given, bool replace) {
+    // Through a symlink, as qemu-img writes: the file it points to is what gets replaced.
+    const std::filesystem::path target = resolve_output_path(given);
+    std::optional<mode_t> keep_mode;
+    struct stat st {};
+    if (::stat(target.c_str(), &st) == 0) {
+        if (S_ISDIR(st.st_mode))
+            return Error{ErrorCode::io_error, "is a directory"};
+        if (!S_ISREG(st.st_mode))
+            return Error{ErrorCode::io_error, "exists and is not a regular file"};
+        if (!replace)
+            return already_exists();
+        keep_mode = st.st_mode & 07777;
+    }
     std::filesystem::path dir = target.parent_path();
     if (dir.empty())
         dir = ".";
     // A new file gets 0644 less the umask, as qemu-img's; a replaced one keeps its mode.
-    int fd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+    int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
     if (fd >= 0) {
         if (keep_mode)
             (void)::fchmod(fd, *keep_mode);
-        return AtomicFile(target, fd, {}, -1);
+        return AtomicFile(target, fd, {}, -1, replace);
     }
     // EOPNOTSUPP: the file system has no O_TMPFILE (bindfs, NFS); EISDIR/EINVAL: the kernel
     // has none. Anything else (no such directory, no permission) is the answer.
@@ -140,15 +152,18 @@ Result<AtomicFile> AtomicFile::create(const std::filesystem::path& target,
         std::memcpy(g_temporaries[static_cast<std::size_t>(slot)].name, name.c_str(),
                     name.size() + 1);
     (void)::fchmod(fd, keep_mode ? *keep_mode : 0644 & ~current_umask());
-    return AtomicFile(target, fd, std::move(name), slot);
+    return AtomicFile(target, fd, std::move(name), slot, replace);
 }
 
-AtomicFile::AtomicFile(std::filesystem::path target, int fd, std::string temporary, int slot)
-    : target_(std::move(target)), fd_(fd), temporary_(std::move(temporary)), slot_(slot) {}
+AtomicFile::AtomicFile(std::filesystem::path target, int fd, std::string temporary, int slot,
+                       bool replace)
+    : target_(std::move(target)), fd_(fd), temporary_(std::move(temporary)), slot_(slot),
+      replace_(replace) {}
 
 AtomicFile::AtomicFile(AtomicFile&& other) noexcept
     : target_(std::move(other.target_)), fd_(std::exchange(other.fd_, -1)),
-      temporary_(std::move(other.temporary_)), slot_(std::exchange(other.slot_, -1)) {
+      temporary_(std::move(other.temporary_)), slot_(std::exchange(other.slot_, -1)),
+      replace_(other.replace_) {
     other.temporary_.clear();
 }
 
@@ -166,7 +181,10 @@ void AtomicFile::drop_name() {
     temporary_.clear();
 }
 
-Result<void> AtomicFile::commit(bool replace) {
+Result<void> AtomicFile::commit() {
+    if (fd_ < 0)
+        return Error{ErrorCode::io_error, "no file to commit"};
+    const bool replace = replace_;
     if (::fsync(fd_) != 0)
         return errno_error(errno);
     const std::string name = target_.string();

@@ -1244,34 +1244,23 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
 }
 
 static Result<WriteStats> write_qcow2_file_in_boundary(const Image& source,
-                                                       const std::filesystem::path& given,
+                                                       const std::filesystem::path& target,
                                                        const WriteOptions& options, bool replace) {
-    // Through a symlink, as qemu-img writes: the file it points to is what gets replaced.
-    const std::filesystem::path target = detail::resolve_output_path(given);
-    std::optional<mode_t> keep_mode;
     struct stat st {};
-    if (::stat(target.c_str(), &st) == 0) {
-        if (source.maps_file(st.st_dev, st.st_ino)) {
-            return target_error("is the image being read (or one of its layers or its data "
-                                "file): refusing to overwrite it");
-        }
-        if (S_ISDIR(st.st_mode))
-            return target_error("is a directory");
-        if (!S_ISREG(st.st_mode))
-            return target_error("exists and is not a regular file");
-        if (!replace)
-            return target_error("already exists (use --force to replace it)");
-        keep_mode = st.st_mode & 07777;
+    if (::stat(target.c_str(), &st) == 0 && source.maps_file(st.st_dev, st.st_ino)) {
+        return target_error("is the image being read (or one of its layers or its data "
+                            "file): refusing to overwrite it");
     }
     // Written under a temporary, named only once complete (detail::AtomicFile): unnamed where
-    // the file system has O_TMPFILE, else hidden and removed on every error path.
-    auto file = detail::AtomicFile::create(target, keep_mode);
+    // the file system has O_TMPFILE, else hidden and removed on every error path; a symlink
+    // is written through.
+    auto file = detail::AtomicFile::create(target, replace);
     if (!file)
         return target_error(file.error().message);
     auto stats = detail::writer::write_image(source, file->fd(), options, true);
     if (!stats)
         return stats.error();
-    if (auto named = file->commit(replace); !named)
+    if (auto named = file->commit(); !named)
         return target_error(named.error().message);
     return stats;
 }
