@@ -413,9 +413,9 @@ Result<void> export_raw_file(const Image& image, const std::filesystem::path& gi
                              const ExportOptions& options, bool replace, ExportError* where) {
     if (where)
         *where = {};
-    // Through a symlink, as qemu-img writes: the file it points to is what gets replaced.
+    // Through a symlink, as qemu-img writes (AtomicFile follows it too): the file it points to
+    // is what gets replaced.
     const std::filesystem::path target = detail::resolve_output_path(given);
-    std::optional<mode_t> keep_mode;
     struct stat st {};
     if (::stat(target.c_str(), &st) == 0) {
         if (image.maps_file(st.st_dev, st.st_ino)) {
@@ -424,23 +424,17 @@ Result<void> export_raw_file(const Image& image, const std::filesystem::path& gi
                                      "data file): refusing to overwrite it"},
                                where);
         }
-        if (S_ISDIR(st.st_mode))
-            return fail_target(Error{ErrorCode::invalid_argument, "is a directory"}, where);
-        if (!S_ISREG(st.st_mode)) {
-            return fail_target(Error{ErrorCode::invalid_argument, "is not a regular file"}, where);
-        }
-        if (!replace) {
+        if (S_ISREG(st.st_mode) && !replace) {
             return fail_target(
                 Error{ErrorCode::io_error, "already exists (use --force to overwrite)"}, where);
         }
-        keep_mode = st.st_mode & 07777;
     }
-    auto file = detail::AtomicFile::create(target, keep_mode);
+    auto file = detail::AtomicFile::create(target, replace);
     if (!file)
         return fail_target(std::move(file).error(), where);
     if (auto written = export_raw(image, file->fd(), options, where); !written)
         return written; // the temporary goes with `file`
-    if (auto named = file->commit(replace); !named)
+    if (auto named = file->commit(); !named)
         return fail_target(std::move(named).error(), where);
     return {};
 }
