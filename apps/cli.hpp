@@ -114,9 +114,10 @@ class OutputOption {
 inline constexpr const char* kImageChanged =
     "image changed while being read (the file shrank under its mapping)";
 
-/// Turns a SIGBUS (a mapped file truncated while we read it: the one fault a bounds check
-/// cannot prevent) into the one-line error "image changed while being read" and `exit_code`
-/// (1 by default; compare uses qemu-img's read-error code 4).
+/// Turns a SIGBUS the library does not contain itself (a mapped file truncated while the CLI's
+/// own code reads it: the one fault a bounds check cannot prevent) into the one-line error
+/// "image changed while being read" and `exit_code` (1 by default; compare uses qemu-img's
+/// read-error code 4). Faults of the library's reads come back as errors of the call.
 void guard_against_shrinking(std::string_view file, int exit_code = kExitImageError);
 
 /// Opens the image (guarded by guard_against_shrinking) or prints the error line; returns

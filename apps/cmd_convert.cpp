@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <fcntl.h>
 #include <map>
@@ -34,6 +35,30 @@ struct FdCloser {
     }
 };
 
+/// SIGINT, SIGTERM, SIGHUP: the hidden temporary an atomic output (a file TARGET on a file
+/// system without O_TMPFILE) is being written under goes first, then the signal's default
+/// action ends the process as it would have.
+extern "C" void on_termination(int signal) {
+    remove_temporary_files();
+    ::signal(signal, SIG_DFL);
+    ::raise(signal);
+}
+
+/// Installed by convert only: `mount` leaves these signals to libfuse, which installs its own
+/// handlers only where none is set.
+void remove_temporaries_on_termination() {
+    for (int signal : {SIGINT, SIGTERM, SIGHUP}) {
+        struct sigaction current {};
+        // A signal the caller ignores (nohup) stays ignored.
+        if (::sigaction(signal, nullptr, &current) != 0 || current.sa_handler == SIG_IGN)
+            continue;
+        struct sigaction action {};
+        action.sa_handler = on_termination;
+        sigemptyset(&action.sa_mask);
+        ::sigaction(signal, &action, nullptr);
+    }
+}
+
 /// Reports an export failure on the side it came from: the target (exit 3) or the image (1).
 int report_export(const ConvertJob& job, const Error& error, const ExportError& where) {
     const std::string target = job.target == "-" ? "<stdout>" : job.target;
@@ -41,8 +66,8 @@ int report_export(const ConvertJob& job, const Error& error, const ExportError& 
                         : report_error(job.source.path, error, kExitImageError);
 }
 
-/// Opens TARGET for a raw write. A new file is created; an existing regular file needs
-/// --force; block and character devices (/dev/sdX, an LVM volume, /dev/null) are written as
+/// Opens TARGET, a device or a pipe (regular files go to export_raw_file), for a raw write:
+/// block and character devices (/dev/sdX, an LVM volume, /dev/null) and FIFOs are written as
 /// they are; a directory is refused. Returns -1 after reporting.
 int open_target(const ConvertJob& job) {
     if (job.target == "-") {
@@ -76,7 +101,34 @@ int open_target(const ConvertJob& job) {
     return fd;
 }
 
+/// True when TARGET is (or would be) a regular file: a new name, an existing regular file, or a
+/// symlink to either. Those are written atomically (export_raw_file); devices, pipes and
+/// standard output are written in place.
+bool regular_file_target(const ConvertJob& job) {
+    if (job.target == "-")
+        return false;
+    struct stat st {};
+    if (::stat(job.target.c_str(), &st) != 0)
+        return errno == ENOENT; // a new file (or a dangling link to one)
+    return S_ISREG(st.st_mode);
+}
+
 int convert_raw(const ConvertJob& job) {
+    if (regular_file_target(job)) {
+        // Under a temporary in the target's directory, named TARGET only once complete (as
+        // -O qcow2): an interrupted run never leaves a plausible-looking TARGET.
+        Progress meter(job.progress, job.image.size());
+        ExportOptions options;
+        options.zero_block = job.sparse_size;
+        options.data_access = job.io;
+        options.progress = meter.callback();
+        ExportError where;
+        auto result = export_raw_file(job.image, job.target, options, job.force, &where);
+        if (!result)
+            return report_export(job, result.error(), where);
+        meter.finish();
+        return kExitOk;
+    }
     FdCloser target{open_target(job)};
     if (target.fd < 0)
         return kExitOutputError;
@@ -214,6 +266,7 @@ Command add_convert(CLI::App& app) {
                     throw UsageError("--bitmap with -O raw updates an existing raw copy: it "
                                      "needs a TARGET file or device");
                 }
+                remove_temporaries_on_termination();
                 if (args->path == "-") { // read from standard input (apps/stream_input.cpp)
                     if (!bitmap->empty())
                         throw UsageError("--bitmap cannot read a stream's bitmaps");

@@ -1,10 +1,14 @@
 // qcowmap: read qcow2 images through a memory mapping.
 #include "cli.hpp"
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fcntl.h>
 #include <new>
+#include <string_view>
 #include <system_error>
+#include <unistd.h>
 
 namespace {
 
@@ -16,6 +20,30 @@ std::string named_command(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) {
         if (argv[i][0] != '-')
             return argv[i];
+    }
+    return {};
+}
+
+/// A standard descriptor the caller closed (`cat IMG >&-`) is opened on /dev/null the wrong way
+/// round (read-only for 1 and 2, write-only for 0): the number cannot be taken by a file we
+/// open later (the image itself, whose "output" would then be refused as overwriting it), and
+/// using it fails with EBADF as the closed descriptor would.
+void hold_closed_standard_descriptors() {
+    for (int fd : {STDIN_FILENO, STDOUT_FILENO, STDERR_FILENO}) {
+        if (::fcntl(fd, F_GETFD) == -1 && errno == EBADF)
+            (void)::open("/dev/null", (fd == STDIN_FILENO ? O_WRONLY : O_RDONLY) | O_CLOEXEC);
+    }
+}
+
+/// `--start-offset=` with nothing after `=`: CLI11 would take the next argument as its value
+/// (and then report IMAGE missing). Name the option instead.
+std::string empty_option_value(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+        const std::string_view arg = argv[i];
+        if (arg == "--")
+            break;
+        if (arg.starts_with("--") && arg.size() > 3 && arg.back() == '=')
+            return std::string(arg.substr(0, arg.size() - 1));
     }
     return {};
 }
@@ -60,7 +88,11 @@ int main(int argc, char** argv) {
     const Command commands[] = {add_info(app),    add_map(app),     add_cat(app),
                                 add_convert(app), add_bitmaps(app), add_hash(app),
                                 add_compare(app), add_check(app),   add_mount(app)};
+    hold_closed_standard_descriptors();
     std::string command = named_command(argc, argv);
+    if (std::string option = empty_option_value(argc, argv); !option.empty()) {
+        return usage(command, option + ": a value is required after '=' (it is empty)");
+    }
     if (command == "help") {
         // `qcowmap help [COMMAND]`: the same text as --help.
         std::string topic;

@@ -8,7 +8,10 @@
 // One Image is opened when nbdkit is ready and shared by every connection and every thread:
 // an Image is immutable, so reads need no lock (NBDKIT_THREAD_MODEL_PARALLEL) and all
 // connections see the same bytes (can_multi_conn). Block status comes straight from the extent
-// iterator: zero and unallocated runs are reported as holes that read as zeros.
+// iterator: zero and unallocated runs are reported as holes that read as zeros. A read that
+// faults (the image truncated under the server, EIO from a bad sector) is contained by the
+// library: that request gets EIO, every other client carries on (README, "Errors and exit
+// codes").
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
@@ -18,6 +21,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -41,7 +45,11 @@ int errno_for(qcowmap::ErrorCode code) {
 }
 
 void report(const qcowmap::Error& error) {
-    nbdkit_error("%s: %s", file_name.c_str(), error.message.c_str());
+    // The file named once: the library names it itself where it could not open it.
+    if (std::string_view(error.message).starts_with(file_name + ": "))
+        nbdkit_error("%s", error.message.c_str());
+    else
+        nbdkit_error("%s: %s", file_name.c_str(), error.message.c_str());
     nbdkit_set_error(errno_for(error.code));
 }
 

@@ -12,6 +12,7 @@
 // decompress. The caller takes each job's result out of its slot as soon as it is done (a
 // buffer swap, or the list of pages), so holding one side's bytes never blocks the other's;
 // pages it has compared are dropped from the process by the worker of a later job.
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "scratch_bytes.hpp"
@@ -822,7 +823,21 @@ Result<CompareResult> compare_walk(const Image& a, const Image& b, const Compare
 
 Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
                                      CompareError* error_detail) {
+    // A read of either image's mapping that faults: a read error of the image it belongs to.
+    detail::FaultBoundary boundary;
     auto result = compare_walk(a, b, options, error_detail);
+    auto fault = boundary.finish({});
+    if (fault && (result || boundary.own_fault())) {
+        int side = 0;
+        if (boundary.own_fault()) {
+            side = detail::maps_address(detail_state(a), boundary.fault_address()) ? 0 : 1;
+            fault = detail::describe_fault(boundary.fault_address(),
+                                           side == 0 ? a.path() : b.path());
+        }
+        if (error_detail)
+            *error_detail = CompareError{*fault, side, true};
+        return std::move(*fault);
+    }
     // A mismatch or a failure met while a file changed under the walk is the change's doing.
     for (int side = 0; side < 2; ++side) {
         if (auto unchanged = (side == 0 ? a : b).check_unchanged(); !unchanged) {

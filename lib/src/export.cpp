@@ -1,6 +1,8 @@
 // The raw export engine: sparse writes, in-kernel copies, hole punching, zero detection and
 // block-device targets (qemu-img.c convert_do_copy / convert_write, with -S as
 // is_allocated_sectors_min's zero check).
+#include "atomic_file.hpp"
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "raw_io.hpp"
 #include "workers.hpp"
@@ -11,11 +13,15 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <linux/loop.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <vector>
@@ -41,7 +47,8 @@ enum class CopyResult { ok, target_failed, source_changed };
 /// pread/pwrite through `buffer` where the kernel cannot copy between the two (a block device
 /// on either side, different file system types).
 CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, std::uint64_t length,
-                      std::vector<std::byte>& buffer) {
+                      std::vector<std::byte>& buffer, int& source_errno) {
+    source_errno = 0;
     std::uint64_t host_offset = from.offset;
     std::uint64_t done = 0;
     while (done < length) {
@@ -67,7 +74,9 @@ CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, s
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
-            return CopyResult::source_changed; // the extent walk checked this range: it shrank
+            // The extent walk checked this range: 0 means the file shrank; else a read error.
+            source_errno = n < 0 ? errno : 0;
+            return CopyResult::source_changed;
         }
         if (!pwrite_all(out, buffer.data(), static_cast<std::uint64_t>(n), offset)) {
             return CopyResult::target_failed;
@@ -95,6 +104,70 @@ bool allocate_range(int fd, std::uint64_t offset, std::uint64_t length) {
     return true;
 }
 
+/// The first line of a sysfs file, or empty.
+std::string sysfs_line(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return {};
+    char text[4096];
+    const ssize_t n = ::read(fd, text, sizeof text - 1);
+    ::close(fd);
+    if (n <= 0)
+        return {};
+    std::string line(text, static_cast<std::size_t>(n));
+    return line.substr(0, line.find('\n'));
+}
+
+/// True when the block device `device` (major:minor) stores its bytes in one of the image's
+/// files: a loop device over it (/sys/dev/block/M:m/loop/backing_file), or a partition of one,
+/// or a device-mapper or md device stacked on one (slaves/). Writing to it would destroy the
+/// image while it is being read, as writing to the file itself would.
+bool device_backed_by_image(const Image& image, dev_t device, int depth = 0) {
+    if (depth > 8)
+        return false;
+    const std::string sys = fmt::format("/sys/dev/block/{}:{}", major(device), minor(device));
+    std::string backing = sysfs_line(sys + "/loop/backing_file");
+    if (!backing.empty()) {
+        // The kernel marks a backing file unlinked since with " (deleted)".
+        constexpr std::string_view kDeleted = " (deleted)";
+        if (backing.ends_with(kDeleted))
+            backing.resize(backing.size() - kDeleted.size());
+        struct stat st {};
+        if (::stat(backing.c_str(), &st) == 0 && image.maps_file(st.st_dev, st.st_ino))
+            return true;
+    }
+    auto by_dev_file = [&](const std::string& dev_file) {
+        unsigned major_number = 0, minor_number = 0;
+        const std::string text = sysfs_line(dev_file);
+        return std::sscanf(text.c_str(), "%u:%u", &major_number, &minor_number) == 2 &&
+               device_backed_by_image(image, makedev(major_number, minor_number), depth + 1);
+    };
+    // A partition: its disk is the directory above it.
+    if (::access((sys + "/partition").c_str(), F_OK) == 0 && by_dev_file(sys + "/../dev"))
+        return true;
+    if (DIR* slaves = ::opendir((sys + "/slaves").c_str())) {
+        bool found = false;
+        while (dirent* entry = ::readdir(slaves)) {
+            if (entry->d_name[0] != '.' && by_dev_file(sys + "/slaves/" + entry->d_name + "/dev")) {
+                found = true;
+                break;
+            }
+        }
+        ::closedir(slaves);
+        if (found)
+            return true;
+    }
+    return false;
+}
+
+/// True when the loop device open on `fd` is backed by one of the image's files: the kernel's
+/// own record of the backing file's device and inode (exact, whatever its path is now).
+bool loop_backed_by_image(const Image& image, int fd) {
+    loop_info64 info{};
+    return ::ioctl(fd, LOOP_GET_STATUS64, &info) == 0 &&
+           image.maps_file(info.lo_device, info.lo_inode);
+}
+
 /// The target as found by fstat, after refusing the image's own files.
 struct Target {
     enum class Kind { file, block_device, stream };
@@ -118,6 +191,11 @@ Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
         target.kind = Target::Kind::file;
         target.size = static_cast<std::uint64_t>(st.st_size);
     } else if (S_ISBLK(st.st_mode)) {
+        if (loop_backed_by_image(image, fd) || device_backed_by_image(image, st.st_rdev)) {
+            return Error{ErrorCode::invalid_argument,
+                         "is a block device backed by the image being read (or one of its "
+                         "layers or its data file): refusing to overwrite it"};
+        }
         target.kind = Target::Kind::block_device;
         if (::ioctl(fd, BLKGETSIZE64, &target.size) != 0) {
             return Error{ErrorCode::io_error, fmt::format("cannot get the size of the block "
@@ -157,22 +235,36 @@ class Writer {
     Result<void> data(const Run& run) {
         const std::span<const std::byte> bytes = run.bytes;
         if (kind_ == Target::Kind::stream) {
+            // A character device may take the bytes without reading them (/dev/null): read
+            // one byte of every page first, so that data that cannot be read fails the export
+            // whatever the target (a fault here is the export's error: fault.hpp).
+            if (run.mapped && !splice_)
+                detail::touch_every_page(bytes);
             if (put(bytes, run.mapped))
                 return {};
-            // The kernel reading the mapping for write() or vmsplice() faults with EFAULT when
-            // the image file was truncated under it.
+            // The kernel reading the mapping for write() or vmsplice() fails with EFAULT
+            // where a page cannot be read (the file shrank, or an I/O error): touching the
+            // pages raises the fault in our code, which says which.
             if (errno == EFAULT && run.mapped) {
+                detail::touch_every_page(bytes);
                 return Error{ErrorCode::image_changed,
-                             "image changed while being read (the file shrank under its "
-                             "mapping)"};
+                             "image changed while being read (a page of its mapping could not "
+                             "be read)"};
             }
             return failed();
         }
         if ((zero_block_ == 0 || kind_ == Target::Kind::block_device) && run.file) {
-            switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_)) {
+            int source_errno = 0;
+            switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_, source_errno)) {
             case CopyResult::ok:
                 return {};
             case CopyResult::source_changed:
+                if (source_errno != 0) {
+                    return Error{ErrorCode::io_error,
+                                 fmt::format("cannot read the image's data at file offset "
+                                             "{:#x}: {}",
+                                             run.file->offset, std::strerror(source_errno))};
+                }
                 return Error{ErrorCode::image_changed,
                              "image changed while being read (the file shrank under its "
                              "mapping)"};
@@ -256,8 +348,8 @@ Result<void> fail_target(Error error, ExportError* where) {
 
 } // namespace
 
-Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
-                        ExportError* where) {
+static Result<void> export_raw_in_boundary(const Image& image, int fd, const ExportOptions& options,
+                                           ExportError* where) {
     if (where)
         *where = {};
     if (options.zero_block % 512 != 0) {
@@ -333,8 +425,45 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
     return result;
 }
 
-Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
-                          const ExportOptions& options, ExportError* where) {
+Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
+                        ExportError* where) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return export_raw_in_boundary(image, fd, options, where);
+    });
+}
+
+Result<void> export_raw_file(const Image& image, const std::filesystem::path& given,
+                             const ExportOptions& options, bool replace, ExportError* where) {
+    if (where)
+        *where = {};
+    // Through a symlink, as qemu-img writes (AtomicFile follows it too): the file it points to
+    // is what gets replaced.
+    const std::filesystem::path target = detail::resolve_output_path(given);
+    struct stat st {};
+    if (::stat(target.c_str(), &st) == 0) {
+        if (image.maps_file(st.st_dev, st.st_ino)) {
+            return fail_target(Error{ErrorCode::invalid_argument,
+                                     "is the image being read (or one of its layers or its "
+                                     "data file): refusing to overwrite it"},
+                               where);
+        }
+        if (S_ISREG(st.st_mode) && !replace) {
+            return fail_target(
+                Error{ErrorCode::io_error, "already exists (use --force to overwrite)"}, where);
+        }
+    }
+    auto file = detail::AtomicFile::create(target, replace);
+    if (!file)
+        return fail_target(std::move(file).error(), where);
+    if (auto written = export_raw(image, file->fd(), options, where); !written)
+        return written; // the temporary goes with `file`
+    if (auto named = file->commit(); !named)
+        return fail_target(std::move(named).error(), where);
+    return {};
+}
+
+static Result<void> export_dirty_in_boundary(const Image& image, const DirtyBitmap& bitmap, int fd,
+                                             const ExportOptions& options, ExportError* where) {
     if (where)
         *where = {};
     auto target = inspect_target(image, fd, false);
@@ -379,6 +508,13 @@ Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
     if (result)
         result = image.check_unchanged();
     return result;
+}
+
+Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
+                          const ExportOptions& options, ExportError* where) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return export_dirty_in_boundary(image, bitmap, fd, options, where);
+    });
 }
 
 } // namespace qcowmap

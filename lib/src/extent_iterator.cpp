@@ -1,5 +1,6 @@
 // The extent iterator: walks L1/L2 in place in the mapping and merges runs.
 // Spec: docs/interop/qcow2.txt, "Cluster mapping" and "Extended L2 Entries".
+#include "fault.hpp"
 #include "image_state.hpp"
 
 #include <algorithm>
@@ -513,6 +514,16 @@ bool ExtentWalk::fail(Error error) {
 }
 
 bool ExtentWalk::next(Extent& out) {
+    // The walk reads L1/L2 tables from the mapping: a fault there ends it with an io_error
+    // (fault.hpp) like any other error, stickily. One boundary per extent (a few ns).
+    FaultBoundary boundary;
+    const bool produced = step(out);
+    if (auto fault = boundary.finish(state_->path); fault && (produced || boundary.own_fault()))
+        return fail(std::move(*fault));
+    return produced;
+}
+
+bool ExtentWalk::step(Extent& out) {
     if (deferred_error_) {
         return fail(*std::exchange(deferred_error_, std::nullopt));
     }

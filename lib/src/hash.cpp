@@ -3,6 +3,7 @@
 // small buffer (HashOptions::data_access), or from the decompressor's buffer; zero runs from one
 // static zero block. Block manifests are hashed by workers that each walk their own slice of the
 // disk, and handed out in order.
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "workers.hpp"
@@ -246,7 +247,10 @@ Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length) {
     return hasher->finish();
 }
 
-Result<Digest> hash_image(const Image& image, const HashOptions& options) {
+/// Zeros hashed between two progress reports: ~35 ms of sha256 at 1.8 GB/s.
+constexpr std::uint64_t kZeroSliceBytes = 64u << 20;
+
+static Result<Digest> hash_image_in_boundary(const Image& image, const HashOptions& options) {
     auto hasher = Hasher::create(options.algorithm);
     if (!hasher)
         return std::move(hasher).error();
@@ -258,7 +262,16 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
         0, UINT64_MAX,
         [&](const Run& run) -> Result<void> {
             if (run.bytes.empty()) {
-                hasher->update_zeros(run.length);
+                // A long zero run (a thin disk: 16 GiB take ~10 s) is hashed in slices with
+                // progress after each, so that a caller can show it or stop (Python's Ctrl-C).
+                for (std::uint64_t done = 0; done < run.length;) {
+                    const std::uint64_t slice =
+                        std::min<std::uint64_t>(run.length - done, kZeroSliceBytes);
+                    hasher->update_zeros(slice);
+                    done += slice;
+                    if (options.progress && done < run.length)
+                        options.progress(run.offset + done, image.size());
+                }
             } else {
                 hasher->update(run.bytes);
             }
@@ -274,6 +287,11 @@ Result<Digest> hash_image(const Image& image, const HashOptions& options) {
     if (auto unchanged = image.check_unchanged(); !unchanged)
         return std::move(unchanged).error();
     return hasher->finish();
+}
+
+Result<Digest> hash_image(const Image& image, const HashOptions& options) {
+    return detail::contain_faults(
+        image.path(), [&]() -> Result<Digest> { return hash_image_in_boundary(image, options); });
 }
 
 namespace {
@@ -456,8 +474,8 @@ struct Chunk {
 
 } // namespace
 
-Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
-                         const BlockDigestSink& sink) {
+static Result<void> hash_blocks_in_boundary(const Image& image, const BlockHashOptions& options,
+                                            const BlockDigestSink& sink) {
     const std::uint64_t bs = options.block_size;
     if (bs < kMinHashBlockSize || (bs & (bs - 1)) != 0) {
         return Error{ErrorCode::invalid_argument,
@@ -537,6 +555,13 @@ Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
         workers.release();
     }
     return {};
+}
+
+Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
+                         const BlockDigestSink& sink) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return hash_blocks_in_boundary(image, options, sink);
+    });
 }
 
 } // namespace qcowmap

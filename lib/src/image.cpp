@@ -1,5 +1,7 @@
+#include "fault.hpp"
 #include "image_lock.hpp"
 #include "image_state.hpp"
+#include "populate.hpp"
 #include "references.hpp"
 
 #include <qcowmap/references.hpp>
@@ -350,6 +352,15 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
             return std::move(data).error();
         }
     }
+    if (top && options.data_file && !state->has_data_file()) {
+        // As qemu refuses a data-file option for such an image (qcow2_do_open): silently
+        // ignoring it would read another disk than the caller meant.
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("a data file ('{}') was given, but the image has no external "
+                                 "data file: 'data-file' can only be set for images with an "
+                                 "external data file",
+                                 printable(options.data_file->string()))};
+    }
     const bool caller_backing = top && options.backing_file.has_value();
     if ((info.backing_file || caller_backing) && options.backing == BackingMode::follow) {
         const std::string backing_name =
@@ -462,11 +473,13 @@ Result<Image> Image::from_chain(Result<std::shared_ptr<const detail::ImageState>
 }
 
 Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
-    return from_chain(detail::open_chain(path, options, {}), options);
+    return detail::contain_faults(
+        path, [&] { return from_chain(detail::open_chain(path, options, {}), options); });
 }
 
 Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions& options) {
-    return from_chain(detail::open_chain(bytes, options, {}), options);
+    return detail::contain_faults(
+        {}, [&] { return from_chain(detail::open_chain(bytes, options, {}), options); });
 }
 
 const SalvageReport& salvage_report(const Image& image) {
@@ -569,6 +582,13 @@ ExtentRange Image::extents(std::uint64_t start, std::uint64_t end) const {
     return ExtentRange(detail::ExtentWalk(state_, start, end));
 }
 
+Result<void> Image::check_readable(std::span<const std::byte> bytes) const {
+    return detail::contain_faults(path(), [&]() -> Result<void> {
+        detail::populate_pages(bytes, Prefetch::touch);
+        return {};
+    });
+}
+
 Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset) const {
     const std::uint64_t disk_size = size();
     if (offset > disk_size) {
@@ -577,16 +597,35 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
                                  offset, disk_size)};
     }
     const std::uint64_t length = std::min<std::uint64_t>(dest.size(), disk_size - offset);
-    // A thin layer over visit: the same walk and decompression, copied into `dest`.
-    auto ok = visit(offset, offset + length, [&](const Run& run) -> Result<void> {
-        std::byte* out = dest.data() + (run.offset - offset);
-        if (run.bytes.empty()) {
-            std::memset(out, 0, run.length);
-        } else {
-            std::memcpy(out, run.bytes.data(), run.length);
-        }
-        return {};
-    });
+    // A thin layer over visit: the same walk and decompression, copied into `dest`. Inside the
+    // fault boundary, so the copy from the mapping is the library's, and a fault in it the
+    // read's error.
+    auto copy = [&] {
+        return visit(offset, offset + length, [&](const Run& run) -> Result<void> {
+            std::byte* out = dest.data() + (run.offset - offset);
+            if (run.bytes.empty()) {
+                std::memset(out, 0, run.length);
+            } else {
+                std::memcpy(out, run.bytes.data(), run.length);
+            }
+            return {};
+        });
+    };
+    // A read that ran while another thread's fault made part of a mapping read as zeros (a
+    // server's other client reading a bad sector) is made once more: its bytes are then its own.
+    Result<void> ok;
+    for (int attempt = 0; attempt < detail::kFaultRetries; ++attempt) {
+        if (attempt > 0)
+            detail::wait_for_faults_to_settle();
+        detail::FaultBoundary boundary;
+        ok = copy();
+        auto fault = boundary.finish(path());
+        if (fault && !boundary.own_fault() && attempt + 1 < detail::kFaultRetries)
+            continue;
+        if (fault && (ok || boundary.own_fault()))
+            ok = std::move(*fault);
+        break;
+    }
     if (!ok) {
         return std::move(ok).error();
     }

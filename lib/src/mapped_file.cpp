@@ -1,5 +1,7 @@
 #include "mapped_file.hpp"
 
+#include "fault.hpp"
+
 #include <fmt/format.h>
 
 #include <cerrno>
@@ -24,8 +26,10 @@ struct MappedFile::Impl {
     struct timespec mtime {}; // when mapped (regular files)
     std::filesystem::path name;
     ~Impl() {
-        if (base)
+        if (base) {
+            unregister_mapping(base);
             ::munmap(base, length);
+        }
         if (fd >= 0)
             ::close(fd);
     }
@@ -121,6 +125,8 @@ Result<MappedFile> MappedFile::open_fd(int fd, const std::filesystem::path& name
     }
     impl->base = base;
     impl->length = static_cast<std::size_t>(size);
+    // A fault reading it is contained where the library runs (fault.hpp).
+    register_mapping(base, impl->length, impl->fd, &impl->name);
     return MappedFile(std::move(impl));
 }
 

@@ -13,6 +13,7 @@
 // and fills the metadata in last; a target that cannot seek gets the image spooled to an
 // unlinked file in $TMPDIR first.
 #include "atomic_file.hpp"
+#include "fault.hpp"
 #include "writer_internal.hpp"
 
 #include "cluster_compressor.hpp"
@@ -1329,8 +1330,15 @@ Result<Image> open_output_backing(const WriteOptions& options, const std::filesy
     return image;
 }
 
-Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& options) {
+static Result<WriteStats> write_qcow2_in_boundary(const Image& source, int fd,
+                                                  const WriteOptions& options) {
     return detail::writer::write_image(source, fd, options, false);
+}
+
+Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& options) {
+    return detail::contain_faults(source.path(), [&]() -> Result<WriteStats> {
+        return write_qcow2_in_boundary(source, fd, options);
+    });
 }
 
 Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
@@ -1392,6 +1400,14 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     Result<WriteStats> stats = spooled
                                    ? write_compressed(source, *spooled, *geometry, fields, options)
                                    : Result<WriteStats>(spooled.error());
+    if (!stats && is_target_error(stats.error())) {
+        // The spool's own failure (a full $TMPDIR), not the output's: say which.
+        std::string_view why = stats.error().message;
+        why.remove_prefix(kWriteTargetError.size());
+        stats = target_error(fmt::format("cannot write the spool file in {} ($TMPDIR; a pipe "
+                                         "cannot take a compressed image's metadata last): {}",
+                                         dir, why));
+    }
     stats = unchanged(std::move(stats));
     if (stats) {
         if (auto ok = copy_spool(spool, stats->file_size, fd); !ok)
@@ -1401,23 +1417,33 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     return stats;
 }
 
-Result<WriteStats> write_qcow2_file(const Image& source, const std::filesystem::path& target,
-                                    const WriteOptions& options, bool replace) {
+static Result<WriteStats> write_qcow2_file_in_boundary(const Image& source,
+                                                       const std::filesystem::path& target,
+                                                       const WriteOptions& options, bool replace) {
     struct stat st {};
     if (::stat(target.c_str(), &st) == 0 && source.maps_file(st.st_dev, st.st_ino)) {
         return target_error("is the image being read (or one of its layers or its data "
                             "file): refusing to overwrite it");
     }
-    // Unnamed until complete: a crash or kill leaves nothing behind (detail::AtomicFile).
+    // Written under a temporary, named only once complete (detail::AtomicFile): unnamed where
+    // the file system has O_TMPFILE, else hidden and removed on every error path; a symlink
+    // is written through.
     auto file = detail::AtomicFile::create(target, replace);
     if (!file)
         return target_error(file.error().message);
     auto stats = detail::writer::write_image(source, file->fd(), options, true);
     if (!stats)
         return stats.error();
-    if (auto ok = file->commit(); !ok)
-        return target_error(ok.error().message);
+    if (auto named = file->commit(); !named)
+        return target_error(named.error().message);
     return stats;
+}
+
+Result<WriteStats> write_qcow2_file(const Image& source, const std::filesystem::path& target,
+                                    const WriteOptions& options, bool replace) {
+    return detail::contain_faults(source.path(), [&]() -> Result<WriteStats> {
+        return write_qcow2_file_in_boundary(source, target, options, replace);
+    });
 }
 
 } // namespace qcowmap

@@ -1,7 +1,7 @@
 # Type stubs for the qcowmap package (the _qcowmap extension and RawDisk).
 import io
 import os
-from typing import Any, BinaryIO, Iterator, Literal, Optional, Union, overload
+from typing import Any, BinaryIO, Callable, Iterator, Literal, Optional, Union, overload
 
 __version__: str
 """True when this build's library has OpenOptions::untrusted (open(..., untrusted=True) works)."""
@@ -95,11 +95,30 @@ class Image:
         """What `qcowmap bitmaps --output=json` prints: name, granularity, flags, enabled, in-use,
         consistent, usable, error, dirty-bytes."""
     @overload
-    def hash(self, algo: str = "sha256", block_size: None = None, threads: int = 0) -> str: ...
+    def hash(
+        self,
+        algo: str = "sha256",
+        block_size: None = None,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> str: ...
     @overload
-    def hash(self, algo: str = "sha256", *, block_size: int, threads: int = 0) -> list[dict[str, Any]]: ...
+    def hash(
+        self,
+        algo: str = "sha256",
+        *,
+        block_size: int,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> list[dict[str, Any]]: ...
     @overload
-    def hash(self, algo: str, block_size: int, threads: int = 0) -> list[dict[str, Any]]: ...
+    def hash(
+        self,
+        algo: str,
+        block_size: int,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> list[dict[str, Any]]: ...
     def open_raw(self) -> RawDisk: ...
 
 def open(

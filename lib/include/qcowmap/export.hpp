@@ -10,6 +10,7 @@
 #include <qcowmap/result.hpp>
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 
 namespace qcowmap {
@@ -78,6 +79,25 @@ struct ExportError {
 /// (Image::check_unchanged, after the last byte).
 Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {},
                         ExportError* error = nullptr);
+
+/// Writes the disk raw to the regular file `target` so that it appears complete or not at all:
+/// into a temporary in the target's directory (unnamed with O_TMPFILE; elsewhere a hidden
+/// `.NAME.qcowmap-XXXXXX`, removed on every error path and by remove_temporary_files()), synced,
+/// then named `target`. An existing `target` is refused (io_error "already exists", `error->
+/// target` set) unless `replace`; a replaced file keeps its permissions. A symlink is written
+/// through, as qemu-img does: the file it points to is replaced and the link stays. `target`
+/// must not be a device or a directory (devices and pipes are written in place by
+/// `export_raw`), nor one of the image's files. Errors: those of `export_raw`.
+Result<void> export_raw_file(const Image& image, const std::filesystem::path& target,
+                             const ExportOptions& options = {}, bool replace = false,
+                             ExportError* error = nullptr);
+
+/// Removes the hidden temporary files the library's atomic outputs (export_raw_file,
+/// write_qcow2_file) hold right now. Async-signal-safe (only unlink(2)): for a SIGINT, SIGTERM
+/// or SIGHUP handler that then ends the process, so that an interrupted conversion leaves
+/// nothing behind. Outputs being written unnamed (O_TMPFILE) need nothing: the kernel frees
+/// them with the process.
+void remove_temporary_files() noexcept;
 
 /// An incremental sync: writes only the ranges `bitmap` marks dirty to `fd`, an existing raw
 /// copy of the disk (a regular file or a block device of exactly `image.size()` bytes): data

@@ -92,6 +92,7 @@ class ExtentWalk {
 
   private:
     bool fail(Error error);
+    bool step(Extent& out); // next() inside the fault boundary
 
     std::shared_ptr<const ImageState> state_;
     std::uint64_t position_ = 0;

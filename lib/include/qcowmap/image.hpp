@@ -135,6 +135,13 @@ class Image {
     Result<void> visit(std::uint64_t start, std::uint64_t end, const RunVisitor& visitor,
                        const VisitOptions& options = {}) const;
 
+    /// Makes the pages of `bytes` (a span this Image handed out: an extent's or a run's bytes
+    /// in the mapping) present and reads one byte of each, inside the library's fault
+    /// boundary: io_error (the file shrank, or an I/O error reading it) where a page cannot be
+    /// read now, instead of a SIGBUS when the caller touches it. A page that is evicted and
+    /// fails later, or a file truncated later, can still fault in the caller's own code.
+    Result<void> check_readable(std::span<const std::byte> bytes) const;
+
     /// Copies `dest.size()` bytes of the virtual disk starting at `offset` into `dest`.
     /// Returns the bytes copied: fewer than asked only when the disk ends first.
     /// Errors: out_of_range when `offset > size()`, and any error the extent walk meets.
@@ -142,6 +149,9 @@ class Image {
 
   private:
     explicit Image(std::shared_ptr<const detail::ImageState> state);
+    /// visit() once inside the fault boundary.
+    Result<void> visit_in_boundary(std::uint64_t start, std::uint64_t end,
+                                   const RunVisitor& visitor, const VisitOptions& options) const;
     /// What open and open_bytes share once the chain is open (the salvage scan).
     static Result<Image> from_chain(Result<std::shared_ptr<const detail::ImageState>> state,
                                     const OpenOptions& options);
@@ -179,8 +189,19 @@ class Decompressor {
                                    std::span<std::byte> cluster);
 
   private:
+    Result<void> decompress_in_boundary(const Image& image, const Extent& extent,
+                                        std::span<std::byte> cluster);
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };
+
+/// Installs the library's SIGBUS handler now, on top of any handler installed since it last
+/// was. The library contains faults of its own reads of a mapping (a file truncated under it,
+/// an I/O error behind a page): the call that met one returns an io_error and the process
+/// lives on (README, "Errors and exit codes"). The handler is installed by the first call that
+/// reads a mapping and hands every other SIGBUS to the handler it replaced; a program that
+/// installs its own SIGBUS handler later (Python's faulthandler.enable()) calls this again,
+/// or only its own handler sees the faults.
+void install_fault_handler();
 
 } // namespace qcowmap

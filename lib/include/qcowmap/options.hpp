@@ -97,8 +97,8 @@ enum class DataAccess : std::uint8_t {
     /// pread(2) into a buffer owned by the walk, at most kReadPieceBytes at a time (a long run
     /// arrives as several visits), read ahead by the visit's threads when it has more than
     /// one. One copy, made by the kernel from the page cache. A data run cut short underneath
-    /// gives an io_error where the mapping raises SIGBUS (metadata and compressed clusters are
-    /// still read through the mapping).
+    /// gives pread's io_error (metadata and compressed clusters are still read through the
+    /// mapping, where the library's fault boundary turns a fault into an io_error too).
     read,
     /// Whichever of the two costs less on this machine, measured once per process
     /// (`automatic_data_access()`). The default of hash_image, compare_images and the CLI.
