@@ -144,6 +144,11 @@ int convert_qcow2(const ConvertJob& job) {
     } else if (options.backing_file) {
         options.selection = WriteSelection::top_layer;
     }
+    options.digest = job.digest;
+    if (job.digest && options.selection != WriteSelection::whole_disk) {
+        throw UsageError("--digest takes the digest of a whole disk written out: not with -B "
+                         "(the image holds only part of the disk)");
+    }
     if (auto ok = check_write_options(options); !ok)
         throw UsageError(ok.error().message);
 
@@ -173,7 +178,7 @@ int convert_qcow2(const ConvertJob& job) {
         return report(job.source.path, error.message, kExitImageError);
     }
     meter.finish();
-    return kExitOk;
+    return stats->digest ? deliver_digest(job, *stats->digest) : kExitOk;
 }
 
 // Registered before main() runs, from this file alone (see OutputFormat in cli.hpp).

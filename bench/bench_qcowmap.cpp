@@ -608,6 +608,9 @@ int main(int argc, char** argv) {
         {"hash_sha256_read", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, read},
         {"hash_sha256_mmap", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, mmap},
         {"hash_xxh3_128", bm_hash<qcowmap::HashAlgorithm::xxh3_128>, true, true, automatic},
+        // The block construction costs what the allocated data costs: huge thin images too.
+        {"hash_blkhash_sha256", bm_hash<qcowmap::HashAlgorithm::blkhash_sha256>, true, false,
+         automatic},
         {"hash_blocks_1thread", bm_hash_blocks, false, true},
         {"hash_blocks_parallel", bm_hash_blocks, true, true},
         {"compare_self", bm_compare_self, false, false},

@@ -1,6 +1,7 @@
 // The raw export engine: sparse writes, in-kernel copies, hole punching, zero detection and
 // block-device targets (qemu-img.c convert_do_copy / convert_write, with -S as
 // is_allocated_sectors_min's zero check).
+#include "digest_tap.hpp"
 #include "image_state.hpp"
 #include "workers.hpp"
 
@@ -323,6 +324,8 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
             ErrorCode::invalid_argument,
             fmt::format("zero block size {} is not a multiple of 512", options.zero_block)};
     }
+    if (options.digest && !options.digest_out)
+        return Error{ErrorCode::invalid_argument, "a digest was asked for without digest_out"};
     auto target = inspect_target(image, fd, options.sequential);
     if (!target)
         return fail_target(std::move(target).error(), where);
@@ -370,7 +373,16 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
                               Prefetch::none}
                : VisitOptions{detail::resolve_threads(options.threads), options.data_access,
                               writer.splices() ? Prefetch::populate : Prefetch::touch};
-    if (total == 0)
+    // The digest is fed the bytes the writer is given (zeros between them are implied).
+    std::optional<detail::DigestTap> tap;
+    if (options.digest) {
+        auto made = detail::DigestTap::create(*options.digest, total,
+                                              detail::resolve_threads(options.threads));
+        if (!made)
+            return std::move(made).error();
+        tap.emplace(std::move(*made));
+    }
+    if (total == 0 && !tap)
         return {};
     auto result = image.visit(
         start, end,
@@ -379,6 +391,10 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
                 run.bytes.empty() ? writer.zeros(run.offset, run.length, false) : writer.data(run);
             if (!ok)
                 return ok;
+            if (tap && !run.bytes.empty()) {
+                if (auto fed = tap->data(run.offset - start, run.bytes, run.mapped); !fed)
+                    return fed;
+            }
             if (options.progress)
                 options.progress(run.offset + run.length - start, total);
             return {};
@@ -386,6 +402,12 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
         visit);
     if (!result && where)
         where->target = writer.target_failed();
+    if (result && tap) {
+        auto digest = tap->finish();
+        if (!digest)
+            return std::move(digest).error();
+        *options.digest_out = *digest;
+    }
     return result;
 }
 

@@ -416,8 +416,10 @@ class PyImage {
         Image image = get();
         auto algorithm = qcowmap::parse_hash_algorithm(algo);
         if (!algorithm)
-            throw py::value_error(fmt::format(
-                "unknown hash algorithm '{}' (sha256, sha512, blake2b512, xxh3-128)", algo));
+            throw py::value_error(
+                fmt::format("unknown hash algorithm '{}' (sha256, sha512, blake2b512, xxh3-128, "
+                            "blkhash-sha256, blkhash-sha512, blkhash-blake2b512)",
+                            algo));
         if (!block_size) {
             qcowmap::HashOptions options;
             options.algorithm = *algorithm;
@@ -602,9 +604,11 @@ PYBIND11_MODULE(_qcowmap, m) {
         .def("bitmaps", &PyImage::bitmaps, "What `qcowmap bitmaps --output=json` prints, as dicts.")
         .def("hash", &PyImage::hash, py::arg("algo") = "sha256", py::arg("block_size") = py::none(),
              py::arg("threads") = 0,
-             "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128), "
-             "or with block_size the block manifest: dicts of index, offset, length, digest, "
-             "zero. threads 0: one per core.")
+             "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128 "
+             "as sha256sum & co. give it for the raw disk; blkhash-sha256, blkhash-sha512, "
+             "blkhash-blake2b512 as blksum gives it, at the cost of the allocated data), or "
+             "with block_size the block manifest (not the blkhash algorithms): dicts of index, "
+             "offset, length, digest, zero. threads 0: one per core.")
         .def(
             "open_raw",
             [](py::object self) { return py::module_::import("qcowmap").attr("RawDisk")(self); },

@@ -1,6 +1,7 @@
 // qcowmap — writing a qcow2 image: a flattened copy of a disk, or an incremental overlay.
 #pragma once
 
+#include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>
 
@@ -54,6 +55,13 @@ struct WriteOptions {
     /// Called from the writing thread as data is written: bytes of the selected disk ranges
     /// done so far, and their total.
     std::function<void(std::uint64_t done, std::uint64_t total)> progress;
+    /// Also compute this digest of the disk written (WriteStats::digest; equal to hash_image
+    /// of the source and of the output), from the bytes the writer reads anyway: no second
+    /// pass over the source. Zero ranges are never read for it; a blkhash digest hashes its
+    /// blocks on `threads` workers, a whole-disk digest on one thread beside the writer. Data
+    /// the kernel would copy without it is read from the mapping for it, and the copy then
+    /// runs on one thread. Only for `whole_disk` (an overlay's disk is not all written here).
+    std::optional<HashAlgorithm> digest;
 };
 
 /// What `write_qcow2` wrote.
@@ -64,6 +72,8 @@ struct WriteStats {
     std::uint64_t zero_clusters = 0;       ///< L2 entries marked zero (no host cluster)
     std::uint64_t l2_tables = 0;
     std::uint64_t selected_bytes = 0; ///< virtual bytes of the clusters the selection covered
+    /// WriteOptions::digest of the disk written, when asked for.
+    std::optional<Digest> digest;
 };
 
 /// Errors about the output (rather than the source) carry io_error and a message starting with
@@ -77,7 +87,8 @@ inline bool is_target_error(const Error& error) {
 }
 
 /// Checks the options that do not depend on the source (cluster size, extended L2, refcount
-/// bits, selection and backing file, backing format), as `write_qcow2` does first. Errors:
+/// bits, selection and backing file, backing format, a digest of an overlay), as `write_qcow2`
+/// does first. Errors:
 /// invalid_argument naming the option.
 Result<void> check_write_options(const WriteOptions& options);
 
