@@ -289,7 +289,7 @@ def test_hash_blkhash(small):
         assert img.hash("blkhash-sha256") == blkhash(raw)
         assert img.hash("blkhash-sha256", threads=1) == blkhash(raw)
         assert img.hash("blkhash-sha512") == blkhash(raw, "sha512")
-        assert img.hash("blkhash-sha256") == cli("hash", "--algo=blkhash-sha256", str(path)).stdout.split()[0]
+        assert img.hash("blkhash-sha256") == cli("hash", "--algo=blkhash-sha256", str(path)).stdout.decode().split()[0]
         # A whole-disk digest: no block manifest of it.
         expect_error("invalid_argument", "block manifest", lambda: img.hash("blkhash-sha256", block_size=65536))
     assert blkhash(b"") == "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
