@@ -378,6 +378,43 @@ TEST_F(BlkhashImages, CheckReadsBlksumListsAndTaggedLines) {
     EXPECT_EQ(changed.out, img.string() + ": FAILED\n");
 }
 
+TEST(Blkhash, ErrorsComeInDiskOrder) {
+    // A compressed cluster that does not decompress at 0, then a data cluster past the end of
+    // the file at 512k: the first is the error, on every thread count (the map walk meets
+    // the second before any worker has decompressed the first).
+    TempDir dir;
+    const fs::path img = dir / "damaged.qcow2";
+    test::make_image(img, "cluster_size=64k", "1M",
+                     {"write -c -P 0x5c 0 64k", "write -P 1 512k 64k"});
+    std::uint64_t stream = 0;
+    {
+        auto opened = Image::open(img);
+        ASSERT_TRUE(opened);
+        for (const Extent& e : opened->extents()) {
+            if (e.kind == ExtentKind::compressed)
+                stream = e.compressed_host_offset;
+        }
+    }
+    ASSERT_NE(stream, 0u);
+    test::poke(img, stream, std::string(64, '\xff'));
+    test::point_cluster_past_eof(img, 8);
+    auto image = Image::open(img);
+    ASSERT_TRUE(image) << image.error().message;
+    for (unsigned threads : {1u, 2u, 3u}) {
+        HashOptions options;
+        options.algorithm = HashAlgorithm::blkhash_sha256;
+        options.threads = threads;
+        auto digest = hash_image(*image, options);
+        ASSERT_FALSE(digest) << threads;
+        EXPECT_EQ(digest.error().code, ErrorCode::compressed_data)
+            << threads << ": " << digest.error().message;
+    }
+    auto r = run(cli() + " hash --algo=blkhash-sha256 " + q(img));
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_EQ(r.out, "");
+    EXPECT_TRUE(r.err.starts_with("qcowmap: " + img.string() + ": ")) << r.err;
+}
+
 /// Feeds the tap `bytes` cut at random places, some pieces stable, some copied, runs of zeros
 /// left out; the digest must equal the streaming hasher's.
 TEST(DigestTap, RandomPiecesEqualTheStreamingHasher) {

@@ -762,8 +762,7 @@ Result<void> digest_blocks(const Image& image, HashAlgorithm algorithm, std::uin
             }
         }
     }
-    if (extents.error())
-        return *extents.error();
+    // Stretches before a damaged table come first: errors are reported in disk order.
     if (open) {
         if (auto ok = submit(open_first, open_end); !ok)
             return ok;
@@ -772,6 +771,8 @@ Result<void> digest_blocks(const Image& image, HashAlgorithm algorithm, std::uin
         if (auto ok = take_front(); !ok)
             return ok;
     }
+    if (extents.error())
+        return *extents.error();
     if (delivered < blocks)
         return zero_blocks(delivered, blocks - delivered);
     return {};

@@ -104,8 +104,9 @@ Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length);
 struct HashOptions {
     HashAlgorithm algorithm = HashAlgorithm::sha256;
     /// Threads decompressing compressed clusters and making data present (or reading it) ahead
-    /// of the hash (the hash itself is one sequential stream). 0: one per core; 1: everything
-    /// on the calling thread.
+    /// of the hash (the hash itself is one sequential stream); for a blkhash algorithm, the
+    /// workers that read and hash the blocks holding data. 0: one per core; 1: everything on
+    /// the calling thread.
     unsigned threads = 0;
     /// How data reaches the hash: straight from the mapping with no copy at all (made present
     /// and touched ahead by the threads, dropped once hashed), or read into a cache-sized
