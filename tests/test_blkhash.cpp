@@ -231,6 +231,19 @@ class BlkhashImages : public ::testing::Test {
              "write -c -P 0 2M 64k"});
         add("zstd-4k", "cluster_size=4k,compression_type=zstd", "1M",
             {"write -c -P 0x44 0 4k", "write -c -P 0x45 8k 64k", "write -P 0x46 100k 4k"});
+        // More than one stretch of blocks (2 MiB) made of 4 KiB compressed clusters, 16 runs
+        // per block: qcow2 and qcow version 1 (qemu-img 7.2 exits 1 after writing a
+        // compressed qcow, complete: REFERENCE.md; qemu-img compare checks it).
+        const fs::path text = dir_ / "text.raw";
+        run_ok("yes 'qcowmap blkhash: a line of text that compresses' | head -c 3200000 > " +
+               q(text) + " && truncate -s 3276800 " + q(text));
+        const fs::path c4k = dir_ / "compressed-4k.qcow2";
+        run_ok("qemu-img convert -c -O qcow2 -o cluster_size=4k " + q(text) + " " + q(c4k));
+        out.push_back({"compressed-4k", c4k, "", "", {}});
+        const fs::path v1c = dir_ / "v1-compressed.qcow";
+        run("qemu-img convert -c -O qcow " + q(text) + " " + q(v1c));
+        run_ok("qemu-img compare -q -f raw -F qcow " + q(text) + " " + q(v1c));
+        out.push_back({"v1-compressed", v1c, "-f qcow", "", {}});
         // Subclusters: 2 KiB pieces inside 64 KiB clusters.
         add("subcluster", "cluster_size=64k,extended_l2=on", "2M",
             {"write -P 0x42 2k 2k", "write -P 0x43 10k 6k", "write -z 8k 2k",

@@ -734,16 +734,17 @@ Result<void> digest_blocks(const Image& image, HashAlgorithm algorithm, std::uin
     for (const Extent& e : extents) {
         if (e.kind == ExtentKind::zero)
             continue;
-        std::uint64_t b0 = e.offset / bs;
+        // Blocks before open_end are in a stretch already, open or handed out (it stays the
+        // end of the last one): a run that starts inside the last of them (clusters smaller
+        // than a block, compressed clusters) adds only the blocks beyond it.
         const std::uint64_t b1 = (e.offset + e.length) / bs + ((e.offset + e.length) % bs != 0);
-        if (open) {
-            if (b0 < open_end) {
-                b0 = open_end; // its first block is already in the stretch
-            } else if (b0 - open_end > stretch_blocks) {
-                if (auto ok = submit(open_first, open_end); !ok)
-                    return ok;
-                open = false;
-            }
+        std::uint64_t b0 = std::max(e.offset / bs, open_end);
+        if (b0 >= b1)
+            continue;
+        if (open && b0 - open_end > stretch_blocks) {
+            if (auto ok = submit(open_first, open_end); !ok)
+                return ok;
+            open = false;
         }
         while (b0 < b1) {
             if (!open) {
