@@ -193,6 +193,9 @@ struct ConvertJob {
 /// renamed. Returns kExitOk, or kExitOutputError after reporting why the file failed.
 int deliver_digest(const ConvertJob& job, const Digest& digest);
 
+/// The check of an --algo or --digest value: every name of HashAlgorithm (hash.hpp).
+CLI::Validator one_of_hash_algorithms();
+
 /// One digest line as `hash` prints it: `HEX  NAME` (coreutils' format), or with `tagged`
 /// `TAG (NAME) = HEX` (the BSD form of `sha256sum --tag`; the tag of a blkhash algorithm is
 /// its name in upper case). A name holding a backslash, newline or carriage return is

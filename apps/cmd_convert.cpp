@@ -140,16 +140,15 @@ int convert_incremental(const ConvertJob& job, const std::string& bitmap_name) {
 int deliver_digest(const ConvertJob& job, const Digest& digest) {
     if (!job.digest)
         return kExitOk;
-    const std::string name = job.target == "-" ? "-" : job.target;
     if (job.digest_file.empty()) {
         std::fflush(stdout);
-        const std::string line = digest_line(digest, *job.digest, name, false);
+        const std::string line = digest_line(digest, *job.digest, job.target, false);
         std::fwrite(line.data(), 1, line.size(), stderr);
         std::fflush(stderr);
         return kExitOk;
     }
     // Complete or absent: written beside its final name, then renamed over it.
-    const std::string line = digest_line(digest, *job.digest, name, true);
+    const std::string line = digest_line(digest, *job.digest, job.target, true);
     std::string temp = job.digest_file + ".XXXXXX";
     const int fd = ::mkostemp(temp.data(), O_CLOEXEC);
     if (fd < 0)
@@ -221,8 +220,7 @@ Command add_convert(CLI::App& app) {
                          "Also print the digest of the disk written (as `qcowmap hash "
                          "--algo=ALGO TARGET` gives it), taken from the same pass over the "
                          "source: `HEX  TARGET` on stderr (any --algo of hash)")
-            ->check(one_of({"sha256", "sha512", "blake2b512", "xxh3-128", "blkhash-sha256",
-                            "blkhash-sha512", "blkhash-blake2b512"}))
+            ->check(one_of_hash_algorithms())
             ->option_text("ALGO");
     auto digest_file = std::make_shared<std::string>();
     command

@@ -118,6 +118,11 @@ std::string bsd_tag(HashAlgorithm algorithm) {
 
 } // namespace
 
+CLI::Validator one_of_hash_algorithms() {
+    return one_of({"sha256", "sha512", "blake2b512", "xxh3-128", "blkhash-sha256", "blkhash-sha512",
+                   "blkhash-blake2b512"});
+}
+
 std::string digest_line(const Digest& digest, HashAlgorithm algorithm, std::string_view name,
                         bool tagged) {
     EscapedName escaped = escape_name(name);
@@ -523,8 +528,7 @@ Command add_hash(CLI::App& app) {
                          "sha256sum & co. give it; blkhash-sha256, blkhash-sha512, "
                          "blkhash-blake2b512: as blksum gives it, at the cost of the allocated "
                          "data on every core (--check needs --algo for these)")
-            ->check(one_of({"sha256", "sha512", "blake2b512", "xxh3-128", "blkhash-sha256",
-                            "blkhash-sha512", "blkhash-blake2b512"}))
+            ->check(one_of_hash_algorithms())
             ->option_text("ALGO");
     command
         ->add_option("--block-size", args->block_size,
