@@ -447,8 +447,17 @@ TEST(DigestTap, RandomPiecesEqualTheStreamingHasher) {
             ASSERT_TRUE(hasher);
             hasher->update(disk);
             const Digest expected = *hasher->finish();
-            for (unsigned threads : {1u, 3u}) {
-                auto tap = detail::DigestTap::create(algorithm, size, threads);
+            // Stable pieces also say where they lie in a file holding the disk: with
+            // DataAccess::read the workers read them from there.
+            TempDir dir;
+            const fs::path file = dir / "disk";
+            test::write_file(file, disk);
+            const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+            ASSERT_GE(fd, 0);
+            for (auto [threads, access] :
+                 {std::pair{1u, DataAccess::read}, std::pair{3u, DataAccess::read},
+                  std::pair{3u, DataAccess::mapping}}) {
+                auto tap = detail::DigestTap::create(algorithm, size, threads, access);
                 ASSERT_TRUE(tap) << tap.error().message;
                 for (std::uint64_t at = 0; at < size;) {
                     const std::uint64_t n =
@@ -457,7 +466,10 @@ TEST(DigestTap, RandomPiecesEqualTheStreamingHasher) {
                         std::all_of(disk.begin() + at, disk.begin() + at + n,
                                     [](std::byte b) { return b == std::byte{0}; });
                     if (!(all_zero && random() % 2)) { // zero runs may be left out
-                        auto ok = tap->data(at, std::span(disk).subspan(at, n), random() % 2);
+                        const bool stable = random() % 2;
+                        auto ok =
+                            tap->data(at, std::span(disk).subspan(at, n), stable,
+                                      stable ? std::optional(FilePosition{fd, at}) : std::nullopt);
                         ASSERT_TRUE(ok) << ok.error().message;
                     }
                     at += n;
@@ -470,6 +482,7 @@ TEST(DigestTap, RandomPiecesEqualTheStreamingHasher) {
                 EXPECT_EQ(digest->hex(), expected.hex())
                     << to_string(algorithm) << " size " << size << " threads " << threads;
             }
+            ::close(fd);
         }
     }
     auto tap = detail::DigestTap::create(HashAlgorithm::blkhash_sha256, 1 << 20, 2);

@@ -11,6 +11,8 @@
 #include "digest_tap.hpp"
 
 #include "digest_internal.hpp"
+#include "image_state.hpp"
+#include "populate.hpp"
 #include "workers.hpp"
 
 #include <fmt/format.h>
@@ -30,10 +32,12 @@ constexpr std::size_t kJobBytes = 1 << 20;
 constexpr std::size_t kJobEntries = 64;
 
 /// One entry of a job: zeros (a count of zero bytes for a stream, of whole zero blocks for
-/// blkhash) or bytes (a piece of the stream, or one whole block).
+/// blkhash) or bytes (a piece of the stream, or one whole block), which the worker reads from
+/// `file` instead of the mapping when that is set.
 struct Entry {
     std::uint64_t zeros = 0;
     std::span<const std::byte> bytes;
+    std::optional<FilePosition> file;
 };
 
 struct Job {
@@ -68,13 +72,29 @@ class JobWork {
         : hasher_(std::move(hasher)), blocks_(blocks), full_zero_(full_zero),
           block_size_(block_size) {}
 
+    /// The bytes of `e`: in place, or read from its file into this worker's buffer.
+    Result<std::span<const std::byte>> bytes_of(const Entry& e) {
+        if (!e.file)
+            return e.bytes;
+        if (read_buffer_.size() < e.bytes.size())
+            read_buffer_.resize(e.bytes.size());
+        auto out = std::span<std::byte>(read_buffer_).first(e.bytes.size());
+        if (auto ok = read_exactly(*e.file, out); !ok)
+            return std::move(ok).error();
+        return std::span<const std::byte>(out);
+    }
+
     Result<void> run(Job& job) {
         if (!blocks_) {
             for (const Entry& e : job.entries) {
-                if (e.bytes.empty())
+                if (e.bytes.empty()) {
                     hasher_.update_zeros(e.zeros);
-                else
-                    hasher_.update(e.bytes);
+                    continue;
+                }
+                auto bytes = bytes_of(e);
+                if (!bytes)
+                    return std::move(bytes).error();
+                hasher_.update(*bytes);
             }
             if (job.last) {
                 auto digest = hasher_.finish();
@@ -89,11 +109,14 @@ class JobWork {
             const Entry& e = job.entries[i];
             if (e.bytes.empty())
                 continue;
-            if (e.bytes.size() == block_size_ && all_zero(e.bytes)) {
+            auto bytes = bytes_of(e);
+            if (!bytes)
+                return std::move(bytes).error();
+            if (bytes->size() == block_size_ && all_zero(*bytes)) {
                 job.digests[i] = full_zero_;
                 continue;
             }
-            hasher_.update(e.bytes); // a short last block of zeros is rare: hashed as it is
+            hasher_.update(*bytes); // a short last block of zeros is rare: hashed as it is
             auto digest = hasher_.finish();
             if (!digest)
                 return std::move(digest).error();
@@ -107,6 +130,7 @@ class JobWork {
     bool blocks_;
     Digest full_zero_;
     std::uint64_t block_size_;
+    std::vector<std::byte> read_buffer_;
 };
 
 } // namespace
@@ -115,7 +139,8 @@ struct DigestTap::Impl {
     using Workers = OrderedWorkers<Job>;
 
     HashAlgorithm algorithm;
-    bool blocks = false; // blkhash
+    bool blocks = false;      // blkhash
+    bool read_stable = false; // DataAccess::read: workers pread stable bytes that lie in a file
     std::uint64_t size = 0;
     std::uint64_t position = 0; // bytes of the disk fed so far
     std::optional<BlockDigestFeed> feed;
@@ -190,11 +215,12 @@ struct DigestTap::Impl {
         return {};
     }
 
-    Result<void> add_bytes(std::span<const std::byte> bytes, std::size_t weight) {
+    Result<void> add_bytes(std::span<const std::byte> bytes, std::size_t weight,
+                           std::optional<FilePosition> file = std::nullopt) {
         auto j = current();
         if (!j)
             return std::move(j).error();
-        (*j)->entries.push_back(Entry{0, bytes});
+        (*j)->entries.push_back(Entry{0, bytes, file});
         (*j)->weight += weight;
         return maybe_submit();
     }
@@ -217,13 +243,25 @@ struct DigestTap::Impl {
 
     // ---- a stream (whole-disk algorithms) ----
 
-    Result<void> stream_data(std::span<const std::byte> bytes, bool stable) {
+    /// Where the byte `done` bytes into a stable piece lies in its file, when the workers
+    /// are to read it from there.
+    std::optional<FilePosition> file_at(const std::optional<FilePosition>& file,
+                                        std::uint64_t done) const {
+        if (!file || !read_stable)
+            return std::nullopt;
+        return FilePosition{file->fd, file->offset + done};
+    }
+
+    Result<void> stream_data(std::span<const std::byte> bytes, bool stable,
+                             const std::optional<FilePosition>& file) {
+        std::uint64_t done = 0;
         while (!bytes.empty()) {
             if (stable) {
                 const std::size_t n = std::min(bytes.size(), kJobBytes);
-                if (auto ok = add_bytes(bytes.first(n), n); !ok)
+                if (auto ok = add_bytes(bytes.first(n), n, file_at(file, done)); !ok)
                     return ok;
                 bytes = bytes.subspan(n);
+                done += n;
                 continue;
             }
             auto j = current();
@@ -291,15 +329,18 @@ struct DigestTap::Impl {
         return {};
     }
 
-    Result<void> block_data(std::span<const std::byte> bytes, bool stable) {
+    Result<void> block_data(std::span<const std::byte> bytes, bool stable,
+                            const std::optional<FilePosition>& file) {
+        std::uint64_t done = 0;
         while (!bytes.empty()) {
             const auto [start, length] = block_at(position);
             const std::uint64_t in = position - start;
             if (in == 0 && assembly.empty() && stable && bytes.size() >= length) {
-                if (auto ok = add_bytes(bytes.first(length), length); !ok)
+                if (auto ok = add_bytes(bytes.first(length), length, file_at(file, done)); !ok)
                     return ok;
                 position += length;
                 bytes = bytes.subspan(length);
+                done += length;
                 continue;
             }
             const std::size_t n =
@@ -307,6 +348,7 @@ struct DigestTap::Impl {
             if (auto ok = assemble(bytes.first(n), 0); !ok)
                 return ok;
             bytes = bytes.subspan(n);
+            done += n;
         }
         return {};
     }
@@ -349,10 +391,11 @@ DigestTap::DigestTap(DigestTap&&) noexcept = default;
 DigestTap& DigestTap::operator=(DigestTap&&) noexcept = default;
 
 Result<DigestTap> DigestTap::create(HashAlgorithm algorithm, std::uint64_t disk_size,
-                                    unsigned threads) {
+                                    unsigned threads, DataAccess access) {
     auto impl = std::make_unique<Impl>();
     impl->algorithm = algorithm;
     impl->blocks = is_blkhash(algorithm);
+    impl->read_stable = resolve(access) == DataAccess::read;
     impl->size = disk_size;
     const HashAlgorithm worker_algorithm = block_digest_algorithm(algorithm);
     Digest full_zero;
@@ -389,7 +432,8 @@ Result<DigestTap> DigestTap::create(HashAlgorithm algorithm, std::uint64_t disk_
     return DigestTap(std::move(impl));
 }
 
-Result<void> DigestTap::data(std::uint64_t offset, std::span<const std::byte> bytes, bool stable) {
+Result<void> DigestTap::data(std::uint64_t offset, std::span<const std::byte> bytes, bool stable,
+                             std::optional<FilePosition> file) {
     Impl& t = *impl_;
     if (offset < t.position) {
         return Error{
@@ -403,9 +447,9 @@ Result<void> DigestTap::data(std::uint64_t offset, std::span<const std::byte> by
     if (auto ok = t.zeros_to(offset); !ok)
         return ok;
     if (t.blocks)
-        return t.block_data(bytes, stable);
+        return t.block_data(bytes, stable, file);
     t.position += bytes.size();
-    return t.stream_data(bytes, stable);
+    return t.stream_data(bytes, stable, file);
 }
 
 Result<Digest> DigestTap::finish() {

@@ -376,8 +376,8 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
     // The digest is fed the bytes the writer is given (zeros between them are implied).
     std::optional<detail::DigestTap> tap;
     if (options.digest) {
-        auto made = detail::DigestTap::create(*options.digest, total,
-                                              detail::resolve_threads(options.threads));
+        auto made = detail::DigestTap::create(
+            *options.digest, total, detail::resolve_threads(options.threads), options.data_access);
         if (!made)
             return std::move(made).error();
         tap.emplace(std::move(*made));
@@ -392,7 +392,7 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
             if (!ok)
                 return ok;
             if (tap && !run.bytes.empty()) {
-                if (auto fed = tap->data(run.offset - start, run.bytes, run.mapped); !fed)
+                if (auto fed = tap->data(run.offset - start, run.bytes, run.mapped, run.file); !fed)
                     return fed;
             }
             if (options.progress)

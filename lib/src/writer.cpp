@@ -630,8 +630,9 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
                     return to.zeros(length);
                 if (tap) {
                     // Bytes in a file lie in the image's mapping here (DataAccess::mapping):
-                    // hashed in place; decompressed ones are copied.
-                    if (auto fed = tap->data(offset, bytes, file.has_value()); !fed)
+                    // hashed in place, or read from the file where that costs less;
+                    // decompressed ones are copied.
+                    if (auto fed = tap->data(offset, bytes, file.has_value(), file); !fed)
                         return fed;
                 }
                 if (file)
