@@ -49,7 +49,8 @@ struct ExportOptions {
     /// same contents, from the bytes the export already has in hand: no second pass over the
     /// source. Zero runs are never read for it; a blkhash digest hashes its blocks on
     /// `threads` workers, a whole-disk digest on one thread beside the writer. Data the kernel
-    /// copies without it (block devices, `zero_block` 0) is read from the mapping for it.
+    /// copies without it (block devices, `zero_block` 0) is read for it, from the mapping or
+    /// with pread as `data_access` resolves.
     std::optional<HashAlgorithm> digest;
     /// Receives that digest once the export succeeded (required with `digest`).
     Digest* digest_out = nullptr;

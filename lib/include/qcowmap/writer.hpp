@@ -59,8 +59,9 @@ struct WriteOptions {
     /// of the source and of the output), from the bytes the writer reads anyway: no second
     /// pass over the source. Zero ranges are never read for it; a blkhash digest hashes its
     /// blocks on `threads` workers, a whole-disk digest on one thread beside the writer. Data
-    /// the kernel would copy without it is read from the mapping for it, and the copy then
-    /// runs on one thread. Only for `whole_disk` (an overlay's disk is not all written here).
+    /// the kernel would copy without it is read for it (from the mapping, or with pread where
+    /// automatic_data_access() prefers that), and the copy then runs on one thread. Only for
+    /// `whole_disk` (an overlay's disk is not all written here).
     std::optional<HashAlgorithm> digest;
 };
 
