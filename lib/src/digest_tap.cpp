@@ -233,7 +233,7 @@ struct DigestTap::Impl {
         if (!entries.empty() && entries.back().bytes.empty())
             entries.back().zeros += count;
         else
-            entries.push_back(Entry{count, {}});
+            entries.push_back(Entry{count, {}, std::nullopt});
         if (!blocks) {
             (*j)->weight += static_cast<std::size_t>(std::min<std::uint64_t>(count, kJobBytes));
             return maybe_submit();
