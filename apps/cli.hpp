@@ -17,6 +17,11 @@
 #include <string_view>
 #include <vector>
 
+namespace qcowmap {
+enum class HashAlgorithm : std::uint8_t;
+struct StreamOptions;
+} // namespace qcowmap
+
 namespace qcowmap::cli {
 
 /// Exit codes (documented in README.md and qcowmap(1)).
@@ -218,5 +223,38 @@ struct OutputFormat {
 
 /// Registers `format` for `convert -O`; false when its name is taken already.
 bool register_output_format(OutputFormat format);
+
+// ---------------------------------------------------------------------------------------------
+// `-` as the image: read from standard input, once (apps/stream_input.cpp).
+
+/// Options of the commands that take `-` as their image.
+struct StreamArgs {
+    std::string max_spool;       ///< --max-spool
+    std::string expect_checksum; ///< --expect-checksum
+    bool stats = false;          ///< --stream-stats
+    void add_to(CLI::App& command);
+    /// True when any of these options was given (they need `-` as the image).
+    bool given() const;
+    /// The decoder's options from these and the image's (-f, --backing, --data-file...);
+    /// throws UsageError for what a stream cannot do (--snapshot, --salvage...).
+    StreamOptions options(const ImageArgs& image, unsigned threads = 0) const;
+};
+
+/// What `convert - TARGET` does.
+struct StreamConvert {
+    std::string target; ///< "-": standard output
+    bool force = false;
+    bool progress = false;
+    std::uint64_t sparse_size = 4096;
+    /// For -O formats other than raw: writes the disk (a temporary raw copy of it).
+    std::function<int(const Image& image)> write_other;
+};
+int convert_from_stream(const ImageArgs& source, const StreamArgs& stream,
+                        const StreamConvert& job);
+/// `hash -`: the whole disk's digest (block_size 0) or a block manifest.
+int hash_from_stream(const ImageArgs& source, const StreamArgs& stream, HashAlgorithm algorithm,
+                     std::uint64_t block_size, bool json, bool progress, unsigned threads);
+/// `info -` and `check -` (`check`): the header and what one pass over the tables finds.
+int describe_stream(const ImageArgs& source, const StreamArgs& stream, bool json, bool check);
 
 } // namespace qcowmap::cli

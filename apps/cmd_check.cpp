@@ -82,7 +82,17 @@ Command add_check(CLI::App& app) {
     command->add_option("IMAGE", *path, "The qcow2 image file (or block device)")->required();
     output->add_to(*command, "the counts with qemu-img check --output=json's keys");
     add_untrusted_option(*command, *untrusted);
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
     return {command, [=] {
+                if (*path == "-") { // read from standard input (apps/stream_input.cpp)
+                    ImageArgs source;
+                    source.path = "-";
+                    return describe_stream(source, *stream, output->json(), true);
+                }
+                if (stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as the image");
                 guard_against_shrinking(*path);
                 CheckOptions options;
                 options.untrusted = *untrusted;

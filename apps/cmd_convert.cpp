@@ -235,6 +235,8 @@ Command add_convert(CLI::App& app) {
                      "dirty onto TARGET, an existing raw copy of the same size; with -O qcow2 "
                      "write only the clusters around them, over -B BACKING")
         ->option_text("NAME");
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
     register_output_format({"raw", {}, convert_raw, {}});
     for (auto& [name, format] : output_formats()) {
         if (format.add_options)
@@ -284,6 +286,35 @@ Command add_convert(CLI::App& app) {
                     throw UsageError("--digest takes the digest of a whole disk written out: "
                                      "not with --bitmap (an incremental update)");
                 }
+                if (args->path == "-") { // read from standard input (apps/stream_input.cpp)
+                    if (!bitmap->empty())
+                        throw UsageError("--bitmap cannot read a stream's bitmaps");
+                    if (digest_algorithm && *output_format == "raw") {
+                        throw UsageError("--digest with - as SOURCE needs -O qcow2 for now (the "
+                                         "raw copy of a stream takes none: hash it with "
+                                         "`qcowmap hash -f raw`)");
+                    }
+                    StreamConvert job{*target, *force, *progress, sparse, {}};
+                    if (*output_format != "raw") {
+                        job.write_other = [=](const Image& image) {
+                            const ConvertJob other{image,
+                                                   *args,
+                                                   *target,
+                                                   *force,
+                                                   *progress,
+                                                   sparse,
+                                                   data_access(*io),
+                                                   {},
+                                                   digest_algorithm,
+                                                   *digest_file};
+                            return format->second.run(other);
+                        };
+                    }
+                    return convert_from_stream(*args, *stream, job);
+                }
+                if (stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as SOURCE");
                 auto image = open_or_report(*args);
                 if (!image)
                     return static_cast<int>(kExitImageError);

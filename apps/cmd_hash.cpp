@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -551,7 +552,9 @@ Command add_hash(CLI::App& app) {
         ->option_text("N");
     args->open.add_options(*command);
     add_salvage_option(*command, args->open.salvage);
-    return {command, [args, algo] {
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
+    return {command, [args, algo, stream] {
                 args->algorithm_given = algo->count() > 0;
                 auto algorithm = parse_hash_algorithm(args->algorithm);
                 if (!algorithm) {
@@ -565,8 +568,20 @@ Command add_hash(CLI::App& app) {
                 }
                 if (args->quiet || args->status || args->ignore_missing)
                     throw UsageError("--quiet, --status and --ignore-missing go with --check");
-                if (args->block_size.empty())
+                const bool from_stream =
+                    std::find(args->files.begin(), args->files.end(), "-") != args->files.end();
+                if (from_stream && args->files.size() > 1)
+                    throw UsageError("- (an image on standard input) must be the only FILE");
+                if (!from_stream && stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as the image");
+                std::uint64_t block_size = 0;
+                if (args->block_size.empty()) {
+                    if (from_stream) // apps/stream_input.cpp
+                        return hash_from_stream(args->open, *stream, *algorithm, 0,
+                                                args->output.json(), args->progress, args->threads);
                     return hash_whole(*args, *algorithm);
+                }
                 if (is_blkhash(*algorithm)) {
                     throw UsageError(fmt::format(
                         "--algo={} digests the whole disk: a --block-size manifest takes {}",
@@ -579,7 +594,11 @@ Command add_hash(CLI::App& app) {
                                                  "of at least 4k",
                                                  printable(args->block_size)));
                 }
-                return hash_manifest(*args, *algorithm, *size);
+                block_size = *size;
+                if (from_stream)
+                    return hash_from_stream(args->open, *stream, *algorithm, block_size,
+                                            args->output.json(), args->progress, args->threads);
+                return hash_manifest(*args, *algorithm, block_size);
             }};
 }
 

@@ -149,8 +149,15 @@ Command add_info(CLI::App& app) {
                              "keys and more");
     command->add_flag("--backing-chain", *chain,
                       "Describe every layer of the backing chain, top first");
-    return {command, [args, output, chain] {
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
+    return {command, [args, output, chain, stream] {
                 const bool json = output->json();
+                if (args->path == "-") // read from standard input (apps/stream_input.cpp)
+                    return describe_stream(*args, *stream, json, false);
+                if (stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as the image");
                 std::vector<LayerInfo> layers;
                 if (*chain && args->backing != "none") {
                     // Open the whole chain once: this checks it (loops, missing files) and

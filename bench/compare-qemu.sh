@@ -6,6 +6,8 @@
 #   hash     (sha256) vs qemu-img convert -O raw to a temp file + sha256sum, and vs
 #            nbdcopy -- [ qemu-nbd -r -f qcow2 IMG ] - | sha256sum
 #   compare  vs qemu-img compare (each image against a copy of itself, so every data byte is read)
+#   convert - (a qcow2 image on a pipe) vs qemu-img convert of the file and vs copy-then-convert
+#            (bench/stream-compare.sh, run at the end)
 # then openssl speed -evp sha256 against qcowmap hash's throughput on dense data, peak RSS of
 # hash and convert, block-manifest scaling (--threads=1 vs 2), and hash, compare and convert
 # with each data access: --io=auto (the default: measured at start), --io=read (pread into
@@ -535,3 +537,8 @@ echo "blkhash-sha256 is faster; convert row: < 1 is the cost of --digest, 0.91 =
 printf '%-22s %-16s %8s %13s %8s %13s %7s\n' "A/B" image "A s" min-max "B s" min-max ratio
 printf '%s\n' "${blk_rows[@]}"
 awk -v a="$blk_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "blkhash rows took %.1f s\n", b - a }'
+
+# ---- Streamed input (issue 29): cat IMG | qcowmap convert - against qemu-img's file path and
+# against copy-then-convert, with peak RSS; its own script, runnable alone on these images.
+echo
+"$(dirname "${BASH_SOURCE[0]}")/stream-compare.sh" "$QCOWMAP" "$WORKDIR"

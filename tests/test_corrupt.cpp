@@ -5,6 +5,7 @@
 // Healthy images are made once by qemu-img/qemu-io at test time, then copied and patched in
 // memory (big-endian fields at the offsets of the spec's "Header" section). Every case asserts
 // the exact ErrorCode and that the one-line message names the offending value.
+#include "stream_oracle.hpp"
 #include "support.hpp"
 
 #include <qcowmap/check.hpp>
@@ -227,6 +228,8 @@ OpenOptions no_backing() {
 }
 
 Result<Image> open(const Buffer& b, const OpenOptions& options = {}) {
+    // Every image of this suite also goes through the stream decoder (issue 29).
+    qt::expect_stream_agrees(b);
     return Image::open_bytes(std::span<const std::byte>(b), options);
 }
 
@@ -1838,7 +1841,10 @@ TEST(CorruptCli, TightMemoryLimitsNeverCrash) {
                   "convert --force " + image + " " + qt::shell_quote(out.string()),
                   // The writer's copy and compression threads.
                   "convert --force -O qcow2 " + image + " " + out_qcow2,
-                  "convert --force -O qcow2 -c " + image + " " + out_qcow2}) {
+                  "convert --force -O qcow2 -c " + image + " " + out_qcow2,
+                  // The stream decoder (issue 29): its buffers and decompressing threads.
+                  "convert --force - " + qt::shell_quote(out.string()) + " < " + image,
+                  "hash - < " + image}) {
                 if (std::find(crashed.begin(), crashed.end(), command) != crashed.end())
                     continue;
                 qt::CommandResult r =

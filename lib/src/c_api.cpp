@@ -57,6 +57,7 @@ int errno_for(qcowmap::ErrorCode code) {
     case ErrorCode::invalid_table:
     case ErrorCode::invalid_cluster:
     case ErrorCode::compressed_data:
+    case ErrorCode::checksum_mismatch:
         return EIO; // what a disk with bad sectors would say
     case ErrorCode::not_qcow2:
     case ErrorCode::invalid_header:

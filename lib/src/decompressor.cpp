@@ -165,6 +165,16 @@ Result<void> Decompressor::decompress_cluster(const Image& image, const Extent& 
     return {};
 }
 
+Result<void> Decompressor::decompress_stream(CompressionType type, std::span<const std::byte> input,
+                                             std::span<std::byte> cluster) {
+    std::string problem = type == CompressionType::zstd ? impl_->unzstd_cluster(input, cluster)
+                                                        : impl_->inflate_cluster(input, cluster);
+    if (!problem.empty()) {
+        return Error{ErrorCode::compressed_data, std::move(problem)};
+    }
+    return {};
+}
+
 Result<std::span<const std::byte>> Decompressor::decompress(const Image& image,
                                                             const Extent& extent) {
     const detail::ImageState* layer = detail::layer_at(*image.state_, extent.depth);

@@ -33,6 +33,8 @@ std::string_view to_string(ErrorCode code) {
         return "out_of_range";
     case ErrorCode::invalid_argument:
         return "invalid_argument";
+    case ErrorCode::checksum_mismatch:
+        return "checksum_mismatch";
     }
     return "unknown";
 }

@@ -25,6 +25,11 @@ struct ParseMode {
     /// OpenOptions::salvage: the L1, refcount and snapshot tables may run past the end of the
     /// file; their missing entries read as zeros (unallocated), as qemu reads them.
     bool salvage = false;
+    /// `bytes` holds only the start of a file read once as a stream (StreamDecoder): every
+    /// header field, extension and table position and size is validated, but no table is read
+    /// (the stream decoder reads the L1 and refcount tables as they arrive); the snapshot table
+    /// and bitmap directory are not parsed.
+    bool stream = false;
 };
 
 /// What an image opened with OpenOptions::salvage found damaged (kept by the top layer).

@@ -12,6 +12,7 @@
 // upper bound (every candidate stored uncompressed), streams the compressed clusters after it
 // and fills the metadata in last; a target that cannot seek gets the image spooled to an
 // unlinked file in $TMPDIR first.
+#include "atomic_file.hpp"
 #include "writer_internal.hpp"
 
 #include "cluster_compressor.hpp"
@@ -1285,88 +1286,20 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
 
 Result<WriteStats> write_qcow2_file(const Image& source, const std::filesystem::path& target,
                                     const WriteOptions& options, bool replace) {
-    const std::string name = target.string();
     struct stat st {};
-    if (::stat(name.c_str(), &st) == 0) {
-        if (source.maps_file(st.st_dev, st.st_ino)) {
-            return target_error("is the image being read (or one of its layers or its data "
-                                "file): refusing to overwrite it");
-        }
-        if (S_ISDIR(st.st_mode))
-            return target_error("is a directory");
-        if (!S_ISREG(st.st_mode))
-            return target_error("exists and is not a regular file");
-        if (!replace)
-            return target_error("already exists (use --force to replace it)");
+    if (::stat(target.c_str(), &st) == 0 && source.maps_file(st.st_dev, st.st_ino)) {
+        return target_error("is the image being read (or one of its layers or its data "
+                            "file): refusing to overwrite it");
     }
-    std::filesystem::path dir = target.parent_path();
-    if (dir.empty())
-        dir = ".";
-    // Unnamed until complete (O_TMPFILE): a crash or kill leaves nothing behind. Where the file
-    // system lacks it, a hidden name next to the target, removed on every error path.
-    std::string temp_name;
-    int fd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
-            return target_errno(errno);
-        temp_name = (dir / ("." + target.filename().string() + ".qcowmap-XXXXXX")).string();
-        fd = ::mkostemp(temp_name.data(), O_CLOEXEC);
-        if (fd < 0)
-            return target_errno(errno);
-        (void)::fchmod(fd, 0644);
-    }
-    auto fail = [&](Error error) -> Result<WriteStats> {
-        ::close(fd);
-        if (!temp_name.empty())
-            ::unlink(temp_name.c_str());
-        return error;
-    };
-    auto stats = detail::writer::write_image(source, fd, options, true);
+    // Unnamed until complete: a crash or kill leaves nothing behind (detail::AtomicFile).
+    auto file = detail::AtomicFile::create(target, replace);
+    if (!file)
+        return target_error(file.error().message);
+    auto stats = detail::writer::write_image(source, file->fd(), options, true);
     if (!stats)
-        return fail(stats.error());
-    if (::fsync(fd) != 0)
-        return fail(target_errno(errno));
-    if (temp_name.empty()) {
-        // Give the unnamed file a name: straight at the target when it must not exist (link
-        // fails with EEXIST, atomically), else a temporary one renamed over the target.
-        const std::string proc = fmt::format("/proc/self/fd/{}", fd);
-        std::string link_name = name;
-        if (replace) {
-            link_name = (dir / ("." + target.filename().string() + ".qcowmap-" +
-                                std::to_string(::getpid())))
-                            .string();
-            ::unlink(link_name.c_str()); // left by a killed run with the same process id
-        }
-        if (::linkat(fd, "", AT_FDCWD, link_name.c_str(), AT_EMPTY_PATH) != 0 &&
-            ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, link_name.c_str(), AT_SYMLINK_FOLLOW) != 0) {
-            if (errno == EEXIST && !replace)
-                return fail(target_error("already exists (use --force to replace it)"));
-            return fail(target_errno(errno));
-        }
-        if (replace) {
-            temp_name = link_name;
-            if (::rename(link_name.c_str(), name.c_str()) != 0)
-                return fail(target_errno(errno));
-        }
-    } else if (replace) {
-        if (::rename(temp_name.c_str(), name.c_str()) != 0)
-            return fail(target_errno(errno));
-    } else {
-        if (::renameat2(AT_FDCWD, temp_name.c_str(), AT_FDCWD, name.c_str(), RENAME_NOREPLACE) !=
-            0) {
-            if (errno == EEXIST)
-                return fail(target_error("already exists (use --force to replace it)"));
-            return fail(target_errno(errno));
-        }
-    }
-    if (::close(fd) != 0)
-        return target_errno(errno);
-    // The new name is durable once the directory is.
-    int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dir_fd >= 0) {
-        (void)::fsync(dir_fd);
-        ::close(dir_fd);
-    }
+        return stats.error();
+    if (auto ok = file->commit(); !ok)
+        return target_error(ok.error().message);
     return stats;
 }
 

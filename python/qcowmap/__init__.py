@@ -18,9 +18,10 @@ from ._qcowmap import (  # noqa: F401  (re-exported)
     Image,
     __version__,
     open,
+    stream_convert,
 )
 
-__all__ = ["Error", "Extent", "ExtentIterator", "Image", "RawDisk", "open"]
+__all__ = ["Error", "Extent", "ExtentIterator", "Image", "RawDisk", "open", "stream_convert"]
 
 
 class RawDisk(io.RawIOBase):

@@ -1,7 +1,7 @@
 # Type stubs for the qcowmap package (the _qcowmap extension and RawDisk).
 import io
 import os
-from typing import Any, Iterator, Literal, Optional, Union, overload
+from typing import Any, BinaryIO, Iterator, Literal, Optional, Union, overload
 
 __version__: str
 """True when this build's library has OpenOptions::untrusted (open(..., untrusted=True) works)."""
@@ -110,3 +110,17 @@ def open(
     untrusted: bool = False,
 ) -> Image:
     """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file."""
+
+def stream_convert(
+    fileobj: BinaryIO,
+    target: _Path,
+    *,
+    replace: bool = False,
+    max_spool: Optional[int] = None,
+    expect_checksum: Optional[str] = None,
+    backing: bool = True,
+    data_file: Optional[_Path] = None,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Reads a qcow2 image once from a binary file object (a pipe, an HTTP response) and writes
+    its virtual disk raw to target, complete or not at all; returns the decoder's statistics."""

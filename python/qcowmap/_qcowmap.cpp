@@ -11,6 +11,8 @@
 #include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/map.hpp>
+#include <qcowmap/stream_import.hpp>
+#include <qcowmap/writer.hpp>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,8 +21,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -507,6 +511,80 @@ PyImage open_image(const py::object& path, const py::object& snapshot, bool back
     return PyImage(std::move(**image), filename);
 }
 
+/// qcowmap.stream_convert: a qcow2 image read once from a Python binary file object (a pipe,
+/// an HTTP response) into a raw file, by the library's stream decoder. The decoder runs without
+/// the GIL and takes it back only to call the file object's readinto (or read).
+py::dict stream_convert(const py::object& fileobj, const py::object& target, bool replace,
+                        const py::object& max_spool, const py::object& expect_checksum,
+                        bool backing, const py::object& data_file, unsigned threads) {
+    const std::string filename = fs_path(target);
+    qcowmap::StreamOptions options;
+    options.threads = threads;
+    options.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
+    if (!max_spool.is_none())
+        options.max_spool = max_spool.cast<std::uint64_t>();
+    if (!data_file.is_none())
+        options.data_file = fs_path(data_file);
+    if (!expect_checksum.is_none()) {
+        auto expected = qcowmap::parse_expected_digest(expect_checksum.cast<std::string>());
+        if (!expected)
+            throw py::value_error("expect_checksum: " + expected.error().message);
+        options.expect_digest = *expected;
+    }
+    py::object readinto = py::getattr(fileobj, "readinto", py::none());
+    py::object read = py::getattr(fileobj, "read", py::none());
+    if (readinto.is_none() && read.is_none())
+        throw py::type_error("stream_convert needs a binary file object (readinto or read)");
+    std::optional<py::error_already_set> python_error;
+    qcowmap::StreamReader reader =
+        [&](std::span<std::byte> buffer) -> qcowmap::Result<std::size_t> {
+        py::gil_scoped_acquire locked;
+        const std::size_t want = std::min<std::size_t>(buffer.size(), 1u << 20);
+        try {
+            if (!readinto.is_none()) {
+                py::object n = readinto(py::memoryview::from_memory(
+                    buffer.data(), static_cast<py::ssize_t>(want), false));
+                if (n.is_none())
+                    throw py::value_error("the file object is non-blocking (readinto gave None)");
+                return std::min(n.cast<std::size_t>(), want);
+            }
+            py::bytes chunk = read(want);
+            const std::string_view bytes = chunk;
+            const std::size_t n = std::min(bytes.size(), want);
+            std::memcpy(buffer.data(), bytes.data(), n);
+            return n;
+        } catch (py::error_already_set& e) {
+            python_error.emplace(std::move(e));
+            return qcowmap::Error{qcowmap::ErrorCode::io_error, "reading the stream failed"};
+        }
+    };
+    std::optional<qcowmap::Result<qcowmap::StreamStats>> stats;
+    {
+        py::gil_scoped_release unlocked;
+        stats.emplace(qcowmap::stream_to_raw_file(reader, filename, replace, options));
+    }
+    if (python_error)
+        throw std::move(*python_error);
+    if (!*stats) {
+        const qcowmap::Error& error = (*stats).error();
+        raise(error, qcowmap::is_target_error(error) ? filename : std::string("<stream>"));
+    }
+    const qcowmap::StreamStats& st = **stats;
+    py::dict out;
+    out["stream_bytes"] = st.stream_bytes;
+    out["disk_size"] = st.disk_size;
+    out["data_bytes"] = st.data_bytes;
+    out["compressed_clusters"] = st.compressed_clusters;
+    out["l2_tables"] = st.l2_tables;
+    out["spooled_bytes"] = st.spooled_bytes;
+    out["spool_peak"] = st.spool_peak;
+    out["spool_used_bytes"] = st.spool_used_bytes;
+    out["skipped_tail_bytes"] = st.skipped_tail_bytes;
+    if (st.input_digest)
+        out["input_digest"] = st.input_digest->hex();
+    return out;
+}
+
 } // namespace
 
 PYBIND11_MODULE(_qcowmap, m) {
@@ -626,4 +704,16 @@ PYBIND11_MODULE(_qcowmap, m) {
           "data_file: use this external data file; untrusted=True: the image came from outside; "
           "backing and data file names it holds are followed only inside its directory (as "
           "--untrusted).");
+    m.def("stream_convert", &stream_convert, py::arg("fileobj"), py::arg("target"), py::kw_only(),
+          py::arg("replace") = false, py::arg("max_spool") = py::none(),
+          py::arg("expect_checksum") = py::none(), py::arg("backing") = true,
+          py::arg("data_file") = py::none(), py::arg("threads") = 0,
+          "Reads a qcow2 image once from fileobj (a binary file object: a pipe, an HTTP "
+          "response; readinto or read) and writes its virtual disk raw to target, which "
+          "appears complete or not at all (replace=True replaces an existing file). "
+          "Clusters that arrive before their tables are spooled in $TMPDIR, at most max_spool "
+          "bytes (default: the disk size). expect_checksum='sha256:HEX' checks the digest of "
+          "the bytes read. backing=False reads an image that names a backing file alone "
+          "(otherwise it is refused); data_file: the external data file, for an image that "
+          "has one. Returns the decoder's statistics as a dict.");
 }

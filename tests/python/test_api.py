@@ -588,3 +588,50 @@ def test_meson_install_puts_an_importable_package_in_the_prefix(tmp_path, small)
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == str(package / "__init__.py")
     assert out[1] == sha256(raw)
+
+
+def test_stream_convert_from_a_pipe(tmp_path):
+    """qcowmap.stream_convert reads an image once from a pipe (a subprocess's stdout, as an HTTP
+    body would be read) and writes the raw disk, byte-identical to qemu-img convert; a wrong
+    checksum or a cut stream raises qcowmap.Error and leaves no target."""
+    image = tmp_path / "img.qcow2"
+    make_image(image, "cluster_size=4k", "16M", ["write -P 0xab 0 1M", "write -c -P 0xcd 4M 256k", "write -z 8M 64k"])
+    # Out of order: the L1 table moves to the end after a resize, so the data arrives first.
+    run(["qemu-img", "resize", "-q", str(image), "64M"])
+    qemu_io(image, ["write -P 0x5a 60M 64k"])
+    expected = tmp_path / "expected.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(image), str(expected)])
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+
+    target = tmp_path / "out.raw"
+    with subprocess.Popen(["cat", str(image)], stdout=subprocess.PIPE) as cat:
+        stats = qcowmap.stream_convert(cat.stdout, target, expect_checksum="sha256:" + digest)
+    assert sha256(target.read_bytes()) == sha256(expected.read_bytes())
+    assert stats["disk_size"] == 64 * MiB
+    assert stats["stream_bytes"] == image.stat().st_size
+    assert stats["input_digest"] == digest
+    assert stats["spool_used_bytes"] > 0  # the data before the resized L1 table
+    assert stats["compressed_clusters"] == 64
+
+    # A file object without fileno (io.BytesIO, read through readinto) works the same.
+    target.unlink()
+    qcowmap.stream_convert(io.BytesIO(image.read_bytes()), target)
+    assert sha256(target.read_bytes()) == sha256(expected.read_bytes())
+
+    target.unlink()
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    with subprocess.Popen(["cat", str(image)], stdout=subprocess.PIPE) as cat:
+        with pytest.raises(qcowmap.Error) as raised:
+            qcowmap.stream_convert(cat.stdout, target, expect_checksum="sha256:" + wrong)
+        cat.stdout.read()
+    assert raised.value.code == "checksum_mismatch"
+    assert digest in str(raised.value) and wrong in str(raised.value)
+    assert not target.exists()
+
+    cut = io.BytesIO(image.read_bytes()[: 300 * KiB])
+    with pytest.raises(qcowmap.Error) as raised:
+        qcowmap.stream_convert(cut, target)
+    assert "beyond end of file" in str(raised.value)
+    assert not target.exists()
+    with pytest.raises(ValueError):
+        qcowmap.stream_convert(io.BytesIO(b""), target, expect_checksum="md5:00")

@@ -148,6 +148,14 @@ class Decompressor {
     Result<void> decompress_cluster(const Image& image, const Extent& extent,
                                     std::span<std::byte> cluster);
 
+    /// Decompresses one compressed cluster's stream as stored in a file (`type` zlib: raw
+    /// deflate; zstd: one frame) into `cluster`, the image's cluster size, which it must fill
+    /// exactly; `input` may run on past the end of the stream (descriptors count whole
+    /// sectors). For streams that do not lie in an opened Image (StreamDecoder).
+    /// Errors: compressed_data, saying what the decoder found (no position: the caller knows it).
+    Result<void> decompress_stream(CompressionType type, std::span<const std::byte> input,
+                                   std::span<std::byte> cluster);
+
   private:
     struct Impl;
     std::unique_ptr<Impl> impl_;

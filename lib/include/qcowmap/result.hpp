@@ -17,11 +17,12 @@ enum class ErrorCode {
     invalid_header,      ///< a header field or header extension breaks the spec or qemu's limits
     unsupported_feature, ///< a valid image using a feature this build does not read
     encrypted,           ///< encrypted images are not supported
-    invalid_table,    ///< an L1/L2/refcount/snapshot/bitmap table is malformed or out of the file
-    invalid_cluster,  ///< a cluster descriptor is malformed (unaligned, reserved bits, past EOF)
-    compressed_data,  ///< a compressed cluster could not be decompressed to exactly one cluster
-    out_of_range,     ///< a requested virtual offset lies beyond the end of the disk
-    invalid_argument, ///< an argument given by the caller is not acceptable
+    invalid_table,     ///< an L1/L2/refcount/snapshot/bitmap table is malformed or out of the file
+    invalid_cluster,   ///< a cluster descriptor is malformed (unaligned, reserved bits, past EOF)
+    compressed_data,   ///< a compressed cluster could not be decompressed to exactly one cluster
+    out_of_range,      ///< a requested virtual offset lies beyond the end of the disk
+    invalid_argument,  ///< an argument given by the caller is not acceptable
+    checksum_mismatch, ///< streamed bytes do not have the digest they were expected to have
 };
 
 /// A stable, lowercase name for an error code ("invalid_header"...), for JSON and logs.
