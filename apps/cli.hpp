@@ -3,6 +3,7 @@
 #pragma once
 
 #include <qcowmap/describe.hpp>
+#include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 
 #include <CLI/CLI.hpp>
@@ -209,7 +210,25 @@ struct ConvertJob {
     std::uint64_t sparse_size = 4096; ///< -S
     DataAccess io = DataAccess::read; ///< --io
     std::string bitmap;               ///< --bitmap: only this bitmap's dirty ranges (may be empty)
+    std::optional<HashAlgorithm> digest; ///< --digest: also digest the disk written
+    std::string digest_file;             ///< --digest-file: where to write it (else stderr)
 };
+
+/// Reports the digest `convert --digest` took of the disk it wrote to `job.target`: one line
+/// `HEX  TARGET` on stderr, or with --digest-file the line `ALGO (TARGET) = HEX` (the tagged
+/// form `hash --check` reads without --algo) written to that file under a temporary name and
+/// renamed. Returns kExitOk, or kExitOutputError after reporting why the file failed.
+int deliver_digest(const ConvertJob& job, const Digest& digest);
+
+/// The check of an --algo or --digest value: every name of HashAlgorithm (hash.hpp).
+CLI::Validator one_of_hash_algorithms();
+
+/// One digest line as `hash` prints it: `HEX  NAME` (coreutils' format), or with `tagged`
+/// `TAG (NAME) = HEX` (the BSD form of `sha256sum --tag`; the tag of a blkhash algorithm is
+/// its name in upper case). A name holding a backslash, newline or carriage return is
+/// escaped and the line starts with a backslash, as coreutils does. Ends in a newline.
+std::string digest_line(const Digest& digest, HashAlgorithm algorithm, std::string_view name,
+                        bool tagged);
 
 /// An output format of `convert -O NAME`. Formats register themselves from a static
 /// initialiser in their own file (apps/convert_*.cpp): raw is built in.

@@ -9,6 +9,8 @@
 
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
 #include <map>
@@ -138,6 +140,9 @@ int convert_raw(const ConvertJob& job) {
     options.data_access = job.io;
     options.sequential = job.target == "-";
     options.progress = meter.callback();
+    Digest digest;
+    options.digest = job.digest;
+    options.digest_out = &digest;
     ExportError where;
     auto result = export_raw(job.image, target.fd, options, &where);
     if (!result) {
@@ -150,7 +155,7 @@ int convert_raw(const ConvertJob& job) {
             return report(job.target, std::strerror(errno), kExitOutputError);
     }
     meter.finish();
-    return kExitOk;
+    return job.digest ? deliver_digest(job, digest) : kExitOk;
 }
 
 /// `convert --bitmap=NAME IMAGE TARGET`: an incremental sync of an existing raw copy.
@@ -184,6 +189,51 @@ int convert_incremental(const ConvertJob& job, const std::string& bitmap_name) {
 
 } // namespace
 
+int deliver_digest(const ConvertJob& job, const Digest& digest) {
+    if (!job.digest)
+        return kExitOk;
+    if (job.digest_file.empty()) {
+        std::fflush(stdout);
+        const std::string line = digest_line(digest, *job.digest, job.target, false);
+        std::fwrite(line.data(), 1, line.size(), stderr);
+        std::fflush(stderr);
+        return kExitOk;
+    }
+    // Complete or absent: written beside its final name, then renamed over it.
+    const std::string line = digest_line(digest, *job.digest, job.target, true);
+    std::string temp = job.digest_file + ".XXXXXX";
+    const int fd = ::mkostemp(temp.data(), O_CLOEXEC);
+    if (fd < 0)
+        return report(job.digest_file, std::strerror(errno), kExitOutputError);
+    bool ok = true;
+    for (std::size_t done = 0; ok && done < line.size();) {
+        const ssize_t n = ::write(fd, line.data() + done, line.size() - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        ok = n > 0;
+        if (ok)
+            done += static_cast<std::size_t>(n);
+    }
+    int error = ok ? 0 : errno;
+    if (ok && ::fchmod(fd, 0644) != 0) {
+        ok = false;
+        error = errno;
+    }
+    if (::close(fd) != 0 && ok) {
+        ok = false;
+        error = errno;
+    }
+    if (ok && ::rename(temp.c_str(), job.digest_file.c_str()) != 0) {
+        ok = false;
+        error = errno;
+    }
+    if (!ok) {
+        ::unlink(temp.c_str());
+        return report(job.digest_file, std::strerror(error), kExitOutputError);
+    }
+    return kExitOk;
+}
+
 bool register_output_format(OutputFormat format) {
     std::string name = format.name;
     return output_formats().emplace(std::move(name), std::move(format)).second;
@@ -215,6 +265,21 @@ Command add_convert(CLI::App& app) {
         ->option_text("SIZE");
     auto io = std::make_shared<std::string>("auto");
     add_io_option(*command, *io);
+    auto digest = std::make_shared<std::string>();
+    auto* digest_option =
+        command
+            ->add_option("--digest", *digest,
+                         "Also print the digest of the disk written (as `qcowmap hash "
+                         "--algo=ALGO TARGET` gives it), taken from the same pass over the "
+                         "source: `HEX  TARGET` on stderr (any --algo of hash)")
+            ->check(one_of_hash_algorithms())
+            ->option_text("ALGO");
+    auto digest_file = std::make_shared<std::string>();
+    command
+        ->add_option("--digest-file", *digest_file,
+                     "Write that digest to this file instead, as `ALGO (TARGET) = HEX`, which "
+                     "`qcowmap hash --check` verifies (sha256 unless --digest says)")
+        ->option_text("PATH");
     auto bitmap = std::make_shared<std::string>();
     command
         ->add_option("--bitmap", *bitmap,
@@ -266,15 +331,35 @@ Command add_convert(CLI::App& app) {
                     throw UsageError("--bitmap with -O raw updates an existing raw copy: it "
                                      "needs a TARGET file or device");
                 }
+                std::optional<HashAlgorithm> digest_algorithm;
+                if (digest_option->count() > 0 || !digest_file->empty())
+                    digest_algorithm = parse_hash_algorithm(digest->empty() ? "sha256" : *digest);
+                if (digest_algorithm && !bitmap->empty()) {
+                    throw UsageError("--digest takes the digest of a whole disk written out: "
+                                     "not with --bitmap (an incremental update)");
+                }
                 remove_temporaries_on_termination();
                 if (args->path == "-") { // read from standard input (apps/stream_input.cpp)
                     if (!bitmap->empty())
                         throw UsageError("--bitmap cannot read a stream's bitmaps");
+                    if (digest_algorithm && *output_format == "raw") {
+                        throw UsageError("--digest with - as SOURCE needs -O qcow2 for now (the "
+                                         "raw copy of a stream takes none: hash it with "
+                                         "`qcowmap hash -f raw`)");
+                    }
                     StreamConvert job{*target, *force, *progress, sparse, {}};
                     if (*output_format != "raw") {
                         job.write_other = [=](const Image& image) {
-                            const ConvertJob other{image,     *args,  *target,          *force,
-                                                   *progress, sparse, data_access(*io), {}};
+                            const ConvertJob other{image,
+                                                   *args,
+                                                   *target,
+                                                   *force,
+                                                   *progress,
+                                                   sparse,
+                                                   data_access(*io),
+                                                   {},
+                                                   digest_algorithm,
+                                                   *digest_file};
                             return format->second.run(other);
                         };
                     }
@@ -286,8 +371,9 @@ Command add_convert(CLI::App& app) {
                 auto image = open_or_report(*args);
                 if (!image)
                     return static_cast<int>(kExitImageError);
-                const ConvertJob job{*image,    *args,  *target,          *force,
-                                     *progress, sparse, data_access(*io), *bitmap};
+                const ConvertJob job{*image,           *args,       *target,          *force,
+                                     *progress,        sparse,      data_access(*io), *bitmap,
+                                     digest_algorithm, *digest_file};
                 // --salvage: a conversion that completed but read damaged ranges as zeros says
                 // so with exit status 4.
                 if (!bitmap->empty() && *output_format == "raw")

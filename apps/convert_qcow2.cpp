@@ -157,6 +157,11 @@ int convert_qcow2(const ConvertJob& job) {
         options.selection =
             args.unsafe ? WriteSelection::top_layer : WriteSelection::differs_from_backing;
     }
+    options.digest = job.digest;
+    if (job.digest && options.selection != WriteSelection::whole_disk) {
+        throw UsageError("--digest takes the digest of a whole disk written out: not with -B "
+                         "(the image holds only part of the disk)");
+    }
     if (auto ok = check_write_options(options); !ok)
         throw UsageError(ok.error().message);
     const bool to_stdout = job.target == "-";
@@ -220,7 +225,7 @@ int convert_qcow2(const ConvertJob& job) {
         return report_error(job.source.path, error, kExitImageError);
     }
     meter.finish();
-    return kExitOk;
+    return stats->digest ? deliver_digest(job, *stats->digest) : kExitOk;
 }
 
 // Registered before main() runs, from this file alone (see OutputFormat in cli.hpp).

@@ -461,13 +461,19 @@ void bm_cat_pipe(benchmark::State& state, const BenchImage& b, const Setup& setu
 /// zero detection; data made present ahead from the mapping or read ahead with pread, as the
 /// entry's data access says), into a new sparse raw file in the output directory. The output is
 /// unlinked between iterations, outside the timed part. `threads` 0 (the serial entry) exports
-/// on one thread.
+/// on one thread. With `digest`, as `convert --digest=blkhash-sha256`: the digest taken from
+/// the same pass.
+template <bool digest = false>
 void bm_convert_file(benchmark::State& state, const BenchImage& b, const Setup& setup) {
     const fs::path out =
         setup.out_dir / fmt::format("qcowmap-bench-{}-convert-{}.raw", ::getpid(), b.name);
     qcowmap::ExportOptions options;
     options.threads = setup.threads == 0 ? 1 : setup.threads;
     options.data_access = setup.access;
+    qcowmap::Digest taken;
+    if (digest)
+        options.digest = qcowmap::HashAlgorithm::blkhash_sha256;
+    options.digest_out = &taken;
     for (auto _ : state) {
         int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
         if (fd < 0) {
@@ -627,14 +633,18 @@ int main(int argc, char** argv) {
         {"cat_devnull_parallel", bm_cat_devnull, true, false, mmap},
         {"cat_pipe", bm_cat_pipe, false, true},
         {"cat_pipe_parallel", bm_cat_pipe, true, true, mmap},
-        {"convert_file", bm_convert_file, false, false},
-        {"convert_file_parallel", bm_convert_file, true, false, automatic},
-        {"convert_file_parallel_read", bm_convert_file, true, false, read},
-        {"convert_file_parallel_mmap", bm_convert_file, true, false, mmap},
+        {"convert_file", bm_convert_file<>, false, false},
+        {"convert_file_parallel", bm_convert_file<>, true, false, automatic},
+        {"convert_file_parallel_read", bm_convert_file<>, true, false, read},
+        {"convert_file_parallel_mmap", bm_convert_file<>, true, false, mmap},
+        {"convert_file_parallel_digest_blkhash", bm_convert_file<true>, true, false, automatic},
         {"hash_sha256", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, automatic},
         {"hash_sha256_read", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, read},
         {"hash_sha256_mmap", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, mmap},
         {"hash_xxh3_128", bm_hash<qcowmap::HashAlgorithm::xxh3_128>, true, true, automatic},
+        // The block construction costs what the allocated data costs: huge thin images too.
+        {"hash_blkhash_sha256", bm_hash<qcowmap::HashAlgorithm::blkhash_sha256>, true, false,
+         automatic},
         {"hash_blocks_1thread", bm_hash_blocks, false, true},
         {"hash_blocks_parallel", bm_hash_blocks, true, true},
         {"compare_self", bm_compare_self, false, false},

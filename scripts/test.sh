@@ -46,17 +46,18 @@ run_pass sanitize build-sanitize --buildtype=debug -Db_sanitize=address,undefine
 
 # ThreadSanitizer over the tests that read one Image from several threads at once (plain
 # reads, the parallel decompression that cat/convert use, the read-ahead of Image::visit in
-# DataAccess::read mode, compare's workers, the writer's compression and copy threads, and the
-# stream decoder's decompressing workers).
+# DataAccess::read mode, compare's workers, the writer's compression and copy threads, the
+# stream decoder's decompressing workers, and the blkhash block engine and digest tap).
 echo "=== thread: ThreadSanitizer on the concurrency tests (build-tsan)"
 if [ -d build-tsan ] || meson setup build-tsan --buildtype=debugoptimized -Db_sanitize=thread \
      -Dbench=false >/dev/null; then
   if ninja -C build-tsan -j "$jobs" apps/qcowmap tests/test_compressed tests/test_oracle \
        tests/test_visit tests/test_compare tests/test_api tests/test_writer tests/test_stream_import \
-       >build-tsan/qcowmap-build.log 2>&1; then
+       tests/test_blkhash >build-tsan/qcowmap-build.log 2>&1; then
     for run in compressed:'*Concurrency*' oracle:'*Concurrency*' visit:'*' compare:'*' api:'*' \
       writer:'*-WriterLibrary.ReadmeExampleRuns:WriterReadme.*' \
-      stream_import:'*PiecesOfAnySize*'; do
+      stream_import:'*PiecesOfAnySize*' \
+      blkhash:'Blkhash.*:DigestTap.*:ConvertDigest.LibraryWritersReportTheDigest:BlkhashImages.EqualsTheConstructionOverQemuRawOutput'; do
       suite=${run%%:*}
       QCOWMAP_BIN=$PWD/build-tsan/apps/qcowmap TSAN_OPTIONS=halt_on_error=1 \
         "build-tsan/tests/test_$suite" --gtest_filter="${run#*:}" >"build-tsan/tsan-$suite.log" 2>&1

@@ -3,6 +3,7 @@
 // is_allocated_sectors_min's zero check).
 #include "atomic_file.hpp"
 #include "fault.hpp"
+#include "digest_tap.hpp"
 #include "image_state.hpp"
 #include "raw_io.hpp"
 #include "workers.hpp"
@@ -357,6 +358,8 @@ static Result<void> export_raw_in_boundary(const Image& image, int fd, const Exp
             ErrorCode::invalid_argument,
             fmt::format("zero block size {} is not a multiple of 512", options.zero_block)};
     }
+    if (options.digest && !options.digest_out)
+        return Error{ErrorCode::invalid_argument, "a digest was asked for without digest_out"};
     auto target = inspect_target(image, fd, options.sequential);
     if (!target)
         return fail_target(std::move(target).error(), where);
@@ -404,7 +407,16 @@ static Result<void> export_raw_in_boundary(const Image& image, int fd, const Exp
                               Prefetch::none}
                : VisitOptions{detail::resolve_threads(options.threads), options.data_access,
                               writer.splices() ? Prefetch::populate : Prefetch::touch};
-    if (total == 0)
+    // The digest is fed the bytes the writer is given (zeros between them are implied).
+    std::optional<detail::DigestTap> tap;
+    if (options.digest) {
+        auto made = detail::DigestTap::create(
+            *options.digest, total, detail::resolve_threads(options.threads), options.data_access);
+        if (!made)
+            return std::move(made).error();
+        tap.emplace(std::move(*made));
+    }
+    if (total == 0 && !tap)
         return {};
     auto result = image.visit(
         start, end,
@@ -413,6 +425,10 @@ static Result<void> export_raw_in_boundary(const Image& image, int fd, const Exp
                 run.bytes.empty() ? writer.zeros(run.offset, run.length, false) : writer.data(run);
             if (!ok)
                 return ok;
+            if (tap && !run.bytes.empty()) {
+                if (auto fed = tap->data(run.offset - start, run.bytes, run.mapped, run.file); !fed)
+                    return fed;
+            }
             if (options.progress)
                 options.progress(run.offset + run.length - start, total);
             return {};
@@ -422,6 +438,12 @@ static Result<void> export_raw_in_boundary(const Image& image, int fd, const Exp
         where->target = writer.target_failed();
     if (result)
         result = image.check_unchanged(); // bytes of two states must not pass for the disk
+    if (result && tap) {
+        auto digest = tap->finish();
+        if (!digest)
+            return std::move(digest).error();
+        *options.digest_out = *digest;
+    }
     return result;
 }
 

@@ -17,6 +17,7 @@
 #include "writer_internal.hpp"
 
 #include "cluster_compressor.hpp"
+#include "digest_tap.hpp"
 #include "image_state.hpp"
 #include "workers.hpp"
 
@@ -726,27 +727,43 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
     for (const PlanRun& run : plan)
         stats.selected_bytes += run.count * g.cluster_size;
     const unsigned threads = thread_count(options);
+    // The digest takes the bytes of the data pass in disk order (the clusters the plan leaves
+    // out read as zeros): the pass then runs on this thread.
+    std::optional<DigestTap> tap;
+    if (options.digest) {
+        auto made = DigestTap::create(*options.digest, g.virtual_size, threads);
+        if (!made)
+            return made.error();
+        tap.emplace(std::move(*made));
+    }
     // One piece of the data pass: guest bytes [start, end) go to the output at `host`.
     auto copy_piece = [&](Output& to, std::uint64_t start, std::uint64_t end,
                           unsigned visit_threads) -> Result<void> {
         const std::uint64_t disk_end = std::min(end, g.virtual_size);
-        auto ok =
-            visit_source(image, start, disk_end, visit_threads,
-                         [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes,
-                             const std::optional<FilePosition>& file) -> Result<void> {
-                             if (bytes.empty())
-                                 return to.zeros(length);
-                             if (file)
-                                 return to.copy(*file, bytes);
-                             return to.write(bytes);
-                         });
+        auto ok = visit_source(
+            image, start, disk_end, visit_threads,
+            [&](std::uint64_t offset, std::uint64_t length, std::span<const std::byte> bytes,
+                const std::optional<FilePosition>& file) -> Result<void> {
+                if (bytes.empty())
+                    return to.zeros(length);
+                if (tap) {
+                    // Bytes in a file lie in the image's mapping here (DataAccess::mapping):
+                    // hashed in place, or read from the file where that costs less;
+                    // decompressed ones are copied.
+                    if (auto fed = tap->data(offset, bytes, file.has_value(), file); !fed)
+                        return fed;
+                }
+                if (file)
+                    return to.copy(*file, bytes);
+                return to.write(bytes);
+            });
         if (!ok)
             return ok;
         if (disk_end < end) // the last cluster's part past the end of the disk
             return to.zeros(end - disk_end);
         return {};
     };
-    if (!out.seekable() || threads < 2 || total < 2 * kParallelPiece) {
+    if (!out.seekable() || threads < 2 || total < 2 * kParallelPiece || tap) {
         std::uint64_t done = 0, written_back = 0;
         for (const PlanRun& run : plan) {
             if (run.zero)
@@ -856,6 +873,12 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
     stats.file_size = layout.total() << g.cluster_bits;
     if (auto ok = out.finish(stats.file_size); !ok)
         return ok.error();
+    if (tap) {
+        auto digest = tap->finish();
+        if (!digest)
+            return digest.error();
+        stats.digest = *digest;
+    }
     return stats;
 }
 
@@ -869,14 +892,16 @@ struct CompressJob {
     std::uint64_t cluster = 0;    // guest cluster number
     std::vector<std::byte> bytes; // compressed stream, or the cluster itself
     std::size_t size = 0;
+    std::vector<std::byte> plain; // compressed, with a digest: the cluster itself
 };
 
 /// What a compressing thread keeps: its encoder, its decoder for compressed sources and two
 /// cluster buffers, swapped with the job's (never copied).
 class ClusterWork {
   public:
-    ClusterWork(CompressionType type, std::uint64_t cluster_size)
-        : compressor_(type), cluster_size_(static_cast<std::size_t>(cluster_size)) {}
+    ClusterWork(CompressionType type, std::uint64_t cluster_size, bool keep_plain)
+        : compressor_(type), cluster_size_(static_cast<std::size_t>(cluster_size)),
+          keep_plain_(keep_plain) {}
 
     Result<void> run(const Image& image, unsigned cluster_bits, CompressJob& job) {
         input_.resize(cluster_size_);
@@ -891,6 +916,8 @@ class ClusterWork {
             job.kind = CompressJob::Kind::compressed;
             job.size = *n;
             std::swap(job.bytes, scratch_);
+            if (keep_plain_)
+                std::swap(job.plain, input_); // for the digest, in disk order
         } else {
             job.kind = CompressJob::Kind::raw;
             job.size = cluster_size_;
@@ -903,6 +930,7 @@ class ClusterWork {
     ClusterCompressor compressor_;
     Decompressor decompressor_;
     std::size_t cluster_size_;
+    bool keep_plain_;
     std::vector<std::byte> input_, scratch_;
 };
 
@@ -913,12 +941,12 @@ class ClusterWork {
 class CompressRing {
   public:
     CompressRing(const Image& image, const Geometry& g, const std::vector<PlanRun>& plan,
-                 CompressionType type, unsigned threads)
+                 CompressionType type, unsigned threads, bool keep_plain)
         : image_(image), cluster_bits_(g.cluster_bits), plan_(plan),
           workers_(threads, 4 * static_cast<std::size_t>(threads),
-                   [&image, bits = g.cluster_bits, size = g.cluster_size,
-                    type]() -> Result<detail::OrderedWorkers<CompressJob>::Work> {
-                       auto work = std::make_shared<ClusterWork>(type, size);
+                   [&image, bits = g.cluster_bits, size = g.cluster_size, type,
+                    keep_plain]() -> Result<detail::OrderedWorkers<CompressJob>::Work> {
+                       auto work = std::make_shared<ClusterWork>(type, size, keep_plain);
                        return detail::OrderedWorkers<CompressJob>::Work(
                            [&image, bits, work](CompressJob& job) -> Result<void> {
                                return work->run(image, bits, job);
@@ -928,7 +956,7 @@ class CompressRing {
             if (!run.zero)
                 left_ += run.count;
         if (workers_.started() == 0) // no thread could be started: the work is done here
-            inline_.emplace(type, g.cluster_size);
+            inline_.emplace(type, g.cluster_size, keep_plain);
     }
 
     /// The next candidate cluster in disk order, once read and compressed; it stays valid
@@ -1154,7 +1182,17 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
     };
 
     const bool flattened = options.selection == WriteSelection::whole_disk;
-    CompressRing ring(image, g, plan, fields.compression_type, thread_count(options));
+    // The digest takes each cluster in disk order as the ring hands it back (clusters the
+    // plan leaves out read as zeros).
+    std::optional<DigestTap> tap;
+    if (options.digest) {
+        auto made = DigestTap::create(*options.digest, g.virtual_size, thread_count(options));
+        if (!made)
+            return made.error();
+        tap.emplace(std::move(*made));
+    }
+    CompressRing ring(image, g, plan, fields.compression_type, thread_count(options),
+                      tap.has_value());
     std::uint64_t done = 0;
     const std::uint64_t total_bytes = candidates * c;
     for (const PlanRun& run : plan) {
@@ -1172,6 +1210,14 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
             if (!job)
                 return job.error();
             const CompressJob& slot = **job;
+            if (tap && slot.kind != CompressJob::Kind::zero) {
+                const auto& plain =
+                    slot.kind == CompressJob::Kind::compressed ? slot.plain : slot.bytes;
+                if (auto fed =
+                        tap->data(cluster << g.cluster_bits, std::span(plain).first(c), false);
+                    !fed)
+                    return fed.error();
+            }
             if (slot.kind == CompressJob::Kind::zero) {
                 if (!flattened) {
                     entry.kind = L2Entry::Kind::zero;
@@ -1222,6 +1268,12 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
     stats.file_size = std::max(layout.data << g.cluster_bits, *data_end);
     if (auto ok = out.finish(stats.file_size); !ok)
         return ok.error();
+    if (tap) {
+        auto digest = tap->finish();
+        if (!digest)
+            return digest.error();
+        stats.digest = *digest;
+    }
     return stats;
 }
 
@@ -1294,6 +1346,11 @@ Result<void> check_write_options(const WriteOptions& options) {
     }
     if (options.backing_file && options.backing_file->empty()) {
         return Error{ErrorCode::invalid_argument, "the backing file name is empty"};
+    }
+    if (options.digest && options.selection != WriteSelection::whole_disk) {
+        return Error{ErrorCode::invalid_argument,
+                     "a digest is only taken of a whole-disk copy (an overlay holds part of "
+                     "the disk)"};
     }
     return {};
 }

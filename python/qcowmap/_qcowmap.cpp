@@ -500,8 +500,10 @@ class PyImage {
         Image image = get();
         auto algorithm = qcowmap::parse_hash_algorithm(algo);
         if (!algorithm)
-            throw py::value_error(fmt::format(
-                "unknown hash algorithm '{}' (sha256, sha512, blake2b512, xxh3-128)", algo));
+            throw py::value_error(
+                fmt::format("unknown hash algorithm '{}' (sha256, sha512, blake2b512, xxh3-128, "
+                            "blkhash-sha256, blkhash-sha512, blkhash-blake2b512)",
+                            algo));
         const auto threads = static_cast<unsigned>(
             std::min<std::uint64_t>(non_negative(threads_arg, "threads"), 1024));
         if (!progress.is_none() && !PyCallable_Check(progress.ptr()))
@@ -800,11 +802,13 @@ PYBIND11_MODULE(_qcowmap, m) {
         .def("bitmaps", &PyImage::bitmaps, "What `qcowmap bitmaps --output=json` prints, as dicts.")
         .def("hash", &PyImage::hash, py::arg("algo") = "sha256", py::arg("block_size") = py::none(),
              py::arg("threads") = 0, py::arg("progress") = py::none(),
-             "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128), "
-             "or with block_size the block manifest: dicts of index, offset, length, digest, "
-             "zero. threads 0: one per core. progress: called as progress(done, total) in "
-             "bytes of the disk, at most every 50 ms and once at the end. Ctrl-C (any signal "
-             "handler that raises) stops it within about 50 ms of work.")
+             "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128 "
+             "as sha256sum & co. give it for the raw disk; blkhash-sha256, blkhash-sha512, "
+             "blkhash-blake2b512 as blksum gives it, at the cost of the allocated data), or "
+             "with block_size the block manifest (not the blkhash algorithms): dicts of index, "
+             "offset, length, digest, zero. threads 0: one per core. progress: called as "
+             "progress(done, total) in bytes of the disk, at most every 50 ms and once at the "
+             "end. Ctrl-C (any signal handler that raises) stops it within about 50 ms of work.")
         .def(
             "open_raw",
             [](py::object self) { return py::module_::import("qcowmap").attr("RawDisk")(self); },

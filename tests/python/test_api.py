@@ -276,6 +276,27 @@ def test_argument_errors(small):
             qcowmap.open(path, snapshot=b"1")
 
 
+def blkhash(data, name="sha256"):
+    """The blkhash construction (blksum's digest), from its definition."""
+    outer = hashlib.new(name)
+    for at in range(0, len(data), 64 * KiB):
+        outer.update(hashlib.new(name, data[at : at + 64 * KiB]).digest())
+    outer.update(len(data).to_bytes(8, "little"))
+    return outer.hexdigest()
+
+
+def test_hash_blkhash(small):
+    path, raw = small
+    with qcowmap.open(path) as img:
+        assert img.hash("blkhash-sha256") == blkhash(raw)
+        assert img.hash("blkhash-sha256", threads=1) == blkhash(raw)
+        assert img.hash("blkhash-sha512") == blkhash(raw, "sha512")
+        assert img.hash("blkhash-sha256") == cli("hash", "--algo=blkhash-sha256", str(path)).stdout.decode().split()[0]
+        # A whole-disk digest: no block manifest of it.
+        expect_error("invalid_argument", "block manifest", lambda: img.hash("blkhash-sha256", block_size=65536))
+    assert blkhash(b"") == "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
+
+
 def test_untrusted_argument(small, tmp_path):
     path, raw = small
     with qcowmap.open(path, untrusted=False) as img:

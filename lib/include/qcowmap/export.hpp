@@ -6,12 +6,14 @@
 #error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
 #endif
 
+#include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>
 
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <optional>
 
 namespace qcowmap {
 
@@ -49,6 +51,16 @@ struct ExportOptions {
     /// Called on the calling thread as the export advances, with the bytes done so far and the
     /// total (the disk size; for `export_dirty`, the dirty bytes).
     std::function<void(std::uint64_t done, std::uint64_t total)> progress;
+    /// `export_raw` only: also compute this digest of the bytes written (the whole disk, or
+    /// the part `[start, end)` as a disk of its own), equal to what hash_image gives for the
+    /// same contents, from the bytes the export already has in hand: no second pass over the
+    /// source. Zero runs are never read for it; a blkhash digest hashes its blocks on
+    /// `threads` workers, a whole-disk digest on one thread beside the writer. Data the kernel
+    /// copies without it (block devices, `zero_block` 0) is read for it, from the mapping or
+    /// with pread as `data_access` resolves.
+    std::optional<HashAlgorithm> digest;
+    /// Receives that digest once the export succeeded (required with `digest`).
+    Digest* digest_out = nullptr;
 };
 
 /// Where an export error came from.
@@ -73,10 +85,10 @@ struct ExportError {
 /// Nothing is written when `fd` is the image itself, one of its layers or its data file.
 /// Errors: invalid_argument (bad `zero_block`; a target that is the image's own file, or a
 /// block device smaller than the disk; a part of the disk for a target that is not written
-/// in order), io_error when writing fails (`error->target` set), and the errors of
-/// `Image::visit` (`error->target` clear), among them image_changed ("image changed while
-/// being read") when a file of the image shrank under its mapping or was written meanwhile
-/// (Image::check_unchanged, after the last byte).
+/// in order; `digest` without `digest_out`), io_error when writing fails (`error->target` set),
+/// and the errors of `Image::visit` (`error->target` clear), among them image_changed ("image
+/// changed while being read") when a file of the image shrank under its mapping or was written
+/// meanwhile (Image::check_unchanged, after the last byte).
 Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {},
                         ExportError* error = nullptr);
 

@@ -5,6 +5,7 @@
 #error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
 #endif
 
+#include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>
 
@@ -75,6 +76,14 @@ struct WriteOptions {
     /// Called from the writing thread as data is written: bytes of the selected disk ranges
     /// done so far, and their total.
     std::function<void(std::uint64_t done, std::uint64_t total)> progress;
+    /// Also compute this digest of the disk written (WriteStats::digest; equal to hash_image
+    /// of the source and of the output), from the bytes the writer reads anyway: no second
+    /// pass over the source. Zero ranges are never read for it; a blkhash digest hashes its
+    /// blocks on `threads` workers, a whole-disk digest on one thread beside the writer. Data
+    /// the kernel would copy without it is read for it (from the mapping, or with pread where
+    /// automatic_data_access() prefers that), and the copy then runs on one thread. Only for
+    /// `whole_disk` (an overlay's disk is not all written here).
+    std::optional<HashAlgorithm> digest;
 };
 
 /// What `write_qcow2` wrote.
@@ -85,6 +94,8 @@ struct WriteStats {
     std::uint64_t zero_clusters = 0;       ///< L2 entries marked zero (no host cluster)
     std::uint64_t l2_tables = 0;
     std::uint64_t selected_bytes = 0; ///< virtual bytes of the clusters the selection covered
+    /// WriteOptions::digest of the disk written, when asked for.
+    std::optional<Digest> digest;
 };
 
 /// Errors about the output (rather than the source) carry io_error and a message starting with
@@ -98,8 +109,9 @@ inline bool is_target_error(const Error& error) {
 }
 
 /// Checks the options that do not depend on the source (cluster size, extended L2, refcount
-/// bits, selection and backing file, backing format), as `write_qcow2` does first; not
-/// `backing_image`, which write_qcow2 checks. Errors: invalid_argument naming the option.
+/// bits, selection and backing file, backing format, a digest of an overlay), as `write_qcow2`
+/// does first; not `backing_image`, which write_qcow2 checks. Errors: invalid_argument naming
+/// the option.
 Result<void> check_write_options(const WriteOptions& options);
 
 /// Opens the file `options.backing_file` names, in `options.backing_format` (probed when
