@@ -19,6 +19,22 @@ std::uint64_t granules_for(std::uint64_t size, unsigned granularity_bits) {
     return (size + (std::uint64_t{1} << granularity_bits) - 1) >> granularity_bits;
 }
 
+void set_bits(std::vector<std::uint64_t>& words, std::uint64_t first, std::uint64_t last);
+
+/// Sets granules [first, last] in `b`, whose data clusters each hold `per_cluster` granules.
+void set_granules(TrackedBitmap& b, std::uint64_t per_cluster, std::uint64_t first,
+                  std::uint64_t last) {
+    while (first <= last) {
+        const std::uint64_t cluster = first / per_cluster;
+        const std::uint64_t end = std::min(last, (cluster + 1) * per_cluster - 1);
+        auto& words = b.set[cluster];
+        if (words.empty())
+            words.assign(per_cluster / 64, 0);
+        set_bits(words, first - cluster * per_cluster, end - cluster * per_cluster);
+        first = end + 1;
+    }
+}
+
 void set_bits(std::vector<std::uint64_t>& words, std::uint64_t first, std::uint64_t last) {
     for (std::uint64_t bit = first; bit <= last;) {
         const std::uint64_t word = bit / 64;
@@ -32,9 +48,6 @@ void set_bits(std::vector<std::uint64_t>& words, std::uint64_t first, std::uint6
     }
 }
 
-bool bit_set(const std::vector<std::uint64_t>& words, std::uint64_t bit) {
-    return (words[bit / 64] >> (bit % 64)) & 1;
-}
 
 Result<void> write_flags(WState& s, const TrackedBitmap& b) {
     // Directory entry bytes 12-15: flags (spec "Bitmap directory").
@@ -63,7 +76,6 @@ Result<void> start_bitmaps(WState& s) {
         b.table_offset = e.table_offset;
         b.table_size = e.table_size;
         b.granularity_bits = e.granularity_bits;
-        b.set.assign((granules_for(s.size, b.granularity_bits) + 63) / 64, 0);
         if (auto ok = write_flags(s, b); !ok)
             return ok;
         s.bitmaps.push_back(std::move(b));
@@ -76,8 +88,10 @@ Result<void> start_bitmaps(WState& s) {
 void mark_bitmaps(WState& s, std::uint64_t offset, std::uint64_t length) {
     if (length == 0)
         return;
+    const std::uint64_t per_cluster = s.cluster_size * 8;
     for (TrackedBitmap& b : s.bitmaps) {
-        set_bits(b.set, offset >> b.granularity_bits, (offset + length - 1) >> b.granularity_bits);
+        set_granules(b, per_cluster, offset >> b.granularity_bits,
+                     (offset + length - 1) >> b.granularity_bits);
         b.changed = true;
     }
 }
@@ -100,14 +114,11 @@ Result<void> store_bitmaps(WState& s) {
         if (auto ok = s.file.pread(table, b.table_offset); !ok)
             return ok;
         std::vector<std::byte> cluster(s.cluster_size);
-        for (std::uint64_t t = 0; t < b.table_size; ++t) {
+        for (const auto& [t, words] : b.set) {
+            if (t >= b.table_size)
+                continue; // past the disk (cannot happen: requests stay inside it)
             const std::uint64_t first = t * per_cluster;
             const std::uint64_t last = std::min(granules, first + per_cluster);
-            bool any = false;
-            for (std::uint64_t w = first / 64; w < (last + 63) / 64 && !any; ++w)
-                any = b.set[w] != 0;
-            if (!any)
-                continue;
             const BitmapTableEntry entry = decode_bitmap_table_entry(table.data() + t * 8);
             if (entry.data_offset() == 0 && entry.all_ones())
                 continue; // every granule is dirty already
@@ -120,11 +131,9 @@ Result<void> store_bitmaps(WState& s) {
             }
             // Bit j of the data (granule first + j) is bit j % 8 of byte j / 8 (spec "Bitmap
             // data").
-            for (std::uint64_t g = first; g < last; ++g) {
-                if (bit_set(b.set, g)) {
-                    const std::uint64_t j = g - first;
+            for (std::uint64_t j = 0; j < last - first; ++j) {
+                if ((words[j / 64] >> (j % 64)) & 1)
                     cluster[j / 8] |= std::byte(1u << (j % 8));
-                }
             }
             if (offset == 0) {
                 auto allocation = allocate_clusters(s, 1);

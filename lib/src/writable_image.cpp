@@ -185,10 +185,12 @@ Result<std::span<const std::byte>> decompress(WState& s, const L2Entry& e) {
     return std::span<const std::byte>(s.decompressed);
 }
 
-/// Fills `out` with guest bytes `[offset, offset + out.size())` of guest cluster `guest` as
-/// its entry `e` says (all inside the cluster). `io_cache` is unused for now.
+/// Fills `out` with the bytes of guest cluster `guest` from `in_cluster` on, as its entry `e`
+/// says (all inside the cluster).
 Result<void> read_cluster_part(WState& s, const L2Entry& e, std::uint64_t guest,
                                std::uint64_t in_cluster, std::span<std::byte> out) {
+    if (out.empty())
+        return {};
     const std::uint64_t guest_offset = (guest << s.cluster_bits) + in_cluster;
     const ClusterType type = detail::cluster_type(e, s.extended, s.has_data_file);
     if (auto ok = check_entry(s, e, guest); !ok)
@@ -257,7 +259,6 @@ Result<void> plan_write(WState& s, std::uint64_t guest, std::uint64_t in_cluster
         return ok;
     const ClusterType type = detail::cluster_type(e, s.extended, s.has_data_file);
     const std::uint64_t cs = s.cluster_size;
-    const std::uint64_t guest_start = guest << s.cluster_bits;
     detail::FileIo& io = s.data_io();
     // Clusters of a data file are never shared: they count as COPIED (qemu sets the flag).
     const bool owned = e.copied() || s.has_data_file;
@@ -293,9 +294,13 @@ Result<void> plan_write(WState& s, std::uint64_t guest, std::uint64_t in_cluster
             if (auto ok = batch.add(io, host_offset + in_cluster, data.data(), data.size()); !ok)
                 return ok;
         } else {
-            // Copy-on-write: the rest of the cluster as it reads now (qemu's perform_cow).
+            // Copy-on-write: the rest of the cluster as it reads now (qemu's perform_cow), the
+            // part before the write and the part after it.
             auto cluster = batch.buffer(cs);
-            if (auto ok = read_cluster_part(s, e, guest, 0, cluster); !ok)
+            const std::uint64_t tail = in_cluster + data.size();
+            if (auto ok = read_cluster_part(s, e, guest, 0, cluster.first(in_cluster)); !ok)
+                return ok;
+            if (auto ok = read_cluster_part(s, e, guest, tail, cluster.subspan(tail)); !ok)
                 return ok;
             std::memcpy(cluster.data() + in_cluster, data.data(), data.size());
             if (auto ok = batch.add(io, host_offset, cluster.data(), cs); !ok)
@@ -382,7 +387,6 @@ Result<void> plan_write(WState& s, std::uint64_t guest, std::uint64_t in_cluster
     const std::uint64_t new_zero = type == ClusterType::compressed ? 0 : (zero & ~touched);
     L2Entry next{host_offset | detail::kL2CopiedFlag, (new_zero << 32) | new_alloc};
     updates.push_back({*table, guest, next, e});
-    (void)guest_start;
     return {};
 }
 

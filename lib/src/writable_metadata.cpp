@@ -284,7 +284,11 @@ Result<L2Entry> l2_entry(WState& s, std::uint64_t guest) {
 
 Result<CachedTable*> writable_l2(WState& s, std::uint64_t guest) {
     const std::uint64_t l1_index = guest >> s.l2_bits;
-    const L1Entry l1{s.l1.at(l1_index)};
+    if (l1_index >= s.l1.size()) {
+        return table_error(fmt::format("virtual offset {:#x} lies past the L1 table ({} entries)",
+                                       guest << s.cluster_bits, s.l1.size()));
+    }
+    const L1Entry l1{s.l1[l1_index]};
     if (l1.reserved_bits()) {
         return table_error(fmt::format("L1 entry {} ({:#x}) has reserved bits set", l1_index,
                                        l1.raw));

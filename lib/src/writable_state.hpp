@@ -48,7 +48,10 @@ struct TrackedBitmap {
     std::uint64_t table_offset = 0;
     std::uint32_t table_size = 0;
     unsigned granularity_bits = 0;
-    std::vector<std::uint64_t> set; ///< one bit per granule: set by this session
+    /// The granules set by this session, by bitmap data cluster (index into the bitmap table):
+    /// one bit per granule, only for clusters touched (memory follows the writes, not the
+    /// disk size).
+    std::unordered_map<std::uint64_t, std::vector<std::uint64_t>> set;
     bool changed = false;
 };
 
