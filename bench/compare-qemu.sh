@@ -457,3 +457,12 @@ if [[ -x /usr/bin/time ]]; then
     rm -f "$W_OURS" "$W_QEMU"
 fi
 awk -v a="$writer_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "writing qcow2 rows took %.1f s\n", b - a }'
+
+# In-place writes (issue 27): bench/inplace-compare.sh, with bench_write from the same build.
+BENCH_WRITE=$(dirname "$(dirname "$QCOWMAP")")/bench/bench_write
+if [[ -x $BENCH_WRITE ]]; then
+    echo
+    RUNS=$RUNS "$(dirname "$0")/inplace-compare.sh" "$BENCH_WRITE" "$WORKDIR"
+else
+    echo "in-place writes skipped: $BENCH_WRITE not built (-Dbench=true)"
+fi
