@@ -62,7 +62,7 @@ std::vector<Op> random_workload(std::uint64_t seed, std::uint64_t size, std::uin
     for (int i = 0; i < count; ++i) {
         Op op;
         const unsigned kind = static_cast<unsigned>(pick(10));
-        op.kind = kind < 6 ? Op::write
+        op.kind = kind < 6   ? Op::write
                   : kind < 7 ? Op::zero
                   : kind < 8 ? Op::zero_unmap
                   : kind < 9 ? (with_discard ? Op::discard : Op::write)
@@ -142,13 +142,14 @@ void apply_ours(const fs::path& image, const std::vector<Op>& ops,
 std::string map_without_offsets(const fs::path& image) {
     std::string map = run_ok("cd " + q(image.parent_path()) +
                              " && qemu-img map -f qcow2 --output=json " + q(image));
-    static const std::regex entry(R"re("start": ([0-9]+), "length": ([0-9]+), "depth": ([0-9]+), "present": (\w+), "zero": (\w+), "data": (\w+))re");
+    static const std::regex entry(
+        R"re("start": ([0-9]+), "length": ([0-9]+), "depth": ([0-9]+), "present": (\w+), "zero": (\w+), "data": (\w+))re");
     std::string out, last_kind;
     std::uint64_t start = 0, length = 0;
-    for (auto it = std::sregex_iterator(map.begin(), map.end(), entry); it != std::sregex_iterator();
-         ++it) {
-        const std::string kind = (*it)[3].str() + " " + (*it)[4].str() + " " + (*it)[5].str() +
-                                 " " + (*it)[6].str();
+    for (auto it = std::sregex_iterator(map.begin(), map.end(), entry);
+         it != std::sregex_iterator(); ++it) {
+        const std::string kind =
+            (*it)[3].str() + " " + (*it)[4].str() + " " + (*it)[5].str() + " " + (*it)[6].str();
         const std::uint64_t s0 = std::stoull((*it)[1].str()), n = std::stoull((*it)[2].str());
         if (kind == last_kind && start + length == s0) {
             length += n;
@@ -165,12 +166,14 @@ std::string map_without_offsets(const fs::path& image) {
 }
 
 void expect_check_clean(const fs::path& image) {
-    CommandResult check = run("cd " + q(image.parent_path()) + " && qemu-img check -f qcow2 " + q(image));
+    CommandResult check =
+        run("cd " + q(image.parent_path()) + " && qemu-img check -f qcow2 " + q(image));
     EXPECT_EQ(check.exit_code, 0) << check.out << check.err;
 }
 
 void expect_identical(const fs::path& a, const fs::path& b) {
-    CommandResult compare = run("cd " + q(a.parent_path()) + " && qemu-img compare -f qcow2 -F qcow2 " + q(a) + " " + q(b));
+    CommandResult compare = run("cd " + q(a.parent_path()) +
+                                " && qemu-img compare -f qcow2 -F qcow2 " + q(a) + " " + q(b));
     EXPECT_EQ(compare.exit_code, 0) << compare.out << compare.err;
 }
 
@@ -209,12 +212,14 @@ TEST(Create, MatchesQemuImgCreateForEachOption) {
         const std::string qemu_options =
             std::regex_replace(options, std::regex("DIR/"), dir.path().string() + "/q");
         run_ok("cd " + q(dir.path()) + " && qemu-img create -q -f qcow2 " +
-               (qemu_options.empty() ? "" : "-o " + shell_quote(qemu_options)) + " theirs.qcow2 5M");
+               (qemu_options.empty() ? "" : "-o " + shell_quote(qemu_options)) +
+               " theirs.qcow2 5M");
         expect_check_clean(ours);
         // Everything `qemu-img info` says but the file names and sizes on disk.
         auto info = [&](const fs::path& image) {
             std::string json = run_ok("qemu-img info --output=json " + q(image));
-            json = std::regex_replace(json, std::regex(R"re("(filename|actual-size|dirty-flag)"[^\n]*\n)re"), "");
+            json = std::regex_replace(
+                json, std::regex(R"re("(filename|actual-size|dirty-flag)"[^\n]*\n)re"), "");
             return std::regex_replace(json, std::regex(R"(q?[dr]\.raw|ours|theirs)"), "X");
         };
         EXPECT_EQ(info(ours), info(theirs));
@@ -356,9 +361,11 @@ TEST_P(Workload, SameAsQemuIo) {
         };
         apply_qemu_io(theirs, ops);
         apply_ours(ours, ops);
-        const bool same = run("cd " + q(dir.path()) + " && qemu-img compare -q " + q(theirs) + " " +
-                              q(ours)).exit_code == 0;
-        const bool same_map = kind.unaligned || map_without_offsets(ours) == map_without_offsets(theirs);
+        const bool same =
+            run("cd " + q(dir.path()) + " && qemu-img compare -q " + q(theirs) + " " + q(ours))
+                .exit_code == 0;
+        const bool same_map =
+            kind.unaligned || map_without_offsets(ours) == map_without_offsets(theirs);
         if ((!same || !same_map) && std::getenv("QCOWMAP_BISECT")) {
             // Diagnostics: the shortest prefix of the workload that differs.
             for (std::size_t k = 1; k <= ops.size(); ++k) {
@@ -366,15 +373,20 @@ TEST_P(Workload, SameAsQemuIo) {
                 std::vector<Op> prefix(ops.begin(), ops.begin() + static_cast<long>(k));
                 apply_qemu_io(theirs, prefix);
                 apply_ours(ours, prefix);
-                if (run("cd " + q(dir.path()) + " && qemu-img compare -q " + q(theirs) + " " + q(ours)).exit_code != 0 ||
+                if (run("cd " + q(dir.path()) + " && qemu-img compare -q " + q(theirs) + " " +
+                        q(ours))
+                            .exit_code != 0 ||
                     (!kind.unaligned && map_without_offsets(ours) != map_without_offsets(theirs))) {
                     std::string trail;
                     for (std::size_t i = 0; i < k; ++i)
                         trail += "  " + qemu_io_command(ops[i]) + "\n";
                     std::string fill;
-                    for (const Op& op : random_workload(99, kind.size, kind.cluster, 12, false, false))
+                    for (const Op& op :
+                         random_workload(99, kind.size, kind.cluster, 12, false, false))
                         fill += "  " + qemu_io_command(op) + "\n";
-                    ADD_FAILURE() << "fill:\n" << fill << "first difference after op " << k << ":\n" << trail;
+                    ADD_FAILURE() << "fill:\n"
+                                  << fill << "first difference after op " << k << ":\n"
+                                  << trail;
                     break;
                 }
             }
@@ -407,8 +419,9 @@ TEST_P(Workload, SameAsQemuIo) {
         }
         if (kind.setup == "datafile-raw") {
             // The raw data file is the disk.
-            CommandResult same = run("cd " + q(dir.path()) + " && qemu-img compare -f raw -F qcow2 " +
-                                     q(dir / "ours.data") + " " + q(theirs));
+            CommandResult same =
+                run("cd " + q(dir.path()) + " && qemu-img compare -f raw -F qcow2 " +
+                    q(dir / "ours.data") + " " + q(theirs));
             EXPECT_EQ(same.exit_code, 0) << same.out << same.err;
         }
     }
@@ -420,32 +433,32 @@ std::string kind_name(const ::testing::TestParamInfo<Kind>& info) {
 
 INSTANTIATE_TEST_SUITE_P(
     Kinds, Workload,
-    ::testing::Values(
-        Kind{"v3", "", 8 << 20, 65536, "filled"},
-        Kind{"v3Aligned", "", 8 << 20, 65536, "filled", false},
-        Kind{"v2", "compat=0.10", 8 << 20, 65536, "filled"},
-        Kind{"v2Aligned", "compat=0.10", 8 << 20, 65536, "filled", false},
-        Kind{"Cluster512", "cluster_size=512", 2 << 20, 512, "filled"},
-        Kind{"Cluster512Refcount64", "cluster_size=512,refcount_bits=64", 2 << 20, 512, "filled"},
-        Kind{"Cluster2M", "cluster_size=2M", 16 << 20, 2 << 20, "filled"},
-        Kind{"Refcount1", "cluster_size=4k,refcount_bits=1", 4 << 20, 4096, "filled"},
-        Kind{"ExtendedL2", "extended_l2=on", 8 << 20, 65536, "filled"},
-        Kind{"ExtendedL2Aligned", "extended_l2=on,cluster_size=16k", 4 << 20, 16384, "filled",
-             false},
-        Kind{"Compressed", "", 8 << 20, 65536, "compressed"},
-        Kind{"CompressedZstd", "compression_type=zstd,cluster_size=16k", 4 << 20, 16384,
-             "compressed"},
-        Kind{"Backing", "", 8 << 20, 65536, "backing"},
-        Kind{"BackingExtendedL2", "extended_l2=on", 8 << 20, 65536, "backing"},
-        Kind{"BackingV2", "compat=0.10", 8 << 20, 65536, "backing"},
-        Kind{"RawBacking", "cluster_size=4k", 2 << 20, 4096, "raw-backing"},
-        Kind{"Snapshot", "", 8 << 20, 65536, "snapshot"},
-        Kind{"SnapshotSmallClusters", "cluster_size=1k", 2 << 20, 1024, "snapshot"},
-        Kind{"Bitmaps", "", 8 << 20, 65536, "bitmap"},
-        Kind{"LargeL2Span", "cluster_size=1k", 64 << 20, 1024, "filled"},
-        Kind{"DataFile", "", 8 << 20, 65536, "datafile"},
-        Kind{"DataFileExtendedL2", "extended_l2=on", 8 << 20, 65536, "datafile"},
-        Kind{"DataFileRaw", "", 8 << 20, 65536, "datafile-raw"}),
+    ::testing::Values(Kind{"v3", "", 8 << 20, 65536, "filled"},
+                      Kind{"v3Aligned", "", 8 << 20, 65536, "filled", false},
+                      Kind{"v2", "compat=0.10", 8 << 20, 65536, "filled"},
+                      Kind{"v2Aligned", "compat=0.10", 8 << 20, 65536, "filled", false},
+                      Kind{"Cluster512", "cluster_size=512", 2 << 20, 512, "filled"},
+                      Kind{"Cluster512Refcount64", "cluster_size=512,refcount_bits=64", 2 << 20,
+                           512, "filled"},
+                      Kind{"Cluster2M", "cluster_size=2M", 16 << 20, 2 << 20, "filled"},
+                      Kind{"Refcount1", "cluster_size=4k,refcount_bits=1", 4 << 20, 4096, "filled"},
+                      Kind{"ExtendedL2", "extended_l2=on", 8 << 20, 65536, "filled"},
+                      Kind{"ExtendedL2Aligned", "extended_l2=on,cluster_size=16k", 4 << 20, 16384,
+                           "filled", false},
+                      Kind{"Compressed", "", 8 << 20, 65536, "compressed"},
+                      Kind{"CompressedZstd", "compression_type=zstd,cluster_size=16k", 4 << 20,
+                           16384, "compressed"},
+                      Kind{"Backing", "", 8 << 20, 65536, "backing"},
+                      Kind{"BackingExtendedL2", "extended_l2=on", 8 << 20, 65536, "backing"},
+                      Kind{"BackingV2", "compat=0.10", 8 << 20, 65536, "backing"},
+                      Kind{"RawBacking", "cluster_size=4k", 2 << 20, 4096, "raw-backing"},
+                      Kind{"Snapshot", "", 8 << 20, 65536, "snapshot"},
+                      Kind{"SnapshotSmallClusters", "cluster_size=1k", 2 << 20, 1024, "snapshot"},
+                      Kind{"Bitmaps", "", 8 << 20, 65536, "bitmap"},
+                      Kind{"LargeL2Span", "cluster_size=1k", 64 << 20, 1024, "filled"},
+                      Kind{"DataFile", "", 8 << 20, 65536, "datafile"},
+                      Kind{"DataFileExtendedL2", "extended_l2=on", 8 << 20, 65536, "datafile"},
+                      Kind{"DataFileRaw", "", 8 << 20, 65536, "datafile-raw"}),
     kind_name);
 
 // ---------------------------------------------------------------------------------------------
@@ -572,10 +585,10 @@ TEST(Refuse, ImagesThatCannotBeWritten) {
     EXPECT_EQ(v1.error().code, ErrorCode::unsupported_version);
     EXPECT_NE(v1.error().message.find("qcow version 1"), std::string::npos);
     // The corrupt bit, the dirty bit, an unknown incompatible bit.
-    for (auto [bit, code] : std::vector<std::pair<int, ErrorCode>>{
-             {1, ErrorCode::unsupported_feature},
-             {0, ErrorCode::unsupported_feature},
-             {9, ErrorCode::unsupported_feature}}) {
+    for (auto [bit, code] :
+         std::vector<std::pair<int, ErrorCode>>{{1, ErrorCode::unsupported_feature},
+                                                {0, ErrorCode::unsupported_feature},
+                                                {9, ErrorCode::unsupported_feature}}) {
         const fs::path image = dir / fmt::format("bit{}.qcow2", bit);
         run_ok("qemu-img create -q -f qcow2 " + q(image) + " 1M");
         poke_be(image, 72, std::uint64_t{1} << bit, 8);
@@ -649,7 +662,8 @@ TEST(Locks, QemuAndQcowmapExcludeEachOther) {
     }
     // qemu-io holds the image open for writing while it waits for commands on its stdin.
     std::signal(SIGPIPE, SIG_IGN);
-    FILE* io = ::popen(("qemu-io -f qcow2 " + q(dir / "a.qcow2") + " >/dev/null 2>&1").c_str(), "w");
+    FILE* io =
+        ::popen(("qemu-io -f qcow2 " + q(dir / "a.qcow2") + " >/dev/null 2>&1").c_str(), "w");
     ASSERT_NE(io, nullptr);
     bool held = false; // qemu-img info fails once qemu-io holds the write lock
     for (int i = 0; i < 100 && !held; ++i) {

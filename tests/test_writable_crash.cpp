@@ -42,8 +42,10 @@ std::vector<Op> workload(std::uint64_t seed, std::uint64_t size, std::uint64_t c
     for (int i = 0; i < count; ++i) {
         Op op;
         const unsigned kind = static_cast<unsigned>(pick(10));
-        op.kind = kind < 7 ? Op::write : kind < 8 ? Op::zero : kind < 9 ? Op::zero_unmap
-                                                                         : Op::discard;
+        op.kind = kind < 7   ? Op::write
+                  : kind < 8 ? Op::zero
+                  : kind < 9 ? Op::zero_unmap
+                             : Op::discard;
         op.pattern = static_cast<std::uint8_t>(1 + pick(254));
         if (op.kind == Op::discard || pick(3) == 0) {
             op.offset = pick(size / cluster) * cluster;
@@ -118,16 +120,15 @@ class Crash : public ::testing::TestWithParam<Scenario> {
             if (op.kind != Op::write)
                 continue;
             io += fmt::format(" -c 'write -P {} {} {}'", op.pattern, op.offset, op.length);
-            sectors_of(op, s.cluster, [&](std::uint64_t sector, std::uint8_t v) {
-                initial_[sector] = v;
-            });
+            sectors_of(op, s.cluster,
+                       [&](std::uint64_t sector, std::uint8_t v) { initial_[sector] = v; });
         }
         fs::path filled = start_;
         if (s.setup == "backing") {
             filled = dir_ / "base.qcow2";
             run_ok("qemu-img create -q -f qcow2 " + q(filled) + " " + std::to_string(s.size));
-            options += std::string(options.empty() ? "" : ",") + "backing_file=" +
-                       filled.string() + ",backing_fmt=qcow2";
+            options += std::string(options.empty() ? "" : ",") + "backing_file=" + filled.string() +
+                       ",backing_fmt=qcow2";
         }
         run_ok("qemu-img create -q -f qcow2 " +
                (options.empty() ? "" : "-o " + shell_quote(options)) + " " + q(start_) + " " +
@@ -155,11 +156,13 @@ class Crash : public ::testing::TestWithParam<Scenario> {
     /// Checks `work` after a crash with `flushed` ops known durable: no corruption (our check,
     /// and qemu-img check when `with_qemu`), flushed data intact, later data per sector either
     /// way.
-    void verify(const fs::path& work, std::size_t flushed, bool with_qemu, const std::string& what) {
+    void verify(const fs::path& work, std::size_t flushed, bool with_qemu,
+                const std::string& what) {
         SCOPED_TRACE(what);
         auto checked = check_image(work);
         ASSERT_TRUE(checked) << checked.error().message;
-        EXPECT_EQ(checked->corruptions, 0u) << (checked->messages.empty() ? "" : checked->messages[0]);
+        EXPECT_EQ(checked->corruptions, 0u)
+            << (checked->messages.empty() ? "" : checked->messages[0]);
         EXPECT_EQ(checked->check_errors, 0u);
         if (with_qemu) {
             CommandResult check = run("qemu-img check -q " + q(work));
@@ -168,9 +171,8 @@ class Crash : public ::testing::TestWithParam<Scenario> {
         const Scenario& s = GetParam();
         std::vector<std::uint8_t> expected = initial_;
         for (std::size_t i = 0; i < flushed; ++i)
-            sectors_of(ops_[i], s.cluster, [&](std::uint64_t sector, std::uint8_t v) {
-                expected[sector] = v;
-            });
+            sectors_of(ops_[i], s.cluster,
+                       [&](std::uint64_t sector, std::uint8_t v) { expected[sector] = v; });
         auto image = Image::open(work);
         ASSERT_TRUE(image) << image.error().message;
         std::vector<std::byte> disk(s.size);
@@ -297,7 +299,8 @@ TEST_P(Crash, SigkillAtRandomMoments) {
         ::close(progress[0]);
         if (WIFEXITED(status))
             ASSERT_EQ(WEXITSTATUS(status), 0);
-        verify(work, last, round % 10 == 0, fmt::format("kill {} after {} flushed ops", round, last));
+        verify(work, last, round % 10 == 0,
+               fmt::format("kill {} after {} flushed ops", round, last));
         if (HasFailure())
             return;
     }
@@ -312,8 +315,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Scenario{"Plain", "", 2 << 20, 65536, ""},
                       // Refcount blocks of 64 clusters, a table of 64 blocks (2 MiB of
                       // file): new blocks and a new table during the workload.
-                      Scenario{"RefcountGrowth", "cluster_size=512,refcount_bits=64", 4 << 20,
-                               512, "nearly-full"},
+                      Scenario{"RefcountGrowth", "cluster_size=512,refcount_bits=64", 4 << 20, 512,
+                               "nearly-full"},
                       Scenario{"BackingExtendedL2", "extended_l2=on,cluster_size=16k", 2 << 20,
                                16384, "backing"},
                       Scenario{"Snapshot", "cluster_size=4k", 1 << 20, 4096, "snapshot"},

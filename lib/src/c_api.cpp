@@ -190,7 +190,8 @@ struct qcow2* qcowmap_open(const char* path, const struct qcowmap_open_options* 
             qcowmap::WritableOptions writable_options;
             writable_options.open = open_options;
             auto writable = qcowmap::WritableImage::open(path, writable_options);
-            auto view = writable ? writable->snapshot_view() : qcowmap::Result<qcowmap::Image>(writable.error());
+            auto view = writable ? writable->snapshot_view()
+                                 : qcowmap::Result<qcowmap::Image>(writable.error());
             if (!view) {
                 const char* message = fail(view.error());
                 if (error_ret) {

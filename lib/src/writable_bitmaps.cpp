@@ -48,7 +48,6 @@ void set_bits(std::vector<std::uint64_t>& words, std::uint64_t first, std::uint6
     }
 }
 
-
 Result<void> write_flags(WState& s, const TrackedBitmap& b) {
     // Directory entry bytes 12-15: flags (spec "Bitmap directory").
     return write_header_field(s, b.directory_entry_offset + 12, b.flags, 4);

@@ -146,8 +146,8 @@ Result<void> parse_create_options(std::string_view text, CreateOptions& options)
             options.data_file = value;
         } else if (key == "preallocation") {
             if (value != "off")
-                return bad_option(fmt::format("option preallocation={} is not supported (off is)",
-                                              value));
+                return bad_option(
+                    fmt::format("option preallocation={} is not supported (off is)", value));
         } else {
             return bad_option(fmt::format("unknown or unsupported option '{}' (compat, "
                                           "cluster_size, extended_l2, compression_type, "

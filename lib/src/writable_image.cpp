@@ -125,7 +125,6 @@ class WriteBatch {
     }
 
   public:
-
   private:
     WState& s_;
     detail::FileIo* io_ = nullptr;
@@ -316,7 +315,8 @@ Result<void> plan_write(WState& s, std::uint64_t guest, std::uint64_t in_cluster
 
     // Extended L2 entries: a write allocates the cluster and marks only its subclusters.
     const unsigned first = static_cast<unsigned>(in_cluster >> s.subcluster_bits);
-    const unsigned last = static_cast<unsigned>((in_cluster + data.size() - 1) >> s.subcluster_bits);
+    const unsigned last =
+        static_cast<unsigned>((in_cluster + data.size() - 1) >> s.subcluster_bits);
     const std::uint64_t touched = subcluster_mask(first, last);
     const std::uint64_t span_start = std::uint64_t{first} << s.subcluster_bits;
     const std::uint64_t span_end = std::uint64_t{last + 1} << s.subcluster_bits;
@@ -730,8 +730,9 @@ WritableImage::~WritableImage() {
 Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
                                           const WritableOptions& options) {
     if (options.open.snapshot)
-        return open_error(path, ErrorCode::invalid_argument, "an internal snapshot cannot be "
-                                                             "written");
+        return open_error(path, ErrorCode::invalid_argument,
+                          "an internal snapshot cannot be "
+                          "written");
     if (options.open.format && *options.open.format != "qcow2")
         return open_error(path, ErrorCode::unsupported_feature, "only qcow2 images are written");
     auto opened = Image::open(path, options.open);
@@ -783,9 +784,9 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
     if (s.has_data_file) {
         int data_fd = ::open(top.data_file_path.c_str(), O_RDWR | O_CLOEXEC);
         if (data_fd < 0) {
-            return open_error(path, ErrorCode::io_error,
-                              fmt::format("data file {}: {}", top.data_file_path.string(),
-                                          std::strerror(errno)));
+            return open_error(
+                path, ErrorCode::io_error,
+                fmt::format("data file {}: {}", top.data_file_path.string(), std::strerror(errno)));
         }
         s.data_file = detail::FileIo(data_fd, top.data_file_path.string());
         if (options.lock) {
@@ -817,8 +818,8 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
     s.subcluster_bits = top.subcluster_bits;
     s.refcount_order = info.refcount_order;
     s.refblock_bits = s.cluster_bits + 3 - s.refcount_order;
-    s.max_refcount = s.refcount_order == 6 ? UINT64_MAX
-                                           : (std::uint64_t{1} << (1u << s.refcount_order)) - 1;
+    s.max_refcount =
+        s.refcount_order == 6 ? UINT64_MAX : (std::uint64_t{1} << (1u << s.refcount_order)) - 1;
     s.compressed_layout = top.compressed_layout;
     s.size = info.virtual_size;
     s.l1.resize(info.l1_size);
@@ -948,8 +949,7 @@ Result<BlockStatus> WritableImage::block_status(std::uint64_t offset, std::uint6
         if (!e)
             return std::move(e).error();
         const ClusterType type = detail::cluster_type(*e, s.extended, s.has_data_file);
-        const std::uint64_t unit_end =
-            std::min(end, ((position >> unit_bits) + 1) << unit_bits);
+        const std::uint64_t unit_end = std::min(end, ((position >> unit_bits) + 1) << unit_bits);
         BlockStatus status{position, unit_end - position, false, false};
         switch (type) {
         case ClusterType::unallocated:
@@ -1041,8 +1041,7 @@ Result<void> WritableImage::resize(std::uint64_t new_size) {
         // A new L1 table: allocated (refcounts synced), written and synced, then one header
         // write switches size, L1 offset and L1 size together (bytes 24-47), then the old
         // table is freed (qemu's qcow2_grow_l1_table).
-        const std::uint64_t table_clusters =
-            (l1_needed * 8 + s.cluster_size - 1) >> s.cluster_bits;
+        const std::uint64_t table_clusters = (l1_needed * 8 + s.cluster_size - 1) >> s.cluster_bits;
         auto allocation = detail::allocate_clusters(s, table_clusters);
         if (!allocation)
             return std::move(allocation).error();
@@ -1065,8 +1064,7 @@ Result<void> WritableImage::resize(std::uint64_t new_size) {
             return ok;
         if (auto ok = s.file.sync(); !ok)
             return ok;
-        const std::uint64_t old_clusters =
-            (s.l1.size() * 8 + s.cluster_size - 1) >> s.cluster_bits;
+        const std::uint64_t old_clusters = (s.l1.size() * 8 + s.cluster_size - 1) >> s.cluster_bits;
         if (s.l1_offset != 0 && !s.l1.empty()) {
             for (std::uint64_t c = 0; c < old_clusters; ++c)
                 s.pending_frees.push_back((s.l1_offset >> s.cluster_bits) + c);

@@ -46,7 +46,9 @@ FileIo::FileIo(int fd, std::string name) : fd_(fd), name_(std::move(name)) {
     }
 }
 
-FileIo::FileIo(FileIo&& other) noexcept { *this = std::move(other); }
+FileIo::FileIo(FileIo&& other) noexcept {
+    *this = std::move(other);
+}
 
 FileIo& FileIo::operator=(FileIo&& other) noexcept {
     if (this == &other)
@@ -65,7 +67,9 @@ FileIo& FileIo::operator=(FileIo&& other) noexcept {
     return *this;
 }
 
-FileIo::~FileIo() { close(); }
+FileIo::~FileIo() {
+    close();
+}
 
 void FileIo::close() {
     FaultState& f = faults();
@@ -78,8 +82,8 @@ void FileIo::close() {
 }
 
 Error FileIo::io_error(std::string_view what, int err) const {
-    return Error{ErrorCode::io_error, fmt::format("cannot {} {}: {}", what, name_,
-                                                  std::strerror(err))};
+    return Error{ErrorCode::io_error,
+                 fmt::format("cannot {} {}: {}", what, name_, std::strerror(err))};
 }
 
 // Called with the fault mutex held, once, when the armed fault fires.
@@ -226,7 +230,8 @@ Result<void> FileIo::zero_range(std::uint64_t offset, std::uint64_t length) {
         // No hole punching here (block device, old file system): the same operation writes
         // zeros.
         while (length > 0) {
-            const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(length, zeros.size()));
+            const std::size_t n =
+                static_cast<std::size_t>(std::min<std::uint64_t>(length, zeros.size()));
             const ssize_t w = ::pwrite(fd_, zeros.data(), n, static_cast<off_t>(offset));
             if (w < 0 && errno == EINTR)
                 continue;
@@ -251,8 +256,8 @@ Result<void> FileIo::zero_range(std::uint64_t offset, std::uint64_t length) {
 Result<void> FileIo::pread(std::span<std::byte> out, std::uint64_t offset) const {
     std::size_t done = 0;
     while (done < out.size()) {
-        const ssize_t n = ::pread(fd_, out.data() + done, out.size() - done,
-                                  static_cast<off_t>(offset + done));
+        const ssize_t n =
+            ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
         if (n < 0) {
             if (errno == EINTR)
                 continue;

@@ -56,18 +56,16 @@ Result<void> lock_for_writing(int fd, std::string_view name) {
         if (!set_lock(fd, kLockPermBase + p, F_RDLCK)) {
             const int err = errno;
             release();
-            return Error{ErrorCode::io_error,
-                         fmt::format("{}: cannot take QEMU's \"{}\" lock: {}", name, kPermNames[p],
-                                     std::strerror(err))};
+            return Error{ErrorCode::io_error, fmt::format("{}: cannot take QEMU's \"{}\" lock: {}",
+                                                          name, kPermNames[p], std::strerror(err))};
         }
     }
     for (int p : unshared) {
         if (!set_lock(fd, kLockSharedBase + p, F_RDLCK)) {
             const int err = errno;
             release();
-            return Error{ErrorCode::io_error,
-                         fmt::format("{}: cannot take QEMU's \"{}\" lock: {}", name, kPermNames[p],
-                                     std::strerror(err))};
+            return Error{ErrorCode::io_error, fmt::format("{}: cannot take QEMU's \"{}\" lock: {}",
+                                                          name, kPermNames[p], std::strerror(err))};
         }
     }
     // Someone who does not share what we hold, or who holds what we do not share (as qemu's

@@ -55,8 +55,8 @@ Result<CachedTable*> load(WState& s, std::unordered_map<std::uint64_t, CachedTab
     if (!file_size)
         return std::move(file_size).error();
     if (!fits(*file_size, host_offset, s.cluster_size)) {
-        return table_error(fmt::format("{} at {:#x} (+{:#x}) lies beyond end of file ({:#x})",
-                                       what, host_offset, s.cluster_size, *file_size));
+        return table_error(fmt::format("{} at {:#x} (+{:#x}) lies beyond end of file ({:#x})", what,
+                                       host_offset, s.cluster_size, *file_size));
     }
     CachedTable table;
     table.bytes.resize(s.cluster_size);
@@ -83,8 +83,8 @@ Result<CachedTable*> refcount_block(WState& s, std::uint64_t block, bool create)
     if (block < s.reftable.size()) {
         const std::uint64_t raw = s.reftable[block];
         if (raw & kRefcountTableReservedMask) {
-            return table_error(fmt::format("refcount table entry {} ({:#x}) has reserved bits set",
-                                           block, raw));
+            return table_error(
+                fmt::format("refcount table entry {} ({:#x}) has reserved bits set", block, raw));
         }
         if (const std::uint64_t offset = raw & kRefcountTableOffsetMask)
             return load(s, s.refblock_cache, block, offset, "refcount block");
@@ -146,8 +146,8 @@ Result<void> grow_refcount_table(WState& s, std::uint64_t needed_entries) {
             if (block_offset(s, b) == 0)
                 missing.push_back(b);
         }
-        const std::uint64_t last_block = (area + table_clusters + missing.size() - 1) >>
-                                         s.refblock_bits;
+        const std::uint64_t last_block =
+            (area + table_clusters + missing.size() - 1) >> s.refblock_bits;
         if (last_block >= table_clusters * per_cluster) {
             ++table_clusters;
             continue;
@@ -270,8 +270,8 @@ Result<L2Entry> l2_entry(WState& s, std::uint64_t guest) {
         return L2Entry{};
     const L1Entry l1{s.l1[l1_index]};
     if (l1.reserved_bits()) {
-        return table_error(fmt::format("L1 entry {} ({:#x}) has reserved bits set", l1_index,
-                                       l1.raw));
+        return table_error(
+            fmt::format("L1 entry {} ({:#x}) has reserved bits set", l1_index, l1.raw));
     }
     if (l1.l2_offset() == 0)
         return L2Entry{};
@@ -290,8 +290,8 @@ Result<CachedTable*> writable_l2(WState& s, std::uint64_t guest) {
     }
     const L1Entry l1{s.l1[l1_index]};
     if (l1.reserved_bits()) {
-        return table_error(fmt::format("L1 entry {} ({:#x}) has reserved bits set", l1_index,
-                                       l1.raw));
+        return table_error(
+            fmt::format("L1 entry {} ({:#x}) has reserved bits set", l1_index, l1.raw));
     }
     if (l1.l2_offset() != 0 && l1.copied())
         return l2_table_at(s, l1.l2_offset());
@@ -428,7 +428,8 @@ Result<void> writeback(WState& s) {
     // 3. Refcount table entries of new blocks.
     if (!s.reftable_dirty.empty()) {
         for (std::uint64_t index : s.reftable_dirty) {
-            if (auto ok = write_header_field(s, s.reftable_offset + index * 8, s.reftable[index], 8);
+            if (auto ok =
+                    write_header_field(s, s.reftable_offset + index * 8, s.reftable[index], 8);
                 !ok) {
                 return ok;
             }

@@ -20,12 +20,12 @@
 namespace qcowmap::detail {
 
 // Header fields the in-place writer changes (spec "Header", byte offsets).
-inline constexpr std::uint64_t kHeaderSizeAt = 24;            // size, 8 bytes
-inline constexpr std::uint64_t kHeaderL1SizeAt = 36;          // l1_size, 4 bytes
-inline constexpr std::uint64_t kHeaderL1OffsetAt = 40;        // l1_table_offset, 8 bytes
-inline constexpr std::uint64_t kHeaderRefcountTableAt = 48;   // refcount_table_offset, 8 bytes
+inline constexpr std::uint64_t kHeaderSizeAt = 24;             // size, 8 bytes
+inline constexpr std::uint64_t kHeaderL1SizeAt = 36;           // l1_size, 4 bytes
+inline constexpr std::uint64_t kHeaderL1OffsetAt = 40;         // l1_table_offset, 8 bytes
+inline constexpr std::uint64_t kHeaderRefcountTableAt = 48;    // refcount_table_offset, 8 bytes
 inline constexpr std::uint64_t kHeaderRefcountClustersAt = 56; // refcount_table_clusters, 4
-inline constexpr std::uint64_t kHeaderAutoclearAt = 88;       // autoclear_features, 8 bytes
+inline constexpr std::uint64_t kHeaderAutoclearAt = 88;        // autoclear_features, 8 bytes
 /// qemu's caps (block/qcow2.h): QCOW_MAX_REFTABLE_SIZE, QCOW_MAX_L1_SIZE, and host offsets
 /// below 2^56 (QCOW_MAX_CLUSTER_OFFSET).
 inline constexpr std::uint64_t kMaxRefcountTableBytesW = 8ull << 20;
@@ -116,7 +116,6 @@ struct WritableImage::State {
     // past it read as zeros until first written).
     std::unordered_set<std::uint64_t> data_clusters_written;
     std::uint64_t data_fresh_from = 0;
-
 
     std::vector<detail::TrackedBitmap> bitmaps;
     Decompressor decompressor;

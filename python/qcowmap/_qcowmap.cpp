@@ -533,8 +533,7 @@ class ContiguousBuffer {
 class PyWritable {
     // Defined first: its deduced return type is needed by the methods below.
     /// Runs `operation` (without the GIL when it moves more than 16 KiB) and raises its error.
-    template <typename Operation>
-    auto call(Operation operation, std::size_t bytes) const {
+    template <typename Operation> auto call(Operation operation, std::size_t bytes) const {
         constexpr std::size_t kReleaseGilAbove = 16 * 1024;
         std::optional<py::gil_scoped_release> unlocked;
         if (bytes > kReleaseGilAbove)
@@ -549,7 +548,6 @@ class PyWritable {
         else
             return *result;
     }
-
 
   public:
     PyWritable(qcowmap::WritableImage image, std::string filename)
