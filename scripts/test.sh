@@ -51,10 +51,10 @@ echo "=== thread: ThreadSanitizer on the concurrency tests (build-tsan)"
 if [ -d build-tsan ] || meson setup build-tsan --buildtype=debugoptimized -Db_sanitize=thread \
      -Dbench=false >/dev/null; then
   if ninja -C build-tsan -j "$jobs" apps/qcowmap tests/test_compressed tests/test_oracle \
-       tests/test_visit tests/test_compare tests/test_api tests/test_writer \
+       tests/test_visit tests/test_compare tests/test_api tests/test_writer tests/test_writable \
        >build-tsan/qcowmap-build.log 2>&1; then
     for run in compressed:'*Concurrency*' oracle:'*Concurrency*' visit:'*' compare:'*' api:'*' \
-      writer:'*-WriterLibrary.ReadmeExampleRuns:WriterReadme.*'; do
+      writer:'*-WriterLibrary.ReadmeExampleRuns:WriterReadme.*' writable:'Threads.*'; do
       suite=${run%%:*}
       QCOWMAP_BIN=$PWD/build-tsan/apps/qcowmap TSAN_OPTIONS=halt_on_error=1 \
         "build-tsan/tests/test_$suite" --gtest_filter="${run#*:}" >"build-tsan/tsan-$suite.log" 2>&1

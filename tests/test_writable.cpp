@@ -13,9 +13,11 @@
 
 #include <fmt/format.h>
 
+#include <atomic>
 #include <csignal>
 #include <random>
 #include <regex>
+#include <thread>
 
 namespace qcowmap::test {
 namespace {
@@ -396,8 +398,9 @@ TEST_P(Workload, SameAsQemuIo) {
         }
         expect_identical(theirs, ours);
         expect_check_clean(ours);
-        if (!kind.unaligned)
+        if (!kind.unaligned) {
             EXPECT_EQ(map_without_offsets(ours), map_without_offsets(theirs));
+        }
         if (kind.setup == "snapshot") {
             // The snapshot still reads as it did before the workload.
             auto raw = [&](const fs::path& image, const char* out) {
@@ -554,6 +557,40 @@ TEST(Writable, ShrinkOnlyAnUnallocatedTail) {
     auto shrunk = image->resize(2 << 20);
     EXPECT_FALSE(shrunk) << "zero clusters are still allocated entries";
     ASSERT_TRUE(image->close());
+}
+
+TEST(Threads, OneWritableImageFromSeveralThreads) {
+    // Calls are serialised inside: writers, readers and flushes on four threads (run under
+    // ThreadSanitizer by scripts/test.sh).
+    TempDir dir;
+    CreateOptions options;
+    options.cluster_size = 4096;
+    ASSERT_TRUE(create(dir / "a.qcow2", 8 << 20, options));
+    auto image = WritableImage::open(dir / "a.qcow2");
+    ASSERT_TRUE(image);
+    std::vector<std::thread> threads;
+    std::atomic<int> failures{0};
+    for (int t = 0; t < 4; ++t) {
+        threads.emplace_back([&, t] {
+            std::vector<std::byte> data(12288, std::byte(t + 1)), back(12288);
+            for (int i = 0; i < 40; ++i) {
+                const std::uint64_t offset = (std::uint64_t(i) * 4 + t) * 16384;
+                if (!image->write(offset, data) || !image->read(back, offset) || back != data)
+                    ++failures;
+                if (i % 10 == 9 && !image->flush())
+                    ++failures;
+                if (i % 7 == 0 && !image->block_status(offset, 16384))
+                    ++failures;
+            }
+        });
+    }
+    for (std::thread& thread : threads)
+        thread.join();
+    EXPECT_EQ(failures.load(), 0);
+    ASSERT_TRUE(image->close());
+    expect_check_clean(dir / "a.qcow2");
+    run_ok("qemu-io -c 'read -P 1 0 12k' -c 'read -P 4 " + std::to_string((39 * 4 + 3) * 16384) +
+           " 12k' " + q(dir / "a.qcow2") + " >/dev/null");
 }
 
 // ---------------------------------------------------------------------------------------------
