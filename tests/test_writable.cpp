@@ -559,6 +559,48 @@ TEST(Writable, ShrinkOnlyAnUnallocatedTail) {
     ASSERT_TRUE(image->close());
 }
 
+TEST(Writable, UnknownAutoclearBitsAreClearedBeforeWriting) {
+    TempDir dir;
+    ASSERT_TRUE(create(dir / "a.qcow2", 1 << 20));
+    poke_be(dir / "a.qcow2", 88, std::uint64_t{1} << 7, 8); // a feature qcowmap does not know
+    auto image = WritableImage::open(dir / "a.qcow2");
+    ASSERT_TRUE(image) << image.error().message;
+    EXPECT_EQ(peek_be(dir / "a.qcow2", 88, 8), 0u);
+    ASSERT_TRUE(image->close());
+    expect_check_clean(dir / "a.qcow2");
+}
+
+TEST(Writable, BitmapsAreInUseWhileOpenAndStoredOnClose) {
+    TempDir dir;
+    const fs::path path = dir / "a.qcow2";
+    run_ok("qemu-img create -q -f qcow2 " + q(path) + " 4M");
+    run_ok("qemu-img bitmap --add " + q(path) + " b0");
+    run_ok("qemu-img bitmap --add --disable " + q(path) + " off");
+    auto flags = [&] {
+        auto view = Image::open(path);
+        EXPECT_TRUE(view) << view.error().message;
+        std::vector<bool> in_use;
+        for (const BitmapEntry& e : view->info().bitmaps->entries)
+            in_use.push_back(e.in_use());
+        return in_use;
+    };
+    {
+        auto image = WritableImage::open(path);
+        ASSERT_TRUE(image) << image.error().message;
+        // Enabled bitmaps carry in_use on disk from the open on; disabled ones do not change.
+        EXPECT_EQ(flags(), (std::vector<bool>{true, false}));
+        std::vector<std::byte> data(4096, std::byte{1});
+        ASSERT_TRUE(image->write(3 << 20, data));
+        ASSERT_TRUE(image->close());
+    }
+    EXPECT_EQ(flags(), (std::vector<bool>{false, false}));
+    expect_check_clean(path);
+    const std::string map =
+        run_ok("nbdinfo --map=qemu:dirty-bitmap:b0 -- [ qemu-nbd -r -f qcow2 -B b0 " + q(path) +
+               " ]");
+    EXPECT_NE(map.find("3145728       65536    1  dirty"), std::string::npos) << map;
+}
+
 TEST(Threads, OneWritableImageFromSeveralThreads) {
     // Calls are serialised inside: writers, readers and flushes on four threads (run under
     // ThreadSanitizer by scripts/test.sh).
