@@ -595,9 +595,8 @@ TEST(Writable, BitmapsAreInUseWhileOpenAndStoredOnClose) {
     }
     EXPECT_EQ(flags(), (std::vector<bool>{false, false}));
     expect_check_clean(path);
-    const std::string map =
-        run_ok("nbdinfo --map=qemu:dirty-bitmap:b0 -- [ qemu-nbd -r -f qcow2 -B b0 " + q(path) +
-               " ]");
+    const std::string map = run_ok(
+        "nbdinfo --map=qemu:dirty-bitmap:b0 -- [ qemu-nbd -r -f qcow2 -B b0 " + q(path) + " ]");
     EXPECT_NE(map.find("3145728       65536    1  dirty"), std::string::npos) << map;
 }
 
@@ -710,7 +709,16 @@ TEST(Refuse, DamagedTableWhereTheWriteGoes) {
     const std::uint64_t l1 = peek_be(dir / "a.qcow2", 40, 8);
     poke_be(dir / "a.qcow2", l1, (std::uint64_t{1} << 63) | 0x50200, 8);
     const auto before = read_file(dir / "a.qcow2");
-    auto image = WritableImage::open(dir / "a.qcow2");
+    // The check at open refuses it.
+    auto refused = WritableImage::open(dir / "a.qcow2");
+    ASSERT_FALSE(refused);
+    EXPECT_EQ(refused.error().code, ErrorCode::invalid_table);
+    EXPECT_NE(refused.error().message.find("qemu-img check -r all"), std::string::npos)
+        << refused.error().message;
+    // Without it, the request that meets the damage is refused and nothing changes.
+    WritableOptions unchecked;
+    unchecked.check = false;
+    auto image = WritableImage::open(dir / "a.qcow2", unchecked);
     ASSERT_TRUE(image) << image.error().message;
     std::vector<std::byte> data(512, std::byte{2});
     auto ok = image->write(0, data);
@@ -718,6 +726,36 @@ TEST(Refuse, DamagedTableWhereTheWriteGoes) {
     EXPECT_EQ(ok.error().code, ErrorCode::invalid_table) << ok.error().message;
     ASSERT_TRUE(image->close());
     EXPECT_EQ(read_file(dir / "a.qcow2"), before);
+}
+
+TEST(Refuse, ClusterPastTheEndOfTheFile) {
+    TempDir dir;
+    run_ok("qemu-img create -q -f qcow2 " + q(dir / "a.qcow2") + " 1M");
+    run_ok("qemu-io -f qcow2 -c 'write -P 1 0 64k' " + q(dir / "a.qcow2") + " >/dev/null");
+    point_cluster_past_eof(dir / "a.qcow2", 0);
+    const auto before = read_file(dir / "a.qcow2");
+    WritableOptions unchecked;
+    unchecked.check = false;
+    auto image = WritableImage::open(dir / "a.qcow2", unchecked);
+    ASSERT_TRUE(image) << image.error().message;
+    std::vector<std::byte> data(512, std::byte{2});
+    auto ok = image->write(0, data);
+    ASSERT_FALSE(ok);
+    EXPECT_EQ(ok.error().code, ErrorCode::invalid_cluster) << ok.error().message;
+    ASSERT_TRUE(image->close());
+    EXPECT_EQ(read_file(dir / "a.qcow2"), before) << "the file did not grow to 4 TiB";
+}
+
+TEST(Refuse, RefcountsThatMissAUsedCluster) {
+    // A data cluster whose refcount says free: allocating it would overwrite live data.
+    TempDir dir;
+    run_ok("qemu-img create -q -f qcow2 " + q(dir / "a.qcow2") + " 1M");
+    run_ok("qemu-io -f qcow2 -c 'write -P 1 0 64k' " + q(dir / "a.qcow2") + " >/dev/null");
+    const std::uint64_t refblock = peek_be(dir / "a.qcow2", peek_be(dir / "a.qcow2", 48, 8), 8);
+    poke_be(dir / "a.qcow2", refblock + 5 * 2, 0, 2); // cluster 5 (the data) refcount 0
+    auto refused = WritableImage::open(dir / "a.qcow2");
+    ASSERT_FALSE(refused);
+    EXPECT_EQ(refused.error().code, ErrorCode::invalid_table) << refused.error().message;
 }
 
 // ---------------------------------------------------------------------------------------------

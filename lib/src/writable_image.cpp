@@ -7,6 +7,8 @@
 #include "writable_state.hpp"
 #include "writer_layout.hpp"
 
+#include <qcowmap/check.hpp>
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -66,6 +68,18 @@ Result<void> check_entry(const WState& s, const L2Entry& e, std::uint64_t guest)
                      fmt::format("cluster for virtual offset {:#x} at host offset {:#x} is not "
                                  "aligned to the cluster size",
                                  guest << s.cluster_bits, e.host_offset())};
+    }
+    // A host cluster the file cannot hold: never written through (a write there would grow
+    // the file to that size). Data file clusters sit at their guest offsets.
+    const std::uint64_t host_end =
+        s.has_data_file ? std::max(s.data_fresh_from, s.guest_clusters()) : s.end_cluster;
+    if ((type == ClusterType::normal || type == ClusterType::zero_alloc) &&
+        (e.host_offset() >> s.cluster_bits) >= host_end) {
+        return Error{ErrorCode::invalid_cluster,
+                     fmt::format("cluster for virtual offset {:#x} at host offset {:#x} lies "
+                                 "beyond the end of the file ({:#x})",
+                                 guest << s.cluster_bits, e.host_offset(),
+                                 host_end << s.cluster_bits)};
     }
     if (s.extended && (e.allocated_subclusters() & e.zero_subclusters())) {
         return Error{ErrorCode::invalid_cluster,
@@ -778,6 +792,21 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
     if (options.lock) {
         if (auto ok = detail::lock_for_writing(fd, path.string()); !ok)
             return std::move(ok).error();
+    }
+    if (options.check) {
+        // Under our lock, so that nobody changes it between the check and the writes.
+        auto checked = check_image(path, CheckOptions{1, options.open.untrusted});
+        if (!checked)
+            return std::move(checked).error();
+        if (checked->corruptions || checked->check_errors) {
+            return open_error(
+                path, ErrorCode::invalid_table,
+                fmt::format("its tables are damaged ({} corruptions, {} check errors{}{}): writing "
+                            "could overwrite data; repair it with `qemu-img check -r all`",
+                            checked->corruptions, checked->check_errors,
+                            checked->messages.empty() ? "" : "; first: ",
+                            checked->messages.empty() ? "" : checked->messages.front()));
+        }
     }
     s.has_data_file = top.has_data_file();
     s.data_file_raw = s.has_data_file && (info.autoclear_features & kAutoclearDataFileRaw);
