@@ -3,6 +3,13 @@
 // qcow2_alloc_cluster_link_l2, zero_in_l2_slice, discard_in_l2_slice) and block/qcow2.c
 // (qcow2_co_pwrite_zeroes, qcow2_co_pdiscard); the order in which changes reach the disk is
 // writable_metadata.cpp's.
+//
+// The image is opened read-only first (Image::open: header, extensions, snapshots, bitmaps and
+// the chain below validated as for reading), then again read-write for the writer. After that
+// the writer reads its own file with pread, not through that mapping: the file grows under the
+// writer (a mapping keeps its size, and a page past the end of the file raises SIGBUS), and
+// reads must see what the write-back cache holds before it reaches the file. The layers below
+// are read through their own read-only Images (their files never change).
 #include "writable_lock.hpp"
 #include "writable_state.hpp"
 #include "writer_layout.hpp"
