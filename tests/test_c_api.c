@@ -411,6 +411,21 @@ static void test_write_in_place(void) {
     CHECK(qcow2_read(q, back, sizeof back, 5000) == (int)sizeof back);
     CHECK(back[0] == 0xab && back[8192 - 5000] == 0 && back[12288 - 5000] == 0xab);
     CHECK(qcowmap_flush(q) == 0);
+    /* A walk sees the writes (the image is flushed and mapped again for it). */
+    struct qcowmap_extents* it = qcowmap_extents_open(q, 0, UINT64_MAX);
+    CHECK(it != NULL);
+    struct qcowmap_extent e;
+    uint64_t data_bytes = 0;
+    while (it && qcowmap_extents_next(it, &e) == 1) {
+        if (e.kind == QCOWMAP_EXTENT_DATA) {
+            data_bytes += e.length;
+            /* cluster 1 holds the write from 5000 on; cluster 2 was zeroed */
+            if (e.offset == 4096)
+                CHECK(((const unsigned char*)e.data)[5000 - 4096] == 0xab);
+        }
+    }
+    qcowmap_extents_free(it);
+    CHECK(data_bytes == 2 * 4096);
     CHECK(qcowmap_resize(q, 8 << 20) == 0);
     CHECK(qcow2_get_size(q) == 8u << 20);
     CHECK(qcowmap_close(q) == 0);

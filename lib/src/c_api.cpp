@@ -280,13 +280,15 @@ struct qcowmap_extents* qcowmap_extents_open(struct qcow2* q, uint64_t start, ui
     }
     try {
         if (q->writable) {
-            // A walk sees the writes so far: they are flushed and the file opened again.
+            // A walk sees the writes so far: they are flushed and the file opened again (the
+            // iterator owns that view; `q` is not changed, other threads may be using it).
             auto view = q->writable->snapshot_view();
             if (!view) {
                 fail(view.error());
                 return nullptr;
             }
-            q->image = std::move(*view);
+            auto walk = view->extents(start, end).walk();
+            return new qcowmap_extents{std::move(*view), std::move(walk), {}, {}, false};
         }
         return new qcowmap_extents{q->image, q->image.extents(start, end).walk(), {}, {}, false};
     } catch (...) {
