@@ -542,3 +542,12 @@ awk -v a="$blk_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "blkhash rows took %
 # against copy-then-convert, with peak RSS; its own script, runnable alone on these images.
 echo
 "$(dirname "${BASH_SOURCE[0]}")/stream-compare.sh" "$QCOWMAP" "$WORKDIR"
+
+# In-place writes (issue 27): bench/inplace-compare.sh, with bench_write from the same build.
+BENCH_WRITE=$(dirname "$(dirname "$QCOWMAP")")/bench/bench_write
+if [[ -x $BENCH_WRITE ]]; then
+    echo
+    RUNS=$RUNS "$(dirname "$0")/inplace-compare.sh" "$BENCH_WRITE" "$WORKDIR"
+else
+    echo "in-place writes skipped: $BENCH_WRITE not built (-Dbench=true)"
+fi

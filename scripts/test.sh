@@ -53,11 +53,12 @@ if [ -d build-tsan ] || meson setup build-tsan --buildtype=debugoptimized -Db_sa
      -Dbench=false >/dev/null; then
   if ninja -C build-tsan -j "$jobs" apps/qcowmap tests/test_compressed tests/test_oracle \
        tests/test_visit tests/test_compare tests/test_api tests/test_writer tests/test_stream_import \
-       tests/test_blkhash >build-tsan/qcowmap-build.log 2>&1; then
+       tests/test_blkhash tests/test_writable >build-tsan/qcowmap-build.log 2>&1; then
     for run in compressed:'*Concurrency*' oracle:'*Concurrency*' visit:'*' compare:'*' api:'*' \
       writer:'*-WriterLibrary.ReadmeExampleRuns:WriterReadme.*' \
       stream_import:'*PiecesOfAnySize*' \
-      blkhash:'Blkhash.*:DigestTap.*:ConvertDigest.LibraryWritersReportTheDigest:BlkhashImages.EqualsTheConstructionOverQemuRawOutput'; do
+      blkhash:'Blkhash.*:DigestTap.*:ConvertDigest.LibraryWritersReportTheDigest:BlkhashImages.EqualsTheConstructionOverQemuRawOutput' \
+      writable:'Threads.*'; do
       suite=${run%%:*}
       QCOWMAP_BIN=$PWD/build-tsan/apps/qcowmap TSAN_OPTIONS=halt_on_error=1 \
         "build-tsan/tests/test_$suite" --gtest_filter="${run#*:}" >"build-tsan/tsan-$suite.log" 2>&1

@@ -245,7 +245,7 @@ static void test_backing_chain_by_fd(void) {
     qcow2_close(q);
 
     /* qcowmap_open with no_backing: only the overlay's own cluster. */
-    struct qcowmap_open_options options = {NULL, 1, 0};
+    struct qcowmap_open_options options = {NULL, 1, 0, 0};
     q = qcowmap_open(overlay, &options, NULL);
     CHECK(q != NULL);
     unsigned char buffer[2];
@@ -274,7 +274,7 @@ static void test_snapshot(void) {
     sh("qemu-io -f qcow2 -c 'write -P 0x55 0 64k' '%s' >/dev/null", image);
     size_t raw_size;
     unsigned char* raw = qemu_raw(image, "-l snapshot.name=before", &raw_size);
-    struct qcowmap_open_options options = {"before", 0, 0};
+    struct qcowmap_open_options options = {"before", 0, 0, 0};
     const char* error = "unchanged";
     struct qcow2* q = qcowmap_open(image, &options, &error);
     CHECK(q != NULL && strcmp(error, "unchanged") == 0);
@@ -424,6 +424,60 @@ static void test_hash(void) {
     free(expected);
 }
 
+/* Writing in place: create, open writable, write/zero/discard/flush, qemu-io reads it back;
+ * a read-only handle refuses writes with EBADF. */
+static void test_write_in_place(void) {
+    const char* image = path_of("w.qcow2");
+    CHECK(qcowmap_create(image, 4 << 20, "cluster_size=4k,extended_l2=off") == 0);
+    CHECK(qcowmap_create(path_of("bad.qcow2"), 1 << 20, "cluster_size=3k") == -1 &&
+          errno == EINVAL);
+    struct qcowmap_open_options options;
+    memset(&options, 0, sizeof options);
+    options.writable = 1;
+    const char* error = NULL;
+    struct qcow2* q = qcowmap_open(image, &options, &error);
+    CHECK(q != NULL);
+    if (!q) {
+        fprintf(stderr, "%s\n", error);
+        return;
+    }
+    unsigned char data[10000];
+    memset(data, 0xab, sizeof data);
+    CHECK(qcowmap_write(q, data, sizeof data, 5000) == 0);
+    CHECK(qcowmap_write_zeroes(q, 8192, 4096, 1) == 0);
+    CHECK(qcowmap_discard(q, 1 << 20, 1 << 20) == 0);
+    CHECK(qcowmap_write(q, data, 1, (4 << 20) - 0) == -1 && errno == EINVAL);
+    unsigned char back[10000];
+    CHECK(qcow2_read(q, back, sizeof back, 5000) == (int)sizeof back);
+    CHECK(back[0] == 0xab && back[8192 - 5000] == 0 && back[12288 - 5000] == 0xab);
+    CHECK(qcowmap_flush(q) == 0);
+    /* A walk sees the writes (the image is flushed and mapped again for it). */
+    struct qcowmap_extents* it = qcowmap_extents_open(q, 0, UINT64_MAX);
+    CHECK(it != NULL);
+    struct qcowmap_extent e;
+    uint64_t data_bytes = 0;
+    while (it && qcowmap_extents_next(it, &e) == 1) {
+        if (e.kind == QCOWMAP_EXTENT_DATA) {
+            data_bytes += e.length;
+            /* cluster 1 holds the write from 5000 on; cluster 2 was zeroed */
+            if (e.offset == 4096)
+                CHECK(((const unsigned char*)e.data)[5000 - 4096] == 0xab);
+        }
+    }
+    qcowmap_extents_free(it);
+    CHECK(data_bytes == 2 * 4096);
+    CHECK(qcowmap_resize(q, 8 << 20) == 0);
+    CHECK(qcow2_get_size(q) == 8u << 20);
+    CHECK(qcowmap_close(q) == 0);
+    sh("qemu-img check -q '%s' && qemu-io -c 'read -P 0xab 5000 3192' -c 'read -P 0 8192 4096' "
+       "-c 'read -P 0xab 12288 2712' '%s' >/dev/null",
+       image, image);
+    struct qcow2* ro = open_path(image);
+    CHECK(qcowmap_write(ro, data, 1, 0) == -1 && errno == EBADF);
+    CHECK(strstr(qcowmap_last_error(), "read-only") != NULL);
+    qcow2_close(ro);
+}
+
 int main(void) {
     if (!mkdtemp(dir)) {
         perror("mkdtemp");
@@ -437,6 +491,7 @@ int main(void) {
     test_open_errors();
     test_corrupt_l2();
     test_hash();
+    test_write_in_place();
     sh("rm -rf '%s'", dir);
     printf("test_c_api: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;

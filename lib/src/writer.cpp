@@ -1420,7 +1420,10 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
                                  detail::printable(options.backing_image->path().string()),
                                  options.backing_image->size(), source.size())};
     }
-    HeaderFields fields{options.compression_type, options.backing_file, options.backing_format};
+    HeaderFields fields;
+    fields.compression_type = options.compression_type;
+    fields.backing_file = options.backing_file;
+    fields.backing_format = options.backing_format;
     auto out = Output::open(fd);
     if (!out)
         return out.error();

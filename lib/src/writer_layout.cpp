@@ -101,6 +101,7 @@ namespace {
 // Header extension types (spec "Header extensions").
 constexpr std::uint32_t kExtBackingFormat = 0xe2792aca;
 constexpr std::uint32_t kExtFeatureTable = 0x6803f857;
+constexpr std::uint32_t kExtDataFileName = 0x44415441;
 constexpr std::uint32_t kHeaderLength = 112; // v3 header with the compression type byte, padded
 
 struct FeatureEntry {
@@ -122,7 +123,7 @@ Result<std::vector<std::byte>> encode_header(const Geometry& g, const Layout& la
     std::vector<std::byte> header(cluster);
     std::byte* h = header.data();
     std::memcpy(h, "QFI\xfb", 4);
-    store_be32(h + 4, 3);
+    store_be32(h + 4, fields.version);
     store_be32(h + 20, g.cluster_bits);
     store_be64(h + 24, g.virtual_size);
     store_be32(h + 32, 0); // crypt_method
@@ -130,15 +131,28 @@ Result<std::vector<std::byte>> encode_header(const Geometry& g, const Layout& la
     store_be64(h + 40, layout.l1 << g.cluster_bits);
     store_be64(h + 48, layout.reftable << g.cluster_bits);
     store_be32(h + 56, static_cast<std::uint32_t>(layout.reftable_clusters));
+    const bool v3 = fields.version >= 3;
     std::uint64_t incompatible = 0;
     if (fields.compression_type == CompressionType::zstd)
         incompatible |= kIncompatCompressionType;
     if (g.extended_l2)
         incompatible |= kIncompatExtendedL2;
-    store_be64(h + 72, incompatible);
-    store_be32(h + 96, g.refcount_order);
-    store_be32(h + 100, kHeaderLength);
-    h[104] = static_cast<std::byte>(fields.compression_type);
+    if (fields.data_file)
+        incompatible |= kIncompatDataFile;
+    if (v3) { // version 2 headers end at byte 72 (refcount order 4, no feature bits)
+        store_be64(h + 72, incompatible);
+        store_be64(h + 80, fields.lazy_refcounts ? kCompatLazyRefcounts : 0);
+        store_be64(h + 88, fields.data_file_raw ? kAutoclearDataFileRaw : 0);
+        store_be32(h + 96, g.refcount_order);
+        store_be32(h + 100, kHeaderLength);
+        h[104] = static_cast<std::byte>(fields.compression_type);
+    } else if (incompatible || g.refcount_order != 4 || fields.lazy_refcounts) {
+        return Error{ErrorCode::invalid_argument,
+                     "compat=0.10 (version 2) images cannot have extended L2 entries, zstd "
+                     "compression, an external data file, lazy refcounts or refcount_bits other "
+                     "than 16"};
+    }
+    const std::uint64_t header_length = v3 ? kHeaderLength : 72;
 
     const std::string backing = fields.backing_file.value_or("");
     if (backing.size() > 1023) { // qemu's limit (1023 bytes, inside the first cluster)
@@ -150,10 +164,12 @@ Result<std::vector<std::byte>> encode_header(const Geometry& g, const Layout& la
     const std::string format = fields.backing_format.value_or("");
     const std::uint64_t format_ext = format.empty() ? 0 : 8 + padded(format.size());
     const std::uint64_t table_ext = 8 + sizeof kFeatures / sizeof kFeatures[0] * 48;
-    std::uint64_t needed = kHeaderLength + format_ext + 8 + backing.size();
+    const std::string data_file = fields.data_file.value_or("");
+    const std::uint64_t data_file_ext = data_file.empty() ? 0 : 8 + padded(data_file.size());
+    std::uint64_t needed = header_length + format_ext + data_file_ext + 8 + backing.size();
     // The feature-name table only helps tools name bits; with 512-byte clusters it does not fit
     // beside a backing name, and is left out.
-    const bool with_table = needed + table_ext <= cluster;
+    const bool with_table = v3 && needed + table_ext <= cluster; // qemu: version 3 only
     if (with_table)
         needed += table_ext;
     if (needed > cluster) {
@@ -162,12 +178,18 @@ Result<std::vector<std::byte>> encode_header(const Geometry& g, const Layout& la
                                  "in one {}-byte cluster",
                                  backing.size(), cluster)};
     }
-    std::uint64_t at = kHeaderLength;
+    std::uint64_t at = header_length;
     if (!format.empty()) {
         store_be32(h + at, kExtBackingFormat);
         store_be32(h + at + 4, static_cast<std::uint32_t>(format.size()));
         std::memcpy(h + at + 8, format.data(), format.size());
         at += format_ext;
+    }
+    if (!data_file.empty()) {
+        store_be32(h + at, kExtDataFileName);
+        store_be32(h + at + 4, static_cast<std::uint32_t>(data_file.size()));
+        std::memcpy(h + at + 8, data_file.data(), data_file.size());
+        at += data_file_ext;
     }
     if (with_table) {
         store_be32(h + at, kExtFeatureTable);

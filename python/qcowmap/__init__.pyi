@@ -48,7 +48,8 @@ class ExtentIterator(Iterator[Extent]):
     def __next__(self) -> Extent: ...
 
 class RawDisk(io.RawIOBase):
-    """The virtual disk as a read-only, seekable binary file."""
+    """The virtual disk as a seekable binary file: read-only for an Image, readable and
+    writable for a WritableImage."""
 
     name: str
     mode: str
@@ -121,6 +122,36 @@ class Image:
     ) -> list[dict[str, Any]]: ...
     def open_raw(self) -> RawDisk: ...
 
+class WritableImage:
+    """A qcow2 image opened for writing in place (open(path, writable=True))."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` as written so far; fewer only at the end of the disk."""
+    def readinto(self, offset: int, buffer: _WritableBuffer) -> int: ...
+    def write(self, offset: int, data: Any) -> int:
+        """Writes `data` (any contiguous buffer) at `offset`; returns its length."""
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def flush(self) -> None:
+        """Makes every write so far durable (crash-safe order)."""
+    def resize(self, size: int) -> None: ...
+    def block_status(self, offset: int, length: int) -> dict[str, Any]:
+        """{"offset", "length", "allocated", "zero"} of the first run of equal allocation."""
+    def snapshot(self) -> Image:
+        """Flushes; a read-only Image of the file as it is now."""
+    def close(self) -> None:
+        """Flushes, stores persistent bitmaps, releases the file and its locks."""
+    def __enter__(self) -> "WritableImage": ...
+    def __exit__(self, *args: object) -> None: ...
+    def open_raw(self) -> RawDisk: ...
+
+@overload
 def open(
     path: _Path,
     snapshot: Optional[str] = None,
@@ -128,12 +159,27 @@ def open(
     data_file: Optional[_Path] = None,
     untrusted: bool = False,
     force_share: bool = False,
+    writable: Literal[False] = False,
+    lock: bool = True,
 ) -> Image:
     """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file.
 
     By default takes QEMU's reader lock (as qemu-img) until the Image is closed; raises Error
     with code "image_in_use" when a writer holds the image. force_share=True: no locks
     (qemu-img -U)."""
+@overload
+def open(
+    path: _Path,
+    snapshot: None = None,
+    backing: bool = True,
+    data_file: Optional[_Path] = None,
+    untrusted: bool = False,
+    force_share: Literal[False] = False,
+    *,
+    writable: Literal[True],
+    lock: bool = True,
+) -> WritableImage:
+    """Opens a qcow2 image for writing in place (QEMU's image locks taken unless lock=False)."""
 
 
 def stream_convert(

@@ -13,6 +13,7 @@
 #include <qcowmap/map.hpp>
 #include <qcowmap/stream_import.hpp>
 #include <qcowmap/writer.hpp>
+#include <qcowmap/writable.hpp>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -634,14 +635,14 @@ PyImage open_image(const py::object& path, const py::object& snapshot, bool back
 py::dict stream_convert(const py::object& fileobj, const py::object& target, bool replace,
                         const py::object& max_spool, const py::object& expect_checksum,
                         bool backing, const py::object& data_file, unsigned threads) {
-    const std::string filename = fs_path(target);
+    const std::string filename = fs_path(target, "target");
     qcowmap::StreamOptions options;
     options.threads = threads;
     options.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
     if (!max_spool.is_none())
         options.max_spool = max_spool.cast<std::uint64_t>();
     if (!data_file.is_none())
-        options.data_file = fs_path(data_file);
+        options.data_file = fs_path(data_file, "data_file");
     if (!expect_checksum.is_none()) {
         auto expected = qcowmap::parse_expected_digest(expect_checksum.cast<std::string>());
         if (!expected)
@@ -700,6 +701,206 @@ py::dict stream_convert(const py::object& fileobj, const py::object& target, boo
     if (st.input_digest)
         out["input_digest"] = st.input_digest->hex();
     return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing in place (issue 27): qcowmap.open(path, writable=True) and qcowmap.create.
+
+/// A contiguous read-only view of any object with the buffer protocol (bytes, bytearray,
+/// memoryview, array, numpy arrays...), released on destruction.
+class ContiguousBuffer {
+  public:
+    explicit ContiguousBuffer(const py::object& object) {
+        if (PyObject_GetBuffer(object.ptr(), &view_, PyBUF_SIMPLE) != 0)
+            throw py::error_already_set();
+    }
+    ~ContiguousBuffer() { PyBuffer_Release(&view_); }
+    ContiguousBuffer(const ContiguousBuffer&) = delete;
+    ContiguousBuffer& operator=(const ContiguousBuffer&) = delete;
+    std::span<const std::byte> bytes() const {
+        return {static_cast<const std::byte*>(view_.buf), static_cast<std::size_t>(view_.len)};
+    }
+
+  private:
+    Py_buffer view_{};
+};
+
+/// A qcow2 image opened for writing. Calls are serialised by the library; the GIL is released
+/// during large ones so other Python threads run.
+class PyWritable {
+    // Defined first: its deduced return type is needed by the methods below.
+    /// Runs `operation` (without the GIL when it moves more than 16 KiB) and raises its error.
+    template <typename Operation> auto call(Operation operation, std::size_t bytes) const {
+        constexpr std::size_t kReleaseGilAbove = 16 * 1024;
+        std::optional<py::gil_scoped_release> unlocked;
+        if (bytes > kReleaseGilAbove)
+            unlocked.emplace();
+        auto result = operation();
+        if (!result) {
+            unlocked.reset();
+            raise(result.error(), filename_);
+        }
+        if constexpr (std::is_same_v<decltype(result), qcowmap::Result<void>>)
+            return;
+        else
+            return *result;
+    }
+
+  public:
+    PyWritable(qcowmap::WritableImage image, std::string filename)
+        : image_(std::make_shared<qcowmap::WritableImage>(std::move(image))),
+          filename_(std::move(filename)) {}
+
+    const std::string& filename() const { return filename_; }
+    bool closed() const { return closed_; }
+
+    qcowmap::WritableImage& get() const {
+        if (closed_)
+            throw py::value_error("I/O operation on closed image");
+        return *image_;
+    }
+
+    std::uint64_t size() const { return get().size(); }
+
+    py::bytes read(long long offset_arg, long long length_arg) const {
+        qcowmap::WritableImage& image = get();
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        std::uint64_t length = non_negative(length_arg, "length");
+        const std::uint64_t size = image.size();
+        length = offset >= size ? 0 : std::min(length, size - offset);
+        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(length));
+        if (!raw)
+            throw py::error_already_set();
+        py::bytes out = py::reinterpret_steal<py::bytes>(raw);
+        std::span<std::byte> dest(reinterpret_cast<std::byte*>(PyBytes_AsString(raw)), length);
+        call([&] { return image.read(dest, offset); }, length);
+        return out;
+    }
+
+    std::size_t readinto(long long offset_arg, const py::object& buffer) const {
+        qcowmap::WritableImage& image = get();
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        Py_buffer view{};
+        if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_SIMPLE | PyBUF_WRITABLE) != 0)
+            throw py::error_already_set();
+        std::unique_ptr<Py_buffer, void (*)(Py_buffer*)> release(&view, PyBuffer_Release);
+        std::span<std::byte> dest(static_cast<std::byte*>(view.buf),
+                                  static_cast<std::size_t>(view.len));
+        return call([&] { return image.read(dest, offset); }, dest.size());
+    }
+
+    std::size_t write(long long offset_arg, const py::object& data) const {
+        qcowmap::WritableImage& image = get();
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        ContiguousBuffer buffer(data);
+        const auto bytes = buffer.bytes();
+        call([&] { return image.write(offset, bytes); }, bytes.size());
+        return bytes.size();
+    }
+
+    void write_zeroes(long long offset, long long length, bool unmap) const {
+        qcowmap::WritableImage& image = get();
+        const std::uint64_t from = non_negative(offset, "offset");
+        const std::uint64_t n = non_negative(length, "length");
+        call([&] { return image.write_zeroes(from, n, unmap); }, n);
+    }
+
+    void discard(long long offset, long long length) const {
+        qcowmap::WritableImage& image = get();
+        const std::uint64_t from = non_negative(offset, "offset");
+        const std::uint64_t n = non_negative(length, "length");
+        call([&] { return image.discard(from, n); }, n);
+    }
+
+    void flush() const {
+        qcowmap::WritableImage& image = get();
+        call([&] { return image.flush(); }, SIZE_MAX);
+    }
+
+    void resize(long long size) const {
+        qcowmap::WritableImage& image = get();
+        const std::uint64_t n = non_negative(size, "size");
+        call([&] { return image.resize(n); }, SIZE_MAX);
+    }
+
+    py::dict block_status(long long offset, long long length) const {
+        qcowmap::WritableImage& image = get();
+        const std::uint64_t from = non_negative(offset, "offset");
+        const std::uint64_t n = non_negative(length, "length");
+        auto status = image.block_status(from, n);
+        if (!status)
+            raise(status.error(), filename_);
+        py::dict d;
+        d["offset"] = status->offset;
+        d["length"] = status->length;
+        d["allocated"] = status->allocated;
+        d["zero"] = status->zero;
+        return d;
+    }
+
+    PyImage snapshot() const {
+        qcowmap::WritableImage& image = get();
+        std::optional<qcowmap::Result<Image>> view;
+        {
+            py::gil_scoped_release unlocked;
+            view.emplace(image.snapshot_view());
+        }
+        if (!*view)
+            raise(view->error(), filename_);
+        return PyImage(std::move(**view), filename_);
+    }
+
+    void close() {
+        if (closed_)
+            return;
+        closed_ = true;
+        qcowmap::Result<void> ok;
+        {
+            py::gil_scoped_release unlocked;
+            ok = image_->close();
+        }
+        if (!ok)
+            raise(ok.error(), filename_);
+    }
+
+  private:
+    std::shared_ptr<qcowmap::WritableImage> image_;
+    std::string filename_;
+    bool closed_ = false;
+};
+
+PyWritable open_writable(const py::object& path, bool backing, const py::object& data_file,
+                         bool untrusted, bool lock) {
+    std::string filename = fs_path(path, "path");
+    qcowmap::WritableOptions options;
+    options.open.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
+    if (!data_file.is_none())
+        options.open.data_file = fs_path(data_file, "data_file");
+    options.open.untrusted = untrusted;
+    options.lock = lock;
+    std::optional<qcowmap::Result<qcowmap::WritableImage>> image;
+    {
+        py::gil_scoped_release unlocked;
+        image.emplace(qcowmap::WritableImage::open(filename, options));
+    }
+    if (!*image)
+        raise(image->error(), filename);
+    return PyWritable(std::move(**image), filename);
+}
+
+void create_image(const py::object& path, long long size, const std::string& options_text) {
+    std::string filename = fs_path(path, "path");
+    qcowmap::CreateOptions options;
+    if (auto ok = qcowmap::parse_create_options(options_text, options); !ok)
+        raise(ok.error(), filename);
+    const std::uint64_t bytes = non_negative(size, "size");
+    qcowmap::Result<void> ok;
+    {
+        py::gil_scoped_release unlocked;
+        ok = qcowmap::create(filename, bytes, options);
+    }
+    if (!ok)
+        raise(ok.error(), filename);
 }
 
 } // namespace
@@ -842,4 +1043,50 @@ PYBIND11_MODULE(_qcowmap, m) {
           "the bytes read. backing=False reads an image that names a backing file alone "
           "(otherwise it is refused); data_file: the external data file, for an image that "
           "has one. Returns the decoder's statistics as a dict.");
+
+    py::class_<PyWritable>(m, "WritableImage",
+                           "A qcow2 image opened for writing in place (qcowmap.open(path, "
+                           "writable=True)). Reads see every write; calls from several threads "
+                           "are serialised.")
+        .def_property_readonly("size", &PyWritable::size, "The virtual disk size in bytes.")
+        .def_property_readonly(
+            "path", [](const PyWritable& w) { return text(w.filename()); }, "The path as opened.")
+        .def_property_readonly("closed", &PyWritable::closed)
+        .def("read", &PyWritable::read, py::arg("offset"), py::arg("length"),
+             "`length` bytes of the disk at `offset` as written so far (fewer at the end).")
+        .def("readinto", &PyWritable::readinto, py::arg("offset"), py::arg("buffer"),
+             "Fills the writable `buffer` from `offset`; returns the bytes copied.")
+        .def("write", &PyWritable::write, py::arg("offset"), py::arg("data"),
+             "Writes `data` (any contiguous buffer: bytes, bytearray, memoryview...) at "
+             "`offset`; returns its length. Raises qcowmap.Error past the end of the disk.")
+        .def("write_zeroes", &PyWritable::write_zeroes, py::arg("offset"), py::arg("length"),
+             py::arg("unmap") = false,
+             "Makes the range read as zeros (whole clusters freed when `unmap`).")
+        .def("discard", &PyWritable::discard, py::arg("offset"), py::arg("length"),
+             "Discards the range as qemu does (whole clusters inside it are freed).")
+        .def("flush", &PyWritable::flush,
+             "Makes every write so far durable, in the crash-safe order.")
+        .def("resize", &PyWritable::resize, py::arg("size"),
+             "Changes the virtual size (grow; shrink only an unallocated tail).")
+        .def("block_status", &PyWritable::block_status, py::arg("offset"), py::arg("length"),
+             "The first run of equal allocation from `offset`: dict of offset, length, "
+             "allocated (this image decides the content), zero.")
+        .def("snapshot", &PyWritable::snapshot,
+             "Flushes and returns a read-only qcowmap.Image of the file as it is now (for "
+             "extents(), map(), hash()...).")
+        .def("close", &PyWritable::close,
+             "Flushes, stores persistent bitmaps and releases the file and its locks.")
+        .def("__enter__", [](py::object self) { return self; })
+        .def("__exit__", [](PyWritable& w, const py::args&) { w.close(); })
+        .def(
+            "open_raw",
+            [](py::object self) { return py::module_::import("qcowmap").attr("RawDisk")(self); },
+            "The virtual disk as a readable, writable, seekable io.RawIOBase (qcowmap.RawDisk).")
+        .def("__repr__", [](const PyWritable& w) {
+            return fmt::format("<qcowmap.WritableImage '{}'{}>", w.filename(),
+                               w.closed() ? " (closed)" : fmt::format(" size={}", w.size()));
+        });
+    m.def("_open_writable", &open_writable, py::arg("path"), py::arg("backing") = true,
+          py::arg("data_file") = py::none(), py::arg("untrusted") = false, py::arg("lock") = true);
+    m.def("_create", &create_image, py::arg("path"), py::arg("size"), py::arg("options"));
 }

@@ -78,6 +78,12 @@ struct qcowmap_open_options {
      * when relative, inside the image's directory (after `..` and symlinks) and a regular file;
      * otherwise qcowmap_open fails with ENOTSUP and a message saying which name and why. */
     int untrusted;
+    /** Non-zero: open the image for writing in place (qcowmap_write() and friends). The file
+     * gets QEMU's image locks, so a VM or qemu-io writing it makes this fail (errno EIO, the
+     * message says so) and they cannot write it while it is open here. qcow2_read() sees every
+     * write; an extent walk flushes first. Release with qcowmap_close() to learn whether the
+     * final flush worked (qcow2_close() does the same and forgets errors). */
+    int writable;
 };
 
 /** Opens the image at `path` (relative backing names resolve against its directory).
@@ -153,6 +159,43 @@ void qcowmap_extents_free(struct qcowmap_extents* it);
  * ERANGE (`hex` too small), EIO (corrupt tables or compressed data, or the digest library
  * failed), ENOMEM; qcowmap_last_error() says what. Releases nothing: `q` stays open. */
 int qcowmap_hash(struct qcow2* q, const char* algo, unsigned threads, char* hex, size_t hex_size);
+
+/* ---- writing in place ---------------------------------------------------------------------
+ * Every function returns 0 on success, -1 with errno and qcowmap_last_error() on failure:
+ * EBADF (the image was opened read-only), EINVAL (a range past the end of the disk, a bad
+ * option), EIO (the file could not be written or its tables are damaged where the request goes),
+ * ENOTSUP (an image that cannot be written: qcow version 1, the corrupt or dirty bit, encrypted),
+ * ENOMEM. Calls on one `struct qcow2` are serialised internally; any thread may make them. A
+ * crash never leaves the image corrupt (`qemu-img check`): writes made before the last
+ * successful qcowmap_flush() read back, later ones may be lost, and clusters may leak. */
+
+/** Creates an empty qcow2 image of `size` bytes (rounded up to 512) at `path`, as
+ * `qemu-img create -f qcow2 -o OPTIONS` does. `options` is qemu-img's -o string ("cluster_size=
+ * 64k,extended_l2=on,compression_type=zstd,refcount_bits=16,lazy_refcounts=on,backing_file=B,
+ * backing_fmt=qcow2,data_file=D,data_file_raw=on,compat=1.1"), or NULL. With a backing file and
+ * `size` 0 the backing file's size is used. */
+int qcowmap_create(const char* path, uint64_t size, const char* options);
+
+/** Writes `len` bytes from `buf` at virtual offset `offset`. */
+int qcowmap_write(struct qcow2* q, const void* buf, size_t len, uint64_t offset);
+
+/** Makes `[offset, offset + len)` read as zeros; with `unmap` non-zero whole clusters give
+ * their space back. */
+int qcowmap_write_zeroes(struct qcow2* q, uint64_t offset, uint64_t len, int unmap);
+
+/** Discards `[offset, offset + len)` as qemu does (whole clusters are freed). */
+int qcowmap_discard(struct qcow2* q, uint64_t offset, uint64_t len);
+
+/** Makes every write so far durable (in the crash-safe order). */
+int qcowmap_flush(struct qcow2* q);
+
+/** Changes the virtual size (growing; shrinking only an unallocated tail). */
+int qcowmap_resize(struct qcow2* q, uint64_t size);
+
+/** Flushes, stores persistent bitmaps, releases the locks and frees `q` (also when it fails, or
+ * for a read-only image, where it is qcow2_close()). Returns 0, or -1 when the final flush
+ * failed. */
+int qcowmap_close(struct qcow2* q);
 
 #ifdef __cplusplus
 }
