@@ -831,8 +831,8 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
         int side = 0;
         if (boundary.own_fault()) {
             side = detail::maps_address(detail_state(a), boundary.fault_address()) ? 0 : 1;
-            fault = detail::describe_fault(boundary.fault_address(),
-                                           side == 0 ? a.path() : b.path());
+            fault =
+                detail::describe_fault(boundary.fault_address(), side == 0 ? a.path() : b.path());
         }
         if (error_detail)
             *error_detail = CompareError{*fault, side, true};

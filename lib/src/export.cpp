@@ -2,8 +2,8 @@
 // block-device targets (qemu-img.c convert_do_copy / convert_write, with -S as
 // is_allocated_sectors_min's zero check).
 #include "atomic_file.hpp"
-#include "fault.hpp"
 #include "digest_tap.hpp"
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "raw_io.hpp"
 #include "workers.hpp"

@@ -12,8 +12,8 @@
 #include <qcowmap/image.hpp>
 #include <qcowmap/map.hpp>
 #include <qcowmap/stream_import.hpp>
-#include <qcowmap/writer.hpp>
 #include <qcowmap/writable.hpp>
+#include <qcowmap/writer.hpp>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
