@@ -35,10 +35,11 @@ struct FdCloser {
 };
 
 /// Reports an export failure on the side it came from: the target (exit 3) or the image (1).
-int report_export(const ConvertJob& job, const Error& error, const ExportError& where) {
+int report_export(const ConvertJob& job, const Error& error) {
     const std::string target = job.target == "-" ? "<stdout>" : job.target;
-    return where.target ? report(target, error.message, kExitOutputError)
-                        : report_error(job.source.path, error, kExitImageError);
+    return error.origin == ErrorOrigin::target
+               ? report(target, error.message, kExitOutputError)
+               : report_error(job.source.path, error, kExitImageError);
 }
 
 /// Opens TARGET for a raw write. A new file is created; an existing regular file needs
@@ -86,10 +87,9 @@ int convert_raw(const ConvertJob& job) {
     options.data_access = job.io;
     options.sequential = job.target == "-";
     options.progress = meter.callback();
-    ExportError where;
-    auto result = export_raw(job.image, target.fd, options, &where);
+    auto result = export_raw(job.image, target.fd, options);
     if (!result) {
-        return report_export(job, result.error(), where);
+        return report_export(job, result.error());
     }
     if (target.fd != STDOUT_FILENO) {
         int fd = target.fd;
@@ -117,10 +117,9 @@ int convert_incremental(const ConvertJob& job, const std::string& bitmap_name) {
     Progress meter(job.progress, bitmap->dirty_bytes());
     ExportOptions options;
     options.progress = meter.callback();
-    ExportError where;
-    auto result = export_dirty(job.image, *bitmap, target.fd, options, &where);
+    auto result = export_dirty(job.image, *bitmap, target.fd, options);
     if (!result) {
-        return report_export(job, result.error(), where);
+        return report_export(job, result.error());
     }
     int fd = target.fd;
     target.fd = -1;

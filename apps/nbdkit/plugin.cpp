@@ -30,19 +30,9 @@ std::string file_name;
 qcowmap::OpenOptions options;
 std::optional<qcowmap::Image> image; // set by get_ready, before any connection
 
-int errno_for(qcowmap::ErrorCode code) {
-    switch (code) {
-    case qcowmap::ErrorCode::out_of_range:
-    case qcowmap::ErrorCode::invalid_argument:
-        return EINVAL;
-    default:
-        return EIO;
-    }
-}
-
 void report(const qcowmap::Error& error) {
     nbdkit_error("%s: %s", file_name.c_str(), error.message.c_str());
-    nbdkit_set_error(errno_for(error.code));
+    nbdkit_set_error(qcowmap::to_errno(error));
 }
 
 // Every callback catches everything: exceptions must not unwind into nbdkit's C frames.

@@ -12,6 +12,7 @@
 // decompress. The caller takes each job's result out of its slot as soon as it is done (a
 // buffer swap, or the list of pages), so holding one side's bytes never blocks the other's;
 // pages it has compared are dropped from the process by the worker of a later job.
+#include "errors.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "scratch_bytes.hpp"
@@ -486,8 +487,7 @@ class Prefetcher {
     }
 
     static Error lost_place() {
-        return Error{ErrorCode::io_error, "image changed while being read (two walks of its "
-                                          "metadata disagree)"};
+        return detail::image_changed("two walks of its metadata disagree");
     }
 
     Result<Job*> front(Source source) {
@@ -693,8 +693,19 @@ std::uint64_t file_bytes(const Image& image) {
 
 } // namespace
 
-Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
-                                     CompareError* error_detail) {
+namespace {
+
+/// An error of `image` (the compare's first or second) at `stage`: said to be about that image
+/// unless it already names its origin.
+Error compare_error(Error error, const Image& image, ErrorStage stage) {
+    error.stage = stage;
+    return detail::attribute(std::move(error), ErrorOrigin::image, image.path().string());
+}
+
+} // namespace
+
+Result<CompareResult> compare_images(const Image& a, const Image& b,
+                                     const CompareOptions& options) {
     const std::uint64_t size_a = a.size();
     const std::uint64_t size_b = b.size();
     if (options.strict && size_a != size_b) {
@@ -782,9 +793,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
                     decompressed_here += got->size();
             }
             if (!got) {
-                if (error_detail)
-                    *error_detail = CompareError{got.error(), i, true};
-                return std::move(got).error();
+                return compare_error(std::move(got).error(), i == 0 ? a : b, ErrorStage::read);
             }
             bytes[i] = *got;
             if (s == Source::compressed) {
@@ -806,9 +815,7 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
         const Side& s = plan.side(*side);
         Error e =
             s.failed() ? s.error() : Error{ErrorCode::invalid_table, "allocation map ended early"};
-        if (error_detail)
-            *error_detail = CompareError{e, *side, false};
-        return e;
+        return compare_error(std::move(e), *side == 0 ? a : b, ErrorStage::map);
     }
     progress(larger);
     CompareResult r;

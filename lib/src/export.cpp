@@ -1,6 +1,7 @@
 // The raw export engine: sparse writes, in-kernel copies, hole punching, zero detection and
 // block-device targets (qemu-img.c convert_do_copy / convert_write, with -S as
 // is_allocated_sectors_min's zero check).
+#include "errors.hpp"
 #include "image_state.hpp"
 #include "workers.hpp"
 
@@ -25,8 +26,13 @@ namespace {
 /// Zeros for writing zero runs where holes cannot be left (never materialised per run).
 alignas(4096) const std::byte kZeros[1 << 20] = {};
 
-Error errno_error(int error) {
-    return Error{ErrorCode::io_error, std::strerror(error)};
+/// The target's errors: ErrorOrigin::target (the export's target has no path here).
+Error target_error(Error error) {
+    return detail::attribute(std::move(error), ErrorOrigin::target, {});
+}
+
+Error image_changed() {
+    return detail::image_changed("the file shrank under its mapping");
 }
 
 bool pwrite_all(int fd, const std::byte* data, std::uint64_t length, std::uint64_t offset) {
@@ -169,7 +175,7 @@ struct Target {
 Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
-        return errno_error(errno);
+        return detail::errno_error(errno);
     }
     if (image.maps_file(st.st_dev, st.st_ino)) {
         return Error{ErrorCode::invalid_argument,
@@ -183,9 +189,10 @@ Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
     } else if (S_ISBLK(st.st_mode)) {
         target.kind = Target::Kind::block_device;
         if (::ioctl(fd, BLKGETSIZE64, &target.size) != 0) {
-            return Error{ErrorCode::io_error, fmt::format("cannot get the size of the block "
-                                                          "device: {}",
-                                                          std::strerror(errno))};
+            const int err = errno;
+            return detail::errno_error(
+                err,
+                fmt::format("cannot get the size of the block device: {}", std::strerror(err)));
         }
     } else if (S_ISDIR(st.st_mode)) {
         return Error{ErrorCode::invalid_argument, "is a directory"};
@@ -225,9 +232,7 @@ class Writer {
             // The kernel reading the mapping for write() or vmsplice() faults with EFAULT when
             // the image file was truncated under it.
             if (errno == EFAULT && run.mapped) {
-                return Error{ErrorCode::io_error,
-                             "image changed while being read (the file shrank under its "
-                             "mapping)"};
+                return image_changed();
             }
             return failed();
         }
@@ -236,9 +241,7 @@ class Writer {
             case CopyResult::ok:
                 return {};
             case CopyResult::source_changed:
-                return Error{ErrorCode::io_error,
-                             "image changed while being read (the file shrank under its "
-                             "mapping)"};
+                return image_changed();
             case CopyResult::target_failed:
                 return failed();
             }
@@ -266,8 +269,6 @@ class Writer {
         return zero_range(fd_, offset, length, punch) ? Result<void>{} : failed();
     }
 
-    bool target_failed() const { return target_failed_; }
-
   private:
     /// Writes `bytes` in order; false with errno set. `immutable`: the bytes stay as they are
     /// while we run (the mapping, the zeros), so a pipe may take references to their pages
@@ -293,31 +294,22 @@ class Writer {
         return true;
     }
 
-    Result<void> failed() {
-        target_failed_ = true;
-        return errno_error(errno);
-    }
+    Result<void> failed() { return target_error(detail::errno_error(errno)); }
 
     int fd_;
     Target::Kind kind_;
     std::uint64_t zero_block_;
     bool splice_;
     std::vector<std::byte> buffer_; // for copies the kernel cannot make
-    bool target_failed_ = false;
 };
 
-Result<void> fail_target(Error error, ExportError* where) {
-    if (where)
-        where->target = true;
-    return error;
+Result<void> fail_target(Error error) {
+    return target_error(std::move(error));
 }
 
 } // namespace
 
-Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
-                        ExportError* where) {
-    if (where)
-        *where = {};
+Result<void> export_raw(const Image& image, int fd, const ExportOptions& options) {
     if (options.zero_block % 512 != 0) {
         return Error{
             ErrorCode::invalid_argument,
@@ -325,22 +317,20 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
     }
     auto target = inspect_target(image, fd, options.sequential);
     if (!target)
-        return fail_target(std::move(target).error(), where);
+        return fail_target(std::move(target).error());
     const std::uint64_t size = image.size();
     const std::uint64_t start = std::min(options.start, size);
     const std::uint64_t end = std::min(options.end, size);
     const bool whole_disk = start == 0 && end == size;
     if (!whole_disk && target->kind != Target::Kind::stream) {
         return fail_target(Error{ErrorCode::invalid_argument,
-                                 "a part of the disk can only be written to a stream"},
-                           where);
+                                 "a part of the disk can only be written to a stream"});
     }
     if (target->kind == Target::Kind::block_device && target->size < size) {
         return fail_target(Error{ErrorCode::invalid_argument,
                                  fmt::format("block device is {} bytes, smaller than the disk "
                                              "({} bytes)",
-                                             target->size, size)},
-                           where);
+                                             target->size, size)});
     }
     if (target->kind == Target::Kind::file) {
         // An existing file is emptied first (its old blocks must not show through the holes).
@@ -349,7 +339,7 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
         // byte written (+0.3 s per GiB here).
         if ((target->size != 0 && ::ftruncate(fd, 0) != 0) ||
             ::ftruncate(fd, static_cast<off_t>(size)) != 0) {
-            return fail_target(errno_error(errno), where);
+            return fail_target(detail::errno_error(errno));
         }
     }
     Writer writer(fd, *target, options.zero_block);
@@ -384,29 +374,23 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
             return {};
         },
         visit);
-    if (!result && where)
-        where->target = writer.target_failed();
     return result;
 }
 
 Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
-                          const ExportOptions& options, ExportError* where) {
-    if (where)
-        *where = {};
+                          const ExportOptions& options) {
     auto target = inspect_target(image, fd, false);
     if (!target)
-        return fail_target(std::move(target).error(), where);
+        return fail_target(std::move(target).error());
     if (target->kind == Target::Kind::stream) {
         return fail_target(
-            Error{ErrorCode::invalid_argument, "is neither a regular file nor a block device"},
-            where);
+            Error{ErrorCode::invalid_argument, "is neither a regular file nor a block device"});
     }
     if (target->size != image.size()) {
         return fail_target(Error{ErrorCode::invalid_argument,
                                  fmt::format("is {} bytes but the disk is {} bytes: an "
                                              "incremental update needs a copy of the same size",
-                                             target->size, image.size())},
-                           where);
+                                             target->size, image.size())});
     }
     Writer writer(fd, *target, 0);
     const std::uint64_t total = bitmap.dirty_bytes();
@@ -430,8 +414,6 @@ Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
         if (!result)
             break;
     }
-    if (!result && where)
-        where->target = writer.target_failed();
     return result;
 }
 

@@ -4,6 +4,7 @@
 #include "references.hpp"
 
 #include "bytes.hpp"
+#include "errors.hpp"
 
 #include <qcowmap/references.hpp>
 
@@ -53,23 +54,33 @@ class Fd {
     int fd_;
 };
 
-Error refused(std::string_view what, std::string_view name, std::string_view why) {
-    return Error{ErrorCode::unsupported_feature,
-                 fmt::format("{} '{}' {}{}", what, printable(name), why, kUntrustedRefusalMark)};
+std::string_view what_of(ErrorOrigin origin) {
+    return origin == ErrorOrigin::data_file ? "data file" : "backing file";
 }
 
-Error os_error(std::string_view what, const std::filesystem::path& path, int err) {
-    return Error{ErrorCode::io_error,
-                 fmt::format("{} {}: {}", what, printable(path.string()), std::strerror(err))};
+/// A refusal as `confine` returns it: the message is only why, `path` the name as shown.
+Error refused(std::string_view shown_name, std::string_view why) {
+    Error error{ErrorCode::unsupported_feature, std::string(why)};
+    error.refusal = Refusal::untrusted;
+    error.path = std::string(shown_name);
+    return error;
+}
+
+Error os_error(ErrorOrigin origin, const std::filesystem::path& path, int err) {
+    Error error = errno_error(err, fmt::format("{} {}: {}", what_of(origin),
+                                               printable(path.string()), std::strerror(err)));
+    return attribute(std::move(error), origin, path.string());
 }
 
 /// After the open: a regular file, and not one of the kernel's pseudo files (which claim to be
 /// regular files of size 0 and would read as another process's or the host's state).
-Result<void> check_opened(int fd, std::string_view what, std::string_view name) {
+Result<void> check_opened(int fd, ErrorOrigin origin, std::string_view name) {
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
-        return Error{ErrorCode::io_error,
-                     fmt::format("{} '{}': {}", what, printable(name), std::strerror(errno))};
+        const int err = errno;
+        return attribute(errno_error(err, fmt::format("{} '{}': {}", what_of(origin),
+                                                      printable(name), std::strerror(err))),
+                         origin, std::string(name));
     }
     if (!S_ISREG(st.st_mode)) {
         const char* kind = S_ISDIR(st.st_mode)    ? "a directory"
@@ -78,11 +89,11 @@ Result<void> check_opened(int fd, std::string_view what, std::string_view name) 
                            : S_ISFIFO(st.st_mode) ? "a FIFO"
                            : S_ISSOCK(st.st_mode) ? "a socket"
                                                   : "a special file";
-        return refused(what, name, fmt::format("is {}, not a regular file", kind));
+        return refused(name, fmt::format("is {}, not a regular file", kind));
     }
     struct statfs fs {};
     if (::fstatfs(fd, &fs) == 0 && (fs.f_type == PROC_SUPER_MAGIC || fs.f_type == SYSFS_MAGIC)) {
-        return refused(what, name, "is a /proc or /sys file");
+        return refused(name, "is a /proc or /sys file");
     }
     return {};
 }
@@ -199,21 +210,20 @@ int open_by_walk(int dir, std::string_view name, int flags) {
     return -EISDIR; // the name ended in `..`: a directory
 }
 
-} // namespace
-
-Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::string_view name,
-                                   std::string_view what, ConfineMethod method) {
+/// open_confined, with a refusal's message being only why (see `refused`).
+Result<ConfinedFile> confine(const std::filesystem::path& image, std::string_view name,
+                             ErrorOrigin origin, ConfineMethod method) {
     if (name.empty()) {
-        return refused(what, name, "is an empty name");
+        return refused(name, "is an empty name");
     }
     if (name.find('\0') != std::string_view::npos) {
-        return refused(what, name, "contains a NUL byte");
+        return refused(name, "contains a NUL byte");
     }
     if (name.front() == '/') {
-        return refused(what, name, "is an absolute path");
+        return refused(name, "is an absolute path");
     }
     if (name.size() >= PATH_MAX) {
-        return refused(what, name.substr(0, 64), "... is longer than a path may be");
+        return refused(name.substr(0, 64), "... is longer than a path may be");
     }
     // qemu resolves a relative name against the directory of the image naming it.
     std::filesystem::path directory = image.parent_path();
@@ -222,7 +232,7 @@ Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::stri
     const std::filesystem::path path = directory / std::filesystem::path(std::string(name));
     Fd dir(::open(directory.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
     if (dir.get() < 0) {
-        return os_error(what, path, errno);
+        return os_error(origin, path, errno);
     }
     bool walk = method == ConfineMethod::walk;
     auto open_with = [&](int flags) {
@@ -242,22 +252,38 @@ Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::stri
     if (fd < 0) {
         switch (-fd) {
         case EXDEV:
-            return refused(what, name, "leaves the image's directory");
+            return refused(name, "leaves the image's directory");
         case ELOOP:
-            return refused(what, name, "goes through a symlink loop or a /proc magic link");
+            return refused(name, "goes through a symlink loop or a /proc magic link");
         case EAGAIN:
-            return refused(what, name, "changed while it was being opened");
+            return refused(name, "changed while it was being opened");
         case EISDIR:
-            return refused(what, name, "is a directory, not a regular file");
+            return refused(name, "is a directory, not a regular file");
         default:
-            return os_error(what, path, -fd);
+            return os_error(origin, path, -fd);
         }
     }
     Fd file(fd);
-    if (auto ok = check_opened(file.get(), what, name); !ok) {
+    if (auto ok = check_opened(file.get(), origin, name); !ok) {
         return std::move(ok).error();
     }
     return ConfinedFile{file.release(), path};
+}
+
+} // namespace
+
+Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::string_view name,
+                                   ErrorOrigin origin, ConfineMethod method) {
+    auto opened = confine(image, name, origin, method);
+    if (!opened && opened.error().refusal == Refusal::untrusted) {
+        // "WHAT 'NAME' why (untrusted)"
+        Error error = std::move(opened).error();
+        error.message = fmt::format("{} '{}' {}{}", what_of(origin), printable(error.path),
+                                    error.message, kUntrustedRefusalMark);
+        error.path = std::string(name);
+        return attribute(std::move(error), origin, std::string(name));
+    }
+    return opened;
 }
 
 } // namespace qcowmap::detail
@@ -275,18 +301,21 @@ std::vector<ImageReference> image_references(const Image& image) {
         ImageReference ref;
         ref.kind = kind;
         ref.name = name;
-        const std::string_view what = to_string(kind);
-        auto opened = detail::open_confined(image.path(), name, what);
+        const ErrorOrigin origin = kind == ImageReference::Kind::backing_file
+                                       ? ErrorOrigin::backing
+                                       : ErrorOrigin::data_file;
+        auto opened = detail::confine(image.path(), name, origin, detail::ConfineMethod::automatic);
         if (opened) {
             ::close(opened->fd);
-        } else if (opened.error().message.ends_with(kUntrustedRefusalMark)) {
-            // "WHAT 'NAME' why (untrusted)": keep the why.
-            std::string why = opened.error().message;
-            why.resize(why.size() - kUntrustedRefusalMark.size());
-            const std::string prefix = fmt::format("{} '{}' ", what, detail::printable(name));
-            if (why.starts_with(prefix))
-                why.erase(0, prefix.size());
-            ref.untrusted_refusal = std::move(why);
+        } else if (opened.error().refusal == Refusal::untrusted) {
+            // The why alone, unless the name was shortened to be shown ("'NAME...' ... is
+            // longer than a path may be"): then the whole sentence.
+            const Error& refusal = opened.error();
+            ref.untrusted_refusal =
+                refusal.path == name
+                    ? refusal.message
+                    : fmt::format("{} '{}' {}", to_string(kind), detail::printable(refusal.path),
+                                  refusal.message);
         } else {
             ref.missing = true;
         }

@@ -11,6 +11,7 @@
 // into jobs of about kPrefetchWindowBytes (a fragmented image's 64 KiB runs would otherwise
 // cost a hand-over each); a job's pages are dropped from the process by the worker that next
 // takes its slot, which the ring frees only once the visitor is done with them.
+#include "errors.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "workers.hpp"
@@ -182,8 +183,7 @@ class Prefetcher {
   private:
     /// The two walks of the same metadata disagree: only a file changed under us does that.
     static Error lost_place() {
-        return Error{ErrorCode::io_error, "image changed while being read (two walks of its "
-                                          "metadata disagree)"};
+        return detail::image_changed("two walks of its metadata disagree");
     }
 
     /// Moves the look-ahead walk to the next extent whose bytes must be produced; false at the

@@ -167,7 +167,9 @@ template <typename Job> class OrderedWorkers {
     /// be made where memory has just run out (a new thread's first malloc can fail under
     /// `ulimit -v` when glibc cannot map the thread's arena).
     static Error out_of_memory() noexcept {
-        return Error{ErrorCode::io_error, "out of memory"};
+        Error error{ErrorCode::io_error, "out of memory"};
+        error.refusal = Refusal::out_of_memory;
+        return error;
     }
 
     static Error error_of(std::exception_ptr failure) noexcept {

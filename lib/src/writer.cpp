@@ -39,11 +39,15 @@ using namespace detail::writer;
 namespace detail::writer {
 
 Error target_error(std::string_view what) {
-    return Error{ErrorCode::io_error, fmt::format("{}{}", kWriteTargetError, what)};
+    Error error{ErrorCode::io_error, fmt::format("{}{}", kWriteTargetError, what)};
+    error.origin = ErrorOrigin::target;
+    return error;
 }
 
 Error target_errno(int error) {
-    return target_error(std::strerror(error));
+    Error e = target_error(std::strerror(error));
+    e.system_errno = error;
+    return e;
 }
 
 bool all_zero(std::span<const std::byte> bytes) {

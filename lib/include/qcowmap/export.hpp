@@ -44,13 +44,6 @@ struct ExportOptions {
     std::function<void(std::uint64_t done, std::uint64_t total)> progress;
 };
 
-/// Where an export error came from.
-struct ExportError {
-    /// True: the target could not be written (or is unsuitable); false: the image could not
-    /// be read.
-    bool target = false;
-};
-
 /// Writes the virtual disk of `image`, raw, to the open descriptor `fd` (left open), with the
 /// bytes `qemu-img convert -O raw` writes:
 /// - a regular file is emptied if it is not empty, sized to the disk, and given only the data:
@@ -65,11 +58,10 @@ struct ExportError {
 /// Nothing is written when `fd` is the image itself, one of its layers or its data file.
 /// Errors: invalid_argument (bad `zero_block`; a target that is the image's own file, or a
 /// block device smaller than the disk; a part of the disk for a target that is not written
-/// in order), io_error when writing fails (`error->target` set), and the errors of
-/// `Image::visit` (`error->target` clear), among them "image changed while being read" when
-/// the image's file shrank under its mapping.
-Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {},
-                        ExportError* error = nullptr);
+/// in order), io_error when writing fails (with the errno), all of these with
+/// ErrorOrigin::target; and the errors of `Image::visit`, among them Refusal::image_changed
+/// ("image changed while being read") when the image's file shrank under its mapping.
+Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {});
 
 /// An incremental sync: writes only the ranges `bitmap` marks dirty to `fd`, an existing raw
 /// copy of the disk (a regular file or a block device of exactly `image.size()` bytes): data
@@ -78,6 +70,6 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
 /// inside the kernel where possible). Errors: as `export_raw`, and invalid_argument for a
 /// target of another size or kind.
 Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
-                          const ExportOptions& options = {}, ExportError* error = nullptr);
+                          const ExportOptions& options = {});
 
 } // namespace qcowmap
