@@ -1,6 +1,6 @@
 // Format probing and header extension names (qemu's block.c find_image_format, qcow2_probe).
-#include "bytes.hpp"
 #include "errors.hpp"
+#include "qcow2_format.hpp"
 
 #include <qcowmap/format.hpp>
 
@@ -14,20 +14,11 @@
 namespace qcowmap {
 
 std::string header_extension_name(std::uint32_t type) {
-    switch (type) {
-    case kExtensionBackingFormat:
-        return "backing file format";
-    case kExtensionFeatureNames:
-        return "feature name table";
-    case kExtensionBitmaps:
-        return "bitmaps";
-    case kExtensionEncryption:
-        return "full disk encryption header";
-    case kExtensionDataFile:
-        return "external data file";
-    default:
-        return fmt::format("unknown ({:#010x})", type);
+    for (const detail::ExtensionName& known : detail::kExtensionNames) {
+        if (known.type == type)
+            return std::string(known.name);
     }
+    return fmt::format("unknown ({:#010x})", type);
 }
 
 namespace {
@@ -64,8 +55,8 @@ Result<std::string> probe_format(const std::filesystem::path& path) {
         got += static_cast<std::size_t>(n);
     }
     ::close(fd);
-    const bool qcow =
-        got == 4 && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && magic[3] == 0xfb;
+    const bool qcow = got == 4 && detail::load_be32(reinterpret_cast<const std::byte*>(magic)) ==
+                                      detail::kQcowMagic;
     return std::string(qcow ? "qcow2" : "raw");
 }
 

@@ -35,8 +35,6 @@ const detail::ImageState& detail_state(const Image& image) {
 namespace detail {
 namespace {
 
-constexpr std::uint32_t kQcowMagic = 0x514649fb; // "QFI\xfb", qcow2 and qcow version 1
-
 using Identity = std::pair<std::uint64_t, std::uint64_t>;
 
 /// The bytes of one layer (or data file) as a source produced them.

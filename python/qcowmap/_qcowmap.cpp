@@ -255,12 +255,8 @@ class ExtentIterator {
 /// A bitmap's flags by name, as `qcowmap bitmaps --output=json` lists them.
 py::list bitmap_flags(const qcowmap::BitmapEntry& e) {
     py::list flags;
-    if (e.in_use())
-        flags.append("in-use");
-    if (e.enabled())
-        flags.append("auto");
-    if (e.flags & qcowmap::kBitmapExtraDataCompatible)
-        flags.append("extra-data-compatible");
+    for (const std::string& name : qcowmap::bitmap_flag_names(e.flags))
+        flags.append(name);
     return flags;
 }
 
