@@ -637,7 +637,7 @@ TEST(CorruptHeader, NamesFromTheImageDoNotBreakTheOneLineMessage) {
         Buffer b = fixtures().v3;
         append_extension(b, kExtDataFile, "disk\r\n.raw");
         put_be64(b, kIncompatibleAt, kIncompatDataFile);
-        // info needs only the header and works without the data file (issue 18): map reads.
+        // info needs only the header and works without the data file: map reads.
         check(b, ErrorCode::unsupported_feature, "disk", "data-file.qcow2", "map");
     }
 }

@@ -1,4 +1,4 @@
-// Library work that used to live in the CLI (issue 13, "library work out of the CLI"; issue 18):
+// Library work that used to live in the CLI:
 // the raw export engine, the dirty-range map and copy, the map's File column, format probing,
 // header extension names, the info JSON and the data file status, progress callbacks.
 #include "support.hpp"

@@ -1,6 +1,6 @@
 // --untrusted: a backing file or data file name taken from an image is followed only when it is
 // relative, stays inside the directory of the image naming it (after `..` and symlinks) and
-// names a regular file. Every escaping reference of issue 15 is built with qemu-img at test
+// names a regular file. Every escaping reference is built with qemu-img at test
 // time and refused by every command that opens images, by the library, the C API and both
 // resolution methods (openat2 and the O_NOFOLLOW walk); references that stay inside still
 // read exactly as qemu-img reads them; without the flag nothing changes.
@@ -100,7 +100,7 @@ struct Escape {
     std::string expected; ///< the message after "qcowmap: IMAGE: "
 };
 
-/// The escapes of issue 15, each an overlay in `dir` whose backing or data file reference
+/// The escapes, each an overlay in `dir` whose backing or data file reference
 /// leaves the directory or names something that is not a regular file.
 std::vector<std::pair<fs::path, Escape>> build_escapes(const qt::TempDir& dir,
                                                        const qt::TempDir& outside) {

@@ -58,9 +58,8 @@ inline unsigned resolve_threads(unsigned threads) noexcept {
 /// Waiting spins briefly before sleeping, but only when the owner and every worker can each
 /// have a core of their own: pieces are small (a 64 KiB cluster), and a futex wake-up per
 /// piece costs more than the parallelism wins. With more threads than cores a spinning waiter
-/// takes the core of the thread it waits for: compare of two zstd images (two workers and the
-/// owner on two cores) took 0.55 s spinning and 0.31 s sleeping at once, dense compare 0.29 s
-/// and 0.26 s, hash of a dense image 0.75 s and 0.69 s (bench/compare-qemu.sh images).
+/// takes the core of the thread it waits for, and spinning made compare and hash slower
+/// (bench/compare-qemu.sh).
 template <typename Job> class OrderedWorkers {
   public:
     using Work = std::function<Result<void>(Job&)>;
