@@ -113,40 +113,46 @@ int open_beneath(int dir, std::string_view name, int flags) {
     return fd < 0 ? -errno : static_cast<int>(fd);
 }
 
+/// A component of a name being walked, and whether what it names must be a directory (it was
+/// followed by a slash or by `.`, as in "a/" or "a/.": openat2 then fails with ENOTDIR on a
+/// file).
+struct Part {
+    std::string name;
+    bool directory = false;
+};
+
+/// Puts the components of `text` (a name, or a symlink's target) in front of `pending`; empty
+/// and `.` components only mark the one before as a directory. `directory`: the last one must
+/// be a directory (the symlink was followed by one).
+void split_into_front(std::deque<Part>& pending, std::string_view text, bool directory) {
+    std::vector<Part> parts;
+    std::size_t at = 0;
+    while (at <= text.size()) {
+        const std::size_t slash = text.find('/', at);
+        const std::size_t end = slash == std::string_view::npos ? text.size() : slash;
+        const std::string_view part = text.substr(at, end - at);
+        if (part.empty() || part == ".") {
+            if (!parts.empty() && (slash != std::string_view::npos || part == "."))
+                parts.back().directory = true;
+        } else {
+            parts.push_back({std::string(part), slash != std::string_view::npos});
+        }
+        if (slash == std::string_view::npos)
+            break;
+        at = slash + 1;
+    }
+    if (!parts.empty() && directory)
+        parts.back().directory = true;
+    pending.insert(pending.begin(), parts.begin(), parts.end());
+}
+
 /// The same confinement without openat2: walk the name one component at a time from `dir`,
 /// opening each with O_NOFOLLOW, expanding symlinks by hand (readlinkat on the link itself)
 /// and refusing an absolute target or a `..` above `dir`. Returns the opened file, -errno, or
 /// -EXDEV for an escape (as openat2 reports it).
 int open_by_walk(int dir, std::string_view name, int flags) {
-    // A component, and whether what it names must be a directory (it was followed by a
-    // slash or by `.`, as in "a/" or "a/.": openat2 then fails with ENOTDIR on a file).
-    struct Part {
-        std::string name;
-        bool directory = false;
-    };
     std::deque<Part> pending;
-    auto split_into_front = [&](std::string_view text, bool directory) {
-        std::vector<Part> parts;
-        std::size_t at = 0;
-        while (at <= text.size()) {
-            const std::size_t slash = text.find('/', at);
-            const std::size_t end = slash == std::string_view::npos ? text.size() : slash;
-            const std::string_view part = text.substr(at, end - at);
-            if (part.empty() || part == ".") {
-                if (!parts.empty() && (slash != std::string_view::npos || part == "."))
-                    parts.back().directory = true;
-            } else {
-                parts.push_back({std::string(part), slash != std::string_view::npos});
-            }
-            if (slash == std::string_view::npos)
-                break;
-            at = slash + 1;
-        }
-        if (!parts.empty() && directory)
-            parts.back().directory = true;
-        pending.insert(pending.begin(), parts.begin(), parts.end());
-    };
-    split_into_front(name, false);
+    split_into_front(pending, name, false);
     if (pending.empty())
         return -EISDIR; // the directory itself
     // The directories descended into, innermost last; `..` pops one, above `dir` is an escape.
@@ -183,7 +189,7 @@ int open_by_walk(int dir, std::string_view name, int flags) {
                 return -ENOENT;
             if (target[0] == '/')
                 return -EXDEV;
-            split_into_front(target, part.directory);
+            split_into_front(pending, target, part.directory);
             continue;
         }
         if (!S_ISDIR(st.st_mode) && (part.directory || !pending.empty()))
