@@ -122,27 +122,77 @@ Result<ClusterRun> classify_v1(const ImageState& s, std::uint64_t pos, std::uint
     return run;
 }
 
-/// What find_l2_entry found: the L2 table holding the entry for a position (its entries inside
-/// the file: all of them, but for a table cut off by the end of the file when salvaging) and
-/// the entry's index.
+/// What find_l2_entry found for a position: its L2 entry (the table, its entries inside the
+/// file: all of them, but for a table cut off by the end of the file when salvaging, and the
+/// entry's index), or why there is no entry to classify.
 struct L2Lookup {
+    enum class Found : std::uint8_t {
+        entry,
+        no_table,      ///< the L1 entry is empty: unallocated to the table's end
+        l1_cut_off,    ///< salvage: the L1 table ends (end of file) before this entry
+        table_cut_off, ///< salvage: the L2 table ends (end of file) before this entry
+    };
+    Found found = Found::entry;
     const std::byte* table = nullptr;
     std::uint64_t index = 0;
     std::uint64_t available = 0;
+    std::uint64_t l2_offset = 0;
 };
 
-/// The L1/L2 lookup of `pos` (qcow2_get_host_offset's first half): fills `found` and returns
-/// nullopt, or returns the finished classification when there is no entry to classify (no L2
-/// table: unallocated to the table's end; salvage: a cut-off L1 or L2 table) or an error (a
-/// bad L1 entry, an unaligned or out-of-file L2 table).
-std::optional<Result<ClusterRun>> find_l2_entry(const ImageState& s, std::uint64_t pos,
-                                                std::uint64_t limit, L2Lookup& found) {
+/// The L1/L2 lookup of `pos` (qcow2_get_host_offset's first half). Errors: a bad L1 entry, an
+/// unaligned or (but when salvaging) out-of-file L2 table. A small value on every path, so that
+/// the caller builds its run in place (the walk of a sparse disk takes the no_table path once
+/// per L1 entry).
+Result<L2Lookup> find_l2_entry(const ImageState& s, std::uint64_t pos) {
+    L2Lookup found;
     const std::uint64_t l1_index = pos >> (s.l2_bits + s.cluster_bits);
     // parse_image checked that L1 covers the whole virtual size and lies inside the file,
-    // except for an image opened for check, whose entries past the end of the file read as 0.
+    // except for an image opened for check, whose entries past the end of the file read as 0,
+    // and with salvage, whose L1 table may be cut off by the end of the file.
     if (l1_index >= s.l1_table.size() / 8) {
-        // Salvage: the L1 table was cut off by the end of the file. Every entry from here on
-        // is missing: one run to the end, whatever the header claims.
+        found.found = L2Lookup::Found::l1_cut_off;
+        return found;
+    }
+    const L1Entry l1 = decode_l1(s.l1_table.data() + l1_index * 8);
+    if (l1.reserved_bits()) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("L1 entry {} ({:#018x}) has reserved bits set", l1_index, l1.raw)};
+    }
+    found.l2_offset = l1.l2_offset();
+    if (found.l2_offset == 0) {
+        found.found = L2Lookup::Found::no_table;
+        return found;
+    }
+    if (found.l2_offset & (s.cluster_size - 1)) {
+        return Error{ErrorCode::invalid_table,
+                     fmt::format("L2 table offset {:#x} (L1 index {}) is not aligned to the "
+                                 "cluster size {:#x}",
+                                 found.l2_offset, l1_index, s.cluster_size)};
+    }
+    found.index = (pos >> s.cluster_bits) & ((std::uint64_t{1} << s.l2_bits) - 1);
+    found.available = std::uint64_t{1} << s.l2_bits;
+    if (fits(s.bytes.size(), found.l2_offset, s.cluster_size)) {
+        found.table = s.bytes.data() + found.l2_offset;
+        return found;
+    }
+    if (!s.mode.salvage) {
+        return slice(s.bytes, found.l2_offset, s.cluster_size, "L2 table").error();
+    }
+    // Salvage: the missing entries read as zeros (unallocated), as for qemu.
+    found.available = found.l2_offset >= s.bytes.size()
+                          ? 0
+                          : (s.bytes.size() - found.l2_offset) / s.l2_entry_bytes;
+    found.table = s.bytes.data() + std::min<std::uint64_t>(found.l2_offset, s.bytes.size());
+    if (found.index >= found.available)
+        found.found = L2Lookup::Found::table_cut_off;
+    return found;
+}
+
+/// The run of a position find_l2_entry found no entry for.
+ClusterRun run_without_entry(const ImageState& s, std::uint64_t pos, std::uint64_t limit,
+                             const L2Lookup& l2) {
+    if (l2.found == L2Lookup::Found::l1_cut_off) {
+        // Every entry from here on is missing: one run to the end, whatever the header claims.
         ClusterRun run;
         run.length = limit - pos;
         const std::uint64_t cut = s.l1_table.size() / 8;
@@ -151,42 +201,12 @@ std::optional<Result<ClusterRun>> find_l2_entry(const ImageState& s, std::uint64
                                  cut, s.info.l1_table_offset + cut * 8, s.bytes.size());
         return run;
     }
-    const L1Entry l1 = decode_l1(s.l1_table.data() + l1_index * 8);
-    if (l1.reserved_bits()) {
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("L1 entry {} ({:#018x}) has reserved bits set", l1_index, l1.raw)};
+    // No L2 table: everything it would describe is unallocated.
+    ClusterRun run = unallocated_to_table_end(s, pos, limit);
+    if (l2.found == L2Lookup::Found::table_cut_off) {
+        run.damage = slice(s.bytes, l2.l2_offset, s.cluster_size, "L2 table").error().message;
     }
-    const std::uint64_t l2_offset = l1.l2_offset();
-    if (l2_offset == 0) {
-        // No L2 table: everything it would describe is unallocated.
-        return unallocated_to_table_end(s, pos, limit);
-    }
-    if (l2_offset & (s.cluster_size - 1)) {
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("L2 table offset {:#x} (L1 index {}) is not aligned to the "
-                                 "cluster size {:#x}",
-                                 l2_offset, l1_index, s.cluster_size)};
-    }
-    found.index = (pos >> s.cluster_bits) & ((std::uint64_t{1} << s.l2_bits) - 1);
-    found.available = std::uint64_t{1} << s.l2_bits;
-    auto l2_table = slice(s.bytes, l2_offset, s.cluster_size, "L2 table");
-    if (!l2_table) {
-        if (!s.mode.salvage) {
-            return std::move(l2_table).error();
-        }
-        // Salvage: the missing entries read as zeros (unallocated), as for qemu.
-        found.available =
-            l2_offset >= s.bytes.size() ? 0 : (s.bytes.size() - l2_offset) / s.l2_entry_bytes;
-        if (found.index >= found.available) {
-            ClusterRun run = unallocated_to_table_end(s, pos, limit);
-            run.damage = l2_table.error().message;
-            return run;
-        }
-        found.table = s.bytes.data() + l2_offset;
-        return std::nullopt;
-    }
-    found.table = l2_table->data();
-    return std::nullopt;
+    return run;
 }
 
 /// The cluster a classified position lies in.
@@ -328,9 +348,13 @@ Result<ClusterRun> classify(const ImageState& s, std::uint64_t pos, std::uint64_
     if (s.info.version == 1) {
         return classify_v1(s, pos, limit);
     }
-    L2Lookup l2;
-    if (auto finished = find_l2_entry(s, pos, limit, l2)) {
-        return std::move(*finished);
+    auto found = find_l2_entry(s, pos);
+    if (!found) {
+        return std::move(found).error();
+    }
+    const L2Lookup& l2 = *found;
+    if (l2.found != L2Lookup::Found::entry) {
+        return run_without_entry(s, pos, limit, l2);
     }
     const bool extended = s.info.extended_l2;
     const L2Entry entry = decode_l2(l2.table + l2.index * s.l2_entry_bytes, extended);
