@@ -245,7 +245,7 @@ static void test_backing_chain_by_fd(void) {
     qcow2_close(q);
 
     /* qcowmap_open with no_backing: only the overlay's own cluster. */
-    struct qcowmap_open_options options = {NULL, 1, 0};
+    struct qcowmap_open_options options = {NULL, 1, 0, 0};
     q = qcowmap_open(overlay, &options, NULL);
     CHECK(q != NULL);
     unsigned char buffer[2];
@@ -274,7 +274,7 @@ static void test_snapshot(void) {
     sh("qemu-io -f qcow2 -c 'write -P 0x55 0 64k' '%s' >/dev/null", image);
     size_t raw_size;
     unsigned char* raw = qemu_raw(image, "-l snapshot.name=before", &raw_size);
-    struct qcowmap_open_options options = {"before", 0, 0};
+    struct qcowmap_open_options options = {"before", 0, 0, 0};
     const char* error = "unchanged";
     struct qcow2* q = qcowmap_open(image, &options, &error);
     CHECK(q != NULL && strcmp(error, "unchanged") == 0);
@@ -384,6 +384,100 @@ static void test_corrupt_l2(void) {
     qcow2_close(q);
 }
 
+/* qcowmap_hash: sha256 against sha256sum, blkhash-sha256 against the construction computed by
+ * Python's hashlib, both over qemu-img's raw output; errors. */
+static void test_hash(void) {
+    const char* image = path_of("hash.qcow2");
+    const char* raw = path_of("hash.raw");
+    const char* expected_path = path_of("hash.expected");
+    sh("qemu-img create -q -f qcow2 -o cluster_size=4k '%s' 1000448", image);
+    sh("qemu-io -f qcow2 -c 'write -P 0x61 0 70k' -c 'write -z 70k 8k' -c 'write -P 0x62 900k 4k' "
+       "'%s' >/dev/null",
+       image);
+    sh("qemu-img convert -O raw '%s' '%s'", image, raw);
+    sh("python3 -c \"import hashlib, struct, sys; d = open(sys.argv[1], 'rb').read(); "
+       "o = hashlib.sha256(); "
+       "[o.update(hashlib.sha256(d[i:i + 65536]).digest()) for i in range(0, len(d), 65536)]; "
+       "o.update(struct.pack('<Q', len(d))); print(o.hexdigest())\" '%s' > '%s' && "
+       "sha256sum '%s' | cut -c1-64 >> '%s'",
+       raw, expected_path, raw, expected_path);
+    size_t size;
+    unsigned char* expected = slurp(expected_path, &size);
+    CHECK(size == 130);
+    struct qcow2* q = open_path(image);
+    char hex[QCOWMAP_HASH_HEX_SIZE];
+    CHECK(qcowmap_hash(q, "blkhash-sha256", 0, hex, sizeof hex) == 32);
+    CHECK(strncmp(hex, (const char*)expected, 64) == 0 && strlen(hex) == 64);
+    CHECK(qcowmap_hash(q, "blkhash-sha256", 1, hex, sizeof hex) == 32);
+    CHECK(strncmp(hex, (const char*)expected, 64) == 0);
+    CHECK(qcowmap_hash(q, NULL, 0, hex, sizeof hex) == 32); /* sha256 */
+    CHECK(strncmp(hex, (const char*)expected + 65, 64) == 0);
+    CHECK(qcowmap_hash(q, "blkhash-sha512", 0, hex, sizeof hex) == 64 && strlen(hex) == 128);
+    errno = 0;
+    CHECK(qcowmap_hash(q, "md5", 0, hex, sizeof hex) == -1 && errno == EINVAL);
+    CHECK(strstr(qcowmap_last_error(), "md5") != NULL);
+    errno = 0;
+    CHECK(qcowmap_hash(q, "sha256", 0, hex, 64) == -1 && errno == ERANGE);
+    errno = 0;
+    CHECK(qcowmap_hash(NULL, "sha256", 0, hex, sizeof hex) == -1 && errno == EINVAL);
+    qcow2_close(q);
+    free(expected);
+}
+
+/* Writing in place: create, open writable, write/zero/discard/flush, qemu-io reads it back;
+ * a read-only handle refuses writes with EBADF. */
+static void test_write_in_place(void) {
+    const char* image = path_of("w.qcow2");
+    CHECK(qcowmap_create(image, 4 << 20, "cluster_size=4k,extended_l2=off") == 0);
+    CHECK(qcowmap_create(path_of("bad.qcow2"), 1 << 20, "cluster_size=3k") == -1 &&
+          errno == EINVAL);
+    struct qcowmap_open_options options;
+    memset(&options, 0, sizeof options);
+    options.writable = 1;
+    const char* error = NULL;
+    struct qcow2* q = qcowmap_open(image, &options, &error);
+    CHECK(q != NULL);
+    if (!q) {
+        fprintf(stderr, "%s\n", error);
+        return;
+    }
+    unsigned char data[10000];
+    memset(data, 0xab, sizeof data);
+    CHECK(qcowmap_write(q, data, sizeof data, 5000) == 0);
+    CHECK(qcowmap_write_zeroes(q, 8192, 4096, 1) == 0);
+    CHECK(qcowmap_discard(q, 1 << 20, 1 << 20) == 0);
+    CHECK(qcowmap_write(q, data, 1, (4 << 20) - 0) == -1 && errno == EINVAL);
+    unsigned char back[10000];
+    CHECK(qcow2_read(q, back, sizeof back, 5000) == (int)sizeof back);
+    CHECK(back[0] == 0xab && back[8192 - 5000] == 0 && back[12288 - 5000] == 0xab);
+    CHECK(qcowmap_flush(q) == 0);
+    /* A walk sees the writes (the image is flushed and mapped again for it). */
+    struct qcowmap_extents* it = qcowmap_extents_open(q, 0, UINT64_MAX);
+    CHECK(it != NULL);
+    struct qcowmap_extent e;
+    uint64_t data_bytes = 0;
+    while (it && qcowmap_extents_next(it, &e) == 1) {
+        if (e.kind == QCOWMAP_EXTENT_DATA) {
+            data_bytes += e.length;
+            /* cluster 1 holds the write from 5000 on; cluster 2 was zeroed */
+            if (e.offset == 4096)
+                CHECK(((const unsigned char*)e.data)[5000 - 4096] == 0xab);
+        }
+    }
+    qcowmap_extents_free(it);
+    CHECK(data_bytes == 2 * 4096);
+    CHECK(qcowmap_resize(q, 8 << 20) == 0);
+    CHECK(qcow2_get_size(q) == 8u << 20);
+    CHECK(qcowmap_close(q) == 0);
+    sh("qemu-img check -q '%s' && qemu-io -c 'read -P 0xab 5000 3192' -c 'read -P 0 8192 4096' "
+       "-c 'read -P 0xab 12288 2712' '%s' >/dev/null",
+       image, image);
+    struct qcow2* ro = open_path(image);
+    CHECK(qcowmap_write(ro, data, 1, 0) == -1 && errno == EBADF);
+    CHECK(strstr(qcowmap_last_error(), "read-only") != NULL);
+    qcow2_close(ro);
+}
+
 int main(void) {
     if (!mkdtemp(dir)) {
         perror("mkdtemp");
@@ -396,6 +490,8 @@ int main(void) {
     test_snapshot();
     test_open_errors();
     test_corrupt_l2();
+    test_hash();
+    test_write_in_place();
     sh("rm -rf '%s'", dir);
     printf("test_c_api: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;

@@ -162,7 +162,12 @@ TEST(Errors, OneErrnoMapping) {
     e.refusal = Refusal::out_of_memory;
     EXPECT_EQ(to_errno(e), ENOMEM);
     EXPECT_EQ(to_string(ErrorOrigin::data_file), "data_file");
-    EXPECT_EQ(to_string(Refusal::image_changed), "image_changed");
+    EXPECT_EQ(to_string(Refusal::backing_chain_loop), "backing_chain_loop");
+    e = Error{ErrorCode::image_in_use, "x"};
+    EXPECT_EQ(to_errno(e), EAGAIN);
+    e.code = ErrorCode::image_changed;
+    EXPECT_EQ(to_errno(e), EIO);
+    EXPECT_EQ(to_string(ErrorCode::image_changed), "image_changed");
 }
 
 TEST(ResultType, CarriesValueOrError) {

@@ -1,13 +1,16 @@
 // The C API (qcowmap/qcow2.h): the drop-in qcow2_* reader functions and the qcowmap_* extras,
 // as thin wrappers over Image. Every entry point catches everything: no C++ exception may
 // unwind into C frames (std::bad_alloc is the realistic one; it becomes ENOMEM).
+#include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/qcow2.h>
+#include <qcowmap/writable.hpp>
 
 #include <cerrno>
 #include <climits>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <string>
 
@@ -17,6 +20,9 @@
 struct qcow2 {
     qcowmap::Image image;
     int fd; // the caller's fd, closed by qcow2_close (-1 for qcowmap_open)
+    /// Opened for writing (qcowmap_open_options::writable): reads and writes go through it;
+    /// `image` is a read-only view as of the open, for walks a fresh one is taken.
+    std::unique_ptr<qcowmap::WritableImage> writable = nullptr;
 };
 
 struct qcowmap_extents {
@@ -159,6 +165,22 @@ struct qcow2* qcowmap_open(const char* path, const struct qcowmap_open_options* 
         if (options && options->untrusted) {
             open_options.untrusted = true;
         }
+        if (options && options->writable) {
+            qcowmap::WritableOptions writable_options;
+            writable_options.open = open_options;
+            auto writable = qcowmap::WritableImage::open(path, writable_options);
+            auto view = writable ? writable->snapshot_view()
+                                 : qcowmap::Result<qcowmap::Image>(writable.error());
+            if (!view) {
+                const char* message = fail(view.error());
+                if (error_ret) {
+                    *error_ret = message;
+                }
+                return nullptr;
+            }
+            return new qcow2{std::move(*view), -1,
+                             std::make_unique<qcowmap::WritableImage>(std::move(*writable))};
+        }
         auto image = qcowmap::Image::open(path, open_options);
         if (!image) {
             const char* message = fail(image.error());
@@ -182,6 +204,9 @@ void qcow2_close(struct qcow2* q) {
         return;
     }
     const int fd = q->fd;
+    if (q->writable) {
+        (void)q->writable->close(); // qcowmap_close() reports its errors
+    }
     delete q; // Image's destructor does not throw
     if (fd >= 0) {
         ::close(fd);
@@ -189,7 +214,7 @@ void qcow2_close(struct qcow2* q) {
 }
 
 uint64_t qcow2_get_size(struct qcow2* q) {
-    return q ? q->image.size() : 0;
+    return !q ? 0 : q->writable ? q->writable->size() : q->image.size();
 }
 
 int qcow2_read(struct qcow2* q, void* dest, size_t len, uint64_t offset) {
@@ -198,7 +223,7 @@ int qcow2_read(struct qcow2* q, void* dest, size_t len, uint64_t offset) {
             fail_errno(EINVAL, "qcow2_read");
             return -1;
         }
-        const std::uint64_t size = q->image.size();
+        const std::uint64_t size = qcow2_get_size(q);
         // Like the original: reads at or past the end copy nothing, reads across it are cut.
         if (offset >= size) {
             return 0;
@@ -210,7 +235,8 @@ int qcow2_read(struct qcow2* q, void* dest, size_t len, uint64_t offset) {
             fail_errno(EOVERFLOW, "qcow2_read: more than INT_MAX bytes requested");
             return -1;
         }
-        auto copied = q->image.read({static_cast<std::byte*>(dest), len}, offset);
+        auto copied = q->writable ? q->writable->read({static_cast<std::byte*>(dest), len}, offset)
+                                  : q->image.read({static_cast<std::byte*>(dest), len}, offset);
         if (!copied) {
             fail(copied.error());
             return -1;
@@ -232,6 +258,17 @@ struct qcowmap_extents* qcowmap_extents_open(struct qcow2* q, uint64_t start, ui
         return nullptr;
     }
     try {
+        if (q->writable) {
+            // A walk sees the writes so far: they are flushed and the file opened again (the
+            // iterator owns that view; `q` is not changed, other threads may be using it).
+            auto view = q->writable->snapshot_view();
+            if (!view) {
+                fail(view.error());
+                return nullptr;
+            }
+            auto walk = view->extents(start, end).walk();
+            return new qcowmap_extents{std::move(*view), std::move(walk), {}, {}, false};
+        }
         return new qcowmap_extents{q->image, q->image.extents(start, end).walk(), {}, {}, false};
     } catch (...) {
         fail_errno(ENOMEM, "qcowmap_extents_open");
@@ -308,6 +345,161 @@ const char* qcowmap_extents_error(const struct qcowmap_extents* it) {
 
 void qcowmap_extents_free(struct qcowmap_extents* it) {
     delete it;
+}
+
+int qcowmap_hash(struct qcow2* q, const char* algo, unsigned threads, char* hex, size_t hex_size) {
+    try {
+        if (!q || !hex) {
+            fail_errno(EINVAL, "qcowmap_hash");
+            return -1;
+        }
+        const std::string name = algo ? algo : "sha256";
+        auto algorithm = qcowmap::parse_hash_algorithm(name);
+        if (!algorithm) {
+            remember("qcowmap_hash: unknown algorithm '" + name +
+                     "' (sha256, sha512, blake2b512, xxh3-128, blkhash-sha256, "
+                     "blkhash-sha512, blkhash-blake2b512)");
+            errno = EINVAL;
+            return -1;
+        }
+        if (hex_size < 2 * qcowmap::digest_size(*algorithm) + 1) {
+            fail_errno(ERANGE, "qcowmap_hash: the hex buffer is too small");
+            return -1;
+        }
+        qcowmap::HashOptions options;
+        options.algorithm = *algorithm;
+        options.threads = threads;
+        auto digest = qcowmap::hash_image(q->image, options);
+        if (!digest) {
+            fail(digest.error());
+            return -1;
+        }
+        const std::string text = digest->hex();
+        std::memcpy(hex, text.c_str(), text.size() + 1);
+        return static_cast<int>(digest->size);
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_hash");
+        return -1;
+    }
+}
+
+// ---- Writing in place (issue 27) -------------------------------------------------------------
+
+namespace {
+
+/// The writable image behind `q`, or null with errno set (EINVAL: no image; EBADF: opened
+/// read-only, as write(2) says of a descriptor opened O_RDONLY).
+qcowmap::WritableImage* writable_of(struct qcow2* q, const char* what) {
+    if (!q) {
+        fail_errno(EINVAL, what);
+        return nullptr;
+    }
+    if (!q->writable) {
+        remember(std::string(what) + ": the image was opened read-only (set "
+                                     "qcowmap_open_options.writable)");
+        errno = EBADF;
+        return nullptr;
+    }
+    return q->writable.get();
+}
+
+int status(const qcowmap::Result<void>& result) {
+    if (!result) {
+        fail(result.error());
+        return -1;
+    }
+    return 0;
+}
+
+} // namespace
+
+int qcowmap_create(const char* path, uint64_t size, const char* options) {
+    try {
+        if (!path) {
+            fail_errno(EINVAL, "qcowmap_create: no path");
+            return -1;
+        }
+        qcowmap::CreateOptions create_options;
+        if (options) {
+            if (auto ok = qcowmap::parse_create_options(options, create_options); !ok)
+                return status(ok);
+        }
+        return status(qcowmap::create(path, size, create_options));
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_create");
+        return -1;
+    }
+}
+
+int qcowmap_write(struct qcow2* q, const void* buf, size_t len, uint64_t offset) {
+    try {
+        auto* w = writable_of(q, "qcowmap_write");
+        if (!w)
+            return -1;
+        if (!buf && len > 0) {
+            fail_errno(EINVAL, "qcowmap_write: no buffer");
+            return -1;
+        }
+        return status(w->write(offset, {static_cast<const std::byte*>(buf), len}));
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_write");
+        return -1;
+    }
+}
+
+int qcowmap_write_zeroes(struct qcow2* q, uint64_t offset, uint64_t len, int unmap) {
+    try {
+        auto* w = writable_of(q, "qcowmap_write_zeroes");
+        return w ? status(w->write_zeroes(offset, len, unmap != 0)) : -1;
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_write_zeroes");
+        return -1;
+    }
+}
+
+int qcowmap_discard(struct qcow2* q, uint64_t offset, uint64_t len) {
+    try {
+        auto* w = writable_of(q, "qcowmap_discard");
+        return w ? status(w->discard(offset, len)) : -1;
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_discard");
+        return -1;
+    }
+}
+
+int qcowmap_flush(struct qcow2* q) {
+    try {
+        auto* w = writable_of(q, "qcowmap_flush");
+        return w ? status(w->flush()) : -1;
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_flush");
+        return -1;
+    }
+}
+
+int qcowmap_resize(struct qcow2* q, uint64_t size) {
+    try {
+        auto* w = writable_of(q, "qcowmap_resize");
+        return w ? status(w->resize(size)) : -1;
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_resize");
+        return -1;
+    }
+}
+
+int qcowmap_close(struct qcow2* q) {
+    int result = 0;
+    try {
+        if (q && q->writable)
+            result = status(q->writable->close());
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_close");
+        result = -1;
+    }
+    const int saved = errno;
+    qcow2_close(q);
+    errno = saved;
+    return result;
 }
 
 } // extern "C"

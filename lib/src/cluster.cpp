@@ -40,6 +40,9 @@ Result<Bytes> l1_table(const ImageState& state, std::uint64_t offset, std::uint3
                                  "{:#x}",
                                  what, offset, cluster_size)};
     }
+    if (state.mode.stream) {
+        return Bytes{}; // read by the stream decoder as it arrives
+    }
     if (state.mode.salvage && !fits(state.bytes.size(), offset, bytes)) {
         // Salvage: the entries cut off by the end of the file read as zeros (unallocated), as
         // qemu reads them; the walk reports those ranges. Keep the whole entries in the file.

@@ -13,6 +13,7 @@
 // buffer swap, or the list of pages), so holding one side's bytes never blocks the other's;
 // pages it has compared are dropped from the process by the worker of a later job.
 #include "errors.hpp"
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "scratch_bytes.hpp"
@@ -702,10 +703,7 @@ Error compare_error(Error error, const Image& image, ErrorStage stage) {
     return detail::attribute(std::move(error), ErrorOrigin::image, image.path().string());
 }
 
-} // namespace
-
-Result<CompareResult> compare_images(const Image& a, const Image& b,
-                                     const CompareOptions& options) {
+Result<CompareResult> compare_walk(const Image& a, const Image& b, const CompareOptions& options) {
     const std::uint64_t size_a = a.size();
     const std::uint64_t size_b = b.size();
     if (options.strict && size_a != size_b) {
@@ -821,6 +819,32 @@ Result<CompareResult> compare_images(const Image& a, const Image& b,
     CompareResult r;
     r.size_warning = size_a != size_b;
     return r;
+}
+
+} // namespace
+
+Result<CompareResult> compare_images(const Image& a, const Image& b,
+                                     const CompareOptions& options) {
+    // A read of either image's mapping that faults: a read error of the image it belongs to.
+    detail::FaultBoundary boundary;
+    auto result = compare_walk(a, b, options);
+    auto fault = boundary.finish({});
+    if (fault && (result || boundary.own_fault())) {
+        int side = 0;
+        if (boundary.own_fault()) {
+            side = detail::maps_address(detail_state(a), boundary.fault_address()) ? 0 : 1;
+            fault =
+                detail::describe_fault(boundary.fault_address(), side == 0 ? a.path() : b.path());
+        }
+        return compare_error(std::move(*fault), side == 0 ? a : b, ErrorStage::read);
+    }
+    // A mismatch or a failure met while a file changed under the walk is the change's doing.
+    for (int side = 0; side < 2; ++side) {
+        if (auto unchanged = (side == 0 ? a : b).check_unchanged(); !unchanged) {
+            return compare_error(std::move(unchanged).error(), side == 0 ? a : b, ErrorStage::read);
+        }
+    }
+    return result;
 }
 
 } // namespace qcowmap

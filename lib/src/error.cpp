@@ -29,6 +29,12 @@ std::string_view to_string(ErrorCode code) {
         return "out_of_range";
     case ErrorCode::invalid_argument:
         return "invalid_argument";
+    case ErrorCode::checksum_mismatch:
+        return "checksum_mismatch";
+    case ErrorCode::image_in_use:
+        return "image_in_use";
+    case ErrorCode::image_changed:
+        return "image_changed";
     }
     return "unknown";
 }
@@ -61,8 +67,6 @@ std::string_view to_string(Refusal refusal) {
         return "backing_chain_loop";
     case Refusal::backing_chain_depth:
         return "backing_chain_depth";
-    case Refusal::image_changed:
-        return "image_changed";
     case Refusal::out_of_memory:
         return "out_of_memory";
     }
@@ -86,10 +90,14 @@ int to_errno(const Error& error) {
     case ErrorCode::out_of_range:
     case ErrorCode::invalid_argument:
         return EINVAL;
+    case ErrorCode::image_in_use:
+        return EAGAIN; // what qemu's lock test returns (qemu_lock_fd_test)
     case ErrorCode::io_error:
     case ErrorCode::invalid_table:
     case ErrorCode::invalid_cluster:
     case ErrorCode::compressed_data:
+    case ErrorCode::checksum_mismatch:
+    case ErrorCode::image_changed:
         return EIO;
     }
     return EIO;

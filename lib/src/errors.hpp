@@ -23,11 +23,10 @@ inline Error refusal(Error error, Refusal kind) {
     return error;
 }
 
-/// "image changed while being read (WHY)": an io_error with Refusal::image_changed.
+/// "image changed while being read (WHY)": ErrorCode::image_changed.
 inline Error image_changed(std::string_view why) {
-    Error error{ErrorCode::io_error, "image changed while being read (" + std::string(why) + ")"};
-    error.refusal = Refusal::image_changed;
-    return error;
+    return Error{ErrorCode::image_changed,
+                 "image changed while being read (" + std::string(why) + ")"};
 }
 
 /// `error` said to be about `origin` (`path`, `depth`), unless it already names its origin.

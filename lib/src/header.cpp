@@ -216,7 +216,7 @@ Result<void> check_refcount_table(const ImageState& state) {
                                  info.refcount_table_offset, info.cluster_size)};
     }
     // (Salvage reads without refcounts: a table cut off by the end of the file is no damage.)
-    if (!state.mode.salvage) {
+    if (!state.mode.salvage && !state.mode.stream) {
         if (auto t = slice(state.bytes, info.refcount_table_offset, refcount_table_bytes,
                            "refcount table");
             !t) {
@@ -244,7 +244,7 @@ Result<void> read_snapshot_table(ImageState& state) {
                                  "the cluster size {:#x}",
                                  info.snapshots_offset, info.cluster_size)};
     }
-    if (info.snapshot_count == 0) {
+    if (info.snapshot_count == 0 || state.mode.stream) {
         return {};
     }
     // Every entry has a fixed 40-byte part: a table that cannot even hold those is refused
@@ -264,7 +264,7 @@ Result<void> read_snapshot_table(ImageState& state) {
 /// directory of a stale extension (autoclear bit clear) that does not parse is remembered.
 Result<void> read_bitmap_directory(ImageState& state) {
     ImageInfo& info = state.info;
-    if (!info.bitmaps || !info.bitmaps->directory_error.empty()) {
+    if (!info.bitmaps || !info.bitmaps->directory_error.empty() || state.mode.stream) {
         return {};
     }
     BitmapsExtension& ext = *info.bitmaps;

@@ -113,7 +113,8 @@ inline DiskHeader decode_header(Bytes h) {
     return f;
 }
 
-/// Encodes a version 3 header of `f.header_length` bytes (at least kV3HeaderLength) at `h`.
+/// Encodes the header at `h`: version 2 its kV2HeaderLength bytes, version 3 its
+/// `f.header_length` bytes (at least kV3HeaderLength).
 inline void encode_header(const DiskHeader& f, std::byte* h) {
     store_be32(h + header::kMagic, kQcowMagic);
     store_be32(h + header::kVersion, f.version);
@@ -128,6 +129,8 @@ inline void encode_header(const DiskHeader& f, std::byte* h) {
     store_be32(h + header::kRefcountTableClusters, f.refcount_table_clusters);
     store_be32(h + header::kNbSnapshots, f.nb_snapshots);
     store_be64(h + header::kSnapshotsOffset, f.snapshots_offset);
+    if (f.version < 3)
+        return; // the extension area starts here
     store_be64(h + header::kIncompatibleFeatures, f.incompatible_features);
     store_be64(h + header::kCompatibleFeatures, f.compatible_features);
     store_be64(h + header::kAutoclearFeatures, f.autoclear_features);

@@ -106,8 +106,9 @@ Result<void> select_snapshot(ImageState& state, const std::string& wanted) {
     }
     if (!found) {
         return Error{ErrorCode::invalid_argument,
-                     fmt::format("no snapshot with ID or name '{}' ({} snapshots)",
-                                 printable(wanted), state.info.snapshots.size())};
+                     fmt::format("no snapshot with ID or name '{}' ({} snapshot{})",
+                                 printable(wanted), state.info.snapshots.size(),
+                                 state.info.snapshots.size() == 1 ? "" : "s")};
     }
     auto l1 = l1_table(state, found->l1_table_offset, found->l1_size, found->virtual_size,
                        fmt::format("L1 table of snapshot '{}'", printable(found->name)));

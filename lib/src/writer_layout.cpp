@@ -86,10 +86,12 @@ Result<Layout> make_layout(const Geometry& g, std::uint64_t l2_tables,
 
 namespace {
 
-/// The version 3 header fields of the output (clean: no dirty bit; no snapshots).
-DiskHeader header_fields(const Geometry& g, const Layout& layout, const HeaderFields& fields) {
+/// The header fields of the output (clean: no dirty bit; no snapshots). Version 2 headers end
+/// at byte 72: refcount order 4, no feature bits (else invalid_argument).
+Result<DiskHeader> header_fields(const Geometry& g, const Layout& layout,
+                                 const HeaderFields& fields) {
     DiskHeader h;
-    h.version = 3;
+    h.version = fields.version;
     h.cluster_bits = g.cluster_bits;
     h.size = g.virtual_size;
     h.l1_size = static_cast<std::uint32_t>(g.l1_size());
@@ -100,6 +102,21 @@ DiskHeader header_fields(const Geometry& g, const Layout& layout, const HeaderFi
         h.incompatible_features |= kIncompatCompressionType;
     if (g.extended_l2)
         h.incompatible_features |= kIncompatExtendedL2;
+    if (fields.data_file)
+        h.incompatible_features |= kIncompatDataFile;
+    if (fields.version < 3) {
+        if (h.incompatible_features || g.refcount_order != 4 || fields.lazy_refcounts) {
+            return Error{ErrorCode::invalid_argument,
+                         "compat=0.10 (version 2) images cannot have extended L2 entries, zstd "
+                         "compression, an external data file, lazy refcounts or refcount_bits "
+                         "other than 16"};
+        }
+        h.refcount_order = 4;
+        h.header_length = kV2HeaderLength;
+        return h;
+    }
+    h.compatible_features = fields.lazy_refcounts ? kCompatLazyRefcounts : 0;
+    h.autoclear_features = fields.data_file_raw ? kAutoclearDataFileRaw : 0;
     h.refcount_order = g.refcount_order;
     h.header_length = kV3HeaderLength;
     h.compression_type = static_cast<std::uint8_t>(fields.compression_type);
@@ -111,6 +128,11 @@ DiskHeader header_fields(const Geometry& g, const Layout& layout, const HeaderFi
 Result<std::vector<std::byte>> encode_header(const Geometry& g, const Layout& layout,
                                              const HeaderFields& fields) {
     const std::uint64_t cluster = g.cluster_size;
+    auto disk = header_fields(g, layout, fields);
+    if (!disk)
+        return std::move(disk).error();
+    const bool v3 = disk->version >= 3;
+    const std::uint64_t header_length = disk->header_length;
     const std::string backing = fields.backing_file.value_or("");
     if (backing.size() > kMaxBackingNameLength) {
         return Error{ErrorCode::invalid_argument,
@@ -122,10 +144,14 @@ Result<std::vector<std::byte>> encode_header(const Geometry& g, const Layout& la
         format.empty() ? 0 : kExtensionHeaderSize + align_up8(format.size());
     const std::uint64_t table_ext =
         kExtensionHeaderSize + kKnownFeatures.size() * kFeatureNameEntrySize;
-    std::uint64_t needed = kV3HeaderLength + format_ext + kExtensionHeaderSize + backing.size();
+    const std::string data_file = fields.data_file.value_or("");
+    const std::uint64_t data_file_ext =
+        data_file.empty() ? 0 : kExtensionHeaderSize + align_up8(data_file.size());
+    std::uint64_t needed =
+        header_length + format_ext + data_file_ext + kExtensionHeaderSize + backing.size();
     // The feature-name table only helps tools name bits; with 512-byte clusters it does not fit
     // beside a backing name, and is left out.
-    const bool with_table = needed + table_ext <= cluster;
+    const bool with_table = v3 && needed + table_ext <= cluster; // qemu: version 3 only
     if (with_table)
         needed += table_ext;
     if (needed > cluster) {
@@ -136,11 +162,14 @@ Result<std::vector<std::byte>> encode_header(const Geometry& g, const Layout& la
     }
     std::vector<std::byte> header(cluster);
     std::byte* h = header.data();
-    DiskHeader disk = header_fields(g, layout, fields);
-    std::uint64_t at = kV3HeaderLength;
+    std::uint64_t at = header_length;
     if (!format.empty()) {
         at += encode_extension(h + at, kExtensionBackingFormat,
                                std::as_bytes(std::span(format.data(), format.size())));
+    }
+    if (!data_file.empty()) {
+        at += encode_extension(h + at, kExtensionDataFile,
+                               std::as_bytes(std::span(data_file.data(), data_file.size())));
     }
     if (with_table) {
         std::vector<std::byte> table(kKnownFeatures.size() * kFeatureNameEntrySize);
@@ -150,11 +179,11 @@ Result<std::vector<std::byte>> encode_header(const Geometry& g, const Layout& la
     }
     at += kExtensionHeaderSize; // the end of the extension area: type 0, length 0 (zeros)
     if (!backing.empty()) {
-        disk.backing_file_offset = at;
-        disk.backing_file_size = static_cast<std::uint32_t>(backing.size());
+        disk->backing_file_offset = at;
+        disk->backing_file_size = static_cast<std::uint32_t>(backing.size());
         std::memcpy(h + at, backing.data(), backing.size());
     }
-    detail::encode_header(disk, h);
+    detail::encode_header(*disk, h);
     return header;
 }
 

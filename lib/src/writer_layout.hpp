@@ -75,6 +75,13 @@ struct HeaderFields {
     CompressionType compression_type = CompressionType::zlib;
     std::optional<std::string> backing_file;
     std::optional<std::string> backing_format;
+    /// 3, or 2 (qemu's compat=0.10: a 72-byte header, no feature bits).
+    std::uint32_t version = 3;
+    bool lazy_refcounts = false;
+    /// External data file name (header extension, incompatible bit 2) and data_file_raw
+    /// (autoclear bit 1).
+    std::optional<std::string> data_file;
+    bool data_file_raw = false;
 };
 
 /// The header cluster (exactly one cluster): version 3 header of 112 bytes, the backing-format

@@ -5,26 +5,81 @@
         for e in img.extents():
             e.data  # data: a read-only memoryview into the mapping; zero: None
 
+    with qcowmap.open("vm.qcow2", writable=True) as img:
+        img.write(0, b"...")   # in place, crash-safe; img.flush() makes it durable
+
 The core is C++ (the _qcowmap extension); this file adds RawDisk, the io.RawIOBase view of
-the virtual disk that Image.open_raw() returns.
+the virtual disk that Image.open_raw() returns, and the keyword forms of open() and create().
 """
 
 import io
+import os
 
 from ._qcowmap import (  # noqa: F401  (re-exported)
     Error,
     Extent,
     ExtentIterator,
     Image,
+    WritableImage,
     __version__,
-    open,
+    stream_convert,
 )
+from ._qcowmap import open as _open_read_only
+from ._qcowmap import _create, _open_writable
 
-__all__ = ["Error", "Extent", "ExtentIterator", "Image", "RawDisk", "open"]
+__all__ = ["Error", "Extent", "ExtentIterator", "Image", "RawDisk", "WritableImage", "create",
+           "open", "stream_convert"]
+
+
+def open(path, snapshot=None, backing=True, data_file=None, untrusted=False, force_share=False,
+         writable=False, lock=True):
+    """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file.
+
+    snapshot: an internal snapshot's ID or name; backing=False reads only this image;
+    data_file: use this external data file; untrusted=True: backing and data file names the
+    image holds are followed only inside its directory (as --untrusted). A read-only open
+    takes QEMU's reader lock (as qemu-img) until the Image is closed, and raises Error with code
+    "image_in_use" when a writer holds the image; force_share=True takes no lock (qemu-img -U).
+
+    writable=True opens it for writing in place and returns a WritableImage (QEMU's image
+    locks are taken unless lock=False: a VM or qemu-io writing it makes this fail).
+    Otherwise returns a read-only Image.
+    """
+    if writable:
+        if snapshot is not None:
+            raise ValueError("an internal snapshot cannot be opened for writing")
+        if force_share:
+            raise ValueError("force_share can only be used with read-only images (as qemu-img)")
+        return _open_writable(path, backing=backing, data_file=data_file, untrusted=untrusted,
+                              lock=lock)
+    return _open_read_only(path, snapshot=snapshot, backing=backing, data_file=data_file,
+                           untrusted=untrusted, force_share=force_share)
+
+
+def create(path, size, **options):
+    """Creates an empty qcow2 image of `size` bytes, as ``qemu-img create -f qcow2 -o ...``.
+
+    Options take qemu-img's names: cluster_size, extended_l2, compression_type,
+    refcount_bits, lazy_refcounts, backing_file, backing_fmt, data_file, data_file_raw,
+    compat ("1.1" or "0.10"). Booleans mean on/off; sizes may be ints or strings ("64k").
+    With backing_file and size 0 the backing file's size is used.
+    """
+    parts = []
+    for key, value in options.items():
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        elif isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        parts.append(f"{key}={str(value).replace(',', ',,')}")
+    _create(path, size, ",".join(parts))
 
 
 class RawDisk(io.RawIOBase):
-    """The virtual disk as a read-only, seekable binary file (what ``Image.open_raw()`` gives).
+    """The virtual disk as a seekable binary file (what ``Image.open_raw()`` gives): read-only
+    for an Image, readable and writable for a WritableImage, so that
+    ``shutil.copyfileobj(source, image.open_raw())`` restores a disk. Writes go to the image in
+    place at the current position (past the end of the disk they raise qcowmap.Error);
+    ``flush()`` (and closing) makes them durable.
 
     ``readinto`` copies straight from the mapping into the caller's buffer (one copy, no
     intermediate bytes), so ``hashlib.file_digest``, ``shutil.copyfileobj`` and ``tarfile``
@@ -38,7 +93,8 @@ class RawDisk(io.RawIOBase):
         self._size = image.size
         self._pos = 0
         self.name = image.path
-        self.mode = "rb"
+        self._writable = isinstance(image, WritableImage)
+        self.mode = "r+b" if self._writable else "rb"
 
     @property
     def size(self):
@@ -55,10 +111,20 @@ class RawDisk(io.RawIOBase):
 
     def writable(self):
         self._checkClosed()
-        return False
+        return self._writable
 
     def write(self, data):
-        raise io.UnsupportedOperation("write: the virtual disk is read-only")
+        self._checkClosed()
+        if not self._writable:
+            raise io.UnsupportedOperation("write: the virtual disk is read-only")
+        n = self._image.write(self._pos, data)
+        self._pos += n
+        return n
+
+    def flush(self):
+        super().flush()
+        if self._writable and self._image is not None and not self._image.closed:
+            self._image.flush()
 
     def tell(self):
         self._checkClosed()
@@ -101,6 +167,8 @@ class RawDisk(io.RawIOBase):
         return self.read(-1)
 
     def close(self):
+        if not self.closed:
+            self.flush()
         self._image = None
         super().close()
 

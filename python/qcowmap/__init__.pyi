@@ -1,7 +1,7 @@
 # Type stubs for the qcowmap package (the _qcowmap extension and RawDisk).
 import io
 import os
-from typing import Any, Iterator, Literal, Optional, Union, overload
+from typing import Any, BinaryIO, Callable, Iterator, Literal, Optional, Union, overload
 
 __version__: str
 """True when this build's library has OpenOptions::untrusted (open(..., untrusted=True) works)."""
@@ -58,7 +58,8 @@ class ExtentIterator(Iterator[Extent]):
     def __next__(self) -> Extent: ...
 
 class RawDisk(io.RawIOBase):
-    """The virtual disk as a read-only, seekable binary file."""
+    """The virtual disk as a seekable binary file: read-only for an Image, readable and
+    writable for a WritableImage."""
 
     name: str
     mode: str
@@ -105,18 +106,102 @@ class Image:
         """What `qcowmap bitmaps --output=json` prints: name, granularity, flags, enabled, in-use,
         consistent, usable, error, dirty-bytes."""
     @overload
-    def hash(self, algo: str = "sha256", block_size: None = None, threads: int = 0) -> str: ...
+    def hash(
+        self,
+        algo: str = "sha256",
+        block_size: None = None,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> str: ...
     @overload
-    def hash(self, algo: str = "sha256", *, block_size: int, threads: int = 0) -> list[dict[str, Any]]: ...
+    def hash(
+        self,
+        algo: str = "sha256",
+        *,
+        block_size: int,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> list[dict[str, Any]]: ...
     @overload
-    def hash(self, algo: str, block_size: int, threads: int = 0) -> list[dict[str, Any]]: ...
+    def hash(
+        self,
+        algo: str,
+        block_size: int,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> list[dict[str, Any]]: ...
     def open_raw(self) -> RawDisk: ...
 
+class WritableImage:
+    """A qcow2 image opened for writing in place (open(path, writable=True))."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` as written so far; fewer only at the end of the disk."""
+    def readinto(self, offset: int, buffer: _WritableBuffer) -> int: ...
+    def write(self, offset: int, data: Any) -> int:
+        """Writes `data` (any contiguous buffer) at `offset`; returns its length."""
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def flush(self) -> None:
+        """Makes every write so far durable (crash-safe order)."""
+    def resize(self, size: int) -> None: ...
+    def block_status(self, offset: int, length: int) -> dict[str, Any]:
+        """{"offset", "length", "allocated", "zero"} of the first run of equal allocation."""
+    def snapshot(self) -> Image:
+        """Flushes; a read-only Image of the file as it is now."""
+    def close(self) -> None:
+        """Flushes, stores persistent bitmaps, releases the file and its locks."""
+    def __enter__(self) -> "WritableImage": ...
+    def __exit__(self, *args: object) -> None: ...
+    def open_raw(self) -> RawDisk: ...
+
+@overload
 def open(
     path: _Path,
     snapshot: Optional[str] = None,
     backing: bool = True,
     data_file: Optional[_Path] = None,
     untrusted: bool = False,
+    force_share: bool = False,
+    writable: Literal[False] = False,
+    lock: bool = True,
 ) -> Image:
-    """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file."""
+    """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file.
+
+    By default takes QEMU's reader lock (as qemu-img) until the Image is closed; raises Error
+    with code "image_in_use" when a writer holds the image. force_share=True: no locks
+    (qemu-img -U)."""
+@overload
+def open(
+    path: _Path,
+    snapshot: None = None,
+    backing: bool = True,
+    data_file: Optional[_Path] = None,
+    untrusted: bool = False,
+    force_share: Literal[False] = False,
+    *,
+    writable: Literal[True],
+    lock: bool = True,
+) -> WritableImage:
+    """Opens a qcow2 image for writing in place (QEMU's image locks taken unless lock=False)."""
+
+
+def stream_convert(
+    fileobj: BinaryIO,
+    target: _Path,
+    *,
+    replace: bool = False,
+    max_spool: Optional[int] = None,
+    expect_checksum: Optional[str] = None,
+    backing: bool = True,
+    data_file: Optional[_Path] = None,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Reads a qcow2 image once from a binary file object (a pipe, an HTTP response) and writes
+    its virtual disk raw to target, complete or not at all; returns the decoder's statistics."""

@@ -6,8 +6,8 @@
  * and zstd), extended L2 entries, backing chains and external data files.
  *
  * Part two (qcowmap_*) is for C callers who want more: open by path with options (internal
- * snapshot, no backing file), the message of the last error, and the extent iterator with
- * zero-copy pointers to the data runs.
+ * snapshot, no backing file), the message of the last error, the extent iterator with
+ * zero-copy pointers to the data runs, and digests of the disk (qcowmap_hash).
  *
  * Usable from C99 and C++. Link with `pkg-config --libs qcowmap`. No C++ exception crosses
  * these functions. All functions are thread-safe; one `struct qcow2` may be read from any
@@ -39,7 +39,10 @@ struct qcow2;
  *
  * errno: EBADF (fd not open), the errno of fstat/readlink, EIO (the file or a backing/data
  * file could not be opened or mapped), EINVAL (not a qcow image, invalid header or tables),
- * ENOTSUP (unsupported version or feature, encryption), ENOMEM.
+ * ENOTSUP (unsupported version or feature, encryption), ENOMEM, EAGAIN (a writer holds the
+ * image: QEMU's image locks, which every open through this API takes as a reader, as
+ * qemu-img does, for as long as the image stays open; see OpenOptions::force_share in
+ * <qcowmap/options.hpp>).
  *
  * The image is mapped by its path, found through /proc/self/fd/N; relative backing and data
  * file names resolve against that path's directory, as qemu does. When the fd has no usable
@@ -75,6 +78,12 @@ struct qcowmap_open_options {
      * when relative, inside the image's directory (after `..` and symlinks) and a regular file;
      * otherwise qcowmap_open fails with ENOTSUP and a message saying which name and why. */
     int untrusted;
+    /** Non-zero: open the image for writing in place (qcowmap_write() and friends). The file
+     * gets QEMU's image locks, so a VM or qemu-io writing it makes this fail (errno EIO, the
+     * message says so) and they cannot write it while it is open here. qcow2_read() sees every
+     * write; an extent walk flushes first. Release with qcowmap_close() to learn whether the
+     * final flush worked (qcow2_close() does the same and forgets errors). */
+    int writable;
 };
 
 /** Opens the image at `path` (relative backing names resolve against its directory).
@@ -132,6 +141,61 @@ const char* qcowmap_extents_error(const struct qcowmap_extents* it);
 
 /** Releases the iterator (NULL: no effect). */
 void qcowmap_extents_free(struct qcowmap_extents* it);
+
+/** Room for the longest hex digest qcowmap_hash() writes (64 bytes: 128 digits) and its NUL. */
+#define QCOWMAP_HASH_HEX_SIZE 129
+
+/** The digest of the whole virtual disk of `q`, as `qcowmap hash --algo=ALGO` prints it.
+ *
+ * `algo`: "sha256", "sha512", "blake2b512", "xxh3-128" (the digest of the raw disk, as
+ * sha256sum & co. give it for `qemu-img convert -O raw` output), or "blkhash-sha256",
+ * "blkhash-sha512", "blkhash-blake2b512" (the blkhash block construction, as the `blksum`
+ * command gives it: its cost follows the allocated data, and blocks are hashed on every core).
+ * NULL means "sha256". `threads`: worker threads, 0 for one per core.
+ *
+ * Writes the lowercase hex digest and a NUL into `hex`, which holds `hex_size` bytes
+ * (QCOWMAP_HASH_HEX_SIZE always suffices), and returns the digest's size in bytes (32, 64 or
+ * 16). On error returns -1 and sets errno: EINVAL (NULL `q` or `hex`, unknown `algo`),
+ * ERANGE (`hex` too small), EIO (corrupt tables or compressed data, or the digest library
+ * failed), ENOMEM; qcowmap_last_error() says what. Releases nothing: `q` stays open. */
+int qcowmap_hash(struct qcow2* q, const char* algo, unsigned threads, char* hex, size_t hex_size);
+
+/* ---- writing in place ---------------------------------------------------------------------
+ * Every function returns 0 on success, -1 with errno and qcowmap_last_error() on failure:
+ * EBADF (the image was opened read-only), EINVAL (a range past the end of the disk, a bad
+ * option), EIO (the file could not be written or its tables are damaged where the request goes),
+ * ENOTSUP (an image that cannot be written: qcow version 1, the corrupt or dirty bit, encrypted),
+ * ENOMEM. Calls on one `struct qcow2` are serialised internally; any thread may make them. A
+ * crash never leaves the image corrupt (`qemu-img check`): writes made before the last
+ * successful qcowmap_flush() read back, later ones may be lost, and clusters may leak. */
+
+/** Creates an empty qcow2 image of `size` bytes (rounded up to 512) at `path`, as
+ * `qemu-img create -f qcow2 -o OPTIONS` does. `options` is qemu-img's -o string ("cluster_size=
+ * 64k,extended_l2=on,compression_type=zstd,refcount_bits=16,lazy_refcounts=on,backing_file=B,
+ * backing_fmt=qcow2,data_file=D,data_file_raw=on,compat=1.1"), or NULL. With a backing file and
+ * `size` 0 the backing file's size is used. */
+int qcowmap_create(const char* path, uint64_t size, const char* options);
+
+/** Writes `len` bytes from `buf` at virtual offset `offset`. */
+int qcowmap_write(struct qcow2* q, const void* buf, size_t len, uint64_t offset);
+
+/** Makes `[offset, offset + len)` read as zeros; with `unmap` non-zero whole clusters give
+ * their space back. */
+int qcowmap_write_zeroes(struct qcow2* q, uint64_t offset, uint64_t len, int unmap);
+
+/** Discards `[offset, offset + len)` as qemu does (whole clusters are freed). */
+int qcowmap_discard(struct qcow2* q, uint64_t offset, uint64_t len);
+
+/** Makes every write so far durable (in the crash-safe order). */
+int qcowmap_flush(struct qcow2* q);
+
+/** Changes the virtual size (growing; shrinking only an unallocated tail). */
+int qcowmap_resize(struct qcow2* q, uint64_t size);
+
+/** Flushes, stores persistent bitmaps, releases the locks and frees `q` (also when it fails, or
+ * for a read-only image, where it is qcow2_close()). Returns 0, or -1 when the final flush
+ * failed. */
+int qcowmap_close(struct qcow2* q);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,10 @@
 // qcowmap — the one error type of the library.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <cassert>
 #include <cstdint>
 #include <string>
@@ -18,11 +22,18 @@ enum class ErrorCode {
     invalid_header,      ///< a header field or header extension breaks the spec or qemu's limits
     unsupported_feature, ///< a valid image using a feature this build does not read
     encrypted,           ///< encrypted images are not supported
-    invalid_table,    ///< an L1/L2/refcount/snapshot/bitmap table is malformed or out of the file
-    invalid_cluster,  ///< a cluster descriptor is malformed (unaligned, reserved bits, past EOF)
-    compressed_data,  ///< a compressed cluster could not be decompressed to exactly one cluster
-    out_of_range,     ///< a requested virtual offset lies beyond the end of the disk
-    invalid_argument, ///< an argument given by the caller is not acceptable
+    invalid_table,     ///< an L1/L2/refcount/snapshot/bitmap table is malformed or out of the file
+    invalid_cluster,   ///< a cluster descriptor is malformed (unaligned, reserved bits, past EOF)
+    compressed_data,   ///< a compressed cluster could not be decompressed to exactly one cluster
+    out_of_range,      ///< a requested virtual offset lies beyond the end of the disk
+    invalid_argument,  ///< an argument given by the caller is not acceptable
+    checksum_mismatch, ///< streamed bytes do not have the digest they were expected to have
+    /// Another process uses the image in a way that excludes this use: QEMU's image locks
+    /// (a writer holds it; see OpenOptions::force_share)
+    image_in_use,
+    /// A file of the image changed while it was being read (someone wrote to it: the result
+    /// may mix two states; see Image::changed_since_open)
+    image_changed,
 };
 
 /// A stable, lowercase name for an error code ("invalid_header"...), for JSON and logs.
@@ -48,11 +59,10 @@ enum class Refusal : std::uint8_t {
     no_data_file_name,   ///< the external data file bit is set but no data file is named
     backing_chain_loop,  ///< the backing chain reaches a layer twice
     backing_chain_depth, ///< the backing chain is deeper than kMaxChainLayers
-    image_changed,       ///< the file changed (shrank) under its mapping while being read
     out_of_memory,       ///< an allocation failed
 };
 
-/// A stable, lowercase name for a refusal ("untrusted", "image_changed"...; "none").
+/// A stable, lowercase name for a refusal ("untrusted", "backing_chain_loop"...; "none").
 std::string_view to_string(Refusal refusal);
 
 /// What a step failed at, where a caller's answer depends on it (qemu-img compare exits 3 for
@@ -87,8 +97,9 @@ struct Error {
 /// The one errno for an error, as the C API, the nbdkit plugin and Python's qcowmap.Error give
 /// it: ENOMEM for out of memory; the system call's errno for a failed output; ENOTSUP for
 /// unsupported versions, features, encryption and refused untrusted names; EINVAL for what is not
-/// qcow2, a bad header, an offset beyond the disk and a bad argument; EIO for the rest (a damaged
-/// table or cluster reads like a bad sector).
+/// qcow2, a bad header, an offset beyond the disk and a bad argument; EAGAIN for an image in
+/// use (what qemu's lock test returns); EIO for the rest (a damaged table or cluster reads like
+/// a bad sector).
 int to_errno(const Error& error);
 
 /// The result of an operation that can fail: either a T or an Error.
