@@ -125,11 +125,14 @@ int convert_raw(const ConvertJob& job) {
         options.zero_block = job.sparse_size;
         options.data_access = job.io;
         options.progress = meter.callback();
+        Digest digest;
+        options.digest = job.digest;
+        options.digest_out = &digest;
         auto result = export_raw_file(job.image, job.target, options, job.force);
         if (!result)
             return report_export(job, result.error());
         meter.finish();
-        return kExitOk;
+        return job.digest ? deliver_digest(job, digest) : kExitOk;
     }
     FdCloser target{open_target(job)};
     if (target.fd < 0)

@@ -471,8 +471,11 @@ TEST(SparseZero, FullyAllocatedAsQemuImg) {
     ASSERT_EQ(::stat((dir / "qemu.raw").c_str(), &qemu), 0);
     ASSERT_EQ(::stat((dir / "ours.raw").c_str(), &ours), 0);
     EXPECT_EQ(ours.st_size, qemu.st_size);
-    EXPECT_EQ(ours.st_blocks, qemu.st_blocks);
+    // Every byte allocated. st_blocks also counts the file system's own blocks (an ext4
+    // extent tree block when the file was allocated in more pieces), so not equal to qemu's.
     EXPECT_GE(ours.st_blocks * 512, ours.st_size);
+    EXPECT_GE(qemu.st_blocks * 512, qemu.st_size);
+    EXPECT_LE(ours.st_blocks * 512, ours.st_size + 256 * 1024);
     EXPECT_EQ(qemu_compare(dir / "qemu.raw", dir / "ours.raw"), 0);
     // The default still leaves holes.
     r = run(cli() + " convert " + q(dir / "src.qcow2") + " " + q(dir / "sparse.raw"));

@@ -313,8 +313,9 @@ Error fault_error(const FaultFacts& facts, const std::filesystem::path& top) {
         facts.name.empty() || is_top ? "the file" : fmt::format("'{}'", facts.name.string());
     if (facts.shrank) {
         // The words of the CLI's own report of a SIGBUS (cli.hpp kImageChanged), with the
-        // offset that was read and where the file ends now.
-        return Error{ErrorCode::io_error,
+        // offset that was read and where the file ends now. image_changed, as the same shrink
+        // noticed by Image::check_unchanged reports it.
+        return Error{ErrorCode::image_changed,
                      facts.file_end != 0
                          ? fmt::format("image changed while being read ({} shrank under its "
                                        "mapping: offset {:#x} read, the file now ends at {:#x})",

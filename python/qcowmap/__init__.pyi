@@ -191,6 +191,9 @@ def open(
 ) -> WritableImage:
     """Opens a qcow2 image for writing in place (QEMU's image locks taken unless lock=False)."""
 
+def create(path: _Path, size: int, **options: Any) -> None:
+    """Creates an empty qcow2 image, as `qemu-img create -f qcow2 -o KEY=VALUE,...`."""
+
 
 def stream_convert(
     fileobj: BinaryIO,
