@@ -568,24 +568,21 @@ TEST(BrokenChain, MissingBackingFile) {
         << r.out;
 }
 
-/// Opens `path` with the library and the CLI, expecting a loop error quickly.
+/// Opens `path` with the library and the CLI, expecting a loop error. No wall-clock bound (a
+/// loaded CI machine made a "< 1 s" fail): a loop that hung would hit the CLI's `timeout` here
+/// and the suite's meson timeout for the library call.
 void expect_loop_refused(const fs::path& path) {
     SCOPED_TRACE(path.string());
-    auto start = std::chrono::steady_clock::now();
     auto image = Image::open(path);
-    auto elapsed = std::chrono::steady_clock::now() - start;
     ASSERT_FALSE(image);
     EXPECT_EQ(image.error().code, ErrorCode::invalid_table);
     EXPECT_NE(image.error().message.find("backing chain loops"), std::string::npos)
         << image.error().message;
-    EXPECT_LT(elapsed, std::chrono::milliseconds(500));
     for (const char* command : {"cat", "map --output=json", "info --backing-chain"}) {
         SCOPED_TRACE(command);
-        start = std::chrono::steady_clock::now();
         auto r = run(kElsewhere + "timeout 20 " + cli() + " " + command + " " + q(path));
-        elapsed = std::chrono::steady_clock::now() - start;
+        EXPECT_NE(r.exit_code, 124) << "timed out";
         expect_one_line_failure(r, "backing chain loops");
-        EXPECT_LT(elapsed, std::chrono::seconds(1));
     }
     // The top alone still opens.
     auto top = Image::open(path, top_only());
@@ -688,9 +685,7 @@ TEST(BrokenChain, DepthLimit) {
 
     for (const std::string& name : {layer_name(64), layer_name(65)}) {
         SCOPED_TRACE(name);
-        auto start = std::chrono::steady_clock::now();
-        auto deeper = Image::open(dir / name);
-        EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(500));
+        auto deeper = Image::open(dir / name); // no wall-clock bound: the suite's timeout
         ASSERT_FALSE(deeper);
         EXPECT_EQ(deeper.error().code, ErrorCode::invalid_table);
         EXPECT_NE(deeper.error().message.find("deeper than 64"), std::string::npos)
