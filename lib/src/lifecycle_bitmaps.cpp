@@ -13,7 +13,10 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
+
+#include <fcntl.h>
 
 namespace qcowmap {
 namespace {
@@ -59,8 +62,9 @@ void set_range(Bits& bits, std::uint64_t first, std::uint64_t last) {
     for (std::uint64_t g = first; g <= last;) {
         const unsigned from = static_cast<unsigned>(g % 64);
         const unsigned to = static_cast<unsigned>(std::min<std::uint64_t>(63, from + (last - g)));
-        const std::uint64_t mask = (to == 63 ? ~std::uint64_t{0} : (std::uint64_t{1} << (to + 1)) - 1) &
-                                   ~((std::uint64_t{1} << from) - 1);
+        const std::uint64_t mask =
+            (to == 63 ? ~std::uint64_t{0} : (std::uint64_t{1} << (to + 1)) - 1) &
+            ~((std::uint64_t{1} << from) - 1);
         bits[g / 64] |= mask;
         g += to - from + 1;
     }
@@ -75,7 +79,8 @@ Result<void> or_bitmap(const Image& image, const std::string& name, unsigned gra
         return std::move(bitmap).error();
     auto ranges = bitmap->dirty_ranges();
     for (const BitmapRange& r : ranges)
-        set_range(bits, r.offset >> granularity_bits, (r.offset + r.length - 1) >> granularity_bits);
+        set_range(bits, r.offset >> granularity_bits,
+                  (r.offset + r.length - 1) >> granularity_bits);
     if (ranges.error())
         return *ranges.error();
     return {};
@@ -85,7 +90,8 @@ Result<void> or_bitmap(const Image& image, const std::string& name, unsigned gra
 void free_range_later(WState& s, std::uint64_t offset, std::uint64_t length) {
     if (offset == 0 || length == 0)
         return;
-    for (std::uint64_t c = offset >> s.cluster_bits; c <= (offset + length - 1) >> s.cluster_bits; ++c)
+    for (std::uint64_t c = offset >> s.cluster_bits; c <= (offset + length - 1) >> s.cluster_bits;
+         ++c)
         s.pending_frees.push_back(c);
 }
 
@@ -117,7 +123,8 @@ Result<void> store_bits(WState& s, Entry& e) {
     const std::uint64_t words_per_cluster = per_cluster / 64;
     for (std::uint64_t t = 0; t < table_size; ++t) {
         const std::uint64_t first_word = t * words_per_cluster;
-        const std::uint64_t last_word = std::min<std::uint64_t>(bits.size(), first_word + words_per_cluster);
+        const std::uint64_t last_word =
+            std::min<std::uint64_t>(bits.size(), first_word + words_per_cluster);
         bool any = false;
         std::fill(cluster.begin(), cluster.end(), std::byte{0});
         for (std::uint64_t w = first_word; w < last_word; ++w) {
@@ -157,7 +164,8 @@ Result<void> release_entry(WState& s, const Entry& e) {
     if (auto ok = s.file.pread(table, e.table_offset); !ok)
         return ok;
     for (std::uint32_t t = 0; t < e.table_size; ++t) {
-        const detail::BitmapTableEntry entry = detail::decode_bitmap_table_entry(table.data() + t * 8);
+        const detail::BitmapTableEntry entry =
+            detail::decode_bitmap_table_entry(table.data() + t * 8);
         if (entry.data_offset() && !entry.reserved_bits())
             free_range_later(s, entry.data_offset(), s.cluster_size);
     }
@@ -232,24 +240,18 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
         sources.emplace_back(&edit, std::move(source));
     }
 
-    auto writable = WritableImage::open(path);
-    if (!writable)
-        return std::move(writable).error();
-    WState& s = detail_state(*writable);
-    std::lock_guard lock(s.mutex);
-    // In-use flags set by the open are cleared again (nothing was written), so the directory
-    // on disk is the one parsed at open.
-    if (auto ok = detail::writeback(s); !ok)
-        return ok;
-    if (auto ok = detail::store_bitmaps(s); !ok)
-        return ok;
-
     std::vector<Entry> entries;
     const bool had_directory = info.bitmaps && info.bitmaps->consistent;
     if (had_directory) {
         const BitmapsExtension& ext = *info.bitmaps;
         std::vector<std::byte> directory(ext.directory_size);
-        if (auto ok = s.file.pread(directory, ext.directory_offset); !ok)
+        const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            return edit_error(ErrorCode::io_error,
+                              fmt::format("{}: {}", path.string(), std::strerror(errno)));
+        }
+        const detail::FileIo reader(fd, path.string());
+        if (auto ok = reader.pread(directory, ext.directory_offset); !ok)
             return ok;
         std::uint64_t at = 0;
         for (const BitmapEntry& b : ext.entries) {
@@ -264,12 +266,18 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
             // Parsed and validated at open: the entry lies inside the directory.
             const std::uint64_t extra_at = at + detail::kBitmapDirectoryEntryFixed;
             e.extra_data.assign(directory.begin() + static_cast<std::ptrdiff_t>(extra_at),
-                                directory.begin() + static_cast<std::ptrdiff_t>(extra_at + b.extra_data_size));
-            at += detail::align_up8(detail::kBitmapDirectoryEntryFixed + b.extra_data_size + b.name.size());
+                                directory.begin() +
+                                    static_cast<std::ptrdiff_t>(extra_at + b.extra_data_size));
+            at += detail::align_up8(detail::kBitmapDirectoryEntryFixed + b.extra_data_size +
+                                    b.name.size());
             entries.push_back(std::move(e));
         }
     }
 
+    // Every edit is checked (and new bits computed) before the image is opened for writing,
+    // so that a refused edit leaves the file as it was. Removed bitmaps' clusters are freed
+    // once the writer is open.
+    std::vector<Entry> removed;
     auto load_bits = [&](Entry& e) -> Result<void> {
         if (e.bits)
             return {};
@@ -292,8 +300,9 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
         return {};
     };
     auto missing = [&]() {
-        return edit_error(ErrorCode::invalid_argument,
-                          fmt::format("{}: no bitmap named '{}'", path.string(), detail::printable(name)));
+        return edit_error(
+            ErrorCode::invalid_argument,
+            fmt::format("{}: no bitmap named '{}'", path.string(), detail::printable(name)));
     };
 
     for (const BitmapEdit& edit : edits) {
@@ -311,11 +320,12 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
                                               name.size(), kMaxNameSize));
             }
             if (entries.size() >= kMaxBitmaps)
-                return edit_error(ErrorCode::invalid_argument, "the image holds 65535 bitmaps already");
+                return edit_error(ErrorCode::invalid_argument,
+                                  "the image holds 65535 bitmaps already");
             std::uint64_t granularity = edit.granularity;
             if (granularity == 0) {
                 // bdrv_get_default_bitmap_granularity: the cluster size, within 4 KiB..64 KiB.
-                granularity = std::clamp<std::uint64_t>(s.cluster_size, 4096, 65536);
+                granularity = std::clamp<std::uint64_t>(info.cluster_size, 4096, 65536);
             }
             if ((granularity & (granularity - 1)) != 0 ||
                 granularity < (std::uint64_t{1} << kMinGranularityBits) ||
@@ -337,10 +347,8 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
         case BitmapEdit::Kind::remove:
             if (it == entries.end())
                 return missing();
-            if (!it->is_new) {
-                if (auto ok = release_entry(s, *it); !ok)
-                    return ok;
-            }
+            if (!it->is_new)
+                removed.push_back(*it);
             entries.erase(it);
             break;
         case BitmapEdit::Kind::clear:
@@ -372,7 +380,8 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
             const auto source = std::find_if(sources.begin(), sources.end(),
                                              [&](const auto& p) { return p.first == &edit; });
             if (source->second) {
-                if (auto ok = or_bitmap(*source->second, edit.source, it->granularity_bits, *it->bits);
+                if (auto ok =
+                        or_bitmap(*source->second, edit.source, it->granularity_bits, *it->bits);
                     !ok)
                     return ok;
             } else {
@@ -393,11 +402,14 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
                     for (std::uint64_t g = 0; g < count; ++g) {
                         if ((*src->bits)[g / 64] >> (g % 64) & 1) {
                             const std::uint64_t from = g << src->granularity_bits;
-                            const std::uint64_t to = std::min(size, (g + 1) << src->granularity_bits) - 1;
-                            set_range(*it->bits, from >> it->granularity_bits, to >> it->granularity_bits);
+                            const std::uint64_t to =
+                                std::min(size, (g + 1) << src->granularity_bits) - 1;
+                            set_range(*it->bits, from >> it->granularity_bits,
+                                      to >> it->granularity_bits);
                         }
                     }
-                } else if (auto ok = or_bitmap(*image, edit.source, it->granularity_bits, *it->bits);
+                } else if (auto ok =
+                               or_bitmap(*image, edit.source, it->granularity_bits, *it->bits);
                            !ok) {
                     return ok;
                 }
@@ -405,6 +417,24 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
             break;
         }
         }
+    }
+
+    // The edits are valid: now the image is written.
+    auto writable = WritableImage::open(path);
+    if (!writable)
+        return std::move(writable).error();
+    WState& s = detail_state(*writable);
+    std::lock_guard lock(s.mutex);
+    // In-use flags set by the open are cleared again (nothing was written), so the directory
+    // on disk is the one parsed at open.
+    if (auto ok = detail::writeback(s); !ok)
+        return ok;
+    if (auto ok = detail::store_bitmaps(s); !ok)
+        return ok;
+
+    for (const Entry& e : removed) {
+        if (auto ok = release_entry(s, e); !ok)
+            return ok;
     }
 
     // New tables and data, then the new directory, all counted and synced before the header
@@ -440,7 +470,8 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
     detail::HeaderEdit edit;
     edit.bitmaps = fields;
     std::uint64_t autoclear = s.info.autoclear_features;
-    autoclear = entries.empty() ? (autoclear & ~kAutoclearBitmaps) : (autoclear | kAutoclearBitmaps);
+    autoclear =
+        entries.empty() ? (autoclear & ~kAutoclearBitmaps) : (autoclear | kAutoclearBitmaps);
     edit.autoclear = autoclear;
     if (auto ok = detail::rewrite_header(s, edit); !ok)
         return ok;

@@ -21,7 +21,8 @@ Error commit_error(const std::filesystem::path& overlay, ErrorCode code, std::st
     return Error{code, fmt::format("cannot commit {}: {}", overlay.string(), why)};
 }
 
-std::optional<std::pair<std::uint64_t, std::uint64_t>> file_identity(const std::filesystem::path& p) {
+std::optional<std::pair<std::uint64_t, std::uint64_t>>
+file_identity(const std::filesystem::path& p) {
     struct stat st {};
     if (::stat(p.c_str(), &st) != 0)
         return std::nullopt;
@@ -55,8 +56,9 @@ Result<CommitStats> commit(const std::filesystem::path& overlay, const CommitOpt
     if (options.base) {
         const auto wanted = file_identity(*options.base);
         if (!wanted) {
-            return commit_error(overlay, ErrorCode::io_error,
-                                fmt::format("{}: {}", options.base->string(), std::strerror(errno)));
+            return commit_error(
+                overlay, ErrorCode::io_error,
+                fmt::format("{}: {}", options.base->string(), std::strerror(errno)));
         }
         base_index = 0;
         for (std::size_t i = 1; i < layers.size(); ++i) {
@@ -74,7 +76,8 @@ Result<CommitStats> commit(const std::filesystem::path& overlay, const CommitOpt
     if (layers[base_index].format != "qcow2") {
         return commit_error(overlay, ErrorCode::invalid_argument,
                             fmt::format("the base {} is a {} file; only qcow2 bases are written",
-                                        layers[base_index].path.string(), layers[base_index].format));
+                                        layers[base_index].path.string(),
+                                        layers[base_index].format));
     }
     const bool empty_overlay = !options.drop && base_index == 1;
     const std::uint64_t size = layers[0].virtual_size;

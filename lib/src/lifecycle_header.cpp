@@ -68,9 +68,9 @@ Result<void> rewrite_header(WState& s, const HeaderEdit& edit) {
         if (e.file_offset > old.size() || e.length > old.size() - e.file_offset)
             return Error{ErrorCode::invalid_header, "a header extension passes the first cluster"};
         extensions.push_back(
-            {e.type, std::vector<std::byte>(old.begin() + static_cast<std::ptrdiff_t>(e.file_offset),
-                                            old.begin() +
-                                                static_cast<std::ptrdiff_t>(e.file_offset + e.length))});
+            {e.type, std::vector<std::byte>(
+                         old.begin() + static_cast<std::ptrdiff_t>(e.file_offset),
+                         old.begin() + static_cast<std::ptrdiff_t>(e.file_offset + e.length))});
     }
     auto find = [&](std::uint32_t type) {
         return std::find_if(extensions.begin(), extensions.end(),
@@ -110,12 +110,12 @@ Result<void> rewrite_header(WState& s, const HeaderEdit& edit) {
         const auto* at = std::find(std::begin(order), std::end(order), type);
         return static_cast<std::size_t>(at - std::begin(order));
     };
-    std::stable_sort(extensions.begin(), extensions.end(),
-                     [&](const RawExtension& a, const RawExtension& b) {
-                         return rank(a.type) < rank(b.type);
-                     });
+    std::stable_sort(
+        extensions.begin(), extensions.end(),
+        [&](const RawExtension& a, const RawExtension& b) { return rank(a.type) < rank(b.type); });
 
-    std::vector<std::byte> out(old.begin(), old.begin() + static_cast<std::ptrdiff_t>(header_length));
+    std::vector<std::byte> out(old.begin(),
+                               old.begin() + static_cast<std::ptrdiff_t>(header_length));
     for (const RawExtension& e : extensions)
         append_extension(out, e.type, e.data);
     out.resize(out.size() + 8, std::byte{0}); // end of extensions
@@ -148,7 +148,8 @@ Result<void> rewrite_header(WState& s, const HeaderEdit& edit) {
     // The writer's view of the header follows.
     s.info.backing_file = backing;
     if (edit.backing_format || (edit.backing_file && !*edit.backing_file))
-        s.info.backing_format = backing && edit.backing_format ? *edit.backing_format : std::nullopt;
+        s.info.backing_format =
+            backing && edit.backing_format ? *edit.backing_format : std::nullopt;
     s.info.autoclear_features = autoclear;
     s.info.extensions.clear();
     std::uint64_t at = header_length;

@@ -128,9 +128,8 @@ Result<RebaseStats> rebase(const std::filesystem::path& path, const RebaseOption
         open.format = format;
         auto opened = Image::open(detail::resolve_backing(path, options.backing_file), open);
         if (!opened) {
-            return Error{opened.error().code,
-                         fmt::format("cannot rebase {}: new backing file: {}", path.string(),
-                                     opened.error().message)};
+            return Error{opened.error().code, fmt::format("cannot rebase {}: new backing file: {}",
+                                                          path.string(), opened.error().message)};
         }
         next = std::move(*opened);
     }
