@@ -97,6 +97,8 @@ TEST(CreateCli, MatchesQemuImgCreate) {
         {"-o cluster_size=64k,extended_l2=on,compression_type=zstd", "1G"},
         {"-o refcount_bits=1,lazy_refcounts=on", "3M"},
         {"-o compat=0.10,cluster_size=512", "1.5M"},
+        {"-o data_file=img5.data", "2M"},
+        {"-o data_file=img6.data,data_file_raw=on,cluster_size=128k", "3M"},
     };
     int n = 0;
     for (const auto& [options, size] : cases) {
@@ -107,6 +109,7 @@ TEST(CreateCli, MatchesQemuImgCreate) {
         for (const char* key : {"virtual-size", "cluster-size", "compat", "extended-l2",
                                 "compression-type", "refcount-bits", "lazy-refcounts"})
             EXPECT_EQ(info_field(p.ours / name, key), info_field(p.theirs / name, key)) << key;
+        EXPECT_EQ(info_field(p.ours / name, "data-file"), info_field(p.theirs / name, "data-file"));
         expect_check_clean(p.ours / name);
         expect_identical(p.ours / name, p.theirs / name);
     }
@@ -310,6 +313,41 @@ TEST(CommitCli, MatchesQemuImgCommit) {
     }
 }
 
+TEST(CommitCli, BaseWithCompressedClustersSnapshotAndBitmap) {
+    // The overlay writes into a compressed cluster of the base (partly), over clusters an
+    // internal snapshot of the base shares, and the base has an enabled bitmap that the commit
+    // must dirty.
+    Pair p;
+    run_ok(p.in_theirs("qemu-img create -q -f qcow2 base.qcow2 4M && "
+                       "qemu-io -f qcow2 -c 'write -c -P 0x31 0 64k' -c 'write -c -P 0x32 64k 64k' "
+                       "-c 'write -P 0x33 1M 1M' base.qcow2 >/dev/null && "
+                       "qemu-img snapshot -c snap base.qcow2 && "
+                       "qemu-img bitmap --add -g 64k base.qcow2 inc && "
+                       "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 && "
+                       "qemu-io -f qcow2 -c 'write -P 0x44 4k 8k' -c 'write -P 0x45 1M 4k' "
+                       "-c 'write -z 1536k 64k' top.qcow2 >/dev/null"));
+    p.copy();
+    run_ok(p.in_ours("qemu-img convert -O raw top.qcow2 expected.raw && "
+                     "qemu-img convert -l snapshot.name=snap -O raw base.qcow2 snap.raw"));
+    run_ok(p.in_theirs("qemu-img commit -q top.qcow2"));
+    ASSERT_EQ(run(p.in_ours(cli() + " commit -q top.qcow2")).exit_code, 0);
+    for (const char* name : {"base.qcow2", "top.qcow2"}) {
+        SCOPED_TRACE(name);
+        expect_check_clean(p.ours / name);
+        expect_identical(p.ours / name, p.theirs / name);
+        EXPECT_EQ(top_layer_map(p.ours / name), top_layer_map(p.theirs / name));
+    }
+    run_ok(p.in_ours("qemu-img compare -q -f raw -F qcow2 expected.raw base.qcow2"));
+    // The snapshot still reads what it read.
+    run_ok(p.in_ours("qemu-img convert -l snapshot.name=snap -O raw base.qcow2 snap-after.raw && "
+                     "cmp snap.raw snap-after.raw"));
+    // The base's bitmap has the committed ranges, as qemu-img's commit leaves it.
+    const auto bitmaps = bitmap_lines(p.ours / "base.qcow2");
+    EXPECT_EQ(bitmaps, bitmap_lines(p.theirs / "base.qcow2"));
+    ASSERT_EQ(bitmaps.size(), 1u);
+    EXPECT_EQ(bitmaps[0].find("\"dirty-bytes\": 0 "), std::string::npos) << bitmaps[0];
+}
+
 TEST(CommitCli, KeepAndDeeperBase) {
     Pair p;
     make_commit_chain(p, "");
@@ -393,6 +431,31 @@ TEST(RebaseCli, SafeModeMatchesQemuImgRebase) {
         // The same ranges copied as qemu-img copies them.
         EXPECT_EQ(top_layer_map(p.ours / "top.qcow2"), top_layer_map(p.theirs / "top.qcow2"));
     }
+}
+
+TEST(RebaseCli, FromADeeperCompressedChainOntoRaw) {
+    // Old chain: old0 (compressed clusters) <- old1 <- top; new backing: a raw file sharing
+    // part of the content.
+    Pair p;
+    run_ok(
+        p.in_theirs("qemu-img create -q -f qcow2 old0.qcow2 2M && "
+                    "qemu-io -f qcow2 -c 'write -c -P 0x51 0 64k' -c 'write -c -P 0x52 512k 64k' "
+                    "old0.qcow2 >/dev/null && "
+                    "qemu-img create -q -f qcow2 -b old0.qcow2 -F qcow2 old1.qcow2 && "
+                    "qemu-io -f qcow2 -c 'write -P 0x53 1M 128k' old1.qcow2 >/dev/null && "
+                    "qemu-img create -q -f qcow2 -b old1.qcow2 -F qcow2 top.qcow2 && "
+                    "qemu-io -f qcow2 -c 'write -P 0x54 1056k 8k' top.qcow2 >/dev/null && "
+                    "qemu-img convert -O raw old0.qcow2 new.raw && "
+                    "qemu-io -f raw -c 'write -P 0x55 1536k 64k' new.raw >/dev/null"));
+    p.copy();
+    run_ok(p.in_ours("qemu-img convert -O raw top.qcow2 before.raw"));
+    run_ok(p.in_theirs("qemu-img rebase -q -b new.raw -F raw top.qcow2"));
+    ASSERT_EQ(run(p.in_ours(cli() + " rebase -b new.raw -F raw top.qcow2")).exit_code, 0);
+    expect_check_clean(p.ours / "top.qcow2");
+    expect_identical(p.ours / "top.qcow2", p.theirs / "top.qcow2");
+    run_ok(p.in_ours("qemu-img compare -q -f raw -F qcow2 before.raw top.qcow2"));
+    EXPECT_EQ(info_field(p.ours / "top.qcow2", "backing-filename-format"), "\"raw\",");
+    EXPECT_EQ(top_layer_map(p.ours / "top.qcow2"), top_layer_map(p.theirs / "top.qcow2"));
 }
 
 TEST(RebaseCli, UnsafeAndFlatten) {
