@@ -1,5 +1,6 @@
 #include "cli.hpp"
 
+#include <qcowmap/format.hpp>
 #include <qcowmap/references.hpp>
 #include <qcowmap/salvage.hpp>
 
@@ -14,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace qcowmap::cli {
@@ -44,6 +46,10 @@ int report_error(std::string_view file, const Error& error, int code) {
     std::string message = with_flag_names(error.message);
     if (message.ends_with("the image names no data file")) {
         message += " (give one with --data-file)";
+    }
+    if (error.code == ErrorCode::image_in_use) {
+        // qemu-img's hint is "Is another process using the image [FILE]?"; ours adds -U.
+        message += " (-U reads it anyway, at the risk of a half-written state)";
     }
     const std::string named = printable(file) + ": ";
     if (message.starts_with(named)) {
@@ -85,10 +91,46 @@ void ImageArgs::add_to(CLI::App& command, bool with_data_file, bool with_snapsho
     add_options(command, with_data_file, with_snapshot);
 }
 
+void add_force_share_option(CLI::App& command, bool& force_share) {
+    command.add_flag("-U,--force-share", force_share,
+                     "Read the image even when a writer (a running VM, qemu-io) holds it: take "
+                     "no QEMU image locks, as qemu-img -U. A change while reading is reported");
+}
+
+std::string probe_image_format(const std::string& path, bool for_writing, bool warn) {
+    // Only files and block devices are probed; a directory, a FIFO or a missing file is left
+    // for opening to describe (one line).
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0 || !(S_ISREG(st.st_mode) || S_ISBLK(st.st_mode)))
+        return "qcow2";
+    auto probed = probe_format(path);
+    if (!probed)
+        return "qcow2"; // opening the file says what is wrong with it
+    if (*probed == "raw" && !warn && !for_writing)
+        return *probed;
+    if (*probed == "raw") {
+        if (for_writing) {
+            throw UsageError(fmt::format("{}: image format was not specified and probing "
+                                         "guessed raw: refusing to write to it (give -f raw)",
+                                         printable(path)));
+        }
+        // qemu's words (block.c bdrv_open_inherit), on one line.
+        report(path,
+               "WARNING: Image format was not specified and probing guessed raw (specify "
+               "-f raw to read it as raw without this warning)",
+               0);
+    }
+    return *probed;
+}
+
 void ImageArgs::add_options(CLI::App& command, bool with_data_file, bool with_snapshot) {
-    command.add_option("-f,--format", format, "Format of the image: qcow2 (the default) or raw")
-        ->check(one_of({"qcow2", "raw"}))
+    command
+        .add_option("-f,--format", format,
+                    "Format of the image: qcow2 (qcow version 1 too) or raw; default: probed as "
+                    "qemu-img does (the qcow magic, else raw with a warning)")
+        ->check(one_of({"qcow2", "qcow", "raw"}))
         ->option_text("FMT");
+    add_force_share_option(command, force_share);
     command
         .add_option("--backing", backing,
                     "follow: read through the backing chain (default); none: read only this "
@@ -117,8 +159,13 @@ OpenOptions ImageArgs::open_options() const {
         options.data_file = data_file;
     if (!snapshot.empty())
         options.snapshot = snapshot;
-    if (!format.empty())
-        options.format = format;
+    if (format == "raw")
+        options.format = "raw";
+    else if (!format.empty())
+        options.format = "qcow2"; // qcow version 1 reads as qcow2 does
+    else if (!path.empty())
+        options.format = probe_image_format(path, false, warn_raw_probe);
+    options.force_share = force_share;
     options.require_data_file = require_data_file;
     options.untrusted = untrusted;
     options.salvage = salvage;
@@ -126,10 +173,17 @@ OpenOptions ImageArgs::open_options() const {
 }
 
 void OutputOption::add_to(CLI::App& command, const std::string& json_help) {
-    command.add_option("--output", output_, "human (the default) or json: " + json_help)
-        ->check(one_of({"human", "json"}))
-        ->option_text("human|json");
+    output_option_ =
+        command.add_option("--output", output_, "human (the default) or json: " + json_help)
+            ->check(one_of({"human", "json"}))
+            ->option_text("human|json");
     command.add_flag("--json", json_flag_, "Same as --output=json");
+}
+
+bool OutputOption::json() const {
+    if (json_flag_ && output_option_ && output_option_->count() > 0 && output_ == "human")
+        throw UsageError("--json and --output=human contradict each other");
+    return json_flag_ || output_ == "json";
 }
 
 void add_salvage_option(CLI::App& command, bool& salvage) {
@@ -222,17 +276,27 @@ void guard_against_shrinking(std::string_view file, int exit_code) {
     std::string line = fmt::format("qcowmap: {}: {}\n", file, kImageChanged);
     g_sigbus_length = std::min(line.size(), sizeof g_sigbus_line);
     std::memcpy(g_sigbus_line, line.data(), g_sigbus_length);
-    struct sigaction action {};
-    action.sa_handler = on_sigbus;
-    sigemptyset(&action.sa_mask);
-    ::sigaction(SIGBUS, &action, nullptr);
+    // Once, below the library's own handler, which contains the faults of its reads (they
+    // come back as errors) and hands it every other one (README, "Errors and exit codes").
+    static const bool installed = [] {
+        struct sigaction action {};
+        action.sa_handler = on_sigbus;
+        sigemptyset(&action.sa_mask);
+        ::sigaction(SIGBUS, &action, nullptr);
+        install_fault_handler();
+        return true;
+    }();
+    (void)installed;
 }
 
 std::optional<Image> open_or_report(const ImageArgs& args) {
     guard_against_shrinking(args.path);
     auto image = Image::open(args.path, args.open_options());
     if (!image) {
-        report_error(args.path, image.error(), kExitImageError);
+        Error error = std::move(image).error();
+        if (error.code == ErrorCode::not_qcow2 && !args.format.empty() && args.format != "raw")
+            error.message += " (use -f raw for a raw image)";
+        report_error(args.path, error, kExitImageError);
         return std::nullopt;
     }
     if (args.salvage) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <qcowmap/describe.hpp>
+#include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 
 #include <CLI/CLI.hpp>
@@ -16,13 +17,20 @@
 #include <string_view>
 #include <vector>
 
+namespace qcowmap {
+enum class HashAlgorithm : std::uint8_t;
+struct StreamOptions;
+} // namespace qcowmap
+
 namespace qcowmap::cli {
 
 /// Exit codes (documented in README.md and qcowmap(1)).
 enum ExitCode : int {
     kExitOk = 0,
-    kExitImageError = 1,  ///< the image could not be opened, validated or read
-    kExitUsage = 2,       ///< bad command line
+    kExitImageError = 1, ///< the image could not be opened, validated or read
+    /// A bad command line: 1 on every command, as qemu-img exits (so that it never collides
+    /// with check's 2 "corruptions found" or compare's 2 "could not open").
+    kExitUsage = 1,
     kExitOutputError = 3, ///< the output could not be written (or exists without --force)
     kExitDataLost = 4,    ///< --salvage: done, but some ranges could not be read (zeros)
 };
@@ -37,7 +45,7 @@ int report_error(std::string_view file, const Error& error, int code);
 
 /// A bad command line, found after parsing (a size that does not parse, options that do not
 /// go together). Thrown from a command's run function; main prints
-/// `qcowmap: usage: MESSAGE (see qcowmap COMMAND --help)` and exits 2.
+/// `qcowmap: usage: MESSAGE (see qcowmap COMMAND --help)` and exits 1 (kExitUsage).
 class UsageError : public std::runtime_error {
   public:
     using std::runtime_error::runtime_error;
@@ -60,37 +68,57 @@ struct ImageArgs {
     std::string backing = "follow";
     std::string data_file;
     std::string snapshot;
-    std::string format; ///< -f: "qcow2" or "raw"; empty: qcow2
+    std::string format; ///< -f: "qcow2", "qcow" (read as qcow2) or "raw"; empty: probed
     /// False for `info`: a missing external data file is reported, not fatal.
     bool require_data_file = true;
     bool untrusted = false;
     bool salvage = false;
-    /// Adds IMAGE, -f, --backing and --untrusted; `data_file` adds --data-file, `snapshot`
-    /// --snapshot.
+    bool force_share = false; ///< -U, --force-share: no image locks (qemu-img -U)
+    /// Print qemu's warning when probing finds raw (compare, like qemu-img compare, does not).
+    bool warn_raw_probe = true;
+    /// Adds IMAGE, -f, -U, --backing and --untrusted; `data_file` adds --data-file,
+    /// `snapshot` --snapshot.
     void add_to(CLI::App& command, bool data_file = true, bool snapshot = true);
     /// The options without IMAGE (for commands that take several images).
     void add_options(CLI::App& command, bool data_file = true, bool snapshot = true);
+    /// The library's options for `path`. Without -f the format of `path` is probed as
+    /// qemu-img probes it (probe_image_format), which prints qemu's warning for raw.
     OpenOptions open_options() const;
 };
+
+/// Adds `-U, --force-share` (read an image a writer holds: no QEMU image locks) to `command`.
+void add_force_share_option(CLI::App& command, bool& force_share);
+
+/// The format of `path` when none was given, as qemu-img probes it (qemu's block.c
+/// find_image_format): "qcow2" for the qcow magic (qcow2 and qcow version 1), else "raw",
+/// with qemu's warning on stderr unless `warn` is false (one line: reading is fine, but -f raw
+/// says so). An image
+/// about to be written in place must not be probed raw (qemu restricts writes to block 0
+/// then): `for_writing` refuses it with a UsageError asking for -f raw. A file that cannot
+/// be read probes as "qcow2" (opening it then says why).
+std::string probe_image_format(const std::string& path, bool for_writing = false, bool warn = true);
 
 /// Adds `--output=human|json` and its alias `--json` to `command`; `json()` tells which.
 class OutputOption {
   public:
     void add_to(CLI::App& command, const std::string& json_help);
-    bool json() const { return json_flag_ || output_ == "json"; }
+    /// True for --json or --output=json; a UsageError for --json with --output=human.
+    bool json() const;
 
   private:
     std::string output_ = "human";
     bool json_flag_ = false;
+    CLI::Option* output_option_ = nullptr;
 };
 
 /// The message for an image file that shrank while it was being read.
 inline constexpr const char* kImageChanged =
     "image changed while being read (the file shrank under its mapping)";
 
-/// Turns a SIGBUS (a mapped file truncated while we read it: the one fault a bounds check
-/// cannot prevent) into the one-line error "image changed while being read" and `exit_code`
-/// (1 by default; compare uses qemu-img's read-error code 4).
+/// Turns a SIGBUS the library does not contain itself (a mapped file truncated while the CLI's
+/// own code reads it: the one fault a bounds check cannot prevent) into the one-line error
+/// "image changed while being read" and `exit_code` (1 by default; compare uses qemu-img's
+/// read-error code 4). Faults of the library's reads come back as errors of the call.
 void guard_against_shrinking(std::string_view file, int exit_code = kExitImageError);
 
 /// Opens the image (guarded by guard_against_shrinking) or prints the error line; returns
@@ -188,7 +216,25 @@ struct ConvertJob {
     std::uint64_t sparse_size = 4096; ///< -S
     DataAccess io = DataAccess::read; ///< --io
     std::string bitmap;               ///< --bitmap: only this bitmap's dirty ranges (may be empty)
+    std::optional<HashAlgorithm> digest; ///< --digest: also digest the disk written
+    std::string digest_file;             ///< --digest-file: where to write it (else stderr)
 };
+
+/// Reports the digest `convert --digest` took of the disk it wrote to `job.target`: one line
+/// `HEX  TARGET` on stderr, or with --digest-file the line `ALGO (TARGET) = HEX` (the tagged
+/// form `hash --check` reads without --algo) written to that file under a temporary name and
+/// renamed. Returns kExitOk, or kExitOutputError after reporting why the file failed.
+int deliver_digest(const ConvertJob& job, const Digest& digest);
+
+/// The check of an --algo or --digest value: every name of HashAlgorithm (hash.hpp).
+CLI::Validator one_of_hash_algorithms();
+
+/// One digest line as `hash` prints it: `HEX  NAME` (coreutils' format), or with `tagged`
+/// `TAG (NAME) = HEX` (the BSD form of `sha256sum --tag`; the tag of a blkhash algorithm is
+/// its name in upper case). A name holding a backslash, newline or carriage return is
+/// escaped and the line starts with a backslash, as coreutils does. Ends in a newline.
+std::string digest_line(const Digest& digest, HashAlgorithm algorithm, std::string_view name,
+                        bool tagged);
 
 /// An output format of `convert -O NAME`. Formats register themselves from a static
 /// initialiser in their own file (apps/convert_*.cpp): raw is built in.
@@ -205,5 +251,38 @@ struct OutputFormat {
 
 /// Registers `format` for `convert -O`; false when its name is taken already.
 bool register_output_format(OutputFormat format);
+
+// ---------------------------------------------------------------------------------------------
+// `-` as the image: read from standard input, once (apps/stream_input.cpp).
+
+/// Options of the commands that take `-` as their image.
+struct StreamArgs {
+    std::string max_spool;       ///< --max-spool
+    std::string expect_checksum; ///< --expect-checksum
+    bool stats = false;          ///< --stream-stats
+    void add_to(CLI::App& command);
+    /// True when any of these options was given (they need `-` as the image).
+    bool given() const;
+    /// The decoder's options from these and the image's (-f, --backing, --data-file...);
+    /// throws UsageError for what a stream cannot do (--snapshot, --salvage...).
+    StreamOptions options(const ImageArgs& image, unsigned threads = 0) const;
+};
+
+/// What `convert - TARGET` does.
+struct StreamConvert {
+    std::string target; ///< "-": standard output
+    bool force = false;
+    bool progress = false;
+    std::uint64_t sparse_size = 4096;
+    /// For -O formats other than raw: writes the disk (a temporary raw copy of it).
+    std::function<int(const Image& image)> write_other;
+};
+int convert_from_stream(const ImageArgs& source, const StreamArgs& stream,
+                        const StreamConvert& job);
+/// `hash -`: the whole disk's digest (block_size 0) or a block manifest.
+int hash_from_stream(const ImageArgs& source, const StreamArgs& stream, HashAlgorithm algorithm,
+                     std::uint64_t block_size, bool json, bool progress, unsigned threads);
+/// `info -` and `check -` (`check`): the header and what one pass over the tables finds.
+int describe_stream(const ImageArgs& source, const StreamArgs& stream, bool json, bool check);
 
 } // namespace qcowmap::cli

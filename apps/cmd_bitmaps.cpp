@@ -57,6 +57,7 @@ Command add_bitmaps(CLI::App& app) {
     output->add_to(*command, "an array of {name, granularity, flags, enabled, in-use, "
                              "consistent, usable, error, dirty-bytes}");
     add_untrusted_option(*command, args->untrusted);
+    add_force_share_option(*command, args->force_share);
     return {command, [args, output] {
                 const bool json = output->json();
                 // Bitmaps belong to the image itself: its backing chain is not needed.

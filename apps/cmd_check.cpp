@@ -13,6 +13,7 @@ namespace {
 // Exit codes of `qemu-img check` (docs/tools/qemu-img.rst), kept for drop-in use.
 constexpr int kCheckClean = 0;
 constexpr int kCheckFailed = 1;
+constexpr int kCheckUnsupported = 63;
 
 std::string json_report(const std::string& path, const CheckResult& r) {
     // qemu-img check --output=json's keys (QAPI ImageCheck); qemu omits zero counters, we
@@ -79,16 +80,49 @@ Command add_check(CLI::App& app) {
     auto path = std::make_shared<std::string>();
     auto output = std::make_shared<OutputOption>();
     auto untrusted = std::make_shared<bool>(false);
+    auto force_share = std::make_shared<bool>(false);
+    auto format = std::make_shared<std::string>();
     command->add_option("IMAGE", *path, "The qcow2 image file (or block device)")->required();
+    command
+        ->add_option("-f,--format", *format,
+                     "Format of the image: qcow2 (qcow version 1 too) or raw; default: probed "
+                     "as qemu-img does")
+        ->check(one_of({"qcow2", "qcow", "raw"}))
+        ->option_text("FMT");
     output->add_to(*command, "the counts with qemu-img check --output=json's keys");
     add_untrusted_option(*command, *untrusted);
+    add_force_share_option(*command, *force_share);
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
     return {command, [=] {
+                if (*path == "-") { // read from standard input (apps/stream_input.cpp)
+                    ImageArgs source;
+                    source.path = "-";
+                    return describe_stream(source, *stream, output->json(), true);
+                }
+                if (stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as the image");
+                (void)output->json(); // --json --output=human: a usage error, before reading
+                // No warning: a raw image is refused here anyway, in one line as qemu-img check
+                // does.
+                const std::string probed =
+                    format->empty() ? probe_image_format(*path, false, false) : *format;
+                if (probed == "raw") {
+                    // qemu-img check: "This image format does not support checks", 63.
+                    return report(*path, "This image format does not support checks",
+                                  kCheckUnsupported);
+                }
                 guard_against_shrinking(*path);
                 CheckOptions options;
                 options.untrusted = *untrusted;
+                options.force_share = *force_share;
                 auto result = check_image(std::filesystem::path(*path), options);
                 if (!result) {
-                    return report_error(*path, result.error(), kCheckFailed);
+                    Error error = result.error();
+                    if (error.code == ErrorCode::not_qcow2 && !format->empty())
+                        error.message += " (use -f raw for a raw image)";
+                    return report_error(*path, error, kCheckFailed);
                 }
                 const CheckResult& r = *result;
                 // Findings go to stderr, one line each, as qemu-img prints them.

@@ -25,22 +25,19 @@ struct CompareArgs {
     bool quiet = false;
     bool progress = false;
     bool untrusted = false;
+    bool force_share = false;
     std::string io = "auto";
 };
 
-std::optional<Image> open_side(const std::string& path, const std::string& format, bool untrusted) {
+std::optional<Image> open_side(const std::string& path, const std::string& format,
+                               const CompareArgs& given) {
     ImageArgs args;
     args.path = path;
-    args.untrusted = untrusted;
+    args.format = format; // empty: probed as qemu-img probes (the qcow magic, else raw)
+    args.untrusted = given.untrusted;
+    args.force_share = given.force_share;
+    args.warn_raw_probe = false; // qemu-img compare probes silently; its output is compared
     OpenOptions options = args.open_options();
-    if (format.empty()) {
-        // qemu-img probes: the qcow magic, else raw. A file that cannot be read is left to
-        // open() to describe.
-        auto probed = probe_format(path);
-        options.format = probed ? *probed : "qcow2";
-    } else {
-        options.format = format;
-    }
     // A file shrinking under its mapping is a read error (4), not "images differ" (1).
     guard_against_shrinking(path, kCompareReadError);
     auto image = Image::open(path, options);
@@ -72,12 +69,13 @@ Command add_compare(CLI::App& app) {
     command->add_flag("-q,--quiet", args->quiet, "Print nothing; only the exit code tells");
     add_io_option(*command, args->io);
     add_untrusted_option(*command, args->untrusted);
+    add_force_share_option(*command, args->force_share);
     return {
         command, [args] {
-            auto a = open_side(args->first, args->format1, args->untrusted);
+            auto a = open_side(args->first, args->format1, *args);
             if (!a)
                 return kCompareOpenError;
-            auto b = open_side(args->second, args->format2, args->untrusted);
+            auto b = open_side(args->second, args->format2, *args);
             if (!b)
                 return kCompareOpenError;
             // From here on a fault may come from either file: name both.

@@ -8,6 +8,9 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
 #include <map>
@@ -34,6 +37,30 @@ struct FdCloser {
     }
 };
 
+/// SIGINT, SIGTERM, SIGHUP: the hidden temporary an atomic output (a file TARGET on a file
+/// system without O_TMPFILE) is being written under goes first, then the signal's default
+/// action ends the process as it would have.
+extern "C" void on_termination(int signal) {
+    remove_temporary_files();
+    ::signal(signal, SIG_DFL);
+    ::raise(signal);
+}
+
+/// Installed by convert only: `mount` leaves these signals to libfuse, which installs its own
+/// handlers only where none is set.
+void remove_temporaries_on_termination() {
+    for (int signal : {SIGINT, SIGTERM, SIGHUP}) {
+        struct sigaction current {};
+        // A signal the caller ignores (nohup) stays ignored.
+        if (::sigaction(signal, nullptr, &current) != 0 || current.sa_handler == SIG_IGN)
+            continue;
+        struct sigaction action {};
+        action.sa_handler = on_termination;
+        sigemptyset(&action.sa_mask);
+        ::sigaction(signal, &action, nullptr);
+    }
+}
+
 /// Reports an export failure on the side it came from: the target (exit 3) or the image (1).
 int report_export(const ConvertJob& job, const Error& error, const ExportError& where) {
     const std::string target = job.target == "-" ? "<stdout>" : job.target;
@@ -41,8 +68,8 @@ int report_export(const ConvertJob& job, const Error& error, const ExportError& 
                         : report_error(job.source.path, error, kExitImageError);
 }
 
-/// Opens TARGET for a raw write. A new file is created; an existing regular file needs
-/// --force; block and character devices (/dev/sdX, an LVM volume, /dev/null) are written as
+/// Opens TARGET, a device or a pipe (regular files go to export_raw_file), for a raw write:
+/// block and character devices (/dev/sdX, an LVM volume, /dev/null) and FIFOs are written as
 /// they are; a directory is refused. Returns -1 after reporting.
 int open_target(const ConvertJob& job) {
     if (job.target == "-") {
@@ -76,7 +103,37 @@ int open_target(const ConvertJob& job) {
     return fd;
 }
 
+/// True when TARGET is (or would be) a regular file: a new name, an existing regular file, or a
+/// symlink to either. Those are written atomically (export_raw_file); devices, pipes and
+/// standard output are written in place.
+bool regular_file_target(const ConvertJob& job) {
+    if (job.target == "-")
+        return false;
+    struct stat st {};
+    if (::stat(job.target.c_str(), &st) != 0)
+        return errno == ENOENT; // a new file (or a dangling link to one)
+    return S_ISREG(st.st_mode);
+}
+
 int convert_raw(const ConvertJob& job) {
+    if (regular_file_target(job)) {
+        // Under a temporary in the target's directory, named TARGET only once complete (as
+        // -O qcow2): an interrupted run never leaves a plausible-looking TARGET.
+        Progress meter(job.progress, job.image.size());
+        ExportOptions options;
+        options.zero_block = job.sparse_size;
+        options.data_access = job.io;
+        options.progress = meter.callback();
+        Digest digest;
+        options.digest = job.digest;
+        options.digest_out = &digest;
+        ExportError where;
+        auto result = export_raw_file(job.image, job.target, options, job.force, &where);
+        if (!result)
+            return report_export(job, result.error(), where);
+        meter.finish();
+        return job.digest ? deliver_digest(job, digest) : kExitOk;
+    }
     FdCloser target{open_target(job)};
     if (target.fd < 0)
         return kExitOutputError;
@@ -86,6 +143,9 @@ int convert_raw(const ConvertJob& job) {
     options.data_access = job.io;
     options.sequential = job.target == "-";
     options.progress = meter.callback();
+    Digest digest;
+    options.digest = job.digest;
+    options.digest_out = &digest;
     ExportError where;
     auto result = export_raw(job.image, target.fd, options, &where);
     if (!result) {
@@ -98,7 +158,7 @@ int convert_raw(const ConvertJob& job) {
             return report(job.target, std::strerror(errno), kExitOutputError);
     }
     meter.finish();
-    return kExitOk;
+    return job.digest ? deliver_digest(job, digest) : kExitOk;
 }
 
 /// `convert --bitmap=NAME IMAGE TARGET`: an incremental sync of an existing raw copy.
@@ -132,6 +192,51 @@ int convert_incremental(const ConvertJob& job, const std::string& bitmap_name) {
 
 } // namespace
 
+int deliver_digest(const ConvertJob& job, const Digest& digest) {
+    if (!job.digest)
+        return kExitOk;
+    if (job.digest_file.empty()) {
+        std::fflush(stdout);
+        const std::string line = digest_line(digest, *job.digest, job.target, false);
+        std::fwrite(line.data(), 1, line.size(), stderr);
+        std::fflush(stderr);
+        return kExitOk;
+    }
+    // Complete or absent: written beside its final name, then renamed over it.
+    const std::string line = digest_line(digest, *job.digest, job.target, true);
+    std::string temp = job.digest_file + ".XXXXXX";
+    const int fd = ::mkostemp(temp.data(), O_CLOEXEC);
+    if (fd < 0)
+        return report(job.digest_file, std::strerror(errno), kExitOutputError);
+    bool ok = true;
+    for (std::size_t done = 0; ok && done < line.size();) {
+        const ssize_t n = ::write(fd, line.data() + done, line.size() - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        ok = n > 0;
+        if (ok)
+            done += static_cast<std::size_t>(n);
+    }
+    int error = ok ? 0 : errno;
+    if (ok && ::fchmod(fd, 0644) != 0) {
+        ok = false;
+        error = errno;
+    }
+    if (::close(fd) != 0 && ok) {
+        ok = false;
+        error = errno;
+    }
+    if (ok && ::rename(temp.c_str(), job.digest_file.c_str()) != 0) {
+        ok = false;
+        error = errno;
+    }
+    if (!ok) {
+        ::unlink(temp.c_str());
+        return report(job.digest_file, std::strerror(error), kExitOutputError);
+    }
+    return kExitOk;
+}
+
 bool register_output_format(OutputFormat format) {
     std::string name = format.name;
     return output_formats().emplace(std::move(name), std::move(format)).second;
@@ -158,11 +263,26 @@ Command add_convert(CLI::App& app) {
     command
         ->add_option("-S,--sparse-size", *sparse_size,
                      "Also leave holes for data blocks of this size that hold only zeros "
-                     "(like qemu-img convert -S: a multiple of 512 up to 16M; default 4k, 0 "
-                     "disables)")
+                     "(like qemu-img convert -S: a multiple of 512 up to 16M; default 4k; 0: "
+                     "no holes at all, a fully allocated file, as qemu-img -S 0)")
         ->option_text("SIZE");
     auto io = std::make_shared<std::string>("auto");
     add_io_option(*command, *io);
+    auto digest = std::make_shared<std::string>();
+    auto* digest_option =
+        command
+            ->add_option("--digest", *digest,
+                         "Also print the digest of the disk written (as `qcowmap hash "
+                         "--algo=ALGO TARGET` gives it), taken from the same pass over the "
+                         "source: `HEX  TARGET` on stderr (any --algo of hash)")
+            ->check(one_of_hash_algorithms())
+            ->option_text("ALGO");
+    auto digest_file = std::make_shared<std::string>();
+    command
+        ->add_option("--digest-file", *digest_file,
+                     "Write that digest to this file instead, as `ALGO (TARGET) = HEX`, which "
+                     "`qcowmap hash --check` verifies (sha256 unless --digest says)")
+        ->option_text("PATH");
     auto bitmap = std::make_shared<std::string>();
     command
         ->add_option("--bitmap", *bitmap,
@@ -170,6 +290,8 @@ Command add_convert(CLI::App& app) {
                      "dirty onto TARGET, an existing raw copy of the same size; with -O qcow2 "
                      "write only the clusters around them, over -B BACKING")
         ->option_text("NAME");
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
     register_output_format({"raw", {}, convert_raw, {}});
     for (auto& [name, format] : output_formats()) {
         if (format.add_options)
@@ -212,11 +334,49 @@ Command add_convert(CLI::App& app) {
                     throw UsageError("--bitmap with -O raw updates an existing raw copy: it "
                                      "needs a TARGET file or device");
                 }
+                std::optional<HashAlgorithm> digest_algorithm;
+                if (digest_option->count() > 0 || !digest_file->empty())
+                    digest_algorithm = parse_hash_algorithm(digest->empty() ? "sha256" : *digest);
+                if (digest_algorithm && !bitmap->empty()) {
+                    throw UsageError("--digest takes the digest of a whole disk written out: "
+                                     "not with --bitmap (an incremental update)");
+                }
+                remove_temporaries_on_termination();
+                if (args->path == "-") { // read from standard input (apps/stream_input.cpp)
+                    if (!bitmap->empty())
+                        throw UsageError("--bitmap cannot read a stream's bitmaps");
+                    if (digest_algorithm && *output_format == "raw") {
+                        throw UsageError("--digest with - as SOURCE needs -O qcow2 for now (the "
+                                         "raw copy of a stream takes none: hash it with "
+                                         "`qcowmap hash -f raw`)");
+                    }
+                    StreamConvert job{*target, *force, *progress, sparse, {}};
+                    if (*output_format != "raw") {
+                        job.write_other = [=](const Image& image) {
+                            const ConvertJob other{image,
+                                                   *args,
+                                                   *target,
+                                                   *force,
+                                                   *progress,
+                                                   sparse,
+                                                   data_access(*io),
+                                                   {},
+                                                   digest_algorithm,
+                                                   *digest_file};
+                            return format->second.run(other);
+                        };
+                    }
+                    return convert_from_stream(*args, *stream, job);
+                }
+                if (stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as SOURCE");
                 auto image = open_or_report(*args);
                 if (!image)
                     return static_cast<int>(kExitImageError);
-                const ConvertJob job{*image,    *args,  *target,          *force,
-                                     *progress, sparse, data_access(*io), *bitmap};
+                const ConvertJob job{*image,           *args,       *target,          *force,
+                                     *progress,        sparse,      data_access(*io), *bitmap,
+                                     digest_algorithm, *digest_file};
                 // --salvage: a conversion that completed but read damaged ranges as zeros says
                 // so with exit status 4.
                 if (!bitmap->empty() && *output_format == "raw")

@@ -1,5 +1,6 @@
 // qcowmap hash: digests of the virtual disk, whole (coreutils format, checked back with
-// --check like sha256sum -c) or per block (manifests).
+// --check like sha256sum -c; the blkhash algorithms print what blksum prints) or per block
+// (manifests).
 #include "cli.hpp"
 
 #include <qcowmap/hash.hpp>
@@ -7,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -94,6 +96,46 @@ std::optional<std::string> unescape_name(std::string_view text) {
     return out;
 }
 
+/// The tag of the BSD form (`sha256sum --tag`, `b2sum --tag`, `xxhsum --tag`); a blkhash
+/// algorithm's name in upper case.
+std::string bsd_tag(HashAlgorithm algorithm) {
+    switch (algorithm) {
+    case HashAlgorithm::sha256:
+        return "SHA256";
+    case HashAlgorithm::sha512:
+        return "SHA512";
+    case HashAlgorithm::blake2b512:
+        return "BLAKE2b";
+    case HashAlgorithm::xxh3_128:
+        return "XXH128";
+    default:
+        break;
+    }
+    std::string tag(to_string(algorithm));
+    for (char& c : tag)
+        c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    return tag;
+}
+
+} // namespace
+
+CLI::Validator one_of_hash_algorithms() {
+    return one_of({"sha256", "sha512", "blake2b512", "xxh3-128", "blkhash-sha256", "blkhash-sha512",
+                   "blkhash-blake2b512"});
+}
+
+std::string digest_line(const Digest& digest, HashAlgorithm algorithm, std::string_view name,
+                        bool tagged) {
+    EscapedName escaped = escape_name(name);
+    if (tagged) {
+        return fmt::format("{}{} ({}) = {}\n", escaped.escaped ? "\\" : "", bsd_tag(algorithm),
+                           escaped.text, digest.hex());
+    }
+    return fmt::format("{}{}  {}\n", escaped.escaped ? "\\" : "", digest.hex(), escaped.text);
+}
+
+namespace {
+
 Result<Digest> digest_of(const HashArgs& args, const Image& image, HashAlgorithm algorithm) {
     Progress meter(args.progress, image.size());
     HashOptions options;
@@ -151,10 +193,8 @@ int hash_whole(const HashArgs& args, HashAlgorithm algorithm) {
             }
             first = false;
         } else if (digest) {
-            // coreutils' format: digest, two spaces (text mode), name.
-            EscapedName name = escape_name(path);
-            out.text += fmt::format("{}{}  {}\n", name.escaped ? "\\" : "", digest->digest.hex(),
-                                    name.text);
+            // coreutils' format (and blksum's): digest, two spaces (text mode), name.
+            out.text += digest_line(digest->digest, algorithm, path, false);
         }
         out.flush(); // one line per image as soon as it is known
         return {};
@@ -282,6 +322,18 @@ struct DigestLine {
     std::optional<HashAlgorithm> algorithm; ///< named by a BSD-style line
 };
 
+/// The algorithm of a BSD-style tag that names it as --algo does in upper case
+/// ("BLKHASH-SHA256", as `convert --digest-file` writes), or nullopt.
+std::optional<HashAlgorithm> tag_algorithm(std::string_view tag) {
+    std::string lower(tag);
+    for (char& c : lower)
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    auto algorithm = parse_hash_algorithm(lower);
+    if (algorithm && is_blkhash(*algorithm))
+        return algorithm;
+    return std::nullopt;
+}
+
 bool is_hex(std::string_view text) {
     return !text.empty() && text.find_first_not_of("0123456789abcdefABCDEF") == std::string::npos;
 }
@@ -300,7 +352,9 @@ std::optional<DigestLine> parse_digest_line(std::string_view line) {
         std::string_view tag = line.substr(0, open);
         raw_name = line.substr(open + 2, close - open - 2);
         out.hex = std::string(line.substr(close + 4));
-        if (tag == "SHA256")
+        if (auto named = tag_algorithm(tag))
+            out.algorithm = *named;
+        else if (tag == "SHA256")
             out.algorithm = HashAlgorithm::sha256;
         else if (tag == "SHA512")
             out.algorithm = HashAlgorithm::sha512;
@@ -334,7 +388,8 @@ std::optional<DigestLine> parse_digest_line(std::string_view line) {
 }
 
 /// The algorithm whose digests have `hex_length` digits, when only one has; sha512 for 128
-/// (blake2b512 needs --algo, as b2sum needs its own program).
+/// (blake2b512 needs --algo, as b2sum needs its own program; so do the blkhash algorithms,
+/// whose lines look like those of sha256sum as blksum prints them).
 std::optional<HashAlgorithm> algorithm_for_length(std::size_t hex_length) {
     switch (hex_length) {
     case 64:
@@ -467,11 +522,15 @@ Command add_hash(CLI::App& app) {
                      "order; with --check: digest lists as hash prints them, - for standard "
                      "input)")
         ->required();
-    auto* algo = command
-                     ->add_option("--algo", args->algorithm,
-                                  "sha256 (default), sha512, blake2b512, xxh3-128")
-                     ->check(one_of({"sha256", "sha512", "blake2b512", "xxh3-128"}))
-                     ->option_text("ALGO");
+    auto* algo =
+        command
+            ->add_option("--algo", args->algorithm,
+                         "sha256 (default), sha512, blake2b512, xxh3-128: of the raw disk as "
+                         "sha256sum & co. give it; blkhash-sha256, blkhash-sha512, "
+                         "blkhash-blake2b512: as blksum gives it, at the cost of the allocated "
+                         "data on every core (--check needs --algo for these)")
+            ->check(one_of_hash_algorithms())
+            ->option_text("ALGO");
     command
         ->add_option("--block-size", args->block_size,
                      "Print a block manifest: one digest per block of this size (a power of "
@@ -493,7 +552,9 @@ Command add_hash(CLI::App& app) {
         ->option_text("N");
     args->open.add_options(*command);
     add_salvage_option(*command, args->open.salvage);
-    return {command, [args, algo] {
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
+    return {command, [args, algo, stream] {
                 args->algorithm_given = algo->count() > 0;
                 auto algorithm = parse_hash_algorithm(args->algorithm);
                 if (!algorithm) {
@@ -507,8 +568,25 @@ Command add_hash(CLI::App& app) {
                 }
                 if (args->quiet || args->status || args->ignore_missing)
                     throw UsageError("--quiet, --status and --ignore-missing go with --check");
-                if (args->block_size.empty())
+                const bool from_stream =
+                    std::find(args->files.begin(), args->files.end(), "-") != args->files.end();
+                if (from_stream && args->files.size() > 1)
+                    throw UsageError("- (an image on standard input) must be the only FILE");
+                if (!from_stream && stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as the image");
+                std::uint64_t block_size = 0;
+                if (args->block_size.empty()) {
+                    if (from_stream) // apps/stream_input.cpp
+                        return hash_from_stream(args->open, *stream, *algorithm, 0,
+                                                args->output.json(), args->progress, args->threads);
                     return hash_whole(*args, *algorithm);
+                }
+                if (is_blkhash(*algorithm)) {
+                    throw UsageError(fmt::format(
+                        "--algo={} digests the whole disk: a --block-size manifest takes {}",
+                        to_string(*algorithm), to_string(block_digest_algorithm(*algorithm))));
+                }
                 std::string why;
                 auto size = parse_size(args->block_size, &why);
                 if (!size || *size < kMinHashBlockSize || (*size & (*size - 1)) != 0) {
@@ -516,7 +594,11 @@ Command add_hash(CLI::App& app) {
                                                  "of at least 4k",
                                                  printable(args->block_size)));
                 }
-                return hash_manifest(*args, *algorithm, *size);
+                block_size = *size;
+                if (from_stream)
+                    return hash_from_stream(args->open, *stream, *algorithm, block_size,
+                                            args->output.json(), args->progress, args->threads);
+                return hash_manifest(*args, *algorithm, block_size);
             }};
 }
 

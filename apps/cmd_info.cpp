@@ -80,7 +80,14 @@ void print_human(const std::string& path, const Image& image) {
     fmt::print("file size: {} bytes\n", info.file_size);
     fmt::print("cluster_size: {}\n", info.cluster_size);
     if (info.backing_file) {
-        fmt::print("backing file: {}\n", printable(*info.backing_file));
+        // qemu-img info: the name as stored, and where it resolves (against the directory of
+        // the image naming it) when that reads differently.
+        const std::filesystem::path named(*info.backing_file);
+        const std::string actual =
+            named.is_absolute() ? named.string()
+                                : (std::filesystem::path(path).parent_path() / named).string();
+        fmt::print("backing file: {}{}\n", printable(*info.backing_file),
+                   actual == *info.backing_file ? "" : " (actual path: " + printable(actual) + ")");
         if (info.backing_format)
             fmt::print("backing file format: {}\n", printable(*info.backing_format));
     }
@@ -89,12 +96,13 @@ void print_human(const std::string& path, const Image& image) {
         fmt::print("data file found: {}\n",
                    data->found() ? "yes" : "no (" + printable(data->error->message) + ")");
     }
-    // Whether --untrusted would follow the names the image holds.
+    // Whether --untrusted would follow the names the image holds: only when it would not
+    // (the JSON output lists every reference).
     for (const ImageReference& r : image_references(image)) {
-        fmt::print("untrusted: {} '{}' {}\n", to_string(r.kind), printable(r.name),
-                   r.missing                     ? std::string("is missing")
-                   : r.untrusted_refusal.empty() ? std::string("would be followed")
-                                                 : "would be refused: " + r.untrusted_refusal);
+        if (!r.missing && !r.untrusted_refusal.empty()) {
+            fmt::print("untrusted: {} '{}' would be refused: {}\n", to_string(r.kind),
+                       printable(r.name), r.untrusted_refusal);
+        }
     }
     if (info.version != 1)
         fmt::print("refcount bits: {}\n", info.refcount_bits());
@@ -149,8 +157,15 @@ Command add_info(CLI::App& app) {
                              "keys and more");
     command->add_flag("--backing-chain", *chain,
                       "Describe every layer of the backing chain, top first");
-    return {command, [args, output, chain] {
+    auto stream = std::make_shared<StreamArgs>();
+    stream->add_to(*command);
+    return {command, [args, output, chain, stream] {
                 const bool json = output->json();
+                if (args->path == "-") // read from standard input (apps/stream_input.cpp)
+                    return describe_stream(*args, *stream, json, false);
+                if (stream->given())
+                    throw UsageError("--max-spool, --expect-checksum and --stream-stats need - "
+                                     "(standard input) as the image");
                 std::vector<LayerInfo> layers;
                 if (*chain && args->backing != "none") {
                     // Open the whole chain once: this checks it (loops, missing files) and
@@ -160,7 +175,7 @@ Command add_info(CLI::App& app) {
                         return static_cast<int>(kExitImageError);
                     layers = image->layers();
                 } else {
-                    layers.push_back({args->path, args->format == "raw" ? "raw" : "qcow2", 0});
+                    layers.push_back({args->path, args->format == "raw" ? "raw" : "", 0});
                 }
                 std::string out;
                 for (std::size_t i = 0; i < layers.size(); ++i) {
@@ -169,19 +184,21 @@ Command add_info(CLI::App& app) {
                     ImageArgs one = *args;
                     one.path = layer.path.string();
                     one.backing = "none";
-                    one.format = layer.format == "raw" ? "raw" : "";
+                    if (!layer.format.empty())
+                        one.format = layer.format == "raw" ? "raw" : "qcow2"; // as opened
                     if (i > 0)
                         one.data_file.clear(); // --data-file is the top image's
                     auto image = open_or_report(one);
                     if (!image)
                         return static_cast<int>(kExitImageError);
+                    const bool raw = image->layers().front().format == "raw";
                     if (json) {
                         out += (i ? ",\n" : "") + info_json(*image);
                         continue;
                     }
                     if (i)
                         fmt::print("\n");
-                    if (layer.format == "raw")
+                    if (raw)
                         print_raw_human(one.path, image->size());
                     else
                         print_human(one.path, *image);

@@ -486,12 +486,55 @@ std::string mount_options(const std::string& image_path) {
     return options;
 }
 
+/// True when `dir` is a mount point already (listed in /proc/self/mountinfo, whose fifth
+/// field is the mount point with spaces and the like escaped as \ooo).
+bool is_mount_point(const std::string& dir) {
+    char* resolved = ::realpath(dir.c_str(), nullptr);
+    if (!resolved)
+        return false;
+    const std::string wanted(resolved);
+    std::free(resolved);
+    std::FILE* table = std::fopen("/proc/self/mountinfo", "re");
+    if (!table)
+        return false;
+    bool found = false;
+    char* line = nullptr;
+    std::size_t capacity = 0;
+    while (!found && ::getline(&line, &capacity, table) > 0) {
+        std::istringstream fields(line);
+        std::string field;
+        for (int i = 0; i < 5; ++i)
+            fields >> field; // mount ID, parent ID, major:minor, root, mount point
+        std::string unescaped;
+        for (std::size_t i = 0; i < field.size(); ++i) {
+            if (field[i] == '\\' && i + 3 < field.size()) {
+                unescaped +=
+                    static_cast<char>(std::strtol(field.substr(i + 1, 3).c_str(), nullptr, 8));
+                i += 3;
+            } else {
+                unescaped += field[i];
+            }
+        }
+        found = unescaped == wanted;
+    }
+    std::free(line);
+    std::fclose(table);
+    return found;
+}
+
 int run_mount(const MountArgs& args) {
     struct stat mountpoint {};
     if (::stat(args.mountpoint.c_str(), &mountpoint) != 0)
         return report(args.mountpoint, std::strerror(errno), kExitOutputError);
     if (!S_ISDIR(mountpoint.st_mode))
         return report(args.mountpoint, "not a directory", kExitOutputError);
+    if (is_mount_point(args.mountpoint)) {
+        // Mounting over it would hide what is mounted there, and a later unmount would
+        // unmount the wrong one.
+        return report(args.mountpoint,
+                      "is a mount point already (unmount it first: fusermount3 -u DIR)",
+                      kExitOutputError);
+    }
 
     auto image = open_or_report(args.image);
     if (!image)
@@ -570,8 +613,9 @@ Command add_mount(CLI::App& app) {
     command->remove_option(command->get_option("--format"));
     command
         ->add_option("--format", args->image.format,
-                     "Format of the image: qcow2 (the default) or raw")
-        ->check(one_of({"qcow2", "raw"}))
+                     "Format of the image: qcow2 (qcow version 1 too) or raw; default: probed "
+                     "as qemu-img does")
+        ->check(one_of({"qcow2", "qcow", "raw"}))
         ->option_text("FMT");
     command->add_option("MOUNTPOINT", args->mountpoint, "Directory to mount the disk on")
         ->required();

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
 
@@ -76,6 +77,7 @@ struct Qcow2Args {
     std::vector<std::string> create_opts; ///< -o (may be given more than once)
     std::string backing;                  ///< -B
     std::string backing_format;           ///< -F
+    bool unsafe = false;                  ///< -u: BACKING is not opened nor checked
 };
 
 Qcow2Args& qcow2_args() {
@@ -95,12 +97,19 @@ void add_qcow2_options(CLI::App& command) {
         ->option_text("OPTIONS");
     command
         .add_option("-B", args.backing,
-                    "-O qcow2: name BACKING as the output's backing file (stored as given) "
-                    "and write only the source's top layer, or with --bitmap its dirty "
-                    "ranges: an incremental image")
+                    "-O qcow2: name BACKING as the output's backing file (stored as given, "
+                    "resolved from the output's directory) and write only what differs from "
+                    "it, so that the output reads exactly as SOURCE (a source that is an "
+                    "overlay of BACKING: its layers above BACKING); with --bitmap, the dirty "
+                    "ranges over the previous backup: an incremental image")
         ->option_text("BACKING");
     command.add_option("-F", args.backing_format, "-O qcow2: format of BACKING: qcow2 or raw")
         ->option_text("FMT");
+    command.add_flag("-u", args.unsafe,
+                     "-O qcow2 with -B: unsafe, as qemu-img create -u: BACKING is neither "
+                     "opened nor checked, and only SOURCE's top layer (or the --bitmap's dirty "
+                     "ranges) is written: the output is SOURCE only if BACKING reads as "
+                     "SOURCE's own backing chain");
 }
 
 std::string qcow2_options_given() {
@@ -114,6 +123,7 @@ std::string qcow2_options_given() {
     add(!args.create_opts.empty(), "-o");
     add(!args.backing.empty(), "-B");
     add(!args.backing_format.empty(), "-F");
+    add(args.unsafe, "-u");
     return given;
 }
 
@@ -134,6 +144,8 @@ int convert_qcow2(const ConvertJob& job) {
         throw UsageError("-B needs -F qcow2|raw, the backing file's format (as qemu-img does)");
     if (options.backing_format && !options.backing_file)
         throw UsageError("-F without -B");
+    if (args.unsafe && !options.backing_file)
+        throw UsageError("-u without -B");
     if (!job.bitmap.empty()) {
         if (!options.backing_file) {
             throw UsageError("--bitmap with -O qcow2 needs -B BACKING -F FMT: the image holds "
@@ -142,12 +154,52 @@ int convert_qcow2(const ConvertJob& job) {
         options.selection = WriteSelection::bitmap_dirty;
         options.bitmap = job.bitmap;
     } else if (options.backing_file) {
-        options.selection = WriteSelection::top_layer;
+        options.selection =
+            args.unsafe ? WriteSelection::top_layer : WriteSelection::differs_from_backing;
+    }
+    options.digest = job.digest;
+    if (job.digest && options.selection != WriteSelection::whole_disk) {
+        throw UsageError("--digest takes the digest of a whole disk written out: not with -B "
+                         "(the image holds only part of the disk)");
     }
     if (auto ok = check_write_options(options); !ok)
         throw UsageError(ok.error().message);
-
     const bool to_stdout = job.target == "-";
+    if (options.backing_file && !args.unsafe) {
+        // As qemu-img opens it: where the new image will look for it (relative names from the
+        // target's directory; from here for standard output).
+        OpenOptions open;
+        open.force_share = job.source.force_share;
+        auto backing = open_output_backing(options, to_stdout ? "" : job.target, open);
+        if (!backing) {
+            Error error = std::move(backing).error();
+            if (error.code == ErrorCode::image_in_use)
+                error.message += " (-U reads it anyway)";
+            return report(to_stdout ? "<stdout>" : job.target, error.message, kExitImageError);
+        }
+        struct stat existing {};
+        if (!to_stdout && ::stat(job.target.c_str(), &existing) == 0 &&
+            backing->maps_file(existing.st_dev, existing.st_ino)) {
+            // --force would replace a file the new image then reads through: a chain that
+            // loops, or a backing file changed under its overlay.
+            return report(job.target,
+                          "is BACKING or a layer of BACKING's chain: an image cannot be its own "
+                          "backing file",
+                          kExitOutputError);
+        }
+        if (options.selection == WriteSelection::bitmap_dirty &&
+            backing->size() != job.image.size()) {
+            // The clusters left out read from BACKING: the previous backup of this disk has its
+            // size (the library refuses it too; here with the option that insists).
+            return report(job.target,
+                          fmt::format("backing file {} is {} bytes but the disk is {} bytes: "
+                                      "not a backup of this disk (-u writes it anyway)",
+                                      printable(args.backing), backing->size(), job.image.size()),
+                          kExitImageError);
+        }
+        options.backing_image = std::move(*backing);
+    }
+
     if (to_stdout && !job.force && ::isatty(STDOUT_FILENO)) {
         return report("<stdout>",
                       "is a terminal: refusing to write a qcow2 image to it (redirect the "
@@ -170,10 +222,10 @@ int convert_qcow2(const ConvertJob& job) {
             why.remove_prefix(kWriteTargetError.size());
             return report(to_stdout ? "<stdout>" : job.target, why, kExitOutputError);
         }
-        return report(job.source.path, error.message, kExitImageError);
+        return report_error(job.source.path, error, kExitImageError);
     }
     meter.finish();
-    return kExitOk;
+    return stats->digest ? deliver_digest(job, *stats->digest) : kExitOk;
 }
 
 // Registered before main() runs, from this file alone (see OutputFormat in cli.hpp).

@@ -343,6 +343,32 @@ void bm_read(benchmark::State& state, const BenchImage& b, const Setup&) {
     set_rates(state, b);
 }
 
+/// read() of 4 KiB at 16 384 pseudo-random offsets per iteration (mapping warm): small requests
+/// as a server answers them, where a call's fixed cost shows (the fault boundary's, for one).
+void bm_read_4k_random(benchmark::State& state, const BenchImage& b, const Setup&) {
+    constexpr std::size_t kRequest = 4096;
+    constexpr int kRequests = 16384;
+    std::vector<std::byte> buffer(kRequest);
+    const std::uint64_t slots = b.image.size() / kRequest;
+    for (auto _ : state) {
+        std::uint64_t x = 88172645463325252ull; // xorshift64: the same offsets every iteration
+        std::uint64_t checksum = 0;
+        for (int i = 0; i < kRequests; ++i) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            auto got = b.image.read(buffer, (x % slots) * kRequest);
+            if (!got) {
+                state.SkipWithError("read failed");
+                return;
+            }
+            checksum += std::to_integer<std::uint8_t>(buffer[kRequest / 2]);
+        }
+        benchmark::DoNotOptimize(checksum);
+    }
+    state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * kRequests);
+}
+
 /// Image::open + read() of the whole disk per iteration: includes mapping the file and the page
 /// faults on it, which is what every CLI invocation pays (page cache warm).
 void bm_open_read(benchmark::State& state, const BenchImage& b, const Setup&) {
@@ -435,13 +461,19 @@ void bm_cat_pipe(benchmark::State& state, const BenchImage& b, const Setup& setu
 /// zero detection; data made present ahead from the mapping or read ahead with pread, as the
 /// entry's data access says), into a new sparse raw file in the output directory. The output is
 /// unlinked between iterations, outside the timed part. `threads` 0 (the serial entry) exports
-/// on one thread.
+/// on one thread. With `digest`, as `convert --digest=blkhash-sha256`: the digest taken from
+/// the same pass.
+template <bool digest = false>
 void bm_convert_file(benchmark::State& state, const BenchImage& b, const Setup& setup) {
     const fs::path out =
         setup.out_dir / fmt::format("qcowmap-bench-{}-convert-{}.raw", ::getpid(), b.name);
     qcowmap::ExportOptions options;
     options.threads = setup.threads == 0 ? 1 : setup.threads;
     options.data_access = setup.access;
+    qcowmap::Digest taken;
+    if (digest)
+        options.digest = qcowmap::HashAlgorithm::blkhash_sha256;
+    options.digest_out = &taken;
     for (auto _ : state) {
         int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
         if (fd < 0) {
@@ -595,19 +627,24 @@ int main(int argc, char** argv) {
         {"iterate", bm_iterate, false, false},
         {"map", bm_map, false, false},
         {"read_1MiB", bm_read, false, true},
+        {"read_4k_random", bm_read_4k_random, false, false},
         {"open_read_1MiB", bm_open_read, false, true},
         {"cat_devnull", bm_cat_devnull, false, false},
         {"cat_devnull_parallel", bm_cat_devnull, true, false, mmap},
         {"cat_pipe", bm_cat_pipe, false, true},
         {"cat_pipe_parallel", bm_cat_pipe, true, true, mmap},
-        {"convert_file", bm_convert_file, false, false},
-        {"convert_file_parallel", bm_convert_file, true, false, automatic},
-        {"convert_file_parallel_read", bm_convert_file, true, false, read},
-        {"convert_file_parallel_mmap", bm_convert_file, true, false, mmap},
+        {"convert_file", bm_convert_file<>, false, false},
+        {"convert_file_parallel", bm_convert_file<>, true, false, automatic},
+        {"convert_file_parallel_read", bm_convert_file<>, true, false, read},
+        {"convert_file_parallel_mmap", bm_convert_file<>, true, false, mmap},
+        {"convert_file_parallel_digest_blkhash", bm_convert_file<true>, true, false, automatic},
         {"hash_sha256", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, automatic},
         {"hash_sha256_read", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, read},
         {"hash_sha256_mmap", bm_hash<qcowmap::HashAlgorithm::sha256>, true, true, mmap},
         {"hash_xxh3_128", bm_hash<qcowmap::HashAlgorithm::xxh3_128>, true, true, automatic},
+        // The block construction costs what the allocated data costs: huge thin images too.
+        {"hash_blkhash_sha256", bm_hash<qcowmap::HashAlgorithm::blkhash_sha256>, true, false,
+         automatic},
         {"hash_blocks_1thread", bm_hash_blocks, false, true},
         {"hash_blocks_parallel", bm_hash_blocks, true, true},
         {"compare_self", bm_compare_self, false, false},

@@ -6,6 +6,8 @@
 #   hash     (sha256) vs qemu-img convert -O raw to a temp file + sha256sum, and vs
 #            nbdcopy -- [ qemu-nbd -r -f qcow2 IMG ] - | sha256sum
 #   compare  vs qemu-img compare (each image against a copy of itself, so every data byte is read)
+#   convert - (a qcow2 image on a pipe) vs qemu-img convert of the file and vs copy-then-convert
+#            (bench/stream-compare.sh, run at the end)
 # then openssl speed -evp sha256 against qcowmap hash's throughput on dense data, peak RSS of
 # hash and convert, block-manifest scaling (--threads=1 vs 2), and hash, compare and convert
 # with each data access: --io=auto (the default: measured at start), --io=read (pread into
@@ -19,6 +21,10 @@
 #                swamp the figures; they are removed after every run.
 # env: RUNS  timed runs per tool and operation (default 5), taken alternately qcowmap/qemu-img;
 #            tables give the median and the min-max range
+#      BLKSUM  a blksum executable (nirs/blkhash, not packaged in Debian): the blkhash rows then
+#            check its digests and time it too
+# At the end: hash --algo=blkhash-sha256 against --algo=sha256, and convert with and without
+# --digest (issue 24).
 #
 # Images:
 #   dense-1G.qcow2   1 GiB virtual, every byte written (64 writes of 16 MiB)
@@ -457,6 +463,85 @@ if [[ -x /usr/bin/time ]]; then
     rm -f "$W_OURS" "$W_QEMU"
 fi
 awk -v a="$writer_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "writing qcow2 rows took %.1f s\n", b - a }'
+
+# ---- blkhash (issue 24): the block construction against the sha256 stream, and digests taken
+# by convert from its own pass ----
+# hash --algo=blkhash-sha256 against hash --algo=sha256 (the same CLI) on dense-1G, frag-4G and
+# zlib-1G, interleaved; on sparse-1T (1 TiB holding 4 MiB) blkhash alone (sha256 must hash 1 TiB
+# of zeros: minutes), and against blksum when BLKSUM names one (nirs/blkhash, not packaged in
+# Debian; it reads qcow2 through qemu-nbd). convert -O raw with and without
+# --digest=blkhash-sha256 on dense-1G. Targets (issue 24): sparse-1T < 0.5 s; dense-1G blkhash
+# >= 1.8x sha256 on 2 cores; convert --digest <= 10% over convert.
+blk_start=$EPOCHREALTIME
+blk_rows=()
+# $1 label, $2 image, $3 function A, $4 function B: interleaved medians, ratio B / A.
+blk_pair() {
+    local label=$1 image=$2 fa=$3 fb=$4 i
+    local -a ta=() tb=()
+    for ((i = 0; i < RUNS; i++)); do
+        if ((i % 2 == 0)); then
+            ta+=("$(time_it "$fa" "$image")")
+            tb+=("$(time_it "$fb" "$image")")
+        else
+            tb+=("$(time_it "$fb" "$image")")
+            ta+=("$(time_it "$fa" "$image")")
+        fi
+    done
+    local ma mb
+    ma=$(median "${ta[@]}")
+    mb=$(median "${tb[@]}")
+    echo "  $label $(basename "$image"): $fa [${ta[*]}] $fb [${tb[*]}]"
+    blk_rows+=("$(awk -v l="$label" -v n="$(basename "$image")" -v a="$ma" -v ra="$(range "${ta[@]}")" \
+        -v b="$mb" -v rb="$(range "${tb[@]}")" 'BEGIN {
+        printf "%-22s %-16s %8.3f %13s %8.3f %13s %7.2f", l, n, a, ra, b, rb, (a > 0 ? b / a : 0) }')")
+}
+hash_blkhash() { "$QCOWMAP" hash --algo=blkhash-sha256 "$1"; }
+hash_sha256() { "$QCOWMAP" hash --algo=sha256 "$1"; }
+convert_digest() { "$QCOWMAP" convert --force --digest=blkhash-sha256 "$1" "$OUT" 2>/dev/null; }
+convert_plain() { "$QCOWMAP" convert --force "$1" "$OUT"; }
+blksum_nbd() { "$BLKSUM" "$1"; }
+echo
+echo "blkhash, $RUNS runs each (seconds):"
+for image in "$DENSE" "$FRAG" "$ZLIB" "$SPARSE"; do
+    # Checks (and warm-up): convert --digest reports the digest hash gives, and blksum agrees.
+    ours=$(hash_blkhash "$image" | awk '{ print $1 }')
+    if [[ $image != "$SPARSE" ]]; then
+        taken=$("$QCOWMAP" convert --force --digest=blkhash-sha256 "$image" "$OUT" 2>&1 >/dev/null |
+            awk '{ print $1 }')
+        rm -f "$OUT"
+        [[ $ours == "$taken" ]] || die "$image: hash --algo=blkhash-sha256 $ours, convert --digest $taken"
+    fi
+    if [[ -n ${BLKSUM:-} ]]; then
+        theirs=$("$BLKSUM" "$image" | awk '{ print $1 }')
+        [[ $ours == "$theirs" ]] || die "$image: qcowmap $ours, blksum $theirs"
+    fi
+    echo "checked $(basename "$image"): blkhash-sha256 $ours${BLKSUM:+ (blksum agrees)}"
+done
+for image in "$DENSE" "$FRAG" "$ZLIB"; do
+    blk_pair "hash blkhash/sha256" "$image" hash_blkhash hash_sha256
+done
+if [[ -n ${BLKSUM:-} ]]; then
+    blk_pair "hash blkhash/blksum" "$SPARSE" hash_blkhash blksum_nbd
+    blk_pair "hash blkhash/blksum" "$DENSE" hash_blkhash blksum_nbd
+else
+    t=()
+    for ((i = 0; i < RUNS; i++)); do t+=("$(time_it hash_blkhash "$SPARSE")"); done
+    echo "  hash blkhash sparse-1T.qcow2: [${t[*]}]"
+    blk_rows+=("$(printf '%-22s %-16s %8s %13s %8s %13s %7s' "hash blkhash" sparse-1T.qcow2 \
+        "$(median "${t[@]}")" "$(range "${t[@]}")" - - -)")
+fi
+blk_pair "convert --digest/plain" "$DENSE" convert_digest convert_plain
+echo
+echo "median wall seconds (min-max) over $RUNS interleaved runs; ratio = B / A (hash rows: > 1 means"
+echo "blkhash-sha256 is faster; convert row: < 1 is the cost of --digest, 0.91 = 10% more)"
+printf '%-22s %-16s %8s %13s %8s %13s %7s\n' "A/B" image "A s" min-max "B s" min-max ratio
+printf '%s\n' "${blk_rows[@]}"
+awk -v a="$blk_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "blkhash rows took %.1f s\n", b - a }'
+
+# ---- Streamed input (issue 29): cat IMG | qcowmap convert - against qemu-img's file path and
+# against copy-then-convert, with peak RSS; its own script, runnable alone on these images.
+echo
+"$(dirname "${BASH_SOURCE[0]}")/stream-compare.sh" "$QCOWMAP" "$WORKDIR"
 
 # In-place writes (issue 27): bench/inplace-compare.sh, with bench_write from the same build.
 BENCH_WRITE=$(dirname "$(dirname "$QCOWMAP")")/bench/bench_write

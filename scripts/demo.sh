@@ -4,11 +4,32 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./scripts/install-deps.sh
-[ -d build ] || meson setup build --buildtype=release -Dtests=false -Dbench=false >/dev/null
-ninja -C build apps/qcowmap >/dev/null
-qcowmap=build/apps/qcowmap
+step() { echo "demo: $*"; }
+seconds() { echo $(($(date +%s) - $1)); }
 
+step "installing the Debian packages qcowmap needs (scripts/install-deps.sh)..."
+./scripts/install-deps.sh
+started=$(date +%s)
+if [ ! -d build ]; then
+  step "configuring the build in build/ (meson setup)..."
+  meson setup build --buildtype=release -Dtests=false -Dbench=false >/dev/null
+fi
+# Only the CLI: a few minutes on 2 cores the first time (the library's ~25 files and the CLI's
+# ~12 compile in release mode), seconds afterwards.
+step "building the qcowmap CLI (ninja -C build apps/qcowmap; a few minutes the first time on 2 cores)..."
+if ! ninja -C build apps/qcowmap 2>&1 | tee build/demo-build.log |
+  sed -un 's/^\[\([0-9]*\/[0-9]*\)\].*/\1/p' | while read -r n; do
+    printf '\rdemo: compiled %s steps' "$n"
+  done; then
+  echo
+  tail -30 build/demo-build.log >&2
+  exit 1
+fi
+echo
+qcowmap=build/apps/qcowmap
+step "built $qcowmap in $(seconds "$started") s"
+
+step "making a sample image demo/sample.qcow2 with qemu-img and qemu-io..."
 mkdir -p demo
 img=demo/sample.qcow2
 rm -f "$img" demo/sample.raw demo/sample.qemu.raw
@@ -21,6 +42,7 @@ qemu-io -f qcow2 \
   -c "discard 8M 64k" \
   "$img" >/dev/null
 
+step "running qcowmap on it (each command shown with +):"
 set -x
 "$qcowmap" info "$img"
 "$qcowmap" map "$img"
@@ -28,6 +50,7 @@ set -x
 "$qcowmap" convert -p "$img" demo/sample.raw
 { set +x; } 2>/dev/null
 
+step "checking the raw copy against qemu-img convert -O raw..."
 qemu-img convert -O raw "$img" demo/sample.qemu.raw
 if cmp -s demo/sample.raw demo/sample.qemu.raw; then
   echo "demo: qcowmap convert output is byte-identical to qemu-img convert -O raw"

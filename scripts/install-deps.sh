@@ -13,6 +13,7 @@ packages=(
   python3  # tests/test_cli.cpp compares JSON documents with it
   python3-dev pybind11-dev python3-pybind11 python3-pytest
   fuse3 libfuse3-dev
+  bindfs  # tests: atomic outputs on a FUSE file system without O_TMPFILE or RENAME_NOREPLACE
 )
 
 missing=()

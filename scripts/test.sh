@@ -46,15 +46,19 @@ run_pass sanitize build-sanitize --buildtype=debug -Db_sanitize=address,undefine
 
 # ThreadSanitizer over the tests that read one Image from several threads at once (plain
 # reads, the parallel decompression that cat/convert use, the read-ahead of Image::visit in
-# DataAccess::read mode, compare's workers, and the writer's compression and copy threads).
+# DataAccess::read mode, compare's workers, the writer's compression and copy threads, the
+# stream decoder's decompressing workers, and the blkhash block engine and digest tap).
 echo "=== thread: ThreadSanitizer on the concurrency tests (build-tsan)"
 if [ -d build-tsan ] || meson setup build-tsan --buildtype=debugoptimized -Db_sanitize=thread \
      -Dbench=false >/dev/null; then
   if ninja -C build-tsan -j "$jobs" apps/qcowmap tests/test_compressed tests/test_oracle \
-       tests/test_visit tests/test_compare tests/test_api tests/test_writer tests/test_writable \
-       >build-tsan/qcowmap-build.log 2>&1; then
+       tests/test_visit tests/test_compare tests/test_api tests/test_writer tests/test_stream_import \
+       tests/test_blkhash tests/test_writable >build-tsan/qcowmap-build.log 2>&1; then
     for run in compressed:'*Concurrency*' oracle:'*Concurrency*' visit:'*' compare:'*' api:'*' \
-      writer:'*-WriterLibrary.ReadmeExampleRuns:WriterReadme.*' writable:'Threads.*'; do
+      writer:'*-WriterLibrary.ReadmeExampleRuns:WriterReadme.*' \
+      stream_import:'*PiecesOfAnySize*' \
+      blkhash:'Blkhash.*:DigestTap.*:ConvertDigest.LibraryWritersReportTheDigest:BlkhashImages.EqualsTheConstructionOverQemuRawOutput' \
+      writable:'Threads.*'; do
       suite=${run%%:*}
       QCOWMAP_BIN=$PWD/build-tsan/apps/qcowmap TSAN_OPTIONS=halt_on_error=1 \
         "build-tsan/tests/test_$suite" --gtest_filter="${run#*:}" >"build-tsan/tsan-$suite.log" 2>&1
@@ -75,7 +79,7 @@ fi
 # (default 100000, each run capped at 60 s: eight targets stay under 9 minutes). A crash is kept by
 # libFuzzer in build-fuzz/artifacts; fix it and add it to tests/fuzz/regressions/.
 echo "=== fuzz: bounded libFuzzer runs (build-fuzz)"
-fuzz_targets="fuzz_image fuzz_snapshots fuzz_bitmaps fuzz_v1 fuzz_backing fuzz_check fuzz_references fuzz_salvage"
+fuzz_targets="fuzz_image fuzz_snapshots fuzz_bitmaps fuzz_v1 fuzz_backing fuzz_check fuzz_references fuzz_salvage fuzz_stream"
 if [ -d build-fuzz ] || CC=clang CXX=clang++ meson setup build-fuzz --buildtype=debugoptimized \
      -Dfuzzing=libfuzzer -Db_sanitize=address,undefined -Db_lundef=false -Dbench=false >/dev/null; then
   fuzz_build=tests/fuzz/fuzz_image_replay

@@ -4,13 +4,17 @@
 
 #include <algorithm>
 #include <array>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
 #include <stdexcept>
+#include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 namespace qcowmap::test {
 
@@ -271,6 +275,47 @@ void set_header_extension(const std::filesystem::path& path, std::uint32_t type,
     if (backing_offset != 0) {
         poke_be(path, 8, new_backing_offset, 8);
     }
+}
+
+EioMount::EioMount(const std::filesystem::path& source, const std::filesystem::path& mountpoint)
+    : source_(source), mountpoint_(mountpoint) {
+    const char* helper = std::getenv("QCOWMAP_EIO_FS");
+    if (!helper || ::access("/dev/fuse", R_OK | W_OK) != 0)
+        return;
+    std::filesystem::create_directories(mountpoint);
+    struct stat before {};
+    ::stat(mountpoint.c_str(), &before);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+        ::execl(helper, helper, source.c_str(), mountpoint.c_str(), "-f", nullptr);
+        ::_exit(127);
+    }
+    // Mounted once the mount point's device changes.
+    for (int i = 0; i < 500 && pid_ > 0; ++i) {
+        struct stat now {};
+        if (::stat(mountpoint.c_str(), &now) == 0 && now.st_dev != before.st_dev) {
+            mounted_ = true;
+            return;
+        }
+        ::usleep(10000);
+    }
+}
+
+EioMount::~EioMount() {
+    if (pid_ > 0) {
+        ::umount2(mountpoint_.c_str(), MNT_DETACH);
+        ::kill(pid_, SIGTERM);
+        int status = 0;
+        ::waitpid(pid_, &status, 0);
+    }
+}
+
+void EioMount::fail_reads(const std::string& name, std::uint64_t offset, std::uint64_t length) {
+    const std::string line =
+        name + " " + std::to_string(offset) + " " + std::to_string(length) + "\n";
+    std::vector<std::byte> bytes(line.size());
+    std::memcpy(bytes.data(), line.data(), line.size());
+    write_file(source_ / ".eio", bytes);
 }
 
 } // namespace qcowmap::test

@@ -118,4 +118,25 @@ std::uint64_t peek_be(const std::filesystem::path& path, std::uint64_t offset, u
 void set_header_extension(const std::filesystem::path& path, std::uint32_t type,
                           const std::optional<std::string>& data);
 
+/// eio_fs (tests/eio_fs.c, env QCOWMAP_EIO_FS) mounted at `mountpoint` over `source` for the
+/// object's lifetime: the files of `source`, read-only, with reads that fail with EIO where
+/// fail_reads() says. Unmounted (lazily) by the destructor, also when the test failed.
+/// mounted() is false where it cannot run (no /dev/fuse, no helper): skip the test then.
+class EioMount {
+  public:
+    EioMount(const std::filesystem::path& source, const std::filesystem::path& mountpoint);
+    ~EioMount();
+    EioMount(const EioMount&) = delete;
+    EioMount& operator=(const EioMount&) = delete;
+    bool mounted() const { return mounted_; }
+    /// From now on, reads of `name` overlapping [offset, offset + length) fail with EIO.
+    void fail_reads(const std::string& name, std::uint64_t offset, std::uint64_t length);
+
+  private:
+    std::filesystem::path source_;
+    std::filesystem::path mountpoint_;
+    int pid_ = -1;
+    bool mounted_ = false;
+};
+
 } // namespace qcowmap::test

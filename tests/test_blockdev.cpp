@@ -111,6 +111,12 @@ TEST(BlockDevice, QcowOnALoopDeviceReadsLikeTheFile) {
     EXPECT_EQ(run(cli() + " cat " + dev + " | cmp - " + q(raw)).exit_code, 0);
     EXPECT_EQ(run_ok(cli() + " hash " + dev).substr(0, 64),
               run_ok("sha256sum < " + q(raw)).substr(0, 64));
+    // The blkhash digest (test_blkhash checks the raw file's against the construction), and
+    // the device read as a raw disk: the image file's bytes.
+    EXPECT_EQ(run_ok(cli() + " hash --algo=blkhash-sha256 " + dev).substr(0, 64),
+              run_ok(cli() + " hash --algo=blkhash-sha256 -f raw " + q(raw)).substr(0, 64));
+    EXPECT_EQ(run_ok(cli() + " hash --algo=blkhash-sha256 -f raw " + dev).substr(0, 64),
+              run_ok(cli() + " hash --algo=blkhash-sha256 -f raw " + q(image)).substr(0, 64));
     CommandResult compare = run(cli() + " compare " + dev + " " + q(image));
     EXPECT_EQ(compare.exit_code, 0) << compare.out << compare.err;
     CommandResult check = run(cli() + " check " + dev);
@@ -185,9 +191,13 @@ TEST(BlockDevice, ConvertWritesOntoADeviceWithoutForce) {
     LoopDevice target(backing);
     ASSERT_TRUE(target.ok());
     const std::string dev = shell_quote(target.path());
-    CommandResult r = run(cli() + " convert -p " + q(image) + " " + dev);
+    CommandResult r = run(cli() + " convert -p --digest=blkhash-sha256 " + q(image) + " " + dev);
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    EXPECT_TRUE(r.err.ends_with("(100.00/100%)\n")) << r.err;
+    EXPECT_TRUE(
+        r.err.ends_with("(100.00/100%)\n" +
+                        run_ok(cli() + " hash --algo=blkhash-sha256 " + q(image)).substr(0, 64) +
+                        "  " + target.path() + "\n"))
+        << r.err;
     EXPECT_EQ(run("cmp -n 4194304 " + dev + " " + q(raw)).exit_code, 0);
     EXPECT_EQ(run_ok("tail -c 1048576 " + dev + " | tr -d '\\377' | wc -c"), "0\n");
     // Smaller than the disk: refused before anything is written.

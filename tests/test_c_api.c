@@ -384,6 +384,46 @@ static void test_corrupt_l2(void) {
     qcow2_close(q);
 }
 
+/* qcowmap_hash: sha256 against sha256sum, blkhash-sha256 against the construction computed by
+ * Python's hashlib, both over qemu-img's raw output; errors. */
+static void test_hash(void) {
+    const char* image = path_of("hash.qcow2");
+    const char* raw = path_of("hash.raw");
+    const char* expected_path = path_of("hash.expected");
+    sh("qemu-img create -q -f qcow2 -o cluster_size=4k '%s' 1000448", image);
+    sh("qemu-io -f qcow2 -c 'write -P 0x61 0 70k' -c 'write -z 70k 8k' -c 'write -P 0x62 900k 4k' "
+       "'%s' >/dev/null",
+       image);
+    sh("qemu-img convert -O raw '%s' '%s'", image, raw);
+    sh("python3 -c \"import hashlib, struct, sys; d = open(sys.argv[1], 'rb').read(); "
+       "o = hashlib.sha256(); "
+       "[o.update(hashlib.sha256(d[i:i + 65536]).digest()) for i in range(0, len(d), 65536)]; "
+       "o.update(struct.pack('<Q', len(d))); print(o.hexdigest())\" '%s' > '%s' && "
+       "sha256sum '%s' | cut -c1-64 >> '%s'",
+       raw, expected_path, raw, expected_path);
+    size_t size;
+    unsigned char* expected = slurp(expected_path, &size);
+    CHECK(size == 130);
+    struct qcow2* q = open_path(image);
+    char hex[QCOWMAP_HASH_HEX_SIZE];
+    CHECK(qcowmap_hash(q, "blkhash-sha256", 0, hex, sizeof hex) == 32);
+    CHECK(strncmp(hex, (const char*)expected, 64) == 0 && strlen(hex) == 64);
+    CHECK(qcowmap_hash(q, "blkhash-sha256", 1, hex, sizeof hex) == 32);
+    CHECK(strncmp(hex, (const char*)expected, 64) == 0);
+    CHECK(qcowmap_hash(q, NULL, 0, hex, sizeof hex) == 32); /* sha256 */
+    CHECK(strncmp(hex, (const char*)expected + 65, 64) == 0);
+    CHECK(qcowmap_hash(q, "blkhash-sha512", 0, hex, sizeof hex) == 64 && strlen(hex) == 128);
+    errno = 0;
+    CHECK(qcowmap_hash(q, "md5", 0, hex, sizeof hex) == -1 && errno == EINVAL);
+    CHECK(strstr(qcowmap_last_error(), "md5") != NULL);
+    errno = 0;
+    CHECK(qcowmap_hash(q, "sha256", 0, hex, 64) == -1 && errno == ERANGE);
+    errno = 0;
+    CHECK(qcowmap_hash(NULL, "sha256", 0, hex, sizeof hex) == -1 && errno == EINVAL);
+    qcow2_close(q);
+    free(expected);
+}
+
 /* Writing in place: create, open writable, write/zero/discard/flush, qemu-io reads it back;
  * a read-only handle refuses writes with EBADF. */
 static void test_write_in_place(void) {
@@ -450,6 +490,7 @@ int main(void) {
     test_snapshot();
     test_open_errors();
     test_corrupt_l2();
+    test_hash();
     test_write_in_place();
     sh("rm -rf '%s'", dir);
     printf("test_c_api: %d checks, %d failed\n", checks, failures);

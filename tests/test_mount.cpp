@@ -646,6 +646,23 @@ TEST_F(Mount, BackgroundDaemonEndsWithExitZeroOnUmount) {
     EXPECT_FALSE(is_mounted(mountpoint_));
 }
 
+// Issue 25: a second mount onto the same directory stacked silently (the first became
+// unreachable, and the next umount took the wrong one). Refused now, the first left alone.
+TEST_F(Mount, MountingOntoAMountPointIsRefused) {
+    auto image = dir_ / "m.qcow2";
+    test::make_image(image, "", "4M", {"write -P 0x5a 0 64k"});
+    BackgroundMount first(image, mountpoint_);
+    ASSERT_EQ(first.result().exit_code, 0) << first.result().err;
+    auto r = run(cli() + " mount " + q(image) + " " + q(mountpoint_));
+    EXPECT_EQ(r.exit_code, 3);
+    EXPECT_EQ(r.err, "qcowmap: " + mountpoint_.string() +
+                         ": is a mount point already (unmount it first: fusermount3 -u DIR)\n");
+    expect_same_bytes(disk(), image, dir_); // still the first mount
+    run_ok("umount " + q(mountpoint_));
+    EXPECT_EQ(first.wait(), std::optional<int>(0));
+    EXPECT_FALSE(is_mounted(mountpoint_));
+}
+
 TEST_F(Mount, ImageTruncatedWhileMountedGivesEioNotAShortDisk) {
     auto image = dir_ / "cut.qcow2";
     // One data run of 4 MiB that starts right after the metadata; the tables stay in the file.
@@ -680,7 +697,8 @@ void expect_one_error_line(const std::string& err, const std::string& subject) {
 TEST_F(Mount, BadImageGivesOneErrorLineAndNoMount) {
     auto junk = dir_ / "junk.qcow2";
     run_ok("printf 'not an image at all' > " + q(junk));
-    BackgroundMount mount(junk, mountpoint_);
+    // Probed, it would be a raw disk of 19 bytes (as qemu-img probes it): say qcow2.
+    BackgroundMount mount(junk, mountpoint_, {"--format=qcow2"});
     EXPECT_EQ(mount.result().exit_code, 1);
     expect_one_error_line(mount.result().err, junk.string());
     EXPECT_NE(mount.result().err.find("not a qcow2 image"), std::string::npos)
@@ -699,7 +717,7 @@ TEST_F(Mount, BadImageGivesOneErrorLineAndNoMount) {
     EXPECT_FALSE(is_mounted(mountpoint_));
 
     // The same in the foreground.
-    auto r = run(cli() + " mount -f " + q(junk) + " " + q(mountpoint_));
+    auto r = run(cli() + " mount -f --format=qcow2 " + q(junk) + " " + q(mountpoint_));
     EXPECT_EQ(r.exit_code, 1);
     expect_one_error_line(r.err, junk.string());
     EXPECT_FALSE(is_mounted(mountpoint_));

@@ -307,5 +307,71 @@ TEST_F(Nbdkit, UntrustedRefusesEscapingReferencesAndServesInsideOnes) {
     EXPECT_NE(r.exit_code, 0);
 }
 
+// Issue 26: a fault reading the image (the file truncated under the server, a bad sector's EIO)
+// fails that request with EIO, and the server lives on for the next client.
+
+/// The script nbdkit runs: one client before the fault, `break_it`, a client that must get an
+/// error, then a client reading the disk's first 64 KiB (0xcd, still readable) that must work.
+std::string fault_script(const std::string& break_it, bool whole_disk_before = true) {
+    // Each client bounded: before the fix the server died of SIGBUS mid-request.
+    const std::string read_first = "timeout 60 qemu-io -r -f raw -c 'read -P 0xcd 0 64k' "
+                                   "\"$uri\" >/dev/null";
+    const std::string copy = "timeout 60 nbdcopy \"$uri\" - >/dev/null";
+    return (whole_disk_before ? copy : read_first) + "; echo \"before=$?\"; " + break_it + "; " +
+           copy + "; echo \"faulted=$?\"; " + read_first + "; echo \"next=$?\"";
+}
+
+/// Host offset of the first data cluster of the disk at `virtual_offset` (qemu-img map).
+std::uint64_t host_offset(const fs::path& image, std::uint64_t virtual_offset) {
+    auto r = run("qemu-img map --output=json " + q(image));
+    const std::string key = "\"start\": " + std::to_string(virtual_offset) + ",";
+    const auto at = r.out.find(key);
+    EXPECT_NE(at, std::string::npos) << r.out;
+    const auto offset = r.out.find("\"offset\": ", at);
+    return std::stoull(r.out.substr(offset + 10));
+}
+
+TEST_F(Nbdkit, ImageTruncatedUnderTheServerFailsThatReadOnly) {
+    const fs::path image = dir_ / "disk.qcow2";
+    test::make_image(image, "cluster_size=64k", "16M",
+                     {"write -P 0xcd 0 64k", "write -P 0xab 8M 4M"});
+    const std::uint64_t data = host_offset(image, 8 << 20);
+    auto r = nbdkit("file=" + q(image),
+                    fault_script("truncate -s " + std::to_string(data + 65536) + " " + q(image)));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("before=0\n"), std::string::npos) << r.out;
+    EXPECT_EQ(r.out.find("faulted=0\n"), std::string::npos) << r.out << r.err;
+    EXPECT_NE(r.out.find("next=0\n"), std::string::npos) << r.out << r.err;
+    // The server said what happened, naming the image once.
+    const auto line = r.err.find("image changed while being read");
+    ASSERT_NE(line, std::string::npos) << r.err;
+    const std::string text = r.err.substr(r.err.rfind('\n', line) + 1,
+                                          r.err.find('\n', line) - r.err.rfind('\n', line) - 1);
+    EXPECT_NE(text.find(image.string()), std::string::npos) << text;
+    EXPECT_EQ(text.find(image.string()), text.rfind(image.string())) << text;
+}
+
+TEST_F(Nbdkit, EioFromTheFileSystemFailsThatReadOnly) {
+    const fs::path source = dir_ / "source";
+    fs::create_directories(source);
+    const fs::path image = source / "disk.qcow2";
+    test::make_image(image, "cluster_size=64k", "16M",
+                     {"write -P 0xcd 0 64k", "write -P 0xab 8M 4M"});
+    const std::uint64_t data = host_offset(image, 8 << 20);
+    test::EioMount mount(source, dir_ / "mnt");
+    if (!mount.mounted())
+        GTEST_SKIP() << "eio_fs could not mount (no /dev/fuse or QCOWMAP_EIO_FS unset)";
+    // A bad sector in the middle of the data, there from the start (pages nbdkit has mapped
+    // once stay mapped: the first client reads only the disk's first cluster).
+    mount.fail_reads("disk.qcow2", data + (1 << 20), 4096);
+    auto r = nbdkit("file=" + q(dir_ / "mnt" / "disk.qcow2"), fault_script("true", false));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("before=0\n"), std::string::npos) << r.out;
+    EXPECT_EQ(r.out.find("faulted=0\n"), std::string::npos) << r.out << r.err;
+    EXPECT_NE(r.out.find("next=0\n"), std::string::npos) << r.out << r.err;
+    EXPECT_NE(r.err.find("Input/output error"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("shrank"), std::string::npos) << r.err;
+}
+
 } // namespace
 } // namespace qcowmap

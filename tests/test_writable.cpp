@@ -577,7 +577,9 @@ TEST(Writable, BitmapsAreInUseWhileOpenAndStoredOnClose) {
     run_ok("qemu-img bitmap --add " + q(path) + " b0");
     run_ok("qemu-img bitmap --add --disable " + q(path) + " off");
     auto flags = [&] {
-        auto view = Image::open(path);
+        OpenOptions shared; // the writer holds the image: read it as qemu-img -U would
+        shared.force_share = true;
+        auto view = Image::open(path, shared);
         EXPECT_TRUE(view) << view.error().message;
         std::vector<bool> in_use;
         for (const BitmapEntry& e : view->info().bitmaps->entries)
@@ -773,8 +775,14 @@ TEST(Locks, QemuAndQcowmapExcludeEachOther) {
         CommandResult info = run("qemu-img info " + q(dir / "a.qcow2"));
         EXPECT_NE(info.exit_code, 0);
         EXPECT_EQ(run("qemu-img info -U " + q(dir / "a.qcow2")).exit_code, 0);
-        // Read-only opening stays lock-free.
-        EXPECT_TRUE(Image::open(dir / "a.qcow2"));
+        // A reader is refused as qemu-img's is (its lock denies the write we hold), unless it
+        // shares (-U).
+        auto reader = Image::open(dir / "a.qcow2");
+        ASSERT_FALSE(reader);
+        EXPECT_EQ(reader.error().code, ErrorCode::image_in_use) << reader.error().message;
+        OpenOptions shared;
+        shared.force_share = true;
+        EXPECT_TRUE(Image::open(dir / "a.qcow2", shared));
         ASSERT_TRUE(image->close());
     }
     // qemu-io holds the image open for writing while it waits for commands on its stdin.
@@ -793,8 +801,8 @@ TEST(Locks, QemuAndQcowmapExcludeEachOther) {
     ::pclose(io);
     ASSERT_TRUE(held) << "qemu-io never took its lock";
     ASSERT_FALSE(refused);
-    EXPECT_EQ(refused.error().code, ErrorCode::io_error);
-    EXPECT_NE(refused.error().message.find("in use"), std::string::npos) << refused.error().message;
+    EXPECT_EQ(refused.error().code, ErrorCode::image_in_use);
+    EXPECT_NE(refused.error().message.find("lock"), std::string::npos) << refused.error().message;
     EXPECT_TRUE(WritableImage::open(dir / "a.qcow2")) << "qemu-io's locks went with it";
 }
 

@@ -1,14 +1,17 @@
 // nbdkit-qcowmap-plugin: serves a qcow2 image's virtual disk read-only over NBD.
 //
 //   nbdkit qcowmap file=IMAGE.qcow2 [snapshot=ID_OR_NAME] [backing=none] [data-file=PATH]
-//          [untrusted=true]
+//          [untrusted=true] [force-share=true]
 //
 // (installed into nbdkit's plugin directory, so nbdkit finds it by name).
 //
 // One Image is opened when nbdkit is ready and shared by every connection and every thread:
 // an Image is immutable, so reads need no lock (NBDKIT_THREAD_MODEL_PARALLEL) and all
 // connections see the same bytes (can_multi_conn). Block status comes straight from the extent
-// iterator: zero and unallocated runs are reported as holes that read as zeros.
+// iterator: zero and unallocated runs are reported as holes that read as zeros. A read that
+// faults (the image truncated under the server, EIO from a bad sector) is contained by the
+// library: that request gets EIO, every other client carries on (README, "Errors and exit
+// codes").
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
@@ -18,6 +21,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -41,7 +45,11 @@ int errno_for(qcowmap::ErrorCode code) {
 }
 
 void report(const qcowmap::Error& error) {
-    nbdkit_error("%s: %s", file_name.c_str(), error.message.c_str());
+    // The file named once: the library names it itself where it could not open it.
+    if (std::string_view(error.message).starts_with(file_name + ": "))
+        nbdkit_error("%s", error.message.c_str());
+    else
+        nbdkit_error("%s: %s", file_name.c_str(), error.message.c_str());
     nbdkit_set_error(errno_for(error.code));
 }
 
@@ -93,6 +101,14 @@ int serve_config(const char* key, const char* value) {
             return -1; // nbdkit_parse_bool reported it
         }
         options.untrusted = flag != 0;
+    } else if (std::strcmp(key, "force-share") == 0) {
+        // qemu-img -U: no QEMU image locks. Without it the image is locked as a reader while
+        // served (a VM cannot start writing it), and a writer already there is refused.
+        const int flag = nbdkit_parse_bool(value);
+        if (flag < 0) {
+            return -1;
+        }
+        options.force_share = flag != 0;
     } else {
         nbdkit_error("unknown parameter '%s'", key);
         return -1;
@@ -233,7 +249,9 @@ struct nbdkit_plugin make_plugin() {
                     "data-file=PATH      the external data file to use instead of the named one\n"
                     "backing=none        ignore the backing file (unallocated reads as zeros)\n"
                     "untrusted=true      follow backing/data file names only inside the image's "
-                    "directory";
+                    "directory\n"
+                    "force-share=true    take no QEMU image locks (qemu-img -U): serve an image "
+                    "a writer holds";
     p.magic_config_key = "file";
     p.get_ready = serve_get_ready;
     p.open = serve_open;

@@ -1,6 +1,7 @@
 // Persistent dirty bitmaps (spec docs/interop/qcow2.txt, "Bitmaps"): the directory is parsed
 // and validated at open (header.cpp); here a bitmap's table is checked when it is first used and
 // its data clusters are walked in place, in the mapping.
+#include "fault.hpp"
 #include "image_state.hpp"
 
 #include <qcowmap/bitmap.hpp>
@@ -100,6 +101,22 @@ std::uint64_t detail::BitmapRangeWalk::find_change(std::uint64_t granule, bool v
 }
 
 bool detail::BitmapRangeWalk::next(BitmapRange& out) {
+    if (error_)
+        return false;
+    bool produced = false;
+    auto stepped = detail::contain_faults(image_.path(), [&]() -> Result<void> {
+        produced = step(out);
+        return {};
+    });
+    if (!stepped) {
+        error_ = std::move(stepped).error();
+        granule_ = granule_end_;
+        return false;
+    }
+    return produced;
+}
+
+bool detail::BitmapRangeWalk::step(BitmapRange& out) {
     while (granule_ < granule_end_) {
         const bool value = bit(granule_);
         const std::uint64_t stop = find_change(granule_ + 1, value);
@@ -140,6 +157,7 @@ bool detail::DirtyExtentWalk::next(Extent& out) {
         }
         BitmapRange range;
         if (!ranges_.next(range)) {
+            error_ = ranges_.error();
             return false;
         }
         extents_ = image_.extents(range.offset, range.offset + range.length).walk();
@@ -153,6 +171,12 @@ DirtyBitmap::DirtyBitmap(Image image, const BitmapEntry* entry, std::span<const 
     : image_(std::move(image)), entry_(entry), table_(table), size_(image_.info().virtual_size) {}
 
 Result<DirtyBitmap> DirtyBitmap::open(const Image& image, std::string_view name) {
+    // The bitmap table is read from the mapping: inside the fault boundary.
+    return detail::contain_faults(
+        image.path(), [&]() -> Result<DirtyBitmap> { return open_in_boundary(image, name); });
+}
+
+Result<DirtyBitmap> DirtyBitmap::open_in_boundary(const Image& image, std::string_view name) {
     const detail::ImageState& state = detail_state(image);
     const ImageInfo& info = image.info();
     const std::string shown = detail::printable(name);
@@ -294,7 +318,13 @@ std::vector<BitmapSummary> list_bitmaps(const Image& image) {
         BitmapSummary summary{e, std::nullopt, std::nullopt};
         auto bitmap = DirtyBitmap::open(image, e.name);
         if (bitmap) {
-            summary.dirty_bytes = bitmap->dirty_bytes();
+            // Counting reads the bitmap's data clusters from the mapping.
+            auto counted = detail::contain_faults(
+                image.path(), [&]() -> Result<std::uint64_t> { return bitmap->dirty_bytes(); });
+            if (counted)
+                summary.dirty_bytes = *counted;
+            else
+                summary.error = counted.error();
         } else {
             summary.error = bitmap.error();
         }

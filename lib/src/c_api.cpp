@@ -1,6 +1,7 @@
 // The C API (qcowmap/qcow2.h): the drop-in qcow2_* reader functions and the qcowmap_* extras,
 // as thin wrappers over Image. Every entry point catches everything: no C++ exception may
 // unwind into C frames (std::bad_alloc is the realistic one; it becomes ENOMEM).
+#include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/qcow2.h>
 #include <qcowmap/writable.hpp>
@@ -61,12 +62,17 @@ int errno_for(qcowmap::ErrorCode code) {
     case ErrorCode::invalid_table:
     case ErrorCode::invalid_cluster:
     case ErrorCode::compressed_data:
+    case ErrorCode::checksum_mismatch:
         return EIO; // what a disk with bad sectors would say
     case ErrorCode::not_qcow2:
     case ErrorCode::invalid_header:
     case ErrorCode::out_of_range:
     case ErrorCode::invalid_argument:
         return EINVAL;
+    case ErrorCode::image_in_use:
+        return EAGAIN; // what qemu's lock test returns (qemu_lock_fd_test)
+    case ErrorCode::image_changed:
+        return EIO;
     }
     return EIO;
 }
@@ -366,6 +372,42 @@ const char* qcowmap_extents_error(const struct qcowmap_extents* it) {
 
 void qcowmap_extents_free(struct qcowmap_extents* it) {
     delete it;
+}
+
+int qcowmap_hash(struct qcow2* q, const char* algo, unsigned threads, char* hex, size_t hex_size) {
+    try {
+        if (!q || !hex) {
+            fail_errno(EINVAL, "qcowmap_hash");
+            return -1;
+        }
+        const std::string name = algo ? algo : "sha256";
+        auto algorithm = qcowmap::parse_hash_algorithm(name);
+        if (!algorithm) {
+            remember("qcowmap_hash: unknown algorithm '" + name +
+                     "' (sha256, sha512, blake2b512, xxh3-128, blkhash-sha256, "
+                     "blkhash-sha512, blkhash-blake2b512)");
+            errno = EINVAL;
+            return -1;
+        }
+        if (hex_size < 2 * qcowmap::digest_size(*algorithm) + 1) {
+            fail_errno(ERANGE, "qcowmap_hash: the hex buffer is too small");
+            return -1;
+        }
+        qcowmap::HashOptions options;
+        options.algorithm = *algorithm;
+        options.threads = threads;
+        auto digest = qcowmap::hash_image(q->image, options);
+        if (!digest) {
+            fail(digest.error());
+            return -1;
+        }
+        const std::string text = digest->hex();
+        std::memcpy(hex, text.c_str(), text.size() + 1);
+        return static_cast<int>(digest->size);
+    } catch (...) {
+        fail_errno(ENOMEM, "qcowmap_hash");
+        return -1;
+    }
 }
 
 // ---- Writing in place (issue 27) -------------------------------------------------------------

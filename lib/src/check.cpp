@@ -2,6 +2,7 @@
 // (block/qcow2-refcount.c) counts: rebuild an in-memory refcount table (IMRT) from every
 // structure that references clusters, then compare it with the refcounts stored in the image.
 // Nothing is written and nothing is repaired.
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "mapped_file.hpp"
 
@@ -571,6 +572,10 @@ Result<CheckResult> check_state(const detail::ImageState& state, const CheckOpti
     }
     CheckResult result;
     Checker(state, options, result).run();
+    // Leaks or corruptions counted while a writer changed the file are not the image's.
+    Error changed = detail::explain_change(state, Error{ErrorCode::io_error, {}});
+    if (changed.code == ErrorCode::image_changed)
+        return changed;
     return result;
 }
 
@@ -592,11 +597,13 @@ Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOpt
     open.backing = BackingMode::none;
     detail::OpenMode mode = check_mode();
     mode.open_data_file = false;
-    auto state = detail::open_chain(bytes, open, mode);
-    if (!state) {
-        return std::move(state).error();
-    }
-    return check_state(**state, options);
+    return detail::contain_faults({}, [&]() -> Result<CheckResult> {
+        auto state = detail::open_chain(bytes, open, mode);
+        if (!state) {
+            return std::move(state).error();
+        }
+        return check_state(**state, options);
+    });
 }
 
 Result<CheckResult> check_image(const std::filesystem::path& path, const CheckOptions& options) {
@@ -604,11 +611,14 @@ Result<CheckResult> check_image(const std::filesystem::path& path, const CheckOp
     // file that cannot be opened means the image cannot be checked (exit 1 in qemu-img).
     OpenOptions open;
     open.untrusted = options.untrusted;
-    auto state = detail::open_chain(path, open, check_mode());
-    if (!state) {
-        return std::move(state).error();
-    }
-    return check_state(**state, options);
+    open.force_share = options.force_share;
+    return detail::contain_faults(path, [&]() -> Result<CheckResult> {
+        auto state = detail::open_chain(path, open, check_mode());
+        if (!state) {
+            return std::move(state).error();
+        }
+        return check_state(**state, options);
+    });
 }
 
 } // namespace qcowmap

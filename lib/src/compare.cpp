@@ -12,6 +12,7 @@
 // decompress. The caller takes each job's result out of its slot as soon as it is done (a
 // buffer swap, or the list of pages), so holding one side's bytes never blocks the other's;
 // pages it has compared are dropped from the process by the worker of a later job.
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "scratch_bytes.hpp"
@@ -486,8 +487,8 @@ class Prefetcher {
     }
 
     static Error lost_place() {
-        return Error{ErrorCode::io_error, "image changed while being read (two walks of its "
-                                          "metadata disagree)"};
+        return Error{ErrorCode::image_changed, "image changed while being read (two walks of its "
+                                               "metadata disagree)"};
     }
 
     Result<Job*> front(Source source) {
@@ -693,8 +694,10 @@ std::uint64_t file_bytes(const Image& image) {
 
 } // namespace
 
-Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
-                                     CompareError* error_detail) {
+namespace {
+
+Result<CompareResult> compare_walk(const Image& a, const Image& b, const CompareOptions& options,
+                                   CompareError* error_detail) {
     const std::uint64_t size_a = a.size();
     const std::uint64_t size_b = b.size();
     if (options.strict && size_a != size_b) {
@@ -814,6 +817,36 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
     CompareResult r;
     r.size_warning = size_a != size_b;
     return r;
+}
+
+} // namespace
+
+Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
+                                     CompareError* error_detail) {
+    // A read of either image's mapping that faults: a read error of the image it belongs to.
+    detail::FaultBoundary boundary;
+    auto result = compare_walk(a, b, options, error_detail);
+    auto fault = boundary.finish({});
+    if (fault && (result || boundary.own_fault())) {
+        int side = 0;
+        if (boundary.own_fault()) {
+            side = detail::maps_address(detail_state(a), boundary.fault_address()) ? 0 : 1;
+            fault =
+                detail::describe_fault(boundary.fault_address(), side == 0 ? a.path() : b.path());
+        }
+        if (error_detail)
+            *error_detail = CompareError{*fault, side, true};
+        return std::move(*fault);
+    }
+    // A mismatch or a failure met while a file changed under the walk is the change's doing.
+    for (int side = 0; side < 2; ++side) {
+        if (auto unchanged = (side == 0 ? a : b).check_unchanged(); !unchanged) {
+            if (error_detail)
+                *error_detail = CompareError{unchanged.error(), side, true};
+            return std::move(unchanged).error();
+        }
+    }
+    return result;
 }
 
 } // namespace qcowmap

@@ -12,6 +12,7 @@
 // libdeflate does not produce exactly one cluster (a corrupt stream, a stream that ends early,
 // or one that goes on past the cluster, which qemu's inflate(Z_FINISH) accepts) the cluster is
 // decoded again by zlib, so what is accepted and the error messages are zlib's, as before.
+#include "fault.hpp"
 #include "image_state.hpp"
 
 #include <vector>
@@ -139,6 +140,16 @@ Decompressor& Decompressor::operator=(Decompressor&&) noexcept = default;
 
 Result<void> Decompressor::decompress_cluster(const Image& image, const Extent& extent,
                                               std::span<std::byte> cluster) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        // A page of the stream that cannot be read faults here, in our own code, rather than
+        // inside the decoder (which only meets a fault if the file changes between the two).
+        detail::touch_every_page(extent.bytes);
+        return decompress_in_boundary(image, extent, cluster);
+    });
+}
+
+Result<void> Decompressor::decompress_in_boundary(const Image& image, const Extent& extent,
+                                                  std::span<std::byte> cluster) {
     const detail::ImageState* layer = detail::layer_at(*image.state_, extent.depth);
     if (!layer || layer->format != detail::LayerFormat::qcow2) {
         return Error{ErrorCode::invalid_argument, "extent does not come from a qcow2 layer"};
@@ -161,6 +172,16 @@ Result<void> Decompressor::decompress_cluster(const Image& image, const Extent& 
                                  "{:#x} (+{:#x}): {}",
                                  cluster_start, extent.compressed_host_offset, extent.bytes.size(),
                                  problem)};
+    }
+    return {};
+}
+
+Result<void> Decompressor::decompress_stream(CompressionType type, std::span<const std::byte> input,
+                                             std::span<std::byte> cluster) {
+    std::string problem = type == CompressionType::zstd ? impl_->unzstd_cluster(input, cluster)
+                                                        : impl_->inflate_cluster(input, cluster);
+    if (!problem.empty()) {
+        return Error{ErrorCode::compressed_data, std::move(problem)};
     }
     return {};
 }

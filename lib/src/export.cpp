@@ -1,7 +1,11 @@
 // The raw export engine: sparse writes, in-kernel copies, hole punching, zero detection and
 // block-device targets (qemu-img.c convert_do_copy / convert_write, with -S as
 // is_allocated_sectors_min's zero check).
+#include "atomic_file.hpp"
+#include "digest_tap.hpp"
+#include "fault.hpp"
 #include "image_state.hpp"
+#include "raw_io.hpp"
 #include "workers.hpp"
 
 #include <qcowmap/bitmap.hpp>
@@ -10,11 +14,15 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <linux/loop.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <vector>
@@ -22,76 +30,15 @@
 namespace qcowmap {
 namespace {
 
-/// Zeros for writing zero runs where holes cannot be left (never materialised per run).
-alignas(4096) const std::byte kZeros[1 << 20] = {};
+using detail::all_zero;
+using detail::kZeros;
+using detail::pwrite_all;
+using detail::pwrite_sparse;
+using detail::write_all;
+using detail::zero_range;
 
 Error errno_error(int error) {
     return Error{ErrorCode::io_error, std::strerror(error)};
-}
-
-bool pwrite_all(int fd, const std::byte* data, std::uint64_t length, std::uint64_t offset) {
-    while (length > 0) {
-        // Bounded chunks stay below the kernel's per-call cap.
-        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
-        ssize_t n = ::pwrite(fd, data, chunk, static_cast<off_t>(offset));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return false;
-        }
-        data += n;
-        offset += static_cast<std::uint64_t>(n);
-        length -= static_cast<std::uint64_t>(n);
-    }
-    return true;
-}
-
-bool write_all(int fd, const std::byte* data, std::uint64_t length) {
-    while (length > 0) {
-        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
-        ssize_t n = ::write(fd, data, chunk);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return false;
-        }
-        data += n;
-        length -= static_cast<std::uint64_t>(n);
-    }
-    return true;
-}
-
-/// True when all `length` bytes are zero (memcmp against itself shifted by one is vectorised).
-bool all_zero(const std::byte* data, std::size_t length) {
-    return length == 0 || (data[0] == std::byte{0} && std::memcmp(data, data + 1, length - 1) == 0);
-}
-
-/// Writes a data run, leaving holes for the blocks of `block` bytes (aligned in the output)
-/// that hold only zeros, as qemu-img convert does with its default -S 4k. Consecutive
-/// non-zero blocks go out in one pwrite.
-bool pwrite_sparse(int fd, const std::byte* data, std::uint64_t length, std::uint64_t offset,
-                   std::uint64_t block) {
-    if (block == 0) {
-        return pwrite_all(fd, data, length, offset);
-    }
-    std::uint64_t pending_start = 0, pending_length = 0;
-    for (std::uint64_t at = 0; at < length;) {
-        std::uint64_t piece = std::min(length - at, block - (offset + at) % block);
-        if (all_zero(data + at, static_cast<std::size_t>(piece))) {
-            if (pending_length &&
-                !pwrite_all(fd, data + pending_start, pending_length, offset + pending_start)) {
-                return false;
-            }
-            pending_length = 0;
-        } else {
-            if (!pending_length)
-                pending_start = at;
-            pending_length += piece;
-        }
-        at += piece;
-    }
-    return !pending_length ||
-           pwrite_all(fd, data + pending_start, pending_length, offset + pending_start);
 }
 
 enum class CopyResult { ok, target_failed, source_changed };
@@ -101,7 +48,8 @@ enum class CopyResult { ok, target_failed, source_changed };
 /// pread/pwrite through `buffer` where the kernel cannot copy between the two (a block device
 /// on either side, different file system types).
 CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, std::uint64_t length,
-                      std::vector<std::byte>& buffer) {
+                      std::vector<std::byte>& buffer, int& source_errno) {
+    source_errno = 0;
     std::uint64_t host_offset = from.offset;
     std::uint64_t done = 0;
     while (done < length) {
@@ -127,7 +75,9 @@ CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, s
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
-            return CopyResult::source_changed; // the extent walk checked this range: it shrank
+            // The extent walk checked this range: 0 means the file shrank; else a read error.
+            source_errno = n < 0 ? errno : 0;
+            return CopyResult::source_changed;
         }
         if (!pwrite_all(out, buffer.data(), static_cast<std::uint64_t>(n), offset)) {
             return CopyResult::target_failed;
@@ -139,16 +89,13 @@ CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, s
     return CopyResult::ok;
 }
 
-/// Makes `[offset, offset + length)` of a file or block device read as zeros. `punch`: a
-/// hole where the file system or device can make one (else zeroed). Block devices are
-/// zeroed by the kernel where they can be (write-zeroes, FALLOC_FL_ZERO_RANGE), else with
-/// written zeros.
-bool zero_range(int fd, std::uint64_t offset, std::uint64_t length, bool punch) {
-    const int mode = punch ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-                           : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
-    if (::fallocate(fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) {
+/// Allocates `[offset, offset + length)` of a regular file whose range reads as zeros
+/// already (a hole of a fresh file): fallocate(2), else written zeros.
+bool allocate_range(int fd, std::uint64_t offset, std::uint64_t length) {
+    if (::fallocate(fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0)
         return true;
-    }
+    if (errno != EOPNOTSUPP && errno != ENOSYS)
+        return false;
     for (std::uint64_t done = 0; done < length;) {
         std::uint64_t n = std::min<std::uint64_t>(length - done, sizeof kZeros);
         if (!pwrite_all(fd, kZeros, n, offset + done))
@@ -156,6 +103,70 @@ bool zero_range(int fd, std::uint64_t offset, std::uint64_t length, bool punch) 
         done += n;
     }
     return true;
+}
+
+/// The first line of a sysfs file, or empty.
+std::string sysfs_line(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return {};
+    char text[4096];
+    const ssize_t n = ::read(fd, text, sizeof text - 1);
+    ::close(fd);
+    if (n <= 0)
+        return {};
+    std::string line(text, static_cast<std::size_t>(n));
+    return line.substr(0, line.find('\n'));
+}
+
+/// True when the block device `device` (major:minor) stores its bytes in one of the image's
+/// files: a loop device over it (/sys/dev/block/M:m/loop/backing_file), or a partition of one,
+/// or a device-mapper or md device stacked on one (slaves/). Writing to it would destroy the
+/// image while it is being read, as writing to the file itself would.
+bool device_backed_by_image(const Image& image, dev_t device, int depth = 0) {
+    if (depth > 8)
+        return false;
+    const std::string sys = fmt::format("/sys/dev/block/{}:{}", major(device), minor(device));
+    std::string backing = sysfs_line(sys + "/loop/backing_file");
+    if (!backing.empty()) {
+        // The kernel marks a backing file unlinked since with " (deleted)".
+        constexpr std::string_view kDeleted = " (deleted)";
+        if (backing.ends_with(kDeleted))
+            backing.resize(backing.size() - kDeleted.size());
+        struct stat st {};
+        if (::stat(backing.c_str(), &st) == 0 && image.maps_file(st.st_dev, st.st_ino))
+            return true;
+    }
+    auto by_dev_file = [&](const std::string& dev_file) {
+        unsigned major_number = 0, minor_number = 0;
+        const std::string text = sysfs_line(dev_file);
+        return std::sscanf(text.c_str(), "%u:%u", &major_number, &minor_number) == 2 &&
+               device_backed_by_image(image, makedev(major_number, minor_number), depth + 1);
+    };
+    // A partition: its disk is the directory above it.
+    if (::access((sys + "/partition").c_str(), F_OK) == 0 && by_dev_file(sys + "/../dev"))
+        return true;
+    if (DIR* slaves = ::opendir((sys + "/slaves").c_str())) {
+        bool found = false;
+        while (dirent* entry = ::readdir(slaves)) {
+            if (entry->d_name[0] != '.' && by_dev_file(sys + "/slaves/" + entry->d_name + "/dev")) {
+                found = true;
+                break;
+            }
+        }
+        ::closedir(slaves);
+        if (found)
+            return true;
+    }
+    return false;
+}
+
+/// True when the loop device open on `fd` is backed by one of the image's files: the kernel's
+/// own record of the backing file's device and inode (exact, whatever its path is now).
+bool loop_backed_by_image(const Image& image, int fd) {
+    loop_info64 info{};
+    return ::ioctl(fd, LOOP_GET_STATUS64, &info) == 0 &&
+           image.maps_file(info.lo_device, info.lo_inode);
 }
 
 /// The target as found by fstat, after refusing the image's own files.
@@ -181,6 +192,11 @@ Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
         target.kind = Target::Kind::file;
         target.size = static_cast<std::uint64_t>(st.st_size);
     } else if (S_ISBLK(st.st_mode)) {
+        if (loop_backed_by_image(image, fd) || device_backed_by_image(image, st.st_rdev)) {
+            return Error{ErrorCode::invalid_argument,
+                         "is a block device backed by the image being read (or one of its "
+                         "layers or its data file): refusing to overwrite it"};
+        }
         target.kind = Target::Kind::block_device;
         if (::ioctl(fd, BLKGETSIZE64, &target.size) != 0) {
             return Error{ErrorCode::io_error, fmt::format("cannot get the size of the block "
@@ -220,23 +236,37 @@ class Writer {
     Result<void> data(const Run& run) {
         const std::span<const std::byte> bytes = run.bytes;
         if (kind_ == Target::Kind::stream) {
+            // A character device may take the bytes without reading them (/dev/null): read
+            // one byte of every page first, so that data that cannot be read fails the export
+            // whatever the target (a fault here is the export's error: fault.hpp).
+            if (run.mapped && !splice_)
+                detail::touch_every_page(bytes);
             if (put(bytes, run.mapped))
                 return {};
-            // The kernel reading the mapping for write() or vmsplice() faults with EFAULT when
-            // the image file was truncated under it.
+            // The kernel reading the mapping for write() or vmsplice() fails with EFAULT
+            // where a page cannot be read (the file shrank, or an I/O error): touching the
+            // pages raises the fault in our code, which says which.
             if (errno == EFAULT && run.mapped) {
-                return Error{ErrorCode::io_error,
-                             "image changed while being read (the file shrank under its "
-                             "mapping)"};
+                detail::touch_every_page(bytes);
+                return Error{ErrorCode::image_changed,
+                             "image changed while being read (a page of its mapping could not "
+                             "be read)"};
             }
             return failed();
         }
         if ((zero_block_ == 0 || kind_ == Target::Kind::block_device) && run.file) {
-            switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_)) {
+            int source_errno = 0;
+            switch (copy_range(*run.file, fd_, run.offset, bytes.size(), buffer_, source_errno)) {
             case CopyResult::ok:
                 return {};
             case CopyResult::source_changed:
-                return Error{ErrorCode::io_error,
+                if (source_errno != 0) {
+                    return Error{ErrorCode::io_error,
+                                 fmt::format("cannot read the image's data at file offset "
+                                             "{:#x}: {}",
+                                             run.file->offset, std::strerror(source_errno))};
+                }
+                return Error{ErrorCode::image_changed,
                              "image changed while being read (the file shrank under its "
                              "mapping)"};
             case CopyResult::target_failed:
@@ -261,8 +291,13 @@ class Writer {
             }
             return {};
         }
-        if (kind_ == Target::Kind::file && !punch)
+        if (kind_ == Target::Kind::file && !punch && zero_block_ != 0)
             return {};
+        if (kind_ == Target::Kind::file && !punch) {
+            // zero_block 0 is qemu-img's -S 0: the file fully allocated. The fresh file reads
+            // zeros here already; allocating (unwritten extents) is all that is left to do.
+            return allocate_range(fd_, offset, length) ? Result<void>{} : failed();
+        }
         return zero_range(fd_, offset, length, punch) ? Result<void>{} : failed();
     }
 
@@ -314,8 +349,8 @@ Result<void> fail_target(Error error, ExportError* where) {
 
 } // namespace
 
-Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
-                        ExportError* where) {
+static Result<void> export_raw_in_boundary(const Image& image, int fd, const ExportOptions& options,
+                                           ExportError* where) {
     if (where)
         *where = {};
     if (options.zero_block % 512 != 0) {
@@ -323,6 +358,8 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
             ErrorCode::invalid_argument,
             fmt::format("zero block size {} is not a multiple of 512", options.zero_block)};
     }
+    if (options.digest && !options.digest_out)
+        return Error{ErrorCode::invalid_argument, "a digest was asked for without digest_out"};
     auto target = inspect_target(image, fd, options.sequential);
     if (!target)
         return fail_target(std::move(target).error(), where);
@@ -370,7 +407,16 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
                               Prefetch::none}
                : VisitOptions{detail::resolve_threads(options.threads), options.data_access,
                               writer.splices() ? Prefetch::populate : Prefetch::touch};
-    if (total == 0)
+    // The digest is fed the bytes the writer is given (zeros between them are implied).
+    std::optional<detail::DigestTap> tap;
+    if (options.digest) {
+        auto made = detail::DigestTap::create(
+            *options.digest, total, detail::resolve_threads(options.threads), options.data_access);
+        if (!made)
+            return std::move(made).error();
+        tap.emplace(std::move(*made));
+    }
+    if (total == 0 && !tap)
         return {};
     auto result = image.visit(
         start, end,
@@ -379,6 +425,10 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
                 run.bytes.empty() ? writer.zeros(run.offset, run.length, false) : writer.data(run);
             if (!ok)
                 return ok;
+            if (tap && !run.bytes.empty()) {
+                if (auto fed = tap->data(run.offset - start, run.bytes, run.mapped, run.file); !fed)
+                    return fed;
+            }
             if (options.progress)
                 options.progress(run.offset + run.length - start, total);
             return {};
@@ -386,11 +436,56 @@ Result<void> export_raw(const Image& image, int fd, const ExportOptions& options
         visit);
     if (!result && where)
         where->target = writer.target_failed();
+    if (result)
+        result = image.check_unchanged(); // bytes of two states must not pass for the disk
+    if (result && tap) {
+        auto digest = tap->finish();
+        if (!digest)
+            return std::move(digest).error();
+        *options.digest_out = *digest;
+    }
     return result;
 }
 
-Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
-                          const ExportOptions& options, ExportError* where) {
+Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
+                        ExportError* where) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return export_raw_in_boundary(image, fd, options, where);
+    });
+}
+
+Result<void> export_raw_file(const Image& image, const std::filesystem::path& given,
+                             const ExportOptions& options, bool replace, ExportError* where) {
+    if (where)
+        *where = {};
+    // Through a symlink, as qemu-img writes (AtomicFile follows it too): the file it points to
+    // is what gets replaced.
+    const std::filesystem::path target = detail::resolve_output_path(given);
+    struct stat st {};
+    if (::stat(target.c_str(), &st) == 0) {
+        if (image.maps_file(st.st_dev, st.st_ino)) {
+            return fail_target(Error{ErrorCode::invalid_argument,
+                                     "is the image being read (or one of its layers or its "
+                                     "data file): refusing to overwrite it"},
+                               where);
+        }
+        if (S_ISREG(st.st_mode) && !replace) {
+            return fail_target(
+                Error{ErrorCode::io_error, "already exists (use --force to overwrite)"}, where);
+        }
+    }
+    auto file = detail::AtomicFile::create(target, replace);
+    if (!file)
+        return fail_target(std::move(file).error(), where);
+    if (auto written = export_raw(image, file->fd(), options, where); !written)
+        return written; // the temporary goes with `file`
+    if (auto named = file->commit(); !named)
+        return fail_target(std::move(named).error(), where);
+    return {};
+}
+
+static Result<void> export_dirty_in_boundary(const Image& image, const DirtyBitmap& bitmap, int fd,
+                                             const ExportOptions& options, ExportError* where) {
     if (where)
         *where = {};
     auto target = inspect_target(image, fd, false);
@@ -432,7 +527,16 @@ Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
     }
     if (!result && where)
         where->target = writer.target_failed();
+    if (result)
+        result = image.check_unchanged();
     return result;
+}
+
+Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
+                          const ExportOptions& options, ExportError* where) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return export_dirty_in_boundary(image, bitmap, fd, options, where);
+    });
 }
 
 } // namespace qcowmap

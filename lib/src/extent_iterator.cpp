@@ -1,5 +1,6 @@
 // The extent iterator: walks L1/L2 in place in the mapping and merges runs.
 // Spec: docs/interop/qcow2.txt, "Cluster mapping" and "Extended L2 Entries".
+#include "fault.hpp"
 #include "image_state.hpp"
 
 #include <algorithm>
@@ -504,13 +505,25 @@ ExtentWalk::ExtentWalk(std::shared_ptr<const ImageState> state, std::uint64_t st
     : state_(std::move(state)), position_(start), end_(std::min(end, state_->disk_size)) {}
 
 bool ExtentWalk::fail(Error error) {
-    error_ = std::move(error);
+    // A table beyond the mapped end, a bad entry: when the file changed under us, that is the
+    // cause, not corruption.
+    error_ = explain_change(*state_, std::move(error));
     deferred_error_.reset(); // the first error by position is the one that stays
     position_ = end_;
     return false;
 }
 
 bool ExtentWalk::next(Extent& out) {
+    // The walk reads L1/L2 tables from the mapping: a fault there ends it with an io_error
+    // (fault.hpp) like any other error, stickily. One boundary per extent (a few ns).
+    FaultBoundary boundary;
+    const bool produced = step(out);
+    if (auto fault = boundary.finish(state_->path); fault && (produced || boundary.own_fault()))
+        return fail(std::move(*fault));
+    return produced;
+}
+
+bool ExtentWalk::step(Extent& out) {
     if (deferred_error_) {
         return fail(*std::exchange(deferred_error_, std::nullopt));
     }
@@ -552,6 +565,22 @@ bool ExtentWalk::next(Extent& out) {
         if (extent.kind == ExtentKind::data) {
             auto bytes = slice(s.data_bytes, *extent.host_offset, extent.length, "",
                                ErrorCode::invalid_cluster);
+            const std::uint64_t file_size = s.data_bytes.size();
+            const std::uint64_t host = *extent.host_offset;
+            if (!bytes && host < file_size) {
+                // Merged clusters of which only the first lie inside a file cut short: hand
+                // those out; the next call fails at the first cluster that does not fit,
+                // naming its own virtual offset (not the merged run's start).
+                const std::uint64_t fits = file_size - host;
+                const std::uint64_t aligned =
+                    s.cluster_size ? ((host + fits) & ~(s.cluster_size - 1)) : host + fits;
+                if (aligned > host) {
+                    extent.length = aligned - host;
+                    deferred_error_.reset(); // found again, in order, from the cut on
+                    bytes =
+                        slice(s.data_bytes, host, extent.length, "", ErrorCode::invalid_cluster);
+                }
+            }
             if (!bytes) {
                 return fail(cluster_error(fmt::format(
                     "data for virtual offset {:#x} at host offset {:#x} (+{:#x}) lies beyond end "

@@ -270,6 +270,9 @@ Result<Bytes> l1_table(const ImageState& state, std::uint64_t offset, std::uint3
                                  "{:#x}",
                                  what, offset, cluster_size)};
     }
+    if (state.mode.stream) {
+        return Bytes{}; // read by the stream decoder as it arrives
+    }
     if (state.mode.salvage && !fits(state.bytes.size(), offset, bytes)) {
         // Salvage: the entries cut off by the end of the file read as zeros (unallocated), as
         // qemu reads them; the walk reports those ranges. Keep the whole entries in the file.
@@ -691,7 +694,7 @@ Result<void> parse_image(ImageState& state) {
                                  info.refcount_table_offset, info.cluster_size)};
     }
     // (Salvage reads without refcounts: a table cut off by the end of the file is no damage.)
-    if (!state.mode.salvage) {
+    if (!state.mode.salvage && !state.mode.stream) {
         if (auto t =
                 slice(file, info.refcount_table_offset, refcount_table_bytes, "refcount table");
             !t) {
@@ -715,7 +718,7 @@ Result<void> parse_image(ImageState& state) {
                                  "the cluster size {:#x}",
                                  info.snapshots_offset, info.cluster_size)};
     }
-    if (info.snapshot_count > 0) {
+    if (info.snapshot_count > 0 && !state.mode.stream) {
         // Every entry has a fixed 40-byte part: a table that cannot even hold those is
         // refused before walking it (check reads what lies past the end as zeros, as qemu).
         const bool zero_fill = check || state.mode.salvage;
@@ -731,7 +734,7 @@ Result<void> parse_image(ImageState& state) {
     }
 
     // Bitmap directory: every entry validated; the bitmap data is read only when used.
-    if (info.bitmaps && info.bitmaps->directory_error.empty()) {
+    if (info.bitmaps && info.bitmaps->directory_error.empty() && !state.mode.stream) {
         BitmapsExtension& ext = *info.bitmaps;
         if (auto ok = parse_bitmap_directory(state, ext); !ok) {
             if (ext.consistent) {
@@ -768,8 +771,9 @@ Result<void> select_snapshot(ImageState& state, const std::string& wanted) {
     }
     if (!found) {
         return Error{ErrorCode::invalid_argument,
-                     fmt::format("no snapshot with ID or name '{}' ({} snapshots)",
-                                 printable(wanted), state.info.snapshots.size())};
+                     fmt::format("no snapshot with ID or name '{}' ({} snapshot{})",
+                                 printable(wanted), state.info.snapshots.size(),
+                                 state.info.snapshots.size() == 1 ? "" : "s")};
     }
     auto l1 = l1_table(state, found->l1_table_offset, found->l1_size, found->virtual_size,
                        fmt::format("L1 table of snapshot '{}'", printable(found->name)));

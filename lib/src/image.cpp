@@ -1,4 +1,7 @@
+#include "fault.hpp"
+#include "image_lock.hpp"
 #include "image_state.hpp"
+#include "populate.hpp"
 #include "references.hpp"
 
 #include <qcowmap/references.hpp>
@@ -6,6 +9,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
+
+#include <sys/stat.h>
 
 namespace qcowmap {
 
@@ -33,6 +39,12 @@ std::string_view to_string(ErrorCode code) {
         return "out_of_range";
     case ErrorCode::invalid_argument:
         return "invalid_argument";
+    case ErrorCode::image_in_use:
+        return "image_in_use";
+    case ErrorCode::image_changed:
+        return "image_changed";
+    case ErrorCode::checksum_mismatch:
+        return "checksum_mismatch";
     }
     return "unknown";
 }
@@ -273,6 +285,13 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
     }
     walk.identities.push_back(opened.identity);
     walk.names.push_back(name);
+    if (opened.file && !options.force_share) {
+        // As qemu-img takes them on every file of the chain it opens (see image_lock.hpp):
+        // before parsing, so that no writer starts between our look and our lock.
+        if (auto locked = lock_image(opened.file->fd(), kReaderLock); !locked) {
+            return std::move(locked).error();
+        }
+    }
 
     auto state = std::make_shared<ImageState>();
     state->bytes = opened.bytes;
@@ -316,6 +335,13 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
             state->data_file_path = source.path_of(*state, *data_name, caller_given);
         }
         auto data = source.data_file(*state, data_name, caller_given);
+        if (data && data->file && !options.force_share) {
+            if (auto locked = lock_image(data->file->fd(), kReaderLock); !locked) {
+                data = Error{locked.error().code,
+                             fmt::format("data file {}: {}", printable(data->path.string()),
+                                         locked.error().message)};
+            }
+        }
         if (data) {
             state->data_bytes = data->bytes;
             state->data_file = std::move(data->file);
@@ -325,6 +351,15 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
         } else {
             return std::move(data).error();
         }
+    }
+    if (top && options.data_file && !state->has_data_file()) {
+        // As qemu refuses a data-file option for such an image (qcow2_do_open): silently
+        // ignoring it would read another disk than the caller meant.
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("a data file ('{}') was given, but the image has no external "
+                                 "data file: 'data-file' can only be set for images with an "
+                                 "external data file",
+                                 printable(options.data_file->string()))};
     }
     const bool caller_backing = top && options.backing_file.has_value();
     if ((info.backing_file || caller_backing) && options.backing == BackingMode::follow) {
@@ -438,11 +473,13 @@ Result<Image> Image::from_chain(Result<std::shared_ptr<const detail::ImageState>
 }
 
 Result<Image> Image::open(const std::filesystem::path& path, const OpenOptions& options) {
-    return from_chain(detail::open_chain(path, options, {}), options);
+    return detail::contain_faults(
+        path, [&] { return from_chain(detail::open_chain(path, options, {}), options); });
 }
 
 Result<Image> Image::open_bytes(std::span<const std::byte> bytes, const OpenOptions& options) {
-    return from_chain(detail::open_chain(bytes, options, {}), options);
+    return detail::contain_faults(
+        {}, [&] { return from_chain(detail::open_chain(bytes, options, {}), options); });
 }
 
 const SalvageReport& salvage_report(const Image& image) {
@@ -468,9 +505,64 @@ std::vector<LayerInfo> Image::layers() const {
         std::string format = layer->format == detail::LayerFormat::raw ? "raw"
                              : layer->info.version == 1                ? "qcow"
                                                                        : "qcow2";
-        result.push_back({layer->path, format, layer->disk_size});
+        LayerInfo info{layer->path, format, layer->disk_size};
+        if (layer->file)
+            std::tie(info.device, info.inode) = layer->file->identity();
+        result.push_back(std::move(info));
     }
     return result;
+}
+
+namespace detail {
+
+Error explain_change(const ImageState& top, Error error) {
+    if (error.code == ErrorCode::image_changed)
+        return error;
+    for (const ImageState* layer = &top; layer; layer = layer->backing.get()) {
+        for (const MappedFile* file : {layer->file.get(), layer->data_file.get()}) {
+            if (file && file->changed()) {
+                // Say how, when the size tells: a file cut short is the usual cause of a read
+                // past its end.
+                struct stat st {};
+                std::string how = "was written meanwhile";
+                if (!file->is_block_device() && ::fstat(file->fd(), &st) == 0 &&
+                    static_cast<std::uint64_t>(st.st_size) != file->bytes().size()) {
+                    how = fmt::format("{} from {:#x} to {:#x} bytes meanwhile",
+                                      static_cast<std::uint64_t>(st.st_size) < file->bytes().size()
+                                          ? "shrank"
+                                          : "grew",
+                                      file->bytes().size(), st.st_size);
+                }
+                return Error{ErrorCode::image_changed,
+                             fmt::format("image changed while being read ({} {})",
+                                         printable(file->name().string()), how)};
+            }
+        }
+    }
+    return error;
+}
+
+} // namespace detail
+
+bool Image::changed_since_open() const {
+    for (const detail::ImageState* layer = state_.get(); layer; layer = layer->backing.get()) {
+        if ((layer->file && layer->file->changed()) ||
+            (layer->data_file && layer->data_file->changed())) {
+            return true;
+        }
+    }
+    return false;
+}
+
+Error Image::explain(Error error) const {
+    return detail::explain_change(*state_, std::move(error));
+}
+
+Result<void> Image::check_unchanged() const {
+    Error changed = explain(Error{ErrorCode::io_error, {}});
+    if (changed.code == ErrorCode::image_changed)
+        return changed;
+    return {};
 }
 
 std::uint64_t Image::size() const {
@@ -490,6 +582,13 @@ ExtentRange Image::extents(std::uint64_t start, std::uint64_t end) const {
     return ExtentRange(detail::ExtentWalk(state_, start, end));
 }
 
+Result<void> Image::check_readable(std::span<const std::byte> bytes) const {
+    return detail::contain_faults(path(), [&]() -> Result<void> {
+        detail::populate_pages(bytes, Prefetch::touch);
+        return {};
+    });
+}
+
 Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset) const {
     const std::uint64_t disk_size = size();
     if (offset > disk_size) {
@@ -498,16 +597,35 @@ Result<std::size_t> Image::read(std::span<std::byte> dest, std::uint64_t offset)
                                  offset, disk_size)};
     }
     const std::uint64_t length = std::min<std::uint64_t>(dest.size(), disk_size - offset);
-    // A thin layer over visit: the same walk and decompression, copied into `dest`.
-    auto ok = visit(offset, offset + length, [&](const Run& run) -> Result<void> {
-        std::byte* out = dest.data() + (run.offset - offset);
-        if (run.bytes.empty()) {
-            std::memset(out, 0, run.length);
-        } else {
-            std::memcpy(out, run.bytes.data(), run.length);
-        }
-        return {};
-    });
+    // A thin layer over visit: the same walk and decompression, copied into `dest`. Inside the
+    // fault boundary, so the copy from the mapping is the library's, and a fault in it the
+    // read's error.
+    auto copy = [&] {
+        return visit(offset, offset + length, [&](const Run& run) -> Result<void> {
+            std::byte* out = dest.data() + (run.offset - offset);
+            if (run.bytes.empty()) {
+                std::memset(out, 0, run.length);
+            } else {
+                std::memcpy(out, run.bytes.data(), run.length);
+            }
+            return {};
+        });
+    };
+    // A read that ran while another thread's fault made part of a mapping read as zeros (a
+    // server's other client reading a bad sector) is made once more: its bytes are then its own.
+    Result<void> ok;
+    for (int attempt = 0; attempt < detail::kFaultRetries; ++attempt) {
+        if (attempt > 0)
+            detail::wait_for_faults_to_settle();
+        detail::FaultBoundary boundary;
+        ok = copy();
+        auto fault = boundary.finish(path());
+        if (fault && !boundary.own_fault() && attempt + 1 < detail::kFaultRetries)
+            continue;
+        if (fault && (ok || boundary.own_fault()))
+            ok = std::move(*fault);
+        break;
+    }
     if (!ok) {
         return std::move(ok).error();
     }

@@ -25,6 +25,11 @@ struct ParseMode {
     /// OpenOptions::salvage: the L1, refcount and snapshot tables may run past the end of the
     /// file; their missing entries read as zeros (unallocated), as qemu reads them.
     bool salvage = false;
+    /// `bytes` holds only the start of a file read once as a stream (StreamDecoder): every
+    /// header field, extension and table position and size is validated, but no table is read
+    /// (the stream decoder reads the L1 and refcount tables as they arrive); the snapshot table
+    /// and bitmap directory are not parsed.
+    bool stream = false;
 };
 
 /// What an image opened with OpenOptions::salvage found damaged (kept by the top layer).
@@ -96,6 +101,10 @@ inline const ImageState* layer_at(const ImageState& top, std::uint32_t depth) {
     }
     return layer;
 }
+
+/// `error`, or image_changed when a file of the chain below `top` changed since it was mapped
+/// (Image::explain).
+Error explain_change(const ImageState& top, Error error);
 
 /// Reads `out.size()` bytes at `position` with pread, retrying short reads and EINTR. A read
 /// error or the end of the file (a file cut short under its mapping) is an io_error naming

@@ -4,7 +4,7 @@
 // compares the two and writes the differing parts while the old backing file is still in
 // place, so copy-on-write fills partial clusters from the old chain).
 #include "lifecycle_internal.hpp"
-#include "writable_lock.hpp"
+#include "image_lock.hpp"
 
 #include <qcowmap/image.hpp>
 
@@ -83,7 +83,7 @@ Result<void> rewrite_reference(const std::filesystem::path& path, const detail::
         return rebase_error(path, ErrorCode::io_error, std::strerror(errno));
     WritableImage::State s;
     s.file = detail::FileIo(fd, path.string());
-    if (auto ok = detail::lock_for_writing(fd, path.string()); !ok)
+    if (auto ok = detail::lock_image(fd, detail::kWriterLock); !ok)
         return ok;
     s.info = info;
     s.cluster_size = info.cluster_size;

@@ -1,5 +1,6 @@
 // qemu-img map semantics on top of the extent iterator (qemu-img.c img_map, get_block_status,
 // entry_mergeable; block/io.c bdrv_co_block_status for BDRV_BLOCK_RECURSE).
+#include "fault.hpp"
 #include "image_state.hpp"
 
 #include <qcowmap/bitmap.hpp>
@@ -125,12 +126,20 @@ Result<void> map_walk(const Image& image, const MapOptions& options, const WalkS
 
 } // namespace
 
-Result<void> map_image(const Image& image, const MapOptions& options,
-                       const std::function<Result<void>(const MapEntry&)>& sink) {
+static Result<void>
+map_image_in_boundary(const Image& image, const MapOptions& options,
+                      const std::function<Result<void>(const MapEntry&)>& sink) {
     return map_walk(image, options, [&](const MapEntry& e) -> Result<Walk> {
         if (auto ok = sink(e); !ok)
             return std::move(ok).error();
         return Walk::more;
+    });
+}
+
+Result<void> map_image(const Image& image, const MapOptions& options,
+                       const std::function<Result<void>(const MapEntry&)>& sink) {
+    return detail::contain_faults(image.path(), [&]() -> Result<void> {
+        return map_image_in_boundary(image, options, sink);
     });
 }
 

@@ -1,5 +1,7 @@
 #include "mapped_file.hpp"
 
+#include "fault.hpp"
+
 #include <fmt/format.h>
 
 #include <cerrno>
@@ -20,10 +22,14 @@ struct MappedFile::Impl {
     std::uint64_t device = 0;
     std::uint64_t inode = 0;
     bool block_device = false;
+    std::uint64_t size = 0;   // when mapped
+    struct timespec mtime {}; // when mapped (regular files)
     std::filesystem::path name;
     ~Impl() {
-        if (base)
+        if (base) {
+            unregister_mapping(base);
             ::munmap(base, length);
+        }
         if (fd >= 0)
             ::close(fd);
     }
@@ -46,6 +52,17 @@ std::pair<std::uint64_t, std::uint64_t> MappedFile::identity() const {
 }
 bool MappedFile::is_block_device() const {
     return impl_->block_device;
+}
+bool MappedFile::changed() const {
+    struct stat st {};
+    if (::fstat(impl_->fd, &st) != 0)
+        return true;
+    if (impl_->block_device) {
+        std::uint64_t size = 0;
+        return ::ioctl(impl_->fd, BLKGETSIZE64, &size) != 0 || size != impl_->size;
+    }
+    return static_cast<std::uint64_t>(st.st_size) != impl_->size ||
+           st.st_mtim.tv_sec != impl_->mtime.tv_sec || st.st_mtim.tv_nsec != impl_->mtime.tv_nsec;
 }
 const std::filesystem::path& MappedFile::name() const {
     return impl_->name;
@@ -89,6 +106,8 @@ Result<MappedFile> MappedFile::open_fd(int fd, const std::filesystem::path& name
     } else {
         return Error{ErrorCode::not_qcow2, "not a regular file or block device"};
     }
+    impl->size = size;
+    impl->mtime = st.st_mtim;
     if (size == 0) {
         if (allow_empty) {
             return MappedFile(std::move(impl));
@@ -106,6 +125,8 @@ Result<MappedFile> MappedFile::open_fd(int fd, const std::filesystem::path& name
     }
     impl->base = base;
     impl->length = static_cast<std::size_t>(size);
+    // A fault reading it is contained where the library runs (fault.hpp).
+    register_mapping(base, impl->length, impl->fd, &impl->name);
     return MappedFile(std::move(impl));
 }
 

@@ -40,6 +40,10 @@ class MappedFile {
     std::pair<std::uint64_t, std::uint64_t> identity() const;
     /// True when the file is a block device.
     bool is_block_device() const;
+    /// True when the file's size or modification time is no longer what it was when it was
+    /// mapped (someone wrote to it or truncated it since), or when it cannot be checked.
+    /// For a block device only its size is compared (writes do not change a device node).
+    bool changed() const;
     /// The name given to `open` / `open_fd`.
     const std::filesystem::path& name() const;
 

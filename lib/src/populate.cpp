@@ -120,8 +120,14 @@ void populate_pages(std::span<const std::byte> bytes, Prefetch how) {
                 touch_pages(bytes);
             return;
         }
-        if (errno != EINVAL)
-            return; // EFAULT: the file shrank under the mapping; the consumer will find out
+        if (errno != EINVAL) {
+            // EFAULT: a page cannot be read (the file shrank under the mapping, or the file
+            // system returned an error). Touch them: the fault is raised here, inside the
+            // caller's fault boundary, and becomes its error; a consumer that never reads the
+            // bytes (write(2) to /dev/null) would never find out.
+            touch_pages(bytes);
+            return;
+        }
         g_populate_supported.store(false, std::memory_order_relaxed);
     }
     if (how == Prefetch::touch) {

@@ -15,9 +15,9 @@ namespace qcowmap::detail {
 /// present in the process: madvise(MADV_POPULATE_READ), which reads them from the file where
 /// they are not cached; with Prefetch::touch, then reads one byte of every page. Where the
 /// kernel lacks MADV_POPULATE_READ (EINVAL before Linux 5.14) `touch` reads one byte per page
-/// and `populate` asks for read-ahead (MADV_WILLNEED). Never fails: a range that cannot be
-/// populated (the file shrank under its mapping: EFAULT) is left for the consumer's own access
-/// to report.
+/// and `populate` asks for read-ahead (MADV_WILLNEED). A range that cannot be populated (the
+/// file shrank under its mapping, or a page cannot be read: EFAULT) is touched, so the fault is
+/// raised here: call it inside the fault boundary (fault.hpp), which makes it an io_error.
 void populate_pages(std::span<const std::byte> bytes, Prefetch how);
 
 /// Drops the whole pages inside `bytes` (a range of a read-only shared file mapping, never

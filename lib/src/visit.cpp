@@ -11,6 +11,7 @@
 // into jobs of about kPrefetchWindowBytes (a fragmented image's 64 KiB runs would otherwise
 // cost a hand-over each); a job's pages are dropped from the process by the worker that next
 // takes its slot, which the ring frees only once the visitor is done with them.
+#include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
 #include "workers.hpp"
@@ -88,7 +89,8 @@ class Prefetcher {
         : image_(image), options_(options), ahead_(image.extents(start, end)),
           capacity_(4 * static_cast<std::size_t>(options.threads)), slot_pages_(capacity_) {
         workers_.emplace(
-            options.threads, capacity_, [image]() -> Result<detail::OrderedWorkers<Piece>::Work> {
+            options.threads, capacity_,
+            [image]() -> Result<detail::OrderedWorkers<Piece>::Work> {
                 auto decompressor = std::make_shared<Decompressor>();
                 return detail::OrderedWorkers<Piece>::Work([image, decompressor](
                                                                Piece& piece) -> Result<void> {
@@ -108,7 +110,8 @@ class Prefetcher {
                         return decompressor->decompress_cluster(image, piece.extent, piece.buffer);
                     }
                 });
-            });
+            },
+            image.path());
     }
 
     ~Prefetcher() {
@@ -182,8 +185,8 @@ class Prefetcher {
   private:
     /// The two walks of the same metadata disagree: only a file changed under us does that.
     static Error lost_place() {
-        return Error{ErrorCode::io_error, "image changed while being read (two walks of its "
-                                          "metadata disagree)"};
+        return Error{ErrorCode::image_changed, "image changed while being read (two walks of its "
+                                               "metadata disagree)"};
     }
 
     /// Moves the look-ahead walk to the next extent whose bytes must be produced; false at the
@@ -322,6 +325,12 @@ class InlineProducer {
     std::vector<std::byte> buffer_;
 };
 
+/// The walk's result once a read of the mapping faulted: the fault boundary replaces it with the
+/// fault's own description; the rest of the disk is not worth reading.
+Error stopped_by_fault() {
+    return Error{ErrorCode::io_error, "a read of the image's files faulted"};
+}
+
 Run run_of(const Extent& extent) {
     Run run;
     run.offset = extent.offset;
@@ -362,8 +371,23 @@ Result<void> read_exactly(const FilePosition& position, std::span<std::byte> out
 
 } // namespace detail
 
-Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisitor& visitor,
+Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisitor& caller_visitor,
                           const VisitOptions& given) const {
+    // Inside the fault boundary: the walk, the workers and (when the library itself visits:
+    // read, hash, compare, export) the visitor. A visitor of the library's caller is the
+    // caller's code, not built to be unwound from a fault: it runs outside the boundary.
+    if (detail::in_fault_boundary())
+        return visit_in_boundary(start, end, caller_visitor, given);
+    const RunVisitor visitor = [&](const Run& run) -> Result<void> {
+        detail::FaultBoundarySuspended callers_code;
+        return caller_visitor(run);
+    };
+    return detail::contain_faults(path(),
+                                  [&] { return visit_in_boundary(start, end, visitor, given); });
+}
+
+Result<void> Image::visit_in_boundary(std::uint64_t start, std::uint64_t end,
+                                      const RunVisitor& visitor, const VisitOptions& given) const {
     VisitOptions options = given;
     options.data_access = detail::resolve(options.data_access);
     // More producers than this only add memory (4 jobs in flight per thread).
@@ -387,6 +411,8 @@ Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisit
             if (auto ok = visitor(run); !ok) {
                 return ok;
             }
+            if (detail::fault_pending())
+                return stopped_by_fault();
             continue;
         }
         if (!prefetcher && !no_threads) {
@@ -425,7 +451,9 @@ Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisit
                 bytes = inline_producer.decompress(*this, extent);
             }
             if (!bytes) {
-                return std::move(bytes).error();
+                // A short read or a cluster that no longer decompresses: the file changing
+                // under us is the cause when it did.
+                return explain(std::move(bytes).error());
             }
             run.offset = piece;
             run.length = length;
@@ -441,6 +469,8 @@ Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisit
             if (!ok) {
                 return ok;
             }
+            if (detail::fault_pending())
+                return stopped_by_fault();
             piece += length;
         } while (piece < extent_end);
     }

@@ -3,6 +3,8 @@
 // use it, so there is one place that starts, feeds, drains and joins threads.
 #pragma once
 
+#include "fault.hpp"
+
 #include <qcowmap/result.hpp>
 
 #include <algorithm>
@@ -52,7 +54,9 @@ inline unsigned resolve_threads(unsigned threads) noexcept {
 ///
 /// Exception policy: nothing reaches std::terminate. An exception thrown by a job (out of memory
 /// building a buffer or a message) becomes that job's Error; a failure to make a worker's state
-/// becomes the Error of every job that worker takes. The destructor stops and joins every
+/// becomes the Error of every job that worker takes. Jobs run inside the fault boundary
+/// (fault.hpp): a read of a mapping that faults becomes the job's io_error, which names the
+/// file unless it is `fault_top`. The destructor stops and joins every
 /// worker, also when the owner leaves by an exception or an early return.
 ///
 /// Waiting spins briefly before sleeping, but only when the owner and every worker can each
@@ -69,8 +73,9 @@ template <typename Job> class OrderedWorkers {
     /// Starts up to `threads` workers over a ring of `capacity` (>= 1) slots. Starting fewer
     /// threads than asked (the system refuses more) is not an error; `started()` says how many
     /// run, and with none the owner must do the work itself.
-    OrderedWorkers(unsigned threads, std::size_t capacity, MakeWork make_work)
-        : slots_(capacity), make_work_(std::move(make_work)),
+    OrderedWorkers(unsigned threads, std::size_t capacity, MakeWork make_work,
+                   std::filesystem::path fault_top = {})
+        : slots_(capacity), make_work_(std::move(make_work)), fault_top_(std::move(fault_top)),
           spin_rounds_(threads + 1 <= usable_cores() ? kSpinRounds : 0) {
         workers_.reserve(threads);
         for (unsigned i = 0; i < threads; ++i) {
@@ -219,14 +224,30 @@ template <typename Job> class OrderedWorkers {
             Slot& slot = slots_[number % slots_.size()];
             slot.state.store(State::working, std::memory_order_release);
             std::optional<Error> error;
-            try {
-                if (!work) {
-                    error = make_error; // copying its message may itself run out of memory
-                } else if (auto ok = (*work)(slot.job); !ok) {
-                    error = std::move(ok).error();
+            // A job that ran while another thread's fault made part of a mapping read as zeros
+            // (another worker's job further on, as a rule) runs once more: jobs only produce
+            // bytes into their slot, so they can, and its bytes are then its own.
+            for (int attempt = 0; attempt < kFaultRetries; ++attempt) {
+                error.reset();
+                if (attempt > 0)
+                    wait_for_faults_to_settle();
+                try {
+                    FaultBoundary boundary;
+                    if (!work) {
+                        error = make_error; // copying its message may itself run out of memory
+                    } else if (auto ok = (*work)(slot.job); !ok) {
+                        error = std::move(ok).error();
+                    }
+                    if (auto fault = boundary.finish(fault_top_)) {
+                        if (!boundary.own_fault() && attempt + 1 < kFaultRetries && work)
+                            continue;
+                        if (!error || boundary.own_fault())
+                            error = std::move(fault);
+                    }
+                } catch (...) {
+                    error = error_of(std::current_exception());
                 }
-            } catch (...) {
-                error = error_of(std::current_exception());
+                break;
             }
             slot.error = std::move(error);
             {
@@ -239,6 +260,7 @@ template <typename Job> class OrderedWorkers {
 
     std::vector<Slot> slots_;
     MakeWork make_work_;
+    const std::filesystem::path fault_top_;
     const int spin_rounds_; // set before any worker starts
     std::vector<std::thread> workers_;
     std::mutex mutex_;

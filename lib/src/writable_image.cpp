@@ -10,7 +10,7 @@
 // writer (a mapping keeps its size, and a page past the end of the file raises SIGBUS), and
 // reads must see what the write-back cache holds before it reaches the file. The layers below
 // are read through their own read-only Images (their files never change).
-#include "writable_lock.hpp"
+#include "image_lock.hpp"
 #include "writable_state.hpp"
 #include "writer_layout.hpp"
 
@@ -756,7 +756,12 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
                           "written");
     if (options.open.format && *options.open.format != "qcow2")
         return open_error(path, ErrorCode::unsupported_feature, "only qcow2 images are written");
-    auto opened = Image::open(path, options.open);
+    // Our own views of the file take no reader lock: the writer's lock below is ours (a
+    // reader lock on another descriptor would deny the write we are about to take), and
+    // snapshot_view and the check at open read the file under it.
+    OpenOptions own_view = options.open;
+    own_view.force_share = true;
+    auto opened = Image::open(path, own_view);
     if (!opened)
         return std::move(opened).error();
     const detail::ImageState& top = detail_state(*opened);
@@ -786,6 +791,7 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
     State& s = *state;
     s.path = path;
     s.options = options;
+    s.options.open = own_view;
     s.info = info;
     int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (fd < 0)
@@ -797,12 +803,12 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
         return open_error(path, ErrorCode::io_error, "the file changed while it was opened");
     }
     if (options.lock) {
-        if (auto ok = detail::lock_for_writing(fd, path.string()); !ok)
-            return std::move(ok).error();
+        if (auto ok = detail::lock_image(fd, detail::kWriterLock); !ok)
+            return open_error(path, ok.error().code, ok.error().message);
     }
     if (options.check) {
         // Under our lock, so that nobody changes it between the check and the writes.
-        auto checked = check_image(path, CheckOptions{1, options.open.untrusted});
+        auto checked = check_image(path, CheckOptions{1, options.open.untrusted, true});
         if (!checked)
             return std::move(checked).error();
         if (checked->corruptions || checked->check_errors) {
@@ -826,8 +832,11 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
         }
         s.data_file = detail::FileIo(data_fd, top.data_file_path.string());
         if (options.lock) {
-            if (auto ok = detail::lock_for_writing(data_fd, top.data_file_path.string()); !ok)
-                return std::move(ok).error();
+            if (auto ok = detail::lock_image(data_fd, detail::kWriterLock); !ok) {
+                return open_error(path, ok.error().code,
+                                  fmt::format("data file {}: {}", top.data_file_path.string(),
+                                              ok.error().message));
+            }
         }
         auto data_size = s.data_file.size();
         if (!data_size)
@@ -840,6 +849,8 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
         OpenOptions below_options;
         below_options.format = layers[1].format == "raw" ? "raw" : "qcow2";
         below_options.untrusted = options.open.untrusted;
+        // As qemu locks the backing files below a writer (image_lock.hpp): a reader's lock.
+        below_options.force_share = !options.lock || options.open.force_share;
         auto below = Image::open(layers[1].path, below_options);
         if (!below)
             return std::move(below).error();

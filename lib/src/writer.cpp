@@ -12,13 +12,17 @@
 // upper bound (every candidate stored uncompressed), streams the compressed clusters after it
 // and fills the metadata in last; a target that cannot seek gets the image spooled to an
 // unlinked file in $TMPDIR first.
+#include "atomic_file.hpp"
+#include "fault.hpp"
 #include "writer_internal.hpp"
 
 #include "cluster_compressor.hpp"
+#include "digest_tap.hpp"
 #include "image_state.hpp"
 #include "workers.hpp"
 
 #include <qcowmap/bitmap.hpp>
+#include <qcowmap/format.hpp>
 
 #include <fmt/format.h>
 
@@ -230,6 +234,99 @@ Result<void> classify(const Image& image, const Geometry& g, std::uint64_t first
     return {};
 }
 
+/// The depth at which `image`'s chain holds `backing` itself (the same file, read in the same
+/// format), or nullopt. Below that depth both read alike: the backing file's own chain is
+/// opened from its header the same way by both.
+std::optional<std::uint32_t> depth_of(const Image& image, const Image& backing) {
+    const LayerInfo base = backing.layers().front();
+    if (base.device == 0 && base.inode == 0)
+        return std::nullopt; // in memory: no identity to go by
+    const std::vector<LayerInfo> layers = image.layers();
+    for (std::size_t depth = 1; depth < layers.size(); ++depth) {
+        const LayerInfo& layer = layers[depth];
+        if (layer.device == base.device && layer.inode == base.inode &&
+            layer.format == base.format) {
+            return static_cast<std::uint32_t>(depth);
+        }
+    }
+    return std::nullopt;
+}
+
+/// The byte ranges of `[0, end)` where `image` may read other than zeros (data and compressed
+/// extents), merged, in order.
+Result<std::vector<std::pair<std::uint64_t, std::uint64_t>>> maybe_nonzero(const Image& image,
+                                                                           std::uint64_t end) {
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
+    auto ok = for_each_extent(image, 0, end, [&](const Extent& e) -> Result<void> {
+        if (e.kind == ExtentKind::zero)
+            return {};
+        if (!ranges.empty() && ranges.back().second == e.offset)
+            ranges.back().second = e.offset + e.length;
+        else
+            ranges.emplace_back(e.offset, e.offset + e.length);
+        return {};
+    });
+    if (!ok)
+        return ok.error();
+    return ranges;
+}
+
+/// Calls `add(offset, length)` for each output cluster of `image` whose bytes differ from
+/// `backing`'s at the same offset (zeros past the backing file's end, as a reader of the
+/// output sees them). Clusters where both sides are known to read as zeros are skipped
+/// without reading; the others are read from both and compared.
+template <typename Add>
+Result<void> add_differences(const Image& image, const Image& backing, const Geometry& g,
+                             Add&& add) {
+    const std::uint64_t size = image.size();
+    auto ours = maybe_nonzero(image, size);
+    if (!ours)
+        return ours.error();
+    auto theirs = maybe_nonzero(backing, size);
+    if (!theirs)
+        return theirs.error();
+    // Output clusters either side may hold non-zero bytes in, merged.
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> clusters;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> all = std::move(*ours);
+    all.insert(all.end(), theirs->begin(), theirs->end());
+    std::sort(all.begin(), all.end());
+    for (auto [start, end] : all) {
+        const std::uint64_t first = start >> g.cluster_bits;
+        const std::uint64_t last = g.clusters_for(std::min(end, size));
+        if (!clusters.empty() && clusters.back().second >= first)
+            clusters.back().second = std::max(clusters.back().second, last);
+        else if (first < last)
+            clusters.emplace_back(first, last);
+    }
+    // Compared a chunk of clusters at a time: two reads per MiB.
+    const std::uint64_t c = g.cluster_size;
+    const std::uint64_t chunk_clusters = std::max<std::uint64_t>(1, (1u << 20) >> g.cluster_bits);
+    std::vector<std::byte> a(static_cast<std::size_t>(chunk_clusters * c));
+    std::vector<std::byte> b(a.size());
+    Decompressor decompressor;
+    for (auto [first, last] : clusters) {
+        for (std::uint64_t at = first; at < last; at += chunk_clusters) {
+            const std::uint64_t n = std::min(chunk_clusters, last - at);
+            const std::uint64_t offset = at * c;
+            const std::uint64_t bytes = std::min(n * c, size - offset);
+            const auto length = static_cast<std::size_t>(bytes);
+            if (auto ok = read_source(image, offset, std::span(a).first(length), decompressor); !ok)
+                return ok;
+            if (auto ok = read_source(backing, offset, std::span(b).first(length), decompressor);
+                !ok)
+                return ok;
+            for (std::uint64_t i = 0; i < n; ++i) {
+                const std::size_t from = static_cast<std::size_t>(i * c);
+                const std::size_t len =
+                    std::min<std::size_t>(static_cast<std::size_t>(c), length - from);
+                if (std::memcmp(a.data() + from, b.data() + from, len) != 0)
+                    add(offset + from, len);
+            }
+        }
+    }
+    return {};
+}
+
 } // namespace
 
 Result<std::vector<PlanRun>> make_plan(const Image& image, const Geometry& g,
@@ -257,6 +354,28 @@ Result<std::vector<PlanRun>> make_plan(const Image& image, const Geometry& g,
         });
         if (!ok)
             return ok.error();
+        break;
+    }
+    case WriteSelection::differs_from_backing: {
+        if (!options.backing_image) {
+            return Error{ErrorCode::invalid_argument,
+                         "writing the difference from a backing file needs that file opened "
+                         "(WriteOptions::backing_image)"};
+        }
+        const Image& backing = *options.backing_image;
+        if (auto depth = depth_of(image, backing)) {
+            // The source is an overlay of the backing file itself: what the layers above it
+            // allocate is all that can differ, known without reading.
+            auto ok = for_each_extent(image, 0, UINT64_MAX, [&](const Extent& e) -> Result<void> {
+                if (e.present && e.depth < *depth)
+                    add(e.offset, e.length);
+                return {};
+            });
+            if (!ok)
+                return ok.error();
+        } else if (auto ok = add_differences(image, backing, g, add); !ok) {
+            return ok.error();
+        }
         break;
     }
     case WriteSelection::bitmap_dirty: {
@@ -608,27 +727,43 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
     for (const PlanRun& run : plan)
         stats.selected_bytes += run.count * g.cluster_size;
     const unsigned threads = thread_count(options);
+    // The digest takes the bytes of the data pass in disk order (the clusters the plan leaves
+    // out read as zeros): the pass then runs on this thread.
+    std::optional<DigestTap> tap;
+    if (options.digest) {
+        auto made = DigestTap::create(*options.digest, g.virtual_size, threads);
+        if (!made)
+            return made.error();
+        tap.emplace(std::move(*made));
+    }
     // One piece of the data pass: guest bytes [start, end) go to the output at `host`.
     auto copy_piece = [&](Output& to, std::uint64_t start, std::uint64_t end,
                           unsigned visit_threads) -> Result<void> {
         const std::uint64_t disk_end = std::min(end, g.virtual_size);
-        auto ok =
-            visit_source(image, start, disk_end, visit_threads,
-                         [&](std::uint64_t, std::uint64_t length, std::span<const std::byte> bytes,
-                             const std::optional<FilePosition>& file) -> Result<void> {
-                             if (bytes.empty())
-                                 return to.zeros(length);
-                             if (file)
-                                 return to.copy(*file, bytes);
-                             return to.write(bytes);
-                         });
+        auto ok = visit_source(
+            image, start, disk_end, visit_threads,
+            [&](std::uint64_t offset, std::uint64_t length, std::span<const std::byte> bytes,
+                const std::optional<FilePosition>& file) -> Result<void> {
+                if (bytes.empty())
+                    return to.zeros(length);
+                if (tap) {
+                    // Bytes in a file lie in the image's mapping here (DataAccess::mapping):
+                    // hashed in place, or read from the file where that costs less;
+                    // decompressed ones are copied.
+                    if (auto fed = tap->data(offset, bytes, file.has_value(), file); !fed)
+                        return fed;
+                }
+                if (file)
+                    return to.copy(*file, bytes);
+                return to.write(bytes);
+            });
         if (!ok)
             return ok;
         if (disk_end < end) // the last cluster's part past the end of the disk
             return to.zeros(end - disk_end);
         return {};
     };
-    if (!out.seekable() || threads < 2 || total < 2 * kParallelPiece) {
+    if (!out.seekable() || threads < 2 || total < 2 * kParallelPiece || tap) {
         std::uint64_t done = 0, written_back = 0;
         for (const PlanRun& run : plan) {
             if (run.zero)
@@ -738,6 +873,12 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
     stats.file_size = layout.total() << g.cluster_bits;
     if (auto ok = out.finish(stats.file_size); !ok)
         return ok.error();
+    if (tap) {
+        auto digest = tap->finish();
+        if (!digest)
+            return digest.error();
+        stats.digest = *digest;
+    }
     return stats;
 }
 
@@ -751,14 +892,16 @@ struct CompressJob {
     std::uint64_t cluster = 0;    // guest cluster number
     std::vector<std::byte> bytes; // compressed stream, or the cluster itself
     std::size_t size = 0;
+    std::vector<std::byte> plain; // compressed, with a digest: the cluster itself
 };
 
 /// What a compressing thread keeps: its encoder, its decoder for compressed sources and two
 /// cluster buffers, swapped with the job's (never copied).
 class ClusterWork {
   public:
-    ClusterWork(CompressionType type, std::uint64_t cluster_size)
-        : compressor_(type), cluster_size_(static_cast<std::size_t>(cluster_size)) {}
+    ClusterWork(CompressionType type, std::uint64_t cluster_size, bool keep_plain)
+        : compressor_(type), cluster_size_(static_cast<std::size_t>(cluster_size)),
+          keep_plain_(keep_plain) {}
 
     Result<void> run(const Image& image, unsigned cluster_bits, CompressJob& job) {
         input_.resize(cluster_size_);
@@ -773,6 +916,8 @@ class ClusterWork {
             job.kind = CompressJob::Kind::compressed;
             job.size = *n;
             std::swap(job.bytes, scratch_);
+            if (keep_plain_)
+                std::swap(job.plain, input_); // for the digest, in disk order
         } else {
             job.kind = CompressJob::Kind::raw;
             job.size = cluster_size_;
@@ -785,6 +930,7 @@ class ClusterWork {
     ClusterCompressor compressor_;
     Decompressor decompressor_;
     std::size_t cluster_size_;
+    bool keep_plain_;
     std::vector<std::byte> input_, scratch_;
 };
 
@@ -795,12 +941,12 @@ class ClusterWork {
 class CompressRing {
   public:
     CompressRing(const Image& image, const Geometry& g, const std::vector<PlanRun>& plan,
-                 CompressionType type, unsigned threads)
+                 CompressionType type, unsigned threads, bool keep_plain)
         : image_(image), cluster_bits_(g.cluster_bits), plan_(plan),
           workers_(threads, 4 * static_cast<std::size_t>(threads),
-                   [&image, bits = g.cluster_bits, size = g.cluster_size,
-                    type]() -> Result<detail::OrderedWorkers<CompressJob>::Work> {
-                       auto work = std::make_shared<ClusterWork>(type, size);
+                   [&image, bits = g.cluster_bits, size = g.cluster_size, type,
+                    keep_plain]() -> Result<detail::OrderedWorkers<CompressJob>::Work> {
+                       auto work = std::make_shared<ClusterWork>(type, size, keep_plain);
                        return detail::OrderedWorkers<CompressJob>::Work(
                            [&image, bits, work](CompressJob& job) -> Result<void> {
                                return work->run(image, bits, job);
@@ -810,7 +956,7 @@ class CompressRing {
             if (!run.zero)
                 left_ += run.count;
         if (workers_.started() == 0) // no thread could be started: the work is done here
-            inline_.emplace(type, g.cluster_size);
+            inline_.emplace(type, g.cluster_size, keep_plain);
     }
 
     /// The next candidate cluster in disk order, once read and compressed; it stays valid
@@ -1036,7 +1182,17 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
     };
 
     const bool flattened = options.selection == WriteSelection::whole_disk;
-    CompressRing ring(image, g, plan, fields.compression_type, thread_count(options));
+    // The digest takes each cluster in disk order as the ring hands it back (clusters the
+    // plan leaves out read as zeros).
+    std::optional<DigestTap> tap;
+    if (options.digest) {
+        auto made = DigestTap::create(*options.digest, g.virtual_size, thread_count(options));
+        if (!made)
+            return made.error();
+        tap.emplace(std::move(*made));
+    }
+    CompressRing ring(image, g, plan, fields.compression_type, thread_count(options),
+                      tap.has_value());
     std::uint64_t done = 0;
     const std::uint64_t total_bytes = candidates * c;
     for (const PlanRun& run : plan) {
@@ -1054,6 +1210,14 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
             if (!job)
                 return job.error();
             const CompressJob& slot = **job;
+            if (tap && slot.kind != CompressJob::Kind::zero) {
+                const auto& plain =
+                    slot.kind == CompressJob::Kind::compressed ? slot.plain : slot.bytes;
+                if (auto fed =
+                        tap->data(cluster << g.cluster_bits, std::span(plain).first(c), false);
+                    !fed)
+                    return fed.error();
+            }
             if (slot.kind == CompressJob::Kind::zero) {
                 if (!flattened) {
                     entry.kind = L2Entry::Kind::zero;
@@ -1104,6 +1268,12 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
     stats.file_size = std::max(layout.data << g.cluster_bits, *data_end);
     if (auto ok = out.finish(stats.file_size); !ok)
         return ok.error();
+    if (tap) {
+        auto digest = tap->finish();
+        if (!digest)
+            return digest.error();
+        stats.digest = *digest;
+    }
     return stats;
 }
 
@@ -1177,11 +1347,55 @@ Result<void> check_write_options(const WriteOptions& options) {
     if (options.backing_file && options.backing_file->empty()) {
         return Error{ErrorCode::invalid_argument, "the backing file name is empty"};
     }
+    if (options.digest && options.selection != WriteSelection::whole_disk) {
+        return Error{ErrorCode::invalid_argument,
+                     "a digest is only taken of a whole-disk copy (an overlay holds part of "
+                     "the disk)"};
+    }
     return {};
 }
 
-Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& options) {
+Result<Image> open_output_backing(const WriteOptions& options, const std::filesystem::path& target,
+                                  const OpenOptions& open) {
+    if (!options.backing_file || options.backing_file->empty())
+        return Error{ErrorCode::invalid_argument, "no backing file named"};
+    // qemu resolves a relative backing file name against the directory of the image naming it
+    // (bdrv_get_full_backing_filename): the output's, not ours.
+    std::filesystem::path path(*options.backing_file);
+    if (path.is_relative() && !target.empty())
+        path = target.parent_path() / path;
+    OpenOptions options_for_backing = open;
+    options_for_backing.backing = BackingMode::follow;
+    options_for_backing.backing_file.reset();
+    options_for_backing.backing_format.reset();
+    options_for_backing.snapshot.reset();
+    options_for_backing.data_file.reset();
+    options_for_backing.format = options.backing_format;
+    if (!options_for_backing.format) {
+        auto probed = probe_format(path);
+        options_for_backing.format = probed ? *probed : "qcow2";
+    }
+    auto image = Image::open(path, options_for_backing);
+    if (!image) {
+        // qemu-img: "Could not open backing file: Could not open 'sub/sub/base.qcow2': No such
+        // file or directory". Our errors name the path already.
+        std::string message = image.error().message;
+        if (!message.starts_with(path.string()))
+            message = fmt::format("{}: {}", detail::printable(path.string()), message);
+        return Error{image.error().code, "Could not open backing file: " + message};
+    }
+    return image;
+}
+
+static Result<WriteStats> write_qcow2_in_boundary(const Image& source, int fd,
+                                                  const WriteOptions& options) {
     return detail::writer::write_image(source, fd, options, false);
+}
+
+Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& options) {
+    return detail::contain_faults(source.path(), [&]() -> Result<WriteStats> {
+        return write_qcow2_in_boundary(source, fd, options);
+    });
 }
 
 Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
@@ -1191,6 +1405,21 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     auto geometry = make_geometry(options, source.size());
     if (!geometry)
         return geometry.error();
+    if (options.selection == WriteSelection::differs_from_backing && !options.backing_image) {
+        return Error{ErrorCode::invalid_argument,
+                     "writing the difference from a backing file needs that file opened "
+                     "(WriteOptions::backing_image, see open_output_backing)"};
+    }
+    if (options.backing_image && options.selection == WriteSelection::bitmap_dirty &&
+        options.backing_image->size() != source.size()) {
+        // The clusters left out read from the backing file: a previous backup of this disk
+        // has its size (qemu resizes a disk's bitmaps with it).
+        return Error{ErrorCode::invalid_argument,
+                     fmt::format("backing file {} is {} bytes but the disk is {} bytes: not a "
+                                 "backup of this disk",
+                                 detail::printable(options.backing_image->path().string()),
+                                 options.backing_image->size(), source.size())};
+    }
     HeaderFields fields;
     fields.compression_type = options.compression_type;
     fields.backing_file = options.backing_file;
@@ -1199,10 +1428,20 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     if (!out)
         return out.error();
     out->set_early_writeback(early_writeback);
+    // An image read while someone wrote to it would mix two states: never handed out as good.
+    auto unchanged = [&](Result<WriteStats> stats) -> Result<WriteStats> {
+        if (!stats && !is_target_error(stats.error()))
+            return source.explain(std::move(stats).error());
+        if (!stats)
+            return stats;
+        if (auto ok = source.check_unchanged(); !ok)
+            return std::move(ok).error();
+        return stats;
+    };
     if (!options.compress)
-        return write_sequential(source, *out, *geometry, fields, options);
+        return unchanged(write_sequential(source, *out, *geometry, fields, options));
     if (out->seekable())
-        return write_compressed(source, *out, *geometry, fields, options);
+        return unchanged(write_compressed(source, *out, *geometry, fields, options));
     // A pipe cannot take the metadata last: spool the image to an unlinked file, then copy.
     const char* tmpdir = std::getenv("TMPDIR");
     const std::string dir = tmpdir && *tmpdir ? tmpdir : "/tmp";
@@ -1221,6 +1460,15 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     Result<WriteStats> stats = spooled
                                    ? write_compressed(source, *spooled, *geometry, fields, options)
                                    : Result<WriteStats>(spooled.error());
+    if (!stats && is_target_error(stats.error())) {
+        // The spool's own failure (a full $TMPDIR), not the output's: say which.
+        std::string_view why = stats.error().message;
+        why.remove_prefix(kWriteTargetError.size());
+        stats = target_error(fmt::format("cannot write the spool file in {} ($TMPDIR; a pipe "
+                                         "cannot take a compressed image's metadata last): {}",
+                                         dir, why));
+    }
+    stats = unchanged(std::move(stats));
     if (stats) {
         if (auto ok = copy_spool(spool, stats->file_size, fd); !ok)
             stats = ok.error();
@@ -1229,91 +1477,33 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
     return stats;
 }
 
+static Result<WriteStats> write_qcow2_file_in_boundary(const Image& source,
+                                                       const std::filesystem::path& target,
+                                                       const WriteOptions& options, bool replace) {
+    struct stat st {};
+    if (::stat(target.c_str(), &st) == 0 && source.maps_file(st.st_dev, st.st_ino)) {
+        return target_error("is the image being read (or one of its layers or its data "
+                            "file): refusing to overwrite it");
+    }
+    // Written under a temporary, named only once complete (detail::AtomicFile): unnamed where
+    // the file system has O_TMPFILE, else hidden and removed on every error path; a symlink
+    // is written through.
+    auto file = detail::AtomicFile::create(target, replace);
+    if (!file)
+        return target_error(file.error().message);
+    auto stats = detail::writer::write_image(source, file->fd(), options, true);
+    if (!stats)
+        return stats.error();
+    if (auto named = file->commit(); !named)
+        return target_error(named.error().message);
+    return stats;
+}
+
 Result<WriteStats> write_qcow2_file(const Image& source, const std::filesystem::path& target,
                                     const WriteOptions& options, bool replace) {
-    const std::string name = target.string();
-    struct stat st {};
-    if (::stat(name.c_str(), &st) == 0) {
-        if (source.maps_file(st.st_dev, st.st_ino)) {
-            return target_error("is the image being read (or one of its layers or its data "
-                                "file): refusing to overwrite it");
-        }
-        if (S_ISDIR(st.st_mode))
-            return target_error("is a directory");
-        if (!S_ISREG(st.st_mode))
-            return target_error("exists and is not a regular file");
-        if (!replace)
-            return target_error("already exists (use --force to replace it)");
-    }
-    std::filesystem::path dir = target.parent_path();
-    if (dir.empty())
-        dir = ".";
-    // Unnamed until complete (O_TMPFILE): a crash or kill leaves nothing behind. Where the file
-    // system lacks it, a hidden name next to the target, removed on every error path.
-    std::string temp_name;
-    int fd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
-            return target_errno(errno);
-        temp_name = (dir / ("." + target.filename().string() + ".qcowmap-XXXXXX")).string();
-        fd = ::mkostemp(temp_name.data(), O_CLOEXEC);
-        if (fd < 0)
-            return target_errno(errno);
-        (void)::fchmod(fd, 0644);
-    }
-    auto fail = [&](Error error) -> Result<WriteStats> {
-        ::close(fd);
-        if (!temp_name.empty())
-            ::unlink(temp_name.c_str());
-        return error;
-    };
-    auto stats = detail::writer::write_image(source, fd, options, true);
-    if (!stats)
-        return fail(stats.error());
-    if (::fsync(fd) != 0)
-        return fail(target_errno(errno));
-    if (temp_name.empty()) {
-        // Give the unnamed file a name: straight at the target when it must not exist (link
-        // fails with EEXIST, atomically), else a temporary one renamed over the target.
-        const std::string proc = fmt::format("/proc/self/fd/{}", fd);
-        std::string link_name = name;
-        if (replace) {
-            link_name = (dir / ("." + target.filename().string() + ".qcowmap-" +
-                                std::to_string(::getpid())))
-                            .string();
-            ::unlink(link_name.c_str()); // left by a killed run with the same process id
-        }
-        if (::linkat(fd, "", AT_FDCWD, link_name.c_str(), AT_EMPTY_PATH) != 0 &&
-            ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, link_name.c_str(), AT_SYMLINK_FOLLOW) != 0) {
-            if (errno == EEXIST && !replace)
-                return fail(target_error("already exists (use --force to replace it)"));
-            return fail(target_errno(errno));
-        }
-        if (replace) {
-            temp_name = link_name;
-            if (::rename(link_name.c_str(), name.c_str()) != 0)
-                return fail(target_errno(errno));
-        }
-    } else if (replace) {
-        if (::rename(temp_name.c_str(), name.c_str()) != 0)
-            return fail(target_errno(errno));
-    } else {
-        if (::renameat2(AT_FDCWD, temp_name.c_str(), AT_FDCWD, name.c_str(), RENAME_NOREPLACE) !=
-            0) {
-            if (errno == EEXIST)
-                return fail(target_error("already exists (use --force to replace it)"));
-            return fail(target_errno(errno));
-        }
-    }
-    if (::close(fd) != 0)
-        return target_errno(errno);
-    // The new name is durable once the directory is.
-    int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dir_fd >= 0) {
-        (void)::fsync(dir_fd);
-        ::close(dir_fd);
-    }
-    return stats;
+    return detail::contain_faults(source.path(), [&]() -> Result<WriteStats> {
+        return write_qcow2_file_in_boundary(source, target, options, replace);
+    });
 }
 
 } // namespace qcowmap

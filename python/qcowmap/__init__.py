@@ -22,21 +22,24 @@ from ._qcowmap import (  # noqa: F401  (re-exported)
     Image,
     WritableImage,
     __version__,
+    stream_convert,
 )
 from ._qcowmap import open as _open_read_only
 from ._qcowmap import _create, _open_writable
 
 __all__ = ["Error", "Extent", "ExtentIterator", "Image", "RawDisk", "WritableImage", "create",
-           "open"]
+           "open", "stream_convert"]
 
 
-def open(path, snapshot=None, backing=True, data_file=None, untrusted=False, writable=False,
-         lock=True):
+def open(path, snapshot=None, backing=True, data_file=None, untrusted=False, force_share=False,
+         writable=False, lock=True):
     """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file.
 
     snapshot: an internal snapshot's ID or name; backing=False reads only this image;
     data_file: use this external data file; untrusted=True: backing and data file names the
-    image holds are followed only inside its directory (as --untrusted).
+    image holds are followed only inside its directory (as --untrusted). A read-only open
+    takes QEMU's reader lock (as qemu-img) until the Image is closed, and raises Error with code
+    "image_in_use" when a writer holds the image; force_share=True takes no lock (qemu-img -U).
 
     writable=True opens it for writing in place and returns a WritableImage (QEMU's image
     locks are taken unless lock=False: a VM or qemu-io writing it makes this fail).
@@ -45,10 +48,12 @@ def open(path, snapshot=None, backing=True, data_file=None, untrusted=False, wri
     if writable:
         if snapshot is not None:
             raise ValueError("an internal snapshot cannot be opened for writing")
+        if force_share:
+            raise ValueError("force_share can only be used with read-only images (as qemu-img)")
         return _open_writable(path, backing=backing, data_file=data_file, untrusted=untrusted,
                               lock=lock)
     return _open_read_only(path, snapshot=snapshot, backing=backing, data_file=data_file,
-                           untrusted=untrusted)
+                           untrusted=untrusted, force_share=force_share)
 
 
 def create(path, size, **options):

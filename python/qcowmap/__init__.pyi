@@ -1,7 +1,7 @@
 # Type stubs for the qcowmap package (the _qcowmap extension and RawDisk).
 import io
 import os
-from typing import Any, Iterator, Literal, Optional, Union, overload
+from typing import Any, BinaryIO, Callable, Iterator, Literal, Optional, Union, overload
 
 __version__: str
 """True when this build's library has OpenOptions::untrusted (open(..., untrusted=True) works)."""
@@ -96,11 +96,30 @@ class Image:
         """What `qcowmap bitmaps --output=json` prints: name, granularity, flags, enabled, in-use,
         consistent, usable, error, dirty-bytes."""
     @overload
-    def hash(self, algo: str = "sha256", block_size: None = None, threads: int = 0) -> str: ...
+    def hash(
+        self,
+        algo: str = "sha256",
+        block_size: None = None,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> str: ...
     @overload
-    def hash(self, algo: str = "sha256", *, block_size: int, threads: int = 0) -> list[dict[str, Any]]: ...
+    def hash(
+        self,
+        algo: str = "sha256",
+        *,
+        block_size: int,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> list[dict[str, Any]]: ...
     @overload
-    def hash(self, algo: str, block_size: int, threads: int = 0) -> list[dict[str, Any]]: ...
+    def hash(
+        self,
+        algo: str,
+        block_size: int,
+        threads: int = 0,
+        progress: Optional[Callable[[int, int], object]] = None,
+    ) -> list[dict[str, Any]]: ...
     def open_raw(self) -> RawDisk: ...
 
 class WritableImage:
@@ -139,10 +158,15 @@ def open(
     backing: bool = True,
     data_file: Optional[_Path] = None,
     untrusted: bool = False,
+    force_share: bool = False,
     writable: Literal[False] = False,
     lock: bool = True,
 ) -> Image:
-    """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file."""
+    """Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file.
+
+    By default takes QEMU's reader lock (as qemu-img) until the Image is closed; raises Error
+    with code "image_in_use" when a writer holds the image. force_share=True: no locks
+    (qemu-img -U)."""
 @overload
 def open(
     path: _Path,
@@ -150,6 +174,7 @@ def open(
     backing: bool = True,
     data_file: Optional[_Path] = None,
     untrusted: bool = False,
+    force_share: Literal[False] = False,
     *,
     writable: Literal[True],
     lock: bool = True,
@@ -158,3 +183,18 @@ def open(
 
 def create(path: _Path, size: int, **options: Any) -> None:
     """Creates an empty qcow2 image, as `qemu-img create -f qcow2 -o KEY=VALUE,...`."""
+
+
+def stream_convert(
+    fileobj: BinaryIO,
+    target: _Path,
+    *,
+    replace: bool = False,
+    max_spool: Optional[int] = None,
+    expect_checksum: Optional[str] = None,
+    backing: bool = True,
+    data_file: Optional[_Path] = None,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Reads a qcow2 image once from a binary file object (a pipe, an HTTP response) and writes
+    its virtual disk raw to target, complete or not at all; returns the decoder's statistics."""

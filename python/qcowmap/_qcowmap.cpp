@@ -11,7 +11,9 @@
 #include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/map.hpp>
+#include <qcowmap/stream_import.hpp>
 #include <qcowmap/writable.hpp>
+#include <qcowmap/writer.hpp>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,9 +21,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -59,8 +64,11 @@ void translate(std::exception_ptr pointer) {
         if (pointer)
             std::rethrow_exception(pointer);
     } catch (const LibraryError& e) {
-        // Like the CLI's one-line errors: "FILE: what is wrong".
-        std::string line = e.filename.empty() ? e.message : e.filename + ": " + e.message;
+        // Like the CLI's one-line errors: "FILE: what is wrong", the file named once (the
+        // library names it itself where it could not open it).
+        std::string line = e.filename.empty() || e.message.starts_with(e.filename + ": ")
+                               ? e.message
+                               : e.filename + ": " + e.message;
         py::object type = py::reinterpret_borrow<py::object>(g_error_type);
         // Messages may quote names from the image that are not UTF-8: see text().
         py::object instance = type(text(line));
@@ -83,16 +91,80 @@ py::str text(std::string_view s) {
     return py::reinterpret_steal<py::str>(object);
 }
 
-/// A path argument: str, bytes or os.PathLike, as the os module takes them.
-std::string fs_path(const py::object& path) {
-    py::object fspath = py::module_::import("os").attr("fsencode")(path);
-    return fspath.cast<std::string>();
+/// A path argument: str, bytes or os.PathLike, as the os module takes them (os.fspath, then
+/// os.fsencode: TypeError for anything else). A NUL byte would cut the name short where the
+/// kernel reads it: ValueError, as Python's own open() says it.
+std::string fs_path(const py::object& path, const char* what) {
+    py::object os = py::module_::import("os");
+    std::string bytes = os.attr("fsencode")(os.attr("fspath")(path)).cast<std::string>();
+    if (bytes.find('\0') != std::string::npos)
+        throw py::value_error(fmt::format("{}: embedded null byte", what));
+    return bytes;
 }
 
 std::uint64_t non_negative(long long value, const char* what) {
     if (value < 0)
         throw py::value_error(fmt::format("{} must not be negative ({})", what, value));
     return static_cast<std::uint64_t>(value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals: long calls run without the GIL, and Python handles a signal (Ctrl-C's
+// KeyboardInterrupt) only once the call returns. So they look in now and then.
+
+/// Thrown (without the GIL) out of the library's callback when a signal handler raised: the
+/// binding's call unwinds, retakes the GIL, and lets Python's exception (already set) through.
+struct Interrupted {};
+
+/// Checks for signals at most every kInterval of work, from code running without the GIL:
+/// takes the GIL, runs Python's signal handlers (PyErr_CheckSignals) and the caller's progress
+/// callback, and throws Interrupted when either raised. Only the main thread runs handlers;
+/// elsewhere this costs a clock read per call.
+class SignalCheck {
+  public:
+    static constexpr auto kInterval = std::chrono::milliseconds(50);
+
+    explicit SignalCheck(py::object progress = py::none()) : progress_(std::move(progress)) {}
+
+    /// Called with the GIL released.
+    void operator()(std::uint64_t done = 0, std::uint64_t total = 0) {
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last_ < kInterval)
+            return;
+        last_ = now;
+        report(done, total);
+    }
+
+    /// Called with the GIL released, at the end (the progress callback sees done == total).
+    void finish(std::uint64_t total) { report(total, total); }
+
+  private:
+    void report(std::uint64_t done, std::uint64_t total) {
+        py::gil_scoped_acquire gil;
+        if (PyErr_CheckSignals() != 0)
+            throw Interrupted{};
+        if (!progress_.is_none()) {
+            PyObject* result =
+                PyObject_CallFunction(progress_.ptr(), "KK", static_cast<unsigned long long>(done),
+                                      static_cast<unsigned long long>(total));
+            if (!result)
+                throw Interrupted{}; // the callback raised (KeyboardInterrupt included)
+            Py_DECREF(result);
+        }
+    }
+
+    py::object progress_;
+    std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
+
+/// Runs `body` (GIL released inside it) and turns Interrupted back into the Python exception
+/// that caused it, once the GIL is held again.
+template <typename Body> auto interruptible(Body&& body) -> decltype(body()) {
+    try {
+        return body();
+    } catch (const Interrupted&) {
+        throw py::error_already_set();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -130,9 +202,19 @@ struct PyExtent {
         if (data_cache)
             return data_cache;
         switch (extent.kind) {
-        case ExtentKind::data:
+        case ExtentKind::data: {
+            // Python code touching the view runs outside the library's fault boundary, where a
+            // page that cannot be read would kill the interpreter: read every page once now,
+            // inside it, so that a file cut short or an I/O error is a qcowmap.Error here.
+            std::optional<py::gil_scoped_release> unlocked;
+            if (extent.bytes.size() > 64 * 1024)
+                unlocked.emplace();
+            if (auto readable = image.check_readable(extent.bytes); !readable)
+                raise(readable.error(), filename);
+            unlocked.reset();
             data_cache = mapped_view(image, extent.bytes);
             break;
+        }
         case ExtentKind::zero:
             data_cache = py::none();
             break;
@@ -358,16 +440,18 @@ class PyImage {
         if (length)
             options.length = non_negative(*length, "length");
         std::vector<qcowmap::MapEntry> entries;
-        {
+        interruptible([&] {
             py::gil_scoped_release unlocked;
+            SignalCheck check;
             auto ok = qcowmap::map_image(image, options,
                                          [&](const qcowmap::MapEntry& e) -> qcowmap::Result<void> {
                                              entries.push_back(e);
+                                             check();
                                              return {};
                                          });
             if (!ok)
                 raise(ok.error(), filename_);
-        }
+        });
         // The keys and their order of `qemu-img map --output=json` (compressed: qemu 8.2+).
         py::list out;
         for (const qcowmap::MapEntry& e : entries) {
@@ -413,41 +497,61 @@ class PyImage {
     }
 
     py::object hash(const std::string& algo, std::optional<long long> block_size,
-                    unsigned threads) const {
+                    long long threads_arg, const py::object& progress) const {
         Image image = get();
         auto algorithm = qcowmap::parse_hash_algorithm(algo);
         if (!algorithm)
-            throw py::value_error(fmt::format(
-                "unknown hash algorithm '{}' (sha256, sha512, blake2b512, xxh3-128)", algo));
+            throw py::value_error(
+                fmt::format("unknown hash algorithm '{}' (sha256, sha512, blake2b512, xxh3-128, "
+                            "blkhash-sha256, blkhash-sha512, blkhash-blake2b512)",
+                            algo));
+        const auto threads = static_cast<unsigned>(
+            std::min<std::uint64_t>(non_negative(threads_arg, "threads"), 1024));
+        if (!progress.is_none() && !PyCallable_Check(progress.ptr()))
+            throw py::type_error("progress must be callable(done, total) or None");
+        const std::uint64_t size = image.size();
         if (!block_size) {
             qcowmap::HashOptions options;
             options.algorithm = *algorithm;
             options.threads = threads;
             std::string hex;
-            {
+            interruptible([&] {
                 py::gil_scoped_release unlocked;
+                SignalCheck check(progress);
+                options.progress = [&](std::uint64_t done, std::uint64_t total) {
+                    check(done, total);
+                };
                 auto digest = qcowmap::hash_image(image, options);
                 if (!digest)
                     raise(digest.error(), filename_);
+                check.finish(size);
                 hex = digest->hex();
-            }
+            });
             return py::str(hex);
+        }
+        const std::uint64_t bs = non_negative(*block_size, "block_size");
+        if (bs < qcowmap::kMinHashBlockSize || (bs & (bs - 1)) != 0) {
+            throw py::value_error(fmt::format("block_size {} is not a power of two of at least {}",
+                                              bs, qcowmap::kMinHashBlockSize));
         }
         qcowmap::BlockHashOptions options;
         options.algorithm = *algorithm;
-        options.block_size = non_negative(*block_size, "block_size");
+        options.block_size = bs;
         options.threads = threads;
         std::vector<qcowmap::BlockDigest> blocks;
-        {
+        interruptible([&] {
             py::gil_scoped_release unlocked;
+            SignalCheck check(progress);
             auto ok = qcowmap::hash_blocks(
                 image, options, [&](const qcowmap::BlockDigest& b) -> qcowmap::Result<void> {
                     blocks.push_back(b);
+                    check(b.offset + b.length, size);
                     return {};
                 });
             if (!ok)
                 raise(ok.error(), filename_);
-        }
+            check.finish(size);
+        });
         // The entries of `qcowmap hash --block-size=N --output=json`'s "blocks".
         py::list out;
         for (const qcowmap::BlockDigest& b : blocks) {
@@ -468,13 +572,31 @@ class PyImage {
     std::size_t read_span(const Image& image, std::span<std::byte> dest,
                           std::uint64_t offset) const {
         constexpr std::size_t kReleaseGilAbove = 16 * 1024;
-        std::optional<py::gil_scoped_release> unlocked;
-        if (dest.size() > kReleaseGilAbove)
-            unlocked.emplace();
-        auto n = image.read(dest, offset);
-        if (!n)
-            raise(n.error(), filename_);
-        return *n;
+        if (dest.size() <= kReleaseGilAbove) {
+            auto n = image.read(dest, offset);
+            if (!n)
+                raise(n.error(), filename_);
+            return *n;
+        }
+        // Long reads in slices, looking for signals in between (a 3 GiB read took 26 s on a
+        // shadow-paging VM): 8 MiB is a few ms from the page cache, ~70 ms from a slow disk.
+        constexpr std::size_t kSlice = 8u << 20;
+        return interruptible([&] {
+            py::gil_scoped_release unlocked;
+            SignalCheck check;
+            std::size_t total = 0;
+            do {
+                auto piece = dest.subspan(total, std::min(kSlice, dest.size() - total));
+                auto n = image.read(piece, offset + total);
+                if (!n)
+                    raise(n.error(), filename_);
+                total += *n;
+                if (*n < piece.size())
+                    break; // the end of the disk
+                check();
+            } while (total < dest.size());
+            return total;
+        });
     }
 
     std::optional<Image> image_;
@@ -482,8 +604,8 @@ class PyImage {
 };
 
 PyImage open_image(const py::object& path, const py::object& snapshot, bool backing,
-                   const py::object& data_file, bool untrusted) {
-    std::string filename = fs_path(path);
+                   const py::object& data_file, bool untrusted, bool force_share) {
+    std::string filename = fs_path(path, "path");
     qcowmap::OpenOptions options;
     options.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
     // A snapshot is named by its ID or its name; an int is taken as the ID.
@@ -494,8 +616,9 @@ PyImage open_image(const py::object& path, const py::object& snapshot, bool back
     else if (!snapshot.is_none())
         throw py::type_error("snapshot must be a str (ID or name), an int (ID) or None");
     if (!data_file.is_none())
-        options.data_file = fs_path(data_file);
+        options.data_file = fs_path(data_file, "data_file");
     options.untrusted = untrusted;
+    options.force_share = force_share;
     std::optional<qcowmap::Result<Image>> image;
     {
         py::gil_scoped_release unlocked;
@@ -504,6 +627,80 @@ PyImage open_image(const py::object& path, const py::object& snapshot, bool back
     if (!*image)
         raise(image->error(), filename);
     return PyImage(std::move(**image), filename);
+}
+
+/// qcowmap.stream_convert: a qcow2 image read once from a Python binary file object (a pipe,
+/// an HTTP response) into a raw file, by the library's stream decoder. The decoder runs without
+/// the GIL and takes it back only to call the file object's readinto (or read).
+py::dict stream_convert(const py::object& fileobj, const py::object& target, bool replace,
+                        const py::object& max_spool, const py::object& expect_checksum,
+                        bool backing, const py::object& data_file, unsigned threads) {
+    const std::string filename = fs_path(target, "target");
+    qcowmap::StreamOptions options;
+    options.threads = threads;
+    options.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
+    if (!max_spool.is_none())
+        options.max_spool = max_spool.cast<std::uint64_t>();
+    if (!data_file.is_none())
+        options.data_file = fs_path(data_file, "data_file");
+    if (!expect_checksum.is_none()) {
+        auto expected = qcowmap::parse_expected_digest(expect_checksum.cast<std::string>());
+        if (!expected)
+            throw py::value_error("expect_checksum: " + expected.error().message);
+        options.expect_digest = *expected;
+    }
+    py::object readinto = py::getattr(fileobj, "readinto", py::none());
+    py::object read = py::getattr(fileobj, "read", py::none());
+    if (readinto.is_none() && read.is_none())
+        throw py::type_error("stream_convert needs a binary file object (readinto or read)");
+    std::optional<py::error_already_set> python_error;
+    qcowmap::StreamReader reader =
+        [&](std::span<std::byte> buffer) -> qcowmap::Result<std::size_t> {
+        py::gil_scoped_acquire locked;
+        const std::size_t want = std::min<std::size_t>(buffer.size(), 1u << 20);
+        try {
+            if (!readinto.is_none()) {
+                py::object n = readinto(py::memoryview::from_memory(
+                    buffer.data(), static_cast<py::ssize_t>(want), false));
+                if (n.is_none())
+                    throw py::value_error("the file object is non-blocking (readinto gave None)");
+                return std::min(n.cast<std::size_t>(), want);
+            }
+            py::bytes chunk = read(want);
+            const std::string_view bytes = chunk;
+            const std::size_t n = std::min(bytes.size(), want);
+            std::memcpy(buffer.data(), bytes.data(), n);
+            return n;
+        } catch (py::error_already_set& e) {
+            python_error.emplace(std::move(e));
+            return qcowmap::Error{qcowmap::ErrorCode::io_error, "reading the stream failed"};
+        }
+    };
+    std::optional<qcowmap::Result<qcowmap::StreamStats>> stats;
+    {
+        py::gil_scoped_release unlocked;
+        stats.emplace(qcowmap::stream_to_raw_file(reader, filename, replace, options));
+    }
+    if (python_error)
+        throw std::move(*python_error);
+    if (!*stats) {
+        const qcowmap::Error& error = (*stats).error();
+        raise(error, qcowmap::is_target_error(error) ? filename : std::string("<stream>"));
+    }
+    const qcowmap::StreamStats& st = **stats;
+    py::dict out;
+    out["stream_bytes"] = st.stream_bytes;
+    out["disk_size"] = st.disk_size;
+    out["data_bytes"] = st.data_bytes;
+    out["compressed_clusters"] = st.compressed_clusters;
+    out["l2_tables"] = st.l2_tables;
+    out["spooled_bytes"] = st.spooled_bytes;
+    out["spool_peak"] = st.spool_peak;
+    out["spool_used_bytes"] = st.spool_used_bytes;
+    out["skipped_tail_bytes"] = st.skipped_tail_bytes;
+    if (st.input_digest)
+        out["input_digest"] = st.input_digest->hex();
+    return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -674,11 +871,11 @@ class PyWritable {
 
 PyWritable open_writable(const py::object& path, bool backing, const py::object& data_file,
                          bool untrusted, bool lock) {
-    std::string filename = fs_path(path);
+    std::string filename = fs_path(path, "path");
     qcowmap::WritableOptions options;
     options.open.backing = backing ? qcowmap::BackingMode::follow : qcowmap::BackingMode::none;
     if (!data_file.is_none())
-        options.open.data_file = fs_path(data_file);
+        options.open.data_file = fs_path(data_file, "data_file");
     options.open.untrusted = untrusted;
     options.lock = lock;
     std::optional<qcowmap::Result<qcowmap::WritableImage>> image;
@@ -692,7 +889,7 @@ PyWritable open_writable(const py::object& path, bool backing, const py::object&
 }
 
 void create_image(const py::object& path, long long size, const std::string& options_text) {
-    std::string filename = fs_path(path);
+    std::string filename = fs_path(path, "path");
     qcowmap::CreateOptions options;
     if (auto ok = qcowmap::parse_create_options(options_text, options); !ok)
         raise(ok.error(), filename);
@@ -753,8 +950,11 @@ PYBIND11_MODULE(_qcowmap, m) {
             "Where the run starts in its host file (the layer's file or its data file), or None.")
         .def_property_readonly("data", &PyExtent::data,
                                "data: a read-only memoryview straight into the mapping (no copy), "
-                               "valid as long as it lives, even after the Image is closed; zero: "
-                               "None; compressed: the decompressed bytes of the range.")
+                               "valid as long as it lives, even after the Image is closed; its "
+                               "pages are read once when it is made (qcowmap.Error if the file "
+                               "shrank or a page cannot be read; a page that fails later still "
+                               "raises SIGBUS when touched); zero: None; compressed: the "
+                               "decompressed bytes of the range.")
         .def("__repr__", [](const PyExtent& e) {
             return fmt::format("Extent(offset={}, length={}, kind='{}', present={}, depth={})",
                                e.extent.offset, e.extent.length, qcowmap::to_string(e.extent.kind),
@@ -802,10 +1002,14 @@ PYBIND11_MODULE(_qcowmap, m) {
              "The entries of `qemu-img map --output=json` as dicts.")
         .def("bitmaps", &PyImage::bitmaps, "What `qcowmap bitmaps --output=json` prints, as dicts.")
         .def("hash", &PyImage::hash, py::arg("algo") = "sha256", py::arg("block_size") = py::none(),
-             py::arg("threads") = 0,
-             "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128), "
-             "or with block_size the block manifest: dicts of index, offset, length, digest, "
-             "zero. threads 0: one per core.")
+             py::arg("threads") = 0, py::arg("progress") = py::none(),
+             "The hex digest of the whole virtual disk (sha256, sha512, blake2b512, xxh3-128 "
+             "as sha256sum & co. give it for the raw disk; blkhash-sha256, blkhash-sha512, "
+             "blkhash-blake2b512 as blksum gives it, at the cost of the allocated data), or "
+             "with block_size the block manifest (not the blkhash algorithms): dicts of index, "
+             "offset, length, digest, zero. threads 0: one per core. progress: called as "
+             "progress(done, total) in bytes of the disk, at most every 50 ms and once at the "
+             "end. Ctrl-C (any signal handler that raises) stops it within about 50 ms of work.")
         .def(
             "open_raw",
             [](py::object self) { return py::module_::import("qcowmap").attr("RawDisk")(self); },
@@ -817,12 +1021,28 @@ PYBIND11_MODULE(_qcowmap, m) {
 
     m.def("open", &open_image, py::arg("path"), py::arg("snapshot") = py::none(),
           py::arg("backing") = true, py::arg("data_file") = py::none(),
-          py::arg("untrusted") = false,
+          py::arg("untrusted") = false, py::arg("force_share") = false,
           "Opens and validates a qcow2 (or qcow v1) image, its backing chain and data file. "
           "snapshot: an internal snapshot's ID or name; backing=False reads only this image; "
           "data_file: use this external data file; untrusted=True: the image came from outside; "
           "backing and data file names it holds are followed only inside its directory (as "
-          "--untrusted).");
+          "--untrusted). QEMU's image locks: by default the image is opened as qemu-img opens "
+          "it, as a reader that lets nobody write until the Image is closed, and an image a "
+          "writer (a running VM, qemu-io) holds raises qcowmap.Error (code 'image_in_use'); "
+          "force_share=True (qemu-img -U) takes no locks, and reads of an image that changes "
+          "meanwhile fail with code 'image_changed' where noticed.");
+    m.def("stream_convert", &stream_convert, py::arg("fileobj"), py::arg("target"), py::kw_only(),
+          py::arg("replace") = false, py::arg("max_spool") = py::none(),
+          py::arg("expect_checksum") = py::none(), py::arg("backing") = true,
+          py::arg("data_file") = py::none(), py::arg("threads") = 0,
+          "Reads a qcow2 image once from fileobj (a binary file object: a pipe, an HTTP "
+          "response; readinto or read) and writes its virtual disk raw to target, which "
+          "appears complete or not at all (replace=True replaces an existing file). "
+          "Clusters that arrive before their tables are spooled in $TMPDIR, at most max_spool "
+          "bytes (default: the disk size). expect_checksum='sha256:HEX' checks the digest of "
+          "the bytes read. backing=False reads an image that names a backing file alone "
+          "(otherwise it is refused); data_file: the external data file, for an image that "
+          "has one. Returns the decoder's statistics as a dict.");
 
     py::class_<PyWritable>(m, "WritableImage",
                            "A qcow2 image opened for writing in place (qcowmap.open(path, "

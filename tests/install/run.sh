@@ -16,7 +16,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 
-"$meson" install -C "$build_root" --no-rebuild --destdir "$tmp/root" --quiet
+"$meson" install -C "$build_root" --no-rebuild --destdir "$tmp/root" --quiet >"$tmp/install.log" 2>&1 ||
+  { cat "$tmp/install.log"; fail "meson install failed"; }
 
 # qcowmap.pc is relocatable (prefix from its own place), so pointing pkg-config at it is all a
 # user of an unpacked install tree needs.
@@ -115,10 +116,17 @@ if [ "$plugin" = true ]; then
   nbdkit_prefix=$(pkg-config --variable=prefix nbdkit)
   nbdkit_plugindir=$(pkg-config --variable=plugindir nbdkit)
   relative=${nbdkit_plugindir#"$nbdkit_prefix"}
-  case $installed_plugin in
-    *"$relative/nbdkit-qcowmap-plugin.so") ;;
-    *) fail "plugin installed at $installed_plugin, not under <prefix>$relative" ;;
+  # A system-wide install (prefix /usr or /usr/local) goes where nbdkit finds plugins by name
+  # (issue 25: under /usr/local it went where nbdkit never looks); another prefix keeps it
+  # under the prefix.
+  prefix=$("$meson" introspect "$build_root" --buildoptions |
+    python3 -c 'import json, sys; print(next(o["value"] for o in json.load(sys.stdin) if o["name"] == "prefix"))')
+  case $prefix in
+    /usr | /usr/local) expected="$tmp/root$nbdkit_plugindir/nbdkit-qcowmap-plugin.so" ;;
+    *) expected="$tmp/root$prefix$relative/nbdkit-qcowmap-plugin.so" ;;
   esac
+  [ "$installed_plugin" = "$expected" ] ||
+    fail "plugin installed at $installed_plugin, not at $expected"
   if [ "$sanitize" = none ] && command -v nbdcopy >/dev/null; then
     nbdkit -U - "$installed_plugin" file=disk.qcow2 --run 'nbdcopy "$uri" nbd.raw'
     cmp nbd.raw disk.raw || fail "nbdkit plugin: bytes differ from qemu-img convert"

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -266,12 +267,34 @@ def test_argument_errors(small):
             img.extents(-5)
         with pytest.raises(ValueError, match="unknown hash algorithm 'md5'"):
             img.hash("md5")
-        expect_error("invalid_argument", "block size", lambda: img.hash(block_size=1000))
+        with pytest.raises(ValueError, match="block_size 1000 is not a power of two"):
+            img.hash(block_size=1000)
         with pytest.raises(TypeError):  # bytes are read-only
             img.readinto(0, b"xxxx")
         expect_error("invalid_argument", "no bitmap named 'x'", lambda: img.dirty_extents("x"))
         with pytest.raises(TypeError, match="snapshot must be"):
             qcowmap.open(path, snapshot=b"1")
+
+
+def blkhash(data, name="sha256"):
+    """The blkhash construction (blksum's digest), from its definition."""
+    outer = hashlib.new(name)
+    for at in range(0, len(data), 64 * KiB):
+        outer.update(hashlib.new(name, data[at : at + 64 * KiB]).digest())
+    outer.update(len(data).to_bytes(8, "little"))
+    return outer.hexdigest()
+
+
+def test_hash_blkhash(small):
+    path, raw = small
+    with qcowmap.open(path) as img:
+        assert img.hash("blkhash-sha256") == blkhash(raw)
+        assert img.hash("blkhash-sha256", threads=1) == blkhash(raw)
+        assert img.hash("blkhash-sha512") == blkhash(raw, "sha512")
+        assert img.hash("blkhash-sha256") == cli("hash", "--algo=blkhash-sha256", str(path)).stdout.decode().split()[0]
+        # A whole-disk digest: no block manifest of it.
+        expect_error("invalid_argument", "block manifest", lambda: img.hash("blkhash-sha256", block_size=65536))
+    assert blkhash(b"") == "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
 
 
 def test_untrusted_argument(small, tmp_path):
@@ -560,6 +583,20 @@ def test_meson_install_puts_an_importable_package_in_the_prefix(tmp_path, small)
     assert b"libqcowmap" not in run(["ldd", str(ext)]).stdout
     site = package.parent
     assert "-packages" in site.name, site
+    # Issue 25: where this interpreter's own local installs go lies under the prefix (Debian's
+    # python3 and the default /usr/local), the package goes there, on its sys.path, not to
+    # Meson 1.0's /usr/local/lib/python3/dist-packages that no Python searches.
+    options = json.loads(run([meson, "introspect", build_root, "--buildoptions"]).stdout)
+    prefix = next(o["value"] for o in options if o["name"] == "prefix").rstrip("/")
+    own = run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('platlib'))"]
+              ).stdout.decode().strip()
+    final = "/" + str(site.relative_to(destdir))
+    if own.startswith(prefix + "/"):
+        assert final == own
+        on_path = run([sys.executable, "-c", "import sys; print(sys.argv[1] in sys.path)", final])
+        assert on_path.stdout.decode().strip() == "True"
+    else:
+        assert final.startswith(prefix + "/"), final
     # A fresh interpreter that sees only the installed package (not the build tree's).
     env = dict(os.environ, PYTHONPATH=str(site))
     code = "import qcowmap, sys; img = qcowmap.open(sys.argv[1]); print(qcowmap.__file__); print(img.hash())"
@@ -567,3 +604,79 @@ def test_meson_install_puts_an_importable_package_in_the_prefix(tmp_path, small)
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == str(package / "__init__.py")
     assert out[1] == sha256(raw)
+
+
+# Issue 25: QEMU's image locks. By default an image a writer holds is refused (as qemu-img
+# refuses it); force_share=True reads it anyway (qemu-img -U). A live qemu-io is the writer.
+def test_an_image_a_writer_holds_is_refused_unless_force_share(small):
+    path, raw = small
+    writer = subprocess.Popen(["timeout", "60", "qemu-io", "-f", "qcow2", "-c", "sleep 60000", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(400):  # until qemu-img itself is refused: the writer holds its lock
+            info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
+            if "lock" in info.stderr:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"qemu-io never locked the image (exit {writer.poll()})")
+        expect_error("image_in_use", 'Failed to get shared "write" lock', lambda: qcowmap.open(path))
+        with qcowmap.open(path, force_share=True) as img:
+            assert img.hash() == sha256(raw)
+    finally:
+        writer.terminate()
+        writer.wait()
+    # Once the writer is gone, the default open works, and holds qemu's writers off.
+    with qcowmap.open(path) as img:
+        refused = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 4k", str(path)], capture_output=True,
+                                 text=True)
+        assert refused.returncode != 0
+        assert 'Failed to get "write" lock' in refused.stdout + refused.stderr
+        assert img.size == 4 << 20
+
+
+def test_stream_convert_from_a_pipe(tmp_path):
+    """qcowmap.stream_convert reads an image once from a pipe (a subprocess's stdout, as an HTTP
+    body would be read) and writes the raw disk, byte-identical to qemu-img convert; a wrong
+    checksum or a cut stream raises qcowmap.Error and leaves no target."""
+    image = tmp_path / "img.qcow2"
+    make_image(image, "cluster_size=4k", "16M", ["write -P 0xab 0 1M", "write -c -P 0xcd 4M 256k", "write -z 8M 64k"])
+    # Out of order: the L1 table moves to the end after a resize, so the data arrives first.
+    run(["qemu-img", "resize", "-q", str(image), "64M"])
+    qemu_io(image, ["write -P 0x5a 60M 64k"])
+    expected = tmp_path / "expected.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(image), str(expected)])
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+
+    target = tmp_path / "out.raw"
+    with subprocess.Popen(["cat", str(image)], stdout=subprocess.PIPE) as cat:
+        stats = qcowmap.stream_convert(cat.stdout, target, expect_checksum="sha256:" + digest)
+    assert sha256(target.read_bytes()) == sha256(expected.read_bytes())
+    assert stats["disk_size"] == 64 * MiB
+    assert stats["stream_bytes"] == image.stat().st_size
+    assert stats["input_digest"] == digest
+    assert stats["spool_used_bytes"] > 0  # the data before the resized L1 table
+    assert stats["compressed_clusters"] == 64
+
+    # A file object without fileno (io.BytesIO, read through readinto) works the same.
+    target.unlink()
+    qcowmap.stream_convert(io.BytesIO(image.read_bytes()), target)
+    assert sha256(target.read_bytes()) == sha256(expected.read_bytes())
+
+    target.unlink()
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    with subprocess.Popen(["cat", str(image)], stdout=subprocess.PIPE) as cat:
+        with pytest.raises(qcowmap.Error) as raised:
+            qcowmap.stream_convert(cat.stdout, target, expect_checksum="sha256:" + wrong)
+        cat.stdout.read()
+    assert raised.value.code == "checksum_mismatch"
+    assert digest in str(raised.value) and wrong in str(raised.value)
+    assert not target.exists()
+
+    cut = io.BytesIO(image.read_bytes()[: 300 * KiB])
+    with pytest.raises(qcowmap.Error) as raised:
+        qcowmap.stream_convert(cut, target)
+    assert "beyond end of file" in str(raised.value)
+    assert not target.exists()
+    with pytest.raises(ValueError):
+        qcowmap.stream_convert(io.BytesIO(b""), target, expect_checksum="md5:00")

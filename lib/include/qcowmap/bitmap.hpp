@@ -1,6 +1,10 @@
 // qcowmap — persistent dirty bitmaps: which parts of the disk changed since a checkpoint.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/extent.hpp>
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>
@@ -25,7 +29,8 @@ struct BitmapRange {
 namespace detail {
 
 /// The machinery of `BitmapRanges`: walks a bitmap's data clusters in place in the mapping.
-/// Never fails: `DirtyBitmap::open` validated the bitmap table.
+/// Fails only when reading the mapping does (an io_error: the file shrank or a read failed);
+/// `DirtyBitmap::open` validated the bitmap table.
 class BitmapRangeWalk {
   public:
     using value_type = BitmapRange;
@@ -33,9 +38,10 @@ class BitmapRangeWalk {
                     unsigned granularity_bits, std::uint64_t start, std::uint64_t end,
                     bool dirty_only);
     bool next(BitmapRange& out);
-    const std::optional<Error>& error() const { return no_error_; }
+    const std::optional<Error>& error() const { return error_; }
 
   private:
+    bool step(BitmapRange& out); // next() inside the fault boundary
     bool bit(std::uint64_t granule) const;
     std::uint64_t find_change(std::uint64_t granule, bool value) const;
 
@@ -48,7 +54,7 @@ class BitmapRangeWalk {
     std::uint64_t granule_ = 0;         // next granule to look at
     std::uint64_t granule_end_ = 0;     // one past the last granule of the range
     bool dirty_only_ = false;
-    std::optional<Error> no_error_;
+    std::optional<Error> error_;
 };
 
 /// The machinery of `DirtyExtentRange`: the extent walk restricted to a bitmap's dirty ranges.
@@ -114,11 +120,13 @@ class DirtyBitmap {
     /// restricted to them. Its errors are those of `Image::extents`.
     DirtyExtentRange dirty_extents(std::uint64_t start = 0, std::uint64_t end = UINT64_MAX) const;
     /// How many bytes of the disk are dirty (popcount over the bitmap, the last partial
-    /// granule counted up to the virtual size only).
+    /// granule counted up to the virtual size only). Reads the bitmap's data clusters from the
+    /// mapping outside the fault boundary (no error to return): `list_bitmaps` counts inside it.
     std::uint64_t dirty_bytes() const;
 
   private:
     DirtyBitmap(Image image, const BitmapEntry* entry, std::span<const std::byte> table);
+    static Result<DirtyBitmap> open_in_boundary(const Image& image, std::string_view name);
     Image image_;
     const BitmapEntry* entry_; // inside image_.info(), which lives as long as image_
     std::span<const std::byte> table_;

@@ -1,6 +1,10 @@
 // qcowmap — a read-only consistency check of a qcow2 image, counted like `qemu-img check`.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/result.hpp>
 
 #include <cstddef>
@@ -50,6 +54,10 @@ struct CheckOptions {
     std::size_t max_messages = 1000;
     /// Open the backing chain and data file as OpenOptions::untrusted does (path overload).
     bool untrusted = false;
+    /// Path overload: as OpenOptions::force_share (qemu-img check -U): take no image locks, so
+    /// an image a writer holds is checked anyway; if it changed meanwhile the check fails
+    /// with image_changed rather than report the writer's half-done state as leaks.
+    bool force_share = false;
 };
 
 /// Checks a qcow2 image (version 2 or 3) in memory without modifying it: rebuilds the
@@ -77,7 +85,8 @@ Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOpt
 /// check, the backing chain and the external data file must open too: a missing backing file
 /// or data file (or a data file bit without a name) is an error. Errors: also io_error for a
 /// file that cannot be opened or mapped, and those of OpenOptions::untrusted with
-/// `options.untrusted`. The file must not be modified while it is checked.
+/// `options.untrusted`; image_in_use when a writer holds the image (QEMU's image locks, see
+/// OpenOptions::force_share); image_changed when a file changed while it was checked.
 Result<CheckResult> check_image(const std::filesystem::path& path,
                                 const CheckOptions& options = {});
 

@@ -1,6 +1,10 @@
 // qcowmap — compare two virtual disks the way `qemu-img compare` does.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>
 

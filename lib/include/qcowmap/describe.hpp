@@ -1,6 +1,10 @@
 // qcowmap — an image described for people and scripts: `qcowmap info --output=json` as a value.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>
 

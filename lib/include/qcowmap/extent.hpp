@@ -1,6 +1,10 @@
 // qcowmap — runs of the virtual disk as the extent iterator yields them.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/result.hpp>
 #include <qcowmap/walk_range.hpp>
 
@@ -88,6 +92,7 @@ class ExtentWalk {
 
   private:
     bool fail(Error error);
+    bool step(Extent& out); // next() inside the fault boundary
 
     std::shared_ptr<const ImageState> state_;
     std::uint64_t position_ = 0;

@@ -1,6 +1,10 @@
 // qcowmap — what kind of file an image is, and the names of qcow2 header extensions.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/result.hpp>
 
 #include <cstdint>

@@ -1,6 +1,10 @@
 // qcowmap — digests of the virtual disk, whole or per block, fed straight from the mapping.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/image.hpp>
 #include <qcowmap/result.hpp>
 
@@ -18,21 +22,45 @@ namespace qcowmap {
 
 /// The digest algorithms `hash_image` and `hash_blocks` offer. SHA-2 and BLAKE2 come from
 /// OpenSSL's libcrypto (EVP, which uses SHA-NI where the CPU has it); xxh3-128 from libxxhash.
+///
+/// The first four digest the disk as one stream of bytes. The blkhash ones use the block
+/// construction of the blkhash project (nirs/blkhash 0.11, the `blksum` command's default):
+/// the disk is cut into blocks of kBlkhashBlockSize bytes (the last one may be shorter and is
+/// hashed as it is), and the digest is H(H(block 0) || ... || H(block n-1) || le64(disk size)),
+/// H being the named digest and || the concatenation of raw digest bytes (an empty disk is
+/// H(le64(0))). Its value does not depend on the image format, a block of zeros costs nothing
+/// but its precomputed digest, and blocks are hashed on every core: its cost follows the
+/// allocated data, not the virtual size.
 enum class HashAlgorithm : std::uint8_t {
-    sha256,     ///< as `sha256sum`
-    sha512,     ///< as `sha512sum` / `openssl dgst -sha512`
-    blake2b512, ///< as `openssl dgst -blake2b512` / `b2sum`
-    xxh3_128,   ///< as `xxhsum -H2` (XXH3 128-bit, canonical big-endian byte order)
+    sha256,             ///< as `sha256sum`
+    sha512,             ///< as `sha512sum` / `openssl dgst -sha512`
+    blake2b512,         ///< as `openssl dgst -blake2b512` / `b2sum`
+    xxh3_128,           ///< as `xxhsum -H2` (XXH3 128-bit, canonical big-endian byte order)
+    blkhash_sha256,     ///< as `blksum` (its default digest)
+    blkhash_sha512,     ///< as `blksum -d sha512`
+    blkhash_blake2b512, ///< as `blksum -d blake2b512`
 };
 
-/// "sha256", "sha512", "blake2b512", "xxh3-128".
+/// Bytes per block of the blkhash construction (blkhash's default block size).
+inline constexpr std::uint64_t kBlkhashBlockSize = 65536;
+
+/// "sha256", "sha512", "blake2b512", "xxh3-128", "blkhash-sha256", "blkhash-sha512",
+/// "blkhash-blake2b512".
 std::string_view to_string(HashAlgorithm algorithm);
 
 /// The algorithm named `name` (the names `to_string` gives), or nullopt.
 std::optional<HashAlgorithm> parse_hash_algorithm(std::string_view name);
 
-/// Bytes of a digest of `algorithm`: 32, 64, 64 or 16.
+/// Bytes of a digest of `algorithm`: 32, 64, 64 or 16 (a blkhash algorithm: those of its
+/// block digest).
 std::size_t digest_size(HashAlgorithm algorithm);
+
+/// True for the blkhash algorithms (the block construction).
+bool is_blkhash(HashAlgorithm algorithm);
+
+/// The digest a blkhash algorithm applies to blocks and to their digests (sha256 for
+/// blkhash-sha256); any other algorithm is returned as it is.
+HashAlgorithm block_digest_algorithm(HashAlgorithm algorithm);
 
 /// A digest of up to 64 bytes.
 struct Digest {
@@ -47,7 +75,9 @@ struct Digest {
 };
 
 /// An incremental digest of one algorithm. Own one per thread; it is reusable: `finish()`
-/// returns the digest and starts afresh.
+/// returns the digest and starts afresh. A blkhash algorithm digests the bytes fed as one disk
+/// (as `blksum < FILE` does), on the calling thread; blocks of zeros fed with `update_zeros`
+/// (or whose bytes are all zero) cost only their precomputed digest.
 class Hasher {
   public:
     /// Errors: io_error when libcrypto cannot provide the algorithm (message names it).
@@ -71,14 +101,16 @@ class Hasher {
     std::unique_ptr<Impl> impl_;
 };
 
-/// The digest of `length` zero bytes (computed once per call; cheap next to hashing data).
+/// The digest of `length` zero bytes (computed once per call; cheap next to hashing data;
+/// blkhash algorithms included).
 Result<Digest> zero_digest(HashAlgorithm algorithm, std::uint64_t length);
 
 struct HashOptions {
     HashAlgorithm algorithm = HashAlgorithm::sha256;
     /// Threads decompressing compressed clusters and making data present (or reading it) ahead
-    /// of the hash (the hash itself is one sequential stream). 0: one per core; 1: everything
-    /// on the calling thread.
+    /// of the hash (the hash itself is one sequential stream); for a blkhash algorithm, the
+    /// workers that read and hash the blocks holding data. 0: one per core; 1: everything on
+    /// the calling thread.
     unsigned threads = 0;
     /// How data reaches the hash: straight from the mapping with no copy at all (made present
     /// and touched ahead by the threads, dropped once hashed), or read into a cache-sized
@@ -94,6 +126,13 @@ struct HashOptions {
 /// a small buffer ahead of the hash, see HashOptions::data_access), compressed clusters come
 /// from the decompressing threads, zero runs from one static zero block (never materialised).
 /// The resident set stays a few MiB whatever the disk size.
+///
+/// A blkhash algorithm (equal to `blksum` of the same raw bytes) costs what the allocated data
+/// costs: zero and unallocated runs of the map are never read (each whole block of them adds
+/// its precomputed digest), and the blocks holding data are hashed by `options.threads`
+/// workers, each reading (or decompressing) its own stretch of the disk, while the calling
+/// thread walks the map and takes their digests in order. Data blocks that hold only zeros
+/// are found by a zero check before any hashing.
 /// Errors: those of the extent walk and decompression, or of the hasher.
 Result<Digest> hash_image(const Image& image, const HashOptions& options = {});
 
@@ -124,6 +163,8 @@ Result<void> hash_images(std::size_t count, const ImageOpener& open, const HashO
 inline constexpr std::uint64_t kMinHashBlockSize = 4096;
 
 struct BlockHashOptions {
+    /// Not a blkhash algorithm (those are whole-disk digests; their blocks are this one's
+    /// blocks of kBlkhashBlockSize with the block digest algorithm).
     HashAlgorithm algorithm = HashAlgorithm::sha256;
     /// Bytes per block: a power of two >= kMinHashBlockSize. The last block is shorter when
     /// the disk size is not a multiple of it.
@@ -142,19 +183,21 @@ struct BlockDigest {
     Digest digest;
     /// True when the allocation map says the whole block reads as zeros (zero clusters,
     /// unallocated ranges, holes of raw layers): its digest is the precomputed digest of a
-    /// zero block and nothing was hashed. Data clusters that happen to hold zeros are hashed
-    /// and have `zero` false (their digest is the same).
+    /// zero block and nothing was read. Data blocks that happen to hold only zeros are found
+    /// by a zero check and get the same digest without hashing, but keep `zero` false.
     bool zero = false;
 };
 
 /// Receives each block's digest, in block order, on the calling thread. Return an error to stop.
 using BlockDigestSink = std::function<Result<void>(const BlockDigest&)>;
 
-/// Streams the digest of every block of the virtual disk to `sink`, in order. Blocks are hashed
-/// on `options.threads` workers (each walks its own range of the disk with its own iterator and
-/// decompressor); memory stays bounded by a window of a few MiB per worker, whatever the disk
-/// size. Errors: invalid_argument for a bad block size; those of the extent walk,
-/// decompression and the hasher; or the sink's own.
+/// Streams the digest of every block of the virtual disk to `sink`, in order. The calling
+/// thread walks the map: blocks that only zero runs touch get the precomputed digest without
+/// any reading; stretches of blocks holding data are hashed on `options.threads` workers (each
+/// reads its own stretch with its own iterator and decompressor); memory stays bounded by a
+/// window of a few MiB per worker, whatever the disk size. Errors: invalid_argument for a bad
+/// block size or a blkhash algorithm; those of the extent walk, decompression and the hasher;
+/// or the sink's own.
 Result<void> hash_blocks(const Image& image, const BlockHashOptions& options,
                          const BlockDigestSink& sink);
 

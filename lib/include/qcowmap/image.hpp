@@ -1,6 +1,10 @@
 // qcowmap — a qcow2 image read through one read-only memory mapping.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/extent.hpp>
 #include <qcowmap/info.hpp>
 #include <qcowmap/options.hpp>
@@ -24,6 +28,10 @@ struct LayerInfo {
     std::filesystem::path path; ///< as opened (relative names resolved against the overlay)
     std::string format;         ///< "qcow2", "qcow" or "raw"
     std::uint64_t virtual_size = 0;
+    /// Device and inode of the layer's file (0, 0 for an image in memory): the same file
+    /// reached by two names is one layer.
+    std::uint64_t device = 0;
+    std::uint64_t inode = 0;
 };
 
 /// One run of the virtual disk as `Image::visit` hands it to its visitor: the run's bytes
@@ -89,6 +97,20 @@ class Image {
     /// True when the file with this device and inode number is mapped by the image: one of
     /// its layers or an external data file. Lets a writer refuse to overwrite its own input.
     bool maps_file(std::uint64_t device, std::uint64_t inode) const;
+    /// True when a file of the image (a layer or an external data file) has changed size or
+    /// modification time since `open` mapped it, or can no longer be checked: someone wrote to
+    /// it, so what was read since may mix two states. Costs one fstat per file. Never true
+    /// for open_bytes. QEMU's image locks (OpenOptions::force_share false) keep qemu's writers
+    /// out while the Image lives; this catches the rest (-U, writers that ignore the locks).
+    bool changed_since_open() const;
+    /// `error` unless the image changed since open: then image_changed, "image changed while
+    /// being read (FILE was written meanwhile)", which names the real cause of whatever
+    /// failed (a table that now lies beyond the mapped end, a mismatch, a corruption).
+    Error explain(Error error) const;
+    /// Nothing when no file changed since open (changed_since_open), else the image_changed
+    /// error explain() gives. Long operations (hash, compare, check, export, write) end with it
+    /// so that a result read from a changing image is never handed out as good.
+    Result<void> check_unchanged() const;
     /// The decoded header.
     const ImageInfo& info() const;
     /// The path given to `open` (empty for `open_bytes`).
@@ -113,6 +135,13 @@ class Image {
     Result<void> visit(std::uint64_t start, std::uint64_t end, const RunVisitor& visitor,
                        const VisitOptions& options = {}) const;
 
+    /// Makes the pages of `bytes` (a span this Image handed out: an extent's or a run's bytes
+    /// in the mapping) present and reads one byte of each, inside the library's fault
+    /// boundary: io_error (the file shrank, or an I/O error reading it) where a page cannot be
+    /// read now, instead of a SIGBUS when the caller touches it. A page that is evicted and
+    /// fails later, or a file truncated later, can still fault in the caller's own code.
+    Result<void> check_readable(std::span<const std::byte> bytes) const;
+
     /// Copies `dest.size()` bytes of the virtual disk starting at `offset` into `dest`.
     /// Returns the bytes copied: fewer than asked only when the disk ends first.
     /// Errors: out_of_range when `offset > size()`, and any error the extent walk meets.
@@ -120,6 +149,9 @@ class Image {
 
   private:
     explicit Image(std::shared_ptr<const detail::ImageState> state);
+    /// visit() once inside the fault boundary.
+    Result<void> visit_in_boundary(std::uint64_t start, std::uint64_t end,
+                                   const RunVisitor& visitor, const VisitOptions& options) const;
     /// What open and open_bytes share once the chain is open (the salvage scan).
     static Result<Image> from_chain(Result<std::shared_ptr<const detail::ImageState>> state,
                                     const OpenOptions& options);
@@ -148,9 +180,28 @@ class Decompressor {
     Result<void> decompress_cluster(const Image& image, const Extent& extent,
                                     std::span<std::byte> cluster);
 
+    /// Decompresses one compressed cluster's stream as stored in a file (`type` zlib: raw
+    /// deflate; zstd: one frame) into `cluster`, the image's cluster size, which it must fill
+    /// exactly; `input` may run on past the end of the stream (descriptors count whole
+    /// sectors). For streams that do not lie in an opened Image (StreamDecoder).
+    /// Errors: compressed_data, saying what the decoder found (no position: the caller knows it).
+    Result<void> decompress_stream(CompressionType type, std::span<const std::byte> input,
+                                   std::span<std::byte> cluster);
+
   private:
+    Result<void> decompress_in_boundary(const Image& image, const Extent& extent,
+                                        std::span<std::byte> cluster);
     struct Impl;
     std::unique_ptr<Impl> impl_;
 };
+
+/// Installs the library's SIGBUS handler now, on top of any handler installed since it last
+/// was. The library contains faults of its own reads of a mapping (a file truncated under it,
+/// an I/O error behind a page): the call that met one returns an io_error and the process
+/// lives on (README, "Errors and exit codes"). The handler is installed by the first call that
+/// reads a mapping and hands every other SIGBUS to the handler it replaced; a program that
+/// installs its own SIGBUS handler later (Python's faulthandler.enable()) calls this again,
+/// or only its own handler sees the faults.
+void install_fault_handler();
 
 } // namespace qcowmap

@@ -1,6 +1,10 @@
 // qcowmap — what an image's header and its extensions say: features, snapshots, bitmaps.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <cstdint>
 #include <optional>
 #include <string>

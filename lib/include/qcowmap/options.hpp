@@ -1,6 +1,10 @@
 // qcowmap — how an image is opened and how its disk is walked.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -68,6 +72,21 @@ struct OpenOptions {
     /// damage, listed by salvage_report() (<qcowmap/salvage.hpp>); every read, walk and visit
     /// of the Image sees the same zeros.
     bool salvage = false;
+    /// QEMU's image locks (advisory OFD byte-range locks, as qemu's block/file-posix.c takes
+    /// them). false (the default): open takes on every file it maps (each layer, each external
+    /// data file) the shared lock `qemu-img info` and `qemu-img convert` take as readers —
+    /// "consistent read" held, "write" denied to others — and fails with image_in_use,
+    /// `Failed to get shared "write" lock: is another process using the image?`, when a
+    /// writer (a running VM, qemu-io, qemu-img commit) holds the image. The locks last as
+    /// long as the Image (any copy of it) lives, and while they do a qemu that wants to write
+    /// the image is refused (`Failed to get "write" lock`): an nbdkit export, a FUSE mount or
+    /// a Python object keeps the image exactly as it was mapped, as `qemu-nbd --read-only`
+    /// does. Release the Image to let a writer in.
+    /// true (`qemu-img -U`, `--force-share`): no locks are taken or checked. The image may then
+    /// change while it is read; results read from a changing image are not to be trusted, and
+    /// operations that notice (Image::changed_since_open) fail with image_changed.
+    /// open_bytes takes no locks (there is no file).
+    bool force_share = false;
 };
 
 /// How data runs that lie in the image's files reach their consumer.
@@ -78,8 +97,8 @@ enum class DataAccess : std::uint8_t {
     /// pread(2) into a buffer owned by the walk, at most kReadPieceBytes at a time (a long run
     /// arrives as several visits), read ahead by the visit's threads when it has more than
     /// one. One copy, made by the kernel from the page cache. A data run cut short underneath
-    /// gives an io_error where the mapping raises SIGBUS (metadata and compressed clusters are
-    /// still read through the mapping).
+    /// gives pread's io_error (metadata and compressed clusters are still read through the
+    /// mapping, where the library's fault boundary turns a fault into an io_error too).
     read,
     /// Whichever of the two costs less on this machine, measured once per process
     /// (`automatic_data_access()`). The default of hash_image, compare_images and the CLI.

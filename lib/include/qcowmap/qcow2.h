@@ -6,8 +6,8 @@
  * and zstd), extended L2 entries, backing chains and external data files.
  *
  * Part two (qcowmap_*) is for C callers who want more: open by path with options (internal
- * snapshot, no backing file), the message of the last error, and the extent iterator with
- * zero-copy pointers to the data runs.
+ * snapshot, no backing file), the message of the last error, the extent iterator with
+ * zero-copy pointers to the data runs, and digests of the disk (qcowmap_hash).
  *
  * Usable from C99 and C++. Link with `pkg-config --libs qcowmap`. No C++ exception crosses
  * these functions. All functions are thread-safe; one `struct qcow2` may be read from any
@@ -39,7 +39,10 @@ struct qcow2;
  *
  * errno: EBADF (fd not open), the errno of fstat/readlink, EIO (the file or a backing/data
  * file could not be opened or mapped), EINVAL (not a qcow image, invalid header or tables),
- * ENOTSUP (unsupported version or feature, encryption), ENOMEM.
+ * ENOTSUP (unsupported version or feature, encryption), ENOMEM, EAGAIN (a writer holds the
+ * image: QEMU's image locks, which every open through this API takes as a reader, as
+ * qemu-img does, for as long as the image stays open; see OpenOptions::force_share in
+ * <qcowmap/options.hpp>).
  *
  * The image is mapped by its path, found through /proc/self/fd/N; relative backing and data
  * file names resolve against that path's directory, as qemu does. When the fd has no usable
@@ -138,6 +141,24 @@ const char* qcowmap_extents_error(const struct qcowmap_extents* it);
 
 /** Releases the iterator (NULL: no effect). */
 void qcowmap_extents_free(struct qcowmap_extents* it);
+
+/** Room for the longest hex digest qcowmap_hash() writes (64 bytes: 128 digits) and its NUL. */
+#define QCOWMAP_HASH_HEX_SIZE 129
+
+/** The digest of the whole virtual disk of `q`, as `qcowmap hash --algo=ALGO` prints it.
+ *
+ * `algo`: "sha256", "sha512", "blake2b512", "xxh3-128" (the digest of the raw disk, as
+ * sha256sum & co. give it for `qemu-img convert -O raw` output), or "blkhash-sha256",
+ * "blkhash-sha512", "blkhash-blake2b512" (the blkhash block construction, as the `blksum`
+ * command gives it: its cost follows the allocated data, and blocks are hashed on every core).
+ * NULL means "sha256". `threads`: worker threads, 0 for one per core.
+ *
+ * Writes the lowercase hex digest and a NUL into `hex`, which holds `hex_size` bytes
+ * (QCOWMAP_HASH_HEX_SIZE always suffices), and returns the digest's size in bytes (32, 64 or
+ * 16). On error returns -1 and sets errno: EINVAL (NULL `q` or `hex`, unknown `algo`),
+ * ERANGE (`hex` too small), EIO (corrupt tables or compressed data, or the digest library
+ * failed), ENOMEM; qcowmap_last_error() says what. Releases nothing: `q` stays open. */
+int qcowmap_hash(struct qcow2* q, const char* algo, unsigned threads, char* hex, size_t hex_size);
 
 /* ---- writing in place ---------------------------------------------------------------------
  * Every function returns 0 on success, -1 with errno and qcowmap_last_error() on failure:

@@ -1,6 +1,10 @@
 // qcowmap — the one error type of the library.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <cassert>
 #include <string>
 #include <string_view>
@@ -17,11 +21,18 @@ enum class ErrorCode {
     invalid_header,      ///< a header field or header extension breaks the spec or qemu's limits
     unsupported_feature, ///< a valid image using a feature this build does not read
     encrypted,           ///< encrypted images are not supported
-    invalid_table,    ///< an L1/L2/refcount/snapshot/bitmap table is malformed or out of the file
-    invalid_cluster,  ///< a cluster descriptor is malformed (unaligned, reserved bits, past EOF)
-    compressed_data,  ///< a compressed cluster could not be decompressed to exactly one cluster
-    out_of_range,     ///< a requested virtual offset lies beyond the end of the disk
-    invalid_argument, ///< an argument given by the caller is not acceptable
+    invalid_table,     ///< an L1/L2/refcount/snapshot/bitmap table is malformed or out of the file
+    invalid_cluster,   ///< a cluster descriptor is malformed (unaligned, reserved bits, past EOF)
+    compressed_data,   ///< a compressed cluster could not be decompressed to exactly one cluster
+    out_of_range,      ///< a requested virtual offset lies beyond the end of the disk
+    invalid_argument,  ///< an argument given by the caller is not acceptable
+    checksum_mismatch, ///< streamed bytes do not have the digest they were expected to have
+    /// Another process uses the image in a way that excludes this use: QEMU's image locks
+    /// (a writer holds it; see OpenOptions::force_share)
+    image_in_use,
+    /// A file of the image changed while it was being read (someone wrote to it: the result
+    /// may mix two states; see Image::changed_since_open)
+    image_changed,
 };
 
 /// A stable, lowercase name for an error code ("invalid_header"...), for JSON and logs.

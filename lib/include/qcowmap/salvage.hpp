@@ -1,6 +1,10 @@
 // qcowmap — what an image opened with OpenOptions::salvage could not read.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/image.hpp>
 
 #include <cstddef>

@@ -1,6 +1,10 @@
 // qcowmap — the one iteration protocol: a fallible walk presented as a C++20 input range.
 #pragma once
 
+#if !defined(__cplusplus) || __cplusplus < 202002L
+#error "qcowmap needs C++20: compile with -std=c++20 (Meson: cpp_std=c++20)"
+#endif
+
 #include <qcowmap/result.hpp>
 
 #include <cstddef>
