@@ -106,11 +106,10 @@ int main(int argc, char** argv) {
     app.name("qcowmap");
     app.require_subcommand(1);
     app.set_version_flag("-v,-V,--version", "qcowmap " + std::string(qcowmap::version()));
-    const Command commands[] = {add_info(app),    add_map(app),     add_cat(app),
-                                add_convert(app), add_bitmaps(app), add_hash(app),
-                                add_compare(app), add_check(app),   add_mount(app),
-                                add_create(app),  add_resize(app),  add_bitmap(app),
-                                add_commit(app),  add_rebase(app)};
+    const Command commands[] = {
+        add_info(app),   add_map(app),     add_cat(app),    add_convert(app), add_bitmaps(app),
+        add_hash(app),   add_compare(app), add_check(app),  add_mount(app),   add_create(app),
+        add_resize(app), add_bitmap(app),  add_commit(app), add_rebase(app)};
     hold_closed_standard_descriptors();
     std::string command = named_command(argc, argv);
     if (std::string option = empty_option_value(argc, argv); !option.empty()) {

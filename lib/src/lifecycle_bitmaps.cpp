@@ -205,10 +205,14 @@ std::vector<Entry>::iterator find_entry(std::vector<Entry>& entries, const std::
 Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& name,
                           const std::vector<BitmapEdit>& edits) {
     // The image as it is, for reading bitmap bits (before the writer marks bitmaps in_use).
-    auto image = Image::open(path);
-    if (!image)
-        return std::move(image).error();
-    const ImageInfo& info = image->info();
+    // Under a reader lock (nobody writes it meanwhile) until the edits are computed; released
+    // before the writer takes its own lock.
+    std::optional<Image> image;
+    if (auto opened = Image::open(path); opened)
+        image = std::move(*opened);
+    else
+        return std::move(opened).error();
+    const ImageInfo info = image->info();
     if (info.version < 3) {
         return edit_error(ErrorCode::invalid_argument,
                           fmt::format("{}: qcow2 version 2 images cannot hold persistent bitmaps "
@@ -419,11 +423,28 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
         }
     }
 
-    // The edits are valid: now the image is written.
+    // The edits are valid: now the image is written. Our readers go first (a reader lock of
+    // our own would refuse our writer).
+    image.reset();
+    sources.clear();
     auto writable = WritableImage::open(path);
     if (!writable)
         return std::move(writable).error();
     WState& s = detail_state(*writable);
+    {
+        // Between the two locks another program could have changed the bitmaps: refuse rather
+        // than store a directory computed from the old one.
+        const auto& now = s.info.bitmaps;
+        const auto& then = info.bitmaps;
+        if (now.has_value() != then.has_value() ||
+            (now && (now->directory_offset != then->directory_offset ||
+                     now->directory_size != then->directory_size))) {
+            return edit_error(ErrorCode::io_error,
+                              fmt::format("{}: the bitmaps changed while they were edited; "
+                                          "nothing was written",
+                                          path.string()));
+        }
+    }
     std::lock_guard lock(s.mutex);
     // In-use flags set by the open are cleared again (nothing was written), so the directory
     // on disk is the one parsed at open.

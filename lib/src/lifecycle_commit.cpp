@@ -86,7 +86,11 @@ Result<CommitStats> commit(const std::filesystem::path& overlay, const CommitOpt
     // between the copy and the emptying.
     std::optional<WritableImage> top;
     if (empty_overlay) {
-        auto opened = WritableImage::open(overlay);
+        // Its writer takes no reader lock on the base below (image_lock.hpp), which we are
+        // about to open for writing ourselves.
+        WritableOptions top_options;
+        top_options.open.force_share = true;
+        auto opened = WritableImage::open(overlay, top_options);
         if (!opened)
             return std::move(opened).error();
         top = std::move(*opened);
@@ -108,6 +112,8 @@ Result<CommitStats> commit(const std::filesystem::path& overlay, const CommitOpt
     for (std::size_t k = base_index; k-- > 0;) {
         OpenOptions alone;
         alone.backing = BackingMode::none;
+        // The overlay, when we hold it for writing, is read under our own writer lock.
+        alone.force_share = k == 0 && top.has_value();
         auto layer = Image::open(layers[k].path, alone);
         if (!layer)
             return std::move(layer).error();

@@ -3,8 +3,8 @@
 // files differ there, the old content is written into the image first (qemu-img.c img_rebase
 // compares the two and writes the differing parts while the old backing file is still in
 // place, so copy-on-write fills partial clusters from the old chain).
-#include "lifecycle_internal.hpp"
 #include "image_lock.hpp"
+#include "lifecycle_internal.hpp"
 
 #include <qcowmap/image.hpp>
 
@@ -67,9 +67,18 @@ bool all_zero(std::span<const std::byte> bytes) {
 /// Rewrites only the backing reference (unsafe mode, and the last step of safe mode when the
 /// writer is not open): under the image's write lock, one header write.
 Result<void> rewrite_reference(const std::filesystem::path& path, const detail::HeaderEdit& edit) {
+    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return rebase_error(path, ErrorCode::io_error, std::strerror(errno));
+    WritableImage::State s;
+    s.file = detail::FileIo(fd, path.string());
+    if (auto ok = detail::lock_image(fd, detail::kWriterLock); !ok)
+        return ok;
+    // The header is read under our writer lock (so our own view takes no reader lock).
     OpenOptions alone;
     alone.backing = BackingMode::none;
     alone.require_data_file = false;
+    alone.force_share = true;
     auto image = Image::open(path, alone);
     if (!image)
         return std::move(image).error();
@@ -78,13 +87,6 @@ Result<void> rewrite_reference(const std::filesystem::path& path, const detail::
         return rebase_error(path, ErrorCode::unsupported_version,
                             "qcow version 1 images are not written");
     }
-    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return rebase_error(path, ErrorCode::io_error, std::strerror(errno));
-    WritableImage::State s;
-    s.file = detail::FileIo(fd, path.string());
-    if (auto ok = detail::lock_image(fd, detail::kWriterLock); !ok)
-        return ok;
     s.info = info;
     s.cluster_size = info.cluster_size;
     s.cluster_bits = info.cluster_bits;
@@ -140,13 +142,17 @@ Result<RebaseStats> rebase(const std::filesystem::path& path, const RebaseOption
     std::optional<Image> old;
     std::optional<Image> top;
     {
+        // Our own views of the image, under the writer's lock: no reader lock of their own.
         OpenOptions alone;
         alone.backing = BackingMode::none;
+        alone.force_share = true;
         auto opened = Image::open(path, alone);
         if (!opened)
             return std::move(opened).error();
         top = std::move(*opened);
-        auto chain = Image::open(path);
+        OpenOptions whole;
+        whole.force_share = true;
+        auto chain = Image::open(path, whole);
         if (!chain)
             return std::move(chain).error();
         const std::vector<LayerInfo> layers = chain->layers();
