@@ -43,16 +43,15 @@ int report(std::string_view file, std::string_view message, int code) {
 }
 
 int report_error(std::string_view file, const Error& error, int code) {
-    std::string message = with_flag_names(error.message);
-    if (message.ends_with("the image names no data file")) {
+    std::string message = with_flag_names(error);
+    if (error.refusal == Refusal::no_data_file_name) {
         message += " (give one with --data-file)";
     }
     if (error.code == ErrorCode::image_in_use) {
         // qemu-img's hint is "Is another process using the image [FILE]?"; ours adds -U.
         message += " (-U reads it anyway, at the risk of a half-written state)";
     }
-    const std::string named = printable(file) + ": ";
-    if (message.starts_with(named)) {
+    if (error.message_names_path && error.path == file) {
         // The library named the file already: "qcowmap: x.qcow2: No such file or directory".
         std::string line = "qcowmap: " + printable(message) + "\n";
         ssize_t ignored = ::write(STDERR_FILENO, line.data(), line.size());
@@ -222,8 +221,10 @@ void add_untrusted_option(CLI::App& command, bool& untrusted) {
                      "regular file");
 }
 
-std::string with_flag_names(std::string message) {
-    if (message.ends_with(kUntrustedRefusalMark)) {
+std::string with_flag_names(const Error& error) {
+    std::string message = error.message;
+    // An untrusted refusal's message ends in kUntrustedRefusalMark: name the flag instead.
+    if (error.refusal == Refusal::untrusted && message.ends_with(kUntrustedRefusalMark)) {
         message.resize(message.size() - kUntrustedRefusalMark.size());
         message += " (--untrusted)";
     }

@@ -128,8 +128,9 @@ std::optional<Image> open_or_report(const ImageArgs& args);
 /// Adds `--untrusted` (confine the references an image names to its directory) to `command`.
 void add_untrusted_option(CLI::App& command, bool& untrusted);
 
-/// `message` as the CLI shows it: a refusal made because of --untrusted names the flag.
-std::string with_flag_names(std::string message);
+/// The message of `error` as the CLI shows it: a refusal made because of --untrusted names the
+/// flag.
+std::string with_flag_names(const Error& error);
 
 /// Adds `--salvage` (read a damaged image, damaged ranges as zeros) to `command`.
 void add_salvage_option(CLI::App& command, bool& salvage);

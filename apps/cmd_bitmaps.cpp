@@ -8,20 +8,9 @@
 namespace qcowmap::cli {
 namespace {
 
-std::vector<std::string> flag_names(const BitmapEntry& e) {
-    std::vector<std::string> names;
-    if (e.flags & kBitmapInUse)
-        names.emplace_back("in-use");
-    if (e.flags & kBitmapAuto)
-        names.emplace_back("auto");
-    if (e.flags & kBitmapExtraDataCompatible)
-        names.emplace_back("extra-data-compatible");
-    return names;
-}
-
 std::string json_bitmap(const BitmapSummary& s) {
     std::string flags = "[";
-    for (const std::string& f : flag_names(s.entry)) {
+    for (const std::string& f : bitmap_flag_names(s.entry.flags)) {
         flags += (flags.size() > 1 ? ", " : "") + json_string(f);
     }
     flags += "]";
@@ -38,7 +27,7 @@ std::string json_bitmap(const BitmapSummary& s) {
 
 /// The "bitmaps" lines of `qcowmap info` (human form): one line per bitmap.
 std::string describe_bitmap(const BitmapEntry& e) {
-    std::vector<std::string> flags = flag_names(e);
+    std::vector<std::string> flags = bitmap_flag_names(e.flags);
     std::string joined;
     for (const std::string& f : flags)
         joined += (joined.empty() ? "" : ",") + f;
@@ -87,7 +76,7 @@ Command add_bitmaps(CLI::App& app) {
                                        "FLAGS", "DIRTY", "STATUS");
                     for (const BitmapSummary& s : bitmaps) {
                         std::string flags;
-                        for (const std::string& f : flag_names(s.entry)) {
+                        for (const std::string& f : bitmap_flag_names(s.entry.flags)) {
                             flags += (flags.empty() ? "" : ",") + f;
                         }
                         out += fmt::format(

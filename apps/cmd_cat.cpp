@@ -45,10 +45,9 @@ Command add_cat(CLI::App& app) {
                 // cat has no --io: always the mapping, made present ahead (and into a pipe,
                 // handed over by reference).
                 options.data_access = DataAccess::mapping;
-                ExportError where;
-                auto result = export_raw(*image, STDOUT_FILENO, options, &where);
+                auto result = export_raw(*image, STDOUT_FILENO, options);
                 if (!result) {
-                    return where.target
+                    return result.error().origin == ErrorOrigin::target
                                ? report("<stdout>", result.error().message, kExitOutputError)
                                : report_error(args->path, result.error(), kExitImageError);
                 }

@@ -85,18 +85,18 @@ Command add_compare(CLI::App& app) {
             options.data_access = data_access(args->io);
             Progress meter(args->progress, std::max(a->size(), b->size()));
             options.progress = meter.callback();
-            CompareError detail;
             Result<CompareResult> result = Error{ErrorCode::io_error, ""};
             try {
-                result = compare_images(*a, *b, options, &detail);
+                result = compare_images(*a, *b, options);
             } catch (const std::exception& e) { // out of memory: a read error, never "different"
                 return report(args->first, e.what(), kCompareReadError);
             }
             if (!result) {
-                const std::string& path = detail.image == 0 ? args->first : args->second;
-                return report_error(path, result.error(),
-                                    detail.read_error ? kCompareReadError
-                                                      : kCompareAllocationError);
+                const Error& error = result.error();
+                const std::string& path = error.path == b->path() ? args->second : args->first;
+                return report_error(path, error,
+                                    error.stage == ErrorStage::read ? kCompareReadError
+                                                                    : kCompareAllocationError);
             }
             meter.finish();
             auto say = [&](const std::string& line) {

@@ -62,10 +62,11 @@ void remove_temporaries_on_termination() {
 }
 
 /// Reports an export failure on the side it came from: the target (exit 3) or the image (1).
-int report_export(const ConvertJob& job, const Error& error, const ExportError& where) {
+int report_export(const ConvertJob& job, const Error& error) {
     const std::string target = job.target == "-" ? "<stdout>" : job.target;
-    return where.target ? report(target, error.message, kExitOutputError)
-                        : report_error(job.source.path, error, kExitImageError);
+    return error.origin == ErrorOrigin::target
+               ? report(target, error.message, kExitOutputError)
+               : report_error(job.source.path, error, kExitImageError);
 }
 
 /// Opens TARGET, a device or a pipe (regular files go to export_raw_file), for a raw write:
@@ -127,10 +128,9 @@ int convert_raw(const ConvertJob& job) {
         Digest digest;
         options.digest = job.digest;
         options.digest_out = &digest;
-        ExportError where;
-        auto result = export_raw_file(job.image, job.target, options, job.force, &where);
+        auto result = export_raw_file(job.image, job.target, options, job.force);
         if (!result)
-            return report_export(job, result.error(), where);
+            return report_export(job, result.error());
         meter.finish();
         return job.digest ? deliver_digest(job, digest) : kExitOk;
     }
@@ -146,10 +146,9 @@ int convert_raw(const ConvertJob& job) {
     Digest digest;
     options.digest = job.digest;
     options.digest_out = &digest;
-    ExportError where;
-    auto result = export_raw(job.image, target.fd, options, &where);
+    auto result = export_raw(job.image, target.fd, options);
     if (!result) {
-        return report_export(job, result.error(), where);
+        return report_export(job, result.error());
     }
     if (target.fd != STDOUT_FILENO) {
         int fd = target.fd;
@@ -177,10 +176,9 @@ int convert_incremental(const ConvertJob& job, const std::string& bitmap_name) {
     Progress meter(job.progress, bitmap->dirty_bytes());
     ExportOptions options;
     options.progress = meter.callback();
-    ExportError where;
-    auto result = export_dirty(job.image, *bitmap, target.fd, options, &where);
+    auto result = export_dirty(job.image, *bitmap, target.fd, options);
     if (!result) {
-        return report_export(job, result.error(), where);
+        return report_export(job, result.error());
     }
     int fd = target.fd;
     target.fd = -1;

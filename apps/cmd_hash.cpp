@@ -459,7 +459,7 @@ int hash_check(const HashArgs& args) {
                 digest = *d;
             }
             if (failure && args.ignore_missing && failure->code == ErrorCode::io_error &&
-                failure->message.ends_with(std::strerror(ENOENT))) {
+                failure->system_errno == ENOENT) {
                 --checked;
                 continue;
             }

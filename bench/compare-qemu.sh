@@ -371,7 +371,7 @@ fi
 script_end=$(date +%s.%N)
 awk -v a="$script_start" -v b="$script_end" 'BEGIN { printf "compare-qemu.sh took %.1f s\n", b - a }'
 
-# ---- Writing qcow2 (issue 14): qcowmap convert -O qcow2 against qemu-img convert -O qcow2 ----
+# ---- Writing qcow2: qcowmap convert -O qcow2 against qemu-img convert -O qcow2 ----
 # Same images, same alternating median timing; each output is checked once (qemu-img check and
 # compare) before the timed runs. Sources:
 #   frag-4G.qcow2   uncompressed output (the 1 GiB of data in 16384 runs)

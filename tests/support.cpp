@@ -186,6 +186,34 @@ void poke(const std::filesystem::path& path, std::uint64_t offset, const std::st
     }
 }
 
+void put_be(Buffer& b, std::uint64_t at, std::uint64_t value, unsigned width) {
+    for (unsigned i = 0; i < width; ++i) {
+        b.at(at + i) = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
+    }
+}
+void put_u8(Buffer& b, std::uint64_t at, std::uint8_t value) {
+    put_be(b, at, value, 1);
+}
+void put_be32(Buffer& b, std::uint64_t at, std::uint32_t value) {
+    put_be(b, at, value, 4);
+}
+void put_be64(Buffer& b, std::uint64_t at, std::uint64_t value) {
+    put_be(b, at, value, 8);
+}
+std::uint64_t get_be(const Buffer& b, std::uint64_t at, unsigned width) {
+    std::uint64_t value = 0;
+    for (unsigned i = 0; i < width; ++i) {
+        value = (value << 8) | std::to_integer<std::uint64_t>(b.at(at + i));
+    }
+    return value;
+}
+std::uint32_t get_be32(const Buffer& b, std::uint64_t at) {
+    return static_cast<std::uint32_t>(get_be(b, at, 4));
+}
+std::uint64_t get_be64(const Buffer& b, std::uint64_t at) {
+    return get_be(b, at, 8);
+}
+
 void poke_be(const std::filesystem::path& path, std::uint64_t offset, std::uint64_t value,
              unsigned width) {
     std::string bytes(width, '\0');

@@ -104,6 +104,19 @@ template <typename Range> class Stepper {
 
 namespace qcowmap::test {
 
+/// An image's bytes held in memory, to patch before opening them.
+using Buffer = std::vector<std::byte>;
+
+// Byte patching of a Buffer (big-endian, as qcow2 stores its fields). Offsets are checked with
+// `at()`: a bad one throws, which gtest reports as a failure of the test.
+void put_be(Buffer& b, std::uint64_t at, std::uint64_t value, unsigned width);
+void put_u8(Buffer& b, std::uint64_t at, std::uint8_t value);
+void put_be32(Buffer& b, std::uint64_t at, std::uint32_t value);
+void put_be64(Buffer& b, std::uint64_t at, std::uint64_t value);
+std::uint64_t get_be(const Buffer& b, std::uint64_t at, unsigned width);
+std::uint32_t get_be32(const Buffer& b, std::uint64_t at);
+std::uint64_t get_be64(const Buffer& b, std::uint64_t at);
+
 /// Overwrites bytes of a file in place (qemu-iotests' poke_file).
 void poke(const std::filesystem::path& path, std::uint64_t offset, const std::string& bytes);
 /// Writes `value` big-endian in `width` bytes at `offset` (qemu-iotests' poke_file_be).

@@ -1,4 +1,4 @@
-// The public API's shape (issue 13): the walks are C++20 input ranges that compose with views
+// The public API's shape: the walks are C++20 input ranges that compose with views
 // and report their error after the loop; one visit whose runs carry their file positions; the
 // version header; and the one worker primitive's exception policy — errors and exceptions from
 // visitors, sinks and workers come back to the caller, never reach std::terminate, and leave no
@@ -221,7 +221,7 @@ TEST_F(ApiImage, HashBlockSinkErrorsAndExceptionsReachTheCaller) {
         ASSERT_FALSE(ok);
         EXPECT_EQ(ok.error().message, "sink says stop");
         EXPECT_EQ(blocks, 700);
-        // The known defect of issue 13: a throwing sink left hashing threads unjoined.
+        // A defect once: a throwing sink left hashing threads unjoined.
         blocks = 0;
         EXPECT_THROW((void)hash_blocks(*image_, options,
                                        [&](const BlockDigest&) -> Result<void> {

@@ -23,8 +23,10 @@ namespace {
 
 using namespace qcowmap;
 namespace qt = qcowmap::test;
+using qt::Buffer;
+using qt::get_be;
+using qt::put_be;
 using qt::q;
-using Buffer = std::vector<std::byte>;
 
 /// A range as compared with the oracle: start, length, dirty.
 using Span = std::tuple<std::uint64_t, std::uint64_t, bool>;
@@ -547,17 +549,6 @@ TEST(Bitmaps, SnapshotsAreRefused) {
 
 // ---------------------------------------------------------------------------------------------
 // Hand-built bad bitmap directories and tables
-
-void put_be(Buffer& b, std::size_t at, std::uint64_t value, unsigned width) {
-    for (unsigned i = 0; i < width; ++i)
-        b.at(at + i) = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
-}
-std::uint64_t get_be(const Buffer& b, std::size_t at, unsigned width) {
-    std::uint64_t v = 0;
-    for (unsigned i = 0; i < width; ++i)
-        v = (v << 8) | std::to_integer<std::uint64_t>(b.at(at + i));
-    return v;
-}
 
 constexpr std::size_t kAutoclearAt = 88;
 constexpr std::size_t kHeaderLengthAt = 100;

@@ -1,4 +1,4 @@
-// qcow2 on block devices (issue 18): an image, a backing layer or a data file on a loop device
+// qcow2 on block devices: an image, a backing layer or a data file on a loop device
 // is read like a file (sized with BLKGETSIZE64), and convert writes onto block devices. Loop
 // devices are made in the test with `losetup`, which needs root: otherwise every test is
 // skipped and says why.

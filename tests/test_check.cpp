@@ -23,21 +23,11 @@ namespace {
 
 using namespace qcowmap;
 namespace qt = qcowmap::test;
-using Buffer = std::vector<std::byte>;
+using qt::Buffer;
+using qt::get_be;
+using qt::put_be;
 
 constexpr std::uint64_t kOffsetMask = 0x00fffffffffffe00ULL;
-
-std::uint64_t get_be(const Buffer& b, std::uint64_t at, unsigned width) {
-    std::uint64_t v = 0;
-    for (unsigned i = 0; i < width; ++i)
-        v = (v << 8) | std::to_integer<std::uint64_t>(b.at(at + i));
-    return v;
-}
-void put_be(Buffer& b, std::uint64_t at, std::uint64_t value, unsigned width) {
-    for (unsigned i = 0; i < width; ++i) {
-        b.at(at + i) = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
-    }
-}
 
 /// Header geometry of a v3 image, enough to find refcount entries and the first L2 table.
 struct Geometry {

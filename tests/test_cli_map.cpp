@@ -1,4 +1,4 @@
-// Human `qcowmap map` against `qemu-img map`, line for line (issue 18): the File column names
+// Human `qcowmap map` against `qemu-img map`, line for line: the File column names
 // the file that holds the bytes (a backing layer, raw or qcow2, or an external data file) and
 // the offset is relative to that file. Also `map --bitmap` (library map_dirty) in both forms.
 #include "support.hpp"

@@ -330,11 +330,13 @@ TEST_F(Compare, DifferenceBeforeADamagedClusterWinsOnEveryThreadCount) {
         SCOPED_TRACE(testing::Message() << "threads " << threads);
         CompareOptions options;
         options.threads = threads;
-        CompareError where;
-        auto r = compare_images(*z, *y, options, &where);
+        auto r = compare_images(*z, *y, options);
         ASSERT_FALSE(r);
         EXPECT_EQ(r.error().code, ErrorCode::compressed_data) << r.error().message;
-        EXPECT_EQ(where.image, 1);
+        EXPECT_EQ(r.error().origin, ErrorOrigin::image);
+        EXPECT_EQ(r.error().path, y->path().string());
+        EXPECT_NE(r.error().path, z->path().string());
+        EXPECT_EQ(r.error().stage, ErrorStage::read);
     }
 }
 

@@ -235,26 +235,15 @@ struct OneCompressed {
     std::uint64_t csize = 0;
 };
 
-std::uint64_t be64(const std::vector<std::byte>& b, std::uint64_t at) {
-    std::uint64_t v = 0;
-    for (int i = 0; i < 8; ++i)
-        v = (v << 8) | std::to_integer<std::uint64_t>(b[at + i]);
-    return v;
-}
-void put_be64(std::vector<std::byte>& b, std::uint64_t at, std::uint64_t v) {
-    for (int i = 7; i >= 0; --i, v >>= 8)
-        b[at + i] = std::byte(v & 0xff);
-}
-
 OneCompressed make_one_compressed(const TempDir& dir, const std::string& options) {
     auto path = dir / "one.qcow2";
     test::make_image(path, options, "1M", {"write -c -P 0x5c 0 64k"});
     OneCompressed c;
     c.bytes = test::read_file(path);
-    std::uint64_t l1 = be64(c.bytes, 40);
-    std::uint64_t l2 = be64(c.bytes, l1) & 0x00fffffffffffe00ull;
+    std::uint64_t l1 = test::get_be64(c.bytes, 40);
+    std::uint64_t l2 = test::get_be64(c.bytes, l1) & 0x00fffffffffffe00ull;
     c.l2_entry_at = l2;
-    std::uint64_t entry = be64(c.bytes, l2);
+    std::uint64_t entry = test::get_be64(c.bytes, l2);
     EXPECT_TRUE(entry & (1ull << 62)) << "expected a compressed cluster";
     const unsigned shift = 62 - (16 - 8);
     c.coffset = entry & ((1ull << shift) - 1);
@@ -307,10 +296,10 @@ TEST(CorruptCompressed, TruncatedStream) {
 TEST(CorruptCompressed, DescriptorPastEndOfFile) {
     TempDir dir;
     OneCompressed c = make_one_compressed(dir, "cluster_size=64k");
-    std::uint64_t entry = be64(c.bytes, c.l2_entry_at);
+    std::uint64_t entry = test::get_be64(c.bytes, c.l2_entry_at);
     const unsigned shift = 62 - 8;
     entry = (entry & ~((1ull << shift) - 1)) | (c.bytes.size() + 4096);
-    put_be64(c.bytes, c.l2_entry_at, entry);
+    test::put_be64(c.bytes, c.l2_entry_at, entry);
     Error e = read_error(c.bytes);
     EXPECT_EQ(e.code, ErrorCode::invalid_cluster);
     EXPECT_NE(e.message.find("beyond end of file"), std::string::npos) << e.message;
@@ -319,10 +308,10 @@ TEST(CorruptCompressed, DescriptorPastEndOfFile) {
 TEST(CorruptCompressed, SectorCountRunsPastEndOfFile) {
     TempDir dir;
     OneCompressed c = make_one_compressed(dir, "cluster_size=64k");
-    std::uint64_t entry = be64(c.bytes, c.l2_entry_at);
+    std::uint64_t entry = test::get_be64(c.bytes, c.l2_entry_at);
     const unsigned shift = 62 - 8;
     entry |= 0xffull << shift; // 256 sectors: 128 KiB from an offset near the end of the file
-    put_be64(c.bytes, c.l2_entry_at, entry);
+    test::put_be64(c.bytes, c.l2_entry_at, entry);
     Error e = read_error(c.bytes);
     EXPECT_EQ(e.code, ErrorCode::invalid_cluster);
     EXPECT_NE(e.message.find("beyond end of file"), std::string::npos) << e.message;
@@ -417,7 +406,7 @@ std::vector<std::byte> with_stream(const OneCompressed& c, const std::vector<std
         bytes.push_back(std::byte((i * 131 + 7) & 0xff)); // garbage, as another stream would be
     const std::uint64_t sectors = ((c.coffset % 512) + stream.size() + trailing + 511) / 512;
     EXPECT_LE(sectors, 256u);
-    put_be64(bytes, c.l2_entry_at, (1ull << 62) | ((sectors - 1) << 54) | c.coffset);
+    test::put_be64(bytes, c.l2_entry_at, (1ull << 62) | ((sectors - 1) << 54) | c.coffset);
     return bytes;
 }
 

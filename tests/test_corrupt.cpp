@@ -32,7 +32,14 @@ namespace {
 
 using namespace qcowmap;
 namespace qt = qcowmap::test;
-using Buffer = std::vector<std::byte>;
+using qt::Buffer;
+using qt::get_be;
+using qt::get_be32;
+using qt::get_be64;
+using qt::put_be;
+using qt::put_be32;
+using qt::put_be64;
+using qt::put_u8;
 
 // ---------------------------------------------------------------------------------------------
 // On-disk layout (docs/interop/qcow2.txt)
@@ -76,35 +83,6 @@ constexpr std::size_t kBackingNameAt = 0x1000; // after qemu's extensions, in th
 
 // ---------------------------------------------------------------------------------------------
 // Byte patching. `at()` throws on a bad offset, which gtest reports as a test failure.
-
-void put_be(Buffer& b, std::size_t at, std::uint64_t value, unsigned width) {
-    for (unsigned i = 0; i < width; ++i) {
-        b.at(at + i) = static_cast<std::byte>(value >> (8 * (width - 1 - i)));
-    }
-}
-void put_u8(Buffer& b, std::size_t at, std::uint8_t v) {
-    put_be(b, at, v, 1);
-}
-void put_be32(Buffer& b, std::size_t at, std::uint32_t v) {
-    put_be(b, at, v, 4);
-}
-void put_be64(Buffer& b, std::size_t at, std::uint64_t v) {
-    put_be(b, at, v, 8);
-}
-
-std::uint64_t get_be(const Buffer& b, std::size_t at, unsigned width) {
-    std::uint64_t value = 0;
-    for (unsigned i = 0; i < width; ++i) {
-        value = (value << 8) | std::to_integer<std::uint64_t>(b.at(at + i));
-    }
-    return value;
-}
-std::uint32_t get_be32(const Buffer& b, std::size_t at) {
-    return static_cast<std::uint32_t>(get_be(b, at, 4));
-}
-std::uint64_t get_be64(const Buffer& b, std::size_t at) {
-    return get_be(b, at, 8);
-}
 
 /// Writes `text` at `at`, zero-filling up to `field_size` bytes.
 void put_text(Buffer& b, std::size_t at, std::string_view text, std::size_t field_size) {
@@ -662,7 +640,7 @@ TEST(CorruptHeader, NamesFromTheImageDoNotBreakTheOneLineMessage) {
         Buffer b = fixtures().v3;
         append_extension(b, kExtDataFile, "disk\r\n.raw");
         put_be64(b, kIncompatibleAt, kIncompatDataFile);
-        // info needs only the header and works without the data file (issue 18): map reads.
+        // info needs only the header and works without the data file: map reads.
         check(b, ErrorCode::unsupported_feature, "disk", "data-file.qcow2", "map");
     }
 }

@@ -1,4 +1,4 @@
-// Library work that used to live in the CLI (issue 13, "library work out of the CLI"; issue 18):
+// Library work that used to live in the CLI:
 // the raw export engine, the dirty-range map and copy, the map's File column, format probing,
 // header extension names, the info JSON and the data file status, progress callbacks.
 #include "support.hpp"
@@ -112,8 +112,7 @@ TEST_F(Export, RawToANewFileIsQemusBytesWithHoles) {
             options.data_access = access;
             options.threads = threads;
             options.progress = progress.callback();
-            ExportError where;
-            auto ok = export_raw(image, fd, options, &where);
+            auto ok = export_raw(image, fd, options);
             ASSERT_EQ(::close(fd), 0);
             ASSERT_TRUE(ok) << ok.error().message;
             EXPECT_TRUE(test::read_file(out) == raw_);
@@ -187,11 +186,10 @@ TEST_F(Export, PartOfTheDiskInOrder) {
     ASSERT_GE(fd, 0);
     ExportOptions options;
     options.start = 4096;
-    ExportError where;
-    auto ok = export_raw(image, fd, options, &where);
+    auto ok = export_raw(image, fd, options);
     ASSERT_FALSE(ok);
     EXPECT_EQ(ok.error().code, ErrorCode::invalid_argument);
-    EXPECT_TRUE(where.target);
+    EXPECT_EQ(ok.error().origin, ErrorOrigin::target);
     options.sequential = true;
     options.start = 9u << 20;
     ok = export_raw(image, fd, options);
@@ -205,20 +203,19 @@ TEST_F(Export, RawRefusesTheImageItselfAndBadOptions) {
     int fd = ::open(image_.c_str(), O_WRONLY);
     ASSERT_GE(fd, 0);
     const auto before = test::read_file(image_);
-    ExportError where;
-    auto ok = export_raw(image, fd, {}, &where);
+    auto ok = export_raw(image, fd, {});
     ::close(fd);
     ASSERT_FALSE(ok);
     EXPECT_EQ(ok.error().code, ErrorCode::invalid_argument);
     EXPECT_EQ(ok.error().message, "is the image being read (or one of its layers or its data "
                                   "file): refusing to overwrite it");
-    EXPECT_TRUE(where.target);
+    EXPECT_EQ(ok.error().origin, ErrorOrigin::target);
     EXPECT_TRUE(test::read_file(image_) == before);
 
     fd = ::open((dir_ / "x.raw").c_str(), O_WRONLY | O_CREAT, 0644);
     ExportOptions options;
     options.zero_block = 1000;
-    ok = export_raw(image, fd, options, &where);
+    ok = export_raw(image, fd, options);
     ::close(fd);
     ASSERT_FALSE(ok);
     EXPECT_EQ(ok.error().code, ErrorCode::invalid_argument);
@@ -229,12 +226,10 @@ TEST_F(Export, AnImageErrorIsNotATargetError) {
     test::point_cluster_past_eof(image_, 3 * 16); // guest cluster at 3M
     const Image image = open_ok(image_);
     int fd = ::open((dir_ / "bad.raw").c_str(), O_WRONLY | O_CREAT, 0644);
-    ExportError where;
-    where.target = true;
-    auto ok = export_raw(image, fd, {}, &where);
+    auto ok = export_raw(image, fd, {});
     ::close(fd);
     ASSERT_FALSE(ok);
-    EXPECT_FALSE(where.target);
+    EXPECT_NE(ok.error().origin, ErrorOrigin::target);
     EXPECT_NE(ok.error().message.find("0x40000000000"), std::string::npos) << ok.error().message;
 }
 
@@ -259,11 +254,10 @@ TEST_F(Export, DirtyRangesOntoACopy) {
     // A copy of another size is refused.
     test::write_file(dir_ / "short.raw", std::vector<std::byte>(4096));
     fd = ::open((dir_ / "short.raw").c_str(), O_WRONLY);
-    ExportError where;
-    ok = export_dirty(image, *bitmap, fd, {}, &where);
+    ok = export_dirty(image, *bitmap, fd, {});
     ::close(fd);
     ASSERT_FALSE(ok);
-    EXPECT_TRUE(where.target);
+    EXPECT_EQ(ok.error().origin, ErrorOrigin::target);
     EXPECT_EQ(ok.error().message, "is 4096 bytes but the disk is 8388608 bytes: an incremental "
                                   "update needs a copy of the same size");
 }

@@ -148,11 +148,10 @@ TEST_F(Truncated, HashMapCompareExportAndTheCApiFail) {
         ASSERT_FALSE(exported) << threads;
         EXPECT_EQ(exported.error().code, ErrorCode::image_changed) << exported.error().message;
     }
-    CompareError detail;
-    auto compared = compare_images(image, *copy, {}, &detail);
+    auto compared = compare_images(image, *copy);
     ASSERT_FALSE(compared);
-    EXPECT_EQ(detail.error.code, ErrorCode::image_changed);
-    EXPECT_TRUE(detail.read_error);
+    EXPECT_EQ(compared.error().code, ErrorCode::image_changed);
+    EXPECT_EQ(compared.error().stage, ErrorStage::read);
 
     std::vector<char> buffer(2 * MiB);
     EXPECT_EQ(qcow2_read(c_image, buffer.data(), buffer.size(), 32 * MiB), -1);

@@ -268,7 +268,7 @@ fs::path make_mixed_raw(const TempDir& dir, std::size_t count) {
 }
 
 /// Whole file contents, read with read(2) into a buffer of the file's size (std::ifstream and
-/// a growing buffer are slow here: page faults are expensive on these VMs).
+/// a growing buffer are slow where page faults are expensive).
 std::vector<std::byte> slurp(const fs::path& path) {
     std::vector<std::byte> bytes;
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);

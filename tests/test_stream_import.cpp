@@ -5,8 +5,8 @@
 #include "stream_oracle.hpp"
 #include "support.hpp"
 
-#include "entries.hpp"
 #include "image_state.hpp"
+#include "qcow2_format.hpp"
 
 #include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>

@@ -1,6 +1,8 @@
 // White-box and API unit tests: the bounds check, big-endian loads, Result, and the promises of
 // the public API (zero-copy spans, ranges, read semantics, compressed clusters).
 #include "bytes.hpp"
+#include "qcow2_format.hpp"
+#include "refcount.hpp"
 #include "support.hpp"
 
 #include <qcowmap/image.hpp>
@@ -9,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <cerrno>
 
 namespace qcowmap {
 namespace {
@@ -53,6 +56,118 @@ TEST(BigEndian, LoadsByShifts) {
     EXPECT_EQ(load_be32(b.data()), 0x01234567u);
     EXPECT_EQ(load_be64(b.data()), 0x0123456789abcdefull);
     EXPECT_EQ(load_be32(std::span<const std::byte>(b), 4), 0x89abcdefu);
+}
+
+// The one format definition: each encoder is read back by its decoder.
+TEST(Format, HeaderEncodesAndDecodesAtTheSpecOffsets) {
+    detail::DiskHeader h;
+    h.backing_file_offset = 0x1a0;
+    h.backing_file_size = 11;
+    h.cluster_bits = 16;
+    h.size = 0x123456789;
+    h.l1_size = 3;
+    h.l1_table_offset = 0x30000;
+    h.refcount_table_offset = 0x10000;
+    h.refcount_table_clusters = 1;
+    h.incompatible_features = kIncompatExtendedL2;
+    h.refcount_order = 5;
+    h.compression_type = 1;
+    std::array<std::byte, detail::kV3HeaderLength> bytes{};
+    detail::encode_header(h, bytes.data());
+    EXPECT_EQ(load_be32(bytes.data()), 0x514649fbu);       // "QFI\xfb"
+    EXPECT_EQ(load_be64(bytes.data() + 24), 0x123456789u); // spec: size at byte 24
+    EXPECT_EQ(load_be32(bytes.data() + 96), 5u);           // refcount_order at 96
+    EXPECT_EQ(std::to_integer<unsigned>(bytes[104]), 1u);  // compression type at 104
+    const detail::DiskHeader back = detail::decode_header(bytes);
+    EXPECT_EQ(back.version, 3u);
+    EXPECT_EQ(back.backing_file_offset, h.backing_file_offset);
+    EXPECT_EQ(back.backing_file_size, h.backing_file_size);
+    EXPECT_EQ(back.size, h.size);
+    EXPECT_EQ(back.l1_table_offset, h.l1_table_offset);
+    EXPECT_EQ(back.refcount_table_offset, h.refcount_table_offset);
+    EXPECT_EQ(back.incompatible_features, h.incompatible_features);
+    EXPECT_EQ(back.refcount_order, h.refcount_order);
+    EXPECT_EQ(back.header_length, detail::kV3HeaderLength);
+    EXPECT_EQ(back.compression_type, 1u);
+}
+
+TEST(Format, L2EntriesAndCompressedDescriptorsRoundTrip) {
+    for (bool extended : {false, true}) {
+        std::array<std::byte, 16> p{};
+        detail::encode_l2(p.data(), detail::L2Entry::data(0x50000), extended);
+        auto e = detail::decode_l2(p.data(), extended);
+        EXPECT_EQ(detail::cluster_type(e, extended, false), detail::ClusterType::normal);
+        EXPECT_EQ(e.host_offset(), 0x50000u);
+        EXPECT_TRUE(e.copied());
+        detail::encode_l2(p.data(), detail::L2Entry::zero(extended), extended);
+        e = detail::decode_l2(p.data(), extended);
+        if (extended) {
+            EXPECT_EQ(e.zero_subclusters(), 0xffffffffu);
+            EXPECT_EQ(e.allocated_subclusters(), 0u);
+        } else {
+            EXPECT_EQ(detail::cluster_type(e, false, false), detail::ClusterType::zero_plain);
+        }
+    }
+    for (unsigned cluster_bits : {9u, 16u, 21u}) {
+        const auto layout = detail::CompressedLayout::for_v2(cluster_bits);
+        const std::uint64_t host = 0x12345678 + 3; // inside a sector
+        // A stream is shorter than its cluster (qemu stores it uncompressed otherwise).
+        const std::uint64_t size =
+            std::min<std::uint64_t>(1000, (std::uint64_t{1} << cluster_bits) - 1);
+        const auto entry =
+            detail::L2Entry::compressed_cluster(detail::encode_compressed(layout, host, size));
+        EXPECT_TRUE(entry.compressed());
+        EXPECT_FALSE(entry.copied());
+        const auto d = detail::decode_compressed(entry.raw, layout);
+        EXPECT_EQ(d.host_offset, host);
+        // Whole sectors from the first byte: covers the stream, ends on a sector boundary.
+        EXPECT_GE(d.size, size);
+        EXPECT_EQ((d.host_offset + d.size) % 512, 0u);
+        EXPECT_LT(d.size - size, 512u);
+    }
+}
+
+TEST(Format, RefcountEntriesOfEveryOrder) {
+    for (unsigned order = 0; order <= detail::kMaxRefcountOrder; ++order) {
+        SCOPED_TRACE(order);
+        const detail::RefcountGeometry g{16, order};
+        EXPECT_EQ(g.entries_per_block(), (std::uint64_t{65536} * 8) >> order);
+        EXPECT_EQ(g.table_index(g.entries_per_block() + 5), 1u);
+        EXPECT_EQ(g.block_index(g.entries_per_block() + 5), 5u);
+        EXPECT_EQ(g.blocks_for(g.entries_per_block() + 1), 2u);
+        std::vector<std::byte> block(65536);
+        const std::uint64_t max = g.max_refcount();
+        for (std::uint64_t i : {0u, 1u, 7u, 100u}) {
+            detail::set_refcount_entry(block.data(), i, i == 7 ? max : i, order);
+        }
+        EXPECT_EQ(detail::refcount_entry(block.data(), 7, order), max);
+        EXPECT_EQ(detail::refcount_entry(block.data(), 1, order), 1u & max);
+        EXPECT_EQ(detail::refcount_entry(block.data(), 100, order), 100 & max);
+        EXPECT_EQ(detail::refcount_entry(block.data(), 2, order), 0u); // neighbours untouched
+    }
+}
+
+TEST(Errors, OneErrnoMapping) {
+    Error e{ErrorCode::invalid_table, "x"};
+    EXPECT_EQ(to_errno(e), EIO);
+    e.code = ErrorCode::unsupported_feature;
+    EXPECT_EQ(to_errno(e), ENOTSUP);
+    e.code = ErrorCode::invalid_header;
+    EXPECT_EQ(to_errno(e), EINVAL);
+    e.code = ErrorCode::io_error;
+    e.system_errno = ENOSPC;
+    EXPECT_EQ(to_errno(e), EIO); // a source file that cannot be read
+    e.origin = ErrorOrigin::target;
+    EXPECT_EQ(to_errno(e), ENOSPC); // the output's own errno
+    e.refusal = Refusal::out_of_memory;
+    EXPECT_EQ(to_errno(e), ENOMEM);
+    EXPECT_EQ(to_string(ErrorOrigin::data_file), "data_file");
+    EXPECT_EQ(to_string(Refusal::backing_chain_loop), "backing_chain_loop");
+    e = Error{ErrorCode::image_in_use, "x"};
+    EXPECT_EQ(to_errno(e), EAGAIN);
+    e.code = ErrorCode::image_changed;
+    EXPECT_EQ(to_errno(e), EIO);
+    EXPECT_EQ(to_string(ErrorCode::image_changed), "image_changed");
 }
 
 TEST(ResultType, CarriesValueOrError) {

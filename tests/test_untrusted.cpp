@@ -1,6 +1,6 @@
 // --untrusted: a backing file or data file name taken from an image is followed only when it is
 // relative, stays inside the directory of the image naming it (after `..` and symlinks) and
-// names a regular file. Every escaping reference of issue 15 is built with qemu-img at test
+// names a regular file. Every escaping reference is built with qemu-img at test
 // time and refused by every command that opens images, by the library, the C API and both
 // resolution methods (openat2 and the O_NOFOLLOW walk); references that stay inside still
 // read exactly as qemu-img reads them; without the flag nothing changes.
@@ -100,7 +100,7 @@ struct Escape {
     std::string expected; ///< the message after "qcowmap: IMAGE: "
 };
 
-/// The escapes of issue 15, each an overlay in `dir` whose backing or data file reference
+/// The escapes, each an overlay in `dir` whose backing or data file reference
 /// leaves the directory or names something that is not a regular file.
 std::vector<std::pair<fs::path, Escape>> build_escapes(const qt::TempDir& dir,
                                                        const qt::TempDir& outside) {
@@ -249,6 +249,10 @@ TEST(Untrusted, EachLayerIsConfinedToItsOwnDirectory) {
     EXPECT_EQ(image.error().code, ErrorCode::unsupported_feature);
     EXPECT_EQ(image.error().message,
               "backing file '../base.qcow2' leaves the image's directory (untrusted)");
+    EXPECT_EQ(image.error().refusal, Refusal::untrusted);
+    EXPECT_EQ(image.error().origin, ErrorOrigin::backing);
+    EXPECT_EQ(image.error().depth, 2u); // the backing file of sub/mid.qcow2
+    EXPECT_EQ(image.error().path, "../base.qcow2");
 }
 
 TEST(Untrusted, NamesTheCallerGivesAreTrusted) {
@@ -360,7 +364,7 @@ TEST(Untrusted, BothResolutionMethodsAgree) {
     for (const Case& c : cases) {
         for (auto method : {detail::ConfineMethod::automatic, detail::ConfineMethod::walk}) {
             SCOPED_TRACE(c.name + (method == detail::ConfineMethod::walk ? " (walk)" : ""));
-            auto opened = detail::open_confined(image, c.name, "backing file", method);
+            auto opened = detail::open_confined(image, c.name, ErrorOrigin::backing, method);
             if (c.opens) {
                 ASSERT_TRUE(opened) << opened.error().message;
                 struct stat st {};
@@ -374,9 +378,13 @@ TEST(Untrusted, BothResolutionMethodsAgree) {
                 EXPECT_EQ(opened.error().code, ErrorCode::unsupported_feature);
                 EXPECT_EQ(opened.error().message,
                           "backing file '" + c.name + "' " + c.why + " (untrusted)");
+                EXPECT_EQ(opened.error().refusal, Refusal::untrusted);
+                EXPECT_EQ(opened.error().origin, ErrorOrigin::backing);
             } else {
                 ASSERT_FALSE(opened);
                 EXPECT_EQ(opened.error().code, ErrorCode::io_error);
+                EXPECT_EQ(opened.error().refusal, Refusal::none);
+                EXPECT_EQ(opened.error().system_errno, ENOENT);
                 EXPECT_NE(opened.error().message.find("No such file or directory"),
                           std::string::npos);
             }
@@ -387,12 +395,15 @@ TEST(Untrusted, BothResolutionMethodsAgree) {
 TEST(Untrusted, ProcAndSysFilesAreRefusedEvenWhenInsideTheDirectory) {
     // An image "inside" /proc/self names environ beside it: the name stays inside the
     // directory, but the file is a kernel pseudo file.
-    auto opened = detail::open_confined("/proc/self/vm.qcow2", "environ", "backing file");
+    auto opened = detail::open_confined("/proc/self/vm.qcow2", "environ", ErrorOrigin::backing);
     ASSERT_FALSE(opened);
     EXPECT_EQ(opened.error().message, "backing file 'environ' is a /proc or /sys file (untrusted)");
-    auto sys = detail::open_confined("/sys/kernel/vm.qcow2", "uevent_seqnum", "data file");
+    auto sys =
+        detail::open_confined("/sys/kernel/vm.qcow2", "uevent_seqnum", ErrorOrigin::data_file);
     ASSERT_FALSE(sys);
     EXPECT_EQ(sys.error().message, "data file 'uevent_seqnum' is a /proc or /sys file (untrusted)");
+    EXPECT_EQ(sys.error().origin, ErrorOrigin::data_file);
+    EXPECT_EQ(sys.error().refusal, Refusal::untrusted);
 }
 
 TEST(Untrusted, InfoWithoutTheChainNamesTheBackingFileWithoutOpeningIt) {

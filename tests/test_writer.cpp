@@ -1,4 +1,4 @@
-// The qcow2 writer (issue 14): qemu-img is the judge. Every image written is checked with
+// The qcow2 writer: qemu-img is the judge. Every image written is checked with
 // `qemu-img check` (no errors, no leaks) and `qemu-img compare` against its source.
 #include "support.hpp"
 
@@ -190,21 +190,21 @@ TEST(WriterLayout, RefcountBlocksCoverEveryClusterIncludingThemselves) {
 
 TEST(WriterLayout, RefcountWidthsPackLikeQemu) {
     std::vector<std::byte> block(16);
-    detail::writer::set_refcount(block, 3, 1, 0); // 1 bit: bit 3 of byte 0
+    detail::set_refcount_entry(block.data(), 3, 1, 0); // 1 bit: bit 3 of byte 0
     EXPECT_EQ(block[0], std::byte{0x08});
-    detail::writer::set_refcount(block, 5, 2, 1); // 2 bits: bits 2-3 of byte 1
+    detail::set_refcount_entry(block.data(), 5, 2, 1); // 2 bits: bits 2-3 of byte 1
     EXPECT_EQ(block[1], std::byte{0x08});
-    detail::writer::set_refcount(block, 1, 0x1234, 4); // 16 bits, big-endian
+    detail::set_refcount_entry(block.data(), 1, 0x1234, 4); // 16 bits, big-endian
     EXPECT_EQ(block[2], std::byte{0x12});
     EXPECT_EQ(block[3], std::byte{0x34});
-    detail::writer::set_refcount(block, 1, 7, 6); // 64 bits
+    detail::set_refcount_entry(block.data(), 1, 7, 6); // 64 bits
     EXPECT_EQ(block[15], std::byte{7});
 }
 
 TEST(WriterLayout, CompressedDescriptorCountsExtraSectors) {
     Geometry g; // 64 KiB clusters: x = 62 - 8 = 54
     std::vector<std::byte> table(g.cluster_size);
-    detail::writer::L2Entry entry{detail::writer::L2Entry::Kind::compressed, 0x30000 + 500, 100};
+    detail::writer::L2Plan entry{detail::writer::L2Plan::Kind::compressed, 0x30000 + 500, 100};
     detail::writer::encode_l2_entry(g, table, 0, entry);
     std::uint64_t word = 0;
     for (int i = 0; i < 8; ++i)

@@ -34,23 +34,13 @@ std::string file_name;
 qcowmap::OpenOptions options;
 std::optional<qcowmap::Image> image; // set by get_ready, before any connection
 
-int errno_for(qcowmap::ErrorCode code) {
-    switch (code) {
-    case qcowmap::ErrorCode::out_of_range:
-    case qcowmap::ErrorCode::invalid_argument:
-        return EINVAL;
-    default:
-        return EIO;
-    }
-}
-
 void report(const qcowmap::Error& error) {
     // The file named once: the library names it itself where it could not open it.
-    if (std::string_view(error.message).starts_with(file_name + ": "))
+    if (error.message_names_path && error.path == file_name)
         nbdkit_error("%s", error.message.c_str());
     else
         nbdkit_error("%s: %s", file_name.c_str(), error.message.c_str());
-    nbdkit_set_error(errno_for(error.code));
+    nbdkit_set_error(qcowmap::to_errno(error));
 }
 
 // Every callback catches everything: exceptions must not unwind into nbdkit's C frames.

@@ -1,6 +1,8 @@
 // Outputs that appear complete or not at all (atomic_file.hpp).
 #include "atomic_file.hpp"
 
+#include "errors.hpp"
+
 #include <qcowmap/export.hpp>
 
 #include <fmt/format.h>
@@ -58,10 +60,6 @@ std::string hidden_pattern(const std::filesystem::path& target) {
     if (dir.empty())
         dir = ".";
     return (dir / ("." + target.filename().string() + ".qcowmap-XXXXXX")).string();
-}
-
-Error errno_error(int error) {
-    return Error{ErrorCode::io_error, std::strerror(error)};
 }
 
 Error already_exists() {

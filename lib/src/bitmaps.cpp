@@ -10,6 +10,16 @@
 #include <cstring>
 
 namespace qcowmap {
+
+std::vector<std::string> bitmap_flag_names(std::uint32_t flags) {
+    std::vector<std::string> names;
+    for (const detail::BitmapFlagName& f : detail::kBitmapFlagNames) {
+        if (flags & f.flag)
+            names.emplace_back(f.name);
+    }
+    return names;
+}
+
 namespace {
 
 using detail::Bytes;

@@ -1,5 +1,5 @@
-// Bounds-checked views of file bytes and big-endian loads. Every read of bytes that come from an
-// image goes through `slice`, whose check cannot overflow.
+// Bounds-checked views of file bytes, big-endian loads and stores. Every read of bytes that come
+// from an image goes through `slice`, whose check cannot overflow.
 #pragma once
 
 #include <qcowmap/result.hpp>
@@ -20,6 +20,11 @@ using Bytes = std::span<const std::byte>;
 /// comparisons so that no sum can wrap.
 constexpr bool fits(std::uint64_t size, std::uint64_t offset, std::uint64_t length) {
     return offset <= size && length <= size - offset;
+}
+
+/// True when `value` is a multiple of `alignment` (a power of two).
+constexpr bool is_aligned(std::uint64_t value, std::uint64_t alignment) {
+    return (value & (alignment - 1)) == 0;
 }
 
 /// The `length` bytes at `offset` in `bytes`, or an error naming `what`, the range and the size.
@@ -45,6 +50,19 @@ inline std::uint32_t load_be32(const std::byte* p) {
 }
 inline std::uint64_t load_be64(const std::byte* p) {
     return (std::uint64_t{load_be32(p)} << 32) | load_be32(p + 4);
+}
+// Big-endian stores, the encoders' counterpart of the loads (by shifts, never casts).
+inline void store_be16(std::byte* p, std::uint16_t value) {
+    p[0] = static_cast<std::byte>(value >> 8);
+    p[1] = static_cast<std::byte>(value);
+}
+inline void store_be32(std::byte* p, std::uint32_t value) {
+    for (int i = 3; i >= 0; --i, value >>= 8)
+        p[i] = static_cast<std::byte>(value & 0xff);
+}
+inline void store_be64(std::byte* p, std::uint64_t value) {
+    for (int i = 7; i >= 0; --i, value >>= 8)
+        p[i] = static_cast<std::byte>(value & 0xff);
 }
 inline std::uint8_t load_u8(Bytes b, std::size_t at) {
     return std::to_integer<std::uint8_t>(b[at]);

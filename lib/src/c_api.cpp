@@ -50,37 +50,10 @@ const char* remember(std::string message) noexcept {
     return last_error.c_str();
 }
 
-int errno_for(qcowmap::ErrorCode code) {
-    using qcowmap::ErrorCode;
-    switch (code) {
-    case ErrorCode::io_error:
-        return EIO;
-    case ErrorCode::unsupported_version:
-    case ErrorCode::unsupported_feature:
-    case ErrorCode::encrypted:
-        return ENOTSUP;
-    case ErrorCode::invalid_table:
-    case ErrorCode::invalid_cluster:
-    case ErrorCode::compressed_data:
-    case ErrorCode::checksum_mismatch:
-        return EIO; // what a disk with bad sectors would say
-    case ErrorCode::not_qcow2:
-    case ErrorCode::invalid_header:
-    case ErrorCode::out_of_range:
-    case ErrorCode::invalid_argument:
-        return EINVAL;
-    case ErrorCode::image_in_use:
-        return EAGAIN; // what qemu's lock test returns (qemu_lock_fd_test)
-    case ErrorCode::image_changed:
-        return EIO;
-    }
-    return EIO;
-}
-
 /// Sets errno and the thread's message; returns the message for `error_ret`.
 const char* fail(const qcowmap::Error& error) noexcept {
     const char* message = remember(error.message);
-    errno = errno_for(error.code);
+    errno = qcowmap::to_errno(error);
     return message;
 }
 

@@ -5,6 +5,7 @@
 #include "fault.hpp"
 #include "image_state.hpp"
 #include "mapped_file.hpp"
+#include "refcount.hpp"
 
 #include <qcowmap/check.hpp>
 
@@ -24,8 +25,8 @@ using detail::load_be32;
 using detail::load_be64;
 
 using detail::ClusterType;
-constexpr std::uint64_t kMaxL1Entries = (32ULL << 20) / 8;  // QCOW_MAX_L1_SIZE / L1E_SIZE
-constexpr std::uint64_t kMaxBitmapTableEntries = 0x8000000; // BME_MAX_TABLE_SIZE
+constexpr std::uint64_t kMaxL1Entries = detail::kMaxL1Bytes / 8; // QCOW_MAX_L1_SIZE / L1E_SIZE
+constexpr std::uint64_t kMaxBitmapTableEntries = detail::kMaxBitmapTableSize;
 // References past the end of the file are kept in a sparse map; more distinct clusters than
 // this and the check gives up on them (an error), so memory stays bounded.
 constexpr std::size_t kMaxClustersPastEnd = std::size_t{1} << 20;
@@ -40,14 +41,11 @@ class Checker {
           file_clusters_((state.bytes.size() >> state.cluster_bits) +
                          ((state.bytes.size() & (state.cluster_size - 1)) != 0)),
           counts_(file_clusters_, 0) {
-        const std::uint64_t max = info_.refcount_order == 6
-                                      ? std::numeric_limits<std::uint64_t>::max()
-                                      : (std::uint64_t{1} << info_.refcount_bits()) - 1;
-        refcount_max_ = max;
-        cap_ = std::min<std::uint64_t>(max, std::numeric_limits<std::uint32_t>::max());
-        refcount_table_entries_ =
-            (std::uint64_t{info_.refcount_table_clusters} << info_.cluster_bits) / 8;
-        refblock_bits_ = info_.cluster_bits + 3 - info_.refcount_order;
+        const detail::RefcountGeometry refcounts = detail::RefcountGeometry::of(info_);
+        refcount_max_ = refcounts.max_refcount();
+        cap_ = std::min<std::uint64_t>(refcount_max_, std::numeric_limits<std::uint32_t>::max());
+        refcount_table_entries_ = refcounts.table_entries(info_.refcount_table_clusters);
+        refblock_bits_ = refcounts.block_bits();
         // A real image's L1 tables lie side by side in the file and each of them (the active
         // one and one per snapshot) points to an L2 table at most once, so the table entries
         // a check visits are bounded by (snapshots + 1) x (file size / 8). Crafted metadata
@@ -186,21 +184,13 @@ class Checker {
     }
 
     /// qcow2_get_refcount: the stored refcount, or nullopt when its refcount block is not
-    /// cluster-aligned (qemu fails the read with EIO).
+    /// cluster-aligned (qemu fails the read with EIO); a block past the end of the file reads
+    /// as zeros.
     std::optional<std::uint64_t> stored(std::uint64_t cluster) const {
-        const std::uint64_t table_index = cluster >> refblock_bits_;
-        if (table_index >= refcount_table_entries_)
-            return 0;
-        const std::uint64_t block = entry_at(info_.refcount_table_offset + table_index * 8) &
-                                    detail::kRefcountTableOffsetMask;
-        if (block == 0)
-            return 0;
-        if (block & (s_.cluster_size - 1))
+        const detail::RefcountLookup found = detail::lookup_refcount(s_.bytes, info_, cluster);
+        if (found.status == detail::RefcountLookup::Status::unaligned_block)
             return std::nullopt;
-        if (!fits(s_.bytes.size(), block, s_.cluster_size))
-            return 0;
-        const std::uint64_t index = cluster & ((std::uint64_t{1} << refblock_bits_) - 1);
-        return detail::refcount_entry(s_.bytes.data() + block, index, info_.refcount_order);
+        return found.refcount;
     }
 
     /// check_refcounts_l1: the L1 table, its L2 tables and every cluster they reference.
@@ -244,75 +234,18 @@ class Checker {
             const std::uint64_t at = l2_offset + i * s_.l2_entry_bytes;
             // Entries past the end of the file read as zeros (qemu's block layer).
             const L2Entry l2{entry_at(at), info_.extended_l2 ? entry_at(at + 8) : 0};
-            std::uint64_t entry = l2.raw;
-            const std::uint64_t bitmap = l2.bitmap;
             const ClusterType type = cluster_type(l2, info_.extended_l2, s_.has_data_file());
             if (type != ClusterType::compressed && l2.reserved_bits()) {
-                corruption("ERROR found l2 entry with reserved bits set: {:x}", entry);
+                corruption("ERROR found l2 entry with reserved bits set: {:x}", l2.raw);
             }
             switch (type) {
-            case ClusterType::compressed: {
-                const CompressedDescriptor d = decode_compressed(entry, s_.compressed_layout);
-                if (l2.copied()) {
-                    corruption("ERROR: coffset={:#x}: copied flag must never be set for "
-                               "compressed clusters",
-                               d.host_offset);
-                    entry &= ~kL2CopiedFlag;
-                }
-                if (s_.has_data_file()) {
-                    corruption("ERROR compressed cluster {} with data file, entry={:#x}", i, entry);
-                    break;
-                }
-                if (bitmap) {
-                    corruption("ERROR compressed cluster {} with non-zero subcluster "
-                               "allocation bitmap, entry={:#x}",
-                               i, entry);
-                    break;
-                }
-                // qcow2_parse_compressed_l2_entry: the stream's sectors, counted from the
-                // first byte (spec "Compressed Clusters Descriptor").
-                inc(d.host_offset, d.size, "compressed cluster");
-                if (active) {
-                    ++r_.allocated_clusters;
-                    ++r_.compressed_clusters;
-                    ++r_.fragmented_clusters; // sub-sector data: fragmented by nature (qemu)
-                }
+            case ClusterType::compressed:
+                check_compressed(l2, i, active);
                 break;
-            }
             case ClusterType::zero_alloc:
-            case ClusterType::normal: {
-                const std::uint64_t offset = l2.host_offset();
-                if (l2.zero_subclusters() & l2.allocated_subclusters()) {
-                    corruption("ERROR offset={:x}: Allocated cluster has corrupted subcluster "
-                               "allocation bitmap",
-                               offset);
-                }
-                if (offset & (s_.cluster_size - 1)) {
-                    const bool contains_data = info_.extended_l2 ? l2.allocated_subclusters() != 0
-                                                                 : type == ClusterType::normal;
-                    if (contains_data) {
-                        corruption("ERROR offset={:x}: Data cluster is not properly aligned; "
-                                   "L2 entry corrupted.",
-                                   offset);
-                    } else {
-                        corruption("ERROR offset={:x}: Preallocated cluster is not properly "
-                                   "aligned; L2 entry corrupted.",
-                                   offset);
-                    }
-                }
-                if (active) {
-                    ++r_.allocated_clusters;
-                    if (next_contiguous && offset != next_contiguous) {
-                        ++r_.fragmented_clusters;
-                    }
-                    next_contiguous = offset + s_.cluster_size;
-                }
-                // Clusters in an external data file are not refcounted.
-                if (!s_.has_data_file()) {
-                    inc(offset, s_.cluster_size, "data cluster");
-                }
+            case ClusterType::normal:
+                check_host_cluster(l2, type, active, next_contiguous);
                 break;
-            }
             case ClusterType::zero_plain:
                 break;
             case ClusterType::unallocated:
@@ -322,6 +255,73 @@ class Checker {
                 }
                 break;
             }
+        }
+    }
+
+    /// A compressed cluster's L2 entry (entry `i` of its table).
+    void check_compressed(const detail::L2Entry& l2, std::uint64_t i, bool active) {
+        using namespace detail;
+        std::uint64_t entry = l2.raw;
+        const CompressedDescriptor d = decode_compressed(entry, s_.compressed_layout);
+        if (l2.copied()) {
+            corruption("ERROR: coffset={:#x}: copied flag must never be set for compressed "
+                       "clusters",
+                       d.host_offset);
+            entry &= ~kL2CopiedFlag;
+        }
+        if (s_.has_data_file()) {
+            corruption("ERROR compressed cluster {} with data file, entry={:#x}", i, entry);
+            return;
+        }
+        if (l2.bitmap) {
+            corruption("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, "
+                       "entry={:#x}",
+                       i, entry);
+            return;
+        }
+        // qcow2_parse_compressed_l2_entry: the stream's sectors, counted from the first byte
+        // (spec "Compressed Clusters Descriptor").
+        inc(d.host_offset, d.size, "compressed cluster");
+        if (active) {
+            ++r_.allocated_clusters;
+            ++r_.compressed_clusters;
+            ++r_.fragmented_clusters; // sub-sector data: fragmented by nature (qemu)
+        }
+    }
+
+    /// A data cluster or a preallocated zero cluster: its alignment, subcluster bitmap,
+    /// fragmentation (`next_contiguous`: where the previous one of the table ended) and refcount.
+    void check_host_cluster(const detail::L2Entry& l2, detail::ClusterType type, bool active,
+                            std::uint64_t& next_contiguous) {
+        const std::uint64_t offset = l2.host_offset();
+        if (l2.zero_subclusters() & l2.allocated_subclusters()) {
+            corruption("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation "
+                       "bitmap",
+                       offset);
+        }
+        if (offset & (s_.cluster_size - 1)) {
+            const bool contains_data = info_.extended_l2 ? l2.allocated_subclusters() != 0
+                                                         : type == detail::ClusterType::normal;
+            if (contains_data) {
+                corruption("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
+                           "corrupted.",
+                           offset);
+            } else {
+                corruption("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 "
+                           "entry corrupted.",
+                           offset);
+            }
+        }
+        if (active) {
+            ++r_.allocated_clusters;
+            if (next_contiguous && offset != next_contiguous) {
+                ++r_.fragmented_clusters;
+            }
+            next_contiguous = offset + s_.cluster_size;
+        }
+        // Clusters in an external data file are not refcounted.
+        if (!s_.has_data_file()) {
+            inc(offset, s_.cluster_size, "data cluster");
         }
     }
 

@@ -12,6 +12,7 @@
 // decompress. The caller takes each job's result out of its slot as soon as it is done (a
 // buffer swap, or the list of pages), so holding one side's bytes never blocks the other's;
 // pages it has compared are dropped from the process by the worker of a later job.
+#include "errors.hpp"
 #include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
@@ -487,8 +488,7 @@ class Prefetcher {
     }
 
     static Error lost_place() {
-        return Error{ErrorCode::image_changed, "image changed while being read (two walks of its "
-                                               "metadata disagree)"};
+        return detail::image_changed("two walks of its metadata disagree");
     }
 
     Result<Job*> front(Source source) {
@@ -696,8 +696,14 @@ std::uint64_t file_bytes(const Image& image) {
 
 namespace {
 
-Result<CompareResult> compare_walk(const Image& a, const Image& b, const CompareOptions& options,
-                                   CompareError* error_detail) {
+/// An error of `image` (the compare's first or second) at `stage`: said to be about that image
+/// unless it already names its origin.
+Error compare_error(Error error, const Image& image, ErrorStage stage) {
+    error.stage = stage;
+    return detail::attribute(std::move(error), ErrorOrigin::image, image.path().string());
+}
+
+Result<CompareResult> compare_walk(const Image& a, const Image& b, const CompareOptions& options) {
     const std::uint64_t size_a = a.size();
     const std::uint64_t size_b = b.size();
     if (options.strict && size_a != size_b) {
@@ -785,9 +791,7 @@ Result<CompareResult> compare_walk(const Image& a, const Image& b, const Compare
                     decompressed_here += got->size();
             }
             if (!got) {
-                if (error_detail)
-                    *error_detail = CompareError{got.error(), i, true};
-                return std::move(got).error();
+                return compare_error(std::move(got).error(), i == 0 ? a : b, ErrorStage::read);
             }
             bytes[i] = *got;
             if (s == Source::compressed) {
@@ -809,9 +813,7 @@ Result<CompareResult> compare_walk(const Image& a, const Image& b, const Compare
         const Side& s = plan.side(*side);
         Error e =
             s.failed() ? s.error() : Error{ErrorCode::invalid_table, "allocation map ended early"};
-        if (error_detail)
-            *error_detail = CompareError{e, *side, false};
-        return e;
+        return compare_error(std::move(e), *side == 0 ? a : b, ErrorStage::map);
     }
     progress(larger);
     CompareResult r;
@@ -821,11 +823,11 @@ Result<CompareResult> compare_walk(const Image& a, const Image& b, const Compare
 
 } // namespace
 
-Result<CompareResult> compare_images(const Image& a, const Image& b, const CompareOptions& options,
-                                     CompareError* error_detail) {
+Result<CompareResult> compare_images(const Image& a, const Image& b,
+                                     const CompareOptions& options) {
     // A read of either image's mapping that faults: a read error of the image it belongs to.
     detail::FaultBoundary boundary;
-    auto result = compare_walk(a, b, options, error_detail);
+    auto result = compare_walk(a, b, options);
     auto fault = boundary.finish({});
     if (fault && (result || boundary.own_fault())) {
         int side = 0;
@@ -834,16 +836,12 @@ Result<CompareResult> compare_images(const Image& a, const Image& b, const Compa
             fault =
                 detail::describe_fault(boundary.fault_address(), side == 0 ? a.path() : b.path());
         }
-        if (error_detail)
-            *error_detail = CompareError{*fault, side, true};
-        return std::move(*fault);
+        return compare_error(std::move(*fault), side == 0 ? a : b, ErrorStage::read);
     }
     // A mismatch or a failure met while a file changed under the walk is the change's doing.
     for (int side = 0; side < 2; ++side) {
         if (auto unchanged = (side == 0 ? a : b).check_unchanged(); !unchanged) {
-            if (error_detail)
-                *error_detail = CompareError{unchanged.error(), side, true};
-            return std::move(unchanged).error();
+            return compare_error(std::move(unchanged).error(), side == 0 ? a : b, ErrorStage::read);
         }
     }
     return result;

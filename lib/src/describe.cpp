@@ -80,17 +80,6 @@ std::vector<std::string> feature_names(const ImageInfo& info, std::uint64_t mask
     return out;
 }
 
-std::vector<std::string> bitmap_flags(const BitmapEntry& e) {
-    std::vector<std::string> flags;
-    if (e.in_use())
-        flags.emplace_back("in-use");
-    if (e.enabled())
-        flags.emplace_back("auto");
-    if (e.flags & kBitmapExtraDataCompatible)
-        flags.emplace_back("extra-data-compatible");
-    return flags;
-}
-
 std::string json_snapshots(const std::vector<Snapshot>& snapshots) {
     std::string out = "[";
     for (std::size_t i = 0; i < snapshots.size(); ++i) {
@@ -118,7 +107,7 @@ std::string json_bitmaps(const ImageInfo& info) {
         out += fmt::format("{}\n        {{ \"name\": {}, \"granularity\": {}, \"flags\": {}, "
                            "\"consistent\": {}, \"inconsistent-reason\": {} }}",
                            i ? "," : "", json_string(e.name), e.granularity(),
-                           json_list(bitmap_flags(e)), json_bool(e.consistent()),
+                           json_list(bitmap_flag_names(e.flags)), json_bool(e.consistent()),
                            e.consistent() ? "null" : json_string(e.inconsistent_reason));
     }
     return out + "\n    ]";
@@ -141,8 +130,8 @@ std::string json_format_specific(const ImageInfo& info) {
                 const BitmapEntry& e = info.bitmaps->entries[i];
                 list += fmt::format("{}\n                {{ \"flags\": {}, \"name\": {}, "
                                     "\"granularity\": {} }}",
-                                    i ? "," : "", json_list(bitmap_flags(e)), json_string(e.name),
-                                    e.granularity());
+                                    i ? "," : "", json_list(bitmap_flag_names(e.flags)),
+                                    json_string(e.name), e.granularity());
             }
             data.emplace_back("bitmaps", list + "\n            ]");
         }

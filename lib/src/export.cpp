@@ -3,6 +3,7 @@
 // is_allocated_sectors_min's zero check).
 #include "atomic_file.hpp"
 #include "digest_tap.hpp"
+#include "errors.hpp"
 #include "fault.hpp"
 #include "image_state.hpp"
 #include "raw_io.hpp"
@@ -37,8 +38,13 @@ using detail::pwrite_sparse;
 using detail::write_all;
 using detail::zero_range;
 
-Error errno_error(int error) {
-    return Error{ErrorCode::io_error, std::strerror(error)};
+/// The target's errors: ErrorOrigin::target (the export's target has no path here).
+Error target_error(Error error) {
+    return detail::attribute(std::move(error), ErrorOrigin::target, {});
+}
+
+Error image_changed() {
+    return detail::image_changed("the file shrank under its mapping");
 }
 
 enum class CopyResult { ok, target_failed, source_changed };
@@ -180,7 +186,7 @@ struct Target {
 Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
-        return errno_error(errno);
+        return detail::errno_error(errno);
     }
     if (image.maps_file(st.st_dev, st.st_ino)) {
         return Error{ErrorCode::invalid_argument,
@@ -199,9 +205,10 @@ Result<Target> inspect_target(const Image& image, int fd, bool sequential) {
         }
         target.kind = Target::Kind::block_device;
         if (::ioctl(fd, BLKGETSIZE64, &target.size) != 0) {
-            return Error{ErrorCode::io_error, fmt::format("cannot get the size of the block "
-                                                          "device: {}",
-                                                          std::strerror(errno))};
+            const int err = errno;
+            return detail::errno_error(
+                err,
+                fmt::format("cannot get the size of the block device: {}", std::strerror(err)));
         }
     } else if (S_ISDIR(st.st_mode)) {
         return Error{ErrorCode::invalid_argument, "is a directory"};
@@ -248,9 +255,7 @@ class Writer {
             // pages raises the fault in our code, which says which.
             if (errno == EFAULT && run.mapped) {
                 detail::touch_every_page(bytes);
-                return Error{ErrorCode::image_changed,
-                             "image changed while being read (a page of its mapping could not "
-                             "be read)"};
+                return detail::image_changed("a page of its mapping could not be read");
             }
             return failed();
         }
@@ -261,14 +266,12 @@ class Writer {
                 return {};
             case CopyResult::source_changed:
                 if (source_errno != 0) {
-                    return Error{ErrorCode::io_error,
-                                 fmt::format("cannot read the image's data at file offset "
-                                             "{:#x}: {}",
-                                             run.file->offset, std::strerror(source_errno))};
+                    return detail::errno_error(
+                        source_errno, fmt::format("cannot read the image's data at file offset "
+                                                  "{:#x}: {}",
+                                                  run.file->offset, std::strerror(source_errno)));
                 }
-                return Error{ErrorCode::image_changed,
-                             "image changed while being read (the file shrank under its "
-                             "mapping)"};
+                return image_changed();
             case CopyResult::target_failed:
                 return failed();
             }
@@ -301,8 +304,6 @@ class Writer {
         return zero_range(fd_, offset, length, punch) ? Result<void>{} : failed();
     }
 
-    bool target_failed() const { return target_failed_; }
-
   private:
     /// Writes `bytes` in order; false with errno set. `immutable`: the bytes stay as they are
     /// while we run (the mapping, the zeros), so a pipe may take references to their pages
@@ -328,31 +329,23 @@ class Writer {
         return true;
     }
 
-    Result<void> failed() {
-        target_failed_ = true;
-        return errno_error(errno);
-    }
+    Result<void> failed() { return target_error(detail::errno_error(errno)); }
 
     int fd_;
     Target::Kind kind_;
     std::uint64_t zero_block_;
     bool splice_;
     std::vector<std::byte> buffer_; // for copies the kernel cannot make
-    bool target_failed_ = false;
 };
 
-Result<void> fail_target(Error error, ExportError* where) {
-    if (where)
-        where->target = true;
-    return error;
+Result<void> fail_target(Error error) {
+    return target_error(std::move(error));
 }
 
 } // namespace
 
-static Result<void> export_raw_in_boundary(const Image& image, int fd, const ExportOptions& options,
-                                           ExportError* where) {
-    if (where)
-        *where = {};
+static Result<void> export_raw_in_boundary(const Image& image, int fd,
+                                           const ExportOptions& options) {
     if (options.zero_block % 512 != 0) {
         return Error{
             ErrorCode::invalid_argument,
@@ -362,22 +355,20 @@ static Result<void> export_raw_in_boundary(const Image& image, int fd, const Exp
         return Error{ErrorCode::invalid_argument, "a digest was asked for without digest_out"};
     auto target = inspect_target(image, fd, options.sequential);
     if (!target)
-        return fail_target(std::move(target).error(), where);
+        return fail_target(std::move(target).error());
     const std::uint64_t size = image.size();
     const std::uint64_t start = std::min(options.start, size);
     const std::uint64_t end = std::min(options.end, size);
     const bool whole_disk = start == 0 && end == size;
     if (!whole_disk && target->kind != Target::Kind::stream) {
         return fail_target(Error{ErrorCode::invalid_argument,
-                                 "a part of the disk can only be written to a stream"},
-                           where);
+                                 "a part of the disk can only be written to a stream"});
     }
     if (target->kind == Target::Kind::block_device && target->size < size) {
         return fail_target(Error{ErrorCode::invalid_argument,
                                  fmt::format("block device is {} bytes, smaller than the disk "
                                              "({} bytes)",
-                                             target->size, size)},
-                           where);
+                                             target->size, size)});
     }
     if (target->kind == Target::Kind::file) {
         // An existing file is emptied first (its old blocks must not show through the holes).
@@ -386,7 +377,7 @@ static Result<void> export_raw_in_boundary(const Image& image, int fd, const Exp
         // byte written (+0.3 s per GiB here).
         if ((target->size != 0 && ::ftruncate(fd, 0) != 0) ||
             ::ftruncate(fd, static_cast<off_t>(size)) != 0) {
-            return fail_target(errno_error(errno), where);
+            return fail_target(detail::errno_error(errno));
         }
     }
     Writer writer(fd, *target, options.zero_block);
@@ -434,8 +425,6 @@ static Result<void> export_raw_in_boundary(const Image& image, int fd, const Exp
             return {};
         },
         visit);
-    if (!result && where)
-        where->target = writer.target_failed();
     if (result)
         result = image.check_unchanged(); // bytes of two states must not pass for the disk
     if (result && tap) {
@@ -447,17 +436,13 @@ static Result<void> export_raw_in_boundary(const Image& image, int fd, const Exp
     return result;
 }
 
-Result<void> export_raw(const Image& image, int fd, const ExportOptions& options,
-                        ExportError* where) {
-    return detail::contain_faults(image.path(), [&]() -> Result<void> {
-        return export_raw_in_boundary(image, fd, options, where);
-    });
+Result<void> export_raw(const Image& image, int fd, const ExportOptions& options) {
+    return detail::contain_faults(
+        image.path(), [&]() -> Result<void> { return export_raw_in_boundary(image, fd, options); });
 }
 
 Result<void> export_raw_file(const Image& image, const std::filesystem::path& given,
-                             const ExportOptions& options, bool replace, ExportError* where) {
-    if (where)
-        *where = {};
+                             const ExportOptions& options, bool replace) {
     // Through a symlink, as qemu-img writes (AtomicFile follows it too): the file it points to
     // is what gets replaced.
     const std::filesystem::path target = detail::resolve_output_path(given);
@@ -466,42 +451,37 @@ Result<void> export_raw_file(const Image& image, const std::filesystem::path& gi
         if (image.maps_file(st.st_dev, st.st_ino)) {
             return fail_target(Error{ErrorCode::invalid_argument,
                                      "is the image being read (or one of its layers or its "
-                                     "data file): refusing to overwrite it"},
-                               where);
+                                     "data file): refusing to overwrite it"});
         }
         if (S_ISREG(st.st_mode) && !replace) {
             return fail_target(
-                Error{ErrorCode::io_error, "already exists (use --force to overwrite)"}, where);
+                Error{ErrorCode::io_error, "already exists (use --force to overwrite)"});
         }
     }
     auto file = detail::AtomicFile::create(target, replace);
     if (!file)
-        return fail_target(std::move(file).error(), where);
-    if (auto written = export_raw(image, file->fd(), options, where); !written)
+        return fail_target(std::move(file).error());
+    if (auto written = export_raw(image, file->fd(), options); !written)
         return written; // the temporary goes with `file`
     if (auto named = file->commit(); !named)
-        return fail_target(std::move(named).error(), where);
+        return fail_target(std::move(named).error());
     return {};
 }
 
 static Result<void> export_dirty_in_boundary(const Image& image, const DirtyBitmap& bitmap, int fd,
-                                             const ExportOptions& options, ExportError* where) {
-    if (where)
-        *where = {};
+                                             const ExportOptions& options) {
     auto target = inspect_target(image, fd, false);
     if (!target)
-        return fail_target(std::move(target).error(), where);
+        return fail_target(std::move(target).error());
     if (target->kind == Target::Kind::stream) {
         return fail_target(
-            Error{ErrorCode::invalid_argument, "is neither a regular file nor a block device"},
-            where);
+            Error{ErrorCode::invalid_argument, "is neither a regular file nor a block device"});
     }
     if (target->size != image.size()) {
         return fail_target(Error{ErrorCode::invalid_argument,
                                  fmt::format("is {} bytes but the disk is {} bytes: an "
                                              "incremental update needs a copy of the same size",
-                                             target->size, image.size())},
-                           where);
+                                             target->size, image.size())});
     }
     Writer writer(fd, *target, 0);
     const std::uint64_t total = bitmap.dirty_bytes();
@@ -525,17 +505,15 @@ static Result<void> export_dirty_in_boundary(const Image& image, const DirtyBitm
         if (!result)
             break;
     }
-    if (!result && where)
-        where->target = writer.target_failed();
     if (result)
         result = image.check_unchanged();
     return result;
 }
 
 Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
-                          const ExportOptions& options, ExportError* where) {
+                          const ExportOptions& options) {
     return detail::contain_faults(image.path(), [&]() -> Result<void> {
-        return export_dirty_in_boundary(image, bitmap, fd, options, where);
+        return export_dirty_in_boundary(image, bitmap, fd, options);
     });
 }
 

@@ -1,5 +1,6 @@
 // Format probing and header extension names (qemu's block.c find_image_format, qcow2_probe).
-#include "bytes.hpp"
+#include "errors.hpp"
+#include "qcow2_format.hpp"
 
 #include <qcowmap/format.hpp>
 
@@ -13,28 +14,30 @@
 namespace qcowmap {
 
 std::string header_extension_name(std::uint32_t type) {
-    switch (type) {
-    case kExtensionBackingFormat:
-        return "backing file format";
-    case kExtensionFeatureNames:
-        return "feature name table";
-    case kExtensionBitmaps:
-        return "bitmaps";
-    case kExtensionEncryption:
-        return "full disk encryption header";
-    case kExtensionDataFile:
-        return "external data file";
-    default:
-        return fmt::format("unknown ({:#010x})", type);
+    for (const detail::ExtensionName& known : detail::kExtensionNames) {
+        if (known.type == type)
+            return std::string(known.name);
     }
+    return fmt::format("unknown ({:#010x})", type);
 }
+
+namespace {
+
+/// "PATH: strerror(err)", about the image at `path`.
+Error named_failure(const std::filesystem::path& path, int err) {
+    Error error = detail::errno_error(
+        err, fmt::format("{}: {}", detail::printable(path.string()), std::strerror(err)));
+    error.message_names_path = true;
+    return detail::attribute(std::move(error), ErrorOrigin::image, path.string());
+}
+
+} // namespace
 
 Result<std::string> probe_format(const std::filesystem::path& path) {
     // O_NONBLOCK: a FIFO must not hang the probe (opening it is refused later, with a reason).
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
-        return Error{ErrorCode::io_error,
-                     fmt::format("{}: {}", detail::printable(path.string()), std::strerror(errno))};
+        return named_failure(path, errno);
     }
     unsigned char magic[4] = {};
     std::size_t got = 0;
@@ -45,17 +48,15 @@ Result<std::string> probe_format(const std::filesystem::path& path) {
         if (n < 0 && errno != EISDIR && errno != EAGAIN) {
             int error = errno;
             ::close(fd);
-            return Error{
-                ErrorCode::io_error,
-                fmt::format("{}: {}", detail::printable(path.string()), std::strerror(error))};
+            return named_failure(path, error);
         }
         if (n <= 0)
             break; // end of file, a directory, a FIFO: not qcow2 (opening says what it is)
         got += static_cast<std::size_t>(n);
     }
     ::close(fd);
-    const bool qcow =
-        got == 4 && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && magic[3] == 0xfb;
+    const bool qcow = got == 4 && detail::load_be32(reinterpret_cast<const std::byte*>(magic)) ==
+                                      detail::kQcowMagic;
     return std::string(qcow ? "qcow2" : "raw");
 }
 

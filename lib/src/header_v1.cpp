@@ -6,9 +6,6 @@
 namespace qcowmap::detail {
 namespace {
 
-constexpr std::size_t kV1HeaderLength = 48;
-constexpr std::uint32_t kV1MaxBackingNameLength = 1023;
-
 Error header_error(std::string message) {
     return Error{ErrorCode::invalid_header, std::move(message)};
 }
@@ -17,22 +14,22 @@ Error header_error(std::string message) {
 
 Result<void> parse_v1_image(ImageState& state) {
     ImageInfo& info = state.info;
-    auto header = slice(state.bytes, 0, kV1HeaderLength, "header", ErrorCode::invalid_header);
+    auto header = slice(state.bytes, 0, header_v1::kLength, "header", ErrorCode::invalid_header);
     if (!header) {
         return header_error(fmt::format(
             "file is truncated: {} bytes, shorter than the 48-byte qcow version 1 header",
             state.bytes.size()));
     }
     Bytes h = *header;
-    const std::uint64_t backing_file_offset = load_be64(h, 8);
-    const std::uint32_t backing_file_size = load_be32(h, 16);
-    info.mtime = load_be32(h, 20);
-    info.virtual_size = load_be64(h, 24);
-    info.cluster_bits = load_u8(h, 32);
-    const unsigned l2_bits = load_u8(h, 33);
-    info.crypt_method = load_be32(h, 36);
-    info.l1_table_offset = load_be64(h, 40);
-    info.header_length = kV1HeaderLength;
+    const std::uint64_t backing_file_offset = load_be64(h, header_v1::kBackingFileOffset);
+    const std::uint32_t backing_file_size = load_be32(h, header_v1::kBackingFileSize);
+    info.mtime = load_be32(h, header_v1::kMtime);
+    info.virtual_size = load_be64(h, header_v1::kSize);
+    info.cluster_bits = load_u8(h, header_v1::kClusterBits);
+    const unsigned l2_bits = load_u8(h, header_v1::kL2Bits);
+    info.crypt_method = load_be32(h, header_v1::kCryptMethod);
+    info.l1_table_offset = load_be64(h, header_v1::kL1TableOffset);
+    info.header_length = header_v1::kLength;
     info.refcount_order = 0;
 
     if (info.virtual_size <= 1) {
@@ -81,9 +78,9 @@ Result<void> parse_v1_image(ImageState& state) {
     state.disk_size = info.virtual_size;
 
     if (backing_file_offset != 0) {
-        if (backing_file_size > kV1MaxBackingNameLength) {
+        if (backing_file_size > kMaxBackingNameLength) {
             return header_error(fmt::format("backing file name of {} bytes exceeds {} bytes",
-                                            backing_file_size, kV1MaxBackingNameLength));
+                                            backing_file_size, kMaxBackingNameLength));
         }
         auto name = slice(state.bytes, backing_file_offset, backing_file_size, "backing file name",
                           ErrorCode::invalid_header);

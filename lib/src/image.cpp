@@ -1,3 +1,4 @@
+#include "errors.hpp"
 #include "fault.hpp"
 #include "image_lock.hpp"
 #include "image_state.hpp"
@@ -14,40 +15,6 @@
 #include <sys/stat.h>
 
 namespace qcowmap {
-
-std::string_view to_string(ErrorCode code) {
-    switch (code) {
-    case ErrorCode::io_error:
-        return "io_error";
-    case ErrorCode::not_qcow2:
-        return "not_qcow2";
-    case ErrorCode::unsupported_version:
-        return "unsupported_version";
-    case ErrorCode::invalid_header:
-        return "invalid_header";
-    case ErrorCode::unsupported_feature:
-        return "unsupported_feature";
-    case ErrorCode::encrypted:
-        return "encrypted";
-    case ErrorCode::invalid_table:
-        return "invalid_table";
-    case ErrorCode::invalid_cluster:
-        return "invalid_cluster";
-    case ErrorCode::compressed_data:
-        return "compressed_data";
-    case ErrorCode::out_of_range:
-        return "out_of_range";
-    case ErrorCode::invalid_argument:
-        return "invalid_argument";
-    case ErrorCode::image_in_use:
-        return "image_in_use";
-    case ErrorCode::image_changed:
-        return "image_changed";
-    case ErrorCode::checksum_mismatch:
-        return "checksum_mismatch";
-    }
-    return "unknown";
-}
 
 std::string_view to_string(ExtentKind kind) {
     switch (kind) {
@@ -74,8 +41,6 @@ const detail::ImageState& detail_state(const Image& image) {
 namespace detail {
 namespace {
 
-constexpr std::uint32_t kQcowMagic = 0x514649fb; // "QFI\xfb", qcow2 and qcow version 1
-
 using Identity = std::pair<std::uint64_t, std::uint64_t>;
 
 /// The bytes of one layer (or data file) as a source produced them.
@@ -90,8 +55,6 @@ struct LayerBytes {
 struct ChainWalk {
     std::vector<Identity> identities;
     std::vector<std::string> names;
-    /// The error being returned already names the backing file it is about.
-    bool error_named = false;
 };
 
 /// Where the layers of a chain come from: files, or memory through a resolver. The one
@@ -138,12 +101,12 @@ class FileSource final : public LayerSource {
 
     /// Opens a name read from an image: as qemu does, or confined (OpenOptions::untrusted).
     Result<LayerBytes> open_named(const ImageState& layer, const std::string& name,
-                                  std::string_view what) const {
+                                  ErrorOrigin origin) const {
         if (!untrusted_) {
             const std::filesystem::path path = relative_to_image(layer.path, name);
             return map(MappedFile::open(path, /*allow_empty=*/true), path);
         }
-        auto confined = open_confined(layer.path, name, what);
+        auto confined = open_confined(layer.path, name, origin);
         if (!confined) {
             return std::move(confined).error();
         }
@@ -155,33 +118,27 @@ class FileSource final : public LayerSource {
                                bool caller_given) override {
         if (caller_given) {
             // Relative paths from the caller are taken from the current directory.
-            return with_name("backing file", name,
+            return with_name(ErrorOrigin::backing, name,
                              map(MappedFile::open(name, /*allow_empty=*/true), name));
         }
-        auto opened = open_named(layer, name, "backing file");
-        if (!opened && untrusted_ && opened.error().message.ends_with(kUntrustedRefusalMark)) {
-            return opened; // already names the reference and why
-        }
-        return with_name("backing file", relative_to_image(layer.path, name).string(),
-                         std::move(opened));
+        return with_name(ErrorOrigin::backing, relative_to_image(layer.path, name).string(),
+                         open_named(layer, name, ErrorOrigin::backing));
     }
 
     Result<LayerBytes> data_file(const ImageState& layer, const std::optional<std::string>& name,
                                  bool caller_given) override {
         if (!name) {
-            return Error{ErrorCode::invalid_header,
-                         "the external data file bit is set but the image names no data file"};
+            Error error{ErrorCode::invalid_header,
+                        "the external data file bit is set but the image names no data file"};
+            return attribute(refusal(std::move(error), Refusal::no_data_file_name),
+                             ErrorOrigin::data_file, {});
         }
         if (caller_given) {
-            return with_name("data file", *name,
+            return with_name(ErrorOrigin::data_file, *name,
                              map(MappedFile::open(*name, /*allow_empty=*/true), *name));
         }
-        auto opened = open_named(layer, *name, "data file");
-        if (!opened && untrusted_ && opened.error().message.ends_with(kUntrustedRefusalMark)) {
-            return opened;
-        }
-        return with_name("data file", relative_to_image(layer.path, *name).string(),
-                         std::move(opened));
+        return with_name(ErrorOrigin::data_file, relative_to_image(layer.path, *name).string(),
+                         open_named(layer, *name, ErrorOrigin::data_file));
     }
 
     std::filesystem::path path_of(const ImageState& layer, const std::string& name,
@@ -193,21 +150,25 @@ class FileSource final : public LayerSource {
         std::string chain;
         for (const std::string& n : walk.names)
             chain += printable(n) + " -> ";
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("backing chain loops: {}{}", chain, printable(name))};
+        return refusal(Error{ErrorCode::invalid_table,
+                             fmt::format("backing chain loops: {}{}", chain, printable(name))},
+                       Refusal::backing_chain_loop);
     }
     bool names_backing_errors() const override { return true; }
 
   private:
     /// "backing file PATH: what went wrong" for a file that could not be opened or mapped
-    /// (errors of the confined open already name the path).
-    static Result<LayerBytes> with_name(std::string_view what, const std::string& path,
+    /// (errors of the confined open already name the path and their origin).
+    static Result<LayerBytes> with_name(ErrorOrigin origin, const std::string& path,
                                         Result<LayerBytes> opened) {
-        if (opened || opened.error().message.starts_with(what)) {
+        if (opened || opened.error().origin != ErrorOrigin::none) {
             return opened;
         }
-        return Error{opened.error().code,
-                     fmt::format("{} {}: {}", what, printable(path), opened.error().message)};
+        Error error = std::move(opened).error();
+        error.message =
+            fmt::format("{} {}: {}", origin == ErrorOrigin::backing ? "backing file" : "data file",
+                        printable(path), error.message);
+        return attribute(std::move(error), origin, path);
     }
 
     bool untrusted_;
@@ -219,16 +180,19 @@ class MemorySource final : public LayerSource {
 
     Result<LayerBytes> backing(const ImageState&, const std::string& name, bool) override {
         if (!options_.backing_resolver) {
-            return Error{ErrorCode::unsupported_feature,
-                         fmt::format("backing file '{}' cannot be opened for an image in memory "
-                                     "(open with BackingMode::none or give a backing_resolver)",
-                                     printable(name))};
+            return attribute(
+                Error{ErrorCode::unsupported_feature,
+                      fmt::format("backing file '{}' cannot be opened for an image in memory "
+                                  "(open with BackingMode::none or give a backing_resolver)",
+                                  printable(name))},
+                ErrorOrigin::backing, {});
         }
         auto bytes = options_.backing_resolver(name);
         if (!bytes) {
-            return Error{ErrorCode::io_error, fmt::format("backing file {}: not found by the "
-                                                          "resolver",
-                                                          printable(name))};
+            return attribute(Error{ErrorCode::io_error, fmt::format("backing file {}: not found "
+                                                                    "by the resolver",
+                                                                    printable(name))},
+                             ErrorOrigin::backing, {});
         }
         // Layers are told apart by where their bytes start; empty ones are all alike.
         const auto start = reinterpret_cast<std::uintptr_t>(bytes->data());
@@ -237,9 +201,11 @@ class MemorySource final : public LayerSource {
 
     Result<LayerBytes> data_file(const ImageState& layer, const std::optional<std::string>&,
                                  bool) override {
-        return Error{ErrorCode::unsupported_feature,
-                     fmt::format("an image in memory cannot use its external data file '{}'",
-                                 printable(layer.info.data_file.value_or("")))};
+        return attribute(
+            Error{ErrorCode::unsupported_feature,
+                  fmt::format("an image in memory cannot use its external data file '{}'",
+                              printable(layer.info.data_file.value_or("")))},
+            ErrorOrigin::data_file, {});
     }
 
     std::filesystem::path path_of(const ImageState&, const std::string&, bool) const override {
@@ -247,7 +213,9 @@ class MemorySource final : public LayerSource {
     }
 
     Error loop(const ChainWalk&, const std::string&) const override {
-        return Error{ErrorCode::invalid_table, "backing chain loops (the same bytes twice)"};
+        return refusal(
+            Error{ErrorCode::invalid_table, "backing chain loops (the same bytes twice)"},
+            Refusal::backing_chain_loop);
     }
     bool names_backing_errors() const override { return false; }
 
@@ -264,24 +232,111 @@ Result<void> check_format(const std::optional<std::string>& format) {
     return {};
 }
 
+Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes opened,
+                                               const std::optional<std::string>& format,
+                                               const OpenOptions& options, const OpenMode& mode,
+                                               bool top, ChainWalk& walk);
+
+/// The error of layer `depth` (0: the image), said to be about it unless it names its origin.
+Error layer_error(Error error, const ImageState& layer, std::uint32_t depth) {
+    return attribute(std::move(error), depth == 0 ? ErrorOrigin::image : ErrorOrigin::backing,
+                     layer.path.string(), depth);
+}
+
+/// The external data file of `state` (layer `depth`), opened through `source`.
+Result<void> open_data_file(LayerSource& source, ImageState& state, const OpenOptions& options,
+                            bool top, std::uint32_t depth) {
+    const bool caller_given = top && options.data_file.has_value();
+    std::optional<std::string> data_name =
+        caller_given ? std::optional<std::string>(options.data_file->string())
+                     : state.info.data_file;
+    if (data_name) {
+        state.data_file_path = source.path_of(state, *data_name, caller_given);
+    }
+    auto data = source.data_file(state, data_name, caller_given);
+    if (data && data->file && !options.force_share) {
+        if (auto locked = lock_image(data->file->fd(), kReaderLock); !locked) {
+            const std::string data_path = data->path.string();
+            Error error = std::move(locked).error();
+            error.message = fmt::format("data file {}: {}", printable(data_path), error.message);
+            data = attribute(std::move(error), ErrorOrigin::data_file, data_path, depth);
+        }
+    }
+    if (data) {
+        state.data_bytes = data->bytes;
+        state.data_file = std::move(data->file);
+        return {};
+    }
+    Error error = std::move(data).error();
+    error.depth = depth;
+    if (top && !options.require_data_file) {
+        state.data_bytes = {}; // never the image file: data clusters must not read from it
+        state.data_file_error = std::move(error);
+        return {};
+    }
+    return error;
+}
+
+/// The layers below `state` (layer `depth`): its backing file (or the caller's) opened through
+/// `source` and parsed, recursively.
+Result<void> open_backing(LayerSource& source, ImageState& state, const OpenOptions& options,
+                          const OpenMode& mode, bool top, std::uint32_t depth, ChainWalk& walk) {
+    const ImageInfo& info = state.info;
+    const bool caller_backing = top && options.backing_file.has_value();
+    const std::string backing_name =
+        caller_backing ? options.backing_file->string() : *info.backing_file;
+    std::optional<std::string> backing_format =
+        top && options.backing_format ? options.backing_format : info.backing_format;
+    if (auto ok = check_format(backing_format); !ok) {
+        return layer_error(std::move(ok).error(), state, depth);
+    }
+    auto below_bytes = source.backing(state, backing_name, caller_backing);
+    if (!below_bytes) {
+        Error error = std::move(below_bytes).error();
+        error.depth = depth + 1;
+        return error;
+    }
+    const std::string below_path = below_bytes->path.string();
+    auto below =
+        open_layer(source, std::move(*below_bytes), backing_format, options, mode, false, walk);
+    if (!below) {
+        // Problems with the backing file itself (or its data file) name it; problems further
+        // down, and with the chain as a whole, come back as they are.
+        Error error = std::move(below).error();
+        const bool chain = error.refusal == Refusal::backing_chain_loop ||
+                           error.refusal == Refusal::backing_chain_depth;
+        if (source.names_backing_errors() && error.depth == depth + 1 && !chain) {
+            error.message =
+                fmt::format("backing file {}: {}", printable(below_path), error.message);
+        }
+        return error;
+    }
+    state.backing = std::move(*below);
+    return {};
+}
+
 /// The one layer-opening routine: `opened` parsed as raw or qcow2/qcow (after the loop and
 /// depth checks), its snapshot selected (top layer), its data file and the layers below it
-/// opened through `source`.
+/// opened through `source`. Errors name their origin: the layer, its data file or one below.
 Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes opened,
                                                const std::optional<std::string>& format,
                                                const OpenOptions& options, const OpenMode& mode,
                                                bool top, ChainWalk& walk) {
+    const auto depth = static_cast<std::uint32_t>(walk.names.size());
     const std::string name = opened.path.string();
+    const ErrorOrigin origin = top ? ErrorOrigin::image : ErrorOrigin::backing;
     if (opened.identity != Identity{0, 0} || opened.file) {
         for (const Identity& seen : walk.identities) {
             if (seen == opened.identity) {
-                return source.loop(walk, name);
+                return attribute(source.loop(walk, name), origin, name, depth);
             }
         }
     }
     if (walk.identities.size() >= kMaxChainLayers) {
-        return Error{ErrorCode::invalid_table,
-                     fmt::format("backing chain is deeper than {} layers", kMaxChainLayers)};
+        Error error{ErrorCode::invalid_table,
+                    fmt::format("backing chain is deeper than {} layers", kMaxChainLayers)};
+        return attribute(refusal(std::move(error), Refusal::backing_chain_depth), origin, name,
+                         depth);
     }
     walk.identities.push_back(opened.identity);
     walk.names.push_back(name);
@@ -289,7 +344,7 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
         // As qemu-img takes them on every file of the chain it opens (see image_lock.hpp):
         // before parsing, so that no writer starts between our look and our lock.
         if (auto locked = lock_image(opened.file->fd(), kReaderLock); !locked) {
-            return std::move(locked).error();
+            return attribute(std::move(locked).error(), origin, name, depth);
         }
     }
 
@@ -315,41 +370,23 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
         return state;
     }
     if (auto ok = parse_image(*state); !ok) {
-        return std::move(ok).error();
+        return layer_error(std::move(ok).error(), *state, depth);
     }
     const ImageInfo& info = state->info;
     if (top && options.snapshot) {
         if (info.version == 1) {
-            return Error{ErrorCode::invalid_argument, "qcow version 1 images have no snapshots"};
+            return layer_error(
+                Error{ErrorCode::invalid_argument, "qcow version 1 images have no snapshots"},
+                *state, depth);
         }
         if (auto ok = select_snapshot(*state, *options.snapshot); !ok) {
-            return std::move(ok).error();
+            return layer_error(std::move(ok).error(), *state, depth);
         }
         state->snapshot = *options.snapshot;
     }
     if (state->has_data_file() && mode.open_data_file) {
-        const bool caller_given = top && options.data_file.has_value();
-        std::optional<std::string> data_name =
-            caller_given ? std::optional<std::string>(options.data_file->string()) : info.data_file;
-        if (data_name) {
-            state->data_file_path = source.path_of(*state, *data_name, caller_given);
-        }
-        auto data = source.data_file(*state, data_name, caller_given);
-        if (data && data->file && !options.force_share) {
-            if (auto locked = lock_image(data->file->fd(), kReaderLock); !locked) {
-                data = Error{locked.error().code,
-                             fmt::format("data file {}: {}", printable(data->path.string()),
-                                         locked.error().message)};
-            }
-        }
-        if (data) {
-            state->data_bytes = data->bytes;
-            state->data_file = std::move(data->file);
-        } else if (top && !options.require_data_file) {
-            state->data_bytes = {}; // never the image file: data clusters must not read from it
-            state->data_file_error = std::move(data).error();
-        } else {
-            return std::move(data).error();
+        if (auto ok = open_data_file(source, *state, options, top, depth); !ok) {
+            return std::move(ok).error();
         }
     }
     if (top && options.data_file && !state->has_data_file()) {
@@ -363,35 +400,9 @@ Result<std::shared_ptr<ImageState>> open_layer(LayerSource& source, LayerBytes o
     }
     const bool caller_backing = top && options.backing_file.has_value();
     if ((info.backing_file || caller_backing) && options.backing == BackingMode::follow) {
-        const std::string backing_name =
-            caller_backing ? options.backing_file->string() : *info.backing_file;
-        std::optional<std::string> backing_format =
-            top && options.backing_format ? options.backing_format : info.backing_format;
-        if (auto ok = check_format(backing_format); !ok) {
+        if (auto ok = open_backing(source, *state, options, mode, top, depth, walk); !ok) {
             return std::move(ok).error();
         }
-        auto below_bytes = source.backing(*state, backing_name, caller_backing);
-        if (!below_bytes) {
-            walk.error_named = true;
-            return std::move(below_bytes).error();
-        }
-        const std::string below_path = below_bytes->path.string();
-        const std::size_t depth = walk.names.size();
-        auto below =
-            open_layer(source, std::move(*below_bytes), backing_format, options, mode, false, walk);
-        // Problems with the backing file itself name it; problems further down come back as
-        // they are.
-        if (!below && source.names_backing_errors() && !walk.error_named &&
-            walk.names.size() <= depth + 1 && !below.error().message.starts_with("backing chain")) {
-            walk.error_named = true;
-            return Error{
-                below.error().code,
-                fmt::format("backing file {}: {}", printable(below_path), below.error().message)};
-        }
-        if (!below) {
-            return std::move(below).error();
-        }
-        state->backing = std::move(*below);
     }
     return state;
 }
@@ -413,8 +424,10 @@ open_chain(const std::filesystem::path& path, const OpenOptions& options, const 
         FileSource::map(MappedFile::open(path, /*allow_empty=*/top_format.has_value()), path);
     if (!top) {
         // MappedFile says what is wrong without naming the file: name it.
-        return Error{top.error().code,
-                     fmt::format("{}: {}", printable(path.string()), top.error().message)};
+        Error error = std::move(top).error();
+        error.message = fmt::format("{}: {}", printable(path.string()), error.message);
+        error.message_names_path = true;
+        return attribute(std::move(error), ErrorOrigin::image, path.string());
     }
     FileSource source(options.untrusted);
     ChainWalk walk;
@@ -533,9 +546,7 @@ Error explain_change(const ImageState& top, Error error) {
                                           : "grew",
                                       file->bytes().size(), st.st_size);
                 }
-                return Error{ErrorCode::image_changed,
-                             fmt::format("image changed while being read ({} {})",
-                                         printable(file->name().string()), how)};
+                return image_changed(fmt::format("{} {}", printable(file->name().string()), how));
             }
         }
     }

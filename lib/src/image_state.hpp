@@ -2,8 +2,8 @@
 #pragma once
 
 #include "bytes.hpp"
-#include "entries.hpp"
 #include "mapped_file.hpp"
+#include "qcow2_format.hpp"
 
 #include <qcowmap/image.hpp>
 #include <qcowmap/salvage.hpp>

@@ -2,6 +2,7 @@
 // entry_mergeable; block/io.c bdrv_co_block_status for BDRV_BLOCK_RECURSE).
 #include "fault.hpp"
 #include "image_state.hpp"
+#include "refcount.hpp"
 
 #include <qcowmap/bitmap.hpp>
 #include <qcowmap/map.hpp>
@@ -44,42 +45,24 @@ namespace {
 
 Result<std::uint64_t> layer_refcount(const detail::ImageState& layer, std::uint64_t cluster_index) {
     const ImageInfo& info = layer.info;
-    const auto bytes = layer.bytes;
     if (layer.format != detail::LayerFormat::qcow2 || info.version < 2) {
         return std::uint64_t{0}; // raw files and qcow v1 keep no refcounts
     }
-    const unsigned order = info.refcount_order;
-    // Entries per refcount block: cluster_size * 8 / refcount_bits.
-    const unsigned block_bits = info.cluster_bits + 3 - order;
-    const std::uint64_t table_index = cluster_index >> block_bits;
-    const std::uint64_t block_index = cluster_index & ((std::uint64_t{1} << block_bits) - 1);
-    const std::uint64_t table_entries =
-        (std::uint64_t{info.refcount_table_clusters} << info.cluster_bits) / 8;
-    if (table_index >= table_entries) {
-        return std::uint64_t{0};
-    }
-    // Entries of a refcount table that runs past the end of the file read as zeros, as qemu's
-    // block layer reads them (only `check` opens such images).
-    const std::uint64_t entry_at = info.refcount_table_offset + table_index * 8;
-    if (!detail::fits(bytes.size(), entry_at, 8)) {
-        return std::uint64_t{0};
-    }
-    const std::uint64_t block_offset =
-        detail::load_be64(bytes.data() + entry_at) & detail::kRefcountTableOffsetMask;
-    if (block_offset == 0) {
-        return std::uint64_t{0};
-    }
-    if (block_offset & (info.cluster_size - 1)) {
+    using Status = detail::RefcountLookup::Status;
+    const detail::RefcountLookup found = detail::lookup_refcount(layer.bytes, info, cluster_index);
+    switch (found.status) {
+    case Status::found:
+        return found.refcount;
+    case Status::unaligned_block:
         return Error{ErrorCode::invalid_table,
                      fmt::format("refcount block offset {:#x} (refcount table index {}) is not "
                                  "aligned to the cluster size",
-                                 block_offset, table_index)};
+                                 found.block_offset, found.table_index)};
+    case Status::block_past_eof:
+        break;
     }
-    auto block = detail::slice(bytes, block_offset, info.cluster_size, "refcount block");
-    if (!block) {
-        return std::move(block).error();
-    }
-    return detail::refcount_entry(block->data(), block_index, order);
+    return detail::slice(layer.bytes, found.block_offset, info.cluster_size, "refcount block")
+        .error();
 }
 
 bool layer_preallocated(const detail::ImageState& layer) {
@@ -197,6 +180,28 @@ std::filesystem::path map_file(const Image& image, std::uint32_t depth) {
 
 namespace {
 
+/// The part of a host file from `host` (below `host_end`) that is all hole or all data
+/// (SEEK_DATA / SEEK_HOLE).
+struct HostPiece {
+    bool hole = false;
+    std::uint64_t until = 0;
+};
+HostPiece host_piece(int fd, std::uint64_t host, std::uint64_t host_end) {
+    const off_t data_at = ::lseek(fd, static_cast<off_t>(host), SEEK_DATA);
+    if (data_at < 0 && errno != ENXIO) {
+        return {false, host_end}; // no answer: keep reporting data, as classify_raw does
+    }
+    if (data_at < 0 || static_cast<std::uint64_t>(data_at) > host) {
+        return {true, data_at < 0
+                          ? host_end
+                          : std::min<std::uint64_t>(host_end, static_cast<std::uint64_t>(data_at))};
+    }
+    const off_t hole_at = ::lseek(fd, static_cast<off_t>(host), SEEK_HOLE);
+    return {false, hole_at < 0
+                       ? host_end
+                       : std::min<std::uint64_t>(host_end, static_cast<std::uint64_t>(hole_at))};
+}
+
 Result<void> map_walk(const Image& image, const MapOptions& options, const WalkSink& sink) {
     const std::uint64_t start = std::min(options.start, image.size());
     const std::uint64_t end =
@@ -251,29 +256,13 @@ Result<void> map_walk(const Image& image, const MapOptions& options, const WalkS
         const std::uint64_t host_end = *extent.host_offset + extent.length;
         std::uint64_t host = *extent.host_offset;
         while (host < host_end) {
-            off_t data_at = ::lseek(probed->data_fd(), static_cast<off_t>(host), SEEK_DATA);
-            bool hole;
-            std::uint64_t until;
-            if (data_at < 0 && errno != ENXIO) {
-                hole = false; // no answer: keep reporting data, as classify_raw does
-                until = host_end;
-            } else if (data_at < 0 || static_cast<std::uint64_t>(data_at) > host) {
-                hole = true;
-                until = data_at < 0 ? host_end
-                                    : std::min<std::uint64_t>(host_end,
-                                                              static_cast<std::uint64_t>(data_at));
-            } else {
-                off_t hole_at = ::lseek(probed->data_fd(), static_cast<off_t>(host), SEEK_HOLE);
-                hole = false;
-                until = hole_at < 0 ? host_end
-                                    : std::min<std::uint64_t>(host_end,
-                                                              static_cast<std::uint64_t>(hole_at));
-            }
+            const HostPiece found = host_piece(probed->data_fd(), host, host_end);
             MapEntry piece = entry;
             piece.start = extent.offset + (host - *extent.host_offset);
-            piece.length = until - host;
+            piece.length = found.until - host;
             piece.offset = host;
-            piece.zero = hole;
+            piece.zero = found.hole;
+            const std::uint64_t until = found.until;
             auto more = emit(piece);
             if (!more)
                 return std::move(more).error();

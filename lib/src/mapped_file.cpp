@@ -1,5 +1,6 @@
 #include "mapped_file.hpp"
 
+#include "errors.hpp"
 #include "fault.hpp"
 
 #include <fmt/format.h>
@@ -73,7 +74,7 @@ Result<MappedFile> MappedFile::open(const std::filesystem::path& path, bool allo
     // changes nothing for reads of regular files and block devices.
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
-        return Error{ErrorCode::io_error, std::strerror(errno)};
+        return errno_error(errno);
     }
     return open_fd(fd, path, allow_empty);
 }
@@ -85,7 +86,7 @@ Result<MappedFile> MappedFile::open_fd(int fd, const std::filesystem::path& name
     impl->name = name;
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
-        return Error{ErrorCode::io_error, std::strerror(errno)};
+        return errno_error(errno);
     }
     impl->device = st.st_dev;
     impl->inode = st.st_ino;
@@ -98,9 +99,9 @@ Result<MappedFile> MappedFile::open_fd(int fd, const std::filesystem::path& name
     } else if (S_ISBLK(st.st_mode)) {
         // fstat gives 0 for a device; the kernel knows its size (as qemu's raw_getlength asks).
         if (::ioctl(fd, BLKGETSIZE64, &size) != 0) {
-            return Error{
-                ErrorCode::io_error,
-                fmt::format("cannot get the size of the block device: {}", std::strerror(errno))};
+            const int err = errno;
+            return errno_error(err, fmt::format("cannot get the size of the block device: {}",
+                                                std::strerror(err)));
         }
         impl->block_device = true;
     } else {
@@ -121,7 +122,8 @@ Result<MappedFile> MappedFile::open_fd(int fd, const std::filesystem::path& name
     }
     void* base = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_SHARED, fd, 0);
     if (base == MAP_FAILED) {
-        return Error{ErrorCode::io_error, fmt::format("cannot map file: {}", std::strerror(errno))};
+        const int err = errno;
+        return errno_error(err, fmt::format("cannot map file: {}", std::strerror(err)));
     }
     impl->base = base;
     impl->length = static_cast<std::size_t>(size);

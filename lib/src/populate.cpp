@@ -1,13 +1,10 @@
 // Populate ahead, release behind, and the measured choice between the mapping and pread.
 //
-// Measured on our 2-core VM (a "pvm" guest: the hypervisor shadows page tables), 1 GiB of
-// cached file data, thread CPU seconds: MADV_POPULATE_READ of the whole mapping 0.03 s; the first
-// read of each page after that still 0.35-0.38 s (no guest fault is counted: the trap is the
-// hypervisor's), a second read 0.02 s; a thread touching pages that another thread touched first
-// pays 0.07 s. So on such a machine populating alone saves the consumer nothing, and touching on
-// another thread moves the whole cost off it: sha256 of the mapping cost the hashing thread
-// 1.38 s per GiB faulting as it went, 1.24 s after MADV_POPULATE_READ alone, and 0.65-0.69 s
-// (the speed of hashing a cache-hot buffer) with a helper populating and touching ahead.
+// Where the hypervisor shadows page tables (a "pvm" guest), the first read of a page made
+// present by MADV_POPULATE_READ still traps into the hypervisor (no guest fault is counted), so
+// populating alone saves the consumer little; a page another thread touched first costs the
+// consumer almost nothing. So a helper populates and touches ahead, which brings hashing the
+// mapping close to hashing a cache-hot buffer (README, "Benchmarks").
 #include "populate.hpp"
 
 #include "image_state.hpp"

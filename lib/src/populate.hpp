@@ -33,7 +33,7 @@ DataAccess resolve(DataAccess access);
 /// the image's file mappings qualify: decompressed runs live in heap buffers.
 ///
 /// Runs of a fragmented image are scattered over the file, and one madvise per 64 KiB run
-/// cost 1.7 s of system time per GiB on our VM (each call flushes TLBs). So the releaser
+/// costs a TLB flush per call (seconds of system time per GiB). So the releaser
 /// collects the address range [lo, hi) spanned by consumed runs of one mapping and drops it all
 /// once 32 MiB were consumed: pages in between that were not consumed yet are dropped too,
 /// which is harmless for a read-only shared file mapping (they are faulted back in from the

@@ -4,6 +4,7 @@
 #include "references.hpp"
 
 #include "bytes.hpp"
+#include "errors.hpp"
 
 #include <qcowmap/references.hpp>
 
@@ -53,23 +54,33 @@ class Fd {
     int fd_;
 };
 
-Error refused(std::string_view what, std::string_view name, std::string_view why) {
-    return Error{ErrorCode::unsupported_feature,
-                 fmt::format("{} '{}' {}{}", what, printable(name), why, kUntrustedRefusalMark)};
+std::string_view what_of(ErrorOrigin origin) {
+    return origin == ErrorOrigin::data_file ? "data file" : "backing file";
 }
 
-Error os_error(std::string_view what, const std::filesystem::path& path, int err) {
-    return Error{ErrorCode::io_error,
-                 fmt::format("{} {}: {}", what, printable(path.string()), std::strerror(err))};
+/// A refusal as `confine` returns it: the message is only why, `path` the name as shown.
+Error refused(std::string_view shown_name, std::string_view why) {
+    Error error{ErrorCode::unsupported_feature, std::string(why)};
+    error.refusal = Refusal::untrusted;
+    error.path = std::string(shown_name);
+    return error;
+}
+
+Error os_error(ErrorOrigin origin, const std::filesystem::path& path, int err) {
+    Error error = errno_error(err, fmt::format("{} {}: {}", what_of(origin),
+                                               printable(path.string()), std::strerror(err)));
+    return attribute(std::move(error), origin, path.string());
 }
 
 /// After the open: a regular file, and not one of the kernel's pseudo files (which claim to be
 /// regular files of size 0 and would read as another process's or the host's state).
-Result<void> check_opened(int fd, std::string_view what, std::string_view name) {
+Result<void> check_opened(int fd, ErrorOrigin origin, std::string_view name) {
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
-        return Error{ErrorCode::io_error,
-                     fmt::format("{} '{}': {}", what, printable(name), std::strerror(errno))};
+        const int err = errno;
+        return attribute(errno_error(err, fmt::format("{} '{}': {}", what_of(origin),
+                                                      printable(name), std::strerror(err))),
+                         origin, std::string(name));
     }
     if (!S_ISREG(st.st_mode)) {
         const char* kind = S_ISDIR(st.st_mode)    ? "a directory"
@@ -78,11 +89,11 @@ Result<void> check_opened(int fd, std::string_view what, std::string_view name) 
                            : S_ISFIFO(st.st_mode) ? "a FIFO"
                            : S_ISSOCK(st.st_mode) ? "a socket"
                                                   : "a special file";
-        return refused(what, name, fmt::format("is {}, not a regular file", kind));
+        return refused(name, fmt::format("is {}, not a regular file", kind));
     }
     struct statfs fs {};
     if (::fstatfs(fd, &fs) == 0 && (fs.f_type == PROC_SUPER_MAGIC || fs.f_type == SYSFS_MAGIC)) {
-        return refused(what, name, "is a /proc or /sys file");
+        return refused(name, "is a /proc or /sys file");
     }
     return {};
 }
@@ -102,40 +113,46 @@ int open_beneath(int dir, std::string_view name, int flags) {
     return fd < 0 ? -errno : static_cast<int>(fd);
 }
 
+/// A component of a name being walked, and whether what it names must be a directory (it was
+/// followed by a slash or by `.`, as in "a/" or "a/.": openat2 then fails with ENOTDIR on a
+/// file).
+struct Part {
+    std::string name;
+    bool directory = false;
+};
+
+/// Puts the components of `text` (a name, or a symlink's target) in front of `pending`; empty
+/// and `.` components only mark the one before as a directory. `directory`: the last one must
+/// be a directory (the symlink was followed by one).
+void split_into_front(std::deque<Part>& pending, std::string_view text, bool directory) {
+    std::vector<Part> parts;
+    std::size_t at = 0;
+    while (at <= text.size()) {
+        const std::size_t slash = text.find('/', at);
+        const std::size_t end = slash == std::string_view::npos ? text.size() : slash;
+        const std::string_view part = text.substr(at, end - at);
+        if (part.empty() || part == ".") {
+            if (!parts.empty() && (slash != std::string_view::npos || part == "."))
+                parts.back().directory = true;
+        } else {
+            parts.push_back({std::string(part), slash != std::string_view::npos});
+        }
+        if (slash == std::string_view::npos)
+            break;
+        at = slash + 1;
+    }
+    if (!parts.empty() && directory)
+        parts.back().directory = true;
+    pending.insert(pending.begin(), parts.begin(), parts.end());
+}
+
 /// The same confinement without openat2: walk the name one component at a time from `dir`,
 /// opening each with O_NOFOLLOW, expanding symlinks by hand (readlinkat on the link itself)
 /// and refusing an absolute target or a `..` above `dir`. Returns the opened file, -errno, or
 /// -EXDEV for an escape (as openat2 reports it).
 int open_by_walk(int dir, std::string_view name, int flags) {
-    // A component, and whether what it names must be a directory (it was followed by a
-    // slash or by `.`, as in "a/" or "a/.": openat2 then fails with ENOTDIR on a file).
-    struct Part {
-        std::string name;
-        bool directory = false;
-    };
     std::deque<Part> pending;
-    auto split_into_front = [&](std::string_view text, bool directory) {
-        std::vector<Part> parts;
-        std::size_t at = 0;
-        while (at <= text.size()) {
-            const std::size_t slash = text.find('/', at);
-            const std::size_t end = slash == std::string_view::npos ? text.size() : slash;
-            const std::string_view part = text.substr(at, end - at);
-            if (part.empty() || part == ".") {
-                if (!parts.empty() && (slash != std::string_view::npos || part == "."))
-                    parts.back().directory = true;
-            } else {
-                parts.push_back({std::string(part), slash != std::string_view::npos});
-            }
-            if (slash == std::string_view::npos)
-                break;
-            at = slash + 1;
-        }
-        if (!parts.empty() && directory)
-            parts.back().directory = true;
-        pending.insert(pending.begin(), parts.begin(), parts.end());
-    };
-    split_into_front(name, false);
+    split_into_front(pending, name, false);
     if (pending.empty())
         return -EISDIR; // the directory itself
     // The directories descended into, innermost last; `..` pops one, above `dir` is an escape.
@@ -172,7 +189,7 @@ int open_by_walk(int dir, std::string_view name, int flags) {
                 return -ENOENT;
             if (target[0] == '/')
                 return -EXDEV;
-            split_into_front(target, part.directory);
+            split_into_front(pending, target, part.directory);
             continue;
         }
         if (!S_ISDIR(st.st_mode) && (part.directory || !pending.empty()))
@@ -199,21 +216,20 @@ int open_by_walk(int dir, std::string_view name, int flags) {
     return -EISDIR; // the name ended in `..`: a directory
 }
 
-} // namespace
-
-Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::string_view name,
-                                   std::string_view what, ConfineMethod method) {
+/// open_confined, with a refusal's message being only why (see `refused`).
+Result<ConfinedFile> confine(const std::filesystem::path& image, std::string_view name,
+                             ErrorOrigin origin, ConfineMethod method) {
     if (name.empty()) {
-        return refused(what, name, "is an empty name");
+        return refused(name, "is an empty name");
     }
     if (name.find('\0') != std::string_view::npos) {
-        return refused(what, name, "contains a NUL byte");
+        return refused(name, "contains a NUL byte");
     }
     if (name.front() == '/') {
-        return refused(what, name, "is an absolute path");
+        return refused(name, "is an absolute path");
     }
     if (name.size() >= PATH_MAX) {
-        return refused(what, name.substr(0, 64), "... is longer than a path may be");
+        return refused(name.substr(0, 64), "... is longer than a path may be");
     }
     // qemu resolves a relative name against the directory of the image naming it.
     std::filesystem::path directory = image.parent_path();
@@ -222,7 +238,7 @@ Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::stri
     const std::filesystem::path path = directory / std::filesystem::path(std::string(name));
     Fd dir(::open(directory.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
     if (dir.get() < 0) {
-        return os_error(what, path, errno);
+        return os_error(origin, path, errno);
     }
     bool walk = method == ConfineMethod::walk;
     auto open_with = [&](int flags) {
@@ -242,22 +258,38 @@ Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::stri
     if (fd < 0) {
         switch (-fd) {
         case EXDEV:
-            return refused(what, name, "leaves the image's directory");
+            return refused(name, "leaves the image's directory");
         case ELOOP:
-            return refused(what, name, "goes through a symlink loop or a /proc magic link");
+            return refused(name, "goes through a symlink loop or a /proc magic link");
         case EAGAIN:
-            return refused(what, name, "changed while it was being opened");
+            return refused(name, "changed while it was being opened");
         case EISDIR:
-            return refused(what, name, "is a directory, not a regular file");
+            return refused(name, "is a directory, not a regular file");
         default:
-            return os_error(what, path, -fd);
+            return os_error(origin, path, -fd);
         }
     }
     Fd file(fd);
-    if (auto ok = check_opened(file.get(), what, name); !ok) {
+    if (auto ok = check_opened(file.get(), origin, name); !ok) {
         return std::move(ok).error();
     }
     return ConfinedFile{file.release(), path};
+}
+
+} // namespace
+
+Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::string_view name,
+                                   ErrorOrigin origin, ConfineMethod method) {
+    auto opened = confine(image, name, origin, method);
+    if (!opened && opened.error().refusal == Refusal::untrusted) {
+        // "WHAT 'NAME' why (untrusted)"
+        Error error = std::move(opened).error();
+        error.message = fmt::format("{} '{}' {}{}", what_of(origin), printable(error.path),
+                                    error.message, kUntrustedRefusalMark);
+        error.path = std::string(name);
+        return attribute(std::move(error), origin, std::string(name));
+    }
+    return opened;
 }
 
 } // namespace qcowmap::detail
@@ -275,18 +307,21 @@ std::vector<ImageReference> image_references(const Image& image) {
         ImageReference ref;
         ref.kind = kind;
         ref.name = name;
-        const std::string_view what = to_string(kind);
-        auto opened = detail::open_confined(image.path(), name, what);
+        const ErrorOrigin origin = kind == ImageReference::Kind::backing_file
+                                       ? ErrorOrigin::backing
+                                       : ErrorOrigin::data_file;
+        auto opened = detail::confine(image.path(), name, origin, detail::ConfineMethod::automatic);
         if (opened) {
             ::close(opened->fd);
-        } else if (opened.error().message.ends_with(kUntrustedRefusalMark)) {
-            // "WHAT 'NAME' why (untrusted)": keep the why.
-            std::string why = opened.error().message;
-            why.resize(why.size() - kUntrustedRefusalMark.size());
-            const std::string prefix = fmt::format("{} '{}' ", what, detail::printable(name));
-            if (why.starts_with(prefix))
-                why.erase(0, prefix.size());
-            ref.untrusted_refusal = std::move(why);
+        } else if (opened.error().refusal == Refusal::untrusted) {
+            // The why alone, unless the name was shortened to be shown ("'NAME...' ... is
+            // longer than a path may be"): then the whole sentence.
+            const Error& refusal = opened.error();
+            ref.untrusted_refusal =
+                refusal.path == name
+                    ? refusal.message
+                    : fmt::format("{} '{}' {}", to_string(kind), detail::printable(refusal.path),
+                                  refusal.message);
         } else {
             ref.missing = true;
         }

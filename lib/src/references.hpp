@@ -22,18 +22,20 @@ enum class ConfineMethod {
     walk,      ///< always the component walk (O_NOFOLLOW + readlinkat), for tests
 };
 
-/// Opens `name`, which the image at `image` names as its `what` ("backing file", "data file"),
+/// Opens `name`, which the image at `image` names as its backing or data file (`origin`),
 /// the way OpenOptions::untrusted requires: the name must be relative, must stay inside the
 /// directory of `image` once `..` and symlinks are resolved, and must name a regular file that
 /// is not a /proc or /sys file. The check and the open are one step (openat2 with
 /// RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS, or a walk of the components with O_NOFOLLOW from a
 /// directory descriptor), so a symlink swapped in after the check cannot lead outside.
 ///
-/// Errors: unsupported_feature for a refused name, its message ending in kUntrustedMark
+/// Errors, all with `origin` and the name or path: unsupported_feature with
+/// Refusal::untrusted for a refused name, its message ending in kUntrustedRefusalMark
 /// ("backing file '../x.raw' leaves the image's directory (untrusted)"); io_error naming the
-/// path for a file that does not exist or cannot be opened, as for a trusted name.
+/// path (and its errno) for a file that does not exist or cannot be opened, as for a trusted
+/// name. `origin` (backing or data_file) also gives the message's "backing file"/"data file".
 Result<ConfinedFile> open_confined(const std::filesystem::path& image, std::string_view name,
-                                   std::string_view what,
+                                   ErrorOrigin origin,
                                    ConfineMethod method = ConfineMethod::automatic);
 
 } // namespace qcowmap::detail

@@ -11,10 +11,11 @@
 // clusters or copies L2 tables on write after a snapshot. Spec: docs/interop/qcow2.txt,
 // "Cluster mapping", "Compressed Clusters Descriptor", "Extended L2 Entries".
 #include "atomic_file.hpp"
-#include "entries.hpp"
 #include "image_state.hpp"
+#include "qcow2_format.hpp"
 #include "raw_io.hpp"
 #include "workers.hpp"
+#include "writer_internal.hpp"
 
 #include <qcowmap/stream_import.hpp>
 #include <qcowmap/writer.hpp>
@@ -39,12 +40,12 @@ namespace {
 
 using detail::Bytes;
 
-constexpr std::uint32_t kMagic = 0x514649fb; // "QFI\xfb"
-/// Bytes of the header that hold cluster_bits (offset 20..23): enough to know the size of the
-/// first cluster, which holds the whole header with its extensions and backing file name.
-constexpr std::size_t kClusterBitsEnd = 24;
-constexpr unsigned kMinClusterBits = 9;
-constexpr unsigned kMaxClusterBits = 21;
+using detail::kMaxClusterBits;
+using detail::kMinClusterBits;
+using detail::kQcowMagic;
+/// Bytes of the header up to and with cluster_bits: enough to know the size of the first
+/// cluster, which holds the whole header with its extensions and backing file name.
+constexpr std::size_t kClusterBitsEnd = detail::header::kClusterBits + 4;
 
 Error io_error(std::string message) {
     return Error{ErrorCode::io_error, std::move(message)};
@@ -54,12 +55,13 @@ Error errno_error(std::string_view what) {
     return io_error(fmt::format("{}: {}", what, std::strerror(errno)));
 }
 
+/// The output's errors: ErrorOrigin::target, as the writer's (writer_internal.hpp).
 Error target_error(std::string_view what) {
-    return io_error(fmt::format("{}{}", kWriteTargetError, what));
+    return detail::writer::target_error(what);
 }
 
 Error target_errno() {
-    return target_error(std::strerror(errno));
+    return detail::writer::target_errno(errno);
 }
 
 /// Runs `work`, turning std::bad_alloc (a buffer the system refuses: `ulimit -v`) into an error:
@@ -534,14 +536,15 @@ struct StreamDecoder::Impl {
     // ----- header
 
     Result<void> parse_header(bool at_end) {
-        if (header.size() >= 8 && detail::load_be32(header.data()) == kMagic &&
-            detail::load_be32(header.data() + 4) == 1) {
+        if (header.size() >= 8 && detail::load_be32(header.data()) == kQcowMagic &&
+            detail::load_be32(header.data() + detail::header::kVersion) == 1) {
             return Error{ErrorCode::unsupported_feature,
                          "qcow version 1 images cannot be read from a stream (convert them "
                          "from a file)"};
         }
-        if (header.size() >= kClusterBitsEnd && detail::load_be32(header.data()) == kMagic) {
-            const std::uint32_t bits = detail::load_be32(header.data() + 20);
+        if (header.size() >= kClusterBitsEnd && detail::load_be32(header.data()) == kQcowMagic) {
+            const std::uint32_t bits =
+                detail::load_be32(header.data() + detail::header::kClusterBits);
             if (bits >= kMinClusterBits && bits <= kMaxClusterBits)
                 header_needed = std::size_t{1} << bits;
         }

@@ -11,6 +11,7 @@
 // into jobs of about kPrefetchWindowBytes (a fragmented image's 64 KiB runs would otherwise
 // cost a hand-over each); a job's pages are dropped from the process by the worker that next
 // takes its slot, which the ring frees only once the visitor is done with them.
+#include "errors.hpp"
 #include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
@@ -30,28 +31,28 @@ constexpr unsigned kMaxProducerThreads = 64;
 constexpr std::size_t kMaxGroupedPieces = 64;
 
 /// How the bytes of an extent reach the visitor.
-enum class Source : std::uint8_t {
+enum class Delivery : std::uint8_t {
     direct,     // as they are: zero runs, and mapped data without prefetching
     compressed, // decompressed, one piece per cluster
     read,       // read with pread, in pieces of kReadPieceBytes
     mapped,     // from the mapping, in pieces of kPrefetchWindowBytes made present ahead
 };
 
-Source source_of(const VisitOptions& options, const Extent& extent) {
+Delivery delivery_of(const VisitOptions& options, const Extent& extent) {
     if (extent.kind == ExtentKind::compressed)
-        return Source::compressed;
+        return Delivery::compressed;
     if (extent.kind != ExtentKind::data || !extent.file)
-        return Source::direct; // zero, or bytes in memory rather than a file mapping
+        return Delivery::direct; // zero, or bytes in memory rather than a file mapping
     if (options.data_access == DataAccess::read)
-        return Source::read;
-    return options.prefetch == Prefetch::none ? Source::direct : Source::mapped;
+        return Delivery::read;
+    return options.prefetch == Prefetch::none ? Delivery::direct : Delivery::mapped;
 }
 
-std::uint64_t piece_limit(Source source, const Extent& extent) {
+std::uint64_t piece_limit(Delivery source, const Extent& extent) {
     switch (source) {
-    case Source::read:
+    case Delivery::read:
         return kReadPieceBytes;
-    case Source::mapped:
+    case Delivery::mapped:
         return kPrefetchWindowBytes;
     default:
         return extent.length;
@@ -68,7 +69,7 @@ struct MappedPiece {
 /// One job of the ring: a compressed cluster, one piece of a data run to read, or a group of
 /// mapped pieces to make present.
 struct Piece {
-    Source source = Source::compressed;
+    Delivery source = Delivery::compressed;
     Extent extent;                  // compressed and read
     std::uint64_t piece_offset = 0; // virtual offset of the piece (== extent.offset if compressed)
     std::uint64_t piece_length = 0;
@@ -98,11 +99,11 @@ class Prefetcher {
                         detail::release_pages(pages);
                     piece.release_first.clear();
                     switch (piece.source) {
-                    case Source::read:
+                    case Delivery::read:
                         return detail::read_exactly(
                             *piece.read_from,
                             std::span<std::byte>(piece.buffer).first(piece.piece_length));
-                    case Source::mapped:
+                    case Delivery::mapped:
                         for (const auto& pages : piece.pages)
                             detail::populate_pages(pages, piece.prefetch);
                         return {};
@@ -132,7 +133,7 @@ class Prefetcher {
     /// Waits for the job holding the next piece in disk order, which must start at
     /// `piece_offset` inside `expected`, and returns the piece's bytes; they live until `done()`
     /// (mapped bytes as long as the Image).
-    Result<std::span<const std::byte>> next(Source source, const Extent& expected,
+    Result<std::span<const std::byte>> next(Delivery source, const Extent& expected,
                                             std::uint64_t piece_offset,
                                             std::uint64_t piece_length) {
         top_up();
@@ -149,7 +150,7 @@ class Prefetcher {
         const Piece& piece = **produced;
         if (piece.source != source)
             return lost_place();
-        if (source == Source::mapped) {
+        if (source == Delivery::mapped) {
             if (used_in_front_ >= piece.pieces.size())
                 return lost_place();
             const MappedPiece& p = piece.pieces[used_in_front_];
@@ -174,7 +175,7 @@ class Prefetcher {
     /// The visitor is done with the piece `next()` returned.
     void done() {
         auto front = workers_->front(); // already done: returns at once
-        if (front && (*front)->source == Source::mapped &&
+        if (front && (*front)->source == Delivery::mapped &&
             ++used_in_front_ < (*front)->pieces.size()) {
             return; // more pieces of this group to come
         }
@@ -185,8 +186,7 @@ class Prefetcher {
   private:
     /// The two walks of the same metadata disagree: only a file changed under us does that.
     static Error lost_place() {
-        return Error{ErrorCode::image_changed, "image changed while being read (two walks of its "
-                                               "metadata disagree)"};
+        return detail::image_changed("two walks of its metadata disagree");
     }
 
     /// Moves the look-ahead walk to the next extent whose bytes must be produced; false at the
@@ -199,8 +199,8 @@ class Prefetcher {
             ++cursor_;
         }
         for (; cursor_ != std::default_sentinel; ++cursor_) {
-            pending_source_ = source_of(options_, *cursor_);
-            if (pending_source_ != Source::direct) {
+            pending_source_ = delivery_of(options_, *cursor_);
+            if (pending_source_ != Delivery::direct) {
                 pending_ = *cursor_;
                 pending_next_ = pending_->offset;
                 return true;
@@ -217,14 +217,14 @@ class Prefetcher {
             if (!pending_ && !advance())
                 break;
             const Extent& e = *pending_;
-            if (pending_source_ == Source::mapped) {
+            if (pending_source_ == Delivery::mapped) {
                 const std::uint64_t length = std::min<std::uint64_t>(
                     kPrefetchWindowBytes, e.offset + e.length - pending_next_);
                 if (!piece.pieces.empty() && (grouped + length > kPrefetchWindowBytes ||
                                               piece.pieces.size() == kMaxGroupedPieces)) {
                     break; // this job is full; the piece starts the next one
                 }
-                piece.source = Source::mapped;
+                piece.source = Delivery::mapped;
                 piece.prefetch = options_.prefetch;
                 piece.pieces.push_back(MappedPiece{e.offset, pending_next_, length});
                 auto bytes = e.bytes.subspan(pending_next_ - e.offset, length);
@@ -245,7 +245,7 @@ class Prefetcher {
                 break; // close the group first
             piece.source = pending_source_;
             piece.extent = e;
-            if (pending_source_ == Source::compressed) {
+            if (pending_source_ == Delivery::compressed) {
                 // Layers of a chain may differ in cluster size.
                 piece.buffer.resize(detail::layer_at(detail_state(image_), e.depth)->cluster_size);
                 piece.piece_offset = e.offset;
@@ -292,7 +292,7 @@ class Prefetcher {
     ExtentRange::iterator cursor_;
     bool started_ = false;
     std::optional<Extent> pending_; // an extent being cut into pieces
-    Source pending_source_ = Source::direct;
+    Delivery pending_source_ = Delivery::direct;
     std::uint64_t pending_next_ = 0;
     std::size_t used_in_front_ = 0; // pieces of the front (mapped) job already visited
     const std::size_t capacity_;
@@ -400,9 +400,9 @@ Result<void> Image::visit_in_boundary(std::uint64_t start, std::uint64_t end,
     // Without workers, mapped pieces are still dropped behind the visitor (in batches).
     std::optional<detail::PageReleaser> releaser;
     for (const Extent& extent : extents) {
-        const Source source = source_of(options, extent);
+        const Delivery source = delivery_of(options, extent);
         Run run = run_of(extent);
-        if (source == Source::direct) {
+        if (source == Delivery::direct) {
             if (extent.kind == ExtentKind::data) {
                 run.bytes = extent.bytes;
                 run.file = extent.file;
@@ -427,7 +427,7 @@ Result<void> Image::visit_in_boundary(std::uint64_t start, std::uint64_t end,
                 no_threads = true;
             }
         }
-        if (source == Source::mapped && !prefetcher && !releaser)
+        if (source == Delivery::mapped && !prefetcher && !releaser)
             releaser.emplace(*this);
         // A compressed cluster is one piece; data runs are cut into pieces.
         std::uint64_t piece = extent.offset;
@@ -436,16 +436,16 @@ Result<void> Image::visit_in_boundary(std::uint64_t start, std::uint64_t end,
         do {
             const std::uint64_t length = std::min<std::uint64_t>(limit, extent_end - piece);
             std::optional<FilePosition> piece_file;
-            if (source != Source::compressed) {
+            if (source != Delivery::compressed) {
                 piece_file =
                     FilePosition{extent.file->fd, extent.file->offset + (piece - extent.offset)};
             }
             Result<std::span<const std::byte>> bytes = std::span<const std::byte>{};
             if (prefetcher) {
                 bytes = prefetcher->next(source, extent, piece, length);
-            } else if (source == Source::read) {
+            } else if (source == Delivery::read) {
                 bytes = inline_producer.read(*piece_file, static_cast<std::size_t>(length));
-            } else if (source == Source::mapped) {
+            } else if (source == Delivery::mapped) {
                 bytes = extent.bytes.subspan(piece - extent.offset, length);
             } else {
                 bytes = inline_producer.decompress(*this, extent);
@@ -459,11 +459,11 @@ Result<void> Image::visit_in_boundary(std::uint64_t start, std::uint64_t end,
             run.length = length;
             run.bytes = *bytes;
             run.file = piece_file;
-            run.mapped = source == Source::mapped;
+            run.mapped = source == Delivery::mapped;
             auto ok = visitor(run);
             if (prefetcher) {
                 prefetcher->done();
-            } else if (releaser && source == Source::mapped) {
+            } else if (releaser && source == Delivery::mapped) {
                 releaser->consumed(run.bytes);
             }
             if (!ok) {

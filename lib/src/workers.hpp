@@ -62,9 +62,8 @@ inline unsigned resolve_threads(unsigned threads) noexcept {
 /// Waiting spins briefly before sleeping, but only when the owner and every worker can each
 /// have a core of their own: pieces are small (a 64 KiB cluster), and a futex wake-up per
 /// piece costs more than the parallelism wins. With more threads than cores a spinning waiter
-/// takes the core of the thread it waits for: compare of two zstd images (two workers and the
-/// owner on two cores) took 0.55 s spinning and 0.31 s sleeping at once, dense compare 0.29 s
-/// and 0.26 s, hash of a dense image 0.75 s and 0.69 s (bench/compare-qemu.sh images).
+/// takes the core of the thread it waits for, and spinning made compare and hash slower
+/// (bench/compare-qemu.sh).
 template <typename Job> class OrderedWorkers {
   public:
     using Work = std::function<Result<void>(Job&)>;
@@ -172,7 +171,9 @@ template <typename Job> class OrderedWorkers {
     /// be made where memory has just run out (a new thread's first malloc can fail under
     /// `ulimit -v` when glibc cannot map the thread's arena).
     static Error out_of_memory() noexcept {
-        return Error{ErrorCode::io_error, "out of memory"};
+        Error error{ErrorCode::io_error, "out of memory"};
+        error.refusal = Refusal::out_of_memory;
+        return error;
     }
 
     static Error error_of(std::exception_ptr failure) noexcept {

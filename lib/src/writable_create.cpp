@@ -195,8 +195,10 @@ Result<void> create(const std::filesystem::path& path, std::uint64_t size,
         open.format = fields.backing_format;
         auto below = Image::open(backing, open);
         if (!below) {
-            return Error{below.error().code, fmt::format("backing file {}: {}", backing.string(),
-                                                         below.error().message)};
+            Error error = std::move(below).error();
+            error.message = fmt::format("backing file {}: {}", backing.string(), error.message);
+            error.message_names_path = false;
+            return error;
         }
         if (size == 0)
             size = below->size();
@@ -230,25 +232,26 @@ Result<void> create(const std::filesystem::path& path, std::uint64_t size,
     std::copy(header->begin(), header->end(), image.begin());
     const std::uint64_t cs = g.cluster_size;
     for (std::uint64_t i = 0; i < layout->refblock_count; ++i) {
-        store_be64(image.data() + (layout->reftable << g.cluster_bits) + i * 8,
-                   (layout->refblocks + i) << g.cluster_bits);
+        detail::store_be64(image.data() + (layout->reftable << g.cluster_bits) +
+                               i * detail::kRefcountTableEntrySize,
+                           (layout->refblocks + i) << g.cluster_bits);
     }
     for (std::uint64_t c = 0; c < layout->total(); ++c) {
         const std::uint64_t block = c / g.refs_per_block();
-        std::span<std::byte> bytes(image.data() + ((layout->refblocks + block) << g.cluster_bits),
-                                   cs);
-        set_refcount(bytes, c % g.refs_per_block(), 1, g.refcount_order);
+        detail::set_refcount_entry(image.data() + ((layout->refblocks + block) << g.cluster_bits),
+                                   c % g.refs_per_block(), 1, g.refcount_order);
     }
     for (std::uint64_t t = 0; t < l2_tables; ++t) {
         const std::uint64_t l2 = (layout->l2 + t) << g.cluster_bits;
-        store_be64(image.data() + (layout->l1 << g.cluster_bits) + t * 8, l2 | kOflagCopied);
+        detail::encode_l1(image.data() + (layout->l1 << g.cluster_bits) + t * 8, l2,
+                          /*copied=*/true);
         std::span<std::byte> table(image.data() + l2, cs);
         for (std::uint64_t i = 0; i < g.l2_entries(); ++i) {
             const std::uint64_t guest = t * g.l2_entries() + i;
             if (guest >= g.guest_clusters())
                 break;
-            L2Entry entry;
-            entry.kind = L2Entry::Kind::data;
+            L2Plan entry;
+            entry.kind = L2Plan::Kind::data;
             entry.host = guest << g.cluster_bits;
             encode_l2_entry(g, table, i, entry);
         }

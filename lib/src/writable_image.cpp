@@ -509,7 +509,7 @@ Result<void> zero_entry(WState& s, std::uint64_t guest, std::uint64_t mask, bool
     } else if (mask == detail::kSubclusterAllocMask) {
         release = type == ClusterType::compressed || (unmap && allocated);
         next.raw = release ? 0 : e.raw;
-        next.bitmap = detail::kAllZeroSubclusters;
+        next.bitmap = detail::kSubclusterZeroMask;
     } else {
         // Part of a cluster: only its subclusters (a compressed cluster is written instead).
         next.bitmap = (e.bitmap | (mask << 32)) & ~mask;
@@ -668,7 +668,7 @@ Result<void> discard_locked(WState& s, std::uint64_t offset, std::uint64_t lengt
         L2Entry next{};
         if (s.below || allocated) {
             if (s.extended)
-                next.bitmap = detail::kAllZeroSubclusters;
+                next.bitmap = detail::kSubclusterZeroMask;
             else if (s.info.version >= 3)
                 next.raw = detail::kL2ZeroFlag;
         }
@@ -894,7 +894,7 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
     const std::uint64_t known_autoclear = kAutoclearBitmaps | kAutoclearDataFileRaw;
     if (info.version >= 3 && (info.autoclear_features & ~known_autoclear)) {
         s.info.autoclear_features &= known_autoclear;
-        if (auto ok = detail::write_header_field(s, detail::kHeaderAutoclearAt,
+        if (auto ok = detail::write_header_field(s, detail::header::kAutoclearFeatures,
                                                  s.info.autoclear_features, 8);
             !ok) {
             return std::move(ok).error();
@@ -1078,7 +1078,7 @@ Result<void> WritableImage::resize(std::uint64_t new_size) {
         return ok;
     const std::uint64_t clusters = (new_size + s.cluster_size - 1) >> s.cluster_bits;
     const std::uint64_t l1_needed = (clusters + s.l2_entries() - 1) >> s.l2_bits;
-    if (l1_needed * 8 > detail::kMaxL1BytesW) {
+    if (l1_needed * 8 > detail::kMaxL1Bytes) {
         return Error{ErrorCode::invalid_argument,
                      fmt::format("a disk of {} bytes needs an L1 table of {} entries, more than "
                                  "qemu accepts (32 MiB)",
@@ -1096,18 +1096,21 @@ Result<void> WritableImage::resize(std::uint64_t new_size) {
             return ok;
         std::vector<std::byte> table(table_clusters << s.cluster_bits);
         for (std::size_t i = 0; i < s.l1.size(); ++i)
-            detail::writer::store_be64(table.data() + i * 8, s.l1[i]);
+            detail::store_be64(table.data() + i * 8, s.l1[i]);
         const std::uint64_t new_offset = allocation->first << s.cluster_bits;
         if (auto ok = s.file.pwrite(table, new_offset); !ok)
             return ok;
         if (auto ok = s.file.sync(); !ok)
             return ok;
-        std::byte header[24];
-        detail::writer::store_be64(header, new_size);
-        detail::writer::store_be32(header + 8, 0); // crypt_method stays 0 (not encrypted)
-        detail::writer::store_be32(header + 12, static_cast<std::uint32_t>(l1_needed));
-        detail::writer::store_be64(header + 16, new_offset);
-        if (auto ok = s.file.pwrite(header, detail::kHeaderSizeAt); !ok)
+        namespace field = detail::header;
+        std::byte header[field::kRefcountTableOffset - field::kSize];
+        detail::store_be64(header, new_size);
+        // crypt_method stays 0 (not encrypted)
+        detail::store_be32(header + (field::kCryptMethod - field::kSize), 0);
+        detail::store_be32(header + (field::kL1Size - field::kSize),
+                           static_cast<std::uint32_t>(l1_needed));
+        detail::store_be64(header + (field::kL1TableOffset - field::kSize), new_offset);
+        if (auto ok = s.file.pwrite(header, field::kSize); !ok)
             return ok;
         if (auto ok = s.file.sync(); !ok)
             return ok;
@@ -1121,7 +1124,7 @@ Result<void> WritableImage::resize(std::uint64_t new_size) {
         s.info.l1_size = static_cast<std::uint32_t>(l1_needed);
         s.info.l1_table_offset = new_offset;
     } else {
-        if (auto ok = detail::write_header_field(s, detail::kHeaderSizeAt, new_size, 8); !ok)
+        if (auto ok = detail::write_header_field(s, detail::header::kSize, new_size, 8); !ok)
             return ok;
         if (auto ok = s.file.sync(); !ok)
             return ok;

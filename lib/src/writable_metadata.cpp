@@ -101,13 +101,13 @@ Result<CachedTable*> refcount_block(WState& s, std::uint64_t block, bool create)
     }
     const std::uint64_t cluster = block << s.refblock_bits;
     if ((cluster << s.cluster_bits) >> s.cluster_bits != cluster ||
-        (cluster << s.cluster_bits) > kMaxHostOffsetW - s.cluster_size) {
+        (cluster << s.cluster_bits) > kMaxHostOffset - s.cluster_size) {
         return Error{ErrorCode::invalid_argument, "the image would pass qemu's largest host offset "
                                                   "(2^56)"};
     }
     CachedTable table;
     table.bytes.assign(s.cluster_size, std::byte{0});
-    writer::set_refcount(table.bytes, 0, 1, s.refcount_order);
+    set_refcount_entry(table.bytes.data(), 0, 1, s.refcount_order);
     table.dirty = true;
     auto [it, inserted] = s.refblock_cache.insert_or_assign(block, std::move(table));
     s.reftable[block] = cluster << s.cluster_bits;
@@ -123,7 +123,7 @@ Result<void> set_refcount(WState& s, std::uint64_t cluster, std::uint64_t value)
     if (!block)
         return std::move(block).error();
     const std::uint64_t index = cluster & ((std::uint64_t{1} << s.refblock_bits) - 1);
-    writer::set_refcount((*block)->bytes, index, value, s.refcount_order);
+    set_refcount_entry((*block)->bytes.data(), index, value, s.refcount_order);
     (*block)->dirty = true;
     return {};
 }
@@ -158,14 +158,14 @@ Result<void> grow_refcount_table(WState& s, std::uint64_t needed_entries) {
         }
         new_blocks = std::move(missing);
     }
-    if (table_clusters * s.cluster_size > kMaxRefcountTableBytesW) {
+    if (table_clusters * s.cluster_size > kMaxRefcountTableBytes) {
         return Error{ErrorCode::invalid_argument,
                      fmt::format("the image would need a refcount table of {} bytes, more than "
                                  "qemu accepts (8 MiB)",
                                  table_clusters * s.cluster_size)};
     }
     const std::uint64_t area_end = area + table_clusters + new_blocks.size();
-    if ((area_end << s.cluster_bits) > kMaxHostOffsetW) {
+    if ((area_end << s.cluster_bits) > kMaxHostOffset) {
         return Error{ErrorCode::invalid_argument, "the image would pass qemu's largest host offset "
                                                   "(2^56)"};
     }
@@ -208,18 +208,19 @@ Result<void> grow_refcount_table(WState& s, std::uint64_t needed_entries) {
             return ok;
         block.dirty = false;
     }
-    std::vector<std::byte> encoded(s.reftable.size() * 8);
+    std::vector<std::byte> encoded(s.reftable.size() * kRefcountTableEntrySize);
     for (std::size_t i = 0; i < s.reftable.size(); ++i)
-        writer::store_be64(encoded.data() + i * 8, s.reftable[i]);
+        store_be64(encoded.data() + i * kRefcountTableEntrySize, s.reftable[i]);
     if (auto ok = s.file.pwrite(encoded, area << s.cluster_bits); !ok)
         return ok;
     if (auto ok = s.file.sync(); !ok)
         return ok;
     // refcount_table_offset (bytes 48-55) and refcount_table_clusters (56-59) in one write.
-    std::byte header[12];
-    writer::store_be64(header, area << s.cluster_bits);
-    writer::store_be32(header + 8, static_cast<std::uint32_t>(table_clusters));
-    if (auto ok = s.file.pwrite(header, kHeaderRefcountTableAt); !ok)
+    std::byte header[header::kNbSnapshots - header::kRefcountTableOffset];
+    store_be64(header, area << s.cluster_bits);
+    store_be32(header + (header::kRefcountTableClusters - header::kRefcountTableOffset),
+               static_cast<std::uint32_t>(table_clusters));
+    if (auto ok = s.file.pwrite(header, header::kRefcountTableOffset); !ok)
         return ok;
     if (auto ok = s.file.sync(); !ok)
         return ok;
@@ -254,9 +255,9 @@ Result<void> read_host(WState&, FileIo& io, std::span<std::byte> out, std::uint6
 Result<void> write_header_field(WState& s, std::uint64_t at, std::uint64_t value, unsigned width) {
     std::byte bytes[8];
     if (width == 8)
-        writer::store_be64(bytes, value);
+        store_be64(bytes, value);
     else
-        writer::store_be32(bytes, static_cast<std::uint32_t>(value));
+        store_be32(bytes, static_cast<std::uint32_t>(value));
     return s.file.pwrite(std::span(bytes, width), at);
 }
 
@@ -317,9 +318,7 @@ Result<CachedTable*> writable_l2(WState& s, std::uint64_t guest) {
 
 void set_l2_entry(WState& s, CachedTable& table, std::uint64_t guest, const L2Entry& entry) {
     std::byte* p = table.bytes.data() + (guest & (s.l2_entries() - 1)) * s.entry_bytes;
-    writer::store_be64(p, entry.raw);
-    if (s.extended)
-        writer::store_be64(p + 8, entry.bitmap);
+    encode_l2(p, entry, s.extended);
     table.dirty = true;
 }
 
@@ -334,7 +333,7 @@ Result<std::uint64_t> refcount_of(WState& s, std::uint64_t cluster) {
 }
 
 Result<Allocation> allocate_clusters(WState& s, std::uint64_t count) {
-    const std::uint64_t limit = kMaxHostOffsetW >> s.cluster_bits;
+    const std::uint64_t limit = kMaxHostOffset >> s.cluster_bits;
     std::uint64_t cluster = s.free_index;
     std::uint64_t run_start = 0, run = 0;
     std::optional<std::uint64_t> first_free;

@@ -3,8 +3,8 @@
 // refcount drops once the tables that stopped using them are on disk.
 #pragma once
 
-#include "entries.hpp"
 #include "image_state.hpp"
+#include "qcow2_format.hpp"
 #include "writable_io.hpp"
 
 #include <qcowmap/writable.hpp>
@@ -18,21 +18,6 @@
 #include <vector>
 
 namespace qcowmap::detail {
-
-// Header fields the in-place writer changes (spec "Header", byte offsets).
-inline constexpr std::uint64_t kHeaderSizeAt = 24;             // size, 8 bytes
-inline constexpr std::uint64_t kHeaderL1SizeAt = 36;           // l1_size, 4 bytes
-inline constexpr std::uint64_t kHeaderL1OffsetAt = 40;         // l1_table_offset, 8 bytes
-inline constexpr std::uint64_t kHeaderRefcountTableAt = 48;    // refcount_table_offset, 8 bytes
-inline constexpr std::uint64_t kHeaderRefcountClustersAt = 56; // refcount_table_clusters, 4
-inline constexpr std::uint64_t kHeaderAutoclearAt = 88;        // autoclear_features, 8 bytes
-/// qemu's caps (block/qcow2.h): QCOW_MAX_REFTABLE_SIZE, QCOW_MAX_L1_SIZE, and host offsets
-/// below 2^56 (QCOW_MAX_CLUSTER_OFFSET).
-inline constexpr std::uint64_t kMaxRefcountTableBytesW = 8ull << 20;
-inline constexpr std::uint64_t kMaxL1BytesW = 32ull << 20;
-inline constexpr std::uint64_t kMaxHostOffsetW = (1ull << 56) - 1;
-/// Extended L2 bitmap: every subcluster reads as zeros (bits 32-63), none allocated.
-inline constexpr std::uint64_t kAllZeroSubclusters = 0xffffffff00000000ULL;
 
 /// One cluster of metadata held in memory: an L2 table or a refcount block.
 struct CachedTable {

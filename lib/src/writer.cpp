@@ -43,11 +43,15 @@ using namespace detail::writer;
 namespace detail::writer {
 
 Error target_error(std::string_view what) {
-    return Error{ErrorCode::io_error, fmt::format("{}{}", kWriteTargetError, what)};
+    Error error{ErrorCode::io_error, fmt::format("{}{}", kWriteTargetError, what)};
+    error.origin = ErrorOrigin::target;
+    return error;
 }
 
 Error target_errno(int error) {
-    return target_error(std::strerror(error));
+    Error e = target_error(std::strerror(error));
+    e.system_errno = error;
+    return e;
 }
 
 bool all_zero(std::span<const std::byte> bytes) {
@@ -592,7 +596,8 @@ class RefcountWriter {
             if (auto ok = emit(); !ok)
                 return ok;
         }
-        set_refcount(block_, cluster % g_.refs_per_block(), value, g_.refcount_order);
+        detail::set_refcount_entry(block_.data(), cluster % g_.refs_per_block(), value,
+                                   g_.refcount_order);
         return {};
     }
 
@@ -633,7 +638,7 @@ std::vector<std::byte> encode_l1(const Geometry& g, const Layout& layout,
                                  const std::vector<std::uint64_t>& tables) {
     std::vector<std::byte> l1(layout.l1_clusters * g.cluster_size);
     for (std::size_t k = 0; k < tables.size(); ++k)
-        store_be64(l1.data() + tables[k] * 8, ((layout.l2 + k) << g.cluster_bits) | kOflagCopied);
+        detail::encode_l1(l1.data() + tables[k] * 8, (layout.l2 + k) << g.cluster_bits, true);
     return l1;
 }
 
@@ -698,11 +703,11 @@ Result<WriteStats> write_sequential(const Image& image, Output& out, const Geome
             const std::uint64_t from = std::max(run.first, table_first);
             const std::uint64_t to = std::min(run.first + run.count, table_end);
             for (std::uint64_t c = from; c < to; ++c) {
-                L2Entry entry;
+                L2Plan entry;
                 if (run.zero) {
-                    entry.kind = L2Entry::Kind::zero;
+                    entry.kind = L2Plan::Kind::zero;
                 } else {
-                    entry.kind = L2Entry::Kind::data;
+                    entry.kind = L2Plan::Kind::data;
                     entry.host = (layout.data + data_before_run + (c - run.first))
                                  << g.cluster_bits;
                 }
@@ -1166,7 +1171,7 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
         std::fill(table.begin(), table.end(), std::byte{0});
         return ok;
     };
-    auto set_entry = [&](std::uint64_t cluster, const L2Entry& entry) -> Result<void> {
+    auto set_entry = [&](std::uint64_t cluster, const L2Plan& entry) -> Result<void> {
         const std::uint64_t t = cluster / g.l2_entries();
         if (!table_dirty || tables[table_index] != t) {
             if (table_dirty) {
@@ -1198,9 +1203,9 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
     for (const PlanRun& run : plan) {
         for (std::uint64_t i = 0; i < run.count; ++i) {
             const std::uint64_t cluster = run.first + i;
-            L2Entry entry;
+            L2Plan entry;
             if (run.zero) {
-                entry.kind = L2Entry::Kind::zero;
+                entry.kind = L2Plan::Kind::zero;
                 ++stats.zero_clusters;
                 if (auto ok = set_entry(cluster, entry); !ok)
                     return ok.error();
@@ -1220,14 +1225,14 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
             }
             if (slot.kind == CompressJob::Kind::zero) {
                 if (!flattened) {
-                    entry.kind = L2Entry::Kind::zero;
+                    entry.kind = L2Plan::Kind::zero;
                     ++stats.zero_clusters;
                 }
             } else if (slot.kind == CompressJob::Kind::compressed) {
                 auto host = packer.add_compressed(std::span(slot.bytes).first(slot.size));
                 if (!host)
                     return host.error();
-                entry.kind = L2Entry::Kind::compressed;
+                entry.kind = L2Plan::Kind::compressed;
                 entry.host = *host;
                 entry.compressed_size = slot.size;
                 ++stats.compressed_clusters;
@@ -1235,7 +1240,7 @@ Result<WriteStats> write_compressed(const Image& image, Output& out, const Geome
                 auto host = packer.add_plain(std::span(slot.bytes).first(c));
                 if (!host)
                     return host.error();
-                entry.kind = L2Entry::Kind::data;
+                entry.kind = L2Plan::Kind::data;
                 entry.host = *host;
                 ++stats.data_clusters;
             }
@@ -1379,10 +1384,12 @@ Result<Image> open_output_backing(const WriteOptions& options, const std::filesy
     if (!image) {
         // qemu-img: "Could not open backing file: Could not open 'sub/sub/base.qcow2': No such
         // file or directory". Our errors name the path already.
-        std::string message = image.error().message;
-        if (!message.starts_with(path.string()))
-            message = fmt::format("{}: {}", detail::printable(path.string()), message);
-        return Error{image.error().code, "Could not open backing file: " + message};
+        Error error = std::move(image).error();
+        if (!(error.message_names_path && error.path == path.string()))
+            error.message = fmt::format("{}: {}", detail::printable(path.string()), error.message);
+        error.message = "Could not open backing file: " + error.message;
+        error.message_names_path = false;
+        return error;
     }
     return image;
 }

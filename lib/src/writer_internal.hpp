@@ -15,7 +15,8 @@
 
 namespace qcowmap::detail::writer {
 
-/// An io_error about the output (message starts with kWriteTargetError).
+/// An io_error about the output: ErrorOrigin::target, message starting with kWriteTargetError
+/// (target_errno: strerror(error), the errno kept).
 Error target_error(std::string_view what);
 Error target_errno(int error);
 

@@ -1,7 +1,9 @@
-// The layout of a qcow2 image being written: geometry, where each metadata structure goes, and
-// the encoders of the header, L1/L2 entries and refcounts (qemu's docs/interop/qcow2.txt).
+// The layout of a qcow2 image being written: geometry, where each metadata structure goes, the
+// header cluster and the L2 entries of the plan, encoded with qcow2_format.hpp's encoders.
 // Pure functions over numbers and buffers: no I/O here.
 #pragma once
+
+#include "qcow2_format.hpp"
 
 #include <qcowmap/result.hpp>
 #include <qcowmap/writer.hpp>
@@ -15,15 +17,12 @@
 
 namespace qcowmap::detail::writer {
 
-/// L1/L2 flag bits (spec "Cluster mapping").
-inline constexpr std::uint64_t kOflagCopied = 1ull << 63;
-inline constexpr std::uint64_t kOflagCompressed = 1ull << 62;
-inline constexpr std::uint64_t kOflagZero = 1ull << 0;
-/// qemu's caps (block/qcow2.h): QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE.
-inline constexpr std::uint64_t kMaxL1Bytes = 32ull << 20;
-inline constexpr std::uint64_t kMaxReftableBytes = 8ull << 20;
-/// QCOW_MAX_CLUSTER_OFFSET: host offsets must stay below 2^56.
-inline constexpr std::uint64_t kMaxHostOffset = (1ull << 56) - 1;
+// The format's constants, limits and encoders (qcow2_format.hpp) as the writer uses them.
+using detail::kMaxHostOffset;
+using detail::kMaxL1Bytes;
+using detail::kMaxRefcountTableBytes;
+using detail::store_be32;
+using detail::store_be64;
 
 /// The numbers every structure of the output derives from.
 struct Geometry {
@@ -42,10 +41,10 @@ struct Geometry {
     }
     std::uint64_t l1_size() const { return (guest_clusters() + l2_entries() - 1) / l2_entries(); }
     /// Refcount entries per refcount block.
-    std::uint64_t refs_per_block() const { return (cluster_size * 8) >> refcount_order; }
-    std::uint64_t max_refcount() const {
-        return refcount_order == 6 ? UINT64_MAX : (1ull << (1u << refcount_order)) - 1;
+    std::uint64_t refs_per_block() const {
+        return std::uint64_t{1} << refcount_block_bits(cluster_bits, refcount_order);
     }
+    std::uint64_t max_refcount() const { return detail::max_refcount(refcount_order); }
     std::uint64_t clusters_for(std::uint64_t bytes) const {
         return (bytes + cluster_size - 1) >> cluster_bits;
     }
@@ -92,8 +91,8 @@ struct HeaderFields {
 Result<std::vector<std::byte>> encode_header(const Geometry& geometry, const Layout& layout,
                                              const HeaderFields& fields);
 
-/// What one L2 entry says.
-struct L2Entry {
+/// What one L2 entry of the output says (encoded by encode_l2_entry).
+struct L2Plan {
     enum class Kind : std::uint8_t { unallocated, data, zero, compressed } kind = Kind::unallocated;
     std::uint64_t host = 0;            ///< data: host cluster offset; compressed: stream offset
     std::uint64_t compressed_size = 0; ///< compressed: stream bytes
@@ -102,15 +101,7 @@ struct L2Entry {
 /// Writes entry `index` of an L2 table (standard or extended). Data clusters get the COPIED
 /// flag (refcount 1); compressed ones never do (spec "Compressed Clusters Descriptor").
 void encode_l2_entry(const Geometry& geometry, std::span<std::byte> table, std::uint64_t index,
-                     const L2Entry& entry);
-
-/// Sets refcount entry `index` of a refcount block to `value` (refcount_order 0..6; sub-byte
-/// widths are packed from the least significant bit, as qemu's get_refcount_ro0..2 read them).
-void set_refcount(std::span<std::byte> block, std::uint64_t index, std::uint64_t value,
-                  std::uint32_t refcount_order);
-
-void store_be32(std::byte* p, std::uint32_t value);
-void store_be64(std::byte* p, std::uint64_t value);
+                     const L2Plan& entry);
 
 /// A run of guest clusters in the plan of an image: either stored from the source (`zero`
 /// false: data clusters, or candidates for compression) or zero clusters (an L2 entry that

@@ -18,6 +18,16 @@ class Error(OSError):
     "compressed_data", "out_of_range", "invalid_argument"."""
     message: str
     """The library's message (str(error) is "FILE: message")."""
+    origin: str
+    """Which file the error is about: "image", "backing" (a layer of the backing chain),
+    "data_file", "target" (an output) or "none"."""
+    path: str | None
+    """That file's path, when known."""
+    refusal: str | None
+    """The refusal behind the error, when callers act on it: "untrusted", "no_data_file_name",
+    "backing_chain_loop", "backing_chain_depth", "image_changed", "out_of_memory"."""
+    errno: int
+    """The errno the C API gives for the error (qcowmap::to_errno)."""
 
 class Extent:
     """A run [offset, offset + length) of the virtual disk whose bytes are obtained one way."""

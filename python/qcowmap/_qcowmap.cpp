@@ -41,20 +41,20 @@ using qcowmap::ExtentKind;
 using qcowmap::Image;
 
 // ---------------------------------------------------------------------------------------------
-// Errors: qcowmap.Error(OSError) with .code (the library's error code name) and .message.
+// Errors: qcowmap.Error(OSError) with .code (the library's error code name), .message, .origin
+// (which file), .path (that file), .refusal and .errno (qcowmap::to_errno).
 
 PyObject* g_error_type = nullptr;
 
 /// A library error on its way to Python: thrown in C++ (also from code that runs without the
 /// GIL, whose guard reacquires it while unwinding), turned into qcowmap.Error by the translator.
 struct LibraryError {
-    std::string code;
-    std::string message;
+    qcowmap::Error error;
     std::string filename; ///< the image the error is about; empty when none
 };
 
 [[noreturn]] void raise(const qcowmap::Error& error, const std::string& filename) {
-    throw LibraryError{std::string(qcowmap::to_string(error.code)), error.message, filename};
+    throw LibraryError{error, filename};
 }
 
 py::str text(std::string_view s);
@@ -66,14 +66,22 @@ void translate(std::exception_ptr pointer) {
     } catch (const LibraryError& e) {
         // Like the CLI's one-line errors: "FILE: what is wrong", the file named once (the
         // library names it itself where it could not open it).
-        std::string line = e.filename.empty() || e.message.starts_with(e.filename + ": ")
-                               ? e.message
-                               : e.filename + ": " + e.message;
+        const qcowmap::Error& error = e.error;
+        std::string line =
+            e.filename.empty() || (error.message_names_path && error.path == e.filename)
+                ? error.message
+                : e.filename + ": " + error.message;
         py::object type = py::reinterpret_borrow<py::object>(g_error_type);
         // Messages may quote names from the image that are not UTF-8: see text().
         py::object instance = type(text(line));
-        instance.attr("code") = py::str(e.code);
-        instance.attr("message") = text(e.message);
+        instance.attr("code") = py::str(std::string(qcowmap::to_string(error.code)));
+        instance.attr("message") = text(error.message);
+        instance.attr("origin") = py::str(std::string(qcowmap::to_string(error.origin)));
+        instance.attr("path") = error.path.empty() ? py::object(py::none()) : text(error.path);
+        instance.attr("refusal") = error.refusal == qcowmap::Refusal::none
+                                       ? py::object(py::none())
+                                       : py::str(std::string(qcowmap::to_string(error.refusal)));
+        instance.attr("errno") = qcowmap::to_errno(error);
         PyErr_SetObject(g_error_type, instance.ptr());
     }
 }
@@ -331,12 +339,8 @@ class ExtentIterator {
 /// A bitmap's flags by name, as `qcowmap bitmaps --output=json` lists them.
 py::list bitmap_flags(const qcowmap::BitmapEntry& e) {
     py::list flags;
-    if (e.in_use())
-        flags.append("in-use");
-    if (e.enabled())
-        flags.append("auto");
-    if (e.flags & qcowmap::kBitmapExtraDataCompatible)
-        flags.append("extra-data-compatible");
+    for (const std::string& name : qcowmap::bitmap_flag_names(e.flags))
+        flags.append(name);
     return flags;
 }
 
@@ -912,8 +916,10 @@ PYBIND11_MODULE(_qcowmap, m) {
     g_error_type = PyErr_NewExceptionWithDoc(
         "qcowmap.Error",
         "An image could not be opened or read. .code is the library's error code name "
-        "(\"not_qcow2\", \"io_error\", ...), .message the library's message; str() is "
-        "\"FILE: message\".",
+        "(\"not_qcow2\", \"io_error\", ...), .message the library's message, .origin the file "
+        "it is about (\"image\", \"backing\", \"data_file\", \"target\" or \"none\"), .path "
+        "that file (or None), .refusal the refusal's name (\"untrusted\", \"image_changed\", "
+        "...) or None, .errno the errno the C API gives; str() is \"FILE: message\".",
         PyExc_OSError, nullptr);
     if (!g_error_type)
         throw py::error_already_set();

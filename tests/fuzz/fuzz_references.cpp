@@ -84,7 +84,9 @@ void verify(const qcowmap::Result<qcowmap::detail::ConfinedFile>& r) {
         return;
     }
     const qcowmap::Error& e = r.error();
+    // A refusal says so in its field, and its message still ends in the mark.
     const bool refusal = e.code == qcowmap::ErrorCode::unsupported_feature &&
+                         e.refusal == qcowmap::Refusal::untrusted &&
                          e.message.ends_with(qcowmap::kUntrustedRefusalMark);
     if (!refusal && e.code != qcowmap::ErrorCode::io_error)
         __builtin_trap();
@@ -97,9 +99,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         return 0;
     const std::string name(reinterpret_cast<const char*>(data), size);
     const fs::path image = tree().root / "vm.qcow2";
-    auto beneath = qcowmap::detail::open_confined(image, name, "backing file",
+    auto beneath = qcowmap::detail::open_confined(image, name, qcowmap::ErrorOrigin::backing,
                                                   qcowmap::detail::ConfineMethod::automatic);
-    auto walk = qcowmap::detail::open_confined(image, name, "backing file",
+    auto walk = qcowmap::detail::open_confined(image, name, qcowmap::ErrorOrigin::backing,
                                                qcowmap::detail::ConfineMethod::walk);
     verify(beneath);
     verify(walk);

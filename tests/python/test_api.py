@@ -3,6 +3,7 @@
 dirty extents against the CLI, the 1 TiB sparse image, the type stub, and the install layout.
 """
 
+import errno
 import gc
 import hashlib
 import io
@@ -159,6 +160,7 @@ def test_open_errors(tmp_path):
     missing = tmp_path / "missing.qcow2"
     e = expect_error("io_error", "No such file or directory", lambda: qcowmap.open(missing))
     assert str(e).startswith(str(missing) + ": ")
+    assert (e.origin, e.path, e.refusal, e.errno) == ("image", str(missing), None, errno.EIO)
 
     text = tmp_path / "text.qcow2"
     text.write_bytes(b"hello, not an image" * 10)
@@ -175,7 +177,8 @@ def test_open_errors(tmp_path):
 
     # A missing backing file names the path that was looked for.
     run("qemu-img create -q -f qcow2 -u -b gone.qcow2 -F qcow2 top.qcow2 1M", cwd=tmp_path)
-    expect_error("io_error", str(tmp_path / "gone.qcow2"), lambda: qcowmap.open(tmp_path / "top.qcow2"))
+    e = expect_error("io_error", str(tmp_path / "gone.qcow2"), lambda: qcowmap.open(tmp_path / "top.qcow2"))
+    assert (e.origin, e.path) == ("backing", str(tmp_path / "gone.qcow2"))
     with qcowmap.open(tmp_path / "top.qcow2", backing=False) as img:
         assert img.read(0, 4) == bytes(4)
 
@@ -188,7 +191,8 @@ def test_open_errors(tmp_path):
         if created.returncode == 0:
             break
     assert created.returncode == 0, created.stderr
-    expect_error("encrypted", "encrypted images are not supported", lambda: qcowmap.open(luks))
+    e = expect_error("encrypted", "encrypted images are not supported", lambda: qcowmap.open(luks))
+    assert (e.origin, e.path, e.errno) == ("image", str(luks), errno.ENOTSUP)
 
     # An unsupported version (header bytes 4-7).
     bad = bytearray(image.read_bytes())

@@ -51,23 +51,17 @@ struct CompareResult {
     bool size_warning = false;
 };
 
-/// Which image an error of `compare_images` came from, and what kind it was (qemu-img compare
-/// exits 3 for an allocation-check error, 4 for a read error).
-struct CompareError {
-    Error error;
-    int image = 0;           ///< 0: the first image, 1: the second
-    bool read_error = false; ///< a compressed cluster could not be read (else: the map walk)
-};
-
 /// Compares the disks of `a` and `b` like `qemu-img compare`: by default unallocated and zero
 /// ranges compare equal to zeros, and a size difference is fine when the longer disk's tail
 /// reads as zeros. Both extent iterators are walked together: ranges that are zero on both
 /// sides, and data ranges that are the same bytes of the same file, are skipped without
 /// reading; the rest is compared straight from the mappings or piece by piece as read (see
 /// `data_access`). Memory stays bounded whatever the disk sizes: about 4 MiB per worker thread
-/// (4 jobs of up to 1 MiB of read or decompressed bytes each). Errors: see CompareError.
+/// (4 jobs of up to 1 MiB of read or decompressed bytes each). Errors: those of either image,
+/// with ErrorOrigin::image and the image's path (unless the error names another origin) and
+/// their stage: ErrorStage::map for a walk of an allocation map that failed, ErrorStage::read
+/// for data that could not be read or decompressed (qemu-img compare exits 3 and 4 for them).
 Result<CompareResult> compare_images(const Image& a, const Image& b,
-                                     const CompareOptions& options = {},
-                                     CompareError* error_detail = nullptr);
+                                     const CompareOptions& options = {});
 
 } // namespace qcowmap

@@ -63,13 +63,6 @@ struct ExportOptions {
     Digest* digest_out = nullptr;
 };
 
-/// Where an export error came from.
-struct ExportError {
-    /// True: the target could not be written (or is unsuitable); false: the image could not
-    /// be read.
-    bool target = false;
-};
-
 /// Writes the virtual disk of `image`, raw, to the open descriptor `fd` (left open), with the
 /// bytes `qemu-img convert -O raw` writes:
 /// - a regular file is emptied if it is not empty, sized to the disk, and given only the data:
@@ -85,24 +78,22 @@ struct ExportError {
 /// Nothing is written when `fd` is the image itself, one of its layers or its data file.
 /// Errors: invalid_argument (bad `zero_block`; a target that is the image's own file, or a
 /// block device smaller than the disk; a part of the disk for a target that is not written
-/// in order; `digest` without `digest_out`), io_error when writing fails (`error->target` set),
-/// and the errors of `Image::visit` (`error->target` clear), among them image_changed ("image
-/// changed while being read") when a file of the image shrank under its mapping or was written
-/// meanwhile (Image::check_unchanged, after the last byte).
-Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {},
-                        ExportError* error = nullptr);
+/// in order; `digest` without `digest_out`), io_error when writing fails (with the errno), all
+/// of these with ErrorOrigin::target; and the errors of `Image::visit`, among them
+/// image_changed ("image changed while being read") when a file of the image shrank under its
+/// mapping or was written meanwhile (Image::check_unchanged, after the last byte).
+Result<void> export_raw(const Image& image, int fd, const ExportOptions& options = {});
 
 /// Writes the disk raw to the regular file `target` so that it appears complete or not at all:
 /// into a temporary in the target's directory (unnamed with O_TMPFILE; elsewhere a hidden
 /// `.NAME.qcowmap-XXXXXX`, removed on every error path and by remove_temporary_files()), synced,
-/// then named `target`. An existing `target` is refused (io_error "already exists", `error->
-/// target` set) unless `replace`; a replaced file keeps its permissions. A symlink is written
-/// through, as qemu-img does: the file it points to is replaced and the link stays. `target`
-/// must not be a device or a directory (devices and pipes are written in place by
+/// then named `target`. An existing `target` is refused (io_error "already exists",
+/// ErrorOrigin::target) unless `replace`; a replaced file keeps its permissions. A symlink is
+/// written through, as qemu-img does: the file it points to is replaced and the link stays.
+/// `target` must not be a device or a directory (devices and pipes are written in place by
 /// `export_raw`), nor one of the image's files. Errors: those of `export_raw`.
 Result<void> export_raw_file(const Image& image, const std::filesystem::path& target,
-                             const ExportOptions& options = {}, bool replace = false,
-                             ExportError* error = nullptr);
+                             const ExportOptions& options = {}, bool replace = false);
 
 /// Removes the hidden temporary files the library's atomic outputs (export_raw_file,
 /// write_qcow2_file) hold right now. Async-signal-safe (only unlink(2)): for a SIGINT, SIGTERM
@@ -118,6 +109,6 @@ void remove_temporary_files() noexcept;
 /// inside the kernel where possible). Errors: as `export_raw`, and invalid_argument for a
 /// target of another size or kind.
 Result<void> export_dirty(const Image& image, const DirtyBitmap& bitmap, int fd,
-                          const ExportOptions& options = {}, ExportError* error = nullptr);
+                          const ExportOptions& options = {});
 
 } // namespace qcowmap

@@ -47,6 +47,10 @@ inline constexpr std::uint32_t kBitmapInUse = 1u << 0;
 inline constexpr std::uint32_t kBitmapAuto = 1u << 1;
 inline constexpr std::uint32_t kBitmapExtraDataCompatible = 1u << 2;
 
+/// The names of the bitmap flags set in `flags`, in bit order, as qemu-img info lists them:
+/// "in-use", "auto", "extra-data-compatible".
+std::vector<std::string> bitmap_flag_names(std::uint32_t flags);
+
 /// One entry of the bitmap directory (spec "Bitmap directory"), validated at open.
 struct BitmapEntry {
     std::string name;

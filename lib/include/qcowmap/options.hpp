@@ -135,9 +135,9 @@ enum class Prefetch : std::uint8_t {
     /// one. For visitors that hand the bytes to the kernel by reference (vmsplice).
     populate,
     /// As `populate`, and the workers also read one byte of every page: where the hypervisor
-    /// shadows page tables, the first CPU access to a populated page still traps (0.35 s per
-    /// GiB measured on a pvm guest), and this moves that cost off the visitor's thread;
-    /// elsewhere it costs a few ms per GiB. For visitors that read the bytes (hash, compare).
+    /// shadows page tables, the first CPU access to a populated page still traps, and this
+    /// moves that cost off the visitor's thread; elsewhere it costs little. For visitors that
+    /// read the bytes (hash, compare).
     touch,
 };
 

@@ -6,6 +6,7 @@
 #endif
 
 #include <cassert>
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -38,11 +39,68 @@ enum class ErrorCode {
 /// A stable, lowercase name for an error code ("invalid_header"...), for JSON and logs.
 std::string_view to_string(ErrorCode code);
 
-/// An error: a code to branch on and a one-line human message.
+/// Which file an error is about.
+enum class ErrorOrigin : std::uint8_t {
+    none,      ///< no file: the caller's arguments, or not known
+    image,     ///< the image itself (the top layer of its chain)
+    backing,   ///< a layer of the backing chain (`Error::depth` says which)
+    data_file, ///< an external data file (of the layer `Error::depth`)
+    target,    ///< the output being written (export, convert), not the source
+};
+
+/// A stable, lowercase name for an origin ("image", "backing", "data_file", "target", "none").
+std::string_view to_string(ErrorOrigin origin);
+
+/// The specific refusal behind an error, where callers act on it; none for the rest (the code
+/// and message say what is wrong).
+enum class Refusal : std::uint8_t {
+    none,
+    untrusted,           ///< OpenOptions::untrusted refused a name (message ends in " (untrusted)")
+    no_data_file_name,   ///< the external data file bit is set but no data file is named
+    backing_chain_loop,  ///< the backing chain reaches a layer twice
+    backing_chain_depth, ///< the backing chain is deeper than kMaxChainLayers
+    out_of_memory,       ///< an allocation failed
+};
+
+/// A stable, lowercase name for a refusal ("untrusted", "backing_chain_loop"...; "none").
+std::string_view to_string(Refusal refusal);
+
+/// What a step failed at, where a caller's answer depends on it (qemu-img compare exits 3 for
+/// a failed allocation walk, 4 for a failed read).
+enum class ErrorStage : std::uint8_t {
+    unspecified,
+    map,  ///< walking an allocation map (L1/L2 tables and what they point at)
+    read, ///< reading or decompressing data the map pointed at
+};
+
+/// An error: a code to branch on, a one-line human message, and where it came from. Callers
+/// decide on the fields, never on the message's text (its wording may change).
 struct Error {
     ErrorCode code;
     std::string message;
+    /// Which file the error is about; `path` names it when known.
+    ErrorOrigin origin = ErrorOrigin::none;
+    /// backing: the layer (1 = the image's backing file, 2 = its backing file...);
+    /// data_file: the layer whose data file it is (0 = the image's).
+    std::uint32_t depth = 0;
+    /// The file of `origin` as opened (empty for images in memory and unnamed targets).
+    std::string path = {};
+    /// True when `message` begins with "PATH: ", so a caller printing "FILE: message" need not
+    /// name the file again.
+    bool message_names_path = false;
+    Refusal refusal = Refusal::none;
+    ErrorStage stage = ErrorStage::unspecified;
+    /// The errno of the failed system call behind an io_error, when there is one; else 0.
+    int system_errno = 0;
 };
+
+/// The one errno for an error, as the C API, the nbdkit plugin and Python's qcowmap.Error give
+/// it: ENOMEM for out of memory; the system call's errno for a failed output; ENOTSUP for
+/// unsupported versions, features, encryption and refused untrusted names; EINVAL for what is not
+/// qcow2, a bad header, an offset beyond the disk and a bad argument; EAGAIN for an image in
+/// use (what qemu's lock test returns); EIO for the rest (a damaged table or cluster reads like
+/// a bad sector).
+int to_errno(const Error& error);
 
 /// The result of an operation that can fail: either a T or an Error.
 ///

@@ -98,14 +98,13 @@ struct WriteStats {
     std::optional<Digest> digest;
 };
 
-/// Errors about the output (rather than the source) carry io_error and a message starting with
-/// this text, so that callers can tell whose fault a failure is.
+/// Errors about the output (rather than the source) carry io_error, ErrorOrigin::target (and
+/// the errno of a failed system call) and a message starting with this text.
 inline constexpr std::string_view kWriteTargetError = "cannot write the output: ";
 
 /// True when `error` came from writing the output, not from reading the source.
 inline bool is_target_error(const Error& error) {
-    return error.code == ErrorCode::io_error &&
-           std::string_view(error.message).starts_with(kWriteTargetError);
+    return error.origin == ErrorOrigin::target;
 }
 
 /// Checks the options that do not depend on the source (cluster size, extended L2, refcount
@@ -141,14 +140,14 @@ Result<Image> open_output_backing(const WriteOptions& options, const std::filesy
 /// bitmap_dirty over a backing_image of another size, a disk too large for the L1 table qemu
 /// accepts, a backing name that does not fit the header cluster), the errors of reading the
 /// source (any code; a bitmap that cannot be used), image_changed when a file of the source
-/// changed while it was read (Image::check_unchanged), and io_error with kWriteTargetError for
-/// the output.
+/// changed while it was read (Image::check_unchanged), and io_error with ErrorOrigin::target
+/// for the output.
 Result<WriteStats> write_qcow2(const Image& source, int fd, const WriteOptions& options = {});
 
 /// Writes the image to `target` safely: under an unnamed temporary file (O_TMPFILE, else a
 /// hidden temporary name) in the target's directory, synced, and linked or renamed into place
 /// only once complete, so an interrupted run never leaves a plausible-looking `target`. An
-/// existing `target` is refused (io_error with kWriteTargetError, "already exists") unless
+/// existing `target` is refused (io_error with ErrorOrigin::target, "already exists") unless
 /// `replace`; a target that is one of the source's files is always refused.
 Result<WriteStats> write_qcow2_file(const Image& source, const std::filesystem::path& target,
                                     const WriteOptions& options = {}, bool replace = false);
