@@ -480,8 +480,10 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
         auto offset = store_clusters(s, padded);
         if (!offset)
             return std::move(offset).error();
-        fields = detail::BitmapsExtensionFields{static_cast<std::uint32_t>(entries.size()),
-                                                directory.size(), *offset};
+        fields = detail::BitmapsExtensionFields{};
+        fields->nb_bitmaps = static_cast<std::uint32_t>(entries.size());
+        fields->directory_size = directory.size();
+        fields->directory_offset = *offset;
     }
     // The frees queued so far must wait for the header switch: set them aside.
     std::vector<std::uint64_t> frees = std::move(s.pending_frees);

@@ -26,7 +26,6 @@ namespace {
 constexpr std::uint64_t kBackingFileOffsetAt = 8; // 8 bytes, then backing_file_size (4)
 constexpr std::uint64_t kBackingFileSizeAt = 16;
 constexpr std::uint64_t kAutoclearAt = 88;
-constexpr std::size_t kV2HeaderLength = 72;
 /// qemu's limit on a backing file name (block/qcow2.c: "Backing file name too long").
 constexpr std::size_t kMaxBackingName = 1023;
 
@@ -58,8 +57,9 @@ Result<void> rewrite_header(WState& s, const HeaderEdit& edit) {
     if (auto ok = s.file.pread(old, 0); !ok)
         return ok;
     const ImageInfo& info = s.info;
-    const std::size_t header_length =
-        info.version >= 3 ? std::max<std::size_t>(info.header_length, 104) : kV2HeaderLength;
+    const std::size_t header_length = info.version >= 3
+                                          ? std::max<std::size_t>(info.header_length, 104)
+                                          : std::size_t{kV2HeaderLength};
     if (header_length > old.size())
         return Error{ErrorCode::invalid_header, "the header is longer than a cluster"};
     // The extensions as they are now (validated at open: each lies inside the cluster).
@@ -96,7 +96,7 @@ Result<void> rewrite_header(WState& s, const HeaderEdit& edit) {
         if (*edit.bitmaps) {
             const BitmapsExtensionFields& b = **edit.bitmaps;
             std::vector<std::byte> data(24, std::byte{0});
-            writer::store_be32(data.data(), b.count); // then 4 reserved bytes
+            writer::store_be32(data.data(), b.nb_bitmaps); // then 4 reserved bytes
             writer::store_be64(data.data() + 8, b.directory_size);
             writer::store_be64(data.data() + 16, b.directory_offset);
             extensions.push_back({kExtensionBitmaps, std::move(data)});

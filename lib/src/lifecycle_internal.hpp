@@ -12,12 +12,7 @@
 
 namespace qcowmap::detail {
 
-/// The bitmaps header extension's fields (spec "Bitmaps extension").
-struct BitmapsExtensionFields {
-    std::uint32_t count = 0;
-    std::uint64_t directory_size = 0;
-    std::uint64_t directory_offset = 0;
-};
+// BitmapsExtensionFields: qcow2_format.hpp (spec "Bitmaps extension").
 
 /// What `rewrite_header` changes; unset members stay as they are.
 struct HeaderEdit {
