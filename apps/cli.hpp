@@ -197,6 +197,12 @@ Command add_hash(CLI::App& app);
 Command add_compare(CLI::App& app);
 Command add_check(CLI::App& app);
 Command add_mount(CLI::App& app);
+// cmd_lifecycle.cpp: the commands that change images.
+Command add_create(CLI::App& app);
+Command add_resize(CLI::App& app);
+Command add_bitmap(CLI::App& app);
+Command add_commit(CLI::App& app);
+Command add_rebase(CLI::App& app);
 
 /// One line describing a bitmap (name, granularity, flags, consistency), for `info`.
 std::string describe_bitmap(const BitmapEntry& entry);

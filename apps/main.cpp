@@ -1,6 +1,7 @@
 // qcowmap: read qcow2 images through a memory mapping.
 #include "cli.hpp"
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -9,6 +10,7 @@
 #include <string_view>
 #include <system_error>
 #include <unistd.h>
+#include <vector>
 
 namespace {
 
@@ -53,6 +55,25 @@ int usage(const std::string& command, const std::string& message) {
     return report("usage", message + " (see " + help + ")", kExitUsage);
 }
 
+/// `qemu-img resize IMAGE -1G` takes its last argument as the size even when it starts with a
+/// dash (qemu-img.c img_resize removes it before getopt); so does `qcowmap resize`, by putting
+/// "--" before a last argument that looks like a negative size.
+std::vector<char*> with_negative_size(int argc, char** argv, const std::string& command) {
+    std::vector<char*> args(argv, argv + argc);
+    static char separator[] = "--";
+    if (command == "resize" && argc >= 3) {
+        const char* last = argv[argc - 1];
+        const bool negative =
+            last[0] == '-' && (std::isdigit(static_cast<unsigned char>(last[1])) || last[1] == '.');
+        bool separated = false;
+        for (int i = 1; i < argc - 1; ++i)
+            separated = separated || std::strcmp(argv[i], "--") == 0;
+        if (negative && !separated)
+            args.insert(args.end() - 1, separator);
+    }
+    return args;
+}
+
 /// CLI11's "The following arguments were not expected: --bogus x" in qemu-img's words:
 /// "unrecognized option '--bogus'", "unexpected argument 'x'".
 std::string extras_message(const std::string& what) {
@@ -85,9 +106,10 @@ int main(int argc, char** argv) {
     app.name("qcowmap");
     app.require_subcommand(1);
     app.set_version_flag("-v,-V,--version", "qcowmap " + std::string(qcowmap::version()));
-    const Command commands[] = {add_info(app),    add_map(app),     add_cat(app),
-                                add_convert(app), add_bitmaps(app), add_hash(app),
-                                add_compare(app), add_check(app),   add_mount(app)};
+    const Command commands[] = {
+        add_info(app),   add_map(app),     add_cat(app),    add_convert(app), add_bitmaps(app),
+        add_hash(app),   add_compare(app), add_check(app),  add_mount(app),   add_create(app),
+        add_resize(app), add_bitmap(app),  add_commit(app), add_rebase(app)};
     hold_closed_standard_descriptors();
     std::string command = named_command(argc, argv);
     if (std::string option = empty_option_value(argc, argv); !option.empty()) {
@@ -119,8 +141,9 @@ int main(int argc, char** argv) {
     if (!command.empty() && !known) {
         return usage("", "unknown command '" + printable(command) + "'");
     }
+    std::vector<char*> args = with_negative_size(argc, argv, command);
     try {
-        app.parse(argc, argv);
+        app.parse(static_cast<int>(args.size()), args.data());
     } catch (const CLI::ParseError& e) {
         if (e.get_exit_code() == 0) {
             return app.exit(e); // --help, --version

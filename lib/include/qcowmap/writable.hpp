@@ -199,6 +199,8 @@ class WritableImage {
   private:
     explicit WritableImage(std::unique_ptr<State> state);
     std::unique_ptr<State> state_;
+    /// The lifecycle operations (lifecycle.hpp) work on the writer's state.
+    friend State& detail_state(WritableImage& image);
 };
 
 } // namespace qcowmap
