@@ -42,12 +42,12 @@ int report(std::string_view file, std::string_view message, int code) {
     return code;
 }
 
-int report_error(std::string_view file, const Error& error, int code) {
+int report_error(std::string_view file, const Error& error, int code, ImageAccess access) {
     std::string message = with_flag_names(error);
     if (error.refusal == Refusal::no_data_file_name) {
         message += " (give one with --data-file)";
     }
-    if (error.code == ErrorCode::image_in_use) {
+    if (error.code == ErrorCode::image_in_use && access == ImageAccess::read) {
         // qemu-img's hint is "Is another process using the image [FILE]?"; ours adds -U.
         message += " (-U reads it anyway, at the risk of a half-written state)";
     }

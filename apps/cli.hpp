@@ -38,10 +38,16 @@ enum ExitCode : int {
 /// Prints `qcowmap: FILE: message` on stderr and returns `code`.
 int report(std::string_view file, std::string_view message, int code);
 
+/// What a command does with the image it reports about: the -U hint for an image in use is
+/// only for commands that read (a writer cannot share).
+enum class ImageAccess { read, write };
+
 /// Reports a library error about `file`: `qcowmap: FILE: message`, or `qcowmap: message` when
 /// the library already named the file at the start of its message. Adds the command-line hint
-/// for errors the library words in its own terms (a data file to give with --data-file).
-int report_error(std::string_view file, const Error& error, int code);
+/// for errors the library words in its own terms (a data file to give with --data-file, -U for
+/// an image in use when `access` is read).
+int report_error(std::string_view file, const Error& error, int code,
+                 ImageAccess access = ImageAccess::read);
 
 /// A bad command line, found after parsing (a size that does not parse, options that do not
 /// go together). Thrown from a command's run function; main prints

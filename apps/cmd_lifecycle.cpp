@@ -67,7 +67,8 @@ Command add_create(CLI::App& app) {
                 else if (!options.backing_file)
                     throw UsageError("SIZE is needed when there is no backing file (-b)");
                 if (auto ok = create(std::filesystem::path(args->path), size, options); !ok)
-                    return report_error(args->path, ok.error(), kExitImageError);
+                    return report_error(args->path, ok.error(), kExitImageError,
+                                        ImageAccess::write);
                 return static_cast<int>(kExitOk);
             }};
 }
@@ -89,39 +90,39 @@ Command add_resize(CLI::App& app) {
     // A negative SIZE ("-1G") is taken as SIZE, not as an option: main() puts "--" before it.
     command->add_option("SIZE", args->size, "New size, or +SIZE / -SIZE relative to the current")
         ->required();
-    return {command, [args] {
-                require_qcow2(args->format);
-                const std::string& text = args->size;
-                const bool relative = !text.empty() && (text[0] == '+' || text[0] == '-');
-                const std::uint64_t amount = size_option("SIZE", relative ? text.substr(1) : text);
-                auto image = WritableImage::open(std::filesystem::path(args->path));
-                if (!image)
-                    return report_error(args->path, image.error(), kExitImageError);
-                const std::uint64_t current = image->size();
-                std::uint64_t wanted = amount;
-                if (relative && text[0] == '+') {
-                    if (amount > UINT64_MAX - current)
-                        return report(args->path, "the new size overflows", kExitImageError);
-                    wanted = current + amount;
-                } else if (relative) {
-                    if (amount > current) {
-                        return report(args->path, "Image size cannot be negative", kExitImageError);
-                    }
-                    wanted = current - amount;
+    return {
+        command, [args] {
+            require_qcow2(args->format);
+            const std::string& text = args->size;
+            const bool relative = !text.empty() && (text[0] == '+' || text[0] == '-');
+            const std::uint64_t amount = size_option("SIZE", relative ? text.substr(1) : text);
+            auto image = WritableImage::open(std::filesystem::path(args->path));
+            if (!image)
+                return report_error(args->path, image.error(), kExitImageError, ImageAccess::write);
+            const std::uint64_t current = image->size();
+            std::uint64_t wanted = amount;
+            if (relative && text[0] == '+') {
+                if (amount > UINT64_MAX - current)
+                    return report(args->path, "the new size overflows", kExitImageError);
+                wanted = current + amount;
+            } else if (relative) {
+                if (amount > current) {
+                    return report(args->path, "Image size cannot be negative", kExitImageError);
                 }
-                if (wanted < current && !args->shrink) {
-                    // qemu-img resize's own refusal.
-                    return report(args->path,
-                                  "Use the --shrink option to perform a shrink operation.",
-                                  kExitImageError);
-                }
-                if (auto ok = image->resize(wanted); !ok)
-                    return report_error(args->path, ok.error(), kExitImageError);
-                if (auto ok = image->close(); !ok)
-                    return report_error(args->path, ok.error(), kExitImageError);
-                say(args->quiet, "Image resized.\n");
-                return static_cast<int>(kExitOk);
-            }};
+                wanted = current - amount;
+            }
+            if (wanted < current && !args->shrink) {
+                // qemu-img resize's own refusal.
+                return report(args->path, "Use the --shrink option to perform a shrink operation.",
+                              kExitImageError);
+            }
+            if (auto ok = image->resize(wanted); !ok)
+                return report_error(args->path, ok.error(), kExitImageError, ImageAccess::write);
+            if (auto ok = image->close(); !ok)
+                return report_error(args->path, ok.error(), kExitImageError, ImageAccess::write);
+            say(args->quiet, "Image resized.\n");
+            return static_cast<int>(kExitOk);
+        }};
 }
 
 Command add_bitmap(CLI::App& app) {
@@ -153,61 +154,61 @@ Command add_bitmap(CLI::App& app) {
     command->add_option("-f", args->format, "Image format: qcow2 (the only one written)");
     command->add_option("IMAGE", args->path, "The qcow2 image")->required();
     command->add_option("NAME", args->name, "The bitmap")->required();
-    return {command, [command, args] {
-                require_qcow2(args->format);
-                std::vector<BitmapEdit> edits;
-                std::uint64_t granularity = 0;
-                if (!args->granularity.empty())
-                    granularity = size_option("-g", args->granularity);
-                // In the order of the command line, as qemu-img applies them.
-                for (const CLI::Option* option : command->parse_order()) {
-                    BitmapEdit edit;
-                    const std::string& name = option->get_name();
-                    if (name == "--add") {
-                        edit.kind = BitmapEdit::Kind::add;
-                        edit.granularity = granularity;
-                    } else if (name == "--remove") {
-                        edit.kind = BitmapEdit::Kind::remove;
-                    } else if (name == "--clear") {
-                        edit.kind = BitmapEdit::Kind::clear;
-                    } else if (name == "--enable") {
-                        edit.kind = BitmapEdit::Kind::enable;
-                    } else if (name == "--disable") {
-                        edit.kind = BitmapEdit::Kind::disable;
-                    } else if (name == "--merge") {
-                        edit.kind = BitmapEdit::Kind::merge;
-                        edit.source = args->merge.empty() ? std::string() : args->merge.back();
-                        if (!args->source_file.empty())
-                            edit.source_image = args->source_file;
-                        if (!args->source_format.empty())
-                            edit.source_format = args->source_format;
-                    } else {
-                        continue;
-                    }
-                    edits.push_back(std::move(edit));
+    return {
+        command, [command, args] {
+            require_qcow2(args->format);
+            std::vector<BitmapEdit> edits;
+            std::uint64_t granularity = 0;
+            if (!args->granularity.empty())
+                granularity = size_option("-g", args->granularity);
+            // In the order of the command line, as qemu-img applies them.
+            for (const CLI::Option* option : command->parse_order()) {
+                BitmapEdit edit;
+                const std::string& name = option->get_name();
+                if (name == "--add") {
+                    edit.kind = BitmapEdit::Kind::add;
+                    edit.granularity = granularity;
+                } else if (name == "--remove") {
+                    edit.kind = BitmapEdit::Kind::remove;
+                } else if (name == "--clear") {
+                    edit.kind = BitmapEdit::Kind::clear;
+                } else if (name == "--enable") {
+                    edit.kind = BitmapEdit::Kind::enable;
+                } else if (name == "--disable") {
+                    edit.kind = BitmapEdit::Kind::disable;
+                } else if (name == "--merge") {
+                    edit.kind = BitmapEdit::Kind::merge;
+                    edit.source = args->merge.empty() ? std::string() : args->merge.back();
+                    if (!args->source_file.empty())
+                        edit.source_image = args->source_file;
+                    if (!args->source_format.empty())
+                        edit.source_format = args->source_format;
+                } else {
+                    continue;
                 }
-                if (edits.empty()) {
-                    throw UsageError("need at least one of --add, --remove, --clear, --enable, "
-                                     "--disable, or --merge");
-                }
-                const bool has_add = std::any_of(edits.begin(), edits.end(), [](const auto& e) {
-                    return e.kind == BitmapEdit::Kind::add;
-                });
-                const bool has_merge = std::any_of(edits.begin(), edits.end(), [](const auto& e) {
-                    return e.kind == BitmapEdit::Kind::merge;
-                });
-                // qemu-img bitmap's own usage errors.
-                if (!args->granularity.empty() && !has_add)
-                    throw UsageError("granularity only supported with --add");
-                if (!args->source_file.empty() && !has_merge)
-                    throw UsageError("-b only supported with --merge");
-                if (!args->source_format.empty() && args->source_file.empty())
-                    throw UsageError("-F only supported with -b");
-                if (auto ok = edit_bitmaps(std::filesystem::path(args->path), args->name, edits);
-                    !ok)
-                    return report_error(args->path, ok.error(), kExitImageError);
-                return static_cast<int>(kExitOk);
-            }};
+                edits.push_back(std::move(edit));
+            }
+            if (edits.empty()) {
+                throw UsageError("need at least one of --add, --remove, --clear, --enable, "
+                                 "--disable, or --merge");
+            }
+            const bool has_add = std::any_of(edits.begin(), edits.end(), [](const auto& e) {
+                return e.kind == BitmapEdit::Kind::add;
+            });
+            const bool has_merge = std::any_of(edits.begin(), edits.end(), [](const auto& e) {
+                return e.kind == BitmapEdit::Kind::merge;
+            });
+            // qemu-img bitmap's own usage errors.
+            if (!args->granularity.empty() && !has_add)
+                throw UsageError("granularity only supported with --add");
+            if (!args->source_file.empty() && !has_merge)
+                throw UsageError("-b only supported with --merge");
+            if (!args->source_format.empty() && args->source_file.empty())
+                throw UsageError("-F only supported with -b");
+            if (auto ok = edit_bitmaps(std::filesystem::path(args->path), args->name, edits); !ok)
+                return report_error(args->path, ok.error(), kExitImageError, ImageAccess::write);
+            return static_cast<int>(kExitOk);
+        }};
 }
 
 Command add_commit(CLI::App& app) {
@@ -238,7 +239,8 @@ Command add_commit(CLI::App& app) {
                 auto stats = commit(std::filesystem::path(args->path), options);
                 progress.finish();
                 if (!stats)
-                    return report_error(args->path, stats.error(), kExitImageError);
+                    return report_error(args->path, stats.error(), kExitImageError,
+                                        ImageAccess::write);
                 say(args->quiet, "Image committed.\n");
                 return static_cast<int>(kExitOk);
             }};
@@ -283,7 +285,8 @@ Command add_rebase(CLI::App& app) {
                 auto stats = rebase(std::filesystem::path(args->path), options);
                 progress.finish();
                 if (!stats)
-                    return report_error(args->path, stats.error(), kExitImageError);
+                    return report_error(args->path, stats.error(), kExitImageError,
+                                        ImageAccess::write);
                 return static_cast<int>(kExitOk);
             }};
 }
