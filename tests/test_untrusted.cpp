@@ -501,21 +501,21 @@ constexpr bool kSanitized = false;
 struct Measured {
     int exit_code = -1;
     std::uint64_t peak_kib = 0;
-    double seconds = 0;
     std::string err;
 };
 
-/// Runs `qcowmap ARGS` with stdout discarded under /usr/bin/time: exit status, peak RSS, time.
+/// Runs `qcowmap ARGS` with stdout discarded under /usr/bin/time: exit status and peak RSS. A
+/// hang is bounded by `timeout` (exit 124), not by a wall-clock assertion: speed is bench/'s.
 Measured measure(const std::string& args) {
     qt::TempDir dir;
     const fs::path times = dir / "time";
-    const qt::CommandResult r = qt::run("/usr/bin/time -o " + q(times) + " -f '%M %e' " + cli() +
-                                        " " + args + " >/dev/null");
+    const qt::CommandResult r = qt::run("timeout 300 /usr/bin/time -o " + q(times) + " -f '%M' " +
+                                        cli() + " " + args + " >/dev/null");
     Measured m;
     m.exit_code = r.exit_code;
     m.err = r.err;
     std::ifstream in(times);
-    in >> m.peak_kib >> m.seconds;
+    in >> m.peak_kib;
     return m;
 }
 
@@ -529,8 +529,7 @@ TEST(ResourceBounds, SnapshotTableAtQemusLimits) {
     qt::poke_be(img, 60, 65536, 4);
     fs::resize_file(img, (1 << 20) + 40 * 65536);
     const Measured m = measure("info --json " + q(img));
-    EXPECT_EQ(m.exit_code, 0) << m.err;
-    EXPECT_LT(m.seconds, 30.0);
+    EXPECT_EQ(m.exit_code, 0) << m.err; // 124: timed out
     if (!kSanitized) {
         EXPECT_LT(m.peak_kib, 96u * 1024) << "65536 snapshots in under 96 MiB";
     }
@@ -558,8 +557,7 @@ TEST(ResourceBounds, LargestL1TableIsWalkedInPlace) {
     qt::poke_be(img, 40, l1, 8);
     fs::resize_file(img, l1 + (std::uint64_t{32} << 20));
     const Measured m = measure("map --output=json " + q(img));
-    EXPECT_EQ(m.exit_code, 0) << m.err;
-    EXPECT_LT(m.seconds, 30.0);
+    EXPECT_EQ(m.exit_code, 0) << m.err; // 124: timed out
     if (!kSanitized) {
         EXPECT_LT(m.peak_kib, 64u * 1024) << "the 32 MiB table is read in place";
     }
