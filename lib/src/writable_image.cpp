@@ -207,6 +207,24 @@ Result<std::span<const std::byte>> decompress(WState& s, const L2Entry& e) {
 
 /// Fills `out` with the bytes of guest cluster `guest` from `in_cluster` on, as its entry `e`
 /// says (all inside the cluster).
+/// The L2 entry of guest cluster `guest`, checked as check_entry does before the writer relies
+/// on it.
+Result<L2Entry> checked_l2_entry(WState& s, std::uint64_t guest) {
+    auto current = detail::l2_entry(s, guest);
+    if (!current)
+        return std::move(current).error();
+    if (auto ok = check_entry(s, *current, guest); !ok)
+        return std::move(ok).error();
+    return *current;
+}
+
+/// True for the entries that hold a host cluster of this image (plain, allocated zero or
+/// compressed): what a zero write with unmap or a discard gives back.
+bool holds_host_cluster(ClusterType type) {
+    return type == ClusterType::normal || type == ClusterType::zero_alloc ||
+           type == ClusterType::compressed;
+}
+
 Result<void> read_cluster_part(WState& s, const L2Entry& e, std::uint64_t guest,
                                std::uint64_t in_cluster, std::span<std::byte> out) {
     if (out.empty())
@@ -271,12 +289,10 @@ Result<detail::Allocation> new_host_cluster(WState& s, std::uint64_t guest) {
 Result<void> plan_write(WState& s, std::uint64_t guest, std::uint64_t in_cluster,
                         std::span<const std::byte> data, WriteBatch& batch,
                         std::vector<EntryUpdate>& updates) {
-    auto current = detail::l2_entry(s, guest);
+    auto current = checked_l2_entry(s, guest);
     if (!current)
         return std::move(current).error();
     const L2Entry e = *current;
-    if (auto ok = check_entry(s, e, guest); !ok)
-        return ok;
     const ClusterType type = detail::cluster_type(e, s.extended, s.has_data_file);
     const std::uint64_t cs = s.cluster_size;
     detail::FileIo& io = s.data_io();
@@ -470,15 +486,12 @@ bool reads_zero(const WState& s, const L2Entry& e, std::uint64_t mask) {
 /// Zeroes whole clusters/subclusters by their L2 entries (qemu's zero_in_l2_slice and
 /// zero_l2_subclusters); `mask` selects subclusters with extended L2 entries.
 Result<void> zero_entry(WState& s, std::uint64_t guest, std::uint64_t mask, bool unmap) {
-    auto current = detail::l2_entry(s, guest);
+    auto current = checked_l2_entry(s, guest);
     if (!current)
         return std::move(current).error();
     const L2Entry e = *current;
-    if (auto ok = check_entry(s, e, guest); !ok)
-        return ok;
     const ClusterType type = detail::cluster_type(e, s.extended, s.has_data_file);
-    const bool allocated = type == ClusterType::normal || type == ClusterType::zero_alloc ||
-                           type == ClusterType::compressed;
+    const bool allocated = holds_host_cluster(type);
     L2Entry next = e;
     bool release = false;
     if (s.data_file_raw) {
@@ -644,15 +657,12 @@ Result<void> discard_locked(WState& s, std::uint64_t offset, std::uint64_t lengt
     std::uint64_t first = (offset + s.cluster_size - 1) >> s.cluster_bits;
     std::uint64_t last_end = end == s.size ? s.guest_clusters() : end >> s.cluster_bits;
     for (std::uint64_t guest = first; guest < last_end; ++guest) {
-        auto current = detail::l2_entry(s, guest);
+        auto current = checked_l2_entry(s, guest);
         if (!current)
             return std::move(current).error();
         const L2Entry e = *current;
-        if (auto ok = check_entry(s, e, guest); !ok)
-            return ok;
         const ClusterType type = detail::cluster_type(e, s.extended, s.has_data_file);
-        const bool allocated = type == ClusterType::normal || type == ClusterType::zero_alloc ||
-                               type == ClusterType::compressed;
+        const bool allocated = holds_host_cluster(type);
         if (s.data_file_raw) {
             // The raw data file stays the disk: discarding is zeroing it.
             if (auto ok = zero_entry(s, guest, detail::kSubclusterAllocMask, false); !ok)
