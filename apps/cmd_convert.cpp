@@ -4,6 +4,8 @@
 
 #include <qcowmap/bitmap.hpp>
 #include <qcowmap/export.hpp>
+#include <qcowmap/format.hpp>
+#include <qcowmap/lifecycle.hpp>
 
 #include <fmt/format.h>
 
@@ -188,6 +190,36 @@ int convert_incremental(const ConvertJob& job, const std::string& bitmap_name) {
     return kExitOk;
 }
 
+/// `convert --bitmap=NAME IMAGE TARGET` where TARGET is an existing qcow2 image: the dirty
+/// ranges written into it in place (apply_dirty), the copy staying a valid qcow2 image.
+int convert_incremental_qcow2(const ConvertJob& job, const std::string& bitmap_name) {
+    auto bitmap = DirtyBitmap::open(job.image, bitmap_name);
+    if (!bitmap) {
+        return report_error(job.source.path, bitmap.error(), kExitImageError);
+    }
+    Progress meter(job.progress, bitmap->dirty_bytes());
+    ApplyDirtyOptions options;
+    options.progress = meter.callback();
+    auto result = apply_dirty(job.image, *bitmap, job.target, options);
+    if (!result) {
+        const Error& error = result.error();
+        return error.origin == ErrorOrigin::target
+                   ? report_error(job.target, error, kExitOutputError, ImageAccess::write)
+                   : report_error(job.source.path, error, kExitImageError);
+    }
+    meter.finish();
+    return kExitOk;
+}
+
+/// Whether TARGET of an incremental convert is an existing qcow2 image (written in place)
+/// rather than a raw copy: qemu's probe of the file, as `convert -n` would open it.
+bool is_existing_qcow2(const std::string& target) {
+    if (target == "-")
+        return false;
+    auto format = probe_format(target);
+    return format && *format == "qcow2";
+}
+
 } // namespace
 
 int deliver_digest(const ConvertJob& job, const Digest& digest) {
@@ -251,8 +283,9 @@ Command add_convert(CLI::App& app) {
     args->add_to(*command);
     command->add_option("TARGET", *target, "Output file, block device, or - for standard output")
         ->required();
-    command->add_option("-O", *output_format, "Output format: raw (the default) or qcow2")
-        ->option_text("FMT");
+    auto* output_format_option =
+        command->add_option("-O", *output_format, "Output format: raw (the default) or qcow2")
+            ->option_text("FMT");
     add_salvage_option(*command, args->salvage);
     command->add_flag("-p,--progress", *progress, "Show progress on stderr");
     command->add_flag("--force", *force,
@@ -284,9 +317,10 @@ Command add_convert(CLI::App& app) {
     auto bitmap = std::make_shared<std::string>();
     command
         ->add_option("--bitmap", *bitmap,
-                     "Incremental: with -O raw apply only the ranges this dirty bitmap marks "
-                     "dirty onto TARGET, an existing raw copy of the same size; with -O qcow2 "
-                     "write only the clusters around them, over -B BACKING")
+                     "Incremental: apply only the ranges this dirty bitmap marks dirty onto "
+                     "TARGET, an existing copy of the same size (a raw file or device, or a qcow2 "
+                     "image written in place); with -O qcow2 -B BACKING write a new image of only "
+                     "the clusters around them, over BACKING")
         ->option_text("NAME");
     auto stream = std::make_shared<StreamArgs>();
     stream->add_to(*command);
@@ -318,6 +352,17 @@ Command add_convert(CLI::App& app) {
                                                  "detection off)",
                                                  printable(*sparse_size)));
                 }
+                // --bitmap onto an existing qcow2 copy: written in place, so no -O qcow2
+                // option applies (-B makes a new image of the dirty clusters instead).
+                const bool qcow2_options_given = [&] {
+                    auto qcow2 = output_formats().find("qcow2");
+                    return qcow2 != output_formats().end() && qcow2->second.given_options &&
+                           !qcow2->second.given_options().empty();
+                }();
+                const bool in_place_incremental =
+                    !bitmap->empty() && !qcow2_options_given && args->path != "-" &&
+                    (output_format_option->count() == 0 || *output_format == "qcow2") &&
+                    is_existing_qcow2(*target);
                 // Options of other output formats (-c, -o, -B, -F belong to -O qcow2).
                 for (const auto& [name, other] : output_formats()) {
                     if (name == *output_format || !other.given_options)
@@ -377,6 +422,8 @@ Command add_convert(CLI::App& app) {
                                      digest_algorithm, *digest_file};
                 // --salvage: a conversion that completed but read damaged ranges as zeros says
                 // so with exit status 4.
+                if (in_place_incremental)
+                    return salvage_exit(*image, convert_incremental_qcow2(job, *bitmap));
                 if (!bitmap->empty() && *output_format == "raw")
                     return salvage_exit(*image, convert_incremental(job, *bitmap));
                 return salvage_exit(*image, format->second.run(job));

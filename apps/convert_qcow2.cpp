@@ -148,8 +148,9 @@ int convert_qcow2(const ConvertJob& job) {
         throw UsageError("-u without -B");
     if (!job.bitmap.empty()) {
         if (!options.backing_file) {
-            throw UsageError("--bitmap with -O qcow2 needs -B BACKING -F FMT: the image holds "
-                             "only the dirty clusters, over the previous backup");
+            throw UsageError("--bitmap with -O qcow2 needs -B BACKING -F FMT (a new image of "
+                             "only the dirty clusters, over the previous backup), or TARGET an "
+                             "existing qcow2 copy to update in place");
         }
         options.selection = WriteSelection::bitmap_dirty;
         options.bitmap = job.bitmap;

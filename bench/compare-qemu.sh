@@ -551,3 +551,7 @@ if [[ -x $BENCH_WRITE ]]; then
 else
     echo "in-place writes skipped: $BENCH_WRITE not built (-Dbench=true)"
 fi
+
+# The backup lifecycle commands (issue 28): bench/lifecycle-compare.sh.
+echo
+RUNS=$RUNS "$(dirname "$0")/lifecycle-compare.sh" "$QCOWMAP" "$WORKDIR"

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <regex>
 #include <sstream>
@@ -498,4 +499,164 @@ TEST(RebaseCli, Errors) {
     // -b is required.
     r = run("cd " + q(dir.path()) + " && " + cli() + " rebase a.qcow2");
     EXPECT_TRUE(usage_error(r)) << r.exit_code << " " << r.err;
+}
+
+// ---------------------------------------------------------------------------------------------
+// convert --bitmap onto an existing qcow2 copy (in place)
+
+namespace {
+
+/// vm.qcow2 (compressed and plain clusters, a 4k-granularity bitmap `b` recording from the
+/// copy on) and copy.qcow2, its full copy taken at the checkpoint (with `copy_options`), then
+/// the VM's writes: data over plain and compressed clusters, partial clusters, zeros, a
+/// discard, and a write past the data.
+void make_incremental_pair(const fs::path& dir, const std::string& copy_options) {
+    run_ok("cd " + q(dir) + " && qemu-img create -q -f qcow2 seed.qcow2 16M && " +
+           "qemu-io -f qcow2 -c 'write -P 0x11 0 4M' -c 'write -P 0x12 8M 2M' seed.qcow2 " +
+           ">/dev/null && qemu-img convert -c -O qcow2 seed.qcow2 vm.qcow2 && " +
+           "qemu-io -f qcow2 -c 'write -P 0x13 4M 1M' vm.qcow2 >/dev/null && " +
+           "qemu-img bitmap --add -g 4k vm.qcow2 b && " + "qemu-img convert -O qcow2 " +
+           copy_options + " vm.qcow2 copy.qcow2 && " +
+           "qemu-io -f qcow2 -c 'write -P 0x21 64k 4k' -c 'write -P 0x22 4M 12k' " +
+           "-c 'write -z 1M 1M' -c 'discard 8M 128k' -c 'write -P 0x23 15M 8k' " +
+           "-c 'write -P 0x24 9M 512' vm.qcow2 >/dev/null && " +
+           "qemu-img bitmap --disable vm.qcow2 b");
+}
+
+} // namespace
+
+TEST(IncrementalCli, InPlaceIntoQcow2CopyMatchesTheSource) {
+    for (const std::string copy_options :
+         {"", "-c", "-o cluster_size=16k,extended_l2=on", "-o compat=0.10"}) {
+        SCOPED_TRACE(copy_options);
+        TempDir dir;
+        make_incremental_pair(dir.path(), copy_options);
+        CommandResult ours =
+            run("cd " + q(dir.path()) + " && " + cli() + " convert --bitmap=b vm.qcow2 copy.qcow2");
+        ASSERT_EQ(ours.exit_code, 0) << ours.out << ours.err;
+        EXPECT_EQ(ours.err, "");
+        expect_check_clean(dir / "copy.qcow2");
+        expect_identical(dir / "vm.qcow2", dir / "copy.qcow2");
+        EXPECT_EQ(info_field(dir / "copy.qcow2", "virtual-size"),
+                  info_field(dir / "vm.qcow2", "virtual-size"));
+    }
+}
+
+TEST(IncrementalCli, TouchesOnlyTheDirtyRanges) {
+    TempDir dir;
+    make_incremental_pair(dir.path(), "");
+    // The copy changed out of band in two clean places: an update that wrote more than the
+    // dirty ranges would overwrite them with the source's bytes.
+    run_ok("cd " + q(dir.path()) +
+           " && qemu-io -f qcow2 -c 'write -P 0x5a 2M 64k' -c 'write -P 0x5b 12M 4k' copy.qcow2" +
+           " >/dev/null");
+    CommandResult ours =
+        run("cd " + q(dir.path()) + " && " + cli() + " convert -p --bitmap=b vm.qcow2 copy.qcow2");
+    ASSERT_EQ(ours.exit_code, 0) << ours.err;
+    expect_check_clean(dir / "copy.qcow2");
+    const std::string reads =
+        run_ok("cd " + q(dir.path()) +
+               " && qemu-io -r -f qcow2 -c 'read -P 0x5a 2M 64k' -c 'read -P 0x5b 12M 4k' " +
+               "-c 'read -P 0x21 64k 4k' -c 'read -P 0x22 4M 12k' -c 'read -P 0 1M 1M' " +
+               "-c 'read -P 0 8M 128k' -c 'read -P 0x23 15M 8k' -c 'read -P 0x24 9M 512' " +
+               "-c 'read -P 0x12 9437696 512' copy.qcow2");
+    EXPECT_EQ(reads.find("Pattern verification failed"), std::string::npos) << reads;
+    EXPECT_EQ(std::count(reads.begin(), reads.end(), '\n'), 18) << reads; // 2 lines per read
+    // The source and the copy differ exactly at the out-of-band writes.
+    CommandResult compare = run("cd " + q(dir.path()) + " && qemu-img compare vm.qcow2 copy.qcow2");
+    EXPECT_EQ(compare.exit_code, 1) << compare.out;
+    EXPECT_NE(compare.out.find("offset 2097152"), std::string::npos) << compare.out;
+}
+
+TEST(IncrementalCli, CopyOfAnotherSizeAndUsageErrors) {
+    TempDir dir;
+    make_incremental_pair(dir.path(), "");
+    run_ok("cd " + q(dir.path()) + " && qemu-img create -q -f qcow2 small.qcow2 8M");
+    const std::string small_bytes = run_ok("cd " + q(dir.path()) + " && sha256sum small.qcow2");
+    // Errors of the copy being written exit 3 (convert's output errors), as for a raw copy.
+    CommandResult other =
+        run("cd " + q(dir.path()) + " && " + cli() + " convert --bitmap=b vm.qcow2 small.qcow2");
+    EXPECT_EQ(other.exit_code, 3) << other.err;
+    EXPECT_TRUE(one_line_error(other)) << other.err;
+    EXPECT_EQ(other.err.rfind("qcowmap: small.qcow2: ", 0), 0u) << other.err;
+    EXPECT_NE(other.err.find("same size"), std::string::npos) << other.err;
+    EXPECT_EQ(run_ok("cd " + q(dir.path()) + " && sha256sum small.qcow2"), small_bytes);
+
+    CommandResult missing =
+        run("cd " + q(dir.path()) + " && " + cli() + " convert --bitmap=nope vm.qcow2 copy.qcow2");
+    EXPECT_TRUE(image_error(missing)) << missing.err;
+    EXPECT_EQ(missing.err.rfind("qcowmap: vm.qcow2: ", 0), 0u) << missing.err;
+
+    // -O qcow2 options make a new image; without -B they are refused, naming the in-place way.
+    CommandResult compressed = run("cd " + q(dir.path()) + " && " + cli() +
+                                   " convert -O qcow2 -c --bitmap=b vm.qcow2 new.qcow2");
+    EXPECT_TRUE(usage_error(compressed)) << compressed.err;
+    EXPECT_NE(compressed.err.find("in place"), std::string::npos) << compressed.err;
+    EXPECT_FALSE(fs::exists(dir / "new.qcow2"));
+
+    // A copy a writer holds (qemu-io, open until its input ends) is refused, untouched.
+    run_ok("cd " + q(dir.path()) +
+           " && (sleep 60 </dev/null 2>/dev/null | qemu-io -f qcow2 copy.qcow2 >/dev/null 2>&1 &" +
+           " echo $! > holder.pid)" +
+           " && for i in $(seq 200); do qemu-img info copy.qcow2 >/dev/null 2>&1 || exit 0;" +
+           " sleep 0.05; done; exit 1");
+    const std::string copy_bytes = run_ok("cd " + q(dir.path()) + " && sha256sum copy.qcow2");
+    CommandResult held =
+        run("cd " + q(dir.path()) + " && " + cli() + " convert --bitmap=b vm.qcow2 copy.qcow2");
+    run("cd " + q(dir.path()) + " && kill $(cat holder.pid)");
+    EXPECT_EQ(held.exit_code, 3) << held.err;
+    EXPECT_TRUE(one_line_error(held)) << held.err;
+    EXPECT_EQ(held.err.rfind("qcowmap: copy.qcow2: ", 0), 0u) << held.err;
+    EXPECT_NE(held.err.find("lock"), std::string::npos) << held.err;
+    EXPECT_EQ(held.err.find("-U"), std::string::npos) << held.err; // a writer cannot share
+    EXPECT_EQ(run_ok("cd " + q(dir.path()) + " && sha256sum copy.qcow2"), copy_bytes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// README: the whole backup lifecycle without qemu-img
+
+TEST(LifecycleReadme, BackupWorkflowWithoutQemuImg) {
+    // The README's workflow, extracted and run as written (the built qcowmap on PATH); qemu-img
+    // appears only here, as the judge.
+    const char* root = std::getenv("QCOWMAP_SOURCE_ROOT");
+    ASSERT_NE(root, nullptr) << "meson sets QCOWMAP_SOURCE_ROOT";
+    const std::string readme = read_text(fs::path(root) / "README.md");
+    const auto begin = readme.find("<!-- lifecycle-example:begin -->\n```sh\n");
+    const auto end = readme.find("```\n<!-- lifecycle-example:end -->");
+    ASSERT_NE(begin, std::string::npos);
+    ASSERT_NE(end, std::string::npos);
+    const auto body = readme.find("```sh\n", begin) + 6;
+    const std::string script = readme.substr(body, end - body);
+    EXPECT_EQ(script.find("qemu-img"), std::string::npos) << script;
+    TempDir dir;
+    std::vector<std::byte> script_bytes(script.size());
+    std::transform(script.begin(), script.end(), script_bytes.begin(),
+                   [](char c) { return static_cast<std::byte>(c); });
+    write_file(dir / "example.sh", script_bytes);
+    const std::string bin_dir = fs::absolute(qcowmap_bin()).parent_path().string();
+    CommandResult r = run("cd " + q(dir.path()) + " && PATH=" + shell_quote(bin_dir) +
+                          ":\"$PATH\" timeout -k 5 600 sh example.sh");
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    EXPECT_EQ(r.out, "restored.raw and mirror.qcow2 hold the disk\n") << r.err;
+    EXPECT_FALSE(fs::exists(dir / "inc1.qcow2"));
+    for (const char* name :
+         {"vm.qcow2", "full.qcow2", "inc2.qcow2", "inc3.qcow2", "mirror.qcow2"}) {
+        SCOPED_TRACE(name);
+        expect_check_clean(dir / name);
+    }
+    expect_identical(dir / "vm.qcow2", dir / "inc3.qcow2");
+    expect_identical(dir / "vm.qcow2", dir / "mirror.qcow2");
+    run_ok("cd " + q(dir.path()) + " && qemu-img compare -q -f raw -F qcow2 restored.raw vm.qcow2");
+    // Each remaining point restores its period: the disk with the later periods' writes undone
+    // (period i wrote 0x2i at iM, zeros at (i+3)M for 1M, 0x3i at (i*10)M; before, those ranges
+    // held 0x11, 0x11 and zeros).
+    run_ok("cd " + q(dir.path()) + " && qemu-img convert -O qcow2 vm.qcow2 period2.qcow2 && " +
+           "qemu-io -f qcow2 -c 'write -P 0x11 3M 64k' -c 'write -P 0x11 6M 1M' " +
+           "-c 'write -z 30M 4k' period2.qcow2 >/dev/null && " +
+           "qemu-img convert -O qcow2 period2.qcow2 period1.qcow2 && " +
+           "qemu-io -f qcow2 -c 'write -P 0x11 2M 64k' -c 'write -P 0x11 5M 1M' " +
+           "-c 'write -z 20M 4k' period1.qcow2 >/dev/null");
+    expect_identical(dir / "period2.qcow2", dir / "inc2.qcow2");
+    expect_identical(dir / "period1.qcow2", dir / "full.qcow2");
+    EXPECT_EQ(info_field(dir / "inc2.qcow2", "backing-filename"), "\"full.qcow2\",");
 }

@@ -6,6 +6,7 @@
 
 #include <qcowmap/options.hpp>
 #include <qcowmap/result.hpp>
+#include <qcowmap/writable.hpp>
 
 #include <cstdint>
 #include <filesystem>
@@ -113,5 +114,38 @@ struct BitmapEdit {
 /// bitmap), and those of WritableImage::open.
 Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& name,
                           const std::vector<BitmapEdit>& edits);
+
+// ---- incremental update of an existing qcow2 copy -----------------------------------------------
+
+class DirtyBitmap;
+
+struct ApplyDirtyOptions {
+    /// How the target is opened for writing (its locks; `check` for its refcounts).
+    WritableOptions target;
+    /// Threads producing the source's bytes (0: one per core).
+    unsigned threads = 0;
+    /// Called with (dirty bytes done, dirty bytes in all).
+    LifecycleProgress progress;
+};
+
+struct ApplyDirtyStats {
+    std::uint64_t data_bytes = 0; ///< bytes written into the target as data
+    std::uint64_t zero_bytes = 0; ///< bytes made zero in the target (zero clusters, unmapped)
+};
+
+/// Makes the qcow2 image at `target`, a copy of the disk of `source` as it was when `bitmap`
+/// started recording, equal to `source` now: for each range `bitmap` marks dirty, the source's
+/// content is written into the target in place (WritableImage: qemu's crash-safe order, its
+/// locks, its enabled bitmaps updated); ranges that read as zeros in the source become zero
+/// clusters (unmapped), nothing outside the dirty ranges is read or written. The incremental
+/// counterpart of `export_dirty` for a qcow2 copy (`qcowmap convert --bitmap=NAME SOURCE
+/// TARGET`). A crash part-way leaves the target consistent (qemu-img check clean) but partly
+/// updated: running the same update again completes it, since the source's bitmap is not
+/// changed. Errors: those of WritableImage::open and writes with origin `target` (also
+/// invalid_argument when the target's size differs from the source's), those of reading the
+/// source with origin `image`; image_changed when the source changed meanwhile.
+Result<ApplyDirtyStats> apply_dirty(const Image& source, const DirtyBitmap& bitmap,
+                                    const std::filesystem::path& target,
+                                    const ApplyDirtyOptions& options = {});
 
 } // namespace qcowmap
