@@ -4,11 +4,14 @@
 // snapshots, a qemu-io killed with lazy refcounts, as qemu-iotests 039 does) and refcount
 // entries edited in place.
 #include "support.hpp"
+#include "writable_io.hpp"
 
 #include <qcowmap/check.hpp>
 #include <qcowmap/writable.hpp>
 
 #include <gtest/gtest.h>
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <csignal>
@@ -210,6 +213,83 @@ TEST(Repair, DirtyLazyRefcountImageAsQemuImg) {
     expect_clean_and_equal(dir, {});
     run_ok("qemu-io -f qcow2 -c 'read -P 0x33 0 1M' -c 'read -P 0x44 4M 128k' " +
            q(dir / "ours.qcow2") + " >/dev/null");
+}
+
+TEST(Repair, MissingRefcountBlockAllocatedAsQemuImg) {
+    // 512-byte clusters with 64-bit refcounts: one refcount block counts 64 clusters, so 64 KiB
+    // of data spans three blocks. The refcount table entry of the second is cleared: its 63
+    // referenced clusters have no refcount (qemu-img check -r all rebuilds the refcount
+    // structure; we allocate the missing block).
+    TempDir dir;
+    const fs::path image = dir / "noblock.qcow2";
+    make_image(image, "cluster_size=512,refcount_bits=64", "1M", {"write -P 7 0 64k"});
+    const std::uint64_t reftable = peek_be(image, 48, 8);
+    ASSERT_NE(peek_be(image, reftable + 8, 8), 0u);
+    poke_be(image, reftable + 8, 0, 8);
+    EXPECT_EQ(run("qemu-img check " + q(image)).exit_code, 2);
+    Outcome o = repair_both(dir, image, "all");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0) << o.ours_json;
+    EXPECT_EQ(json_count(o.ours_json, "corruptions-fixed"), 63u) << o.ours_json;
+    EXPECT_NE(peek_be(dir / "ours.qcow2", peek_be(dir / "ours.qcow2", 48, 8) + 8, 8), 0u);
+    expect_clean_and_equal(dir, {});
+    run_ok("qemu-io -f qcow2 -c 'read -P 7 0 64k' " + q(dir / "ours.qcow2") + " >/dev/null");
+}
+
+/// Stops repair_image at each of its writes, syncs and size changes in turn (as a killed
+/// process, then as a power cut losing unsynced writes): whatever it leaves must have no
+/// refcount lower than the references that was not so before (qemu-img check finds no new
+/// corruption), and a second repair must finish the job.
+void crash_at_every_step(const fs::path& image, RepairMode mode, std::uint64_t corruptions) {
+    TempDir dir;
+    const fs::path work = dir / "work.qcow2";
+    fs::copy_file(image, work);
+    detail::arm_fault(UINT64_MAX);
+    auto full = repair_image(work, RepairOptions{mode});
+    const std::uint64_t total = detail::disarm_fault();
+    ASSERT_TRUE(full) << full.error().message;
+    ASSERT_EQ(full->exit_code(), 0);
+    ASSERT_GT(total, 2u);
+    for (auto fault : {detail::FaultMode::stop, detail::FaultMode::lose_unsynced}) {
+        for (std::uint64_t n = 1; n <= total; ++n) {
+            SCOPED_TRACE(fmt::format("fault at operation {} of {}, mode {}", n, total,
+                                     fault == detail::FaultMode::stop ? "stop" : "power cut"));
+            fs::copy_file(image, work, fs::copy_options::overwrite_existing);
+            detail::arm_fault(n, fault, n);
+            auto crashed = repair_image(work, RepairOptions{mode});
+            EXPECT_TRUE(detail::fault_fired());
+            detail::disarm_fault();
+            EXPECT_FALSE(crashed);
+            auto left = check_image(work);
+            ASSERT_TRUE(left) << left.error().message;
+            EXPECT_LE(left->corruptions, corruptions);
+            CommandResult qemu = run("qemu-img check " + q(work));
+            if (corruptions == 0) {
+                EXPECT_TRUE(qemu.exit_code == 0 || qemu.exit_code == 3) << qemu.out << qemu.err;
+            }
+            auto again = repair_image(work, RepairOptions{mode});
+            ASSERT_TRUE(again) << again.error().message;
+            EXPECT_EQ(again->exit_code(), 0);
+            EXPECT_EQ(run("qemu-img check " + q(work)).exit_code, 0);
+        }
+    }
+}
+
+TEST(Repair, CrashDuringLeakRepairLeavesOnlyLeaks) {
+    TempDir dir;
+    const fs::path image = dir / "leaks.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 0x5a 0 256k"});
+    leak_new_clusters(image, 3);
+    crash_at_every_step(image, RepairMode::leaks, 0);
+}
+
+TEST(Repair, CrashDuringFullRepairAddsNoCorruption) {
+    TempDir dir;
+    const fs::path image = dirty_image(dir);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    ASSERT_GT(before->corruptions, 0u);
+    crash_at_every_step(image, RepairMode::all, before->corruptions);
 }
 
 TEST(Repair, DirtyImageWithLeaksOnlyFailsAsQemuImgAndWritesNothing) {
