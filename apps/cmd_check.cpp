@@ -104,7 +104,7 @@ int run_repair(const std::string& path, const std::string& mode, bool untrusted,
         return report_error(path, result.error(), kCheckFailed, ImageAccess::write);
     }
     const RepairResult& r = *result;
-    write_stderr(r.before.messages, r.before.messages_dropped);
+    write_stderr(r.messages, r.messages_dropped);
     const bool fixed = r.leaks_fixed || r.corruptions_fixed;
     std::string out;
     if (fixed && !json) {
@@ -114,10 +114,8 @@ int run_repair(const std::string& path, const std::string& mode, bool untrusted,
                            "Double checking the fixed image now...\n",
                            r.leaks_fixed, r.corruptions_fixed);
     }
-    if (fixed || r.double_checked) {
-        write_stderr(r.messages, r.messages_dropped);
+    if (r.double_checked)
         write_stderr(r.after.messages, r.after.messages_dropped);
-    }
     out += json ? json_report(path, r.after, &r) : human_report(r.after);
     std::fwrite(out.data(), 1, out.size(), stdout);
     if (int code = finish_stdout(); code != kExitOk)

@@ -71,6 +71,8 @@ struct Outcome {
     int theirs = -1;
     std::string ours_json;
     std::string theirs_json;
+    std::string ours_err;
+    std::string theirs_err;
 };
 
 /// Copies `image` twice and repairs one copy with qcowmap, the other with qemu-img.
@@ -86,6 +88,8 @@ Outcome repair_both(const TempDir& dir, const fs::path& image, const std::string
     o.theirs = theirs.exit_code;
     o.ours_json = ours.out;
     o.theirs_json = theirs.out;
+    o.ours_err = ours.err;
+    o.theirs_err = theirs.err;
     return o;
 }
 
@@ -154,6 +158,7 @@ TEST(Repair, LeaksAsQemuImg) {
     expect_same_counts(o);
     EXPECT_EQ(o.ours, 0);
     EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 3u) << o.ours_json;
+    EXPECT_EQ(o.ours_err, o.theirs_err); // the same lines, in the same order
     expect_clean_and_equal(dir, image);
 }
 
@@ -183,6 +188,7 @@ TEST(Repair, AllRaisesUndercountedRefcountAsQemuImg) {
     EXPECT_EQ(o.ours, 0);
     EXPECT_EQ(json_count(o.ours_json, "corruptions-fixed"), 1u) << o.ours_json;
     EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 1u) << o.ours_json;
+    EXPECT_EQ(o.ours_err, o.theirs_err);
     expect_clean_and_equal(dir, image);
     // The snapshot still reads as it was taken.
     run_ok("qemu-img snapshot -a snap " + q(dir / "ours.qcow2"));
@@ -197,6 +203,7 @@ TEST(Repair, LeaksLeavesCorruptionAsQemuImg) {
     expect_same_counts(o);
     EXPECT_EQ(o.ours, 2) << o.ours_json;
     EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 1u) << o.ours_json;
+    EXPECT_EQ(o.ours_err, o.theirs_err);
     // The undercounted refcount is untouched; qemu-img still sees the corruption.
     EXPECT_EQ(peek_be(dir / "ours.qcow2", refcount_entry_at(dir / "ours.qcow2", data), 2), 1u);
     EXPECT_EQ(run("qemu-img check " + q(dir / "ours.qcow2")).exit_code, 2);
@@ -330,8 +337,10 @@ TEST(Repair, LibraryReportsWhatItDid) {
     EXPECT_EQ(r->after.leaks, 0u);
     EXPECT_EQ(r->after.corruptions, 0u);
     EXPECT_EQ(r->exit_code(), 0);
-    ASSERT_EQ(r->messages.size(), 3u);
-    EXPECT_EQ(r->messages[0].rfind("Repairing cluster ", 0), 0u) << r->messages[0];
+    // qemu's lines: each mismatch as found, then as repaired.
+    ASSERT_EQ(r->messages.size(), 6u);
+    EXPECT_EQ(r->messages[0].rfind("Leaked cluster ", 0), 0u) << r->messages[0];
+    EXPECT_EQ(r->messages[3].rfind("Repairing cluster ", 0), 0u) << r->messages[3];
     // Again: nothing left to do.
     auto again = repair_image(image, RepairOptions{RepairMode::all});
     ASSERT_TRUE(again) << again.error().message;

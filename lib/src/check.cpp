@@ -589,8 +589,9 @@ class Checker {
         return stored_now;
     }
     void copied_after(std::string line) {
-        if (plan_->copied_after++ == 0)
-            plan_->first_copied_after = std::move(line);
+        ++plan_->copied_after;
+        if (plan_->copied_after_lines.size() < options_.max_messages)
+            plan_->copied_after_lines.push_back(std::move(line));
     }
 
     const ImageState& s_;

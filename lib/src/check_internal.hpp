@@ -41,7 +41,8 @@ struct RepairPlan {
     /// OFLAG_COPIED mismatches (qemu's check_oflag_copied) against the refcounts as they will
     /// be once the fixed mismatches are written, and the first of them.
     std::uint64_t copied_after = 0;
-    std::string first_copied_after;
+    /// The first CheckOptions::max_messages lines of those, worded as check_oflag_copied.
+    std::vector<std::string> copied_after_lines;
 };
 
 /// Checks the image at `path` (opened as check_image opens it, with `options`) and returns

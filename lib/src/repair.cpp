@@ -75,7 +75,7 @@ std::optional<Error> refusal(const std::filesystem::path& path, const RepairPlan
     if (fix_errors && plan.copied_after) {
         return refuse(path, fmt::format("{} OFLAG_COPIED flags of L1/L2 entries would stay "
                                         "wrong after the refcounts are repaired (first: {})",
-                                        plan.copied_after, plan.first_copied_after));
+                                        plan.copied_after, plan.copied_after_lines.front()));
     }
     return std::nullopt;
 }
@@ -282,6 +282,12 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
 
     RepairResult result;
     result.before = plan->check;
+    // The lines qemu prints (qcow2_check_refcounts): compare_refcounts without fixing, then,
+    // when anything differs, again fixing what the mode fixes, then check_oflag_copied's.
+    for (const RefcountMismatch& m : plan->mismatches) {
+        message(result, options.max_messages, "{} cluster {} refcount={} reference={}",
+                m.stored < m.references ? "ERROR" : "Leaked", m.cluster, m.stored, m.references);
+    }
     std::uint64_t corruptions_left = plan->copied_after;
     for (const RefcountMismatch& m : plan->mismatches) {
         if (m.fixed) {
@@ -296,6 +302,8 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
                 ++corruptions_left;
         }
     }
+    for (const std::string& line : plan->copied_after_lines)
+        message(result, options.max_messages, "{}", line);
     // qcow2_co_check_locked: with a repair asked for and neither check errors nor corruptions
     // left, the dirty bit (qcow2_mark_clean) and the corrupt bit (qcow2_mark_consistent) are
     // cleared.

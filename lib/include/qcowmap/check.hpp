@@ -120,9 +120,11 @@ struct RepairResult {
     std::uint64_t corruptions_fixed = 0;
     /// The dirty bit (or the corrupt bit) was cleared.
     bool header_flags_cleared = false;
-    /// One line per cluster repaired or left as it was, worded like qemu's compare_refcounts
-    /// ("Repairing cluster 5 refcount=1 reference=0", "ERROR cluster 7 refcount=1
-    /// reference=2"), at most RepairOptions::max_messages.
+    /// The lines qemu-img check -r prints while repairing, in its order and words (qemu's
+    /// compare_refcounts and check_oflag_copied): every mismatch found ("Leaked cluster 5
+    /// refcount=1 reference=0"), then each again as repaired ("Repairing cluster 5 ...") or
+    /// left ("ERROR cluster 7 refcount=1 reference=2"), then OFLAG_COPIED errors left; at most
+    /// RepairOptions::max_messages.
     std::vector<std::string> messages;
     std::uint64_t messages_dropped = 0;
     /// The image checked again after the repair (qemu-img's "Double checking the fixed image
