@@ -186,6 +186,7 @@ Command add_check(CLI::App& app) {
                                       "to repair",
                                       kCheckFailed);
                     }
+                    guard_against_shrinking(*path);
                     return run_repair(*path, *repair, *untrusted, output->json());
                 }
                 guard_against_shrinking(*path);
