@@ -299,6 +299,18 @@ TEST(Repair, CrashDuringFullRepairAddsNoCorruption) {
     crash_at_every_step(image, RepairMode::all, before->corruptions);
 }
 
+TEST(Repair, CrashWhileAllocatingARefcountBlockAddsNoCorruption) {
+    TempDir dir;
+    const fs::path image = dir / "noblock.qcow2";
+    make_image(image, "cluster_size=512,refcount_bits=64", "1M", {"write -P 7 0 64k"});
+    const std::uint64_t reftable = peek_be(image, 48, 8);
+    poke_be(image, reftable + 8, 0, 8);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    ASSERT_GT(before->corruptions, 0u);
+    crash_at_every_step(image, RepairMode::all, before->corruptions);
+}
+
 TEST(Repair, DirtyImageWithLeaksOnlyFailsAsQemuImgAndWritesNothing) {
     TempDir dir;
     const fs::path image = dirty_image(dir);
