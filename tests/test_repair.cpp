@@ -162,6 +162,49 @@ TEST(Repair, LeaksAsQemuImg) {
     expect_clean_and_equal(dir, image);
 }
 
+TEST(Repair, LeaksWithOtherRefcountWidthsAsQemuImg) {
+    for (unsigned bits : {1u, 8u, 64u}) {
+        SCOPED_TRACE(fmt::format("refcount_bits={}", bits));
+        TempDir dir;
+        const fs::path image = dir / "w.qcow2";
+        make_image(image, fmt::format("cluster_size=64k,refcount_bits={}", bits), "64M",
+                   {"write -P 3 0 128k"});
+        const std::uint64_t leaked = file_clusters(image);
+        fs::resize_file(image, (leaked + 1) * kCluster);
+        const std::uint64_t reftable = peek_be(image, 48, 8);
+        const std::uint64_t block = peek_be(image, reftable, 8) & ~std::uint64_t{0x1ff};
+        if (bits == 1) {
+            // qemu's get_refcount_ro0: bit (index % 8) of byte index / 8, least significant
+            // first.
+            const std::uint64_t at = block + leaked / 8;
+            poke_be(image, at, peek_be(image, at, 1) | (1u << (leaked % 8)), 1);
+        } else {
+            poke_be(image, block + leaked * (bits / 8), 1, bits / 8);
+        }
+        ASSERT_EQ(run("qemu-img check " + q(image)).exit_code, 3);
+        Outcome o = repair_both(dir, image, "leaks");
+        expect_same_counts(o);
+        EXPECT_EQ(o.ours, 0) << o.ours_json;
+        EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 1u) << o.ours_json;
+        EXPECT_EQ(o.ours_err, o.theirs_err);
+        expect_clean_and_equal(dir, image);
+    }
+}
+
+TEST(Repair, CorruptBitClearedAsQemuImg) {
+    TempDir dir;
+    const fs::path image = dir / "flagged.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 1 0 128k"});
+    leak_new_clusters(image, 1);
+    poke_be(image, 72, peek_be(image, 72, 8) | 2, 8); // incompatible bit 1: corrupt
+    Outcome o = repair_both(dir, image, "leaks");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0) << o.ours_json;
+    EXPECT_EQ(peek_be(dir / "ours.qcow2", 72, 8), peek_be(dir / "theirs.qcow2", 72, 8));
+    EXPECT_EQ(peek_be(dir / "ours.qcow2", 72, 8) & 2, 0u);
+    expect_clean_and_equal(dir, {});
+}
+
 TEST(Repair, HumanOutputWordedAsQemuImg) {
     TempDir dir;
     const fs::path image = leaky_image(dir);
@@ -412,13 +455,16 @@ TEST(Repair, RefusedWhileTheLibraryWritesTheImage) {
     EXPECT_TRUE(repair_image(image, RepairOptions{RepairMode::all}));
 }
 
-TEST(Repair, RawAndReadOnlyFilesRefusedInOneLine) {
+TEST(Repair, RawFileRefusedInOneLine) {
     TempDir dir;
     run_ok("qemu-img create -q -f raw " + q(dir / "disk.raw") + " 1M");
     CommandResult raw = run(cli() + " check -r leaks " + q(dir / "disk.raw"));
     EXPECT_NE(raw.exit_code, 0);
     EXPECT_EQ(std::count(raw.err.begin(), raw.err.end(), '\n'), 1) << raw.err;
+}
 
+TEST(Repair, ReadOnlyFileRefusedInOneLine) {
+    TempDir dir;
     const fs::path image = leaky_image(dir);
     fs::permissions(image, fs::perms::owner_read | fs::perms::group_read | fs::perms::others_read);
     if (::access(image.c_str(), W_OK) == 0)
