@@ -2,6 +2,7 @@
 // (block/qcow2-refcount.c) counts: rebuild an in-memory refcount table (IMRT) from every
 // structure that references clusters, then compare it with the refcounts stored in the image.
 // Nothing is written and nothing is repaired.
+#include "check_internal.hpp"
 #include "fault.hpp"
 #include "image_state.hpp"
 #include "mapped_file.hpp"
@@ -36,8 +37,11 @@ constexpr std::uint64_t kVisitBudgetSlack = std::uint64_t{1} << 24;
 
 class Checker {
   public:
-    Checker(const ImageState& state, const CheckOptions& options, CheckResult& result)
-        : s_(state), info_(state.info), options_(options), r_(result),
+    /// With `plan`, also records what a repair (`fix_errors`: -r all, else -r leaks) would do.
+    Checker(const ImageState& state, const CheckOptions& options, CheckResult& result,
+            detail::RepairPlan* plan = nullptr, bool fix_errors = false)
+        : s_(state), info_(state.info), options_(options), r_(result), plan_(plan),
+          fix_errors_(fix_errors),
           file_clusters_((state.bytes.size() >> state.cluster_bits) +
                          ((state.bytes.size() & (state.cluster_size - 1)) != 0)),
           counts_(file_clusters_, 0) {
@@ -71,12 +75,19 @@ class Checker {
         check_encryption_header();
         check_bitmaps();
         check_refblocks();
+        if (plan_) {
+            plan_->structural_corruptions = r_.corruptions;
+            plan_->structural_check_errors = r_.check_errors;
+            plan_->first_structural = first_finding_;
+        }
         compare();
         check_copied_flags();
     }
 
   private:
     template <typename... Args> void finding(fmt::format_string<Args...> format, Args&&... args) {
+        if (plan_ && first_finding_.empty())
+            first_finding_ = fmt::format(format, std::forward<Args>(args)...);
         if (r_.messages.size() < options_.max_messages) {
             r_.messages.push_back(fmt::format(format, std::forward<Args>(args)...));
         } else {
@@ -458,6 +469,14 @@ class Checker {
             highest = i;
         if (*refcount == references)
             return;
+        if (plan_) {
+            // qemu's compare_refcounts: refcount 0 means rebuild; otherwise -r leaks fixes
+            // higher refcounts, -r all lower ones too.
+            if (*refcount == 0)
+                plan_->refcount_zero_referenced = true;
+            const bool fixed = *refcount > references || fix_errors_;
+            plan_->mismatches.push_back({i, *refcount, references, fixed});
+        }
         if (*refcount < references) {
             ++r_.corruptions;
             finding("ERROR cluster {} refcount={} reference={}", i, *refcount, references);
@@ -515,6 +534,13 @@ class Checker {
             auto refcount = stored(l2_offset >> s_.cluster_bits);
             if (!refcount)
                 continue;
+            if (plan_ &&
+                (after_repair(l2_offset >> s_.cluster_bits, *refcount) == 1) != l1_entry.copied()) {
+                copied_after(fmt::format("ERROR OFLAG_COPIED L2 cluster: l1_index={} "
+                                         "l1_entry={:x} refcount={}",
+                                         i / 8, l1_entry.raw,
+                                         after_repair(l2_offset >> s_.cluster_bits, *refcount)));
+            }
             if ((*refcount == 1) != l1_entry.copied()) {
                 corruption("ERROR OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} "
                            "refcount={}",
@@ -530,10 +556,19 @@ class Checker {
                 if (type != ClusterType::normal && type != ClusterType::zero_alloc)
                     continue;
                 std::optional<std::uint64_t> data_refcount = std::uint64_t{1};
+                std::uint64_t repaired = 1;
                 if (!s_.has_data_file()) {
                     data_refcount = stored(entry.host_offset() >> s_.cluster_bits);
                     if (!data_refcount)
                         continue;
+                    if (plan_)
+                        repaired =
+                            after_repair(entry.host_offset() >> s_.cluster_bits, *data_refcount);
+                }
+                if (plan_ && (repaired == 1) != entry.copied()) {
+                    copied_after(fmt::format("ERROR OFLAG_COPIED data cluster: l2_entry={:x} "
+                                             "refcount={}",
+                                             entry.raw, repaired));
                 }
                 if ((*data_refcount == 1) != entry.copied()) {
                     corruption("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
@@ -543,10 +578,29 @@ class Checker {
         }
     }
 
+    /// The refcount of `cluster` once the repair planned has written it (`stored` now).
+    std::uint64_t after_repair(std::uint64_t cluster, std::uint64_t stored_now) const {
+        const auto& m = plan_->mismatches;
+        auto it = std::lower_bound(
+            m.begin(), m.end(), cluster,
+            [](const detail::RefcountMismatch& a, std::uint64_t c) { return a.cluster < c; });
+        if (it != m.end() && it->cluster == cluster && it->fixed)
+            return it->references;
+        return stored_now;
+    }
+    void copied_after(std::string line) {
+        ++plan_->copied_after;
+        if (plan_->copied_after_lines.size() < options_.max_messages)
+            plan_->copied_after_lines.push_back(std::move(line));
+    }
+
     const ImageState& s_;
     const ImageInfo& info_;
     const CheckOptions& options_;
     CheckResult& r_;
+    detail::RepairPlan* plan_;
+    bool fix_errors_;
+    std::string first_finding_;
     std::uint64_t file_clusters_;
     std::vector<std::uint32_t> counts_;
     std::map<std::uint64_t, std::uint32_t> past_end_;
@@ -620,5 +674,36 @@ Result<CheckResult> check_image(const std::filesystem::path& path, const CheckOp
         return check_state(**state, options);
     });
 }
+
+namespace detail {
+
+Result<RepairPlan> plan_repair(const std::filesystem::path& path, bool fix_errors,
+                               const CheckOptions& options) {
+    OpenOptions open;
+    open.untrusted = options.untrusted;
+    open.force_share = options.force_share;
+    return detail::contain_faults(path, [&]() -> Result<RepairPlan> {
+        auto state = detail::open_chain(path, open, check_mode());
+        if (!state) {
+            return std::move(state).error();
+        }
+        const ImageState& s = **state;
+        if (s.info.version < 2) {
+            return Error{ErrorCode::unsupported_version,
+                         "qcow version 1 images keep no reference counts; there is nothing to "
+                         "repair"};
+        }
+        RepairPlan plan;
+        plan.info = s.info;
+        plan.file_size = s.bytes.size();
+        Checker(s, options, plan.check, &plan, fix_errors).run();
+        Error changed = detail::explain_change(s, Error{ErrorCode::io_error, {}});
+        if (changed.code == ErrorCode::image_changed)
+            return changed;
+        return plan;
+    });
+}
+
+} // namespace detail
 
 } // namespace qcowmap

@@ -90,4 +90,78 @@ Result<CheckResult> check_image(std::span<const std::byte> bytes, const CheckOpt
 Result<CheckResult> check_image(const std::filesystem::path& path,
                                 const CheckOptions& options = {});
 
+/// What `repair_image` repairs, as `qemu-img check -r`.
+enum class RepairMode {
+    /// `-r leaks`: clusters whose refcount is higher than their references get the refcount of
+    /// their references (0 frees them).
+    leaks,
+    /// `-r all`: leaks, and refcounts lower than the references raised to them (a missing
+    /// refcount block is allocated); the dirty and corrupt bits are cleared once nothing is
+    /// left to repair.
+    all,
+};
+
+struct RepairOptions {
+    RepairMode mode = RepairMode::leaks;
+    /// How many finding lines to keep (RepairResult::messages and both checks' messages).
+    std::size_t max_messages = 1000;
+    /// Open the backing chain and data file as OpenOptions::untrusted does.
+    bool untrusted = false;
+};
+
+/// What `repair_image` did. The counters mean what qemu-img check -r --output=json's
+/// leaks-fixed and corruptions-fixed mean.
+struct RepairResult {
+    /// The check before anything was written.
+    CheckResult before;
+    /// Clusters whose refcount was lowered to their references.
+    std::uint64_t leaks_fixed = 0;
+    /// Clusters whose refcount was raised to their references.
+    std::uint64_t corruptions_fixed = 0;
+    /// The dirty bit (or the corrupt bit) was cleared.
+    bool header_flags_cleared = false;
+    /// The lines qemu-img check -r prints while repairing, in its order and words (qemu's
+    /// compare_refcounts and check_oflag_copied): every mismatch found ("Leaked cluster 5
+    /// refcount=1 reference=0"), then each again as repaired ("Repairing cluster 5 ...") or
+    /// left ("ERROR cluster 7 refcount=1 reference=2"), then OFLAG_COPIED errors left; at most
+    /// RepairOptions::max_messages.
+    std::vector<std::string> messages;
+    std::uint64_t messages_dropped = 0;
+    /// The image checked again after the repair (qemu-img's "Double checking the fixed image
+    /// now..."); the same as `before` when nothing was written.
+    CheckResult after;
+    /// True when `after` comes from a check run after writing.
+    bool double_checked = false;
+
+    /// qemu-img check -r's exit status: that of the state after the repair.
+    int exit_code() const { return after.exit_code(); }
+};
+
+/// Repairs the refcounts of the qcow2 image at `path` in place, as `qemu-img check -r leaks`
+/// or `-r all` repairs them (qemu's qcow2_check_refcounts, compare_refcounts and
+/// qcow2_co_check_locked), then checks it again.
+///
+/// The image is opened for writing under QEMU's writer lock and checked first; nothing is
+/// written unless every repair needed can be made. Writes follow the in-place writer's
+/// crash-safe order: raised refcounts (and new refcount blocks, then their refcount table
+/// entries) are written and synced before any refcount is lowered, and the dirty/corrupt bits
+/// are cleared last, so a crash mid-repair leaves at most leaks, never a refcount lower than
+/// the references. A clean image is not written at all.
+///
+/// What qemu repairs by other means is refused before writing (unsupported_feature): a
+/// refcount table that would have to grow, damaged refcount table or blocks, L1/L2 entries
+/// (reserved bits, alignment, OFLAG_COPIED flags that stay wrong once the refcounts are right),
+/// snapshot table entries, bitmaps. With RepairMode::leaks, an image whose tables are damaged
+/// is refused too (its references are incomplete, so "leaks" may be data), and one with a
+/// referenced cluster of refcount 0 fails as qemu-img fails there ("need to rebuild refcount
+/// structures", invalid_table). Where qemu rebuilds the whole refcount structure for a
+/// referenced cluster of refcount 0 (`-r all`, e.g. a dirty image left by lazy refcounts),
+/// the refcount is raised in place instead: the counts reported are the same.
+///
+/// Errors: those of `check_image`; io_error (cannot open for writing, a write or sync failed);
+/// image_in_use (another program holds the image, QEMU's locks); unsupported_feature and
+/// invalid_table as above; unsupported_version for qcow version 1.
+Result<RepairResult> repair_image(const std::filesystem::path& path,
+                                  const RepairOptions& options = {});
+
 } // namespace qcowmap

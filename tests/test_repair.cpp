@@ -1,0 +1,479 @@
+// `qcowmap check -r leaks|all` (repair_image) against `qemu-img check -r` on two copies of the
+// same damaged image: same exit status, same counts repaired, our result clean by qemu-img
+// check and equal by qemu-img compare. The damage is made with real qemu (writes, internal
+// snapshots, a qemu-io killed with lazy refcounts, as qemu-iotests 039 does) and refcount
+// entries edited in place.
+#include "support.hpp"
+#include "writable_io.hpp"
+
+#include <qcowmap/check.hpp>
+#include <qcowmap/writable.hpp>
+
+#include <gtest/gtest.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <optional>
+#include <regex>
+#include <unistd.h>
+
+namespace qcowmap::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr std::uint64_t kCluster = 65536;
+
+/// The file offset of the 16-bit refcount entry of `cluster` (block 0 of the refcount table;
+/// the test images are small enough for one block).
+std::uint64_t refcount_entry_at(const fs::path& image, std::uint64_t cluster) {
+    const std::uint64_t reftable = peek_be(image, 48, 8);
+    const std::uint64_t block = peek_be(image, reftable, 8) & ~std::uint64_t{0x1ff};
+    return block + cluster * 2;
+}
+
+void set_refcount(const fs::path& image, std::uint64_t cluster, std::uint64_t value) {
+    poke_be(image, refcount_entry_at(image, cluster), value, 2);
+}
+
+/// The host cluster of the first active L2 table's first entry.
+std::uint64_t first_data_cluster(const fs::path& image) {
+    const std::uint64_t l1 = peek_be(image, 40, 8);
+    const std::uint64_t l2 = peek_be(image, l1, 8) & 0x00fffffffffffe00ULL;
+    return (peek_be(image, l2, 8) & 0x00fffffffffffe00ULL) / kCluster;
+}
+
+std::uint64_t file_clusters(const fs::path& image) {
+    return fs::file_size(image) / kCluster;
+}
+
+/// Appends `count` clusters to the file, each with refcount 1 and referenced by nothing.
+void leak_new_clusters(const fs::path& image, std::uint64_t count) {
+    const std::uint64_t first = file_clusters(image);
+    fs::resize_file(image, (first + count) * kCluster);
+    for (std::uint64_t c = first; c < first + count; ++c)
+        set_refcount(image, c, 1);
+}
+
+/// A JSON counter of qemu-img check's output; qemu leaves zero counters out.
+std::uint64_t json_count(const std::string& json, const std::string& key) {
+    std::smatch m;
+    const std::regex re("\"" + key + "\": ([0-9]+)");
+    return std::regex_search(json, m, re) ? std::stoull(m[1]) : 0;
+}
+
+struct Outcome {
+    int ours = -1;
+    int theirs = -1;
+    std::string ours_json;
+    std::string theirs_json;
+    std::string ours_err;
+    std::string theirs_err;
+};
+
+/// Copies `image` twice and repairs one copy with qcowmap, the other with qemu-img.
+Outcome repair_both(const TempDir& dir, const fs::path& image, const std::string& mode) {
+    fs::copy_file(image, dir / "ours.qcow2", fs::copy_options::overwrite_existing);
+    fs::copy_file(image, dir / "theirs.qcow2", fs::copy_options::overwrite_existing);
+    Outcome o;
+    CommandResult ours = run("timeout -k 5 120 " + cli() + " check -r " + mode + " --output=json " +
+                             q(dir / "ours.qcow2"));
+    CommandResult theirs = run("timeout -k 5 120 qemu-img check -r " + mode + " --output=json " +
+                               q(dir / "theirs.qcow2"));
+    o.ours = ours.exit_code;
+    o.theirs = theirs.exit_code;
+    o.ours_json = ours.out;
+    o.theirs_json = theirs.out;
+    o.ours_err = ours.err;
+    o.theirs_err = theirs.err;
+    return o;
+}
+
+void expect_same_counts(const Outcome& o) {
+    EXPECT_EQ(o.ours, o.theirs) << o.ours_json << "\nqemu-img:\n" << o.theirs_json;
+    for (const char* key : {"leaks-fixed", "corruptions-fixed", "leaks", "corruptions"}) {
+        EXPECT_EQ(json_count(o.ours_json, key), json_count(o.theirs_json, key))
+            << key << "\n"
+            << o.ours_json << "\nqemu-img:\n"
+            << o.theirs_json;
+    }
+}
+
+void expect_clean_and_equal(const TempDir& dir, const fs::path& original) {
+    CommandResult check = run("qemu-img check " + q(dir / "ours.qcow2"));
+    EXPECT_EQ(check.exit_code, 0) << check.out << check.err;
+    CommandResult compare =
+        run("qemu-img compare -U " + q(dir / "ours.qcow2") + " " + q(dir / "theirs.qcow2"));
+    EXPECT_EQ(compare.exit_code, 0) << compare.out << compare.err;
+    if (!original.empty()) {
+        CommandResult same =
+            run("qemu-img compare -U " + q(dir / "ours.qcow2") + " " + q(original));
+        EXPECT_EQ(same.exit_code, 0) << same.out << same.err;
+    }
+}
+
+/// A 64 MiB image with data in its first 256 KiB, three leaked clusters: two past the data,
+/// referenced by nothing, and the first data cluster with refcount 2 for one reference (its
+/// COPIED flag then disagrees too, until the leak is repaired).
+fs::path leaky_image(const TempDir& dir) {
+    const fs::path image = dir / "leaky.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 0x5a 0 256k"});
+    leak_new_clusters(image, 2);
+    set_refcount(image, first_data_cluster(image), 2);
+    return image;
+}
+
+/// An image with an internal snapshot whose shared data cluster has refcount 1 for two
+/// references (a corruption qemu repairs in place with -r all), and one leaked cluster.
+fs::path undercounted_image(const TempDir& dir) {
+    const fs::path image = dir / "under.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 0x11 0 128k"});
+    run_ok("qemu-img snapshot -c snap " + q(image));
+    run_ok("qemu-io -f qcow2 -c 'write -P 0x22 64k 64k' " + q(image) + " >/dev/null");
+    set_refcount(image, first_data_cluster(image), 1);
+    leak_new_clusters(image, 1);
+    return image;
+}
+
+/// An image qemu-io was killed while writing with lazy refcounts: the dirty bit is set and the
+/// new clusters have refcount 0 (qemu-iotests 039).
+fs::path dirty_image(const TempDir& dir) {
+    const fs::path image = dir / "dirty.qcow2";
+    run_ok("qemu-img create -q -f qcow2 -o lazy_refcounts=on " + q(image) + " 64M");
+    run("qemu-io -f qcow2 -c 'write -P 0x33 0 1M' -c 'write -P 0x44 4M 128k' -c 'sigraise 9' " +
+        q(image) + " >/dev/null 2>&1");
+    EXPECT_EQ(peek_be(image, 72, 8) & 1, 1u) << "qemu-io left no dirty bit";
+    return image;
+}
+
+TEST(Repair, LeaksAsQemuImg) {
+    TempDir dir;
+    const fs::path image = leaky_image(dir);
+    EXPECT_EQ(run("qemu-img check " + q(image)).exit_code, 2); // a COPIED mismatch, 3 leaks
+    Outcome o = repair_both(dir, image, "leaks");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0);
+    EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 3u) << o.ours_json;
+    EXPECT_EQ(o.ours_err, o.theirs_err); // the same lines, in the same order
+    expect_clean_and_equal(dir, image);
+}
+
+TEST(Repair, LeaksWithOtherRefcountWidthsAsQemuImg) {
+    for (unsigned bits : {1u, 8u, 64u}) {
+        SCOPED_TRACE(fmt::format("refcount_bits={}", bits));
+        TempDir dir;
+        const fs::path image = dir / "w.qcow2";
+        make_image(image, fmt::format("cluster_size=64k,refcount_bits={}", bits), "64M",
+                   {"write -P 3 0 128k"});
+        const std::uint64_t leaked = file_clusters(image);
+        fs::resize_file(image, (leaked + 1) * kCluster);
+        const std::uint64_t reftable = peek_be(image, 48, 8);
+        const std::uint64_t block = peek_be(image, reftable, 8) & ~std::uint64_t{0x1ff};
+        if (bits == 1) {
+            // qemu's get_refcount_ro0: bit (index % 8) of byte index / 8, least significant
+            // first.
+            const std::uint64_t at = block + leaked / 8;
+            poke_be(image, at, peek_be(image, at, 1) | (1u << (leaked % 8)), 1);
+        } else {
+            poke_be(image, block + leaked * (bits / 8), 1, bits / 8);
+        }
+        ASSERT_EQ(run("qemu-img check " + q(image)).exit_code, 3);
+        Outcome o = repair_both(dir, image, "leaks");
+        expect_same_counts(o);
+        EXPECT_EQ(o.ours, 0) << o.ours_json;
+        EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 1u) << o.ours_json;
+        EXPECT_EQ(o.ours_err, o.theirs_err);
+        expect_clean_and_equal(dir, image);
+    }
+}
+
+TEST(Repair, CorruptBitClearedAsQemuImg) {
+    TempDir dir;
+    const fs::path image = dir / "flagged.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 1 0 128k"});
+    leak_new_clusters(image, 1);
+    poke_be(image, 72, peek_be(image, 72, 8) | 2, 8); // incompatible bit 1: corrupt
+    Outcome o = repair_both(dir, image, "leaks");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0) << o.ours_json;
+    EXPECT_EQ(peek_be(dir / "ours.qcow2", 72, 8), peek_be(dir / "theirs.qcow2", 72, 8));
+    EXPECT_EQ(peek_be(dir / "ours.qcow2", 72, 8) & 2, 0u);
+    expect_clean_and_equal(dir, {});
+}
+
+TEST(Repair, HumanOutputWordedAsQemuImg) {
+    TempDir dir;
+    const fs::path image = leaky_image(dir);
+    const std::uint64_t leaked = file_clusters(image) - 2;
+    CommandResult r = run(cli() + " check -r leaks " + q(image));
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    EXPECT_NE(r.err.find("Repairing cluster " + std::to_string(leaked) + " refcount=1 reference=0"),
+              std::string::npos)
+        << r.err;
+    EXPECT_NE(r.out.find("The following inconsistencies were found and repaired:\n\n"
+                         "    3 leaked clusters\n    0 corruptions\n\n"
+                         "Double checking the fixed image now...\n"
+                         "No errors were found on the image.\n"),
+              std::string::npos)
+        << r.out;
+}
+
+TEST(Repair, AllRaisesUndercountedRefcountAsQemuImg) {
+    TempDir dir;
+    const fs::path image = undercounted_image(dir);
+    EXPECT_EQ(run("qemu-img check " + q(image)).exit_code, 2);
+    Outcome o = repair_both(dir, image, "all");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0);
+    EXPECT_EQ(json_count(o.ours_json, "corruptions-fixed"), 1u) << o.ours_json;
+    EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 1u) << o.ours_json;
+    EXPECT_EQ(o.ours_err, o.theirs_err);
+    expect_clean_and_equal(dir, image);
+    // The snapshot still reads as it was taken.
+    run_ok("qemu-img snapshot -a snap " + q(dir / "ours.qcow2"));
+    run_ok("qemu-io -f qcow2 -c 'read -P 0x11 0 128k' " + q(dir / "ours.qcow2") + " >/dev/null");
+}
+
+TEST(Repair, LeaksLeavesCorruptionAsQemuImg) {
+    TempDir dir;
+    const fs::path image = undercounted_image(dir);
+    const std::uint64_t data = first_data_cluster(image);
+    Outcome o = repair_both(dir, image, "leaks");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 2) << o.ours_json;
+    EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 1u) << o.ours_json;
+    EXPECT_EQ(o.ours_err, o.theirs_err);
+    // The undercounted refcount is untouched; qemu-img still sees the corruption.
+    EXPECT_EQ(peek_be(dir / "ours.qcow2", refcount_entry_at(dir / "ours.qcow2", data), 2), 1u);
+    EXPECT_EQ(run("qemu-img check " + q(dir / "ours.qcow2")).exit_code, 2);
+}
+
+TEST(Repair, DirtyLazyRefcountImageAsQemuImg) {
+    TempDir dir;
+    const fs::path image = dirty_image(dir);
+    Outcome o = repair_both(dir, image, "all");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0) << o.ours_json;
+    EXPECT_GT(json_count(o.ours_json, "corruptions-fixed"), 0u) << o.ours_json;
+    EXPECT_EQ(peek_be(dir / "ours.qcow2", 72, 8) & 1, 0u) << "dirty bit still set";
+    expect_clean_and_equal(dir, {});
+    run_ok("qemu-io -f qcow2 -c 'read -P 0x33 0 1M' -c 'read -P 0x44 4M 128k' " +
+           q(dir / "ours.qcow2") + " >/dev/null");
+}
+
+TEST(Repair, MissingRefcountBlockAllocatedAsQemuImg) {
+    // 512-byte clusters with 64-bit refcounts: one refcount block counts 64 clusters, so 64 KiB
+    // of data spans three blocks. The refcount table entry of the second is cleared: its 63
+    // referenced clusters have no refcount (qemu-img check -r all rebuilds the refcount
+    // structure; we allocate the missing block).
+    TempDir dir;
+    const fs::path image = dir / "noblock.qcow2";
+    make_image(image, "cluster_size=512,refcount_bits=64", "1M", {"write -P 7 0 64k"});
+    const std::uint64_t reftable = peek_be(image, 48, 8);
+    ASSERT_NE(peek_be(image, reftable + 8, 8), 0u);
+    poke_be(image, reftable + 8, 0, 8);
+    EXPECT_EQ(run("qemu-img check " + q(image)).exit_code, 2);
+    Outcome o = repair_both(dir, image, "all");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0) << o.ours_json;
+    EXPECT_EQ(json_count(o.ours_json, "corruptions-fixed"), 63u) << o.ours_json;
+    EXPECT_NE(peek_be(dir / "ours.qcow2", peek_be(dir / "ours.qcow2", 48, 8) + 8, 8), 0u);
+    expect_clean_and_equal(dir, {});
+    run_ok("qemu-io -f qcow2 -c 'read -P 7 0 64k' " + q(dir / "ours.qcow2") + " >/dev/null");
+}
+
+/// Stops repair_image at each of its writes, syncs and size changes in turn (as a killed
+/// process, then as a power cut losing unsynced writes): whatever it leaves must have no
+/// refcount lower than the references that was not so before (qemu-img check finds no new
+/// corruption), and a second repair must finish the job.
+void crash_at_every_step(const fs::path& image, RepairMode mode, std::uint64_t corruptions) {
+    TempDir dir;
+    const fs::path work = dir / "work.qcow2";
+    fs::copy_file(image, work);
+    detail::arm_fault(UINT64_MAX);
+    auto full = repair_image(work, RepairOptions{mode});
+    const std::uint64_t total = detail::disarm_fault();
+    ASSERT_TRUE(full) << full.error().message;
+    ASSERT_EQ(full->exit_code(), 0);
+    ASSERT_GT(total, 2u);
+    for (auto fault : {detail::FaultMode::stop, detail::FaultMode::lose_unsynced}) {
+        for (std::uint64_t n = 1; n <= total; ++n) {
+            SCOPED_TRACE(fmt::format("fault at operation {} of {}, mode {}", n, total,
+                                     fault == detail::FaultMode::stop ? "stop" : "power cut"));
+            fs::copy_file(image, work, fs::copy_options::overwrite_existing);
+            detail::arm_fault(n, fault, n);
+            auto crashed = repair_image(work, RepairOptions{mode});
+            EXPECT_TRUE(detail::fault_fired());
+            detail::disarm_fault();
+            EXPECT_FALSE(crashed);
+            auto left = check_image(work);
+            ASSERT_TRUE(left) << left.error().message;
+            EXPECT_LE(left->corruptions, corruptions);
+            CommandResult qemu = run("qemu-img check " + q(work));
+            if (corruptions == 0) {
+                EXPECT_TRUE(qemu.exit_code == 0 || qemu.exit_code == 3) << qemu.out << qemu.err;
+            }
+            auto again = repair_image(work, RepairOptions{mode});
+            ASSERT_TRUE(again) << again.error().message;
+            EXPECT_EQ(again->exit_code(), 0);
+            EXPECT_EQ(run("qemu-img check " + q(work)).exit_code, 0);
+        }
+    }
+}
+
+TEST(Repair, CrashDuringLeakRepairLeavesOnlyLeaks) {
+    TempDir dir;
+    const fs::path image = dir / "leaks.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 0x5a 0 256k"});
+    leak_new_clusters(image, 3);
+    crash_at_every_step(image, RepairMode::leaks, 0);
+}
+
+TEST(Repair, CrashDuringFullRepairAddsNoCorruption) {
+    TempDir dir;
+    const fs::path image = dirty_image(dir);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    ASSERT_GT(before->corruptions, 0u);
+    crash_at_every_step(image, RepairMode::all, before->corruptions);
+}
+
+TEST(Repair, CrashWhileAllocatingARefcountBlockAddsNoCorruption) {
+    TempDir dir;
+    const fs::path image = dir / "noblock.qcow2";
+    make_image(image, "cluster_size=512,refcount_bits=64", "1M", {"write -P 7 0 64k"});
+    const std::uint64_t reftable = peek_be(image, 48, 8);
+    poke_be(image, reftable + 8, 0, 8);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    ASSERT_GT(before->corruptions, 0u);
+    crash_at_every_step(image, RepairMode::all, before->corruptions);
+}
+
+TEST(Repair, DirtyImageWithLeaksOnlyFailsAsQemuImgAndWritesNothing) {
+    TempDir dir;
+    const fs::path image = dirty_image(dir);
+    const std::vector<std::byte> before = read_file(image);
+    Outcome o = repair_both(dir, image, "leaks");
+    EXPECT_EQ(o.ours, o.theirs);
+    EXPECT_EQ(o.ours, 1);
+    EXPECT_EQ(read_file(dir / "ours.qcow2"), before);
+}
+
+TEST(Repair, CleanImageIsNotWritten) {
+    TempDir dir;
+    const fs::path image = dir / "clean.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 1 0 192k"});
+    const std::vector<std::byte> before = read_file(image);
+    const auto mtime = fs::last_write_time(image);
+    for (const char* mode : {"leaks", "all"}) {
+        CommandResult r = run(cli() + " check -r " + mode + " " + q(image));
+        EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+        EXPECT_NE(r.out.find("No errors were found on the image."), std::string::npos) << r.out;
+        EXPECT_EQ(r.out.find("repaired"), std::string::npos) << r.out;
+    }
+    EXPECT_EQ(read_file(image), before);
+    EXPECT_EQ(fs::last_write_time(image), mtime);
+}
+
+TEST(Repair, LibraryReportsWhatItDid) {
+    TempDir dir;
+    const fs::path image = leaky_image(dir);
+    auto r = repair_image(image, RepairOptions{RepairMode::leaks});
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ(r->before.leaks, 3u);
+    EXPECT_EQ(r->leaks_fixed, 3u);
+    EXPECT_EQ(r->corruptions_fixed, 0u);
+    EXPECT_TRUE(r->double_checked);
+    EXPECT_EQ(r->after.leaks, 0u);
+    EXPECT_EQ(r->after.corruptions, 0u);
+    EXPECT_EQ(r->exit_code(), 0);
+    // qemu's lines: each mismatch as found, then as repaired.
+    ASSERT_EQ(r->messages.size(), 6u);
+    EXPECT_EQ(r->messages[0].rfind("Leaked cluster ", 0), 0u) << r->messages[0];
+    EXPECT_EQ(r->messages[3].rfind("Repairing cluster ", 0), 0u) << r->messages[3];
+    // Again: nothing left to do.
+    auto again = repair_image(image, RepairOptions{RepairMode::all});
+    ASSERT_TRUE(again) << again.error().message;
+    EXPECT_FALSE(again->double_checked);
+    EXPECT_EQ(again->leaks_fixed + again->corruptions_fixed, 0u);
+}
+
+TEST(Repair, DamagedTablesRefusedBeforeWriting) {
+    TempDir dir;
+    const fs::path image = leaky_image(dir);
+    // A reserved bit in the first L1 entry: an L1/L2 fix qcowmap does not make.
+    const std::uint64_t l1 = peek_be(image, 40, 8);
+    poke_be(image, l1, peek_be(image, l1, 8) | 0x2, 8);
+    const std::vector<std::byte> before = read_file(image);
+    for (const char* mode : {"leaks", "all"}) {
+        CommandResult r = run(cli() + " check -r " + mode + " " + q(image));
+        EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+        EXPECT_NE(r.err.find("not repaired"), std::string::npos) << r.err;
+        EXPECT_NE(r.err.find("reserved bits"), std::string::npos) << r.err;
+        EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    }
+    EXPECT_EQ(read_file(image), before);
+}
+
+TEST(Repair, RefusedWhileQemuIoHoldsTheImage) {
+    TempDir dir;
+    const fs::path image = leaky_image(dir);
+    std::signal(SIGPIPE, SIG_IGN);
+    FILE* io = ::popen(("qemu-io -f qcow2 " + q(image) + " >/dev/null 2>&1").c_str(), "w");
+    ASSERT_NE(io, nullptr);
+    bool held = false;
+    for (int i = 0; i < 100 && !held; ++i) {
+        held = run("qemu-img info " + q(image)).exit_code != 0;
+        if (!held)
+            ::usleep(50000);
+    }
+    const std::vector<std::byte> before = read_file(image);
+    CommandResult r = run("timeout -k 5 60 " + cli() + " check -r leaks " + q(image));
+    std::fputs("quit\n", io);
+    ::pclose(io);
+    ASSERT_TRUE(held) << "qemu-io never took its lock";
+    EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find("lock"), std::string::npos) << r.err;
+    EXPECT_EQ(read_file(image), before);
+}
+
+TEST(Repair, RefusedWhileTheLibraryWritesTheImage) {
+    TempDir dir;
+    const fs::path image = dir / "a.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 1 0 64k"});
+    auto writer = WritableImage::open(image);
+    ASSERT_TRUE(writer) << writer.error().message;
+    auto r = repair_image(image, RepairOptions{RepairMode::all});
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code, ErrorCode::image_in_use) << r.error().message;
+    ASSERT_TRUE(writer->close());
+    EXPECT_TRUE(repair_image(image, RepairOptions{RepairMode::all}));
+}
+
+TEST(Repair, RawFileRefusedInOneLine) {
+    TempDir dir;
+    run_ok("qemu-img create -q -f raw " + q(dir / "disk.raw") + " 1M");
+    CommandResult raw = run(cli() + " check -r leaks " + q(dir / "disk.raw"));
+    EXPECT_NE(raw.exit_code, 0);
+    EXPECT_EQ(std::count(raw.err.begin(), raw.err.end(), '\n'), 1) << raw.err;
+}
+
+TEST(Repair, ReadOnlyFileRefusedInOneLine) {
+    TempDir dir;
+    const fs::path image = leaky_image(dir);
+    fs::permissions(image, fs::perms::owner_read | fs::perms::group_read | fs::perms::others_read);
+    if (::access(image.c_str(), W_OK) == 0)
+        GTEST_SKIP() << "running as root: a read-only file is still writable";
+    CommandResult ro = run(cli() + " check -r leaks " + q(image));
+    EXPECT_EQ(ro.exit_code, 1);
+    EXPECT_NE(ro.err.find("cannot open for writing"), std::string::npos) << ro.err;
+    EXPECT_EQ(std::count(ro.err.begin(), ro.err.end(), '\n'), 1) << ro.err;
+}
+
+} // namespace
+} // namespace qcowmap::test
