@@ -67,6 +67,8 @@ struct RebaseOptions {
     /// qemu-img rebase -u: only the reference in the header changes; the caller guarantees the
     /// new backing file reads as the old one.
     bool unsafe = false;
+    /// Not used: the backing files are compared on the calling thread, in chunks of at most
+    /// 4 MiB that worker threads would not speed up (kept for source compatibility).
     unsigned threads = 0;
     LifecycleProgress progress;
 };
