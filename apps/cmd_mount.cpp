@@ -890,8 +890,15 @@ Command add_mount(CLI::App& app) {
                         throw UsageError("--rw writes qcow2 images only, not -f raw");
                     if (args->image.backing == "none")
                         throw UsageError("--rw needs the backing file (not --backing=none)");
-                    if (args->image.format.empty() && !args->image.path.empty())
-                        args->image.format = probe_image_format(args->image.path, true);
+                    if (args->image.format.empty() && !args->image.path.empty()) {
+                        // Probed as qemu-img probes, without its raw warning: a raw file is
+                        // refused either way.
+                        args->image.format = probe_image_format(args->image.path, false, false);
+                        if (args->image.format == "raw")
+                            throw UsageError(printable(args->image.path) +
+                                             ": --rw writes qcow2 images only, and this is not "
+                                             "one (probed as raw)");
+                    }
                 }
                 return run_mount(*args);
             }};

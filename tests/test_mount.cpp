@@ -876,6 +876,15 @@ TEST_F(Mount, RwRefusesOptionsThatCannotWrite) {
         EXPECT_NE(r.err.find(words), std::string::npos) << option << ": " << r.err;
         EXPECT_FALSE(is_mounted(mountpoint_)) << option;
     }
+    // A file that probes as raw is not written either (qemu would write it as raw).
+    auto raw = dir_ / "plain.raw";
+    test::write_file(raw, std::vector<std::byte>(MiB, std::byte{0x42}));
+    auto r = run(cli() + " mount --rw " + q(raw) + " " + q(mountpoint_));
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find("probed as raw"), std::string::npos) << r.err;
+    EXPECT_FALSE(is_mounted(mountpoint_));
+    EXPECT_TRUE(test::read_file(raw) == std::vector<std::byte>(MiB, std::byte{0x42}));
 }
 
 } // namespace
