@@ -437,6 +437,31 @@ TEST_F(Nbdkit, WritableWritesZeroesTrimsAndFlushesAsQemu) {
     EXPECT_TRUE(test::read_file(image) == before);
 }
 
+TEST_F(Nbdkit, WritableTakesAnExt4FileSystemFromNbdcopy) {
+    if (run("command -v mkfs.ext4 && command -v debugfs && command -v e2fsck").exit_code != 0)
+        GTEST_SKIP() << "e2fsprogs (mkfs.ext4, debugfs, e2fsck) not installed";
+    // A file system made in a sparse raw file, copied over an image full of older data:
+    // nbdcopy writes the data and zeroes the holes (NBD_CMD_WRITE_ZEROES), which must wipe
+    // what was there.
+    const fs::path source = dir_ / "fs.raw";
+    run_ok("truncate -s 16M " + q(source) + " && mkfs.ext4 -q -F " + q(source));
+    run_ok("seq 1 50000 > " + q(dir_ / "numbers.txt"));
+    run_ok("debugfs -w -R 'write " + (dir_ / "numbers.txt").string() + " numbers.txt' " +
+           q(source) + " >/dev/null 2>&1");
+    const fs::path image = dir_ / "fs.qcow2";
+    test::make_image(image, "", "16M", {"write -P 0xee 0 16M"});
+    auto r = nbdkit("file=" + q(image) + " readonly=false", "nbdcopy " + q(source) + " \"$uri\"");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    run_ok("qemu-img check -q " + q(image));
+    run_ok("qemu-img compare -q -f raw -F qcow2 " + q(source) + " " + q(image));
+    const fs::path back = dir_ / "back.raw";
+    run_ok("qemu-img convert -O raw " + q(image) + " " + q(back));
+    run_ok("e2fsck -fn " + q(back) + " >/dev/null 2>&1");
+    run_ok("debugfs -R 'dump numbers.txt " + (dir_ / "numbers.out").string() + "' " + q(back) +
+           " 2>/dev/null");
+    EXPECT_EQ(test::read_text(dir_ / "numbers.out"), test::read_text(dir_ / "numbers.txt"));
+}
+
 TEST_F(Nbdkit, WritableHoldsTheWriteLock) {
     const fs::path image = dir_ / "locked.qcow2";
     test::make_image(image, "", "4M", {"write -P 0x31 0 1M"});
