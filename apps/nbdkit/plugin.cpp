@@ -27,6 +27,7 @@
 #include <qcowmap/writable.hpp>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <span>
@@ -147,6 +148,8 @@ int serve_config_complete() {
     return 0;
 }
 
+void close_writable();
+
 // Opening in get_ready (not config_complete) still happens before nbdkit forks into the
 // background or accepts a connection, so a bad image fails nbdkit's start with our message.
 int serve_get_ready() {
@@ -160,6 +163,11 @@ int serve_get_ready() {
             return -1;
         }
         written.emplace(std::move(*opened));
+        // nbdkit 1.32 in captive mode (--run) exits without calling cleanup or unload: the
+        // image would then be closed by the global's destructor, after the library's own
+        // statics (constructed during open, so destroyed first) are gone (ASan saw the
+        // heap-use-after-free in FileIo::close). A handler registered now runs before them.
+        std::atexit(close_writable);
         return 0;
     }
     auto opened = qcowmap::Image::open(file_name, options);
@@ -172,18 +180,23 @@ int serve_get_ready() {
     GUARD_END(-1)
 }
 
-// Runs once the last connection is gone, before unload, while nbdkit can still report: the
-// cached metadata and bitmaps are stored and the locks released here. nbdkit has no way to
-// fail at this point; the error is logged.
-void serve_cleanup() {
+// Stores the cached metadata and bitmaps, releases the locks and destroys the writable image.
+// nbdkit has no way to fail at this point; an error is logged.
+void close_writable() {
     try {
         if (written) {
             if (auto closed = written->close(); !closed)
                 report(closed.error());
+            written.reset();
         }
     } catch (...) {
         nbdkit_error("%s: could not close the image", file_name.c_str());
     }
+}
+
+// Runs once the last connection is gone, before unload, while nbdkit can still report.
+void serve_cleanup() {
+    close_writable();
 }
 
 void serve_unload() {
