@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <regex>
 
@@ -464,6 +465,38 @@ TEST_F(Nbdkit, WritableTakesAnExt4FileSystemFromNbdcopy) {
     run_ok("debugfs -R 'dump numbers.txt " + (dir_ / "numbers.out").string() + "' " + q(back) +
            " 2>/dev/null");
     EXPECT_EQ(test::read_text(dir_ / "numbers.out"), test::read_text(dir_ / "numbers.txt"));
+}
+
+TEST_F(Nbdkit, WritableInTheBackgroundStaysOpenUntilTheServerExits) {
+    // nbdkit forks into the background after get_ready: the parent's exit must leave the image
+    // open (the bitmap stays in_use while served), and the serving child closes it when it
+    // ends (in_use cleared, writes stored).
+    const fs::path image = dir_ / "daemon.qcow2";
+    test::make_image(image, "", "4M");
+    run_ok("qemu-img bitmap --add " + q(image) + " b0");
+    const fs::path pid = dir_ / "nbdkit.pid";
+    const fs::path socket = dir_ / "nbdkit.sock";
+    struct Reaper {
+        fs::path pid;
+        ~Reaper() { (void)run("test -s " + q(pid) + " && kill $(cat " + q(pid) + ") 2>/dev/null"); }
+    } reaper{pid};
+    run_ok(preload() + "timeout -k 5 60 nbdkit -P " + q(pid) + " -U " + q(socket) + " " +
+           shell_quote(plugin()) + " file=" + q(image) + " readonly=false");
+    EXPECT_NE(run_ok("qemu-img info -U --output=json " + q(image)).find("\"in-use\""),
+              std::string::npos);
+    run_ok("timeout -k 5 60 qemu-io -f raw -c 'write -P 0x44 0 64k' 'nbd+unix:///?socket=" +
+           socket.string() + "' >/dev/null");
+    run_ok("kill $(cat " + q(pid) + ")");
+    // Gone within 30 s (bounded; no assertion on how long it took).
+    run_ok("for i in $(seq 300); do kill -0 $(cat " + q(pid) +
+           ") 2>/dev/null || exit 0; sleep 0.1; done; exit 1");
+    run_ok("qemu-img check -q " + q(image));
+    EXPECT_EQ(run_ok("qemu-img info --output=json " + q(image)).find("\"in-use\""),
+              std::string::npos);
+    const auto raw = test::qemu_raw(image, dir_);
+    ASSERT_EQ(raw.size(), 4u << 20);
+    EXPECT_TRUE(std::all_of(raw.begin(), raw.begin() + 65536,
+                            [](std::byte b) { return b == std::byte{0x44}; }));
 }
 
 TEST_F(Nbdkit, WritableHoldsTheWriteLock) {

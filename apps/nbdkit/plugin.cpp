@@ -43,9 +43,14 @@ namespace {
 
 std::string file_name;
 qcowmap::OpenOptions options;
-bool writable = false;                         // readonly=false
-std::optional<qcowmap::Image> image;           // set by get_ready, before any connection
-std::optional<qcowmap::WritableImage> written; // instead of `image` when writable
+bool writable = false;               // readonly=false
+std::optional<qcowmap::Image> image; // set by get_ready, before any connection
+// Instead of `image` when writable. On the heap, closed and deleted only by the process that
+// serves (close_writable): nbdkit forks into the background after get_ready, and the parent's
+// exit must not close the image the child goes on writing (it would clear the bitmaps'
+// in_use flag under the child, as a global's destructor did).
+qcowmap::WritableImage* written = nullptr;
+pid_t serving_pid = 0; // set by after_fork in the process that serves
 
 void report(const qcowmap::Error& error) {
     // The file named once: the library names it itself where it could not open it.
@@ -162,11 +167,11 @@ int serve_get_ready() {
             report(opened.error());
             return -1;
         }
-        written.emplace(std::move(*opened));
+        written = new qcowmap::WritableImage(std::move(*opened));
         // nbdkit 1.32 in captive mode (--run) exits without calling cleanup or unload: the
-        // image would then be closed by the global's destructor, after the library's own
-        // statics (constructed during open, so destroyed first) are gone (ASan saw the
-        // heap-use-after-free in FileIo::close). A handler registered now runs before them.
+        // image is closed by this handler then. Registered after open, it runs before the
+        // destructors of the library's statics made during open (a close after them was a
+        // heap-use-after-free in FileIo::close under ASan).
         std::atexit(close_writable);
         return 0;
     }
@@ -182,16 +187,24 @@ int serve_get_ready() {
 
 // Stores the cached metadata and bitmaps, releases the locks and destroys the writable image.
 // nbdkit has no way to fail at this point; an error is logged.
+// Only in the process that serves: the parent that forked into the background leaves it.
 void close_writable() {
     try {
-        if (written) {
+        if (written && ::getpid() == serving_pid) {
             if (auto closed = written->close(); !closed)
                 report(closed.error());
-            written.reset();
+            delete written;
+            written = nullptr;
         }
     } catch (...) {
         nbdkit_error("%s: could not close the image", file_name.c_str());
     }
+}
+
+// Called in the process that serves, whether nbdkit forked into the background or not.
+int serve_after_fork() {
+    serving_pid = ::getpid();
+    return 0;
 }
 
 // Runs once the last connection is gone, before unload, while nbdkit can still report.
@@ -200,14 +213,14 @@ void serve_cleanup() {
 }
 
 void serve_unload() {
-    written.reset();
+    close_writable();
     image.reset();
 }
 
 void* serve_open(int /*readonly*/) {
     // Every connection shares the one image; the handle only has to be non-NULL (nbdkit checks
     // -r and readonly connections itself before any write callback).
-    return written ? static_cast<void*>(&*written) : static_cast<void*>(&*image);
+    return written ? static_cast<void*>(written) : static_cast<void*>(&*image);
 }
 
 void serve_close(void* /*handle*/) {}
@@ -398,6 +411,7 @@ struct nbdkit_plugin make_plugin() {
     p.description = "Serves the virtual disk of a qcow2 image, read-only unless readonly=false";
     p.unload = serve_unload;
     p.cleanup = serve_cleanup;
+    p.after_fork = serve_after_fork;
     p.config = serve_config;
     p.config_complete = serve_config_complete;
     p.config_help = "file=IMAGE.qcow2    (required) the image to serve\n"
