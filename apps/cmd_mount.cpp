@@ -6,10 +6,17 @@
 // never pass through this process. Zero runs point at a static zero buffer; compressed clusters
 // are decompressed into a per-thread buffer. lseek(SEEK_DATA/SEEK_HOLE) is answered from the
 // extent map, so sparse-aware tools (cp --sparse, tar -S, qemu-img map -f raw) see the holes.
+//
+// With --rw the file is writable, served by a WritableImage (which takes QEMU's write lock and
+// serialises requests itself): reads copy through it so they see the writes, writes and
+// fallocate go to it as qemu's FUSE export (block/export/fuse.c) sends them to the block layer,
+// fsync and close flush it, and unmounting closes it.
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
 
 #include "cli.hpp"
+
+#include <qcowmap/writable.hpp>
 
 #include <algorithm>
 #include <cerrno>
@@ -36,6 +43,8 @@ constexpr fuse_ino_t kDiskInode = 2;
 constexpr const char* kDiskName = "disk";
 /// The image cannot change while it is mapped, so names and attributes never go stale.
 constexpr double kForever = 365.0 * 24 * 3600;
+/// With --rw the block count and times change with writes: attributes are asked for again.
+constexpr double kWritableAttrTimeout = 1.0;
 /// st_blksize of the disk file: tools size their reads by it (cat, cp read 128 KiB or this).
 constexpr blksize_t kPreferredIo = 1 << 20;
 /// The largest read request: 1 MiB less 16 pages, room for libfuse's estimate of the pipe it
@@ -47,12 +56,13 @@ constexpr unsigned kMaxRequest = (1u << 20) - 16 * 4096;
 alignas(4096) const char kZeros[1 << 20] = {};
 
 struct MountState {
-    Image image;
-    std::string image_path;       ///< for error messages
-    std::uint64_t size = 0;       ///< virtual disk size
-    std::uint64_t data_bytes = 0; ///< bytes of data and compressed runs: st_blocks
-    struct stat image_stat {};    ///< times shown on the disk file
-    std::string mountpoint{};     ///< absolute
+    std::optional<Image> image;            ///< a read-only mount
+    std::optional<WritableImage> writable; ///< --rw
+    std::string image_path;                ///< for error messages
+    std::uint64_t size = 0;                ///< virtual disk size
+    std::uint64_t data_bytes = 0;          ///< bytes of data and compressed runs: st_blocks
+    struct stat image_stat {};             ///< times shown on the disk file
+    std::string mountpoint{};              ///< absolute
 };
 
 /// Calls `visit(extent)` for the extents of [start, end) in order while it returns true.
@@ -70,8 +80,8 @@ Result<void> walk_extents(const Image& image, std::uint64_t start, std::uint64_t
     return {};
 }
 
-const MountState& state_of(fuse_req_t req) {
-    return *static_cast<const MountState*>(fuse_req_userdata(req));
+MountState& state_of(fuse_req_t req) {
+    return *static_cast<MountState*>(fuse_req_userdata(req));
 }
 
 /// An error met while answering the kernel: said on stderr (the terminal with -f, /dev/null
@@ -81,24 +91,54 @@ void reply_error(fuse_req_t req, const MountState& state, const Error& error) {
     fuse_reply_err(req, EIO);
 }
 
-struct stat attributes(const MountState& state, fuse_ino_t inode) {
+/// An error of the writable image: said on stderr, answered with its errno (to_errno: ENOSPC,
+/// EIO, EINVAL... as the library classifies it).
+void reply_writable_error(fuse_req_t req, const MountState& state, const Error& error) {
+    report(state.image_path, error.message, kExitImageError);
+    fuse_reply_err(req, to_errno(error));
+}
+
+/// Bytes of the writable disk that are not holes (block_status: ranges that do not read as
+/// zeros), for st_blocks as the read-only mount counts them; the disk's size when the walk
+/// fails (a dense file is the safe guess for cp and tar).
+std::uint64_t writable_data_bytes(MountState& state) {
+    std::uint64_t data = 0;
+    for (std::uint64_t at = 0; at < state.size;) {
+        auto status = state.writable->block_status(at, state.size - at);
+        if (!status || status->length == 0)
+            return state.size;
+        if (!status->zero)
+            data += status->length;
+        at += status->length;
+    }
+    return data;
+}
+
+struct stat attributes(MountState& state, fuse_ino_t inode) {
     struct stat st {};
     st.st_ino = inode;
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
+    const bool writable = state.writable.has_value();
+    if (writable) {
+        struct stat now {}; // writes change the image's times
+        if (::stat(state.image_path.c_str(), &now) == 0)
+            state.image_stat = now;
+    }
     st.st_atim = state.image_stat.st_atim;
     st.st_mtim = state.image_stat.st_mtim;
     st.st_ctim = state.image_stat.st_ctim;
     if (inode == FUSE_ROOT_ID) {
-        st.st_mode = S_IFDIR | 0555;
+        st.st_mode = S_IFDIR | (writable ? 0755 : 0555);
         st.st_nlink = 2;
     } else {
-        st.st_mode = S_IFREG | 0444;
+        st.st_mode = S_IFREG | (writable ? 0644 : 0444);
         st.st_nlink = 1;
         st.st_size = static_cast<off_t>(state.size);
         // Honest block counts matter: cp and tar look for holes only when st_blocks says the
         // file is sparse.
-        st.st_blocks = static_cast<blkcnt_t>((state.data_bytes + 511) / 512);
+        const std::uint64_t data = writable ? writable_data_bytes(state) : state.data_bytes;
+        st.st_blocks = static_cast<blkcnt_t>((data + 511) / 512);
         st.st_blksize = kPreferredIo;
     }
     return st;
@@ -185,8 +225,9 @@ void on_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
     fuse_entry_param entry{};
     entry.ino = kDiskInode;
     entry.generation = 1;
-    entry.attr = attributes(state_of(req), kDiskInode);
-    entry.attr_timeout = kForever;
+    MountState& state = state_of(req);
+    entry.attr = attributes(state, kDiskInode);
+    entry.attr_timeout = state.writable ? kWritableAttrTimeout : kForever;
     entry.entry_timeout = kForever;
     fuse_reply_entry(req, &entry);
     GUARD_END
@@ -198,13 +239,35 @@ void on_getattr(fuse_req_t req, fuse_ino_t inode, fuse_file_info*) {
         fuse_reply_err(req, ENOENT);
         return;
     }
-    struct stat st = attributes(state_of(req), inode);
-    fuse_reply_attr(req, &st, kForever);
+    MountState& state = state_of(req);
+    struct stat st = attributes(state, inode);
+    fuse_reply_attr(req, &st, state.writable ? kWritableAttrTimeout : kForever);
     GUARD_END
 }
 
-void on_setattr(fuse_req_t req, fuse_ino_t, struct stat*, int, fuse_file_info*) {
-    fuse_reply_err(req, EROFS); // the mount is read-only; the kernel refuses first
+void on_setattr(fuse_req_t req, fuse_ino_t inode, struct stat* wanted, int to_set,
+                fuse_file_info*) {
+    GUARD_BEGIN
+    MountState& state = state_of(req);
+    if (!state.writable) {
+        fuse_reply_err(req, EROFS); // the mount is read-only; the kernel refuses first
+        return;
+    }
+    // The disk has a fixed size, owner and mode. Times are accepted and not kept (the file
+    // shows the image's own), so that touch and tools that set them do not fail; truncating
+    // to the disk's own size is a no-op. Anything else (O_TRUNC, chmod) is refused.
+    constexpr int kTimes = FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
+                           FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME;
+    const bool same_size = !(to_set & FUSE_SET_ATTR_SIZE) ||
+                           (inode == kDiskInode && wanted->st_size >= 0 &&
+                            static_cast<std::uint64_t>(wanted->st_size) == state.size);
+    if ((to_set & ~(kTimes | FUSE_SET_ATTR_SIZE)) || !same_size) {
+        fuse_reply_err(req, EPERM);
+        return;
+    }
+    struct stat st = attributes(state, inode);
+    fuse_reply_attr(req, &st, kWritableAttrTimeout);
+    GUARD_END
 }
 
 void on_open(fuse_req_t req, fuse_ino_t inode, fuse_file_info* fi) {
@@ -213,12 +276,20 @@ void on_open(fuse_req_t req, fuse_ino_t inode, fuse_file_info* fi) {
         fuse_reply_err(req, inode == FUSE_ROOT_ID ? EISDIR : ENOENT);
         return;
     }
-    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
+    const MountState& state = state_of(req);
+    if (fi->flags & O_TRUNC) {
+        fuse_reply_err(req, state.writable ? EPERM : EROFS); // the disk's size is fixed
+        return;
+    }
+    if ((fi->flags & O_ACCMODE) != O_RDONLY && !state.writable) {
         fuse_reply_err(req, EROFS);
         return;
     }
-    fi->keep_cache = 1; // the bytes never change: keep the page cache across opens
-    fi->noflush = 1;    // nothing to flush on close
+    // The bytes change only through this mount, whose writes go through the kernel's page
+    // cache (write-through): keep the cache across opens.
+    fi->keep_cache = 1;
+    // A descriptor that wrote is flushed on close, as qemu's FUSE export does (fuse_flush).
+    fi->noflush = (fi->flags & O_ACCMODE) == O_RDONLY;
     fuse_reply_open(req, fi);
     GUARD_END
 }
@@ -252,9 +323,22 @@ fuse_buf file_piece(const FilePosition& where, std::size_t length) {
     return piece;
 }
 
+/// A read of the writable disk: copied through the WritableImage (its cache holds writes not
+/// yet in the file). `[start, end)` lies inside the disk.
+void read_writable(fuse_req_t req, MountState& state, std::uint64_t start, std::uint64_t end) {
+    thread_local std::vector<std::byte> buffer;
+    buffer.resize(static_cast<std::size_t>(end - start));
+    auto copied = state.writable->read(buffer, start);
+    if (!copied) {
+        reply_writable_error(req, state, copied.error());
+        return;
+    }
+    fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), *copied);
+}
+
 void on_read(fuse_req_t req, fuse_ino_t inode, std::size_t size, off_t off, fuse_file_info*) {
     GUARD_BEGIN
-    const MountState& state = state_of(req);
+    MountState& state = state_of(req);
     if (inode != kDiskInode) {
         fuse_reply_err(req, EISDIR);
         return;
@@ -269,12 +353,16 @@ void on_read(fuse_req_t req, fuse_ino_t inode, std::size_t size, off_t off, fuse
         return;
     }
     const std::uint64_t end = start + std::min<std::uint64_t>(size, state.size - start);
+    if (state.writable) {
+        read_writable(req, state, start, end);
+        return;
+    }
 
     ReadScratch& scratch = t_scratch;
     scratch.pieces.clear();
     std::size_t decompressed_used = 0;
     std::optional<Error> failure;
-    auto walked = walk_extents(state.image, start, end, [&](const Extent& extent) {
+    auto walked = walk_extents(*state.image, start, end, [&](const Extent& extent) {
         const auto length = static_cast<std::size_t>(extent.length);
         switch (extent.kind) {
         case ExtentKind::data:
@@ -292,7 +380,7 @@ void on_read(fuse_req_t req, fuse_ino_t inode, std::size_t size, off_t off, fuse
             }
             return true;
         case ExtentKind::compressed: {
-            auto bytes = scratch.decompressor.decompress(state.image, extent);
+            auto bytes = scratch.decompressor.decompress(*state.image, extent);
             if (!bytes) {
                 failure = bytes.error();
                 return false;
@@ -345,9 +433,27 @@ void on_read(fuse_req_t req, fuse_ino_t inode, std::size_t size, off_t off, fuse
     GUARD_END
 }
 
+/// SEEK_DATA/SEEK_HOLE on the writable disk: the first offset from `start` whose block status
+/// is data (does not read as zeros) or a hole, as the read-only mount tells them apart.
+Result<std::optional<std::uint64_t>> seek_writable(MountState& state, std::uint64_t start,
+                                                   bool want_data) {
+    for (std::uint64_t at = start; at < state.size;) {
+        auto status = state.writable->block_status(at, state.size - at);
+        if (!status)
+            return status.error();
+        const bool data = !status->zero;
+        if (data == want_data)
+            return std::optional<std::uint64_t>(at);
+        if (status->length == 0)
+            return Error{ErrorCode::io_error, "block status made no progress"};
+        at += status->length;
+    }
+    return std::optional<std::uint64_t>();
+}
+
 void on_lseek(fuse_req_t req, fuse_ino_t inode, off_t off, int whence, fuse_file_info*) {
     GUARD_BEGIN
-    const MountState& state = state_of(req);
+    MountState& state = state_of(req);
     if (inode != kDiskInode || (whence != SEEK_DATA && whence != SEEK_HOLE)) {
         fuse_reply_err(req, EINVAL);
         return;
@@ -360,18 +466,27 @@ void on_lseek(fuse_req_t req, fuse_ino_t inode, off_t off, int whence, fuse_file
     const auto start = static_cast<std::uint64_t>(off);
     const bool want_data = whence == SEEK_DATA;
     std::optional<std::uint64_t> found;
-    // Data and compressed runs are data; zero runs (zero clusters, unallocated ranges, holes of
-    // raw layers) are holes, as qemu-img map says "data": false for them.
-    auto walked = walk_extents(state.image, start, state.size, [&](const Extent& extent) {
-        if ((extent.kind != ExtentKind::zero) == want_data) {
-            found = std::max(start, extent.offset);
-            return false;
+    if (state.writable) {
+        auto sought = seek_writable(state, start, want_data);
+        if (!sought) {
+            reply_writable_error(req, state, sought.error());
+            return;
         }
-        return true;
-    });
-    if (!walked) {
-        reply_error(req, state, walked.error());
-        return;
+        found = *sought;
+    } else {
+        // Data and compressed runs are data; zero runs (zero clusters, unallocated ranges,
+        // holes of raw layers) are holes, as qemu-img map says "data": false for them.
+        auto walked = walk_extents(*state.image, start, state.size, [&](const Extent& extent) {
+            if ((extent.kind != ExtentKind::zero) == want_data) {
+                found = std::max(start, extent.offset);
+                return false;
+            }
+            return true;
+        });
+        if (!walked) {
+            reply_error(req, state, walked.error());
+            return;
+        }
     }
     if (!found) {
         if (want_data) {
@@ -382,6 +497,108 @@ void on_lseek(fuse_req_t req, fuse_ino_t inode, off_t off, int whence, fuse_file
     }
     fuse_reply_lseek(req, static_cast<off_t>(*found));
     GUARD_END
+}
+
+void on_write(fuse_req_t req, fuse_ino_t inode, const char* data, std::size_t size, off_t off,
+              fuse_file_info*) {
+    GUARD_BEGIN
+    MountState& state = state_of(req);
+    if (inode != kDiskInode || !state.writable) {
+        fuse_reply_err(req, inode == kDiskInode ? EROFS : EISDIR);
+        return;
+    }
+    if (off < 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    const auto start = static_cast<std::uint64_t>(off);
+    if (size == 0) {
+        fuse_reply_write(req, 0);
+        return;
+    }
+    // A disk does not grow: a write at the end has no room, one across it is cut short there
+    // (as qemu's FUSE export does for an image that is not growable).
+    if (start >= state.size) {
+        fuse_reply_err(req, ENOSPC);
+        return;
+    }
+    const auto length = static_cast<std::size_t>(std::min<std::uint64_t>(size, state.size - start));
+    auto written = state.writable->write(start, {reinterpret_cast<const std::byte*>(data), length});
+    if (!written) {
+        reply_writable_error(req, state, written.error());
+        return;
+    }
+    fuse_reply_write(req, length);
+    GUARD_END
+}
+
+void on_fallocate(fuse_req_t req, fuse_ino_t inode, int mode, off_t off, off_t length,
+                  fuse_file_info*) {
+    GUARD_BEGIN
+    MountState& state = state_of(req);
+    if (inode != kDiskInode || !state.writable) {
+        fuse_reply_err(req, inode == kDiskInode ? EROFS : EISDIR);
+        return;
+    }
+    if (off < 0 || length <= 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    // As qemu's FUSE export (fuse_fallocate): PUNCH_HOLE and ZERO_RANGE within the disk;
+    // plain preallocation inside a file that cannot grow is not supported (EOPNOTSUPP, which
+    // makes posix_fallocate and tools fall back or give up), nor are other modes.
+    const bool punch = (mode & FALLOC_FL_PUNCH_HOLE) != 0;
+    const bool zero = (mode & FALLOC_FL_ZERO_RANGE) != 0;
+    if ((mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) ||
+        punch == zero) {
+        fuse_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    const auto start = static_cast<std::uint64_t>(off);
+    std::uint64_t end = start + static_cast<std::uint64_t>(length);
+    if (end > state.size) {
+        // With KEEP_SIZE the part past the end has nothing to do; without it, it would grow.
+        if (!(mode & FALLOC_FL_KEEP_SIZE)) {
+            fuse_reply_err(req, ENOSPC);
+            return;
+        }
+        end = state.size;
+    }
+    if (start < end) {
+        // A punched range must read back as zeros (fallocate(2)), which discard does not
+        // promise for partial clusters or over a backing file: write_zeroes does, freeing the
+        // host clusters it can (unmap). ZERO_RANGE keeps them (qemu: blk_pwrite_zeroes, 0).
+        auto done = state.writable->write_zeroes(start, end - start, /*unmap=*/punch);
+        if (!done) {
+            reply_writable_error(req, state, done.error());
+            return;
+        }
+    }
+    fuse_reply_err(req, 0);
+    GUARD_END
+}
+
+/// fsync, and close of a descriptor that could write: every write so far made durable.
+void flush_writable(fuse_req_t req, fuse_ino_t inode) {
+    GUARD_BEGIN
+    MountState& state = state_of(req);
+    if (inode == kDiskInode && state.writable) {
+        auto flushed = state.writable->flush();
+        if (!flushed) {
+            reply_writable_error(req, state, flushed.error());
+            return;
+        }
+    }
+    fuse_reply_err(req, 0);
+    GUARD_END
+}
+
+void on_fsync(fuse_req_t req, fuse_ino_t inode, int, fuse_file_info*) {
+    flush_writable(req, inode);
+}
+
+void on_flush(fuse_req_t req, fuse_ino_t inode, fuse_file_info*) {
+    flush_writable(req, inode);
 }
 
 void on_opendir(fuse_req_t req, fuse_ino_t inode, fuse_file_info* fi) {
@@ -432,7 +649,7 @@ void on_statfs(fuse_req_t req, fuse_ino_t) {
     st.f_blocks = (state.size + 4095) / 4096;
     st.f_files = 2;
     st.f_namemax = 255;
-    st.f_flag = ST_RDONLY;
+    st.f_flag = state.writable ? 0 : ST_RDONLY;
     fuse_reply_statfs(req, &st);
 }
 
@@ -445,6 +662,10 @@ fuse_lowlevel_ops operations() {
     ops.open = on_open;
     ops.read = on_read;
     ops.lseek = on_lseek;
+    ops.write = on_write;
+    ops.fallocate = on_fallocate;
+    ops.fsync = on_fsync;
+    ops.flush = on_flush;
     ops.opendir = on_opendir;
     ops.readdir = on_readdir;
     ops.statfs = on_statfs;
@@ -470,12 +691,14 @@ struct MountArgs {
     ImageArgs image;
     std::string mountpoint;
     bool foreground = false;
+    bool writable = false; ///< --rw
 };
 
-/// The mount options: read-only, the kernel checks permissions, and `mount` shows
+/// The mount options: read-only unless --rw, the kernel checks permissions, and `mount` shows
 /// "IMAGE on MOUNTPOINT type fuse.qcowmap".
-std::string mount_options(const std::string& image_path) {
-    std::string options = "ro,default_permissions,subtype=qcowmap";
+std::string mount_options(const std::string& image_path, bool writable) {
+    std::string options =
+        std::string(writable ? "rw" : "ro") + ",default_permissions,subtype=qcowmap";
     char* escaped = nullptr; // fsname may hold commas: libfuse unescapes "\,"
     std::string fsname = "fsname=" + image_path;
     if (fuse_opt_add_opt_escaped(&escaped, fsname.c_str()) == 0 && escaped) {
@@ -536,22 +759,40 @@ int run_mount(const MountArgs& args) {
                       kExitOutputError);
     }
 
-    auto image = open_or_report(args.image);
-    if (!image)
-        return kExitImageError;
-    MountState state{std::move(*image), args.image.path};
-    state.size = state.image.size();
+    MountState state;
+    state.image_path = args.image.path;
+    if (args.writable) {
+        // Opened (and locked, and checked) before the mount exists: a locked or damaged image
+        // is one error line here rather than EIO later.
+        WritableOptions options;
+        options.open = args.image.open_options();
+        auto image = WritableImage::open(args.image.path, options);
+        if (!image) {
+            return report_error(args.image.path, image.error(), kExitImageError,
+                                ImageAccess::write);
+        }
+        state.writable.emplace(std::move(*image));
+        state.size = state.writable->size();
+    } else {
+        auto image = open_or_report(args.image);
+        if (!image)
+            return kExitImageError;
+        state.image.emplace(std::move(*image));
+        state.size = state.image->size();
+    }
     if (::stat(args.image.path.c_str(), &state.image_stat) != 0)
         return report(args.image.path, std::strerror(errno), kExitImageError);
-    // One walk of the whole map now, before the mount exists: counts the blocks for st_blocks
-    // and turns a broken table into an error line here rather than EIO later.
-    auto counted = walk_extents(state.image, 0, state.size, [&](const Extent& extent) {
-        if (extent.kind != ExtentKind::zero)
-            state.data_bytes += extent.length;
-        return true;
-    });
-    if (!counted)
-        return report(args.image.path, counted.error().message, kExitImageError);
+    if (state.image) {
+        // One walk of the whole map now, before the mount exists: counts the blocks for
+        // st_blocks and turns a broken table into an error line here rather than EIO later.
+        auto counted = walk_extents(*state.image, 0, state.size, [&](const Extent& extent) {
+            if (extent.kind != ExtentKind::zero)
+                state.data_bytes += extent.length;
+            return true;
+        });
+        if (!counted)
+            return report(args.image.path, counted.error().message, kExitImageError);
+    }
 
     // Absolute: the daemon leaves the current directory, and unmounts by this name on SIGTERM.
     std::error_code ignored;
@@ -561,7 +802,8 @@ int run_mount(const MountArgs& args) {
 
     g_log_prefix = args.mountpoint;
     fuse_set_log_func(log_to_stderr);
-    std::string options = mount_options(std::filesystem::absolute(args.image.path).string());
+    std::string options =
+        mount_options(std::filesystem::absolute(args.image.path).string(), args.writable);
     const char* argv[] = {"qcowmap", "-o", options.c_str(), nullptr};
     fuse_args fargs = FUSE_ARGS_INIT(3, const_cast<char**>(argv));
     const fuse_lowlevel_ops ops = operations();
@@ -595,17 +837,27 @@ int run_mount(const MountArgs& args) {
     fuse_session_unmount(session); // nothing to do when `umount` came first
     fuse_remove_signal_handlers(session);
     fuse_session_destroy(session);
+    int code = kExitOk;
     if (looped < 0)
-        return report(args.mountpoint, std::strerror(-looped), kExitOutputError);
-    return kExitOk;
+        code = report(args.mountpoint, std::strerror(-looped), kExitOutputError);
+    if (state.writable) {
+        // Unmounted: store what is cached, the bitmaps, and release the locks. A failure here
+        // is the last word on the writes, so it is said (stderr: the terminal with -f) and
+        // ends the process with an error.
+        if (auto closed = state.writable->close(); !closed) {
+            code =
+                report_error(args.image.path, closed.error(), kExitImageError, ImageAccess::write);
+        }
+    }
+    return code;
 }
 
 } // namespace
 
 Command add_mount(CLI::App& app) {
     auto* command = app.add_subcommand(
-        "mount", "Show the virtual disk as the read-only file MOUNTPOINT/disk (FUSE); runs in the "
-                 "background until `umount MOUNTPOINT`");
+        "mount", "Show the virtual disk as the file MOUNTPOINT/disk (FUSE), read-only unless "
+                 "--rw; runs in the background until `umount MOUNTPOINT`");
     auto args = std::make_shared<MountArgs>();
     args->image.add_to(*command);
     // -f keeps its meaning in FUSE tools here (libfuse -f, sshfs -f): foreground. The image format
@@ -621,7 +873,35 @@ Command add_mount(CLI::App& app) {
         ->required();
     command->add_flag("-f,--foreground", args->foreground,
                       "Stay in the foreground (until unmounted or sent SIGTERM)");
-    return {command, [args] { return run_mount(*args); }};
+    command->add_flag("--rw", args->writable,
+                      "Make the disk file writable: writes, fallocate (punch hole, zero range) "
+                      "and fsync go into the qcow2 image in place, under QEMU's write lock; "
+                      "unmounting closes the image");
+    return {command, [args] {
+                if (args->writable) {
+                    // A snapshot is a past state, -U would let someone else write too, a raw
+                    // file has no qcow2 to keep consistent, and --backing=none would fill
+                    // partial clusters from zeros instead of the backing file.
+                    if (!args->image.snapshot.empty())
+                        throw UsageError("--rw cannot write a snapshot (--snapshot)");
+                    if (args->image.force_share)
+                        throw UsageError("--rw cannot share the image (-U): a writer locks it");
+                    if (args->image.format == "raw")
+                        throw UsageError("--rw writes qcow2 images only, not -f raw");
+                    if (args->image.backing == "none")
+                        throw UsageError("--rw needs the backing file (not --backing=none)");
+                    if (args->image.format.empty() && !args->image.path.empty()) {
+                        // Probed as qemu-img probes, without its raw warning: a raw file is
+                        // refused either way.
+                        args->image.format = probe_image_format(args->image.path, false, false);
+                        if (args->image.format == "raw")
+                            throw UsageError(printable(args->image.path) +
+                                             ": --rw writes qcow2 images only, and this is not "
+                                             "one (probed as raw)");
+                    }
+                }
+                return run_mount(*args);
+            }};
 }
 
 } // namespace qcowmap::cli

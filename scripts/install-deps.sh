@@ -14,6 +14,7 @@ packages=(
   python3-dev pybind11-dev python3-pybind11 python3-pytest
   fuse3 libfuse3-dev
   bindfs  # tests: atomic outputs on a FUSE file system without O_TMPFILE or RENAME_NOREPLACE
+  e2fsprogs  # tests: mkfs.ext4, debugfs and e2fsck on the writable mount (mount --rw)
 )
 
 missing=()

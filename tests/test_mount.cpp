@@ -2,7 +2,10 @@
 // convert -O raw` for chains, compressed images and snapshots; SEEK_DATA/SEEK_HOLE equal to the
 // data ranges of `qemu-img map`), writes refused, and the daemon's life: it backgrounds once the
 // mount exists, ends with exit 0 on umount, fusermount3 -u and SIGTERM, and a bad image gives
-// one error line and no mount.
+// one error line and no mount. With --rw (issue 28): an ext4 file system made and filled
+// through the mount, a hole punched, and the image then judged by qemu-img (check clean, its raw
+// conversion equal to the file as it read while mounted, e2fsck clean on it); QEMU's locks
+// keep a second writer and plain readers out.
 //
 // Mounting needs /dev/fuse and the right to mount (root in CI). Without them every test is
 // skipped with the reason; with them a mount that fails is a failure. Every mount is undone in
@@ -737,6 +740,151 @@ TEST_F(Mount, BadMountpointGivesOneErrorLine) {
     expect_one_error_line(r.err, image.string());
     EXPECT_NE(r.err.find("not a directory"), std::string::npos) << r.err;
     EXPECT_FALSE(is_mounted(image));
+}
+
+// --rw (issue 28)
+
+bool have_e2fsprogs() {
+    return run("command -v mkfs.ext4 && command -v debugfs && command -v e2fsck").exit_code == 0;
+}
+
+/// fsync(2) on the disk file through a descriptor opened for writing.
+void fsync_file(const fs::path& file) {
+    int fd = ::open(file.c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << file << ": " << std::strerror(errno);
+    EXPECT_EQ(::fsync(fd), 0) << std::strerror(errno);
+    ::close(fd);
+}
+
+TEST_F(Mount, RwExt4MadeAndFilledThroughTheMountIsWhatQemuReads) {
+    if (!have_e2fsprogs())
+        GTEST_SKIP() << "e2fsprogs (mkfs.ext4, debugfs, e2fsck) not installed";
+    auto image = dir_ / "rw.qcow2";
+    // The last 16 MiB lie outside the file system: a pattern there to punch and zero.
+    test::make_image(image, "cluster_size=64k", "64M", {"write -P 0x5a 56M 8M"});
+    BackgroundMount mount(image, mountpoint_, {"--rw"});
+    ASSERT_EQ(mount.result().exit_code, 0) << mount.result().err;
+    EXPECT_EQ(mount.result().err, "");
+    struct stat st {};
+    ASSERT_EQ(::stat(disk().c_str(), &st), 0) << std::strerror(errno);
+    EXPECT_EQ(st.st_mode & 07777, 0644u);
+
+    // mkfs.ext4 discards the whole file first (fallocate PUNCH_HOLE on a regular file).
+    run_ok("timeout -k 5 300 mkfs.ext4 -q -F " + q(disk()) + " 48M");
+    std::vector<std::byte> blob(300 * KiB + 123);
+    std::mt19937_64 rng(28);
+    for (auto& b : blob)
+        b = std::byte(rng());
+    test::write_file(dir_ / "blob.bin", blob);
+    run_ok("cp /etc/services " + q(dir_ / "text.txt") + " 2>/dev/null || seq 1 20000 > " +
+           q(dir_ / "text.txt"));
+    run_ok("printf 'mkdir docs\nwrite %s docs/blob.bin\nwrite %s text.txt\n' " +
+           q(dir_ / "blob.bin") + " " + q(dir_ / "text.txt") + " > " + q(dir_ / "cmds"));
+    run_ok("timeout -k 5 300 debugfs -w -f " + q(dir_ / "cmds") + " " + q(disk()) +
+           " >/dev/null 2>&1");
+    run_ok("timeout -k 5 300 e2fsck -fn " + q(disk()) + " >/dev/null 2>&1");
+    // A partial-cluster write, a punched hole and a zeroed range outside the file system.
+    run_ok("timeout -k 5 60 dd status=none if=" + q(dir_ / "blob.bin") + " of=" + q(disk()) +
+           " bs=1000 seek=50000 count=7 conv=notrunc");
+    run_ok("timeout -k 5 60 fallocate -p -o 57M -l 2M " + q(disk()));
+    run_ok("timeout -k 5 60 fallocate -z -o 59M -l 512k " + q(disk()));
+    fsync_file(disk());
+    // Both ranges read as zeros and are holes now; the pattern after them is data.
+    int fd = ::open(disk().c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    EXPECT_EQ(::lseek(fd, static_cast<off_t>(57 * MiB), SEEK_HOLE), static_cast<off_t>(57 * MiB));
+    EXPECT_EQ(::lseek(fd, static_cast<off_t>(57 * MiB), SEEK_DATA),
+              static_cast<off_t>(59 * MiB + 512 * KiB));
+    ::close(fd);
+    const auto mounted = slurp(disk());
+    ASSERT_EQ(mounted.size(), 64 * MiB);
+    EXPECT_TRUE(std::all_of(mounted.begin() + 57 * MiB, mounted.begin() + 59 * MiB + 512 * KiB,
+                            [](std::byte b) { return b == std::byte{0}; }));
+    EXPECT_EQ(mounted[60 * MiB], std::byte{0x5a});
+
+    run_ok("umount " + q(mountpoint_));
+    EXPECT_EQ(mount.wait(), std::optional<int>(0)); // the image is closed once the daemon ends
+
+    run_ok("qemu-img check -q " + q(image)); // exit 0: no corruption, no leaks
+    auto raw = dir_ / "after.raw";
+    run_ok("qemu-img convert -O raw " + q(image) + " " + q(raw));
+    const auto converted = slurp(raw);
+    EXPECT_TRUE(converted == mounted) << first_difference(converted, mounted);
+    run_ok("timeout -k 5 300 e2fsck -fn " + q(raw) + " >/dev/null 2>&1");
+    run_ok("debugfs -R 'dump docs/blob.bin " + (dir_ / "blob.out").string() + "' " + q(raw) +
+           " 2>/dev/null");
+    EXPECT_TRUE(test::read_file(dir_ / "blob.out") == blob);
+}
+
+TEST_F(Mount, RwHoldsTheWriteLock) {
+    auto image = dir_ / "locked.qcow2";
+    test::make_image(image, "", "4M", {"write -P 0x31 0 1M"});
+    auto other = dir_ / "mnt2";
+    fs::create_directory(other);
+    {
+        BackgroundMount mount(image, mountpoint_, {"--rw"});
+        ASSERT_EQ(mount.result().exit_code, 0) << mount.result().err;
+        // A second writer, and readers without -U, are refused as qemu refuses them.
+        BackgroundMount second(image, other, {"--rw"});
+        EXPECT_EQ(second.result().exit_code, 1);
+        expect_one_error_line(second.result().err, image.string());
+        EXPECT_NE(second.result().err.find("lock"), std::string::npos) << second.result().err;
+        EXPECT_FALSE(is_mounted(other));
+        BackgroundMount reader(image, other);
+        EXPECT_EQ(reader.result().exit_code, 1);
+        EXPECT_NE(reader.result().err.find("lock"), std::string::npos) << reader.result().err;
+        EXPECT_FALSE(is_mounted(other));
+        EXPECT_NE(run("qemu-img info " + q(image)).exit_code, 0);
+        EXPECT_NE(run("qemu-io -c 'read 0 512' " + q(image)).exit_code, 0);
+        // -U readers share (qemu-img info -U works under a running VM).
+        EXPECT_EQ(run("qemu-img info -U " + q(image)).exit_code, 0);
+
+        // A write through the mount is what a reader finds after unmount.
+        run_ok("printf 'written by the mount' | dd status=none of=" + q(disk()) +
+               " bs=1 seek=4096 conv=notrunc");
+        run_ok("umount " + q(mountpoint_));
+        EXPECT_EQ(mount.wait(), std::optional<int>(0));
+    }
+    run_ok("qemu-img check -q " + q(image));
+    std::vector<std::byte> expected(4 * MiB);
+    std::fill_n(expected.begin(), MiB, std::byte{0x31});
+    const std::string text = "written by the mount";
+    std::memcpy(expected.data() + 4096, text.data(), text.size());
+    EXPECT_TRUE(test::qemu_raw(image, dir_) == expected);
+
+    // A read-only mount keeps a writer out too.
+    BackgroundMount reader(image, mountpoint_);
+    ASSERT_EQ(reader.result().exit_code, 0) << reader.result().err;
+    BackgroundMount writer(image, other, {"--rw"});
+    EXPECT_EQ(writer.result().exit_code, 1);
+    EXPECT_NE(writer.result().err.find("lock"), std::string::npos) << writer.result().err;
+    EXPECT_FALSE(is_mounted(other));
+}
+
+TEST_F(Mount, RwRefusesOptionsThatCannotWrite) {
+    auto image = dir_ / "opts.qcow2";
+    test::make_image(image, "", "4M");
+    run_ok("qemu-img snapshot -c s1 " + q(image));
+    for (const auto& [option, words] : std::vector<std::pair<std::string, std::string>>{
+             {"--snapshot=s1", "--rw cannot write a snapshot"},
+             {"-U", "--rw cannot share the image"},
+             {"--format=raw", "--rw writes qcow2 images only"},
+             {"--backing=none", "--rw needs the backing file"}}) {
+        auto r = run(cli() + " mount --rw " + option + " " + q(image) + " " + q(mountpoint_));
+        EXPECT_EQ(r.exit_code, 1) << option;
+        EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+        EXPECT_NE(r.err.find(words), std::string::npos) << option << ": " << r.err;
+        EXPECT_FALSE(is_mounted(mountpoint_)) << option;
+    }
+    // A file that probes as raw is not written either (qemu would write it as raw).
+    auto raw = dir_ / "plain.raw";
+    test::write_file(raw, std::vector<std::byte>(MiB, std::byte{0x42}));
+    auto r = run(cli() + " mount --rw " + q(raw) + " " + q(mountpoint_));
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find("probed as raw"), std::string::npos) << r.err;
+    EXPECT_FALSE(is_mounted(mountpoint_));
+    EXPECT_TRUE(test::read_file(raw) == std::vector<std::byte>(MiB, std::byte{0x42}));
 }
 
 } // namespace

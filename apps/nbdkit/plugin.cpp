@@ -1,7 +1,8 @@
-// nbdkit-qcowmap-plugin: serves a qcow2 image's virtual disk read-only over NBD.
+// nbdkit-qcowmap-plugin: serves a qcow2 image's virtual disk over NBD, read-only unless
+// readonly=false.
 //
 //   nbdkit qcowmap file=IMAGE.qcow2 [snapshot=ID_OR_NAME] [backing=none] [data-file=PATH]
-//          [untrusted=true] [force-share=true]
+//          [untrusted=true] [force-share=true] [readonly=false]
 //
 // (installed into nbdkit's plugin directory, so nbdkit finds it by name).
 //
@@ -12,14 +13,24 @@
 // faults (the image truncated under the server, EIO from a bad sector) is contained by the
 // library: that request gets EIO, every other client carries on (README, "Errors and exit
 // codes").
+//
+// readonly=false serves a WritableImage instead (QEMU's write lock taken at start): pwrite,
+// zero, trim and flush go into the image in place, and block status comes from its
+// block_status. It serialises requests by its own mutex, so the thread model stays parallel,
+// and one image shared by every connection keeps multi-conn safe (a flush on any connection
+// flushes every write). nbdkit -r still serves it read-only (nbdkit never calls the write
+// callbacks then), but the image is opened, and locked, for writing.
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
 #include <qcowmap/image.hpp>
+#include <qcowmap/writable.hpp>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -32,7 +43,14 @@ namespace {
 
 std::string file_name;
 qcowmap::OpenOptions options;
+bool writable = false;               // readonly=false
 std::optional<qcowmap::Image> image; // set by get_ready, before any connection
+// Instead of `image` when writable. On the heap, closed and deleted only by the process that
+// serves (close_writable): nbdkit forks into the background after get_ready, and the parent's
+// exit must not close the image the child goes on writing (it would clear the bitmaps'
+// in_use flag under the child, as a global's destructor did).
+qcowmap::WritableImage* written = nullptr;
+pid_t serving_pid = 0; // set by after_fork in the process that serves
 
 void report(const qcowmap::Error& error) {
     // The file named once: the library names it itself where it could not open it.
@@ -99,6 +117,12 @@ int serve_config(const char* key, const char* value) {
             return -1;
         }
         options.force_share = flag != 0;
+    } else if (std::strcmp(key, "readonly") == 0) {
+        const int flag = nbdkit_parse_bool(value);
+        if (flag < 0) {
+            return -1;
+        }
+        writable = flag == 0;
     } else {
         nbdkit_error("unknown parameter '%s'", key);
         return -1;
@@ -112,13 +136,45 @@ int serve_config_complete() {
         nbdkit_error("you must supply the file=IMAGE.qcow2 parameter");
         return -1;
     }
+    if (writable && options.snapshot) {
+        nbdkit_error("readonly=false cannot write a snapshot (snapshot=%s)",
+                     options.snapshot->c_str());
+        return -1;
+    }
+    if (writable && options.force_share) {
+        nbdkit_error("readonly=false cannot share the image (force-share=true): a writer locks it");
+        return -1;
+    }
+    if (writable && options.backing == qcowmap::BackingMode::none) {
+        // Partial clusters would be filled from zeros instead of the backing file.
+        nbdkit_error("readonly=false needs the backing file (not backing=none)");
+        return -1;
+    }
     return 0;
 }
+
+void close_writable();
 
 // Opening in get_ready (not config_complete) still happens before nbdkit forks into the
 // background or accepts a connection, so a bad image fails nbdkit's start with our message.
 int serve_get_ready() {
     GUARD_BEGIN
+    if (writable) {
+        qcowmap::WritableOptions writable_options;
+        writable_options.open = options;
+        auto opened = qcowmap::WritableImage::open(file_name, writable_options);
+        if (!opened) {
+            report(opened.error());
+            return -1;
+        }
+        written = new qcowmap::WritableImage(std::move(*opened));
+        // nbdkit 1.32 in captive mode (--run) exits without calling cleanup or unload: the
+        // image is closed by this handler then. Registered after open, it runs before the
+        // destructors of the library's statics made during open (a close after them was a
+        // heap-use-after-free in FileIo::close under ASan).
+        std::atexit(close_writable);
+        return 0;
+    }
     auto opened = qcowmap::Image::open(file_name, options);
     if (!opened) {
         report(opened.error());
@@ -129,23 +185,65 @@ int serve_get_ready() {
     GUARD_END(-1)
 }
 
+// Stores the cached metadata and bitmaps, releases the locks and destroys the writable image.
+// nbdkit has no way to fail at this point; an error is logged.
+// Only in the process that serves: the parent that forked into the background leaves it.
+void close_writable() {
+    try {
+        if (written && ::getpid() == serving_pid) {
+            if (auto closed = written->close(); !closed)
+                report(closed.error());
+            delete written;
+            written = nullptr;
+        }
+    } catch (...) {
+        nbdkit_error("%s: could not close the image", file_name.c_str());
+    }
+}
+
+// Called in the process that serves, whether nbdkit forked into the background or not.
+int serve_after_fork() {
+    serving_pid = ::getpid();
+    return 0;
+}
+
+// Runs once the last connection is gone, before unload, while nbdkit can still report.
+void serve_cleanup() {
+    close_writable();
+}
+
 void serve_unload() {
+    close_writable();
     image.reset();
 }
 
 void* serve_open(int /*readonly*/) {
-    // Every connection shares the one Image; the handle only has to be non-NULL.
-    return &*image;
+    // Every connection shares the one image; the handle only has to be non-NULL (nbdkit checks
+    // -r and readonly connections itself before any write callback).
+    return written ? static_cast<void*>(written) : static_cast<void*>(&*image);
 }
 
 void serve_close(void* /*handle*/) {}
 
-int64_t serve_get_size(void* handle) {
-    return static_cast<int64_t>(static_cast<qcowmap::Image*>(handle)->size());
+int64_t serve_get_size(void* /*handle*/) {
+    return static_cast<int64_t>(written ? written->size() : image->size());
 }
 
 int serve_can_write(void*) {
-    return 0;
+    return written ? 1 : 0;
+}
+int serve_can_flush(void*) {
+    return written ? 1 : 0;
+}
+int serve_can_trim(void*) {
+    return written ? 1 : 0;
+}
+int serve_can_zero(void*) {
+    return written ? 1 : 0;
+}
+int serve_can_fua(void*) {
+    // nbdkit follows a write that asks for FUA by a flush, which is what FUA needs here.
+    return written ? NBDKIT_FUA_EMULATE : NBDKIT_FUA_NONE;
 }
 int serve_can_multi_conn(void*) {
     return 1;
@@ -154,13 +252,14 @@ int serve_can_extents(void*) {
     return 1;
 }
 int serve_can_cache(void*) {
-    return NBDKIT_CACHE_NATIVE;
+    // Prefetch advises the mapping; the writable image has no mapping to advise.
+    return written ? NBDKIT_CACHE_NONE : NBDKIT_CACHE_NATIVE;
 }
 
-int serve_pread(void* handle, void* buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+int serve_pread(void* /*handle*/, void* buf, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
     GUARD_BEGIN
-    const auto& img = *static_cast<qcowmap::Image*>(handle);
-    auto copied = img.read({static_cast<std::byte*>(buf), count}, offset);
+    const std::span<std::byte> into{static_cast<std::byte*>(buf), count};
+    auto copied = written ? written->read(into, offset) : image->read(into, offset);
     if (!copied) {
         report(copied.error());
         return -1;
@@ -175,10 +274,89 @@ int serve_pread(void* handle, void* buf, uint32_t count, uint64_t offset, uint32
     GUARD_END(-1)
 }
 
-int serve_extents(void* handle, uint32_t count, uint64_t offset, uint32_t flags,
+int serve_pwrite(void* /*handle*/, const void* buf, uint32_t count, uint64_t offset,
+                 uint32_t /*flags: FUA is emulated by nbdkit*/) {
+    GUARD_BEGIN
+    auto done = written->write(offset, {static_cast<const std::byte*>(buf), count});
+    if (!done) {
+        report(done.error());
+        return -1;
+    }
+    return 0;
+    GUARD_END(-1)
+}
+
+int serve_zero(void* /*handle*/, uint32_t count, uint64_t offset, uint32_t flags) {
+    GUARD_BEGIN
+    // NBD_CMD_WRITE_ZEROES without NO_HOLE: the client lets the clusters be freed (qemu-nbd
+    // passes BDRV_REQ_MAY_UNMAP the same way).
+    auto done = written->write_zeroes(offset, count, (flags & NBDKIT_FLAG_MAY_TRIM) != 0);
+    if (!done) {
+        report(done.error());
+        return -1;
+    }
+    return 0;
+    GUARD_END(-1)
+}
+
+int serve_trim(void* /*handle*/, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+    GUARD_BEGIN
+    auto done = written->discard(offset, count);
+    if (!done) {
+        report(done.error());
+        return -1;
+    }
+    return 0;
+    GUARD_END(-1)
+}
+
+int serve_flush(void* /*handle*/, uint32_t /*flags*/) {
+    GUARD_BEGIN
+    auto done = written->flush();
+    if (!done) {
+        report(done.error());
+        return -1;
+    }
+    return 0;
+    GUARD_END(-1)
+}
+
+// Block status of the writable image: ranges that read as zeros are holes, the rest data, as
+// the read-only path says of zero and data extents.
+int writable_extents(uint32_t count, uint64_t offset, uint32_t flags,
+                     struct nbdkit_extents* extents) {
+    const uint64_t end = offset + count;
+    for (uint64_t at = offset; at < end;) {
+        auto status = written->block_status(at, end - at);
+        if (!status) {
+            report(status.error());
+            return -1;
+        }
+        if (status->length == 0) {
+            nbdkit_error("%s: block status made no progress at %llu", file_name.c_str(),
+                         static_cast<unsigned long long>(at));
+            nbdkit_set_error(EIO);
+            return -1;
+        }
+        const uint32_t type = status->zero ? NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO : 0;
+        if (nbdkit_add_extent(extents, at, status->length, type) == -1) {
+            return -1;
+        }
+        if (flags & NBDKIT_FLAG_REQ_ONE) {
+            return 0;
+        }
+        at += status->length;
+    }
+    return 0;
+}
+
+int serve_extents(void* /*handle*/, uint32_t count, uint64_t offset, uint32_t flags,
                   struct nbdkit_extents* extents) {
     GUARD_BEGIN
-    const auto& img = *static_cast<qcowmap::Image*>(handle);
+    if (written) {
+        return writable_extents(count, offset, flags, extents);
+    }
+    const auto& img = *image;
     auto range = img.extents(offset, offset + count);
     for (const qcowmap::Extent& extent : range) {
         // Like qemu-nbd: what is not data is a hole reading as zeros (unallocated ranges, zero
@@ -203,9 +381,9 @@ int serve_extents(void* handle, uint32_t count, uint64_t offset, uint32_t flags,
 // Prefetch: ask the kernel to read ahead the mapped data runs of the range (madvise
 // WILLNEED), so a later pread finds them in the page cache. Zero runs need nothing, and
 // compressed clusters would have to be decompressed anyway; an advice failure is not an error.
-int serve_cache(void* handle, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
+int serve_cache(void* /*handle*/, uint32_t count, uint64_t offset, uint32_t /*flags*/) {
     GUARD_BEGIN
-    const auto& img = *static_cast<qcowmap::Image*>(handle);
+    const auto& img = *image;
     const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
     auto range = img.extents(offset, offset + count);
     for (const qcowmap::Extent& extent : range) {
@@ -230,8 +408,10 @@ struct nbdkit_plugin make_plugin() {
     p.name = "qcowmap";
     p.longname = "qcowmap: qcow2 images through one read-only memory mapping";
     p.version = QCOWMAP_VERSION;
-    p.description = "Serves the virtual disk of a qcow2 image read-only";
+    p.description = "Serves the virtual disk of a qcow2 image, read-only unless readonly=false";
     p.unload = serve_unload;
+    p.cleanup = serve_cleanup;
+    p.after_fork = serve_after_fork;
     p.config = serve_config;
     p.config_complete = serve_config_complete;
     p.config_help = "file=IMAGE.qcow2    (required) the image to serve\n"
@@ -241,7 +421,9 @@ struct nbdkit_plugin make_plugin() {
                     "untrusted=true      follow backing/data file names only inside the image's "
                     "directory\n"
                     "force-share=true    take no QEMU image locks (qemu-img -U): serve an image "
-                    "a writer holds";
+                    "a writer holds\n"
+                    "readonly=false      serve it writable: writes, zero, trim and flush go into "
+                    "the image in place (QEMU's write lock held)";
     p.magic_config_key = "file";
     p.get_ready = serve_get_ready;
     p.open = serve_open;
@@ -251,7 +433,15 @@ struct nbdkit_plugin make_plugin() {
     p.can_multi_conn = serve_can_multi_conn;
     p.can_extents = serve_can_extents;
     p.can_cache = serve_can_cache;
+    p.can_flush = serve_can_flush;
+    p.can_trim = serve_can_trim;
+    p.can_zero = serve_can_zero;
+    p.can_fua = serve_can_fua;
     p.pread = serve_pread;
+    p.pwrite = serve_pwrite;
+    p.zero = serve_zero;
+    p.trim = serve_trim;
+    p.flush = serve_flush;
     p.extents = serve_extents;
     p.cache = serve_cache;
     p.errno_is_preserved = 0;
