@@ -346,4 +346,31 @@ void EioMount::fail_reads(const std::string& name, std::uint64_t offset, std::ui
     write_file(source_ / ".eio", bytes);
 }
 
+bool wait_for_writer_lock(const std::filesystem::path& image) {
+    struct stat st {};
+    if (::stat(image.c_str(), &st) != 0)
+        return false;
+    const std::string inode = ":" + std::to_string(st.st_ino) + " ";
+    for (int i = 0; i < 600; ++i) {
+        if (read_text("/proc/locks").find(inode) != std::string::npos)
+            return run("qemu-img info " + q(image) + " >/dev/null 2>&1").exit_code != 0;
+        ::usleep(50000);
+    }
+    return false;
+}
+
+QemuIoHolder::QemuIoHolder(const std::filesystem::path& image) {
+    std::signal(SIGPIPE, SIG_IGN); // qemu-io may be gone when quit is written
+    io_ = ::popen(("exec qemu-io -f qcow2 " + q(image) + " >/dev/null 2>&1").c_str(), "w");
+    if (io_)
+        held_ = wait_for_writer_lock(image);
+}
+
+QemuIoHolder::~QemuIoHolder() {
+    if (!io_)
+        return;
+    std::fputs("quit\n", io_);
+    ::pclose(io_);
+}
+
 } // namespace qcowmap::test

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <iterator>
 #include <optional>
@@ -150,6 +151,27 @@ class EioMount {
     std::filesystem::path mountpoint_;
     int pid_ = -1;
     bool mounted_ = false;
+};
+
+/// qemu-io holding `image` open for writing (QEMU's image locks taken, as a running VM holds
+/// them) for the object's lifetime, reading commands from a pipe; the destructor sends quit.
+/// held() is true once `qemu-img info` was seen refused (waits up to 30 s for that).
+/// Waits (up to 30 s) until a writer such as qemu-io holds `image`: its OFD locks show in
+/// /proc/locks and `qemu-img info` is refused. Polling with qemu-img info alone races: its own
+/// read lock denies writers, so a qemu-io opening in that instant fails and never holds it.
+bool wait_for_writer_lock(const std::filesystem::path& image);
+
+class QemuIoHolder {
+  public:
+    explicit QemuIoHolder(const std::filesystem::path& image);
+    ~QemuIoHolder();
+    QemuIoHolder(const QemuIoHolder&) = delete;
+    QemuIoHolder& operator=(const QemuIoHolder&) = delete;
+    bool held() const { return held_; }
+
+  private:
+    std::FILE* io_ = nullptr;
+    bool held_ = false;
 };
 
 } // namespace qcowmap::test

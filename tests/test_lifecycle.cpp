@@ -595,21 +595,21 @@ TEST(IncrementalCli, CopyOfAnotherSizeAndUsageErrors) {
     EXPECT_FALSE(fs::exists(dir / "new.qcow2"));
 
     // A copy a writer holds (qemu-io, open until its input ends) is refused, untouched.
-    run_ok("cd " + q(dir.path()) +
-           " && (sleep 60 </dev/null 2>/dev/null | qemu-io -f qcow2 copy.qcow2 >/dev/null 2>&1 &" +
-           " echo $! > holder.pid)" +
-           " && for i in $(seq 200); do qemu-img info copy.qcow2 >/dev/null 2>&1 || exit 0;" +
-           " sleep 0.05; done; exit 1");
-    const std::string copy_bytes = run_ok("cd " + q(dir.path()) + " && sha256sum copy.qcow2");
-    CommandResult held =
-        run("cd " + q(dir.path()) + " && " + cli() + " convert --bitmap=b vm.qcow2 copy.qcow2");
-    run("cd " + q(dir.path()) + " && kill $(cat holder.pid)");
+    CommandResult held;
+    std::string copy_bytes;
+    {
+        QemuIoHolder qemu_io(dir / "copy.qcow2");
+        ASSERT_TRUE(qemu_io.held()) << "qemu-io never took its lock";
+        copy_bytes = run_ok("cd " + q(dir.path()) + " && sha256sum copy.qcow2");
+        held =
+            run("cd " + q(dir.path()) + " && " + cli() + " convert --bitmap=b vm.qcow2 copy.qcow2");
+        EXPECT_EQ(run_ok("cd " + q(dir.path()) + " && sha256sum copy.qcow2"), copy_bytes);
+    }
     EXPECT_EQ(held.exit_code, 3) << held.err;
     EXPECT_TRUE(one_line_error(held)) << held.err;
     EXPECT_EQ(held.err.rfind("qcowmap: copy.qcow2: ", 0), 0u) << held.err;
     EXPECT_NE(held.err.find("lock"), std::string::npos) << held.err;
     EXPECT_EQ(held.err.find("-U"), std::string::npos) << held.err; // a writer cannot share
-    EXPECT_EQ(run_ok("cd " + q(dir.path()) + " && sha256sum copy.qcow2"), copy_bytes);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -423,20 +423,14 @@ TEST(Repair, DamagedTablesRefusedBeforeWriting) {
 TEST(Repair, RefusedWhileQemuIoHoldsTheImage) {
     TempDir dir;
     const fs::path image = leaky_image(dir);
-    std::signal(SIGPIPE, SIG_IGN);
-    FILE* io = ::popen(("qemu-io -f qcow2 " + q(image) + " >/dev/null 2>&1").c_str(), "w");
-    ASSERT_NE(io, nullptr);
-    bool held = false;
-    for (int i = 0; i < 100 && !held; ++i) {
-        held = run("qemu-img info " + q(image)).exit_code != 0;
-        if (!held)
-            ::usleep(50000);
+    CommandResult r;
+    std::vector<std::byte> before;
+    {
+        QemuIoHolder qemu_io(image);
+        ASSERT_TRUE(qemu_io.held()) << "qemu-io never took its lock";
+        before = read_file(image);
+        r = run("timeout -k 5 60 " + cli() + " check -r leaks " + q(image));
     }
-    const std::vector<std::byte> before = read_file(image);
-    CommandResult r = run("timeout -k 5 60 " + cli() + " check -r leaks " + q(image));
-    std::fputs("quit\n", io);
-    ::pclose(io);
-    ASSERT_TRUE(held) << "qemu-io never took its lock";
     EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
     EXPECT_NE(r.err.find("lock"), std::string::npos) << r.err;
     EXPECT_EQ(read_file(image), before);

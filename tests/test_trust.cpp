@@ -211,13 +211,8 @@ class LiveWriter {
     explicit LiveWriter(const std::filesystem::path& image) {
         pid_ = std::stoi(run_ok("timeout 60 qemu-io -f qcow2 -c 'sleep 60000' " + q(image) +
                                 " >/dev/null 2>&1 & echo $!"));
-        // Held once qemu-img itself is refused.
-        for (int i = 0; i < 200; ++i) {
-            if (run("qemu-img info " + q(image)).exit_code != 0)
-                return;
-            std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        }
-        ADD_FAILURE() << "qemu-io did not lock " << image;
+        if (!test::wait_for_writer_lock(image))
+            ADD_FAILURE() << "qemu-io did not lock " << image;
     }
     ~LiveWriter() {
         ::kill(pid_, SIGTERM); // timeout, which passes it on to qemu-io

@@ -786,19 +786,13 @@ TEST(Locks, QemuAndQcowmapExcludeEachOther) {
         ASSERT_TRUE(image->close());
     }
     // qemu-io holds the image open for writing while it waits for commands on its stdin.
-    std::signal(SIGPIPE, SIG_IGN);
-    FILE* io =
-        ::popen(("qemu-io -f qcow2 " + q(dir / "a.qcow2") + " >/dev/null 2>&1").c_str(), "w");
-    ASSERT_NE(io, nullptr);
-    bool held = false; // qemu-img info fails once qemu-io holds the write lock
-    for (int i = 0; i < 100 && !held; ++i) {
-        held = run("qemu-img info " + q(dir / "a.qcow2")).exit_code != 0;
-        if (!held)
-            ::usleep(50000);
+    bool held = false;
+    Result<WritableImage> refused = Error{ErrorCode::invalid_argument, "not tried"};
+    {
+        QemuIoHolder qemu_io(dir / "a.qcow2");
+        held = qemu_io.held();
+        refused = WritableImage::open(dir / "a.qcow2");
     }
-    auto refused = WritableImage::open(dir / "a.qcow2");
-    std::fputs("quit\n", io);
-    ::pclose(io);
     ASSERT_TRUE(held) << "qemu-io never took its lock";
     ASSERT_FALSE(refused);
     EXPECT_EQ(refused.error().code, ErrorCode::image_in_use);

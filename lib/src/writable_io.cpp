@@ -29,8 +29,11 @@ struct FaultState {
 };
 
 FaultState& faults() {
-    static FaultState state;
-    return state;
+    // Never destroyed: a WritableImage that outlives main (a global, or a plugin host that
+    // exits without unloading us, as nbdkit 1.32 does with --run) still closes its files
+    // through it during static destruction.
+    static FaultState* const state = new FaultState;
+    return *state;
 }
 
 } // namespace
