@@ -472,6 +472,10 @@ bool write_all(int fd, const void* data, std::size_t length) {
                 continue;
             return false;
         }
+        if (n == 0) { // no progress and no errno of its own: fail rather than spin
+            errno = EIO;
+            return false;
+        }
         p += n;
         length -= static_cast<std::size_t>(n);
     }

@@ -238,15 +238,7 @@ int deliver_digest(const ConvertJob& job, const Digest& digest) {
     const int fd = ::mkostemp(temp.data(), O_CLOEXEC);
     if (fd < 0)
         return report(job.digest_file, std::strerror(errno), kExitOutputError);
-    bool ok = true;
-    for (std::size_t done = 0; ok && done < line.size();) {
-        const ssize_t n = ::write(fd, line.data() + done, line.size() - done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        ok = n > 0;
-        if (ok)
-            done += static_cast<std::size_t>(n);
-    }
+    bool ok = write_all(fd, line.data(), line.size());
     int error = ok ? 0 : errno;
     if (ok && ::fchmod(fd, 0644) != 0) {
         ok = false;

@@ -261,6 +261,10 @@ TEST_F(Eio, ReadHashExportAndTheCApiGetAnIoError) {
     EXPECT_NE(read.error().message.find("Input/output error"), std::string::npos)
         << read.error().message;
     EXPECT_EQ(read.error().message.find("shrank"), std::string::npos) << read.error().message;
+    // The fault's errno is the file system's, kept in the error; a source that cannot be read
+    // is EIO for the C API and Python as well.
+    EXPECT_EQ(read.error().system_errno, EIO);
+    EXPECT_EQ(to_errno(read.error()), EIO);
     // Around the bad range, the disk reads.
     auto ok = image.read(std::span(buffer).first(64 * 1024), 0);
     ASSERT_TRUE(ok) << ok.error().message;

@@ -16,11 +16,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <filesystem>
 #include <map>
 #include <string>
 #include <vector>
+
+#include <sys/mount.h>
 
 namespace {
 
@@ -485,6 +488,40 @@ TEST(StreamImport, InfoAndCheckTellWhatOnePassCan) {
 // More entries wait for their clusters than the queue keeps in memory (256 Ki): our writer puts
 // every L2 table first, so with 512-byte clusters a 160 MiB disk leaves 327 680 data clusters
 // waiting at once; sorted runs spill to a temporary file and merge back.
+// The spool's failures keep the errno of the system call: a spool directory that does not
+// exist (ENOENT from open), a full one (ENOSPC from pwrite, on a 64 KiB tmpfs where this
+// process may mount one). The spool is the library's own file, not the output: to_errno EIO.
+TEST(StreamImport, SpoolFailuresCarryTheirErrno) {
+    qt::TempDir dir;
+    const Buffer bytes = qt::read_file(l1_at_end(dir));
+    auto decode_with_spool_in = [&](const std::filesystem::path& spool) {
+        StreamOptions options;
+        options.spool_directory = spool;
+        qt::CollectingSink sink;
+        StreamDecoder decoder(sink, options);
+        return qt::feed_in_pieces(decoder, bytes, {65536});
+    };
+    auto missing = decode_with_spool_in(dir / "no-such-directory");
+    ASSERT_FALSE(missing);
+    EXPECT_EQ(missing.error().code, ErrorCode::io_error);
+    EXPECT_EQ(missing.error().system_errno, ENOENT) << missing.error().message;
+    EXPECT_NE(missing.error().message.find("cannot create a spool file in"), std::string::npos)
+        << missing.error().message;
+    EXPECT_EQ(to_errno(missing.error()), EIO);
+
+    const auto tiny = dir / "tiny";
+    std::filesystem::create_directories(tiny);
+    if (qt::run("mount -t tmpfs -o size=64k tmpfs " + qt::q(tiny)).exit_code != 0)
+        GTEST_SKIP() << "cannot mount a tmpfs here";
+    auto full = decode_with_spool_in(tiny);
+    ::umount2(tiny.c_str(), MNT_DETACH);
+    ASSERT_FALSE(full);
+    EXPECT_EQ(full.error().code, ErrorCode::io_error);
+    EXPECT_EQ(full.error().system_errno, ENOSPC) << full.error().message;
+    EXPECT_EQ(full.error().message, "cannot write the spool: No space left on device");
+    EXPECT_EQ(to_errno(full.error()), EIO);
+}
+
 TEST(StreamImport, WaitingEntriesSpillToDiskAndMergeBack) {
     qt::TempDir dir;
     const auto raw = dir / "disk.raw";

@@ -8,6 +8,7 @@
 #include <qcowmap/check.hpp>
 #include <qcowmap/hash.hpp>
 #include <qcowmap/image.hpp>
+#include <qcowmap/writable.hpp>
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -360,6 +361,44 @@ TEST_F(Locks, WriterSideAsQemuIo) {
     EXPECT_EQ(locked.error().code, ErrorCode::image_in_use);
     EXPECT_EQ(locked.error().message,
               "Failed to get \"write\" lock: is another process using the image?");
+}
+
+// A lock that fails keeps the errno of its fcntl: EAGAIN for a conflict (image_in_use, which
+// to_errno gives as EAGAIN, as qemu's lock test returns), the call's own for the rest.
+TEST_F(Locks, FailuresCarryTheirErrno) {
+    const int fd = ::open(image_.c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    ASSERT_TRUE(detail::lock_image(fd, detail::kWriterLock));
+    const int other = ::open(image_.c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(other, 0);
+    auto second = detail::lock_image(other, detail::kWriterLock);
+    ::close(other);
+    ASSERT_FALSE(second);
+    EXPECT_EQ(second.error().code, ErrorCode::image_in_use);
+    EXPECT_EQ(second.error().system_errno, EAGAIN);
+    EXPECT_EQ(to_errno(second.error()), EAGAIN);
+    // Through Image::open and WritableImage::open, which name the file.
+    auto reader = Image::open(image_);
+    ASSERT_FALSE(reader);
+    EXPECT_EQ(reader.error().code, ErrorCode::image_in_use);
+    EXPECT_EQ(reader.error().system_errno, EAGAIN);
+    EXPECT_EQ(to_errno(reader.error()), EAGAIN);
+    auto writer = WritableImage::open(image_);
+    ASSERT_FALSE(writer);
+    EXPECT_EQ(writer.error().code, ErrorCode::image_in_use);
+    EXPECT_EQ(writer.error().system_errno, EAGAIN);
+    EXPECT_EQ(to_errno(writer.error()), EAGAIN);
+    ::close(fd);
+    // A shared (read) lock on a descriptor opened write-only: fcntl fails with EBADF.
+    const int write_only = ::open(image_.c_str(), O_WRONLY | O_CLOEXEC);
+    ASSERT_GE(write_only, 0);
+    auto bad = detail::lock_image(write_only, detail::kReaderLock);
+    ::close(write_only);
+    ASSERT_FALSE(bad);
+    EXPECT_EQ(bad.error().code, ErrorCode::io_error);
+    EXPECT_EQ(bad.error().system_errno, EBADF);
+    EXPECT_EQ(bad.error().message, "Failed to lock byte 100: Bad file descriptor");
+    EXPECT_EQ(to_errno(bad.error()), EIO); // the image's own file, not an output
 }
 
 // ---- exit codes, probing, -S 0, the small items ----

@@ -1,9 +1,12 @@
 // White-box and API unit tests: the bounds check, big-endian loads, Result, and the promises of
 // the public API (zero-copy spans, ranges, read semantics, compressed clusters).
 #include "bytes.hpp"
+#include "image_state.hpp"
 #include "qcow2_format.hpp"
 #include "refcount.hpp"
 #include "support.hpp"
+#include "sys_io.hpp"
+#include "writable_io.hpp"
 
 #include <qcowmap/image.hpp>
 #include <qcowmap/map.hpp>
@@ -12,6 +15,10 @@
 
 #include <array>
 #include <cerrno>
+#include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 namespace qcowmap {
 namespace {
@@ -168,6 +175,106 @@ TEST(Errors, OneErrnoMapping) {
     e.code = ErrorCode::image_changed;
     EXPECT_EQ(to_errno(e), EIO);
     EXPECT_EQ(to_string(ErrorCode::image_changed), "image_changed");
+}
+
+// sys_io.hpp: the one retry loop. A fake system call shows what is retried and what is not.
+TEST(SysIo, RetryEintrRetriesOnlyEintr) {
+    int calls = 0;
+    auto interrupted_twice = [&]() -> int {
+        if (++calls <= 2) {
+            errno = EINTR;
+            return -1;
+        }
+        return 7;
+    };
+    EXPECT_EQ(detail::retry_eintr(interrupted_twice), 7);
+    EXPECT_EQ(calls, 3);
+    calls = 0;
+    auto fails = [&]() -> int {
+        ++calls;
+        errno = EBADF;
+        return -1;
+    };
+    EXPECT_EQ(detail::retry_eintr(fails), -1);
+    EXPECT_EQ(errno, EBADF);
+    EXPECT_EQ(calls, 1);
+}
+
+TEST(SysIo, TransferContinuesShortCallsCapsChunksAndStops) {
+    // Moves at most 3 bytes a call, interrupted every other call.
+    std::vector<std::pair<std::uint64_t, std::size_t>> asked;
+    int calls = 0;
+    auto short_moves = [&](std::uint64_t done, std::size_t want) -> ssize_t {
+        if (++calls % 2 == 0) {
+            errno = EINTR;
+            return -1;
+        }
+        asked.emplace_back(done, want);
+        return static_cast<ssize_t>(std::min<std::size_t>(want, 3));
+    };
+    detail::Transfer t = detail::transfer_all(10, 4, short_moves);
+    EXPECT_EQ(t.done, 10u);
+    EXPECT_EQ(t.error, 0);
+    const std::vector<std::pair<std::uint64_t, std::size_t>> expected = {
+        {0, 4}, {3, 4}, {6, 4}, {9, 1}};
+    EXPECT_EQ(asked, expected);
+    // A call that moves nothing ends it (the end of a file): error 0, EIO by transfer_errno.
+    t = detail::transfer_all(10, detail::kUncapped, [](std::uint64_t done, std::size_t) -> ssize_t {
+        return done ? 0 : 6;
+    });
+    EXPECT_EQ(t.done, 6u);
+    EXPECT_EQ(t.error, 0);
+    EXPECT_EQ(detail::transfer_errno(t), EIO);
+    // An error ends it with its errno.
+    t = detail::transfer_all(10, detail::kUncapped, [](std::uint64_t done, std::size_t) -> ssize_t {
+        if (done == 0)
+            return 2;
+        errno = ENOSPC;
+        return -1;
+    });
+    EXPECT_EQ(t.done, 2u);
+    EXPECT_EQ(t.error, ENOSPC);
+    EXPECT_EQ(detail::transfer_errno(t), ENOSPC);
+}
+
+TEST(SysIo, RealCallsGiveTheirErrno) {
+    TempDir dir;
+    const auto path = dir / "file";
+    test::write_file(path, std::vector<std::byte>(100, std::byte{0x5a}));
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    std::vector<std::byte> buffer(300);
+    detail::Transfer t = detail::pread_full(fd, buffer.data(), buffer.size(), 40);
+    EXPECT_EQ(t.done, 60u); // the end of the file
+    EXPECT_EQ(t.error, 0);
+    EXPECT_EQ(buffer[59], std::byte{0x5a});
+    // Writing a descriptor opened read-only: EBADF, kept.
+    errno = 0;
+    EXPECT_FALSE(detail::pwrite_all(fd, buffer.data(), 10, 0));
+    EXPECT_EQ(errno, EBADF);
+    ::close(fd);
+    const int full = ::open("/dev/full", O_WRONLY | O_CLOEXEC);
+    ASSERT_GE(full, 0);
+    errno = 0;
+    EXPECT_FALSE(detail::write_all(full, buffer.data(), buffer.size()));
+    EXPECT_EQ(errno, ENOSPC);
+    // The in-place writer's file: the errno travels in the error.
+    detail::FileIo io(full, "/dev/full");
+    auto written = io.pwrite(buffer, 0);
+    ASSERT_FALSE(written);
+    EXPECT_EQ(written.error().code, ErrorCode::io_error);
+    EXPECT_EQ(written.error().system_errno, ENOSPC);
+    EXPECT_EQ(written.error().message, "cannot write /dev/full: No space left on device");
+    EXPECT_EQ(to_errno(written.error()), EIO); // not the output of an export: EIO
+    // A read of a directory: EISDIR, with the offset in the message.
+    const int directory = ::open(dir.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    ASSERT_GE(directory, 0);
+    auto read = detail::read_exactly(FilePosition{directory, 4096}, std::span(buffer).first(16));
+    ::close(directory);
+    ASSERT_FALSE(read);
+    EXPECT_EQ(read.error().code, ErrorCode::io_error);
+    EXPECT_EQ(read.error().system_errno, EISDIR);
+    EXPECT_EQ(read.error().message, "cannot read 16 bytes at file offset 0x1000: Is a directory");
 }
 
 TEST(ResultType, CarriesValueOrError) {

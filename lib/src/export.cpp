@@ -32,9 +32,13 @@ namespace qcowmap {
 namespace {
 
 using detail::all_zero;
+using detail::kChunkCap;
 using detail::kZeros;
+using detail::pread_some;
 using detail::pwrite_all;
 using detail::pwrite_sparse;
+using detail::retry_eintr;
+using detail::transfer_all;
 using detail::write_all;
 using detail::zero_range;
 
@@ -57,19 +61,13 @@ CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, s
                       std::vector<std::byte>& buffer, int& source_errno) {
     source_errno = 0;
     std::uint64_t host_offset = from.offset;
-    std::uint64_t done = 0;
-    while (done < length) {
-        loff_t in_at = static_cast<loff_t>(host_offset + done);
-        loff_t out_at = static_cast<loff_t>(offset + done);
-        ssize_t n = ::copy_file_range(
-            from.fd, &in_at, out, &out_at,
-            static_cast<std::size_t>(std::min<std::uint64_t>(length - done, 1u << 30)), 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break; // not supported here (or EOF): finish with pread/pwrite
-        done += static_cast<std::uint64_t>(n);
-    }
+    // Stops where the kernel cannot copy (not supported here, or EOF): pread/pwrite finish.
+    const std::uint64_t done =
+        transfer_all(length, kChunkCap, [&](std::uint64_t at, std::size_t want) {
+            loff_t in_at = static_cast<loff_t>(host_offset + at);
+            loff_t out_at = static_cast<loff_t>(offset + at);
+            return ::copy_file_range(from.fd, &in_at, out, &out_at, want, 0);
+        }).done;
     host_offset += done;
     offset += done;
     length -= done;
@@ -77,9 +75,7 @@ CopyResult copy_range(const FilePosition& from, int out, std::uint64_t offset, s
         buffer.resize(1u << 20);
     while (length > 0) {
         std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(length, buffer.size()));
-        ssize_t n = ::pread(from.fd, buffer.data(), want, static_cast<off_t>(host_offset));
-        if (n < 0 && errno == EINTR)
-            continue;
+        const ssize_t n = pread_some(from.fd, buffer.data(), want, host_offset);
         if (n <= 0) {
             // The extent walk checked this range: 0 means the file shrank; else a read error.
             source_errno = n < 0 ? errno : 0;
@@ -314,10 +310,8 @@ class Writer {
             return write_all(fd_, bytes.data(), bytes.size());
         while (!bytes.empty()) {
             iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
-            ssize_t n = ::vmsplice(fd_, &iov, 1, 0);
+            const ssize_t n = retry_eintr([&] { return ::vmsplice(fd_, &iov, 1, 0); });
             if (n < 0) {
-                if (errno == EINTR)
-                    continue;
                 if (errno == EINVAL || errno == ENOSYS) { // not splice-able after all
                     splice_ = false;
                     return write_all(fd_, bytes.data(), bytes.size());

@@ -324,11 +324,15 @@ Error fault_error(const FaultFacts& facts, const std::filesystem::path& top) {
                                        "mapping: offset {:#x} read)",
                                        where, facts.offset)};
     }
-    return Error{ErrorCode::io_error,
-                 fmt::format("I/O error reading {} at offset {:#x}: {}", where, facts.offset,
-                             facts.error != 0 ? std::strerror(facts.error)
-                                              : "the page could not be read (reading it again "
-                                                "succeeded)")};
+    // The errno of reading the page again with pread (EIO from a bad sector); when that read
+    // succeeded, EIO still: a SIGBUS on a page the kernel could not read is the mapping's EIO.
+    Error error{ErrorCode::io_error,
+                fmt::format("I/O error reading {} at offset {:#x}: {}", where, facts.offset,
+                            facts.error != 0 ? std::strerror(facts.error)
+                                             : "the page could not be read (reading it again "
+                                               "succeeded)")};
+    error.system_errno = facts.error != 0 ? facts.error : EIO;
+    return error;
 }
 
 } // namespace

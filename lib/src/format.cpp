@@ -1,6 +1,7 @@
 // Format probing and header extension names (qemu's block.c find_image_format, qcow2_probe).
 #include "errors.hpp"
 #include "qcow2_format.hpp"
+#include "sys_io.hpp"
 
 #include <qcowmap/format.hpp>
 
@@ -39,24 +40,14 @@ Result<std::string> probe_format(const std::filesystem::path& path) {
     if (fd < 0) {
         return named_failure(path, errno);
     }
-    unsigned char magic[4] = {};
-    std::size_t got = 0;
-    while (got < sizeof magic) {
-        ssize_t n = ::pread(fd, magic + got, sizeof magic - got, static_cast<off_t>(got));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno != EISDIR && errno != EAGAIN) {
-            int error = errno;
-            ::close(fd);
-            return named_failure(path, error);
-        }
-        if (n <= 0)
-            break; // end of file, a directory, a FIFO: not qcow2 (opening says what it is)
-        got += static_cast<std::size_t>(n);
-    }
+    std::byte magic[4] = {};
+    const detail::Transfer read = detail::pread_full(fd, magic, sizeof magic, 0);
     ::close(fd);
-    const bool qcow = got == 4 && detail::load_be32(reinterpret_cast<const std::byte*>(magic)) ==
-                                      detail::kQcowMagic;
+    // Short: the end of the file, a directory (EISDIR), a FIFO (EAGAIN): not qcow2 (opening
+    // says what it is).
+    if (read.error != 0 && read.error != EISDIR && read.error != EAGAIN)
+        return named_failure(path, read.error);
+    const bool qcow = read.done == 4 && detail::load_be32(magic) == detail::kQcowMagic;
     return std::string(qcow ? "qcow2" : "raw");
 }
 

@@ -2,6 +2,9 @@
 // raw_check_lock_bytes, on OFD locks only (qemu's default on Linux since 2.10).
 #include "image_lock.hpp"
 
+#include "errors.hpp"
+#include "sys_io.hpp"
+
 #include <fmt/format.h>
 
 #include <cerrno>
@@ -29,11 +32,7 @@ int set_byte(int fd, off_t byte, short type) {
     lock.l_whence = SEEK_SET;
     lock.l_start = byte;
     lock.l_len = 1;
-    int ret;
-    do {
-        ret = ::fcntl(fd, F_OFD_SETLK, &lock);
-    } while (ret != 0 && errno == EINTR);
-    return ret == 0 ? 0 : errno;
+    return retry_eintr([&] { return ::fcntl(fd, F_OFD_SETLK, &lock); }) == 0 ? 0 : errno;
 }
 
 /// qemu_lock_fd_test: would an exclusive lock of `byte` conflict with another open file
@@ -58,14 +57,17 @@ void release(int fd, const LockRequest& request) {
     }
 }
 
+/// The error of a lock that failed with `error` (the errno of fcntl, kept in both cases).
 Error lock_failure(int error, std::string_view what) {
     if (error == EAGAIN) {
         // qemu's raw_lock_error_setg_errno adds "Is another process using the image [PATH]?"
         // on a line of its own; the caller names the file.
-        return Error{ErrorCode::image_in_use,
+        Error in_use{ErrorCode::image_in_use,
                      fmt::format("{}: is another process using the image?", what)};
+        in_use.system_errno = error;
+        return in_use;
     }
-    return Error{ErrorCode::io_error, fmt::format("{}: {}", what, std::strerror(error))};
+    return errno_error(error, fmt::format("{}: {}", what, std::strerror(error)));
 }
 
 } // namespace

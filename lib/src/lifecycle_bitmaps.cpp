@@ -251,8 +251,11 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
         std::vector<std::byte> directory(ext.directory_size);
         const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
         if (fd < 0) {
-            return edit_error(ErrorCode::io_error,
-                              fmt::format("{}: {}", path.string(), std::strerror(errno)));
+            const int err = errno;
+            Error error = edit_error(ErrorCode::io_error,
+                                     fmt::format("{}: {}", path.string(), std::strerror(err)));
+            error.system_errno = err;
+            return error;
         }
         const detail::FileIo reader(fd, path.string());
         if (auto ok = reader.pread(directory, ext.directory_offset); !ok)

@@ -56,9 +56,12 @@ Result<CommitStats> commit(const std::filesystem::path& overlay, const CommitOpt
     if (options.base) {
         const auto wanted = file_identity(*options.base);
         if (!wanted) {
-            return commit_error(
-                overlay, ErrorCode::io_error,
-                fmt::format("{}: {}", options.base->string(), std::strerror(errno)));
+            const int err = errno; // stat's
+            Error error =
+                commit_error(overlay, ErrorCode::io_error,
+                             fmt::format("{}: {}", options.base->string(), std::strerror(err)));
+            error.system_errno = err;
+            return error;
         }
         base_index = 0;
         for (std::size_t i = 1; i < layers.size(); ++i) {

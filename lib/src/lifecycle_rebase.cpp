@@ -88,8 +88,12 @@ bool all_zero(std::span<const std::byte> bytes) {
 /// writer is not open): under the image's write lock, one header write.
 Result<void> rewrite_reference(const std::filesystem::path& path, const detail::HeaderEdit& edit) {
     int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return rebase_error(path, ErrorCode::io_error, std::strerror(errno));
+    if (fd < 0) {
+        const int err = errno;
+        Error error = rebase_error(path, ErrorCode::io_error, std::strerror(err));
+        error.system_errno = err;
+        return error;
+    }
     WritableImage::State s;
     s.file = detail::FileIo(fd, path.string());
     if (auto ok = detail::lock_image(fd, detail::kWriterLock); !ok)

@@ -1,7 +1,10 @@
-// Raw writes shared by the exports and the stream decoder's targets: whole writes that retry
-// short ones, sparse writes that leave zero blocks as holes, zeroing ranges of files and block
-// devices, and the unnamed temporary files the spools live in.
+// Raw writes shared by the exports and the stream decoder's targets (whole writes that retry
+// short ones come from sys_io.hpp): sparse writes that leave zero blocks as holes, zeroing
+// ranges of files and block devices, and the unnamed temporary files the spools live in.
 #pragma once
+
+#include "errors.hpp"
+#include "sys_io.hpp"
 
 #include <qcowmap/result.hpp>
 
@@ -22,38 +25,6 @@ namespace qcowmap::detail {
 
 /// Zeros for writing zero runs where holes cannot be left (never materialised per run).
 alignas(4096) inline const std::byte kZeros[1 << 20] = {};
-
-inline bool pwrite_all(int fd, const std::byte* data, std::uint64_t length, std::uint64_t offset) {
-    while (length > 0) {
-        // Bounded chunks stay below the kernel's per-call cap.
-        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
-        ssize_t n = ::pwrite(fd, data, chunk, static_cast<off_t>(offset));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return false;
-        }
-        data += n;
-        offset += static_cast<std::uint64_t>(n);
-        length -= static_cast<std::uint64_t>(n);
-    }
-    return true;
-}
-
-inline bool write_all(int fd, const std::byte* data, std::uint64_t length) {
-    while (length > 0) {
-        std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(length, 1u << 30));
-        ssize_t n = ::write(fd, data, chunk);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return false;
-        }
-        data += n;
-        length -= static_cast<std::uint64_t>(n);
-    }
-    return true;
-}
 
 /// True when all `length` bytes are zero (memcmp against itself shifted by one is vectorised).
 inline bool all_zero(const std::byte* data, std::size_t length) {
@@ -124,8 +95,9 @@ inline Result<int> open_spool_file(const std::filesystem::path& directory) {
             ::unlink(name.c_str());
     }
     if (fd < 0) {
-        return Error{ErrorCode::io_error, fmt::format("cannot create a spool file in {}: {}", dir,
-                                                      std::strerror(errno))};
+        const int err = errno;
+        return errno_error(
+            err, fmt::format("cannot create a spool file in {}: {}", dir, std::strerror(err)));
     }
     return fd;
 }

@@ -15,6 +15,7 @@
 // any point leaves refcounts at least as high as the references: leaks at worst.
 #include "bytes.hpp"
 #include "check_internal.hpp"
+#include "errors.hpp"
 #include "image_lock.hpp"
 #include "qcow2_format.hpp"
 #include "writable_io.hpp"
@@ -252,8 +253,9 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
     const bool fix_errors = options.mode == RepairMode::all;
     int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (fd < 0) {
-        return Error{ErrorCode::io_error,
-                     fmt::format("cannot open for writing: {}", std::strerror(errno))};
+        const int err = errno;
+        return detail::errno_error(err,
+                                   fmt::format("cannot open for writing: {}", std::strerror(err)));
     }
     detail::FileIo io(fd, path.string());
     // As a qemu writer (qemu-img check -r opens the image read-write): nobody else may write

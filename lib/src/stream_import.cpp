@@ -47,12 +47,9 @@ using detail::kQcowMagic;
 /// cluster, which holds the whole header with its extensions and backing file name.
 constexpr std::size_t kClusterBitsEnd = detail::header::kClusterBits + 4;
 
-Error io_error(std::string message) {
-    return Error{ErrorCode::io_error, std::move(message)};
-}
-
-Error errno_error(std::string_view what) {
-    return io_error(fmt::format("{}: {}", what, std::strerror(errno)));
+/// "WHAT: strerror(err)", the errno kept.
+Error errno_error(std::string_view what, int err = errno) {
+    return detail::errno_error(err, fmt::format("{}: {}", what, std::strerror(err)));
 }
 
 /// The output's errors: ErrorOrigin::target, as the writer's (writer_internal.hpp).
@@ -192,15 +189,11 @@ class PendingQueue {
         if (run.buffer.capacity() > 2 * count)
             run.buffer.shrink_to_fit();
         const std::size_t bytes = count * sizeof(Pending);
-        std::size_t done = 0;
-        while (done < bytes) {
-            ssize_t n = ::pread(spill_fd_, reinterpret_cast<char*>(run.buffer.data()) + done,
-                                bytes - done, static_cast<off_t>(run.offset + done));
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                return errno_error("cannot read the stream decoder's table spool");
-            done += static_cast<std::size_t>(n);
+        const detail::Transfer read = detail::pread_full(
+            spill_fd_, reinterpret_cast<std::byte*>(run.buffer.data()), bytes, run.offset);
+        if (read.done < bytes) {
+            return errno_error("cannot read the stream decoder's table spool",
+                               detail::transfer_errno(read));
         }
         run.offset += bytes;
         run.remaining -= count;
@@ -298,20 +291,13 @@ class Spool {
             std::memset(out.data(), 0, out.size());
             return {};
         }
-        std::size_t done = 0;
-        while (done < out.size()) {
-            ssize_t n =
-                ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(host + done));
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n < 0)
-                return errno_error("cannot read the spool");
-            if (n == 0) { // past the end of a short last cluster
-                std::memset(out.data() + done, 0, out.size() - done);
-                break;
-            }
-            done += static_cast<std::size_t>(n);
-        }
+        const detail::Transfer read = detail::pread_full(fd_, out.data(), out.size(), host);
+        if (read.error != 0)
+            return errno_error("cannot read the spool", read.error);
+        // Past the end of a short last cluster: zeros.
+        const auto done = static_cast<std::size_t>(read.done);
+        if (done < out.size())
+            std::memset(out.data() + done, 0, out.size() - done);
         used_ += out.size();
         return {};
     }
@@ -1449,13 +1435,10 @@ StreamReader fd_reader(int fd) {
         pipe_size < (1 << 20))
         (void)::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
     return [fd](std::span<std::byte> buffer) -> Result<std::size_t> {
-        for (;;) {
-            ssize_t n = ::read(fd, buffer.data(), buffer.size());
-            if (n >= 0)
-                return static_cast<std::size_t>(n);
-            if (errno != EINTR)
-                return errno_error("cannot read the stream");
-        }
+        const ssize_t n = detail::read_some(fd, buffer.data(), buffer.size());
+        if (n < 0)
+            return errno_error("cannot read the stream");
+        return static_cast<std::size_t>(n);
     };
 }
 
@@ -1741,11 +1724,9 @@ class OrderedSink : public StreamSink {
             while (cursor_ < piece.end) {
                 const std::size_t want = static_cast<std::size_t>(
                     std::min<std::uint64_t>(piece.end - cursor_, buffer_.size()));
-                ssize_t n = ::pread(fd_, buffer_.data(), want, static_cast<off_t>(cursor_));
-                if (n < 0 && errno == EINTR)
-                    continue;
+                const ssize_t n = detail::pread_some(fd_, buffer_.data(), want, cursor_);
                 if (n <= 0)
-                    return errno_error("cannot read the spool");
+                    return errno_error("cannot read the spool", n < 0 ? errno : EIO);
                 Run run;
                 run.offset = cursor_;
                 run.length = static_cast<std::uint64_t>(n);

@@ -15,6 +15,7 @@
 #include "fault.hpp"
 #include "image_state.hpp"
 #include "populate.hpp"
+#include "sys_io.hpp"
 #include "workers.hpp"
 
 #include <algorithm>
@@ -346,25 +347,18 @@ Run run_of(const Extent& extent) {
 namespace detail {
 
 Result<void> read_exactly(const FilePosition& position, std::span<std::byte> out) {
-    std::size_t done = 0;
-    while (done < out.size()) {
-        const ssize_t n = ::pread(position.fd, out.data() + done, out.size() - done,
-                                  static_cast<off_t>(position.offset + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return Error{ErrorCode::io_error,
-                         fmt::format("cannot read {} bytes at file offset {:#x}: {}",
-                                     out.size() - done, position.offset + done,
-                                     std::strerror(errno))};
-        }
-        if (n == 0) {
-            return Error{ErrorCode::io_error,
-                         fmt::format("the file ends before offset {:#x}, inside its mapping "
-                                     "(was it truncated while open?)",
-                                     position.offset + done)};
-        }
-        done += static_cast<std::size_t>(n);
+    const Transfer read = pread_full(position.fd, out.data(), out.size(), position.offset);
+    if (read.error != 0) {
+        return errno_error(read.error,
+                           fmt::format("cannot read {} bytes at file offset {:#x}: {}",
+                                       out.size() - read.done, position.offset + read.done,
+                                       std::strerror(read.error)));
+    }
+    if (read.done < out.size()) {
+        return Error{ErrorCode::io_error,
+                     fmt::format("the file ends before offset {:#x}, inside its mapping "
+                                 "(was it truncated while open?)",
+                                 position.offset + read.done)};
     }
     return {};
 }

@@ -2,6 +2,8 @@
 // qcow2_co_create: header, refcount table, refcount block, L1 table), written under a temporary
 // name, synced, and renamed into place.
 #include "bytes.hpp"
+#include "errors.hpp"
+#include "sys_io.hpp"
 #include "writer_layout.hpp"
 
 #include <qcowmap/format.hpp>
@@ -54,22 +56,15 @@ Result<std::uint64_t> parse_option_size(std::string_view key, std::string_view v
 }
 
 Error io_failure(const std::filesystem::path& path, std::string_view what, int err) {
-    return Error{ErrorCode::io_error,
-                 fmt::format("{}: cannot {}: {}", path.string(), what, std::strerror(err))};
+    return detail::errno_error(
+        err, fmt::format("{}: cannot {}: {}", path.string(), what, std::strerror(err)));
 }
 
 Result<void> write_all(int fd, const std::byte* data, std::size_t length, std::uint64_t offset,
                        const std::filesystem::path& path) {
-    while (length > 0) {
-        const ssize_t n = ::pwrite(fd, data, length, static_cast<off_t>(offset));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return io_failure(path, "write", n < 0 ? errno : EIO);
-        data += n;
-        length -= static_cast<std::size_t>(n);
-        offset += static_cast<std::uint64_t>(n);
-    }
+    const detail::Transfer written = detail::pwrite_full(fd, data, length, offset);
+    if (written.done < length)
+        return io_failure(path, "write", detail::transfer_errno(written));
     return {};
 }
 

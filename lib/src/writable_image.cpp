@@ -735,8 +735,12 @@ Result<void> flush_locked(WState& s) {
     return detail::writeback(s);
 }
 
-Error open_error(const std::filesystem::path& path, ErrorCode code, std::string_view why) {
-    return Error{code, fmt::format("cannot open {} for writing: {}", path.string(), why)};
+/// "cannot open PATH for writing: WHY"; `system_errno`: the errno of a failed system call.
+Error open_error(const std::filesystem::path& path, ErrorCode code, std::string_view why,
+                 int system_errno = 0) {
+    Error error{code, fmt::format("cannot open {} for writing: {}", path.string(), why)};
+    error.system_errno = system_errno;
+    return error;
 }
 
 } // namespace
@@ -804,8 +808,10 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
     s.options.open = own_view;
     s.info = info;
     int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return open_error(path, ErrorCode::io_error, std::strerror(errno));
+    if (fd < 0) {
+        const int err = errno;
+        return open_error(path, ErrorCode::io_error, std::strerror(err), err);
+    }
     s.file = detail::FileIo(fd, path.string());
     struct stat st {};
     if (::fstat(fd, &st) != 0 || !top.file ||
@@ -814,7 +820,7 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
     }
     if (options.lock) {
         if (auto ok = detail::lock_image(fd, detail::kWriterLock); !ok)
-            return open_error(path, ok.error().code, ok.error().message);
+            return open_error(path, ok.error().code, ok.error().message, ok.error().system_errno);
     }
     if (options.check) {
         // Under our lock, so that nobody changes it between the check and the writes.
@@ -836,16 +842,19 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
     if (s.has_data_file) {
         int data_fd = ::open(top.data_file_path.c_str(), O_RDWR | O_CLOEXEC);
         if (data_fd < 0) {
+            const int err = errno;
             return open_error(
                 path, ErrorCode::io_error,
-                fmt::format("data file {}: {}", top.data_file_path.string(), std::strerror(errno)));
+                fmt::format("data file {}: {}", top.data_file_path.string(), std::strerror(err)),
+                err);
         }
         s.data_file = detail::FileIo(data_fd, top.data_file_path.string());
         if (options.lock) {
             if (auto ok = detail::lock_image(data_fd, detail::kWriterLock); !ok) {
                 return open_error(path, ok.error().code,
                                   fmt::format("data file {}: {}", top.data_file_path.string(),
-                                              ok.error().message));
+                                              ok.error().message),
+                                  ok.error().system_errno);
             }
         }
         auto data_size = s.data_file.size();

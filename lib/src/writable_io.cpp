@@ -1,5 +1,8 @@
 #include "writable_io.hpp"
 
+#include "errors.hpp"
+#include "sys_io.hpp"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -85,8 +88,7 @@ void FileIo::close() {
 }
 
 Error FileIo::io_error(std::string_view what, int err) const {
-    return Error{ErrorCode::io_error,
-                 fmt::format("cannot {} {}: {}", what, name_, std::strerror(err))};
+    return errno_error(err, fmt::format("cannot {} {}: {}", what, name_, std::strerror(err)));
 }
 
 // Called with the fault mutex held, once, when the armed fault fires.
@@ -145,19 +147,9 @@ Result<void> FileIo::pwrite(std::span<const std::byte> data, std::uint64_t offse
     if (auto ok = count_operation("write"); !ok)
         return ok;
     record_old(offset, data.size());
-    std::size_t done = 0;
-    while (done < data.size()) {
-        const ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
-                                   static_cast<off_t>(offset + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return io_error("write", errno);
-        }
-        if (n == 0)
-            return io_error("write", EIO);
-        done += static_cast<std::size_t>(n);
-    }
+    const Transfer written = pwrite_full(fd_, data.data(), data.size(), offset);
+    if (written.done < data.size())
+        return io_error("write", transfer_errno(written));
     return {};
 }
 
@@ -171,12 +163,10 @@ Result<void> FileIo::pwritev(std::vector<iovec>& iov, std::uint64_t offset) {
     std::size_t first = 0;
     while (first < iov.size()) {
         const int count = static_cast<int>(std::min<std::size_t>(iov.size() - first, IOV_MAX));
-        const ssize_t n = ::pwritev(fd_, iov.data() + first, count, static_cast<off_t>(offset));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
+        const ssize_t n = retry_eintr(
+            [&] { return ::pwritev(fd_, iov.data() + first, count, static_cast<off_t>(offset)); });
+        if (n < 0)
             return io_error("write", errno);
-        }
         if (n == 0)
             return io_error("write", EIO);
         offset += static_cast<std::uint64_t>(n);
@@ -198,10 +188,8 @@ Result<void> FileIo::sync() {
     if (auto ok = count_operation("sync"); !ok)
         return ok;
     ++syncs_;
-    while (::fdatasync(fd_) != 0) {
-        if (errno != EINTR)
-            return io_error("sync", errno);
-    }
+    if (retry_eintr([&] { return ::fdatasync(fd_); }) != 0)
+        return io_error("sync", errno);
     if (tracking_) {
         unsynced_.clear();
         auto s = size();
@@ -213,10 +201,8 @@ Result<void> FileIo::sync() {
 Result<void> FileIo::truncate(std::uint64_t new_size) {
     if (auto ok = count_operation("resize"); !ok)
         return ok;
-    while (::ftruncate(fd_, static_cast<off_t>(new_size)) != 0) {
-        if (errno != EINTR)
-            return io_error("resize", errno);
-    }
+    if (retry_eintr([&] { return ::ftruncate(fd_, static_cast<off_t>(new_size)); }) != 0)
+        return io_error("resize", errno);
     return {};
 }
 
@@ -232,17 +218,12 @@ Result<void> FileIo::zero_range(std::uint64_t offset, std::uint64_t length) {
             return {};
         // No hole punching here (block device, old file system): the same operation writes
         // zeros.
-        while (length > 0) {
-            const std::size_t n =
-                static_cast<std::size_t>(std::min<std::uint64_t>(length, zeros.size()));
-            const ssize_t w = ::pwrite(fd_, zeros.data(), n, static_cast<off_t>(offset));
-            if (w < 0 && errno == EINTR)
-                continue;
-            if (w <= 0)
-                return io_error("write", w < 0 ? errno : EIO);
-            offset += static_cast<std::uint64_t>(w);
-            length -= static_cast<std::uint64_t>(w);
-        }
+        const Transfer written =
+            transfer_all(length, zeros.size(), [&](std::uint64_t done, std::size_t want) {
+                return ::pwrite(fd_, zeros.data(), want, static_cast<off_t>(offset + done));
+            });
+        if (written.done < length)
+            return io_error("write", transfer_errno(written));
         return {};
     }
     // A power cut is being simulated: plain writes, so that each can be undone.
@@ -257,21 +238,13 @@ Result<void> FileIo::zero_range(std::uint64_t offset, std::uint64_t length) {
 }
 
 Result<void> FileIo::pread(std::span<std::byte> out, std::uint64_t offset) const {
-    std::size_t done = 0;
-    while (done < out.size()) {
-        const ssize_t n =
-            ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return io_error("read", errno);
-        }
-        if (n == 0) { // past the end of the file: zeros, as qemu reads a short file
-            std::memset(out.data() + done, 0, out.size() - done);
-            break;
-        }
-        done += static_cast<std::size_t>(n);
-    }
+    const Transfer read = pread_full(fd_, out.data(), out.size(), offset);
+    if (read.error != 0)
+        return io_error("read", read.error);
+    // Past the end of the file: zeros, as qemu reads a short file.
+    const auto done = static_cast<std::size_t>(read.done);
+    if (done < out.size())
+        std::memset(out.data() + done, 0, out.size() - done);
     return {};
 }
 

@@ -19,6 +19,7 @@
 #include "cluster_compressor.hpp"
 #include "digest_tap.hpp"
 #include "image_state.hpp"
+#include "sys_io.hpp"
 #include "workers.hpp"
 
 #include <qcowmap/bitmap.hpp>
@@ -436,18 +437,10 @@ Result<Output> Output::open(int fd) {
 }
 
 Result<void> Output::flush() {
-    std::size_t done = 0;
-    while (done < buffer_.size()) {
-        ssize_t n = seekable() ? ::pwrite(fd_, buffer_.data() + done, buffer_.size() - done,
-                                          static_cast<off_t>(flushed_ + done))
-                               : ::write(fd_, buffer_.data() + done, buffer_.size() - done);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return target_errno(errno);
-        }
-        done += static_cast<std::size_t>(n);
-    }
+    const Transfer written = seekable() ? pwrite_full(fd_, buffer_.data(), buffer_.size(), flushed_)
+                                        : write_full(fd_, buffer_.data(), buffer_.size());
+    if (written.done < buffer_.size())
+        return target_errno(transfer_errno(written));
     flushed_ += buffer_.size();
     buffer_.clear();
     return {};
@@ -460,19 +453,11 @@ Result<void> Output::write(std::span<const std::byte> bytes) {
     }
     if (bytes.size() >= kBufferBytes) {
         // Large: straight from the caller's memory.
-        std::span<const std::byte> rest = bytes;
-        while (!rest.empty()) {
-            ssize_t n = seekable()
-                            ? ::pwrite(fd_, rest.data(), rest.size(), static_cast<off_t>(flushed_))
-                            : ::write(fd_, rest.data(), rest.size());
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                return target_errno(errno);
-            }
-            flushed_ += static_cast<std::uint64_t>(n);
-            rest = rest.subspan(static_cast<std::size_t>(n));
-        }
+        const Transfer written = seekable() ? pwrite_full(fd_, bytes.data(), bytes.size(), flushed_)
+                                            : write_full(fd_, bytes.data(), bytes.size());
+        flushed_ += written.done;
+        if (written.done < bytes.size())
+            return target_errno(transfer_errno(written));
         return {};
     }
     buffer_.insert(buffer_.end(), bytes.begin(), bytes.end());
@@ -505,23 +490,21 @@ Result<void> Output::copy(const FilePosition& from, std::span<const std::byte> b
     // Inside the kernel where the two ends allow it: copy_file_range between files (shared
     // blocks on file systems with reflinks), splice into a pipe, sendfile to anything else.
     while (done < length && !in_kernel_failed_) {
-        loff_t in_at = static_cast<loff_t>(from.offset + done);
         const std::size_t want =
-            static_cast<std::size_t>(std::min<std::uint64_t>(length - done, 1u << 30));
-        ssize_t n;
-        if (kind_ == Kind::file) {
-            loff_t out_at = static_cast<loff_t>(flushed_);
-            n = ::copy_file_range(from.fd, &in_at, fd_, &out_at, want, 0);
-        } else if (kind_ == Kind::pipe) {
-            n = ::splice(from.fd, &in_at, fd_, nullptr, want, SPLICE_F_MORE);
-        } else if (kind_ == Kind::stream) {
-            off_t at = static_cast<off_t>(from.offset + done);
-            n = ::sendfile(fd_, from.fd, &at, want);
-        } else {
+            static_cast<std::size_t>(std::min<std::uint64_t>(length - done, detail::kChunkCap));
+        if (kind_ != Kind::file && kind_ != Kind::pipe && kind_ != Kind::stream)
             break;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
+        const ssize_t n = retry_eintr([&]() -> ssize_t {
+            loff_t in_at = static_cast<loff_t>(from.offset + done);
+            if (kind_ == Kind::file) {
+                loff_t out_at = static_cast<loff_t>(flushed_);
+                return ::copy_file_range(from.fd, &in_at, fd_, &out_at, want, 0);
+            }
+            if (kind_ == Kind::pipe)
+                return ::splice(from.fd, &in_at, fd_, nullptr, want, SPLICE_F_MORE);
+            off_t at = static_cast<off_t>(from.offset + done);
+            return ::sendfile(fd_, from.fd, &at, want);
+        });
         if (n < 0 && (errno == EPIPE || errno == ENOSPC || errno == EIO || errno == EDQUOT ||
                       errno == EFBIG))
             return target_errno(errno); // the output's fault, not the method's
@@ -550,17 +533,9 @@ Result<void> Output::copy(const FilePosition& from, std::span<const std::byte> b
 }
 
 Result<void> Output::pwrite_at(std::span<const std::byte> bytes, std::uint64_t offset) {
-    std::size_t done = 0;
-    while (done < bytes.size()) {
-        ssize_t n = ::pwrite(fd_, bytes.data() + done, bytes.size() - done,
-                             static_cast<off_t>(offset + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return target_errno(errno);
-        }
-        done += static_cast<std::size_t>(n);
-    }
+    const Transfer written = pwrite_full(fd_, bytes.data(), bytes.size(), offset);
+    if (written.done < bytes.size())
+        return target_errno(transfer_errno(written));
     return {};
 }
 
@@ -1295,12 +1270,12 @@ Result<void> copy_spool(int spool, std::uint64_t size, int fd) {
     std::vector<std::byte> buffer;
     while (done < size) {
         const std::size_t want =
-            static_cast<std::size_t>(std::min<std::uint64_t>(size - done, 1u << 30));
+            static_cast<std::size_t>(std::min<std::uint64_t>(size - done, detail::kChunkCap));
         if (in_kernel) {
-            off_t at = static_cast<off_t>(done);
-            ssize_t n = ::sendfile(fd, spool, &at, want);
-            if (n < 0 && errno == EINTR)
-                continue;
+            const ssize_t n = detail::retry_eintr([&] {
+                off_t at = static_cast<off_t>(done);
+                return ::sendfile(fd, spool, &at, want);
+            });
             if (n > 0) {
                 done += static_cast<std::uint64_t>(n);
                 continue;
@@ -1310,21 +1285,14 @@ Result<void> copy_spool(int spool, std::uint64_t size, int fd) {
             in_kernel = false;
             buffer.resize(1 << 20);
         }
-        ssize_t n =
-            ::pread(spool, buffer.data(), std::min(want, buffer.size()), static_cast<off_t>(done));
-        if (n < 0 && errno == EINTR)
-            continue;
+        const ssize_t n =
+            detail::pread_some(spool, buffer.data(), std::min(want, buffer.size()), done);
         if (n <= 0)
             return target_error("the spool file ended early");
-        std::size_t written = 0;
-        while (written < static_cast<std::size_t>(n)) {
-            ssize_t w = ::write(fd, buffer.data() + written, static_cast<std::size_t>(n) - written);
-            if (w < 0 && errno == EINTR)
-                continue;
-            if (w < 0)
-                return target_errno(errno);
-            written += static_cast<std::size_t>(w);
-        }
+        const detail::Transfer written =
+            detail::write_full(fd, buffer.data(), static_cast<std::uint64_t>(n));
+        if (written.done < static_cast<std::uint64_t>(n))
+            return target_errno(detail::transfer_errno(written));
         done += static_cast<std::uint64_t>(n);
     }
     return {};
@@ -1460,8 +1428,11 @@ Result<WriteStats> detail::writer::write_image(const Image& source, int fd,
             ::unlink(name.c_str());
     }
     if (spool < 0) {
-        return target_error(
-            fmt::format("cannot create a spool file in {}: {}", dir, std::strerror(errno)));
+        const int err = errno;
+        Error error = target_error(
+            fmt::format("cannot create a spool file in {}: {}", dir, std::strerror(err)));
+        error.system_errno = err;
+        return error;
     }
     auto spooled = Output::open(spool);
     Result<WriteStats> stats = spooled
