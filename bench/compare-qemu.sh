@@ -172,16 +172,8 @@ time_it() {
     awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f\n", b - a }'
 }
 
-median() { # of the numbers given as arguments
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
-        END { if (NR % 2) printf "%.3f", v[(NR + 1) / 2]
-              else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
+. "$(dirname "${BASH_SOURCE[0]}")/stats.sh" # median, range
 
-range() { # "min-max" of the numbers given as arguments
-    printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 }
-        END { printf "%.3f-%.3f", lo, hi }'
-}
 
 map_qcowmap() { "$QCOWMAP" map --output=json "$1"; }
 map_qemu() { qemu-img map -f qcow2 --output=json "$1"; }

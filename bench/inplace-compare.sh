@@ -52,11 +52,7 @@ if [[ ! -f $OVERLAY ]]; then
     qemu-img create -q -f qcow2 -b "$BASE" -F qcow2 "$OVERLAY"
 fi
 
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
-        END { if (NR % 2) printf "%.3f", v[(NR + 1) / 2]
-              else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
+. "$(dirname "${BASH_SOURCE[0]}")/stats.sh" # median, range
 # Seconds taken by "$@" run on a fresh copy of $1 (the copy is made before the clock starts).
 timed_on_copy() {
     local template=$1 t0 t1

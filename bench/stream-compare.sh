@@ -45,15 +45,7 @@ time_it() {
     rm -f "$OUT"
     awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f\n", b - a }'
 }
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
-        END { if (NR % 2) printf "%.3f", v[(NR + 1) / 2]
-              else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-range() {
-    printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 }
-        END { printf "%.3f-%.3f", lo, hi }'
-}
+. "$(dirname "${BASH_SOURCE[0]}")/stats.sh" # median, range
 
 echo "stream input: $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg) at the start"
 rows=()
