@@ -174,7 +174,6 @@ time_it() {
 
 . "$(dirname "${BASH_SOURCE[0]}")/stats.sh" # median, range
 
-
 map_qcowmap() { "$QCOWMAP" map --output=json "$1"; }
 map_qemu() { qemu-img map -f qcow2 --output=json "$1"; }
 convert_qcowmap() { "$QCOWMAP" convert --force "$1" "$OUT"; }
