@@ -20,6 +20,12 @@
 #include <unistd.h>
 
 namespace qcowmap {
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kThreadSanitizer = true;
+#else
+constexpr bool kThreadSanitizer = false;
+#endif
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -326,10 +332,16 @@ TEST_F(BlkhashImages, EqualsTheConstructionOverQemuRawOutput) {
         EXPECT_EQ(run_ok(cli() + " hash --algo=blkhash-sha256 " + c.cli_extra + " " + q(c.image)),
                   expected + "  " + c.image.string() + "\n")
             << c.name;
-        // The raw output hashed as a raw image: its holes never read.
-        EXPECT_EQ(first_word(run_ok(cli() + " hash -f raw --algo=blkhash-sha256 " + q(raw))),
-                  expected)
-            << c.name;
+        // The raw output hashed as a raw image: its holes never read. Not the 1 TiB file under
+        // ThreadSanitizer, which confines the application's mappings to part of the address
+        // space: mapping 1 TiB failed there once ("cannot map file: Cannot allocate memory",
+        // CI's thread pass on a loaded machine; 3 reruns passed). The plain and ASan passes
+        // run it; the thread pass is here for the block engine's threads.
+        if (!(kThreadSanitizer && c.name == "thin-1T")) {
+            EXPECT_EQ(first_word(run_ok(cli() + " hash -f raw --algo=blkhash-sha256 " + q(raw))),
+                      expected)
+                << c.name;
+        }
         fs::remove(raw);
     }
 }
