@@ -199,6 +199,7 @@ int convert_incremental_qcow2(const ConvertJob& job, const std::string& bitmap_n
     }
     Progress meter(job.progress, bitmap->dirty_bytes());
     ApplyDirtyOptions options;
+    options.data_access = job.io;
     options.progress = meter.callback();
     auto result = apply_dirty(job.image, *bitmap, job.target, options);
     if (!result) {

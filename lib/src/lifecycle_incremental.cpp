@@ -70,7 +70,8 @@ Result<ApplyDirtyStats> apply_dirty_in_boundary(const Image& source, const Dirty
         options.progress(0, total);
     VisitOptions visit;
     visit.threads = detail::resolve_threads(options.threads);
-    visit.data_access = automatic_data_access();
+    visit.data_access = options.data_access == DataAccess::automatic ? automatic_data_access()
+                                                                     : options.data_access;
     // Mapped pages are made present ahead of the writer and dropped behind it: memory stays
     // small whatever the amount of dirty data.
     if (visit.data_access == DataAccess::mapping)

@@ -126,6 +126,9 @@ struct ApplyDirtyOptions {
     WritableOptions target;
     /// Threads producing the source's bytes (0: one per core).
     unsigned threads = 0;
+    /// How the source's data is taken from its files (see DataAccess): by default whichever
+    /// costs less on this machine.
+    DataAccess data_access = DataAccess::automatic;
     /// Called with (dirty bytes done, dirty bytes in all).
     LifecycleProgress progress;
 };
