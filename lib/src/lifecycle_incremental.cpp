@@ -19,7 +19,8 @@
 namespace qcowmap {
 namespace {
 
-/// Errors of the copy being written say so (the CLI names TARGET for them, exit status 1).
+/// Errors of the copy being written say so (the CLI names TARGET for them, exit status 3, as
+/// for any output convert cannot write).
 Error about_target(Error error, const std::filesystem::path& target) {
     error.origin = ErrorOrigin::target;
     error.depth = 0;
