@@ -213,7 +213,7 @@ int convert_incremental_qcow2(const ConvertJob& job, const std::string& bitmap_n
 }
 
 /// Whether TARGET of an incremental convert is an existing qcow2 image (written in place)
-/// rather than a raw copy: qemu's probe of the file, as `convert -n` would open it.
+/// rather than a raw copy: the file probed as qemu-img probes an image given without -f.
 bool is_existing_qcow2(const std::string& target) {
     if (target == "-")
         return false;
