@@ -499,18 +499,28 @@ void on_lseek(fuse_req_t req, fuse_ino_t inode, off_t off, int whence, fuse_file
     GUARD_END
 }
 
-void on_write(fuse_req_t req, fuse_ino_t inode, const char* data, std::size_t size, off_t off,
-              fuse_file_info*) {
-    GUARD_BEGIN
+/// The mount's state when `inode` is the disk of a --rw mount and the request's range is valid
+/// (`range_ok`); otherwise the request is answered (EISDIR, EROFS, EINVAL) and null returned.
+MountState* writable_disk(fuse_req_t req, fuse_ino_t inode, bool range_ok) {
     MountState& state = state_of(req);
     if (inode != kDiskInode || !state.writable) {
         fuse_reply_err(req, inode == kDiskInode ? EROFS : EISDIR);
-        return;
+        return nullptr;
     }
-    if (off < 0) {
+    if (!range_ok) {
         fuse_reply_err(req, EINVAL);
-        return;
+        return nullptr;
     }
+    return &state;
+}
+
+void on_write(fuse_req_t req, fuse_ino_t inode, const char* data, std::size_t size, off_t off,
+              fuse_file_info*) {
+    GUARD_BEGIN
+    MountState* writable = writable_disk(req, inode, off >= 0);
+    if (!writable)
+        return;
+    MountState& state = *writable;
     const auto start = static_cast<std::uint64_t>(off);
     if (size == 0) {
         fuse_reply_write(req, 0);
@@ -535,15 +545,10 @@ void on_write(fuse_req_t req, fuse_ino_t inode, const char* data, std::size_t si
 void on_fallocate(fuse_req_t req, fuse_ino_t inode, int mode, off_t off, off_t length,
                   fuse_file_info*) {
     GUARD_BEGIN
-    MountState& state = state_of(req);
-    if (inode != kDiskInode || !state.writable) {
-        fuse_reply_err(req, inode == kDiskInode ? EROFS : EISDIR);
+    MountState* writable = writable_disk(req, inode, off >= 0 && length > 0);
+    if (!writable)
         return;
-    }
-    if (off < 0 || length <= 0) {
-        fuse_reply_err(req, EINVAL);
-        return;
-    }
+    MountState& state = *writable;
     // As qemu's FUSE export (fuse_fallocate): PUNCH_HOLE and ZERO_RANGE within the disk;
     // plain preallocation inside a file that cannot grow is not supported (EOPNOTSUPP, which
     // makes posix_fallocate and tools fall back or give up), nor are other modes.
