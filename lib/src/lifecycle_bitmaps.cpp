@@ -225,23 +225,23 @@ Result<void> edit_bitmaps(const std::filesystem::path& path, const std::string& 
     for (const BitmapEdit& edit : edits) {
         if (edit.kind != BitmapEdit::Kind::merge)
             continue;
-        std::optional<Image> source;
-        if (edit.source_image) {
-            OpenOptions open;
-            open.format = edit.source_format;
-            auto opened = Image::open(*edit.source_image, open);
-            if (!opened)
-                return std::move(opened).error();
-            if (opened->size() != size) {
-                return edit_error(ErrorCode::invalid_argument,
-                                  fmt::format("bitmap '{}' of {} covers {} bytes, the image {}: "
-                                              "bitmaps of different sizes cannot be merged",
-                                              edit.source, edit.source_image->string(),
-                                              opened->size(), size));
-            }
-            source = std::move(*opened);
+        if (!edit.source_image) {
+            sources.emplace_back(&edit, std::nullopt); // a bitmap of the image itself
+            continue;
         }
-        sources.emplace_back(&edit, std::move(source));
+        OpenOptions open;
+        open.format = edit.source_format;
+        auto opened = Image::open(*edit.source_image, open);
+        if (!opened)
+            return std::move(opened).error();
+        if (opened->size() != size) {
+            return edit_error(ErrorCode::invalid_argument,
+                              fmt::format("bitmap '{}' of {} covers {} bytes, the image {}: "
+                                          "bitmaps of different sizes cannot be merged",
+                                          edit.source, edit.source_image->string(), opened->size(),
+                                          size));
+        }
+        sources.emplace_back(&edit, std::move(*opened));
     }
 
     std::vector<Entry> entries;
