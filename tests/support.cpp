@@ -346,6 +346,28 @@ void EioMount::fail_reads(const std::string& name, std::uint64_t offset, std::ui
     write_file(source_ / ".eio", bytes);
 }
 
+std::string readme_script(const std::string& name) {
+    const char* root = std::getenv("QCOWMAP_SOURCE_ROOT");
+    if (!root)
+        return {};
+    const std::string readme = read_text(std::filesystem::path(root) / "README.md");
+    const std::string open = "<!-- " + name + ":begin -->\n```sh\n";
+    const auto begin = readme.find(open);
+    const auto end = readme.find("```\n<!-- " + name + ":end -->");
+    if (begin == std::string::npos || end == std::string::npos || end < begin + open.size())
+        return {};
+    return readme.substr(begin + open.size(), end - begin - open.size());
+}
+
+CommandResult run_script_in(const std::filesystem::path& dir, const std::string& script) {
+    std::vector<std::byte> bytes(script.size());
+    std::memcpy(bytes.data(), script.data(), script.size());
+    write_file(dir / "example.sh", bytes);
+    const std::string bin_dir = std::filesystem::absolute(qcowmap_bin()).parent_path().string();
+    return run("cd " + q(dir) + " && PATH=" + shell_quote(bin_dir) +
+               ":\"$PATH\" timeout -k 5 600 sh example.sh");
+}
+
 bool wait_for_writer_lock(const std::filesystem::path& image) {
     struct stat st {};
     if (::stat(image.c_str(), &st) != 0)

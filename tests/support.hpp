@@ -156,6 +156,14 @@ class EioMount {
 /// qemu-io holding `image` open for writing (QEMU's image locks taken, as a running VM holds
 /// them) for the object's lifetime, reading commands from a pipe; the destructor sends quit.
 /// held() is true once `qemu-img info` was seen refused (waits up to 30 s for that).
+/// The shell script README.md holds between `<!-- NAME:begin -->` and `<!-- NAME:end -->` (inside
+/// a ```sh fence); empty when the markers are missing. README is found through
+/// QCOWMAP_SOURCE_ROOT, which meson sets for every test.
+std::string readme_script(const std::string& name);
+
+/// Runs `script` with sh in `dir`, the built qcowmap first on PATH, bounded by timeout 600.
+CommandResult run_script_in(const std::filesystem::path& dir, const std::string& script);
+
 /// Waits (up to 30 s) until a writer such as qemu-io holds `image`: its OFD locks show in
 /// /proc/locks and `qemu-img info` is refused. Polling with qemu-img info alone races: its own
 /// read lock denies writers, so a qemu-io opening in that instant fails and never holds it.

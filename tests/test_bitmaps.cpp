@@ -470,26 +470,10 @@ TEST(Bitmaps, IncrementalSyncRefusals) {
 
 TEST(Bitmaps, ReadmeIncrementalBackupExample) {
     // The README's workflow, extracted and run as written (with the built qcowmap on PATH).
-    const char* root = std::getenv("QCOWMAP_SOURCE_ROOT");
-    if (!root)
-        GTEST_SKIP() << "QCOWMAP_SOURCE_ROOT is not set (run through meson test)";
-    const Buffer readme_bytes = qt::read_file(std::filesystem::path(root) / "README.md");
-    const std::string readme(reinterpret_cast<const char*>(readme_bytes.data()),
-                             readme_bytes.size());
-    const auto begin = readme.find("<!-- incremental-backup-example:begin -->\n```sh\n");
-    const auto end = readme.find("```\n<!-- incremental-backup-example:end -->");
-    ASSERT_NE(begin, std::string::npos);
-    ASSERT_NE(end, std::string::npos);
-    const auto body_at = readme.find("```sh\n", begin) + 6;
-    const std::string script = readme.substr(body_at, end - body_at);
+    const std::string script = qt::readme_script("incremental-backup-example");
+    ASSERT_FALSE(script.empty()) << "README's incremental-backup-example markers";
     qt::TempDir dir;
-    Buffer bytes(script.size());
-    std::transform(script.begin(), script.end(), bytes.begin(),
-                   [](char c) { return static_cast<std::byte>(c); });
-    qt::write_file(dir / "example.sh", bytes);
-    const std::string bin_dir = std::filesystem::absolute(qt::qcowmap_bin()).parent_path().string();
-    qt::CommandResult r = qt::run("cd " + q(dir.path()) + " && PATH=" + qt::shell_quote(bin_dir) +
-                                  ":\"$PATH\" sh example.sh");
+    qt::CommandResult r = qt::run_script_in(dir.path(), script);
     EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
     EXPECT_NE(r.out.find("since-full"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find(R"({"start": 1048576, "length": 65536, "dirty": true})"),

@@ -618,24 +618,11 @@ TEST(IncrementalCli, CopyOfAnotherSizeAndUsageErrors) {
 TEST(LifecycleReadme, BackupWorkflowWithoutQemuImg) {
     // The README's workflow, extracted and run as written (the built qcowmap on PATH); qemu-img
     // appears only here, as the judge.
-    const char* root = std::getenv("QCOWMAP_SOURCE_ROOT");
-    ASSERT_NE(root, nullptr) << "meson sets QCOWMAP_SOURCE_ROOT";
-    const std::string readme = read_text(fs::path(root) / "README.md");
-    const auto begin = readme.find("<!-- lifecycle-example:begin -->\n```sh\n");
-    const auto end = readme.find("```\n<!-- lifecycle-example:end -->");
-    ASSERT_NE(begin, std::string::npos);
-    ASSERT_NE(end, std::string::npos);
-    const auto body = readme.find("```sh\n", begin) + 6;
-    const std::string script = readme.substr(body, end - body);
+    const std::string script = readme_script("lifecycle-example");
+    ASSERT_FALSE(script.empty()) << "README's lifecycle-example markers";
     EXPECT_EQ(script.find("qemu-img"), std::string::npos) << script;
     TempDir dir;
-    std::vector<std::byte> script_bytes(script.size());
-    std::transform(script.begin(), script.end(), script_bytes.begin(),
-                   [](char c) { return static_cast<std::byte>(c); });
-    write_file(dir / "example.sh", script_bytes);
-    const std::string bin_dir = fs::absolute(qcowmap_bin()).parent_path().string();
-    CommandResult r = run("cd " + q(dir.path()) + " && PATH=" + shell_quote(bin_dir) +
-                          ":\"$PATH\" timeout -k 5 600 sh example.sh");
+    CommandResult r = run_script_in(dir.path(), script);
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     EXPECT_EQ(r.out, "restored.raw and mirror.qcow2 hold the disk\n") << r.err;
     EXPECT_FALSE(fs::exists(dir / "inc1.qcow2"));

@@ -690,23 +690,10 @@ TEST(WriterLibrary, ReadmeExampleRuns) {
 
 TEST(WriterReadme, IncrementalBackupExample) {
     // The README's workflow, extracted and run as written (with the built qcowmap on PATH).
-    const char* root = std::getenv("QCOWMAP_SOURCE_ROOT");
-    ASSERT_NE(root, nullptr) << "meson sets QCOWMAP_SOURCE_ROOT";
-    const std::vector<std::byte> bytes = read_file(fs::path(root) / "README.md");
-    const std::string readme(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-    const auto begin = readme.find("<!-- qcow2-backup-example:begin -->\n```sh\n");
-    const auto end = readme.find("```\n<!-- qcow2-backup-example:end -->");
-    ASSERT_NE(begin, std::string::npos);
-    ASSERT_NE(end, std::string::npos);
-    const auto body = readme.find("```sh\n", begin) + 6;
-    const std::string script = readme.substr(body, end - body);
+    const std::string script = readme_script("qcow2-backup-example");
+    ASSERT_FALSE(script.empty()) << "README's qcow2-backup-example markers";
     TempDir dir;
-    std::vector<std::byte> script_bytes(script.size());
-    std::memcpy(script_bytes.data(), script.data(), script.size());
-    write_file(dir / "example.sh", script_bytes);
-    const std::string bin_dir = fs::absolute(qcowmap_bin()).parent_path().string();
-    CommandResult r = run("cd " + q(dir.path()) + " && PATH=" + shell_quote(bin_dir) +
-                          ":\"$PATH\" sh example.sh");
+    CommandResult r = run_script_in(dir.path(), script);
     EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
     EXPECT_NE(r.out.find("inc2.qcow2 restores the disk"), std::string::npos) << r.out << r.err;
     EXPECT_NE(
