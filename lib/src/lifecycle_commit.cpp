@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <thread>
 
 #include <sys/stat.h>
 
@@ -27,17 +26,6 @@ file_identity(const std::filesystem::path& p) {
     if (::stat(p.c_str(), &st) != 0)
         return std::nullopt;
     return std::pair<std::uint64_t, std::uint64_t>(st.st_dev, st.st_ino);
-}
-
-VisitOptions visit_options(unsigned threads) {
-    VisitOptions v;
-    v.threads = threads == 0 ? std::max(1u, std::thread::hardware_concurrency()) : threads;
-    v.data_access = automatic_data_access();
-    // Mapped pages are made present ahead of the writer and dropped behind it, so memory stays
-    // small whatever the overlay's size.
-    if (v.data_access == DataAccess::mapping)
-        v.prefetch = Prefetch::populate;
-    return v;
 }
 
 } // namespace
@@ -137,7 +125,7 @@ Result<CommitStats> commit(const std::filesystem::path& overlay, const CommitOpt
                     stats.compressed_bytes += run.length;
                 return base->write(run.offset, run.bytes);
             },
-            visit_options(options.threads));
+            detail::copy_visit_options(options.threads));
         if (!visited)
             return std::move(visited).error();
         done_before += size;

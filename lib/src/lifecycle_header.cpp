@@ -1,6 +1,7 @@
 // The header cluster rewritten in one write (qemu's qcow2_update_header), and what the
 // lifecycle operations share: access to the writer's state, backing names, emptying a layer.
 #include "lifecycle_internal.hpp"
+#include "workers.hpp"
 #include "writer_layout.hpp"
 
 #include <qcowmap/format.hpp>
@@ -218,6 +219,15 @@ Result<void> empty_active_layer(WState& s) {
     s.decompressed_entry = 0;
     // L1 entries cleared and synced (step 5), then the refcounts drop (step 6).
     return writeback(s);
+}
+
+VisitOptions copy_visit_options(unsigned threads, DataAccess access) {
+    VisitOptions v;
+    v.threads = resolve_threads(threads);
+    v.data_access = access == DataAccess::automatic ? automatic_data_access() : access;
+    if (v.data_access == DataAccess::mapping)
+        v.prefetch = Prefetch::populate;
+    return v;
 }
 
 } // namespace qcowmap::detail

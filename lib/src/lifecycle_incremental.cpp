@@ -3,7 +3,7 @@
 // through the in-place writer so the copy stays a valid qcow2 image: qemu's crash-safe order,
 // its image locks, and the copy's own enabled bitmaps record what changed.
 #include "fault.hpp"
-#include "workers.hpp"
+#include "lifecycle_internal.hpp"
 
 #include <qcowmap/bitmap.hpp>
 #include <qcowmap/image.hpp>
@@ -69,14 +69,7 @@ Result<ApplyDirtyStats> apply_dirty_in_boundary(const Image& source, const Dirty
     std::uint64_t done = 0;
     if (options.progress)
         options.progress(0, total);
-    VisitOptions visit;
-    visit.threads = detail::resolve_threads(options.threads);
-    visit.data_access = options.data_access == DataAccess::automatic ? automatic_data_access()
-                                                                     : options.data_access;
-    // Mapped pages are made present ahead of the writer and dropped behind it: memory stays
-    // small whatever the amount of dirty data.
-    if (visit.data_access == DataAccess::mapping)
-        visit.prefetch = Prefetch::populate;
+    const VisitOptions visit = detail::copy_visit_options(options.threads, options.data_access);
     // The source's runs are its guest-visible content through its whole chain: data (also
     // decompressed) is written, zeros (zero clusters, or nothing allocated anywhere) become
     // zero clusters of the copy, as qemu's mirror writes zeroes with unmap.

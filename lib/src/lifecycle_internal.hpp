@@ -38,6 +38,12 @@ Result<void> rewrite_header(WState& s, const HeaderEdit& edit);
 /// The disk then reads through to the backing file. Takes the state's mutex.
 Result<void> empty_active_layer(WState& s);
 
+/// How a lifecycle operation reads the image it copies from: on `threads` workers (0: one per
+/// usable core; 1: the calling thread alone), with `access` resolved to what this machine
+/// measured cheaper when automatic; mapped pages made present ahead of the writer and dropped
+/// behind it, so memory stays small whatever the amount of data.
+VisitOptions copy_visit_options(unsigned threads, DataAccess access = DataAccess::automatic);
+
 /// The format of the backing file `name` of the image at `image` (resolved against its
 /// directory): `format` when given ("qcow2" or "raw"), else probed.
 Result<std::string> backing_format_of(const std::filesystem::path& image, const std::string& name,

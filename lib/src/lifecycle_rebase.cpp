@@ -6,7 +6,6 @@
 #include "image_lock.hpp"
 #include "lifecycle_internal.hpp"
 #include "raw_io.hpp"
-#include "workers.hpp"
 
 #include <qcowmap/image.hpp>
 
@@ -42,17 +41,6 @@ Result<bool> zero_by_metadata(const std::optional<Image>& image, std::uint64_t s
     if (extents.error())
         return *extents.error();
     return true;
-}
-
-/// How the backing files' data is read: with the data access this machine measured cheaper
-/// (mapping pages can cost more than pread), on the calling thread. A chunk is at most 4 MiB:
-/// worker threads started for each would cost more than they read ahead (two thread starts
-/// per compared MiB made rebase twice as slow as qemu-img's single thread).
-VisitOptions read_options() {
-    VisitOptions v;
-    v.threads = 1;
-    v.data_access = automatic_data_access();
-    return v;
 }
 
 /// Reads `[offset, offset + out.size())` of `image` (zeros where it has none).
@@ -201,7 +189,10 @@ Result<RebaseStats> rebase(const std::filesystem::path& path, const RebaseOption
     const std::uint64_t unit = std::uint64_t{1} << unit_bits;
     const std::uint64_t size = writable->size();
     std::vector<std::byte> new_bytes(kChunk);
-    const VisitOptions how = read_options();
+    // On the calling thread: a chunk is at most 4 MiB, and worker threads started for each
+    // would cost more than they read ahead (two thread starts per compared MiB made rebase
+    // twice as slow as qemu-img's single thread).
+    const VisitOptions how = detail::copy_visit_options(1);
 
     // Ranges the image does not allocate, walked in chunks.
     struct Range {
