@@ -342,6 +342,135 @@ TEST_F(Visit, PrefetchingGivesTheSameBytesForEveryImageKind) {
     }
 }
 
+/// The options of the walks the caller drives (Image::runs): without threads and with, each
+/// data access, with and without prefetching.
+std::vector<VisitOptions> run_options() {
+    return {VisitOptions{1, DataAccess::mapping, Prefetch::none},
+            VisitOptions{1, DataAccess::mapping, Prefetch::touch},
+            VisitOptions{3, DataAccess::mapping, Prefetch::touch},
+            VisitOptions{1, DataAccess::read, Prefetch::none},
+            VisitOptions{2, DataAccess::read, Prefetch::none},
+            VisitOptions{3, DataAccess::read, Prefetch::touch}};
+}
+
+std::string describe(const VisitOptions& o) {
+    return "threads " + std::to_string(o.threads) + " read " +
+           std::to_string(o.data_access == DataAccess::read) + " prefetch " +
+           std::to_string(static_cast<int>(o.prefetch));
+}
+
+TEST_F(Visit, RunsGiveTheVisitsRunsToACallerThatStepsAndKeepsTheirBytes) {
+    for (const fs::path& path : images()) {
+        auto image = Image::open(path);
+        ASSERT_TRUE(image) << path << ": " << image.error().message;
+        const std::vector<std::byte> expected = test::qemu_raw(path, dir_);
+        for (const VisitOptions& options : run_options()) {
+            SCOPED_TRACE(path.string() + " " + describe(options));
+            const Visited visited = visit_all(*image, options);
+            // Every run's bytes are kept until the walk is over: the buffers the walk reads
+            // into would have been reused by then if hold() did not keep them.
+            struct Kept {
+                std::uint64_t offset;
+                std::shared_ptr<const void> owner;
+                std::span<const std::byte> bytes;
+            };
+            std::vector<Kept> kept;
+            std::vector<Piece> pieces;
+            {
+                RunRange runs = image->runs(0, UINT64_MAX, options);
+                for (const qcowmap::Run& run : runs) {
+                    pieces.push_back({run.offset, run.length, run.bytes.empty()});
+                    const Extent& from = runs.walk().extent();
+                    EXPECT_LE(from.offset, run.offset);
+                    EXPECT_GE(from.offset + from.length, run.offset + run.length);
+                    EXPECT_EQ(from.kind, run.kind);
+                    std::shared_ptr<const void> owner = runs.walk().hold();
+                    // Only bytes outside the mapping need an owner.
+                    EXPECT_EQ(owner == nullptr, run.mapped || run.kind == ExtentKind::zero);
+                    if (!run.bytes.empty())
+                        kept.push_back({run.offset, std::move(owner), run.bytes});
+                }
+                ASSERT_FALSE(runs.error()) << runs.error()->message;
+            }
+            ASSERT_EQ(pieces.size(), visited.pieces.size());
+            for (std::size_t i = 0; i < pieces.size(); ++i) {
+                EXPECT_EQ(pieces[i].offset, visited.pieces[i].offset) << i;
+                EXPECT_EQ(pieces[i].length, visited.pieces[i].length) << i;
+                EXPECT_EQ(pieces[i].zero, visited.pieces[i].zero) << i;
+            }
+            std::vector<std::byte> disk(expected.size(), std::byte{0});
+            for (const Kept& k : kept)
+                std::memcpy(disk.data() + k.offset, k.bytes.data(), k.bytes.size());
+            EXPECT_EQ(disk, expected);
+        }
+    }
+}
+
+TEST_F(Visit, RunsLeftEarlyStopTheirWorkersAndAnotherRangeStartsAnywhere) {
+    fs::path path = dir_ / "early.qcow2";
+    test::make_image(path, "cluster_size=64k", "8M",
+                     {"write -P 0xc1 0 3M", "write -c -P 0xc2 3M 1M", "write -P 0xc3 5M 2M"});
+    auto image = Image::open(path);
+    ASSERT_TRUE(image);
+    const std::vector<std::byte> expected = test::qemu_raw(path, dir_);
+    for (const VisitOptions& options : run_options()) {
+        SCOPED_TRACE(describe(options));
+        for (std::uint64_t start : {0ull, 777ull * 1024 + 5, 3ull * 1024 * 1024 + 4096}) {
+            RunRange runs = image->runs(start, start + 2 * 1024 * 1024 + 3, options);
+            std::uint64_t at = start;
+            int steps = 0;
+            for (const qcowmap::Run& run : runs) {
+                EXPECT_EQ(run.offset, at);
+                if (!run.bytes.empty()) {
+                    EXPECT_EQ(
+                        std::memcmp(run.bytes.data(), expected.data() + run.offset, run.length), 0);
+                }
+                at += run.length;
+                if (++steps == 3)
+                    break; // the range is dropped with jobs in flight
+            }
+            EXPECT_FALSE(runs.error());
+            EXPECT_GT(at, start);
+        }
+    }
+}
+
+TEST_F(Visit, FileCutShortUnderRunsEndsTheWalkWithAnErrorNotAFault) {
+    fs::path path = dir_ / "cut.qcow2";
+    test::make_image(path, "cluster_size=64k", "8M", {"write -P 0xd1 0 6M"});
+    auto image = Image::open(path);
+    ASSERT_TRUE(image);
+    ExtentRange extents = image->extents();
+    test::Stepper steps(extents);
+    Extent data;
+    ASSERT_TRUE(steps.next(data));
+    ASSERT_EQ(data.kind, ExtentKind::data);
+    truncate_file(path, *data.host_offset + 2 * 1024 * 1024);
+    // Only the walks that produce every byte inside the boundary: read, or mapped with touch
+    // (without prefetching the caller's own reads of the mapping would fault).
+    for (const VisitOptions& options : run_options()) {
+        if (options.data_access == DataAccess::mapping && options.prefetch == Prefetch::none)
+            continue;
+        SCOPED_TRACE(describe(options));
+        RunRange runs = image->runs(0, UINT64_MAX, options);
+        std::uint64_t sum = 0;
+        for (const qcowmap::Run& run : runs) {
+            for (std::byte b : run.bytes)
+                sum += static_cast<std::uint8_t>(b); // reads every byte handed out
+        }
+        ASSERT_TRUE(runs.error());
+        // The cause: the file shrank (explain() names it whichever read met the end first).
+        EXPECT_EQ(runs.error()->code, ErrorCode::image_changed) << runs.error()->message;
+        EXPECT_NE(runs.error()->message.find("image changed while being read"), std::string::npos)
+            << runs.error()->message;
+        // The pieces before the cut came first, unless a worker reading ahead met the cut
+        // during the very first step (its fault fails the step that sees it).
+        if (options.threads <= 1) {
+            EXPECT_GT(sum, 0u);
+        }
+    }
+}
+
 TEST_F(Visit, AutomaticDataAccessIsMeasuredOnceAndIsOneOfTheTwo) {
     const DataAccess first = automatic_data_access();
     EXPECT_TRUE(first == DataAccess::mapping || first == DataAccess::read);

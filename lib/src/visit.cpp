@@ -75,7 +75,9 @@ struct Piece {
     std::uint64_t piece_offset = 0; // virtual offset of the piece (== extent.offset if compressed)
     std::uint64_t piece_length = 0;
     std::optional<FilePosition> read_from; // read
-    std::vector<std::byte> buffer;
+    /// compressed and read. Shared: a caller of Image::runs may keep it (RunWalk::hold), and
+    /// then the slot's next job gets a fresh one.
+    std::shared_ptr<std::vector<std::byte>> buffer;
     std::vector<MappedPiece> pieces;               // mapped
     std::vector<std::span<const std::byte>> pages; // mapped: the address ranges, merged
     /// The pages of the job that had this slot before, which the visitor is done with.
@@ -103,13 +105,13 @@ class Prefetcher {
                     case Delivery::read:
                         return detail::read_exactly(
                             *piece.read_from,
-                            std::span<std::byte>(piece.buffer).first(piece.piece_length));
+                            std::span<std::byte>(*piece.buffer).first(piece.piece_length));
                     case Delivery::mapped:
                         for (const auto& pages : piece.pages)
                             detail::populate_pages(pages, piece.prefetch);
                         return {};
                     default:
-                        return decompressor->decompress_cluster(image, piece.extent, piece.buffer);
+                        return decompressor->decompress_cluster(image, piece.extent, *piece.buffer);
                     }
                 });
             },
@@ -133,10 +135,12 @@ class Prefetcher {
 
     /// Waits for the job holding the next piece in disk order, which must start at
     /// `piece_offset` inside `expected`, and returns the piece's bytes; they live until `done()`
-    /// (mapped bytes as long as the Image).
+    /// (mapped bytes as long as the Image), or as long as `*owner` (the job's buffer; nullptr
+    /// for mapped bytes) when the caller keeps it.
     Result<std::span<const std::byte>> next(Delivery source, const Extent& expected,
-                                            std::uint64_t piece_offset,
-                                            std::uint64_t piece_length) {
+                                            std::uint64_t piece_offset, std::uint64_t piece_length,
+                                            std::shared_ptr<const void>& owner) {
+        owner.reset();
         top_up();
         if (workers_->empty()) {
             // The look-ahead walk failed or ended before reaching this extent.
@@ -166,10 +170,11 @@ class Prefetcher {
             piece.extent.compressed_host_offset != expected.compressed_host_offset) {
             return lost_place();
         }
+        owner = piece.buffer;
         if (piece.read_from) {
-            return std::span<const std::byte>(piece.buffer).first(piece_length);
+            return std::span<const std::byte>(*piece.buffer).first(piece_length);
         }
-        return std::span<const std::byte>(piece.buffer)
+        return std::span<const std::byte>(*piece.buffer)
             .subspan(expected.offset_in_cluster, expected.length);
     }
 
@@ -246,9 +251,11 @@ class Prefetcher {
                 break; // close the group first
             piece.source = pending_source_;
             piece.extent = e;
+            if (!piece.buffer || piece.buffer.use_count() != 1)
+                piece.buffer = std::make_shared<std::vector<std::byte>>(); // the old one is kept
             if (pending_source_ == Delivery::compressed) {
                 // Layers of a chain may differ in cluster size.
-                piece.buffer.resize(detail::layer_at(detail_state(image_), e.depth)->cluster_size);
+                piece.buffer->resize(detail::layer_at(detail_state(image_), e.depth)->cluster_size);
                 piece.piece_offset = e.offset;
                 piece.piece_length = e.length;
                 piece.read_from.reset();
@@ -257,7 +264,7 @@ class Prefetcher {
                 const std::uint64_t done = pending_next_ - e.offset;
                 piece.piece_offset = pending_next_;
                 piece.piece_length = std::min<std::uint64_t>(kReadPieceBytes, e.length - done);
-                piece.buffer.resize(kReadPieceBytes);
+                piece.buffer->resize(kReadPieceBytes);
                 piece.read_from = FilePosition{e.file->fd, e.file->offset + done};
                 pending_next_ += piece.piece_length;
                 if (pending_next_ == e.offset + e.length)
@@ -304,26 +311,40 @@ class Prefetcher {
     std::optional<detail::OrderedWorkers<Piece>> workers_; // reset first by the destructor
 };
 
-/// Produces bytes on the calling thread when there are no workers.
+/// Produces bytes on the calling thread when there are no workers, into a buffer shared with
+/// a caller that keeps it (RunWalk::hold; then the next piece gets a fresh one).
 class InlineProducer {
   public:
-    Result<std::span<const std::byte>> decompress(const Image& image, const Extent& extent) {
+    Result<std::span<const std::byte>> decompress(const Image& image, const Extent& extent,
+                                                  std::shared_ptr<const void>& owner) {
         if (!decompressor_)
             decompressor_.emplace();
-        return decompressor_->decompress(image, extent);
+        auto& cluster = buffer(detail::layer_at(detail_state(image), extent.depth)->cluster_size);
+        if (auto ok = decompressor_->decompress_cluster(image, extent, cluster); !ok)
+            return std::move(ok).error();
+        owner = buffer_;
+        return std::span<const std::byte>(cluster).subspan(extent.offset_in_cluster, extent.length);
     }
 
-    Result<std::span<const std::byte>> read(const FilePosition& position, std::size_t length) {
-        buffer_.resize(kReadPieceBytes);
-        auto out = std::span<std::byte>(buffer_).first(length);
+    Result<std::span<const std::byte>> read(const FilePosition& position, std::size_t length,
+                                            std::shared_ptr<const void>& owner) {
+        auto out = std::span<std::byte>(buffer(kReadPieceBytes)).first(length);
         if (auto ok = detail::read_exactly(position, out); !ok)
             return std::move(ok).error();
+        owner = buffer_;
         return std::span<const std::byte>(out);
     }
 
   private:
+    std::vector<std::byte>& buffer(std::size_t size) {
+        if (!buffer_ || buffer_.use_count() != 1)
+            buffer_ = std::make_shared<std::vector<std::byte>>();
+        buffer_->resize(size);
+        return *buffer_;
+    }
+
     std::optional<Decompressor> decompressor_;
-    std::vector<std::byte> buffer_;
+    std::shared_ptr<std::vector<std::byte>> buffer_;
 };
 
 /// The walk's result once a read of the mapping faulted: the fault boundary replaces it with the
@@ -381,37 +402,75 @@ Result<void> Image::visit(std::uint64_t start, std::uint64_t end, const RunVisit
 }
 
 Result<void> Image::visit_in_boundary(std::uint64_t start, std::uint64_t end,
-                                      const RunVisitor& visitor, const VisitOptions& given) const {
-    VisitOptions options = given;
-    options.data_access = detail::resolve(options.data_access);
-    // More producers than this only add memory (4 jobs in flight per thread).
-    options.threads = std::min(options.threads, kMaxProducerThreads);
-    const bool threaded = options.threads > 1;
-    ExtentRange extents = this->extents(start, end);
-    std::optional<Prefetcher> prefetcher;
-    InlineProducer inline_producer; // without threads, or when none could be started
-    bool no_threads = !threaded;
-    // Without workers, mapped pieces are still dropped behind the visitor (in batches).
-    std::optional<detail::PageReleaser> releaser;
-    for (const Extent& extent : extents) {
-        const Delivery source = delivery_of(options, extent);
-        Run run = run_of(extent);
-        if (source == Delivery::direct) {
-            if (extent.kind == ExtentKind::data) {
-                run.bytes = extent.bytes;
-                run.file = extent.file;
-                run.mapped = extent.file.has_value();
-            }
-            if (auto ok = visitor(run); !ok) {
-                return ok;
-            }
-            if (detail::fault_pending())
-                return stopped_by_fault();
-            continue;
+                                      const RunVisitor& visitor,
+                                      const VisitOptions& options) const {
+    detail::RunWalk walk(*this, start, end, options);
+    Run run;
+    while (walk.next(run)) {
+        if (auto ok = visitor(run); !ok)
+            return ok;
+        if (detail::fault_pending())
+            return stopped_by_fault();
+    }
+    if (walk.error())
+        return *walk.error();
+    return {};
+}
+
+RunRange Image::runs(std::uint64_t start, std::uint64_t end, const VisitOptions& options) const {
+    return RunRange(detail::RunWalk(*this, start, end, options));
+}
+
+namespace detail {
+
+/// The state of one walk between the caller's steps: the extent walk, the extent being cut into
+/// pieces, and whoever produces the pieces' bytes (workers ahead, or this thread).
+struct RunWalk::Impl {
+    Impl(const Image& walked, std::uint64_t start, std::uint64_t walk_end,
+         const VisitOptions& given)
+        : image(walked), options(given), end(walk_end), extents(image.extents(start, walk_end)),
+          no_threads(given.threads <= 1) {
+        options.data_access = resolve(options.data_access);
+        // More producers than this only add memory (4 jobs in flight per thread).
+        options.threads = std::min(options.threads, kMaxProducerThreads);
+    }
+
+    ~Impl() { finish_previous(); }
+
+    /// The caller is done with the run produced last.
+    void finish_previous() {
+        if (owe_done && prefetcher)
+            prefetcher->done();
+        owe_done = false;
+        if (!owe_consumed.empty() && releaser)
+            releaser->consumed(owe_consumed);
+        owe_consumed = {};
+        held.reset();
+    }
+
+    /// Moves to the next extent; false at the end of the range or on error.
+    bool advance_extent() {
+        if (!started) {
+            started = true;
+            cursor = extents.begin();
+        } else {
+            ++cursor;
         }
+        if (cursor == std::default_sentinel)
+            return false;
+        extent = *cursor;
+        source = delivery_of(options, extent);
+        piece = extent.offset;
+        cutting = true;
+        return true;
+    }
+
+    /// Starts the workers at the first extent whose bytes must be produced (images without
+    /// compressed clusters, read with the mapping and no prefetching, start none).
+    void start_producers() {
         if (!prefetcher && !no_threads) {
             try {
-                prefetcher.emplace(*this, options, extent.offset, end);
+                prefetcher.emplace(image, options, extent.offset, end);
                 if (prefetcher->idle()) {
                     prefetcher.reset();
                     no_threads = true;
@@ -421,57 +480,130 @@ Result<void> Image::visit_in_boundary(std::uint64_t start, std::uint64_t end,
                 no_threads = true;
             }
         }
+        // Without workers, mapped pieces are still dropped behind the caller (in batches).
         if (source == Delivery::mapped && !prefetcher && !releaser)
-            releaser.emplace(*this);
+            releaser.emplace(image);
+    }
+
+    Result<bool> step(Run& out) {
+        finish_previous();
+        if (!cutting) {
+            if (!advance_extent()) {
+                if (extents.error())
+                    return *extents.error();
+                return false;
+            }
+            if (source == Delivery::direct) {
+                out = run_of(extent);
+                if (extent.kind == ExtentKind::data) {
+                    out.bytes = extent.bytes;
+                    out.file = extent.file;
+                    out.mapped = extent.file.has_value();
+                }
+                cutting = false;
+                return true;
+            }
+            start_producers();
+        }
         // A compressed cluster is one piece; data runs are cut into pieces.
-        std::uint64_t piece = extent.offset;
         const std::uint64_t extent_end = extent.offset + extent.length;
-        const std::uint64_t limit = piece_limit(source, extent);
-        do {
-            const std::uint64_t length = std::min<std::uint64_t>(limit, extent_end - piece);
-            std::optional<FilePosition> piece_file;
-            if (source != Delivery::compressed) {
-                piece_file =
-                    FilePosition{extent.file->fd, extent.file->offset + (piece - extent.offset)};
-            }
-            Result<std::span<const std::byte>> bytes = std::span<const std::byte>{};
-            if (prefetcher) {
-                bytes = prefetcher->next(source, extent, piece, length);
-            } else if (source == Delivery::read) {
-                bytes = inline_producer.read(*piece_file, static_cast<std::size_t>(length));
-            } else if (source == Delivery::mapped) {
-                bytes = extent.bytes.subspan(piece - extent.offset, length);
-            } else {
-                bytes = inline_producer.decompress(*this, extent);
-            }
-            if (!bytes) {
-                // A short read or a cluster that no longer decompresses: the file changing
-                // under us is the cause when it did.
-                return explain(std::move(bytes).error());
-            }
-            run.offset = piece;
-            run.length = length;
-            run.bytes = *bytes;
-            run.file = piece_file;
-            run.mapped = source == Delivery::mapped;
-            auto ok = visitor(run);
-            if (prefetcher) {
-                prefetcher->done();
-            } else if (releaser && source == Delivery::mapped) {
-                releaser->consumed(run.bytes);
-            }
-            if (!ok) {
-                return ok;
-            }
-            if (detail::fault_pending())
-                return stopped_by_fault();
-            piece += length;
-        } while (piece < extent_end);
+        const std::uint64_t length =
+            std::min<std::uint64_t>(piece_limit(source, extent), extent_end - piece);
+        std::optional<FilePosition> piece_file;
+        if (source != Delivery::compressed)
+            piece_file =
+                FilePosition{extent.file->fd, extent.file->offset + (piece - extent.offset)};
+        Result<std::span<const std::byte>> bytes = std::span<const std::byte>{};
+        if (prefetcher) {
+            bytes = prefetcher->next(source, extent, piece, length, held);
+            owe_done = true; // its slot is released at the next step, even after an error
+        } else if (source == Delivery::read) {
+            bytes = inline_producer.read(*piece_file, static_cast<std::size_t>(length), held);
+        } else if (source == Delivery::mapped) {
+            bytes = extent.bytes.subspan(piece - extent.offset, length);
+            // What the workers would have done: a caller of Image::runs may then rely on every
+            // mapped byte handed out with Prefetch::touch having been read inside the boundary.
+            if (options.prefetch == Prefetch::touch)
+                populate_pages(*bytes, Prefetch::touch);
+        } else {
+            bytes = inline_producer.decompress(image, extent, held);
+        }
+        if (!bytes) {
+            owe_done = false; // the walk ends here
+            // A short read or a cluster that no longer decompresses: the file changing under
+            // us is the cause when it did.
+            return image.explain(std::move(bytes).error());
+        }
+        out = run_of(extent);
+        out.offset = piece;
+        out.length = length;
+        out.bytes = *bytes;
+        out.file = piece_file;
+        out.mapped = source == Delivery::mapped;
+        if (out.mapped && !prefetcher)
+            owe_consumed = out.bytes;
+        piece += length;
+        cutting = piece < extent_end;
+        return true;
     }
-    if (extents.error()) {
-        return *extents.error();
+
+    Image image;
+    VisitOptions options;
+    const std::uint64_t end;
+    ExtentRange extents;
+    ExtentRange::iterator cursor;
+    bool started = false;
+    Extent extent;                      // the extent being cut (or handed out whole)
+    Delivery source = Delivery::direct; // how its bytes are produced
+    std::uint64_t piece = 0;            // where its next piece starts
+    bool cutting = false;               // more pieces of `extent` to come
+    std::optional<Prefetcher> prefetcher;
+    InlineProducer inline_producer; // without threads, or when none could be started
+    bool no_threads;
+    std::optional<PageReleaser> releaser;
+    bool owe_done = false;                   // the front job is the caller's run
+    std::span<const std::byte> owe_consumed; // mapped bytes to drop once the caller is done
+    std::shared_ptr<const void> held;        // the buffer of the caller's run
+};
+
+RunWalk::RunWalk(const Image& image, std::uint64_t start, std::uint64_t end,
+                 const VisitOptions& options)
+    : impl_(std::make_unique<Impl>(image, start, end, options)) {}
+RunWalk::RunWalk(RunWalk&&) noexcept = default;
+RunWalk& RunWalk::operator=(RunWalk&&) noexcept = default;
+RunWalk::~RunWalk() = default;
+
+bool RunWalk::next(Run& out) {
+    if (error_ || !impl_)
+        return false;
+    // Each step inside the fault boundary (nested in a visit's own): the extent walk, the
+    // mapped pages and the workers' jobs. The caller's use of the run is outside it.
+    Result<bool> produced = contain_faults(impl_->image.path(), [&] { return impl_->step(out); });
+    if (!produced) {
+        // A fault of a worker's read ahead fails the step that sees it (what this thread read
+        // meanwhile may have read zeros in its place); a file that changed is named as the cause.
+        error_ = impl_->image.explain(std::move(produced).error());
+        impl_.reset(); // stops and joins the workers now
+        return false;
     }
-    return {};
+    if (!*produced)
+        impl_.reset();
+    return *produced;
 }
+
+std::shared_ptr<const void> RunWalk::hold() const {
+    if (!impl_)
+        return nullptr;
+    // The walk forgets its reference (held is reset at the next step); the buffer's use count
+    // then says it is kept, and the next piece goes to a fresh one.
+    return impl_->held;
+}
+
+const Extent& RunWalk::extent() const {
+    static const Extent none;
+    return impl_ ? impl_->extent : none;
+}
+
+} // namespace detail
 
 } // namespace qcowmap

@@ -64,6 +64,16 @@ struct Run {
 /// Receives one run of `Image::visit`. Return an error to stop the walk.
 using RunVisitor = std::function<Result<void>(const Run& run)>;
 
+class Image;
+namespace detail {
+class RunWalk;
+} // namespace detail
+
+/// The runs of a range of the virtual disk with their bytes produced, in order, as a
+/// single-pass input range the caller advances (`Image::runs`): `Image::visit` turned inside
+/// out, with the same look-ahead. See detail::RunWalk for how long a run's bytes live.
+using RunRange = WalkRange<detail::RunWalk>;
+
 /// A qcow2 image opened read-only through a memory mapping.
 ///
 /// Immutable after `open`: share one `Image` (or copies of it, which are cheap) across threads
@@ -135,6 +145,20 @@ class Image {
     Result<void> visit(std::uint64_t start, std::uint64_t end, const RunVisitor& visitor,
                        const VisitOptions& options = {}) const;
 
+    /// The runs `visit(start, end, ..., options)` would hand its visitor, as a range the caller
+    /// steps through at its own pace (a Python iterator, a C iterator, a loop that stops when
+    /// it likes). With `options.threads` > 1 the bytes are produced ahead of the caller on
+    /// worker threads exactly as for visit: data read with pread (DataAccess::read) or mapped
+    /// pages made present and touched (Prefetch::touch) a bounded window ahead, compressed
+    /// clusters decompressed ahead, and the mapped pages the caller has stepped past dropped
+    /// from the process. A data run's bytes live until the next step unless they lie in the
+    /// mapping (`Run::mapped`: as long as the Image) or the caller keeps them
+    /// (`runs.walk().hold()`). The range's own steps run inside the library's fault boundary:
+    /// a page that cannot be read ends the walk with an io_error (`error()`), never a SIGBUS,
+    /// for every byte produced ahead with Prefetch::touch or DataAccess::read.
+    RunRange runs(std::uint64_t start = 0, std::uint64_t end = UINT64_MAX,
+                  const VisitOptions& options = {}) const;
+
     /// Makes the pages of `bytes` (a span this Image handed out: an extent's or a run's bytes
     /// in the mapping) present and reads one byte of each, inside the library's fault
     /// boundary: io_error (the file shrank, or an I/O error reading it) where a page cannot be
@@ -159,6 +183,40 @@ class Image {
     friend class Decompressor;
     friend const detail::ImageState& detail_state(const Image& image);
 };
+
+namespace detail {
+
+/// The machinery of `RunRange` (Image::runs), also what Image::visit drives. Library-internal
+/// in its parts; `hold()` and `extent()` are for consumers that need more than the runs.
+class RunWalk {
+  public:
+    using value_type = Run;
+    RunWalk(const Image& image, std::uint64_t start, std::uint64_t end,
+            const VisitOptions& options);
+    RunWalk(RunWalk&&) noexcept;
+    RunWalk& operator=(RunWalk&&) noexcept;
+    ~RunWalk();
+
+    /// Produces the next run into `out`. False at the end of the range or on error. The run
+    /// produced before is done with: its buffer may be reused, its mapped pages dropped.
+    bool next(Run& out);
+    const std::optional<Error>& error() const { return error_; }
+
+    /// Keeps the bytes of the run `next()` produced last valid after the walk moves on, for as
+    /// long as the returned owner lives (the walk then reads into a fresh buffer). nullptr when
+    /// they need no owner: zero runs, and mapped bytes, which live as long as the Image.
+    std::shared_ptr<const void> hold() const;
+    /// The extent the run `next()` produced last is a piece of (its host offset, its
+    /// compressed stream). Valid until the next step.
+    const Extent& extent() const;
+
+  private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+    std::optional<Error> error_;
+};
+
+} // namespace detail
 
 /// Produces the bytes of compressed extents. Holds a one-cluster buffer and decoder state: own
 /// one per thread. Never shared mutable state inside `Image`.
