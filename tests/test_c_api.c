@@ -145,6 +145,43 @@ static void check_extents_match(struct qcow2* q, const unsigned char* raw, size_
     qcowmap_extents_free(it);
 }
 
+/* The read-ahead walk (qcowmap_extents_open_ahead) gives the same bytes, data in pieces of at
+ * most 1 MiB, with and without extra worker threads. */
+static void check_extents_ahead_match(struct qcow2* q, const unsigned char* raw,
+                                      size_t raw_size) {
+    for (unsigned threads = 1; threads <= 3; threads += 2) {
+        struct qcowmap_extents* it = qcowmap_extents_open_ahead(q, 0, UINT64_MAX, threads);
+        CHECK(it != NULL);
+        struct qcowmap_extent e;
+        uint64_t expect = 0;
+        int rc, mismatches = 0;
+        while ((rc = qcowmap_extents_next(it, &e)) == 1) {
+            CHECK(e.offset == expect);
+            CHECK(e.length > 0 && e.offset + e.length <= raw_size);
+            if (e.kind == QCOWMAP_EXTENT_ZERO) {
+                CHECK(e.data == NULL);
+                for (uint64_t i = 0; i < e.length; ++i) {
+                    mismatches += raw[e.offset + i] != 0;
+                }
+            } else {
+                CHECK(e.data != NULL);
+                mismatches += memcmp(e.data, raw + e.offset, e.length) != 0;
+                if (e.kind == QCOWMAP_EXTENT_DATA) {
+                    CHECK(e.length <= 1048576 && e.has_host_offset);
+                } else {
+                    CHECK(e.compressed != NULL && e.compressed_length > 0);
+                }
+            }
+            expect = e.offset + e.length;
+        }
+        CHECK(rc == 0);
+        CHECK(qcowmap_extents_error(it) == NULL);
+        CHECK(mismatches == 0);
+        CHECK(expect == raw_size);
+        qcowmap_extents_free(it);
+    }
+}
+
 static void test_plain(void) {
     const char* image = path_of("plain.qcow2");
     sh("qemu-img create -q -f qcow2 '%s' 1M", image);
@@ -172,6 +209,7 @@ static void test_plain(void) {
 
     int counts[3];
     check_extents_match(q, raw, raw_size, counts);
+    check_extents_ahead_match(q, raw, raw_size);
     CHECK(counts[QCOWMAP_EXTENT_DATA] == 2 && counts[QCOWMAP_EXTENT_COMPRESSED] == 0);
 
     /* The first extents, exactly: a hole, then 64 KiB of 0xab straight from the mapping. */
@@ -222,6 +260,7 @@ static void test_compressed(void) {
     check_read_matches(q, raw, raw_size);
     int counts[3];
     check_extents_match(q, raw, raw_size, counts);
+    check_extents_ahead_match(q, raw, raw_size);
     CHECK(counts[QCOWMAP_EXTENT_COMPRESSED] > 0);
     qcow2_close(q);
     free(raw);
@@ -242,6 +281,7 @@ static void test_backing_chain_by_fd(void) {
     check_read_matches(q, raw, raw_size);
     int counts[3];
     check_extents_match(q, raw, raw_size, counts);
+    check_extents_ahead_match(q, raw, raw_size);
     qcow2_close(q);
 
     /* qcowmap_open with no_backing: only the overlay's own cluster. */

@@ -6,6 +6,7 @@
 #include <qcowmap/qcow2.h>
 #include <qcowmap/writable.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstdio>
@@ -13,6 +14,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <thread>
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -31,6 +33,8 @@ struct qcowmap_extents {
     qcowmap::Decompressor decompressor;
     std::string error;
     bool failed = false;
+    /// qcowmap_extents_open_ahead: the walk that produces bytes ahead (Image::runs) instead.
+    std::unique_ptr<qcowmap::detail::RunWalk> ahead = nullptr;
 };
 
 namespace {
@@ -276,6 +280,69 @@ struct qcowmap_extents* qcowmap_extents_open(struct qcow2* q, uint64_t start, ui
     }
 }
 
+struct qcowmap_extents* qcowmap_extents_open_ahead(struct qcow2* q, uint64_t start, uint64_t end,
+                                                   unsigned threads) {
+    qcowmap_extents* it = qcowmap_extents_open(q, start, end);
+    if (!it)
+        return nullptr;
+    try {
+        qcowmap::VisitOptions options;
+        options.threads =
+            threads != 0 ? threads : std::max(2u, std::thread::hardware_concurrency());
+        options.data_access = qcowmap::DataAccess::automatic;
+        options.prefetch = qcowmap::Prefetch::touch;
+        it->ahead = std::make_unique<qcowmap::detail::RunWalk>(it->image, start, end, options);
+        return it;
+    } catch (...) {
+        delete it;
+        fail_errno(ENOMEM, "qcowmap_extents_open_ahead");
+        return nullptr;
+    }
+}
+
+namespace {
+
+/// qcowmap_extents_next() of a walk that reads ahead: the next run, and the extent it is a
+/// piece of for what the map says.
+int next_run(qcowmap_extents* it, qcowmap_extent* out) {
+    qcowmap::Run run;
+    if (!it->ahead->next(run)) {
+        if (!it->ahead->error())
+            return 0;
+        it->failed = true;
+        it->error = it->ahead->error()->message;
+        fail(*it->ahead->error());
+        return -1;
+    }
+    const qcowmap::Extent& extent = it->ahead->extent();
+    *out = qcowmap_extent{};
+    out->offset = run.offset;
+    out->length = run.length;
+    out->present = run.present ? 1 : 0;
+    out->depth = run.depth;
+    out->has_host_offset = extent.host_offset ? 1 : 0;
+    out->host_offset = extent.host_offset.value_or(0);
+    switch (run.kind) {
+    case qcowmap::ExtentKind::data:
+        out->kind = QCOWMAP_EXTENT_DATA;
+        out->data = run.bytes.data();
+        out->host_offset += run.offset - extent.offset;
+        break;
+    case qcowmap::ExtentKind::zero:
+        out->kind = QCOWMAP_EXTENT_ZERO;
+        break;
+    case qcowmap::ExtentKind::compressed:
+        out->kind = QCOWMAP_EXTENT_COMPRESSED;
+        out->data = run.bytes.data();
+        out->compressed = extent.bytes.data();
+        out->compressed_length = extent.bytes.size();
+        break;
+    }
+    return 1;
+}
+
+} // namespace
+
 int qcowmap_extents_next(struct qcowmap_extents* it, struct qcowmap_extent* out) {
     if (!it || !out) {
         fail_errno(EINVAL, "qcowmap_extents_next");
@@ -287,6 +354,8 @@ int qcowmap_extents_next(struct qcowmap_extents* it, struct qcowmap_extent* out)
             errno = EIO;
             return -1;
         }
+        if (it->ahead)
+            return next_run(it, out);
         qcowmap::Extent extent;
         if (!it->walk.next(extent)) {
             if (!it->walk.error()) {

@@ -131,6 +131,17 @@ struct qcowmap_extents;
  * NULL with errno EINVAL (NULL `q`) or ENOMEM. */
 struct qcowmap_extents* qcowmap_extents_open(struct qcow2* q, uint64_t start, uint64_t end);
 
+/** As qcowmap_extents_open(), for a caller that reads every byte (hashing, copying): the walk
+ * produces the bytes ahead of the caller on `threads` worker threads (0: one per core).
+ * DATA extents arrive in pieces of at most 1 MiB, their bytes read with pread(2) into buffers
+ * or made present in the mapping and read once (whichever costs less on this machine, as the
+ * CLI's --io=auto chooses), and their `data` is valid until the next qcowmap_extents_next()
+ * call; COMPRESSED pieces are decompressed ahead; pages of the mapping the caller has passed
+ * are dropped from the process. A page that cannot be read is an error of the walk (EIO),
+ * never a SIGBUS in the caller. */
+struct qcowmap_extents* qcowmap_extents_open_ahead(struct qcow2* q, uint64_t start, uint64_t end,
+                                                   unsigned threads);
+
 /** Produces the next extent into `*out`. Returns 1 when it did, 0 at the end of the range,
  * -1 on error (errno EIO or EINVAL; qcowmap_extents_error() says what). After an error the
  * iterator stays failed and returns -1 again. */
