@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Times hashing a disk in Python from the extents' memoryviews against `qcowmap hash`.
+"""Times hashing a disk in Python from the extents' memoryviews against `img.hash()`, `qcowmap hash` and pyqcow.
 
     PYTHONPATH=build/python /usr/bin/python3 python/bench_hash.py [--runs N] [--cache as-is|reread]
-        QCOWMAP_BIN IMAGE
+        [--io auto|mmap|read] QCOWMAP_BIN IMAGE
 
-Each run is a fresh process, alternating which goes first: `qcowmap hash IMAGE` (sha256, its
-defaults: data read with pread ahead of the hash on a second thread), and a Python process that
-opens the image and feeds hashlib.sha256 every data extent's memoryview (straight from the
-mapping) and zero runs from one buffer of zeros. Prints the median wall times (whole processes,
-and the Python side's open-to-digest time) and the ratio.
+Contenders (issue 30): the plain loop `for e in img.extents(): h.update(e.data)` (read ahead on
+the other cores), `img.hash()` in Python, `qcowmap hash` as a process, and libqcow's pyqcow
+(Debian python3-libqcow, when /usr/bin/python3 can import it), which copies every byte
+(`read_buffer` of 1 MiB + hashlib). The in-process times (open to digest) are compared with
+`img.hash()`'s.
+
+Each run is a fresh process per contender, each contender going first in turn. Prints the
+median wall times (whole processes; range in brackets), CPU times, and the open-to-digest time
+inside the Python processes.
 
 --cache reread first drops the image from the page cache (posix_fadvise DONTNEED) and reads it
 back with plain reads, as a file read from disk is cached; `as-is` leaves the cache as it is
@@ -78,42 +82,95 @@ def timed(args):
     return wall, cpu, out
 
 
+PYQCOW_CHILD = r"""
+import hashlib, sys, time
+import pyqcow
+t = time.perf_counter()
+f = pyqcow.file()
+f.open(sys.argv[1])
+h = hashlib.sha256()
+size = f.get_media_size()
+at = 0
+while at < size:
+    chunk = f.read_buffer(min(1 << 20, size - at))
+    h.update(chunk)
+    at += len(chunk)
+f.close()
+print(h.hexdigest(), time.perf_counter() - t, 0.0)
+"""
+
+IMG_HASH_CHILD = r"""
+import sys, time
+import qcowmap
+t = time.perf_counter()
+with qcowmap.open(sys.argv[1]) as img:
+    digest = img.hash()
+print(digest, time.perf_counter() - t, 0.0)
+"""
+
+
+def have_pyqcow():
+    try:
+        import pyqcow  # noqa: F401 (Debian: python3-libqcow, for /usr/bin/python3)
+    except ImportError:
+        return False
+    return True
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", choices=["as-is", "reread"], default="as-is")
+    parser.add_argument("--io", choices=["auto", "mmap", "read", "none"], default="auto",
+                        help="the extents' io= (default auto; none: prefetch=False)")
     parser.add_argument("qcowmap")
     parser.add_argument("image")
     args = parser.parse_args()
     if args.cache == "reread":
         reread(args.image)
-    cli, py_process, py_inner, cli_cpu, py_cpu, pmd_share = [], [], [], [], [], []
+    # --io none: prefetch=False, the loop as it was before the read-ahead (issue 30's 1.36 s).
+    ahead = "prefetch=False" if args.io == "none" else f"io={args.io!r}"
+    child = CHILD.replace("img.extents()", f"img.extents({ahead})")
+    contenders = {
+        "qcowmap hash (CLI process)": lambda: [args.qcowmap, "hash", args.image],
+        "python img.hash()": lambda: [sys.executable, "-c", IMG_HASH_CHILD, args.image],
+        f"python extents({ahead}) + hashlib": lambda: [sys.executable, "-c", child, args.image],
+    }
+    if have_pyqcow():
+        contenders["pyqcow read_buffer(1 MiB) + hashlib"] = lambda: [
+            sys.executable, "-c", PYQCOW_CHILD, args.image]
+    names = list(contenders)
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    inner = {n: [] for n in names}
+    pmd_share = []
     digests = set()
     for run in range(args.runs):
-        order = ["cli", "py"] if run % 2 == 0 else ["py", "cli"]
-        for which in order:
-            if which == "cli":
-                seconds, cpu, out = timed([args.qcowmap, "hash", args.image])
-                cli.append(seconds)
-                cli_cpu.append(cpu)
-                digests.add(out.split()[0])
-            else:
-                seconds, cpu, out = timed([sys.executable, "-c", CHILD, args.image])
-                digest, inner, pmd = out.split()
-                pmd_share.append(float(pmd))
-                py_process.append(seconds)
-                py_cpu.append(cpu)
-                py_inner.append(float(inner))
-                digests.add(digest)
+        # Each contender goes first in turn: a slow neighbour or a cold cache hits all alike.
+        order = names[run % len(names):] + names[: run % len(names)]
+        for name in order:
+            seconds, used, out = timed(contenders[name]())
+            wall[name].append(seconds)
+            cpu[name].append(used)
+            fields = out.split()
+            digests.add(fields[0])
+            if len(fields) == 3:
+                inner[name].append(float(fields[1]))
+                if name.startswith("python extents"):
+                    pmd_share.append(float(fields[2]))
     if len(digests) != 1:
         sys.exit(f"digests differ: {digests}")
-    c, p, i = statistics.median(cli), statistics.median(py_process), statistics.median(py_inner)
     print(f"image {args.image} (cache {args.cache}), {args.runs} runs each, sha256 {digests.pop()[:16]}...")
-    cc, pc = statistics.median(cli_cpu), statistics.median(py_cpu)
-    print(f"qcowmap hash (process)                 {c:7.3f} s wall  {cc:7.3f} s CPU")
-    print(f"python extents' memoryviews (process)  {p:7.3f} s wall  {pc:7.3f} s CPU   ratio {p / c:.2f} wall, {pc / cc:.2f} CPU")
-    print(f"python extents' memoryviews (in-proc)  {i:7.3f} s wall            ratio {i / c:.2f}")
-    print(f"mapping entries of 2 MiB: {statistics.median(pmd_share):.0%} of the image's resident pages")
+    reference = statistics.median(inner["python img.hash()"])
+    for name in names:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        line = f"{name:40s} {w:7.3f} s wall [{min(wall[name]):.3f}-{max(wall[name]):.3f}]  {c:7.3f} s CPU"
+        if inner[name]:
+            i = statistics.median(inner[name])
+            line += f"   in-process {i:6.3f} s = {i / reference:.2f}x img.hash()"
+        print(line)
+    if pmd_share:
+        print(f"mapping entries of 2 MiB: {statistics.median(pmd_share):.0%} of the image's resident pages")
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

@@ -15,6 +15,7 @@ packages=(
   fuse3 libfuse3-dev
   bindfs  # tests: atomic outputs on a FUSE file system without O_TMPFILE or RENAME_NOREPLACE
   e2fsprogs  # tests: mkfs.ext4, debugfs and e2fsck on the writable mount (mount --rw)
+  python3-libqcow  # python/bench_hash.py: libqcow's pyqcow, the copying peer the extents are timed against
 )
 
 missing=()

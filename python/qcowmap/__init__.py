@@ -81,9 +81,10 @@ class RawDisk(io.RawIOBase):
     place at the current position (past the end of the disk they raise qcowmap.Error);
     ``flush()`` (and closing) makes them durable.
 
-    ``readinto`` copies straight from the mapping into the caller's buffer (one copy, no
-    intermediate bytes), so ``hashlib.file_digest``, ``shutil.copyfileobj`` and ``tarfile``
-    read it like any file. Reading past the end returns b"". Wrap it in ``io.BufferedReader``
+    ``readinto`` copies into the caller's buffer, so ``hashlib.file_digest``,
+    ``shutil.copyfileobj`` and ``tarfile`` read it like any file. Reads of an Image that follow
+    each other (each starting where the last ended) are read ahead on worker threads while
+    Python works (as ``Image.extents()`` does); a read elsewhere is served on its own. Reading past the end returns b"". Wrap it in ``io.BufferedReader``
     for many small reads. Closing it does not close the Image.
     """
 
@@ -95,6 +96,8 @@ class RawDisk(io.RawIOBase):
         self.name = image.path
         self._writable = isinstance(image, WritableImage)
         self.mode = "r+b" if self._writable else "rb"
+        # A WritableImage changes under its reads: those go to it directly.
+        self._reader = None if self._writable else image._sequential_reader()
 
     @property
     def size(self):
@@ -145,11 +148,17 @@ class RawDisk(io.RawIOBase):
         self._pos = position
         return position
 
+    def _source(self):
+        # The Image itself once it is closed (it refuses, as it always did) or when it is written.
+        if self._reader is None or self._image.closed:
+            return self._image
+        return self._reader
+
     def readinto(self, buffer):
         self._checkClosed()
         if self._pos >= self._size:
             return 0
-        n = self._image.readinto(self._pos, buffer)
+        n = self._source().readinto(self._pos, buffer)
         self._pos += n
         return n
 
@@ -159,7 +168,7 @@ class RawDisk(io.RawIOBase):
             size = self._size - self._pos
         if self._pos >= self._size or size == 0:
             return b""
-        data = self._image.read(self._pos, size)
+        data = self._source().read(self._pos, size)
         self._pos += len(data)
         return data
 
@@ -170,6 +179,7 @@ class RawDisk(io.RawIOBase):
         if not self.closed:
             self.flush()
         self._image = None
+        self._reader = None
         super().close()
 
     def __repr__(self):

@@ -91,7 +91,15 @@ class Image:
         """Drops this object's reference to the mapping (memoryviews keep theirs)."""
     def __enter__(self) -> "Image": ...
     def __exit__(self, *args: object) -> None: ...
-    def extents(self, start: int = 0, end: Optional[int] = None) -> ExtentIterator:
+    def extents(
+        self,
+        start: int = 0,
+        end: Optional[int] = None,
+        *,
+        prefetch: bool = True,
+        io: str = "auto",
+        threads: int = 0,
+    ) -> ExtentIterator:
         """Extents covering [start, min(end, size)), in order."""
     def dirty_extents(self, name: str, start: int = 0, end: Optional[int] = None) -> ExtentIterator:
         """Extents of the dirty ranges of bitmap `name` only."""

@@ -29,6 +29,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -189,6 +190,19 @@ py::memoryview mapped_view(const Image& image, std::span<const std::byte> bytes)
     return py::memoryview(py::reinterpret_borrow<py::buffer>(owner));
 }
 
+/// Bytes a read-ahead walk produced into a buffer of its own (read with pread), kept for as
+/// long as any memoryview of them exists (the walk reads on into fresh buffers meanwhile).
+struct HeldBytes {
+    std::shared_ptr<const void> owner;
+    const std::byte* data = nullptr;
+    std::size_t size = 0;
+};
+
+py::memoryview held_view(std::shared_ptr<const void> owner, std::span<const std::byte> bytes) {
+    py::object held = py::cast(HeldBytes{std::move(owner), bytes.data(), bytes.size()});
+    return py::memoryview(py::reinterpret_borrow<py::buffer>(held));
+}
+
 /// One Decompressor per thread (it holds a cluster buffer and decoder state).
 qcowmap::Decompressor& thread_decompressor() {
     thread_local qcowmap::Decompressor decompressor;
@@ -205,10 +219,14 @@ struct PyExtent {
     Extent extent;
     std::string filename;
     py::object data_cache;
+    /// Shared with the iterator that made the extent when it reads ahead once data is wanted.
+    std::shared_ptr<bool> data_wanted;
 
     py::object data() {
         if (data_cache)
             return data_cache;
+        if (data_wanted && extent.kind != ExtentKind::zero)
+            *data_wanted = true;
         switch (extent.kind) {
         case ExtentKind::data: {
             // Python code touching the view runs outside the library's fault boundary, where a
@@ -285,52 +303,294 @@ template <typename Range> class RangeWalk final : public Walk {
     bool started_ = false;
 };
 
+/// The CLI's --io names: auto, mmap, read.
+qcowmap::DataAccess data_access_named(const std::string& io) {
+    if (io == "auto")
+        return qcowmap::DataAccess::automatic;
+    if (io == "mmap")
+        return qcowmap::DataAccess::mapping;
+    if (io == "read")
+        return qcowmap::DataAccess::read;
+    throw py::value_error("io must be 'auto', 'mmap' or 'read'");
+}
+
+/// The options of the walks that read ahead of a Python loop: `io` resolved (the measured
+/// choice for "auto", so that the pieces' size is known), the next pieces' pages read once on
+/// the workers (Prefetch::touch), `threads` workers (0: one per core, at least one).
+qcowmap::VisitOptions read_ahead_options(const std::string& io, unsigned threads) {
+    qcowmap::VisitOptions options;
+    options.data_access = data_access_named(io);
+    if (options.data_access == qcowmap::DataAccess::automatic)
+        options.data_access = qcowmap::automatic_data_access();
+    options.prefetch = qcowmap::Prefetch::touch;
+    options.threads = threads != 0 ? threads : std::max(2u, std::thread::hardware_concurrency());
+    return options;
+}
+
+/// The writable contiguous buffer of `buffer`, as io.FileIO.readinto takes it.
+std::unique_ptr<Py_buffer, void (*)(Py_buffer*)> writable_buffer(const py::object& buffer,
+                                                                 Py_buffer& view) {
+    if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
+        // As io.FileIO.readinto says it.
+        PyErr_Clear();
+        throw py::type_error(
+            fmt::format("readinto() argument must be read-write bytes-like object, not {}",
+                        Py_TYPE(buffer.ptr())->tp_name));
+    }
+    return {&view, PyBuffer_Release};
+}
+
+/// The reads of a RawDisk (Image.open_raw()). A read that starts where the one before ended
+/// continues a read-ahead walk (Image::runs: the next pieces read on the workers while Python
+/// works on this one), so hashlib.file_digest and shutil.copyfileobj stream; a read anywhere
+/// else is one Image::read, as random access (tarfile's seeks, a partition table) wants, and
+/// starts no threads.
+class SequentialReader {
+  public:
+    SequentialReader(Image image, std::string filename, qcowmap::VisitOptions options)
+        : image_(std::move(image)), filename_(std::move(filename)), options_(options) {}
+
+    std::size_t readinto(long long offset_arg, const py::object& buffer) {
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        Py_buffer view;
+        auto release = writable_buffer(buffer, view);
+        return read_span(std::span<std::byte>(static_cast<std::byte*>(view.buf),
+                                              static_cast<std::size_t>(view.len)),
+                         offset);
+    }
+
+    py::bytes read(long long offset_arg, long long length_arg) {
+        const std::uint64_t offset = non_negative(offset_arg, "offset");
+        const std::uint64_t length = non_negative(length_arg, "length");
+        const std::uint64_t size = image_.size();
+        const std::uint64_t n = offset <= size ? std::min(length, size - offset) : 0;
+        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
+        if (!raw)
+            throw py::error_already_set();
+        py::bytes bytes = py::reinterpret_steal<py::bytes>(raw);
+        read_span(std::span<std::byte>(reinterpret_cast<std::byte*>(PyBytes_AS_STRING(raw)), n),
+                  offset);
+        return bytes;
+    }
+
+  private:
+    std::size_t read_span(std::span<std::byte> dest, std::uint64_t offset) {
+        const std::uint64_t size = image_.size();
+        if (offset >= size || dest.empty())
+            return 0;
+        dest = dest.first(
+            static_cast<std::size_t>(std::min<std::uint64_t>(dest.size(), size - offset)));
+        const bool sequential = offset == last_end_;
+        last_end_ = offset + dest.size();
+        if (!sequential) {
+            walk_.reset();
+            py::gil_scoped_release unlocked;
+            auto n = image_.read(dest, offset);
+            if (!n) {
+                py::gil_scoped_acquire gil;
+                raise(n.error(), filename_);
+            }
+            return *n;
+        }
+        return interruptible([&] {
+            py::gil_scoped_release unlocked;
+            SignalCheck check;
+            if (!walk_ || position_ != offset) {
+                walk_ = std::make_unique<qcowmap::detail::RunWalk>(image_, offset, size, options_);
+                have_run_ = false;
+                position_ = offset;
+            }
+            std::size_t done = 0;
+            while (done < dest.size()) {
+                if (!have_run_ || position_ == run_.offset + run_.length) {
+                    have_run_ = walk_->next(run_);
+                    if (!have_run_) {
+                        qcowmap::Error error = walk_->error()
+                                                   ? *walk_->error()
+                                                   : qcowmap::Error{qcowmap::ErrorCode::io_error,
+                                                                    "the walk ended early"};
+                        walk_.reset();
+                        last_end_ = UINT64_MAX;
+                        py::gil_scoped_acquire gil;
+                        raise(error, filename_);
+                    }
+                }
+                const std::uint64_t into = position_ - run_.offset;
+                const std::size_t n = static_cast<std::size_t>(
+                    std::min<std::uint64_t>(run_.length - into, dest.size() - done));
+                if (run_.bytes.empty())
+                    std::memset(dest.data() + done, 0, n);
+                else
+                    std::memcpy(dest.data() + done, run_.bytes.data() + into, n);
+                done += n;
+                position_ += n;
+                check();
+            }
+            return done;
+        });
+    }
+
+    Image image_;
+    std::string filename_;
+    qcowmap::VisitOptions options_;
+    std::unique_ptr<qcowmap::detail::RunWalk> walk_;
+    qcowmap::Run run_; // the run being read; its bytes live until the walk's next step
+    bool have_run_ = false;
+    std::uint64_t position_ = 0;          // the next byte of the disk the walk gives
+    std::uint64_t last_end_ = UINT64_MAX; // where the last read ended
+};
+
+/// How an extent iterator reads data ahead of the loop (Image.extents(prefetch=True)).
+struct ReadAhead {
+    qcowmap::VisitOptions options; // threads, the resolved data access, Prefetch::touch
+    std::uint64_t end = 0;
+    /// Data runs are handed out in pieces of at most this many bytes (the pieces the read-ahead
+    /// walk cuts): the next pieces are produced while the loop consumes one.
+    std::uint64_t piece = 0;
+};
+
 /// Python iterator over extents. The walk runs in C++ without the GIL, a batch at a time.
+///
+/// With read-ahead, it starts as a walk of the map (data runs cut into pieces) and turns into a
+/// read-ahead walk (Image::runs) at the first extent whose data the loop reads: a loop that
+/// only looks at offsets and kinds never reads the disk, and one that hashes or copies finds
+/// the next pieces already read (or their mapped pages present) when it gets to them.
 class ExtentIterator {
   public:
-    ExtentIterator(Image image, std::unique_ptr<Walk> walk, std::string filename)
-        : image_(std::move(image)), walk_(std::move(walk)), filename_(std::move(filename)) {}
+    ExtentIterator(Image image, std::unique_ptr<Walk> walk, std::string filename,
+                   std::optional<ReadAhead> ahead = std::nullopt)
+        : image_(std::move(image)), walk_(std::move(walk)), filename_(std::move(filename)),
+          ahead_(std::move(ahead)) {
+        if (ahead_)
+            data_wanted_ = std::make_shared<bool>(false);
+    }
 
     PyExtent next() {
         if (busy_)
             throw py::value_error("extent iterator already executing in another thread");
+        // Another Python thread may call next() while this one runs without the GIL.
+        busy_ = true;
+        struct Idle {
+            bool& busy;
+            ~Idle() { busy = false; }
+        } idle{busy_};
+        // The map walk may have reached the end in a batch the loop has not finished yet.
+        if (data_wanted_ && *data_wanted_ && !runs_ && (index_ < batch_.size() || !done_))
+            start_reading_ahead();
+        if (runs_)
+            return next_run();
         if (index_ == batch_.size() && !done_) {
-            // Another Python thread may call next() while this one runs without the GIL.
-            busy_ = true;
-            struct Idle {
-                bool& busy;
-                ~Idle() { busy = false; }
-            } idle{busy_};
             batch_.clear();
             index_ = 0;
-            {
-                py::gil_scoped_release unlocked;
-                Extent extent;
-                while (batch_.size() < kBatch) {
-                    if (!walk_->next(extent)) {
-                        done_ = true;
-                        break;
-                    }
-                    batch_.push_back(extent);
+            py::gil_scoped_release unlocked;
+            Extent extent;
+            while (batch_.size() < kBatch) {
+                if (!walk_->next(extent)) {
+                    done_ = true;
+                    break;
                 }
+                if (ahead_ && extent.kind == ExtentKind::data)
+                    cut_into_pieces(extent);
+                else
+                    batch_.push_back(extent);
             }
         }
-        if (index_ < batch_.size())
-            return PyExtent{image_, batch_[index_++], filename_, py::object()};
-        if (const qcowmap::Error* error = walk_->error(); error && !raised_) {
-            raised_ = true; // a failed walk raises once, then ends like any exhausted iterator
-            raise(*error, filename_);
+        if (index_ < batch_.size()) {
+            const Extent& e = batch_[index_++];
+            next_offset_ = e.offset + e.length;
+            return PyExtent{image_, e, filename_, py::object(), data_wanted_};
         }
+        raise_once();
         throw py::stop_iteration();
     }
 
   private:
+    /// As the read-ahead walk cuts a data run (from its start, `piece` bytes at a time), so
+    /// that the two walks agree wherever one takes over from the other.
+    void cut_into_pieces(const Extent& extent) {
+        for (std::uint64_t done = 0; done < extent.length; done += ahead_->piece) {
+            Extent piece = extent;
+            piece.offset = extent.offset + done;
+            piece.length = std::min(ahead_->piece, extent.length - done);
+            piece.bytes = extent.bytes.subspan(done, piece.length);
+            if (piece.host_offset)
+                *piece.host_offset += done;
+            if (piece.file)
+                piece.file->offset += done;
+            batch_.push_back(piece);
+        }
+    }
+
+    void start_reading_ahead() {
+        const std::uint64_t from = index_ < batch_.size() ? batch_[index_].offset : next_offset_;
+        batch_.clear();
+        index_ = 0;
+        done_ = false;
+        py::gil_scoped_release unlocked;
+        runs_ =
+            std::make_unique<qcowmap::detail::RunWalk>(image_, from, ahead_->end, ahead_->options);
+    }
+
+    PyExtent next_run() {
+        qcowmap::Run run;
+        std::shared_ptr<const void> owner;
+        Extent extent;
+        bool produced = false;
+        {
+            py::gil_scoped_release unlocked;
+            produced = runs_->next(run);
+            if (produced) {
+                owner = runs_->hold();
+                extent = runs_->extent();
+            }
+        }
+        if (!produced) {
+            done_ = true;
+            if (runs_->error() && !raised_) {
+                raised_ = true;
+                raise(*runs_->error(), filename_);
+            }
+            throw py::stop_iteration();
+        }
+        // The piece of `extent` the run is, as an Extent whose data is the run's bytes.
+        const std::uint64_t into = run.offset - extent.offset;
+        Extent piece = extent;
+        piece.offset = run.offset;
+        piece.length = run.length;
+        if (piece.host_offset && extent.kind == ExtentKind::data)
+            *piece.host_offset += into;
+        py::object data = py::none();
+        if (run.kind == ExtentKind::data) {
+            piece.bytes = run.bytes;
+            piece.file = run.file;
+            // Mapped bytes were made present and read inside the library's fault boundary
+            // (Prefetch::touch); bytes read with pread are the walk's buffer, kept by the view.
+            data = owner ? py::object(held_view(std::move(owner), run.bytes))
+                         : py::object(mapped_view(image_, run.bytes));
+        } else if (run.kind == ExtentKind::compressed) {
+            data = py::bytes(reinterpret_cast<const char*>(run.bytes.data()), run.bytes.size());
+        }
+        next_offset_ = run.offset + run.length;
+        return PyExtent{image_, piece, filename_, data, nullptr};
+    }
+
+    void raise_once() {
+        if (const qcowmap::Error* error = walk_->error(); error && !raised_) {
+            raised_ = true; // a failed walk raises once, then ends like any exhausted iterator
+            raise(*error, filename_);
+        }
+    }
+
     static constexpr std::size_t kBatch = 256;
     Image image_;
     std::unique_ptr<Walk> walk_;
     std::string filename_;
+    std::optional<ReadAhead> ahead_;
+    std::shared_ptr<bool> data_wanted_;
+    std::unique_ptr<qcowmap::detail::RunWalk> runs_;
     std::vector<Extent> batch_;
     std::size_t index_ = 0;
+    std::uint64_t next_offset_ = 0;
     bool done_ = false;
     bool busy_ = false;
     bool raised_ = false;
@@ -383,12 +643,25 @@ class PyImage {
         return out;
     }
 
-    ExtentIterator extents(long long start, std::optional<long long> end) const {
+    ExtentIterator extents(long long start, std::optional<long long> end, bool prefetch,
+                           const std::string& io, unsigned threads) const {
         Image image = get();
         std::uint64_t from = non_negative(start, "start");
         std::uint64_t to = end ? non_negative(*end, "end") : UINT64_MAX;
         auto walk = std::make_unique<RangeWalk<qcowmap::ExtentRange>>(image.extents(from, to));
-        return ExtentIterator(image, std::move(walk), filename_);
+        std::optional<ReadAhead> ahead;
+        if (prefetch) {
+            ahead.emplace();
+            ahead->end = to;
+            ahead->options = read_ahead_options(io, threads);
+            ahead->piece = ahead->options.data_access == qcowmap::DataAccess::read
+                               ? qcowmap::kReadPieceBytes
+                               : qcowmap::kPrefetchWindowBytes;
+        } else if (io != "auto" && io != "mmap") {
+            throw py::value_error("io must be 'auto', 'mmap' or 'read' (and 'read' reads ahead: "
+                                  "prefetch=True)");
+        }
+        return ExtentIterator(image, std::move(walk), filename_, std::move(ahead));
     }
 
     ExtentIterator dirty_extents(const std::string& name, long long start,
@@ -402,6 +675,10 @@ class PyImage {
         auto walk =
             std::make_unique<RangeWalk<qcowmap::DirtyExtentRange>>(bitmap->dirty_extents(from, to));
         return ExtentIterator(image, std::move(walk), filename_);
+    }
+
+    SequentialReader sequential_reader(const std::string& io, unsigned threads) const {
+        return SequentialReader(get(), filename_, read_ahead_options(io, threads));
     }
 
     py::bytes read(long long offset_arg, long long length_arg) const {
@@ -424,14 +701,7 @@ class PyImage {
         Image image = get();
         const std::uint64_t offset = non_negative(offset_arg, "offset");
         Py_buffer view;
-        if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) {
-            // As io.FileIO.readinto says it.
-            PyErr_Clear();
-            throw py::type_error(
-                fmt::format("readinto() argument must be read-write bytes-like object, not {}",
-                            Py_TYPE(buffer.ptr())->tp_name));
-        }
-        std::unique_ptr<Py_buffer, void (*)(Py_buffer*)> release(&view, PyBuffer_Release);
+        auto release = writable_buffer(buffer, view);
         std::span<std::byte> dest(static_cast<std::byte*>(view.buf),
                                   static_cast<std::size_t>(view.len));
         return read_span(image, dest, offset);
@@ -933,6 +1203,16 @@ PYBIND11_MODULE(_qcowmap, m) {
                                    /*readonly=*/true);
         });
 
+    py::class_<SequentialReader>(m, "_SequentialReader")
+        .def("readinto", &SequentialReader::readinto, py::arg("offset"), py::arg("buffer"))
+        .def("read", &SequentialReader::read, py::arg("offset"), py::arg("length"));
+
+    py::class_<HeldBytes>(m, "_HeldBytes", py::buffer_protocol()).def_buffer([](HeldBytes& b) {
+        return py::buffer_info(const_cast<std::byte*>(b.data), 1, "B", 1,
+                               {static_cast<py::ssize_t>(b.size)}, {py::ssize_t{1}},
+                               /*readonly=*/true);
+    });
+
     py::class_<PyExtent>(m, "Extent",
                          "A run [offset, offset + length) of the virtual disk whose bytes are all "
                          "obtained one way (kind \"data\", \"zero\" or \"compressed\").")
@@ -994,7 +1274,17 @@ PYBIND11_MODULE(_qcowmap, m) {
         .def("__enter__", [](py::object self) { return self; })
         .def("__exit__", [](PyImage& i, const py::args&) { i.close(); })
         .def("extents", &PyImage::extents, py::arg("start") = 0, py::arg("end") = py::none(),
-             "Extents covering [start, min(end, size)), in order.")
+             py::kw_only(), py::arg("prefetch") = true, py::arg("io") = "auto",
+             py::arg("threads") = 0,
+             "Extents covering [start, min(end, size)), in order. prefetch=True (the default): "
+             "data runs come in pieces of at most 1 MiB (256 KiB with io='read'), and from the "
+             "first extent whose data the loop reads, the next pieces are read ahead on "
+             "`threads` workers (0: one per core) while the loop works: io='mmap' hands out "
+             "memoryviews of the mapping whose pages were made present ahead, io='read' "
+             "memoryviews of buffers read with pread ahead, io='auto' whichever costs less on "
+             "this machine (qcowmap --io=auto). Pages of the mapping the loop has passed are "
+             "dropped from the process. prefetch=False: the allocation map's runs whole, data "
+             "as views of the mapping read when asked for.")
         .def("dirty_extents", &PyImage::dirty_extents, py::arg("name"), py::arg("start") = 0,
              py::arg("end") = py::none(),
              "The extents of the dirty ranges of persistent bitmap `name` only (what an "
@@ -1020,6 +1310,9 @@ PYBIND11_MODULE(_qcowmap, m) {
             "open_raw",
             [](py::object self) { return py::module_::import("qcowmap").attr("RawDisk")(self); },
             "The virtual disk as a read-only, seekable io.RawIOBase (qcowmap.RawDisk).")
+        .def("_sequential_reader", &PyImage::sequential_reader, py::arg("io") = "auto",
+             py::arg("threads") = 0,
+             "RawDisk's reader: sequential reads continue a read-ahead walk.")
         .def("__repr__", [](const PyImage& i) {
             return fmt::format("<qcowmap.Image '{}'{}>", i.filename(),
                                i.closed() ? " (closed)" : fmt::format(" size={}", i.size()));

@@ -13,6 +13,7 @@ import pathlib
 import random
 import shlex
 import subprocess
+import time
 
 import pytest
 
@@ -450,3 +451,18 @@ def mapping_of(address, length):
 
 def shell(args):
     return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def wait_for_writer_lock(path):
+    """Waits until a writer (qemu-io started just before) holds its locks on `path`: first until
+    /proc/locks lists a lock on the file, and only then asks qemu-img info, which is refused
+    once the writer holds them. Asking qemu-img while the writer starts races it: qemu-img's
+    own brief lock can make the writer's fail (tests/support.cpp, wait_for_writer_lock)."""
+    inode = f":{os.stat(path).st_ino} "
+    for _ in range(600):
+        with open("/proc/locks") as f:
+            if inode in f.read():
+                info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
+                return info.returncode != 0 and "lock" in info.stderr
+        time.sleep(0.05)
+    return False

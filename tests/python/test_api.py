@@ -31,6 +31,7 @@ from conftest import (
     qemu_io,
     run,
     sha256,
+    wait_for_writer_lock,
 )
 
 
@@ -98,6 +99,95 @@ def test_memoryview_is_read_only(small):
         assert view.format == "B" and view.ndim == 1 and view.contiguous
         # numpy-free consumers see one flat byte buffer.
         assert view.cast("B").nbytes == 128 * KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-ahead extents (prefetch=True, the default): pieces produced ahead of the loop.
+
+
+@pytest.fixture
+def dense(tmp_path):
+    """12 MiB: 5 MiB of data, a zero cluster, two compressed clusters, 3 MiB more data."""
+    path = tmp_path / "dense.qcow2"
+    make_image(
+        path,
+        "cluster_size=64k",
+        "12M",
+        ["write -P 0x5a 0 5M", "write -z 5M 64k", "write -c -P 0x6b 6M 128k", "write -P 0x7c 8M 3M"],
+    )
+    raw = tmp_path / "dense.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(path), str(raw)])
+    return path, raw.read_bytes()
+
+
+@pytest.mark.parametrize("io", ["auto", "mmap", "read"])
+def test_read_ahead_extents_give_the_disk_and_their_views_outlive_the_walk(dense, io):
+    path, raw = dense
+    kept = []
+    with qcowmap.open(path) as img:
+        position = 0
+        kinds = set()
+        for e in img.extents(io=io, threads=2):
+            assert e.offset == position, e
+            kinds.add(e.kind)
+            data = e.data
+            if e.kind == "data":
+                assert e.length <= MiB, e
+                if io == "read":
+                    assert e.length <= 256 * KiB, e
+                assert isinstance(data, memoryview) and data.readonly and data.nbytes == e.length
+                kept.append((e.offset, data))
+            elif e.kind == "compressed":
+                assert data == raw[e.offset : e.offset + e.length]
+            else:
+                assert data is None
+            position += e.length
+        assert position == len(raw)
+        assert kinds == {"data", "zero", "compressed"}
+    gc.collect()
+    # The walk read on into fresh buffers while these views kept theirs.
+    assert sum(len(v) for _, v in kept) == 8 * MiB
+    for offset, view in kept:
+        assert view == raw[offset : offset + len(view)], offset
+
+
+def rchar():
+    """Bytes this process has read with read(2)/pread(2) so far."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_read_ahead_starts_only_when_the_loop_reads_data(dense):
+    path, raw = dense
+    with qcowmap.open(path) as img:
+        before = rchar()
+        pieces = [(e.offset, e.length, e.kind) for e in img.extents(io="read")]
+        map_only = rchar() - before
+        before = rchar()
+        digest = hashlib.sha256()
+        for e in img.extents(io="read"):
+            digest.update(e.data if e.data is not None else bytes(e.length))
+        reading = rchar() - before
+        whole = [(e.offset, e.length, e.kind) for e in img.extents(prefetch=False)]
+    assert digest.hexdigest() == sha256(raw)
+    # A loop over offsets and kinds reads nothing (the walk reads tables in the mapping)...
+    assert map_only < 64 * KiB, map_only
+    # ...one that reads the data reads it with pread ahead of the loop, from the piece after the
+    # first one it asked for (that one is read from the mapping when asked: 256 KiB).
+    assert reading >= 8 * MiB - 256 * KiB, reading
+    # Pieces of at most 256 KiB there; prefetch=False keeps the map's runs whole.
+    assert (0, 5 * MiB, "data") in whole
+    assert (0, 256 * KiB, "data") in pieces
+    assert sum(length for _, length, _ in pieces) == len(raw)
+
+
+def test_read_ahead_arguments_are_checked(dense):
+    path, _ = dense
+    with qcowmap.open(path) as img:
+        with pytest.raises(ValueError):
+            img.extents(io="fast")
+        with pytest.raises(TypeError):
+            img.extents(0, None, True)  # keyword-only
 
 
 def test_context_manager_and_close(small):
@@ -400,6 +490,40 @@ def test_open_raw_is_a_raw_io(small):
         assert not img.closed  # closing the file does not close the image
 
 
+def test_open_raw_reads_that_follow_each_other_are_read_ahead_and_others_are_not(dense):
+    path, raw = dense
+    with qcowmap.open(path) as img:
+        # hashlib.file_digest: readinto of 256 KiB, one after the other.
+        with img.open_raw() as f:
+            assert hashlib.file_digest(f, "sha256").hexdigest() == sha256(raw)
+        # Sequential reads of odd sizes across data, zero and compressed runs, then jumps
+        # (back, forward, past the end) and sequential again from there.
+        with img.open_raw() as f:
+            got = bytearray()
+            for size in (1, 4095, 300 * KiB, 5 * MiB, 12345, MiB):
+                got += f.read(size)
+            assert bytes(got) == raw[: len(got)]
+            for at, size in ((3, 70 * KiB), (6 * MiB - 5, 200 * KiB), (11 * MiB, 2 * MiB)):
+                f.seek(at)
+                first = f.read(size)
+                second = f.read(size)
+                assert first + second == raw[at : at + 2 * size], at
+            f.seek(len(raw) + 10)
+            assert f.read(10) == b""
+            buffer = bytearray(3 * MiB)
+            f.seek(4 * MiB)
+            assert f.readinto(buffer) == 3 * MiB and bytes(buffer) == raw[4 * MiB : 7 * MiB]
+            assert f.readinto(buffer) == 3 * MiB and bytes(buffer) == raw[7 * MiB : 10 * MiB]
+            assert f.readinto(buffer) == 2 * MiB and bytes(buffer[: 2 * MiB]) == raw[10 * MiB :]
+    # A RawDisk of a closed Image refuses, as before.
+    img = qcowmap.open(path)
+    f = img.open_raw()
+    assert f.read(10) == raw[:10]
+    img.close()
+    with pytest.raises(ValueError):
+        f.read(10)
+
+
 def test_open_raw_with_shutil_hashlib_and_tarfile(small, tmp_path):
     path, raw = small
     with qcowmap.open(path) as img:
@@ -617,12 +741,7 @@ def test_an_image_a_writer_holds_is_refused_unless_force_share(small):
     writer = subprocess.Popen(["timeout", "60", "qemu-io", "-f", "qcow2", "-c", "sleep 60000", str(path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(400):  # until qemu-img itself is refused: the writer holds its lock
-            info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
-            if "lock" in info.stderr:
-                break
-            time.sleep(0.05)
-        else:
+        if not wait_for_writer_lock(path):
             pytest.fail(f"qemu-io never locked the image (exit {writer.poll()})")
         expect_error("image_in_use", 'Failed to get shared "write" lock', lambda: qcowmap.open(path))
         with qcowmap.open(path, force_share=True) as img:
