@@ -69,6 +69,8 @@ echo "$out"
 echo "$out" | grep -Eq "65536 [+]65536 +data$" || fail "read_extents: missing data extent"
 echo "$out" | grep -Eq "^ +2097152 [+]65536 +zero$" || fail "read_extents: missing zero cluster"
 echo "$out" | grep -q "read 4096 bytes at offset 0" || fail "read_extents: bad summary"
+sum=$(python3 -c 'import sys; print(sum(open(sys.argv[1], "rb").read()))' disk.raw)
+echo "$out" | grep -qx "byte sum of the disk $sum" || fail "read_extents: byte sum is not $sum"
 
 # The C example, dynamic and static, on a plain and a compressed image.
 for prog in ./read_disk ./read_disk_static; do
