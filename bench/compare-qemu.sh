@@ -24,7 +24,8 @@
 #      BLKSUM  a blksum executable (nirs/blkhash, not packaged in Debian): the blkhash rows then
 #            check its digests and time it too
 # At the end: hash --algo=blkhash-sha256 against --algo=sha256, and convert with and without
-# --digest (issue 24).
+# --digest (issue 24); streamed input, in-place writes, the lifecycle commands; and Python's
+# extents loop + hashlib against img.hash() and pyqcow (python/bench_hash.py, issue 30).
 #
 # Images:
 #   dense-1G.qcow2   1 GiB virtual, every byte written (64 writes of 16 MiB)
@@ -546,3 +547,14 @@ fi
 # The backup lifecycle commands (issue 28): bench/lifecycle-compare.sh.
 echo
 RUNS=$RUNS "$(dirname "$0")/lifecycle-compare.sh" "$QCOWMAP" "$WORKDIR"
+
+# Hashing in Python (issue 30): the plain extents loop + hashlib against img.hash(), the CLI and
+# pyqcow, with the Python module of the same build, when it was built.
+PY_BUILD=$(dirname "$(dirname "$QCOWMAP")")/python
+if [[ -d $PY_BUILD/qcowmap ]] && [[ -x /usr/bin/python3 ]]; then
+    echo
+    PYTHONPATH=$PY_BUILD /usr/bin/python3 "$(dirname "$0")/../python/bench_hash.py" --runs "$RUNS" \
+        "$QCOWMAP" "$DENSE"
+else
+    echo "python hashing skipped: no Python module in $PY_BUILD"
+fi
