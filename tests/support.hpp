@@ -75,32 +75,6 @@ void make_image(const std::filesystem::path& path, const std::string& options,
 /// CPU usage"), so it is tried up to 10 times; fails the test (ADD_FAILURE) if it never works.
 void make_luks_image(const std::filesystem::path& path, const std::string& size);
 
-/// Steps through a qcowmap range (ExtentRange, BitmapRanges, DirtyExtentRange) one value at a
-/// time, for tests that check what a walk yields first and that it then ends or fails.
-/// `range` must outlive the stepper.
-template <typename Range> class Stepper {
-  public:
-    explicit Stepper(Range& range) : range_(range) {}
-    /// The next value into `out`; false at the end of the walk or once it failed.
-    bool next(typename Range::value_type& out) {
-        if (!started_) {
-            started_ = true;
-            cursor_ = range_.begin();
-        } else if (cursor_ != std::default_sentinel) {
-            ++cursor_;
-        }
-        if (cursor_ == std::default_sentinel)
-            return false;
-        out = *cursor_;
-        return true;
-    }
-
-  private:
-    Range& range_;
-    typename Range::iterator cursor_;
-    bool started_ = false;
-};
-
 } // namespace qcowmap::test
 
 namespace qcowmap::test {

@@ -250,7 +250,7 @@ TEST_F(Compare, ErrorsUseQemuImgExitCodes) {
     ASSERT_TRUE(image);
     Extent e;
     auto it = image->extents();
-    ASSERT_TRUE(test::Stepper(it).next(e));
+    ASSERT_TRUE(it.next(e));
     ASSERT_EQ(e.kind, ExtentKind::compressed);
     auto pbytes = test::read_file(packed);
     for (std::uint64_t i = 0; i < 64; ++i)

@@ -213,9 +213,8 @@ OpenOptions overrides(std::optional<fs::path> backing_file,
 /// The extent covering `offset`.
 Extent extent_at(const Image& image, std::uint64_t offset) {
     ExtentRange it = image.extents(offset, offset + 1);
-    test::Stepper it_steps(it);
     Extent e;
-    EXPECT_TRUE(it_steps.next(e)) << "no extent at " << offset;
+    EXPECT_TRUE(it.next(e)) << "no extent at " << offset;
     EXPECT_FALSE(it.error().has_value()) << (it.error().has_value() ? it.error()->message : "");
     return e;
 }
@@ -349,9 +348,8 @@ TEST(Chain, LayersAndExtentDepthsThroughTheLibrary) {
     for (const LayerInfo& layer : layers)
         files.push_back(test::read_file(layer.path));
     ExtentRange it = image->extents();
-    test::Stepper it_steps(it);
     int data_extents[3] = {0, 0, 0};
-    while (it_steps.next(e)) {
+    while (it.next(e)) {
         ASSERT_LT(e.depth, 3u);
         if (e.kind != ExtentKind::data)
             continue;

@@ -102,24 +102,15 @@ enum class Source : std::uint8_t {
 class Side {
   public:
     Side(const Image& image, std::uint64_t start) : image_(image), extents_(image.extents(start)) {}
-    Side(const Side&) = delete; // `cursor_` points into `extents_`
+    Side(const Side&) = delete; // one walk, one owner
     Side& operator=(const Side&) = delete;
 
     /// Makes the current extent the one containing `pos`. False at the end or on error.
     bool seek(std::uint64_t pos) {
         while (!have_ || extent_.offset + extent_.length <= pos) {
-            if (!started_) {
-                started_ = true;
-                cursor_ = extents_.begin();
-            } else if (cursor_ != std::default_sentinel) {
-                ++cursor_;
-            }
-            if (cursor_ == std::default_sentinel) {
-                have_ = false;
+            have_ = extents_.next(extent_);
+            if (!have_)
                 return false;
-            }
-            extent_ = *cursor_;
-            have_ = true;
             ++serial_;
         }
         return true;
@@ -167,9 +158,7 @@ class Side {
 
   private:
     const Image& image_;
-    ExtentRange extents_;
-    ExtentRange::iterator cursor_;
-    bool started_ = false;
+    ExtentRange extents_; // stepped by hand (next)
     Extent extent_;
     bool have_ = false;
     std::uint64_t serial_ = 0;

@@ -198,16 +198,11 @@ class Prefetcher {
     /// Moves the look-ahead walk to the next extent whose bytes must be produced; false at the
     /// end (or on error: `ahead_.error()`).
     bool advance() {
-        if (!started_) {
-            started_ = true;
-            cursor_ = ahead_.begin();
-        } else if (cursor_ != std::default_sentinel) {
-            ++cursor_;
-        }
-        for (; cursor_ != std::default_sentinel; ++cursor_) {
-            pending_source_ = delivery_of(options_, *cursor_);
+        Extent extent;
+        while (ahead_.next(extent)) {
+            pending_source_ = delivery_of(options_, extent);
             if (pending_source_ != Delivery::direct) {
-                pending_ = *cursor_;
+                pending_ = extent;
                 pending_next_ = pending_->offset;
                 return true;
             }
@@ -296,9 +291,7 @@ class Prefetcher {
 
     const Image& image_;
     const VisitOptions options_;
-    ExtentRange ahead_;
-    ExtentRange::iterator cursor_;
-    bool started_ = false;
+    ExtentRange ahead_;             // stepped by hand (next)
     std::optional<Extent> pending_; // an extent being cut into pieces
     Delivery pending_source_ = Delivery::direct;
     std::uint64_t pending_next_ = 0;
@@ -450,15 +443,8 @@ struct RunWalk::Impl {
 
     /// Moves to the next extent; false at the end of the range or on error.
     bool advance_extent() {
-        if (!started) {
-            started = true;
-            cursor = extents.begin();
-        } else {
-            ++cursor;
-        }
-        if (cursor == std::default_sentinel)
+        if (!extents.next(extent))
             return false;
-        extent = *cursor;
         source = delivery_of(options, extent);
         piece = extent.offset;
         cutting = true;
@@ -550,9 +536,7 @@ struct RunWalk::Impl {
     Image image;
     VisitOptions options;
     const std::uint64_t end;
-    ExtentRange extents;
-    ExtentRange::iterator cursor;
-    bool started = false;
+    ExtentRange extents;                // stepped by hand (next)
     Extent extent;                      // the extent being cut (or handed out whole)
     Delivery source = Delivery::direct; // how its bytes are produced
     std::uint64_t piece = 0;            // where its next piece starts

@@ -279,28 +279,14 @@ class Walk {
 
 template <typename Range> class RangeWalk final : public Walk {
   public:
-    // On the heap: the range's iterators point to it, so it must not move once begun.
-    explicit RangeWalk(Range range) : range_(std::make_unique<Range>(std::move(range))) {}
-    bool next(Extent& out) override {
-        if (!started_) {
-            started_ = true;
-            iterator_ = range_->begin();
-        } else {
-            ++iterator_;
-        }
-        if (iterator_ == std::default_sentinel)
-            return false;
-        out = *iterator_;
-        return true;
-    }
+    explicit RangeWalk(Range range) : range_(std::move(range)) {}
+    bool next(Extent& out) override { return range_.next(out); }
     const qcowmap::Error* error() const override {
-        return range_->error() ? &*range_->error() : nullptr;
+        return range_.error() ? &*range_.error() : nullptr;
     }
 
   private:
-    std::unique_ptr<Range> range_;
-    typename Range::iterator iterator_;
-    bool started_ = false;
+    Range range_; // stepped by hand (WalkRange::next)
 };
 
 /// The CLI's --io names: auto, mmap, read.

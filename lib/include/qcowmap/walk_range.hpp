@@ -23,7 +23,8 @@ namespace qcowmap {
 ///   for (const qcowmap::Extent& e : extents) { ... }
 ///   if (extents.error()) report(extents.error()->message);
 /// \endcode
-/// `begin()` produces the first value; each increment produces the next. After the first error
+/// `begin()` produces the first value; each increment produces the next (or, stepping by hand,
+/// each `next(out)` call). After the first error
 /// the walk stays failed and yields nothing more (LLVM's fallible_iterator, dav1d's sticky
 /// error). The range is movable but not copyable-in-flight: iterators point to the range, so do
 /// not move it while iterating.
@@ -69,6 +70,23 @@ template <typename Walk> class WalkRange {
         return iterator(this);
     }
     std::default_sentinel_t end() const { return {}; }
+
+    /// Steps the walk by hand, for consumers that cannot hold an iterator across calls (a Python
+    /// or C iterator, a loop that merges two walks): the next value into `out`, false at the
+    /// end or once the walk failed (`error()` says which). The first call produces the first
+    /// value, as `begin()` does; do not mix the two ways on one range.
+    bool next(value_type& out) {
+        if (!started_) {
+            started_ = true;
+            advance();
+        } else if (!done_) {
+            advance();
+        }
+        if (done_)
+            return false;
+        out = current_;
+        return true;
+    }
 
     /// Why the walk stopped early, or nullopt when it ran to the end (or has not failed yet).
     const std::optional<Error>& error() const { return walk_.error(); }
