@@ -5,6 +5,7 @@
 #include "support.hpp"
 
 #include <qcowmap/bitmap.hpp>
+#include <qcowmap/format.hpp>
 #include <qcowmap/image.hpp>
 
 #include <fmt/format.h>
@@ -536,7 +537,6 @@ TEST(Bitmaps, SnapshotsAreRefused) {
 
 constexpr std::size_t kAutoclearAt = 88;
 constexpr std::size_t kHeaderLengthAt = 100;
-constexpr std::uint32_t kExtBitmaps = 0x23852875;
 
 /// A v3 image with bitmaps "b0" (dirty at 0..64k, so its table has one allocated entry) and
 /// "b1" (clean), patched in memory.
@@ -562,7 +562,7 @@ struct Patched {
     Patched() : b(pristine()) {
         std::size_t at = get_be(b, kHeaderLengthAt, 4);
         while (std::uint32_t type = static_cast<std::uint32_t>(get_be(b, at, 4))) {
-            if (type == kExtBitmaps)
+            if (type == qcowmap::kExtensionBitmaps)
                 ext = at + 8;
             at += 8 + ((get_be(b, at + 4, 4) + 7) & ~7ull);
         }

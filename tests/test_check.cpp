@@ -6,6 +6,7 @@
 #include "support.hpp"
 
 #include <qcowmap/check.hpp>
+#include <qcowmap/format.hpp>
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -276,7 +277,7 @@ TEST(CheckClean, EncryptedImageIsCheckedWithoutTheKey) {
     Geometry g(b);
     std::uint64_t luks_cluster = 0;
     for (std::uint64_t at = 104; at + 8 <= g.cluster_size; at += 8) {
-        if (get_be(b, at, 4) == 0x0537be77) {
+        if (get_be(b, at, 4) == qcowmap::kExtensionEncryption) {
             luks_cluster = get_be(b, at + 8, 8) >> g.cluster_bits;
             break;
         }
@@ -579,7 +580,7 @@ TEST(CheckBitmaps, BitmapTableOffsets) {
     const Buffer b = qt::read_file(healthy);
     // Bitmaps extension (spec "Bitmaps extension"): directory offset at data + 16.
     std::uint64_t at = get_be(b, 100, 4);
-    while (get_be(b, at, 4) != 0x23852875) {
+    while (get_be(b, at, 4) != qcowmap::kExtensionBitmaps) {
         ASSERT_NE(get_be(b, at, 4), 0u) << "no bitmaps extension";
         at += 8 + ((get_be(b, at + 4, 4) + 7) & ~std::uint64_t{7});
     }

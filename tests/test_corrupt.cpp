@@ -9,6 +9,7 @@
 #include "support.hpp"
 
 #include <qcowmap/check.hpp>
+#include <qcowmap/format.hpp>
 #include <qcowmap/image.hpp>
 
 #include <fmt/format.h>
@@ -71,11 +72,6 @@ constexpr std::uint64_t kCompressedFlag = 1ULL << 62;
 constexpr unsigned kCsizeShift = 54;
 constexpr std::uint64_t kCoffsetMask = (1ULL << kCsizeShift) - 1;
 
-constexpr std::uint32_t kExtFeatureNames = 0x6803f857;
-constexpr std::uint32_t kExtBitmaps = 0x23852875;
-constexpr std::uint32_t kExtBackingFormat = 0xe2792aca;
-constexpr std::uint32_t kExtEncryption = 0x0537be77;
-constexpr std::uint32_t kExtDataFile = 0x44415441;
 constexpr std::uint32_t kExtUnknown = 0x12345678;
 
 constexpr std::uint64_t kFarAway = 0x10000000; // cluster-aligned, far past every fixture's end
@@ -579,7 +575,7 @@ TEST(CorruptHeader, HeaderLengthBelow104OnVersion3) {
 
 TEST(CorruptHeader, UnknownIncompatibleBitWithoutFeatureTable) {
     Buffer b = fixtures().v3;
-    put_be32(b, find_extension(b, kExtFeatureNames), kExtUnknown); // hide the table
+    put_be32(b, find_extension(b, qcowmap::kExtensionFeatureNames), kExtUnknown); // hide the table
     put_be64(b, kIncompatibleAt, 1ULL << 9);
     auto image = open(b);
     EXPECT_TRUE(fails_with(image, ErrorCode::unsupported_feature,
@@ -589,7 +585,7 @@ TEST(CorruptHeader, UnknownIncompatibleBitWithoutFeatureTable) {
 TEST(CorruptHeader, UnknownIncompatibleBitNamedByFeatureTable) {
     Buffer b = fixtures().v3;
     // Rename the first entry of qemu's feature-name table to incompatible bit 9.
-    const std::size_t entry = find_extension(b, kExtFeatureNames) + 8;
+    const std::size_t entry = find_extension(b, qcowmap::kExtensionFeatureNames) + 8;
     put_u8(b, entry, 0);
     put_u8(b, entry + 1, 9);
     put_text(b, entry + 2, "frobnication", 46);
@@ -621,7 +617,7 @@ TEST(CorruptHeader, NamesFromTheImageDoNotBreakTheOneLineMessage) {
     };
     {
         Buffer b = fixtures().v3;
-        const std::size_t entry = find_extension(b, kExtFeatureNames) + 8;
+        const std::size_t entry = find_extension(b, qcowmap::kExtensionFeatureNames) + 8;
         put_u8(b, entry, 0);
         put_u8(b, entry + 1, 9);
         put_text(b, entry + 2, "frob\nnication\x1b[2J", 46);
@@ -638,7 +634,7 @@ TEST(CorruptHeader, NamesFromTheImageDoNotBreakTheOneLineMessage) {
     }
     {
         Buffer b = fixtures().v3;
-        append_extension(b, kExtDataFile, "disk\r\n.raw");
+        append_extension(b, qcowmap::kExtensionDataFile, "disk\r\n.raw");
         put_be64(b, kIncompatibleAt, kIncompatDataFile);
         // info needs only the header and works without the data file: map reads.
         check(b, ErrorCode::unsupported_feature, "disk", "data-file.qcow2", "map");
@@ -701,7 +697,7 @@ TEST(CorruptHeader, ExtendedL2NeedsLargeClusters) {
 
 TEST(CorruptHeader, ExternalDataFileIsUnsupported) {
     Buffer b = fixtures().v3;
-    append_extension(b, kExtDataFile, "disk.raw");
+    append_extension(b, qcowmap::kExtensionDataFile, "disk.raw");
     put_be64(b, kIncompatibleAt, kIncompatDataFile);
     EXPECT_TRUE(
         fails_with(open(b), ErrorCode::unsupported_feature, {"external data file", "disk.raw"}));
@@ -848,7 +844,8 @@ TEST(CorruptSnapshots, TablePastTheEndOfTheFile) {
 
 struct BitmapsAt {
     Buffer b = fixtures().bitmaps;
-    std::size_t header = find_extension(b, kExtBitmaps); // type, length, then the 24 bytes
+    std::size_t header =
+        find_extension(b, qcowmap::kExtensionBitmaps); // type, length, then the 24 bytes
     std::size_t count() const { return header + 8; }
     std::size_t reserved() const { return header + 12; }
     std::size_t directory_size() const { return header + 16; }
@@ -987,7 +984,7 @@ TEST(CorruptBackingFile, ValidNameNeedsBackingNone) {
 
 TEST(CorruptExtensions, RunsPastTheExtensionArea) {
     Buffer b = fixtures().v3;
-    const std::size_t table = find_extension(b, kExtFeatureNames);
+    const std::size_t table = find_extension(b, qcowmap::kExtensionFeatureNames);
     put_be32(b, table + 4, 0x10000);
     EXPECT_TRUE(fails_with(open(b), ErrorCode::invalid_header,
                            {"header extension 0x6803f857 at " + hex(table), "length 65536",
@@ -1014,18 +1011,18 @@ TEST(CorruptExtensions, HeaderCutOffByTheAreaEnd) {
 
 TEST(CorruptExtensions, Duplicate) {
     Buffer b = fixtures().v3;
-    append_extension(b, kExtBackingFormat, "qcow2");
+    append_extension(b, qcowmap::kExtensionBackingFormat, "qcow2");
     ASSERT_TRUE(open(b)) << "one backing format extension is fine";
-    append_extension(b, kExtBackingFormat, "raw");
+    append_extension(b, qcowmap::kExtensionBackingFormat, "raw");
     EXPECT_TRUE(fails_with(open(b), ErrorCode::invalid_header,
                            {"header extension 0xe2792aca appears more than once"}));
 
     Buffer c = fixtures().bitmaps;
-    const std::size_t first = find_extension(c, kExtBitmaps);
+    const std::size_t first = find_extension(c, qcowmap::kExtensionBitmaps);
     std::string copy(24, '\0');
     for (std::size_t i = 0; i < 24; ++i)
         copy[i] = static_cast<char>(c.at(first + 8 + i));
-    append_extension(c, kExtBitmaps, copy);
+    append_extension(c, qcowmap::kExtensionBitmaps, copy);
     EXPECT_TRUE(
         fails_with(open(c), ErrorCode::invalid_header, {"0x23852875 appears more than once"}));
 }
@@ -1040,21 +1037,21 @@ TEST(CorruptExtensions, UnknownExtensionIsIgnored) {
 
 TEST(CorruptExtensions, FeatureTableLengthNotAMultipleOf48) {
     Buffer b = fixtures().v3;
-    put_be32(b, find_extension(b, kExtFeatureNames) + 4, 383);
+    put_be32(b, find_extension(b, qcowmap::kExtensionFeatureNames) + 4, 383);
     EXPECT_TRUE(fails_with(open(b), ErrorCode::invalid_header,
                            {"feature name table length 383", "multiple of 48"}));
 }
 
 TEST(CorruptExtensions, BackingFormatNameTooLong) {
     Buffer b = fixtures().v3;
-    append_extension(b, kExtBackingFormat, "abcdefghijklmnop");
+    append_extension(b, qcowmap::kExtensionBackingFormat, "abcdefghijklmnop");
     EXPECT_TRUE(fails_with(open(b), ErrorCode::invalid_header,
                            {"backing file format name is 16 bytes long"}));
 }
 
 TEST(CorruptExtensions, EncryptionPointerWrongLength) {
     Buffer b = fixtures().v3;
-    append_extension(b, kExtEncryption, "12345678");
+    append_extension(b, qcowmap::kExtensionEncryption, "12345678");
     EXPECT_TRUE(fails_with(open(b), ErrorCode::invalid_header,
                            {"encryption header pointer has length 8", "expected 16"}));
 }
@@ -1644,7 +1641,7 @@ TEST(CorruptCli, OpenErrorsFailEveryCommand) {
     }
     {
         Buffer b = fixtures().v3;
-        const std::size_t entry = find_extension(b, kExtFeatureNames) + 8;
+        const std::size_t entry = find_extension(b, qcowmap::kExtensionFeatureNames) + 8;
         put_u8(b, entry + 1, 9);
         put_text(b, entry + 2, "frobnication", 46);
         put_be64(b, kIncompatibleAt, 1ULL << 9);

@@ -11,6 +11,7 @@
 #include "support.hpp"
 
 #include <qcowmap/check.hpp>
+#include <qcowmap/format.hpp>
 #include <qcowmap/image.hpp>
 
 #include <fmt/format.h>
@@ -178,9 +179,6 @@ constexpr std::uint64_t kRefcountBlock = 0x20000;
 constexpr std::uint64_t kL1 = 0x30000;
 constexpr std::uint64_t kL2 = 0x40000;
 
-constexpr std::uint32_t kExtFeatureNames = 0x6803f857;
-constexpr std::uint32_t kExtBackingFormat = 0xe2792aca;
-
 std::string bytes(std::initializer_list<unsigned> values) {
     std::string out;
     for (unsigned v : values)
@@ -299,11 +297,11 @@ TEST(Iotest036, UnknownIncompatibleFeatureBit) {
     const fs::path img = dir / "t.qcow2";
     create(img, "64M", "compat=1.1");
     qt::poke_be(img, kIncompatibleAt, 1ULL << 63, 8);
-    qt::set_header_extension(img, kExtFeatureNames, std::nullopt);
+    qt::set_header_extension(img, qcowmap::kExtensionFeatureNames, std::nullopt);
     EXPECT_TRUE(check_agrees(img, 1));
     EXPECT_TRUE(reads(img, Read::refused, "unsupported incompatible feature(s): bit 63"));
     // With a feature table naming bit 63.
-    qt::set_header_extension(img, kExtFeatureNames, feature(0, 63, "Test feature"));
+    qt::set_header_extension(img, qcowmap::kExtensionFeatureNames, feature(0, 63, "Test feature"));
     EXPECT_TRUE(check_agrees(img, 1));
     EXPECT_TRUE(reads(img, Read::refused, "Test feature (bit 63)"));
 }
@@ -331,7 +329,7 @@ TEST(Iotest036, MultipleIncompatibleFeatureBits) {
          "bit 61, test2 (bit 62), bit 63"},
     };
     for (const Table& t : tables) {
-        qt::set_header_extension(img, kExtFeatureNames, t.entries);
+        qt::set_header_extension(img, qcowmap::kExtensionFeatureNames, t.entries);
         EXPECT_TRUE(check_agrees(img, 1)) << t.named;
         EXPECT_TRUE(reads(img, Read::refused, "unsupported incompatible feature(s): " + t.named));
     }
@@ -785,7 +783,7 @@ TEST(Iotest114, InvalidBackingFileFormat) {
     const fs::path img = dir / "t.qcow2";
     create(base, "64M");
     create(img, "64M", "", "-b " + q(base) + " -F qcow2");
-    qt::set_header_extension(img, kExtBackingFormat, std::string("foo"));
+    qt::set_header_extension(img, qcowmap::kExtensionBackingFormat, std::string("foo"));
     EXPECT_TRUE(check_agrees(img, 1));
     EXPECT_TRUE(reads(img, Read::refused, "backing file format 'foo' is not supported"));
     // Overriding the format reads it (qemu-io -o backing.driver=qcow2).
