@@ -7,10 +7,13 @@
 // VisitOptions::prefetch a mapped data run to make present) starts a second walk from there
 // that runs ahead, queueing every such piece into the ordered job ring of
 // detail::OrderedWorkers. Both walks meet the same extents in the same order and cut them into
-// the same pieces, so the k-th job is the one the caller needs next. Mapped pieces are grouped
-// into jobs of about kPrefetchWindowBytes (a fragmented image's 64 KiB runs would otherwise
-// cost a hand-over each); a job's pages are dropped from the process by the worker that next
-// takes its slot, which the ring frees only once the visitor is done with them.
+// the same pieces, so the k-th job is the one the caller needs next. Data pieces, mapped or to
+// read, are grouped into jobs of about kPrefetchWindowBytes (a fragmented image's 64 KiB runs
+// would otherwise cost a hand-over, and a wake-up, each; file-contiguous pieces are read with
+// one pread); a job's pages are dropped from the process by the worker that next takes its
+// slot, which the ring frees only once the visitor is done with them. The whole visit is
+// Image::runs stepped to the end (RunWalk), so callers that step the walk themselves get the
+// same look-ahead.
 #include "errors.hpp"
 #include "fault.hpp"
 #include "image_state.hpp"
@@ -28,7 +31,7 @@ namespace qcowmap {
 namespace {
 
 constexpr unsigned kMaxProducerThreads = 64;
-// Pieces one prefetch job may group (64 KiB runs: 16 make a window).
+// Pieces one job may group (64 KiB runs: 16 make a window).
 constexpr std::size_t kMaxGroupedPieces = 64;
 
 /// How the bytes of an extent reach the visitor.
@@ -60,25 +63,34 @@ std::uint64_t piece_limit(Delivery source, const Extent& extent) {
     }
 }
 
-/// One piece of a mapped data run inside a prefetch job.
+/// One piece of a data run inside a job that groups several (mapped or read).
 struct MappedPiece {
     std::uint64_t extent_offset = 0;
     std::uint64_t piece_offset = 0;
     std::uint64_t piece_length = 0;
 };
 
-/// One job of the ring: a compressed cluster, one piece of a data run to read, or a group of
-/// mapped pieces to make present.
+/// One pread of a read group: file-contiguous pieces are read at once.
+struct GroupRead {
+    FilePosition from;
+    std::uint64_t buffer_offset = 0;
+    std::uint64_t length = 0;
+};
+
+/// One job of the ring: a compressed cluster, or a group of data pieces of about
+/// kPrefetchWindowBytes to read into one buffer (DataAccess::read) or to make present. A
+/// fragmented image's 64 KiB runs would otherwise cost a job, and a wake-up, each.
 struct Piece {
     Delivery source = Delivery::compressed;
-    Extent extent;                  // compressed and read
-    std::uint64_t piece_offset = 0; // virtual offset of the piece (== extent.offset if compressed)
+    Extent extent;                  // compressed
+    std::uint64_t piece_offset = 0; // compressed: the virtual offset of the cluster's extent
     std::uint64_t piece_length = 0;
-    std::optional<FilePosition> read_from; // read
     /// compressed and read. Shared: a caller of Image::runs may keep it (RunWalk::hold), and
     /// then the slot's next job gets a fresh one.
     std::shared_ptr<std::vector<std::byte>> buffer;
-    std::vector<MappedPiece> pieces;               // mapped
+    std::vector<MappedPiece> pieces;               // mapped and read: the pieces, in order
+    std::vector<std::uint64_t> piece_at;           // read: where each piece starts in buffer
+    std::vector<GroupRead> reads;                  // read
     std::vector<std::span<const std::byte>> pages; // mapped: the address ranges, merged
     /// The pages of the job that had this slot before, which the visitor is done with.
     std::vector<std::span<const std::byte>> release_first;
@@ -103,9 +115,13 @@ class Prefetcher {
                     piece.release_first.clear();
                     switch (piece.source) {
                     case Delivery::read:
-                        return detail::read_exactly(
-                            *piece.read_from,
-                            std::span<std::byte>(*piece.buffer).first(piece.piece_length));
+                        for (const GroupRead& read : piece.reads) {
+                            auto into = std::span<std::byte>(*piece.buffer)
+                                            .subspan(read.buffer_offset, read.length);
+                            if (auto ok = detail::read_exactly(read.from, into); !ok)
+                                return ok;
+                        }
+                        return {};
                     case Delivery::mapped:
                         for (const auto& pages : piece.pages)
                             detail::populate_pages(pages, piece.prefetch);
@@ -155,7 +171,7 @@ class Prefetcher {
         const Piece& piece = **produced;
         if (piece.source != source)
             return lost_place();
-        if (source == Delivery::mapped) {
+        if (source == Delivery::mapped || source == Delivery::read) {
             if (used_in_front_ >= piece.pieces.size())
                 return lost_place();
             const MappedPiece& p = piece.pieces[used_in_front_];
@@ -163,7 +179,11 @@ class Prefetcher {
                 p.piece_length != piece_length) {
                 return lost_place();
             }
-            return expected.bytes.subspan(piece_offset - expected.offset, piece_length);
+            if (source == Delivery::mapped)
+                return expected.bytes.subspan(piece_offset - expected.offset, piece_length);
+            owner = piece.buffer;
+            return std::span<const std::byte>(*piece.buffer)
+                .subspan(piece.piece_at[used_in_front_], piece_length);
         }
         if (piece.extent.offset != expected.offset || piece.piece_offset != piece_offset ||
             piece.piece_length != piece_length ||
@@ -171,9 +191,6 @@ class Prefetcher {
             return lost_place();
         }
         owner = piece.buffer;
-        if (piece.read_from) {
-            return std::span<const std::byte>(*piece.buffer).first(piece_length);
-        }
         return std::span<const std::byte>(*piece.buffer)
             .subspan(expected.offset_in_cluster, expected.length);
     }
@@ -181,7 +198,7 @@ class Prefetcher {
     /// The visitor is done with the piece `next()` returned.
     void done() {
         auto front = workers_->front(); // already done: returns at once
-        if (front && (*front)->source == Delivery::mapped &&
+        if (front && ((*front)->source == Delivery::mapped || (*front)->source == Delivery::read) &&
             ++used_in_front_ < (*front)->pieces.size()) {
             return; // more pieces of this group to come
         }
@@ -214,27 +231,44 @@ class Prefetcher {
     /// pieces up to a window's worth. False when the walk has nothing more.
     bool fill(Piece& piece) {
         std::uint64_t grouped = 0;
+        piece.piece_at.clear();
+        piece.reads.clear();
         for (;;) {
             if (!pending_ && !advance())
                 break;
             const Extent& e = *pending_;
-            if (pending_source_ == Delivery::mapped) {
+            if (pending_source_ == Delivery::mapped || pending_source_ == Delivery::read) {
+                // Cut as the caller cuts (piece_limit), grouped up to a window per job.
                 const std::uint64_t length = std::min<std::uint64_t>(
-                    kPrefetchWindowBytes, e.offset + e.length - pending_next_);
-                if (!piece.pieces.empty() && (grouped + length > kPrefetchWindowBytes ||
-                                              piece.pieces.size() == kMaxGroupedPieces)) {
+                    piece_limit(pending_source_, e), e.offset + e.length - pending_next_);
+                if (!piece.pieces.empty() &&
+                    (piece.source != pending_source_ || grouped + length > kPrefetchWindowBytes ||
+                     piece.pieces.size() == kMaxGroupedPieces)) {
                     break; // this job is full; the piece starts the next one
                 }
-                piece.source = Delivery::mapped;
+                piece.source = pending_source_;
                 piece.prefetch = options_.prefetch;
                 piece.pieces.push_back(MappedPiece{e.offset, pending_next_, length});
-                auto bytes = e.bytes.subspan(pending_next_ - e.offset, length);
-                if (!piece.pages.empty() &&
-                    piece.pages.back().data() + piece.pages.back().size() == bytes.data()) {
-                    piece.pages.back() = {piece.pages.back().data(),
-                                          piece.pages.back().size() + bytes.size()};
+                if (pending_source_ == Delivery::mapped) {
+                    auto bytes = e.bytes.subspan(pending_next_ - e.offset, length);
+                    if (!piece.pages.empty() &&
+                        piece.pages.back().data() + piece.pages.back().size() == bytes.data()) {
+                        piece.pages.back() = {piece.pages.back().data(),
+                                              piece.pages.back().size() + bytes.size()};
+                    } else {
+                        piece.pages.push_back(bytes);
+                    }
                 } else {
-                    piece.pages.push_back(bytes);
+                    const FilePosition from{e.file->fd,
+                                            e.file->offset + (pending_next_ - e.offset)};
+                    piece.piece_at.push_back(grouped);
+                    GroupRead* last = piece.reads.empty() ? nullptr : &piece.reads.back();
+                    if (last && last->from.fd == from.fd &&
+                        last->from.offset + last->length == from.offset) {
+                        last->length += length; // file-contiguous: one pread
+                    } else {
+                        piece.reads.push_back(GroupRead{from, grouped, length});
+                    }
                 }
                 grouped += length;
                 pending_next_ += length;
@@ -244,30 +278,28 @@ class Prefetcher {
             }
             if (!piece.pieces.empty())
                 break; // close the group first
-            piece.source = pending_source_;
+            // A compressed cluster: one job. Layers of a chain may differ in cluster size.
+            piece.source = Delivery::compressed;
             piece.extent = e;
-            if (!piece.buffer || piece.buffer.use_count() != 1)
-                piece.buffer = std::make_shared<std::vector<std::byte>>(); // the old one is kept
-            if (pending_source_ == Delivery::compressed) {
-                // Layers of a chain may differ in cluster size.
-                piece.buffer->resize(detail::layer_at(detail_state(image_), e.depth)->cluster_size);
-                piece.piece_offset = e.offset;
-                piece.piece_length = e.length;
-                piece.read_from.reset();
-                pending_.reset();
-            } else {
-                const std::uint64_t done = pending_next_ - e.offset;
-                piece.piece_offset = pending_next_;
-                piece.piece_length = std::min<std::uint64_t>(kReadPieceBytes, e.length - done);
-                piece.buffer->resize(kReadPieceBytes);
-                piece.read_from = FilePosition{e.file->fd, e.file->offset + done};
-                pending_next_ += piece.piece_length;
-                if (pending_next_ == e.offset + e.length)
-                    pending_.reset();
-            }
+            fresh_buffer(piece).resize(
+                detail::layer_at(detail_state(image_), e.depth)->cluster_size);
+            piece.piece_offset = e.offset;
+            piece.piece_length = e.length;
+            pending_.reset();
             return true;
         }
-        return !piece.pieces.empty();
+        if (piece.pieces.empty())
+            return false;
+        if (piece.source == Delivery::read)
+            fresh_buffer(piece).resize(grouped);
+        return true;
+    }
+
+    /// The slot's buffer, or a new one where a caller of Image::runs kept the old (hold()).
+    static std::vector<std::byte>& fresh_buffer(Piece& piece) {
+        if (!piece.buffer || piece.buffer.use_count() != 1)
+            piece.buffer = std::make_shared<std::vector<std::byte>>();
+        return *piece.buffer;
     }
 
     // Queues the jobs the look-ahead walk finds into free slots.
