@@ -77,19 +77,22 @@ struct GroupRead {
     std::uint64_t length = 0;
 };
 
-/// One job of the ring: a compressed cluster, or a group of data pieces of about
-/// kPrefetchWindowBytes to read into one buffer (DataAccess::read) or to make present. A
-/// fragmented image's 64 KiB runs would otherwise cost a job, and a wake-up, each.
+/// One job of the ring: a group of pieces of one kind, about kPrefetchWindowBytes in all:
+/// compressed clusters to decompress or data pieces to read into one buffer, or data pieces to
+/// make present. A fragmented image's 64 KiB runs (or clusters) would otherwise cost a job, and
+/// a wake-up, each.
 struct Piece {
     Delivery source = Delivery::compressed;
-    Extent extent;                  // compressed
-    std::uint64_t piece_offset = 0; // compressed: the virtual offset of the cluster's extent
-    std::uint64_t piece_length = 0;
     /// compressed and read. Shared: a caller of Image::runs may keep it (RunWalk::hold), and
     /// then the slot's next job gets a fresh one.
     std::shared_ptr<std::vector<std::byte>> buffer;
-    std::vector<MappedPiece> pieces;               // mapped and read: the pieces, in order
-    std::vector<std::uint64_t> piece_at;           // read: where each piece starts in buffer
+    std::vector<MappedPiece> pieces;     // the pieces (a compressed extent each), in order
+    std::vector<std::uint64_t> piece_at; // compressed and read: where each starts in buffer
+    std::vector<Extent> clusters;        // compressed: the extents to decompress
+    /// compressed: a cluster that does not decompress fails only its own piece, when the
+    /// caller takes it, so that the clusters before it in the group still arrive (in order,
+    /// up to the first bad one); the rest of the group is not decompressed.
+    std::optional<std::pair<std::size_t, Error>> cluster_error;
     std::vector<GroupRead> reads;                  // read
     std::vector<std::span<const std::byte>> pages; // mapped: the address ranges, merged
     /// The pages of the job that had this slot before, which the visitor is done with.
@@ -127,7 +130,20 @@ class Prefetcher {
                             detail::populate_pages(pages, piece.prefetch);
                         return {};
                     default:
-                        return decompressor->decompress_cluster(image, piece.extent, *piece.buffer);
+                        for (std::size_t i = 0; i < piece.clusters.size(); ++i) {
+                            const std::uint64_t end = i + 1 < piece.piece_at.size()
+                                                          ? piece.piece_at[i + 1]
+                                                          : piece.buffer->size();
+                            auto cluster = std::span<std::byte>(*piece.buffer)
+                                               .subspan(piece.piece_at[i], end - piece.piece_at[i]);
+                            if (auto ok = decompressor->decompress_cluster(image, piece.clusters[i],
+                                                                           cluster);
+                                !ok) {
+                                piece.cluster_error.emplace(i, std::move(ok).error());
+                                break;
+                            }
+                        }
+                        return {};
                     }
                 });
             },
@@ -171,35 +187,33 @@ class Prefetcher {
         const Piece& piece = **produced;
         if (piece.source != source)
             return lost_place();
-        if (source == Delivery::mapped || source == Delivery::read) {
-            if (used_in_front_ >= piece.pieces.size())
-                return lost_place();
-            const MappedPiece& p = piece.pieces[used_in_front_];
-            if (p.extent_offset != expected.offset || p.piece_offset != piece_offset ||
-                p.piece_length != piece_length) {
-                return lost_place();
-            }
-            if (source == Delivery::mapped)
-                return expected.bytes.subspan(piece_offset - expected.offset, piece_length);
-            owner = piece.buffer;
-            return std::span<const std::byte>(*piece.buffer)
-                .subspan(piece.piece_at[used_in_front_], piece_length);
-        }
-        if (piece.extent.offset != expected.offset || piece.piece_offset != piece_offset ||
-            piece.piece_length != piece_length ||
-            piece.extent.compressed_host_offset != expected.compressed_host_offset) {
+        if (used_in_front_ >= piece.pieces.size())
+            return lost_place();
+        const MappedPiece& p = piece.pieces[used_in_front_];
+        if (p.extent_offset != expected.offset || p.piece_offset != piece_offset ||
+            p.piece_length != piece_length) {
             return lost_place();
         }
+        if (source == Delivery::mapped)
+            return expected.bytes.subspan(piece_offset - expected.offset, piece_length);
         owner = piece.buffer;
+        const std::uint64_t at = piece.piece_at[used_in_front_];
+        if (source == Delivery::read)
+            return std::span<const std::byte>(*piece.buffer).subspan(at, piece_length);
+        if (piece.clusters[used_in_front_].compressed_host_offset !=
+            expected.compressed_host_offset) {
+            return lost_place();
+        }
+        if (piece.cluster_error && piece.cluster_error->first == used_in_front_)
+            return piece.cluster_error->second;
         return std::span<const std::byte>(*piece.buffer)
-            .subspan(expected.offset_in_cluster, expected.length);
+            .subspan(at + expected.offset_in_cluster, expected.length);
     }
 
     /// The visitor is done with the piece `next()` returned.
     void done() {
         auto front = workers_->front(); // already done: returns at once
-        if (front && ((*front)->source == Delivery::mapped || (*front)->source == Delivery::read) &&
-            ++used_in_front_ < (*front)->pieces.size()) {
+        if (front && ++used_in_front_ < (*front)->pieces.size()) {
             return; // more pieces of this group to come
         }
         used_in_front_ = 0;
@@ -233,6 +247,8 @@ class Prefetcher {
         std::uint64_t grouped = 0;
         piece.piece_at.clear();
         piece.reads.clear();
+        piece.clusters.clear();
+        piece.cluster_error.reset();
         for (;;) {
             if (!pending_ && !advance())
                 break;
@@ -276,21 +292,25 @@ class Prefetcher {
                     pending_.reset();
                 continue;
             }
-            if (!piece.pieces.empty())
-                break; // close the group first
-            // A compressed cluster: one job. Layers of a chain may differ in cluster size.
+            // A compressed cluster, decompressed whole; layers of a chain may differ in
+            // cluster size.
+            const std::uint64_t cluster =
+                detail::layer_at(detail_state(image_), e.depth)->cluster_size;
+            if (!piece.pieces.empty() &&
+                (piece.source != Delivery::compressed || grouped + cluster > kPrefetchWindowBytes ||
+                 piece.pieces.size() == kMaxGroupedPieces)) {
+                break; // this job is full, or of another kind
+            }
             piece.source = Delivery::compressed;
-            piece.extent = e;
-            fresh_buffer(piece).resize(
-                detail::layer_at(detail_state(image_), e.depth)->cluster_size);
-            piece.piece_offset = e.offset;
-            piece.piece_length = e.length;
+            piece.pieces.push_back(MappedPiece{e.offset, e.offset, e.length});
+            piece.piece_at.push_back(grouped);
+            piece.clusters.push_back(e);
+            grouped += cluster;
             pending_.reset();
-            return true;
         }
         if (piece.pieces.empty())
             return false;
-        if (piece.source == Delivery::read)
+        if (piece.source != Delivery::mapped)
             fresh_buffer(piece).resize(grouped);
         return true;
     }
