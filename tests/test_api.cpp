@@ -15,9 +15,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <latch>
+#include <map>
+#include <mutex>
 #include <ranges>
 #include <stdexcept>
 #include <thread>
+#include <utility>
+#include <vector>
 
 namespace qcowmap {
 namespace {
@@ -292,6 +297,212 @@ TEST(OrderedWorkers, AWorkerWithoutStateFailsItsJobs) {
     ASSERT_FALSE(job);
     EXPECT_EQ(job.error().message, "no decoder for this worker");
     workers.release();
+}
+
+// Every worker count (0: the owner runs every job) and ring size: results in submission order,
+// an error or an exception of one job is that job's Error only, and the owner takes results
+// back at every fill level (a full ring, or one job at a time).
+TEST(OrderedWorkers, ResultsInOrderForEveryWorkerCountAndRingSize) {
+    struct Job {
+        int number = 0;
+        long result = 0;
+    };
+    using Workers = detail::OrderedWorkers<Job>;
+    constexpr int kJobs = 300;
+    for (unsigned threads : {0u, 1u, 2u, 4u}) {
+        for (std::size_t capacity = 1; capacity <= 8; ++capacity) {
+            SCOPED_TRACE("threads " + std::to_string(threads) + ", capacity " +
+                         std::to_string(capacity));
+            Workers workers(threads, capacity, []() -> Result<Workers::Work> {
+                return Workers::Work([](Job& job) -> Result<void> {
+                    // Uneven jobs, without any clock: some yield a while.
+                    for (int i = 0; i < job.number % 5; ++i)
+                        std::this_thread::yield();
+                    if (job.number % 13 == 6)
+                        return Error{ErrorCode::invalid_argument,
+                                     "job " + std::to_string(job.number)};
+                    if (job.number % 17 == 9)
+                        throw std::runtime_error("job " + std::to_string(job.number) + " threw");
+                    job.result = 3L * job.number + 1;
+                    return {};
+                });
+            });
+            ASSERT_EQ(workers.started(), threads);
+            int submitted = 0;
+            for (int taken = 0; taken < kJobs; ++taken) {
+                // Every third round tops up to full; the others submit one at most.
+                const bool fill = taken % 3 == 0;
+                while (submitted < kJobs && !workers.full()) {
+                    workers.next_slot().number = submitted++;
+                    workers.submit();
+                    if (!fill)
+                        break;
+                }
+                ASSERT_FALSE(workers.empty());
+                ASSERT_LE(workers.in_flight(), capacity);
+                auto job = workers.front();
+                if (taken % 13 == 6) {
+                    ASSERT_FALSE(job);
+                    EXPECT_EQ(job.error().code, ErrorCode::invalid_argument);
+                    EXPECT_EQ(job.error().message, "job " + std::to_string(taken));
+                } else if (taken % 17 == 9) {
+                    ASSERT_FALSE(job);
+                    EXPECT_EQ(job.error().code, ErrorCode::io_error);
+                    EXPECT_EQ(job.error().message, "job " + std::to_string(taken) + " threw");
+                } else {
+                    ASSERT_TRUE(job) << job.error().message;
+                    EXPECT_EQ((*job)->number, taken);
+                    EXPECT_EQ((*job)->result, 3L * taken + 1);
+                }
+                workers.release();
+            }
+            EXPECT_EQ(submitted, kJobs);
+            EXPECT_TRUE(workers.empty());
+        }
+    }
+}
+
+// A worker that cannot start on its jobs (its state takes long to make: here it waits for the
+// owner) does not hold the owner up: the owner claims the front job itself, runs it on its own
+// thread with its own state (made once, there), and the worker joins in once it is ready.
+TEST(OrderedWorkers, TheOwnerRunsTheFrontJobWhenNoWorkerHasClaimedIt) {
+    struct Job {
+        int number = 0;
+        std::thread::id ran_on;
+    };
+    using Workers = detail::OrderedWorkers<Job>;
+    const std::thread::id owner = std::this_thread::get_id();
+    // Opened once the owner has taken kOwnerFirst jobs back, and in any case before the ring
+    // joins its worker (an early return of a failed assertion).
+    struct Gate {
+        std::latch latch{1};
+        bool opened = false;
+        void open() {
+            if (!std::exchange(opened, true))
+                latch.count_down();
+        }
+    } worker_may_start;
+    std::mutex made_mutex;
+    std::map<std::thread::id, int> made; // MakeWork calls per thread
+    constexpr int kJobs = 64;
+    constexpr int kOwnerFirst = 12; // jobs the owner takes back before the worker may start
+    std::vector<std::thread::id> ran_on;
+    {
+        Workers workers(1, 4, [&]() -> Result<Workers::Work> {
+            {
+                std::lock_guard lock(made_mutex);
+                ++made[std::this_thread::get_id()];
+            }
+            if (std::this_thread::get_id() != owner)
+                worker_may_start.latch.wait();
+            return Workers::Work([](Job& job) -> Result<void> {
+                job.ran_on = std::this_thread::get_id();
+                return {};
+            });
+        });
+        struct OpenOnExit {
+            Gate& gate;
+            ~OpenOnExit() { gate.open(); }
+        } open_on_exit{worker_may_start};
+        ASSERT_EQ(workers.started(), 1u);
+        int submitted = 0;
+        for (int taken = 0; taken < kJobs; ++taken) {
+            if (taken == kOwnerFirst)
+                worker_may_start.open();
+            while (submitted < kJobs && !workers.full()) {
+                workers.next_slot().number = submitted++;
+                workers.submit();
+            }
+            auto job = workers.front();
+            ASSERT_TRUE(job) << job.error().message;
+            ASSERT_EQ((*job)->number, taken);
+            ran_on.push_back((*job)->ran_on);
+            workers.release();
+        }
+    }
+    // The worker could claim nothing before it was let go: the first jobs ran on the owner.
+    ASSERT_EQ(ran_on.size(), static_cast<std::size_t>(kJobs));
+    for (int i = 0; i < kOwnerFirst; ++i)
+        EXPECT_EQ(ran_on[i], owner) << "job " << i;
+    // Each thread made its state once: the owner (lazily, on its first job) and the worker.
+    std::lock_guard lock(made_mutex);
+    ASSERT_EQ(made.size(), 2u);
+    EXPECT_EQ(made.at(owner), 1);
+    for (const auto& [thread, count] : made)
+        EXPECT_EQ(count, 1);
+}
+
+// A Work that carries state from job to job (one digest stream): with keep_jobs_on_workers()
+// every job runs on the one worker, with the one Work, even when the owner waits for them;
+// with no worker started the owner runs them all, with its one Work.
+TEST(OrderedWorkers, KeptOnWorkersEveryJobRunsWithTheSameWork) {
+    struct Job {
+        int number = 0;
+        long running_sum = 0;
+        std::thread::id ran_on;
+    };
+    using Workers = detail::OrderedWorkers<Job>;
+    const std::thread::id owner = std::this_thread::get_id();
+    for (unsigned threads : {0u, 1u}) {
+        SCOPED_TRACE("threads " + std::to_string(threads));
+        std::atomic<int> made{0};
+        Workers workers(threads, 4, [&]() -> Result<Workers::Work> {
+            ++made;
+            auto sum = std::make_shared<long>(0);
+            return Workers::Work([sum](Job& job) -> Result<void> {
+                *sum += job.number;
+                job.running_sum = *sum;
+                job.ran_on = std::this_thread::get_id();
+                return {};
+            });
+        });
+        workers.keep_jobs_on_workers();
+        ASSERT_EQ(workers.started(), threads);
+        long expected = 0;
+        int submitted = 0;
+        for (int taken = 0; taken < 200; ++taken) {
+            while (submitted < 200 && !workers.full()) {
+                workers.next_slot().number = submitted++;
+                workers.submit();
+            }
+            auto job = workers.front();
+            ASSERT_TRUE(job) << job.error().message;
+            expected += taken;
+            EXPECT_EQ((*job)->running_sum, expected);
+            if (threads == 0)
+                EXPECT_EQ((*job)->ran_on, owner);
+            else
+                EXPECT_NE((*job)->ran_on, owner);
+            workers.release();
+        }
+        EXPECT_EQ(made.load(), 1);
+    }
+}
+
+// The owner's own state follows the workers' policy: when it cannot be made (an error, or an
+// exception), every job the owner runs fails with that error, and the next ring starts afresh.
+TEST(OrderedWorkers, TheOwnersStateThatCannotBeMadeFailsTheJobsItRuns) {
+    struct Job {
+        int value = 0;
+    };
+    using Workers = detail::OrderedWorkers<Job>;
+    for (bool throws : {false, true}) {
+        Workers workers(0, 3, [throws]() -> Result<Workers::Work> {
+            if (throws)
+                throw std::runtime_error("no state for you");
+            return Error{ErrorCode::io_error, "no decoder for the owner"};
+        });
+        for (int round = 0; round < 5; ++round) {
+            workers.next_slot().value = round;
+            workers.submit();
+            auto job = workers.front();
+            ASSERT_FALSE(job);
+            EXPECT_EQ(job.error().code, ErrorCode::io_error);
+            EXPECT_EQ(job.error().message,
+                      throws ? "no state for you" : "no decoder for the owner");
+            workers.release();
+        }
+    }
 }
 
 TEST(OrderedWorkers, LeavingWithJobsInFlightJoinsTheWorkers) {

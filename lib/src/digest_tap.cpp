@@ -424,6 +424,8 @@ Result<DigestTap> DigestTap::create(HashAlgorithm algorithm, std::uint64_t disk_
                                                       kBlkhashBlockSize);
                 return Impl::Workers::Work([work](Job& job) { return work->run(job); });
             });
+        if (!blocks)
+            impl->workers->keep_jobs_on_workers(); // one stream, one hasher: one thread
         if (impl->workers->started() == 0)
             impl->workers.reset();
     }
