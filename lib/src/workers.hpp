@@ -163,7 +163,8 @@ template <typename Job> class OrderedWorkers {
                 std::lock_guard lock(mutex_);
                 // Workers claim strictly in submission order, and every job before this one
                 // is released: none is claimed when the next number to claim is this one's.
-                if (owner_runs_ && claimed_.load(std::memory_order_relaxed) == released_) {
+                if (owner_runs_ && released_ < submitted_ &&
+                    claimed_.load(std::memory_order_relaxed) == released_) {
                     claimed_.store(released_ + 1, std::memory_order_release);
                     mine = true;
                 }
@@ -318,13 +319,7 @@ template <typename Job> class OrderedWorkers {
     /// error, and the owner's boundary sees it as another thread's.
     void run_on_owner(Slot& slot) noexcept {
         if (!owner_runner_) {
-            try {
-                owner_runner_.emplace();
-            } catch (...) {
-                slot.error = out_of_memory();
-                slot.state.store(State::done, std::memory_order_release);
-                return;
-            }
+            owner_runner_.emplace(); // two empty optionals: allocates nothing
             make_runner(*owner_runner_);
         }
         const std::uintptr_t pending = std::exchange(t_fault_address, 0);
