@@ -366,17 +366,22 @@ class SequentialReader {
             return 0;
         dest = dest.first(
             static_cast<std::size_t>(std::min<std::uint64_t>(dest.size(), size - offset)));
-        const bool sequential = offset == last_end_;
+        // Another Python thread reading the same RawDisk (the GIL is released below) gets
+        // plain reads: the walk is one thread's.
+        if (busy_)
+            return plain_read(dest, offset);
+        busy_ = true;
+        struct Idle {
+            bool& busy;
+            ~Idle() { busy = false; }
+        } idle{busy_};
+        // A read that follows the last one, or a long one, streams; a short read elsewhere is
+        // random access and starts no threads.
+        const bool streams = offset == last_end_ || dest.size() > kRandomReadBytes;
         last_end_ = offset + dest.size();
-        if (!sequential) {
+        if (!streams) {
             walk_.reset();
-            py::gil_scoped_release unlocked;
-            auto n = image_.read(dest, offset);
-            if (!n) {
-                py::gil_scoped_acquire gil;
-                raise(n.error(), filename_);
-            }
-            return *n;
+            return plain_read(dest, offset);
         }
         return interruptible([&] {
             py::gil_scoped_release unlocked;
@@ -397,7 +402,6 @@ class SequentialReader {
                                                                     "the walk ended early"};
                         walk_.reset();
                         last_end_ = UINT64_MAX;
-                        py::gil_scoped_acquire gil;
                         raise(error, filename_);
                     }
                 }
@@ -416,9 +420,32 @@ class SequentialReader {
         });
     }
 
+    /// Image::read without the GIL, in slices, looking for signals in between.
+    std::size_t plain_read(std::span<std::byte> dest, std::uint64_t offset) {
+        constexpr std::size_t kSlice = 8u << 20;
+        return interruptible([&] {
+            py::gil_scoped_release unlocked;
+            SignalCheck check;
+            std::size_t total = 0;
+            do {
+                auto piece = dest.subspan(total, std::min(kSlice, dest.size() - total));
+                auto n = image_.read(piece, offset + total);
+                if (!n)
+                    raise(n.error(), filename_);
+                total += *n;
+                if (*n < piece.size())
+                    break; // the end of the disk
+                check();
+            } while (total < dest.size());
+            return total;
+        });
+    }
+
+    static constexpr std::size_t kRandomReadBytes = 1u << 20;
     Image image_;
     std::string filename_;
     qcowmap::VisitOptions options_;
+    bool busy_ = false;
     std::unique_ptr<qcowmap::detail::RunWalk> walk_;
     qcowmap::Run run_; // the run being read; its bytes live until the walk's next step
     bool have_run_ = false;

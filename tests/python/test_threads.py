@@ -123,6 +123,30 @@ def test_one_extent_iterator_shared_by_threads(image):
     assert position == len(raw)
 
 
+def test_one_raw_disk_read_by_threads_at_once(image):
+    # A RawDisk's reads that follow each other stream through one read-ahead walk; threads
+    # reading the same RawDisk together (each with its own positions: pread-style through the
+    # reader) get the right bytes, the walk staying one thread's.
+    path, raw = image
+    img = qcowmap.open(path)
+    disk = img.open_raw()
+    reader = disk._reader
+    errors = []
+
+    def reads(index):
+        chunk = 64 * 1024 + index * 4096
+        for start in range(index * 4096, len(raw), chunk * 3):
+            for at in (start, start + chunk):  # the second follows the first
+                got = reader.read(at, chunk)
+                if got != raw[at : at + chunk]:
+                    errors.append((index, at))
+
+    run_threads(6, reads)
+    assert errors == []
+    disk.close()
+    img.close()
+
+
 def test_memoryviews_shared_across_threads_after_close(image):
     path, raw = image
     img = qcowmap.open(path)
