@@ -81,6 +81,7 @@ for prog in ./read_disk ./read_disk_static; do
   done
 done
 grep -q "compressed" err.txt || fail "read_disk: no compressed extent listed for zip.qcow2"
+grep -qx "byte sum of the disk $sum" err.txt || fail "read_disk: byte sum is not $sum"
 cat err.txt
 
 # An error goes through error_ret.
