@@ -147,8 +147,7 @@ static void check_extents_match(struct qcow2* q, const unsigned char* raw, size_
 
 /* The read-ahead walk (qcowmap_extents_open_ahead) gives the same bytes, data in pieces of at
  * most 1 MiB, with and without extra worker threads. */
-static void check_extents_ahead_match(struct qcow2* q, const unsigned char* raw,
-                                      size_t raw_size) {
+static void check_extents_ahead_match(struct qcow2* q, const unsigned char* raw, size_t raw_size) {
     for (unsigned threads = 1; threads <= 3; threads += 2) {
         struct qcowmap_extents* it = qcowmap_extents_open_ahead(q, 0, UINT64_MAX, threads);
         CHECK(it != NULL);
