@@ -496,16 +496,20 @@ class ExtentIterator {
             batch_.clear();
             index_ = 0;
             py::gil_scoped_release unlocked;
-            Extent extent;
             while (batch_.size() < kBatch) {
-                if (!walk_->next(extent)) {
-                    done_ = true;
-                    break;
+                if (!cutting_) {
+                    if (!walk_->next(cut_)) {
+                        done_ = true;
+                        break;
+                    }
+                    if (!ahead_ || cut_.kind != ExtentKind::data) {
+                        batch_.push_back(cut_);
+                        continue;
+                    }
+                    cut_done_ = 0;
+                    cutting_ = true;
                 }
-                if (ahead_ && extent.kind == ExtentKind::data)
-                    cut_into_pieces(extent);
-                else
-                    batch_.push_back(extent);
+                batch_.push_back(next_piece());
             }
         }
         if (index_ < batch_.size()) {
@@ -518,20 +522,21 @@ class ExtentIterator {
     }
 
   private:
-    /// As the read-ahead walk cuts a data run (from its start, `piece` bytes at a time), so
-    /// that the two walks agree wherever one takes over from the other.
-    void cut_into_pieces(const Extent& extent) {
-        for (std::uint64_t done = 0; done < extent.length; done += ahead_->piece) {
-            Extent piece = extent;
-            piece.offset = extent.offset + done;
-            piece.length = std::min(ahead_->piece, extent.length - done);
-            piece.bytes = extent.bytes.subspan(done, piece.length);
-            if (piece.host_offset)
-                *piece.host_offset += done;
-            if (piece.file)
-                piece.file->offset += done;
-            batch_.push_back(piece);
-        }
+    /// The next piece of the data run `cut_`, cut as the read-ahead walk cuts it (from its
+    /// start, `piece` bytes at a time) so that the two walks agree wherever one takes over from
+    /// the other. One piece at a time: a run of a TiB is a million pieces, never all in memory.
+    Extent next_piece() {
+        Extent piece = cut_;
+        piece.offset = cut_.offset + cut_done_;
+        piece.length = std::min(ahead_->piece, cut_.length - cut_done_);
+        piece.bytes = cut_.bytes.subspan(cut_done_, piece.length);
+        if (piece.host_offset)
+            *piece.host_offset += cut_done_;
+        if (piece.file)
+            piece.file->offset += cut_done_;
+        cut_done_ += piece.length;
+        cutting_ = cut_done_ < cut_.length;
+        return piece;
     }
 
     void start_reading_ahead() {
@@ -539,6 +544,7 @@ class ExtentIterator {
         batch_.clear();
         index_ = 0;
         done_ = false;
+        cutting_ = false;
         py::gil_scoped_release unlocked;
         runs_ =
             std::make_unique<qcowmap::detail::RunWalk>(image_, from, ahead_->end, ahead_->options);
@@ -603,6 +609,9 @@ class ExtentIterator {
     std::unique_ptr<qcowmap::detail::RunWalk> runs_;
     std::vector<Extent> batch_;
     std::size_t index_ = 0;
+    Extent cut_;                 // a data run being cut into pieces (with read-ahead)
+    std::uint64_t cut_done_ = 0; // bytes of `cut_` already in batches
+    bool cutting_ = false;
     std::uint64_t next_offset_ = 0;
     bool done_ = false;
     bool busy_ = false;

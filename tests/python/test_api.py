@@ -181,6 +181,34 @@ def test_read_ahead_starts_only_when_the_loop_reads_data(dense):
     assert sum(length for _, length, _ in pieces) == len(raw)
 
 
+def test_a_long_data_run_is_cut_batch_by_batch(tmp_path):
+    # One 80 MiB run is 320 pieces of 256 KiB (io="read"): more than one batch of the map walk
+    # (the pieces are made a batch at a time, never all at once), and the read-ahead may take
+    # over in the middle of the run.
+    path = tmp_path / "long.qcow2"
+    make_image(path, "cluster_size=64k", "96M", ["write -P 0x3d 0 80M"])
+    raw = tmp_path / "long.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(path), str(raw)])
+    expected = raw.read_bytes()
+    with qcowmap.open(path) as img:
+        pieces = [(e.offset, e.length, e.kind) for e in img.extents(io="read")]
+        assert sum(1 for p in pieces if p[2] == "data") == 320
+        assert all(length == 256 * KiB for _, length, kind in pieces if kind == "data")
+        position = 0
+        for offset, length, _ in pieces:
+            assert offset == position
+            position += length
+        assert position == len(expected)
+        # Data first asked for in the second batch: the read-ahead starts from there.
+        got = bytearray()
+        for i, e in enumerate(img.extents(io="read")):
+            if i >= 300 and e.kind == "data":
+                got += e.data
+            elif i >= 300:
+                got += bytes(e.length)
+        assert bytes(got) == expected[300 * 256 * KiB :]
+
+
 def test_read_ahead_arguments_are_checked(dense):
     path, _ = dense
     with qcowmap.open(path) as img:
