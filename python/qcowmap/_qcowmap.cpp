@@ -326,6 +326,54 @@ std::unique_ptr<Py_buffer, void (*)(Py_buffer*)> writable_buffer(const py::objec
     return {&view, PyBuffer_Release};
 }
 
+/// `read(offset, length)` of Image and RawDisk: a bytes object of the `length` bytes at `offset`
+/// (fewer at the end of a disk of `size` bytes) that `read(dest, offset)` fills. Beyond the end:
+/// the library's out_of_range error, from an empty read.
+template <typename Read>
+py::bytes read_bytes(std::uint64_t size, long long offset_arg, long long length_arg, Read&& read) {
+    const std::uint64_t offset = non_negative(offset_arg, "offset");
+    const std::uint64_t length = non_negative(length_arg, "length");
+    const std::uint64_t n = offset <= size ? std::min(length, size - offset) : 0;
+    PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
+    if (!raw)
+        throw py::error_already_set();
+    py::bytes bytes = py::reinterpret_steal<py::bytes>(raw);
+    read(std::span<std::byte>(reinterpret_cast<std::byte*>(PyBytes_AS_STRING(raw)), n), offset);
+    return bytes;
+}
+
+/// Reads into `dest` (fewer bytes only at the end of the disk). Small reads keep the GIL:
+/// dropping and retaking it costs more than they do.
+std::size_t read_span(const Image& image, std::span<std::byte> dest, std::uint64_t offset,
+                      const std::string& filename) {
+    constexpr std::size_t kReleaseGilAbove = 16 * 1024;
+    if (dest.size() <= kReleaseGilAbove) {
+        auto n = image.read(dest, offset);
+        if (!n)
+            raise(n.error(), filename);
+        return *n;
+    }
+    // Long reads in slices, looking for signals in between (a 3 GiB read took 26 s on a
+    // shadow-paging VM): 8 MiB is a few ms from the page cache, ~70 ms from a slow disk.
+    constexpr std::size_t kSlice = 8u << 20;
+    return interruptible([&] {
+        py::gil_scoped_release unlocked;
+        SignalCheck check;
+        std::size_t total = 0;
+        do {
+            auto piece = dest.subspan(total, std::min(kSlice, dest.size() - total));
+            auto n = image.read(piece, offset + total);
+            if (!n)
+                raise(n.error(), filename);
+            total += *n;
+            if (*n < piece.size())
+                break; // the end of the disk
+            check();
+        } while (total < dest.size());
+        return total;
+    });
+}
+
 /// The reads of a RawDisk (Image.open_raw()). A read that starts where the one before ended
 /// continues a read-ahead walk (Image::runs: the next pieces read on the workers while Python
 /// works on this one), so hashlib.file_digest and shutil.copyfileobj stream; a read anywhere
@@ -340,27 +388,19 @@ class SequentialReader {
         const std::uint64_t offset = non_negative(offset_arg, "offset");
         Py_buffer view;
         auto release = writable_buffer(buffer, view);
-        return read_span(std::span<std::byte>(static_cast<std::byte*>(view.buf),
+        return read_into(std::span<std::byte>(static_cast<std::byte*>(view.buf),
                                               static_cast<std::size_t>(view.len)),
                          offset);
     }
 
     py::bytes read(long long offset_arg, long long length_arg) {
-        const std::uint64_t offset = non_negative(offset_arg, "offset");
-        const std::uint64_t length = non_negative(length_arg, "length");
-        const std::uint64_t size = image_.size();
-        const std::uint64_t n = offset <= size ? std::min(length, size - offset) : 0;
-        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
-        if (!raw)
-            throw py::error_already_set();
-        py::bytes bytes = py::reinterpret_steal<py::bytes>(raw);
-        read_span(std::span<std::byte>(reinterpret_cast<std::byte*>(PyBytes_AS_STRING(raw)), n),
-                  offset);
-        return bytes;
+        return read_bytes(
+            image_.size(), offset_arg, length_arg,
+            [&](std::span<std::byte> dest, std::uint64_t offset) { read_into(dest, offset); });
     }
 
   private:
-    std::size_t read_span(std::span<std::byte> dest, std::uint64_t offset) {
+    std::size_t read_into(std::span<std::byte> dest, std::uint64_t offset) {
         const std::uint64_t size = image_.size();
         if (offset >= size || dest.empty())
             return 0;
@@ -369,7 +409,7 @@ class SequentialReader {
         // Another Python thread reading the same RawDisk (the GIL is released below) gets
         // plain reads: the walk is one thread's.
         if (busy_)
-            return plain_read(dest, offset);
+            return read_span(image_, dest, offset, filename_);
         busy_ = true;
         struct Idle {
             bool& busy;
@@ -381,7 +421,7 @@ class SequentialReader {
         last_end_ = offset + dest.size();
         if (!streams) {
             walk_.reset();
-            return plain_read(dest, offset);
+            return read_span(image_, dest, offset, filename_);
         }
         return interruptible([&] {
             py::gil_scoped_release unlocked;
@@ -417,27 +457,6 @@ class SequentialReader {
                 check();
             }
             return done;
-        });
-    }
-
-    /// Image::read without the GIL, in slices, looking for signals in between.
-    std::size_t plain_read(std::span<std::byte> dest, std::uint64_t offset) {
-        constexpr std::size_t kSlice = 8u << 20;
-        return interruptible([&] {
-            py::gil_scoped_release unlocked;
-            SignalCheck check;
-            std::size_t total = 0;
-            do {
-                auto piece = dest.subspan(total, std::min(kSlice, dest.size() - total));
-                auto n = image_.read(piece, offset + total);
-                if (!n)
-                    raise(n.error(), filename_);
-                total += *n;
-                if (*n < piece.size())
-                    break; // the end of the disk
-                check();
-            } while (total < dest.size());
-            return total;
         });
     }
 
@@ -705,18 +724,10 @@ class PyImage {
 
     py::bytes read(long long offset_arg, long long length_arg) const {
         Image image = get();
-        const std::uint64_t offset = non_negative(offset_arg, "offset");
-        const std::uint64_t length = non_negative(length_arg, "length");
-        const std::uint64_t size = image.size();
-        // Beyond the end: the library's out_of_range error, from an empty read.
-        const std::uint64_t n = offset <= size ? std::min(length, size - offset) : 0;
-        PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
-        if (!raw)
-            throw py::error_already_set();
-        py::bytes bytes = py::reinterpret_steal<py::bytes>(raw);
-        std::span<std::byte> dest(reinterpret_cast<std::byte*>(PyBytes_AS_STRING(raw)), n);
-        read_span(image, dest, offset);
-        return bytes;
+        return read_bytes(image.size(), offset_arg, length_arg,
+                          [&](std::span<std::byte> dest, std::uint64_t offset) {
+                              read_span(image, dest, offset, filename_);
+                          });
     }
 
     std::size_t readinto(long long offset_arg, const py::object& buffer) const {
@@ -726,7 +737,7 @@ class PyImage {
         auto release = writable_buffer(buffer, view);
         std::span<std::byte> dest(static_cast<std::byte*>(view.buf),
                                   static_cast<std::size_t>(view.len));
-        return read_span(image, dest, offset);
+        return read_span(image, dest, offset, filename_);
     }
 
     py::list map(long long start, std::optional<long long> length) const {
@@ -863,38 +874,6 @@ class PyImage {
     }
 
   private:
-    /// Reads into `dest` (fewer bytes only at the end of the disk). Small reads keep the GIL:
-    /// dropping and retaking it costs more than they do.
-    std::size_t read_span(const Image& image, std::span<std::byte> dest,
-                          std::uint64_t offset) const {
-        constexpr std::size_t kReleaseGilAbove = 16 * 1024;
-        if (dest.size() <= kReleaseGilAbove) {
-            auto n = image.read(dest, offset);
-            if (!n)
-                raise(n.error(), filename_);
-            return *n;
-        }
-        // Long reads in slices, looking for signals in between (a 3 GiB read took 26 s on a
-        // shadow-paging VM): 8 MiB is a few ms from the page cache, ~70 ms from a slow disk.
-        constexpr std::size_t kSlice = 8u << 20;
-        return interruptible([&] {
-            py::gil_scoped_release unlocked;
-            SignalCheck check;
-            std::size_t total = 0;
-            do {
-                auto piece = dest.subspan(total, std::min(kSlice, dest.size() - total));
-                auto n = image.read(piece, offset + total);
-                if (!n)
-                    raise(n.error(), filename_);
-                total += *n;
-                if (*n < piece.size())
-                    break; // the end of the disk
-                check();
-            } while (total < dest.size());
-            return total;
-        });
-    }
-
     std::optional<Image> image_;
     std::string filename_;
 };
