@@ -302,42 +302,51 @@ struct qcowmap_extents* qcowmap_extents_open_ahead(struct qcow2* q, uint64_t sta
 
 namespace {
 
-/// qcowmap_extents_next() of a walk that reads ahead: the next run, and the extent it is a
-/// piece of for what the map says.
-int next_run(qcowmap_extents* it, qcowmap_extent* out) {
-    qcowmap::Run run;
-    if (!it->ahead->next(run)) {
-        if (!it->ahead->error())
-            return 0;
-        it->failed = true;
-        it->error = it->ahead->error()->message;
-        fail(*it->ahead->error());
-        return -1;
-    }
-    const qcowmap::Extent& extent = it->ahead->extent();
-    *out = qcowmap_extent{};
-    out->offset = run.offset;
-    out->length = run.length;
-    out->present = run.present ? 1 : 0;
-    out->depth = run.depth;
-    out->has_host_offset = extent.host_offset ? 1 : 0;
-    out->host_offset = extent.host_offset.value_or(0);
-    switch (run.kind) {
+/// Ends the walk of `it` with `error`: qcowmap_extents_next() returns -1 from now on.
+int fail_walk(qcowmap_extents* it, const qcowmap::Error& error) {
+    it->failed = true;
+    it->error = error.message;
+    fail(error);
+    return -1;
+}
+
+/// What the map says of `[offset, offset + length)`, a piece of `extent` (or all of it): all but
+/// `data`, which the caller sets for DATA and COMPRESSED.
+qcowmap_extent map_fields(const qcowmap::Extent& extent, std::uint64_t offset,
+                          std::uint64_t length) {
+    qcowmap_extent out{};
+    out.offset = offset;
+    out.length = length;
+    out.present = extent.present ? 1 : 0;
+    out.depth = extent.depth;
+    out.has_host_offset = extent.host_offset ? 1 : 0;
+    out.host_offset = extent.host_offset.value_or(0);
+    switch (extent.kind) {
     case qcowmap::ExtentKind::data:
-        out->kind = QCOWMAP_EXTENT_DATA;
-        out->data = run.bytes.data();
-        out->host_offset += run.offset - extent.offset;
+        out.kind = QCOWMAP_EXTENT_DATA;
+        out.host_offset += offset - extent.offset;
         break;
     case qcowmap::ExtentKind::zero:
-        out->kind = QCOWMAP_EXTENT_ZERO;
+        out.kind = QCOWMAP_EXTENT_ZERO;
         break;
     case qcowmap::ExtentKind::compressed:
-        out->kind = QCOWMAP_EXTENT_COMPRESSED;
-        out->data = run.bytes.data();
-        out->compressed = extent.bytes.data();
-        out->compressed_length = extent.bytes.size();
+        out.kind = QCOWMAP_EXTENT_COMPRESSED;
+        out.compressed = extent.bytes.data();
+        out.compressed_length = extent.bytes.size();
         break;
     }
+    return out;
+}
+
+/// qcowmap_extents_next() of a walk that reads ahead: the next run, described by the extent
+/// it is a piece of.
+int next_run(qcowmap_extents* it, qcowmap_extent* out) {
+    qcowmap::Run run;
+    if (!it->ahead->next(run))
+        return it->ahead->error() ? fail_walk(it, *it->ahead->error()) : 0;
+    *out = map_fields(it->ahead->extent(), run.offset, run.length);
+    if (run.kind != qcowmap::ExtentKind::zero)
+        out->data = run.bytes.data();
     return 1;
 }
 
@@ -357,44 +366,16 @@ int qcowmap_extents_next(struct qcowmap_extents* it, struct qcowmap_extent* out)
         if (it->ahead)
             return next_run(it, out);
         qcowmap::Extent extent;
-        if (!it->walk.next(extent)) {
-            if (!it->walk.error()) {
-                return 0;
-            }
-            it->failed = true;
-            it->error = it->walk.error()->message;
-            fail(*it->walk.error());
-            return -1;
-        }
-        *out = qcowmap_extent{};
-        out->offset = extent.offset;
-        out->length = extent.length;
-        out->present = extent.present ? 1 : 0;
-        out->depth = extent.depth;
-        out->has_host_offset = extent.host_offset ? 1 : 0;
-        out->host_offset = extent.host_offset.value_or(0);
-        switch (extent.kind) {
-        case qcowmap::ExtentKind::data:
-            out->kind = QCOWMAP_EXTENT_DATA;
+        if (!it->walk.next(extent))
+            return it->walk.error() ? fail_walk(it, *it->walk.error()) : 0;
+        *out = map_fields(extent, extent.offset, extent.length);
+        if (extent.kind == qcowmap::ExtentKind::data) {
             out->data = extent.bytes.data();
-            break;
-        case qcowmap::ExtentKind::zero:
-            out->kind = QCOWMAP_EXTENT_ZERO;
-            break;
-        case qcowmap::ExtentKind::compressed: {
-            out->kind = QCOWMAP_EXTENT_COMPRESSED;
-            out->compressed = extent.bytes.data();
-            out->compressed_length = extent.bytes.size();
+        } else if (extent.kind == qcowmap::ExtentKind::compressed) {
             auto bytes = it->decompressor.decompress(it->image, extent);
-            if (!bytes) {
-                it->failed = true;
-                it->error = bytes.error().message;
-                fail(bytes.error());
-                return -1;
-            }
+            if (!bytes)
+                return fail_walk(it, bytes.error());
             out->data = bytes->data();
-            break;
-        }
         }
         return 1;
     } catch (...) {
