@@ -261,17 +261,22 @@ void truncate_file(const fs::path& path, std::uint64_t size) {
     ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(size)), 0) << std::strerror(errno);
 }
 
+/// Cuts the file of `image` (at `path`) `keep` bytes into its first extent, a data run: the
+/// metadata (header, L1, L2, refcounts) comes before it and survives.
+void cut_inside_first_data_run(const Image& image, const fs::path& path, std::uint64_t keep) {
+    ExtentRange extents = image.extents();
+    Extent data;
+    ASSERT_TRUE(extents.next(data));
+    ASSERT_EQ(data.kind, ExtentKind::data);
+    truncate_file(path, *data.host_offset + keep);
+}
+
 TEST_F(Visit, FileCutShortUnderAnOpenImageIsAnIoErrorInReadMode) {
     fs::path path = dir_ / "shrinks.qcow2";
     test::make_image(path, "cluster_size=64k", "4M", {"write -P 0x91 0 2M"});
     auto image = Image::open(path);
     ASSERT_TRUE(image);
-    // Cut the file inside the data run: its metadata (header, L1, L2, refcounts) comes first.
-    ExtentRange it = image->extents();
-    Extent data;
-    ASSERT_TRUE(it.next(data));
-    ASSERT_EQ(data.kind, ExtentKind::data);
-    truncate_file(path, *data.host_offset + 300 * 1024);
+    ASSERT_NO_FATAL_FAILURE(cut_inside_first_data_run(*image, path, 300 * 1024));
     for (unsigned threads : {1u, 2u}) {
         auto ok = image->visit(
             0, UINT64_MAX, [](const qcowmap::Run&) -> Result<void> { return {}; },
@@ -439,11 +444,7 @@ TEST_F(Visit, FileCutShortUnderRunsEndsTheWalkWithAnErrorNotAFault) {
     test::make_image(path, "cluster_size=64k", "8M", {"write -P 0xd1 0 6M"});
     auto image = Image::open(path);
     ASSERT_TRUE(image);
-    ExtentRange extents = image->extents();
-    Extent data;
-    ASSERT_TRUE(extents.next(data));
-    ASSERT_EQ(data.kind, ExtentKind::data);
-    truncate_file(path, *data.host_offset + 2 * 1024 * 1024);
+    ASSERT_NO_FATAL_FAILURE(cut_inside_first_data_run(*image, path, 2 * 1024 * 1024));
     // Only the walks that produce every byte inside the boundary: read, or mapped with touch
     // (without prefetching the caller's own reads of the mapping would fault).
     for (const VisitOptions& options : run_options()) {
