@@ -147,9 +147,10 @@ Command add_check(CLI::App& app) {
         ->add_option("-r,--repair", *repair,
                      "Repair in place, as qemu-img check -r: 'leaks' lowers refcounts higher "
                      "than the references (frees leaked clusters); 'all' also raises refcounts "
-                     "lower than the references and clears the dirty bit of an image qemu left "
-                     "with lazy refcounts. Takes QEMU's writer lock. Damage qemu repairs by "
-                     "rewriting tables is refused before anything is written")
+                     "lower than the references, rebuilds a damaged refcount structure, rewrites "
+                     "OFLAG_COPIED flags and clears the dirty bit of an image qemu left with lazy "
+                     "refcounts. Takes QEMU's writer lock. Damage qemu repairs by rewriting L1/L2 "
+                     "entries or the snapshot table is refused before anything is written")
         ->check(one_of({"leaks", "all"}))
         ->option_text("leaks|all");
     output->add_to(*command, "the counts with qemu-img check --output=json's keys");

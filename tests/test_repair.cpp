@@ -354,6 +354,211 @@ TEST(Repair, CrashWhileAllocatingARefcountBlockAddsNoCorruption) {
     crash_at_every_step(image, RepairMode::all, before->corruptions);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rebuilding the refcount structure (qemu's rebuild_refcount_structure, qemu-iotests 060/108)
+
+/// A 64 MiB image with 64 KiB of data, as qemu-iotests 108 starts; `original` keeps a copy.
+fs::path small_image(const TempDir& dir, const std::string& name, fs::path& original) {
+    const fs::path image = dir / name;
+    make_image(image, "cluster_size=64k", "64M", {"write -P 42 0 64k"});
+    original = dir / ("original-" + name);
+    fs::copy_file(image, original);
+    return image;
+}
+
+/// qemu-img check -r all rebuilds the refcount structure of `damaged`; so do we: the same exit
+/// status and counts, "Rebuilding refcount structure" said, our result clean, equal to
+/// qemu-img's and to `original` (the image before the damage).
+void expect_rebuilt_as_qemu_img(const TempDir& dir, const fs::path& damaged,
+                                const fs::path& original) {
+    Outcome o = repair_both(dir, damaged, "all");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0) << o.ours_json << o.ours_err;
+    EXPECT_NE(o.theirs_err.find("Rebuilding refcount structure"), std::string::npos)
+        << o.theirs_err;
+    EXPECT_NE(o.ours_err.find("Rebuilding refcount structure"), std::string::npos) << o.ours_err;
+    expect_clean_and_equal(dir, original);
+}
+
+TEST(Repair, RebuildsAnImageWithoutRefcountTableAsQemuImg) {
+    // qemu-iotests 108: the header names no refcount table at all.
+    TempDir dir;
+    fs::path original;
+    const fs::path image = small_image(dir, "notable.qcow2", original);
+    poke_be(image, 48, 0, 8);
+    poke_be(image, 56, 0, 4);
+    expect_rebuilt_as_qemu_img(dir, image, original);
+    // The library says what it did; the header names the new table.
+    fs::copy_file(image, dir / "library.qcow2");
+    auto r = repair_image(dir / "library.qcow2", RepairOptions{RepairMode::all});
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_TRUE(r->refcounts_rebuilt);
+    EXPECT_EQ(r->corruptions_fixed, 4u); // header, L1, L2 and data cluster: refcount 0
+    EXPECT_EQ(r->exit_code(), 0);
+    EXPECT_TRUE(r->double_checked);
+    EXPECT_NE(peek_be(dir / "library.qcow2", 48, 8), 0u);
+    EXPECT_NE(peek_be(dir / "library.qcow2", 56, 4), 0u);
+    // With -r leaks both fail as qemu-img does ("need to rebuild refcount structures").
+    Outcome leaks = repair_both(dir, image, "leaks");
+    EXPECT_EQ(leaks.ours, 1);
+    EXPECT_EQ(leaks.theirs, 1);
+}
+
+TEST(Repair, RebuildsARefcountBlockSharedWithDataAsQemuImg) {
+    // qemu-iotests 060: an L2 entry points at the refcount block, so that cluster has two
+    // references (qemu: "ERROR refcount block 0 refcount=2", rebuild).
+    TempDir dir;
+    const fs::path image = dir / "shared.qcow2";
+    run_ok("qemu-img create -q -f qcow2 -o compat=1.1 " + q(image) + " 64M");
+    fs::resize_file(image, 0x40000 + kCluster);
+    poke_be(image, 0x30000, 0x8000000000040000ULL, 8); // L1[0] -> an L2 table at 0x40000
+    poke_be(image, 0x20000 + 8, 1, 2);                 // its refcount
+    poke_be(image, 0x40000, 0x8000000000020000ULL, 8); // L2[0] -> the refcount block
+    Outcome o = repair_both(dir, image, "all");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0) << o.ours_json << o.ours_err;
+    EXPECT_NE(o.ours_err.find("ERROR refcount block 0 refcount=2"), std::string::npos)
+        << o.ours_err;
+    expect_clean_and_equal(dir, {});
+    // The data cluster kept what it read before: the old refcount block's bytes.
+    Outcome leaks = repair_both(dir, image, "leaks");
+    EXPECT_EQ(leaks.ours, leaks.theirs);
+    EXPECT_EQ(leaks.ours, 1);
+}
+
+TEST(Repair, RebuildsARefcountBlockPastTheEndOfTheFile) {
+    // qemu-iotests 108: refcount table entry 1 names a block past the end of the file. qemu
+    // grows the file to reach it (or rebuilds when it cannot); we rebuild, and the counts are
+    // qemu's where qemu's growing found nothing more to repair.
+    TempDir dir;
+    for (std::uint64_t entry : {std::uint64_t{0x100000}, std::uint64_t{0x7fffffffffff0000}}) {
+        SCOPED_TRACE(fmt::format("refcount table entry {:#x}", entry));
+        fs::path original;
+        const fs::path image = small_image(dir, fmt::format("beyond-{:x}.qcow2", entry), original);
+        poke_be(image, 0x10008, entry, 8);
+        if (entry == 0x100000)
+            poke_be(image, 0x20000 + 16 * 2, 1, 2); // the block's cluster counted in block 0
+        Outcome o = repair_both(dir, image, "all");
+        expect_same_counts(o);
+        EXPECT_EQ(o.ours, 0) << o.ours_json << o.ours_err;
+        expect_clean_and_equal(dir, original);
+        // Nothing was written past the new structure: the file did not grow to the block.
+        EXPECT_LT(fs::file_size(dir / "ours.qcow2"), 0x100000u);
+    }
+}
+
+TEST(Repair, RebuildsWhenTheRefcountTableMustGrowAsQemuImg) {
+    // 512-byte clusters and 64-bit refcounts: one table cluster names 64 blocks of 64
+    // refcounts, 2 MiB of clusters. 3 MiB of data needs a second table cluster; the header is
+    // made to name only the first, so the last clusters have no refcount and the table would
+    // have to grow (qemu rebuilds).
+    TempDir dir;
+    const fs::path image = dir / "grow.qcow2";
+    make_image(image, "cluster_size=512,refcount_bits=64", "8M", {"write -P 9 0 3M"});
+    ASSERT_EQ(peek_be(image, 56, 4), 2u);
+    const fs::path original = dir / "original.qcow2";
+    fs::copy_file(image, original);
+    poke_be(image, 56, 1, 4);
+    expect_rebuilt_as_qemu_img(dir, image, original);
+}
+
+TEST(Repair, RebuildsAnUnalignedRefcountBlockWhereQemuImgFails) {
+    // A refcount table entry 512 bytes into a cluster: qemu-img finds it, starts rebuilding and
+    // fails ("ERROR writing refblock: Input/output error", exit 1, the image marked corrupt).
+    // We rebuild it: clean, the data as before.
+    TempDir dir;
+    fs::path original;
+    const fs::path image = small_image(dir, "unaligned.qcow2", original);
+    poke_be(image, 0x10000, 0x20200, 8);
+    Outcome o = repair_both(dir, image, "all");
+    EXPECT_EQ(o.theirs, 1) << o.theirs_err;
+    EXPECT_EQ(o.ours, 0) << o.ours_json << o.ours_err;
+    EXPECT_EQ(json_count(o.ours_json, "corruptions-fixed"), 1u) << o.ours_json;
+    CommandResult check = run("qemu-img check " + q(dir / "ours.qcow2"));
+    EXPECT_EQ(check.exit_code, 0) << check.out << check.err;
+    CommandResult same = run("qemu-img compare -U " + q(dir / "ours.qcow2") + " " + q(original));
+    EXPECT_EQ(same.exit_code, 0) << same.out << same.err;
+}
+
+TEST(Repair, CrashDuringRebuildAddsNoCorruption) {
+    TempDir dir;
+    fs::path original;
+    const fs::path image = small_image(dir, "notable.qcow2", original);
+    poke_be(image, 48, 0, 8);
+    poke_be(image, 56, 0, 4);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    crash_at_every_step(image, RepairMode::all, before->corruptions);
+}
+
+TEST(Repair, CrashDuringRebuildOfAGrowingTableAddsNoCorruption) {
+    TempDir dir;
+    const fs::path image = dir / "grow.qcow2";
+    // Just past what one table cluster covers (2 MiB), to keep the steps few.
+    make_image(image, "cluster_size=512,refcount_bits=64", "8M", {"write -P 9 0 2304k"});
+    ASSERT_EQ(peek_be(image, 56, 4), 2u);
+    poke_be(image, 56, 1, 4);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    crash_at_every_step(image, RepairMode::all, before->corruptions);
+}
+
+// ---------------------------------------------------------------------------------------------
+// OFLAG_COPIED flags (qemu's check_oflag_copied with BDRV_FIX_ERRORS)
+
+/// An image whose first data cluster lost its COPIED flag (refcount 1) and, through an internal
+/// snapshot, a shared cluster (refcount 2) that carries one.
+fs::path wrong_flags_image(const TempDir& dir) {
+    const fs::path image = dir / "flags.qcow2";
+    make_image(image, "cluster_size=64k", "64M", {"write -P 1 0 64k", "write -P 2 64k 64k"});
+    run_ok("qemu-img snapshot -c snap " + q(image));
+    run_ok("qemu-io -f qcow2 -c 'write -P 3 0 64k' " + q(image) + " >/dev/null");
+    const std::uint64_t l1 = peek_be(image, 40, 8);
+    const std::uint64_t l2 = peek_be(image, l1, 8) & 0x00fffffffffffe00ULL;
+    // Entry 0 was rewritten after the snapshot (its own cluster, COPIED); entry 1 is shared.
+    EXPECT_NE(peek_be(image, l2, 8) >> 63, 0u);
+    EXPECT_EQ(peek_be(image, l2 + 8, 8) >> 63, 0u);
+    poke_be(image, l2, peek_be(image, l2, 8) & ~(std::uint64_t{1} << 63), 8);
+    poke_be(image, l2 + 8, peek_be(image, l2 + 8, 8) | (std::uint64_t{1} << 63), 8);
+    return image;
+}
+
+TEST(Repair, CopiedFlagsRewrittenAsQemuImg) {
+    TempDir dir;
+    const fs::path image = wrong_flags_image(dir);
+    EXPECT_EQ(run("qemu-img check " + q(image)).exit_code, 2);
+    Outcome o = repair_both(dir, image, "all");
+    expect_same_counts(o);
+    EXPECT_EQ(o.ours, 0) << o.ours_json << o.ours_err;
+    EXPECT_EQ(json_count(o.ours_json, "corruptions-fixed"), 2u) << o.ours_json;
+    EXPECT_NE(o.ours_err.find("Repairing OFLAG_COPIED data cluster"), std::string::npos)
+        << o.ours_err;
+    expect_clean_and_equal(dir, image);
+    // The snapshot still reads as it was taken.
+    run_ok("qemu-img snapshot -a snap " + q(dir / "ours.qcow2"));
+    run_ok("qemu-io -f qcow2 -c 'read -P 1 0 64k' -c 'read -P 2 64k 64k' " + q(dir / "ours.qcow2") +
+           " >/dev/null");
+    // -r leaks repairs them too when nothing else is left wrong, as qemu-img does.
+    Outcome leaks = repair_both(dir, image, "leaks");
+    expect_same_counts(leaks);
+    EXPECT_EQ(leaks.ours, 0) << leaks.ours_json << leaks.ours_err;
+    // With a corruption -r leaks cannot fix (a refcount too low), the flags are left.
+    const std::uint64_t l2 = peek_be(image, peek_be(image, 40, 8), 8) & 0x00fffffffffffe00ULL;
+    const std::uint64_t shared = (peek_be(image, l2 + 8, 8) & 0x00fffffffffffe00ULL) / kCluster;
+    fs::copy_file(image, dir / "under.qcow2");
+    set_refcount(dir / "under.qcow2", shared, 1);
+    Outcome left = repair_both(dir, dir / "under.qcow2", "leaks");
+    EXPECT_EQ(left.ours, left.theirs);
+}
+
+TEST(Repair, CrashWhileRewritingCopiedFlagsAddsNoCorruption) {
+    TempDir dir;
+    const fs::path image = wrong_flags_image(dir);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    crash_at_every_step(image, RepairMode::all, before->corruptions);
+}
+
 TEST(Repair, DirtyImageWithLeaksOnlyFailsAsQemuImgAndWritesNothing) {
     TempDir dir;
     const fs::path image = dirty_image(dir);

@@ -70,8 +70,10 @@ class Checker {
         inc(0, s_.cluster_size, "header"); // the header cluster
         check_l1(info_.l1_table_offset, info_.l1_size, /*active=*/true);
         check_snapshots();
+        counting_old_structure_ = true;
         inc(info_.refcount_table_offset,
             std::uint64_t{info_.refcount_table_clusters} << info_.cluster_bits, "refcount table");
+        counting_old_structure_ = false;
         check_encryption_header();
         check_bitmaps();
         check_refblocks();
@@ -79,8 +81,15 @@ class Checker {
             plan_->structural_corruptions = r_.corruptions;
             plan_->structural_check_errors = r_.check_errors;
             plan_->first_structural = first_finding_;
+            plan_->refcount_structure_corruptions = refblock_corruptions_;
         }
         compare();
+        if (plan_) {
+            plan_->unreadable_refcounts = unreadable_refcounts_;
+            plan_->corruptions_before_copied = r_.corruptions;
+            plan_->messages_before_copied = r_.messages.size();
+            plan_rebuild();
+        }
         check_copied_flags();
     }
 
@@ -152,6 +161,8 @@ class Checker {
                 continue;
             }
             ++*count;
+            if (counting_old_structure_ && plan_)
+                plan_->old_structure_clusters.push_back(k);
         }
     }
 
@@ -434,6 +445,8 @@ class Checker {
             const std::uint64_t raw = entry_at(info_.refcount_table_offset + i * 8);
             const std::uint64_t offset = raw & detail::kRefcountTableOffsetMask;
             const std::uint64_t cluster = offset >> s_.cluster_bits;
+            if (plan_ && offset)
+                plan_->old_refblock_targets.push_back(cluster);
             if (raw & detail::kRefcountTableReservedMask) {
                 corruption("ERROR refcount table entry {} has reserved bits set", i);
                 continue;
@@ -442,16 +455,21 @@ class Checker {
                 corruption("ERROR refcount block {} is not cluster aligned; refcount table "
                            "entry corrupted",
                            i);
+                ++refblock_corruptions_;
                 continue;
             }
             if (cluster >= imrt_clusters()) {
                 corruption("ERROR refcount block {} is outside image", i);
+                ++refblock_corruptions_;
                 continue;
             }
             if (offset != 0) {
+                counting_old_structure_ = true;
                 inc(offset, s_.cluster_size, "refcount block");
+                counting_old_structure_ = false;
                 if (computed(cluster) != 1) {
                     corruption("ERROR refcount block {} refcount={}", i, computed(cluster));
+                    ++refblock_corruptions_;
                 }
             }
         }
@@ -461,6 +479,7 @@ class Checker {
         auto refcount = stored(i);
         if (!refcount) {
             ++r_.check_errors;
+            ++unreadable_refcounts_;
             finding("Can't get refcount for cluster {}: Input/output error", i);
             return;
         }
@@ -523,6 +542,8 @@ class Checker {
     }
 
     /// check_oflag_copied: the COPIED flag of active L1 and L2 entries says "refcount is 1".
+    /// With a plan, also against the refcounts as the repair leaves them, and (-r all) the
+    /// entries that fix what would still be wrong.
     void check_copied_flags() {
         using namespace detail;
         const Bytes l1 = s_.l1_table;
@@ -531,51 +552,94 @@ class Checker {
             const std::uint64_t l2_offset = l1_entry.l2_offset();
             if (!l2_offset)
                 continue;
-            auto refcount = stored(l2_offset >> s_.cluster_bits);
-            if (!refcount)
-                continue;
-            if (plan_ &&
-                (after_repair(l2_offset >> s_.cluster_bits, *refcount) == 1) != l1_entry.copied()) {
-                copied_after(fmt::format("ERROR OFLAG_COPIED L2 cluster: l1_index={} "
-                                         "l1_entry={:x} refcount={}",
-                                         i / 8, l1_entry.raw,
-                                         after_repair(l2_offset >> s_.cluster_bits, *refcount)));
+            const std::uint64_t l2_cluster = l2_offset >> s_.cluster_bits;
+            auto refcount = stored(l2_cluster);
+            if (auto planned = plan_ ? planned_refcount(l2_cluster, refcount) : std::nullopt;
+                planned && (*planned == 1) != l1_entry.copied()) {
+                copied_after(fmt::format("OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} "
+                                         "refcount={}",
+                                         i / 8, l1_entry.raw, *planned),
+                             info_.l1_table_offset + i, l1_entry.raw, *planned == 1);
             }
-            if ((*refcount == 1) != l1_entry.copied()) {
+            if (refcount && (*refcount == 1) != l1_entry.copied()) {
                 corruption("ERROR OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} "
                            "refcount={}",
                            i / 8, l1_entry.raw, *refcount);
             }
+            // qemu skips the table when the refcount of the table itself cannot be read; a
+            // rebuilt structure reads them all.
+            const bool check_now = refcount.has_value();
+            const bool check_planned = plan_ && (check_now || plan_->rebuild);
+            if (!check_now && !check_planned)
+                continue;
             const std::uint64_t entries = s_.cluster_size / s_.l2_entry_bytes;
             for (std::uint64_t j = 0; j < entries; ++j) {
                 if (!fits(s_.bytes.size(), l2_offset, (j + 1) * s_.l2_entry_bytes))
                     break;
-                const detail::L2Entry entry{entry_at(l2_offset + j * s_.l2_entry_bytes), 0};
+                const std::uint64_t at = l2_offset + j * s_.l2_entry_bytes;
+                const detail::L2Entry entry{entry_at(at), 0};
                 const ClusterType type =
                     detail::cluster_type(entry, info_.extended_l2, s_.has_data_file());
                 if (type != ClusterType::normal && type != ClusterType::zero_alloc)
                     continue;
                 std::optional<std::uint64_t> data_refcount = std::uint64_t{1};
-                std::uint64_t repaired = 1;
+                std::optional<std::uint64_t> planned = std::uint64_t{1};
                 if (!s_.has_data_file()) {
-                    data_refcount = stored(entry.host_offset() >> s_.cluster_bits);
-                    if (!data_refcount)
-                        continue;
-                    if (plan_)
-                        repaired =
-                            after_repair(entry.host_offset() >> s_.cluster_bits, *data_refcount);
+                    const std::uint64_t cluster = entry.host_offset() >> s_.cluster_bits;
+                    data_refcount = stored(cluster);
+                    planned = plan_ ? planned_refcount(cluster, data_refcount) : std::nullopt;
                 }
-                if (plan_ && (repaired == 1) != entry.copied()) {
-                    copied_after(fmt::format("ERROR OFLAG_COPIED data cluster: l2_entry={:x} "
+                if (check_planned && planned && (*planned == 1) != entry.copied()) {
+                    copied_after(fmt::format("OFLAG_COPIED data cluster: l2_entry={:x} "
                                              "refcount={}",
-                                             entry.raw, repaired));
+                                             entry.raw, *planned),
+                                 at, entry.raw, *planned == 1);
                 }
-                if ((*data_refcount == 1) != entry.copied()) {
+                if (check_now && data_refcount && (*data_refcount == 1) != entry.copied()) {
                     corruption("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
                                entry.raw, *data_refcount);
                 }
             }
         }
+    }
+
+    /// The refcount of `cluster` once the planned repair is written (`stored_now`: its
+    /// refcount now, if it can be read): its references when the structure is rebuilt.
+    std::optional<std::uint64_t> planned_refcount(std::uint64_t cluster,
+                                                  std::optional<std::uint64_t> stored_now) const {
+        if (plan_->rebuild) {
+            auto old = old_structure_count_.find(cluster);
+            return computed(cluster) - (old == old_structure_count_.end() ? 0 : old->second);
+        }
+        if (!stored_now)
+            return std::nullopt;
+        return after_repair(cluster, *stored_now);
+    }
+
+    /// qemu's compare_refcounts sets `rebuild` for damaged refcount blocks; a refcount that
+    /// must go up past the end of the refcount table needs a larger table, which only a
+    /// rebuild gives here. Only with -r all (qemu rebuilds with BDRV_FIX_ERRORS).
+    void plan_rebuild() {
+        if (!fix_errors_)
+            return;
+        bool table_must_grow = false;
+        for (const detail::RefcountMismatch& m : plan_->mismatches) {
+            if (m.fixed && m.references > m.stored &&
+                (m.cluster >> refblock_bits_) >= refcount_table_entries_)
+                table_must_grow = true;
+        }
+        if (refblock_corruptions_ == 0 && !table_must_grow)
+            return;
+        const std::uint64_t clusters = imrt_clusters();
+        if (clusters - file_clusters_ > kMaxClustersPastEnd)
+            return; // bounded: past_end_ holds at most that many
+        plan_->rebuild = true;
+        plan_->references.assign(counts_.begin(), counts_.end());
+        plan_->references.resize(clusters, 0);
+        for (const auto& [k, count] : past_end_)
+            plan_->references[k] = count;
+        for (std::uint64_t k : plan_->old_structure_clusters)
+            ++old_structure_count_[k];
     }
 
     /// The refcount of `cluster` once the repair planned has written it (`stored` now).
@@ -588,10 +652,13 @@ class Checker {
             return it->references;
         return stored_now;
     }
-    void copied_after(std::string line) {
+    void copied_after(std::string line, std::uint64_t entry_offset, std::uint64_t raw,
+                      bool copied) {
         ++plan_->copied_after;
         if (plan_->copied_after_lines.size() < options_.max_messages)
             plan_->copied_after_lines.push_back(std::move(line));
+        plan_->copied_fixes.push_back(
+            {entry_offset, copied ? raw | detail::kCopiedFlag : raw & ~detail::kCopiedFlag});
     }
 
     const ImageState& s_;
@@ -605,6 +672,11 @@ class Checker {
     std::vector<std::uint32_t> counts_;
     std::map<std::uint64_t, std::uint32_t> past_end_;
     bool past_end_overflow_ = false;
+    /// While the old refcount table and blocks are counted (a plan records where they lie).
+    bool counting_old_structure_ = false;
+    std::map<std::uint64_t, std::uint32_t> old_structure_count_;
+    std::uint64_t refblock_corruptions_ = 0;
+    std::uint64_t unreadable_refcounts_ = 0;
     std::uint64_t visits_ = 0;
     std::uint64_t visit_budget_ = 0;
     bool visit_budget_exceeded_ = false;

@@ -41,8 +41,36 @@ struct RepairPlan {
     /// OFLAG_COPIED mismatches (qemu's check_oflag_copied) against the refcounts as they will
     /// be once the fixed mismatches are written, and the first of them.
     std::uint64_t copied_after = 0;
-    /// The first CheckOptions::max_messages lines of those, worded as check_oflag_copied.
+    /// The first CheckOptions::max_messages lines of those, worded as check_oflag_copied
+    /// without its first word ("ERROR" when left, "Repairing" when fixed).
     std::vector<std::string> copied_after_lines;
+    /// The entries that fix those flags: the file offset of each L1 or L2 entry and its value
+    /// with the flag set or cleared (qemu's check_oflag_copied repairing), in table order.
+    struct EntryFix {
+        std::uint64_t offset = 0;
+        std::uint64_t value = 0;
+    };
+    std::vector<EntryFix> copied_fixes;
+    /// Corruptions found before the OFLAG_COPIED check (what qemu's rebuild counts as fixed),
+    /// and how many of `check.messages` came before it (what qemu prints before rebuilding).
+    std::uint64_t corruptions_before_copied = 0;
+    std::size_t messages_before_copied = 0;
+
+    /// The refcount structure must be rebuilt (qemu's rebuild_refcount_structure): with -r
+    /// all, when a refcount block is unaligned, outside the image or shared with other data,
+    /// or when a refcount that goes up lies past what the refcount table covers.
+    bool rebuild = false;
+    /// Of the structural corruptions and check errors, those a rebuild makes good: refcount
+    /// blocks found damaged by check_refblocks, refcounts unreadable through them.
+    std::uint64_t refcount_structure_corruptions = 0;
+    std::uint64_t unreadable_refcounts = 0;
+    /// With `rebuild`: every cluster's references (qemu's in-memory refcount table), counting
+    /// the old refcount table and blocks too, which lie at `old_structure_clusters` (one entry
+    /// per reference); and the clusters the old refcount table names, which a rebuild must
+    /// not overwrite before the new structure takes over.
+    std::vector<std::uint32_t> references;
+    std::vector<std::uint64_t> old_structure_clusters;
+    std::vector<std::uint64_t> old_refblock_targets;
 };
 
 /// Checks the image at `path` (opened as check_image opens it, with `options`) and returns

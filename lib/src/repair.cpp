@@ -3,16 +3,25 @@
 // refcount to the references counted from the image's tables, and qcow2_co_check_locked
 // (block/qcow2.c) clears the dirty and corrupt bits once nothing is left to repair.
 //
-// What qemu repairs by other means (rebuilding the refcount structure when the table must
-// grow or is damaged, fixing L1/L2 entries and OFLAG_COPIED flags, the snapshot table) is
-// refused before anything is written. One difference by design: for a referenced cluster with
-// refcount 0 (a dirty image left by lazy refcounts) qemu rebuilds the whole refcount
-// structure; here the refcount is raised in place, which leaves the same counts.
+// With -r all, OFLAG_COPIED flags that disagree with the repaired refcounts are rewritten
+// (check_oflag_copied), and a damaged refcount structure (a refcount block unaligned, outside
+// the image or shared with other data) or one whose table would have to grow is rebuilt from
+// the references (rebuild_refcount_structure). What else qemu repairs (L1/L2 entries, the
+// snapshot table) is refused before anything is written. Differences by design: for a
+// referenced cluster with refcount 0 (a dirty image left by lazy refcounts) qemu rebuilds the
+// whole refcount structure; here the refcount is raised in place, which leaves the same
+// counts. For a refcount block past the end of the file qemu grows the file to reach it; here
+// the structure is rebuilt (a crafted entry would otherwise make a file of any size). And an
+// unaligned refcount block, which stops qemu's rebuild ("ERROR writing refblock"), is rebuilt.
 //
 // Crash safety, in the in-place writer's order (writable_metadata.cpp): every refcount that
 // goes up (and every new refcount block, then the refcount table entry naming it) is written
 // and synced before any refcount goes down, and the header flags are cleared last. A crash at
-// any point leaves refcounts at least as high as the references: leaks at worst.
+// any point leaves refcounts at least as high as the references: leaks at worst. A rebuild
+// writes the new blocks and table into clusters nothing uses (neither data nor the old
+// structure), syncs them, and only then points the header at the new table with one 12-byte
+// write, synced: until then the old structure is what the image has. OFLAG_COPIED fixes come
+// after every refcount is on disk.
 #include "bytes.hpp"
 #include "check_internal.hpp"
 #include "errors.hpp"
@@ -50,14 +59,19 @@ Error refuse(const std::filesystem::path& /*path*/, std::string why) {
 /// Why the plan cannot be carried out here, or nothing.
 std::optional<Error> refusal(const std::filesystem::path& path, const RepairPlan& plan,
                              bool fix_errors) {
-    if (plan.structural_check_errors || plan.check.check_errors) {
+    // A rebuild makes good the damaged refcount blocks and the refcounts unreadable through
+    // them; nothing else.
+    const std::uint64_t rebuilt_corruptions =
+        plan.rebuild ? plan.refcount_structure_corruptions : 0;
+    const std::uint64_t rebuilt_errors = plan.rebuild ? plan.unreadable_refcounts : 0;
+    if (plan.structural_check_errors || plan.check.check_errors > rebuilt_errors) {
         return refuse(path, fmt::format("{} check errors (refcounts or tables that cannot be "
                                         "read{}{})",
                                         plan.check.check_errors,
                                         plan.first_structural.empty() ? "" : "; first: ",
                                         plan.first_structural));
     }
-    if (plan.structural_corruptions) {
+    if (plan.structural_corruptions > rebuilt_corruptions) {
         // Tables, refcount structures, snapshot table or bitmaps are damaged: qemu repairs
         // some of these by rewriting entries or rebuilding the refcount structure, which is
         // not done here. With -r leaks too: the references counted from damaged tables may
@@ -72,11 +86,6 @@ std::optional<Error> refusal(const std::filesystem::path& path, const RepairPlan
         return Error{ErrorCode::invalid_table,
                      "need to rebuild refcount structures (a referenced cluster has refcount "
                      "0): repair with -r all"};
-    }
-    if (fix_errors && plan.copied_after) {
-        return refuse(path, fmt::format("{} OFLAG_COPIED flags of L1/L2 entries would stay "
-                                        "wrong after the refcounts are repaired (first: {})",
-                                        plan.copied_after, plan.copied_after_lines.front()));
     }
     return std::nullopt;
 }
@@ -247,6 +256,172 @@ Result<void> write_refcounts(detail::FileIo& io, const RepairPlan& plan,
     return {};
 }
 
+/// Rebuilds the refcount structure of `plan` (qemu's rebuild_refcount_structure): refcount
+/// blocks and a table holding every cluster's references, written into clusters nothing uses,
+/// then named by the header. The old table and blocks are left unreferenced (refcount 0) and
+/// their space given back.
+Result<void> rebuild_refcounts(detail::FileIo& io, const RepairPlan& plan,
+                               const std::filesystem::path& path) {
+    const ImageInfo& info = plan.info;
+    const unsigned cluster_bits = info.cluster_bits;
+    const std::uint64_t cluster_size = std::uint64_t{1} << cluster_bits;
+    const unsigned block_bits = detail::refcount_block_bits(cluster_bits, info.refcount_order);
+    const std::uint64_t per_block = std::uint64_t{1} << block_bits;
+
+    // The new refcounts: the references without the old structure's own.
+    std::vector<std::uint64_t> counts(plan.references.begin(), plan.references.end());
+    for (std::uint64_t k : plan.old_structure_clusters)
+        --counts[k];
+    // Clusters that may not hold the new structure: anything referenced now (the old
+    // structure included, which stays in force until the header switches) and whatever the
+    // old table names (a block past the end of the file would otherwise read our bytes).
+    std::vector<bool> used(plan.references.size());
+    for (std::size_t k = 0; k < plan.references.size(); ++k)
+        used[k] = plan.references[k] != 0;
+    const std::set<std::uint64_t> named(plan.old_refblock_targets.begin(),
+                                        plan.old_refblock_targets.end());
+    auto is_free = [&](std::uint64_t k) {
+        return k < used.size() ? !used[k] : named.count(k) == 0;
+    };
+    auto mark = [&](std::uint64_t first, std::uint64_t count, bool in_use) {
+        if (first + count > used.size()) {
+            used.resize(first + count, false);
+            counts.resize(first + count, 0);
+        }
+        for (std::uint64_t k = first; k < first + count; ++k) {
+            used[k] = in_use;
+            counts[k] = in_use ? 1 : 0;
+        }
+    };
+    const std::uint64_t max_cluster = detail::kMaxHostOffset >> cluster_bits;
+    // First fit of `count` free clusters in a row, as qemu's alloc_clusters_imrt.
+    std::uint64_t first_free = 0;
+    auto allocate = [&](std::uint64_t count) -> Result<std::uint64_t> {
+        std::uint64_t start = first_free;
+        std::uint64_t run = 0;
+        bool gap_seen = false;
+        for (std::uint64_t k = first_free; run < count; ++k) {
+            if (k > max_cluster)
+                return refuse(path, "a rebuilt refcount structure would pass qemu's largest "
+                                    "host offset");
+            if (is_free(k)) {
+                if (!gap_seen) {
+                    first_free = k;
+                    gap_seen = true;
+                }
+                if (run++ == 0)
+                    start = k;
+            } else {
+                run = 0;
+            }
+        }
+        mark(start, count, true);
+        return start;
+    };
+
+    // Blocks for every range of clusters with a refcount, then a table large enough for
+    // them; the new clusters need counting too, so until nothing more is needed.
+    std::map<std::uint64_t, std::uint64_t> block_cluster; // block index -> cluster
+    std::uint64_t table_cluster = 0;
+    std::uint64_t table_clusters = 0;
+    for (bool changed = true; changed;) {
+        changed = false;
+        for (std::uint64_t first = 0; first < counts.size(); first += per_block) {
+            const std::uint64_t block = first >> block_bits;
+            if (block_cluster.count(block))
+                continue;
+            const auto begin = counts.begin() + static_cast<std::ptrdiff_t>(first);
+            const auto end = counts.begin() + static_cast<std::ptrdiff_t>(std::min<std::uint64_t>(
+                                                  counts.size(), first + per_block));
+            if (std::all_of(begin, end, [](std::uint64_t c) { return c == 0; }))
+                continue;
+            auto at = allocate(1);
+            if (!at)
+                return std::move(at).error();
+            block_cluster.emplace(block, *at);
+            changed = true;
+        }
+        const std::uint64_t entries = block_cluster.empty() ? 1 : block_cluster.rbegin()->first + 1;
+        if (entries * detail::kRefcountTableEntrySize > detail::kMaxRefcountTableBytes)
+            return refuse(path, "a rebuilt refcount table would pass qemu's largest (8 MiB)");
+        const std::uint64_t needed =
+            (entries * detail::kRefcountTableEntrySize + cluster_size - 1) >> cluster_bits;
+        if (needed != table_clusters) {
+            if (table_clusters)
+                mark(table_cluster, table_clusters, false);
+            first_free = 0;
+            auto at = allocate(needed);
+            if (!at)
+                return std::move(at).error();
+            table_cluster = *at;
+            table_clusters = needed;
+            changed = true;
+        }
+    }
+
+    // 1. The blocks and the table, synced.
+    const std::uint64_t end = std::uint64_t{counts.size()} << cluster_bits;
+    auto size = io.size();
+    if (!size)
+        return std::move(size).error();
+    if (*size < end) {
+        if (auto ok = io.truncate(end); !ok)
+            return ok;
+    }
+    std::vector<std::byte> bytes(cluster_size);
+    for (const auto& [block, cluster] : block_cluster) {
+        std::fill(bytes.begin(), bytes.end(), std::byte{0});
+        const std::uint64_t first = block << block_bits;
+        for (std::uint64_t k = first; k < counts.size() && k < first + per_block; ++k) {
+            if (counts[k])
+                detail::set_refcount_entry(bytes.data(), k - first, counts[k], info.refcount_order);
+        }
+        if (auto ok = io.pwrite(bytes, cluster << cluster_bits); !ok)
+            return ok;
+    }
+    std::vector<std::byte> table(table_clusters << cluster_bits, std::byte{0});
+    for (const auto& [block, cluster] : block_cluster)
+        detail::store_be64(table.data() + block * detail::kRefcountTableEntrySize,
+                           cluster << cluster_bits);
+    if (auto ok = io.pwrite(table, table_cluster << cluster_bits); !ok)
+        return ok;
+    if (auto ok = io.sync(); !ok)
+        return ok;
+    // 2. The header names the new table: one write of its offset and size, synced.
+    std::byte fields[12];
+    detail::store_be64(fields, table_cluster << cluster_bits);
+    detail::store_be32(fields + 8, static_cast<std::uint32_t>(table_clusters));
+    if (auto ok = io.pwrite(fields, detail::header::kRefcountTableOffset); !ok)
+        return ok;
+    if (auto ok = io.sync(); !ok)
+        return ok;
+    // 3. The old structure's clusters are free now: their space is given back, as qemu's
+    // leak repair after a rebuild discards them.
+    const std::uint64_t file_clusters = plan.file_size >> cluster_bits;
+    for (std::uint64_t k : std::set<std::uint64_t>(plan.old_structure_clusters.begin(),
+                                                   plan.old_structure_clusters.end())) {
+        if (k < file_clusters && k < counts.size() && counts[k] == 0) {
+            if (auto ok = io.zero_range(k << cluster_bits, cluster_size); !ok)
+                return ok;
+        }
+    }
+    return {};
+}
+
+/// Rewrites the L1 and L2 entries whose OFLAG_COPIED flag disagrees with the repaired
+/// refcounts (qemu's check_oflag_copied with BDRV_FIX_ERRORS), synced.
+Result<void> write_copied_flags(detail::FileIo& io, const RepairPlan& plan) {
+    if (plan.copied_fixes.empty())
+        return {};
+    for (const RepairPlan::EntryFix& fix : plan.copied_fixes) {
+        std::byte entry[8];
+        detail::store_be64(entry, fix.value);
+        if (auto ok = io.pwrite(entry, fix.offset); !ok)
+            return ok;
+    }
+    return io.sync();
+}
+
 } // namespace
 
 Result<RepairResult> repair_image(const std::filesystem::path& path, const RepairOptions& options) {
@@ -287,11 +462,27 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
     // The lines qemu prints (qcow2_check_refcounts): compare_refcounts without fixing, then,
     // when anything differs, again fixing what the mode fixes, then check_oflag_copied's.
     for (const RefcountMismatch& m : plan->mismatches) {
+        if (plan->rebuild)
+            break;
         message(result, options.max_messages, "{} cluster {} refcount={} reference={}",
                 m.stored < m.references ? "ERROR" : "Leaked", m.cluster, m.stored, m.references);
     }
-    std::uint64_t corruptions_left = plan->copied_after;
+    std::uint64_t corruptions_left = 0;
+    if (plan->rebuild) {
+        // qcow2_check_refcounts: what calculate_refcounts and compare_refcounts found, then
+        // the rebuild, after which every corruption and leak found so far counts as fixed
+        // (the refcounts are recalculated from the references).
+        for (std::size_t i = 0; i < plan->messages_before_copied; ++i)
+            message(result, options.max_messages, "{}", plan->check.messages[i]);
+        // Said even past the message cap: it is what happened.
+        result.messages.push_back("Rebuilding refcount structure");
+        result.refcounts_rebuilt = true;
+        result.corruptions_fixed = plan->corruptions_before_copied;
+        result.leaks_fixed = plan->check.leaks;
+    }
     for (const RefcountMismatch& m : plan->mismatches) {
+        if (plan->rebuild)
+            break;
         if (m.fixed) {
             message(result, options.max_messages, "Repairing cluster {} refcount={} reference={}",
                     m.cluster, m.stored, m.references);
@@ -304,8 +495,16 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
                 ++corruptions_left;
         }
     }
+    // check_oflag_copied repairs the flags with -r all, and with -r leaks once no check error,
+    // corruption or leak is left ("only safe if there are no other corruptions"); the leak
+    // repair leaves no leak.
+    const bool fix_copied = fix_errors || (plan->check.check_errors == 0 && corruptions_left == 0);
     for (const std::string& line : plan->copied_after_lines)
-        message(result, options.max_messages, "{}", line);
+        message(result, options.max_messages, "{} {}", fix_copied ? "Repairing" : "ERROR", line);
+    if (fix_copied)
+        result.corruptions_fixed += plan->copied_fixes.size();
+    else
+        corruptions_left += plan->copied_after;
     // qcow2_co_check_locked: with a repair asked for and neither check errors nor corruptions
     // left, the dirty bit (qcow2_mark_clean) and the corrupt bit (qcow2_mark_consistent) are
     // cleared.
@@ -317,8 +516,14 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
         result.after = result.before; // nothing to write: the file stays as it is
         return result;
     }
-    if (auto ok = write_refcounts(io, *plan, path); !ok)
+    if (auto ok =
+            plan->rebuild ? rebuild_refcounts(io, *plan, path) : write_refcounts(io, *plan, path);
+        !ok)
         return std::move(ok).error();
+    if (fix_copied) {
+        if (auto ok = write_copied_flags(io, *plan); !ok)
+            return std::move(ok).error();
+    }
     if (clear_flags) {
         // Last, once every refcount is on disk: the refcounts are now exact.
         std::byte field[8];

@@ -120,6 +120,9 @@ struct RepairResult {
     std::uint64_t corruptions_fixed = 0;
     /// The dirty bit (or the corrupt bit) was cleared.
     bool header_flags_cleared = false;
+    /// The refcount structure was rebuilt from the references (RepairMode::all, when a
+    /// refcount block was damaged or the refcount table had to grow).
+    bool refcounts_rebuilt = false;
     /// The lines qemu-img check -r prints while repairing, in its order and words (qemu's
     /// compare_refcounts and check_oflag_copied): every mismatch found ("Leaked cluster 5
     /// refcount=1 reference=0"), then each again as repaired ("Repairing cluster 5 ...") or
@@ -148,14 +151,18 @@ struct RepairResult {
 /// are cleared last, so a crash mid-repair leaves at most leaks, never a refcount lower than
 /// the references. A clean image is not written at all.
 ///
-/// What qemu repairs by other means is refused before writing (unsupported_feature): a
-/// refcount table that would have to grow, damaged refcount table or blocks, L1/L2 entries
-/// (reserved bits, alignment, OFLAG_COPIED flags that stay wrong once the refcounts are right),
-/// snapshot table entries, bitmaps. With RepairMode::leaks, an image whose tables are damaged
-/// is refused too (its references are incomplete, so "leaks" may be data), and one with a
-/// referenced cluster of refcount 0 fails as qemu-img fails there ("need to rebuild refcount
-/// structures", invalid_table). Where qemu rebuilds the whole refcount structure for a
-/// referenced cluster of refcount 0 (`-r all`, e.g. a dirty image left by lazy refcounts),
+/// With RepairMode::all, a damaged refcount structure (a refcount block unaligned, outside
+/// the image or shared with other data) or one whose table would have to grow is rebuilt from
+/// the references, as qemu's rebuild_refcount_structure: the new blocks and table go into
+/// clusters nothing uses, are synced, and one synced header write then switches to them; the
+/// old ones are freed. OFLAG_COPIED flags that disagree with the repaired refcounts are
+/// rewritten last. What else qemu repairs is refused before writing (unsupported_feature):
+/// L1/L2 entries (reserved bits, alignment), snapshot table entries, bitmaps, a refcount table
+/// entry with reserved bits. With RepairMode::leaks, an image whose tables or refcount blocks
+/// are damaged is refused too (its references are incomplete, so "leaks" may be data), and
+/// one with a referenced cluster of refcount 0 fails as qemu-img fails there ("need to rebuild
+/// refcount structures", invalid_table). Where qemu rebuilds the whole refcount structure for
+/// a referenced cluster of refcount 0 (`-r all`, e.g. a dirty image left by lazy refcounts),
 /// the refcount is raised in place instead: the counts reported are the same.
 ///
 /// Errors: those of `check_image`; io_error (cannot open for writing, a write or sync failed);
