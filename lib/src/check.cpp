@@ -266,7 +266,7 @@ class Checker {
                 break;
             case ClusterType::zero_alloc:
             case ClusterType::normal:
-                check_host_cluster(l2, type, active, next_contiguous);
+                check_host_cluster(l2, type, active, next_contiguous, at);
                 break;
             case ClusterType::zero_plain:
                 break;
@@ -313,8 +313,9 @@ class Checker {
 
     /// A data cluster or a preallocated zero cluster: its alignment, subcluster bitmap,
     /// fragmentation (`next_contiguous`: where the previous one of the table ended) and refcount.
+    /// The entry lies at file offset `at`.
     void check_host_cluster(const detail::L2Entry& l2, detail::ClusterType type, bool active,
-                            std::uint64_t& next_contiguous) {
+                            std::uint64_t& next_contiguous, std::uint64_t at) {
         const std::uint64_t offset = l2.host_offset();
         if (l2.zero_subclusters() & l2.allocated_subclusters()) {
             corruption("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation "
@@ -328,6 +329,21 @@ class Checker {
                 corruption("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
                            "corrupted.",
                            offset);
+            } else if (plan_ && fix_errors_) {
+                // qemu fixes this one as it finds it (fix_l2_entry_by_zero): the entry reads as
+                // zeros without a host cluster (with extended L2 entries, its allocated
+                // subclusters become zero ones), counted as fixed, its cluster not counted.
+                const bool extended = info_.extended_l2;
+                plan_->zeroed_entries.push_back(
+                    {at, extended ? 0 : detail::kL2ZeroFlag, extended,
+                     (l2.bitmap | (l2.bitmap << 32)) & detail::kSubclusterZeroMask});
+                if (plan_->zeroed_lines.size() < options_.max_messages) {
+                    plan_->zeroed_lines.push_back(
+                        fmt::format("Repairing offset={:x}: Preallocated cluster is not properly "
+                                    "aligned; L2 entry corrupted.",
+                                    offset));
+                }
+                return;
             } else {
                 corruption("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 "
                            "entry corrupted.",

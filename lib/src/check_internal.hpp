@@ -49,8 +49,17 @@ struct RepairPlan {
     struct EntryFix {
         std::uint64_t offset = 0;
         std::uint64_t value = 0;
+        /// An extended L2 entry: its subcluster bitmap is written with it (one write).
+        bool extended = false;
+        std::uint64_t bitmap = 0;
     };
     std::vector<EntryFix> copied_fixes;
+    /// With -r all, L2 entries of preallocated zero clusters at an unaligned offset, made
+    /// plain zero clusters (qemu's fix_l2_entry_by_zero during calculate_refcounts; their
+    /// clusters are then not counted as referenced), and qemu's "Repairing ..." line for each
+    /// (at most CheckOptions::max_messages).
+    std::vector<EntryFix> zeroed_entries;
+    std::vector<std::string> zeroed_lines;
     /// Corruptions found before the OFLAG_COPIED check (what qemu's rebuild counts as fixed),
     /// and how many of `check.messages` came before it (what qemu prints before rebuilding).
     std::uint64_t corruptions_before_copied = 0;

@@ -408,18 +408,26 @@ Result<void> rebuild_refcounts(detail::FileIo& io, const RepairPlan& plan,
     return {};
 }
 
-/// Rewrites the L1 and L2 entries whose OFLAG_COPIED flag disagrees with the repaired
-/// refcounts (qemu's check_oflag_copied with BDRV_FIX_ERRORS), synced.
-Result<void> write_copied_flags(detail::FileIo& io, const RepairPlan& plan) {
-    if (plan.copied_fixes.empty())
+/// Writes each of `fixes` (an entry with its bitmap in one write), then syncs.
+Result<void> write_entries(detail::FileIo& io, const std::vector<RepairPlan::EntryFix>& fixes) {
+    if (fixes.empty())
         return {};
-    for (const RepairPlan::EntryFix& fix : plan.copied_fixes) {
-        std::byte entry[8];
+    for (const RepairPlan::EntryFix& fix : fixes) {
+        std::byte entry[16];
         detail::store_be64(entry, fix.value);
-        if (auto ok = io.pwrite(entry, fix.offset); !ok)
+        detail::store_be64(entry + 8, fix.bitmap);
+        if (auto ok =
+                io.pwrite(std::span<const std::byte>(entry, fix.extended ? 16 : 8), fix.offset);
+            !ok)
             return ok;
     }
     return io.sync();
+}
+
+/// Rewrites the L1 and L2 entries whose OFLAG_COPIED flag disagrees with the repaired
+/// refcounts (qemu's check_oflag_copied with BDRV_FIX_ERRORS), synced.
+Result<void> write_copied_flags(detail::FileIo& io, const RepairPlan& plan) {
+    return write_entries(io, plan.copied_fixes);
 }
 
 } // namespace
@@ -459,6 +467,10 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
 
     RepairResult result;
     result.before = plan->check;
+    // L2 entries qemu fixes while counting references (calculate_refcounts), before the rest.
+    for (const std::string& line : plan->zeroed_lines)
+        message(result, options.max_messages, "{}", line);
+    const std::uint64_t zeroed = plan->zeroed_entries.size();
     // The lines qemu prints (qcow2_check_refcounts): compare_refcounts without fixing, then,
     // when anything differs, again fixing what the mode fixes, then check_oflag_copied's.
     for (const RefcountMismatch& m : plan->mismatches) {
@@ -477,9 +489,11 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
         // Said even past the message cap: it is what happened.
         result.messages.push_back("Rebuilding refcount structure");
         result.refcounts_rebuilt = true;
-        result.corruptions_fixed = plan->corruptions_before_copied;
+        result.corruptions_fixed = plan->corruptions_before_copied + zeroed;
         result.leaks_fixed = plan->check.leaks;
     }
+    if (!plan->rebuild)
+        result.corruptions_fixed += zeroed;
     for (const RefcountMismatch& m : plan->mismatches) {
         if (plan->rebuild)
             break;
@@ -516,6 +530,10 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
         result.after = result.before; // nothing to write: the file stays as it is
         return result;
     }
+    // The entries first: their clusters then have refcounts above their references (leaks),
+    // which the refcounts written next lower.
+    if (auto ok = write_entries(io, plan->zeroed_entries); !ok)
+        return std::move(ok).error();
     if (auto ok =
             plan->rebuild ? rebuild_refcounts(io, *plan, path) : write_refcounts(io, *plan, path);
         !ok)

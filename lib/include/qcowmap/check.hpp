@@ -156,7 +156,9 @@ struct RepairResult {
 /// the references, as qemu's rebuild_refcount_structure: the new blocks and table go into
 /// clusters nothing uses, are synced, and one synced header write then switches to them; the
 /// old ones are freed. OFLAG_COPIED flags that disagree with the repaired refcounts are
-/// rewritten last. What else qemu repairs is refused before writing (unsupported_feature):
+/// rewritten last; a preallocated zero cluster at an unaligned offset becomes a plain zero
+/// cluster first (fix_l2_entry_by_zero). What else qemu repairs is refused before writing
+/// (unsupported_feature):
 /// L1/L2 entries (reserved bits, alignment), snapshot table entries, bitmaps, a refcount table
 /// entry with reserved bits. With RepairMode::leaks, an image whose tables or refcount blocks
 /// are damaged is refused too (its references are incomplete, so "leaks" may be data), and
