@@ -375,6 +375,11 @@ std::vector<Damage> damages() {
              put_be(b, g.l1_offset, get_be(b, g.l1_offset, 8) | 1, 8);
          },
          2, 1, 0},
+        // Found by a mutation loop over check -r all: qemu walks an L1 entry with COPIED set
+        // and no offset as an L2 table at offset 0 (the header); we skipped it.
+        {"l1_entry_copied_flag_without_offset", "cluster_size=512", data,
+         [](Buffer& b, const Geometry& g) { put_be(b, g.l1_offset + 8 * 20, 1ULL << 63, 8); }, 2, 9,
+         65}, // the header's bytes read as L2 entries
         {"l2_entry_past_end_of_file", "", data,
          [](Buffer& b, const Geometry& g) {
              put_be(b, g.l2(b) + 8, (1ULL << 63) | (1ULL << 40), 8);
