@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
-targets=${FUZZ_TARGETS:-"fuzz_image fuzz_snapshots fuzz_bitmaps fuzz_v1 fuzz_backing fuzz_check fuzz_references fuzz_salvage"}
+targets=${FUZZ_TARGETS:-"fuzz_image fuzz_snapshots fuzz_bitmaps fuzz_v1 fuzz_backing fuzz_check fuzz_references fuzz_salvage fuzz_stream fuzz_repair"}
 build=build-fuzz
 corpus=fuzz-corpus
 

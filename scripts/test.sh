@@ -76,10 +76,10 @@ fi
 # Bounded libFuzzer runs (clang, ASan + UBSan, library instrumented), one per fuzz target, from
 # the generated seed corpus. Fixed seed and run count: the same inputs every time, so CI is
 # reproducible; each target counts as one test. QCOWMAP_FUZZ_RUNS sets the runs per target
-# (default 100000, each run capped at 60 s: eight targets stay under 9 minutes). A crash is kept by
+# (default 100000, each run capped at 60 s: ten targets stay under 11 minutes). A crash is kept by
 # libFuzzer in build-fuzz/artifacts; fix it and add it to tests/fuzz/regressions/.
 echo "=== fuzz: bounded libFuzzer runs (build-fuzz)"
-fuzz_targets="fuzz_image fuzz_snapshots fuzz_bitmaps fuzz_v1 fuzz_backing fuzz_check fuzz_references fuzz_salvage fuzz_stream"
+fuzz_targets="fuzz_image fuzz_snapshots fuzz_bitmaps fuzz_v1 fuzz_backing fuzz_check fuzz_references fuzz_salvage fuzz_stream fuzz_repair"
 if [ -d build-fuzz ] || CC=clang CXX=clang++ meson setup build-fuzz --buildtype=debugoptimized \
      -Dfuzzing=libfuzzer -Db_sanitize=address,undefined -Db_lundef=false -Dbench=false >/dev/null; then
   fuzz_build=tests/fuzz/fuzz_image_replay
