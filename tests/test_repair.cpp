@@ -507,34 +507,45 @@ TEST(Repair, CrashDuringRebuildOfAGrowingTableAddsNoCorruption) {
 // L2 entries qemu fixes (fix_l2_entry_by_zero, qemu-iotests 060)
 
 /// An image whose first L2 entry is a preallocated zero cluster at the unaligned offset 0x2a00
-/// (qemu-iotests 060): with extended L2 entries, an entry with only "reads as zeros" bits.
-fs::path unaligned_zero_cluster_image(const TempDir& dir, bool extended) {
-    const fs::path image = dir / (extended ? "unaligned-ext.qcow2" : "unaligned-zero.qcow2");
+/// (qemu-iotests 060), or `offset`: with extended L2 entries, an entry with only "reads as
+/// zeros" bits.
+fs::path unaligned_zero_cluster_image(const TempDir& dir, bool extended,
+                                      std::uint64_t offset = 0x2a00) {
+    const fs::path image =
+        dir / fmt::format("unaligned-{}-{:x}.qcow2", extended ? "ext" : "zero", offset);
     make_image(image, extended ? "compat=1.1,extended_l2=on" : "compat=1.1", "64M",
                {"write -P 1 0 64k"});
     const std::uint64_t l2 = peek_be(image, peek_be(image, 40, 8), 8) & 0x00fffffffffffe00ULL;
     if (extended) {
-        poke_be(image, l2, 0x8000000000002a00ULL, 8);
+        poke_be(image, l2, 0x8000000000000000ULL | offset, 8);
         poke_be(image, l2 + 8, 0xffffffff00000000ULL, 8);
     } else {
-        poke_be(image, l2, 0x8000000000002a01ULL, 8);
+        poke_be(image, l2, 0x8000000000000001ULL | offset, 8);
     }
     return image;
 }
 
 TEST(Repair, UnalignedPreallocatedZeroClusterMadePlainZeroAsQemuImg) {
     TempDir dir;
-    for (bool extended : {false, true}) {
-        SCOPED_TRACE(extended ? "extended L2 entries" : "standard L2 entries");
-        const fs::path image = unaligned_zero_cluster_image(dir, extended);
+    struct Case {
+        bool extended;
+        std::uint64_t offset;
+    };
+    // 0xdca000: past the end of the file, refcount 0, where the mutation loop over check -r all
+    // found the entry's OFLAG_COPIED fix undoing its zeroing.
+    for (const Case c : {Case{false, 0x2a00}, Case{true, 0x2a00}, Case{false, 0xdca000}}) {
+        SCOPED_TRACE(fmt::format("{} L2 entries, offset {:#x}",
+                                 c.extended ? "extended" : "standard", c.offset));
+        const fs::path image = unaligned_zero_cluster_image(dir, c.extended, c.offset);
         EXPECT_EQ(run("qemu-img check " + q(image)).exit_code, 2);
         Outcome o = repair_both(dir, image, "all");
         expect_same_counts(o);
         EXPECT_EQ(o.ours, 0) << o.ours_json << o.ours_err;
         EXPECT_EQ(json_count(o.ours_json, "corruptions-fixed"), 1u) << o.ours_json;
         EXPECT_EQ(json_count(o.ours_json, "leaks-fixed"), 1u) << o.ours_json;
-        EXPECT_NE(o.ours_err.find("Repairing offset=2a00: Preallocated cluster is not properly "
-                                  "aligned; L2 entry corrupted."),
+        EXPECT_NE(o.ours_err.find(fmt::format("Repairing offset={:x}: Preallocated cluster is not "
+                                              "properly aligned; L2 entry corrupted.",
+                                              c.offset)),
                   std::string::npos)
             << o.ours_err;
         expect_clean_and_equal(dir, {});

@@ -340,6 +340,7 @@ class Checker {
                 plan_->zeroed_entries.push_back(
                     {at, extended ? 0 : detail::kL2ZeroFlag, extended,
                      (l2.bitmap | (l2.bitmap << 32)) & detail::kSubclusterZeroMask});
+                zeroed_at_.insert(at);
                 if (plan_->zeroed_lines.size() < options_.max_messages) {
                     plan_->zeroed_lines.push_back(
                         fmt::format("Repairing offset={:x}: Preallocated cluster is not properly "
@@ -608,7 +609,10 @@ class Checker {
                     data_refcount = stored(cluster);
                     planned = plan_ ? planned_refcount(cluster, data_refcount) : std::nullopt;
                 }
-                if (check_planned && planned && (*planned == 1) != entry.copied()) {
+                // An entry the repair zeroes has no COPIED flag left to fix (and writing one
+                // would undo the zeroing).
+                if (check_planned && planned && (*planned == 1) != entry.copied() &&
+                    !zeroed_at_.count(at)) {
                     copied_after(fmt::format("OFLAG_COPIED data cluster: l2_entry={:x} "
                                              "refcount={}",
                                              entry.raw, *planned),
@@ -694,6 +698,8 @@ class Checker {
     /// While the old refcount table and blocks are counted (a plan records where they lie).
     bool counting_old_structure_ = false;
     std::map<std::uint64_t, std::uint32_t> old_structure_count_;
+    /// File offsets of the L2 entries the plan zeroes.
+    std::set<std::uint64_t> zeroed_at_;
     std::uint64_t refblock_corruptions_ = 0;
     std::uint64_t unreadable_refcounts_ = 0;
     std::uint64_t visits_ = 0;
