@@ -467,6 +467,11 @@ std::vector<std::string> kill_mid_copy(const std::filesystem::path& image,
                                        const std::string& format, int signal) {
     const pid_t child = ::fork();
     if (child == 0) {
+        // A signal ignored at exec stays ignored, and qcowmap rightly leaves it so (under
+        // nohup, SIGHUP must not stop a conversion): start from the default dispositions
+        // whatever the test runner ignores (a CI run started with nohup failed here).
+        for (int s : {SIGHUP, SIGINT, SIGTERM})
+            ::signal(s, SIG_DFL);
         const std::string bin = test::qcowmap_bin();
         const std::string image_text = image.string(), target_text = target.string();
         ::execl(bin.c_str(), bin.c_str(), "convert", "-O", format.c_str(), image_text.c_str(),
