@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <optional>
 #include <regex>
+#include <set>
 #include <unistd.h>
 
 namespace qcowmap::test {
@@ -286,14 +287,45 @@ TEST(Repair, MissingRefcountBlockAllocatedAsQemuImg) {
     run_ok("qemu-io -f qcow2 -c 'read -P 7 0 64k' " + q(dir / "ours.qcow2") + " >/dev/null");
 }
 
+/// The clusters check_image finds with a refcount below their references ("ERROR cluster N
+/// refcount=R reference=F").
+std::set<std::uint64_t> undercounted_clusters(const fs::path& image) {
+    CheckOptions options;
+    options.max_messages = 1u << 20;
+    auto r = check_image(image, options);
+    EXPECT_TRUE(r) << r.error().message;
+    std::set<std::uint64_t> clusters;
+    if (!r)
+        return clusters;
+    const std::regex line("^ERROR cluster ([0-9]+) refcount=");
+    for (const std::string& m : r->messages) {
+        std::smatch found;
+        if (std::regex_search(m, found, line))
+            clusters.insert(std::stoull(found[1]));
+    }
+    return clusters;
+}
+
 /// Stops repair_image at each of its writes, syncs and size changes in turn (as a killed
 /// process, then as a power cut losing unsynced writes): whatever it leaves must have no
-/// refcount lower than the references that was not so before (qemu-img check finds no new
-/// corruption), and a second repair must finish the job.
+/// refcount lower than the references that was not so before (no cluster undercounted that
+/// was not, no more corruptions in all), and a second repair must finish the job.
 void crash_at_every_step(const fs::path& image, RepairMode mode, std::uint64_t corruptions) {
     TempDir dir;
     const fs::path work = dir / "work.qcow2";
     fs::copy_file(image, work);
+    std::set<std::uint64_t> undercounted_before = undercounted_clusters(image);
+    // A refcount block the table names past the end of the file comes inside it once a
+    // rebuild grows the file beyond it (as qemu's own repair grows the file to reach it):
+    // until the header switches, that block (all zeros) counts as referenced with refcount 0.
+    const std::uint64_t cluster_size = std::uint64_t{1} << peek_be(image, 20, 4);
+    const std::uint64_t reftable = peek_be(image, 48, 8);
+    const std::uint64_t entries = peek_be(image, 56, 4) * cluster_size / 8;
+    for (std::uint64_t i = 0; i < entries && reftable + i * 8 + 8 <= fs::file_size(image); ++i) {
+        const std::uint64_t block = peek_be(image, reftable + i * 8, 8) & ~std::uint64_t{511};
+        if (block >= fs::file_size(image))
+            undercounted_before.insert(block / cluster_size);
+    }
     detail::arm_fault(UINT64_MAX);
     auto full = repair_image(work, RepairOptions{mode});
     const std::uint64_t total = detail::disarm_fault();
@@ -313,6 +345,10 @@ void crash_at_every_step(const fs::path& image, RepairMode mode, std::uint64_t c
             auto left = check_image(work);
             ASSERT_TRUE(left) << left.error().message;
             EXPECT_LE(left->corruptions, corruptions);
+            for (std::uint64_t cluster : undercounted_clusters(work)) {
+                EXPECT_TRUE(undercounted_before.count(cluster))
+                    << "cluster " << cluster << " undercounted after the crash, not before";
+            }
             CommandResult qemu = run("qemu-img check " + q(work));
             if (corruptions == 0) {
                 EXPECT_TRUE(qemu.exit_code == 0 || qemu.exit_code == 3) << qemu.out << qemu.err;
@@ -478,6 +514,65 @@ TEST(Repair, RebuildsAnUnalignedRefcountBlockWhereQemuImgFails) {
     EXPECT_EQ(check.exit_code, 0) << check.out << check.err;
     CommandResult same = run("qemu-img compare -U " + q(dir / "ours.qcow2") + " " + q(original));
     EXPECT_EQ(same.exit_code, 0) << same.out << same.err;
+}
+
+/// 512-byte clusters and 64-bit refcounts (several refcount blocks to place), and a refcount
+/// table entry naming the cluster just past the end of the file: a rebuild that grew the file
+/// over it would, until the header switches, have the old table read new bytes as refcounts.
+fs::path block_named_past_the_end_image(const TempDir& dir) {
+    const fs::path image = dir / "named.qcow2";
+    make_image(image, "cluster_size=512,refcount_bits=64", "1M", {"write -P 7 0 64k"});
+    const std::uint64_t reftable = peek_be(image, 48, 8);
+    EXPECT_EQ(peek_be(image, reftable + 40, 8), 0u) << "refcount table entry 5 in use";
+    poke_be(image, reftable + 40, (fs::file_size(image) + 511) / 512 * 512, 8);
+    return image;
+}
+
+TEST(Repair, RebuildLeavesTheClustersTheOldTableNamesAlone) {
+    TempDir dir;
+    const fs::path image = block_named_past_the_end_image(dir);
+    const std::uint64_t named = peek_be(image, peek_be(image, 48, 8) + 40, 8);
+    Outcome o = repair_both(dir, image, "all");
+    EXPECT_EQ(o.ours, 0) << o.ours_json << o.ours_err;
+    EXPECT_NE(o.ours_err.find("Rebuilding refcount structure"), std::string::npos) << o.ours_err;
+    CommandResult check = run("qemu-img check " + q(dir / "ours.qcow2"));
+    EXPECT_EQ(check.exit_code, 0) << check.out << check.err;
+    run_ok("qemu-io -f qcow2 -c 'read -P 7 0 64k' " + q(dir / "ours.qcow2") + " >/dev/null");
+    // Nothing of the new structure at the named cluster.
+    const std::uint64_t reftable = peek_be(dir / "ours.qcow2", 48, 8);
+    const std::uint64_t clusters = peek_be(dir / "ours.qcow2", 56, 4);
+    EXPECT_FALSE(named >= reftable && named < reftable + clusters * 512);
+    for (std::uint64_t i = 0; i < clusters * 512 / 8; ++i)
+        EXPECT_NE(peek_be(dir / "ours.qcow2", reftable + i * 8, 8), named) << i;
+}
+
+TEST(Repair, CrashDuringRebuildNextToANamedBlockAddsNoCorruption) {
+    TempDir dir;
+    const fs::path image = block_named_past_the_end_image(dir);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    crash_at_every_step(image, RepairMode::all, before->corruptions);
+}
+
+TEST(Repair, EntryFixInsideARefcountBlockIsRefusedBeforeWriting) {
+    // 1 MiB clusters, no data: L1[0] names the refcount block as its L2 table. Its first word
+    // (the 16-bit refcounts 1,1,1,1 of header, refcount table, block and L1 table) reads as a
+    // preallocated zero cluster at an unaligned offset, which -r all would zero; but that
+    // "L2 table" is the refcount block in force, and zeroing it would drop the refcounts of
+    // clusters in use until the rebuild (qemu's overlap check refuses the write).
+    TempDir dir;
+    const fs::path image = dir / "overlap.qcow2";
+    make_image(image, "cluster_size=1M,compat=1.1", "64M", {});
+    const std::uint64_t reftable = peek_be(image, 48, 8);
+    const std::uint64_t block = peek_be(image, reftable, 8);
+    ASSERT_EQ(peek_be(image, block, 8), 0x0001000100010001ULL) << "refcounts of clusters 0-3";
+    poke_be(image, peek_be(image, 40, 8), 0x8000000000000000ULL | block, 8);
+    const std::vector<std::byte> before = read_file(image);
+    CommandResult r = run(cli() + " check -r all " + q(image));
+    EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find("hold other metadata"), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(read_file(image), before);
 }
 
 TEST(Repair, CrashDuringRebuildAddsNoCorruption) {

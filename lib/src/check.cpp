@@ -14,6 +14,7 @@
 #include <limits>
 #include <map>
 #include <set>
+#include <string_view>
 
 namespace qcowmap {
 namespace {
@@ -44,7 +45,7 @@ class Checker {
           fix_errors_(fix_errors),
           file_clusters_((state.bytes.size() >> state.cluster_bits) +
                          ((state.bytes.size() & (state.cluster_size - 1)) != 0)),
-          counts_(file_clusters_, 0) {
+          counts_(file_clusters_, 0), metadata_(plan ? file_clusters_ : 0, 0) {
         const detail::RefcountGeometry refcounts = detail::RefcountGeometry::of(info_);
         refcount_max_ = refcounts.max_refcount();
         cap_ = std::min<std::uint64_t>(refcount_max_, std::numeric_limits<std::uint32_t>::max());
@@ -91,6 +92,8 @@ class Checker {
             plan_rebuild();
         }
         check_copied_flags();
+        if (plan_)
+            find_overlapping_fixes();
     }
 
   private:
@@ -111,7 +114,7 @@ class Checker {
 
     /// qcow2_inc_refcounts_imrt: one more reference to every cluster touching
     /// [offset, offset + size). Callers pass sizes bounded by qemu's table limits.
-    void inc(std::uint64_t offset, std::uint64_t size, const char* /*what*/) {
+    void inc(std::uint64_t offset, std::uint64_t size, const char* what) {
         if (size == 0)
             return;
         if (offset > UINT64_MAX - (size - 1)) {
@@ -161,8 +164,14 @@ class Checker {
                 continue;
             }
             ++*count;
-            if (counting_old_structure_ && plan_)
-                plan_->old_structure_clusters.push_back(k);
+            if (plan_) {
+                if (counting_old_structure_)
+                    plan_->old_structure_clusters.push_back(k);
+                const std::string_view kind(what);
+                if (k < metadata_.size() && metadata_[k] < 255 && kind != "L2 table" &&
+                    kind != "data cluster" && kind != "compressed cluster" && kind != "bitmap data")
+                    ++metadata_[k];
+            }
         }
     }
 
@@ -332,6 +341,10 @@ class Checker {
                 corruption("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
                            "corrupted.",
                            offset);
+            } else if (plan_ && fix_errors_ && zeroed_at_.count(at)) {
+                // qemu reads the table again for every L1 entry naming it and finds the entry
+                // fixed: nothing more to count.
+                return;
             } else if (plan_ && fix_errors_) {
                 // qemu fixes this one as it finds it (fix_l2_entry_by_zero): the entry reads as
                 // zeros without a host cluster (with extended L2 entries, its allocated
@@ -566,6 +579,9 @@ class Checker {
     /// entries that fix what would still be wrong.
     void check_copied_flags() {
         using namespace detail;
+        // check_l1 stopped (a check error): the active tables would cost as much again.
+        if (visit_budget_exceeded_)
+            return;
         const Bytes l1 = s_.l1_table;
         for (std::size_t i = 0; i + 8 <= l1.size(); i += 8) {
             const detail::L1Entry l1_entry = detail::decode_l1(l1.data() + i);
@@ -612,7 +628,7 @@ class Checker {
                 // An entry the repair zeroes has no COPIED flag left to fix (and writing one
                 // would undo the zeroing).
                 if (check_planned && planned && (*planned == 1) != entry.copied() &&
-                    !zeroed_at_.count(at)) {
+                    !zeroed_at_.count(at) && !copied_at_.count(at)) {
                     copied_after(fmt::format("OFLAG_COPIED data cluster: l2_entry={:x} "
                                              "refcount={}",
                                              entry.raw, *planned),
@@ -623,6 +639,27 @@ class Checker {
                                entry.raw, *data_refcount);
                 }
             }
+        }
+    }
+
+    /// qemu's qcow2_pre_write_overlap_check: an entry the repair would write must not lie in a
+    /// cluster that also holds other metadata (an L1 entry: only its own L1 table). Such
+    /// fixes are counted for the refusal, which then writes nothing.
+    void find_overlapping_fixes() {
+        auto other_metadata = [&](std::uint64_t offset, std::uint8_t own) {
+            const std::uint64_t k = offset >> s_.cluster_bits;
+            return k < metadata_.size() && metadata_[k] > own;
+        };
+        const std::uint64_t l1_begin = info_.l1_table_offset;
+        const std::uint64_t l1_end = l1_begin + s_.l1_table.size();
+        for (const auto& fix : plan_->copied_fixes) {
+            const bool in_l1 = fix.offset >= l1_begin && fix.offset < l1_end;
+            if (other_metadata(fix.offset, in_l1 ? 1 : 0))
+                ++plan_->overlapping_fixes;
+        }
+        for (const auto& fix : plan_->zeroed_entries) {
+            if (other_metadata(fix.offset, 0))
+                ++plan_->overlapping_fixes;
         }
     }
 
@@ -645,12 +682,32 @@ class Checker {
     void plan_rebuild() {
         if (!fix_errors_)
             return;
+        // As the in-place repair places them (repair.cpp): a new block for each missing one a
+        // raised refcount needs, past the file and every raised cluster, each counted by a
+        // block that may itself be missing.
         bool table_must_grow = false;
-        for (const detail::RefcountMismatch& m : plan_->mismatches) {
-            if (m.fixed && m.references > m.stored &&
-                (m.cluster >> refblock_bits_) >= refcount_table_entries_)
+        std::set<std::uint64_t> missing;
+        std::vector<std::uint64_t> new_clusters;
+        std::uint64_t end_cluster = file_clusters_;
+        for (const detail::RefcountMismatch& m : plan_->mismatches)
+            end_cluster = std::max(end_cluster, m.cluster + 1);
+        auto need_block = [&](std::uint64_t cluster) {
+            const std::uint64_t block = cluster >> refblock_bits_;
+            if (block >= refcount_table_entries_) {
                 table_must_grow = true;
+                return;
+            }
+            const std::uint64_t entry = entry_at(info_.refcount_table_offset + block * 8) &
+                                        detail::kRefcountTableOffsetMask;
+            if (entry == 0 && missing.insert(block).second)
+                new_clusters.push_back(end_cluster + new_clusters.size());
+        };
+        for (const detail::RefcountMismatch& m : plan_->mismatches) {
+            if (m.fixed && m.references > m.stored)
+                need_block(m.cluster);
         }
+        for (std::size_t i = 0; i < new_clusters.size() && !table_must_grow; ++i)
+            need_block(new_clusters[i]);
         if (refblock_corruptions_ == 0 && !table_must_grow)
             return;
         const std::uint64_t clusters = imrt_clusters();
@@ -677,6 +734,9 @@ class Checker {
     }
     void copied_after(std::string line, std::uint64_t entry_offset, std::uint64_t raw,
                       bool copied) {
+        // qemu rewrites the table before it reads it again for the next L1 entry naming it:
+        // each entry is fixed (and counted) once.
+        copied_at_.insert(entry_offset);
         ++plan_->copied_after;
         if (plan_->copied_after_lines.size() < options_.max_messages)
             plan_->copied_after_lines.push_back(std::move(line));
@@ -698,8 +758,14 @@ class Checker {
     /// While the old refcount table and blocks are counted (a plan records where they lie).
     bool counting_old_structure_ = false;
     std::map<std::uint64_t, std::uint32_t> old_structure_count_;
-    /// File offsets of the L2 entries the plan zeroes.
+    /// File offsets of the L2 entries the plan zeroes, and of the entries whose OFLAG_COPIED
+    /// flag it fixes.
     std::set<std::uint64_t> zeroed_at_;
+    std::set<std::uint64_t> copied_at_;
+    /// With a plan: per cluster of the file, how many references from metadata other than L2
+    /// tables (header, L1 tables, refcount table and blocks, snapshot table, bitmap directory
+    /// and tables, LUKS header), at most 255.
+    std::vector<std::uint8_t> metadata_;
     std::uint64_t refblock_corruptions_ = 0;
     std::uint64_t unreadable_refcounts_ = 0;
     std::uint64_t visits_ = 0;

@@ -60,6 +60,10 @@ struct RepairPlan {
     /// (at most CheckOptions::max_messages).
     std::vector<EntryFix> zeroed_entries;
     std::vector<std::string> zeroed_lines;
+    /// Of those fixes, how many lie in a cluster that holds other metadata too (a refcount
+    /// block read as an L2 table, say): qemu's overlap check refuses such writes, and so does
+    /// the repair, before writing anything.
+    std::uint64_t overlapping_fixes = 0;
     /// Corruptions found before the OFLAG_COPIED check (what qemu's rebuild counts as fixed),
     /// and how many of `check.messages` came before it (what qemu prints before rebuilding).
     std::uint64_t corruptions_before_copied = 0;

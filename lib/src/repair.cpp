@@ -80,6 +80,12 @@ std::optional<Error> refusal(const std::filesystem::path& path, const RepairPlan
                                         "(first: {})",
                                         plan.structural_corruptions, plan.first_structural));
     }
+    if (fix_errors && plan.overlapping_fixes) {
+        return refuse(path, fmt::format("{} L1/L2 entries to fix lie in clusters that hold other "
+                                        "metadata too (qemu-img's overlap check refuses such "
+                                        "writes)",
+                                        plan.overlapping_fixes));
+    }
     if (!fix_errors && plan.refcount_zero_referenced) {
         // qemu-img check -r leaks: "ERROR need to rebuild refcount structures", then "Check
         // failed: Input/output error" (exit 1), nothing written.
@@ -98,9 +104,10 @@ void message(RepairResult& r, std::size_t max, fmt::format_string<Args...> forma
         ++r.messages_dropped;
 }
 
-/// Writes the fixed refcounts of `plan` into the file `io`, in the crash-safe order.
+/// Writes the fixed refcounts of `plan` into the file `io`, in the crash-safe order. With
+/// `plan_only`, returns before the first write: whether it can be done (a refusal otherwise).
 Result<void> write_refcounts(detail::FileIo& io, const RepairPlan& plan,
-                             const std::filesystem::path& path) {
+                             const std::filesystem::path& path, bool plan_only) {
     const ImageInfo& info = plan.info;
     const unsigned cluster_bits = info.cluster_bits;
     const std::uint64_t cluster_size = std::uint64_t{1} << cluster_bits;
@@ -154,6 +161,8 @@ Result<void> write_refcounts(detail::FileIo& io, const RepairPlan& plan,
     }
     if ((end_cluster + new_blocks.size()) > (detail::kMaxHostOffset >> cluster_bits))
         return refuse(path, "new refcount blocks would pass qemu's largest host offset");
+    if (plan_only)
+        return {};
 
     // Refcount blocks in memory, by index: the existing ones read, the new ones zeroed.
     std::map<std::uint64_t, std::vector<std::byte>> blocks;
@@ -259,9 +268,10 @@ Result<void> write_refcounts(detail::FileIo& io, const RepairPlan& plan,
 /// Rebuilds the refcount structure of `plan` (qemu's rebuild_refcount_structure): refcount
 /// blocks and a table holding every cluster's references, written into clusters nothing uses,
 /// then named by the header. The old table and blocks are left unreferenced (refcount 0) and
-/// their space given back.
+/// their space given back. With `plan_only`, returns before the first write: whether it can
+/// be done (a refusal otherwise).
 Result<void> rebuild_refcounts(detail::FileIo& io, const RepairPlan& plan,
-                               const std::filesystem::path& path) {
+                               const std::filesystem::path& path, bool plan_only) {
     const ImageInfo& info = plan.info;
     const unsigned cluster_bits = info.cluster_bits;
     const std::uint64_t cluster_size = std::uint64_t{1} << cluster_bits;
@@ -281,7 +291,7 @@ Result<void> rebuild_refcounts(detail::FileIo& io, const RepairPlan& plan,
     const std::set<std::uint64_t> named(plan.old_refblock_targets.begin(),
                                         plan.old_refblock_targets.end());
     auto is_free = [&](std::uint64_t k) {
-        return k < used.size() ? !used[k] : named.count(k) == 0;
+        return (k >= used.size() || !used[k]) && named.count(k) == 0;
     };
     auto mark = [&](std::uint64_t first, std::uint64_t count, bool in_use) {
         if (first + count > used.size()) {
@@ -359,6 +369,8 @@ Result<void> rebuild_refcounts(detail::FileIo& io, const RepairPlan& plan,
         }
     }
 
+    if (plan_only)
+        return {};
     // 1. The blocks and the table, synced.
     const std::uint64_t end = std::uint64_t{counts.size()} << cluster_bits;
     auto size = io.size();
@@ -425,9 +437,15 @@ Result<void> write_entries(detail::FileIo& io, const std::vector<RepairPlan::Ent
 }
 
 /// Rewrites the L1 and L2 entries whose OFLAG_COPIED flag disagrees with the repaired
-/// refcounts (qemu's check_oflag_copied with BDRV_FIX_ERRORS), synced.
-Result<void> write_copied_flags(detail::FileIo& io, const RepairPlan& plan) {
-    return write_entries(io, plan.copied_fixes);
+/// refcounts (qemu's check_oflag_copied repairing), synced: those that clear the flag
+/// (`set` false) or those that set it.
+Result<void> write_copied_flags(detail::FileIo& io, const RepairPlan& plan, bool set) {
+    std::vector<RepairPlan::EntryFix> fixes;
+    for (const RepairPlan::EntryFix& fix : plan.copied_fixes) {
+        if (((fix.value & detail::kCopiedFlag) != 0) == set)
+            fixes.push_back(fix);
+    }
+    return write_entries(io, fixes);
 }
 
 } // namespace
@@ -512,7 +530,8 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
     // check_oflag_copied repairs the flags with -r all, and with -r leaks once no check error,
     // corruption or leak is left ("only safe if there are no other corruptions"); the leak
     // repair leaves no leak.
-    const bool fix_copied = fix_errors || (plan->check.check_errors == 0 && corruptions_left == 0);
+    const bool fix_copied = fix_errors || (plan->check.check_errors == 0 && corruptions_left == 0 &&
+                                           plan->overlapping_fixes == 0);
     for (const std::string& line : plan->copied_after_lines)
         message(result, options.max_messages, "{} {}", fix_copied ? "Repairing" : "ERROR", line);
     if (fix_copied)
@@ -530,16 +549,28 @@ Result<RepairResult> repair_image(const std::filesystem::path& path, const Repai
         result.after = result.before; // nothing to write: the file stays as it is
         return result;
     }
-    // The entries first: their clusters then have refcounts above their references (leaks),
-    // which the refcounts written next lower.
+    auto refcounts = [&](bool plan_only) {
+        return plan->rebuild ? rebuild_refcounts(io, *plan, path, plan_only)
+                             : write_refcounts(io, *plan, path, plan_only);
+    };
+    // Everything that may refuse is decided before the first write.
+    if (auto ok = refcounts(true); !ok)
+        return std::move(ok).error();
+    // OFLAG_COPIED clears first: a flag missing only makes qemu copy on write (a leak at
+    // worst), while one set on a cluster whose refcount is not yet 1 would let it write in
+    // place. Then the zeroed entries: their clusters then have refcounts above their
+    // references (leaks), which the refcounts written next lower. The flags set come last,
+    // once the refcounts they stand for are on disk.
+    if (fix_copied) {
+        if (auto ok = write_copied_flags(io, *plan, false); !ok)
+            return std::move(ok).error();
+    }
     if (auto ok = write_entries(io, plan->zeroed_entries); !ok)
         return std::move(ok).error();
-    if (auto ok =
-            plan->rebuild ? rebuild_refcounts(io, *plan, path) : write_refcounts(io, *plan, path);
-        !ok)
+    if (auto ok = refcounts(false); !ok)
         return std::move(ok).error();
     if (fix_copied) {
-        if (auto ok = write_copied_flags(io, *plan); !ok)
+        if (auto ok = write_copied_flags(io, *plan, true); !ok)
             return std::move(ok).error();
     }
     if (clear_flags) {
