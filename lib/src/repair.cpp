@@ -279,7 +279,7 @@ Result<void> rebuild_refcounts(detail::FileIo& io, const RepairPlan& plan,
     const std::uint64_t per_block = std::uint64_t{1} << block_bits;
 
     // The new refcounts: the references without the old structure's own.
-    std::vector<std::uint64_t> counts(plan.references.begin(), plan.references.end());
+    std::vector<std::uint32_t> counts(plan.references.begin(), plan.references.end());
     for (std::uint64_t k : plan.old_structure_clusters)
         --counts[k];
     // Clusters that may not hold the new structure: anything referenced now (the old
@@ -343,7 +343,7 @@ Result<void> rebuild_refcounts(detail::FileIo& io, const RepairPlan& plan,
             const auto begin = counts.begin() + static_cast<std::ptrdiff_t>(first);
             const auto end = counts.begin() + static_cast<std::ptrdiff_t>(std::min<std::uint64_t>(
                                                   counts.size(), first + per_block));
-            if (std::all_of(begin, end, [](std::uint64_t c) { return c == 0; }))
+            if (std::all_of(begin, end, [](std::uint32_t c) { return c == 0; }))
                 continue;
             auto at = allocate(1);
             if (!at)
