@@ -456,7 +456,10 @@ TEST(Repair, RebuildsARefcountBlockSharedWithDataAsQemuImg) {
     EXPECT_NE(o.ours_err.find("ERROR refcount block 0 refcount=2"), std::string::npos)
         << o.ours_err;
     expect_clean_and_equal(dir, {});
-    // The data cluster kept what it read before: the old refcount block's bytes.
+    // The data cluster (the old refcount block) kept its bytes: the disk reads as before.
+    CommandResult same = run("qemu-img compare -U " + q(dir / "ours.qcow2") + " " + q(image));
+    EXPECT_EQ(same.exit_code, 0) << same.out << same.err;
+    // -r leaks: both refuse (qemu: "need to rebuild refcount structures").
     Outcome leaks = repair_both(dir, image, "leaks");
     EXPECT_EQ(leaks.ours, leaks.theirs);
     EXPECT_EQ(leaks.ours, 1);
