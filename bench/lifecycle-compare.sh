@@ -9,6 +9,7 @@
 #   rebase sibling    rebase (safe mode) of that overlay from its base onto a sibling base that
 #                     differs from it in 256 MiB (every 16th MiB): both compare the old and the
 #                     new backing under the overlay's unallocated ranges and copy what differs
+#   ... -t none       the same two with -t none for both tools (data past the page cache)
 #   create 4G x50     50 creates of an empty 4 GiB qcow2 (one process each)
 #   bitmap --merge    merging a bitmap with 1 GiB dirty (every 4th MiB) into another, 64 KiB
 #                     granularity, on a 4 GiB image (the writes were zero writes: no data)
@@ -80,8 +81,13 @@ seconds() { # wall seconds of "$@" run in directory $1 (fresh copies made before
 
 commit_ours() { "$QCOWMAP" commit top.qcow2; }
 commit_qemu() { qemu-img commit -q top.qcow2; }
+# -t none: the data written past the page cache (O_DIRECT) by both tools.
+commit_ours_direct() { "$QCOWMAP" commit -q -t none top.qcow2; }
+commit_qemu_direct() { qemu-img commit -q -t none top.qcow2; }
 rebase_ours() { "$QCOWMAP" rebase -b sibling.qcow2 -F qcow2 top.qcow2; }
 rebase_qemu() { qemu-img rebase -b sibling.qcow2 -F qcow2 top.qcow2; }
+rebase_ours_direct() { "$QCOWMAP" rebase -t none -b sibling.qcow2 -F qcow2 top.qcow2; }
+rebase_qemu_direct() { qemu-img rebase -t none -b sibling.qcow2 -F qcow2 top.qcow2; }
 create_ours() { for ((k = 0; k < 50; k++)); do "$QCOWMAP" create new.qcow2 4G; done; }
 create_qemu() { for ((k = 0; k < 50; k++)); do qemu-img create -q -f qcow2 new.qcow2 4G; done; }
 merge_ours() { "$QCOWMAP" bitmap --merge from bitmaps.qcow2 into; }
@@ -133,8 +139,10 @@ row() { # $1 label, $2 ours, $3 theirs, rest: images to judge
 echo "lifecycle commands against qemu-img, $RUNS runs each (seconds; load average $(cut -d' ' -f1-3 /proc/loadavg)):"
 COPIES=(base.qcow2 top.qcow2) LINKS=()
 row "commit 1G->4G" commit_ours commit_qemu base.qcow2 top.qcow2
+row "commit -t none" commit_ours_direct commit_qemu_direct base.qcow2 top.qcow2
 COPIES=(top.qcow2) LINKS=(base.qcow2 sibling.qcow2)
 row "rebase sibling" rebase_ours rebase_qemu top.qcow2
+row "rebase -t none" rebase_ours_direct rebase_qemu_direct top.qcow2
 COPIES=() LINKS=()
 row "create 4G x50" create_ours create_qemu new.qcow2
 COPIES=(bitmaps.qcow2) LINKS=()

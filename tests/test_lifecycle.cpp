@@ -322,6 +322,24 @@ TEST(CommitCli, MatchesQemuImgCommit) {
     }
 }
 
+TEST(CommitCli, CacheModeNoneMatchesQemuImgCommit) {
+    // -t none: the base's data written past the page cache (O_DIRECT), by both tools.
+    Pair p;
+    make_commit_chain(p, "");
+    p.copy();
+    run_ok(p.in_theirs("qemu-img commit -q -t none top.qcow2"));
+    CommandResult ours = run(p.in_ours(cli() + " commit -q -t none top.qcow2"));
+    ASSERT_EQ(ours.exit_code, 0) << ours.err;
+    for (const char* name : {"base.qcow2", "top.qcow2"}) {
+        SCOPED_TRACE(name);
+        expect_check_clean(p.ours / name);
+        expect_identical(p.ours / name, p.theirs / name);
+    }
+    EXPECT_EQ(top_layer_map(p.ours / "top.qcow2"), top_layer_map(p.theirs / "top.qcow2"));
+    CommandResult bad = run(p.in_ours(cli() + " commit -t unsafe top.qcow2"));
+    EXPECT_TRUE(usage_error(bad)) << bad.exit_code << " " << bad.err;
+}
+
 TEST(CommitCli, BaseWithCompressedClustersSnapshotAndBitmap) {
     // The overlay writes into a compressed cluster of the base (partly), over clusters an
     // internal snapshot of the base shares, and the base has an enabled bitmap that the commit
@@ -438,6 +456,18 @@ TEST(RebaseCli, SafeModeMatchesQemuImgRebase) {
         // The same ranges copied as qemu-img copies them.
         EXPECT_EQ(top_layer_map(p.ours / "top.qcow2"), top_layer_map(p.theirs / "top.qcow2"));
     }
+}
+
+TEST(RebaseCli, CacheModeNoneMatchesQemuImgRebase) {
+    Pair p;
+    make_rebase_chain(p, "");
+    p.copy();
+    run_ok(p.in_theirs("qemu-img rebase -q -t none -b new.qcow2 -F qcow2 top.qcow2"));
+    CommandResult ours = run(p.in_ours(cli() + " rebase -t none -b new.qcow2 -F qcow2 top.qcow2"));
+    ASSERT_EQ(ours.exit_code, 0) << ours.err;
+    expect_check_clean(p.ours / "top.qcow2");
+    expect_identical(p.ours / "top.qcow2", p.theirs / "top.qcow2");
+    EXPECT_EQ(top_layer_map(p.ours / "top.qcow2"), top_layer_map(p.theirs / "top.qcow2"));
 }
 
 TEST(RebaseCli, FromADeeperCompressedChainOntoRaw) {

@@ -16,7 +16,10 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <csignal>
+#include <cstdlib>
+#include <memory>
 #include <random>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -72,8 +75,14 @@ std::vector<Op> workload(std::uint64_t seed, std::uint64_t size, std::uint64_t c
 Result<void> apply(WritableImage& image, const Op& op) {
     switch (op.kind) {
     case Op::write: {
-        std::vector<std::byte> data(op.length, std::byte{op.pattern});
-        return image.write(op.offset, data);
+        // Page-aligned, so that whole clusters can go out as direct writes (scenario direct).
+        const std::size_t rounded = (op.length + 4095) / 4096 * 4096;
+        std::unique_ptr<std::byte, decltype(&std::free)> data(
+            static_cast<std::byte*>(std::aligned_alloc(4096, rounded)), &std::free);
+        if (!data)
+            return Error{ErrorCode::io_error, "out of memory"};
+        std::fill_n(data.get(), op.length, std::byte{op.pattern});
+        return image.write(op.offset, std::span<const std::byte>(data.get(), op.length));
     }
     case Op::zero:
         return image.write_zeroes(op.offset, op.length, false);
@@ -108,7 +117,7 @@ struct Scenario {
     std::string create_options;
     std::uint64_t size;
     std::uint64_t cluster;
-    std::string setup; ///< "", "backing", "snapshot", "compressed", "bitmap"
+    std::string setup; ///< "", "backing", "snapshot", "compressed", "bitmap", "direct"
 };
 
 class Crash : public ::testing::TestWithParam<Scenario> {
@@ -151,6 +160,13 @@ class Crash : public ::testing::TestWithParam<Scenario> {
         if (s.setup == "bitmap")
             run_ok("qemu-img bitmap --add -g 4k " + q(start_) + " b0");
         ops_ = workload(7, s.size, s.cluster, 24, 6, s.setup == "nearly-full" ? 128 : 3);
+    }
+
+    /// Scenario "direct": data written past the page cache (qemu's cache=none).
+    WritableOptions writable_options() const {
+        WritableOptions options;
+        options.direct_data_writes = GetParam().setup == "direct";
+        return options;
     }
 
     /// Copies the start image to the work image.
@@ -207,7 +223,7 @@ class Crash : public ::testing::TestWithParam<Scenario> {
     /// Runs the workload on `work`; returns how many ops were durable (before the last flush
     /// that completed), stopping at the first failure.
     std::size_t run_workload(const fs::path& work, bool close) {
-        auto image = WritableImage::open(work);
+        auto image = WritableImage::open(work, writable_options());
         if (!image)
             return 0;
         std::size_t flushed = 0;
@@ -282,7 +298,7 @@ TEST_P(Crash, SigkillAtRandomMoments) {
         ASSERT_GE(child, 0);
         if (child == 0) {
             ::close(progress[0]);
-            auto image = WritableImage::open(work);
+            auto image = WritableImage::open(work, writable_options());
             if (!image)
                 ::_exit(1);
             for (std::size_t i = 0; i < ops_.size(); ++i) {
@@ -329,7 +345,9 @@ INSTANTIATE_TEST_SUITE_P(
                                16384, "backing"},
                       Scenario{"Snapshot", "cluster_size=4k", 1 << 20, 4096, "snapshot"},
                       Scenario{"Compressed", "", 2 << 20, 65536, "compressed"},
-                      Scenario{"Bitmap", "cluster_size=4k", 1 << 20, 4096, "bitmap"}),
+                      Scenario{"Bitmap", "cluster_size=4k", 1 << 20, 4096, "bitmap"},
+                      // Whole clusters written with O_DIRECT, metadata buffered.
+                      Scenario{"DirectWrites", "", 2 << 20, 65536, "direct"}),
     scenario_name);
 
 } // namespace

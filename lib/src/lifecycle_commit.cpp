@@ -86,7 +86,9 @@ Result<CommitStats> commit(const std::filesystem::path& overlay, const CommitOpt
             return std::move(opened).error();
         top = std::move(*opened);
     }
-    auto base = WritableImage::open(layers[base_index].path);
+    WritableOptions base_options;
+    base_options.direct_data_writes = options.direct_writes;
+    auto base = WritableImage::open(layers[base_index].path, base_options);
     if (!base)
         return std::move(base).error();
     if (base->size() < size) {

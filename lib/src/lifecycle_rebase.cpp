@@ -147,7 +147,9 @@ Result<RebaseStats> rebase(const std::filesystem::path& path, const RebaseOption
         }
         next = std::move(*opened);
     }
-    auto writable = WritableImage::open(path);
+    WritableOptions writable_options;
+    writable_options.direct_data_writes = options.direct_writes;
+    auto writable = WritableImage::open(path, writable_options);
     if (!writable)
         return std::move(writable).error();
     // The image alone (what it allocates) and its old chain.

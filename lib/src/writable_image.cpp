@@ -862,6 +862,15 @@ Result<WritableImage> WritableImage::open(const std::filesystem::path& path,
             return std::move(data_size).error();
         s.data_fresh_from = (*data_size + top.cluster_size - 1) >> top.cluster_bits;
     }
+    if (options.direct_data_writes) {
+        if (auto ok = s.file.enable_direct_writes(); !ok)
+            return open_error(path, ok.error().code, ok.error().message, ok.error().system_errno);
+        if (s.has_data_file) {
+            if (auto ok = s.data_file.enable_direct_writes(); !ok)
+                return open_error(path, ok.error().code, ok.error().message,
+                                  ok.error().system_errno);
+        }
+    }
     if (top.backing) {
         // The layers below, opened again read-only as the chain resolved them.
         const std::vector<LayerInfo> layers = opened->layers();

@@ -63,6 +63,7 @@ FileIo& FileIo::operator=(FileIo&& other) noexcept {
     FaultState& f = faults();
     std::lock_guard lock(f.mutex);
     fd_ = std::exchange(other.fd_, -1);
+    direct_fd_ = std::exchange(other.direct_fd_, -1);
     name_ = std::move(other.name_);
     syncs_ = other.syncs_;
     unsynced_ = std::move(other.unsynced_);
@@ -85,6 +86,29 @@ void FileIo::close() {
         ::close(fd_);
         fd_ = -1;
     }
+    if (direct_fd_ >= 0) {
+        ::close(direct_fd_);
+        direct_fd_ = -1;
+    }
+}
+
+Result<void> FileIo::enable_direct_writes() {
+    if (direct_fd_ >= 0)
+        return {};
+    // The same file through /proc (not its name, which may have been replaced meanwhile).
+    const std::string self = fmt::format("/proc/self/fd/{}", fd_);
+    const int fd = ::open(self.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) {
+        const int err = errno;
+        Error error = errno_error(err, fmt::format("cannot open {} for direct writes (cache mode "
+                                                   "none): {}",
+                                                   name_, std::strerror(err)));
+        if (err == EINVAL)
+            error.code = ErrorCode::invalid_argument;
+        return error;
+    }
+    direct_fd_ = fd;
+    return {};
 }
 
 Error FileIo::io_error(std::string_view what, int err) const {
@@ -160,13 +184,28 @@ Result<void> FileIo::pwritev(std::vector<iovec>& iov, std::uint64_t offset) {
     for (const iovec& v : iov)
         total += v.iov_len;
     record_old(offset, total);
+    int fd = fd_;
+    if (direct_fd_ >= 0 && offset % kDirectAlignment == 0) {
+        const bool aligned = std::all_of(iov.begin(), iov.end(), [](const iovec& v) {
+            return reinterpret_cast<std::uintptr_t>(v.iov_base) % kDirectAlignment == 0 &&
+                   v.iov_len % kDirectAlignment == 0;
+        });
+        if (aligned)
+            fd = direct_fd_;
+    }
     std::size_t first = 0;
     while (first < iov.size()) {
         const int count = static_cast<int>(std::min<std::size_t>(iov.size() - first, IOV_MAX));
         const ssize_t n = retry_eintr(
-            [&] { return ::pwritev(fd_, iov.data() + first, count, static_cast<off_t>(offset)); });
+            [&] { return ::pwritev(fd, iov.data() + first, count, static_cast<off_t>(offset)); });
+        if (n < 0 && errno == EINVAL && fd != fd_) {
+            fd = fd_; // an alignment this file system wants beyond ours: write it buffered
+            continue;
+        }
         if (n < 0)
             return io_error("write", errno);
+        if (fd != fd_ && static_cast<std::uint64_t>(n) % kDirectAlignment != 0)
+            fd = fd_; // what a short direct write left is no longer aligned
         if (n == 0)
             return io_error("write", EIO);
         offset += static_cast<std::uint64_t>(n);

@@ -55,8 +55,15 @@ class FileIo {
 
     /// Writes all of `data` at `offset` (retrying short writes and EINTR).
     Result<void> pwrite(std::span<const std::byte> data, std::uint64_t offset);
-    /// Writes the buffers of `iov` one after the other from `offset` (one operation).
+    /// Writes the buffers of `iov` one after the other from `offset` (one operation). With
+    /// direct writes on, a write whose offset, buffers and lengths are all aligned to
+    /// kDirectAlignment bypasses the page cache.
     Result<void> pwritev(std::vector<iovec>& iov, std::uint64_t offset);
+    /// Data writes bypass the page cache from now on (a second descriptor of the same file
+    /// opened with O_DIRECT: qemu's cache=none); metadata writes stay buffered and syncs
+    /// cover both. invalid_argument where the file system refuses O_DIRECT (tmpfs).
+    Result<void> enable_direct_writes();
+    static constexpr std::uint64_t kDirectAlignment = 4096;
     /// fdatasync(2).
     Result<void> sync();
     /// ftruncate(2) to `size` (used to grow the file over newly allocated clusters).
@@ -82,6 +89,7 @@ class FileIo {
     friend void arm_fault(std::uint64_t, FaultMode, std::uint64_t);
     friend std::uint64_t disarm_fault();
     int fd_ = -1;
+    int direct_fd_ = -1;
     std::string name_;
     std::uint64_t syncs_ = 0;
     /// With a power-loss fault armed: what each write since the last sync overwrote (offset,

@@ -34,6 +34,9 @@ struct CommitOptions {
     /// Threads producing the overlay's bytes (0: one per core).
     unsigned threads = 0;
     LifecycleProgress progress;
+    /// Write the base's data bypassing the page cache (WritableOptions::direct_data_writes;
+    /// qemu-img commit -t none).
+    bool direct_writes = false;
 };
 
 struct CommitStats {
@@ -71,6 +74,9 @@ struct RebaseOptions {
     /// 4 MiB that worker threads would not speed up (kept for source compatibility).
     unsigned threads = 0;
     LifecycleProgress progress;
+    /// Write the copied data bypassing the page cache (WritableOptions::direct_data_writes;
+    /// qemu-img rebase -t none).
+    bool direct_writes = false;
 };
 
 struct RebaseStats {
