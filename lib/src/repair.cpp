@@ -6,8 +6,9 @@
 // With -r all, OFLAG_COPIED flags that disagree with the repaired refcounts are rewritten
 // (check_oflag_copied), and a damaged refcount structure (a refcount block unaligned, outside
 // the image or shared with other data) or one whose table would have to grow is rebuilt from
-// the references (rebuild_refcount_structure). What else qemu repairs (L1/L2 entries, the
-// snapshot table) is refused before anything is written. Differences by design: for a
+// the references (rebuild_refcount_structure), and a preallocated zero cluster at an unaligned
+// offset becomes a plain zero cluster (fix_l2_entry_by_zero). What else qemu repairs (other
+// L1/L2 entries, the snapshot table) is refused before anything is written. Differences by design: for a
 // referenced cluster with refcount 0 (a dirty image left by lazy refcounts) qemu rebuilds the
 // whole refcount structure; here the refcount is raised in place, which leaves the same
 // counts. For a refcount block past the end of the file qemu grows the file to reach it; here
@@ -20,8 +21,8 @@
 // any point leaves refcounts at least as high as the references: leaks at worst. A rebuild
 // writes the new blocks and table into clusters nothing uses (neither data nor the old
 // structure), syncs them, and only then points the header at the new table with one 12-byte
-// write, synced: until then the old structure is what the image has. OFLAG_COPIED fixes come
-// after every refcount is on disk.
+// write, synced: until then the old structure is what the image has. OFLAG_COPIED flags are
+// cleared before any refcount is written and set only after every refcount is on disk.
 #include "bytes.hpp"
 #include "check_internal.hpp"
 #include "errors.hpp"
