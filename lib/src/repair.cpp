@@ -8,10 +8,10 @@
 // the image or shared with other data) or one whose table would have to grow is rebuilt from
 // the references (rebuild_refcount_structure), and a preallocated zero cluster at an unaligned
 // offset becomes a plain zero cluster (fix_l2_entry_by_zero). What else qemu repairs (other
-// L1/L2 entries, the snapshot table) is refused before anything is written. Differences by design: for a
-// referenced cluster with refcount 0 (a dirty image left by lazy refcounts) qemu rebuilds the
-// whole refcount structure; here the refcount is raised in place, which leaves the same
-// counts. For a refcount block past the end of the file qemu grows the file to reach it; here
+// L1/L2 entries, the snapshot table) is refused before anything is written. Differences by
+// design: for a referenced cluster with refcount 0 (a dirty image left by lazy refcounts) qemu
+// rebuilds the whole refcount structure; here the refcount is raised in place, which leaves the
+// same counts. For a refcount block past the end of the file qemu grows the file to reach it; here
 // the structure is rebuilt (a crafted entry would otherwise make a file of any size). And an
 // unaligned refcount block, which stops qemu's rebuild ("ERROR writing refblock"), is rebuilt.
 //
