@@ -309,8 +309,12 @@ std::set<std::uint64_t> undercounted_clusters(const fs::path& image) {
 /// Stops repair_image at each of its writes, syncs and size changes in turn (as a killed
 /// process, then as a power cut losing unsynced writes): whatever it leaves must have no
 /// refcount lower than the references that was not so before (no cluster undercounted that
-/// was not, no more corruptions in all), and a second repair must finish the job.
-void crash_at_every_step(const fs::path& image, RepairMode mode, std::uint64_t corruptions) {
+/// was not, no more corruptions in all than the image had), and a second repair must finish
+/// the job.
+void crash_at_every_step(const fs::path& image, RepairMode mode) {
+    auto before = check_image(image);
+    ASSERT_TRUE(before) << before.error().message;
+    const std::uint64_t corruptions = before->corruptions;
     TempDir dir;
     const fs::path work = dir / "work.qcow2";
     fs::copy_file(image, work);
@@ -366,7 +370,10 @@ TEST(Repair, CrashDuringLeakRepairLeavesOnlyLeaks) {
     const fs::path image = dir / "leaks.qcow2";
     make_image(image, "cluster_size=64k", "64M", {"write -P 0x5a 0 256k"});
     leak_new_clusters(image, 3);
-    crash_at_every_step(image, RepairMode::leaks, 0);
+    auto before = check_image(image);
+    ASSERT_TRUE(before);
+    ASSERT_EQ(before->corruptions, 0u);
+    crash_at_every_step(image, RepairMode::leaks);
 }
 
 TEST(Repair, CrashDuringFullRepairAddsNoCorruption) {
@@ -375,7 +382,7 @@ TEST(Repair, CrashDuringFullRepairAddsNoCorruption) {
     auto before = check_image(image);
     ASSERT_TRUE(before);
     ASSERT_GT(before->corruptions, 0u);
-    crash_at_every_step(image, RepairMode::all, before->corruptions);
+    crash_at_every_step(image, RepairMode::all);
 }
 
 TEST(Repair, CrashWhileAllocatingARefcountBlockAddsNoCorruption) {
@@ -387,7 +394,7 @@ TEST(Repair, CrashWhileAllocatingARefcountBlockAddsNoCorruption) {
     auto before = check_image(image);
     ASSERT_TRUE(before);
     ASSERT_GT(before->corruptions, 0u);
-    crash_at_every_step(image, RepairMode::all, before->corruptions);
+    crash_at_every_step(image, RepairMode::all);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -552,9 +559,7 @@ TEST(Repair, RebuildLeavesTheClustersTheOldTableNamesAlone) {
 TEST(Repair, CrashDuringRebuildNextToANamedBlockAddsNoCorruption) {
     TempDir dir;
     const fs::path image = block_named_past_the_end_image(dir);
-    auto before = check_image(image);
-    ASSERT_TRUE(before);
-    crash_at_every_step(image, RepairMode::all, before->corruptions);
+    crash_at_every_step(image, RepairMode::all);
 }
 
 TEST(Repair, EntryFixInsideARefcountBlockIsRefusedBeforeWriting) {
@@ -584,9 +589,7 @@ TEST(Repair, CrashDuringRebuildAddsNoCorruption) {
     const fs::path image = small_image(dir, "notable.qcow2", original);
     poke_be(image, 48, 0, 8);
     poke_be(image, 56, 0, 4);
-    auto before = check_image(image);
-    ASSERT_TRUE(before);
-    crash_at_every_step(image, RepairMode::all, before->corruptions);
+    crash_at_every_step(image, RepairMode::all);
 }
 
 TEST(Repair, CrashDuringRebuildOfAGrowingTableAddsNoCorruption) {
@@ -596,9 +599,7 @@ TEST(Repair, CrashDuringRebuildOfAGrowingTableAddsNoCorruption) {
     make_image(image, "cluster_size=512,refcount_bits=64", "8M", {"write -P 9 0 2304k"});
     ASSERT_EQ(peek_be(image, 56, 4), 2u);
     poke_be(image, 56, 1, 4);
-    auto before = check_image(image);
-    ASSERT_TRUE(before);
-    crash_at_every_step(image, RepairMode::all, before->corruptions);
+    crash_at_every_step(image, RepairMode::all);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -662,9 +663,7 @@ TEST(Repair, UnalignedPreallocatedZeroClusterMadePlainZeroAsQemuImg) {
 TEST(Repair, CrashWhileZeroingAnL2EntryAddsNoCorruption) {
     TempDir dir;
     const fs::path image = unaligned_zero_cluster_image(dir, false);
-    auto before = check_image(image);
-    ASSERT_TRUE(before);
-    crash_at_every_step(image, RepairMode::all, before->corruptions);
+    crash_at_every_step(image, RepairMode::all);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -718,9 +717,7 @@ TEST(Repair, CopiedFlagsRewrittenAsQemuImg) {
 TEST(Repair, CrashWhileRewritingCopiedFlagsAddsNoCorruption) {
     TempDir dir;
     const fs::path image = wrong_flags_image(dir);
-    auto before = check_image(image);
-    ASSERT_TRUE(before);
-    crash_at_every_step(image, RepairMode::all, before->corruptions);
+    crash_at_every_step(image, RepairMode::all);
 }
 
 TEST(Repair, DirtyImageWithLeaksOnlyFailsAsQemuImgAndWritesNothing) {
