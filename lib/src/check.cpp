@@ -82,11 +82,9 @@ class Checker {
             plan_->structural_corruptions = r_.corruptions;
             plan_->structural_check_errors = r_.check_errors;
             plan_->first_structural = first_finding_;
-            plan_->refcount_structure_corruptions = refblock_corruptions_;
         }
         compare();
         if (plan_) {
-            plan_->unreadable_refcounts = unreadable_refcounts_;
             plan_->corruptions_before_copied = r_.corruptions;
             plan_->messages_before_copied = r_.messages.size();
             plan_rebuild();
@@ -106,6 +104,12 @@ class Checker {
             ++r_.messages_dropped;
         }
     }
+    /// A corruption of the refcount structure that a rebuild makes good (check_refblocks).
+    void refblock_corruption() {
+        if (plan_)
+            ++plan_->refcount_structure_corruptions;
+    }
+
     template <typename... Args>
     void corruption(fmt::format_string<Args...> format, Args&&... args) {
         ++r_.corruptions;
@@ -488,12 +492,12 @@ class Checker {
                 corruption("ERROR refcount block {} is not cluster aligned; refcount table "
                            "entry corrupted",
                            i);
-                ++refblock_corruptions_;
+                refblock_corruption();
                 continue;
             }
             if (cluster >= imrt_clusters()) {
                 corruption("ERROR refcount block {} is outside image", i);
-                ++refblock_corruptions_;
+                refblock_corruption();
                 continue;
             }
             if (offset != 0) {
@@ -502,7 +506,7 @@ class Checker {
                 counting_old_structure_ = false;
                 if (computed(cluster) != 1) {
                     corruption("ERROR refcount block {} refcount={}", i, computed(cluster));
-                    ++refblock_corruptions_;
+                    refblock_corruption();
                 }
             }
         }
@@ -512,7 +516,8 @@ class Checker {
         auto refcount = stored(i);
         if (!refcount) {
             ++r_.check_errors;
-            ++unreadable_refcounts_;
+            if (plan_)
+                ++plan_->unreadable_refcounts;
             finding("Can't get refcount for cluster {}: Input/output error", i);
             return;
         }
@@ -708,7 +713,7 @@ class Checker {
         }
         for (std::size_t i = 0; i < new_clusters.size() && !table_must_grow; ++i)
             need_block(new_clusters[i]);
-        if (refblock_corruptions_ == 0 && !table_must_grow)
+        if (plan_->refcount_structure_corruptions == 0 && !table_must_grow)
             return;
         const std::uint64_t clusters = imrt_clusters();
         if (clusters - file_clusters_ > kMaxClustersPastEnd)
@@ -766,8 +771,6 @@ class Checker {
     /// tables (header, L1 tables, refcount table and blocks, snapshot table, bitmap directory
     /// and tables, LUKS header), at most 255.
     std::vector<std::uint8_t> metadata_;
-    std::uint64_t refblock_corruptions_ = 0;
-    std::uint64_t unreadable_refcounts_ = 0;
     std::uint64_t visits_ = 0;
     std::uint64_t visit_budget_ = 0;
     bool visit_budget_exceeded_ = false;
